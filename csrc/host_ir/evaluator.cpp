@@ -1,0 +1,98 @@
+#include "host_ir/evaluator.h"
+
+#include <ATen/ATen.h>
+
+#include "host_ir/host_ir.h"
+#include "utils/torch_cuda.h"
+
+namespace hostfuse {
+
+namespace {
+
+// "cuda" means the current CUDA device; make it explicit so devices compare.
+at::Device withIndex(at::Device device) {
+  if (device.is_cuda() && !device.has_index()) {
+    HF_CHECK(cuda::isAvailable(),
+             "the program is set to run on CUDA, but no CUDA device is "
+             "available");
+    return at::Device(at::kCUDA, cuda::currentDevice());
+  }
+  return device;
+}
+
+}  // namespace
+
+HostIrEvaluator::HostIrEvaluator(std::unique_ptr<HostIrContainer> program,
+                                 HostIrEvaluatorParams params)
+    : program_(std::move(program)), params_(params) {
+  HF_CHECK(program_ != nullptr, "HostIrEvaluator: the program is null");
+}
+
+std::vector<at::Tensor> HostIrEvaluator::run(
+    const std::vector<c10::IValue>& inputs) {
+  values_.clear();
+  bindInputs(*program_, inputs, values_);
+  checkDevices(inputs);
+  for (Expr* expr : program_->topLevelExprs()) {
+    dispatch(expr);
+  }
+  std::vector<at::Tensor> outputs = collectOutputs(*program_, values_);
+  // Intermediate values are dropped so that their memory goes back to the
+  // allocator between runs.
+  values_.clear();
+  return outputs;
+}
+
+void HostIrEvaluator::checkDevices(const std::vector<c10::IValue>& inputs) {
+  std::optional<size_t> first_tensor;
+  if (params_.device.has_value()) {
+    device_ = withIndex(*params_.device);
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!inputs[i].isTensor()) {
+      continue;
+    }
+    const at::Device device = inputs[i].toTensor().device();
+    if (!params_.device.has_value() && !first_tensor.has_value()) {
+      first_tensor = i;
+      device_ = device;
+      continue;
+    }
+    HF_CHECK(device == device_, program_->describeInput(i), " is on ",
+             device.str(), " but the program runs on ", device_.str(),
+             first_tensor.has_value()
+                 ? " (the device of " + program_->describeInput(*first_tensor) +
+                       ")"
+                 : std::string(" (set in HostIrEvaluatorParams)"));
+  }
+}
+
+void HostIrEvaluator::handle(RunFusion* run_fusion) {
+  std::vector<at::Tensor> outputs;
+  try {
+    outputs = evaluateFusion(run_fusion->fusion(),
+                             values_.get(run_fusion->inputs()));
+  } catch (const Error& e) {
+    HF_THROW("while running ", run_fusion->toInlineString(), ": ", e.what());
+  }
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    values_.bind(run_fusion->output(i), outputs[i]);
+  }
+}
+
+void HostIrEvaluator::handle(Allocate* allocate) {
+  std::vector<int64_t> sizes;
+  for (const Val* extent : allocate->inputs()) {
+    sizes.push_back(values_.get(extent).toInt());
+  }
+  values_.bind(allocate->out(),
+               at::empty(sizes, at::TensorOptions()
+                                    .dtype(toScalarType(allocate->out()->dtype()))
+                                    .device(device_)));
+}
+
+void HostIrEvaluator::handleDefault(Expr* expr) {
+  evaluateExpr(expr, values_);
+}
+
+}  // namespace hostfuse

@@ -1,0 +1,67 @@
+// HostIrEvaluator: runs a host program.
+//
+//   HostIrEvaluator evaluator(std::move(program));
+//   std::vector<at::Tensor> outputs = evaluator.run({x, w});
+//
+// run() binds the inputs by position and checks each against the program
+// (count, tensor or scalar, dtype, rank, sizes, device), with an error that
+// names the input; then runs each top-level expression through its handle()
+// overload and returns the outputs.
+#pragma once
+
+#include <ATen/core/ivalue.h>
+#include <c10/core/Device.h>
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "host_ir/container.h"
+#include "ir/dispatch.h"
+#include "ir/evaluation.h"
+
+namespace hostfuse {
+
+struct HostIrEvaluatorParams {
+  // The device every tensor input must be on and allocations go to. When
+  // unset, the device of the first tensor input is used.
+  std::optional<at::Device> device;
+};
+
+class HostIrEvaluator : public ExprVisitor {
+ public:
+  explicit HostIrEvaluator(std::unique_ptr<HostIrContainer> program,
+                           HostIrEvaluatorParams params = {});
+
+  std::vector<at::Tensor> run(const std::vector<c10::IValue>& inputs);
+
+  const HostIrContainer& program() const {
+    return *program_;
+  }
+  // The device of the last run.
+  const at::Device& device() const {
+    return device_;
+  }
+
+ protected:
+  void handle(RunFusion* run_fusion) override;
+  void handle(Allocate* allocate) override;
+  // Every other expression runs with its ATen reference semantics.
+  void handleDefault(Expr* expr) override;
+
+  ValueMap& values() {
+    return values_;
+  }
+
+ private:
+  // Decides the device of this run and checks that every tensor input is on
+  // it.
+  void checkDevices(const std::vector<c10::IValue>& inputs);
+
+  std::unique_ptr<HostIrContainer> program_;
+  HostIrEvaluatorParams params_;
+  at::Device device_ = at::kCPU;
+  ValueMap values_;
+};
+
+}  // namespace hostfuse

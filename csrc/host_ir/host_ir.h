@@ -1,0 +1,65 @@
+// Expressions that exist only in host programs.
+#pragma once
+
+#include <memory>
+
+#include "ir/base_nodes.h"
+#include "ir/container.h"
+
+namespace hostfuse {
+
+// Runs a Fusion on the values of its inputs. Today the evaluator runs it
+// with the ATen reference semantics; compiled kernels are the next step.
+// The Fusion is shared, not copied, when the program is cloned: once handed
+// to a RunFusion it must not change.
+class RunFusion : public Expr {
+ public:
+  RunFusion(std::vector<Val*> outputs, std::shared_ptr<Fusion> fusion,
+            std::vector<Val*> inputs);
+  HF_DECLARE_EXPR_CUSTOM_COPY(RunFusion)
+  RunFusion(const RunFusion& other, std::vector<Val*> inputs,
+            std::vector<Val*> outputs)
+      : Expr(other, std::move(inputs), std::move(outputs)),
+        fusion_(other.fusion_) {}
+
+  const Fusion& fusion() const {
+    return *fusion_;
+  }
+  const std::shared_ptr<Fusion>& fusionPtr() const {
+    return fusion_;
+  }
+
+  std::string toInlineString() const override;
+  void validate() const override;
+
+ private:
+  std::shared_ptr<Fusion> fusion_;
+};
+
+// Allocates an uninitialized tensor of the output's dtype and sizes on the
+// program's device. Its inputs are the output's extents, so the evaluator
+// knows their values when it runs.
+class Allocate : public Expr {
+ public:
+  explicit Allocate(TensorView* out);
+  HF_DECLARE_EXPR(Allocate)
+
+  TensorView* out() const {
+    return output(0)->as<TensorView>();
+  }
+
+  std::string toInlineString() const override;
+  void validate() const override;
+};
+
+// Builds a RunFusion in the active host program. Its outputs are new
+// tensors whose sizes follow the fusion's: a fusion output extent that is an
+// extent of a fusion input becomes the matching extent of the host input
+// bound to it. Returns the outputs.
+std::vector<TensorView*> runFusion(std::shared_ptr<Fusion> fusion,
+                                   const std::vector<Val*>& inputs);
+
+// Builds an Allocate of a tensor with the given sizes in the active program.
+TensorView* allocate(const std::vector<Scalar*>& extents, DataType dtype);
+
+}  // namespace hostfuse
