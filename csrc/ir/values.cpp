@@ -51,9 +51,20 @@ std::string Scalar::toString() const {
   if (const auto* i = std::get_if<int64_t>(&*value_)) {
     ss << *i;
   } else if (const auto* d = std::get_if<double>(&*value_)) {
-    ss << std::setprecision(17) << *d;
+    // The shortest form that reads back as the same double: 1e-06, not
+    // 9.9999999999999995e-07.
+    std::string text;
+    for (int precision = 1; precision <= 17; ++precision) {
+      std::ostringstream attempt;
+      attempt << std::setprecision(precision) << *d;
+      text = attempt.str();
+      if (std::stod(text) == *d) {
+        break;
+      }
+    }
+    ss << text;
     // Keep a double recognizable as one: "2.0", not "2".
-    if (ss.str().find_first_of(".eEn") == std::string::npos) {
+    if (text.find_first_of(".eEni") == std::string::npos) {
       ss << ".0";
     }
   } else {

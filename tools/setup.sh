@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Set-up shared by the tools: finds or installs what the build needs,
+# configures and builds. Source it, then call hostfuse_build.
+#
+#   source tools/setup.sh && hostfuse_build
+#
+# What it does, in order:
+#   1. Build tools: cmake, ninja, g++, GoogleTest, clang-format. Missing ones
+#      are installed with apt-get (Debian/Ubuntu), with sudo when not root.
+#   2. torch 2.11: the first Python that imports it is used:
+#      $HOSTFUSE_PYTHON, then python3 on PATH (the GPU machines have torch
+#      installed and no network), then the virtual environment
+#      $HOSTFUSE_VENV (default ~/.cache/hostfuse/venv-torch-2.11, shared by
+#      every clone). If none has it, that environment is created and the
+#      PyPI wheel torch==2.11.0 is installed into it.
+#   3. The CUDA 13 toolkit in $CUDA_HOME (default /usr/local/cuda): needed
+#      for compiling (headers, cudart, NVRTC), not for running on CPU.
+#   4. Configure with CMake (Ninja) into $HOSTFUSE_BUILD_DIR (default
+#      build/) and build with all cores.
+#
+# Environment: HOSTFUSE_PYTHON, HOSTFUSE_VENV, HOSTFUSE_BUILD_DIR,
+# HOSTFUSE_WERROR (ON/OFF, default OFF), CUDA_HOME, HOSTFUSE_JOBS.
+
+HOSTFUSE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+HOSTFUSE_TORCH_VERSION="2.11.0"
+HOSTFUSE_BUILD_DIR="${HOSTFUSE_BUILD_DIR:-$HOSTFUSE_ROOT/build}"
+HOSTFUSE_VENV="${HOSTFUSE_VENV:-$HOME/.cache/hostfuse/venv-torch-2.11}"
+CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+
+hostfuse_log() {
+  echo "[hostfuse $(date +%H:%M:%S)] $*" >&2
+}
+
+hostfuse_die() {
+  hostfuse_log "error: $*"
+  exit 1
+}
+
+# Installs Debian packages, as root or through sudo.
+hostfuse_apt_install() {
+  command -v apt-get >/dev/null ||
+    hostfuse_die "missing $*, and there is no apt-get to install them"
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || hostfuse_die "installing $* needs root"
+    sudo="sudo"
+  fi
+  hostfuse_log "installing with apt-get: $*"
+  $sudo apt-get update -qq || hostfuse_log "apt-get update failed; trying anyway"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null ||
+    hostfuse_die "apt-get install $* failed"
+}
+
+hostfuse_install_build_tools() {
+  local missing=()
+  command -v cmake >/dev/null || missing+=(cmake)
+  command -v ninja >/dev/null || missing+=(ninja-build)
+  command -v g++ >/dev/null || missing+=(g++)
+  [ -f /usr/include/gtest/gtest.h ] || missing+=(libgtest-dev)
+  command -v clang-format >/dev/null || missing+=(clang-format)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    hostfuse_apt_install "${missing[@]}"
+  fi
+}
+
+# Prints the torch version importable by $1, or nothing.
+hostfuse_torch_version_of() {
+  "$1" -c 'import torch; print(torch.__version__)' 2>/dev/null || true
+}
+
+hostfuse_find_torch() {
+  local candidates=()
+  [ -n "${HOSTFUSE_PYTHON:-}" ] && candidates+=("$HOSTFUSE_PYTHON")
+  command -v python3 >/dev/null && candidates+=("$(command -v python3)")
+  candidates+=("$HOSTFUSE_VENV/bin/python")
+  local python version
+  for python in "${candidates[@]}"; do
+    [ -x "$python" ] || continue
+    version="$(hostfuse_torch_version_of "$python")"
+    if [[ "$version" == 2.11.* ]]; then
+      HOSTFUSE_PYTHON="$python"
+      hostfuse_log "torch $version from $python"
+      return 0
+    fi
+  done
+
+  hostfuse_log "no torch 2.11 found; installing torch==$HOSTFUSE_TORCH_VERSION" \
+    "from PyPI into $HOSTFUSE_VENV (a few GB, a few minutes)"
+  command -v python3 >/dev/null || hostfuse_apt_install python3 python3-venv
+  if [ ! -x "$HOSTFUSE_VENV/bin/python" ]; then
+    mkdir -p "$(dirname "$HOSTFUSE_VENV")"
+    python3 -m venv "$HOSTFUSE_VENV" 2>/dev/null || {
+      hostfuse_apt_install python3-venv
+      python3 -m venv "$HOSTFUSE_VENV"
+    } || hostfuse_die "could not create the virtual environment $HOSTFUSE_VENV"
+  fi
+  "$HOSTFUSE_VENV/bin/python" -m pip install -q --upgrade pip >&2 ||
+    hostfuse_log "pip upgrade failed; going on with the installed pip"
+  "$HOSTFUSE_VENV/bin/python" -m pip install -q --progress-bar off \
+    "torch==$HOSTFUSE_TORCH_VERSION" >&2 ||
+    hostfuse_die "pip install torch==$HOSTFUSE_TORCH_VERSION failed"
+  HOSTFUSE_PYTHON="$HOSTFUSE_VENV/bin/python"
+  hostfuse_log "torch $(hostfuse_torch_version_of "$HOSTFUSE_PYTHON") installed"
+}
+
+hostfuse_check_cuda_toolkit() {
+  [ -f "$CUDA_HOME/include/cuda_runtime_api.h" ] && [ -f "$CUDA_HOME/include/nvrtc.h" ] ||
+    hostfuse_die "the CUDA 13 toolkit is needed to compile hostfuse (headers," \
+      "cudart, NVRTC) and was not found in CUDA_HOME=$CUDA_HOME"
+  export CUDA_HOME
+  export CUDAToolkit_ROOT="$CUDA_HOME"
+  case ":$PATH:" in
+    *":$CUDA_HOME/bin:"*) ;;
+    *) export PATH="$PATH:$CUDA_HOME/bin" ;;
+  esac
+}
+
+hostfuse_configure() {
+  local generator_args=()
+  # A build folder keeps the generator it was made with.
+  if [ ! -f "$HOSTFUSE_BUILD_DIR/CMakeCache.txt" ]; then
+    generator_args=(-G Ninja)
+  fi
+  hostfuse_log "configuring into $HOSTFUSE_BUILD_DIR"
+  cmake -S "$HOSTFUSE_ROOT" -B "$HOSTFUSE_BUILD_DIR" "${generator_args[@]}" \
+    -DHOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
+    -DHOSTFUSE_WERROR="${HOSTFUSE_WERROR:-OFF}" \
+    -Wno-dev >"$HOSTFUSE_BUILD_DIR.configure.log" 2>&1 || {
+    cat "$HOSTFUSE_BUILD_DIR.configure.log" >&2
+    hostfuse_die "cmake configure failed"
+  }
+}
+
+hostfuse_build() {
+  local start=$SECONDS
+  hostfuse_install_build_tools
+  hostfuse_find_torch
+  hostfuse_check_cuda_toolkit
+  mkdir -p "$(dirname "$HOSTFUSE_BUILD_DIR")"
+  hostfuse_configure
+  local jobs="${HOSTFUSE_JOBS:-$(nproc)}"
+  hostfuse_log "building with $jobs jobs"
+  cmake --build "$HOSTFUSE_BUILD_DIR" -j "$jobs" "$@" ||
+    hostfuse_die "build failed"
+  hostfuse_log "build done in $((SECONDS - start)) s"
+}
+
+# True when a CUDA GPU is usable from this machine's torch.
+hostfuse_has_gpu() {
+  "$HOSTFUSE_PYTHON" -c \
+    'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
+    2>/dev/null
+}
+
+hostfuse_gpu_count() {
+  "$HOSTFUSE_PYTHON" -c 'import torch; print(torch.cuda.device_count())' \
+    2>/dev/null || echo 0
+}
+
+# NVLink multicast stays off on the shared GPU machines.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
