@@ -596,6 +596,12 @@ TEST(Validation, MatmulBatchSizeMismatchShowsBothSizes) {
   test::expectErrorContains(
       [&] { matmul(a, b); },
       {"matmul", "T1 'b'", "size 5 in batch dim 0", "T0 'a'", "has size 2"});
+  // No broadcasting of a size-1 batch either: the output takes a's sizes.
+  // (T2 is the output the failed matmul made before its node was rejected.)
+  TensorView* single = makeTensor({1, 3, 4}, DataType::Float, "single");
+  test::expectErrorContains([&] { matmul(single, b); },
+                            {"matmul", "T1 'b'", "size 5 in batch dim 0",
+                             "T3 'single'", "has size 1"});
 }
 
 TEST(Validation, MatmulOfIntegersIsRejected) {
