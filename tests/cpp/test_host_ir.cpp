@@ -446,7 +446,7 @@ TEST_P(EvaluatorTest, AllocateUsesBoundExtentsDtypeAndDevice) {
   }
 }
 
-TEST_P(EvaluatorTest, SymbolicScalarInputs) {
+TEST_P(EvaluatorTest, SymbolicScalarInputsMatchATen) {
   auto program = std::make_unique<HostIrContainer>();
   FusionGuard guard(program.get());
   TensorView* x = makeTensor({kSymbolic, 5}, DataType::Float, "x");

@@ -7,6 +7,7 @@
 #include "test_utils.h"
 
 #include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -33,7 +34,7 @@ using Sizes = std::vector<int64_t>;
 // ---------------------------------------------------------------------------
 // Construction: values, builders, type and shape inference.
 
-TEST(IrConstruction, MakeTensorWithConstantExtents) {
+TEST(IrConstruction, MakeTensorWithConstantExtentsRecordsSizesAndName) {
   Fusion fusion;
   FusionGuard guard(&fusion);
   TensorView* x = makeTensor({3, 4}, DataType::BFloat16, "x");
