@@ -11,10 +11,13 @@ std::string Val::toDeclString() const {
 }
 
 std::string Val::describe() const {
-  if (user_name_.empty()) {
-    return toString();
+  // A symbolic scalar prints as its user name already: "alpha", not
+  // "alpha 'alpha'".
+  const std::string printed = toString();
+  if (user_name_.empty() || printed == user_name_) {
+    return printed;
   }
-  return toString() + " '" + user_name_ + "'";
+  return printed + " '" + user_name_ + "'";
 }
 
 std::vector<c10::IValue> Expr::evaluate(

@@ -87,7 +87,8 @@ class Val {
   // Its declaration: name, user name, type and shape, e.g.
   // "T0 'x': bf16[tokens, 64]".
   virtual std::string toDeclString() const;
-  // "T0 'x'" or "T0": what error messages use to point at a value.
+  // "T0 'x'", "T0" or, for a symbolic scalar, "tokens": what error
+  // messages use to point at a value.
   std::string describe() const;
 
   // Creates the copy of this value in the cloner's target container.

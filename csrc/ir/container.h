@@ -81,7 +81,7 @@ class Fusion : public IrContainer {
   // compute its inputs.
   std::vector<Expr*> exprs() const;
 
-  // "input 1 'w' (T1)": how error messages refer to an input.
+  // "input 1 (T1 'w')": how error messages refer to an input.
   std::string describeInput(size_t index) const;
 
   // The whole fusion as readable text: declarations of inputs and outputs,

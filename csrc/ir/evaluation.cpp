@@ -123,6 +123,14 @@ void bindInputs(const Fusion& fusion, const std::vector<c10::IValue>& args,
       values.bind(input, arg);
     } else if (isIntegral(dtype)) {
       HF_CHECK(arg.isInt(), what, " must be an int, got ", kindOf(arg));
+      // The scalar may also be an extent of a tensor input before it, and
+      // so bound already; rebinding would hide the disagreement.
+      if (values.has(input)) {
+        const int64_t bound = values.get(input).toInt();
+        HF_CHECK(arg.toInt() == bound, what, " is ", arg.toInt(),
+                 ", but it is also a tensor extent, bound to ", bound,
+                 " by an earlier input");
+      }
       values.bind(input, arg);
     } else {
       HF_CHECK(arg.isDouble() || arg.isInt(), what,

@@ -565,6 +565,19 @@ void MatmulOp::validate() const {
            "matmul: operand a ", a()->describe(), " has inner size ", *k_a,
            " but operand b ", b()->describe(), " has ", *k_b,
            "; they must match");
+  // The output takes its batch extents from a, so b's must be the same
+  // (ATen would broadcast a size 1, and the output would not be a's).
+  if (b()->rank() == a()->rank()) {
+    for (int64_t d = 0; d < a()->rank() - 2; ++d) {
+      const std::optional<int64_t> batch_a = a()->extent(d)->constantInt();
+      const std::optional<int64_t> batch_b = b()->extent(d)->constantInt();
+      HF_CHECK(
+          !batch_a.has_value() || !batch_b.has_value() || *batch_a == *batch_b,
+          "matmul: operand b ", b()->describe(), " has size ", *batch_b,
+          " in batch dim ", d, " but operand a ", a()->describe(), " has size ",
+          *batch_a, "; batch sizes must match");
+    }
+  }
   checkOutputMatches(this, a()->dtype(), a()->rank());
 }
 
