@@ -34,8 +34,10 @@ std::string kindOf(const c10::IValue& value) {
 
 // Binds the symbolic extents of `tv` from `tensor`, checking constant ones
 // and ones bound already.
+// `bound_by` remembers which input bound each extent, for the error message.
 void bindExtents(const Fusion& fusion, size_t index, const TensorView* tv,
-                 const at::Tensor& tensor, ValueMap& values) {
+                 const at::Tensor& tensor, ValueMap& values,
+                 std::unordered_map<const Val*, size_t>& bound_by) {
   const std::string what = fusion.describeInput(index);
   HF_CHECK(tensor.dim() == tv->rank(), what, " must have rank ", tv->rank(),
            " (", tv->typeString(), "), got a tensor of rank ", tensor.dim(),
@@ -50,11 +52,12 @@ void bindExtents(const Fusion& fusion, size_t index, const TensorView* tv,
     } else if (values.has(extent)) {
       const int64_t bound = values.get(extent).toInt();
       HF_CHECK(bound == actual, what, " has size ", actual, " in dim ", d,
-               ", but its extent ", extent->toString(),
-               " was bound to ", bound, " by an earlier input (",
+               ", but its extent ", extent->toString(), " was bound to ",
+               bound, " by ", fusion.describeInput(bound_by.at(extent)), " (",
                tv->typeString(), ", got sizes ", tensor.sizes(), ")");
     } else {
       values.bind(extent, actual);
+      bound_by[extent] = index;
     }
   }
 }
@@ -101,6 +104,7 @@ void bindInputs(const Fusion& fusion, const std::vector<c10::IValue>& args,
   HF_CHECK(args.size() == fusion.inputs().size(), "the program takes ",
            fusion.inputs().size(), " inputs, but ", args.size(),
            " were given");
+  std::unordered_map<const Val*, size_t> bound_by;
   for (size_t i = 0; i < args.size(); ++i) {
     const Val* input = fusion.inputs()[i];
     const c10::IValue& arg = args[i];
@@ -113,7 +117,7 @@ void bindInputs(const Fusion& fusion, const std::vector<c10::IValue>& args,
       HF_CHECK(tensor.scalar_type() == toScalarType(tv->dtype()), what,
                " must have dtype ", tv->dtype(), " (", tv->typeString(),
                "), got ", c10::toString(tensor.scalar_type()));
-      bindExtents(fusion, i, tv, tensor, values);
+      bindExtents(fusion, i, tv, tensor, values, bound_by);
       values.bind(input, arg);
       continue;
     }
@@ -128,8 +132,8 @@ void bindInputs(const Fusion& fusion, const std::vector<c10::IValue>& args,
       if (values.has(input)) {
         const int64_t bound = values.get(input).toInt();
         HF_CHECK(arg.toInt() == bound, what, " is ", arg.toInt(),
-                 ", but it is also a tensor extent, bound to ", bound,
-                 " by an earlier input");
+                 ", but it is also a tensor extent, bound to ", bound, " by ",
+                 fusion.describeInput(bound_by.at(input)));
       }
       values.bind(input, arg);
     } else {

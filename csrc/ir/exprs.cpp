@@ -153,9 +153,11 @@ std::optional<int64_t> pointwiseRank(const std::vector<Val*>& operands) {
   return std::nullopt;
 }
 
-// A scalar operand as an ATen "wrapped number": a 0-dim tensor that takes
-// part in type promotion like a Python number.
-at::Tensor operandTensor(const c10::IValue& value, const at::Device& device) {
+// A scalar operand as an ATen "wrapped number": a 0-dim CPU tensor that
+// takes part in type promotion like a Python number. It stays on the CPU:
+// ATen accepts wrapped numbers next to CUDA tensors, and moving it would
+// drop the wrapped-number flag (and cost a copy).
+at::Tensor operandTensor(const c10::IValue& value) {
   if (value.isTensor()) {
     return value.toTensor();
   }
@@ -169,17 +171,7 @@ at::Tensor operandTensor(const c10::IValue& value, const at::Device& device) {
     tensor = at::scalar_tensor(value.toBool(), at::dtype(at::kBool));
   }
   tensor.unsafeGetTensorImpl()->set_wrapped_number(true);
-  return tensor.to(device);
-}
-
-// The device of the first tensor among `values` (CPU if none).
-at::Device deviceOf(const std::vector<c10::IValue>& values) {
-  for (const c10::IValue& value : values) {
-    if (value.isTensor()) {
-      return value.toTensor().device();
-    }
-  }
-  return at::kCPU;
+  return tensor;
 }
 
 // Casts a result to the dtype the IR declared for `out`.
@@ -300,7 +292,7 @@ void UnaryOp::validate() const {
 
 std::vector<c10::IValue> UnaryOp::evaluate(
     const std::vector<c10::IValue>& inputs) const {
-  const at::Tensor x = operandTensor(inputs.at(0), deviceOf(inputs));
+  const at::Tensor x = operandTensor(inputs.at(0));
   at::Tensor result;
   switch (opType()) {
     case UnaryOpType::Neg:
@@ -360,9 +352,8 @@ void BinaryOp::validate() const {
 
 std::vector<c10::IValue> BinaryOp::evaluate(
     const std::vector<c10::IValue>& inputs) const {
-  const at::Device device = deviceOf(inputs);
-  const at::Tensor a = operandTensor(inputs.at(0), device);
-  const at::Tensor b = operandTensor(inputs.at(1), device);
+  const at::Tensor a = operandTensor(inputs.at(0));
+  const at::Tensor b = operandTensor(inputs.at(1));
   at::Tensor result;
   switch (opType()) {
     case BinaryOpType::Add:
@@ -424,10 +415,9 @@ void TernaryOp::validate() const {
 
 std::vector<c10::IValue> TernaryOp::evaluate(
     const std::vector<c10::IValue>& inputs) const {
-  const at::Device device = deviceOf(inputs);
-  const at::Tensor result = at::where(operandTensor(inputs.at(0), device),
-                                      operandTensor(inputs.at(1), device),
-                                      operandTensor(inputs.at(2), device));
+  const at::Tensor result = at::where(operandTensor(inputs.at(0)),
+                                      operandTensor(inputs.at(1)),
+                                      operandTensor(inputs.at(2)));
   return {declaredType(result, out())};
 }
 
