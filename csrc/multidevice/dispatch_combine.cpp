@@ -85,11 +85,14 @@ at::Tensor asBytes(const at::Tensor& rows) {
 
 at::Tensor fromBytes(const at::Tensor& bytes, int64_t& offset,
                      int64_t columns, at::ScalarType dtype) {
-  const int64_t width = columns * static_cast<int64_t>(c10::elementSize(dtype));
-  at::Tensor part =
-      bytes.narrow(1, offset, width).contiguous().view(dtype);
+  const int64_t width =
+      columns * static_cast<int64_t>(c10::elementSize(dtype));
+  // A fresh tensor: a slice can count as contiguous (one row, or none)
+  // while keeping strides that view(dtype) rejects.
+  at::Tensor part = at::empty({bytes.size(0), width}, bytes.options());
+  part.copy_(bytes.narrow(1, offset, width));
   offset += width;
-  return part;
+  return part.view(dtype);
 }
 
 // 0-dim: the first index where `mask` [n] holds, n - 1 if none (so it can
@@ -123,7 +126,7 @@ void throwIfAnyStatusBad(const at::Tensor& table, const char* op) {
   const int64_t* first = words + bad_ranks[0] * width;
   std::ostringstream ss;
   ss << moe::describeStatus(op, bad_ranks[0], world_size, first,
-                            first[kTokensWord], first[kNumExpertsWord]);
+                            first[kNumExpertsWord]);
   if (bad_ranks.size() > 1) {
     ss << " (bad input on ranks";
     for (int64_t rank : bad_ranks) {
@@ -183,7 +186,7 @@ HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
                   static_cast<int64_t>(LayoutArg::TopkWeights));
     } else if (rankOf(topk_idx) == 2 && w.sizes() != topk_idx.sizes()) {
       status.fail(Status::WeightsShape, w.size(0), w.size(1),
-                  topk_idx.size(1));
+                  topk_idx.size(0), topk_idx.size(1));
     }
   }
   if (num_experts <= 0 || num_experts % world_size != 0) {

@@ -47,7 +47,8 @@ const char* toString(LayoutArg arg) {
   return "a layout tensor";
 }
 
-void HostStatus::fail(Status code, int64_t d0, int64_t d1, int64_t d2) {
+void HostStatus::fail(Status code, int64_t d0, int64_t d1, int64_t d2,
+                      int64_t d3) {
   if (code_ != Status::Ok) {
     return;
   }
@@ -55,11 +56,13 @@ void HostStatus::fail(Status code, int64_t d0, int64_t d1, int64_t d2) {
   details_[0] = d0;
   details_[1] = d1;
   details_[2] = d2;
+  details_[3] = d3;
 }
 
 at::Tensor HostStatus::toDevice(const at::Device& device) const {
   const at::Tensor words = at::tensor(
-      {static_cast<int64_t>(code_), details_[0], details_[1], details_[2]},
+      {static_cast<int64_t>(code_), details_[0], details_[1], details_[2],
+       details_[3]},
       at::kLong);
   // From pageable memory, a non-blocking copy is staged before it returns,
   // so `words` may go away, and the device is not synchronized.
@@ -69,19 +72,20 @@ at::Tensor HostStatus::toDevice(const at::Device& device) const {
 void DeviceStatus::failIf(const at::Tensor& bad, Status code,
                           const at::Tensor& d0, const at::Tensor& d1,
                           const at::Tensor& d2) {
-  const at::Tensor candidate = at::stack(
-      {at::full_like(d0, static_cast<int64_t>(code)), d0, d1, d2});
+  const at::Tensor candidate =
+      at::stack({at::full_like(d0, static_cast<int64_t>(code)), d0, d1, d2,
+                 at::zeros_like(d0)});
   const at::Tensor take = at::logical_and(words_[0] == 0, bad);
   words_ = at::where(take, candidate, words_);
 }
 
 std::string describeStatus(const char* op, int64_t rank, int64_t world_size,
-                           const int64_t* words, int64_t tokens,
-                           int64_t num_experts) {
+                           const int64_t* words, int64_t num_experts) {
   const auto code = static_cast<Status>(words[0]);
   const int64_t d0 = words[1];
   const int64_t d1 = words[2];
   const int64_t d2 = words[3];
+  const int64_t d3 = words[4];
   std::ostringstream ss;
   ss << op << ": bad input on rank " << rank << " of " << world_size << ": ";
   switch (code) {
@@ -112,7 +116,7 @@ std::string describeStatus(const char* op, int64_t rank, int64_t world_size,
       break;
     case Status::WeightsShape:
       ss << "topk_weights has shape [" << d0 << ", " << d1
-         << "] but topk_idx has shape [" << tokens << ", " << d2
+         << "] but topk_idx has shape [" << d2 << ", " << d3
          << "]; they must match";
       break;
     case Status::Device:
@@ -126,7 +130,8 @@ std::string describeStatus(const char* op, int64_t rank, int64_t world_size,
       break;
     case Status::ExpertOutOfRange:
       ss << "topk_idx holds expert id " << d2 << " at token " << d0
-         << ", pick " << d1 << "; expert ids must be in [0, num_experts = "
+         << ", pick " << d1
+         << ", which is out of range: expert ids must be in [0, num_experts = "
          << num_experts << ") or -1 (a masked pick)";
       break;
     case Status::DuplicateExpert:
@@ -144,15 +149,16 @@ std::string describeStatus(const char* op, int64_t rank, int64_t world_size,
          << d1 << " of " << dtypeName(d2);
       break;
     case Status::LayoutLength:
-      ss << layoutArgName(d0) << " has " << d1 << " entries but must have "
-         << d2
-         << (d0 == static_cast<int64_t>(LayoutArg::ExpertCounts)
-                 ? " (num_experts / world size)"
-             : d0 == static_cast<int64_t>(LayoutArg::TokensToRank) ||
-                     d0 == static_cast<int64_t>(LayoutArg::TokensFromRank)
-                 ? " (the world size)"
-                 : " (the rows of expert_out)")
-         << "; the rows do not match their dispatch";
+      ss << layoutArgName(d0) << " has " << d1 << " entries but ";
+      if (d0 == static_cast<int64_t>(LayoutArg::ExpertCounts)) {
+        ss << "must have num_experts / world size = " << d2;
+      } else if (d0 == static_cast<int64_t>(LayoutArg::TokensToRank) ||
+                 d0 == static_cast<int64_t>(LayoutArg::TokensFromRank)) {
+        ss << "must have world size = " << d2;
+      } else {
+        ss << "expert_out has " << d2 << " rows";
+      }
+      ss << "; the rows do not match their dispatch";
       break;
     case Status::WeightsTokens:
       ss << "topk_weights has " << d0 << " rows but num_tokens is " << d1

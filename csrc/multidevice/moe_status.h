@@ -48,9 +48,9 @@ enum class Status : int64_t {
   ProvenanceNegative,
 };
 
-// The status words of one rank: a code and three details whose meaning
+// The status words of one rank: a code and four details whose meaning
 // depends on the code.
-constexpr int64_t kStatusWords = 4;
+constexpr int64_t kStatusWords = 5;
 
 // Names of the layout tensors, for Status::LayoutTensor/LayoutLength and
 // Status::Device details.
@@ -70,7 +70,8 @@ const char* toString(LayoutArg arg);
 class HostStatus {
  public:
   // Records `code` unless an earlier check failed already.
-  void fail(Status code, int64_t d0 = 0, int64_t d1 = 0, int64_t d2 = 0);
+  void fail(Status code, int64_t d0 = 0, int64_t d1 = 0, int64_t d2 = 0,
+            int64_t d3 = 0);
   bool ok() const {
     return code_ == Status::Ok;
   }
@@ -80,7 +81,7 @@ class HostStatus {
 
  private:
   Status code_ = Status::Ok;
-  int64_t details_[3] = {0, 0, 0};
+  int64_t details_[kStatusWords - 1] = {0, 0, 0, 0};
 };
 
 // Status words on the device, [kStatusWords] i64, that value checks update
@@ -89,7 +90,7 @@ class DeviceStatus {
  public:
   explicit DeviceStatus(at::Tensor words) : words_(std::move(words)) {}
   // Where no check failed yet and `bad` (a 0-dim bool tensor) holds, sets
-  // the code and the details (0-dim i64 tensors).
+  // the code and the details (0-dim i64 tensors; the fourth is 0).
   void failIf(const at::Tensor& bad, Status code, const at::Tensor& d0,
               const at::Tensor& d1, const at::Tensor& d2);
   const at::Tensor& words() const {
@@ -101,10 +102,9 @@ class DeviceStatus {
 };
 
 // The error message of `words` (one rank's status words) for the rank
-// `rank` of `world_size`. `op` is "MoeDispatch" or "MoeCombine"; `tokens`
-// and `num_experts` are that rank's T and E, used by a few messages.
+// `rank` of `world_size`. `op` is "MoeDispatch" or "MoeCombine";
+// `num_experts` is that rank's E.
 std::string describeStatus(const char* op, int64_t rank, int64_t world_size,
-                           const int64_t* words, int64_t tokens,
-                           int64_t num_experts);
+                           const int64_t* words, int64_t num_experts);
 
 }  // namespace hostfuse::moe
