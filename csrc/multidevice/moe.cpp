@@ -335,6 +335,9 @@ TensorView* moeCombine(TensorView* expert_out, const MoeDispatchResult& layout,
   HF_CHECK(expert_out->rank() == 2, "moeCombine: expert_out ",
            expert_out->toDeclString(), " must have rank 2, got rank ",
            expert_out->rank());
+  HF_CHECK(num_tokens->dtype() == DataType::Int64, "moeCombine: num_tokens ",
+           num_tokens->describe(), " must be an i64 scalar, got ",
+           num_tokens->dtype());
   const auto* dispatch = layout.recv_x->definition()->as<MoeDispatch>();
   TensorView* combined =
       makeTensor({num_tokens, expert_out->extent(1)}, expert_out->dtype());
