@@ -100,12 +100,10 @@ CommunicatorConfig CommunicatorConfig::fromEnvironment() {
     config.size = requireEnvInt("WORLD_SIZE", "RANK");
     // Without the local variables, assume every rank runs on this host.
     config.local_rank = getEnvInt("LOCAL_RANK").value_or(config.rank);
-    config.local_size =
-        getEnvInt("LOCAL_WORLD_SIZE").value_or(config.size);
+    config.local_size = getEnvInt("LOCAL_WORLD_SIZE").value_or(config.size);
     config.store_is_external =
         getEnv("TORCHELASTIC_USE_AGENT_STORE").value_or("") == "True";
-    checkPlace(config, "RANK", "WORLD_SIZE", "LOCAL_RANK",
-               "LOCAL_WORLD_SIZE");
+    checkPlace(config, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE");
   } else if (getEnv("OMPI_COMM_WORLD_RANK").has_value()) {
     config.launcher = Launcher::OpenMpi;
     config.rank = *getEnvInt("OMPI_COMM_WORLD_RANK");
@@ -119,8 +117,7 @@ CommunicatorConfig CommunicatorConfig::fromEnvironment() {
   }
   if (config.launcher != Launcher::None) {
     config.master_addr = getEnv("MASTER_ADDR").value_or(config.master_addr);
-    const int64_t port =
-        getEnvInt("MASTER_PORT").value_or(kDefaultMasterPort);
+    const int64_t port = getEnvInt("MASTER_PORT").value_or(kDefaultMasterPort);
     HF_CHECK(port > 0 && port < 65536,
              "MASTER_PORT must be a port number in [1, 65535], got ", port);
     config.master_port = static_cast<int>(port);
@@ -179,12 +176,11 @@ c10::intrusive_ptr<c10d::Store> Communicator::createStore() const {
   return rethrowing(
       toString("connecting to the store at ", config_.master_addr, ":",
                config_.master_port, " (rank ", config_.rank, " of ",
-               config_.size, ", launcher ", hostfuse::toString(config_.launcher),
-               ")"),
+               config_.size, ", launcher ",
+               hostfuse::toString(config_.launcher), ")"),
       [&] {
         return c10::intrusive_ptr<c10d::Store>(
-            c10::make_intrusive<c10d::TCPStore>(config_.master_addr,
-                                                options));
+            c10::make_intrusive<c10d::TCPStore>(config_.master_addr, options));
       });
 }
 
@@ -207,8 +203,8 @@ c10d::Backend& Communicator::backend(c10::DeviceType device_type) {
                           !std::getenv("GLOO_SOCKET_IFNAME");
     created = rethrowing("creating the Gloo backend", [&] {
       return createGlooBackend(
-          c10::make_intrusive<c10d::PrefixStore>("hostfuse/gloo", store_),
-          rank, size, config_.timeout, loopback);
+          c10::make_intrusive<c10d::PrefixStore>("hostfuse/gloo", store_), rank,
+          size, config_.timeout, loopback);
     });
   } else if (device_type == c10::DeviceType::CUDA) {
     HF_CHECK(cuda::isAvailable(),
@@ -219,8 +215,8 @@ c10d::Backend& Communicator::backend(c10::DeviceType device_type) {
              cuda::deviceCount(), " GPUs");
     created = rethrowing("creating the NCCL backend", [&] {
       return createNcclBackend(
-          c10::make_intrusive<c10d::PrefixStore>("hostfuse/nccl", store_),
-          rank, size, config_.timeout, device_);
+          c10::make_intrusive<c10d::PrefixStore>("hostfuse/nccl", store_), rank,
+          size, config_.timeout, device_);
     });
   } else {
     HF_THROW("Communicator: no backend communicates tensors on ",

@@ -79,30 +79,16 @@ class Communicator {
   // call. It lives until the process exits; call shutdown() before that.
   static Communicator& getInstance();
 
-  int64_t rank() const {
-    return config_.rank;
-  }
-  int64_t size() const {
-    return config_.size;
-  }
-  int64_t localRank() const {
-    return config_.local_rank;
-  }
-  int64_t localSize() const {
-    return config_.local_size;
-  }
-  Launcher launcher() const {
-    return config_.launcher;
-  }
-  const CommunicatorConfig& config() const {
-    return config_;
-  }
+  int64_t rank() const { return config_.rank; }
+  int64_t size() const { return config_.size; }
+  int64_t localRank() const { return config_.local_rank; }
+  int64_t localSize() const { return config_.local_size; }
+  Launcher launcher() const { return config_.launcher; }
+  const CommunicatorConfig& config() const { return config_; }
 
   // The device this rank computes on: GPU `local rank` on machines with
   // GPUs, else the CPU.
-  at::Device device() const {
-    return device_;
-  }
+  at::Device device() const { return device_; }
 
   // The backend that communicates tensors of `device_type` (Gloo for CPU,
   // NCCL for CUDA), created on first use. Every rank must ask for it at
@@ -115,9 +101,7 @@ class Communicator {
   // Waits for every rank, then releases the backends and the store. Later
   // calls of backend() fail. Calling it again does nothing.
   void shutdown();
-  bool isShutDown() const {
-    return shut_down_;
-  }
+  bool isShutDown() const { return shut_down_; }
 
  private:
   c10::intrusive_ptr<c10d::Store> createStore() const;

@@ -25,11 +25,11 @@ using moe::Status;
 enum Word : int64_t {
   kStatusWord = 0,  // moe::kStatusWords words
   kNumExpertsWord = moe::kStatusWords,
-  kHiddenWord,         // H of x (dispatch) or of expert_out (combine)
-  kDtypeWord,          // dtype of x / expert_out
-  kWeightsDtypeWord,   // dtype of topk_weights, -1 without
-  kTokensWord,         // T
-  kPicksWord,          // K
+  kHiddenWord,        // H of x (dispatch) or of expert_out (combine)
+  kDtypeWord,         // dtype of x / expert_out
+  kWeightsDtypeWord,  // dtype of topk_weights, -1 without
+  kTokensWord,        // T
+  kPicksWord,         // K
   kHeaderWords,
 };
 
@@ -39,9 +39,7 @@ int64_t dtypeCode(const at::Tensor& t) {
   return t.defined() ? static_cast<int64_t>(t.scalar_type()) : kNoDtype;
 }
 
-int64_t rankOf(const at::Tensor& t) {
-  return t.defined() ? t.dim() : -1;
-}
+int64_t rankOf(const at::Tensor& t) { return t.defined() ? t.dim() : -1; }
 
 std::string dtypeName(int64_t code) {
   if (code == kNoDtype) {
@@ -83,10 +81,9 @@ at::Tensor asBytes(const at::Tensor& rows) {
   return rows.contiguous().view(at::kByte);
 }
 
-at::Tensor fromBytes(const at::Tensor& bytes, int64_t& offset,
-                     int64_t columns, at::ScalarType dtype) {
-  const int64_t width =
-      columns * static_cast<int64_t>(c10::elementSize(dtype));
+at::Tensor fromBytes(const at::Tensor& bytes, int64_t& offset, int64_t columns,
+                     at::ScalarType dtype) {
+  const int64_t width = columns * static_cast<int64_t>(c10::elementSize(dtype));
   // A fresh tensor: a slice can count as contiguous (one row, or none)
   // while keeping strides that view(dtype) rejects.
   at::Tensor part = at::empty({bytes.size(0), width}, bytes.options());
@@ -145,10 +142,12 @@ void checkAgreed(const at::Tensor& table, int64_t word, const char* op,
   for (int64_t i = 1; i < table.size(0); ++i) {
     const int64_t mine = words[i * width + word];
     const int64_t first = words[word];
-    HF_CHECK(mine == first, op, ": ", what, " must be the same on every rank"
-             ", but it is ", is_dtype ? dtypeName(first) : std::to_string(first),
-             " on rank 0 and ", is_dtype ? dtypeName(mine) : std::to_string(mine),
-             " on rank ", i);
+    HF_CHECK(mine == first, op, ": ", what,
+             " must be the same on every rank"
+             ", but it is ",
+             is_dtype ? dtypeName(first) : std::to_string(first),
+             " on rank 0 and ",
+             is_dtype ? dtypeName(mine) : std::to_string(mine), " on rank ", i);
   }
 }
 
@@ -182,11 +181,10 @@ HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
     } else if (!at::isFloatingType(w.scalar_type())) {
       status.fail(Status::WeightsDtype, dtypeCode(w));
     } else if (w.device() != device) {
-      status.fail(Status::Device,
-                  static_cast<int64_t>(LayoutArg::TopkWeights));
+      status.fail(Status::Device, static_cast<int64_t>(LayoutArg::TopkWeights));
     } else if (rankOf(topk_idx) == 2 && w.sizes() != topk_idx.sizes()) {
-      status.fail(Status::WeightsShape, w.size(0), w.size(1),
-                  topk_idx.size(0), topk_idx.size(1));
+      status.fail(Status::WeightsShape, w.size(0), w.size(1), topk_idx.size(0),
+                  topk_idx.size(1));
     }
   }
   if (num_experts <= 0 || num_experts % world_size != 0) {
@@ -217,11 +215,10 @@ void checkExpertIds(DeviceStatus& status, const at::Tensor& idx,
       next == sorted.narrow(1, 0, picks - 1), next >= 0);  // [T, K - 1]
   const at::Tensor token_bad = twice.any(1);
   const at::Tensor token = firstIndex(token_bad);
-  const at::Tensor expert =
-      at::where(twice.index_select(0, token.reshape({1})),
-                next.index_select(0, token.reshape({1})),
-                std::numeric_limits<int64_t>::max())
-          .min();
+  const at::Tensor expert = at::where(twice.index_select(0, token.reshape({1})),
+                                      next.index_select(0, token.reshape({1})),
+                                      std::numeric_limits<int64_t>::max())
+                                .min();
   status.failIf(token_bad.any(), Status::DuplicateExpert, token, expert,
                 at::zeros_like(token));
 }
@@ -254,8 +251,7 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
     status.fail(Status::NumExperts, num_experts, world_size);
   }
   const int64_t rows = rankOf(expert_out) == 2 ? expert_out.size(0) : -1;
-  const int64_t local_experts =
-      num_experts > 0 ? num_experts / world_size : -1;
+  const int64_t local_experts = num_experts > 0 ? num_experts / world_size : -1;
   const std::pair<LayoutArg, const at::Tensor*> layout_args[] = {
       {LayoutArg::SrcRank, &layout.src_rank},
       {LayoutArg::SrcToken, &layout.src_token},
@@ -273,11 +269,11 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
     if (tensor->device() != device) {
       status.fail(Status::Device, code);
     }
-    const int64_t expected = arg == LayoutArg::ExpertCounts ? local_experts
-                             : arg == LayoutArg::TokensToRank ||
-                                     arg == LayoutArg::TokensFromRank
-                                 ? world_size
-                                 : rows;
+    const int64_t expected =
+        arg == LayoutArg::ExpertCounts ? local_experts
+        : arg == LayoutArg::TokensToRank || arg == LayoutArg::TokensFromRank
+            ? world_size
+            : rows;
     if (expected >= 0 && tensor->numel() != expected) {
       status.fail(Status::LayoutLength, code, tensor->numel(), expected);
     }
@@ -292,8 +288,7 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
     } else if (!at::isFloatingType(w.scalar_type())) {
       status.fail(Status::WeightsDtype, dtypeCode(w));
     } else if (w.device() != device) {
-      status.fail(Status::Device,
-                  static_cast<int64_t>(LayoutArg::TopkWeights));
+      status.fail(Status::Device, static_cast<int64_t>(LayoutArg::TopkWeights));
     } else if (w.size(0) != num_tokens) {
       status.fail(Status::WeightsTokens, w.size(0), num_tokens);
     }
@@ -315,8 +310,8 @@ void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
   if (rows > 0) {
     const at::Tensor bad = at::logical_or(src_rank < 0, src_rank >= world_size);
     const at::Tensor row = firstIndex(bad);
-    status.failIf(bad.any(), Status::SrcRankRange, row,
-                  element(src_rank, row), zero);
+    status.failIf(bad.any(), Status::SrcRankRange, row, element(src_rank, row),
+                  zero);
   }
   const at::Tensor per_rank =
       at::zeros({world_size}, src_rank.options())
@@ -342,10 +337,9 @@ enum CombineVector : int64_t { kToRank, kFromRank, kMaxToken, kMaxPick };
 void checkCombineTable(const at::Tensor& table) {
   throwIfAnyStatusBad(table, "MoeCombine");
   checkAgreed(table, kNumExpertsWord, "MoeCombine", "num_experts", false);
-  checkAgreed(table, kHiddenWord, "MoeCombine",
-              "the width of expert_out", false);
-  checkAgreed(table, kDtypeWord, "MoeCombine", "the dtype of expert_out",
-              true);
+  checkAgreed(table, kHiddenWord, "MoeCombine", "the width of expert_out",
+              false);
+  checkAgreed(table, kDtypeWord, "MoeCombine", "the dtype of expert_out", true);
   const int64_t world_size = table.size(0);
   const int64_t width = table.size(1);
   const int64_t* words = table.data_ptr<int64_t>();
@@ -363,8 +357,8 @@ void checkCombineTable(const at::Tensor& table) {
       const int64_t tokens = words[j * width + kTokensWord];
       HF_CHECK(vector(i, kMaxToken, j) < tokens,
                "MoeCombine: recv_src_token on rank ", i, " names token ",
-               vector(i, kMaxToken, j), " of rank ", j, ", which has ",
-               tokens, " tokens (num_tokens); the rows do not match their "
+               vector(i, kMaxToken, j), " of rank ", j, ", which has ", tokens,
+               " tokens (num_tokens); the rows do not match their "
                "dispatch");
       const int64_t picks = words[j * width + kPicksWord];
       HF_CHECK(picks < 0 || vector(i, kMaxPick, j) < picks,
@@ -408,8 +402,8 @@ MoeDispatchOutput dispatchCollective(
     idx = idx_2d.reshape({-1});
     const at::Tensor sent = at::logical_and(idx >= 0, idx < num_experts);
     // Masked and invalid picks count in an extra bucket, never sent.
-    const at::Tensor dst = at::where(
-        sent, at::div(idx, local_experts, "floor"), world_size);
+    const at::Tensor dst =
+        at::where(sent, at::div(idx, local_experts, "floor"), world_size);
     rows_to_rank = at::zeros({world_size + 1}, longs)
                        .index_add_(0, dst, at::ones_like(dst))
                        .narrow(0, 0, world_size);
@@ -417,14 +411,14 @@ MoeDispatchOutput dispatchCollective(
 
   // 2. Exchange statuses and counts; the one copy to the host.
   const at::Tensor info =
-      at::tensor({num_experts, hidden, dtypeCode(x),
-                  topk_weights ? dtypeCode(*topk_weights) : kNoDtype, tokens,
-                  picks},
-                 at::kLong)
+      at::tensor(
+          {num_experts, hidden, dtypeCode(x),
+           topk_weights ? dtypeCode(*topk_weights) : kNoDtype, tokens, picks},
+          at::kLong)
           .to(device, /*non_blocking=*/true);
-  const at::Tensor table_on_device = exchangeHeaders(
-      backend, at::cat({status.words(), info, rows_to_rank}), world_size,
-      "MoeDispatch");
+  const at::Tensor table_on_device =
+      exchangeHeaders(backend, at::cat({status.words(), info, rows_to_rank}),
+                      world_size, "MoeDispatch");
   const at::Tensor table = table_on_device.cpu();
   checkDispatchTable(table);
 
@@ -444,9 +438,8 @@ MoeDispatchOutput dispatchCollective(
   // 3. Unmasked pairs sorted by expert, then token: a stable sort of the
   // (token, pick)-ordered ids, masked ones (key E) last.
   const at::Tensor key = at::where(idx >= 0, idx, num_experts);
-  const at::Tensor order =
-      std::get<1>(at::sort(key, /*stable=*/true, 0, false))
-          .narrow(0, 0, num_send);
+  const at::Tensor order = std::get<1>(at::sort(key, /*stable=*/true, 0, false))
+                               .narrow(0, 0, num_send);
   const at::Tensor token = at::div(order, picks, "floor");
   const at::Tensor pick = order.remainder(picks);
   std::vector<at::Tensor> parts = {
@@ -464,29 +457,27 @@ MoeDispatchOutput dispatchCollective(
   int64_t offset = 0;
   const at::Tensor recv_x = fromBytes(recv, offset, hidden, x.scalar_type());
   const at::Tensor meta = fromBytes(recv, offset, 3, at::kLong);
-  const at::Tensor local_expert =
-      meta.select(1, 2) - me * local_experts;
+  const at::Tensor local_expert = meta.select(1, 2) - me * local_experts;
   const at::Tensor perm =
       std::get<1>(at::sort(local_expert, /*stable=*/true, 0, false));
 
   MoeDispatchOutput out;
   out.recv_x = recv_x.index_select(0, perm);
   if (topk_weights.has_value()) {
-    out.recv_weights =
-        fromBytes(recv, offset, 1, topk_weights->scalar_type())
-            .reshape({-1})
-            .index_select(0, perm);
+    out.recv_weights = fromBytes(recv, offset, 1, topk_weights->scalar_type())
+                           .reshape({-1})
+                           .index_select(0, perm);
   }
   MoeLayout& layout = out.layout;
-  layout.n_tokens_to_rank =
-      table_on_device.select(0, me).narrow(0, kHeaderWords, world_size)
-          .clone(at::MemoryFormat::Contiguous);
+  layout.n_tokens_to_rank = table_on_device.select(0, me)
+                                .narrow(0, kHeaderWords, world_size)
+                                .clone(at::MemoryFormat::Contiguous);
   layout.n_tokens_from_rank = table_on_device.select(1, kHeaderWords + me)
                                   .clone(at::MemoryFormat::Contiguous);
-  layout.src_rank = at::repeat_interleave(at::arange(world_size, longs),
-                                          layout.n_tokens_from_rank, 0,
-                                          num_recv)
-                        .index_select(0, perm);
+  layout.src_rank =
+      at::repeat_interleave(at::arange(world_size, longs),
+                            layout.n_tokens_from_rank, 0, num_recv)
+          .index_select(0, perm);
   layout.src_token = meta.select(1, 0).index_select(0, perm);
   layout.src_k = meta.select(1, 1).index_select(0, perm);
   layout.expert_counts =
@@ -560,11 +551,11 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   // 3. Every row back to its source rank, with its (token, pick).
   const at::Tensor perm =
       std::get<1>(at::sort(layout.src_rank, /*stable=*/true, 0, false));
-  at::Tensor send = at::cat(
-      {asBytes(expert_out.index_select(0, perm)),
-       asBytes(at::stack({layout.src_token, layout.src_k}, 1)
-                   .index_select(0, perm))},
-      1);
+  at::Tensor send =
+      at::cat({asBytes(expert_out.index_select(0, perm)),
+               asBytes(at::stack({layout.src_token, layout.src_k}, 1)
+                           .index_select(0, perm))},
+              1);
   at::Tensor recv = at::empty({num_recv, send.size(1)}, send.options());
   allToAll(backend, recv, send, recv_splits, send_splits, "MoeCombine");
 
@@ -579,8 +570,9 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   at::Tensor contribution = returned.to(accumulate);
   if (topk_weights.has_value()) {
     const at::Tensor weight =
-        topk_weights->to(accumulate).reshape({-1}).index_select(
-            0, token * picks + meta.select(1, 1));
+        topk_weights->to(accumulate)
+            .reshape({-1})
+            .index_select(0, token * picks + meta.select(1, 1));
     contribution = contribution * weight.unsqueeze(1);
   }
   const at::Tensor combined =

@@ -20,8 +20,8 @@ void checkTensor(const Expr* expr, const char* what, const TensorView* tv,
   HF_CHECK(tv->rank() == rank, expr->opName(), ": ", what, " ",
            tv->toDeclString(), " must have rank ", rank, ", got rank ",
            tv->rank());
-  HF_CHECK(ok(tv->dtype()), expr->opName(), ": ", what, " ",
-           tv->toDeclString(), " must be ", expected, ", got ", tv->dtype());
+  HF_CHECK(ok(tv->dtype()), expr->opName(), ": ", what, " ", tv->toDeclString(),
+           " must be ", expected, ", got ", tv->dtype());
 }
 
 void checkFloating(const Expr* expr, const char* what, const TensorView* tv,
@@ -43,8 +43,8 @@ void checkSameExtent(const Expr* expr, const Scalar* a, const char* a_what,
   const std::optional<int64_t> size_b = b->constantInt();
   HF_CHECK(a == b || !size_a.has_value() || !size_b.has_value() ||
                *size_a == *size_b,
-           expr->opName(), ": ", b_what, " (", b->toString(),
-           ") must equal ", a_what, " (", a->toString(), ")");
+           expr->opName(), ": ", b_what, " (", b->toString(), ") must equal ",
+           a_what, " (", a->toString(), ")");
 }
 
 void checkNumExperts(const Expr* expr, int64_t num_experts) {
@@ -158,9 +158,9 @@ MoeCombine::MoeCombine(TensorView* combined, TensorView* expert_out,
                        TensorView* recv_src_rank, TensorView* recv_src_token,
                        TensorView* recv_src_k, TensorView* recv_expert_counts,
                        TensorView* n_tokens_to_rank,
-                       TensorView* n_tokens_from_rank,
-                       TensorView* topk_weights, Scalar* num_tokens,
-                       int64_t num_experts, MoeBackend backend) {
+                       TensorView* n_tokens_from_rank, TensorView* topk_weights,
+                       Scalar* num_tokens, int64_t num_experts,
+                       MoeBackend backend) {
   addOutput(combined);
   addInput(expert_out);
   addInput(recv_src_rank);
@@ -221,14 +221,13 @@ void MoeCombine::validate() const {
            " must be an i64 scalar");
   if (hasWeights()) {
     checkFloating(this, "topk_weights", topkWeights(), 2);
-    checkSameExtent(this, numTokens(), "num_tokens",
-                    topkWeights()->extent(0),
+    checkSameExtent(this, numTokens(), "num_tokens", topkWeights()->extent(0),
                     "the token count of topk_weights");
   }
   checkFloating(this, "combined", combined(), 2);
-  HF_CHECK(combined()->dtype() == expertOut()->dtype(),
-           "MoeCombine: combined ", combined()->toDeclString(),
-           " must have expert_out's dtype ", expertOut()->dtype());
+  HF_CHECK(combined()->dtype() == expertOut()->dtype(), "MoeCombine: combined ",
+           combined()->toDeclString(), " must have expert_out's dtype ",
+           expertOut()->dtype());
   checkSameExtent(this, numTokens(), "num_tokens", combined()->extent(0),
                   "the rows of combined");
   checkSameExtent(this, expertOut()->extent(1), "the width of expert_out",
@@ -280,16 +279,16 @@ std::vector<c10::IValue> GroupedMatmul::evaluate(
     const int64_t rows = counts[g].item<int64_t>();
     HF_CHECK(rows >= 0 && offset + rows <= x.size(0),
              "GroupedMatmul: group_counts ", counts.sizes(),
-             " does not fit the ", x.size(0), " rows of x (group ", g,
-             " has ", rows, " rows at offset ", offset, ")");
+             " does not fit the ", x.size(0), " rows of x (group ", g, " has ",
+             rows, " rows at offset ", offset, ")");
     if (rows > 0) {
       at::Tensor group_out = out.narrow(0, offset, rows);
       at::matmul_out(group_out, x.narrow(0, offset, rows), weights[g]);
     }
     offset += rows;
   }
-  HF_CHECK(offset == x.size(0), "GroupedMatmul: group_counts sums to ",
-           offset, " but x has ", x.size(0), " rows");
+  HF_CHECK(offset == x.size(0), "GroupedMatmul: group_counts sums to ", offset,
+           " but x has ", x.size(0), " rows");
   return {out};
 }
 

@@ -54,38 +54,22 @@ class MoeDispatch : public Expr {
               int64_t num_experts, MoeBackend backend);
   HF_DECLARE_EXPR(MoeDispatch)
 
-  TensorView* x() const {
-    return input(0)->as<TensorView>();
-  }
-  TensorView* topkIdx() const {
-    return input(1)->as<TensorView>();
-  }
+  TensorView* x() const { return input(0)->as<TensorView>(); }
+  TensorView* topkIdx() const { return input(1)->as<TensorView>(); }
   // nullptr without weights.
   TensorView* topkWeights() const {
     return hasWeights() ? input(2)->as<TensorView>() : nullptr;
   }
-  int64_t numExperts() const {
-    return attribute<int64_t>(0);
-  }
+  int64_t numExperts() const { return attribute<int64_t>(0); }
   MoeBackend backend() const {
     return static_cast<MoeBackend>(attribute<int64_t>(1));
   }
-  bool hasWeights() const {
-    return attribute<bool>(2);
-  }
+  bool hasWeights() const { return attribute<bool>(2); }
 
-  TensorView* recvX() const {
-    return output(0)->as<TensorView>();
-  }
-  TensorView* recvSrcRank() const {
-    return output(1)->as<TensorView>();
-  }
-  TensorView* recvSrcToken() const {
-    return output(2)->as<TensorView>();
-  }
-  TensorView* recvSrcK() const {
-    return output(3)->as<TensorView>();
-  }
+  TensorView* recvX() const { return output(0)->as<TensorView>(); }
+  TensorView* recvSrcRank() const { return output(1)->as<TensorView>(); }
+  TensorView* recvSrcToken() const { return output(2)->as<TensorView>(); }
+  TensorView* recvSrcK() const { return output(3)->as<TensorView>(); }
   // nullptr without weights.
   TensorView* recvWeights() const {
     return hasWeights() ? output(4)->as<TensorView>() : nullptr;
@@ -106,9 +90,7 @@ class MoeDispatch : public Expr {
   void validate() const override;
 
  private:
-  size_t layoutOutput(size_t i) const {
-    return (hasWeights() ? 5 : 4) + i;
-  }
+  size_t layoutOutput(size_t i) const { return (hasWeights() ? 5 : 4) + i; }
 };
 
 // Inputs: expert_out [rows, H'] floating, in MoeDispatch's layout; the
@@ -125,31 +107,17 @@ class MoeCombine : public Expr {
              TensorView* recv_src_rank, TensorView* recv_src_token,
              TensorView* recv_src_k, TensorView* recv_expert_counts,
              TensorView* n_tokens_to_rank, TensorView* n_tokens_from_rank,
-             TensorView* topk_weights, Scalar* num_tokens,
-             int64_t num_experts, MoeBackend backend);
+             TensorView* topk_weights, Scalar* num_tokens, int64_t num_experts,
+             MoeBackend backend);
   HF_DECLARE_EXPR(MoeCombine)
 
-  TensorView* expertOut() const {
-    return input(0)->as<TensorView>();
-  }
-  TensorView* recvSrcRank() const {
-    return input(1)->as<TensorView>();
-  }
-  TensorView* recvSrcToken() const {
-    return input(2)->as<TensorView>();
-  }
-  TensorView* recvSrcK() const {
-    return input(3)->as<TensorView>();
-  }
-  TensorView* recvExpertCounts() const {
-    return input(4)->as<TensorView>();
-  }
-  TensorView* nTokensToRank() const {
-    return input(5)->as<TensorView>();
-  }
-  TensorView* nTokensFromRank() const {
-    return input(6)->as<TensorView>();
-  }
+  TensorView* expertOut() const { return input(0)->as<TensorView>(); }
+  TensorView* recvSrcRank() const { return input(1)->as<TensorView>(); }
+  TensorView* recvSrcToken() const { return input(2)->as<TensorView>(); }
+  TensorView* recvSrcK() const { return input(3)->as<TensorView>(); }
+  TensorView* recvExpertCounts() const { return input(4)->as<TensorView>(); }
+  TensorView* nTokensToRank() const { return input(5)->as<TensorView>(); }
+  TensorView* nTokensFromRank() const { return input(6)->as<TensorView>(); }
   // nullptr without weights.
   TensorView* topkWeights() const {
     return hasWeights() ? input(7)->as<TensorView>() : nullptr;
@@ -157,18 +125,12 @@ class MoeCombine : public Expr {
   Scalar* numTokens() const {
     return input(hasWeights() ? 8 : 7)->as<Scalar>();
   }
-  int64_t numExperts() const {
-    return attribute<int64_t>(0);
-  }
+  int64_t numExperts() const { return attribute<int64_t>(0); }
   MoeBackend backend() const {
     return static_cast<MoeBackend>(attribute<int64_t>(1));
   }
-  bool hasWeights() const {
-    return attribute<bool>(2);
-  }
-  TensorView* combined() const {
-    return output(0)->as<TensorView>();
-  }
+  bool hasWeights() const { return attribute<bool>(2); }
+  TensorView* combined() const { return output(0)->as<TensorView>(); }
 
   // MoeCombine(expert_out=T9, ..., num_tokens=i0, num_experts=8,
   //   backend=collective) -> (T10)
@@ -188,18 +150,10 @@ class GroupedMatmul : public Expr {
                 TensorView* group_counts);
   HF_DECLARE_EXPR(GroupedMatmul)
 
-  TensorView* out() const {
-    return output(0)->as<TensorView>();
-  }
-  TensorView* x() const {
-    return input(0)->as<TensorView>();
-  }
-  TensorView* weights() const {
-    return input(1)->as<TensorView>();
-  }
-  TensorView* groupCounts() const {
-    return input(2)->as<TensorView>();
-  }
+  TensorView* out() const { return output(0)->as<TensorView>(); }
+  TensorView* x() const { return input(0)->as<TensorView>(); }
+  TensorView* weights() const { return input(1)->as<TensorView>(); }
+  TensorView* groupCounts() const { return input(2)->as<TensorView>(); }
 
   std::string toInlineString() const override;
   void validate() const override;

@@ -75,8 +75,7 @@ void evaluateMoeDispatch(const MoeDispatch& dispatch, ValueMap& values,
   }
   bindTensor(values, dispatch.recvExpertCounts(), out.layout.expert_counts);
   bindTensor(values, dispatch.nTokensToRank(), out.layout.n_tokens_to_rank);
-  bindTensor(values, dispatch.nTokensFromRank(),
-             out.layout.n_tokens_from_rank);
+  bindTensor(values, dispatch.nTokensFromRank(), out.layout.n_tokens_from_rank);
 }
 
 void evaluateMoeCombine(const MoeCombine& combine, ValueMap& values,
@@ -88,11 +87,9 @@ void evaluateMoeCombine(const MoeCombine& combine, ValueMap& values,
   layout.src_k = values.get(combine.recvSrcK()).toTensor();
   layout.expert_counts = values.get(combine.recvExpertCounts()).toTensor();
   layout.n_tokens_to_rank = values.get(combine.nTokensToRank()).toTensor();
-  layout.n_tokens_from_rank =
-      values.get(combine.nTokensFromRank()).toTensor();
+  layout.n_tokens_from_rank = values.get(combine.nTokensFromRank()).toTensor();
   const at::Tensor combined = namingNode(combine, [&] {
-    return combineCollective(values.get(combine.expertOut()).toTensor(),
-                             layout,
+    return combineCollective(values.get(combine.expertOut()).toTensor(), layout,
                              optionalTensor(values, combine.topkWeights()),
                              values.get(combine.numTokens()).toInt(),
                              combine.numExperts(), communicator);

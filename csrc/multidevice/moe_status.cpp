@@ -9,8 +9,7 @@ namespace hostfuse::moe {
 namespace {
 
 std::string dtypeName(int64_t code) {
-  if (code < 0 ||
-      code >= static_cast<int64_t>(at::ScalarType::NumOptions)) {
+  if (code < 0 || code >= static_cast<int64_t>(at::ScalarType::NumOptions)) {
     return "an unknown dtype";
   }
   return c10::toString(static_cast<at::ScalarType>(code));
@@ -60,10 +59,9 @@ void HostStatus::fail(Status code, int64_t d0, int64_t d1, int64_t d2,
 }
 
 at::Tensor HostStatus::toDevice(const at::Device& device) const {
-  const at::Tensor words = at::tensor(
-      {static_cast<int64_t>(code_), details_[0], details_[1], details_[2],
-       details_[3]},
-      at::kLong);
+  const at::Tensor words = at::tensor({static_cast<int64_t>(code_), details_[0],
+                                       details_[1], details_[2], details_[3]},
+                                      at::kLong);
   // From pageable memory, a non-blocking copy is staged before it returns,
   // so `words` may go away, and the device is not synchronized.
   return words.to(device, /*non_blocking=*/true);
@@ -129,8 +127,8 @@ std::string describeStatus(const char* op, int64_t rank, int64_t world_size,
          << ") must be a positive multiple of the world size (" << d1 << ")";
       break;
     case Status::ExpertOutOfRange:
-      ss << "topk_idx holds expert id " << d2 << " at token " << d0
-         << ", pick " << d1
+      ss << "topk_idx holds expert id " << d2 << " at token " << d0 << ", pick "
+         << d1
          << ", which is out of range: expert ids must be in [0, num_experts = "
          << num_experts << ") or -1 (a masked pick)";
       break;
@@ -168,12 +166,12 @@ std::string describeStatus(const char* op, int64_t rank, int64_t world_size,
       ss << "num_tokens must be >= 0, got " << d0;
       break;
     case Status::CountsSum:
-      ss << "recv_expert_counts sums to " << d0 << " but expert_out has "
-         << d1 << " rows; the rows do not match their dispatch";
+      ss << "recv_expert_counts sums to " << d0 << " but expert_out has " << d1
+         << " rows; the rows do not match their dispatch";
       break;
     case Status::FromSum:
-      ss << "n_tokens_from_rank sums to " << d0 << " but expert_out has "
-         << d1 << " rows; the rows do not match their dispatch";
+      ss << "n_tokens_from_rank sums to " << d0 << " but expert_out has " << d1
+         << " rows; the rows do not match their dispatch";
       break;
     case Status::SrcRankRange:
       ss << "recv_src_rank holds rank " << d1 << " at row " << d0

@@ -72,9 +72,7 @@ class HostStatus {
   // Records `code` unless an earlier check failed already.
   void fail(Status code, int64_t d0 = 0, int64_t d1 = 0, int64_t d2 = 0,
             int64_t d3 = 0);
-  bool ok() const {
-    return code_ == Status::Ok;
-  }
+  bool ok() const { return code_ == Status::Ok; }
   // The status words as an i64 tensor [kStatusWords] on `device`, copied
   // without synchronizing the device with the host.
   at::Tensor toDevice(const at::Device& device) const;
@@ -93,9 +91,7 @@ class DeviceStatus {
   // the code and the details (0-dim i64 tensors; the fourth is 0).
   void failIf(const at::Tensor& bad, Status code, const at::Tensor& d0,
               const at::Tensor& d1, const at::Tensor& d2);
-  const at::Tensor& words() const {
-    return words_;
-  }
+  const at::Tensor& words() const { return words_; }
 
  private:
   at::Tensor words_;

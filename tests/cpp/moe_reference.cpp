@@ -9,9 +9,7 @@
 
 namespace hostfuse::test {
 
-Communicator& communicator() {
-  return Communicator::getInstance();
-}
+Communicator& communicator() { return Communicator::getInstance(); }
 
 namespace {
 
@@ -128,7 +126,8 @@ at::Tensor applyExperts(const at::Tensor& rows, const at::Tensor& counts,
   int64_t offset = 0;
   for (int64_t l = 0; l < host_counts.size(0); ++l) {
     const int64_t n = host_counts[l].item<int64_t>();
-    out.narrow(0, offset, n).copy_(fn(first_expert + l, rows.narrow(0, offset, n)));
+    out.narrow(0, offset, n)
+        .copy_(fn(first_expert + l, rows.narrow(0, offset, n)));
     offset += n;
   }
   return out;
@@ -145,8 +144,7 @@ at::Tensor referenceCombine(const at::Tensor& x, const at::Tensor& idx,
       if (expert < 0) {
         continue;
       }
-      const double w =
-          weights.defined() ? weights[t][k].item<double>() : 1.0;
+      const double w = weights.defined() ? weights[t][k].item<double>() : 1.0;
       sum[t] += w * fn(expert, x_cpu.narrow(0, t, 1))[0].to(at::kDouble);
     }
   }
@@ -209,8 +207,7 @@ at::Tensor makeRouting(Routing routing, int64_t tokens, int64_t picks,
     }
     const int64_t used = std::min(picks, allowed);
     for (int64_t i = 0; i < used; ++i) {
-      const bool masked =
-          routing == Routing::Masked && (rng() % 10) < 4;
+      const bool masked = routing == Routing::Masked && (rng() % 10) < 4;
       idx[t][slots[i]] = masked ? -1 : experts[i];
     }
   }

@@ -35,18 +35,10 @@ class BadInput : public testing::TestWithParam<c10::DeviceType> {
                                                   : at::Device(at::kCPU);
   }
 
-  int64_t ranks() const {
-    return communicator().size();
-  }
-  int64_t me() const {
-    return communicator().rank();
-  }
-  int64_t experts() const {
-    return 2 * ranks();
-  }
-  bool isBadRank() const {
-    return me() == ranks() - 1;
-  }
+  int64_t ranks() const { return communicator().size(); }
+  int64_t me() const { return communicator().rank(); }
+  int64_t experts() const { return 2 * ranks(); }
+  bool isBadRank() const { return me() == ranks() - 1; }
   std::string badRank() const {
     return "rank " + std::to_string(ranks() - 1) + " of " +
            std::to_string(ranks());
@@ -76,9 +68,8 @@ class BadInput : public testing::TestWithParam<c10::DeviceType> {
   void expectValidCallWorks() {
     const at::Tensor input = x();
     const MoeDispatchOutput out = dispatch(input, idx(), weights(), experts());
-    const at::Tensor back =
-        combineCollective(out.recv_x, out.layout, weights(), kTokens,
-                          experts(), communicator());
+    const at::Tensor back = combineCollective(
+        out.recv_x, out.layout, weights(), kTokens, experts(), communicator());
     SCOPED_TRACE("the valid call after the error");
     test::expectClose(back.cpu(), input.cpu(), 1e-6, 1e-6);
   }
@@ -124,8 +115,8 @@ TEST_P(BadInput, TwoPicksOfOneTokenNameOneExpert) {
 TEST_P(BadInput, NumExpertsNotAMultipleOfWorldSize) {
   // With one rank every positive count is a multiple: use 0 there.
   const int64_t bad_experts = ranks() > 1 ? ranks() + 1 : 0;
-  const at::Tensor idx = at::zeros({kTokens, 1}, at::TensorOptions(device_)
-                                                     .dtype(at::kLong));
+  const at::Tensor idx =
+      at::zeros({kTokens, 1}, at::TensorOptions(device_).dtype(at::kLong));
   test::expectErrorContains(
       [&] { dispatch(x(), idx, std::nullopt, bad_experts); },
       {"num_experts (" + std::to_string(bad_experts) +
@@ -139,10 +130,9 @@ TEST_P(BadInput, NumExpertsDifferOnOneRank) {
     GTEST_SKIP() << "needs two ranks";
   }
   const int64_t mine = isBadRank() ? 2 * experts() : experts();
-  test::expectErrorContains(
-      [&] { dispatch(x(), idx(), weights(), mine); },
-      {"num_experts must be the same on every rank",
-       "on rank " + std::to_string(ranks() - 1)});
+  test::expectErrorContains([&] { dispatch(x(), idx(), weights(), mine); },
+                            {"num_experts must be the same on every rank",
+                             "on rank " + std::to_string(ranks() - 1)});
   expectValidCallWorks();
 }
 
@@ -157,10 +147,9 @@ TEST_P(BadInput, TopkIdxRowsDifferFromX) {
 }
 
 TEST_P(BadInput, TopkWeightsShapeDiffersFromTopkIdx) {
-  const at::Tensor w =
-      isBadRank() ? at::full({kTokens, kPicks + 1}, 0.5,
-                             at::TensorOptions(device_))
-                  : weights();
+  const at::Tensor w = isBadRank() ? at::full({kTokens, kPicks + 1}, 0.5,
+                                              at::TensorOptions(device_))
+                                   : weights();
   expectErrorOnEveryRank([&] { dispatch(x(), idx(), w, experts()); },
                          {"topk_weights has shape [6, 3] but topk_idx has "
                           "shape [6, 2]"});
@@ -179,8 +168,7 @@ TEST_P(BadInput, XNotTwoDimensional) {
 }
 
 TEST_P(BadInput, TopkIdxNotInteger) {
-  const at::Tensor idx =
-      isBadRank() ? this->idx().to(at::kFloat) : this->idx();
+  const at::Tensor idx = isBadRank() ? this->idx().to(at::kFloat) : this->idx();
   expectErrorOnEveryRank([&] { dispatch(x(), idx, weights(), experts()); },
                          {"topk_idx must be Long (i64) or Int (i32), got "
                           "Float"});
@@ -196,17 +184,17 @@ TEST_P(BadInput, TopkIdxInt32IsAccepted) {
   const at::Tensor input = x();
   const MoeDispatchOutput out =
       dispatch(input, idx().to(at::kInt), weights(), experts());
-  const at::Tensor back = combineCollective(
-      out.recv_x, out.layout, weights(), kTokens, experts(), communicator());
+  const at::Tensor back = combineCollective(out.recv_x, out.layout, weights(),
+                                            kTokens, experts(), communicator());
   test::expectClose(back.cpu(), input.cpu(), 1e-6, 1e-6);
 }
 
 TEST_P(BadInput, CombineGivenMoreRowsThanItsDispatch) {
   const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
   const at::Tensor rows =
-      isBadRank() ? at::cat({out.recv_x,
-                             at::zeros({1, kHidden}, out.recv_x.options())})
-                  : out.recv_x;
+      isBadRank()
+          ? at::cat({out.recv_x, at::zeros({1, kHidden}, out.recv_x.options())})
+          : out.recv_x;
   expectErrorOnEveryRank(
       [&] {
         combineCollective(rows, out.layout, weights(), kTokens, experts(),
@@ -221,8 +209,8 @@ TEST_P(BadInput, CombineGivenTheLayoutOfAnotherDispatch) {
     GTEST_SKIP() << "needs two ranks";
   }
   // Dispatch a: every token to expert 0 (rank 0). Dispatch b: all masked.
-  const at::Tensor to_zero = at::zeros(
-      {kTokens, 1}, at::TensorOptions(device_).dtype(at::kLong));
+  const at::Tensor to_zero =
+      at::zeros({kTokens, 1}, at::TensorOptions(device_).dtype(at::kLong));
   const MoeDispatchOutput a = dispatch(x(), to_zero, std::nullopt, experts());
   const MoeDispatchOutput b =
       dispatch(x(), to_zero - 1, std::nullopt, experts());
@@ -242,16 +230,15 @@ TEST_P(BadInput, CombineWeightsDisagreeWithNumTokens) {
   const int64_t tokens = isBadRank() ? kTokens + 1 : kTokens;
   expectErrorOnEveryRank(
       [&] {
-        combineCollective(out.recv_x, out.layout, weights(), tokens,
-                          experts(), communicator());
+        combineCollective(out.recv_x, out.layout, weights(), tokens, experts(),
+                          communicator());
       },
       {"topk_weights has 6 rows but num_tokens is 7"});
 }
 
 TEST_P(BadInput, CombineExpertOutNotFloatingPoint) {
   const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
-  const at::Tensor rows =
-      isBadRank() ? out.recv_x.to(at::kInt) : out.recv_x;
+  const at::Tensor rows = isBadRank() ? out.recv_x.to(at::kInt) : out.recv_x;
   expectErrorOnEveryRank(
       [&] {
         combineCollective(rows, out.layout, weights(), kTokens, experts(),
@@ -278,8 +265,11 @@ TEST_P(BadInput, ProgramWithBadExpertIdFailsOnEveryRankAndRunsAgain) {
   if (isBadRank()) {
     bad[0][0] = -7;
   }
-  test::expectErrorContains([&] { evaluator.run({input, bad}); },
-                            {"topk_idx holds expert id -7", badRank()});
+  test::expectErrorContains(
+      [&] {
+        evaluator.run({input, bad});
+      },
+      {"topk_idx holds expert id -7", badRank()});
   const std::vector<at::Tensor> out = evaluator.run({input, good});
   test::expectClose(out[0].cpu(), input.cpu());
 }

@@ -3,8 +3,8 @@
 // one rank, which needs no launcher.
 #include <cstdlib>
 #include <map>
-#include <utility>
 #include <optional>
+#include <utility>
 
 #include "host_ir/evaluator.h"
 #include "host_ir/host_ir.h"
@@ -55,8 +55,7 @@ TEST_F(MoeIr, DispatchAndCombinePrintTheirOperandsAndAttributes) {
 TEST_F(MoeIr, DispatchWithoutWeightsHasNoRecvWeights) {
   TensorView* x = makeSymbolicTensor(2, DataType::Float, "x");
   TensorView* idx = makeSymbolicTensor(2, DataType::Int32, "topk_idx");
-  const MoeDispatchResult d =
-      moeDispatch(x, idx, nullptr, 4, MoeBackend::Cuda);
+  const MoeDispatchResult d = moeDispatch(x, idx, nullptr, 4, MoeBackend::Cuda);
   const auto* node = d.recv_x->definition()->as<MoeDispatch>();
   EXPECT_EQ(node->toInlineString(),
             "MoeDispatch(x=T0, topk_idx=T1, num_experts=4, backend=cuda) -> "
@@ -80,8 +79,8 @@ TEST_F(MoeIr, DispatchRejectsBadDtypesRanksAndSizes) {
       {"MoeDispatch: x", "must be floating point, got i64"});
   test::expectErrorContains(
       [&] {
-        moeDispatch(x, makeTensor({5, 2}, DataType::Float, "topk_idx"),
-                    nullptr, 4);
+        moeDispatch(x, makeTensor({5, 2}, DataType::Float, "topk_idx"), nullptr,
+                    4);
       },
       {"topk_idx", "must be i64 or i32, got f32"});
   test::expectErrorContains(
@@ -96,7 +95,9 @@ TEST_F(MoeIr, DispatchRejectsBadDtypesRanksAndSizes) {
       },
       {"K of topk_weights (3) must equal K of topk_idx (2)"});
   test::expectErrorContains(
-      [&] { moeDispatch(x, idx, makeTensor({5, 2}, DataType::Int32), 4); },
+      [&] {
+        moeDispatch(x, idx, makeTensor({5, 2}, DataType::Int32), 4);
+      },
       {"topk_weights", "must be floating point, got i32"});
   test::expectErrorContains(
       [&] { moeDispatch(x, makeTensor({5}, DataType::Int64), nullptr, 4); },
@@ -161,10 +162,14 @@ TEST_F(MoeIr, GroupedMatmulRejectsMismatchedWeights) {
       },
       {"GroupedMatmul: weights", "must have x's dtype f32"});
   test::expectErrorContains(
-      [&] { groupedMatmul(x, makeTensor({2, 7, 4}, DataType::Float), counts); },
+      [&] {
+        groupedMatmul(x, makeTensor({2, 7, 4}, DataType::Float), counts);
+      },
       {"dim 1 of weights (7) must equal the width H of x (8)"});
   test::expectErrorContains(
-      [&] { groupedMatmul(x, makeTensor({3, 8, 4}, DataType::Float), counts); },
+      [&] {
+        groupedMatmul(x, makeTensor({3, 8, 4}, DataType::Float), counts);
+      },
       {"the length of group_counts (2) must equal the groups of weights (3)"});
 }
 
@@ -185,7 +190,9 @@ TEST_F(MoeIr, GroupedMatmulMultipliesEachGroupByItsWeights) {
                                        at::matmul(xv.narrow(0, 2, 5), wv[2])});
   test::expectClose(out, expected, 1e-6, 1e-6);
   test::expectErrorContains(
-      [&] { evaluator.run({xv, wv, at::tensor({2, 0, 4}, at::kLong)}); },
+      [&] {
+        evaluator.run({xv, wv, at::tensor({2, 0, 4}, at::kLong)});
+      },
       {"group_counts sums to 6 but x has 7 rows"});
 }
 
@@ -208,8 +215,7 @@ TEST_F(MoeIr, ClonedProgramPrintsTheSame) {
 // ---------------------------------------------------------------------------
 // A world of one rank: no launcher, an in-process store.
 
-std::unique_ptr<HostIrContainer> roundTripProgram(int64_t picks,
-                                                  bool weighted,
+std::unique_ptr<HostIrContainer> roundTripProgram(int64_t picks, bool weighted,
                                                   MoeBackend backend) {
   auto program = std::make_unique<HostIrContainer>();
   FusionGuard guard(program.get());
@@ -233,15 +239,14 @@ TEST(MoeWorldOfOne, RoundTripReturnsX) {
   ASSERT_EQ(Communicator::getInstance().size(), 1);
   const at::Tensor x = test::randomTensor({9, 16}, at::kBFloat16, at::kCPU, 3);
   // K = 1, no weights: exactly x.
-  HostIrEvaluator top_one(
-      roundTripProgram(1, false, MoeBackend::Collective));
-  const at::Tensor idx = at::tensor({0, 3, 1, 2, 2, 0, 1, 3, 0}, at::kLong)
-                             .reshape({9, 1});
+  HostIrEvaluator top_one(roundTripProgram(1, false, MoeBackend::Collective));
+  const at::Tensor idx =
+      at::tensor({0, 3, 1, 2, 2, 0, 1, 3, 0}, at::kLong).reshape({9, 1});
   test::expectClose(top_one.run({x, idx})[0], x);
   // K = 2 with weights that sum to 1: x up to rounding.
   HostIrEvaluator top_two(roundTripProgram(2, true, MoeBackend::Collective));
-  const at::Tensor idx2 = at::stack({idx.squeeze(1), (idx.squeeze(1) + 1) % 4},
-                                    1);
+  const at::Tensor idx2 =
+      at::stack({idx.squeeze(1), (idx.squeeze(1) + 1) % 4}, 1);
   const at::Tensor w = at::full({9, 2}, 0.5, at::kFloat);
   test::expectClose(top_two.run({x, idx2, w})[0], x, 1e-2, 1e-2);
 }
@@ -250,7 +255,9 @@ TEST(MoeWorldOfOne, CudaBackendIsNotImplementedYet) {
   HostIrEvaluator evaluator(roundTripProgram(1, false, MoeBackend::Cuda));
   const at::Tensor x = test::randomTensor({2, 16}, at::kBFloat16, at::kCPU, 3);
   test::expectErrorContains(
-      [&] { evaluator.run({x, at::zeros({2, 1}, at::kLong)}); },
+      [&] {
+        evaluator.run({x, at::zeros({2, 1}, at::kLong)});
+      },
       {"MoeDispatch: backend=cuda is not implemented yet"});
 }
 
@@ -262,9 +269,8 @@ TEST(MoeWorldOfOne, CommunicatorRefusesWorkAfterShutdown) {
   communicator.shutdown();
   EXPECT_TRUE(communicator.isShutDown());
   communicator.shutdown();  // a second call does nothing
-  test::expectErrorContains(
-      [&] { communicator.backend(c10::DeviceType::CPU); },
-      {"the communicator is shut down"});
+  test::expectErrorContains([&] { communicator.backend(c10::DeviceType::CPU); },
+                            {"the communicator is shut down"});
 }
 
 // ---------------------------------------------------------------------------

@@ -26,12 +26,8 @@ using test::Routing;
 
 constexpr int64_t kHidden = 16;
 
-int64_t worldSize() {
-  return communicator().size();
-}
-int64_t myRank() {
-  return communicator().rank();
-}
+int64_t worldSize() { return communicator().size(); }
+int64_t myRank() { return communicator().rank(); }
 
 // The device of a test parameter on this rank: its own GPU for CUDA.
 at::Device rankDevice(c10::DeviceType type) {
@@ -45,11 +41,11 @@ bool unavailable(c10::DeviceType type) {
           communicator().localSize() > cuda::deviceCount());
 }
 
-#define SKIP_IF_UNAVAILABLE(type)                                    \
-  do {                                                               \
-    if (unavailable(type)) {                                         \
-      GTEST_SKIP() << "needs one GPU per rank on this host";         \
-    }                                                                \
+#define SKIP_IF_UNAVAILABLE(type)                            \
+  do {                                                       \
+    if (unavailable(type)) {                                 \
+      GTEST_SKIP() << "needs one GPU per rank on this host"; \
+    }                                                        \
   } while (false)
 
 std::string deviceTypeName(c10::DeviceType type) {
@@ -132,11 +128,12 @@ TEST_P(DispatchCombineGrid, MatchesReference) {
   const int64_t me = myRank();
   const int64_t experts = c.experts_per_rank * ranks;
   const int64_t tokens = test::tokensFor(c.routing, me);
-  const uint64_t seed = std::hash<std::string>{}(gridName(
-      testing::TestParamInfo<GridCase>(c, 0))) % 100000;
+  const uint64_t seed = std::hash<std::string>{}(
+                            gridName(testing::TestParamInfo<GridCase>(c, 0))) %
+                        100000;
 
-  const at::Tensor x = test::randomTensor({tokens, kHidden}, c.dtype, device,
-                                          seed * 131 + me);
+  const at::Tensor x =
+      test::randomTensor({tokens, kHidden}, c.dtype, device, seed * 131 + me);
   const at::Tensor idx =
       test::makeRouting(c.routing, tokens, c.picks, experts, ranks, me, seed)
           .to(device);
@@ -146,8 +143,8 @@ TEST_P(DispatchCombineGrid, MatchesReference) {
   }
 
   // The collectives, the same on every rank.
-  const MoeDispatchOutput out = dispatchCollective(
-      x, idx, optional(weights), experts, communicator());
+  const MoeDispatchOutput out =
+      dispatchCollective(x, idx, optional(weights), experts, communicator());
   const at::Tensor expert_out =
       test::applyExperts(out.recv_x, out.layout.expert_counts,
                          me * c.experts_per_rank, test::scaleByExpert);
@@ -203,10 +200,9 @@ class RoundTrip : public testing::TestWithParam<RoundTripCase> {};
 
 // Dispatch and combine x with K = 1, no weights, identity experts.
 at::Tensor roundTrip(const at::Tensor& x, int64_t experts, uint64_t seed) {
-  const at::Tensor idx =
-      test::makeRouting(Routing::Uniform, x.size(0), 1, experts, worldSize(),
-                        myRank(), seed)
-          .to(x.device());
+  const at::Tensor idx = test::makeRouting(Routing::Uniform, x.size(0), 1,
+                                           experts, worldSize(), myRank(), seed)
+                             .to(x.device());
   const MoeDispatchOutput out =
       dispatchCollective(x, idx, std::nullopt, experts, communicator());
   return combineCollective(out.recv_x, out.layout, std::nullopt, x.size(0),
@@ -229,8 +225,7 @@ INSTANTIATE_TEST_SUITE_P(
                     RoundTripCase{at::kFloat, c10::DeviceType::CUDA},
                     RoundTripCase{at::kBFloat16, c10::DeviceType::CUDA}),
     [](const testing::TestParamInfo<RoundTripCase>& info) {
-      return std::string(info.param.dtype == at::kBFloat16 ? "bf16"
-                                                           : "fp32") +
+      return std::string(info.param.dtype == at::kBFloat16 ? "bf16" : "fp32") +
              "_" + deviceTypeName(info.param.device);
     });
 
@@ -274,11 +269,11 @@ TEST_P(MoeProgram, DispatchGroupedMatmulCombineMatchesReference) {
   const at::Tensor idx =
       test::makeRouting(Routing::Masked, tokens, picks, experts, ranks, me, 3)
           .to(device);
-  const at::Tensor w = randomWeights(tokens, picks, at::kFloat, device, 50 + me);
-  const at::Tensor expert_w = test::randomTensor(
-      {local, kHidden, kHidden}, at::kFloat, device, 60 + me);
-  const std::vector<at::Tensor> outputs =
-      evaluator.run({x, idx, w, expert_w});
+  const at::Tensor w =
+      randomWeights(tokens, picks, at::kFloat, device, 50 + me);
+  const at::Tensor expert_w = test::randomTensor({local, kHidden, kHidden},
+                                                 at::kFloat, device, 60 + me);
+  const std::vector<at::Tensor> outputs = evaluator.run({x, idx, w, expert_w});
   // Every expert's weights, for the reference.
   const at::Tensor all_w = at::cat(test::allGatherRows(expert_w));
 
