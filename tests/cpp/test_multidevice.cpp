@@ -230,6 +230,45 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 // ---------------------------------------------------------------------------
+// The worked example of docs/moe.md ("Layout"), value for value.
+
+TEST(DocsExample, TwoRanksFourExpertsTopTwo) {
+  if (worldSize() != 2) {
+    GTEST_SKIP() << "the example has two ranks";
+  }
+  const int64_t me = myRank();
+  // x[t] = 100 * rank + t, so a row names its source.
+  const at::Tensor x =
+      (at::arange(me == 0 ? 3 : 2, at::kFloat) + 100 * me).unsqueeze(1);
+  const at::Tensor idx =
+      me == 0 ? at::tensor({1, 2, 3, -1, 0, 1}, at::kLong).reshape({3, 2})
+              : at::tensor({2, 0, 1, 3}, at::kLong).reshape({2, 2});
+  const MoeDispatchOutput out =
+      dispatchCollective(x, idx, std::nullopt, 4, communicator());
+  auto longs = [](std::vector<int64_t> v) { return at::tensor(v, at::kLong); };
+  const MoeLayout& layout = out.layout;
+  if (me == 0) {
+    expectEqual(out.recv_x.squeeze(1),
+                at::tensor({2.f, 100.f, 0.f, 2.f, 101.f}), "recv_x");
+    expectEqual(layout.src_rank, longs({0, 1, 0, 0, 1}), "src_rank");
+    expectEqual(layout.src_token, longs({2, 0, 0, 2, 1}), "src_token");
+    expectEqual(layout.src_k, longs({0, 1, 0, 1, 0}), "src_k");
+    expectEqual(layout.expert_counts, longs({2, 3}), "expert_counts");
+    expectEqual(layout.n_tokens_to_rank, longs({3, 2}), "to_rank");
+    expectEqual(layout.n_tokens_from_rank, longs({3, 2}), "from_rank");
+  } else {
+    expectEqual(out.recv_x.squeeze(1), at::tensor({0.f, 100.f, 1.f, 101.f}),
+                "recv_x");
+    expectEqual(layout.src_rank, longs({0, 1, 0, 1}), "src_rank");
+    expectEqual(layout.src_token, longs({0, 0, 1, 1}), "src_token");
+    expectEqual(layout.src_k, longs({1, 0, 0, 1}), "src_k");
+    expectEqual(layout.expert_counts, longs({2, 2}), "expert_counts");
+    expectEqual(layout.n_tokens_to_rank, longs({2, 2}), "to_rank");
+    expectEqual(layout.n_tokens_from_rank, longs({2, 2}), "from_rank");
+  }
+}
+
+// ---------------------------------------------------------------------------
 // A host program: MoeDispatch, a grouped matmul per expert, MoeCombine.
 
 class MoeProgram : public testing::TestWithParam<c10::DeviceType> {};
