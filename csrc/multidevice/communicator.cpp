@@ -73,8 +73,13 @@ template <typename Fn>
 auto rethrowing(const std::string& what, Fn&& fn) -> decltype(fn()) {
   try {
     return fn();
+  } catch (const Error&) {
+    throw;
   } catch (const c10::Error& e) {
     HF_THROW("Communicator: ", what, " failed: ", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    // Gloo's own exceptions (timeouts, closed connections).
+    HF_THROW("Communicator: ", what, " failed: ", e.what());
   }
 }
 

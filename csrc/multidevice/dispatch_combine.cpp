@@ -53,13 +53,16 @@ std::string dtypeName(int64_t code) {
 void allToAll(c10d::Backend& backend, at::Tensor& output, at::Tensor& input,
               std::vector<int64_t> output_splits,
               std::vector<int64_t> input_splits, const char* op) {
+  const char* const what =
+      ": the all-to-all with the other ranks failed (did a rank die, time "
+      "out, or call another collective?): ";
   try {
     backend.alltoall_base(output, input, output_splits, input_splits)->wait();
   } catch (const c10::Error& e) {
-    HF_THROW(op,
-             ": the all-to-all with the other ranks failed (did a rank die, "
-             "time out, or call another collective?): ",
-             e.what_without_backtrace());
+    HF_THROW(op, what, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    // Gloo's own exceptions (timeouts, closed connections).
+    HF_THROW(op, what, e.what());
   }
 }
 

@@ -251,6 +251,28 @@ TEST(MoeWorldOfOne, RoundTripReturnsX) {
   test::expectClose(top_two.run({x, idx2, w})[0], x, 1e-2, 1e-2);
 }
 
+TEST(MoeWorldOfOne, NoPicksSendNothingAndCombineToZero) {
+  auto program = std::make_unique<HostIrContainer>();
+  {
+    FusionGuard guard(program.get());
+    TensorView* x = makeSymbolicTensor(2, DataType::Float, "x");
+    TensorView* idx = makeSymbolicTensor(2, DataType::Int64, "topk_idx");
+    TensorView* w = makeSymbolicTensor(2, DataType::Float, "topk_weights");
+    program->addInput(x);
+    program->addInput(idx);
+    program->addInput(w);
+    const MoeDispatchResult d = moeDispatch(x, idx, w, 2);
+    program->addOutput(moeCombine(d.recv_x, d, w, x->extent(0)));
+    program->addOutput(d.recv_x);
+  }
+  HostIrEvaluator evaluator(std::move(program));
+  const at::Tensor x = test::randomTensor({3, 4}, at::kFloat, at::kCPU, 5);
+  const std::vector<at::Tensor> out = evaluator.run(
+      {x, at::empty({3, 0}, at::kLong), at::empty({3, 0}, at::kFloat)});
+  test::expectClose(out[0], at::zeros({3, 4}, at::kFloat));
+  EXPECT_EQ(out[1].size(0), 0);
+}
+
 TEST(MoeWorldOfOne, CudaBackendIsNotImplementedYet) {
   HostIrEvaluator evaluator(roundTripProgram(1, false, MoeBackend::Cuda));
   const at::Tensor x = test::randomTensor({2, 16}, at::kBFloat16, at::kCPU, 3);
