@@ -45,6 +45,9 @@ std::string dtypeName(int64_t code) {
   if (code == kNoDtype) {
     return "not given";
   }
+  if (code < 0 || code >= static_cast<int64_t>(at::ScalarType::NumOptions)) {
+    return "an unknown dtype";
+  }
   return c10::toString(static_cast<at::ScalarType>(code));
 }
 
