@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include "host_ir/host_ir.h"
+#include "multidevice/communicator.h"
+#include "multidevice/moe_evaluator.h"
 #include "utils/torch_cuda.h"
 
 namespace hostfuse {
@@ -89,6 +91,19 @@ void HostIrEvaluator::handle(Allocate* allocate) {
                at::empty(sizes, at::TensorOptions()
                                     .dtype(toScalarType(allocate->out()->dtype()))
                                     .device(device_)));
+}
+
+void HostIrEvaluator::handle(MoeDispatch* dispatch) {
+  evaluateMoeDispatch(*dispatch, values_, communicator());
+}
+
+void HostIrEvaluator::handle(MoeCombine* combine) {
+  evaluateMoeCombine(*combine, values_, communicator());
+}
+
+Communicator& HostIrEvaluator::communicator() const {
+  return params_.communicator != nullptr ? *params_.communicator
+                                         : Communicator::getInstance();
 }
 
 void HostIrEvaluator::handleDefault(Expr* expr) {

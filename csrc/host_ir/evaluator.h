@@ -22,10 +22,15 @@
 
 namespace hostfuse {
 
+class Communicator;
+
 struct HostIrEvaluatorParams {
   // The device every tensor input must be on and allocations go to. When
   // unset, the device of the first tensor input is used.
   std::optional<at::Device> device;
+  // What MoeDispatch/MoeCombine communicate through; when null,
+  // Communicator::getInstance(). Not owned.
+  Communicator* communicator = nullptr;
 };
 
 class HostIrEvaluator : public ExprVisitor {
@@ -46,6 +51,8 @@ class HostIrEvaluator : public ExprVisitor {
  protected:
   void handle(RunFusion* run_fusion) override;
   void handle(Allocate* allocate) override;
+  void handle(MoeDispatch* dispatch) override;
+  void handle(MoeCombine* combine) override;
   // Every other expression runs with its ATen reference semantics.
   void handleDefault(Expr* expr) override;
 
@@ -57,6 +64,7 @@ class HostIrEvaluator : public ExprVisitor {
   // Decides the device of this run and checks that every tensor input is on
   // it.
   void checkDevices(const std::vector<c10::IValue>& inputs);
+  Communicator& communicator() const;
 
   std::unique_ptr<HostIrContainer> program_;
   HostIrEvaluatorParams params_;

@@ -30,9 +30,16 @@ class Expr;
   X(RunFusion)                 \
   X(Allocate)
 
+// Expressions of csrc/multidevice: MoE expert parallelism across ranks.
+#define HOSTFUSE_MULTIDEVICE_EXPRS(X) \
+  X(MoeDispatch)                      \
+  X(MoeCombine)                       \
+  X(GroupedMatmul)
+
 #define HOSTFUSE_ALL_EXPRS(X) \
   HOSTFUSE_IR_EXPRS(X)        \
-  HOSTFUSE_HOST_EXPRS(X)
+  HOSTFUSE_HOST_EXPRS(X)      \
+  HOSTFUSE_MULTIDEVICE_EXPRS(X)
 
 #define HF_FORWARD_DECLARE_(T) class T;
 HOSTFUSE_ALL_EXPRS(HF_FORWARD_DECLARE_)

@@ -1,0 +1,590 @@
+#include "multidevice/dispatch_combine.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+
+#include <limits>
+#include <sstream>
+#include <vector>
+
+#include "multidevice/moe_status.h"
+#include "utils/exceptions.h"
+
+namespace hostfuse {
+
+namespace {
+
+using moe::DeviceStatus;
+using moe::HostStatus;
+using moe::LayoutArg;
+using moe::Status;
+
+// The words every rank sends to every rank first in a call: its status,
+// then what all ranks must agree on, then per-rank vectors (R words each).
+enum Word : int64_t {
+  kStatusWord = 0,  // moe::kStatusWords words
+  kNumExpertsWord = moe::kStatusWords,
+  kHiddenWord,        // H of x (dispatch) or of expert_out (combine)
+  kDtypeWord,         // dtype of x / expert_out
+  kWeightsDtypeWord,  // dtype of topk_weights, -1 without
+  kTokensWord,        // T
+  kPicksWord,         // K
+  kHeaderWords,
+};
+
+constexpr int64_t kNoDtype = -1;
+
+int64_t dtypeCode(const at::Tensor& t) {
+  return t.defined() ? static_cast<int64_t>(t.scalar_type()) : kNoDtype;
+}
+
+int64_t rankOf(const at::Tensor& t) { return t.defined() ? t.dim() : -1; }
+
+std::string dtypeName(int64_t code) {
+  if (code == kNoDtype) {
+    return "not given";
+  }
+  if (code < 0 || code >= static_cast<int64_t>(at::ScalarType::NumOptions)) {
+    return "an unknown dtype";
+  }
+  return c10::toString(static_cast<at::ScalarType>(code));
+}
+
+// alltoall_base and its wait. With NCCL, wait() only orders the current
+// stream after the collective; with Gloo it blocks until the data is here.
+void allToAll(c10d::Backend& backend, at::Tensor& output, at::Tensor& input,
+              std::vector<int64_t> output_splits,
+              std::vector<int64_t> input_splits, const char* op) {
+  const char* const what =
+      ": the all-to-all with the other ranks failed (did a rank die, time "
+      "out, or call another collective?): ";
+  try {
+    backend.alltoall_base(output, input, output_splits, input_splits)->wait();
+  } catch (const c10::Error& e) {
+    HF_THROW(op, what, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    // Gloo's own exceptions (timeouts, closed connections).
+    HF_THROW(op, what, e.what());
+  }
+}
+
+// Sends `row` [W] to every rank. Returns [R, W] on the device: row i is
+// what rank i sent.
+at::Tensor exchangeHeaders(c10d::Backend& backend, const at::Tensor& row,
+                           int64_t world_size, const char* op) {
+  at::Tensor send =
+      row.unsqueeze(0).expand({world_size, row.numel()}).contiguous();
+  at::Tensor recv = at::empty_like(send);
+  const std::vector<int64_t> ones(world_size, 1);
+  allToAll(backend, recv, send, ones, ones, op);
+  return recv;
+}
+
+// Payload travels as bytes: one all-to-all carries rows of several dtypes,
+// and every backend moves bytes bit for bit.
+at::Tensor asBytes(const at::Tensor& rows) {
+  return rows.contiguous().view(at::kByte);
+}
+
+at::Tensor fromBytes(const at::Tensor& bytes, int64_t& offset, int64_t columns,
+                     at::ScalarType dtype) {
+  const int64_t width = columns * static_cast<int64_t>(c10::elementSize(dtype));
+  // A fresh tensor: a slice can count as contiguous (one row, or none)
+  // while keeping strides that view(dtype) rejects.
+  at::Tensor part = at::empty({bytes.size(0), width}, bytes.options());
+  part.copy_(bytes.narrow(1, offset, width));
+  offset += width;
+  return part.view(dtype);
+}
+
+// 0-dim: the first index where `mask` [n] holds, n - 1 if none (so it can
+// always index), for error details.
+at::Tensor firstIndex(const at::Tensor& mask) {
+  const int64_t n = mask.numel();
+  return at::where(mask, at::arange(n, mask.options().dtype(at::kLong)), n)
+      .min()
+      .clamp_max(n - 1);
+}
+
+at::Tensor element(const at::Tensor& values, const at::Tensor& index) {
+  return values.index_select(0, index.reshape({1})).reshape({});
+}
+
+// Throws, on every rank alike, the error of the lowest rank whose status
+// is bad.
+void throwIfAnyStatusBad(const at::Tensor& table, const char* op) {
+  const int64_t world_size = table.size(0);
+  const int64_t width = table.size(1);
+  const int64_t* words = table.data_ptr<int64_t>();
+  std::vector<int64_t> bad_ranks;
+  for (int64_t i = 0; i < world_size; ++i) {
+    if (words[i * width + kStatusWord] != 0) {
+      bad_ranks.push_back(i);
+    }
+  }
+  if (bad_ranks.empty()) {
+    return;
+  }
+  const int64_t* first = words + bad_ranks[0] * width;
+  std::ostringstream ss;
+  ss << moe::describeStatus(op, bad_ranks[0], world_size, first,
+                            first[kNumExpertsWord]);
+  if (bad_ranks.size() > 1) {
+    ss << " (bad input on ranks";
+    for (int64_t rank : bad_ranks) {
+      ss << " " << rank;
+    }
+    ss << ")";
+  }
+  HF_THROW(ss.str());
+}
+
+// Throws unless word `word` is the same on every rank.
+void checkAgreed(const at::Tensor& table, int64_t word, const char* op,
+                 const char* what, bool is_dtype) {
+  const int64_t width = table.size(1);
+  const int64_t* words = table.data_ptr<int64_t>();
+  for (int64_t i = 1; i < table.size(0); ++i) {
+    const int64_t mine = words[i * width + word];
+    const int64_t first = words[word];
+    HF_CHECK(mine == first, op, ": ", what,
+             " must be the same on every rank"
+             ", but it is ",
+             is_dtype ? dtypeName(first) : std::to_string(first),
+             " on rank 0 and ",
+             is_dtype ? dtypeName(mine) : std::to_string(mine), " on rank ", i);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch
+
+HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
+                               const std::optional<at::Tensor>& topk_weights,
+                               int64_t num_experts, int64_t world_size,
+                               const at::Device& device) {
+  HostStatus status;
+  if (rankOf(x) != 2) {
+    status.fail(Status::XRank, rankOf(x));
+  } else if (!at::isFloatingType(x.scalar_type())) {
+    status.fail(Status::XDtype, dtypeCode(x));
+  }
+  if (rankOf(topk_idx) != 2) {
+    status.fail(Status::IdxRank, rankOf(topk_idx));
+  } else if (topk_idx.scalar_type() != at::kLong &&
+             topk_idx.scalar_type() != at::kInt) {
+    status.fail(Status::IdxDtype, dtypeCode(topk_idx));
+  } else if (topk_idx.device() != device) {
+    status.fail(Status::Device, static_cast<int64_t>(LayoutArg::TopkIdx));
+  } else if (rankOf(x) == 2 && topk_idx.size(0) != x.size(0)) {
+    status.fail(Status::IdxTokens, topk_idx.size(0), x.size(0));
+  }
+  if (topk_weights.has_value()) {
+    const at::Tensor& w = *topk_weights;
+    if (rankOf(w) != 2) {
+      status.fail(Status::WeightsRank, rankOf(w));
+    } else if (!at::isFloatingType(w.scalar_type())) {
+      status.fail(Status::WeightsDtype, dtypeCode(w));
+    } else if (w.device() != device) {
+      status.fail(Status::Device, static_cast<int64_t>(LayoutArg::TopkWeights));
+    } else if (rankOf(topk_idx) == 2 && w.sizes() != topk_idx.sizes()) {
+      status.fail(Status::WeightsShape, w.size(0), w.size(1), topk_idx.size(0),
+                  topk_idx.size(1));
+    }
+  }
+  if (num_experts <= 0 || num_experts % world_size != 0) {
+    status.fail(Status::NumExperts, num_experts, world_size);
+  }
+  return status;
+}
+
+// Expert ids in range, and no expert twice in one token, into `status`.
+void checkExpertIds(DeviceStatus& status, const at::Tensor& idx,
+                    int64_t num_experts) {
+  const int64_t picks = idx.size(1);
+  const at::Tensor flat = idx.reshape({-1});
+  if (flat.numel() == 0) {
+    return;
+  }
+  const at::Tensor bad = at::logical_or(flat < -1, flat >= num_experts);
+  const at::Tensor first = firstIndex(bad);
+  status.failIf(bad.any(), Status::ExpertOutOfRange,
+                at::div(first, picks, "floor"), first.remainder(picks),
+                element(flat, first));
+  if (picks < 2) {
+    return;
+  }
+  const at::Tensor sorted = std::get<0>(idx.sort(1));
+  const at::Tensor next = sorted.narrow(1, 1, picks - 1);
+  const at::Tensor twice = at::logical_and(
+      next == sorted.narrow(1, 0, picks - 1), next >= 0);  // [T, K - 1]
+  const at::Tensor token_bad = twice.any(1);
+  const at::Tensor token = firstIndex(token_bad);
+  const at::Tensor expert = at::where(twice.index_select(0, token.reshape({1})),
+                                      next.index_select(0, token.reshape({1})),
+                                      std::numeric_limits<int64_t>::max())
+                                .min();
+  status.failIf(token_bad.any(), Status::DuplicateExpert, token, expert,
+                at::zeros_like(token));
+}
+
+void checkDispatchTable(const at::Tensor& table) {
+  throwIfAnyStatusBad(table, "MoeDispatch");
+  checkAgreed(table, kNumExpertsWord, "MoeDispatch", "num_experts", false);
+  checkAgreed(table, kHiddenWord, "MoeDispatch", "the hidden size H of x",
+              false);
+  checkAgreed(table, kDtypeWord, "MoeDispatch", "the dtype of x", true);
+  checkAgreed(table, kWeightsDtypeWord, "MoeDispatch",
+              "topk_weights (given or not, and its dtype)", true);
+}
+
+// ---------------------------------------------------------------------------
+// Combine
+
+HostStatus checkCombineInputs(const at::Tensor& expert_out,
+                              const MoeLayout& layout,
+                              const std::optional<at::Tensor>& topk_weights,
+                              int64_t num_tokens, int64_t num_experts,
+                              int64_t world_size, const at::Device& device) {
+  HostStatus status;
+  if (rankOf(expert_out) != 2) {
+    status.fail(Status::OutRank, rankOf(expert_out));
+  } else if (!at::isFloatingType(expert_out.scalar_type())) {
+    status.fail(Status::OutDtype, dtypeCode(expert_out));
+  }
+  if (num_experts <= 0 || num_experts % world_size != 0) {
+    status.fail(Status::NumExperts, num_experts, world_size);
+  }
+  const int64_t rows = rankOf(expert_out) == 2 ? expert_out.size(0) : -1;
+  const int64_t local_experts = num_experts > 0 ? num_experts / world_size : -1;
+  const std::pair<LayoutArg, const at::Tensor*> layout_args[] = {
+      {LayoutArg::SrcRank, &layout.src_rank},
+      {LayoutArg::SrcToken, &layout.src_token},
+      {LayoutArg::SrcK, &layout.src_k},
+      {LayoutArg::ExpertCounts, &layout.expert_counts},
+      {LayoutArg::TokensToRank, &layout.n_tokens_to_rank},
+      {LayoutArg::TokensFromRank, &layout.n_tokens_from_rank}};
+  for (const auto& [arg, tensor] : layout_args) {
+    const auto code = static_cast<int64_t>(arg);
+    if (rankOf(*tensor) != 1 || tensor->scalar_type() != at::kLong) {
+      status.fail(Status::LayoutTensor, code, rankOf(*tensor),
+                  dtypeCode(*tensor));
+      continue;
+    }
+    if (tensor->device() != device) {
+      status.fail(Status::Device, code);
+    }
+    const int64_t expected =
+        arg == LayoutArg::ExpertCounts ? local_experts
+        : arg == LayoutArg::TokensToRank || arg == LayoutArg::TokensFromRank
+            ? world_size
+            : rows;
+    if (expected >= 0 && tensor->numel() != expected) {
+      status.fail(Status::LayoutLength, code, tensor->numel(), expected);
+    }
+  }
+  if (num_tokens < 0) {
+    status.fail(Status::NumTokens, num_tokens);
+  }
+  if (topk_weights.has_value()) {
+    const at::Tensor& w = *topk_weights;
+    if (rankOf(w) != 2) {
+      status.fail(Status::WeightsRank, rankOf(w));
+    } else if (!at::isFloatingType(w.scalar_type())) {
+      status.fail(Status::WeightsDtype, dtypeCode(w));
+    } else if (w.device() != device) {
+      status.fail(Status::Device, static_cast<int64_t>(LayoutArg::TopkWeights));
+    } else if (w.size(0) != num_tokens) {
+      status.fail(Status::WeightsTokens, w.size(0), num_tokens);
+    }
+  }
+  return status;
+}
+
+// The layout's values agree with each other and with expert_out's rows.
+void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
+                       int64_t rows, int64_t world_size) {
+  const at::Tensor zero = at::zeros({}, layout.src_rank.options());
+  const at::Tensor rows_t = at::full({}, rows, layout.src_rank.options());
+  const at::Tensor counts_sum = layout.expert_counts.sum();
+  status.failIf(counts_sum != rows, Status::CountsSum, counts_sum, rows_t,
+                zero);
+  const at::Tensor from_sum = layout.n_tokens_from_rank.sum();
+  status.failIf(from_sum != rows, Status::FromSum, from_sum, rows_t, zero);
+  const at::Tensor& src_rank = layout.src_rank;
+  if (rows > 0) {
+    const at::Tensor bad = at::logical_or(src_rank < 0, src_rank >= world_size);
+    const at::Tensor row = firstIndex(bad);
+    status.failIf(bad.any(), Status::SrcRankRange, row, element(src_rank, row),
+                  zero);
+  }
+  const at::Tensor per_rank =
+      at::zeros({world_size}, src_rank.options())
+          .index_add_(0, src_rank.clamp(0, world_size - 1),
+                      at::ones_like(src_rank));
+  const at::Tensor mismatch = per_rank != layout.n_tokens_from_rank;
+  const at::Tensor rank = firstIndex(mismatch);
+  status.failIf(mismatch.any(), Status::SrcRankCounts, rank,
+                element(per_rank, rank),
+                element(layout.n_tokens_from_rank, rank));
+  if (rows > 0) {
+    const at::Tensor bad =
+        at::logical_or(layout.src_token < 0, layout.src_k < 0);
+    const at::Tensor row = firstIndex(bad);
+    status.failIf(bad.any(), Status::ProvenanceNegative, row,
+                  element(layout.src_token, row), element(layout.src_k, row));
+  }
+}
+
+// Per-rank vectors of the combine header, after kHeaderWords.
+enum CombineVector : int64_t { kToRank, kFromRank, kMaxToken, kMaxPick };
+
+void checkCombineTable(const at::Tensor& table) {
+  throwIfAnyStatusBad(table, "MoeCombine");
+  checkAgreed(table, kNumExpertsWord, "MoeCombine", "num_experts", false);
+  checkAgreed(table, kHiddenWord, "MoeCombine", "the width of expert_out",
+              false);
+  checkAgreed(table, kDtypeWord, "MoeCombine", "the dtype of expert_out", true);
+  const int64_t world_size = table.size(0);
+  const int64_t width = table.size(1);
+  const int64_t* words = table.data_ptr<int64_t>();
+  auto vector = [&](int64_t rank, CombineVector which, int64_t peer) {
+    return words[rank * width + kHeaderWords + which * world_size + peer];
+  };
+  for (int64_t i = 0; i < world_size; ++i) {
+    for (int64_t j = 0; j < world_size; ++j) {
+      HF_CHECK(vector(i, kFromRank, j) == vector(j, kToRank, i),
+               "MoeCombine: the rows do not match their dispatch: rank ", i,
+               " holds ", vector(i, kFromRank, j), " rows from rank ", j,
+               " (n_tokens_from_rank), but rank ", j, " sent ",
+               vector(j, kToRank, i), " rows to rank ", i,
+               " (n_tokens_to_rank)");
+      const int64_t tokens = words[j * width + kTokensWord];
+      HF_CHECK(vector(i, kMaxToken, j) < tokens,
+               "MoeCombine: recv_src_token on rank ", i, " names token ",
+               vector(i, kMaxToken, j), " of rank ", j, ", which has ", tokens,
+               " tokens (num_tokens); the rows do not match their "
+               "dispatch");
+      const int64_t picks = words[j * width + kPicksWord];
+      HF_CHECK(picks < 0 || vector(i, kMaxPick, j) < picks,
+               "MoeCombine: recv_src_k on rank ", i, " names pick ",
+               vector(i, kMaxPick, j), " of rank ", j,
+               ", whose topk_weights has ", picks,
+               " picks; the rows do not match their dispatch");
+    }
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+
+MoeDispatchOutput dispatchCollective(
+    const at::Tensor& x, const at::Tensor& topk_idx,
+    const std::optional<at::Tensor>& topk_weights, int64_t num_experts,
+    Communicator& communicator) {
+  at::NoGradGuard no_grad;
+  const int64_t world_size = communicator.size();
+  const int64_t me = communicator.rank();
+  const at::Device device = x.defined() ? x.device() : communicator.device();
+  const at::TensorOptions longs = at::TensorOptions(at::kLong).device(device);
+  c10d::Backend& backend = communicator.backend(device.type());
+
+  // 1. Check the inputs and count rows per destination, on the device.
+  const HostStatus host_status = checkDispatchInputs(
+      x, topk_idx, topk_weights, num_experts, world_size, device);
+  const bool valid = host_status.ok();
+  DeviceStatus status(host_status.toDevice(device));
+  const int64_t tokens = valid ? x.size(0) : -1;
+  const int64_t hidden = valid ? x.size(1) : -1;
+  const int64_t picks = valid ? topk_idx.size(1) : -1;
+  const int64_t local_experts = valid ? num_experts / world_size : 1;
+  at::Tensor idx;  // [T * K] i64 expert ids
+  at::Tensor rows_to_rank = at::zeros({world_size}, longs);
+  if (valid) {
+    const at::Tensor idx_2d = topk_idx.to(at::kLong);
+    checkExpertIds(status, idx_2d, num_experts);
+    idx = idx_2d.reshape({-1});
+    const at::Tensor sent = at::logical_and(idx >= 0, idx < num_experts);
+    // Masked and invalid picks count in an extra bucket, never sent.
+    const at::Tensor dst =
+        at::where(sent, at::div(idx, local_experts, "floor"), world_size);
+    rows_to_rank = at::zeros({world_size + 1}, longs)
+                       .index_add_(0, dst, at::ones_like(dst))
+                       .narrow(0, 0, world_size);
+  }
+
+  // 2. Exchange statuses and counts; the one copy to the host.
+  const at::Tensor info =
+      at::tensor(
+          {num_experts, hidden, dtypeCode(x),
+           topk_weights ? dtypeCode(*topk_weights) : kNoDtype, tokens, picks},
+          at::kLong)
+          .to(device, /*non_blocking=*/true);
+  const at::Tensor table_on_device =
+      exchangeHeaders(backend, at::cat({status.words(), info, rows_to_rank}),
+                      world_size, "MoeDispatch");
+  const at::Tensor table = table_on_device.cpu();
+  checkDispatchTable(table);
+
+  const int64_t width = table.size(1);
+  const int64_t* words = table.data_ptr<int64_t>();
+  std::vector<int64_t> send_splits(world_size);
+  std::vector<int64_t> recv_splits(world_size);
+  int64_t num_send = 0;
+  int64_t num_recv = 0;
+  for (int64_t r = 0; r < world_size; ++r) {
+    send_splits[r] = words[me * width + kHeaderWords + r];
+    recv_splits[r] = words[r * width + kHeaderWords + me];
+    num_send += send_splits[r];
+    num_recv += recv_splits[r];
+  }
+
+  // 3. Unmasked pairs sorted by expert, then token: a stable sort of the
+  // (token, pick)-ordered ids, masked ones (key E) last.
+  const at::Tensor key = at::where(idx >= 0, idx, num_experts);
+  const at::Tensor order = std::get<1>(at::sort(key, /*stable=*/true, 0, false))
+                               .narrow(0, 0, num_send);
+  const at::Tensor token = at::div(order, picks, "floor");
+  const at::Tensor pick = order.remainder(picks);
+  std::vector<at::Tensor> parts = {
+      asBytes(x.index_select(0, token)),
+      asBytes(at::stack({token, pick, idx.index_select(0, order)}, 1))};
+  if (topk_weights.has_value()) {
+    parts.push_back(asBytes(
+        topk_weights->reshape({-1}).index_select(0, order).unsqueeze(1)));
+  }
+  at::Tensor send = at::cat(parts, 1);
+  at::Tensor recv = at::empty({num_recv, send.size(1)}, send.options());
+  allToAll(backend, recv, send, recv_splits, send_splits, "MoeDispatch");
+
+  // 4. Expert-major on the receiver.
+  int64_t offset = 0;
+  const at::Tensor recv_x = fromBytes(recv, offset, hidden, x.scalar_type());
+  const at::Tensor meta = fromBytes(recv, offset, 3, at::kLong);
+  const at::Tensor local_expert = meta.select(1, 2) - me * local_experts;
+  const at::Tensor perm =
+      std::get<1>(at::sort(local_expert, /*stable=*/true, 0, false));
+
+  MoeDispatchOutput out;
+  out.recv_x = recv_x.index_select(0, perm);
+  if (topk_weights.has_value()) {
+    out.recv_weights = fromBytes(recv, offset, 1, topk_weights->scalar_type())
+                           .reshape({-1})
+                           .index_select(0, perm);
+  }
+  MoeLayout& layout = out.layout;
+  layout.n_tokens_to_rank = table_on_device.select(0, me)
+                                .narrow(0, kHeaderWords, world_size)
+                                .clone(at::MemoryFormat::Contiguous);
+  layout.n_tokens_from_rank = table_on_device.select(1, kHeaderWords + me)
+                                  .clone(at::MemoryFormat::Contiguous);
+  layout.src_rank =
+      at::repeat_interleave(at::arange(world_size, longs),
+                            layout.n_tokens_from_rank, 0, num_recv)
+          .index_select(0, perm);
+  layout.src_token = meta.select(1, 0).index_select(0, perm);
+  layout.src_k = meta.select(1, 1).index_select(0, perm);
+  layout.expert_counts =
+      at::zeros({local_experts}, longs)
+          .index_add_(0, local_expert, at::ones_like(local_expert));
+  return out;
+}
+
+at::Tensor combineCollective(const at::Tensor& expert_out,
+                             const MoeLayout& layout,
+                             const std::optional<at::Tensor>& topk_weights,
+                             int64_t num_tokens, int64_t num_experts,
+                             Communicator& communicator) {
+  at::NoGradGuard no_grad;
+  const int64_t world_size = communicator.size();
+  const int64_t me = communicator.rank();
+  const at::Device device =
+      expert_out.defined() ? expert_out.device() : communicator.device();
+  const at::TensorOptions longs = at::TensorOptions(at::kLong).device(device);
+  c10d::Backend& backend = communicator.backend(device.type());
+
+  // 1. Check expert_out and the layout.
+  const HostStatus host_status =
+      checkCombineInputs(expert_out, layout, topk_weights, num_tokens,
+                         num_experts, world_size, device);
+  const bool valid = host_status.ok();
+  DeviceStatus status(host_status.toDevice(device));
+  const int64_t rows = valid ? expert_out.size(0) : 0;
+  const int64_t hidden = valid ? expert_out.size(1) : -1;
+  const int64_t picks =
+      valid && topk_weights.has_value() ? topk_weights->size(1) : -1;
+  at::Tensor to_rank = at::zeros({world_size}, longs);
+  at::Tensor from_rank = at::zeros({world_size}, longs);
+  at::Tensor max_token = at::full({world_size}, -1, longs);
+  at::Tensor max_pick = at::full({world_size}, -1, longs);
+  if (valid) {
+    checkLayoutValues(status, layout, rows, world_size);
+    to_rank = layout.n_tokens_to_rank;
+    from_rank = layout.n_tokens_from_rank;
+    const at::Tensor src = layout.src_rank.clamp(0, world_size - 1);
+    max_token = max_token.scatter_reduce(0, src, layout.src_token, "amax");
+    max_pick = max_pick.scatter_reduce(0, src, layout.src_k, "amax");
+  }
+
+  // 2. Exchange statuses and the layout's counts; the one copy to the host.
+  const at::Tensor info =
+      at::tensor({num_experts, hidden, dtypeCode(expert_out),
+                  topk_weights ? dtypeCode(*topk_weights) : kNoDtype,
+                  num_tokens, picks},
+                 at::kLong)
+          .to(device, /*non_blocking=*/true);
+  const at::Tensor table =
+      exchangeHeaders(backend,
+                      at::cat({status.words(), info, to_rank, from_rank,
+                               max_token, max_pick}),
+                      world_size, "MoeCombine")
+          .cpu();
+  checkCombineTable(table);
+
+  const int64_t width = table.size(1);
+  const int64_t* words = table.data_ptr<int64_t>() + me * width;
+  std::vector<int64_t> send_splits(world_size);
+  std::vector<int64_t> recv_splits(world_size);
+  int64_t num_recv = 0;
+  for (int64_t r = 0; r < world_size; ++r) {
+    send_splits[r] = words[kHeaderWords + kFromRank * world_size + r];
+    recv_splits[r] = words[kHeaderWords + kToRank * world_size + r];
+    num_recv += recv_splits[r];
+  }
+
+  // 3. Every row back to its source rank, with its (token, pick).
+  const at::Tensor perm =
+      std::get<1>(at::sort(layout.src_rank, /*stable=*/true, 0, false));
+  at::Tensor send =
+      at::cat({asBytes(expert_out.index_select(0, perm)),
+               asBytes(at::stack({layout.src_token, layout.src_k}, 1)
+                           .index_select(0, perm))},
+              1);
+  at::Tensor recv = at::empty({num_recv, send.size(1)}, send.options());
+  allToAll(backend, recv, send, recv_splits, send_splits, "MoeCombine");
+
+  // 4. Weighted sum per token, in fp32 (or wider).
+  int64_t offset = 0;
+  const at::Tensor returned =
+      fromBytes(recv, offset, hidden, expert_out.scalar_type());
+  const at::Tensor meta = fromBytes(recv, offset, 2, at::kLong);
+  const at::Tensor token = meta.select(1, 0);
+  const at::ScalarType accumulate =
+      at::promote_types(at::kFloat, expert_out.scalar_type());
+  at::Tensor contribution = returned.to(accumulate);
+  if (topk_weights.has_value()) {
+    const at::Tensor weight =
+        topk_weights->to(accumulate)
+            .reshape({-1})
+            .index_select(0, token * picks + meta.select(1, 1));
+    contribution = contribution * weight.unsqueeze(1);
+  }
+  const at::Tensor combined =
+      at::zeros({num_tokens, hidden}, contribution.options())
+          .index_add_(0, token, contribution);
+  return combined.to(expert_out.scalar_type());
+}
+
+}  // namespace hostfuse

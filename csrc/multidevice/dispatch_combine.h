@@ -1,0 +1,82 @@
+// The collective backend of MoE dispatch and combine: eager, exact row
+// counts, payload moved with c10d alltoall_base (Gloo for CPU tensors, NCCL
+// for CUDA tensors). No IR here; the MoeDispatch/MoeCombine nodes run
+// through these functions (multidevice/moe_evaluator.h).
+//
+// Notation: R ranks, T tokens on this rank, H hidden size, K picks per
+// token, E experts (E % R == 0), L = E / R local experts; expert e lives on
+// rank e / L. A (token, pick) pair with topk_idx == -1 is masked: it is not
+// sent and adds nothing to the combine.
+//
+// Dispatch, on every rank:
+//  1. check the inputs (status words, see moe_status.h) and count the rows
+//     for each destination rank, on the device;
+//  2. exchange [status, E, H, dtype, T, K, rows to each rank] with every
+//     rank: one all-to-all of a small i64 tensor, then one copy to the host
+//     (the only host synchronization, needed for alltoall_base's split
+//     sizes); every rank raises the same error if any rank's input is bad;
+//  3. sort the unmasked pairs by expert (hence by destination rank), then
+//     by token, and send each pair's row of x with its (token, pick, expert)
+//     and weight, packed as bytes in one alltoall_base;
+//  4. on the receiver, order the rows expert-major: by local expert, then
+//     source rank, then source token (a stable sort by local expert of rows
+//     that arrive grouped by source rank in (expert, token) order).
+// Combine, on every rank:
+//  1. check the expert outputs against the layout dispatch returned;
+//  2. exchange [status, T, K, H', rows to/from each rank, largest token and
+//     pick index per source rank] with every rank, copy it to the host once;
+//     every rank checks that the layout matches across ranks (what rank i
+//     holds from rank j is what j sent to i) and that every row names a
+//     token and pick its source rank has;
+//  3. send every row back to its source rank with its (token, pick);
+//  4. add w[t, k] * row into an fp32 [T, H'] at token t; cast to
+//     expert_out's dtype.
+// Dispatch and combine are collectives: every rank calls them in the same
+// order, with tensors of one device type.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "multidevice/communicator.h"
+
+namespace hostfuse {
+
+// Where dispatch put each received row; what combine needs to send it back.
+struct MoeLayout {
+  at::Tensor src_rank;            // [rows] i64
+  at::Tensor src_token;           // [rows] i64, token index on src_rank
+  at::Tensor src_k;               // [rows] i64, pick slot
+  at::Tensor expert_counts;       // [L] i64, rows per local expert
+  at::Tensor n_tokens_to_rank;    // [R] i64, rows this rank sent to each
+  at::Tensor n_tokens_from_rank;  // [R] i64, rows received from each
+};
+
+struct MoeDispatchOutput {
+  at::Tensor recv_x;        // [rows, H], x's dtype, expert-major
+  at::Tensor recv_weights;  // [rows], topk_weights' dtype; undefined
+                            // without topk_weights
+  MoeLayout layout;
+};
+
+// Sends every unmasked (token, pick) of this rank to the rank of its expert.
+// x [T, H] floating; topk_idx [T, K] i64 or i32; topk_weights [T, K]
+// floating or nullopt. Errors (on every rank alike) name the argument and
+// the rank whose input is bad.
+MoeDispatchOutput dispatchCollective(
+    const at::Tensor& x, const at::Tensor& topk_idx,
+    const std::optional<at::Tensor>& topk_weights, int64_t num_experts,
+    Communicator& communicator);
+
+// Returns combined [num_tokens, H'] in expert_out's dtype, where
+// combined[t] = sum over unmasked k of w[t, k] * expert_out row of (t, k),
+// w = topk_weights (1 without), accumulated in fp32. expert_out [rows, H']
+// must be in the layout `layout` describes.
+at::Tensor combineCollective(const at::Tensor& expert_out,
+                             const MoeLayout& layout,
+                             const std::optional<at::Tensor>& topk_weights,
+                             int64_t num_tokens, int64_t num_experts,
+                             Communicator& communicator);
+
+}  // namespace hostfuse

@@ -1,0 +1,287 @@
+// Bad input to MoE dispatch/combine, part of the test_multidevice binary.
+// In each test only the last rank's input is bad (where that makes sense):
+// every rank must raise an error that names the argument and the bad rank,
+// no rank may be left waiting in a collective, and the next valid call must
+// work.
+#include <gtest/gtest.h>
+
+#include "host_ir/evaluator.h"
+#include "ir/ops.h"
+#include "moe_reference.h"
+#include "multidevice/dispatch_combine.h"
+#include "multidevice/moe.h"
+#include "test_utils.h"
+#include "utils/torch_cuda.h"
+
+namespace hostfuse {
+namespace {
+
+using test::communicator;
+using test::Routing;
+
+constexpr int64_t kTokens = 6;
+constexpr int64_t kHidden = 8;
+constexpr int64_t kPicks = 2;
+
+class BadInput : public testing::TestWithParam<c10::DeviceType> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == c10::DeviceType::CUDA &&
+        (!cuda::isAvailable() ||
+         communicator().localSize() > cuda::deviceCount())) {
+      GTEST_SKIP() << "needs one GPU per rank on this host";
+    }
+    device_ = GetParam() == c10::DeviceType::CUDA ? communicator().device()
+                                                  : at::Device(at::kCPU);
+  }
+
+  int64_t ranks() const { return communicator().size(); }
+  int64_t me() const { return communicator().rank(); }
+  int64_t experts() const { return 2 * ranks(); }
+  bool isBadRank() const { return me() == ranks() - 1; }
+  std::string badRank() const {
+    return "rank " + std::to_string(ranks() - 1) + " of " +
+           std::to_string(ranks());
+  }
+
+  at::Tensor x() const {
+    return test::randomTensor({kTokens, kHidden}, at::kFloat, device_,
+                              100 + me());
+  }
+  at::Tensor idx() const {
+    return test::makeRouting(Routing::Uniform, kTokens, kPicks, experts(),
+                             ranks(), me(), 5)
+        .to(device_);
+  }
+  at::Tensor weights() const {
+    return at::full({kTokens, kPicks}, 0.5, at::TensorOptions(device_));
+  }
+
+  MoeDispatchOutput dispatch(const at::Tensor& x, const at::Tensor& idx,
+                             const std::optional<at::Tensor>& weights,
+                             int64_t experts) {
+    return dispatchCollective(x, idx, weights, experts, communicator());
+  }
+
+  // A valid dispatch + combine after an error: it must work, and with
+  // weights 0.5 + 0.5 and identity experts it returns x.
+  void expectValidCallWorks() {
+    const at::Tensor input = x();
+    const MoeDispatchOutput out = dispatch(input, idx(), weights(), experts());
+    const at::Tensor back = combineCollective(
+        out.recv_x, out.layout, weights(), kTokens, experts(), communicator());
+    SCOPED_TRACE("the valid call after the error");
+    test::expectClose(back.cpu(), input.cpu(), 1e-6, 1e-6);
+  }
+
+  // `call` fails on every rank with an error naming all `fragments` and the
+  // bad rank, then a valid call works.
+  template <typename Fn>
+  void expectErrorOnEveryRank(Fn&& call, std::vector<std::string> fragments) {
+    fragments.push_back(badRank());
+    test::expectErrorContains(call, fragments);
+    expectValidCallWorks();
+  }
+
+  at::Device device_ = at::kCPU;
+};
+
+TEST_P(BadInput, ExpertIdOutOfRange) {
+  at::Tensor idx = this->idx();
+  if (isBadRank()) {
+    idx[3][1] = experts();
+  }
+  expectErrorOnEveryRank(
+      [&] { dispatch(x(), idx, weights(), experts()); },
+      {"MoeDispatch", "topk_idx holds expert id " + std::to_string(experts()),
+       "token 3, pick 1", "out of range"});
+  if (isBadRank()) {
+    idx[3][1] = -2;
+  }
+  expectErrorOnEveryRank([&] { dispatch(x(), idx, weights(), experts()); },
+                         {"topk_idx holds expert id -2"});
+}
+
+TEST_P(BadInput, TwoPicksOfOneTokenNameOneExpert) {
+  at::Tensor idx = this->idx();
+  if (isBadRank()) {
+    idx[4][0] = 1;
+    idx[4][1] = 1;
+  }
+  expectErrorOnEveryRank([&] { dispatch(x(), idx, weights(), experts()); },
+                         {"topk_idx names expert 1 twice in token 4"});
+}
+
+TEST_P(BadInput, NumExpertsNotAMultipleOfWorldSize) {
+  // With one rank every positive count is a multiple: use 0 there.
+  const int64_t bad_experts = ranks() > 1 ? ranks() + 1 : 0;
+  const at::Tensor idx =
+      at::zeros({kTokens, 1}, at::TensorOptions(device_).dtype(at::kLong));
+  test::expectErrorContains(
+      [&] { dispatch(x(), idx, std::nullopt, bad_experts); },
+      {"num_experts (" + std::to_string(bad_experts) +
+           ") must be a positive multiple of the world size",
+       "rank 0"});
+  expectValidCallWorks();
+}
+
+TEST_P(BadInput, NumExpertsDifferOnOneRank) {
+  if (ranks() == 1) {
+    GTEST_SKIP() << "needs two ranks";
+  }
+  const int64_t mine = isBadRank() ? 2 * experts() : experts();
+  test::expectErrorContains([&] { dispatch(x(), idx(), weights(), mine); },
+                            {"num_experts must be the same on every rank",
+                             "on rank " + std::to_string(ranks() - 1)});
+  expectValidCallWorks();
+}
+
+TEST_P(BadInput, TopkIdxRowsDifferFromX) {
+  const at::Tensor idx =
+      isBadRank() ? at::cat({this->idx(), this->idx().narrow(0, 0, 1)})
+                  : this->idx();
+  expectErrorOnEveryRank(
+      [&] { dispatch(x(), idx, std::nullopt, experts()); },
+      {"topk_idx has " + std::to_string(kTokens + 1) + " rows but x has " +
+       std::to_string(kTokens) + " tokens"});
+}
+
+TEST_P(BadInput, TopkWeightsShapeDiffersFromTopkIdx) {
+  const at::Tensor w = isBadRank() ? at::full({kTokens, kPicks + 1}, 0.5,
+                                              at::TensorOptions(device_))
+                                   : weights();
+  expectErrorOnEveryRank([&] { dispatch(x(), idx(), w, experts()); },
+                         {"topk_weights has shape [6, 3] but topk_idx has "
+                          "shape [6, 2]"});
+}
+
+TEST_P(BadInput, XNotFloatingPoint) {
+  const at::Tensor input = isBadRank() ? x().to(at::kLong) : x();
+  expectErrorOnEveryRank([&] { dispatch(input, idx(), weights(), experts()); },
+                         {"x must be floating point, got Long"});
+}
+
+TEST_P(BadInput, XNotTwoDimensional) {
+  const at::Tensor input = isBadRank() ? x().reshape({-1}) : x();
+  expectErrorOnEveryRank([&] { dispatch(input, idx(), weights(), experts()); },
+                         {"x must be a 2-D tensor [T, H], got rank 1"});
+}
+
+TEST_P(BadInput, TopkIdxNotInteger) {
+  const at::Tensor idx = isBadRank() ? this->idx().to(at::kFloat) : this->idx();
+  expectErrorOnEveryRank([&] { dispatch(x(), idx, weights(), experts()); },
+                         {"topk_idx must be Long (i64) or Int (i32), got "
+                          "Float"});
+}
+
+TEST_P(BadInput, TopkWeightsNotFloatingPoint) {
+  const at::Tensor w = isBadRank() ? weights().to(at::kInt) : weights();
+  expectErrorOnEveryRank([&] { dispatch(x(), idx(), w, experts()); },
+                         {"topk_weights must be floating point, got Int"});
+}
+
+TEST_P(BadInput, TopkIdxInt32IsAccepted) {
+  const at::Tensor input = x();
+  const MoeDispatchOutput out =
+      dispatch(input, idx().to(at::kInt), weights(), experts());
+  const at::Tensor back = combineCollective(out.recv_x, out.layout, weights(),
+                                            kTokens, experts(), communicator());
+  test::expectClose(back.cpu(), input.cpu(), 1e-6, 1e-6);
+}
+
+TEST_P(BadInput, CombineGivenMoreRowsThanItsDispatch) {
+  const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
+  const at::Tensor rows =
+      isBadRank()
+          ? at::cat({out.recv_x, at::zeros({1, kHidden}, out.recv_x.options())})
+          : out.recv_x;
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(rows, out.layout, weights(), kTokens, experts(),
+                          communicator());
+      },
+      {"MoeCombine", "recv_src_rank has", "expert_out has",
+       "the rows do not match their dispatch"});
+}
+
+TEST_P(BadInput, CombineGivenTheLayoutOfAnotherDispatch) {
+  if (ranks() == 1) {
+    GTEST_SKIP() << "needs two ranks";
+  }
+  // Dispatch a: every token to expert 0 (rank 0). Dispatch b: all masked.
+  const at::Tensor to_zero =
+      at::zeros({kTokens, 1}, at::TensorOptions(device_).dtype(at::kLong));
+  const MoeDispatchOutput a = dispatch(x(), to_zero, std::nullopt, experts());
+  const MoeDispatchOutput b =
+      dispatch(x(), to_zero - 1, std::nullopt, experts());
+  const MoeDispatchOutput& mine = isBadRank() ? b : a;
+  test::expectErrorContains(
+      [&] {
+        combineCollective(mine.recv_x, mine.layout, std::nullopt, kTokens,
+                          experts(), communicator());
+      },
+      {"MoeCombine: the rows do not match their dispatch",
+       "rank " + std::to_string(ranks() - 1) + " sent 0 rows to rank 0"});
+  expectValidCallWorks();
+}
+
+TEST_P(BadInput, CombineWeightsDisagreeWithNumTokens) {
+  const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
+  const int64_t tokens = isBadRank() ? kTokens + 1 : kTokens;
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(out.recv_x, out.layout, weights(), tokens, experts(),
+                          communicator());
+      },
+      {"topk_weights has 6 rows but num_tokens is 7"});
+}
+
+TEST_P(BadInput, CombineExpertOutNotFloatingPoint) {
+  const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
+  const at::Tensor rows = isBadRank() ? out.recv_x.to(at::kInt) : out.recv_x;
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(rows, out.layout, weights(), kTokens, experts(),
+                          communicator());
+      },
+      {"expert_out must be floating point, got Int"});
+}
+
+TEST_P(BadInput, ProgramWithBadExpertIdFailsOnEveryRankAndRunsAgain) {
+  auto program = std::make_unique<HostIrContainer>();
+  {
+    FusionGuard guard(program.get());
+    TensorView* x = makeSymbolicTensor(2, DataType::Float, "x");
+    TensorView* idx = makeSymbolicTensor(2, DataType::Int64, "topk_idx");
+    program->addInput(x);
+    program->addInput(idx);
+    const MoeDispatchResult d = moeDispatch(x, idx, nullptr, experts());
+    program->addOutput(moeCombine(d.recv_x, d, nullptr, x->extent(0)));
+  }
+  HostIrEvaluator evaluator(std::move(program));
+  const at::Tensor input = x();
+  const at::Tensor good = idx().narrow(1, 0, 1).contiguous();
+  at::Tensor bad = good.clone();
+  if (isBadRank()) {
+    bad[0][0] = -7;
+  }
+  test::expectErrorContains(
+      [&] {
+        evaluator.run({input, bad});
+      },
+      {"topk_idx holds expert id -7", badRank()});
+  const std::vector<at::Tensor> out = evaluator.run({input, good});
+  test::expectClose(out[0].cpu(), input.cpu());
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, BadInput,
+                         testing::Values(c10::DeviceType::CPU,
+                                         c10::DeviceType::CUDA),
+                         [](const testing::TestParamInfo<c10::DeviceType>& i) {
+                           return i.param == c10::DeviceType::CUDA
+                                      ? std::string("cuda")
+                                      : std::string("cpu");
+                         });
+
+}  // namespace
+}  // namespace hostfuse

@@ -1,0 +1,418 @@
+// Single-process tests of the MoE IR nodes (validation, printing, cloning),
+// of GroupedMatmul, of the communicator's configuration, and of a world of
+// one rank, which needs no launcher.
+#include <cstdlib>
+#include <map>
+#include <optional>
+#include <utility>
+
+#include "host_ir/evaluator.h"
+#include "host_ir/host_ir.h"
+#include "ir/ops.h"
+#include "multidevice/communicator.h"
+#include "multidevice/moe.h"
+#include "test_utils.h"
+
+namespace hostfuse {
+namespace {
+
+// A host program being built, active for the builders.
+class MoeIr : public testing::Test {
+ protected:
+  MoeIr() : program_(std::make_unique<HostIrContainer>()) {}
+
+  std::unique_ptr<HostIrContainer> program_;
+  FusionGuard guard_{program_.get()};
+};
+
+TEST_F(MoeIr, DispatchAndCombinePrintTheirOperandsAndAttributes) {
+  Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
+  TensorView* x = makeTensor({tokens, 64}, DataType::BFloat16, "x");
+  TensorView* idx = makeTensor({tokens, 2}, DataType::Int64, "topk_idx");
+  TensorView* w = makeTensor({tokens, 2}, DataType::Float, "topk_weights");
+  const MoeDispatchResult d = moeDispatch(x, idx, w, 8);
+  EXPECT_EQ(d.recv_x->definition()->toInlineString(),
+            "MoeDispatch(x=T0, topk_idx=T1, topk_weights=T2, num_experts=8, "
+            "backend=collective) -> (T3, T4, T5, T6, T7, T8, T9, T10)");
+  EXPECT_EQ(d.recv_x->typeString(), "bf16[i4, 64]");
+  EXPECT_EQ(d.recv_weights->typeString(), "f32[i4]");
+
+  TensorView* combined = moeCombine(d.recv_x, d, w, tokens);
+  EXPECT_EQ(combined->definition()->toString(),
+            "MoeCombine(expert_out=T3, src_rank=T4, src_token=T5, src_k=T6, "
+            "expert_counts=T8, n_tokens_to_rank=T9, n_tokens_from_rank=T10, "
+            "topk_weights=T2, num_tokens=tokens, num_experts=8, "
+            "backend=collective) -> (T11)\n");
+  EXPECT_EQ(combined->typeString(), "bf16[tokens, 64]");
+
+  TensorView* y = groupedMatmul(
+      d.recv_x, makeTensor({4, 64, 32}, DataType::BFloat16, "expert_w"),
+      d.recv_expert_counts);
+  EXPECT_EQ(y->definition()->toInlineString(),
+            "T13 = GroupedMatmul(x=T3, weights=T12, group_counts=T8)");
+}
+
+TEST_F(MoeIr, DispatchWithoutWeightsHasNoRecvWeights) {
+  TensorView* x = makeSymbolicTensor(2, DataType::Float, "x");
+  TensorView* idx = makeSymbolicTensor(2, DataType::Int32, "topk_idx");
+  const MoeDispatchResult d = moeDispatch(x, idx, nullptr, 4, MoeBackend::Cuda);
+  const auto* node = d.recv_x->definition()->as<MoeDispatch>();
+  EXPECT_EQ(node->toInlineString(),
+            "MoeDispatch(x=T0, topk_idx=T1, num_experts=4, backend=cuda) -> "
+            "(T2, T3, T4, T5, T6, T7, T8)");
+  EXPECT_EQ(d.recv_weights, nullptr);
+  EXPECT_EQ(node->recvWeights(), nullptr);
+  EXPECT_EQ(node->topkWeights(), nullptr);
+  EXPECT_EQ(node->recvExpertCounts(), d.recv_expert_counts);
+  EXPECT_EQ(node->nTokensFromRank(), d.n_tokens_from_rank);
+  EXPECT_EQ(node->numExperts(), 4);
+  EXPECT_EQ(node->backend(), MoeBackend::Cuda);
+}
+
+TEST_F(MoeIr, DispatchRejectsBadDtypesRanksAndSizes) {
+  TensorView* x = makeTensor({5, 8}, DataType::Float, "x");
+  TensorView* idx = makeTensor({5, 2}, DataType::Int64, "topk_idx");
+  test::expectErrorContains(
+      [&] {
+        moeDispatch(makeTensor({5, 8}, DataType::Int64, "x"), idx, nullptr, 4);
+      },
+      {"MoeDispatch: x", "must be floating point, got i64"});
+  test::expectErrorContains(
+      [&] {
+        moeDispatch(x, makeTensor({5, 2}, DataType::Float, "topk_idx"), nullptr,
+                    4);
+      },
+      {"topk_idx", "must be i64 or i32, got f32"});
+  test::expectErrorContains(
+      [&] {
+        moeDispatch(x, makeTensor({6, 2}, DataType::Int64), nullptr, 4);
+      },
+      {"the token count of topk_idx (6) must equal the token count T of x "
+       "(5)"});
+  test::expectErrorContains(
+      [&] {
+        moeDispatch(x, idx, makeTensor({5, 3}, DataType::Float), 4);
+      },
+      {"K of topk_weights (3) must equal K of topk_idx (2)"});
+  test::expectErrorContains(
+      [&] {
+        moeDispatch(x, idx, makeTensor({5, 2}, DataType::Int32), 4);
+      },
+      {"topk_weights", "must be floating point, got i32"});
+  test::expectErrorContains(
+      [&] { moeDispatch(x, makeTensor({5}, DataType::Int64), nullptr, 4); },
+      {"topk_idx", "must have rank 2, got rank 1"});
+  test::expectErrorContains([&] { moeDispatch(x, idx, nullptr, 0); },
+                            {"num_experts must be > 0, got 0"});
+  test::expectErrorContains(
+      [&] {
+        moeDispatch(makeTensor({5, 8, 2}, DataType::Float), idx, nullptr, 4);
+      },
+      {"moeDispatch: x", "must have rank 2"});
+}
+
+TEST_F(MoeIr, CombineRejectsBadOperands) {
+  Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
+  TensorView* x = makeTensor({tokens, 8}, DataType::Float, "x");
+  TensorView* idx = makeTensor({tokens, 2}, DataType::Int64, "topk_idx");
+  const MoeDispatchResult d = moeDispatch(x, idx, nullptr, 4);
+  test::expectErrorContains(
+      [&] {
+        moeCombine(makeTensor({kSymbolic, 8}, DataType::Int32), d, nullptr,
+                   tokens);
+      },
+      {"MoeCombine: expert_out", "must be floating point"});
+  test::expectErrorContains(
+      [&] {
+        moeCombine(d.recv_x, d, nullptr,
+                   makeSymbolicScalar(DataType::Double, "t"));
+      },
+      {"moeCombine: num_tokens", "must be an i64 scalar, got f64"});
+  test::expectErrorContains(
+      [&] {
+        moeCombine(d.recv_x, d, makeTensor({6, 2}, DataType::Float),
+                   makeConstant(int64_t{5}));
+      },
+      {"the token count of topk_weights (6) must equal num_tokens (5)"});
+  test::expectErrorContains(
+      [&] { moeCombine(d.recv_x, MoeDispatchResult{}, nullptr, tokens); },
+      {"the layout must be one that moeDispatch returned"});
+}
+
+TEST_F(MoeIr, RecvWeightsWithoutTopkWeightsIsAnError) {
+  TensorView* x = makeSymbolicTensor(2, DataType::Float);
+  TensorView* idx = makeSymbolicTensor(2, DataType::Int64);
+  auto rows = [] { return makeSymbolicTensor(1, DataType::Int64); };
+  test::expectErrorContains(
+      [&] {
+        IrBuilder::create<MoeDispatch>(
+            makeSymbolicTensor(2, DataType::Float), rows(), rows(), rows(),
+            makeSymbolicTensor(1, DataType::Float), rows(), rows(), rows(), x,
+            idx, nullptr, 4, MoeBackend::Collective);
+      },
+      {"recv_weights must be given exactly when topk_weights is"});
+}
+
+TEST_F(MoeIr, GroupedMatmulRejectsMismatchedWeights) {
+  TensorView* x = makeTensor({kSymbolic, 8}, DataType::Float);
+  TensorView* counts = makeTensor({2}, DataType::Int64);
+  test::expectErrorContains(
+      [&] {
+        groupedMatmul(x, makeTensor({2, 8, 4}, DataType::BFloat16), counts);
+      },
+      {"GroupedMatmul: weights", "must have x's dtype f32"});
+  test::expectErrorContains(
+      [&] {
+        groupedMatmul(x, makeTensor({2, 7, 4}, DataType::Float), counts);
+      },
+      {"dim 1 of weights (7) must equal the width H of x (8)"});
+  test::expectErrorContains(
+      [&] {
+        groupedMatmul(x, makeTensor({3, 8, 4}, DataType::Float), counts);
+      },
+      {"the length of group_counts (2) must equal the groups of weights (3)"});
+}
+
+TEST_F(MoeIr, GroupedMatmulMultipliesEachGroupByItsWeights) {
+  TensorView* x = makeTensor({kSymbolic, 8}, DataType::Float, "x");
+  TensorView* w = makeTensor({3, 8, 4}, DataType::Float, "w");
+  TensorView* counts = makeTensor({3}, DataType::Int64, "counts");
+  program_->addInput(x);
+  program_->addInput(w);
+  program_->addInput(counts);
+  program_->addOutput(groupedMatmul(x, w, counts));
+  HostIrEvaluator evaluator(std::move(program_));
+  const at::Tensor xv = test::randomTensor({7, 8}, at::kFloat, at::kCPU, 1);
+  const at::Tensor wv = test::randomTensor({3, 8, 4}, at::kFloat, at::kCPU, 2);
+  const at::Tensor out =
+      evaluator.run({xv, wv, at::tensor({2, 0, 5}, at::kLong)})[0];
+  const at::Tensor expected = at::cat({at::matmul(xv.narrow(0, 0, 2), wv[0]),
+                                       at::matmul(xv.narrow(0, 2, 5), wv[2])});
+  test::expectClose(out, expected, 1e-6, 1e-6);
+  test::expectErrorContains(
+      [&] {
+        evaluator.run({xv, wv, at::tensor({2, 0, 4}, at::kLong)});
+      },
+      {"group_counts sums to 6 but x has 7 rows"});
+}
+
+TEST_F(MoeIr, ClonedProgramPrintsTheSame) {
+  Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
+  TensorView* x = makeTensor({tokens, 16}, DataType::Float, "x");
+  TensorView* idx = makeTensor({tokens, 2}, DataType::Int64, "topk_idx");
+  TensorView* w = makeTensor({tokens, 2}, DataType::Float, "topk_weights");
+  program_->addInput(x);
+  program_->addInput(idx);
+  program_->addInput(w);
+  const MoeDispatchResult d = moeDispatch(x, idx, w, 6);
+  program_->addOutput(moeCombine(relu(d.recv_x), d, w, tokens));
+  const std::unique_ptr<HostIrContainer> copy = program_->clone();
+  EXPECT_EQ(copy->toString(), program_->toString());
+  EXPECT_NE(program_->toString().find("MoeDispatch(x=T0"), std::string::npos)
+      << program_->toString();
+}
+
+// ---------------------------------------------------------------------------
+// A world of one rank: no launcher, an in-process store.
+
+std::unique_ptr<HostIrContainer> roundTripProgram(int64_t picks, bool weighted,
+                                                  MoeBackend backend) {
+  auto program = std::make_unique<HostIrContainer>();
+  FusionGuard guard(program.get());
+  Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
+  TensorView* x = makeTensor({tokens, 16}, DataType::BFloat16, "x");
+  TensorView* idx = makeTensor({tokens, picks}, DataType::Int64, "topk_idx");
+  TensorView* w =
+      weighted ? makeTensor({tokens, picks}, DataType::Float, "topk_weights")
+               : nullptr;
+  program->addInput(x);
+  program->addInput(idx);
+  if (w != nullptr) {
+    program->addInput(w);
+  }
+  const MoeDispatchResult d = moeDispatch(x, idx, w, 4, backend);
+  program->addOutput(moeCombine(d.recv_x, d, w, tokens));
+  return program;
+}
+
+TEST(MoeWorldOfOne, RoundTripReturnsX) {
+  ASSERT_EQ(Communicator::getInstance().size(), 1);
+  const at::Tensor x = test::randomTensor({9, 16}, at::kBFloat16, at::kCPU, 3);
+  // K = 1, no weights: exactly x.
+  HostIrEvaluator top_one(roundTripProgram(1, false, MoeBackend::Collective));
+  const at::Tensor idx =
+      at::tensor({0, 3, 1, 2, 2, 0, 1, 3, 0}, at::kLong).reshape({9, 1});
+  test::expectClose(top_one.run({x, idx})[0], x);
+  // K = 2 with weights that sum to 1: x up to rounding.
+  HostIrEvaluator top_two(roundTripProgram(2, true, MoeBackend::Collective));
+  const at::Tensor idx2 =
+      at::stack({idx.squeeze(1), (idx.squeeze(1) + 1) % 4}, 1);
+  const at::Tensor w = at::full({9, 2}, 0.5, at::kFloat);
+  test::expectClose(top_two.run({x, idx2, w})[0], x, 1e-2, 1e-2);
+}
+
+TEST(MoeWorldOfOne, NoPicksSendNothingAndCombineToZero) {
+  auto program = std::make_unique<HostIrContainer>();
+  {
+    FusionGuard guard(program.get());
+    TensorView* x = makeSymbolicTensor(2, DataType::Float, "x");
+    TensorView* idx = makeSymbolicTensor(2, DataType::Int64, "topk_idx");
+    TensorView* w = makeSymbolicTensor(2, DataType::Float, "topk_weights");
+    program->addInput(x);
+    program->addInput(idx);
+    program->addInput(w);
+    const MoeDispatchResult d = moeDispatch(x, idx, w, 2);
+    program->addOutput(moeCombine(d.recv_x, d, w, x->extent(0)));
+    program->addOutput(d.recv_x);
+  }
+  HostIrEvaluator evaluator(std::move(program));
+  const at::Tensor x = test::randomTensor({3, 4}, at::kFloat, at::kCPU, 5);
+  const std::vector<at::Tensor> out = evaluator.run(
+      {x, at::empty({3, 0}, at::kLong), at::empty({3, 0}, at::kFloat)});
+  test::expectClose(out[0], at::zeros({3, 4}, at::kFloat));
+  EXPECT_EQ(out[1].size(0), 0);
+}
+
+TEST(MoeWorldOfOne, CudaBackendIsNotImplementedYet) {
+  HostIrEvaluator evaluator(roundTripProgram(1, false, MoeBackend::Cuda));
+  const at::Tensor x = test::randomTensor({2, 16}, at::kBFloat16, at::kCPU, 3);
+  test::expectErrorContains(
+      [&] {
+        evaluator.run({x, at::zeros({2, 1}, at::kLong)});
+      },
+      {"MoeDispatch: backend=cuda is not implemented yet"});
+}
+
+TEST(MoeWorldOfOne, CommunicatorRefusesWorkAfterShutdown) {
+  Communicator communicator(CommunicatorConfig{});
+  EXPECT_EQ(communicator.size(), 1);
+  EXPECT_EQ(communicator.launcher(), Launcher::None);
+  communicator.barrier();
+  communicator.shutdown();
+  EXPECT_TRUE(communicator.isShutDown());
+  communicator.shutdown();  // a second call does nothing
+  test::expectErrorContains([&] { communicator.backend(c10::DeviceType::CPU); },
+                            {"the communicator is shut down"});
+}
+
+// ---------------------------------------------------------------------------
+// The launcher's variables.
+
+// Sets environment variables for one test and restores them after it.
+class ScopedEnv {
+ public:
+  explicit ScopedEnv(
+      std::initializer_list<std::pair<const char*, const char*>> variables) {
+    for (const std::string& name : kAll) {
+      const char* old = std::getenv(name.c_str());
+      saved_[name] = old ? std::optional<std::string>(old) : std::nullopt;
+      ::unsetenv(name.c_str());
+    }
+    for (const auto& [name, value] : variables) {
+      ::setenv(name, value, 1);
+    }
+  }
+  ~ScopedEnv() {
+    for (const auto& [name, value] : saved_) {
+      set(name, value);
+    }
+  }
+
+ private:
+  static void set(const std::string& name,
+                  const std::optional<std::string>& value) {
+    if (value.has_value()) {
+      ::setenv(name.c_str(), value->c_str(), 1);
+    } else {
+      ::unsetenv(name.c_str());
+    }
+  }
+
+  // Every variable the communicator reads, cleared for the test.
+  inline static const std::vector<std::string> kAll = {
+      "RANK",
+      "WORLD_SIZE",
+      "LOCAL_RANK",
+      "LOCAL_WORLD_SIZE",
+      "MASTER_ADDR",
+      "MASTER_PORT",
+      "TORCHELASTIC_USE_AGENT_STORE",
+      "OMPI_COMM_WORLD_RANK",
+      "OMPI_COMM_WORLD_SIZE",
+      "OMPI_COMM_WORLD_LOCAL_RANK",
+      "OMPI_COMM_WORLD_LOCAL_SIZE",
+      "HOSTFUSE_COMM_TIMEOUT_S"};
+  std::map<std::string, std::optional<std::string>> saved_;
+};
+
+TEST(CommunicatorEnvironment, ReadsTorchrunVariables) {
+  ScopedEnv env({{"RANK", "2"},
+                 {"WORLD_SIZE", "4"},
+                 {"LOCAL_RANK", "0"},
+                 {"LOCAL_WORLD_SIZE", "2"},
+                 {"MASTER_ADDR", "node7"},
+                 {"MASTER_PORT", "31337"},
+                 {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+                 {"HOSTFUSE_COMM_TIMEOUT_S", "9"}});
+  const CommunicatorConfig config = CommunicatorConfig::fromEnvironment();
+  EXPECT_EQ(config.launcher, Launcher::Torchrun);
+  EXPECT_EQ(config.rank, 2);
+  EXPECT_EQ(config.size, 4);
+  EXPECT_EQ(config.local_rank, 0);
+  EXPECT_EQ(config.local_size, 2);
+  EXPECT_EQ(config.master_addr, "node7");
+  EXPECT_EQ(config.master_port, 31337);
+  EXPECT_TRUE(config.store_is_external);
+  EXPECT_EQ(config.timeout, std::chrono::seconds(9));
+}
+
+TEST(CommunicatorEnvironment, ReadsOpenMpiVariablesWithDefaults) {
+  ScopedEnv env({{"OMPI_COMM_WORLD_RANK", "1"},
+                 {"OMPI_COMM_WORLD_SIZE", "3"},
+                 {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
+                 {"OMPI_COMM_WORLD_LOCAL_SIZE", "3"}});
+  const CommunicatorConfig config = CommunicatorConfig::fromEnvironment();
+  EXPECT_EQ(config.launcher, Launcher::OpenMpi);
+  EXPECT_EQ(config.rank, 1);
+  EXPECT_EQ(config.size, 3);
+  EXPECT_EQ(config.local_rank, 1);
+  EXPECT_EQ(config.master_addr, "127.0.0.1");
+  EXPECT_EQ(config.master_port, CommunicatorConfig::kDefaultMasterPort);
+  EXPECT_FALSE(config.store_is_external);
+}
+
+TEST(CommunicatorEnvironment, NoLauncherIsAWorldOfOne) {
+  ScopedEnv env({});
+  const CommunicatorConfig config = CommunicatorConfig::fromEnvironment();
+  EXPECT_EQ(config.launcher, Launcher::None);
+  EXPECT_EQ(config.rank, 0);
+  EXPECT_EQ(config.size, 1);
+}
+
+TEST(CommunicatorEnvironment, BadVariablesAreNamed) {
+  {
+    ScopedEnv env({{"RANK", "0"}});
+    test::expectErrorContains([] { CommunicatorConfig::fromEnvironment(); },
+                              {"WORLD_SIZE is not set, but RANK is"});
+  }
+  {
+    ScopedEnv env({{"RANK", "zero"}, {"WORLD_SIZE", "2"}});
+    test::expectErrorContains([] { CommunicatorConfig::fromEnvironment(); },
+                              {"RANK must be an integer, got 'zero'"});
+  }
+  {
+    ScopedEnv env({{"RANK", "2"}, {"WORLD_SIZE", "2"}});
+    test::expectErrorContains([] { CommunicatorConfig::fromEnvironment(); },
+                              {"RANK must be in [0, WORLD_SIZE = 2), got 2"});
+  }
+  {
+    ScopedEnv env({{"OMPI_COMM_WORLD_RANK", "0"},
+                   {"OMPI_COMM_WORLD_SIZE", "1"},
+                   {"MASTER_PORT", "70000"}});
+    test::expectErrorContains([] { CommunicatorConfig::fromEnvironment(); },
+                              {"MASTER_PORT must be a port number"});
+  }
+}
+
+}  // namespace
+}  // namespace hostfuse

@@ -1,0 +1,385 @@
+// Multi-rank tests of MoE dispatch/combine over the collective backend. Run
+// as N processes by tools/launch.sh (ctest: multidevice_np<N>); every rank
+// runs every test and checks its own part against an independent reference
+// built from all-gathered inputs (moe_reference.h).
+//
+// Every rank must make the same collective calls in the same order, so
+// tests check results only after their last collective, with EXPECT_*.
+#include <gtest/gtest.h>
+
+#include <sstream>
+
+#include "host_ir/evaluator.h"
+#include "host_ir/host_ir.h"
+#include "ir/ops.h"
+#include "moe_reference.h"
+#include "multidevice/dispatch_combine.h"
+#include "multidevice/moe.h"
+#include "test_utils.h"
+#include "utils/torch_cuda.h"
+
+namespace hostfuse {
+namespace {
+
+using test::communicator;
+using test::Routing;
+
+constexpr int64_t kHidden = 16;
+
+int64_t worldSize() { return communicator().size(); }
+int64_t myRank() { return communicator().rank(); }
+
+// The device of a test parameter on this rank: its own GPU for CUDA.
+at::Device rankDevice(c10::DeviceType type) {
+  return type == c10::DeviceType::CUDA ? communicator().device()
+                                       : at::Device(at::kCPU);
+}
+
+bool unavailable(c10::DeviceType type) {
+  return type == c10::DeviceType::CUDA &&
+         (!cuda::isAvailable() ||
+          communicator().localSize() > cuda::deviceCount());
+}
+
+#define SKIP_IF_UNAVAILABLE(type)                            \
+  do {                                                       \
+    if (unavailable(type)) {                                 \
+      GTEST_SKIP() << "needs one GPU per rank on this host"; \
+    }                                                        \
+  } while (false)
+
+std::string deviceTypeName(c10::DeviceType type) {
+  return type == c10::DeviceType::CUDA ? "cuda" : "cpu";
+}
+
+// Positive weights in [0.1, 1.1).
+at::Tensor randomWeights(int64_t tokens, int64_t picks, at::ScalarType dtype,
+                         const at::Device& device, uint64_t seed) {
+  at::Generator generator = at::detail::createCPUGenerator(seed);
+  return (at::rand({tokens, picks}, generator, at::dtype(at::kFloat)) + 0.1)
+      .to(dtype)
+      .to(device);
+}
+
+std::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+void expectEqual(const at::Tensor& actual, const at::Tensor& expected,
+                 const char* what) {
+  SCOPED_TRACE(what);
+  test::expectClose(actual.cpu(), expected.cpu());
+}
+
+// ---------------------------------------------------------------------------
+// The grid: K x E x routing x dtype x weights x device.
+
+struct GridCase {
+  int64_t picks;
+  int64_t experts_per_rank;
+  Routing routing;
+  at::ScalarType dtype;
+  bool weighted;
+  c10::DeviceType device;
+};
+
+std::string gridName(const testing::TestParamInfo<GridCase>& info) {
+  const GridCase& c = info.param;
+  std::ostringstream ss;
+  ss << "K" << c.picks << "_E" << c.experts_per_rank << "R_"
+     << test::toString(c.routing) << "_"
+     << (c.dtype == at::kBFloat16 ? "bf16" : "fp32") << "_"
+     << (c.weighted ? "weighted" : "unweighted") << "_"
+     << deviceTypeName(c.device);
+  return ss.str();
+}
+
+std::vector<GridCase> gridCases() {
+  std::vector<GridCase> cases;
+  for (c10::DeviceType device : {c10::DeviceType::CPU, c10::DeviceType::CUDA}) {
+    for (int64_t picks : {1, 2, 4, 8}) {
+      for (int64_t per_rank : {1, 2, 8}) {
+        for (Routing routing :
+             {Routing::Uniform, Routing::Skewed, Routing::IdleRank,
+              Routing::EmptyRank, Routing::Masked, Routing::VaryingTokens}) {
+          for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+            for (bool weighted : {true, false}) {
+              cases.push_back(
+                  {picks, per_rank, routing, dtype, weighted, device});
+            }
+          }
+        }
+      }
+    }
+  }
+  return cases;
+}
+
+class DispatchCombineGrid : public testing::TestWithParam<GridCase> {};
+
+TEST_P(DispatchCombineGrid, MatchesReference) {
+  const GridCase& c = GetParam();
+  SKIP_IF_UNAVAILABLE(c.device);
+  if (c.routing == Routing::IdleRank && worldSize() == 1) {
+    GTEST_SKIP() << "one rank cannot leave a rank idle";
+  }
+  const at::Device device = rankDevice(c.device);
+  const int64_t ranks = worldSize();
+  const int64_t me = myRank();
+  const int64_t experts = c.experts_per_rank * ranks;
+  const int64_t tokens = test::tokensFor(c.routing, me);
+  const uint64_t seed = std::hash<std::string>{}(
+                            gridName(testing::TestParamInfo<GridCase>(c, 0))) %
+                        100000;
+
+  const at::Tensor x =
+      test::randomTensor({tokens, kHidden}, c.dtype, device, seed * 131 + me);
+  const at::Tensor idx =
+      test::makeRouting(c.routing, tokens, c.picks, experts, ranks, me, seed)
+          .to(device);
+  at::Tensor weights;
+  if (c.weighted) {
+    weights = randomWeights(tokens, c.picks, c.dtype, device, seed + me);
+  }
+
+  // The collectives, the same on every rank.
+  const MoeDispatchOutput out =
+      dispatchCollective(x, idx, optional(weights), experts, communicator());
+  const at::Tensor expert_out =
+      test::applyExperts(out.recv_x, out.layout.expert_counts,
+                         me * c.experts_per_rank, test::scaleByExpert);
+  const at::Tensor combined =
+      combineCollective(expert_out, out.layout, optional(weights), tokens,
+                        experts, communicator());
+  const std::vector<at::Tensor> xs = test::allGatherRows(x);
+  const std::vector<at::Tensor> idxs = test::allGatherRows(idx);
+  const std::vector<at::Tensor> ws =
+      c.weighted ? test::allGatherRows(weights) : std::vector<at::Tensor>{};
+
+  // Dispatch moves data: bit-exact.
+  const test::ExpectedDispatch expected =
+      test::referenceDispatch(xs, idxs, ws, experts, me);
+  expectEqual(out.recv_x, expected.recv_x, "recv_x");
+  expectEqual(out.layout.src_rank, expected.src_rank, "recv_src_rank");
+  expectEqual(out.layout.src_token, expected.src_token, "recv_src_token");
+  expectEqual(out.layout.src_k, expected.src_k, "recv_src_k");
+  expectEqual(out.layout.expert_counts, expected.expert_counts,
+              "recv_expert_counts");
+  expectEqual(out.layout.n_tokens_to_rank, expected.n_tokens_to_rank,
+              "n_tokens_to_rank");
+  expectEqual(out.layout.n_tokens_from_rank, expected.n_tokens_from_rank,
+              "n_tokens_from_rank");
+  EXPECT_EQ(out.recv_weights.defined(), c.weighted);
+  if (c.weighted) {
+    expectEqual(out.recv_weights, expected.recv_weights, "recv_weights");
+  }
+  EXPECT_EQ(out.recv_x.device(), device);
+
+  // Combine sums in fp32 (the reference in fp64): one rounding to the
+  // output dtype apart, plus fp32 summation error for fp32.
+  SCOPED_TRACE("combined");
+  const double tolerance = c.dtype == at::kBFloat16 ? 1e-2 : 1e-5;
+  test::expectClose(
+      combined.cpu(),
+      test::referenceCombine(x, idx, weights, test::scaleByExpert), tolerance,
+      tolerance);
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, DispatchCombineGrid,
+                         testing::ValuesIn(gridCases()), gridName);
+
+// ---------------------------------------------------------------------------
+// K = 1 without weights and identity experts returns x exactly.
+
+struct RoundTripCase {
+  at::ScalarType dtype;
+  c10::DeviceType device;
+};
+
+class RoundTrip : public testing::TestWithParam<RoundTripCase> {};
+
+// Dispatch and combine x with K = 1, no weights, identity experts.
+at::Tensor roundTrip(const at::Tensor& x, int64_t experts, uint64_t seed) {
+  const at::Tensor idx = test::makeRouting(Routing::Uniform, x.size(0), 1,
+                                           experts, worldSize(), myRank(), seed)
+                             .to(x.device());
+  const MoeDispatchOutput out =
+      dispatchCollective(x, idx, std::nullopt, experts, communicator());
+  return combineCollective(out.recv_x, out.layout, std::nullopt, x.size(0),
+                           experts, communicator());
+}
+
+TEST_P(RoundTrip, TopOneWithoutWeightsReturnsXExactly) {
+  const RoundTripCase& c = GetParam();
+  SKIP_IF_UNAVAILABLE(c.device);
+  const at::Tensor x = test::randomTensor({9 + myRank(), 32}, c.dtype,
+                                          rankDevice(c.device), 7 + myRank());
+  const at::Tensor back = roundTrip(x, 2 * worldSize(), 11);
+  test::expectClose(back.cpu(), x.cpu());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllDtypes, RoundTrip,
+    testing::Values(RoundTripCase{at::kFloat, c10::DeviceType::CPU},
+                    RoundTripCase{at::kBFloat16, c10::DeviceType::CPU},
+                    RoundTripCase{at::kFloat, c10::DeviceType::CUDA},
+                    RoundTripCase{at::kBFloat16, c10::DeviceType::CUDA}),
+    [](const testing::TestParamInfo<RoundTripCase>& info) {
+      return std::string(info.param.dtype == at::kBFloat16 ? "bf16" : "fp32") +
+             "_" + deviceTypeName(info.param.device);
+    });
+
+// ---------------------------------------------------------------------------
+// The worked example of docs/moe.md ("Layout"), value for value.
+
+TEST(DocsExample, TwoRanksFourExpertsTopTwo) {
+  if (worldSize() != 2) {
+    GTEST_SKIP() << "the example has two ranks";
+  }
+  const int64_t me = myRank();
+  // x[t] = 100 * rank + t, so a row names its source.
+  const at::Tensor x =
+      (at::arange(me == 0 ? 3 : 2, at::kFloat) + 100 * me).unsqueeze(1);
+  const at::Tensor idx =
+      me == 0 ? at::tensor({1, 2, 3, -1, 0, 1}, at::kLong).reshape({3, 2})
+              : at::tensor({2, 0, 1, 3}, at::kLong).reshape({2, 2});
+  const MoeDispatchOutput out =
+      dispatchCollective(x, idx, std::nullopt, 4, communicator());
+  auto longs = [](std::vector<int64_t> v) { return at::tensor(v, at::kLong); };
+  const MoeLayout& layout = out.layout;
+  if (me == 0) {
+    expectEqual(out.recv_x.squeeze(1),
+                at::tensor({2.f, 100.f, 0.f, 2.f, 101.f}), "recv_x");
+    expectEqual(layout.src_rank, longs({0, 1, 0, 0, 1}), "src_rank");
+    expectEqual(layout.src_token, longs({2, 0, 0, 2, 1}), "src_token");
+    expectEqual(layout.src_k, longs({0, 1, 0, 1, 0}), "src_k");
+    expectEqual(layout.expert_counts, longs({2, 3}), "expert_counts");
+    expectEqual(layout.n_tokens_to_rank, longs({3, 2}), "to_rank");
+    expectEqual(layout.n_tokens_from_rank, longs({3, 2}), "from_rank");
+  } else {
+    expectEqual(out.recv_x.squeeze(1), at::tensor({0.f, 100.f, 1.f, 101.f}),
+                "recv_x");
+    expectEqual(layout.src_rank, longs({0, 1, 0, 1}), "src_rank");
+    expectEqual(layout.src_token, longs({0, 0, 1, 1}), "src_token");
+    expectEqual(layout.src_k, longs({1, 0, 0, 1}), "src_k");
+    expectEqual(layout.expert_counts, longs({2, 2}), "expert_counts");
+    expectEqual(layout.n_tokens_to_rank, longs({2, 2}), "to_rank");
+    expectEqual(layout.n_tokens_from_rank, longs({2, 2}), "from_rank");
+  }
+}
+
+// ---------------------------------------------------------------------------
+// A host program: MoeDispatch, a grouped matmul per expert, MoeCombine.
+
+class MoeProgram : public testing::TestWithParam<c10::DeviceType> {};
+
+TEST_P(MoeProgram, DispatchGroupedMatmulCombineMatchesReference) {
+  SKIP_IF_UNAVAILABLE(GetParam());
+  const at::Device device = rankDevice(GetParam());
+  const int64_t ranks = worldSize();
+  const int64_t me = myRank();
+  const int64_t local = 2;
+  const int64_t experts = local * ranks;
+  const int64_t picks = 2;
+  const int64_t tokens = 5 + 2 * me;
+
+  auto program = std::make_unique<HostIrContainer>();
+  {
+    FusionGuard guard(program.get());
+    Scalar* t = makeSymbolicScalar(DataType::Int64, "tokens");
+    TensorView* x = makeTensor({t, kHidden}, DataType::Float, "x");
+    TensorView* idx = makeTensor({t, picks}, DataType::Int64, "topk_idx");
+    TensorView* w = makeTensor({t, picks}, DataType::Float, "topk_weights");
+    TensorView* expert_w =
+        makeTensor({local, kHidden, kHidden}, DataType::Float, "expert_w");
+    program->addInput(x);
+    program->addInput(idx);
+    program->addInput(w);
+    program->addInput(expert_w);
+    const MoeDispatchResult d = moeDispatch(x, idx, w, experts);
+    TensorView* y = groupedMatmul(d.recv_x, expert_w, d.recv_expert_counts);
+    program->addOutput(moeCombine(y, d, w, x->extent(0)));
+    program->addOutput(d.recv_expert_counts);
+  }
+  HostIrEvaluator evaluator(std::move(program));
+
+  const at::Tensor x =
+      test::randomTensor({tokens, kHidden}, at::kFloat, device, 40 + me);
+  const at::Tensor idx =
+      test::makeRouting(Routing::Masked, tokens, picks, experts, ranks, me, 3)
+          .to(device);
+  const at::Tensor w =
+      randomWeights(tokens, picks, at::kFloat, device, 50 + me);
+  const at::Tensor expert_w = test::randomTensor({local, kHidden, kHidden},
+                                                 at::kFloat, device, 60 + me);
+  const std::vector<at::Tensor> outputs = evaluator.run({x, idx, w, expert_w});
+  // Every expert's weights, for the reference.
+  const at::Tensor all_w = at::cat(test::allGatherRows(expert_w));
+
+  EXPECT_EQ(outputs[1].numel(), local);
+  const test::ExpertFn matmul = [&](int64_t e, const at::Tensor& rows) {
+    return at::matmul(rows.cpu(), all_w[e]);
+  };
+  test::expectClose(outputs[0].cpu(), test::referenceCombine(x, idx, w, matmul),
+                    1e-4, 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, MoeProgram,
+                         testing::Values(c10::DeviceType::CPU,
+                                         c10::DeviceType::CUDA),
+                         [](const testing::TestParamInfo<c10::DeviceType>& i) {
+                           return deviceTypeName(i.param);
+                         });
+
+}  // namespace
+}  // namespace hostfuse
+
+// ---------------------------------------------------------------------------
+
+namespace {
+
+// On ranks other than 0: print only failures, each marked with the rank,
+// so N ranks do not print N copies of every passing test.
+class FailurePrinter : public testing::EmptyTestEventListener {
+ public:
+  explicit FailurePrinter(int64_t rank) : rank_(rank) {}
+
+  void OnTestPartResult(const testing::TestPartResult& result) override {
+    if (result.failed()) {
+      std::cout << "[rank " << rank_ << "] "
+                << (result.file_name() ? result.file_name() : "") << ":"
+                << result.line_number() << ": Failure\n"
+                << result.message() << std::endl;
+    }
+  }
+  void OnTestEnd(const testing::TestInfo& info) override {
+    if (info.result()->Failed()) {
+      std::cout << "[rank " << rank_ << "] [  FAILED  ] "
+                << info.test_suite_name() << "." << info.name() << std::endl;
+    }
+  }
+
+ private:
+  int64_t rank_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  testing::InitGoogleTest(&argc, argv);
+  hostfuse::Communicator& comm = hostfuse::Communicator::getInstance();
+  if (comm.rank() != 0) {
+    testing::TestEventListeners& listeners =
+        testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new FailurePrinter(comm.rank()));
+  }
+  const int status = RUN_ALL_TESTS();
+  const testing::UnitTest& unit = *testing::UnitTest::GetInstance();
+  std::cout << "[rank " << comm.rank() << " of " << comm.size() << "] "
+            << unit.successful_test_count() << " passed, "
+            << unit.failed_test_count() << " failed, "
+            << unit.skipped_test_count() << " skipped" << std::endl;
+  comm.shutdown();
+  return status;
+}

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Runs PROGRAM as N ranks on this host with torchrun, the launcher hostfuse
+# uses on CPU machines and GPU machines alike (docs/moe.md says why).
+#
+#   tools/launch.sh N PROGRAM [ARGS...]
+#
+# Every rank's output is prefixed with "[default<rank>]:". The run fails if
+# any rank fails (torchrun then stops the others) or if it does not finish
+# within HOSTFUSE_LAUNCH_TIMEOUT seconds (default 600), so a hung rank fails
+# a test instead of hanging CI. torchrun's --standalone rendezvous picks a
+# free port for each run, so runs in parallel do not collide.
+#
+# Which torchrun: HOSTFUSE_TORCHRUN (a command), else
+# `$HOSTFUSE_PYTHON -m torch.distributed.run`, else `torchrun` on PATH.
+# On GPU machines each rank takes GPU <local rank>: use N <= number of GPUs
+# for CUDA work.
+set -uo pipefail
+
+if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: $0 N PROGRAM [ARGS...]" >&2
+  exit 2
+fi
+ranks=$1
+shift
+
+if [[ -n ${HOSTFUSE_TORCHRUN:-} ]]; then
+  read -r -a torchrun <<<"$HOSTFUSE_TORCHRUN"
+elif [[ -n ${HOSTFUSE_PYTHON:-} ]]; then
+  torchrun=("$HOSTFUSE_PYTHON" -m torch.distributed.run)
+elif command -v torchrun >/dev/null; then
+  torchrun=(torchrun)
+else
+  echo "launch.sh: no torchrun: set HOSTFUSE_TORCHRUN or HOSTFUSE_PYTHON," \
+    "or put torchrun on PATH" >&2
+  exit 2
+fi
+
+limit=${HOSTFUSE_LAUNCH_TIMEOUT:-600}
+log_dir=$(mktemp -d "${TMPDIR:-/tmp}/hostfuse_launch.XXXXXX")
+trap 'rm -rf "$log_dir"' EXIT
+
+# NVLink multicast stays off on the GPU machines (shared/GPU_MACHINES.md).
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
+export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
+# Quiet torchrun's banner about OMP_NUM_THREADS; one thread per rank suits
+# tests on small machines.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+timeout --kill-after=15 "$limit" "${torchrun[@]}" --standalone --nnodes=1 \
+  --nproc-per-node="$ranks" --no-python --tee=3 --log-dir="$log_dir" \
+  --max-restarts=0 "$@" 2>&1 |
+  grep -v -e '^W[0-9]\{4\} .*torch/distributed/run.py' \
+    -e '^\*\{10,\}$'
+status=${PIPESTATUS[0]}
+
+if [[ $status -eq 124 || $status -eq 137 ]]; then
+  echo "launch.sh: FAILED: $* with $ranks ranks did not finish within" \
+    "${limit}s (a rank hung?); HOSTFUSE_LAUNCH_TIMEOUT sets the limit" >&2
+elif [[ $status -ne 0 ]]; then
+  # torchrun's report above names the rank that failed first.
+  echo "launch.sh: FAILED: $* with $ranks ranks (exit $status)" >&2
+else
+  echo "launch.sh: $* passed on all $ranks ranks"
+fi
+exit "$status"
