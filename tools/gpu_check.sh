@@ -41,14 +41,21 @@ skipped="$(grep -c -- '\*\*\*Skipped' "$log_dir/ctest.log")"
 summary+=("ctest skipped: $skipped")
 [ "$ctest_status" -eq 0 ] || failed=1
 
+export HOSTFUSE_PYTHON
 for example in "$HOSTFUSE_BUILD_DIR"/*_example; do
   [ -x "$example" ] || continue
   name="$(basename "$example")"
   hostfuse_log "running $name"
-  "$example" >"$log_dir/$name.log" 2>&1
+  if [ "$name" = moe_example ]; then
+    # One rank per GPU.
+    "$HOSTFUSE_ROOT/tools/launch.sh" "$(( gpus > 0 ? gpus : 2 ))" "$example" \
+      >"$log_dir/$name.log" 2>&1
+  else
+    "$example" >"$log_dir/$name.log" 2>&1
+  fi
   status=$?
   tail -n 5 "$log_dir/$name.log"
-  summary+=("$name: $(grep -E '^check' "$log_dir/$name.log" | tail -1) (exit $status)")
+  summary+=("$name: $(grep -E 'check' "$log_dir/$name.log" | tail -1) (exit $status)")
   [ "$status" -eq 0 ] || failed=1
 done
 

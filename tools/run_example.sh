@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
 # Builds hostfuse (doing the set-up itself, see tools/setup.sh) and runs an
-# example program, which prints its result and a check against a direct
-# ATen computation. With a GPU and torch 2.x it runs on the GPU.
+# example program, which prints its result and a check against a reference
+# computed directly with ATen. With a GPU and torch 2.x it runs on the GPUs.
 #
-#   tools/run_example.sh [mlp] [example arguments]
+#   tools/run_example.sh [moe|mlp] [example arguments]
 #
-#   mlp   a host program: RMSNorm fusion, gated MLP, residual, row sums
+#   moe   (default) a MoE layer: MoeDispatch, a matmul per expert,
+#         MoeCombine, on 2 CPU ranks over Gloo, or on every local GPU (one
+#         rank each) over NCCL; launched with tools/launch.sh (torchrun)
+#   mlp   a one-process host program: RMSNorm fusion, gated MLP, residual
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
-example="${1:-mlp}"
+example="${1:-moe}"
 [ $# -gt 0 ] && shift
 case "$example" in
+  moe) target=moe_example ;;
   mlp) target=mlp_example ;;
-  *) hostfuse_die "unknown example '$example' (known: mlp)" ;;
+  *) hostfuse_die "unknown example '$example' (known: moe, mlp)" ;;
 esac
 
 hostfuse_build --target "$target"
+export HOSTFUSE_PYTHON
+if [ "$target" = moe_example ]; then
+  ranks=2
+  if hostfuse_has_gpu; then
+    ranks="$(hostfuse_gpu_count)"
+    hostfuse_log "running $target on $ranks GPUs (NCCL)"
+  else
+    hostfuse_log "running $target on $ranks CPU ranks (Gloo; no GPU found)"
+  fi
+  exec "$HOSTFUSE_ROOT/tools/launch.sh" "$ranks" \
+    "$HOSTFUSE_BUILD_DIR/$target" "$@"
+fi
 if hostfuse_has_gpu; then
   hostfuse_log "running $target on the GPU"
 else
