@@ -244,12 +244,16 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
                                     element, &max_blocks));
   HF_ERROR(max_blocks >= 1, "no block of the MoE kernels fits on device ",
            c.device);
-  const int wanted =
-      c.blocks > 0
-          ? c.blocks
-          : static_cast<int>(environmentNumber(
-                "HOSTFUSE_MOE_BLOCKS", std::max(64, 32 * (c.world_size - 1))));
+  const int wanted = c.blocks > 0 ? c.blocks
+                                  : static_cast<int>(environmentNumber(
+                                        "HOSTFUSE_MOE_BLOCKS", max_blocks));
   blocks_ = std::clamp(wanted, 1, max_blocks);
+  const int wanted_push = c.push_blocks > 0
+                              ? c.push_blocks
+                              : static_cast<int>(environmentNumber(
+                                    "HOSTFUSE_MOE_PUSH_BLOCKS",
+                                    32 * std::max(1, c.world_size - 1)));
+  push_blocks_ = std::clamp(wanted_push, 1, blocks_);
 
   // Symmetric buffers (the collective part).
   b.layout = moe::controlLayout(c.world_size, static_cast<int>(c.num_experts));
@@ -304,8 +308,9 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   if (debug_) {
     std::cerr << "[hostfuse moe rank " << c.rank << "] workspace " << c.tag
               << ": C = " << capacity_ << " rows, " << row_bytes_
-              << " bytes a row, " << blocks_ << " blocks (at most "
-              << max_blocks << "), timeout " << timeout_ns_ / 1e9 << " s\n";
+              << " bytes a row, " << blocks_ << " blocks, " << push_blocks_
+              << " pushing (at most " << max_blocks << "), timeout "
+              << timeout_ns_ / 1e9 << " s\n";
   }
 }
 
@@ -388,7 +393,9 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
   p.row_bytes = row_bytes_;
   p.capacity = capacity_;
   p.unit_bytes = copyUnit(row_bytes_, {p.x, b.recv->localPtr()});
-  p.chunks_per_row = chunksPerRow(tokens, row_bytes_ / p.unit_bytes, blocks_);
+  p.chunks_per_row =
+      chunksPerRow(tokens, row_bytes_ / p.unit_bytes, push_blocks_);
+  p.push_blocks = push_blocks_;
   p.control = b.control->devicePeerPtrs();
   p.recv = b.recv->devicePeerPtrs();
   p.layout = b.layout;
@@ -479,7 +486,8 @@ at::Tensor CudaMoeWorkspace::combine(
   p.row_bytes = row_bytes_;
   p.unit_bytes = copyUnit(row_bytes_, {p.expert_out, p.out});
   p.chunks_per_row =
-      chunksPerRow(tokens * c.topk, row_bytes_ / p.unit_bytes, blocks_);
+      chunksPerRow(tokens * c.topk, row_bytes_ / p.unit_bytes, push_blocks_);
+  p.push_blocks = push_blocks_;
   p.control = b.control->devicePeerPtrs();
   p.recv = b.recv->devicePeerPtrs();
   p.slots = b.slots->devicePeerPtrs();

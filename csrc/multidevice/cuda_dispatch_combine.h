@@ -60,9 +60,12 @@ struct CudaMoeConfig {
   // Eager mode: wait for each call's kernel and raise device-side errors at
   // once. Off: errors surface at the next checkStatus().
   bool check_each_call = true;
-  // Blocks per kernel; 0: $HOSTFUSE_MOE_BLOCKS, else max(64, 32 * (R - 1)),
-  // capped by what fits on the GPU at once.
+  // Blocks per kernel; 0: $HOSTFUSE_MOE_BLOCKS, else as many as fit on the
+  // GPU at once (one per SM). All of them expand and reduce locally.
   int blocks = 0;
+  // Of those, the blocks that push rows to peers (more contend for NVLink);
+  // 0: $HOSTFUSE_MOE_PUSH_BLOCKS, else 32 * max(1, R - 1).
+  int push_blocks = 0;
   // Seconds a kernel waits for a peer; 0: $HOSTFUSE_MOE_TIMEOUT_S, else 30.
   double timeout_s = 0;
 };
@@ -131,6 +134,7 @@ class CudaMoeWorkspace {
   int64_t capacity_ = 0;
   int64_t row_bytes_ = 0;
   int blocks_ = 0;
+  int push_blocks_ = 0;
   bool cooperative_ = true;
   bool debug_ = false;
   uint64_t timeout_ns_ = 0;

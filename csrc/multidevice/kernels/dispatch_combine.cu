@@ -525,9 +525,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       p.pick_row[q] = -1;
     }
   } else {
-    const int64_t items = T * p.chunks_per_row;
+    // Only the first push_blocks blocks push: more blocks than that contend
+    // for NVLink; the others go on to wait and expand.
+    const int64_t items = blockIdx.x < p.push_blocks ? T * p.chunks_per_row : 0;
+    const int64_t push_warps = int64_t{p.push_blocks} * kWarpsPerBlock;
     const unsigned lower_lanes = (1u << lane) - 1;
-    for (int64_t item = global_warp; item < items; item += total_warps) {
+    for (int64_t item = global_warp; item < items; item += push_warps) {
       const int64_t t = item / p.chunks_per_row;
       const int64_t chunk = item % p.chunks_per_row;
       int expert = -1;
@@ -540,14 +543,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           expert = static_cast<int>(id);
           rank_d = expert / L;
           local = expert % L;
+          // Written by block 0 in this kernel: read past L1.
           row = shared.offset[expert] +
-                p.warp_base[(t / tokens_per_warp) * E + expert] +
-                p.pick_pos[t * K + lane];
+                __ldcg(p.warp_base + (t / tokens_per_warp) * E + expert) +
+                __ldcg(p.pick_pos + t * K + lane);
         }
       }
-      // The token travels once per destination, in its pick with the
+      // The token travels once per remote destination, in its pick with the
       // smallest local expert there (the smallest row, so if that row does
-      // not fit, no other pick of the token on that rank fits either).
+      // not fit, no other pick of the token on that rank fits either); the
+      // receiver copies it into its other picks' rows. Rows for this rank
+      // are written directly, every pick (local memory is cheap).
       int best_local = local;
       int64_t primary_row = row;
       for (int j = 0; j < K; ++j) {
@@ -560,7 +566,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         }
       }
       const bool fits = expert >= 0 && row < p.capacity;
-      const bool carries = fits && best_local == local;
+      const bool carries = fits && (best_local == local || rank_d == p.rank);
       if (chunk == 0) {
         if (lane < K) {
           p.pick_row[t * K + lane] = fits ? static_cast<int32_t>(row) : -1;
@@ -685,7 +691,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const int warp = threadIdx.x >> 5;
   const int64_t global_warp =
       static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
-  const int64_t total_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   DeviceState* state = p.state;
   const uint64_t epoch = loadVolatile(&state->combine_epoch) + 1;
   const WaitContext context{state, p.status, p.timeout_ns, kOpCombine, epoch};
@@ -708,8 +713,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const int64_t chunk_units = (units + p.chunks_per_row - 1) / p.chunks_per_row;
   const auto* metas = reinterpret_cast<const int4*>(
       static_cast<const char*>(p.recv[p.rank]) + p.meta_offset);
-  const int64_t items = recv_rows * p.chunks_per_row;
-  for (int64_t item = global_warp; item < items; item += total_warps) {
+  const int64_t items =
+      blockIdx.x < p.push_blocks ? recv_rows * p.chunks_per_row : 0;
+  const int64_t push_warps = int64_t{p.push_blocks} * kWarpsPerBlock;
+  for (int64_t item = global_warp; item < items; item += push_warps) {
     const int64_t r = item / p.chunks_per_row;
     const int64_t chunk = item % p.chunks_per_row;
     const int4 meta = __ldcg(metas + r);

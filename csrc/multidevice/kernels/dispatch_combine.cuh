@@ -114,6 +114,7 @@ struct DispatchParams {
   int64_t capacity;        // C
   int64_t unit_bytes;      // 16, 8, 4 or 2: copy granularity
   int64_t chunks_per_row;  // work items per row in the push
+  int push_blocks;         // blocks [0, push_blocks) push rows
   // Symmetric memory: device arrays of R peer pointers.
   void* const* control;  // ControlLayout buffers
   void* const* recv;     // [C, B] rows, then [C] metadata
@@ -149,6 +150,7 @@ struct CombineParams {
   int64_t row_bytes;
   int64_t unit_bytes;
   int64_t chunks_per_row;
+  int push_blocks;
   void* const* control;
   void* const* recv;   // for the metadata of the last dispatch
   void* const* slots;  // [T_max, K, B] per rank
