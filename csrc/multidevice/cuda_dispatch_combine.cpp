@@ -150,6 +150,8 @@ struct CudaMoeWorkspace::Buffers {
   int32_t* pick_pos = nullptr;
   int32_t* warp_base = nullptr;
   int32_t* pick_row = nullptr;
+  int64_t* recv_start = nullptr;
+  int32_t* recv_count = nullptr;
   moe::Status* status_host = nullptr;
   moe::Status* status_device = nullptr;
   cudaEvent_t done = nullptr;
@@ -254,6 +256,10 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
                                     "HOSTFUSE_MOE_PUSH_BLOCKS",
                                     32 * std::max(1, c.world_size - 1)));
   push_blocks_ = std::clamp(wanted_push, 1, blocks_);
+  rounds_min_tokens_ = c.rounds_min_tokens > 0
+                           ? c.rounds_min_tokens
+                           : static_cast<int64_t>(environmentNumber(
+                                 "HOSTFUSE_MOE_ROUNDS_MIN_TOKENS", 1024));
 
   // Symmetric buffers (the collective part).
   b.layout = moe::controlLayout(c.world_size, static_cast<int>(c.num_experts));
@@ -289,14 +295,24 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   const size_t pos_bytes = roundUp(sizeof(int32_t) * picks, 256);
   const size_t base_bytes =
       roundUp(sizeof(int32_t) * moe::kWarpsPerBlock * c.num_experts, 256);
-  HF_CUDA_CHECK(cudaMalloc(&b.local, state_bytes + 2 * pos_bytes + base_bytes));
-  HF_CUDA_CHECK(
-      cudaMemset(b.local, 0, state_bytes + 2 * pos_bytes + base_bytes));
+  const size_t start_bytes = roundUp(sizeof(int64_t) * c.num_experts, 256);
+  const size_t count_bytes = roundUp(sizeof(int32_t) * c.num_experts, 256);
+  const size_t local_bytes =
+      state_bytes + 2 * pos_bytes + base_bytes + start_bytes + count_bytes;
+  HF_CUDA_CHECK(cudaMalloc(&b.local, local_bytes));
+  HF_CUDA_CHECK(cudaMemset(b.local, 0, local_bytes));
   char* local = static_cast<char*>(b.local);
   b.state = reinterpret_cast<moe::DeviceState*>(local);
-  b.pick_pos = reinterpret_cast<int32_t*>(local + state_bytes);
-  b.pick_row = reinterpret_cast<int32_t*>(local + state_bytes + pos_bytes);
-  b.warp_base = reinterpret_cast<int32_t*>(local + state_bytes + 2 * pos_bytes);
+  local += state_bytes;
+  b.pick_pos = reinterpret_cast<int32_t*>(local);
+  local += pos_bytes;
+  b.pick_row = reinterpret_cast<int32_t*>(local);
+  local += pos_bytes;
+  b.warp_base = reinterpret_cast<int32_t*>(local);
+  local += base_bytes;
+  b.recv_start = reinterpret_cast<int64_t*>(local);
+  local += start_bytes;
+  b.recv_count = reinterpret_cast<int32_t*>(local);
   HF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&b.status_host),
                               sizeof(moe::Status), cudaHostAllocMapped));
   std::memset(b.status_host, 0, sizeof(moe::Status));
@@ -405,6 +421,9 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
   p.pick_pos = b.pick_pos;
   p.warp_base = b.warp_base;
   p.pick_row = b.pick_row;
+  p.recv_start = b.recv_start;
+  p.recv_count = b.recv_count;
+  p.rounds = tokens >= rounds_min_tokens_ ? 1 : 0;
   p.recv_src_rank = result.recv_src_rank.data_ptr<int64_t>();
   p.recv_src_token = result.recv_src_token.data_ptr<int64_t>();
   p.recv_src_k = result.recv_src_k.data_ptr<int64_t>();
@@ -481,6 +500,7 @@ at::Tensor CudaMoeWorkspace::combine(
   p.tokens = tokens;
   p.rank = c.rank;
   p.world_size = c.world_size;
+  p.local_experts = static_cast<int>(local_experts_);
   p.topk = static_cast<int>(c.topk);
   p.max_tokens = c.max_tokens;
   p.row_bytes = row_bytes_;
@@ -496,6 +516,9 @@ at::Tensor CudaMoeWorkspace::combine(
   p.state = b.state;
   p.status = b.status_device;
   p.pick_row = b.pick_row;
+  p.recv_start = b.recv_start;
+  p.recv_count = b.recv_count;
+  p.rounds = tokens >= rounds_min_tokens_ ? 1 : 0;
   p.timeout_ns = timeout_ns_;
   p.debug = debug_ ? 1 : 0;
   HF_CUDA_CHECK(moe::launchCombine(p, elementType(c.dtype), blocks_,

@@ -66,6 +66,10 @@ struct CudaMoeConfig {
   // Of those, the blocks that push rows to peers (more contend for NVLink);
   // 0: $HOSTFUSE_MOE_PUSH_BLOCKS, else 32 * max(1, R - 1).
   int push_blocks = 0;
+  // From this many tokens on (this rank's T), rows go to one destination
+  // after the other instead of to all at once; 0:
+  // $HOSTFUSE_MOE_ROUNDS_MIN_TOKENS, else 1024.
+  int64_t rounds_min_tokens = 0;
   // Seconds a kernel waits for a peer; 0: $HOSTFUSE_MOE_TIMEOUT_S, else 30.
   double timeout_s = 0;
 };
@@ -135,6 +139,7 @@ class CudaMoeWorkspace {
   int64_t row_bytes_ = 0;
   int blocks_ = 0;
   int push_blocks_ = 0;
+  int64_t rounds_min_tokens_ = 0;
   bool cooperative_ = true;
   bool debug_ = false;
   uint64_t timeout_ns_ = 0;

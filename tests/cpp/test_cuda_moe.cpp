@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -106,6 +107,9 @@ struct Case {
   double mask = 0.1;            // probability that a pick is masked (-1)
   std::vector<int64_t> tokens;  // per rank; empty: 24 + 8 * rank
   uint64_t seed = 1;
+  // Push to one destination per round (the large-T mode) instead of to all
+  // at once.
+  bool rounds = false;
 
   int64_t tokensOf(int rank) const {
     return tokens.empty() ? 24 + 8 * rank : tokens.at(rank);
@@ -332,6 +336,8 @@ class CudaMoe : public testing::Test {
     config.tag = testName() + "/" + name;
     config.check_each_call = check_each_call;
     config.timeout_s = timeout_s;
+    config.rounds_min_tokens =
+        c.rounds ? 1 : std::numeric_limits<int64_t>::max();
     return std::make_unique<CudaMoeWorkspace>(processGroup().store, config);
   }
 
@@ -372,6 +378,8 @@ class CudaMoe : public testing::Test {
       ADD_FAILURE() << "rank " << rank_ << ", " << when << ": " << error.what();
     }
   }
+
+  void replayGraph(const Case& c, const std::string& name, int replays);
 
   int rank_ = 0;
   int world_ = 1;
@@ -496,6 +504,35 @@ TEST_F(CudaMoe, FullyMaskedTokensCombineToZero) {
   runAndCheck(*workspace, c, "mostly masked");
 }
 
+TEST_F(CudaMoe, MatchesReferenceWhenPushingOneDestinationPerRound) {
+  for (const int64_t topk : {1, 3, 8}) {
+    Case c;
+    c.rounds = true;
+    c.experts = 4 * world_;
+    c.topk = topk;
+    c.seed = 300 + topk;
+    auto workspace = makeWorkspace(c, toString("k", topk));
+    runAndCheck(*workspace, c, toString("rounds, K=", topk));
+    runAndCheck(*workspace, c, toString("rounds, K=", topk, " again"), 1);
+  }
+  Case skip;
+  skip.rounds = true;
+  skip.experts = 2 * world_;
+  skip.topk = 2;
+  skip.routing = Routing::kSkipLastRank;
+  skip.tokens.assign(world_, 40);
+  skip.tokens[0] = 0;
+  auto workspace = makeWorkspace(skip, "skip_last_empty_first");
+  runAndCheck(*workspace, skip, "rounds, rank 0 empty, last rank idle");
+  Case fp32 = skip;
+  fp32.routing = Routing::kUniform;
+  fp32.tokens.clear();
+  fp32.dtype = at::kFloat;
+  fp32.hidden = 97;
+  auto odd = makeWorkspace(fp32, "fp32_odd");
+  runAndCheck(*odd, fp32, "rounds, fp32, H = 97");
+}
+
 TEST_F(CudaMoe, TwoWorkspacesDoNotShareBuffers) {
   Case a;
   a.experts = 2 * world_;
@@ -573,31 +610,35 @@ TEST_F(CudaMoe, BadExpertIdIsReportedOnEveryRankAndTheNextCallWorks) {
 }
 
 TEST_F(CudaMoe, CapacityOverflowIsReportedAndNothingIsWrittenOutOfBounds) {
-  Case c;
-  c.experts = 2 * world_;
-  c.topk = 1;
-  c.mask = 0.0;
-  c.routing = Routing::kOneExpert;  // rank 0 receives every token
-  const int64_t capacity = 8;
-  auto workspace = makeWorkspace(c, "small", capacity);
-  EXPECT_EQ(workspace->capacity(), capacity);
-  const std::vector<Inputs> all = allInputs(c, world_);
-  const DeviceInputs in = toDevice(all[rank_], c);
-  int64_t needed = 0;
-  for (int r = 0; r < world_; ++r) {
-    needed += c.tokensOf(r);
+  for (const bool rounds : {false, true}) {
+    Case c;
+    c.experts = 2 * world_;
+    c.topk = 1;
+    c.mask = 0.0;
+    c.routing = Routing::kOneExpert;  // rank 0 receives every token
+    c.rounds = rounds;
+    const int64_t capacity = 8;
+    auto workspace =
+        makeWorkspace(c, rounds ? "small_rounds" : "small", capacity);
+    EXPECT_EQ(workspace->capacity(), capacity);
+    const std::vector<Inputs> all = allInputs(c, world_);
+    const DeviceInputs in = toDevice(all[rank_], c);
+    int64_t needed = 0;
+    for (int r = 0; r < world_; ++r) {
+      needed += c.tokensOf(r);
+    }
+    test::expectErrorContains(
+        [&] { workspace->dispatch(in.x, in.idx, in.weights); },
+        {"capacity overflow", "rank 0", toString("receives ", needed, " rows"),
+         toString("capacity >= ", needed)});
+    EXPECT_EQ(workspace->damagedGuardBytes(), 0);
+    // A call that fits in the same workspace.
+    Case fits = c;
+    fits.tokens.assign(world_, 0);
+    fits.tokens[0] = capacity;
+    runAndCheck(*workspace, fits, "fitting call after an overflow");
+    EXPECT_EQ(workspace->damagedGuardBytes(), 0);
   }
-  test::expectErrorContains(
-      [&] { workspace->dispatch(in.x, in.idx, in.weights); },
-      {"capacity overflow", "rank 0", toString("receives ", needed, " rows"),
-       toString("capacity >= ", needed)});
-  EXPECT_EQ(workspace->damagedGuardBytes(), 0);
-  // A call that fits in the same workspace.
-  Case fits = c;
-  fits.tokens.assign(world_, 0);
-  fits.tokens[0] = capacity;
-  runAndCheck(*workspace, fits, "fitting call after an overflow");
-  EXPECT_EQ(workspace->damagedGuardBytes(), 0);
 }
 
 TEST_F(CudaMoe, TimeoutNamesTheRankThatSkippedTheCall) {
@@ -623,13 +664,11 @@ TEST_F(CudaMoe, TimeoutNamesTheRankThatSkippedTheCall) {
 // ---------------------------------------------------------------------------
 // CUDA graphs.
 
-TEST_F(CudaMoe, GraphReplaysWithNewRoutingMatchTheReference) {
-  Case c;
-  c.experts = 2 * world_;
-  c.topk = std::min<int64_t>(4, c.experts);
-  c.hidden = 128;
-  c.seed = 2024;
-  auto workspace = makeWorkspace(c, "graph");
+// Captures dispatch, the experts and combine in one graph and replays it
+// `replays` times with new routing and data in the static inputs, checking
+// every replay.
+void CudaMoe::replayGraph(const Case& c, const std::string& name, int replays) {
+  auto workspace = makeWorkspace(c, name);
   cuda::StreamScope stream(device_);
 
   const std::vector<Inputs> first = allInputs(c, world_, 0);
@@ -645,9 +684,8 @@ TEST_F(CudaMoe, GraphReplaysWithNewRoutingMatchTheReference) {
       workspace->combine(expert_out, result, in.weights);
   graph.captureEnd();
 
-  constexpr int kReplays = 1000;
   Checker check;
-  for (int round = 1; round <= kReplays; ++round) {
+  for (int round = 1; round <= replays; ++round) {
     const std::vector<Inputs> all = allInputs(c, world_, round);
     in.x.copy_(all[rank_].x);
     in.idx.copy_(all[rank_].idx);
@@ -659,6 +697,25 @@ TEST_F(CudaMoe, GraphReplaysWithNewRoutingMatchTheReference) {
   }
   EXPECT_EQ(check.failures(), 0) << "replays with a wrong result";
   EXPECT_NO_THROW(workspace->checkStatus());
+}
+
+TEST_F(CudaMoe, GraphReplaysWithNewRoutingMatchTheReference) {
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = std::min<int64_t>(4, c.experts);
+  c.hidden = 128;
+  c.seed = 2024;
+  replayGraph(c, "graph", 1000);
+}
+
+TEST_F(CudaMoe, GraphReplaysMatchTheReferenceWhenPushingInRounds) {
+  Case c;
+  c.experts = 4 * world_;
+  c.topk = 4;
+  c.hidden = 64;
+  c.seed = 4048;
+  c.rounds = true;
+  replayGraph(c, "graph_rounds", 300);
 }
 
 }  // namespace

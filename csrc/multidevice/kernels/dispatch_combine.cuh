@@ -56,17 +56,22 @@ struct Status {
 };
 
 // Per-workspace device state in local (not symmetric) memory, zeroed at
-// setup. Epochs and arrival counters only grow: nothing is ever reset, so
-// consecutive calls and graph replays cannot race on a reset.
+// setup. Epochs and arrival counters only grow (a counter gets exactly its
+// number of participants per call, so "last to arrive" is a modulo test);
+// the only per-call counter, expand_claims, is double-buffered by epoch
+// parity and cleared one call ahead. So consecutive calls and graph replays
+// never race on a reset.
 struct DeviceState {
-  uint64_t dispatch_epoch;      // epoch of the last finished dispatch
-  uint64_t combine_epoch;       // epoch of the last finished combine
-  uint64_t dispatch_arrivals;   // blocks that finished pushing (all calls)
-  uint64_t combine_arrivals;    // blocks that finished pushing (all calls)
-  uint64_t combine_departures;  // blocks that finished reducing (all calls)
-  int64_t recv_rows;            // valid rows of the last dispatch here
-  int32_t poisoned;             // set by a timeout: every later call bails
-  int32_t status_claim;         // 0 until a kernel claims Status
+  uint64_t dispatch_epoch;              // epoch of the last finished dispatch
+  uint64_t combine_epoch;               // epoch of the last finished combine
+  uint64_t dispatch_exits;              // blocks that finished a dispatch
+  uint64_t combine_exits;               // blocks that finished a combine
+  uint64_t dispatch_rounds[kMaxRanks];  // push blocks done with round r
+  uint64_t combine_rounds[kMaxRanks];   // push blocks done with round r
+  uint64_t expand_claims[2];            // row groups claimed by expanding warps
+  int64_t recv_rows;                    // valid rows of the last dispatch here
+  int32_t poisoned;      // set by a timeout: every later call bails
+  int32_t status_claim;  // 0 until a kernel claims Status
 };
 
 // Layout of the symmetric control buffer (identical on every rank). All
@@ -74,8 +79,8 @@ struct DeviceState {
 // release store, and polled by the owner with acquire loads.
 struct ControlLayout {
   size_t count_flags;      // uint64[R]: epoch of peer s's count row
-  size_t data_flags;       // uint64[R]: epoch of peer s's dispatch rows
-  size_t combine_flags;    // uint64[R]: epoch of peer s's combine rows
+  size_t data_flags;       // uint64[R]: epoch of peer s's rows for us
+  size_t combine_flags;    // uint64[R]: epoch of peer s's rows back to us
   size_t free_flags;       // uint64[R]: epoch of peer s's last reduction
   size_t count_rows;       // CountRow[2][R], double-buffered by epoch parity
   size_t count_row_bytes;  // header + E int32 counts, 16-byte multiple
@@ -115,6 +120,9 @@ struct DispatchParams {
   int64_t unit_bytes;      // 16, 8, 4 or 2: copy granularity
   int64_t chunks_per_row;  // work items per row in the push
   int push_blocks;         // blocks [0, push_blocks) push rows
+  // Push to one destination after the other (rounds) instead of to all at
+  // once; pays off when rows are many (see docs/moe_cuda.md).
+  int rounds;
   // Symmetric memory: device arrays of R peer pointers.
   void* const* control;  // ControlLayout buffers
   void* const* recv;     // [C, B] rows, then [C] metadata
@@ -126,6 +134,10 @@ struct DispatchParams {
   int32_t* pick_pos;   // [T_max * K]
   int32_t* warp_base;  // [kWarpsPerBlock * E]
   int32_t* pick_row;   // [T_max * K]: row on the receiver or -1
+  // [R * L]: where source s's rows of local expert l start here, and how
+  // many there are (kept for the combine).
+  int64_t* recv_start;
+  int32_t* recv_count;
   // Outputs (device).
   int64_t* recv_src_rank;       // [C]
   int64_t* recv_src_token;      // [C]
@@ -145,12 +157,14 @@ struct CombineParams {
   int64_t tokens;             // T of the matching dispatch
   int rank;
   int world_size;
+  int local_experts;
   int topk;
   int64_t max_tokens;  // T_max
   int64_t row_bytes;
   int64_t unit_bytes;
   int64_t chunks_per_row;
   int push_blocks;
+  int rounds;  // as in DispatchParams
   void* const* control;
   void* const* recv;   // for the metadata of the last dispatch
   void* const* slots;  // [T_max, K, B] per rank
@@ -158,15 +172,19 @@ struct CombineParams {
   size_t meta_offset;
   DeviceState* state;
   Status* status;
-  const int32_t* pick_row;  // written by the last dispatch
+  // Written by the last dispatch.
+  const int32_t* pick_row;
+  const int64_t* recv_start;
+  const int32_t* recv_count;
   uint64_t timeout_ns;
   int debug;
 };
 
 enum class ElementType : int32_t { kFloat32, kBFloat16, kFloat16 };
 
-// Dynamic shared memory of the dispatch kernel for E experts.
+// Dynamic shared memory of the kernels for E experts.
 size_t dispatchSharedBytes(int num_experts);
+size_t combineSharedBytes(int num_experts);
 
 // Sets kernel attributes and returns in *max_blocks the largest grid that
 // can be co-resident on `device` for both kernels (they are launched
