@@ -99,6 +99,8 @@ __device__ inline bool waitForFlag(const uint64_t* flag, uint64_t target,
   }
   const uint64_t start = globalTimerNs();
   while (loadAcquireSys(flag) < target) {
+    // Many warps may poll at once: leave L2 bandwidth to the copies.
+    __nanosleep(64);
     if (loadVolatile(&context.state->poisoned) != 0) {
       return false;
     }
