@@ -261,6 +261,24 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
                            : static_cast<int64_t>(environmentNumber(
                                  "HOSTFUSE_MOE_ROUNDS_MIN_TOKENS", 1024));
 
+  // Every rank must describe the same node: compare through the store.
+  {
+    const std::string mine = toString(
+        "R=", c.world_size, " E=", c.num_experts, " T_max=", c.max_tokens,
+        " H=", c.hidden, " K=", c.topk, " dtype=", c.dtype, " C=", capacity_);
+    const std::string prefix = uniqueStorePrefix(c.tag + "/config");
+    store->set(prefix + "/" + std::to_string(c.rank),
+               std::vector<uint8_t>(mine.begin(), mine.end()));
+    for (int peer = 0; peer < c.world_size; ++peer) {
+      const std::vector<uint8_t> bytes =
+          store->get(prefix + "/" + std::to_string(peer));
+      const std::string theirs(bytes.begin(), bytes.end());
+      HF_CHECK(theirs == mine, "MoE workspace '", c.tag, "': rank ", peer,
+               " was created with ", theirs, ", rank ", c.rank, " with ", mine,
+               "; every rank needs the same configuration");
+    }
+  }
+
   // Symmetric buffers (the collective part).
   b.layout = moe::controlLayout(c.world_size, static_cast<int>(c.num_experts));
   b.guard_bytes = roundUp(std::max<size_t>(row_bytes_, 256), 256);

@@ -55,16 +55,6 @@ std::string hostName() {
   return name;
 }
 
-// Each allocation under a tag gets its own store prefix, "<tag>#<n>", where
-// n counts this process's earlier allocations under the same tag. Ranks
-// allocate in the same order, so they agree on n without talking.
-std::string uniquePrefix(const std::string& tag) {
-  static std::mutex mutex;
-  static std::map<std::string, int> uses;
-  std::lock_guard<std::mutex> lock(mutex);
-  return tag + "#" + std::to_string(uses[tag]++);
-}
-
 // Makes `device` current for the calling thread while alive.
 class DeviceGuard {
  public:
@@ -135,6 +125,13 @@ void* mapHandle(CUmemGenericAllocationHandle handle, size_t bytes,
 
 }  // namespace
 
+std::string uniqueStorePrefix(const std::string& tag) {
+  static std::mutex mutex;
+  static std::map<std::string, int> uses;
+  std::lock_guard<std::mutex> lock(mutex);
+  return tag + "#" + std::to_string(uses[tag]++);
+}
+
 void storeBarrier(c10d::Store& store, const std::string& key, int world_size) {
   try {
     const int64_t arrived = store.add(key + "/arrived", 1);
@@ -166,7 +163,7 @@ std::shared_ptr<SymmetricMemory> SymmetricMemory::allocate(
            "symmetric memory: rank ", rank, " is outside [0, ", world_size,
            ")");
   HF_CHECK_GT(bytes, size_t{0}, "symmetric memory: empty buffer ", tag);
-  const std::string prefix = uniquePrefix(tag);
+  const std::string prefix = uniqueStorePrefix(tag);
   DeviceGuard device_guard(device);
 
   CUdevice cu_device = 0;

@@ -79,4 +79,9 @@ class SymmetricMemory {
 // naming the key when the store times out.
 void storeBarrier(c10d::Store& store, const std::string& key, int world_size);
 
+// "<tag>#<n>", where n counts this process's earlier calls with `tag`: ranks
+// that make the same calls in the same order agree on it without talking,
+// and stale keys of an earlier use of the tag are never read.
+std::string uniqueStorePrefix(const std::string& tag);
+
 }  // namespace hostfuse
