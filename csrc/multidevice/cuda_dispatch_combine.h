@@ -18,10 +18,13 @@
 // w[t, k] * out(t, k) accumulated in fp32 in that order, without fused
 // multiply-adds, rounded to x's dtype.
 //
-// Lifetimes: recv_x is a view of the workspace's symmetric receive buffer,
-// valid until the next dispatch of this workspace on any rank; clone it to
-// keep it. The other outputs are ordinary tensors. combine() takes the
-// handle of the workspace's latest dispatch.
+// Lifetimes: recv_x is a view of the workspace's symmetric receive buffer:
+// peers write into it again only once this rank's next dispatch of the
+// workspace has started on its stream, so work queued before that on the
+// same stream (the experts) may read it; clone it to keep it longer. The
+// other outputs are ordinary tensors. combine() takes the handle of the
+// workspace's latest dispatch. Every rank makes the same sequence of calls
+// on a workspace (they are collectives); a workspace is not thread safe.
 //
 // Errors found on the device (bad expert ids, duplicate picks, capacity
 // overflow, a peer that does not answer within the timeout) are recorded in
@@ -49,7 +52,9 @@ struct CudaMoeConfig {
   int world_size = 1;
   int device = 0;  // CUDA device index of this rank
   int64_t num_experts = 0;
-  int64_t max_tokens = 0;  // T_max: the largest T of any call on this rank
+  // T_max: the largest T of any call on any rank; the same on every rank
+  // (the buffers are symmetric).
+  int64_t max_tokens = 0;
   int64_t hidden = 0;
   int64_t topk = 0;
   at::ScalarType dtype = at::kBFloat16;  // x, expert outputs, combined
