@@ -1,0 +1,284 @@
+// Device helpers of the MoE kernels: cross-GPU flags, bounded waits,
+// status records and warp-wide row copies. CUDA toolkit only; included by
+// the .cu files of this folder.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "multidevice/kernels/dispatch_combine.cuh"
+
+namespace hostfuse::moe::device {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kCopyUnroll = 4;
+
+// ---------------------------------------------------------------------------
+// Memory-model helpers. Flags cross GPUs, so they use system scope: the
+// writer's release store orders its earlier stores (fenced by every thread
+// that made them) before the flag; the reader's acquire load orders the flag
+// before its later loads.
+
+__device__ __forceinline__ uint64_t loadAcquireSys(const uint64_t* address) {
+  uint64_t value;
+  asm volatile("ld.acquire.sys.u64 %0, [%1];"
+               : "=l"(value)
+               : "l"(address)
+               : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void storeReleaseSys(uint64_t* address,
+                                                uint64_t value) {
+  asm volatile("st.release.sys.u64 [%0], %1;" ::"l"(address), "l"(value)
+               : "memory");
+}
+
+__device__ __forceinline__ uint64_t globalTimerNs() {
+  uint64_t now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  return now;
+}
+
+template <typename T>
+__device__ __forceinline__ T loadVolatile(const T* address) {
+  return *reinterpret_cast<const volatile T*>(address);
+}
+
+__device__ __forceinline__ uint64_t* flagAt(void* control, size_t offset,
+                                            int index) {
+  return reinterpret_cast<uint64_t*>(static_cast<char*>(control) + offset) +
+         index;
+}
+
+__host__ __device__ inline size_t roundUp(size_t value, size_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// ---------------------------------------------------------------------------
+// Status and waits.
+
+struct WaitContext {
+  DeviceState* state;
+  Status* status;
+  uint64_t timeout_ns;
+  int op;
+  uint64_t epoch;
+};
+
+// Records the first error of a call (or of a series of replays): the
+// winner of the claim fills the host-mapped record, the code last.
+__device__ inline void recordStatus(const WaitContext& context, int32_t code,
+                                    int rank, int purpose, int64_t token,
+                                    int64_t pick, int64_t value) {
+  if (atomicCAS(&context.state->status_claim, 0, 1) != 0) {
+    return;
+  }
+  volatile Status* status = context.status;
+  status->op = context.op;
+  status->rank = rank;
+  status->purpose = purpose;
+  status->token = token;
+  status->pick = pick;
+  status->value = value;
+  status->epoch = context.epoch;
+  __threadfence_system();
+  status->code = code;
+  __threadfence_system();
+}
+
+// One thread waits until *flag >= target. On timeout it records which peer
+// did not answer and poisons the workspace, so that every other waiter, and
+// every later call, stops at once. False when the call must stop.
+__device__ inline bool waitForFlag(const uint64_t* flag, uint64_t target,
+                                   int peer, const WaitContext& context,
+                                   int purpose) {
+  if (loadAcquireSys(flag) >= target) {
+    return true;
+  }
+  const uint64_t start = globalTimerNs();
+  while (loadAcquireSys(flag) < target) {
+    // Many warps may poll at once: leave L2 bandwidth to the copies.
+    __nanosleep(64);
+    if (loadVolatile(&context.state->poisoned) != 0) {
+      return false;
+    }
+    if (globalTimerNs() - start > context.timeout_ns) {
+      recordStatus(context, kStatusTimeout, peer, purpose, -1, -1,
+                   static_cast<int64_t>(target));
+      atomicExch(&context.state->poisoned, 1);
+      return false;
+    }
+  }
+  return true;
+}
+
+// Block-wide: thread s < world_size waits for flags[s] (written by peer s).
+// Returns the same answer in every thread.
+__device__ inline bool blockWaitForPeers(const uint64_t* flags, int world_size,
+                                         uint64_t target,
+                                         const WaitContext& context,
+                                         int purpose) {
+  bool ok = true;
+  if (threadIdx.x < world_size) {
+    ok =
+        waitForFlag(flags + threadIdx.x, target, threadIdx.x, context, purpose);
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
+// Warp-wide: lane 0 waits for `flag` (written by `peer`); the warp barrier
+// then orders the other lanes' loads after lane 0's acquire.
+__device__ inline bool warpWaitForPeer(const uint64_t* flag, uint64_t target,
+                                       int peer, const WaitContext& context,
+                                       int purpose) {
+  int ok = 1;
+  if ((threadIdx.x & 31) == 0) {
+    ok = waitForFlag(flag, target, peer, context, purpose) ? 1 : 0;
+  }
+  ok = __shfl_sync(kFullMask, ok, 0);
+  __syncwarp();
+  return ok != 0;
+}
+
+// Block-wide: after this block's stores, counts the block in `counter`,
+// which only grows, by `participants` per call. True in every thread of the
+// block that arrived last in this call; by then the stores of every
+// participating block are visible to it.
+__device__ inline bool arriveLast(uint64_t* counter, int participants) {
+  __shared__ int last;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned long long before =
+        atomicAdd(reinterpret_cast<unsigned long long*>(counter), 1ULL);
+    last = (before + 1) % static_cast<unsigned long long>(participants) == 0;
+    __threadfence_system();
+  }
+  __syncthreads();
+  return last != 0;
+}
+
+// One thread raises flag `offset`[rank] to `epoch` in `peer`'s control
+// buffer.
+__device__ inline void signalPeer(void* const* control, size_t offset, int rank,
+                                  int peer, uint64_t epoch) {
+  __threadfence_system();
+  storeReleaseSys(flagAt(control[peer], offset, rank), epoch);
+}
+
+// Block-wide: raises flag `offset`[rank] on every peer.
+__device__ inline void signalAllPeers(void* const* control, size_t offset,
+                                      int rank, int world_size,
+                                      uint64_t epoch) {
+  if (threadIdx.x < world_size) {
+    signalPeer(control, offset, rank, threadIdx.x, epoch);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Rows of one source on this (receiving) rank: segment l of source s holds
+// count[s * L + l] rows from row start[s * L + l] (expert-major layout).
+// Returns the k-th of them, or -1 past the end.
+__device__ __forceinline__ int64_t rowOfSource(const int64_t* start,
+                                               const int32_t* count,
+                                               int local_experts, int source,
+                                               int64_t k) {
+  for (int l = 0; l < local_experts; ++l) {
+    const int64_t rows = count[source * local_experts + l];
+    if (k < rows) {
+      return start[source * local_experts + l] + k;
+    }
+    k -= rows;
+  }
+  return -1;
+}
+
+// ---------------------------------------------------------------------------
+// Row copies: a warp moves units [begin, end) of U (16, 8, 4 or 2 bytes)
+// from `source` to each of `count` destinations, loading each unit once.
+// kBypassL1 reads data that peers or other blocks wrote during this kernel.
+
+template <typename U, bool kBypassL1>
+__device__ __forceinline__ U loadUnit(const U* address) {
+  if constexpr (kBypassL1) {
+    return __ldcg(address);
+  } else {
+    return *address;
+  }
+}
+
+template <typename U, bool kBypassL1>
+__device__ __forceinline__ void copyUnits(char* const* destinations, int count,
+                                          const U* source, int64_t begin,
+                                          int64_t end, int lane) {
+  for (int64_t base = begin + lane; base < end; base += 32 * kCopyUnroll) {
+    U values[kCopyUnroll];
+#pragma unroll
+    for (int i = 0; i < kCopyUnroll; ++i) {
+      const int64_t unit = base + 32 * i;
+      if (unit < end) {
+        values[i] = loadUnit<U, kBypassL1>(source + unit);
+      }
+    }
+    for (int j = 0; j < count; ++j) {
+      U* destination = reinterpret_cast<U*>(destinations[j]);
+#pragma unroll
+      for (int i = 0; i < kCopyUnroll; ++i) {
+        const int64_t unit = base + 32 * i;
+        if (unit < end) {
+          destination[unit] = values[i];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+// Blocks of `kernel` that fit on one SM (after allowing its shared memory).
+template <typename Kernel>
+cudaError_t occupancy(Kernel kernel, size_t shared_bytes, int* blocks) {
+  if (shared_bytes > 48 * 1024) {
+    const cudaError_t status = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(shared_bytes));
+    if (status != cudaSuccess) {
+      return status;
+    }
+  }
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      blocks, kernel, kThreadsPerBlock, shared_bytes);
+}
+
+// Launches `kernel(params)` on `stream`; cooperative launches guarantee
+// that all blocks are resident at once (they wait for each other).
+template <typename Kernel, typename Params>
+cudaError_t launch(Kernel kernel, const Params& params, int blocks,
+                   size_t shared_bytes, bool cooperative, cudaStream_t stream) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(kThreadsPerBlock);
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeCooperative;
+  attribute.val.cooperative = 1;
+  config.attrs = &attribute;
+  config.numAttrs = cooperative ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, params);
+}
+
+}  // namespace hostfuse::moe::device
+
+namespace hostfuse::moe {
+
+// Smallest number of blocks per SM over the instantiations of each kernel
+// (dispatch.cu, combine.cu).
+cudaError_t dispatchOccupancy(size_t shared_bytes, int* per_sm);
+cudaError_t combineOccupancy(ElementType dtype, size_t shared_bytes,
+                             int* per_sm);
+
+}  // namespace hostfuse::moe

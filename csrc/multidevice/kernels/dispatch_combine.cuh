@@ -1,0 +1,203 @@
+// Interface of the CUDA-backend MoE dispatch and combine kernels.
+//
+// Plain C++ and CUDA runtime types only: no torch here (DESIGN.md layering).
+// The host side (multidevice/cuda_dispatch_combine.cpp) owns the buffers and
+// fills the parameter blocks; docs/moe_cuda.md describes the protocol.
+//
+// Notation: R ranks, T tokens on this rank (T <= T_max), H hidden size,
+// K picks per token, E experts, L = E / R local experts, C capacity rows
+// per receiving rank, B = H * element size bytes per row.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace hostfuse::moe {
+
+constexpr int kThreadsPerBlock = 512;
+constexpr int kWarpsPerBlock = kThreadsPerBlock / 32;
+constexpr int kMaxRanks = 32;
+constexpr int kMaxTopK = 32;
+constexpr int kMaxExperts = 1024;
+
+// Status codes the kernels record (first error of a call, or of a series of
+// graph replays, wins).
+enum StatusCode : int32_t {
+  kStatusOk = 0,
+  kStatusBadExpertId = 1,       // rank: bad rank; token, pick, value
+  kStatusDuplicateExpert = 2,   // rank: bad rank; token, pick, value
+  kStatusCapacityOverflow = 3,  // rank: the rank with most rows; value: rows
+  kStatusTimeout = 4,           // rank: the peer that did not answer; purpose
+  kStatusPoisoned = 5,          // an earlier timeout left the protocol unusable
+  kStatusInternal = 6,          // value: detail
+};
+
+// Which flag a timed-out wait was polling.
+enum WaitPurpose : int32_t {
+  kWaitCounts = 1,        // dispatch: the peer's count row
+  kWaitDispatchData = 2,  // dispatch: the peer's rows and metadata
+  kWaitCombineData = 3,   // combine: the peer's rows back into our slots
+  kWaitCombineFree = 4,   // combine: the peer's slots free again
+};
+
+// Status word in pinned host memory mapped into the device. The kernels claim
+// it through DeviceState::status_claim, so only one writer fills it.
+struct Status {
+  int32_t code;
+  int32_t op;  // 1 dispatch, 2 combine
+  int32_t rank;
+  int32_t purpose;
+  int64_t token;
+  int64_t pick;
+  int64_t value;
+  uint64_t epoch;
+};
+
+// Per-workspace device state in local (not symmetric) memory, zeroed at
+// setup. Epochs and arrival counters only grow (a counter gets exactly its
+// number of participants per call, so "last to arrive" is a modulo test);
+// the only per-call counter, expand_claims, is double-buffered by epoch
+// parity and cleared one call ahead. So consecutive calls and graph replays
+// never race on a reset.
+struct DeviceState {
+  uint64_t dispatch_epoch;              // epoch of the last finished dispatch
+  uint64_t combine_epoch;               // epoch of the last finished combine
+  uint64_t dispatch_exits;              // blocks that finished a dispatch
+  uint64_t combine_exits;               // blocks that finished a combine
+  uint64_t dispatch_rounds[kMaxRanks];  // push blocks done with round r
+  uint64_t combine_rounds[kMaxRanks];   // push blocks done with round r
+  uint64_t expand_claims[2];            // row groups claimed by expanding warps
+  int64_t recv_rows;                    // valid rows of the last dispatch here
+  int32_t poisoned;      // set by a timeout: every later call bails
+  int32_t status_claim;  // 0 until a kernel claims Status
+};
+
+// Layout of the symmetric control buffer (identical on every rank). All
+// flags are written by the peer named by their index, with a system-scope
+// release store, and polled by the owner with acquire loads.
+struct ControlLayout {
+  size_t count_flags;      // uint64[R]: epoch of peer s's count row
+  size_t data_flags;       // uint64[R]: epoch of peer s's rows for us
+  size_t combine_flags;    // uint64[R]: epoch of peer s's rows back to us
+  size_t free_flags;       // uint64[R]: epoch of peer s's last reduction
+  size_t count_rows;       // CountRow[2][R], double-buffered by epoch parity
+  size_t count_row_bytes;  // header + E int32 counts, 16-byte multiple
+  size_t total_bytes;
+};
+
+// Header of a published count row: the sender's input validation result.
+struct CountRowHeader {
+  int32_t code;  // kStatusOk, kStatusBadExpertId or kStatusDuplicateExpert
+  int32_t pick;
+  int64_t token;
+  int64_t value;
+  int64_t reserved;
+};
+
+ControlLayout controlLayout(int world_size, int num_experts);
+
+// Per-row metadata pushed next to each row: {source token, source rank << 8 |
+// pick, row to copy from (-1 for the row that carried the data), weight
+// bits}. 16 bytes, so one vector store.
+constexpr size_t kMetaBytes = 16;
+
+struct DispatchParams {
+  // Inputs on this rank.
+  const void* x;              // [T, H], B bytes per row
+  const void* topk_idx;       // [T, K] int32 or int64
+  const float* topk_weights;  // [T, K] or null
+  int64_t tokens;             // T
+  // Sizes.
+  int rank;
+  int world_size;
+  int num_experts;
+  int local_experts;
+  int topk;
+  int64_t row_bytes;       // B
+  int64_t capacity;        // C
+  int64_t unit_bytes;      // 16, 8, 4 or 2: copy granularity
+  int64_t chunks_per_row;  // work items per row in the push
+  int push_blocks;         // blocks [0, push_blocks) push rows
+  // Push to one destination after the other (rounds) instead of to all at
+  // once; pays off when rows are many (see docs/moe_cuda.md).
+  int rounds;
+  // Symmetric memory: device arrays of R peer pointers.
+  void* const* control;  // ControlLayout buffers
+  void* const* recv;     // [C, B] rows, then [C] metadata
+  ControlLayout layout;
+  size_t meta_offset;  // bytes from a recv buffer to its metadata
+  // Local scratch.
+  DeviceState* state;
+  Status* status;      // host-mapped
+  int32_t* pick_pos;   // [T_max * K]
+  int32_t* warp_base;  // [kWarpsPerBlock * E]
+  int32_t* pick_row;   // [T_max * K]: row on the receiver or -1
+  // [R * L]: where source s's rows of local expert l start here, and how
+  // many there are (kept for the combine).
+  int64_t* recv_start;
+  int32_t* recv_count;
+  // Outputs (device).
+  int64_t* recv_src_rank;       // [C]
+  int64_t* recv_src_token;      // [C]
+  int64_t* recv_src_k;          // [C]
+  float* recv_weights;          // [C] or null
+  int64_t* recv_expert_counts;  // [L]
+  int64_t* rows_to_rank;        // [R]
+  int64_t* rows_from_rank;      // [R]
+  uint64_t timeout_ns;
+  int debug;
+};
+
+struct CombineParams {
+  const void* expert_out;     // [C, H] in the dispatch layout
+  const float* topk_weights;  // [T, K] or null
+  void* out;                  // [T, H]
+  int64_t tokens;             // T of the matching dispatch
+  int rank;
+  int world_size;
+  int local_experts;
+  int topk;
+  int64_t max_tokens;  // T_max
+  int64_t row_bytes;
+  int64_t unit_bytes;
+  int64_t chunks_per_row;
+  int push_blocks;
+  int rounds;  // as in DispatchParams
+  void* const* control;
+  void* const* recv;   // for the metadata of the last dispatch
+  void* const* slots;  // [T_max, K, B] per rank
+  ControlLayout layout;
+  size_t meta_offset;
+  DeviceState* state;
+  Status* status;
+  // Written by the last dispatch.
+  const int32_t* pick_row;
+  const int64_t* recv_start;
+  const int32_t* recv_count;
+  uint64_t timeout_ns;
+  int debug;
+};
+
+enum class ElementType : int32_t { kFloat32, kBFloat16, kFloat16 };
+
+// Dynamic shared memory of the kernels for E experts.
+size_t dispatchSharedBytes(int num_experts);
+size_t combineSharedBytes(int num_experts);
+
+// Sets kernel attributes and returns in *max_blocks the largest grid that
+// can be co-resident on `device` for both kernels (they are launched
+// cooperatively: blocks wait for each other).
+cudaError_t prepareKernels(int device, int num_experts, ElementType dtype,
+                           int* max_blocks);
+
+// Launch on `stream` with `blocks` blocks (<= max_blocks of prepareKernels).
+// `cooperative` asks the runtime to guarantee co-residency (the kernels'
+// blocks wait for each other); turning it off is for diagnosis only.
+cudaError_t launchDispatch(const DispatchParams& params, bool idx_is_int64,
+                           int blocks, bool cooperative, cudaStream_t stream);
+cudaError_t launchCombine(const CombineParams& params, ElementType dtype,
+                          int blocks, bool cooperative, cudaStream_t stream);
+
+}  // namespace hostfuse::moe

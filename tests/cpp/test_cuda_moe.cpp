@@ -1,0 +1,722 @@
+// Multi-process tests of the cuda MoE backend: symmetric memory, dispatch
+// and combine against a plain ATen reference, device-reported errors, and
+// CUDA graph replays.
+//
+// Run N processes on a machine with N GPUs: tools/run_cuda_moe_tests.sh N.
+// Each process reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+// (torchrun sets them); without them it is a single rank. Every test skips
+// without a GPU or with fewer GPUs than ranks.
+//
+// Every rank generates every rank's inputs from the same seeds, so the
+// reference needs no communication. Tests never return early between
+// collective calls: a rank that left would make the others time out.
+#include <cuda_runtime_api.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "multidevice/cuda_dispatch_combine.h"
+#include "multidevice/symmetric_memory.h"
+#include "test_utils.h"
+#include "utils/torch_cuda.h"
+
+namespace hostfuse {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Process-group glue: a TCPStore from the torchrun environment. The moe
+// branch's Communicator replaces this at merge time.
+
+struct ProcessGroup {
+  int rank = 0;
+  int world = 1;
+  int local_rank = 0;
+  c10::intrusive_ptr<c10d::Store> store;
+  std::string skip_reason;
+};
+
+int environmentInt(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
+}
+
+ProcessGroup makeProcessGroup() {
+  ProcessGroup group;
+  group.rank = environmentInt("RANK", 0);
+  group.world = environmentInt("WORLD_SIZE", 1);
+  group.local_rank = environmentInt("LOCAL_RANK", group.rank);
+  if (!cuda::isAvailable()) {
+    group.skip_reason = "no CUDA device on this machine";
+    return group;
+  }
+  if (cuda::deviceCount() < group.world) {
+    group.skip_reason = toString("needs one GPU per rank: ", group.world,
+                                 " ranks, ", cuda::deviceCount(), " GPUs");
+    return group;
+  }
+  cudaSetDevice(group.local_rank);
+  const char* address = std::getenv("MASTER_ADDR");
+  const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+  c10d::TCPStoreOptions options;
+  options.port = static_cast<uint16_t>(
+      environmentInt("MASTER_PORT", group.world == 1 ? 0 : 29500));
+  // torchrun's agent already serves a store on MASTER_PORT.
+  options.isServer =
+      !(agent != nullptr && std::string(agent) == "True") && group.rank == 0;
+  options.waitWorkers = false;
+  options.timeout = std::chrono::seconds(180);
+  auto tcp = c10::make_intrusive<c10d::TCPStore>(
+      address != nullptr ? address : "127.0.0.1", options);
+  group.store =
+      c10::make_intrusive<c10d::PrefixStore>("hostfuse/test_cuda_moe", tcp);
+  return group;
+}
+
+ProcessGroup& processGroup() {
+  static ProcessGroup group = makeProcessGroup();
+  return group;
+}
+
+std::string testName() {
+  const auto* info = testing::UnitTest::GetInstance()->current_test_info();
+  return toString(info->test_suite_name(), ".", info->name());
+}
+
+// ---------------------------------------------------------------------------
+// Inputs and the reference.
+
+enum class Routing {
+  kUniform,       // K distinct experts per token, uniformly
+  kOneExpert,     // every token picks experts 0, 1, ..., K-1
+  kSkipLastRank,  // no token picks an expert of the last rank
+};
+
+struct Case {
+  int64_t experts = 8;
+  int64_t topk = 2;
+  int64_t hidden = 256;
+  at::ScalarType dtype = at::kBFloat16;
+  bool weights = true;
+  bool int32_idx = false;
+  Routing routing = Routing::kUniform;
+  double mask = 0.1;            // probability that a pick is masked (-1)
+  std::vector<int64_t> tokens;  // per rank; empty: 24 + 8 * rank
+  uint64_t seed = 1;
+  // Push to one destination per round (the large-T mode) instead of to all
+  // at once.
+  bool rounds = false;
+
+  int64_t tokensOf(int rank) const {
+    return tokens.empty() ? 24 + 8 * rank : tokens.at(rank);
+  }
+  int64_t maxTokens(int world) const {
+    int64_t most = 1;
+    for (int r = 0; r < world; ++r) {
+      most = std::max(most, tokensOf(r));
+    }
+    return most;
+  }
+};
+
+// CPU tensors of one rank: x [T, H], idx [T, K] int64, weights [T, K] fp32.
+struct Inputs {
+  at::Tensor x;
+  at::Tensor idx;
+  at::Tensor weights;
+};
+
+Inputs makeInputs(const Case& c, int world, int rank, uint64_t round = 0) {
+  at::Generator gen = at::detail::createCPUGenerator(
+      c.seed * 1000003 + round * 7919 + static_cast<uint64_t>(rank));
+  const int64_t tokens = c.tokensOf(rank);
+  const int64_t local = c.experts / world;
+  const auto cpu_float = at::dtype(at::kFloat);
+  Inputs in;
+  in.x = at::randn({tokens, c.hidden}, gen, cpu_float).to(c.dtype);
+  const int64_t usable = c.routing == Routing::kSkipLastRank && world > 1
+                             ? c.experts - local
+                             : c.experts;
+  const int64_t picked = std::min(c.topk, usable);
+  at::Tensor ids;
+  if (c.routing == Routing::kOneExpert) {
+    ids = at::arange(picked, at::dtype(at::kLong))
+              .unsqueeze(0)
+              .expand({tokens, picked})
+              .contiguous();
+  } else {
+    ids = at::rand({tokens, usable}, gen, cpu_float)
+              .argsort(/*dim=*/int64_t{1})
+              .slice(1, 0, picked)
+              .contiguous();
+  }
+  in.idx = at::full({tokens, c.topk}, -1, at::dtype(at::kLong));
+  in.idx.slice(1, 0, picked).copy_(ids);
+  const at::Tensor masked = at::rand({tokens, c.topk}, gen, cpu_float) < c.mask;
+  in.idx.masked_fill_(masked, -1);
+  in.weights = at::rand({tokens, c.topk}, gen, cpu_float) + 0.1;
+  return in;
+}
+
+std::vector<Inputs> allInputs(const Case& c, int world, uint64_t round = 0) {
+  std::vector<Inputs> all;
+  for (int r = 0; r < world; ++r) {
+    all.push_back(makeInputs(c, world, r, round));
+  }
+  return all;
+}
+
+// The tests' expert e applied to row x of pick k: x * ((e + 1) + k / 2) in
+// fp32, rounded to the dtype. Exactly representable scales, so the device
+// and the CPU agree bit for bit.
+at::Tensor expertScale(const at::Tensor& experts, const at::Tensor& picks) {
+  return (experts + 1).to(at::kFloat) + 0.5 * picks.to(at::kFloat);
+}
+
+struct Expected {
+  at::Tensor rows, src_rank, src_token, src_k, weights;
+  at::Tensor counts, to_rank, from_rank, combined;
+};
+
+Expected reference(const Case& c, int world, int rank,
+                   const std::vector<Inputs>& all) {
+  const int64_t local = c.experts / world;
+  std::vector<at::Tensor> rows, src_rank, src_token, src_k, weights;
+  Expected e;
+  e.counts = at::zeros({local}, at::dtype(at::kLong));
+  for (int64_t l = 0; l < local; ++l) {
+    const int64_t expert = rank * local + l;
+    for (int s = 0; s < world; ++s) {
+      const at::Tensor hits = (all[s].idx == expert).nonzero();  // (t, k)
+      const at::Tensor t = hits.select(1, 0);
+      const at::Tensor k = hits.select(1, 1);
+      rows.push_back(all[s].x.index_select(0, t));
+      src_rank.push_back(at::full_like(t, s));
+      src_token.push_back(t);
+      src_k.push_back(k);
+      weights.push_back(all[s].weights.index({t, k}));
+      e.counts[l] += hits.size(0);
+    }
+  }
+  e.rows = at::cat(rows);
+  e.src_rank = at::cat(src_rank);
+  e.src_token = at::cat(src_token);
+  e.src_k = at::cat(src_k);
+  e.weights = at::cat(weights);
+  e.to_rank = at::zeros({world}, at::dtype(at::kLong));
+  e.from_rank = at::zeros({world}, at::dtype(at::kLong));
+  for (int d = 0; d < world; ++d) {
+    auto on = [&](const at::Tensor& idx, int r) {
+      return ((idx >= r * local) & (idx < (r + 1) * local)).sum();
+    };
+    e.to_rank[d] = on(all[rank].idx, d);
+    e.from_rank[d] = on(all[d].idx, rank);
+  }
+  // combined[t] = sum over unmasked k in order of w * out(t, k), in fp32 with
+  // separate multiply and add (separate ATen ops never fuse).
+  const Inputs& own = all[rank];
+  at::Tensor sum = at::zeros({own.x.size(0), c.hidden}, at::dtype(at::kFloat));
+  for (int64_t k = 0; k < c.topk; ++k) {
+    const at::Tensor ids = own.idx.select(1, k);
+    const at::Tensor scale =
+        expertScale(ids, at::full_like(ids, k)).unsqueeze(1);
+    const at::Tensor out =
+        (own.x.to(at::kFloat) * scale).to(c.dtype).to(at::kFloat);
+    const at::Tensor contribution =
+        c.weights ? own.weights.select(1, k).unsqueeze(1) * out : out;
+    sum = at::where((ids >= 0).unsqueeze(1), sum + contribution, sum);
+  }
+  e.combined = sum.to(c.dtype);
+  return e;
+}
+
+// Runs the tests' experts on the dispatched rows, on the device, without
+// host synchronization (so it can be captured).
+at::Tensor runExperts(const CudaDispatchResult& result, const Case& c,
+                      int world, int rank) {
+  const int64_t local = c.experts / world;
+  const int64_t rows = result.recv_x.size(0);
+  const at::Tensor ends = result.recv_expert_counts.cumsum(0);
+  const at::Tensor row_ids = at::arange(rows, ends.options());
+  const at::Tensor local_ids =
+      at::searchsorted(ends, row_ids, /*out_int32=*/false, /*right=*/true)
+          .clamp_max(local - 1);
+  const at::Tensor scale = expertScale(local_ids + rank * local,
+                                       result.recv_src_k.clamp(0, c.topk - 1));
+  return (result.recv_x.to(at::kFloat) * scale.unsqueeze(1)).to(c.dtype);
+}
+
+// Number of mismatches, with a message for the first few.
+class Checker {
+ public:
+  void equal(const at::Tensor& actual, const at::Tensor& expected,
+             const std::string& what) {
+    const at::Tensor a = actual.cpu();
+    const at::Tensor e = expected.cpu();
+    const bool same = a.sizes() == e.sizes() &&
+                      a.scalar_type() == e.scalar_type() && at::equal(a, e);
+    if (!same && ++failures_ <= 5) {
+      ADD_FAILURE() << "rank " << processGroup().rank << ": " << what
+                    << " differs from the reference (sizes " << a.sizes()
+                    << " vs " << e.sizes() << ")";
+    }
+  }
+  int failures() const { return failures_; }
+
+ private:
+  int failures_ = 0;
+};
+
+void checkDispatch(Checker& check, const CudaDispatchResult& result,
+                   const Expected& e, bool weights, const std::string& when) {
+  const int64_t rows = e.src_rank.size(0);
+  check.equal(result.recv_expert_counts, e.counts, when + " counts");
+  check.equal(result.n_rows_to_rank, e.to_rank, when + " n_rows_to_rank");
+  check.equal(result.n_rows_from_rank, e.from_rank, when + " n_rows_from_rank");
+  if (rows > result.recv_x.size(0)) {
+    ADD_FAILURE() << when << ": " << rows << " rows exceed the capacity";
+    return;
+  }
+  check.equal(result.recv_x.slice(0, 0, rows), e.rows, when + " recv_x");
+  check.equal(result.recv_src_rank.slice(0, 0, rows), e.src_rank,
+              when + " recv_src_rank");
+  check.equal(result.recv_src_token.slice(0, 0, rows), e.src_token,
+              when + " recv_src_token");
+  check.equal(result.recv_src_k.slice(0, 0, rows), e.src_k,
+              when + " recv_src_k");
+  if (weights) {
+    check.equal(result.recv_weights.slice(0, 0, rows), e.weights,
+                when + " recv_weights");
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Fixture.
+
+class CudaMoe : public testing::Test {
+ protected:
+  void SetUp() override {
+    ProcessGroup& group = processGroup();
+    if (!group.skip_reason.empty()) {
+      GTEST_SKIP() << group.skip_reason;
+    }
+    rank_ = group.rank;
+    world_ = group.world;
+    device_ = group.local_rank;
+    cudaSetDevice(device_);
+    storeBarrier(*group.store, testName() + "/start", world_);
+  }
+
+  void TearDown() override {
+    if (processGroup().skip_reason.empty()) {
+      cudaDeviceSynchronize();
+      storeBarrier(*processGroup().store, testName() + "/end", world_);
+    }
+  }
+
+  std::unique_ptr<CudaMoeWorkspace> makeWorkspace(const Case& c,
+                                                  const std::string& name,
+                                                  int64_t capacity = 0,
+                                                  bool check_each_call = true,
+                                                  double timeout_s = 20) {
+    CudaMoeConfig config;
+    config.rank = rank_;
+    config.world_size = world_;
+    config.device = device_;
+    config.num_experts = c.experts;
+    config.max_tokens = c.maxTokens(world_);
+    config.hidden = c.hidden;
+    config.topk = c.topk;
+    config.dtype = c.dtype;
+    config.capacity = capacity;
+    config.tag = testName() + "/" + name;
+    config.check_each_call = check_each_call;
+    config.timeout_s = timeout_s;
+    config.rounds_min_tokens =
+        c.rounds ? 1 : std::numeric_limits<int64_t>::max();
+    return std::make_unique<CudaMoeWorkspace>(processGroup().store, config);
+  }
+
+  at::Device device() const {
+    return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_));
+  }
+
+  struct DeviceInputs {
+    at::Tensor x, idx, weights;
+  };
+  DeviceInputs toDevice(const Inputs& in, const Case& c) const {
+    DeviceInputs out;
+    out.x = in.x.to(device());
+    out.idx = in.idx.to(c.int32_idx ? at::kInt : at::kLong).to(device());
+    out.weights = in.weights.to(device());
+    return out;
+  }
+
+  // One eager dispatch + experts + combine, checked against the reference.
+  void runAndCheck(CudaMoeWorkspace& workspace, const Case& c,
+                   const std::string& when, uint64_t round = 0) {
+    const std::vector<Inputs> all = allInputs(c, world_, round);
+    const DeviceInputs in = toDevice(all[rank_], c);
+    std::optional<at::Tensor> weights;
+    if (c.weights) {
+      weights = in.weights;
+    }
+    const Expected e = reference(c, world_, rank_, all);
+    Checker check;
+    try {
+      const CudaDispatchResult result =
+          workspace.dispatch(in.x, in.idx, weights);
+      checkDispatch(check, result, e, c.weights, when);
+      const at::Tensor out = runExperts(result, c, world_, rank_);
+      const at::Tensor combined = workspace.combine(out, result, weights);
+      check.equal(combined, e.combined, when + " combined");
+    } catch (const std::exception& error) {
+      ADD_FAILURE() << "rank " << rank_ << ", " << when << ": " << error.what();
+    }
+  }
+
+  void replayGraph(const Case& c, const std::string& name, int replays);
+
+  int rank_ = 0;
+  int world_ = 1;
+  int device_ = 0;
+};
+
+// ---------------------------------------------------------------------------
+// Symmetric memory.
+
+TEST_F(CudaMoe, SymmetricMemoryMapsEveryPeersBuffer) {
+  const size_t bytes = 3 << 20;
+  auto memory = SymmetricMemory::allocate(processGroup().store, rank_, world_,
+                                          device_, bytes, testName());
+  ASSERT_EQ(memory->size(), bytes);
+  cudaMemset(memory->localPtr(), rank_ + 1, bytes);
+  cudaDeviceSynchronize();
+  storeBarrier(*processGroup().store, testName() + "/written", world_);
+  std::vector<void*> table(world_);
+  cudaMemcpy(table.data(), memory->devicePeerPtrs(), sizeof(void*) * world_,
+             cudaMemcpyDeviceToHost);
+  for (int peer = 0; peer < world_; ++peer) {
+    EXPECT_EQ(table[peer], memory->peerPtr(peer));
+    std::vector<uint8_t> host(bytes);
+    ASSERT_EQ(cudaMemcpy(host.data(), memory->peerPtr(peer), bytes,
+                         cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    EXPECT_TRUE(std::all_of(host.begin(), host.end(),
+                            [&](uint8_t v) { return v == peer + 1; }))
+        << "rank " << rank_ << " reads a wrong value through its mapping of "
+        << "rank " << peer << "'s buffer";
+  }
+  storeBarrier(*processGroup().store, testName() + "/read", world_);
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch and combine against the reference.
+
+TEST_F(CudaMoe, MatchesReferenceForEveryTopKAndExpertCount) {
+  for (const int64_t topk : {1, 2, 4, 8}) {
+    for (const int64_t per_rank : {1, 2, 8}) {
+      Case c;
+      c.experts = per_rank * world_;
+      c.topk = topk;
+      c.seed = 100 + topk * 10 + per_rank;
+      auto workspace = makeWorkspace(c, toString("k", topk, "_e", c.experts));
+      runAndCheck(*workspace, c,
+                  toString("K=", topk, " E=", c.experts, " call 1"));
+      runAndCheck(*workspace, c,
+                  toString("K=", topk, " E=", c.experts, " call 2"), 1);
+    }
+  }
+}
+
+TEST_F(CudaMoe, MatchesReferenceForEveryDtypeAndRowAlignment) {
+  // Row sizes that take the 16-, 8-, 4- and 2-byte copy paths.
+  struct Shape {
+    at::ScalarType dtype;
+    int64_t hidden;
+  };
+  for (const Shape shape : {Shape{at::kFloat, 256}, Shape{at::kFloat, 98},
+                            Shape{at::kFloat, 97}, Shape{at::kBFloat16, 100},
+                            Shape{at::kBFloat16, 97}, Shape{at::kHalf, 64}}) {
+    Case c;
+    c.experts = 4 * world_;
+    c.topk = 4;
+    c.dtype = shape.dtype;
+    c.hidden = shape.hidden;
+    c.seed = 7 + shape.hidden;
+    auto workspace = makeWorkspace(
+        c, toString(c10::toString(shape.dtype), "_h", shape.hidden));
+    runAndCheck(*workspace, c, toString(shape.dtype, " H=", shape.hidden));
+  }
+}
+
+TEST_F(CudaMoe, MatchesReferenceWithoutWeightsAndWithInt32Ids) {
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = 2;
+  c.weights = false;
+  c.int32_idx = true;
+  auto workspace = makeWorkspace(c, "plain");
+  runAndCheck(*workspace, c, "no weights, int32 ids");
+}
+
+TEST_F(CudaMoe, SkewedRoutingSendsEveryTokenToOneExpert) {
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = 1;
+  c.mask = 0.0;
+  c.routing = Routing::kOneExpert;
+  auto workspace = makeWorkspace(c, "one_expert");
+  runAndCheck(*workspace, c, "all to expert 0");
+  c.topk = std::min<int64_t>(4, c.experts);
+  auto wide = makeWorkspace(c, "first_experts");
+  runAndCheck(*wide, c, "all to experts 0..K-1");
+}
+
+TEST_F(CudaMoe, RankThatReceivesNothingAndRankWithoutTokens) {
+  Case c;
+  c.experts = 4 * world_;
+  c.topk = 3;
+  c.routing = Routing::kSkipLastRank;
+  auto workspace = makeWorkspace(c, "skip_last");
+  runAndCheck(*workspace, c, "last rank receives nothing");
+
+  Case empty;
+  empty.experts = 2 * world_;
+  empty.topk = 2;
+  empty.tokens.assign(world_, 16);
+  empty.tokens[0] = 0;
+  auto second = makeWorkspace(empty, "empty_rank");
+  runAndCheck(*second, empty, "rank 0 has no tokens");
+  runAndCheck(*second, empty, "rank 0 has no tokens, again", 1);
+}
+
+TEST_F(CudaMoe, FullyMaskedTokensCombineToZero) {
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = 4;
+  c.mask = 0.6;  // many tokens lose every pick
+  auto workspace = makeWorkspace(c, "masked");
+  runAndCheck(*workspace, c, "mostly masked");
+}
+
+TEST_F(CudaMoe, MatchesReferenceWhenPushingOneDestinationPerRound) {
+  for (const int64_t topk : {1, 3, 8}) {
+    Case c;
+    c.rounds = true;
+    c.experts = 4 * world_;
+    c.topk = topk;
+    c.seed = 300 + topk;
+    auto workspace = makeWorkspace(c, toString("k", topk));
+    runAndCheck(*workspace, c, toString("rounds, K=", topk));
+    runAndCheck(*workspace, c, toString("rounds, K=", topk, " again"), 1);
+  }
+  Case skip;
+  skip.rounds = true;
+  skip.experts = 2 * world_;
+  skip.topk = 2;
+  skip.routing = Routing::kSkipLastRank;
+  skip.tokens.assign(world_, 40);
+  skip.tokens[0] = 0;
+  auto workspace = makeWorkspace(skip, "skip_last_empty_first");
+  runAndCheck(*workspace, skip, "rounds, rank 0 empty, last rank idle");
+  Case fp32 = skip;
+  fp32.routing = Routing::kUniform;
+  fp32.tokens.clear();
+  fp32.dtype = at::kFloat;
+  fp32.hidden = 97;
+  auto odd = makeWorkspace(fp32, "fp32_odd");
+  runAndCheck(*odd, fp32, "rounds, fp32, H = 97");
+}
+
+TEST_F(CudaMoe, TwoWorkspacesDoNotShareBuffers) {
+  Case a;
+  a.experts = 2 * world_;
+  a.topk = 2;
+  a.seed = 11;
+  Case b = a;
+  b.seed = 12;
+  auto first = makeWorkspace(a, "layer0");
+  auto second = makeWorkspace(b, "layer1");
+  const std::vector<Inputs> all_a = allInputs(a, world_);
+  const std::vector<Inputs> all_b = allInputs(b, world_);
+  const DeviceInputs in_a = toDevice(all_a[rank_], a);
+  const DeviceInputs in_b = toDevice(all_b[rank_], b);
+  const CudaDispatchResult ra = first->dispatch(in_a.x, in_a.idx, in_a.weights);
+  const CudaDispatchResult rb =
+      second->dispatch(in_b.x, in_b.idx, in_b.weights);
+  EXPECT_NE(ra.recv_x.data_ptr(), rb.recv_x.data_ptr());
+  // The second layer's dispatch left the first layer's rows alone.
+  Checker check;
+  const Expected ea = reference(a, world_, rank_, all_a);
+  const Expected eb = reference(b, world_, rank_, all_b);
+  checkDispatch(check, ra, ea, true, "layer 0");
+  checkDispatch(check, rb, eb, true, "layer 1");
+  const at::Tensor ca =
+      first->combine(runExperts(ra, a, world_, rank_), ra, in_a.weights);
+  const at::Tensor cb =
+      second->combine(runExperts(rb, b, world_, rank_), rb, in_b.weights);
+  check.equal(ca, ea.combined, "layer 0 combined");
+  check.equal(cb, eb.combined, "layer 1 combined");
+  test::expectErrorContains(
+      [&] { first->combine(runExperts(rb, b, world_, rank_), rb); },
+      {"another workspace"});
+}
+
+// ---------------------------------------------------------------------------
+// Errors.
+
+TEST_F(CudaMoe, BadExpertIdIsReportedOnEveryRankAndTheNextCallWorks) {
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = 2;
+  const int bad = world_ - 1;
+  for (const bool duplicate : {false, true}) {
+    for (const bool eager : {true, false}) {
+      auto workspace = makeWorkspace(
+          c, toString(duplicate ? "dup" : "range", eager ? "_eager" : "_late"),
+          0, eager);
+      std::vector<Inputs> all = allInputs(c, world_);
+      Inputs& mine = all[rank_];
+      if (rank_ == bad) {
+        mine.idx[3][0] = 0;
+        mine.idx[3][1] = duplicate ? 0 : c.experts;
+      }
+      const DeviceInputs in = toDevice(mine, c);
+      const std::vector<std::string> fragments =
+          duplicate
+              ? std::vector<std::string>{toString("rank ", bad),
+                                         "names expert 0 twice", "token 3"}
+              : std::vector<std::string>{
+                    toString("rank ", bad),
+                    toString("topk_idx[3, 1] = ", c.experts)};
+      if (eager) {
+        test::expectErrorContains(
+            [&] { workspace->dispatch(in.x, in.idx, in.weights); }, fragments);
+      } else {
+        workspace->dispatch(in.x, in.idx, in.weights);
+        test::expectErrorContains([&] { workspace->checkStatus(); }, fragments);
+      }
+      runAndCheck(*workspace, c, "valid call after a bad one", 1);
+      if (!eager) {
+        EXPECT_NO_THROW(workspace->checkStatus());
+      }
+    }
+  }
+}
+
+TEST_F(CudaMoe, CapacityOverflowIsReportedAndNothingIsWrittenOutOfBounds) {
+  for (const bool rounds : {false, true}) {
+    Case c;
+    c.experts = 2 * world_;
+    c.topk = 1;
+    c.mask = 0.0;
+    c.routing = Routing::kOneExpert;  // rank 0 receives every token
+    c.rounds = rounds;
+    const int64_t capacity = 8;
+    auto workspace =
+        makeWorkspace(c, rounds ? "small_rounds" : "small", capacity);
+    EXPECT_EQ(workspace->capacity(), capacity);
+    const std::vector<Inputs> all = allInputs(c, world_);
+    const DeviceInputs in = toDevice(all[rank_], c);
+    int64_t needed = 0;
+    for (int r = 0; r < world_; ++r) {
+      needed += c.tokensOf(r);
+    }
+    test::expectErrorContains(
+        [&] { workspace->dispatch(in.x, in.idx, in.weights); },
+        {"capacity overflow", "rank 0", toString("receives ", needed, " rows"),
+         toString("capacity >= ", needed)});
+    EXPECT_EQ(workspace->damagedGuardBytes(), 0);
+    // A call that fits in the same workspace.
+    Case fits = c;
+    fits.tokens.assign(world_, 0);
+    fits.tokens[0] = capacity;
+    runAndCheck(*workspace, fits, "fitting call after an overflow");
+    EXPECT_EQ(workspace->damagedGuardBytes(), 0);
+  }
+}
+
+TEST_F(CudaMoe, TimeoutNamesTheRankThatSkippedTheCall) {
+  if (world_ < 2) {
+    GTEST_SKIP() << "needs at least 2 ranks";
+  }
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = 2;
+  auto workspace = makeWorkspace(c, "skip", 0, true, /*timeout_s=*/2);
+  const int absent = world_ - 1;
+  const std::vector<Inputs> all = allInputs(c, world_);
+  const DeviceInputs in = toDevice(all[rank_], c);
+  if (rank_ != absent) {
+    test::expectErrorContains(
+        [&] { workspace->dispatch(in.x, in.idx, in.weights); },
+        {toString("rank ", absent, " did not answer"), "count row"});
+    test::expectErrorContains(
+        [&] { workspace->dispatch(in.x, in.idx, in.weights); }, {"unusable"});
+  }
+}
+
+// ---------------------------------------------------------------------------
+// CUDA graphs.
+
+// Captures dispatch, the experts and combine in one graph and replays it
+// `replays` times with new routing and data in the static inputs, checking
+// every replay.
+void CudaMoe::replayGraph(const Case& c, const std::string& name, int replays) {
+  auto workspace = makeWorkspace(c, name);
+  cuda::StreamScope stream(device_);
+
+  const std::vector<Inputs> first = allInputs(c, world_, 0);
+  const DeviceInputs in = toDevice(first[rank_], c);
+  runAndCheck(*workspace, c, "eager call before the capture", 0);
+
+  cuda::CudaGraph graph;
+  graph.captureBegin();
+  const CudaDispatchResult result =
+      workspace->dispatch(in.x, in.idx, in.weights);
+  const at::Tensor expert_out = runExperts(result, c, world_, rank_);
+  const at::Tensor combined =
+      workspace->combine(expert_out, result, in.weights);
+  graph.captureEnd();
+
+  Checker check;
+  for (int round = 1; round <= replays; ++round) {
+    const std::vector<Inputs> all = allInputs(c, world_, round);
+    in.x.copy_(all[rank_].x);
+    in.idx.copy_(all[rank_].idx);
+    in.weights.copy_(all[rank_].weights);
+    graph.replay();
+    const Expected e = reference(c, world_, rank_, all);
+    checkDispatch(check, result, e, true, toString("replay ", round));
+    check.equal(combined, e.combined, toString("replay ", round, " combined"));
+  }
+  EXPECT_EQ(check.failures(), 0) << "replays with a wrong result";
+  EXPECT_NO_THROW(workspace->checkStatus());
+}
+
+TEST_F(CudaMoe, GraphReplaysWithNewRoutingMatchTheReference) {
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = std::min<int64_t>(4, c.experts);
+  c.hidden = 128;
+  c.seed = 2024;
+  replayGraph(c, "graph", 1000);
+}
+
+TEST_F(CudaMoe, GraphReplaysMatchTheReferenceWhenPushingInRounds) {
+  Case c;
+  c.experts = 4 * world_;
+  c.topk = 4;
+  c.hidden = 64;
+  c.seed = 4048;
+  c.rounds = true;
+  replayGraph(c, "graph_rounds", 300);
+}
+
+}  // namespace
+}  // namespace hostfuse

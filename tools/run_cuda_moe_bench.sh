@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs the cuda MoE backend benchmark (build/bench_moe_cuda) as N
+# processes, one GPU each, with torchrun; rank 0 prints the table.
+#
+#   tools/run_cuda_moe_bench.sh N [T ...]      (default T: 128 4096)
+#
+# Builds first (tools/setup.sh) unless HOSTFUSE_NO_BUILD=1.
+# HOSTFUSE_MOE_BLOCKS overrides the number of blocks per kernel.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+
+n="${1:?usage: tools/run_cuda_moe_bench.sh N [T ...]}"
+shift
+if [ "${HOSTFUSE_NO_BUILD:-0}" = 1 ]; then
+  hostfuse_find_torch
+else
+  hostfuse_build --target bench_moe_cuda
+fi
+torchrun="$(command -v torchrun || echo "$(dirname "$HOSTFUSE_PYTHON")/torchrun")"
+hostfuse_log "running bench_moe_cuda on $n ranks"
+exec "$torchrun" --no-python --standalone --nproc-per-node="$n" \
+  "$HOSTFUSE_BUILD_DIR/bench_moe_cuda" "$@"
