@@ -101,11 +101,11 @@ template <typename T>
 __device__ __forceinline__ T hf_lowest();
 template <>
 __device__ __forceinline__ float hf_lowest<float>() {
-  return __int_as_float(0xff800000);
+  return __uint_as_float(0xff800000u);
 }
 template <>
 __device__ __forceinline__ double hf_lowest<double>() {
-  return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+  return -__longlong_as_double(0x7ff0000000000000ll);
 }
 template <>
 __device__ __forceinline__ int hf_lowest<int>() {

@@ -16,17 +16,9 @@
 #include <vector>
 
 #include "ir/container.h"
-#include "kernel/codegen.h"
+#include "kernel/launch.h"
 
 namespace hostfuse {
-
-struct KernelOptions {
-  // Use the contiguous kernel (one linear index, vector loads) when every
-  // tensor allows it.
-  bool contiguous_fast_path = true;
-  // Use 64-bit indices even where 32 bits suffice (to test that path).
-  bool force_64bit_index = false;
-};
 
 // Runs `fusion` with its generated kernel on the current stream of the
 // device of its inputs, which must all be CUDA tensors on one device.
