@@ -1,6 +1,7 @@
 #include "kernel/codegen.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <iomanip>
 #include <limits>
@@ -139,6 +140,15 @@ std::string literal(const ScalarValue& value, CType type) {
   return "0";
 }
 
+bool isIdentifier(const std::string& text) {
+  if (text.empty() || std::isdigit(static_cast<unsigned char>(text[0]))) {
+    return false;
+  }
+  return std::all_of(text.begin(), text.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
+  });
+}
+
 std::string join(const std::vector<std::string>& pieces,
                  const std::string& separator) {
   std::string result;
@@ -170,8 +180,16 @@ class KernelWriter {
     kernel_.is_reduction = analysis.hasReduction();
     kernel_.max_block_size =
         kernel_.is_reduction ? kMaxReductionBlockSize : kPointwiseBlockSize;
-    for (size_t i = 0; i < fusion_.inputs().size(); ++i) {
-      input_index_[fusion_.inputs()[i]] = static_cast<int64_t>(i);
+    // Scalar parameters carry the IR's name (s_eps for eps, s_i1 for the
+    // extent i1) when it makes a unique C identifier.
+    std::unordered_set<std::string> taken;
+    for (const Scalar* scalar : analysis.scalarParams()) {
+      std::string name = "s_" + scalar->toString();
+      if (!isIdentifier(scalar->toString()) || taken.count(name) != 0) {
+        name = "s" + std::to_string(scalar->name());
+      }
+      taken.insert(name);
+      scalar_names_[scalar] = name;
     }
   }
 
@@ -230,7 +248,7 @@ class KernelWriter {
   GeneratedKernel kernel_;
   std::ostringstream code_;
   int indent_ = 0;
-  std::unordered_map<const Val*, int64_t> input_index_;
+  std::unordered_map<const Scalar*, std::string> scalar_names_;
   // Values computed in the enclosing (row) scope, visible in every loop.
   std::unordered_set<const Val*> available_;
 };
@@ -328,7 +346,7 @@ void KernelWriter::writeSignature() {
   for (size_t k = 0; k < scalars.size(); ++k) {
     const CType type = scalars[k]->dtype() == DataType::Double ? CType::kDouble
                                                                : CType::kInt64;
-    add(cName(type) + " s" + std::to_string(scalars[k]->name()),
+    add(cName(type) + " " + scalar_names_.at(scalars[k]),
         {KernelParam::Kind::kScalar, static_cast<int64_t>(k)});
   }
 
@@ -668,7 +686,7 @@ std::string KernelWriter::operand(const Val* val, CType type) const {
     if (scalar->isConstant()) {
       return literal(*scalar->value(), type);
     }
-    const std::string name = "s" + std::to_string(scalar->name());
+    const std::string& name = scalar_names_.at(scalar);
     return convert(
         val->dtype() == DataType::Bool ? "(" + name + " != 0)" : name,
         valueType(val), type);
