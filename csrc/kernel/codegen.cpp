@@ -1,162 +1,24 @@
 #include "kernel/codegen.h"
 
 #include <algorithm>
-#include <cctype>
-#include <cmath>
-#include <iomanip>
-#include <limits>
 #include <sstream>
 #include <unordered_set>
 
+#include "kernel/c_types.h"
 #include "kernel/device_helpers.h"
 
 namespace hostfuse {
 
 namespace {
 
-// C types of values in generated code.
-enum class CType { kBool, kInt, kInt64, kFloat, kDouble };
-
-std::string cName(CType type) {
-  switch (type) {
-    case CType::kBool:
-      return "bool";
-    case CType::kInt:
-      return "int";
-    case CType::kInt64:
-      return "long long";
-    case CType::kFloat:
-      return "float";
-    case CType::kDouble:
-      return "double";
-  }
-  return "void";
-}
-
-// The type that arithmetic on values of `dtype` happens in.
-CType computeType(DataType dtype) {
-  switch (dtype) {
-    case DataType::Bool:
-      return CType::kBool;
-    case DataType::Int32:
-      return CType::kInt;
-    case DataType::Int64:
-      return CType::kInt64;
-    case DataType::Double:
-      return CType::kDouble;
-    case DataType::Half:
-    case DataType::BFloat16:
-    case DataType::Float:
-      return CType::kFloat;
-  }
-  return CType::kFloat;
-}
-
-// The C type that tensors of `dtype` are stored as.
-std::string storageType(DataType dtype) {
-  switch (dtype) {
-    case DataType::Half:
-      return "hf_f16";
-    case DataType::BFloat16:
-      return "hf_bf16";
-    default:
-      return cName(computeType(dtype));
-  }
-}
-
-bool isSixteenBitFloat(DataType dtype) {
-  return dtype == DataType::Half || dtype == DataType::BFloat16;
-}
-
-std::string convert(const std::string& expr, CType from, CType to) {
-  return from == to ? expr : "static_cast<" + cName(to) + ">(" + expr + ")";
-}
-
-std::string parenthesizeNegative(std::string literal) {
-  return literal[0] == '-' ? "(" + literal + ")" : literal;
-}
-
-std::string floatLiteral(double value, CType type) {
-  const bool single = type == CType::kFloat;
-  if (single) {
-    value = static_cast<float>(value);
-  }
-  if (std::isnan(value)) {
-    return single ? "__uint_as_float(0x7fc00000u)"
-                  : "__longlong_as_double(0x7ff8000000000000ll)";
-  }
-  if (std::isinf(value)) {
-    const std::string inf = single
-                                ? "__uint_as_float(0x7f800000u)"
-                                : "__longlong_as_double(0x7ff0000000000000ll)";
-    return value > 0 ? inf : "(-" + inf + ")";
-  }
-  std::ostringstream ss;
-  ss << std::setprecision(single ? 9 : 17) << value;
-  std::string text = ss.str();
-  if (text.find_first_of(".eE") == std::string::npos) {
-    text += ".0";
-  }
-  return parenthesizeNegative(single ? text + "f" : text);
-}
-
-std::string intLiteral(int64_t value, CType type) {
-  if (type == CType::kInt) {
-    const auto narrow = static_cast<int32_t>(value);
-    if (narrow == std::numeric_limits<int32_t>::min()) {
-      return "(-2147483647 - 1)";
-    }
-    return parenthesizeNegative(std::to_string(narrow));
-  }
-  if (value == std::numeric_limits<int64_t>::min()) {
-    return "(-9223372036854775807ll - 1)";
-  }
-  return parenthesizeNegative(std::to_string(value) + "ll");
-}
-
-// A constant written directly in the type it is used in.
-std::string literal(const ScalarValue& value, CType type) {
-  double number = 0.0;
-  if (const auto* b = std::get_if<bool>(&value)) {
-    number = *b ? 1.0 : 0.0;
-  } else if (const auto* i = std::get_if<int64_t>(&value)) {
-    if (type == CType::kInt || type == CType::kInt64) {
-      return intLiteral(*i, type);
-    }
-    number = static_cast<double>(*i);
-  } else {
-    number = std::get<double>(value);
-  }
-  switch (type) {
-    case CType::kBool:
-      return number != 0.0 ? "true" : "false";
-    case CType::kInt:
-    case CType::kInt64:
-      return intLiteral(static_cast<int64_t>(number), type);
-    case CType::kFloat:
-    case CType::kDouble:
-      return floatLiteral(number, type);
-  }
-  return "0";
-}
-
-bool isIdentifier(const std::string& text) {
-  if (text.empty() || std::isdigit(static_cast<unsigned char>(text[0]))) {
-    return false;
-  }
-  return std::all_of(text.begin(), text.end(), [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
-  });
-}
-
-std::string join(const std::vector<std::string>& pieces,
-                 const std::string& separator) {
-  std::string result;
-  for (size_t i = 0; i < pieces.size(); ++i) {
-    result += (i == 0 ? "" : separator) + pieces[i];
-  }
-  return result;
-}
+using gen::cName;
+using gen::computeType;
+using gen::convert;
+using gen::CType;
+using gen::isSixteenBitFloat;
+using gen::join;
+using gen::literal;
+using gen::storageType;
 
 // The variable that holds a tensor's value at the current element: t3 for
 // T3.
@@ -185,7 +47,7 @@ class KernelWriter {
     std::unordered_set<std::string> taken;
     for (const Scalar* scalar : analysis.scalarParams()) {
       std::string name = "s_" + scalar->toString();
-      if (!isIdentifier(scalar->toString()) || taken.count(name) != 0) {
+      if (!gen::isIdentifier(scalar->toString()) || taken.count(name) != 0) {
         name = "s" + std::to_string(scalar->name());
       }
       taken.insert(name);
@@ -221,6 +83,8 @@ class KernelWriter {
   void writeHeader();
   void writeSignature();
   void writeLoopIndices(const std::string& linear, int64_t num_dims);
+  void writeGridStride();
+  void openRowLoop();
   void writePointwise();
   void writeContiguous();
   void writeReduction();
@@ -228,6 +92,10 @@ class KernelWriter {
   // Values needed for `targets` that are not available yet, in order.
   std::vector<const TensorView*> needed(
       const std::vector<const TensorView*>& targets) const;
+  // Emits the row-level values `targets` need in the row scope, making
+  // them available; returns the element-level ones, for a loop over R.
+  std::vector<const TensorView*> emitRowValues(
+      const std::vector<const TensorView*>& targets);
   void emitValue(const TensorView* tv, Access access);
   void emitStore(int64_t output, Access access, int64_t guarded_dims);
   void emitPass(const std::vector<const ReductionOp*>& pass);
@@ -240,6 +108,13 @@ class KernelWriter {
 
   const TensorView* output(int64_t index) const {
     return fusion_.outputs()[index]->as<TensorView>();
+  }
+  std::vector<const TensorView*> outputs() const {
+    std::vector<const TensorView*> result;
+    for (const Val* out : fusion_.outputs()) {
+      result.push_back(out->as<TensorView>());
+    }
+    return result;
   }
   int64_t vectorWidth() const { return kernel_.signature.vector_width; }
 
@@ -376,17 +251,27 @@ void KernelWriter::writeLoopIndices(const std::string& linear,
   line("const index_t i0 = rest;");
 }
 
-void KernelWriter::writePointwise() {
+// The first element of this thread and the step of a grid-stride loop.
+void KernelWriter::writeGridStride() {
   line("const index_t first =");
   line("    static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;");
   line("const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;");
+}
+
+// The loop over R in which each thread of the block takes every
+// blockDim.x-th element of the row.
+void KernelWriter::openRowLoop() {
+  const int64_t reduced = analysis_.numLoopDims() - 1;
+  const std::string index = loopIndex(reduced);
+  open("for (index_t " + index + " = threadIdx.x; " + index + " < " +
+       loopSize(reduced) + "; " + index + " += blockDim.x)");
+}
+
+void KernelWriter::writePointwise() {
+  writeGridStride();
   open("for (index_t index = first; index < numel; index += step)");
   writeLoopIndices("index", analysis_.numLoopDims());
-  std::vector<const TensorView*> targets;
-  for (size_t o = 0; o < fusion_.outputs().size(); ++o) {
-    targets.push_back(output(static_cast<int64_t>(o)));
-  }
-  for (const TensorView* tv : needed(targets)) {
+  for (const TensorView* tv : needed(outputs())) {
     emitValue(tv, Access::kStrided);
   }
   for (size_t o = 0; o < fusion_.outputs().size(); ++o) {
@@ -397,14 +282,8 @@ void KernelWriter::writePointwise() {
 }
 
 void KernelWriter::writeContiguous() {
-  std::vector<const TensorView*> targets;
-  for (size_t o = 0; o < fusion_.outputs().size(); ++o) {
-    targets.push_back(output(static_cast<int64_t>(o)));
-  }
-  const std::vector<const TensorView*> values = needed(targets);
-  line("const index_t first =");
-  line("    static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;");
-  line("const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;");
+  const std::vector<const TensorView*> values = needed(outputs());
+  writeGridStride();
   std::string tail_start = "first";
   if (vectorWidth() > 1) {
     const std::string width = std::to_string(vectorWidth());
@@ -458,7 +337,6 @@ void KernelWriter::writeContiguous() {
 
 void KernelWriter::writeReduction() {
   const int64_t reduced = analysis_.numLoopDims() - 1;
-  const std::string index = loopIndex(reduced);
   open("for (index_t row = blockIdx.x; row < num_rows; row += gridDim.x)");
   writeLoopIndices("row", reduced);
   for (size_t p = 0; p < analysis_.passes().size(); ++p) {
@@ -475,27 +353,17 @@ void KernelWriter::writeReduction() {
   // ones by one thread.
   line("");
   line("// Outputs");
-  std::vector<const TensorView*> targets;
   std::vector<int64_t> element_outputs;
   std::vector<int64_t> row_outputs;
   for (size_t o = 0; o < fusion_.outputs().size(); ++o) {
-    const TensorView* tv = output(static_cast<int64_t>(o));
-    targets.push_back(tv);
-    (analysis_.dependsOnReducedDim(tv) ? element_outputs : row_outputs)
+    (analysis_.dependsOnReducedDim(output(static_cast<int64_t>(o)))
+         ? element_outputs
+         : row_outputs)
         .push_back(static_cast<int64_t>(o));
   }
-  std::vector<const TensorView*> loop_values;
-  for (const TensorView* tv : needed(targets)) {
-    if (analysis_.dependsOnReducedDim(tv)) {
-      loop_values.push_back(tv);
-    } else {
-      emitValue(tv, Access::kStrided);
-      available_.insert(tv);
-    }
-  }
+  const std::vector<const TensorView*> loop_values = emitRowValues(outputs());
   if (!element_outputs.empty()) {
-    open("for (index_t " + index + " = threadIdx.x; " + index + " < " +
-         loopSize(reduced) + "; " + index + " += blockDim.x)");
+    openRowLoop();
     for (const TensorView* tv : loop_values) {
       emitValue(tv, Access::kStrided);
     }
@@ -515,21 +383,11 @@ void KernelWriter::writeReduction() {
 }
 
 void KernelWriter::emitPass(const std::vector<const ReductionOp*>& pass) {
-  const int64_t reduced = analysis_.numLoopDims() - 1;
-  const std::string index = loopIndex(reduced);
   std::vector<const TensorView*> targets;
   for (const ReductionOp* reduction : pass) {
     targets.push_back(reduction->in());
   }
-  std::vector<const TensorView*> loop_values;
-  for (const TensorView* tv : needed(targets)) {
-    if (analysis_.dependsOnReducedDim(tv)) {
-      loop_values.push_back(tv);
-    } else {
-      emitValue(tv, Access::kStrided);
-      available_.insert(tv);
-    }
-  }
+  const std::vector<const TensorView*> loop_values = emitRowValues(targets);
   for (const ReductionOp* reduction : pass) {
     const CType type = computeType(reduction->out()->dtype());
     const std::string init = reduction->opType() == ReductionOpType::Sum
@@ -538,8 +396,7 @@ void KernelWriter::emitPass(const std::vector<const ReductionOp*>& pass) {
     line(cName(type) + " " + valueName(reduction->out()) +
          "_partial = " + init + ";");
   }
-  open("for (index_t " + index + " = threadIdx.x; " + index + " < " +
-       loopSize(reduced) + "; " + index + " += blockDim.x)");
+  openRowLoop();
   for (const TensorView* tv : loop_values) {
     emitValue(tv, Access::kStrided);
   }
@@ -594,6 +451,20 @@ std::vector<const TensorView*> KernelWriter::needed(
               return analysis_.order(a) < analysis_.order(b);
             });
   return result;
+}
+
+std::vector<const TensorView*> KernelWriter::emitRowValues(
+    const std::vector<const TensorView*>& targets) {
+  std::vector<const TensorView*> loop_values;
+  for (const TensorView* tv : needed(targets)) {
+    if (analysis_.dependsOnReducedDim(tv)) {
+      loop_values.push_back(tv);
+    } else {
+      emitValue(tv, Access::kStrided);
+      available_.insert(tv);
+    }
+  }
+  return loop_values;
 }
 
 void KernelWriter::emitValue(const TensorView* tv, Access access) {

@@ -2,9 +2,12 @@
 // here runs without a GPU: NVRTC compiles the generated code to PTX for
 // compute_90. test_kernel_gpu.cpp runs the same catalog on a GPU.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "host_ir/evaluator.h"
 #include "kernel/analysis.h"
+#include "kernel/c_types.h"
 #include "kernel/codegen.h"
 #include "kernel/compile.h"
 #include "kernel/executor.h"
@@ -138,6 +141,32 @@ hostfuse_fusion(
   }
 }
 )");
+}
+
+TEST(KernelCodegen, WritesConstantsAsExactLiterals) {
+  using gen::CType;
+  using gen::literal;
+  EXPECT_EQ(literal(ScalarValue(2.0), CType::kFloat), "2.0f");
+  EXPECT_EQ(literal(ScalarValue(1e-5), CType::kFloat), "9.99999975e-06f");
+  EXPECT_EQ(literal(ScalarValue(0.1), CType::kDouble), "0.10000000000000001");
+  EXPECT_EQ(literal(ScalarValue(int64_t{-3}), CType::kFloat), "(-3.0f)");
+  EXPECT_EQ(literal(ScalarValue(int64_t{-3}), CType::kInt64), "(-3ll)");
+  EXPECT_EQ(
+      literal(ScalarValue(std::numeric_limits<int64_t>::min()), CType::kInt64),
+      "(-9223372036854775807ll - 1)");
+  EXPECT_EQ(literal(ScalarValue(std::numeric_limits<double>::infinity()),
+                    CType::kFloat),
+            "__uint_as_float(0x7f800000u)");
+  EXPECT_EQ(literal(ScalarValue(-std::numeric_limits<double>::infinity()),
+                    CType::kDouble),
+            "(-__longlong_as_double(0x7ff0000000000000ll))");
+  EXPECT_EQ(literal(ScalarValue(std::nan("")), CType::kFloat),
+            "__uint_as_float(0x7fc00000u)");
+  EXPECT_EQ(literal(ScalarValue(1e40), CType::kFloat),
+            "__uint_as_float(0x7f800000u)")
+      << "out of float range: inf, as the conversion gives";
+  EXPECT_EQ(literal(ScalarValue(true), CType::kFloat), "1.0f");
+  EXPECT_EQ(literal(ScalarValue(int64_t{0}), CType::kBool), "false");
 }
 
 TEST(KernelCodegen, RejectsMatmulNamingTheExpression) {
