@@ -83,8 +83,10 @@ std::vector<at::Tensor> runWithEntry(const Fusion& fusion,
   const std::shared_ptr<const FusionKernel> kernel =
       KernelCache::global().kernel(fusion, entry, setup.signature, info.target);
   KernelArgs args(fusion, entry.plan, kernel->generated(), setup);
-  const LaunchConfig config =
-      launchConfig(kernel->generated(), setup, info.sm_count);
+  const LaunchConfig config = launchConfig(
+      kernel->generated(), setup, info.sm_count, [&](int64_t block) {
+        return kernel->residentBlocksPerSm(device, block);
+      });
   kernel->launch(device, cuda::currentStream(device), config.grid, config.block,
                  args.pointers());
   return setup.outputs;

@@ -1,5 +1,6 @@
 #include "kernel/kernel_cache.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
@@ -10,7 +11,6 @@ FusionKernel::FusionKernel(GeneratedKernel generated, CompiledBinary binary)
     : generated_(std::move(generated)), binary_(std::move(binary)) {}
 
 CUfunction FusionKernel::function(int device) const {
-  std::lock_guard<std::mutex> lock(mutex_);
   HF_CHECK(device >= 0, "bad CUDA device ", device);
   if (static_cast<size_t>(device) >= functions_.size()) {
     functions_.resize(device + 1, nullptr);
@@ -32,11 +32,35 @@ void FusionKernel::launch(int device, cudaStream_t stream, int64_t grid,
   HF_ERROR(block >= 1 && block <= generated_.max_block_size, "block of ", block,
            " threads for a kernel bounded by ", generated_.max_block_size);
   driver::PrimaryContextGuard context(device);
-  const CUfunction f = function(device);
+  CUfunction f = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    f = function(device);
+  }
   HF_CU_CHECK(driver::api().cuLaunchKernel(
       f, static_cast<unsigned int>(grid), 1, 1,
       static_cast<unsigned int>(block), 1, 1, /*sharedMemBytes=*/0,
       reinterpret_cast<CUstream>(stream), args, /*extra=*/nullptr));
+}
+
+int64_t FusionKernel::residentBlocksPerSm(int device, int64_t block) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = resident_blocks_.find({device, block});
+  if (it != resident_blocks_.end()) {
+    return it->second;
+  }
+  driver::PrimaryContextGuard context(device);
+  const driver::Api& cu = driver::api();
+  HF_CHECK(
+      cu.cuOccupancyMaxActiveBlocksPerMultiprocessor != nullptr,
+      "the CUDA driver has no cuOccupancyMaxActiveBlocksPerMultiprocessor");
+  int blocks = 0;
+  HF_CU_CHECK(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+      &blocks, function(device), static_cast<int>(block),
+      /*dynamicSMemSize=*/0));
+  const int64_t resident = std::max(blocks, 1);
+  resident_blocks_.emplace(std::make_pair(device, block), resident);
+  return resident;
 }
 
 KernelCache& KernelCache::global() {

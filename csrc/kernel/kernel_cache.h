@@ -41,13 +41,20 @@ class FusionKernel {
   void launch(int device, cudaStream_t stream, int64_t grid, int64_t block,
               void** args) const;
 
+  // How many blocks of `block` threads of this kernel one SM of `device`
+  // holds at once (registers and shared memory permitting); at least 1.
+  int64_t residentBlocksPerSm(int device, int64_t block) const;
+
  private:
+  // The kernel loaded on `device`; call with mutex_ held.
   CUfunction function(int device) const;
 
   GeneratedKernel generated_;
   CompiledBinary binary_;
   mutable std::mutex mutex_;
   mutable std::vector<CUfunction> functions_;  // by device; null: not loaded
+  // By (device, block size).
+  mutable std::map<std::pair<int, int64_t>, int64_t> resident_blocks_;
 };
 
 // What the cache knows about one fusion text.

@@ -9,14 +9,12 @@ namespace hostfuse {
 
 namespace {
 
-// Pointwise grids: 8 blocks of 256 threads fill an SM (2048 threads);
-// each thread then loops over the elements.
-constexpr int64_t kPointwiseBlocksPerSm = 8;
 // Reduction blocks grow until each thread has at most this many elements
 // of a row, up to kMaxReductionBlockSize threads.
 constexpr int64_t kElementsPerThread = 8;
-// Threads an SM holds at once (sm_80 and later).
-constexpr int64_t kThreadsPerSm = 2048;
+// Reduction grids: this many waves of resident blocks at most; blocks that
+// finish their rows early take the next ones.
+constexpr int64_t kReductionWaves = 4;
 // Indices and offsets below this fit an int with room for the grid-stride
 // step of any grid we launch.
 constexpr int64_t kIndex32Limit = int64_t{1} << 30;
@@ -284,7 +282,8 @@ void KernelArgs::addIndex(int64_t value) {
 }
 
 LaunchConfig launchConfig(const GeneratedKernel& kernel,
-                          const LaunchSetup& setup, int64_t sm_count) {
+                          const LaunchSetup& setup, int64_t sm_count,
+                          const ResidentBlocks& resident_blocks) {
   LaunchConfig config;
   if (kernel.is_reduction) {
     const int64_t row_length = setup.loop_sizes.back();
@@ -293,8 +292,8 @@ LaunchConfig launchConfig(const GeneratedKernel& kernel,
            config.block * kElementsPerThread < row_length) {
       config.block *= 2;
     }
-    config.grid =
-        std::min(setup.rows, sm_count * (kThreadsPerSm / config.block) * 4);
+    config.grid = std::min(
+        setup.rows, sm_count * resident_blocks(config.block) * kReductionWaves);
   } else {
     const int64_t work =
         kernel.signature.contiguous
@@ -302,7 +301,7 @@ LaunchConfig launchConfig(const GeneratedKernel& kernel,
             : setup.numel;
     config.block = kPointwiseBlockSize;
     config.grid = std::clamp<int64_t>(ceilDiv(work, config.block), 1,
-                                      sm_count * kPointwiseBlocksPerSm);
+                                      sm_count * resident_blocks(config.block));
   }
   return config;
 }

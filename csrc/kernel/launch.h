@@ -8,6 +8,7 @@
 #include <c10/core/Device.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "ir/evaluation.h"
@@ -69,10 +70,15 @@ struct LaunchConfig {
   int64_t block = 1;  // threads per block
 };
 
-// Pointwise: blocks of kPointwiseBlockSize threads, enough to fill the
-// device once, looping over the elements. Reduction: one block per row
-// (grid-stride over rows), threads enough for a few elements each.
+// How many blocks of `block` threads of the kernel one SM holds at once.
+using ResidentBlocks = std::function<int64_t(int64_t block)>;
+
+// Pointwise: blocks of kPointwiseBlockSize threads, as many as the device
+// holds at once (one wave, so that every block gets the same share of the
+// grid-stride loop), fewer for small problems. Reduction: one block per
+// row (grid-stride over rows), threads enough for a few elements each.
 LaunchConfig launchConfig(const GeneratedKernel& kernel,
-                          const LaunchSetup& setup, int64_t sm_count);
+                          const LaunchSetup& setup, int64_t sm_count,
+                          const ResidentBlocks& resident_blocks);
 
 }  // namespace hostfuse

@@ -140,8 +140,8 @@ PrimaryContextGuard::PrimaryContextGuard(int device) {
 PrimaryContextGuard::~PrimaryContextGuard() {
   if (pushed_) {
     CUcontext popped = nullptr;
-    // A destructor must not throw; a failed pop leaves the context stack
-    // as the CUDA runtime would repair it on its next call.
+    // A destructor must not throw. The pop can only fail if code under the
+    // guard left the context stack unbalanced, which nothing here does.
     (void)api().cuCtxPopCurrent(&popped);
   }
 }

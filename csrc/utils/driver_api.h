@@ -20,30 +20,31 @@
 #include "utils/exceptions.h"
 
 // (name, version): the member `name` has the type PFN_<name>_v<version>.
-#define HOSTFUSE_DRIVER_FUNCTIONS(X)      \
-  X(cuGetErrorName, 6000)                 \
-  X(cuGetErrorString, 6000)               \
-  X(cuInit, 2000)                         \
-  X(cuDeviceGet, 2000)                    \
-  X(cuDeviceGetAttribute, 2000)           \
-  X(cuDevicePrimaryCtxRetain, 7000)       \
-  X(cuCtxGetCurrent, 4000)                \
-  X(cuCtxPushCurrent, 4000)               \
-  X(cuCtxPopCurrent, 4000)                \
-  X(cuModuleLoadData, 2000)               \
-  X(cuModuleGetFunction, 2000)            \
-  X(cuModuleUnload, 2000)                 \
-  X(cuFuncGetAttribute, 2020)             \
-  X(cuLaunchKernel, 4000)                 \
-  X(cuMemGetAllocationGranularity, 10020) \
-  X(cuMemCreate, 10020)                   \
-  X(cuMemRelease, 10020)                  \
-  X(cuMemAddressReserve, 10020)           \
-  X(cuMemAddressFree, 10020)              \
-  X(cuMemMap, 10020)                      \
-  X(cuMemUnmap, 10020)                    \
-  X(cuMemSetAccess, 10020)                \
-  X(cuMemExportToShareableHandle, 10020)  \
+#define HOSTFUSE_DRIVER_FUNCTIONS(X)                   \
+  X(cuGetErrorName, 6000)                              \
+  X(cuGetErrorString, 6000)                            \
+  X(cuInit, 2000)                                      \
+  X(cuDeviceGet, 2000)                                 \
+  X(cuDeviceGetAttribute, 2000)                        \
+  X(cuDevicePrimaryCtxRetain, 7000)                    \
+  X(cuCtxGetCurrent, 4000)                             \
+  X(cuCtxPushCurrent, 4000)                            \
+  X(cuCtxPopCurrent, 4000)                             \
+  X(cuModuleLoadData, 2000)                            \
+  X(cuModuleGetFunction, 2000)                         \
+  X(cuModuleUnload, 2000)                              \
+  X(cuFuncGetAttribute, 2020)                          \
+  X(cuOccupancyMaxActiveBlocksPerMultiprocessor, 6050) \
+  X(cuLaunchKernel, 4000)                              \
+  X(cuMemGetAllocationGranularity, 10020)              \
+  X(cuMemCreate, 10020)                                \
+  X(cuMemRelease, 10020)                               \
+  X(cuMemAddressReserve, 10020)                        \
+  X(cuMemAddressFree, 10020)                           \
+  X(cuMemMap, 10020)                                   \
+  X(cuMemUnmap, 10020)                                 \
+  X(cuMemSetAccess, 10020)                             \
+  X(cuMemExportToShareableHandle, 10020)               \
   X(cuMemImportFromShareableHandle, 10020)
 
 namespace hostfuse::driver {

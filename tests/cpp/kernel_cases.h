@@ -206,7 +206,7 @@ inline void expectOutputsClose(const std::vector<at::Tensor>& actual,
   }
 }
 
-// Every fusion of the catalog, defined below.
+// Every fusion of the catalog (kernel_case_list.h, included below).
 inline const std::vector<FusionCase>& fusionCases();
 
 inline std::string caseName(const testing::TestParamInfo<size_t>& info) {

@@ -221,7 +221,10 @@ std::vector<at::Tensor> emulate(const Fusion& fusion,
   }
   const GeneratedKernel kernel = generateKernel(analysis, setup.signature);
   KernelArgs args(fusion, analysis.plan(), kernel, setup);
-  const LaunchConfig config = launchConfig(kernel, setup, sm_count);
+  // As if an SM held 2048 threads in at most 32 blocks.
+  const LaunchConfig config = launchConfig(
+      kernel, setup, sm_count,
+      [](int64_t block) { return std::min<int64_t>(2048 / block, 32); });
   EXPECT_LE(config.block, kernel.max_block_size);
   const Emulate run = compileForHost(kernel.source);
   if (run != nullptr) {
