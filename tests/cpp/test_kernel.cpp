@@ -83,7 +83,8 @@ TEST_P(KernelCatalog, CpuPathMatchesReference) {
   const std::vector<c10::IValue> inputs = test::makeInputs(
       c, /*rows=*/5, /*cols=*/33, test::Layout::kContiguous, at::kCPU);
   const int64_t compiles = KernelCache::global().numCompiles();
-  test::expectOutputsClose(evaluator.run(inputs), c.reference(inputs));
+  test::expectOutputsClose(evaluator.run(inputs), c.reference(inputs),
+                           c.float_tolerance);
   EXPECT_EQ(KernelCache::global().numCompiles(), compiles)
       << "CPU inputs must not compile kernels";
 }

@@ -273,7 +273,8 @@ TEST_P(KernelEmulation, MatchesAtenReference) {
     const std::vector<c10::IValue> inputs =
         test::makeInputs(c, run.rows, run.cols, run.layout, at::kCPU);
     test::expectOutputsClose(emulate(*fusion, inputs, run.options, 1),
-                             evaluateFusion(*fusion, inputs));
+                             evaluateFusion(*fusion, inputs),
+                             c.float_tolerance);
   }
 }
 

@@ -51,7 +51,8 @@ TEST_P(KernelGpuCatalog, MatchesAtenReference) {
       const std::vector<c10::IValue> inputs =
           test::makeInputs(c, size.rows, size.cols, layout, kCuda);
       test::expectOutputsClose(runFusionOnCuda(*fusion, inputs),
-                               evaluateFusion(*fusion, inputs));
+                               evaluateFusion(*fusion, inputs),
+                               c.float_tolerance);
     }
   }
   const ProblemSize size = kSizes[0];
@@ -61,21 +62,23 @@ TEST_P(KernelGpuCatalog, MatchesAtenReference) {
     SCOPED_TRACE(
         describe(size, test::Layout::kContiguous, "independent reference"));
     test::expectOutputsClose(runFusionOnCuda(*fusion, inputs),
-                             c.reference(inputs));
+                             c.reference(inputs), c.float_tolerance);
   }
   {
     SCOPED_TRACE(describe(size, test::Layout::kContiguous, "64-bit index"));
     KernelOptions options;
     options.force_64bit_index = true;
     test::expectOutputsClose(runFusionOnCuda(*fusion, inputs, options),
-                             evaluateFusion(*fusion, inputs));
+                             evaluateFusion(*fusion, inputs),
+                             c.float_tolerance);
   }
   {
     SCOPED_TRACE(describe(size, test::Layout::kContiguous, "strided path"));
     KernelOptions options;
     options.contiguous_fast_path = false;
     test::expectOutputsClose(runFusionOnCuda(*fusion, inputs, options),
-                             evaluateFusion(*fusion, inputs));
+                             evaluateFusion(*fusion, inputs),
+                             c.float_tolerance);
   }
 }
 
