@@ -322,6 +322,25 @@ void FusionAnalysis::buildPlan() {
     plan_.output_loop_dims.push_back(loop_dims_.at(tv));
     plan_.output_sizes.push_back(sizes_.at(tv));
   }
+  std::vector<const Val*> tensors(fusion_.outputs().begin(),
+                                  fusion_.outputs().end());
+  for (size_t i = 0; i < fusion_.inputs().size(); ++i) {
+    if (plan_.input_used[i]) {
+      tensors.push_back(fusion_.inputs()[i]);
+    }
+  }
+  plan_.contiguous_possible = !plan_.has_reduction;
+  int64_t widest = 1;
+  for (const Val* tensor : tensors) {
+    const std::vector<int64_t>& dims = loopDims(tensor->as<TensorView>());
+    for (size_t d = 0; d < dims.size(); ++d) {
+      plan_.contiguous_possible &= dims[d] == static_cast<int64_t>(d);
+    }
+    plan_.contiguous_possible &=
+        static_cast<int64_t>(dims.size()) == plan_.num_loop_dims;
+    widest = std::max(widest, sizeOf(tensor->dtype()));
+  }
+  plan_.max_vector_width = 16 / widest;
   for (const auto& pass : passes_) {
     for (const ReductionOp* reduction : pass) {
       plan_.reduced_sizes.push_back(

@@ -69,6 +69,14 @@ struct KernelPlan {
   std::vector<SizeSource> reduced_sizes;
   std::vector<std::string> reduction_names;
   bool has_max_reduction = false;
+  // Whether the contiguous kernel can serve this fusion at all: no
+  // reduction, and every used input and every output spans the loop dims
+  // in order. (A launch also needs its tensors dense and of the full
+  // shape.)
+  bool contiguous_possible = false;
+  // The contiguous kernel's widest vector: 16 bytes of the widest element
+  // among the used inputs and the outputs.
+  int64_t max_vector_width = 1;
   // The symbolic scalar operands, in the order of their kernel parameters.
   std::vector<ScalarSource> scalars;
 };

@@ -670,31 +670,10 @@ GeneratedKernel generateKernel(const FusionAnalysis& analysis,
            "vector width ", width, " is not a power of two up to 16");
   HF_ERROR(signature.contiguous || width == 1, "vector width ", width,
            " without a contiguous signature");
-  HF_ERROR(!signature.contiguous || !analysis.hasReduction(),
-           "a contiguous signature for a reduction kernel");
-  if (signature.contiguous) {
-    const Fusion& fusion = analysis.fusion();
-    std::vector<const Val*> tensors(fusion.outputs().begin(),
-                                    fusion.outputs().end());
-    for (size_t i = 0; i < fusion.inputs().size(); ++i) {
-      if (analysis.plan().input_used[i]) {
-        tensors.push_back(fusion.inputs()[i]);
-      }
-    }
-    for (const Val* tensor : tensors) {
-      const std::vector<int64_t>& dims =
-          analysis.loopDims(tensor->as<TensorView>());
-      for (size_t d = 0; d < dims.size(); ++d) {
-        HF_ERROR(
-            dims[d] == static_cast<int64_t>(d) &&
-                static_cast<int64_t>(dims.size()) == analysis.numLoopDims(),
-            "a contiguous signature, but ", tensor->describe(),
-            " does not span the loop dims in order");
-      }
-      HF_ERROR(sizeOf(tensor->dtype()) * width <= 16, "vector width ", width,
-               " of ", tensor->dtype(), " is wider than 16 bytes");
-    }
-  }
+  HF_ERROR(!signature.contiguous || analysis.plan().contiguous_possible,
+           "a contiguous signature for a fusion that cannot have one");
+  HF_ERROR(width <= analysis.plan().max_vector_width, "vector width ", width,
+           " would make accesses wider than 16 bytes");
   return KernelWriter(analysis, signature).write();
 }
 

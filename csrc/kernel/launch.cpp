@@ -83,20 +83,10 @@ std::vector<int64_t> loopSizes(const Fusion& fusion, const KernelPlan& plan,
   return sizes;
 }
 
-// Whether `tensor` is dense, row-major and spans the loop dims in order.
-bool spansLoopInOrder(const at::Tensor& tensor,
-                      const std::vector<int64_t>& loop_dims,
+// Whether `tensor` is dense, row-major and of the loop's full shape.
+bool isDenseFullShape(const at::Tensor& tensor,
                       const std::vector<int64_t>& loop_sizes) {
-  if (loop_dims.size() != loop_sizes.size()) {
-    return false;
-  }
-  for (size_t d = 0; d < loop_dims.size(); ++d) {
-    if (loop_dims[d] != static_cast<int64_t>(d) ||
-        tensor.size(static_cast<int64_t>(d)) != loop_sizes[d]) {
-      return false;
-    }
-  }
-  return tensor.is_contiguous();
+  return tensor.sizes().equals(loop_sizes) && tensor.is_contiguous();
 }
 
 InputSignature chooseSignature(const KernelPlan& plan, const LaunchSetup& setup,
@@ -115,29 +105,17 @@ InputSignature chooseSignature(const KernelPlan& plan, const LaunchSetup& setup,
   for (const at::Tensor* tensor : tensors) {
     signature.index32 &= offsetBound(*tensor) < kIndex32Limit;
   }
-  if (plan.has_reduction || !options.contiguous_fast_path) {
+  if (!plan.contiguous_possible || !options.contiguous_fast_path) {
     return signature;
   }
-  for (size_t i = 0; i < setup.inputs.size(); ++i) {
-    if (plan.input_used[i] &&
-        !spansLoopInOrder(setup.inputs[i], plan.input_loop_dims[i],
-                          setup.loop_sizes)) {
-      return signature;
-    }
-  }
-  for (size_t o = 0; o < setup.outputs.size(); ++o) {
-    if (!spansLoopInOrder(setup.outputs[o], plan.output_loop_dims[o],
-                          setup.loop_sizes)) {
+  for (const at::Tensor* tensor : tensors) {
+    if (!isDenseFullShape(*tensor, setup.loop_sizes)) {
       return signature;
     }
   }
   signature.contiguous = true;
   // The widest vector that keeps every access within 16 bytes and every
   // pointer aligned to its access size.
-  int64_t widest = 1;
-  for (const at::Tensor* tensor : tensors) {
-    widest = std::max<int64_t>(widest, tensor->element_size());
-  }
   auto aligned = [&](int64_t width) {
     for (const at::Tensor* tensor : tensors) {
       const auto address = reinterpret_cast<uintptr_t>(tensor->data_ptr());
@@ -147,7 +125,7 @@ InputSignature chooseSignature(const KernelPlan& plan, const LaunchSetup& setup,
     }
     return true;
   };
-  int64_t width = 16 / widest;
+  int64_t width = plan.max_vector_width;
   while (width > 1 && !aligned(width)) {
     width /= 2;
   }

@@ -139,6 +139,18 @@ inline std::unique_ptr<HostIrContainer> programRunning(
   return program;
 }
 
+// relu(a @ b): codegen rejects matmul, so this always runs with ATen.
+inline std::shared_ptr<Fusion> matmulReluFusion() {
+  auto fusion = std::make_shared<Fusion>();
+  FusionGuard guard(fusion.get());
+  TensorView* a = makeSymbolicTensor(2, DataType::Float, "a");
+  TensorView* b = makeSymbolicTensor(2, DataType::Float, "b");
+  fusion->addInput(a);
+  fusion->addInput(b);
+  fusion->addOutput(relu(matmul(a, b)));
+  return fusion;
+}
+
 // A random tensor of `sizes` laid out as `layout`.
 inline at::Tensor makeInput(std::vector<int64_t> sizes, at::ScalarType dtype,
                             Layout layout, const at::Device& device,

@@ -22,37 +22,16 @@ namespace {
 const CompileTarget kPtx90{90, /*cubin=*/false};
 
 // The signatures a fusion's kernel can be specialized for: strided with
-// either index width, and for pointwise fusions whose tensors all span the
-// loop dims, contiguous with the widest vectors and without vectors.
+// either index width, and where possible contiguous with the widest vectors
+// and without vectors.
 std::vector<InputSignature> signaturesFor(const FusionAnalysis& analysis) {
   std::vector<InputSignature> signatures = {
       {/*contiguous=*/false, /*vector_width=*/1, /*index32=*/true},
       {/*contiguous=*/false, /*vector_width=*/1, /*index32=*/false}};
-  if (analysis.hasReduction()) {
-    return signatures;
+  if (analysis.plan().contiguous_possible) {
+    signatures.push_back({true, analysis.plan().max_vector_width, true});
+    signatures.push_back({true, 1, false});
   }
-  const Fusion& fusion = analysis.fusion();
-  std::vector<const Val*> tensors(fusion.outputs().begin(),
-                                  fusion.outputs().end());
-  for (size_t i = 0; i < fusion.inputs().size(); ++i) {
-    if (analysis.plan().input_used[i]) {
-      tensors.push_back(fusion.inputs()[i]);
-    }
-  }
-  int64_t widest = 1;
-  for (const Val* tensor : tensors) {
-    const std::vector<int64_t>& dims =
-        analysis.loopDims(tensor->as<TensorView>());
-    for (size_t d = 0; d < dims.size(); ++d) {
-      if (dims[d] != static_cast<int64_t>(d) ||
-          static_cast<int64_t>(dims.size()) != analysis.numLoopDims()) {
-        return signatures;
-      }
-    }
-    widest = std::max(widest, sizeOf(tensor->dtype()));
-  }
-  signatures.push_back({true, 16 / widest, true});
-  signatures.push_back({true, 1, false});
   return signatures;
 }
 
@@ -171,20 +150,14 @@ TEST(KernelCodegen, WritesConstantsAsExactLiterals) {
 }
 
 TEST(KernelCodegen, RejectsMatmulNamingTheExpression) {
-  Fusion fusion;
-  FusionGuard guard(&fusion);
-  TensorView* a = makeSymbolicTensor(2, DataType::Float, "a");
-  TensorView* b = makeSymbolicTensor(2, DataType::Float, "b");
-  fusion.addInput(a);
-  fusion.addInput(b);
-  fusion.addOutput(relu(matmul(a, b)));
-  const std::optional<std::string> reason = kernelUnsupportedReason(fusion);
+  const std::shared_ptr<Fusion> fusion = test::matmulReluFusion();
+  const std::optional<std::string> reason = kernelUnsupportedReason(*fusion);
   ASSERT_TRUE(reason.has_value());
   EXPECT_NE(reason->find("does not support MatmulOp (T2 = matmul(T0, T1))"),
             std::string::npos)
       << *reason;
   test::expectErrorContains(
-      [&] { generateCudaSource(fusion, InputSignature{}); },
+      [&] { generateCudaSource(*fusion, InputSignature{}); },
       {"MatmulOp", "matmul(T0, T1)"});
 }
 
@@ -270,16 +243,10 @@ TEST(KernelCache, RemembersWhyAFusionIsUnsupported) {
 
 TEST(KernelExecutor, CpuInputsRunTheAtenReference) {
   // executeFusion runs even fusions codegen rejects, on CPU.
-  Fusion fusion;
-  FusionGuard guard(&fusion);
-  TensorView* a = makeSymbolicTensor(2, DataType::Float, "a");
-  TensorView* b = makeSymbolicTensor(2, DataType::Float, "b");
-  fusion.addInput(a);
-  fusion.addInput(b);
-  fusion.addOutput(relu(matmul(a, b)));
+  const std::shared_ptr<Fusion> fusion = test::matmulReluFusion();
   const at::Tensor av = test::randomTensor({4, 3}, at::kFloat, at::kCPU, 1);
   const at::Tensor bv = test::randomTensor({3, 5}, at::kFloat, at::kCPU, 2);
-  const std::vector<at::Tensor> outputs = executeFusion(fusion, {av, bv});
+  const std::vector<at::Tensor> outputs = executeFusion(*fusion, {av, bv});
   ASSERT_EQ(outputs.size(), 1u);
   test::expectClose(outputs[0], at::relu(at::matmul(av, bv)), 1e-6, 1e-6);
 }

@@ -114,15 +114,7 @@ TEST(KernelGpu, EvaluatorCompilesOnceAndLaunches) {
 
 TEST(KernelGpu, UnsupportedFusionFallsBackToAten) {
   HF_SKIP_IF_UNAVAILABLE(kCuda);
-  auto fusion = std::make_shared<Fusion>();
-  {
-    FusionGuard guard(fusion.get());
-    TensorView* a = makeSymbolicTensor(2, DataType::Float, "a");
-    TensorView* b = makeSymbolicTensor(2, DataType::Float, "b");
-    fusion->addInput(a);
-    fusion->addInput(b);
-    fusion->addOutput(relu(matmul(a, b)));
-  }
+  const std::shared_ptr<Fusion> fusion = test::matmulReluFusion();
   ASSERT_TRUE(kernelUnsupportedReason(*fusion).has_value());
   HostIrEvaluator evaluator(test::programRunning(fusion));
   const at::Tensor a = test::randomTensor({33, 17}, at::kFloat, kCuda, 1);
