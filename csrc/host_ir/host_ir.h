@@ -8,8 +8,9 @@
 
 namespace hostfuse {
 
-// Runs a Fusion on the values of its inputs. Today the evaluator runs it
-// with the ATen reference semantics; compiled kernels are the next step.
+// Runs a Fusion on the values of its inputs. The evaluator launches its
+// generated kernel (csrc/kernel) for CUDA tensors, and uses the ATen
+// reference for CPU tensors and for fusions that codegen cannot handle.
 // The Fusion is shared, not copied, when the program is cloned: once handed
 // to a RunFusion it must not change.
 class RunFusion : public Expr {

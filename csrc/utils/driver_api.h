@@ -1,75 +1,109 @@
-// CUDA driver API entry points, loaded at run time.
+// The CUDA driver API without linking libcuda.
 //
-// hostfuse never links libcuda: machines without a GPU (CI) have no
-// libcuda.so.1, and the library must still load there and run the CPU tests.
-// Instead every driver function hostfuse calls is listed once below and
-// looked up on first use through cudart's cudaGetDriverEntryPointByVersion,
-// which reaches the driver that cudart itself loaded.
+// hostfuse must build, link and run its CPU tests on machines that have the
+// CUDA toolkit but no driver (CI). So nothing links libcuda; the driver's
+// entry points are looked up once, at first use, through the CUDA runtime
+// (cudaGetDriverEntryPointByVersion), each at the ABI version its typedef in
+// cudaTypedefs.h names. Every call goes through HF_CU_CHECK:
 //
-// Use:
-//   HF_CU_CHECK(driver::cuMemCreate(&handle, bytes, &prop, 0));
+//   const driver::Api& cu = driver::api();
+//   HF_CU_CHECK(cu.cuModuleLoadData(&module, image));
 //
-// Adding a function: one line in HF_FOR_EACH_DRIVER_ENTRY_POINT, with the
-// CUDA version whose ABI the declaration in cuda.h matches (the version the
-// entry point is requested at; see cudaGetDriverEntryPointByVersion).
+// Adding an entry point is one line in HOSTFUSE_DRIVER_FUNCTIONS.
+//
+// This header depends on the CUDA toolkit only (no torch headers).
 #pragma once
 
 #include <cuda.h>
+#include <cudaTypedefs.h>
 
 #include "utils/exceptions.h"
 
-// X(name, cuda_version): `name` as declared in cuda.h.
-#define HF_FOR_EACH_DRIVER_ENTRY_POINT(X)  \
-  X(cuGetErrorName, 12000)                 \
-  X(cuGetErrorString, 12000)               \
-  X(cuDeviceGet, 12000)                    \
-  X(cuDeviceGetAttribute, 12000)           \
-  X(cuMemGetAllocationGranularity, 12000)  \
-  X(cuMemCreate, 12000)                    \
-  X(cuMemRelease, 12000)                   \
-  X(cuMemExportToShareableHandle, 12000)   \
-  X(cuMemImportFromShareableHandle, 12000) \
-  X(cuMemAddressReserve, 12000)            \
-  X(cuMemAddressFree, 12000)               \
-  X(cuMemMap, 12000)                       \
-  X(cuMemUnmap, 12000)                     \
-  X(cuMemSetAccess, 12000)
+// (name, version): the member `name` has the type PFN_<name>_v<version>.
+#define HOSTFUSE_DRIVER_FUNCTIONS(X)                   \
+  X(cuGetErrorName, 6000)                              \
+  X(cuGetErrorString, 6000)                            \
+  X(cuInit, 2000)                                      \
+  X(cuDeviceGet, 2000)                                 \
+  X(cuDeviceGetAttribute, 2000)                        \
+  X(cuDevicePrimaryCtxRetain, 7000)                    \
+  X(cuCtxGetCurrent, 4000)                             \
+  X(cuCtxPushCurrent, 4000)                            \
+  X(cuCtxPopCurrent, 4000)                             \
+  X(cuModuleLoadData, 2000)                            \
+  X(cuModuleGetFunction, 2000)                         \
+  X(cuModuleUnload, 2000)                              \
+  X(cuFuncGetAttribute, 2020)                          \
+  X(cuOccupancyMaxActiveBlocksPerMultiprocessor, 6050) \
+  X(cuLaunchKernel, 4000)                              \
+  X(cuMemGetAllocationGranularity, 10020)              \
+  X(cuMemCreate, 10020)                                \
+  X(cuMemRelease, 10020)                               \
+  X(cuMemAddressReserve, 10020)                        \
+  X(cuMemAddressFree, 10020)                           \
+  X(cuMemMap, 10020)                                   \
+  X(cuMemUnmap, 10020)                                 \
+  X(cuMemSetAccess, 10020)                             \
+  X(cuMemExportToShareableHandle, 10020)               \
+  X(cuMemImportFromShareableHandle, 10020)
 
 namespace hostfuse::driver {
 
-// One function pointer per entry point, typed from its cuda.h declaration.
-struct EntryPoints {
-#define HF_DECLARE_ENTRY_POINT(name, version) decltype(&::name) name = nullptr;
-  HF_FOR_EACH_DRIVER_ENTRY_POINT(HF_DECLARE_ENTRY_POINT)
-#undef HF_DECLARE_ENTRY_POINT
+// The driver's entry points. A member is null only when the installed
+// driver lacks that function; api() checks the ones hostfuse cannot do
+// without.
+struct Api {
+#define HF_DRIVER_API_MEMBER_(name, version) \
+  PFN_##name##_v##version name = nullptr;
+  HOSTFUSE_DRIVER_FUNCTIONS(HF_DRIVER_API_MEMBER_)
+#undef HF_DRIVER_API_MEMBER_
 };
 
-// Loads every entry point on first use (thread safe). Throws hostfuse::Error
-// naming the entry point and the reason when the driver or one of its
-// functions is missing, e.g. on a machine without a GPU.
-const EntryPoints& entryPoints();
+// The entry points, loaded and cuInit-ed on the first call. Throws
+// hostfuse::Error naming the cause when no usable driver is installed (as on
+// machines without a GPU); a later call tries again.
+const Api& api();
 
-// "CUDA_ERROR_X (description)" for a driver status, or the number when the
-// driver cannot describe it.
+// "CUDA_ERROR_INVALID_VALUE (invalid argument)" for a driver status.
 std::string errorString(CUresult status);
 
-// driver::name(args...) calls the loaded entry point.
-#define HF_DEFINE_ENTRY_POINT_CALL(name, version) \
-  template <typename... Args>                     \
-  CUresult name(Args... args) {                   \
-    return entryPoints().name(args...);           \
+// driver::name(args...) calls the entry point `name` of api(), and throws
+// naming it when the installed driver lacks it:
+//   HF_CU_CHECK(driver::cuMemCreate(&handle, bytes, &prop, 0));
+#define HF_DRIVER_CALL_(name, version)                              \
+  template <typename... Args>                                       \
+  CUresult name(Args... args) {                                     \
+    const Api& cu = api();                                          \
+    HF_CHECK(cu.name != nullptr, "the installed CUDA driver has no " \
+             #name "; hostfuse needs a newer driver");              \
+    return cu.name(args...);                                        \
   }
-HF_FOR_EACH_DRIVER_ENTRY_POINT(HF_DEFINE_ENTRY_POINT_CALL)
-#undef HF_DEFINE_ENTRY_POINT_CALL
+HOSTFUSE_DRIVER_FUNCTIONS(HF_DRIVER_CALL_)
+#undef HF_DRIVER_CALL_
+
+// Makes the primary context of `device` current on this thread for the
+// guard's lifetime. The CUDA runtime, and with it libtorch and its caching
+// allocator, works in the primary context, so module loads and launches
+// made under this guard see the same memory. Costs one thread-local query
+// when that context is current already, the usual case.
+class PrimaryContextGuard {
+ public:
+  explicit PrimaryContextGuard(int device);
+  ~PrimaryContextGuard();
+  PrimaryContextGuard(const PrimaryContextGuard&) = delete;
+  PrimaryContextGuard& operator=(const PrimaryContextGuard&) = delete;
+
+ private:
+  bool pushed_ = false;
+};
 
 }  // namespace hostfuse::driver
 
-// Checks a driver call; throws hostfuse::Error naming the call and the error.
-#define HF_CU_CHECK(call)                                       \
-  do {                                                          \
-    const CUresult hf_cu_status_ = (call);                      \
-    if (hf_cu_status_ != CUDA_SUCCESS) {                        \
-      HF_THROW("CUDA driver call failed: ", #call, ": ",        \
-               ::hostfuse::driver::errorString(hf_cu_status_)); \
-    }                                                           \
+#define HF_CU_CHECK(call)                                    \
+  do {                                                       \
+    const CUresult hf_status_ = (call);                      \
+    if (hf_status_ != CUDA_SUCCESS) {                        \
+      HF_THROW("CUDA driver call failed: ", #call, ": ",     \
+               ::hostfuse::driver::errorString(hf_status_)); \
+    }                                                        \
   } while (false)

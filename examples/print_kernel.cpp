@@ -1,0 +1,77 @@
+// Prints the CUDA source hostfuse generates for an example fusion, and
+// checks that NVRTC compiles it (to PTX for compute_90, so no GPU is
+// needed).
+//
+//   build/print_kernel [rmsnorm | silu]
+#include <cstdio>
+#include <cstring>
+
+#include "ir/ops.h"
+#include "kernel/codegen.h"
+#include "kernel/compile.h"
+
+namespace hostfuse {
+namespace {
+
+// y = x * rsqrt(mean(x^2) + eps) * w in bf16, with the per-row rsqrt as a
+// second output.
+void buildRmsNorm(Fusion& fusion) {
+  FusionGuard guard(&fusion);
+  TensorView* x = makeSymbolicTensor(2, DataType::BFloat16, "x");
+  TensorView* w = makeTensor({x->extent(1)}, DataType::BFloat16, "w");
+  Scalar* eps = makeSymbolicScalar(DataType::Double, "eps");
+  fusion.addInput(x);
+  fusion.addInput(w);
+  fusion.addInput(eps);
+  TensorView* xf = cast(x, DataType::Float);
+  TensorView* mean_square = div(sum(mul(xf, xf), 1, true), x->extent(1));
+  TensorView* rstd = rsqrt(add(mean_square, eps));
+  TensorView* wf = broadcast(cast(w, DataType::Float), {true, false});
+  TensorView* normalized = mul(mul(xf, rstd), wf);
+  fusion.addOutput(cast(normalized, DataType::BFloat16));
+  fusion.addOutput(rstd);
+}
+
+void buildSiluChain(Fusion& fusion) {
+  FusionGuard guard(&fusion);
+  TensorView* a = makeSymbolicTensor(1, DataType::BFloat16, "a");
+  TensorView* b = makeTensor({a->extent(0)}, DataType::BFloat16, "b");
+  TensorView* c = makeTensor({a->extent(0)}, DataType::BFloat16, "c");
+  fusion.addInput(a);
+  fusion.addInput(b);
+  fusion.addInput(c);
+  TensorView* gated = mul(silu(a), b);
+  fusion.addOutput(add(gated, c));
+}
+
+int run(const char* which) {
+  Fusion fusion;
+  InputSignature signature;
+  signature.index32 = true;
+  if (std::strcmp(which, "rmsnorm") == 0) {
+    buildRmsNorm(fusion);
+  } else if (std::strcmp(which, "silu") == 0) {
+    buildSiluChain(fusion);
+    signature.contiguous = true;
+    signature.vector_width = 8;
+  } else {
+    std::fprintf(stderr, "usage: print_kernel [rmsnorm | silu]\n");
+    return 2;
+  }
+  const std::string source = generateCudaSource(fusion, signature);
+  std::fputs(source.c_str(), stdout);
+  compileCudaSource(source, CompileTarget{90, /*cubin=*/false});
+  return 0;
+}
+
+}  // namespace
+}  // namespace hostfuse
+
+int main(int argc, char** argv) {
+  try {
+    return hostfuse::run(argc > 1 ? argv[1] : "rmsnorm");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "print_kernel failed: %s\n", e.what());
+    return 1;
+  }
+}

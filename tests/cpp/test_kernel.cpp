@@ -1,0 +1,272 @@
+// Kernel codegen and compilation, and the CPU path of fusions. Everything
+// here runs without a GPU: NVRTC compiles the generated code to PTX for
+// compute_90. test_kernel_gpu.cpp runs the same catalog on a GPU.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "host_ir/evaluator.h"
+#include "kernel/analysis.h"
+#include "kernel/c_types.h"
+#include "kernel/codegen.h"
+#include "kernel/compile.h"
+#include "kernel/executor.h"
+#include "kernel/kernel_cache.h"
+#include "kernel_cases.h"
+#include "utils/driver_api.h"
+#include "utils/torch_cuda.h"
+
+namespace hostfuse {
+namespace {
+
+const CompileTarget kPtx90{90, /*cubin=*/false};
+
+// The signatures a fusion's kernel can be specialized for: strided with
+// either index width, and where possible contiguous with the widest vectors
+// and without vectors.
+std::vector<InputSignature> signaturesFor(const FusionAnalysis& analysis) {
+  std::vector<InputSignature> signatures = {
+      {/*contiguous=*/false, /*vector_width=*/1, /*index32=*/true},
+      {/*contiguous=*/false, /*vector_width=*/1, /*index32=*/false}};
+  if (analysis.plan().contiguous_possible) {
+    signatures.push_back({true, analysis.plan().max_vector_width, true});
+    signatures.push_back({true, 1, false});
+  }
+  return signatures;
+}
+
+class KernelCatalog : public testing::TestWithParam<size_t> {
+ protected:
+  const test::FusionCase& fusionCase() const {
+    return test::fusionCases()[GetParam()];
+  }
+};
+
+TEST_P(KernelCatalog, GeneratesAndCompilesToPtx) {
+  const std::shared_ptr<Fusion> fusion = test::buildFusion(fusionCase());
+  EXPECT_EQ(kernelUnsupportedReason(*fusion), std::nullopt);
+  const FusionAnalysis analysis(*fusion);
+  for (const InputSignature& signature : signaturesFor(analysis)) {
+    SCOPED_TRACE(signature.toString());
+    const GeneratedKernel kernel = generateKernel(analysis, signature);
+    const CompiledBinary binary = compileCudaSource(kernel.source, kPtx90);
+    EXPECT_NE(binary.image.find(".entry hostfuse_fusion"), std::string::npos);
+    EXPECT_EQ(binary.log, "") << "NVRTC warned about:\n"
+                              << numberedSource(kernel.source);
+  }
+}
+
+TEST_P(KernelCatalog, CpuPathMatchesReference) {
+  const test::FusionCase& c = fusionCase();
+  HostIrEvaluator evaluator(test::programRunning(test::buildFusion(c)));
+  const std::vector<c10::IValue> inputs = test::makeInputs(
+      c, /*rows=*/5, /*cols=*/33, test::Layout::kContiguous, at::kCPU);
+  const int64_t compiles = KernelCache::global().numCompiles();
+  test::expectOutputsClose(evaluator.run(inputs), c.reference(inputs),
+                           c.float_tolerance);
+  EXPECT_EQ(KernelCache::global().numCompiles(), compiles)
+      << "CPU inputs must not compile kernels";
+}
+
+INSTANTIATE_TEST_SUITE_P(Fusions, KernelCatalog,
+                         testing::Range<size_t>(0, test::fusionCases().size()),
+                         test::caseName);
+
+std::shared_ptr<Fusion> reluAddFusion() {
+  auto fusion = std::make_shared<Fusion>();
+  FusionGuard guard(fusion.get());
+  TensorView* a = makeSymbolicTensor(1, DataType::Float, "a");
+  TensorView* b = makeTensor({a->extent(0)}, DataType::Float, "b");
+  fusion->addInput(a);
+  fusion->addInput(b);
+  // One statement each: argument order would make the names depend on the
+  // compiler.
+  TensorView* positive = relu(a);
+  TensorView* doubled = mul(b, 2.0);
+  fusion->addOutput(add(positive, doubled));
+  return fusion;
+}
+
+TEST(KernelCodegen, SourceIsReadableAndDeterministic) {
+  const InputSignature signature{false, 1, true};
+  const std::string source = generateCudaSource(*reluAddFusion(), signature);
+  EXPECT_EQ(source, generateCudaSource(*reluAddFusion(), signature));
+  EXPECT_NE(source.find("//     T4 = add(T2, T3)\n"), std::string::npos)
+      << source;
+  EXPECT_NE(source.find("hf_block_reduce"), std::string::npos)
+      << "the device helpers come first";
+  const std::string kernel = source.substr(source.find("using index_t"));
+  EXPECT_EQ(kernel, R"(using index_t = int;
+
+extern "C" __global__ void __launch_bounds__(256)
+hostfuse_fusion(
+    const float* __restrict__ T0,
+    index_t T0_stride0,
+    const float* __restrict__ T1,
+    index_t T1_stride0,
+    float* __restrict__ out0,
+    index_t out0_stride0,
+    index_t numel) {
+  const index_t first =
+      static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t index = first; index < numel; index += step) {
+    const index_t i0 = index;
+    float t0 = T0[i0 * T0_stride0];
+    float t1 = T1[i0 * T1_stride0];
+    float t2 = hf_relu(t0);
+    float t3 = t1 * 2.0f;
+    float t4 = t2 + t3;
+    out0[i0 * out0_stride0] = t4;
+  }
+}
+)");
+}
+
+TEST(KernelCodegen, WritesConstantsAsExactLiterals) {
+  using gen::CType;
+  using gen::literal;
+  EXPECT_EQ(literal(ScalarValue(2.0), CType::kFloat), "2.0f");
+  EXPECT_EQ(literal(ScalarValue(1e-5), CType::kFloat), "9.99999975e-06f");
+  EXPECT_EQ(literal(ScalarValue(0.1), CType::kDouble), "0.10000000000000001");
+  EXPECT_EQ(literal(ScalarValue(int64_t{-3}), CType::kFloat), "(-3.0f)");
+  EXPECT_EQ(literal(ScalarValue(int64_t{-3}), CType::kInt64), "(-3ll)");
+  EXPECT_EQ(
+      literal(ScalarValue(std::numeric_limits<int64_t>::min()), CType::kInt64),
+      "(-9223372036854775807ll - 1)");
+  EXPECT_EQ(literal(ScalarValue(std::numeric_limits<double>::infinity()),
+                    CType::kFloat),
+            "__uint_as_float(0x7f800000u)");
+  EXPECT_EQ(literal(ScalarValue(-std::numeric_limits<double>::infinity()),
+                    CType::kDouble),
+            "(-__longlong_as_double(0x7ff0000000000000ll))");
+  EXPECT_EQ(literal(ScalarValue(std::nan("")), CType::kFloat),
+            "__uint_as_float(0x7fc00000u)");
+  EXPECT_EQ(literal(ScalarValue(1e40), CType::kFloat),
+            "__uint_as_float(0x7f800000u)")
+      << "out of float range: inf, as the conversion gives";
+  EXPECT_EQ(literal(ScalarValue(true), CType::kFloat), "1.0f");
+  EXPECT_EQ(literal(ScalarValue(int64_t{0}), CType::kBool), "false");
+}
+
+TEST(KernelCodegen, RejectsMatmulNamingTheExpression) {
+  const std::shared_ptr<Fusion> fusion = test::matmulReluFusion();
+  const std::optional<std::string> reason = kernelUnsupportedReason(*fusion);
+  ASSERT_TRUE(reason.has_value());
+  EXPECT_NE(reason->find("does not support MatmulOp (T2 = matmul(T0, T1))"),
+            std::string::npos)
+      << *reason;
+  test::expectErrorContains(
+      [&] { generateCudaSource(*fusion, InputSignature{}); },
+      {"MatmulOp", "matmul(T0, T1)"});
+}
+
+TEST(KernelCodegen, RejectsReductionsOutsideTheInnermostDim) {
+  Fusion fusion;
+  FusionGuard guard(&fusion);
+  TensorView* x = makeSymbolicTensor(2, DataType::Float, "x");
+  fusion.addInput(x);
+  fusion.addOutput(sum(x, 0));
+  test::expectErrorContains([&] { FusionAnalysis analysis(fusion); },
+                            {"innermost", "T1 = sum(T0, dim=0)"});
+}
+
+TEST(KernelCodegen, RejectsReductionsOfDifferentDims) {
+  Fusion fusion;
+  FusionGuard guard(&fusion);
+  TensorView* x = makeSymbolicTensor(2, DataType::Float, "x");
+  fusion.addInput(x);
+  // Both are innermost for their operand, but they reduce different dims
+  // of the iteration space.
+  fusion.addOutput(sum(sum(x, 1), 0));
+  test::expectErrorContains([&] { FusionAnalysis analysis(fusion); },
+                            {"reduce the same dim"});
+}
+
+TEST(KernelCodegen, RejectsAValueBroadcastInTwoLayouts) {
+  Fusion fusion;
+  FusionGuard guard(&fusion);
+  TensorView* x = makeSymbolicTensor(1, DataType::Float, "x");
+  fusion.addInput(x);
+  fusion.addOutput(
+      mul(broadcast(x, {false, true}), broadcast(x, {true, false})));
+  test::expectErrorContains([&] { FusionAnalysis analysis(fusion); },
+                            {"two dims of", "line up with one loop dim"});
+}
+
+TEST(KernelCompile, ErrorShowsNumberedSourceAndLog) {
+  const std::string broken =
+      "extern \"C\" __global__ void hostfuse_fusion() {\n"
+      "  int x = undefined_name;\n"
+      "}\n";
+  test::expectErrorContains(
+      [&] { compileCudaSource(broken, kPtx90); },
+      {"NVRTC could not compile", "NVRTC log:", "undefined_name",
+       "   2    int x = undefined_name;", "   1  extern \"C\""});
+}
+
+TEST(KernelCompile, TargetsTheDeviceArchitecture) {
+  EXPECT_EQ(compileTargetFor(9, 0).toString(), "sm_90");
+  // An architecture NVRTC does not know gets PTX for the newest one below.
+  EXPECT_EQ(compileTargetFor(9, 9).toString(), "compute_90");
+}
+
+TEST(KernelCache, CompilesOncePerFusionAndSignature) {
+  KernelCache cache;
+  const std::shared_ptr<Fusion> first = reluAddFusion();
+  const std::shared_ptr<Fusion> second = reluAddFusion();
+  const std::shared_ptr<const FusionEntry> entry = cache.entry(*first);
+  EXPECT_EQ(cache.entry(*second), entry) << "equal fusions share an entry";
+  const InputSignature signature{false, 1, true};
+  const std::shared_ptr<const FusionKernel> kernel =
+      cache.kernel(*first, *entry, signature, kPtx90);
+  EXPECT_EQ(cache.numCompiles(), 1);
+  EXPECT_EQ(cache.kernel(*second, *entry, signature, kPtx90), kernel);
+  EXPECT_EQ(cache.numCompiles(), 1) << "a hit compiles nothing";
+  InputSignature wider = signature;
+  wider.index32 = false;
+  EXPECT_NE(cache.kernel(*first, *entry, wider, kPtx90), kernel);
+  EXPECT_EQ(cache.numCompiles(), 2);
+}
+
+TEST(KernelCache, RemembersWhyAFusionIsUnsupported) {
+  KernelCache cache;
+  Fusion fusion;
+  FusionGuard guard(&fusion);
+  TensorView* x = makeSymbolicTensor(2, DataType::Float, "x");
+  fusion.addInput(x);
+  fusion.addOutput(sum(x, 0));
+  const std::shared_ptr<const FusionEntry> entry = cache.entry(fusion);
+  EXPECT_NE(entry->unsupported.find("innermost"), std::string::npos);
+  EXPECT_EQ(cache.entry(fusion), entry);
+}
+
+TEST(KernelExecutor, CpuInputsRunTheAtenReference) {
+  // executeFusion runs even fusions codegen rejects, on CPU.
+  const std::shared_ptr<Fusion> fusion = test::matmulReluFusion();
+  const at::Tensor av = test::randomTensor({4, 3}, at::kFloat, at::kCPU, 1);
+  const at::Tensor bv = test::randomTensor({3, 5}, at::kFloat, at::kCPU, 2);
+  const std::vector<at::Tensor> outputs = executeFusion(*fusion, {av, bv});
+  ASSERT_EQ(outputs.size(), 1u);
+  test::expectClose(outputs[0], at::relu(at::matmul(av, bv)), 1e-6, 1e-6);
+}
+
+TEST(KernelExecutor, RunFusionOnCudaRejectsCpuTensors) {
+  const std::shared_ptr<Fusion> fusion = reluAddFusion();
+  const at::Tensor a = test::randomTensor({8}, at::kFloat, at::kCPU, 1);
+  test::expectErrorContains(
+      [&] {
+        runFusionOnCuda(*fusion, {a, a});
+      },
+      {"input 0 (T0 'a') is on cpu", "one CUDA device"});
+}
+
+TEST(DriverApi, ReportsAMissingDriverClearly) {
+  if (cuda::isAvailable()) {
+    GTEST_SKIP() << "a GPU is present; test_kernel_gpu loads the driver";
+  }
+  test::expectErrorContains([] { driver::api(); }, {"CUDA driver"});
+}
+
+}  // namespace
+}  // namespace hostfuse
