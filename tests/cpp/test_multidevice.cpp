@@ -183,6 +183,12 @@ TEST_P(DispatchCombineGrid, MatchesReference) {
       combined.cpu(),
       test::referenceCombine(x, idx, weights, test::scaleByExpert), tolerance,
       tolerance);
+  // ... and it sums in pick order, one rounding per operation, so it
+  // equals that sum bit for bit (what the cuda backend computes too).
+  expectEqual(
+      combined,
+      test::referenceCombineInPickOrder(x, idx, weights, test::scaleByExpert),
+      "combined, summed in pick order");
 }
 
 INSTANTIATE_TEST_SUITE_P(Grid, DispatchCombineGrid,
