@@ -177,6 +177,14 @@ at::Tensor referenceCombineInPickOrder(const at::Tensor& x,
   return acc.to(x.scalar_type());
 }
 
+at::Tensor randomWeights(int64_t tokens, int64_t picks, at::ScalarType dtype,
+                         const at::Device& device, uint64_t seed) {
+  at::Generator generator = at::detail::createCPUGenerator(seed);
+  return (at::rand({tokens, picks}, generator, at::dtype(at::kFloat)) + 0.1)
+      .to(dtype)
+      .to(device);
+}
+
 std::string toString(Routing routing) {
   switch (routing) {
     case Routing::Uniform:

@@ -64,6 +64,10 @@ at::Tensor referenceCombineInPickOrder(const at::Tensor& x,
                                        const at::Tensor& weights,
                                        const ExpertFn& fn);
 
+// topk_weights [T, K]: positive weights in [0.1, 1.1) from a fixed seed.
+at::Tensor randomWeights(int64_t tokens, int64_t picks, at::ScalarType dtype,
+                         const at::Device& device, uint64_t seed);
+
 // How tokens pick experts in a test case.
 enum class Routing {
   Uniform,        // distinct random experts per token
