@@ -319,9 +319,10 @@ void MoeEvaluator::runCuda(const MoeCombine& combine, ValueMap& values) {
   HF_ERROR(dispatch != nullptr, "a validated cuda MoeCombine without its ",
            "MoeDispatch: ", combine.toInlineString());
   const auto it = cuda_nodes_.find(dispatch);
-  HF_CHECK(it != cuda_nodes_.end() && it->second->dispatched, "while running ",
-           combine.toInlineString(), ": its ", dispatch->toInlineString(),
-           " has not run in this evaluator");
+  HF_CHECK(it != cuda_nodes_.end() && it->second != nullptr &&
+               it->second->dispatched,
+           "while running ", combine.toInlineString(), ": its ",
+           dispatch->toInlineString(), " has not run in this evaluator");
   CudaNode& node = *it->second;
   const at::Tensor expert_out = values.get(combine.expertOut()).toTensor();
   const std::optional<at::Tensor> weights =
