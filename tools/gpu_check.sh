@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine: configures against the installed torch, builds with
-# ninja, runs every test (GPU-only ones included), the examples and, with
-# --bench, the benchmarks; prints a short summary last.
+# ninja, runs every test (GPU-only ones included; the multi-rank ones with
+# one rank per GPU: ctest's multidevice_np<N> and test_cuda_moe through
+# tools/run_cuda_moe_tests.sh), the examples and, with --bench, the
+# benchmarks; prints a short summary last.
 #
 #   tools/gpu_check.sh [--bench] [extra ctest arguments]
 #
@@ -40,6 +42,24 @@ summary+=("ctest: $(grep -E 'tests passed|tests failed' "$log_dir/ctest.log" | t
 skipped="$(grep -c -- '\*\*\*Skipped' "$log_dir/ctest.log")"
 summary+=("ctest skipped: $skipped")
 [ "$ctest_status" -eq 0 ] || failed=1
+
+# The cuda MoE backend's own multi-process tests, one rank per GPU (ctest
+# runs test_cuda_moe as a single rank only).
+if [ "$gpus" -gt 0 ]; then
+  hostfuse_log "running test_cuda_moe on $gpus ranks (log: $log_dir/test_cuda_moe.log)"
+  start=$SECONDS
+  HOSTFUSE_NO_BUILD=1 HOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
+    timeout --kill-after=15 "${HOSTFUSE_CUDA_MOE_TIMEOUT:-900}" \
+    "$HOSTFUSE_ROOT/tools/run_cuda_moe_tests.sh" "$gpus" \
+    >"$log_dir/test_cuda_moe.log" 2>&1
+  status=$?
+  tail -n 10 "$log_dir/test_cuda_moe.log"
+  passed_ranks="$(grep -cE '^\[  PASSED  \] [0-9]+ test' "$log_dir/test_cuda_moe.log")"
+  summary+=("test_cuda_moe: $passed_ranks of $gpus ranks passed (exit $status, $((SECONDS - start)) s)")
+  [ "$status" -eq 0 ] || failed=1
+else
+  summary+=("test_cuda_moe: not run (no GPU)")
+fi
 
 export HOSTFUSE_PYTHON
 for example in "$HOSTFUSE_BUILD_DIR"/*_example; do

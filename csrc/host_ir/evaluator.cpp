@@ -31,6 +31,8 @@ HostIrEvaluator::HostIrEvaluator(std::unique_ptr<HostIrContainer> program,
   HF_CHECK(program_ != nullptr, "HostIrEvaluator: the program is null");
 }
 
+HostIrEvaluator::~HostIrEvaluator() = default;
+
 std::vector<at::Tensor> HostIrEvaluator::run(
     const std::vector<c10::IValue>& inputs) {
   values_.clear();
@@ -96,11 +98,18 @@ void HostIrEvaluator::handle(Allocate* allocate) {
 }
 
 void HostIrEvaluator::handle(MoeDispatch* dispatch) {
-  evaluateMoeDispatch(*dispatch, values_, communicator());
+  moe().run(*dispatch, values_);
 }
 
 void HostIrEvaluator::handle(MoeCombine* combine) {
-  evaluateMoeCombine(*combine, values_, communicator());
+  moe().run(*combine, values_);
+}
+
+MoeEvaluator& HostIrEvaluator::moe() {
+  if (moe_ == nullptr) {
+    moe_ = std::make_unique<MoeEvaluator>(communicator());
+  }
+  return *moe_;
 }
 
 Communicator& HostIrEvaluator::communicator() const {

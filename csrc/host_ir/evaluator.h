@@ -23,6 +23,7 @@
 namespace hostfuse {
 
 class Communicator;
+class MoeEvaluator;
 
 struct HostIrEvaluatorParams {
   // The device every tensor input must be on and allocations go to. When
@@ -37,6 +38,7 @@ class HostIrEvaluator : public ExprVisitor {
  public:
   explicit HostIrEvaluator(std::unique_ptr<HostIrContainer> program,
                            HostIrEvaluatorParams params = {});
+  ~HostIrEvaluator() override;
 
   std::vector<at::Tensor> run(const std::vector<c10::IValue>& inputs);
 
@@ -65,11 +67,15 @@ class HostIrEvaluator : public ExprVisitor {
   // it.
   void checkDevices(const std::vector<c10::IValue>& inputs);
   Communicator& communicator() const;
+  // Runs the MoE nodes; holds the cuda backend's per-node workspaces across
+  // runs. Created on first use.
+  MoeEvaluator& moe();
 
   std::unique_ptr<HostIrContainer> program_;
   HostIrEvaluatorParams params_;
   at::Device device_ = at::kCPU;
   ValueMap values_;
+  std::unique_ptr<MoeEvaluator> moe_;
 };
 
 }  // namespace hostfuse

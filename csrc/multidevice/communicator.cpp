@@ -232,6 +232,12 @@ c10d::Backend& Communicator::backend(c10::DeviceType device_type) {
   return *created;
 }
 
+c10::intrusive_ptr<c10d::Store> Communicator::store() const {
+  HF_CHECK(!shut_down_ && store_,
+           "Communicator: the communicator is shut down; its store is gone");
+  return store_;
+}
+
 void Communicator::barrier() {
   c10d::Backend& b = backend(device_.type());
   rethrowing("barrier", [&] {

@@ -95,6 +95,10 @@ class Communicator {
   // the same point of the program: creating it is a rendezvous.
   c10d::Backend& backend(c10::DeviceType device_type);
 
+  // The key-value store all ranks rendezvous through (the cuda MoE backend
+  // exchanges its memory handles over it). An error after shutdown().
+  c10::intrusive_ptr<c10d::Store> store() const;
+
   // Waits until every rank has arrived, on the backend of device().
   void barrier();
 

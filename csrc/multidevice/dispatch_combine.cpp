@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
+#include <algorithm>
 #include <limits>
 #include <sstream>
 #include <vector>
@@ -157,6 +158,8 @@ void checkAgreed(const at::Tensor& table, int64_t word, const char* op,
   }
 }
 
+}  // namespace
+
 // ---------------------------------------------------------------------------
 // Dispatch
 
@@ -198,6 +201,8 @@ HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
   }
   return status;
 }
+
+namespace {
 
 // Expert ids in range, and no expert twice in one token, into `status`.
 void checkExpertIds(DeviceStatus& status, const at::Tensor& idx,
@@ -376,6 +381,57 @@ void checkCombineTable(const at::Tensor& table) {
   }
 }
 
+// combined [T, H'] from the rows returned to this rank: row i belongs to
+// (token[i], pick[i]). The sum must equal the cuda backend's bit for bit,
+// so it follows the kernel's order exactly: per token, acc = +0 in fp32
+// (fp64 for fp64 rows), then for k = 0, 1, ...: acc = acc + w[t, k] *
+// float(row of (t, k)), each product and each sum rounded on its own (one
+// ATen op each: nothing fuses them into a fused multiply-add), then one
+// rounding to the rows' dtype. index_add_ cannot do this: its order is
+// unspecified on CUDA (atomics). Everything stays on the device.
+//
+// Masked picks have no row: their slot stays +0 and their weight 0, so
+// they add +0 * 0 = +0 (without weights, +0). That never changes the bits
+// of acc: in round-to-nearest a sum is -0 only when both addends are -0, so
+// acc, which starts at +0, is never -0; and x + (+0) == x for every x other
+// than -0 (NaN aside). The kernel skips those picks; the result is the same.
+// The weight of a masked pick is never read (a NaN or inf there must not
+// leak into the sum), hence the weights go into slots too.
+at::Tensor combineInOrder(const at::Tensor& rows, const at::Tensor& token,
+                          const at::Tensor& pick,
+                          const std::optional<at::Tensor>& topk_weights,
+                          int64_t num_tokens, int64_t slot_picks) {
+  const int64_t hidden = rows.size(1);
+  const at::ScalarType accumulate =
+      at::promote_types(at::kFloat, rows.scalar_type());
+  const at::Tensor slot = token * slot_picks + pick;
+  const at::Tensor slots =
+      at::zeros({num_tokens * slot_picks, hidden}, rows.options())
+          .index_copy_(0, slot, rows)
+          .view({num_tokens, slot_picks, hidden});
+  at::Tensor weight_slots;
+  if (topk_weights.has_value()) {
+    const int64_t picks = topk_weights->size(1);
+    weight_slots =
+        at::zeros({num_tokens * slot_picks}, rows.options().dtype(accumulate))
+            .index_copy_(0, slot,
+                         topk_weights->to(accumulate)
+                             .reshape({-1})
+                             .index_select(0, token * picks + pick))
+            .view({num_tokens, slot_picks});
+  }
+  at::Tensor acc =
+      at::zeros({num_tokens, hidden}, rows.options().dtype(accumulate));
+  for (int64_t k = 0; k < slot_picks; ++k) {
+    at::Tensor term = slots.select(1, k).to(accumulate);
+    if (weight_slots.defined()) {
+      term = term * weight_slots.select(1, k).unsqueeze(1);
+    }
+    acc = acc + term;
+  }
+  return acc.to(rows.scalar_type());
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -544,14 +600,21 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   checkCombineTable(table);
 
   const int64_t width = table.size(1);
-  const int64_t* words = table.data_ptr<int64_t>() + me * width;
+  const int64_t* all_words = table.data_ptr<int64_t>();
+  const int64_t* words = all_words + me * width;
   std::vector<int64_t> send_splits(world_size);
   std::vector<int64_t> recv_splits(world_size);
   int64_t num_recv = 0;
+  // Pick slots per token in step 4: 1 + the largest pick any rank holds
+  // from this one (K is unknown here without weights).
+  int64_t slot_picks = 0;
   for (int64_t r = 0; r < world_size; ++r) {
     send_splits[r] = words[kHeaderWords + kFromRank * world_size + r];
     recv_splits[r] = words[kHeaderWords + kToRank * world_size + r];
     num_recv += recv_splits[r];
+    slot_picks = std::max(
+        slot_picks,
+        all_words[r * width + kHeaderWords + kMaxPick * world_size + me] + 1);
   }
 
   // 3. Every row back to its source rank, with its (token, pick).
@@ -565,26 +628,13 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   at::Tensor recv = at::empty({num_recv, send.size(1)}, send.options());
   allToAll(backend, recv, send, recv_splits, send_splits, "MoeCombine");
 
-  // 4. Weighted sum per token, in fp32 (or wider).
+  // 4. Per token, the sum of its picks in pick order (see combineInOrder).
   int64_t offset = 0;
   const at::Tensor returned =
       fromBytes(recv, offset, hidden, expert_out.scalar_type());
   const at::Tensor meta = fromBytes(recv, offset, 2, at::kLong);
-  const at::Tensor token = meta.select(1, 0);
-  const at::ScalarType accumulate =
-      at::promote_types(at::kFloat, expert_out.scalar_type());
-  at::Tensor contribution = returned.to(accumulate);
-  if (topk_weights.has_value()) {
-    const at::Tensor weight =
-        topk_weights->to(accumulate)
-            .reshape({-1})
-            .index_select(0, token * picks + meta.select(1, 1));
-    contribution = contribution * weight.unsqueeze(1);
-  }
-  const at::Tensor combined =
-      at::zeros({num_tokens, hidden}, contribution.options())
-          .index_add_(0, token, contribution);
-  return combined.to(expert_out.scalar_type());
+  return combineInOrder(returned, meta.select(1, 0), meta.select(1, 1),
+                        topk_weights, num_tokens, slot_picks);
 }
 
 }  // namespace hostfuse

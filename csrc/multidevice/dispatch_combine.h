@@ -29,8 +29,10 @@
 //     holds from rank j is what j sent to i) and that every row names a
 //     token and pick its source rank has;
 //  3. send every row back to its source rank with its (token, pick);
-//  4. add w[t, k] * row into an fp32 [T, H'] at token t; cast to
-//     expert_out's dtype.
+//  4. put every returned row into its (token, pick) slot, then per token
+//     acc = +0; for k = 0..K-1: acc = acc + w[t, k] * row(t, k), in fp32,
+//     each product and sum rounded on its own; cast to expert_out's dtype.
+//     This is the cuda backend's order, so both give the same bits.
 // Dispatch and combine are collectives: every rank calls them in the same
 // order, with tensors of one device type.
 #pragma once
@@ -40,6 +42,7 @@
 #include <optional>
 
 #include "multidevice/communicator.h"
+#include "multidevice/moe_status.h"
 
 namespace hostfuse {
 
@@ -60,6 +63,16 @@ struct MoeDispatchOutput {
   MoeLayout layout;
 };
 
+// The checks of dispatch's inputs that need no device values: ranks,
+// dtypes, T and K agreeing, one device (`device`), num_experts a positive
+// multiple of world_size. The first failure, as status words every rank can
+// turn into the same error (moe_status.h). The cuda backend's first run
+// uses it too.
+moe::HostStatus checkDispatchInputs(
+    const at::Tensor& x, const at::Tensor& topk_idx,
+    const std::optional<at::Tensor>& topk_weights, int64_t num_experts,
+    int64_t world_size, const at::Device& device);
+
 // Sends every unmasked (token, pick) of this rank to the rank of its expert.
 // x [T, H] floating; topk_idx [T, K] i64 or i32; topk_weights [T, K]
 // floating or nullopt. Errors (on every rank alike) name the argument and
@@ -71,8 +84,9 @@ MoeDispatchOutput dispatchCollective(
 
 // Returns combined [num_tokens, H'] in expert_out's dtype, where
 // combined[t] = sum over unmasked k of w[t, k] * expert_out row of (t, k),
-// w = topk_weights (1 without), accumulated in fp32. expert_out [rows, H']
-// must be in the layout `layout` describes.
+// w = topk_weights (1 without), accumulated in fp32 in pick order k = 0,
+// 1, ... without fused multiply-adds (fp64 for fp64 rows). expert_out
+// [rows, H'] must be in the layout `layout` describes.
 at::Tensor combineCollective(const at::Tensor& expert_out,
                              const MoeLayout& layout,
                              const std::optional<at::Tensor>& topk_weights,

@@ -67,7 +67,8 @@ MoeDispatch::MoeDispatch(TensorView* recv_x, TensorView* recv_src_rank,
                          TensorView* n_tokens_to_rank,
                          TensorView* n_tokens_from_rank, TensorView* x,
                          TensorView* topk_idx, TensorView* topk_weights,
-                         int64_t num_experts, MoeBackend backend) {
+                         int64_t num_experts, MoeBackend backend,
+                         int64_t capacity) {
   HF_CHECK((recv_weights == nullptr) == (topk_weights == nullptr),
            "MoeDispatch: recv_weights must be given exactly when "
            "topk_weights is");
@@ -89,6 +90,7 @@ MoeDispatch::MoeDispatch(TensorView* recv_x, TensorView* recv_src_rank,
   addDataAttribute(num_experts);
   addDataAttribute(static_cast<int64_t>(backend));
   addDataAttribute(topk_weights != nullptr);
+  addDataAttribute(capacity);
 }
 
 std::string MoeDispatch::toInlineString() const {
@@ -99,8 +101,11 @@ std::string MoeDispatch::toInlineString() const {
     ss << ", topk_weights=" << topkWeights()->toString();
   }
   ss << ", num_experts=" << numExperts()
-     << ", backend=" << hostfuse::toString(backend()) << ") -> ("
-     << joinValues(outputs()) << ")";
+     << ", backend=" << hostfuse::toString(backend());
+  if (capacity() != 0) {
+    ss << ", capacity=" << capacity();
+  }
+  ss << ") -> (" << joinValues(outputs()) << ")";
   return ss.str();
 }
 
@@ -110,6 +115,13 @@ void MoeDispatch::validate() const {
            "MoeDispatch built with ", inputs().size(), " inputs and ",
            outputs().size(), " outputs");
   checkNumExperts(this, numExperts());
+  HF_CHECK(capacity() >= 0,
+           "MoeDispatch: capacity must be >= 0 (0: the worst case), got ",
+           capacity());
+  HF_CHECK(capacity() == 0 || backend() == MoeBackend::Cuda,
+           "MoeDispatch: capacity (", capacity(),
+           ") applies to backend=cuda only; the collective backend returns "
+           "exactly the rows received");
   checkFloating(this, "x", x(), 2);
   checkTensor(
       this, "topk_idx", topkIdx(), 2,
@@ -232,6 +244,56 @@ void MoeCombine::validate() const {
                   "the rows of combined");
   checkSameExtent(this, expertOut()->extent(1), "the width of expert_out",
                   combined()->extent(1), "the width of combined");
+  if (backend() == MoeBackend::Cuda) {
+    validateCudaLayout();
+  }
+}
+
+const MoeDispatch* MoeCombine::dispatch() const {
+  const Expr* definition = recvSrcRank()->definition();
+  return definition != nullptr && definition->isA<MoeDispatch>()
+             ? definition->as<MoeDispatch>()
+             : nullptr;
+}
+
+// The cuda backend keeps the rows' metadata in the dispatch node's
+// workspace, so combine must know that node: every layout input must be
+// the matching output of one MoeDispatch with backend=cuda.
+void MoeCombine::validateCudaLayout() const {
+  const MoeDispatch* source = dispatch();
+  HF_CHECK(
+      source != nullptr && source->backend() == MoeBackend::Cuda,
+      "MoeCombine: with backend=cuda, recv_src_rank ",
+      recvSrcRank()->toString(),
+      " must be an output of a MoeDispatch with backend=cuda, whose "
+      "workspace holds the layout; it is ",
+      recvSrcRank()->definition() == nullptr
+          ? std::string("not computed by any expression")
+          : "computed by " + recvSrcRank()->definition()->toInlineString());
+  const std::pair<const TensorView*, const TensorView*> pairs[] = {
+      {recvSrcToken(), source->recvSrcToken()},
+      {recvSrcK(), source->recvSrcK()},
+      {recvExpertCounts(), source->recvExpertCounts()},
+      {nTokensToRank(), source->nTokensToRank()},
+      {nTokensFromRank(), source->nTokensFromRank()}};
+  for (const auto& [mine, expected] : pairs) {
+    HF_CHECK(mine == expected,
+             "MoeCombine: with backend=cuda, the layout "
+             "must come from one MoeDispatch; got ",
+             mine->toString(), " where that dispatch returned ",
+             expected->toString());
+  }
+  HF_CHECK(numExperts() == source->numExperts(), "MoeCombine: num_experts (",
+           numExperts(), ") must equal its dispatch's (", source->numExperts(),
+           ")");
+  HF_CHECK(expertOut()->dtype() == source->x()->dtype(),
+           "MoeCombine: with backend=cuda, expert_out ",
+           expertOut()->toDeclString(), " must have x's dtype ",
+           source->x()->dtype(),
+           " (the rows travel back through buffers sized for x)");
+  checkSameExtent(this, source->x()->extent(1), "the hidden size H of x",
+                  expertOut()->extent(1),
+                  "the width of expert_out (backend=cuda)");
 }
 
 // ---------------------------------------------------------------------------
@@ -287,8 +349,8 @@ std::vector<c10::IValue> GroupedMatmul::evaluate(
     }
     offset += rows;
   }
-  HF_CHECK(offset == x.size(0), "GroupedMatmul: group_counts sums to ", offset,
-           " but x has ", x.size(0), " rows");
+  // Rows past the groups: the unused capacity of a cuda-backend dispatch.
+  out.narrow(0, offset, x.size(0) - offset).zero_();
   return {out};
 }
 
@@ -296,7 +358,7 @@ std::vector<c10::IValue> GroupedMatmul::evaluate(
 
 MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
                               TensorView* topk_weights, int64_t num_experts,
-                              MoeBackend backend) {
+                              MoeBackend backend, int64_t capacity) {
   HF_CHECK(x != nullptr && topk_idx != nullptr,
            "moeDispatch: x and topk_idx must not be null");
   HF_CHECK(x->rank() == 2, "moeDispatch: x ", x->toDeclString(),
@@ -320,7 +382,7 @@ MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
       result.recv_x, result.recv_src_rank, result.recv_src_token,
       result.recv_src_k, result.recv_weights, result.recv_expert_counts,
       result.n_tokens_to_rank, result.n_tokens_from_rank, x, topk_idx,
-      topk_weights, num_experts, backend);
+      topk_weights, num_experts, backend, capacity);
   return result;
 }
 

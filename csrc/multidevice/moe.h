@@ -27,7 +27,8 @@ namespace hostfuse {
 
 // How MoeDispatch/MoeCombine move rows. Collective: c10d alltoall_base with
 // exact row counts (host synchronization for the counts). Cuda:
-// symmetric-memory kernels (not implemented yet; running it is an error).
+// symmetric-memory kernels on one node, C rows of capacity, no host
+// synchronization after the node's first run (docs/moe.md, "Backends").
 enum class MoeBackend { Collective, Cuda };
 
 const char* toString(MoeBackend backend);
@@ -37,12 +38,16 @@ const char* toString(MoeBackend backend);
 // Outputs, in order (recv_weights only with topk_weights):
 //   recv_x [rows, H] (x's dtype), expert-major: rows of local expert 0, then
 //     1, ...; inside an expert by source rank, then source token index;
+//     with backend=cuda, rows = C (the capacity) and only the first
+//     sum(recv_expert_counts) rows are valid;
 //   recv_src_rank, recv_src_token, recv_src_k [rows] i64: where each row
 //     came from (rank, token index there, pick slot);
 //   recv_weights [rows] (topk_weights' dtype): the pick's weight;
 //   recv_expert_counts [L] i64: rows per local expert;
 //   n_tokens_to_rank [R] i64: rows this rank sent to each rank;
 //   n_tokens_from_rank [R] i64: rows this rank received from each rank.
+// Attributes: num_experts, backend, and capacity (backend=cuda only): C,
+// the rows a rank can receive; 0 means the worst case R * T_max * min(K, L).
 class MoeDispatch : public Expr {
  public:
   // `recv_weights` and `topk_weights` are both null or both given.
@@ -51,7 +56,7 @@ class MoeDispatch : public Expr {
               TensorView* recv_weights, TensorView* recv_expert_counts,
               TensorView* n_tokens_to_rank, TensorView* n_tokens_from_rank,
               TensorView* x, TensorView* topk_idx, TensorView* topk_weights,
-              int64_t num_experts, MoeBackend backend);
+              int64_t num_experts, MoeBackend backend, int64_t capacity = 0);
   HF_DECLARE_EXPR(MoeDispatch)
 
   TensorView* x() const { return input(0)->as<TensorView>(); }
@@ -65,6 +70,8 @@ class MoeDispatch : public Expr {
     return static_cast<MoeBackend>(attribute<int64_t>(1));
   }
   bool hasWeights() const { return attribute<bool>(2); }
+  // Receive rows per rank for backend=cuda; 0: the worst case.
+  int64_t capacity() const { return attribute<int64_t>(3); }
 
   TensorView* recvX() const { return output(0)->as<TensorView>(); }
   TensorView* recvSrcRank() const { return output(1)->as<TensorView>(); }
@@ -85,7 +92,8 @@ class MoeDispatch : public Expr {
   }
 
   // MoeDispatch(x=T0, topk_idx=T1, topk_weights=T2, num_experts=8,
-  //   backend=collective) -> (T3, T4, ...)
+  //   backend=collective) -> (T3, T4, ...); ", capacity=C" after the
+  //   backend when set.
   std::string toInlineString() const override;
   void validate() const override;
 
@@ -99,8 +107,10 @@ class MoeDispatch : public Expr {
 // topk_weights [T, K] floating; T, the number of tokens of this rank.
 // Output: combined [T, H'] in expert_out's dtype, in the original token
 // order: combined[t] = sum over unmasked picks k of w[t, k] * out(t, k)
-// (w = 1 without weights), accumulated in fp32; tokens without unmasked
-// picks are 0.
+// (w = 1 without weights), accumulated in fp32 in pick order; tokens
+// without unmasked picks are 0. With backend=cuda the layout must come
+// straight from a MoeDispatch with backend=cuda (whose workspace holds the
+// rows' metadata), and expert_out must have its C rows, H and dtype.
 class MoeCombine : public Expr {
  public:
   MoeCombine(TensorView* combined, TensorView* expert_out,
@@ -131,19 +141,27 @@ class MoeCombine : public Expr {
   }
   bool hasWeights() const { return attribute<bool>(2); }
   TensorView* combined() const { return output(0)->as<TensorView>(); }
+  // The MoeDispatch that computed the layout inputs; nullptr when they
+  // come from elsewhere (allowed for backend=collective only).
+  const MoeDispatch* dispatch() const;
 
   // MoeCombine(expert_out=T9, ..., num_tokens=i0, num_experts=8,
   //   backend=collective) -> (T10)
   std::string toInlineString() const override;
   void validate() const override;
+
+ private:
+  void validateCudaLayout() const;
 };
 
 // Runs one grouped matmul: rows [offset_l, offset_l + counts[l]) of x times
 // weights[l], where offset is the exclusive cumsum of group_counts. The
 // per-expert computation of an MoE layer on dispatch's expert-major rows.
 // x [rows, H] floating, weights [L, H, N] of x's dtype, group_counts [L]
-// i64 summing to rows; out [rows, N]. Evaluated with ATen (one matmul per
-// group; reads the counts on the host).
+// i64 summing to at most rows (dispatch with backend=cuda returns C rows of
+// which the first sum(counts) are valid); out [rows, N], zero past the
+// groups. Evaluated with ATen (one matmul per group; reads the counts on
+// the host).
 class GroupedMatmul : public Expr {
  public:
   GroupedMatmul(TensorView* out, TensorView* x, TensorView* weights,
@@ -175,10 +193,12 @@ struct MoeDispatchResult {
   TensorView* n_tokens_from_rank = nullptr;
 };
 
-// Builds a MoeDispatch; `topk_weights` may be null.
+// Builds a MoeDispatch; `topk_weights` may be null. `capacity` (rows per
+// receiving rank, 0 = the worst case) applies to backend=cuda only.
 MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
                               TensorView* topk_weights, int64_t num_experts,
-                              MoeBackend backend = MoeBackend::Collective);
+                              MoeBackend backend = MoeBackend::Collective,
+                              int64_t capacity = 0);
 
 // Builds the MoeCombine of `layout`, which a moeDispatch returned; takes
 // num_experts and the backend from that dispatch. `num_tokens` is T (e.g.

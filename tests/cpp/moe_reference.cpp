@@ -151,6 +151,40 @@ at::Tensor referenceCombine(const at::Tensor& x, const at::Tensor& idx,
   return sum.to(x.scalar_type());
 }
 
+at::Tensor referenceCombineInPickOrder(const at::Tensor& x,
+                                       const at::Tensor& idx,
+                                       const at::Tensor& weights,
+                                       const ExpertFn& fn) {
+  const at::Tensor x_cpu = x.cpu();
+  const at::Tensor idx_cpu = idx.to(at::kLong).cpu();
+  const int64_t tokens = x.size(0);
+  at::Tensor acc = at::zeros({tokens, x.size(1)}, at::kFloat);
+  for (int64_t k = 0; k < idx_cpu.size(1); ++k) {
+    // The expert output of pick k of every token (0 where it is masked).
+    at::Tensor out = at::zeros({tokens, x.size(1)}, at::kFloat);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t expert = idx_cpu[t][k].item<int64_t>();
+      if (expert >= 0) {
+        out[t].copy_(fn(expert, x_cpu.narrow(0, t, 1))[0].to(at::kFloat));
+      }
+    }
+    const at::Tensor term =
+        weights.defined()
+            ? out * weights.cpu().select(1, k).to(at::kFloat).unsqueeze(1)
+            : out;
+    acc = at::where((idx_cpu.select(1, k) >= 0).unsqueeze(1), acc + term, acc);
+  }
+  return acc.to(x.scalar_type());
+}
+
+at::Tensor randomWeights(int64_t tokens, int64_t picks, at::ScalarType dtype,
+                         const at::Device& device, uint64_t seed) {
+  at::Generator generator = at::detail::createCPUGenerator(seed);
+  return (at::rand({tokens, picks}, generator, at::dtype(at::kFloat)) + 0.1)
+      .to(dtype)
+      .to(device);
+}
+
 std::string toString(Routing routing) {
   switch (routing) {
     case Routing::Uniform:

@@ -55,6 +55,19 @@ at::Tensor applyExperts(const at::Tensor& rows, const at::Tensor& counts,
 at::Tensor referenceCombine(const at::Tensor& x, const at::Tensor& idx,
                             const at::Tensor& weights, const ExpertFn& fn);
 
+// combined in the order both backends promise, for exact comparison: per
+// token acc = +0 in fp32; for k = 0..K-1 with idx[t, k] >= 0: acc = acc +
+// w[t, k] * fn(idx[t, k], x[t]) (w = 1 without weights), one rounding per
+// product and per sum; then rounded to x's dtype. CPU result.
+at::Tensor referenceCombineInPickOrder(const at::Tensor& x,
+                                       const at::Tensor& idx,
+                                       const at::Tensor& weights,
+                                       const ExpertFn& fn);
+
+// topk_weights [T, K]: positive weights in [0.1, 1.1) from a fixed seed.
+at::Tensor randomWeights(int64_t tokens, int64_t picks, at::ScalarType dtype,
+                         const at::Device& device, uint64_t seed);
+
 // How tokens pick experts in a test case.
 enum class Routing {
   Uniform,        // distinct random experts per token

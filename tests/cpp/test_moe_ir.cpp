@@ -69,6 +69,78 @@ TEST_F(MoeIr, DispatchWithoutWeightsHasNoRecvWeights) {
   EXPECT_EQ(node->backend(), MoeBackend::Cuda);
 }
 
+TEST_F(MoeIr, CapacityIsPrintedOnlyWhenSetAndOnlyForTheCudaBackend) {
+  Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
+  TensorView* x = makeTensor({tokens, 8}, DataType::Float, "x");
+  TensorView* idx = makeTensor({tokens, 2}, DataType::Int64, "topk_idx");
+  const MoeDispatchResult d =
+      moeDispatch(x, idx, nullptr, 4, MoeBackend::Cuda, 96);
+  const auto* node = d.recv_x->definition()->as<MoeDispatch>();
+  EXPECT_EQ(node->capacity(), 96);
+  EXPECT_EQ(node->toInlineString(),
+            "MoeDispatch(x=T0, topk_idx=T1, num_experts=4, backend=cuda, "
+            "capacity=96) -> (T2, T3, T4, T5, T6, T7, T8)");
+  const MoeDispatchResult plain = moeDispatch(x, idx, nullptr, 4);
+  EXPECT_EQ(plain.recv_x->definition()->as<MoeDispatch>()->capacity(), 0);
+  test::expectErrorContains(
+      [&] { moeDispatch(x, idx, nullptr, 4, MoeBackend::Collective, 8); },
+      {"capacity (8) applies to backend=cuda only"});
+  test::expectErrorContains(
+      [&] { moeDispatch(x, idx, nullptr, 4, MoeBackend::Cuda, -1); },
+      {"capacity must be >= 0"});
+  // The combine of a cuda dispatch knows its dispatch.
+  TensorView* out = moeCombine(d.recv_x, d, nullptr, tokens);
+  EXPECT_EQ(out->definition()->as<MoeCombine>()->dispatch(), node);
+  // Cloning keeps the capacity.
+  const std::unique_ptr<HostIrContainer> copy = program_->clone();
+  EXPECT_EQ(copy->toString(), program_->toString());
+}
+
+TEST_F(MoeIr, CudaCombineNeedsTheLayoutOfOneCudaDispatch) {
+  Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
+  TensorView* x = makeTensor({tokens, 8}, DataType::BFloat16, "x");
+  TensorView* idx = makeTensor({tokens, 2}, DataType::Int64, "topk_idx");
+  const MoeDispatchResult a = moeDispatch(x, idx, nullptr, 4, MoeBackend::Cuda);
+  const MoeDispatchResult b = moeDispatch(x, idx, nullptr, 4, MoeBackend::Cuda);
+  auto combine = [&](TensorView* rows, const MoeDispatchResult& layout,
+                     MoeBackend backend) {
+    return IrBuilder::create<MoeCombine>(
+        makeTensor({layout.recv_x->extent(0), rows->extent(1)}, rows->dtype()),
+        rows, layout.recv_src_rank, layout.recv_src_token, layout.recv_src_k,
+        layout.recv_expert_counts, layout.n_tokens_to_rank,
+        layout.n_tokens_from_rank, nullptr, tokens, 4, backend);
+  };
+  MoeDispatchResult mixed = a;
+  mixed.recv_src_k = b.recv_src_k;
+  test::expectErrorContains(
+      [&] { combine(a.recv_x, mixed, MoeBackend::Cuda); },
+      {"with backend=cuda, the layout must come from one MoeDispatch"});
+  // Layout tensors that no dispatch computed.
+  MoeDispatchResult inputs = a;
+  inputs.recv_src_rank = makeTensor({a.recv_x->extent(0)}, DataType::Int64);
+  test::expectErrorContains(
+      [&] { combine(a.recv_x, inputs, MoeBackend::Cuda); },
+      {"must be an output of a MoeDispatch with backend=cuda",
+       "not computed by any expression"});
+  // A collective combine of a cuda dispatch's layout is not checked here
+  // (it can run on any layout); a cuda combine of a collective one is not.
+  const MoeDispatchResult collective = moeDispatch(x, idx, nullptr, 4);
+  test::expectErrorContains(
+      [&] { combine(collective.recv_x, collective, MoeBackend::Cuda); },
+      {"must be an output of a MoeDispatch with backend=cuda",
+       "backend=collective"});
+  // expert_out in another dtype or width than x.
+  TensorView* wide = makeTensor({a.recv_x->extent(0), 16}, DataType::BFloat16);
+  test::expectErrorContains(
+      [&] { combine(wide, a, MoeBackend::Cuda); },
+      {"the width of expert_out (backend=cuda) (16) must equal the hidden "
+       "size H of x (8)"});
+  TensorView* fp32 = makeTensor({a.recv_x->extent(0), 8}, DataType::Float);
+  test::expectErrorContains([&] { combine(fp32, a, MoeBackend::Cuda); },
+                            {"must have x's dtype bf16"});
+  EXPECT_NO_THROW(moeCombine(a.recv_x, a, nullptr, tokens));
+}
+
 TEST_F(MoeIr, DispatchRejectsBadDtypesRanksAndSizes) {
   TensorView* x = makeTensor({5, 8}, DataType::Float, "x");
   TensorView* idx = makeTensor({5, 2}, DataType::Int64, "topk_idx");
@@ -189,11 +261,18 @@ TEST_F(MoeIr, GroupedMatmulMultipliesEachGroupByItsWeights) {
   const at::Tensor expected = at::cat({at::matmul(xv.narrow(0, 0, 2), wv[0]),
                                        at::matmul(xv.narrow(0, 2, 5), wv[2])});
   test::expectClose(out, expected, 1e-6, 1e-6);
+  // Counts may cover fewer rows than x has (a cuda-backend dispatch returns
+  // C rows): the rest of out is zero.
+  const at::Tensor fewer =
+      evaluator.run({xv, wv, at::tensor({2, 0, 4}, at::kLong)})[0];
+  test::expectClose(fewer.narrow(0, 0, 6), expected.narrow(0, 0, 6), 1e-6,
+                    1e-6);
+  test::expectClose(fewer.narrow(0, 6, 1), at::zeros({1, 4}, at::kFloat));
   test::expectErrorContains(
       [&] {
-        evaluator.run({xv, wv, at::tensor({2, 0, 4}, at::kLong)});
+        evaluator.run({xv, wv, at::tensor({2, 0, 6}, at::kLong)});
       },
-      {"group_counts sums to 6 but x has 7 rows"});
+      {"does not fit the 7 rows of x (group 2 has 6 rows at offset 2)"});
 }
 
 TEST_F(MoeIr, ClonedProgramPrintsTheSame) {
@@ -273,14 +352,15 @@ TEST(MoeWorldOfOne, NoPicksSendNothingAndCombineToZero) {
   EXPECT_EQ(out[1].size(0), 0);
 }
 
-TEST(MoeWorldOfOne, CudaBackendIsNotImplementedYet) {
+TEST(MoeWorldOfOne, CudaBackendRejectsCpuTensorsNamingTheNode) {
   HostIrEvaluator evaluator(roundTripProgram(1, false, MoeBackend::Cuda));
   const at::Tensor x = test::randomTensor({2, 16}, at::kBFloat16, at::kCPU, 3);
   test::expectErrorContains(
       [&] {
         evaluator.run({x, at::zeros({2, 1}, at::kLong)});
       },
-      {"MoeDispatch: backend=cuda is not implemented yet"});
+      {"MoeDispatch(x=T0, topk_idx=T1, num_experts=4, backend=cuda)",
+       "backend=cuda needs CUDA tensors", "x is on cpu"});
 }
 
 TEST(MoeWorldOfOne, CommunicatorRefusesWorkAfterShutdown) {

@@ -7,6 +7,7 @@
 // tests check results only after their last collective, with EXPECT_*.
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <sstream>
 
 #include "host_ir/evaluator.h"
@@ -50,15 +51,6 @@ bool unavailable(c10::DeviceType type) {
 
 std::string deviceTypeName(c10::DeviceType type) {
   return type == c10::DeviceType::CUDA ? "cuda" : "cpu";
-}
-
-// Positive weights in [0.1, 1.1).
-at::Tensor randomWeights(int64_t tokens, int64_t picks, at::ScalarType dtype,
-                         const at::Device& device, uint64_t seed) {
-  at::Generator generator = at::detail::createCPUGenerator(seed);
-  return (at::rand({tokens, picks}, generator, at::dtype(at::kFloat)) + 0.1)
-      .to(dtype)
-      .to(device);
 }
 
 std::optional<at::Tensor> optional(const at::Tensor& t) {
@@ -139,7 +131,7 @@ TEST_P(DispatchCombineGrid, MatchesReference) {
           .to(device);
   at::Tensor weights;
   if (c.weighted) {
-    weights = randomWeights(tokens, c.picks, c.dtype, device, seed + me);
+    weights = test::randomWeights(tokens, c.picks, c.dtype, device, seed + me);
   }
 
   // The collectives, the same on every rank.
@@ -183,6 +175,12 @@ TEST_P(DispatchCombineGrid, MatchesReference) {
       combined.cpu(),
       test::referenceCombine(x, idx, weights, test::scaleByExpert), tolerance,
       tolerance);
+  // ... and it sums in pick order, one rounding per operation, so it
+  // equals that sum bit for bit (what the cuda backend computes too).
+  expectEqual(
+      combined,
+      test::referenceCombineInPickOrder(x, idx, weights, test::scaleByExpert),
+      "combined, summed in pick order");
 }
 
 INSTANTIATE_TEST_SUITE_P(Grid, DispatchCombineGrid,
@@ -228,6 +226,67 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(info.param.dtype == at::kBFloat16 ? "bf16" : "fp32") +
              "_" + deviceTypeName(info.param.device);
     });
+
+// ---------------------------------------------------------------------------
+// Combine adds the picks of a token in pick order, as the cuda kernel does,
+// never in the order rows happen to come back.
+
+class CombineOrder : public testing::TestWithParam<c10::DeviceType> {};
+
+TEST_P(CombineOrder, SumsPicksInPickOrder) {
+  SKIP_IF_UNAVAILABLE(GetParam());
+  const at::Device device = rankDevice(GetParam());
+  const int64_t ranks = worldSize();
+  const int64_t experts = 3 * ranks;
+  const int64_t tokens = 6;
+  // Token t picks three experts of three different "thirds", rotated per
+  // token, so the experts' order (the order rows come back in) differs
+  // from the pick order for most tokens.
+  at::Tensor idx = at::empty({tokens, 3}, at::kLong);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t k = 0; k < 3; ++k) {
+      idx[t][k] = ((t + k) % 3) * ranks + (t + myRank()) % ranks;
+    }
+  }
+  // In fp32, (1e8 + 1) - 1e8 == 0 but (1e8 - 1e8) + 1 == 1.
+  const at::Tensor weights =
+      at::tensor({1e8f, 1.f, -1e8f}).repeat({tokens, 1}).to(device);
+  const at::Tensor x = at::ones({tokens, kHidden}, at::kFloat).to(device);
+  const MoeDispatchOutput out =
+      dispatchCollective(x, idx.to(device), weights, experts, communicator());
+  const at::Tensor combined = combineCollective(
+      out.recv_x, out.layout, weights, tokens, experts, communicator());
+  expectEqual(combined, at::zeros({tokens, kHidden}, at::kFloat),
+              "(1e8 + 1) - 1e8 in pick order");
+}
+
+TEST_P(CombineOrder, MaskedPicksNeverReadTheirWeights) {
+  SKIP_IF_UNAVAILABLE(GetParam());
+  const at::Device device = rankDevice(GetParam());
+  const int64_t experts = 2 * worldSize();
+  const int64_t tokens = 5;
+  at::Tensor idx = test::makeRouting(Routing::Uniform, tokens, 2, experts,
+                                     worldSize(), myRank(), 17);
+  idx.select(1, 1).fill_(-1);
+  at::Tensor weights = at::full({tokens, 2}, 0.5f, at::kFloat);
+  weights.select(1, 1).fill_(std::numeric_limits<float>::quiet_NaN());
+  weights[0][1] = std::numeric_limits<float>::infinity();
+  const at::Tensor x =
+      test::randomTensor({tokens, kHidden}, at::kFloat, device, 3 + myRank());
+  const MoeDispatchOutput out = dispatchCollective(
+      x, idx.to(device), weights.to(device), experts, communicator());
+  const at::Tensor combined =
+      combineCollective(out.recv_x, out.layout, weights.to(device), tokens,
+                        experts, communicator());
+  expectEqual(combined, x * 0.5, "0.5 x, untouched by masked NaN weights");
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, CombineOrder,
+                         testing::Values(c10::DeviceType::CPU,
+                                         c10::DeviceType::CUDA),
+                         [](const testing::TestParamInfo<c10::DeviceType>& i) {
+                           return deviceTypeName(i.param);
+                         });
 
 // ---------------------------------------------------------------------------
 // The worked example of docs/moe.md ("Layout"), value for value.
@@ -309,7 +368,7 @@ TEST_P(MoeProgram, DispatchGroupedMatmulCombineMatchesReference) {
       test::makeRouting(Routing::Masked, tokens, picks, experts, ranks, me, 3)
           .to(device);
   const at::Tensor w =
-      randomWeights(tokens, picks, at::kFloat, device, 50 + me);
+      test::randomWeights(tokens, picks, at::kFloat, device, 50 + me);
   const at::Tensor expert_w = test::randomTensor({local, kHidden, kHidden},
                                                  at::kFloat, device, 60 + me);
   const std::vector<at::Tensor> outputs = evaluator.run({x, idx, w, expert_w});

@@ -1,0 +1,571 @@
+// MoeDispatch/MoeCombine with backend=cuda, run by the HostIrEvaluator; part
+// of the test_multidevice binary. Each case runs a program whose MoE nodes
+// use backend=cuda and the same program with backend=collective on the same
+// inputs, on every rank, and requires the valid rows, their provenance, the
+// counts and the combine results to be bit-identical (DESIGN.md: both
+// backends give the same valid rows, bit for bit). The collective backend
+// itself is checked against an independent reference in
+// test_multidevice.cpp. Then bad input, capacity overflow and a T above the
+// first run's, each on every rank, followed by a valid run.
+//
+// Needs one GPU per rank (symmetric memory over NVLink): every test skips
+// without. Every rank makes the same collective calls in the same order.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <iterator>
+#include <optional>
+#include <sstream>
+
+#include "host_ir/evaluator.h"
+#include "ir/ops.h"
+#include "moe_reference.h"
+#include "multidevice/moe.h"
+#include "test_utils.h"
+#include "utils/torch_cuda.h"
+
+namespace hostfuse {
+namespace {
+
+using test::communicator;
+using test::Routing;
+
+constexpr int64_t kHidden = 16;
+
+int64_t worldSize() { return communicator().size(); }
+int64_t myRank() { return communicator().rank(); }
+
+bool gpusUnavailable() {
+  return !cuda::isAvailable() ||
+         communicator().localSize() > cuda::deviceCount();
+}
+
+#define SKIP_WITHOUT_GPUS()                                          \
+  do {                                                               \
+    if (gpusUnavailable()) {                                         \
+      GTEST_SKIP() << "the cuda MoE backend needs one GPU per rank"; \
+    }                                                                \
+  } while (false)
+
+// ---------------------------------------------------------------------------
+// One MoE layer as a program, built for either backend.
+
+struct LayerSpec {
+  int64_t experts = 0;
+  int64_t picks = 0;
+  at::ScalarType dtype = at::kFloat;
+  bool weighted = false;
+  MoeBackend backend = MoeBackend::Collective;
+  int64_t capacity = 0;
+};
+
+// The program's outputs, in order (recv_weights only with weights).
+enum LayerOutput : size_t {
+  kCombined,
+  kRecvX,
+  kSrcRank,
+  kSrcToken,
+  kSrcK,
+  kCounts,
+  kToRank,
+  kFromRank,
+  kExpertOut,
+  kRecvWeights,
+};
+
+// Inputs x [T, H], topk_idx [T, K] i64, topk_weights [T, K] (when weighted),
+// expert_w [L, H, H]:
+//   d = moeDispatch(x, topk_idx, topk_weights, E, backend, capacity)
+//   y = groupedMatmul(d.recv_x, expert_w, d.recv_expert_counts)
+//   combined = moeCombine(y, d, topk_weights, T)
+std::unique_ptr<HostIrContainer> layerProgram(const LayerSpec& spec) {
+  auto program = std::make_unique<HostIrContainer>();
+  FusionGuard guard(program.get());
+  const DataType dtype = toDataType(spec.dtype);
+  Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
+  TensorView* x = makeTensor({tokens, kHidden}, dtype, "x");
+  TensorView* idx =
+      makeTensor({tokens, spec.picks}, DataType::Int64, "topk_idx");
+  TensorView* w = spec.weighted
+                      ? makeTensor({tokens, spec.picks}, dtype, "topk_weights")
+                      : nullptr;
+  TensorView* expert_w = makeTensor(
+      {spec.experts / worldSize(), kHidden, kHidden}, dtype, "expert_w");
+  program->addInput(x);
+  program->addInput(idx);
+  if (w != nullptr) {
+    program->addInput(w);
+  }
+  program->addInput(expert_w);
+  const MoeDispatchResult d =
+      moeDispatch(x, idx, w, spec.experts, spec.backend, spec.capacity);
+  TensorView* y = groupedMatmul(d.recv_x, expert_w, d.recv_expert_counts);
+  program->addOutput(moeCombine(y, d, w, tokens));
+  for (TensorView* out :
+       {d.recv_x, d.recv_src_rank, d.recv_src_token, d.recv_src_k,
+        d.recv_expert_counts, d.n_tokens_to_rank, d.n_tokens_from_rank, y}) {
+    program->addOutput(out);
+  }
+  if (w != nullptr) {
+    program->addOutput(d.recv_weights);
+  }
+  return program;
+}
+
+LayerSpec withBackend(LayerSpec spec, MoeBackend backend) {
+  spec.backend = backend;
+  return spec;
+}
+
+// The same program built with backend=collective and with backend=cuda.
+struct BackendPair {
+  explicit BackendPair(const LayerSpec& spec)
+      : collective(layerProgram(withBackend(spec, MoeBackend::Collective))),
+        cuda(layerProgram(withBackend(spec, MoeBackend::Cuda))) {}
+  HostIrEvaluator collective;
+  HostIrEvaluator cuda;
+};
+
+const char* outputName(size_t i) {
+  static const char* const names[] = {"combined",         "recv_x",
+                                      "recv_src_rank",    "recv_src_token",
+                                      "recv_src_k",       "recv_expert_counts",
+                                      "n_tokens_to_rank", "n_tokens_from_rank",
+                                      "expert outputs",   "recv_weights"};
+  return i < std::size(names) ? names[i] : "output";
+}
+
+// The cuda backend's outputs equal the collective's bit for bit: rows
+// outputs in their first n rows (n = the collective's exact row count; the
+// cuda backend has C rows), the others whole.
+void expectBitIdentical(const std::vector<at::Tensor>& cuda,
+                        const std::vector<at::Tensor>& collective,
+                        const std::string& when) {
+  ASSERT_EQ(cuda.size(), collective.size()) << when;
+  const int64_t rows = collective[kRecvX].size(0);
+  for (size_t i = 0; i < cuda.size(); ++i) {
+    SCOPED_TRACE(when + ": " + outputName(i));
+    const bool has_rows =
+        i != kCombined && i != kCounts && i != kToRank && i != kFromRank;
+    at::Tensor actual = cuda[i];
+    if (has_rows) {
+      ASSERT_GE(actual.size(0), rows);
+      actual = actual.narrow(0, 0, rows);
+    }
+    test::expectClose(actual.cpu(), collective[i].cpu());
+  }
+}
+
+// Inputs of layerProgram on this rank.
+std::vector<c10::IValue> layerInputs(const LayerSpec& spec, Routing routing,
+                                     int64_t tokens, uint64_t seed) {
+  const at::Device device = communicator().device();
+  const int64_t me = myRank();
+  std::vector<c10::IValue> inputs;
+  inputs.emplace_back(test::randomTensor({tokens, kHidden}, spec.dtype, device,
+                                         seed * 131 + me));
+  inputs.emplace_back(test::makeRouting(routing, tokens, spec.picks,
+                                        spec.experts, worldSize(), me, seed)
+                          .to(device));
+  if (spec.weighted) {
+    inputs.emplace_back(
+        test::randomWeights(tokens, spec.picks, spec.dtype, device, seed + me));
+  }
+  // Small weights keep bf16 outputs in a range where rounding matters.
+  inputs.emplace_back(
+      (test::randomTensor({spec.experts / worldSize(), kHidden, kHidden},
+                          at::kFloat, at::kCPU, seed * 7 + me) *
+       0.25)
+          .to(spec.dtype)
+          .to(device));
+  return inputs;
+}
+
+// ---------------------------------------------------------------------------
+// The grid of test_multidevice.cpp: K x E x routing x dtype x weights.
+
+struct GridCase {
+  int64_t picks;
+  int64_t experts_per_rank;
+  Routing routing;
+  at::ScalarType dtype;
+  bool weighted;
+};
+
+std::string gridName(const testing::TestParamInfo<GridCase>& info) {
+  const GridCase& c = info.param;
+  std::ostringstream ss;
+  ss << "K" << c.picks << "_E" << c.experts_per_rank << "R_"
+     << test::toString(c.routing) << "_"
+     << (c.dtype == at::kBFloat16 ? "bf16" : "fp32") << "_"
+     << (c.weighted ? "weighted" : "unweighted");
+  return ss.str();
+}
+
+std::vector<GridCase> gridCases() {
+  std::vector<GridCase> cases;
+  for (int64_t picks : {1, 2, 4, 8}) {
+    for (int64_t per_rank : {1, 2, 8}) {
+      for (Routing routing :
+           {Routing::Uniform, Routing::Skewed, Routing::IdleRank,
+            Routing::EmptyRank, Routing::Masked, Routing::VaryingTokens}) {
+        for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+          for (bool weighted : {true, false}) {
+            cases.push_back({picks, per_rank, routing, dtype, weighted});
+          }
+        }
+      }
+    }
+  }
+  return cases;
+}
+
+class CudaBackendGrid : public testing::TestWithParam<GridCase> {};
+
+TEST_P(CudaBackendGrid, BitIdenticalToCollective) {
+  SKIP_WITHOUT_GPUS();
+  const GridCase& c = GetParam();
+  if (c.routing == Routing::IdleRank && worldSize() == 1) {
+    GTEST_SKIP() << "one rank cannot leave a rank idle";
+  }
+  LayerSpec spec;
+  spec.experts = c.experts_per_rank * worldSize();
+  spec.picks = c.picks;
+  spec.dtype = c.dtype;
+  spec.weighted = c.weighted;
+  BackendPair pair(spec);
+  const uint64_t seed = std::hash<std::string>{}(
+                            gridName(testing::TestParamInfo<GridCase>(c, 0))) %
+                        100000;
+  const std::vector<c10::IValue> inputs =
+      layerInputs(spec, c.routing, test::tokensFor(c.routing, myRank()), seed);
+
+  const std::vector<at::Tensor> expected = pair.collective.run(inputs);
+  const std::vector<at::Tensor> actual = pair.cuda.run(inputs);
+  // recv_x has C rows, the worst case R * T_max * min(K, L).
+  int64_t max_tokens = 1;
+  for (int64_t r = 0; r < worldSize(); ++r) {
+    max_tokens = std::max(max_tokens, test::tokensFor(c.routing, r));
+  }
+  EXPECT_EQ(actual[kRecvX].size(0),
+            worldSize() * max_tokens * std::min(c.picks, c.experts_per_rank));
+  expectBitIdentical(actual, expected, "the first run");
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, CudaBackendGrid, testing::ValuesIn(gridCases()),
+                         gridName);
+
+// ---------------------------------------------------------------------------
+// Programs: several runs, two layers, the large-T push mode.
+
+// Two MoE layers, the second on the first's output, with relu experts in
+// between; outputs: the second combine, the first combine, the second
+// dispatch's recv_x.
+std::unique_ptr<HostIrContainer> twoLayerProgram(MoeBackend backend,
+                                                 int64_t experts, int64_t picks,
+                                                 int64_t capacity) {
+  auto program = std::make_unique<HostIrContainer>();
+  FusionGuard guard(program.get());
+  const int64_t local = experts / worldSize();
+  Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
+  TensorView* x = makeTensor({tokens, kHidden}, DataType::BFloat16, "x");
+  program->addInput(x);
+  std::vector<TensorView*> layer_inputs;
+  for (const char* name : {"topk_idx0", "topk_weights0", "expert_w0",
+                           "topk_idx1", "topk_weights1", "expert_w1"}) {
+    const std::string n = name;
+    TensorView* tv =
+        n.rfind("topk_idx", 0) == 0
+            ? makeTensor({tokens, picks}, DataType::Int64, n)
+        : n.rfind("topk_weights", 0) == 0
+            ? makeTensor({tokens, picks}, DataType::Float, n)
+            : makeTensor({local, kHidden, kHidden}, DataType::BFloat16, n);
+    program->addInput(tv);
+    layer_inputs.push_back(tv);
+  }
+  TensorView* h = x;
+  MoeDispatchResult last;
+  std::vector<TensorView*> combined;
+  for (int layer = 0; layer < 2; ++layer) {
+    TensorView* idx = layer_inputs[3 * layer];
+    TensorView* w = layer_inputs[3 * layer + 1];
+    TensorView* expert_w = layer_inputs[3 * layer + 2];
+    last =
+        moeDispatch(h, idx, w, experts, backend,
+                    layer == 1 && backend == MoeBackend::Cuda ? capacity : 0);
+    TensorView* y =
+        relu(groupedMatmul(last.recv_x, expert_w, last.recv_expert_counts));
+    h = moeCombine(y, last, w, tokens);
+    combined.push_back(h);
+  }
+  program->addOutput(combined[1]);
+  program->addOutput(combined[0]);
+  program->addOutput(last.recv_x);
+  return program;
+}
+
+TEST(CudaBackendProgram, TwoLayersOverSeveralRunsAreBitIdenticalToCollective) {
+  SKIP_WITHOUT_GPUS();
+  const int64_t ranks = worldSize();
+  const int64_t me = myRank();
+  const int64_t experts = 4 * ranks;
+  const int64_t picks = 4;
+  const int64_t max_tokens = 12 + ranks - 1;  // the first run's largest T
+  // Layer 1 gets an explicit capacity a little above its worst case.
+  const int64_t capacity = ranks * max_tokens * std::min<int64_t>(picks, 4) + 5;
+  HostIrEvaluator collective(
+      twoLayerProgram(MoeBackend::Collective, experts, picks, capacity));
+  HostIrEvaluator cuda(
+      twoLayerProgram(MoeBackend::Cuda, experts, picks, capacity));
+  EXPECT_NE(
+      cuda.program().toString().find("capacity=" + std::to_string(capacity)),
+      std::string::npos)
+      << cuda.program().toString();
+
+  const at::Device device = communicator().device();
+  // T per run: the largest first, then fewer, then none on rank 0.
+  const int64_t runs_tokens[] = {12 + me, 5 + me, me == 0 ? 0 : 9};
+  for (int run = 0; run < 3; ++run) {
+    const int64_t tokens = runs_tokens[run];
+    const uint64_t seed = 1000 + 10 * run;
+    std::vector<c10::IValue> inputs;
+    inputs.emplace_back(test::randomTensor({tokens, kHidden}, at::kBFloat16,
+                                           device, seed + me));
+    for (int layer = 0; layer < 2; ++layer) {
+      inputs.emplace_back(
+          test::makeRouting(layer == 0 ? Routing::Masked : Routing::Uniform,
+                            tokens, picks, experts, ranks, me, seed + layer)
+              .to(device));
+      inputs.emplace_back(test::randomWeights(tokens, picks, at::kFloat, device,
+                                              seed + 2 * layer + me));
+      inputs.emplace_back(
+          (test::randomTensor({experts / ranks, kHidden, kHidden}, at::kFloat,
+                              at::kCPU, seed + 5 * layer + me) *
+           0.25)
+              .to(at::kBFloat16)
+              .to(device));
+    }
+    const std::vector<at::Tensor> expected = collective.run(inputs);
+    const std::vector<at::Tensor> actual = cuda.run(inputs);
+    SCOPED_TRACE("run " + std::to_string(run));
+    EXPECT_EQ(actual[2].size(0), capacity);
+    test::expectClose(actual[1].cpu(), expected[1].cpu());  // layer 0
+    test::expectClose(actual[0].cpu(), expected[0].cpu());  // layer 1
+    // No early return: every rank still makes the next run's collectives.
+    if (actual[2].size(0) >= expected[2].size(0)) {
+      test::expectClose(actual[2].narrow(0, 0, expected[2].size(0)).cpu(),
+                        expected[2].cpu());
+    }
+  }
+}
+
+// Sets an environment variable for one test and restores it after.
+class ScopedEnvironment {
+ public:
+  ScopedEnvironment(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    if (old != nullptr) {
+      old_ = old;
+    }
+    ::setenv(name, value, 1);
+  }
+  ~ScopedEnvironment() {
+    if (old_.has_value()) {
+      ::setenv(name_.c_str(), old_->c_str(), 1);
+    } else {
+      ::unsetenv(name_.c_str());
+    }
+  }
+
+ private:
+  std::string name_;
+  std::optional<std::string> old_;
+};
+
+TEST(CudaBackendProgram, PushingOneDestinationPerRoundIsBitIdentical) {
+  SKIP_WITHOUT_GPUS();
+  // Read when the workspace is created, at the first run.
+  ScopedEnvironment rounds("HOSTFUSE_MOE_ROUNDS_MIN_TOKENS", "1");
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kFloat}) {
+    LayerSpec spec;
+    spec.experts = 4 * worldSize();
+    spec.picks = 4;
+    spec.dtype = dtype;
+    spec.weighted = true;
+    BackendPair pair(spec);
+    for (int run = 0; run < 2; ++run) {
+      const std::vector<c10::IValue> inputs =
+          layerInputs(spec, Routing::Masked, 40 - 3 * myRank(), 77 + run);
+      const std::vector<at::Tensor> expected = pair.collective.run(inputs);
+      const std::vector<at::Tensor> actual = pair.cuda.run(inputs);
+      expectBitIdentical(
+          actual, expected,
+          std::string(c10::toString(dtype)) + ", run " + std::to_string(run));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Errors: every rank raises, then the next valid run works.
+
+class CudaBackendErrors : public testing::Test {
+ protected:
+  void SetUp() override { SKIP_WITHOUT_GPUS(); }
+
+  int64_t ranks() const { return worldSize(); }
+  int64_t me() const { return myRank(); }
+  int64_t experts() const { return 2 * ranks(); }
+  bool isBadRank() const { return me() == ranks() - 1; }
+  std::string badRank() const { return "rank " + std::to_string(ranks() - 1); }
+  at::Device device() const { return communicator().device(); }
+
+  // x, topk_idx, topk_weights with extents of their own (so that a bad
+  // shape on one rank reaches the node instead of failing input binding
+  // there alone): d = moeDispatch(backend=cuda), combined =
+  // moeCombine(d.recv_x, d, w, T). With topk_weights 0.5 on two distinct
+  // experts per token, combined == x exactly.
+  std::unique_ptr<HostIrEvaluator> roundTrip(int64_t capacity = 0,
+                                             bool weighted = true) {
+    auto program = std::make_unique<HostIrContainer>();
+    {
+      FusionGuard guard(program.get());
+      TensorView* x = makeSymbolicTensor(2, DataType::Float, "x");
+      TensorView* idx = makeSymbolicTensor(2, DataType::Int64, "topk_idx");
+      TensorView* w =
+          weighted ? makeSymbolicTensor(2, DataType::Float, "topk_weights")
+                   : nullptr;
+      program->addInput(x);
+      program->addInput(idx);
+      if (w != nullptr) {
+        program->addInput(w);
+      }
+      const MoeDispatchResult d =
+          moeDispatch(x, idx, w, experts(), MoeBackend::Cuda, capacity);
+      program->addOutput(moeCombine(d.recv_x, d, w, x->extent(0)));
+    }
+    return std::make_unique<HostIrEvaluator>(std::move(program));
+  }
+
+  at::Tensor x(int64_t tokens) const {
+    return test::randomTensor({tokens, kHidden}, at::kFloat, device(),
+                              100 + me());
+  }
+  at::Tensor idx(int64_t tokens) const {
+    return test::makeRouting(Routing::Uniform, tokens, 2, experts(), ranks(),
+                             me(), 5);
+  }
+  at::Tensor weights(int64_t tokens) const {
+    return at::full({tokens, 2}, 0.5, at::TensorOptions(device()));
+  }
+
+  // A valid run: combined == x.
+  void expectValidRunWorks(HostIrEvaluator& evaluator, int64_t tokens,
+                           const std::string& when) {
+    SCOPED_TRACE(when);
+    const at::Tensor input = x(tokens);
+    std::vector<at::Tensor> out;
+    try {
+      out = evaluator.run({input, idx(tokens).to(device()), weights(tokens)});
+    } catch (const std::exception& e) {
+      FAIL() << "rank " << me() << ": " << e.what();
+    }
+    test::expectClose(out[0].cpu(), input.cpu());
+  }
+};
+
+constexpr int64_t kTokens = 6;
+
+TEST_F(CudaBackendErrors, ExpertIdOutOfRangeOnOneRank) {
+  auto evaluator = roundTrip();
+  for (const int64_t bad_id : {experts(), int64_t{-2}}) {
+    at::Tensor bad = idx(kTokens);
+    if (isBadRank()) {
+      bad[3][1] = bad_id;
+    }
+    // The first iteration is the node's first run (the rendezvous).
+    test::expectErrorContains(
+        [&] {
+          evaluator->run({x(kTokens), bad.to(device()), weights(kTokens)});
+        },
+        {"MoeDispatch(", "backend=cuda", badRank(),
+         "topk_idx[3, 1] = " + std::to_string(bad_id), "not an expert id"});
+    expectValidRunWorks(*evaluator, kTokens,
+                        "after expert id " + std::to_string(bad_id));
+  }
+}
+
+TEST_F(CudaBackendErrors, OneExpertTwiceInATokenOnOneRank) {
+  auto evaluator = roundTrip();
+  expectValidRunWorks(*evaluator, kTokens, "the first run");
+  at::Tensor bad = idx(kTokens);
+  if (isBadRank()) {
+    bad[4][0] = 1;
+    bad[4][1] = 1;
+  }
+  test::expectErrorContains(
+      [&] {
+        evaluator->run({x(kTokens), bad.to(device()), weights(kTokens)});
+      },
+      {"backend=cuda", badRank() + " names expert 1 twice in token 4"});
+  expectValidRunWorks(*evaluator, kTokens, "after the duplicate");
+}
+
+TEST_F(CudaBackendErrors, BadShapeOnOneRankAtTheFirstRun) {
+  auto evaluator = roundTrip();
+  const at::Tensor bad =
+      isBadRank() ? at::cat({idx(kTokens), idx(kTokens).narrow(0, 0, 1)})
+                  : idx(kTokens);
+  test::expectErrorContains(
+      [&] {
+        evaluator->run({x(kTokens), bad.to(device()), weights(kTokens)});
+      },
+      {"backend=cuda",
+       "bad input on rank " + std::to_string(ranks() - 1) + " of " +
+           std::to_string(ranks()),
+       "topk_idx has 7 rows but x has 6 tokens"});
+  expectValidRunWorks(*evaluator, kTokens, "after the bad shape");
+}
+
+TEST_F(CudaBackendErrors, CapacityOverflowThenARunThatFits) {
+  // K = 1, no weights, every token to expert 0: rank 0 receives R * T rows.
+  const int64_t capacity = 2 * ranks();
+  auto evaluator = roundTrip(capacity, /*weighted=*/false);
+  auto to_expert_zero = [&](int64_t tokens) {
+    return at::zeros({tokens, 1}, at::TensorOptions(device()).dtype(at::kLong));
+  };
+  test::expectErrorContains(
+      [&] {
+        evaluator->run({x(3), to_expert_zero(3)});
+      },
+      {"capacity=" + std::to_string(capacity), "capacity overflow",
+       "rank 0 receives " + std::to_string(3 * ranks()) + " rows",
+       "the capacity is " + std::to_string(capacity) + " rows"});
+  // Two tokens per rank fill the capacity exactly.
+  const at::Tensor input = x(2);
+  std::vector<at::Tensor> out;
+  try {
+    out = evaluator->run({input, to_expert_zero(2)});
+  } catch (const std::exception& e) {
+    FAIL() << "rank " << me() << ": the run that fits failed: " << e.what();
+  }
+  test::expectClose(out[0].cpu(), input.cpu());
+}
+
+TEST_F(CudaBackendErrors, MoreTokensThanAtTheFirstRunIsAnError) {
+  auto evaluator = roundTrip();
+  expectValidRunWorks(*evaluator, 4, "the first run, T = 4");
+  // Every rank has more tokens than T_max = 4: each fails before its
+  // kernel, so none waits for another.
+  test::expectErrorContains(
+      [&] {
+        evaluator->run(
+            {x(kTokens), idx(kTokens).to(device()), weights(kTokens)});
+      },
+      {"backend=cuda", "x has 6 tokens",
+       "sized at its first run for T_max = 4"});
+  expectValidRunWorks(*evaluator, 3, "fewer tokens after the error");
+}
+
+}  // namespace
+}  // namespace hostfuse
