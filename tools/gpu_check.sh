@@ -33,14 +33,20 @@ summary+=("torch: $(hostfuse_torch_version_of "$HOSTFUSE_PYTHON") from $HOSTFUSE
 
 hostfuse_log "running ctest (log: $log_dir/ctest.log)"
 start=$SECONDS
+# The JUnit file keeps the output of passing tests too, so the summary can
+# show what ran inside the multi-rank tests.
 (cd "$HOSTFUSE_BUILD_DIR" &&
-  ctest --output-on-failure --timeout 600 -j "$(nproc)" "$@") \
-  >"$log_dir/ctest.log" 2>&1
+  ctest --output-on-failure --timeout 600 -j "$(nproc)" \
+    --test-output-size-passed 1000000 --output-junit "$log_dir/ctest.xml" \
+    "$@") >"$log_dir/ctest.log" 2>&1
 ctest_status=$?
 tail -n 40 "$log_dir/ctest.log"
 summary+=("ctest: $(grep -E 'tests passed|tests failed' "$log_dir/ctest.log" | tail -1) ($((SECONDS - start)) s)")
 skipped="$(grep -c -- '\*\*\*Skipped' "$log_dir/ctest.log")"
-summary+=("ctest skipped: $skipped")
+summary+=("ctest skipped: $skipped ($(grep -- '\*\*\*Skipped' "$log_dir/ctest.log" | sed 's/.*Test *#[0-9]*: //; s/ \..*//' | tr '\n' ' '))")
+for ranks_test in $(grep -o 'multidevice_np[0-9]*' "$log_dir/ctest.log" | sort -u); do
+  summary+=("$ranks_test rank 0: $(grep -A400000 "name=\"$ranks_test\"" "$log_dir/ctest.xml" | grep -m2 -E '\[default0\]:\[  (PASSED|SKIPPED) +\]' | sed 's/.*\]:\[/[/' | tr '\n' ' ')")
+done
 [ "$ctest_status" -eq 0 ] || failed=1
 
 # The cuda MoE backend's own multi-process tests, one rank per GPU (ctest
@@ -66,7 +72,7 @@ for example in "$HOSTFUSE_BUILD_DIR"/*_example; do
   [ -x "$example" ] || continue
   name="$(basename "$example")"
   hostfuse_log "running $name"
-  if [ "$name" = moe_example ]; then
+  if [[ "$name" == *moe* ]]; then
     # One rank per GPU.
     "$HOSTFUSE_ROOT/tools/launch.sh" "$(( gpus > 0 ? gpus : 2 ))" "$example" \
       >"$log_dir/$name.log" 2>&1
@@ -84,7 +90,13 @@ if [ "$bench" = 1 ]; then
     [ -x "$benchmark" ] || continue
     name="$(basename "$benchmark")"
     hostfuse_log "running $name"
-    "$benchmark" 2>&1 | tee "$log_dir/$name.log"
+    if [[ "$name" == *moe* ]]; then
+      # Multi-rank: one rank per GPU.
+      "$HOSTFUSE_ROOT/tools/launch.sh" "$(( gpus > 0 ? gpus : 2 ))" \
+        "$benchmark" 2>&1 | tee "$log_dir/$name.log"
+    else
+      "$benchmark" 2>&1 | tee "$log_dir/$name.log"
+    fi
     summary+=("$name: exit ${PIPESTATUS[0]} (table in $name.log)")
   done
 fi
