@@ -12,6 +12,7 @@
 #include <ATen/core/ivalue.h>
 #include <c10/core/Device.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -48,6 +49,18 @@ class HostIrEvaluator : public ExprVisitor {
     return device_;
   }
 
+  // Raises the errors that device-side runtimes recorded without
+  // synchronizing with the host, e.g. those of the cuda MoE workspaces
+  // during CUDA graph replays (in eager runs they raise at once): calls
+  // every checker registered with addStatusChecker(), in order. A checker
+  // may wait for the device; none may run during a capture.
+  void checkStatus();
+  // Registers a checker for checkStatus(). A runtime that keeps device-side
+  // status (the MoE runtime, once per CudaMoeWorkspace it creates:
+  // `[workspace] { workspace->checkStatus(); }`) registers it when it
+  // creates that state; it must stay valid as long as this evaluator.
+  void addStatusChecker(std::function<void()> checker);
+
  protected:
   void handle(RunFusion* run_fusion) override;
   void handle(Allocate* allocate) override;
@@ -70,6 +83,7 @@ class HostIrEvaluator : public ExprVisitor {
   HostIrEvaluatorParams params_;
   at::Device device_ = at::kCPU;
   ValueMap values_;
+  std::vector<std::function<void()>> status_checkers_;
 };
 
 }  // namespace hostfuse
