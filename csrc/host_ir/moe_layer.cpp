@@ -56,9 +56,11 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
     program->addInput(input);
   }
 
-  // Router: scores in fp32, the top K experts, their weights.
-  TensorView* scores =
-      softmax(toDtype(linear(x, router_w), DataType::Float), -1);
+  // Router in fp32 (as large models do): the top K experts of a token do
+  // not hinge on bf16 rounding of its logits.
+  TensorView* scores = softmax(linear(toDtype(x, DataType::Float),
+                                      toDtype(router_w, DataType::Float)),
+                               -1);
   const TopKResult top = topk(scores, config.topk);
   TensorView* weights =
       config.renormalize
@@ -108,8 +110,8 @@ at::Tensor moeLayerReference(const at::Tensor& x, const at::Tensor& topk_idx,
 double moeRoutingError(const at::Tensor& x, const at::Tensor& router_w,
                        const at::Tensor& topk_idx,
                        const at::Tensor& topk_weights, bool renormalize) {
-  const at::Tensor scores =
-      at::softmax(at::linear(x, router_w.to(x.device())).to(at::kFloat), -1);
+  const at::Tensor scores = at::softmax(
+      at::linear(x.to(at::kFloat), router_w.to(x.device(), at::kFloat)), -1);
   const at::Tensor idx = topk_idx.to(x.device(), at::kLong);
   const at::Tensor picked = scores.gather(1, idx);
   // Scores of unpicked experts only.

@@ -7,7 +7,7 @@
 // size of an expert, E experts in all, L = E / R local experts, K picks per
 // token.
 //
-//   logits   = cast(linear(x, router_w), f32)             [T, E]
+//   logits   = linear(cast(x, f32), cast(router_w, f32))   [T, E]
 //   scores   = softmax(logits, -1)                         [T, E]
 //   (top, topk_idx) = topk(scores, K)                      [T, K]
 //   topk_weights = top / sum(top, -1)    (renormalize)     [T, K] f32
@@ -71,7 +71,7 @@ at::Tensor moeLayerReference(const at::Tensor& x, const at::Tensor& topk_idx,
                              const at::Tensor& w_down);
 
 // How far the routing the program returned is from the router recomputed
-// with ATen (at::linear, at::softmax in fp32): the largest of (a) an
+// with ATen (at::linear and at::softmax in fp32): the largest of (a) an
 // unpicked expert's score minus the smallest picked score of its token (a
 // pick that is not top-k; ties are fine) and (b) the difference between a
 // weight and its (renormalized) picked score. 0 when exact; compare with a
