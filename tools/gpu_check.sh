@@ -46,7 +46,7 @@ for example in "$HOSTFUSE_BUILD_DIR"/*_example; do
   [ -x "$example" ] || continue
   name="$(basename "$example")"
   hostfuse_log "running $name"
-  if [ "$name" = moe_example ]; then
+  if [ "$name" = moe_example ] || [ "$name" = moe_layer_example ]; then
     # One rank per GPU.
     "$HOSTFUSE_ROOT/tools/launch.sh" "$(( gpus > 0 ? gpus : 2 ))" "$example" \
       >"$log_dir/$name.log" 2>&1
