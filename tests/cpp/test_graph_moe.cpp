@@ -205,12 +205,13 @@ TEST_F(GraphMoe, ReplayLaunchesOnlyTheGraph) {
   }
   runner->run(inputs(1));  // capture
   cuda::synchronize(static_cast<int>(device_.index()));
+  const std::vector<c10::IValue> next = inputs(2);
   test::CudaLaunchCounter counter;
   if (can_count) {
     counter.start();
   }
   // Every rank replays (the graph's kernels wait for their peers).
-  const std::vector<at::Tensor> out = runner->run(inputs(2));
+  const std::vector<at::Tensor> out = runner->run(next);
   if (can_count) {
     counter.stop();
   }
