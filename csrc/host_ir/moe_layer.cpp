@@ -58,9 +58,9 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
 
   // Router in fp32 (as large models do): the top K experts of a token do
   // not hinge on bf16 rounding of its logits.
-  TensorView* scores = softmax(linear(toDtype(x, DataType::Float),
-                                      toDtype(router_w, DataType::Float)),
-                               -1);
+  TensorView* scores = softmax(
+      linear(toDtype(x, DataType::Float), toDtype(router_w, DataType::Float)),
+      -1);
   const TopKResult top = topk(scores, config.topk);
   TensorView* weights =
       config.renormalize
