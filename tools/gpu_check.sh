@@ -64,7 +64,13 @@ if [ "$bench" = 1 ]; then
     [ -x "$benchmark" ] || continue
     name="$(basename "$benchmark")"
     hostfuse_log "running $name"
-    "$benchmark" 2>&1 | tee "$log_dir/$name.log"
+    if [ "$name" = bench_moe_layer ]; then
+      # One rank per GPU.
+      "$HOSTFUSE_ROOT/tools/launch.sh" "$(( gpus > 0 ? gpus : 1 ))" \
+        "$benchmark" 2>&1 | tee "$log_dir/$name.log"
+    else
+      "$benchmark" 2>&1 | tee "$log_dir/$name.log"
+    fi
     summary+=("$name: exit ${PIPESTATUS[0]} (table in $name.log)")
   done
 fi
