@@ -36,16 +36,38 @@ HostIrEvaluator::~HostIrEvaluator() = default;
 std::vector<at::Tensor> HostIrEvaluator::run(
     const std::vector<c10::IValue>& inputs) {
   values_.clear();
-  bindInputs(*program_, inputs, values_);
-  checkDevices(inputs);
-  for (Expr* expr : program_->topLevelExprs()) {
-    dispatch(expr);
+  std::vector<at::Tensor> outputs;
+  try {
+    bindInputs(*program_, inputs, values_);
+    checkDevices(inputs);
+    for (Expr* expr : program_->topLevelExprs()) {
+      dispatch(expr);
+    }
+    outputs = collectOutputs(*program_, values_);
+  } catch (...) {
+    // A failed run keeps no intermediates alive (they may belong to an
+    // aborted CUDA graph capture's memory pool).
+    values_.clear();
+    throw;
   }
-  std::vector<at::Tensor> outputs = collectOutputs(*program_, values_);
   // Intermediate values are dropped so that their memory goes back to the
   // allocator between runs.
   values_.clear();
   return outputs;
+}
+
+void HostIrEvaluator::checkStatus() {
+  if (moe_ != nullptr) {
+    moe_->checkStatus();
+  }
+  for (const std::function<void()>& checker : status_checkers_) {
+    checker();
+  }
+}
+
+void HostIrEvaluator::addStatusChecker(std::function<void()> checker) {
+  HF_CHECK(checker != nullptr, "addStatusChecker: the checker is empty");
+  status_checkers_.push_back(std::move(checker));
 }
 
 void HostIrEvaluator::checkDevices(const std::vector<c10::IValue>& inputs) {

@@ -12,6 +12,7 @@
 #include <ATen/core/ivalue.h>
 #include <c10/core/Device.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -50,6 +51,18 @@ class HostIrEvaluator : public ExprVisitor {
     return device_;
   }
 
+  // Raises the errors that device-side runtimes recorded without
+  // synchronizing with the host, e.g. those of the cuda MoE workspaces
+  // during CUDA graph replays (in eager runs they raise at once): checks the
+  // MoE runtime's workspaces, then calls every checker registered with
+  // addStatusChecker(), in order. It may wait for the device; it must not
+  // run during a capture.
+  void checkStatus();
+  // Registers a further checker for checkStatus(), for runtimes other than
+  // the MoE one that keep device-side status; it must stay valid as long as
+  // this evaluator.
+  void addStatusChecker(std::function<void()> checker);
+
  protected:
   void handle(RunFusion* run_fusion) override;
   void handle(Allocate* allocate) override;
@@ -76,6 +89,7 @@ class HostIrEvaluator : public ExprVisitor {
   at::Device device_ = at::kCPU;
   ValueMap values_;
   std::unique_ptr<MoeEvaluator> moe_;
+  std::vector<std::function<void()>> status_checkers_;
 };
 
 }  // namespace hostfuse

@@ -23,7 +23,8 @@ class Expr;
   X(BroadcastOp)             \
   X(ReductionOp)             \
   X(MatmulOp)                \
-  X(LinearOp)
+  X(LinearOp)                \
+  X(TopKOp)
 
 // Expressions of csrc/host_ir: nodes that only make sense in a host program.
 #define HOSTFUSE_HOST_EXPRS(X) \

@@ -631,6 +631,62 @@ std::vector<c10::IValue> LinearOp::evaluate(
   return {at::linear(inputs.at(0).toTensor(), inputs.at(1).toTensor(), bias)};
 }
 
+TopKOp::TopKOp(TensorView* values, TensorView* indices, TensorView* x,
+               int64_t k) {
+  addOutput(values);
+  addOutput(indices);
+  addInput(x);
+  addDataAttribute(k);
+}
+
+std::string TopKOp::toInlineString() const {
+  return "(" + joinValues(outputs()) + ") = topk(" + x()->toString() +
+         ", k=" + std::to_string(k()) + ")";
+}
+
+void TopKOp::validate() const {
+  HF_CHECK(x()->rank() >= 1, "topk: operand ", x()->describe(),
+           " must have rank >= 1");
+  HF_CHECK(x()->dtype() != DataType::Bool, "topk: operand ", x()->describe(),
+           " must not be bool");
+  HF_CHECK(k() >= 1, "topk: k must be >= 1, got ", k());
+  const int64_t last = x()->rank() - 1;
+  const std::optional<int64_t> size = x()->extent(last)->constantInt();
+  HF_CHECK(!size.has_value() || k() <= *size, "topk: k = ", k(),
+           " exceeds the size ", *size, " of the last dim of ",
+           x()->describe());
+  HF_CHECK(values()->dtype() == x()->dtype(), "topk: values ",
+           values()->describe(), " must have the operand's dtype ",
+           x()->dtype(), ", got ", values()->dtype());
+  HF_CHECK(indices()->dtype() == DataType::Int64, "topk: indices ",
+           indices()->describe(), " must be i64, got ", indices()->dtype());
+  for (const TensorView* out : {values(), indices()}) {
+    HF_CHECK(out->rank() == x()->rank(), "topk: output ", out->describe(),
+             " must have the operand's rank ", x()->rank());
+    for (int64_t d = 0; d < last; ++d) {
+      const std::optional<int64_t> a = x()->extent(d)->constantInt();
+      const std::optional<int64_t> b = out->extent(d)->constantInt();
+      HF_CHECK(out->extent(d) == x()->extent(d) ||
+                   (a.has_value() && b.has_value() && *a == *b),
+               "topk: dim ", d, " of output ", out->describe(),
+               " must be dim ", d, " of the operand ", x()->describe());
+    }
+    HF_CHECK(out->extent(last)->isConstantInt(k()), "topk: the last dim of ",
+             out->describe(), " must be k = ", k());
+  }
+}
+
+std::vector<c10::IValue> TopKOp::evaluate(
+    const std::vector<c10::IValue>& inputs) const {
+  const at::Tensor x = inputs.at(0).toTensor();
+  HF_CHECK(k() <= x.size(-1), "topk: k = ", k(), " exceeds the size ",
+           x.size(-1), " of the last dim of ", this->x()->describe(),
+           " (sizes ", x.sizes(), ")");
+  auto [values, indices] =
+      at::topk(x, k(), /*dim=*/-1, /*largest=*/true, /*sorted=*/true);
+  return {values, indices};
+}
+
 HF_DEFINE_EXPR(UnaryOp)
 HF_DEFINE_EXPR(BinaryOp)
 HF_DEFINE_EXPR(TernaryOp)
@@ -639,5 +695,6 @@ HF_DEFINE_EXPR(BroadcastOp)
 HF_DEFINE_EXPR(ReductionOp)
 HF_DEFINE_EXPR(MatmulOp)
 HF_DEFINE_EXPR(LinearOp)
+HF_DEFINE_EXPR(TopKOp)
 
 }  // namespace hostfuse

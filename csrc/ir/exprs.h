@@ -263,4 +263,33 @@ class LinearOp : public Expr {
       const std::vector<c10::IValue>& inputs) const override;
 };
 
+// The k largest entries along the last dim, sorted from the largest (what
+// at::topk returns): values [..., k] in x's dtype and their indices [..., k]
+// i64 into the last dim. Ties keep ATen's order. The router of an MoE layer
+// (softmax scores -> the top-k experts of every token).
+class TopKOp : public Expr {
+ public:
+  TopKOp(TensorView* values, TensorView* indices, TensorView* x, int64_t k);
+  HF_DECLARE_EXPR(TopKOp)
+
+  int64_t k() const {
+    return attribute<int64_t>(0);
+  }
+  TensorView* values() const {
+    return output(0)->as<TensorView>();
+  }
+  TensorView* indices() const {
+    return output(1)->as<TensorView>();
+  }
+  TensorView* x() const {
+    return input(0)->as<TensorView>();
+  }
+
+  // "(T3, T4) = topk(T2, k=8)"
+  std::string toInlineString() const override;
+  void validate() const override;
+  std::vector<c10::IValue> evaluate(
+      const std::vector<c10::IValue>& inputs) const override;
+};
+
 }  // namespace hostfuse

@@ -220,6 +220,20 @@ TensorView* linear(TensorView* x, TensorView* weight, TensorView* bias) {
   return out;
 }
 
+TopKResult topk(TensorView* x, int64_t k) {
+  HF_CHECK(x != nullptr, "topk: operand is null");
+  HF_CHECK(x->rank() >= 1, "topk: operand ", x->describe(),
+           " must have rank >= 1");
+  std::vector<Scalar*> extents(x->extents().begin(), x->extents().end() - 1);
+  extents.push_back(makeConstant(k));
+  TopKResult result;
+  result.values = newTensor(x->dtype(), extents);
+  result.indices = newTensor(DataType::Int64, std::move(extents));
+  // The node's validate() checks k and the dtype.
+  IrBuilder::create<TopKOp>(result.values, result.indices, x, k);
+  return result;
+}
+
 TensorView* softmax(TensorView* x, int64_t dim) {
   HF_CHECK(x != nullptr, "softmax: operand is null");
   HF_CHECK(isFloatingPoint(x->dtype()), "softmax: operand ", x->describe(),

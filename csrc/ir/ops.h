@@ -109,6 +109,14 @@ TensorView* matmul(TensorView* a, TensorView* b);
 TensorView* linear(TensorView* x, TensorView* weight,
                    TensorView* bias = nullptr);
 
+// The k largest entries of x along its last dim, largest first, and their
+// indices (i64): at::topk(x, k, -1).
+struct TopKResult {
+  TensorView* values = nullptr;
+  TensorView* indices = nullptr;
+};
+TopKResult topk(TensorView* x, int64_t k);
+
 // Numerically stable softmax along `dim`, composed of the ops above.
 TensorView* softmax(TensorView* x, int64_t dim);
 

@@ -180,6 +180,18 @@ MoeEvaluator::MoeEvaluator(Communicator& communicator)
 
 MoeEvaluator::~MoeEvaluator() = default;
 
+void MoeEvaluator::checkStatus() {
+  for (const auto& [dispatch, node] : cuda_nodes_) {
+    try {
+      if (node->workspace != nullptr) {
+        node->workspace->checkStatus();
+      }
+    } catch (const Error& e) {
+      HF_THROW(dispatch->toInlineString(), ": ", e.what());
+    }
+  }
+}
+
 void MoeEvaluator::run(const MoeDispatch& dispatch, ValueMap& values) {
   if (dispatch.backend() == MoeBackend::Cuda) {
     runCuda(dispatch, values);

@@ -54,6 +54,11 @@ class MoeEvaluator {
   // Same for `combine`: binds `combined`.
   void run(const MoeCombine& combine, ValueMap& values);
 
+  // Raises the first device-side error that a cuda-backend workspace
+  // recorded without a host synchronization (during graph replays); waits
+  // for the device. Must not run during a capture.
+  void checkStatus();
+
  private:
   struct CudaNode;
 

@@ -1,11 +1,12 @@
 // The one place where hostfuse touches libtorch's CUDA part (device queries,
-// the current stream). Everything else asks through these functions, so the
+// the current stream, CUDA graphs and their memory pools). Everything else asks through these functions, so the
 // rest of the code base and every .cu file depends on the CUDA toolkit only.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <memory>
+#include <utility>
 
 namespace hostfuse::cuda {
 
@@ -22,6 +23,16 @@ int currentDevice();
 // libtorch's current stream on `device`, the stream every hostfuse launch
 // and copy is ordered on.
 cudaStream_t currentStream(int device);
+
+// (major, minor) compute capability of `device`; cached per device.
+std::pair<int, int> computeCapability(int device);
+
+// True while the current stream of `device` is being captured into a CUDA
+// graph: work queued now is recorded, not run, so nothing may wait for it.
+bool isCapturing(int device);
+
+// Blocks the host until all work queued on `device` is done.
+void synchronize(int device);
 
 // Makes a stream from libtorch's pool the current stream of `device` while
 // alive, and restores the previous one. CUDA graphs are captured on such a
@@ -44,12 +55,27 @@ class StreamScope {
 // graph's private pool and stay valid for its replays).
 class CudaGraph {
  public:
+  // Which CUDA calls capture forbids (cudaStreamCaptureMode): Global forbids
+  // unsafe calls (synchronizing ones) on every thread while this capture
+  // runs; ThreadLocal only on the capturing thread, so that other threads
+  // (NCCL's watchdog, a data loader) may go on; Relaxed forbids none.
+  enum class CaptureMode { Global, ThreadLocal, Relaxed };
+
   CudaGraph();
   ~CudaGraph();
   CudaGraph(const CudaGraph&) = delete;
   CudaGraph& operator=(const CudaGraph&) = delete;
-  void captureBegin();
+  // Starts capturing the current stream (not the default stream) of the
+  // current device, with a private memory pool for the allocations made
+  // during the capture.
+  void captureBegin(CaptureMode mode = CaptureMode::Global);
   void captureEnd();
+  // Ends a capture that failed midway and discards what was captured, so
+  // that the stream and the caching allocator work as before it began. Best
+  // effort and never throws; the graph cannot be used afterwards (make a
+  // new one). Memory allocated during the capture is released once no
+  // tensor holds it.
+  void abortCapture() noexcept;
   // Launches the graph on the current stream.
   void replay();
 

@@ -272,7 +272,54 @@ TEST_F(MoeIr, GroupedMatmulMultipliesEachGroupByItsWeights) {
       [&] {
         evaluator.run({xv, wv, at::tensor({2, 0, 6}, at::kLong)});
       },
-      {"does not fit the 7 rows of x (group 2 has 6 rows at offset 2)"});
+      {"does not fit the 7 rows of x", "group 2 has 6 rows at offset 2"});
+  test::expectErrorContains(
+      [&] {
+        evaluator.run({xv, wv, at::tensor({2, -1, 3}, at::kLong)});
+      },
+      {"group 1 has -1 rows"});
+}
+
+TEST_F(MoeIr, GroupedMatmulLeavesRowsPastTheCountsAsPadding) {
+  // The cuda MoE backend's capacity rows: only the first sum(counts) rows
+  // are valid; the host path writes zeros past them.
+  TensorView* x = makeTensor({kSymbolic, 8}, DataType::Float, "x");
+  TensorView* w = makeTensor({2, 8, 4}, DataType::Float, "w");
+  TensorView* counts = makeTensor({2}, DataType::Int64, "counts");
+  program_->addInput(x);
+  program_->addInput(w);
+  program_->addInput(counts);
+  program_->addOutput(groupedMatmul(x, w, counts));
+  HostIrEvaluator evaluator(std::move(program_));
+  const at::Tensor xv = test::randomTensor({9, 8}, at::kFloat, at::kCPU, 3);
+  const at::Tensor wv = test::randomTensor({2, 8, 4}, at::kFloat, at::kCPU, 4);
+  const at::Tensor out =
+      evaluator.run({xv, wv, at::tensor({3, 2}, at::kLong)})[0];
+  test::expectClose(out.narrow(0, 0, 3), at::matmul(xv.narrow(0, 0, 3), wv[0]),
+                    1e-6, 1e-6);
+  test::expectClose(out.narrow(0, 3, 2), at::matmul(xv.narrow(0, 3, 2), wv[1]),
+                    1e-6, 1e-6);
+  test::expectClose(out.narrow(0, 5, 4), at::zeros({4, 4}));
+}
+
+TEST_F(MoeIr, GroupedMatmulSaysWhichOperandsRunOnTheDevice) {
+  std::string why;
+  EXPECT_FALSE(groupedMatmulRunsOnDevice(at::kBFloat16, at::kCPU, 64, 64, 4,
+                                         &why));
+  EXPECT_NE(why.find("runs on cpu"), std::string::npos) << why;
+  const at::Device gpu(at::kCUDA, 0);
+  EXPECT_FALSE(groupedMatmulRunsOnDevice(at::kFloat, gpu, 64, 64, 4, &why));
+  EXPECT_NE(why.find("not bf16"), std::string::npos) << why;
+  EXPECT_FALSE(
+      groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 60, 64, 4, &why));
+  EXPECT_NE(why.find("H = 60 is not a multiple of 8"), std::string::npos)
+      << why;
+  EXPECT_FALSE(
+      groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 64, 12, 4, &why));
+  EXPECT_NE(why.find("N = 12"), std::string::npos) << why;
+  EXPECT_FALSE(
+      groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 64, 64, 1024, &why));
+  EXPECT_NE(why.find("1024 groups"), std::string::npos) << why;
 }
 
 TEST_F(MoeIr, ClonedProgramPrintsTheSame) {
