@@ -131,8 +131,8 @@ int main(int argc, char** argv) {
     }
     std::cout << "\n"
               << "max |y - ATen| = " << error_y
-              << ", max |row sums - ATen| = " << error_sums
-              << " (tolerance " << tolerance << ")\n";
+              << ", max |row sums - ATen| = " << error_sums << " (tolerance "
+              << tolerance << ")\n";
     const bool ok = error_y <= tolerance && error_sums <= tolerance;
     std::cout << "check against ATen: " << (ok ? "OK" : "FAILED") << "\n";
     return ok ? 0 : 1;

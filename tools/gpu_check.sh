@@ -45,7 +45,7 @@ summary+=("ctest: $(grep -E 'tests passed|tests failed' "$log_dir/ctest.log" | t
 skipped="$(grep -c -- '\*\*\*Skipped' "$log_dir/ctest.log")"
 summary+=("ctest skipped: $skipped ($(grep -- '\*\*\*Skipped' "$log_dir/ctest.log" | sed 's/.*Test *#[0-9]*: //; s/ \..*//' | tr '\n' ' '))")
 for ranks_test in $(grep -o 'multidevice_np[0-9]*' "$log_dir/ctest.log" | sort -u); do
-  summary+=("$ranks_test rank 0: $(grep -A400000 "name=\"$ranks_test\"" "$log_dir/ctest.xml" | grep -m2 -E '\[default0\]:\[  (PASSED|SKIPPED) +\]' | sed 's/.*\]:\[/[/' | tr '\n' ' ')")
+  summary+=("$ranks_test rank 0: $(grep -A400000 "name=\"$ranks_test\"" "$log_dir/ctest.xml" | grep -m2 -E '\[default0\]:\[  (PASSED|SKIPPED) +\] [0-9]+ tests?[,.]' | sed 's/.*\]:\[/[/' | tr '\n' ' ')")
 done
 [ "$ctest_status" -eq 0 ] || failed=1
 

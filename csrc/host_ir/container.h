@@ -20,9 +20,7 @@ class HostIrContainer : public Fusion {
  public:
   HostIrContainer() = default;
 
-  const std::vector<Expr*>& topLevelExprs() const {
-    return top_level_exprs_;
-  }
+  const std::vector<Expr*>& topLevelExprs() const { return top_level_exprs_; }
 
   // The program as text: inputs, one line per top-level expression,
   // outputs, then every fusion it runs.

@@ -85,12 +85,12 @@ void HostIrEvaluator::checkDevices(const std::vector<c10::IValue>& inputs) {
       device_ = device;
       continue;
     }
-    HF_CHECK(device == device_, program_->describeInput(i), " is on ",
-             device.str(), " but the program runs on ", device_.str(),
-             first_tensor.has_value()
-                 ? " (the device of " + program_->describeInput(*first_tensor) +
-                       ")"
-                 : std::string(" (set in HostIrEvaluatorParams)"));
+    HF_CHECK(
+        device == device_, program_->describeInput(i), " is on ", device.str(),
+        " but the program runs on ", device_.str(),
+        first_tensor.has_value()
+            ? " (the device of " + program_->describeInput(*first_tensor) + ")"
+            : std::string(" (set in HostIrEvaluatorParams)"));
   }
 }
 
@@ -98,8 +98,8 @@ void HostIrEvaluator::handle(RunFusion* run_fusion) {
   std::vector<at::Tensor> outputs;
   try {
     // The generated kernel for CUDA inputs, the ATen reference otherwise.
-    outputs = executeFusion(run_fusion->fusion(),
-                            values_.get(run_fusion->inputs()));
+    outputs =
+        executeFusion(run_fusion->fusion(), values_.get(run_fusion->inputs()));
   } catch (const Error& e) {
     HF_THROW("while running ", run_fusion->toInlineString(), ": ", e.what());
   }
@@ -113,10 +113,11 @@ void HostIrEvaluator::handle(Allocate* allocate) {
   for (const Val* extent : allocate->inputs()) {
     sizes.push_back(values_.get(extent).toInt());
   }
-  values_.bind(allocate->out(),
-               at::empty(sizes, at::TensorOptions()
-                                    .dtype(toScalarType(allocate->out()->dtype()))
-                                    .device(device_)));
+  values_.bind(
+      allocate->out(),
+      at::empty(sizes, at::TensorOptions()
+                           .dtype(toScalarType(allocate->out()->dtype()))
+                           .device(device_)));
 }
 
 void HostIrEvaluator::handle(MoeDispatch* dispatch) {
@@ -139,8 +140,6 @@ Communicator& HostIrEvaluator::communicator() const {
                                          : Communicator::getInstance();
 }
 
-void HostIrEvaluator::handleDefault(Expr* expr) {
-  evaluateExpr(expr, values_);
-}
+void HostIrEvaluator::handleDefault(Expr* expr) { evaluateExpr(expr, values_); }
 
 }  // namespace hostfuse

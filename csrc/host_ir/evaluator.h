@@ -43,13 +43,9 @@ class HostIrEvaluator : public ExprVisitor {
 
   std::vector<at::Tensor> run(const std::vector<c10::IValue>& inputs);
 
-  const HostIrContainer& program() const {
-    return *program_;
-  }
+  const HostIrContainer& program() const { return *program_; }
   // The device of the last run.
-  const at::Device& device() const {
-    return device_;
-  }
+  const at::Device& device() const { return device_; }
 
   // Raises the errors that device-side runtimes recorded without
   // synchronizing with the host, e.g. those of the cuda MoE workspaces
@@ -71,9 +67,7 @@ class HostIrEvaluator : public ExprVisitor {
   // Every other expression runs with its ATen reference semantics.
   void handleDefault(Expr* expr) override;
 
-  ValueMap& values() {
-    return values_;
-  }
+  ValueMap& values() { return values_; }
 
  private:
   // Decides the device of this run and checks that every tensor input is on

@@ -51,9 +51,9 @@ void RunFusion::validate() const {
       const std::optional<int64_t> a = given_tv->extent(d)->constantInt();
       const std::optional<int64_t> b = expected_tv->extent(d)->constantInt();
       HF_CHECK(!a.has_value() || !b.has_value() || *a == *b,
-               "RunFusion: input ", i, " ", given->toDeclString(),
-               " has size ", *a, " in dim ", d, " but fusion ",
-               f.describeInput(i), " needs ", *b);
+               "RunFusion: input ", i, " ", given->toDeclString(), " has size ",
+               *a, " in dim ", d, " but fusion ", f.describeInput(i), " needs ",
+               *b);
     }
   }
   HF_CHECK(outputs().size() == f.outputs().size(), "RunFusion: the fusion has ",
@@ -65,8 +65,7 @@ void RunFusion::validate() const {
     HF_CHECK(given != nullptr && given->dtype() == expected->dtype() &&
                  given->rank() == expected->rank(),
              "RunFusion: output ", i, " ", output(i)->toDeclString(),
-             " does not match the fusion's output ",
-             expected->toDeclString());
+             " does not match the fusion's output ", expected->toDeclString());
   }
 }
 

@@ -23,12 +23,8 @@ class RunFusion : public Expr {
       : Expr(other, std::move(inputs), std::move(outputs)),
         fusion_(other.fusion_) {}
 
-  const Fusion& fusion() const {
-    return *fusion_;
-  }
-  const std::shared_ptr<Fusion>& fusionPtr() const {
-    return fusion_;
-  }
+  const Fusion& fusion() const { return *fusion_; }
+  const std::shared_ptr<Fusion>& fusionPtr() const { return fusion_; }
 
   std::string toInlineString() const override;
   void validate() const override;
@@ -45,9 +41,7 @@ class Allocate : public Expr {
   explicit Allocate(TensorView* out);
   HF_DECLARE_EXPR(Allocate)
 
-  TensorView* out() const {
-    return output(0)->as<TensorView>();
-  }
+  TensorView* out() const { return output(0)->as<TensorView>(); }
 
   std::string toInlineString() const override;
   void validate() const override;

@@ -29,8 +29,7 @@ std::vector<c10::IValue> Expr::evaluate(
 }
 
 void Expr::addInput(Val* input) {
-  HF_CHECK(input != nullptr, opName(), ": input ", inputs_.size(),
-           " is null");
+  HF_CHECK(input != nullptr, opName(), ": input ", inputs_.size(), " is null");
   inputs_.push_back(input);
 }
 
@@ -48,9 +47,7 @@ std::string joinValues(const std::vector<Val*>& values) {
   return ss.str();
 }
 
-void ExprVisitor::dispatch(Expr* expr) {
-  expr->accept(*this);
-}
+void ExprVisitor::dispatch(Expr* expr) { expr->accept(*this); }
 
 void ExprVisitor::handleDefault(Expr* expr) {
   HF_THROW("this visitor does not handle ", expr->opName(), ": ",

@@ -32,37 +32,21 @@ class Val {
   Val(const Val&) = delete;
   Val& operator=(const Val&) = delete;
 
-  ValType valType() const {
-    return val_type_;
-  }
-  DataType dtype() const {
-    return dtype_;
-  }
-  IrContainer* container() const {
-    return container_;
-  }
+  ValType valType() const { return val_type_; }
+  DataType dtype() const { return dtype_; }
+  IrContainer* container() const { return container_; }
   // Number within the container, per ValType: T0, T1, ... for tensors.
-  int64_t name() const {
-    return name_;
-  }
+  int64_t name() const { return name_; }
 
   // A name given by the user, shown next to the IR name in printed programs
   // and error messages; empty if none was given.
-  const std::string& userName() const {
-    return user_name_;
-  }
-  void setUserName(std::string user_name) {
-    user_name_ = std::move(user_name);
-  }
+  const std::string& userName() const { return user_name_; }
+  void setUserName(std::string user_name) { user_name_ = std::move(user_name); }
 
   // The expression that computes this value, or nullptr for program inputs
   // and constants.
-  Expr* definition() const {
-    return definition_;
-  }
-  const std::vector<Expr*>& uses() const {
-    return uses_;
-  }
+  Expr* definition() const { return definition_; }
+  const std::vector<Expr*>& uses() const { return uses_; }
 
   template <typename T>
   bool isA() const {
@@ -122,12 +106,8 @@ class Expr {
   // The class name, e.g. "BinaryOp".
   virtual const char* opName() const = 0;
 
-  const std::vector<Val*>& inputs() const {
-    return inputs_;
-  }
-  const std::vector<Val*>& outputs() const {
-    return outputs_;
-  }
+  const std::vector<Val*>& inputs() const { return inputs_; }
+  const std::vector<Val*>& outputs() const { return outputs_; }
   Val* input(size_t i) const {
     HF_ERROR(i < inputs_.size(), opName(), " has no input ", i);
     return inputs_[i];
@@ -136,12 +116,8 @@ class Expr {
     HF_ERROR(i < outputs_.size(), opName(), " has no output ", i);
     return outputs_[i];
   }
-  const std::vector<Attribute>& attributes() const {
-    return attributes_;
-  }
-  IrContainer* container() const {
-    return container_;
-  }
+  const std::vector<Attribute>& attributes() const { return attributes_; }
+  IrContainer* container() const { return container_; }
 
   template <typename T>
   bool isA() const {
@@ -162,9 +138,7 @@ class Expr {
 
   // One line, no trailing newline, e.g. "T2 = add(T0, T1)".
   virtual std::string toInlineString() const = 0;
-  std::string toString() const {
-    return toInlineString() + "\n";
-  }
+  std::string toString() const { return toInlineString() + "\n"; }
 
   // Checks dtypes, ranks and shapes of inputs, outputs and attributes.
   // Called once, when the expression is added to its container; throws
@@ -204,8 +178,7 @@ class Expr {
   const T& attribute(size_t i) const {
     HF_ERROR(i < attributes_.size(), opName(), " has no attribute ", i);
     const T* value = std::get_if<T>(&attributes_[i]);
-    HF_ERROR(value != nullptr, opName(), " attribute ", i,
-             " has another type");
+    HF_ERROR(value != nullptr, opName(), " attribute ", i, " has another type");
     return *value;
   }
 
@@ -229,35 +202,31 @@ std::string joinValues(const std::vector<Val*>& values);
 // HF_DECLARE_EXPR_CUSTOM_COPY and writes the copy constructor
 // `Name(const Name& other, std::vector<Val*> inputs, std::vector<Val*>
 // outputs)` itself.
-#define HF_DECLARE_EXPR_CUSTOM_COPY(ClassName)                              \
-  const char* opName() const override {                                     \
-    return #ClassName;                                                      \
-  }                                                                         \
-  void accept(::hostfuse::ExprVisitor& visitor) override;                   \
-  ::hostfuse::Expr* cloneWith(::hostfuse::IrContainer* container,           \
-                              std::vector<::hostfuse::Val*> inputs,         \
-                              std::vector<::hostfuse::Val*> outputs)        \
+#define HF_DECLARE_EXPR_CUSTOM_COPY(ClassName)                       \
+  const char* opName() const override { return #ClassName; }         \
+  void accept(::hostfuse::ExprVisitor& visitor) override;            \
+  ::hostfuse::Expr* cloneWith(::hostfuse::IrContainer* container,    \
+                              std::vector<::hostfuse::Val*> inputs,  \
+                              std::vector<::hostfuse::Val*> outputs) \
       const override;
 
-#define HF_DECLARE_EXPR(ClassName)                                          \
-  HF_DECLARE_EXPR_CUSTOM_COPY(ClassName)                                    \
-  ClassName(const ClassName& other, std::vector<::hostfuse::Val*> inputs,   \
-            std::vector<::hostfuse::Val*> outputs)                          \
+#define HF_DECLARE_EXPR(ClassName)                                        \
+  HF_DECLARE_EXPR_CUSTOM_COPY(ClassName)                                  \
+  ClassName(const ClassName& other, std::vector<::hostfuse::Val*> inputs, \
+            std::vector<::hostfuse::Val*> outputs)                        \
       : ::hostfuse::Expr(other, std::move(inputs), std::move(outputs)) {}
 
 // Defines accept(), cloneWith() and the visitor's default handle() overload
 // for the type, which falls back to ExprVisitor::handleDefault.
-#define HF_DEFINE_EXPR(ClassName)                                           \
-  void ClassName::accept(::hostfuse::ExprVisitor& visitor) {                \
-    visitor.handle(this);                                                   \
-  }                                                                         \
-  ::hostfuse::Expr* ClassName::cloneWith(                                   \
-      ::hostfuse::IrContainer* container,                                   \
-      std::vector<::hostfuse::Val*> inputs,                                 \
-      std::vector<::hostfuse::Val*> outputs) const {                        \
-    return container->registerExpr(std::unique_ptr<::hostfuse::Expr>(       \
-        new ClassName(*this, std::move(inputs), std::move(outputs))));      \
-  }                                                                         \
-  void ::hostfuse::ExprVisitor::handle(ClassName* expr) {                   \
-    handleDefault(expr);                                                    \
-  }
+#define HF_DEFINE_EXPR(ClassName)                                      \
+  void ClassName::accept(::hostfuse::ExprVisitor& visitor) {           \
+    visitor.handle(this);                                              \
+  }                                                                    \
+  ::hostfuse::Expr* ClassName::cloneWith(                              \
+      ::hostfuse::IrContainer* container,                              \
+      std::vector<::hostfuse::Val*> inputs,                            \
+      std::vector<::hostfuse::Val*> outputs) const {                   \
+    return container->registerExpr(std::unique_ptr<::hostfuse::Expr>(  \
+        new ClassName(*this, std::move(inputs), std::move(outputs)))); \
+  }                                                                    \
+  void ::hostfuse::ExprVisitor::handle(ClassName* expr) { handleDefault(expr); }

@@ -9,8 +9,8 @@ namespace hostfuse {
 Val* IrContainer::registerVal(std::unique_ptr<Val> val) {
   HF_ERROR(val->container_ == nullptr, "value registered twice");
   val->container_ = this;
-  val->name_ = val->valType() == ValType::TensorView ? num_tensors_++
-                                                       : num_scalars_++;
+  val->name_ =
+      val->valType() == ValType::TensorView ? num_tensors_++ : num_scalars_++;
   vals_.push_back(std::move(val));
   return vals_.back().get();
 }
@@ -28,11 +28,11 @@ Expr* IrContainer::registerExpr(std::unique_ptr<Expr> expr) {
     const Val* output = expr->outputs()[i];
     HF_CHECK(owns(output), expr->opName(), ": output ", i, " (",
              output->describe(), ") belongs to another container");
-    HF_CHECK(output->definition() == nullptr, expr->opName(), ": output ",
-             i, " (", output->describe(),
+    HF_CHECK(output->definition() == nullptr, expr->opName(), ": output ", i,
+             " (", output->describe(),
              ") is already computed by another expression");
-    HF_CHECK(std::find(expr->inputs().begin(), expr->inputs().end(),
-                       output) == expr->inputs().end(),
+    HF_CHECK(std::find(expr->inputs().begin(), expr->inputs().end(), output) ==
+                 expr->inputs().end(),
              expr->opName(), ": output ", i, " (", output->describe(),
              ") is also one of its inputs");
   }
@@ -72,10 +72,9 @@ void Fusion::addInput(Val* input) {
   HF_CHECK(input != nullptr, "Fusion::addInput: the input is null");
   HF_CHECK(owns(input), "Fusion::addInput: ", input->describe(),
            " belongs to another container");
-  HF_CHECK(input->definition() == nullptr, "Fusion::addInput: ",
-           input->describe(), " is computed by ",
-           input->definition()->toInlineString(),
-           " and so cannot be an input");
+  HF_CHECK(input->definition() == nullptr,
+           "Fusion::addInput: ", input->describe(), " is computed by ",
+           input->definition()->toInlineString(), " and so cannot be an input");
   HF_CHECK(!isInput(input), "Fusion::addInput: ", input->describe(),
            " is an input already");
   if (const auto* scalar = dynamic_cast<const Scalar*>(input)) {
@@ -89,8 +88,8 @@ void Fusion::addOutput(Val* output) {
   HF_CHECK(output != nullptr, "Fusion::addOutput: the output is null");
   HF_CHECK(owns(output), "Fusion::addOutput: ", output->describe(),
            " belongs to another container");
-  HF_CHECK(output->isA<TensorView>(), "Fusion::addOutput: ",
-           output->describe(), " is a scalar; outputs must be tensors");
+  HF_CHECK(output->isA<TensorView>(), "Fusion::addOutput: ", output->describe(),
+           " is a scalar; outputs must be tensors");
   outputs_.push_back(output);
 }
 
@@ -134,8 +133,8 @@ std::vector<Expr*> Fusion::exprs() const {
 
 std::string Fusion::describeInput(size_t index) const {
   HF_ERROR(index < inputs_.size(), "no input ", index);
-  return "input " + std::to_string(index) + " (" +
-         inputs_[index]->describe() + ")";
+  return "input " + std::to_string(index) + " (" + inputs_[index]->describe() +
+         ")";
 }
 
 std::string Fusion::toString() const {
@@ -181,14 +180,11 @@ namespace {
 thread_local IrContainer* active_container = nullptr;
 }  // namespace
 
-FusionGuard::FusionGuard(IrContainer* container)
-    : previous_(active_container) {
+FusionGuard::FusionGuard(IrContainer* container) : previous_(active_container) {
   active_container = container;
 }
 
-FusionGuard::~FusionGuard() {
-  active_container = previous_;
-}
+FusionGuard::~FusionGuard() { active_container = previous_; }
 
 IrContainer* FusionGuard::current() {
   HF_CHECK(active_container != nullptr,

@@ -44,9 +44,7 @@ class IrContainer {
   std::vector<Val*> vals() const;
   std::vector<Expr*> unorderedExprs() const;
 
-  bool owns(const Val* val) const {
-    return val->container() == this;
-  }
+  bool owns(const Val* val) const { return val->container() == this; }
 
  protected:
   // Called after an expression joined the container.
@@ -68,12 +66,8 @@ class Fusion : public IrContainer {
   void addInput(Val* input);
   void addOutput(Val* output);
 
-  const std::vector<Val*>& inputs() const {
-    return inputs_;
-  }
-  const std::vector<Val*>& outputs() const {
-    return outputs_;
-  }
+  const std::vector<Val*>& inputs() const { return inputs_; }
+  const std::vector<Val*>& outputs() const { return outputs_; }
   bool isInput(const Val* val) const;
   bool isOutput(const Val* val) const;
 
@@ -128,9 +122,7 @@ class IrCloner {
  public:
   explicit IrCloner(IrContainer* target) : target_(target) {}
 
-  IrContainer* target() const {
-    return target_;
-  }
+  IrContainer* target() const { return target_; }
 
   // The copy of `val` in the target container, made on first request.
   Val* clone(const Val* val);

@@ -52,8 +52,8 @@ void bindExtents(const Fusion& fusion, size_t index, const TensorView* tv,
     } else if (values.has(extent)) {
       const int64_t bound = values.get(extent).toInt();
       HF_CHECK(bound == actual, what, " has size ", actual, " in dim ", d,
-               ", but its extent ", extent->toString(), " was bound to ",
-               bound, " by ", fusion.describeInput(bound_by.at(extent)), " (",
+               ", but its extent ", extent->toString(), " was bound to ", bound,
+               " by ", fusion.describeInput(bound_by.at(extent)), " (",
                tv->typeString(), ", got sizes ", tensor.sizes(), ")");
     } else {
       values.bind(extent, actual);
@@ -102,16 +102,15 @@ std::vector<c10::IValue> ValueMap::get(const std::vector<Val*>& vals) const {
 void bindInputs(const Fusion& fusion, const std::vector<c10::IValue>& args,
                 ValueMap& values) {
   HF_CHECK(args.size() == fusion.inputs().size(), "the program takes ",
-           fusion.inputs().size(), " inputs, but ", args.size(),
-           " were given");
+           fusion.inputs().size(), " inputs, but ", args.size(), " were given");
   std::unordered_map<const Val*, size_t> bound_by;
   for (size_t i = 0; i < args.size(); ++i) {
     const Val* input = fusion.inputs()[i];
     const c10::IValue& arg = args[i];
     const std::string what = fusion.describeInput(i);
     if (const auto* tv = dynamic_cast<const TensorView*>(input)) {
-      HF_CHECK(arg.isTensor(), what, " must be a tensor (",
-               tv->typeString(), "), got ", kindOf(arg));
+      HF_CHECK(arg.isTensor(), what, " must be a tensor (", tv->typeString(),
+               "), got ", kindOf(arg));
       const at::Tensor& tensor = arg.toTensor();
       HF_CHECK(tensor.defined(), what, " is an undefined tensor");
       HF_CHECK(tensor.scalar_type() == toScalarType(tv->dtype()), what,
@@ -137,10 +136,9 @@ void bindInputs(const Fusion& fusion, const std::vector<c10::IValue>& args,
       }
       values.bind(input, arg);
     } else {
-      HF_CHECK(arg.isDouble() || arg.isInt(), what,
-               " must be a number, got ", kindOf(arg));
-      values.bind(input, arg.isInt() ? c10::IValue(double(arg.toInt()))
-                                     : arg);
+      HF_CHECK(arg.isDouble() || arg.isInt(), what, " must be a number, got ",
+               kindOf(arg));
+      values.bind(input, arg.isInt() ? c10::IValue(double(arg.toInt())) : arg);
     }
   }
 }
@@ -154,8 +152,8 @@ void evaluateExpr(const Expr* expr, ValueMap& values) {
              e.what_without_backtrace());
   }
   HF_ERROR(results.size() == expr->outputs().size(), expr->opName(),
-           " returned ", results.size(), " values for ",
-           expr->outputs().size(), " outputs");
+           " returned ", results.size(), " values for ", expr->outputs().size(),
+           " outputs");
   for (size_t i = 0; i < results.size(); ++i) {
     values.bind(expr->output(i), std::move(results[i]));
   }

@@ -20,9 +20,7 @@ class ValueMap {
   // The value of `val`; throws naming `val` if it has none.
   c10::IValue get(const Val* val) const;
   std::vector<c10::IValue> get(const std::vector<Val*>& vals) const;
-  void clear() {
-    values_.clear();
-  }
+  void clear() { values_.clear(); }
 
  private:
   std::unordered_map<const Val*, c10::IValue> values_;

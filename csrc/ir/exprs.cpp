@@ -129,16 +129,14 @@ bool isTranscendental(UnaryOpType type) {
 void checkOutputMatches(const Expr* expr, DataType dtype,
                         std::optional<int64_t> rank) {
   const Val* out = expr->output(0);
-  HF_CHECK(out->dtype() == dtype, expr->opName(), " output ",
-           out->describe(), " has dtype ", out->dtype(), " but the op gives ",
-           dtype);
+  HF_CHECK(out->dtype() == dtype, expr->opName(), " output ", out->describe(),
+           " has dtype ", out->dtype(), " but the op gives ", dtype);
   if (rank.has_value()) {
     const auto* tv = dynamic_cast<const TensorView*>(out);
     HF_CHECK(tv != nullptr, expr->opName(), " output ", out->describe(),
              " must be a tensor");
-    HF_CHECK(tv->rank() == *rank, expr->opName(), " output ",
-             out->describe(), " has rank ", tv->rank(),
-             " but the op gives rank ", *rank);
+    HF_CHECK(tv->rank() == *rank, expr->opName(), " output ", out->describe(),
+             " has rank ", tv->rank(), " but the op gives rank ", *rank);
   }
 }
 
@@ -210,11 +208,9 @@ DataType inferBinaryDtype(BinaryOpType type, const Val* lhs, const Val* rhs) {
   return common;
 }
 
-DataType inferWhereDtype(const Val* condition, const Val* lhs,
-                         const Val* rhs) {
-  HF_CHECK(condition->dtype() == DataType::Bool,
-           "where: condition ", condition->describe(),
-           " must be bool, got ", condition->dtype());
+DataType inferWhereDtype(const Val* condition, const Val* lhs, const Val* rhs) {
+  HF_CHECK(condition->dtype() == DataType::Bool, "where: condition ",
+           condition->describe(), " must be bool, got ", condition->dtype());
   HF_CHECK(condition->isA<TensorView>() || lhs->isA<TensorView>() ||
                rhs->isA<TensorView>(),
            "where: at least one operand must be a tensor");
@@ -228,8 +224,8 @@ DataType inferReductionDtype(ReductionOpType type, const Val* in) {
   return in->dtype();
 }
 
-std::vector<Scalar*> inferPointwiseExtents(
-    const std::string& op, const std::vector<Val*>& operands) {
+std::vector<Scalar*> inferPointwiseExtents(const std::string& op,
+                                           const std::vector<Val*>& operands) {
   const TensorView* first = nullptr;
   std::vector<Scalar*> extents;
   for (const Val* operand : operands) {
@@ -243,9 +239,8 @@ std::vector<Scalar*> inferPointwiseExtents(
       continue;
     }
     HF_CHECK(tv->rank() == first->rank(), op, ": operand ", tv->describe(),
-             " has rank ", tv->rank(), " but ", first->describe(),
-             " has rank ", first->rank(),
-             "; use broadcast() to add dimensions");
+             " has rank ", tv->rank(), " but ", first->describe(), " has rank ",
+             first->rank(), "; use broadcast() to add dimensions");
     for (int64_t d = 0; d < tv->rank(); ++d) {
       Scalar* mine = extents[d];
       Scalar* theirs = tv->extent(d);
@@ -258,8 +253,8 @@ std::vector<Scalar*> inferPointwiseExtents(
       }
       const std::optional<int64_t> a = mine->constantInt();
       const std::optional<int64_t> b = theirs->constantInt();
-      HF_CHECK(!a.has_value() || !b.has_value() || *a == *b, op,
-               ": operand ", tv->describe(), " has size ", *b, " in dim ", d,
+      HF_CHECK(!a.has_value() || !b.has_value() || *a == *b, op, ": operand ",
+               tv->describe(), " has size ", *b, " in dim ", d,
                " but another operand has size ", *a,
                "; sizes must match or be 1");
       // A known size is more useful than a symbolic one. Two different
@@ -415,9 +410,9 @@ void TernaryOp::validate() const {
 
 std::vector<c10::IValue> TernaryOp::evaluate(
     const std::vector<c10::IValue>& inputs) const {
-  const at::Tensor result = at::where(operandTensor(inputs.at(0)),
-                                      operandTensor(inputs.at(1)),
-                                      operandTensor(inputs.at(2)));
+  const at::Tensor result =
+      at::where(operandTensor(inputs.at(0)), operandTensor(inputs.at(1)),
+                operandTensor(inputs.at(2)));
   return {declaredType(result, out())};
 }
 
@@ -446,8 +441,8 @@ BroadcastOp::BroadcastOp(TensorView* out, TensorView* in,
                          const std::vector<bool>& is_broadcast_dim) {
   addOutput(out);
   addInput(in);
-  addDataAttribute(std::vector<int64_t>(is_broadcast_dim.begin(),
-                                        is_broadcast_dim.end()));
+  addDataAttribute(
+      std::vector<int64_t>(is_broadcast_dim.begin(), is_broadcast_dim.end()));
 }
 
 std::vector<bool> BroadcastOp::isBroadcastDim() const {
@@ -468,8 +463,8 @@ std::string BroadcastOp::toInlineString() const {
 
 void BroadcastOp::validate() const {
   const std::vector<bool> flags = isBroadcastDim();
-  const auto kept = static_cast<int64_t>(
-      std::count(flags.begin(), flags.end(), false));
+  const auto kept =
+      static_cast<int64_t>(std::count(flags.begin(), flags.end(), false));
   HF_CHECK(kept == in()->rank(), "broadcast: is_broadcast_dim has ", kept,
            " entries that are false, but the operand ", in()->describe(),
            " has rank ", in()->rank(), "; they must be equal");
@@ -493,8 +488,8 @@ std::vector<c10::IValue> BroadcastOp::evaluate(
   return {result};
 }
 
-ReductionOp::ReductionOp(TensorView* out, ReductionOpType type,
-                         TensorView* in, int64_t dim, bool keep_dim) {
+ReductionOp::ReductionOp(TensorView* out, ReductionOpType type, TensorView* in,
+                         int64_t dim, bool keep_dim) {
   addOutput(out);
   addInput(in);
   addDataAttribute(static_cast<int64_t>(type));
@@ -509,11 +504,10 @@ std::string ReductionOp::toInlineString() const {
 }
 
 void ReductionOp::validate() const {
-  HF_CHECK(dim() >= 0 && dim() < in()->rank(), hostfuse::toString(opType()), ": dim ",
-           dim(), " is out of range for operand ", in()->describe(),
+  HF_CHECK(dim() >= 0 && dim() < in()->rank(), hostfuse::toString(opType()),
+           ": dim ", dim(), " is out of range for operand ", in()->describe(),
            " of rank ", in()->rank());
-  HF_CHECK(opType() != ReductionOpType::Max ||
-               in()->dtype() != DataType::Bool,
+  HF_CHECK(opType() != ReductionOpType::Max || in()->dtype() != DataType::Bool,
            "max: operand ", in()->describe(), " must not be bool");
   checkOutputMatches(this, inferReductionDtype(opType(), in()),
                      keepDim() ? in()->rank() : in()->rank() - 1);
@@ -539,18 +533,20 @@ std::string MatmulOp::toInlineString() const {
 }
 
 void MatmulOp::validate() const {
-  HF_CHECK(isFloatingPoint(a()->dtype()), "matmul: operand a ",
-           a()->describe(), " must be floating point, got ", a()->dtype());
-  HF_CHECK(a()->dtype() == b()->dtype(), "matmul: operand b ",
-           b()->describe(), " has dtype ", b()->dtype(), " but operand a ",
-           a()->describe(), " has dtype ", a()->dtype(), "; they must match");
+  HF_CHECK(isFloatingPoint(a()->dtype()), "matmul: operand a ", a()->describe(),
+           " must be floating point, got ", a()->dtype());
+  HF_CHECK(a()->dtype() == b()->dtype(), "matmul: operand b ", b()->describe(),
+           " has dtype ", b()->dtype(), " but operand a ", a()->describe(),
+           " has dtype ", a()->dtype(), "; they must match");
   HF_CHECK(a()->rank() >= 2, "matmul: operand a ", a()->describe(),
            " must have rank >= 2, got ", a()->rank());
-  HF_CHECK(b()->rank() == 2 || b()->rank() == a()->rank(),
-           "matmul: operand b ", b()->describe(), " must have rank 2 or ",
-           a()->rank(), " (that of a), got ", b()->rank());
-  const std::optional<int64_t> k_a = a()->extent(a()->rank() - 1)->constantInt();
-  const std::optional<int64_t> k_b = b()->extent(b()->rank() - 2)->constantInt();
+  HF_CHECK(b()->rank() == 2 || b()->rank() == a()->rank(), "matmul: operand b ",
+           b()->describe(), " must have rank 2 or ", a()->rank(),
+           " (that of a), got ", b()->rank());
+  const std::optional<int64_t> k_a =
+      a()->extent(a()->rank() - 1)->constantInt();
+  const std::optional<int64_t> k_b =
+      b()->extent(b()->rank() - 2)->constantInt();
   HF_CHECK(!k_a.has_value() || !k_b.has_value() || *k_a == *k_b,
            "matmul: operand a ", a()->describe(), " has inner size ", *k_a,
            " but operand b ", b()->describe(), " has ", *k_b,
@@ -591,8 +587,8 @@ std::string LinearOp::toInlineString() const {
 }
 
 void LinearOp::validate() const {
-  HF_CHECK(isFloatingPoint(x()->dtype()), "linear: input x ",
-           x()->describe(), " must be floating point, got ", x()->dtype());
+  HF_CHECK(isFloatingPoint(x()->dtype()), "linear: input x ", x()->describe(),
+           " must be floating point, got ", x()->dtype());
   HF_CHECK(x()->rank() >= 1, "linear: input x ", x()->describe(),
            " must have rank >= 1");
   HF_CHECK(weight()->rank() == 2, "linear: weight ", weight()->describe(),
@@ -601,18 +597,19 @@ void LinearOp::validate() const {
   HF_CHECK(weight()->dtype() == x()->dtype(), "linear: weight ",
            weight()->describe(), " has dtype ", weight()->dtype(),
            " but x has ", x()->dtype());
-  const std::optional<int64_t> in_x = x()->extent(x()->rank() - 1)->constantInt();
+  const std::optional<int64_t> in_x =
+      x()->extent(x()->rank() - 1)->constantInt();
   const std::optional<int64_t> in_w = weight()->extent(1)->constantInt();
   HF_CHECK(!in_x.has_value() || !in_w.has_value() || *in_x == *in_w,
-           "linear: weight ", weight()->describe(), " has in_features ",
-           *in_w, " but x ", x()->describe(), " has ", *in_x,
+           "linear: weight ", weight()->describe(), " has in_features ", *in_w,
+           " but x ", x()->describe(), " has ", *in_x,
            " features; they must match");
   if (bias() != nullptr) {
     HF_CHECK(bias()->rank() == 1, "linear: bias ", bias()->describe(),
              " must have rank 1, got ", bias()->rank());
     HF_CHECK(bias()->dtype() == x()->dtype(), "linear: bias ",
-             bias()->describe(), " has dtype ", bias()->dtype(),
-             " but x has ", x()->dtype());
+             bias()->describe(), " has dtype ", bias()->dtype(), " but x has ",
+             x()->dtype());
     const std::optional<int64_t> out_w = weight()->extent(0)->constantInt();
     const std::optional<int64_t> out_b = bias()->extent(0)->constantInt();
     HF_CHECK(!out_w.has_value() || !out_b.has_value() || *out_w == *out_b,
@@ -668,8 +665,8 @@ void TopKOp::validate() const {
       const std::optional<int64_t> b = out->extent(d)->constantInt();
       HF_CHECK(out->extent(d) == x()->extent(d) ||
                    (a.has_value() && b.has_value() && *a == *b),
-               "topk: dim ", d, " of output ", out->describe(),
-               " must be dim ", d, " of the operand ", x()->describe());
+               "topk: dim ", d, " of output ", out->describe(), " must be dim ",
+               d, " of the operand ", x()->describe());
     }
     HF_CHECK(out->extent(last)->isConstantInt(k()), "topk: the last dim of ",
              out->describe(), " must be k = ", k());

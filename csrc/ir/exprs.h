@@ -62,8 +62,7 @@ bool isComparison(BinaryOpType type);
 
 DataType inferUnaryDtype(UnaryOpType type, const Val* in);
 DataType inferBinaryDtype(BinaryOpType type, const Val* lhs, const Val* rhs);
-DataType inferWhereDtype(const Val* condition, const Val* lhs,
-                         const Val* rhs);
+DataType inferWhereDtype(const Val* condition, const Val* lhs, const Val* rhs);
 DataType inferReductionDtype(ReductionOpType type, const Val* in);
 
 // Extents of a pointwise result. Operands are tensors or scalars; the
@@ -81,12 +80,8 @@ class UnaryOp : public Expr {
   UnaryOpType opType() const {
     return static_cast<UnaryOpType>(attribute<int64_t>(0));
   }
-  Val* out() const {
-    return output(0);
-  }
-  Val* in() const {
-    return input(0);
-  }
+  Val* out() const { return output(0); }
+  Val* in() const { return input(0); }
 
   std::string toInlineString() const override;
   void validate() const override;
@@ -102,15 +97,9 @@ class BinaryOp : public Expr {
   BinaryOpType opType() const {
     return static_cast<BinaryOpType>(attribute<int64_t>(0));
   }
-  Val* out() const {
-    return output(0);
-  }
-  Val* lhs() const {
-    return input(0);
-  }
-  Val* rhs() const {
-    return input(1);
-  }
+  Val* out() const { return output(0); }
+  Val* lhs() const { return input(0); }
+  Val* rhs() const { return input(1); }
 
   std::string toInlineString() const override;
   void validate() const override;
@@ -124,18 +113,10 @@ class TernaryOp : public Expr {
   TernaryOp(Val* out, Val* condition, Val* lhs, Val* rhs);
   HF_DECLARE_EXPR(TernaryOp)
 
-  Val* out() const {
-    return output(0);
-  }
-  Val* condition() const {
-    return input(0);
-  }
-  Val* lhs() const {
-    return input(1);
-  }
-  Val* rhs() const {
-    return input(2);
-  }
+  Val* out() const { return output(0); }
+  Val* condition() const { return input(0); }
+  Val* lhs() const { return input(1); }
+  Val* rhs() const { return input(2); }
 
   std::string toInlineString() const override;
   void validate() const override;
@@ -149,12 +130,8 @@ class CastOp : public Expr {
   CastOp(Val* out, Val* in);
   HF_DECLARE_EXPR(CastOp)
 
-  Val* out() const {
-    return output(0);
-  }
-  Val* in() const {
-    return input(0);
-  }
+  Val* out() const { return output(0); }
+  Val* in() const { return input(0); }
 
   std::string toInlineString() const override;
   void validate() const override;
@@ -170,12 +147,8 @@ class BroadcastOp : public Expr {
               const std::vector<bool>& is_broadcast_dim);
   HF_DECLARE_EXPR(BroadcastOp)
 
-  TensorView* out() const {
-    return output(0)->as<TensorView>();
-  }
-  TensorView* in() const {
-    return input(0)->as<TensorView>();
-  }
+  TensorView* out() const { return output(0)->as<TensorView>(); }
+  TensorView* in() const { return input(0)->as<TensorView>(); }
   std::vector<bool> isBroadcastDim() const;
 
   std::string toInlineString() const override;
@@ -194,18 +167,10 @@ class ReductionOp : public Expr {
   ReductionOpType opType() const {
     return static_cast<ReductionOpType>(attribute<int64_t>(0));
   }
-  int64_t dim() const {
-    return attribute<int64_t>(1);
-  }
-  bool keepDim() const {
-    return attribute<bool>(2);
-  }
-  TensorView* out() const {
-    return output(0)->as<TensorView>();
-  }
-  TensorView* in() const {
-    return input(0)->as<TensorView>();
-  }
+  int64_t dim() const { return attribute<int64_t>(1); }
+  bool keepDim() const { return attribute<bool>(2); }
+  TensorView* out() const { return output(0)->as<TensorView>(); }
+  TensorView* in() const { return input(0)->as<TensorView>(); }
 
   std::string toInlineString() const override;
   void validate() const override;
@@ -219,15 +184,9 @@ class MatmulOp : public Expr {
   MatmulOp(TensorView* out, TensorView* a, TensorView* b);
   HF_DECLARE_EXPR(MatmulOp)
 
-  TensorView* out() const {
-    return output(0)->as<TensorView>();
-  }
-  TensorView* a() const {
-    return input(0)->as<TensorView>();
-  }
-  TensorView* b() const {
-    return input(1)->as<TensorView>();
-  }
+  TensorView* out() const { return output(0)->as<TensorView>(); }
+  TensorView* a() const { return input(0)->as<TensorView>(); }
+  TensorView* b() const { return input(1)->as<TensorView>(); }
 
   std::string toInlineString() const override;
   void validate() const override;
@@ -243,15 +202,9 @@ class LinearOp : public Expr {
            TensorView* bias);
   HF_DECLARE_EXPR(LinearOp)
 
-  TensorView* out() const {
-    return output(0)->as<TensorView>();
-  }
-  TensorView* x() const {
-    return input(0)->as<TensorView>();
-  }
-  TensorView* weight() const {
-    return input(1)->as<TensorView>();
-  }
+  TensorView* out() const { return output(0)->as<TensorView>(); }
+  TensorView* x() const { return input(0)->as<TensorView>(); }
+  TensorView* weight() const { return input(1)->as<TensorView>(); }
   // nullptr without a bias.
   TensorView* bias() const {
     return inputs().size() > 2 ? input(2)->as<TensorView>() : nullptr;
@@ -272,18 +225,10 @@ class TopKOp : public Expr {
   TopKOp(TensorView* values, TensorView* indices, TensorView* x, int64_t k);
   HF_DECLARE_EXPR(TopKOp)
 
-  int64_t k() const {
-    return attribute<int64_t>(0);
-  }
-  TensorView* values() const {
-    return output(0)->as<TensorView>();
-  }
-  TensorView* indices() const {
-    return output(1)->as<TensorView>();
-  }
-  TensorView* x() const {
-    return input(0)->as<TensorView>();
-  }
+  int64_t k() const { return attribute<int64_t>(0); }
+  TensorView* values() const { return output(0)->as<TensorView>(); }
+  TensorView* indices() const { return output(1)->as<TensorView>(); }
+  TensorView* x() const { return input(0)->as<TensorView>(); }
 
   // "(T3, T4) = topk(T2, k=8)"
   std::string toInlineString() const override;

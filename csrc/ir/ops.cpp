@@ -46,8 +46,9 @@ TensorView* makeTensor(const std::vector<SizeSpec>& sizes, DataType dtype,
   for (size_t i = 0; i < sizes.size(); ++i) {
     const SizeSpec& spec = sizes[i];
     if (spec.extent() != nullptr) {
-      HF_CHECK(FusionGuard::current()->owns(spec.extent()), "makeTensor: ",
-               "the extent of dim ", i, " belongs to another container");
+      HF_CHECK(FusionGuard::current()->owns(spec.extent()),
+               "makeTensor: ", "the extent of dim ", i,
+               " belongs to another container");
       extents.push_back(spec.extent());
     } else if (spec.size() == kSymbolic) {
       extents.push_back(IrBuilder::create<Scalar>(DataType::Int64));
@@ -77,9 +78,7 @@ TensorView* unaryOp(UnaryOpType type, TensorView* x) {
 }
 
 #define HF_DEFINE_UNARY_BUILDER_(name, type) \
-  TensorView* name(TensorView* x) {          \
-    return unaryOp(UnaryOpType::type, x);    \
-  }
+  TensorView* name(TensorView* x) { return unaryOp(UnaryOpType::type, x); }
 HF_DEFINE_UNARY_BUILDER_(neg, Neg)
 HF_DEFINE_UNARY_BUILDER_(abs, Abs)
 HF_DEFINE_UNARY_BUILDER_(relu, Relu)
@@ -103,14 +102,14 @@ TensorView* binaryOp(BinaryOpType type, Val* lhs, Val* rhs) {
   return out;
 }
 
-#define HF_DEFINE_BINARY_BUILDER_(name, type)                 \
-  TensorView* name(Val* lhs, Val* rhs) {                      \
-    return binaryOp(BinaryOpType::type, lhs, rhs);            \
-  }                                                           \
-  TensorView* name(TensorView* lhs, double rhs) {             \
+#define HF_DEFINE_BINARY_BUILDER_(name, type)                    \
+  TensorView* name(Val* lhs, Val* rhs) {                         \
+    return binaryOp(BinaryOpType::type, lhs, rhs);               \
+  }                                                              \
+  TensorView* name(TensorView* lhs, double rhs) {                \
     return binaryOp(BinaryOpType::type, lhs, makeConstant(rhs)); \
-  }                                                           \
-  TensorView* name(double lhs, TensorView* rhs) {             \
+  }                                                              \
+  TensorView* name(double lhs, TensorView* rhs) {                \
     return binaryOp(BinaryOpType::type, makeConstant(lhs), rhs); \
   }
 HF_DEFINE_BINARY_BUILDER_(add, Add)
@@ -176,8 +175,7 @@ TensorView* reduction(ReductionOpType type, TensorView* x, int64_t dim,
       extents.push_back(makeConstant(int64_t{1}));
     }
   }
-  TensorView* out =
-      newTensor(inferReductionDtype(type, x), std::move(extents));
+  TensorView* out = newTensor(inferReductionDtype(type, x), std::move(extents));
   IrBuilder::create<ReductionOp>(out, type, x, dim, keep_dim);
   return out;
 }

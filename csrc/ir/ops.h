@@ -25,16 +25,12 @@ namespace hostfuse {
 // (shared between tensors that must agree), or kSymbolic for a fresh one.
 class SizeSpec {
  public:
-  SizeSpec(int64_t size) : size_(size) {}  // NOLINT: implicit by design
-  SizeSpec(int size) : size_(size) {}      // NOLINT: avoids 0 -> nullptr
+  SizeSpec(int64_t size) : size_(size) {}        // NOLINT: implicit by design
+  SizeSpec(int size) : size_(size) {}            // NOLINT: avoids 0 -> nullptr
   SizeSpec(Scalar* extent) : extent_(extent) {}  // NOLINT
 
-  int64_t size() const {
-    return size_;
-  }
-  Scalar* extent() const {
-    return extent_;
-  }
+  int64_t size() const { return size_; }
+  Scalar* extent() const { return extent_; }
 
  private:
   int64_t size_ = 0;
@@ -74,8 +70,8 @@ TensorView* unaryOp(UnaryOpType type, TensorView* x);
 // Binary pointwise ops; one operand may be a scalar (a Val* or a number).
 TensorView* binaryOp(BinaryOpType type, Val* lhs, Val* rhs);
 
-#define HF_DECLARE_BINARY_BUILDER_(name)    \
-  TensorView* name(Val* lhs, Val* rhs);     \
+#define HF_DECLARE_BINARY_BUILDER_(name)         \
+  TensorView* name(Val* lhs, Val* rhs);          \
   TensorView* name(TensorView* lhs, double rhs); \
   TensorView* name(double lhs, TensorView* rhs);
 HF_DECLARE_BINARY_BUILDER_(add)

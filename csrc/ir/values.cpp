@@ -90,8 +90,7 @@ TensorView::TensorView(DataType dtype, std::vector<Scalar*> extents)
   for (size_t i = 0; i < extents_.size(); ++i) {
     HF_CHECK(extents_[i] != nullptr, "extent ", i, " of a tensor is null");
     HF_CHECK(extents_[i]->dtype() == DataType::Int64, "extent ", i,
-             " of a tensor must be an i64 scalar, got ",
-             extents_[i]->dtype());
+             " of a tensor must be an i64 scalar, got ", extents_[i]->dtype());
     const std::optional<int64_t> size = extents_[i]->constantInt();
     HF_CHECK(!size.has_value() || *size >= 0, "extent ", i,
              " of a tensor must not be negative, got ", *size);

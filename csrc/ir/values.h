@@ -20,12 +20,8 @@ class Scalar : public Val {
   // A constant; dtype must be Int64, Double or Bool to match the value.
   explicit Scalar(ScalarValue value);
 
-  bool isConstant() const {
-    return value_.has_value();
-  }
-  const std::optional<ScalarValue>& value() const {
-    return value_;
-  }
+  bool isConstant() const { return value_.has_value(); }
+  const std::optional<ScalarValue>& value() const { return value_; }
   // The constant's value as an integer; nullopt if symbolic or not integral.
   std::optional<int64_t> constantInt() const;
   bool isConstantInt(int64_t expected) const {
@@ -48,12 +44,8 @@ class TensorView : public Val {
  public:
   TensorView(DataType dtype, std::vector<Scalar*> extents);
 
-  int64_t rank() const {
-    return static_cast<int64_t>(extents_.size());
-  }
-  const std::vector<Scalar*>& extents() const {
-    return extents_;
-  }
+  int64_t rank() const { return static_cast<int64_t>(extents_.size()); }
+  const std::vector<Scalar*>& extents() const { return extents_; }
   Scalar* extent(int64_t dim) const;
 
   std::string toString() const override;

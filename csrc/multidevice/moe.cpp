@@ -343,8 +343,8 @@ bool groupedMatmulRunsOnDevice(at::ScalarType dtype, const at::Device& device,
   } else if (groups >= 1024) {
     reason = toString("it has ", groups, " groups (at most 1023)");
   } else if (cuda::isAvailable()) {
-    const int index = device.has_index() ? device.index()
-                                         : cuda::currentDevice();
+    const int index =
+        device.has_index() ? device.index() : cuda::currentDevice();
     const auto [major, minor] = cuda::computeCapability(index);
     if (major != 9 && major != 10) {
       reason = toString("GPU ", index, " has compute capability ", major, ".",
@@ -400,11 +400,11 @@ std::vector<c10::IValue> GroupedMatmul::evaluate(
     return {groupedMatmulOnDevice(x, weights, counts)};
   }
   if (counts.is_cuda()) {
-    HF_CHECK(!cuda::isCapturing(counts.device().index()), toInlineString(),
-             " cannot run inside a CUDA graph capture: it would read "
-             "group_counts on the host, because ",
-             why_not.empty() ? "its operands are on different devices"
-                             : why_not);
+    HF_CHECK(
+        !cuda::isCapturing(counts.device().index()), toInlineString(),
+        " cannot run inside a CUDA graph capture: it would read "
+        "group_counts on the host, because ",
+        why_not.empty() ? "its operands are on different devices" : why_not);
   }
   const at::Tensor host_counts = counts.to(at::kCPU);
   const int64_t rows = x.size(0);

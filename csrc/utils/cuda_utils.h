@@ -11,21 +11,21 @@
 
 #include "utils/exceptions.h"
 
-#define HF_CUDA_CHECK(call)                                             \
-  do {                                                                  \
-    const cudaError_t hf_status_ = (call);                              \
-    if (hf_status_ != cudaSuccess) {                                    \
-      HF_THROW("CUDA runtime call failed: ", #call, ": ",               \
-               cudaGetErrorName(hf_status_), " (",                      \
-               cudaGetErrorString(hf_status_), ")");                    \
-    }                                                                   \
+#define HF_CUDA_CHECK(call)                               \
+  do {                                                    \
+    const cudaError_t hf_status_ = (call);                \
+    if (hf_status_ != cudaSuccess) {                      \
+      HF_THROW("CUDA runtime call failed: ", #call, ": ", \
+               cudaGetErrorName(hf_status_), " (",        \
+               cudaGetErrorString(hf_status_), ")");      \
+    }                                                     \
   } while (false)
 
-#define HF_NVRTC_CHECK(call)                                               \
-  do {                                                                     \
-    const nvrtcResult hf_status_ = (call);                                 \
-    if (hf_status_ != NVRTC_SUCCESS) {                                     \
-      HF_THROW("NVRTC call failed: ", #call, ": ",                         \
-               nvrtcGetErrorString(hf_status_));                           \
-    }                                                                      \
+#define HF_NVRTC_CHECK(call)                       \
+  do {                                             \
+    const nvrtcResult hf_status_ = (call);         \
+    if (hf_status_ != NVRTC_SUCCESS) {             \
+      HF_THROW("NVRTC call failed: ", #call, ": ", \
+               nvrtcGetErrorString(hf_status_));   \
+    }                                              \
   } while (false)

@@ -70,13 +70,13 @@ std::string errorString(CUresult status);
 // driver::name(args...) calls the entry point `name` of api(), and throws
 // naming it when the installed driver lacks it:
 //   HF_CU_CHECK(driver::cuMemCreate(&handle, bytes, &prop, 0));
-#define HF_DRIVER_CALL_(name, version)                              \
-  template <typename... Args>                                       \
-  CUresult name(Args... args) {                                     \
-    const Api& cu = api();                                          \
-    HF_CHECK(cu.name != nullptr, "the installed CUDA driver has no " \
-             #name "; hostfuse needs a newer driver");              \
-    return cu.name(args...);                                        \
+#define HF_DRIVER_CALL_(name, version)                                     \
+  template <typename... Args>                                              \
+  CUresult name(Args... args) {                                            \
+    const Api& cu = api();                                                 \
+    HF_CHECK(cu.name != nullptr, "the installed CUDA driver has no " #name \
+                                 "; hostfuse needs a newer driver");       \
+    return cu.name(args...);                                               \
   }
 HOSTFUSE_DRIVER_FUNCTIONS(HF_DRIVER_CALL_)
 #undef HF_DRIVER_CALL_

@@ -6,7 +6,8 @@
 //                        shows the expected and the actual value. Throws
 //                        hostfuse::Error.
 //   HF_ERROR(cond, ...)  a broken internal invariant: a bug in hostfuse, not
-//                        in the caller's program. Throws hostfuse::InternalError.
+//                        in the caller's program. Throws
+//                        hostfuse::InternalError.
 // The _EQ/_NE/_LT/_LE/_GT/_GE forms print both sides.
 //
 // Message pieces are streamed with operator<<, so any printable value works:
@@ -58,24 +59,24 @@ std::string toString(const Args&... args) {
 
 }  // namespace hostfuse
 
-#define HF_CHECK(cond, ...)                                            \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      ::hostfuse::detail::throwError(__FILE__, __LINE__, #cond,        \
+#define HF_CHECK(cond, ...)                                              \
+  do {                                                                   \
+    if (!(cond)) {                                                       \
+      ::hostfuse::detail::throwError(__FILE__, __LINE__, #cond,          \
                                      ::hostfuse::toString(__VA_ARGS__)); \
-    }                                                                  \
+    }                                                                    \
   } while (false)
 
-#define HF_ERROR(cond, ...)                                       \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      ::hostfuse::detail::throwInternalError(                     \
+#define HF_ERROR(cond, ...)                                              \
+  do {                                                                   \
+    if (!(cond)) {                                                       \
+      ::hostfuse::detail::throwInternalError(                            \
           __FILE__, __LINE__, #cond, ::hostfuse::toString(__VA_ARGS__)); \
-    }                                                             \
+    }                                                                    \
   } while (false)
 
 // Unconditional user error.
-#define HF_THROW(...) \
+#define HF_THROW(...)                                         \
   ::hostfuse::detail::throwError(__FILE__, __LINE__, nullptr, \
                                  ::hostfuse::toString(__VA_ARGS__))
 

@@ -16,17 +16,11 @@
 
 namespace hostfuse::cuda {
 
-bool isAvailable() {
-  return at::hasCUDA() && c10::cuda::device_count() > 0;
-}
+bool isAvailable() { return at::hasCUDA() && c10::cuda::device_count() > 0; }
 
-int deviceCount() {
-  return isAvailable() ? c10::cuda::device_count() : 0;
-}
+int deviceCount() { return isAvailable() ? c10::cuda::device_count() : 0; }
 
-int currentDevice() {
-  return c10::cuda::current_device();
-}
+int currentDevice() { return c10::cuda::current_device(); }
 
 cudaStream_t currentStream(int device) {
   return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device))
@@ -151,8 +145,6 @@ void CudaGraph::abortCapture() noexcept {
   }
 }
 
-void CudaGraph::replay() {
-  impl_->replay();
-}
+void CudaGraph::replay() { impl_->replay(); }
 
 }  // namespace hostfuse::cuda

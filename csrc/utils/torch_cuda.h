@@ -1,6 +1,7 @@
 // The one place where hostfuse touches libtorch's CUDA part (device queries,
-// the current stream, CUDA graphs and their memory pools). Everything else asks through these functions, so the
-// rest of the code base and every .cu file depends on the CUDA toolkit only.
+// the current stream, CUDA graphs and their memory pools). Everything else asks
+// through these functions, so the rest of the code base and every .cu file
+// depends on the CUDA toolkit only.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -304,18 +304,16 @@ TEST_F(MoeIr, GroupedMatmulLeavesRowsPastTheCountsAsPadding) {
 
 TEST_F(MoeIr, GroupedMatmulSaysWhichOperandsRunOnTheDevice) {
   std::string why;
-  EXPECT_FALSE(groupedMatmulRunsOnDevice(at::kBFloat16, at::kCPU, 64, 64, 4,
-                                         &why));
+  EXPECT_FALSE(
+      groupedMatmulRunsOnDevice(at::kBFloat16, at::kCPU, 64, 64, 4, &why));
   EXPECT_NE(why.find("runs on cpu"), std::string::npos) << why;
   const at::Device gpu(at::kCUDA, 0);
   EXPECT_FALSE(groupedMatmulRunsOnDevice(at::kFloat, gpu, 64, 64, 4, &why));
   EXPECT_NE(why.find("not bf16"), std::string::npos) << why;
-  EXPECT_FALSE(
-      groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 60, 64, 4, &why));
+  EXPECT_FALSE(groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 60, 64, 4, &why));
   EXPECT_NE(why.find("H = 60 is not a multiple of 8"), std::string::npos)
       << why;
-  EXPECT_FALSE(
-      groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 64, 12, 4, &why));
+  EXPECT_FALSE(groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 64, 12, 4, &why));
   EXPECT_NE(why.find("N = 12"), std::string::npos) << why;
   EXPECT_FALSE(
       groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 64, 64, 1024, &why));

@@ -33,11 +33,9 @@ void expectClose(const at::Tensor& actual, const at::Tensor& expected,
   const at::Tensor a = actual.cpu();
   const at::Tensor e = expected.cpu();
   if (rtol == 0.0 && atol == 0.0) {
-    EXPECT_TRUE(at::equal(a, e)) << "max abs difference "
-                                 << (a.to(at::kDouble) - e.to(at::kDouble))
-                                        .abs()
-                                        .max()
-                                        .item<double>();
+    EXPECT_TRUE(at::equal(a, e))
+        << "max abs difference "
+        << (a.to(at::kDouble) - e.to(at::kDouble)).abs().max().item<double>();
     return;
   }
   EXPECT_TRUE(at::allclose(a.to(at::kDouble), e.to(at::kDouble), rtol, atol))

@@ -16,11 +16,11 @@ std::vector<at::Device> testDevices();
 // Skips the current test when `device` is CUDA and no GPU is present.
 // Use as: HF_SKIP_IF_UNAVAILABLE(device);
 bool deviceUnavailable(const at::Device& device);
-#define HF_SKIP_IF_UNAVAILABLE(device)                              \
-  do {                                                              \
-    if (::hostfuse::test::deviceUnavailable(device)) {              \
-      GTEST_SKIP() << "no CUDA device on this machine";             \
-    }                                                               \
+#define HF_SKIP_IF_UNAVAILABLE(device)                  \
+  do {                                                  \
+    if (::hostfuse::test::deviceUnavailable(device)) {  \
+      GTEST_SKIP() << "no CUDA device on this machine"; \
+    }                                                   \
   } while (false)
 
 // Random values from a fixed seed, never all zeros.
