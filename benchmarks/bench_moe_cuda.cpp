@@ -1,34 +1,52 @@
-// Benchmark of the cuda MoE backend: dispatch and combine of bf16 rows,
-// H = 7168, K = 8, 8 experts per rank, uniform random routing, eager and
-// CUDA-graph replayed.
+// Benchmark of MoE dispatch and combine: the cuda backend (eager and
+// CUDA-graph replayed) against the collective backend (NCCL alltoall_base,
+// eager), on the same inputs in the same run. bf16 rows, H = 7168, K = 8,
+// 8 experts per rank, uniform random routing.
 //
-//   tools/run_cuda_moe_bench.sh N [T ...]      (default T: 128 4096)
+//   tools/run_cuda_moe_bench.sh N [T ...] [--sweep]   (default T: 128 4096)
 // which runs build/bench_moe_cuda under
-//   torchrun --no-python --standalone --nproc-per-node=N.
+//   torchrun --no-python --standalone --nproc-per-node=N
+// (tools/launch.sh N build/bench_moe_cuda ... works too).
 //
 // Reported per configuration (rank 0 prints; times are the slowest rank's):
 //   time        median over blocks of back-to-back calls of the mean time
-//               per call (back-to-back calls keep the ranks in step, as in
-//               a model; each block starts after a host barrier)
-//   phys GB/s   bytes that leave each GPU / time, averaged over GPUs:
-//               dispatch: one row per (token, remote rank) + 16 bytes of
-//               metadata per remote pick; combine: one row per remote pick
+//               per call, from CUDA events on the current stream (back-to-
+//               back calls keep the ranks in step, as in a model; each block
+//               starts after a host barrier). The collective backend copies
+//               its counts to the host in every call; that wait is inside
+//               the block, so its time is end to end.
+//   phys GB/s   bytes that leave each GPU / time, averaged over GPUs.
+//               cuda: dispatch sends one row per (token, remote rank) + 16
+//               bytes of metadata per remote pick; combine one row per
+//               remote pick. collective: rows it sends to other ranks (one
+//               per remote pick, both ways) x H x 2; its per-row metadata
+//               and the count exchange are not counted.
 //   logic GB/s  every delivered (token, rank) row, local ones included,
-//               x H x 2 bytes / time, averaged over GPUs
-// The collective (NCCL) backend joins this table when it is wired in.
+//               x H x 2 bytes / time, averaged over GPUs (the same bytes
+//               for both backends)
+//   vs NCCL     collective time / this row's time (> 1: faster than NCCL)
+// and whether the cuda backend's outputs (dispatched rows, combined tokens)
+// equal the collective's bit for bit on every rank; the exit status is 1
+// if not.
+//
+// --sweep adds, after the table, one line per setting of CudaMoeConfig's
+// blocks, push_blocks and rounds (rounds_min_tokens) for every T, graph
+// replay only, each setting with its own workspace.
 #include <cuda_runtime_api.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
+#include "multidevice/communicator.h"
 #include "multidevice/cuda_dispatch_combine.h"
+#include "multidevice/dispatch_combine.h"
 #include "multidevice/symmetric_memory.h"
 #include "utils/cuda_utils.h"
 #include "utils/torch_cuda.h"
@@ -39,31 +57,20 @@ namespace {
 constexpr int64_t kHidden = 7168;
 constexpr int64_t kTopK = 8;
 constexpr int64_t kExpertsPerRank = 8;
-constexpr int kBlocks = 21;  // timed blocks; the median is reported
+constexpr int kBlocks = 21;       // timed blocks; the median is reported
+constexpr int kSweepBlocks = 11;  // the same, per sweep setting
+
+// NCCL's watchdog thread queries its events while we capture; a global
+// capture would refuse that and invalidate the graph (docs/cuda_graphs.md).
+constexpr auto kCaptureMode = cuda::CudaGraph::CaptureMode::ThreadLocal;
 
 int environmentInt(const char* name, int fallback) {
   const char* value = std::getenv(name);
   return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
 }
 
-// The same torchrun glue as tests/cpp/test_cuda_moe.cpp.
-c10::intrusive_ptr<c10d::Store> makeStore(int rank, int world) {
-  const char* address = std::getenv("MASTER_ADDR");
-  const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
-  c10d::TCPStoreOptions options;
-  options.port = static_cast<uint16_t>(
-      environmentInt("MASTER_PORT", world == 1 ? 0 : 29500));
-  options.isServer =
-      !(agent != nullptr && std::string(agent) == "True") && rank == 0;
-  options.waitWorkers = false;
-  options.timeout = std::chrono::seconds(300);
-  auto tcp = c10::make_intrusive<c10d::TCPStore>(
-      address != nullptr ? address : "127.0.0.1", options);
-  return c10::make_intrusive<c10d::PrefixStore>("hostfuse/bench_moe_cuda", tcp);
-}
-
 struct Traffic {
-  double physical_dispatch = 0;  // bytes leaving this GPU
+  double physical_dispatch = 0;  // bytes leaving this GPU, cuda backend
   double physical_combine = 0;
   double logical = 0;  // (token, rank) rows x H x 2
 };
@@ -95,6 +102,16 @@ Traffic countTraffic(const at::Tensor& idx_cpu, int rank, int64_t local) {
   return traffic;
 }
 
+// Rows of `counts` [R] (on any device) other than `rank`'s, x H x 2 bytes.
+double offRankBytes(const at::Tensor& counts, int rank) {
+  const at::Tensor host = counts.to(at::kCPU, at::kLong);
+  int64_t rows = 0;
+  for (int64_t r = 0; r < host.numel(); ++r) {
+    rows += r != rank ? host.data_ptr<int64_t>()[r] : 0;
+  }
+  return static_cast<double>(rows) * kHidden * 2.0;
+}
+
 class Bench {
  public:
   Bench(int rank, int world, int device, c10::intrusive_ptr<c10d::Store> store)
@@ -103,16 +120,16 @@ class Bench {
     HF_CUDA_CHECK(cudaEventCreate(&stop_));
   }
 
-  // Mean microseconds per call of `fn`, median over kBlocks blocks of
-  // `per_block` calls, as the slowest rank saw it.
+  // Mean microseconds per call of `fn`, median over `blocks` blocks of
+  // `per_block` calls, as the slowest rank saw it. `key` must be new.
   double time(const std::string& key, int per_block,
-              const std::function<void()>& fn) {
+              const std::function<void()>& fn, int blocks = kBlocks) {
     const cudaStream_t stream = cuda::currentStream(device_);
     for (int i = 0; i < std::max(3, per_block / 4); ++i) {
       fn();
     }
     std::vector<double> means;
-    for (int block = 0; block < kBlocks; ++block) {
+    for (int block = 0; block < blocks; ++block) {
       HF_CUDA_CHECK(cudaDeviceSynchronize());
       storeBarrier(*store_, toString(key, "/", block), world_);
       HF_CUDA_CHECK(cudaEventRecord(start_, stream));
@@ -125,8 +142,8 @@ class Bench {
       HF_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
       means.push_back(1000.0 * ms / per_block);
     }
-    std::nth_element(means.begin(), means.begin() + kBlocks / 2, means.end());
-    return maxOverRanks(key, means[kBlocks / 2]);
+    std::nth_element(means.begin(), means.begin() + blocks / 2, means.end());
+    return maxOverRanks(key, means[blocks / 2]);
   }
 
   double sumOverRanks(const std::string& key, double value) {
@@ -141,6 +158,14 @@ class Bench {
     const std::vector<double> all = gather(key, value);
     return *std::max_element(all.begin(), all.end());
   }
+
+  // Waits for the device and every rank (before freeing a workspace).
+  void barrier(const std::string& key) {
+    HF_CUDA_CHECK(cudaDeviceSynchronize());
+    storeBarrier(*store_, key, world_);
+  }
+
+  c10::intrusive_ptr<c10d::Store> store() const { return store_; }
 
  private:
   std::vector<double> gather(const std::string& key, double value) {
@@ -166,116 +191,382 @@ class Bench {
   cudaEvent_t stop_ = nullptr;
 };
 
-void run(int rank, int world, int device, const std::vector<int64_t>& sizes) {
-  auto store = makeStore(rank, world);
-  Bench bench(rank, world, device, store);
-  cuda::StreamScope stream_scope(device);
-  const at::Device gpu(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+// One rank's inputs for T tokens; the same for every backend and setting.
+struct Inputs {
+  at::Tensor idx_cpu;  // [T, K] i64
+  at::Tensor x;        // [T, H] bf16, device
+  at::Tensor idx;      // [T, K] i64, device
+  at::Tensor weights;  // [T, K] fp32, device
+  Traffic traffic;     // this rank's
+};
+
+Inputs makeInputs(int64_t tokens, int rank, int world, const at::Device& gpu) {
   const int64_t experts = kExpertsPerRank * world;
+  at::Generator gen = at::detail::createCPUGenerator(1234 + rank);
+  Inputs in;
+  in.idx_cpu = at::rand({tokens, experts}, gen)
+                   .argsort(/*dim=*/int64_t{1})
+                   .slice(1, 0, kTopK)
+                   .contiguous();
+  in.x = at::randn({tokens, kHidden}, gen).to(at::kBFloat16).to(gpu);
+  in.idx = in.idx_cpu.to(gpu);
+  in.weights = at::rand({tokens, kTopK}, gen).to(gpu);
+  in.traffic = countTraffic(in.idx_cpu, rank, kExpertsPerRank);
+  return in;
+}
+
+CudaMoeConfig makeConfig(int rank, int world, int device, int64_t tokens,
+                         const std::string& tag) {
+  CudaMoeConfig config;
+  config.rank = rank;
+  config.world_size = world;
+  config.device = device;
+  config.num_experts = kExpertsPerRank * world;
+  config.max_tokens = tokens;
+  config.hidden = kHidden;
+  config.topk = kTopK;
+  config.dtype = at::kBFloat16;
+  config.tag = tag;
+  config.check_each_call = false;
+  return config;
+}
+
+int callsPerBlock(int64_t tokens) { return tokens <= 512 ? 200 : 20; }
+
+// The three ops' graphs on one workspace (both ops are safe to repeat
+// alone). Captured in this order so that combine's handle is the latest
+// dispatch's.
+struct Graphs {
+  cuda::CudaGraph dispatch;
+  cuda::CudaGraph combine;
+  cuda::CudaGraph both;
+
+  Graphs(CudaMoeWorkspace& workspace, const Inputs& in) {
+    CudaDispatchResult result;
+    dispatch.captureBegin(kCaptureMode);
+    result = workspace.dispatch(in.x, in.idx, in.weights);
+    dispatch.captureEnd();
+    combine.captureBegin(kCaptureMode);
+    workspace.combine(result.recv_x, result, in.weights);
+    combine.captureEnd();
+    both.captureBegin(kCaptureMode);
+    result = workspace.dispatch(in.x, in.idx, in.weights);
+    workspace.combine(result.recv_x, result, in.weights);
+    both.captureEnd();
+  }
+};
+
+struct Row {
+  const char* op;
+  const char* backend;
+  const char* mode;
+  double us;
+  double physical;  // bytes, mean over GPUs
+};
+
+void printHeader(int world) {
+  std::printf(
+      "MoE dispatch/combine: %d ranks, H = %lld bf16, K = %lld, %lld experts "
+      "per rank, uniform random routing\n"
+      "  time us    median over %d blocks of the mean per call of "
+      "back-to-back calls, slowest rank (CUDA events; the collective's host "
+      "syncs included)\n"
+      "  phys GB/s  bytes leaving each GPU / time, mean over GPUs; cuda: "
+      "dispatch one row per (token, remote rank) + 16 B per remote pick, "
+      "combine one row per remote pick; collective: rows sent off-rank x H x "
+      "2\n"
+      "  logic GB/s delivered (token, rank) rows, local included, x H x 2 / "
+      "time, mean over GPUs (same bytes for both backends)\n"
+      "  vs NCCL    collective time / this time (> 1: faster than NCCL; "
+      "target >= 1.3x at T = 4096)\n",
+      world, static_cast<long long>(kHidden), static_cast<long long>(kTopK),
+      static_cast<long long>(kExpertsPerRank), kBlocks);
+  std::printf("%6s  %-16s %-10s %-5s %10s %10s %11s %8s\n", "T", "op",
+              "backend", "mode", "time us", "phys GB/s", "logic GB/s",
+              "vs NCCL");
+}
+
+// Runs both backends for T tokens; prints the rows (rank 0). Returns
+// whether the cuda backend's outputs equal the collective's on every rank;
+// `blocks` is set to the workspace's blocks per kernel (the default).
+bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
+               int device, const at::Device& gpu, int64_t tokens, int& blocks) {
+  const int64_t experts = kExpertsPerRank * world;
+  const Inputs in = makeInputs(tokens, rank, world, gpu);
+  const std::string id = toString("T", tokens);
+  const double physical_dispatch =
+      bench.sumOverRanks(id + "/pd", in.traffic.physical_dispatch) / world;
+  const double physical_combine =
+      bench.sumOverRanks(id + "/pc", in.traffic.physical_combine) / world;
+  const double logical =
+      bench.sumOverRanks(id + "/l", in.traffic.logical) / world;
+  const int per_block = callsPerBlock(tokens);
+
+  CudaMoeWorkspace workspace(
+      bench.store(),
+      makeConfig(rank, world, device, tokens, toString("bench/T", tokens)));
+  blocks = workspace.blocks();
+
+  // Same inputs through both backends; the experts are the identity.
+  CudaDispatchResult result = workspace.dispatch(in.x, in.idx, in.weights);
+  const int64_t cuda_rows = result.recv_expert_counts.sum().item<int64_t>();
+  const at::Tensor cuda_recv = result.recv_x.narrow(0, 0, cuda_rows).clone();
+  const at::Tensor cuda_combined =
+      workspace.combine(result.recv_x, result, in.weights);
+  workspace.checkStatus();
+  MoeDispatchOutput collective =
+      dispatchCollective(in.x, in.idx, in.weights, experts, comm);
+  const at::Tensor collective_combined = combineCollective(
+      collective.recv_x, collective.layout, in.weights, tokens, experts, comm);
+  const bool same_here = at::equal(cuda_recv, collective.recv_x) &&
+                         at::equal(cuda_combined, collective_combined);
+  const bool identical =
+      bench.sumOverRanks(id + "/same", same_here ? 1 : 0) == world;
+  // What the collective sends off-rank: its dispatch rows to other ranks,
+  // and its combine rows back to the ranks they came from.
+  const double collective_dispatch =
+      bench.sumOverRanks(
+          id + "/cpd", offRankBytes(collective.layout.n_tokens_to_rank, rank)) /
+      world;
+  const double collective_combine =
+      bench.sumOverRanks(
+          id + "/cpc",
+          offRankBytes(collective.layout.n_tokens_from_rank, rank)) /
+      world;
+
+  std::vector<Row> rows;
+  // cuda, eager.
+  rows.push_back({"dispatch", "cuda", "eager",
+                  bench.time(id + "/de", per_block,
+                             [&] {
+                               result =
+                                   workspace.dispatch(in.x, in.idx, in.weights);
+                             }),
+                  physical_dispatch});
+  rows.push_back(
+      {"combine", "cuda", "eager",
+       bench.time(
+           id + "/ce", per_block,
+           [&] { workspace.combine(result.recv_x, result, in.weights); }),
+       physical_combine});
+  rows.push_back(
+      {"dispatch+combine", "cuda", "eager",
+       bench.time(id + "/dce", per_block,
+                  [&] {
+                    result = workspace.dispatch(in.x, in.idx, in.weights);
+                    workspace.combine(result.recv_x, result, in.weights);
+                  }),
+       physical_dispatch + physical_combine});
+  workspace.checkStatus();
+  // cuda, graph-replayed.
+  {
+    Graphs graphs(workspace, in);
+    rows.push_back(
+        {"dispatch", "cuda", "graph",
+         bench.time(id + "/dg", per_block, [&] { graphs.dispatch.replay(); }),
+         physical_dispatch});
+    rows.push_back(
+        {"combine", "cuda", "graph",
+         bench.time(id + "/cg", per_block, [&] { graphs.combine.replay(); }),
+         physical_combine});
+    rows.push_back(
+        {"dispatch+combine", "cuda", "graph",
+         bench.time(id + "/dcg", per_block, [&] { graphs.both.replay(); }),
+         physical_dispatch + physical_combine});
+    workspace.checkStatus();
+  }
+  // collective (NCCL), eager: it cannot be captured (host sync for counts).
+  rows.push_back({"dispatch", "collective", "eager",
+                  bench.time(id + "/dn", per_block,
+                             [&] {
+                               collective = dispatchCollective(
+                                   in.x, in.idx, in.weights, experts, comm);
+                             }),
+                  collective_dispatch});
+  rows.push_back({"combine", "collective", "eager",
+                  bench.time(id + "/cn", per_block,
+                             [&] {
+                               combineCollective(collective.recv_x,
+                                                 collective.layout, in.weights,
+                                                 tokens, experts, comm);
+                             }),
+                  collective_combine});
+  rows.push_back({"dispatch+combine", "collective", "eager",
+                  bench.time(id + "/dcn", per_block,
+                             [&] {
+                               collective = dispatchCollective(
+                                   in.x, in.idx, in.weights, experts, comm);
+                               combineCollective(collective.recv_x,
+                                                 collective.layout, in.weights,
+                                                 tokens, experts, comm);
+                             }),
+                  collective_dispatch + collective_combine});
+  bench.barrier(id + "/done");  // no rank frees the workspace early
+
+  if (rank == 0) {
+    auto collectiveTime = [&](const char* op) {
+      for (const Row& row : rows) {
+        if (std::strcmp(row.backend, "collective") == 0 &&
+            std::strcmp(row.op, op) == 0) {
+          return row.us;
+        }
+      }
+      return -1.0;
+    };
+    for (const Row& row : rows) {
+      char ratio[16] = "";
+      if (std::strcmp(row.backend, "cuda") == 0) {
+        std::snprintf(ratio, sizeof(ratio), "%.2fx",
+                      collectiveTime(row.op) / row.us);
+      }
+      std::printf("%6lld  %-16s %-10s %-5s %10.1f %10.1f %11.1f %8s\n",
+                  static_cast<long long>(tokens), row.op, row.backend, row.mode,
+                  row.us, row.physical / (row.us * 1e3),
+                  logical / (row.us * 1e3), ratio);
+    }
+    auto graphRatio = [&](const char* op) {
+      for (const Row& row : rows) {
+        if (std::strcmp(row.mode, "graph") == 0 &&
+            std::strcmp(row.op, op) == 0) {
+          return collectiveTime(op) / row.us;
+        }
+      }
+      return 0.0;
+    };
+    std::printf(
+        "%6lld  cuda graph vs NCCL: dispatch %.2fx, combine %.2fx, "
+        "dispatch+combine %.2fx; outputs identical: %s\n",
+        static_cast<long long>(tokens), graphRatio("dispatch"),
+        graphRatio("combine"), graphRatio("dispatch+combine"),
+        identical ? "yes" : "no");
+    std::fflush(stdout);
+  }
+  return identical;
+}
+
+struct SweepSetting {
+  int blocks;
+  int push_blocks;
+  bool rounds;
+};
+
+// The settings for T tokens: blocks all that fit (`all_blocks`, what
+// blocks = 0 gives) and half of them; push_blocks 16 ... 128, clamped to
+// blocks as the workspace does (settings that clamp to one already listed
+// are dropped); rounds off and on (rounds_min_tokens = T + 1 and 1).
+std::vector<SweepSetting> sweepSettings(int all_blocks) {
+  std::vector<SweepSetting> settings;
+  for (const int blocks : {all_blocks, std::max(1, all_blocks / 2)}) {
+    for (const int push : {16, 32, 64, 96, 128}) {
+      for (const bool rounds : {false, true}) {
+        const SweepSetting setting{blocks, std::min(push, blocks), rounds};
+        const bool listed = std::any_of(
+            settings.begin(), settings.end(), [&](const SweepSetting& s) {
+              return s.blocks == setting.blocks &&
+                     s.push_blocks == setting.push_blocks &&
+                     s.rounds == setting.rounds;
+            });
+        if (!listed) {
+          settings.push_back(setting);
+        }
+      }
+    }
+  }
+  return settings;
+}
+
+// One line per setting and T, graph replay only; each setting has its own
+// workspace (a collective construction, a tag of its own), freed before the
+// next one is made.
+void runSweep(Bench& bench, int rank, int world, int device,
+              const at::Device& gpu, const std::vector<int64_t>& sizes,
+              int all_blocks) {
   if (rank == 0) {
     std::printf(
-        "cuda MoE backend: %d ranks, H = %lld bf16, K = %lld, "
-        "%lld experts per rank, uniform routing\n",
-        world, static_cast<long long>(kHidden), static_cast<long long>(kTopK),
-        static_cast<long long>(kExpertsPerRank));
-    std::printf("%6s  %-17s %-6s %10s %11s %11s\n", "T", "op", "mode",
-                "time us", "phys GB/s", "logic GB/s");
+        "\nsweep: graph replay, median over %d blocks, slowest rank; blocks "
+        "per kernel (default: all that fit); push = blocks that push rows to "
+        "peers (default 32 x (R - 1), at most blocks); rounds = one "
+        "destination per round (default on from T >= 1024, "
+        "rounds_min_tokens); * = the defaults (no HOSTFUSE_MOE_* "
+        "overrides)\n",
+        kSweepBlocks);
+    std::printf("%6s %6s %5s %6s  %11s %9s  %11s %9s\n", "T", "blocks", "push",
+                "rounds", "dispatch us", "phys GB/s", "combine us",
+                "phys GB/s");
   }
+  const int default_push = std::min(32 * std::max(1, world - 1), all_blocks);
   for (const int64_t tokens : sizes) {
-    CudaMoeConfig config;
-    config.rank = rank;
-    config.world_size = world;
-    config.device = device;
-    config.num_experts = experts;
-    config.max_tokens = tokens;
-    config.hidden = kHidden;
-    config.topk = kTopK;
-    config.dtype = at::kBFloat16;
-    config.tag = toString("bench/T", tokens);
-    config.check_each_call = false;
-    CudaMoeWorkspace workspace(store, config);
-
-    at::Generator gen = at::detail::createCPUGenerator(1234 + rank);
-    const at::Tensor idx_cpu = at::rand({tokens, experts}, gen)
-                                   .argsort(/*dim=*/int64_t{1})
-                                   .slice(1, 0, kTopK)
-                                   .contiguous();
-    const at::Tensor x =
-        at::randn({tokens, kHidden}, gen).to(at::kBFloat16).to(gpu);
-    const at::Tensor idx = idx_cpu.to(gpu);
-    const at::Tensor weights = at::rand({tokens, kTopK}, gen).to(gpu);
-    const Traffic traffic = countTraffic(idx_cpu, rank, experts / world);
-    const std::string id = toString("T", tokens);
+    const Inputs in = makeInputs(tokens, rank, world, gpu);
+    const std::string id = toString("sweep/T", tokens);
     const double physical_dispatch =
-        bench.sumOverRanks(id + "/pd", traffic.physical_dispatch) / world;
+        bench.sumOverRanks(id + "/pd", in.traffic.physical_dispatch) / world;
     const double physical_combine =
-        bench.sumOverRanks(id + "/pc", traffic.physical_combine) / world;
-    const double logical =
-        bench.sumOverRanks(id + "/l", traffic.logical) / world;
-
-    CudaDispatchResult result = workspace.dispatch(x, idx, weights);
-    workspace.checkStatus();
-    const int per_block = tokens <= 512 ? 200 : 20;
-    auto report = [&](const char* op, const char* mode, double us,
-                      double physical) {
+        bench.sumOverRanks(id + "/pc", in.traffic.physical_combine) / world;
+    const int per_block = callsPerBlock(tokens);
+    for (const SweepSetting& setting : sweepSettings(all_blocks)) {
+      const std::string key =
+          toString(id, "/b", setting.blocks, "/p", setting.push_blocks, "/r",
+                   setting.rounds ? 1 : 0);
+      CudaMoeConfig config =
+          makeConfig(rank, world, device, tokens, "bench/" + key);
+      config.blocks = setting.blocks;
+      config.push_blocks = setting.push_blocks;
+      config.rounds_min_tokens = setting.rounds ? 1 : tokens + 1;
+      CudaMoeWorkspace workspace(bench.store(), config);
+      workspace.dispatch(in.x, in.idx, in.weights);
+      workspace.checkStatus();
+      double dispatch_us = 0;
+      double combine_us = 0;
+      {
+        Graphs graphs(workspace, in);
+        dispatch_us = bench.time(
+            key + "/d", per_block, [&] { graphs.dispatch.replay(); },
+            kSweepBlocks);
+        combine_us = bench.time(
+            key + "/c", per_block, [&] { graphs.combine.replay(); },
+            kSweepBlocks);
+        workspace.checkStatus();
+      }
+      bench.barrier(key + "/done");  // no rank frees the workspace early
       if (rank == 0) {
-        std::printf("%6lld  %-17s %-6s %10.1f %11.1f %11.1f\n",
-                    static_cast<long long>(tokens), op, mode, us,
-                    physical / (us * 1e3), logical / (us * 1e3));
+        const bool is_default = setting.blocks == all_blocks &&
+                                setting.push_blocks == default_push &&
+                                setting.rounds == (tokens >= 1024);
+        std::printf("%6lld %6d %5d %4s%-2s  %11.1f %9.1f  %11.1f %9.1f\n",
+                    static_cast<long long>(tokens), workspace.blocks(),
+                    setting.push_blocks, setting.rounds ? "on" : "off",
+                    is_default ? " *" : "", dispatch_us,
+                    physical_dispatch / (dispatch_us * 1e3), combine_us,
+                    physical_combine / (combine_us * 1e3));
         std::fflush(stdout);
       }
-    };
-
-    // Eager.
-    report("dispatch", "eager",
-           bench.time(id + "/de", per_block,
-                      [&] { result = workspace.dispatch(x, idx, weights); }),
-           physical_dispatch);
-    report(
-        "combine", "eager",
-        bench.time(id + "/ce", per_block,
-                   [&] { workspace.combine(result.recv_x, result, weights); }),
-        physical_combine);
-    workspace.checkStatus();
-
-    // Graph-replayed: one graph per op (both are safe to repeat alone).
-    {
-      cuda::CudaGraph graph;
-      graph.captureBegin();
-      result = workspace.dispatch(x, idx, weights);
-      graph.captureEnd();
-      report("dispatch", "graph",
-             bench.time(id + "/dg", per_block, [&] { graph.replay(); }),
-             physical_dispatch);
     }
-    {
-      cuda::CudaGraph graph;
-      graph.captureBegin();
-      workspace.combine(result.recv_x, result, weights);
-      graph.captureEnd();
-      report("combine", "graph",
-             bench.time(id + "/cg", per_block, [&] { graph.replay(); }),
-             physical_combine);
-    }
-    {
-      cuda::CudaGraph graph;
-      graph.captureBegin();
-      result = workspace.dispatch(x, idx, weights);
-      workspace.combine(result.recv_x, result, weights);
-      graph.captureEnd();
-      report("dispatch+combine", "graph",
-             bench.time(id + "/dcg", per_block, [&] { graph.replay(); }),
-             physical_dispatch + physical_combine);
-    }
-    workspace.checkStatus();
-    HF_CUDA_CHECK(cudaDeviceSynchronize());
-    storeBarrier(*store, id + "/done", world);
   }
+}
+
+bool run(Communicator& comm, const std::vector<int64_t>& sizes, bool sweep) {
+  const int rank = static_cast<int>(comm.rank());
+  const int world = static_cast<int>(comm.size());
+  const int device = static_cast<int>(comm.device().index());
+  Bench bench(rank, world, device,
+              c10::make_intrusive<c10d::PrefixStore>("hostfuse/bench_moe_cuda",
+                                                     comm.store()));
+  cuda::StreamScope stream_scope(device);
+  const at::Device gpu = comm.device();
   if (rank == 0) {
-    std::printf(
-        "(collective/NCCL backend: not wired into this benchmark "
-        "yet)\n");
+    printHeader(world);
   }
+  bool identical = true;
+  int all_blocks = 0;
+  for (const int64_t tokens : sizes) {
+    identical =
+        runTokens(bench, comm, rank, world, device, gpu, tokens, all_blocks) &&
+        identical;
+  }
+  if (sweep) {
+    runSweep(bench, rank, world, device, gpu, sizes, all_blocks);
+  }
+  return identical;
 }
 
 }  // namespace
@@ -283,9 +574,24 @@ void run(int rank, int world, int device, const std::vector<int64_t>& sizes) {
 
 int main(int argc, char** argv) {
   using namespace hostfuse;
-  const int rank = environmentInt("RANK", 0);
+  std::vector<int64_t> sizes;
+  bool sweep = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--sweep") == 0) {
+      sweep = true;
+    } else if (std::atoll(argv[i]) > 0) {
+      sizes.push_back(std::atoll(argv[i]));
+    } else {
+      std::fprintf(stderr,
+                   "usage: %s [T ...] [--sweep]  (default T: 128 4096)\n",
+                   argv[0]);
+      return 2;
+    }
+  }
+  if (sizes.empty()) {
+    sizes = {128, 4096};
+  }
   const int world = environmentInt("WORLD_SIZE", 1);
-  const int local_rank = environmentInt("LOCAL_RANK", rank);
   if (!cuda::isAvailable()) {
     std::printf(
         "bench_moe_cuda: no CUDA device on this machine; nothing "
@@ -299,18 +605,22 @@ int main(int argc, char** argv) {
         world, world, cuda::deviceCount());
     return 0;
   }
-  std::vector<int64_t> sizes;
-  for (int i = 1; i < argc; ++i) {
-    sizes.push_back(std::atoll(argv[i]));
-  }
-  if (sizes.empty()) {
-    sizes = {128, 4096};
-  }
+  const int rank = environmentInt("RANK", 0);
+  bool identical = false;
   try {
-    HF_CUDA_CHECK(cudaSetDevice(local_rank));
-    run(rank, world, local_rank, sizes);
+    // Makes GPU <local rank> the current device.
+    Communicator& comm = Communicator::getInstance();
+    identical = run(comm, sizes, sweep);
+    comm.shutdown();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_moe_cuda rank %d: %s\n", rank, e.what());
+    return 1;
+  }
+  if (!identical) {
+    std::fprintf(stderr,
+                 "bench_moe_cuda rank %d: the cuda backend's outputs differ "
+                 "from the collective backend's\n",
+                 rank);
     return 1;
   }
   return 0;

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Runs the cuda MoE backend benchmark (build/bench_moe_cuda) as N
-# processes, one GPU each, with torchrun; rank 0 prints the table.
+# Runs the MoE dispatch/combine benchmark (build/bench_moe_cuda: the cuda
+# backend against the collective/NCCL one) as N processes, one GPU each,
+# with torchrun; rank 0 prints the table.
 #
-#   tools/run_cuda_moe_bench.sh N [T ...]      (default T: 128 4096)
+#   tools/run_cuda_moe_bench.sh N [T ...] [--sweep]   (default T: 128 4096)
 #
+# Every argument after N goes to bench_moe_cuda unchanged; --sweep adds one
+# line per blocks / push_blocks / rounds setting (graph replay).
 # Builds first (tools/setup.sh) unless HOSTFUSE_NO_BUILD=1.
 # HOSTFUSE_MOE_BLOCKS overrides the number of blocks per kernel.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
-n="${1:?usage: tools/run_cuda_moe_bench.sh N [T ...]}"
+n="${1:?usage: tools/run_cuda_moe_bench.sh N [T ...] [--sweep]}"
 shift
 if [ "${HOSTFUSE_NO_BUILD:-0}" = 1 ]; then
   hostfuse_find_torch
