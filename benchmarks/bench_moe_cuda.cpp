@@ -580,7 +580,11 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--sweep") == 0) {
       sweep = true;
     } else if (std::atoll(argv[i]) > 0) {
-      sizes.push_back(std::atoll(argv[i]));
+      // Each T once: T names the store keys of its measurements.
+      const int64_t tokens = std::atoll(argv[i]);
+      if (std::find(sizes.begin(), sizes.end(), tokens) == sizes.end()) {
+        sizes.push_back(tokens);
+      }
     } else {
       std::fprintf(stderr,
                    "usage: %s [T ...] [--sweep]  (default T: 128 4096)\n",
