@@ -129,8 +129,8 @@ hostfuse_configure() {
   cmake -S "$HOSTFUSE_ROOT" -B "$HOSTFUSE_BUILD_DIR" "${generator_args[@]}" \
     -DHOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
     -DHOSTFUSE_WERROR="${HOSTFUSE_WERROR:-OFF}" \
-    -Wno-dev >"$HOSTFUSE_BUILD_DIR.configure.log" 2>&1 || {
-    cat "$HOSTFUSE_BUILD_DIR.configure.log" >&2
+    -Wno-dev >"$HOSTFUSE_BUILD_DIR/configure.log" 2>&1 || {
+    cat "$HOSTFUSE_BUILD_DIR/configure.log" >&2
     hostfuse_die "cmake configure failed"
   }
 }
@@ -140,7 +140,7 @@ hostfuse_build() {
   hostfuse_install_build_tools
   hostfuse_find_torch
   hostfuse_check_cuda_toolkit
-  mkdir -p "$(dirname "$HOSTFUSE_BUILD_DIR")"
+  mkdir -p "$HOSTFUSE_BUILD_DIR"
   hostfuse_configure
   local jobs="${HOSTFUSE_JOBS:-$(nproc)}"
   hostfuse_log "building with $jobs jobs"
