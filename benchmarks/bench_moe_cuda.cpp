@@ -3,7 +3,8 @@
 // eager), on the same inputs in the same run. bf16 rows, H = 7168, K = 8,
 // 8 experts per rank, uniform random routing.
 //
-//   tools/run_cuda_moe_bench.sh N [T ...] [--sweep]   (default T: 128 4096)
+//   tools/run_cuda_moe_bench.sh N [T ...] [--sweep] [--profile]
+//   (default T: 128 4096)
 // which runs build/bench_moe_cuda under
 //   torchrun --no-python --standalone --nproc-per-node=N
 // (tools/launch.sh N build/bench_moe_cuda ... works too).
@@ -32,6 +33,13 @@
 // --sweep adds, after the table, one line per setting of CudaMoeConfig's
 // blocks, push_blocks and rounds (rounds_min_tokens) for every T, graph
 // replay only, each setting with its own workspace.
+//
+// --profile adds, per T, the kernels' per-phase timing (CudaMoeConfig::
+// profile, a workspace of its own): rank 0's phase table for the last of
+// back-to-back graph replays of dispatch+combine, every rank's kernel spans,
+// the gap between the dispatch's last block exit and the combine's first
+// block entry (same GPU clock), and the per-call time of back-to-back
+// replays of each op alone (CUDA events) against its kernel span.
 #include <cuda_runtime_api.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 
@@ -167,7 +175,7 @@ class Bench {
 
   c10::intrusive_ptr<c10d::Store> store() const { return store_; }
 
- private:
+  // `value` of every rank, in rank order. `key` must be new.
   std::vector<double> gather(const std::string& key, double value) {
     std::vector<uint8_t> bytes(sizeof(double));
     std::memcpy(bytes.data(), &value, sizeof(double));
@@ -183,6 +191,7 @@ class Bench {
     return all;
   }
 
+ private:
   int rank_;
   int world_;
   int device_;
@@ -544,7 +553,132 @@ void runSweep(Bench& bench, int rank, int world, int device,
   }
 }
 
-bool run(Communicator& comm, const std::vector<int64_t>& sizes, bool sweep) {
+// Mean microseconds per call of `per_block` back-to-back calls of `fn` on
+// this rank (CUDA events), after a barrier.
+double backToBack(Bench& bench, int device, const std::string& key,
+                  int per_block, const std::function<void()>& fn) {
+  const cudaStream_t stream = cuda::currentStream(device);
+  cudaEvent_t start = nullptr;
+  cudaEvent_t stop = nullptr;
+  HF_CUDA_CHECK(cudaEventCreate(&start));
+  HF_CUDA_CHECK(cudaEventCreate(&stop));
+  bench.barrier(key);
+  HF_CUDA_CHECK(cudaEventRecord(start, stream));
+  for (int i = 0; i < per_block; ++i) {
+    fn();
+  }
+  HF_CUDA_CHECK(cudaEventRecord(stop, stream));
+  HF_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  HF_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  HF_CUDA_CHECK(cudaEventDestroy(start));
+  HF_CUDA_CHECK(cudaEventDestroy(stop));
+  return 1000.0 * ms / per_block;
+}
+
+// The kernels' phase timing per T (--profile), with a workspace of its own
+// (profile on, distinct tag). Rank 0 prints.
+void runProfile(Bench& bench, int rank, int world, int device,
+                const at::Device& gpu, const std::vector<int64_t>& sizes) {
+  constexpr int kCalls = 20;  // back-to-back calls before each reading
+  for (const int64_t tokens : sizes) {
+    const Inputs in = makeInputs(tokens, rank, world, gpu);
+    const std::string id = toString("profile/T", tokens);
+    CudaMoeConfig config =
+        makeConfig(rank, world, device, tokens, "bench/" + id);
+    config.profile = true;
+    CudaMoeWorkspace workspace(bench.store(), config);
+    CudaDispatchResult result = workspace.dispatch(in.x, in.idx, in.weights);
+    workspace.combine(result.recv_x, result, in.weights);
+    workspace.checkStatus();
+
+    // Eager dispatch+combine, back to back.
+    backToBack(bench, device, id + "/eager", kCalls, [&] {
+      result = workspace.dispatch(in.x, in.idx, in.weights);
+      workspace.combine(result.recv_x, result, in.weights);
+    });
+    const CudaMoeProfile eager = workspace.profileReport();
+    workspace.checkStatus();
+
+    CudaMoeProfile graph;
+    double dispatch_call_us = 0;
+    double dispatch_alone_span = 0;
+    double combine_call_us = 0;
+    double combine_alone_span = 0;
+    {
+      Graphs graphs(workspace, in);
+      backToBack(bench, device, id + "/both", kCalls,
+                 [&] { graphs.both.replay(); });
+      graph = workspace.profileReport();
+      dispatch_call_us = backToBack(bench, device, id + "/d", kCalls,
+                                    [&] { graphs.dispatch.replay(); });
+      dispatch_alone_span = workspace.profileReport().dispatch.span_us;
+      combine_call_us = backToBack(bench, device, id + "/c", kCalls,
+                                   [&] { graphs.combine.replay(); });
+      combine_alone_span = workspace.profileReport().combine.span_us;
+      workspace.checkStatus();
+    }
+    auto gap = [](const CudaMoeProfile& p) {
+      return p.dispatch.epoch != 0 && p.combine.epoch != 0
+                 ? (static_cast<double>(p.combine.entry_ns) -
+                    static_cast<double>(p.dispatch.exit_ns)) /
+                       1e3
+                 : -1.0;
+    };
+    const std::vector<double> d_span =
+        bench.gather(id + "/ds", graph.dispatch.span_us);
+    const std::vector<double> c_span =
+        bench.gather(id + "/cs", graph.combine.span_us);
+    const std::vector<double> d_gap = bench.gather(id + "/gap", gap(graph));
+    const std::vector<double> d_call =
+        bench.gather(id + "/dcall", dispatch_call_us);
+    const std::vector<double> d_alone =
+        bench.gather(id + "/dalone", dispatch_alone_span);
+    const std::vector<double> c_call =
+        bench.gather(id + "/ccall", combine_call_us);
+    const std::vector<double> c_alone =
+        bench.gather(id + "/calone", combine_alone_span);
+    bench.barrier(id + "/done");  // no rank frees the workspace early
+    if (rank == 0) {
+      std::printf(
+          "\nprofile T = %lld: %%globaltimer per phase, last of %d "
+          "back-to-back graph replays of dispatch+combine\n",
+          static_cast<long long>(tokens), kCalls);
+      std::printf("%s", graph.format().c_str());
+      std::printf("  %-5s %10s %10s %14s %24s %24s\n", "rank", "dispatch",
+                  "combine", "d exit->c in", "dispatch alone: call",
+                  "combine alone: call");
+      int slowest_dispatch = 0;
+      int slowest_combine = 0;
+      for (int r = 0; r < world; ++r) {
+        slowest_dispatch =
+            d_span[r] > d_span[slowest_dispatch] ? r : slowest_dispatch;
+        slowest_combine =
+            c_span[r] > c_span[slowest_combine] ? r : slowest_combine;
+        std::printf(
+            "  %-5d %7.1f us %7.1f us %11.1f us %9.1f us (span %5.1f) %9.1f "
+            "us (span %5.1f)\n",
+            r, d_span[r], c_span[r], d_gap[r], d_call[r], d_alone[r], c_call[r],
+            c_alone[r]);
+      }
+      std::printf(
+          "  slowest rank: dispatch span %.1f us (rank %d), combine span "
+          "%.1f us (rank %d); span = last block exit - first block entry; "
+          "call = events over %d back-to-back replays of the op alone, "
+          "call - span = time outside the kernel\n",
+          d_span[slowest_dispatch], slowest_dispatch, c_span[slowest_combine],
+          slowest_combine, kCalls);
+      std::printf(
+          "  eager (rank 0, last of %d dispatch+combine): dispatch span %.1f "
+          "us, combine span %.1f us, d exit->c in %.1f us\n",
+          kCalls, eager.dispatch.span_us, eager.combine.span_us, gap(eager));
+      std::fflush(stdout);
+    }
+  }
+}
+
+bool run(Communicator& comm, const std::vector<int64_t>& sizes, bool sweep,
+         bool profile) {
   const int rank = static_cast<int>(comm.rank());
   const int world = static_cast<int>(comm.size());
   const int device = static_cast<int>(comm.device().index());
@@ -563,6 +697,9 @@ bool run(Communicator& comm, const std::vector<int64_t>& sizes, bool sweep) {
         runTokens(bench, comm, rank, world, device, gpu, tokens, all_blocks) &&
         identical;
   }
+  if (profile) {
+    runProfile(bench, rank, world, device, gpu, sizes);
+  }
   if (sweep) {
     runSweep(bench, rank, world, device, gpu, sizes, all_blocks);
   }
@@ -576,9 +713,12 @@ int main(int argc, char** argv) {
   using namespace hostfuse;
   std::vector<int64_t> sizes;
   bool sweep = false;
+  bool profile = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--sweep") == 0) {
       sweep = true;
+    } else if (std::strcmp(argv[i], "--profile") == 0) {
+      profile = true;
     } else if (std::atoll(argv[i]) > 0) {
       // Each T once: T names the store keys of its measurements.
       const int64_t tokens = std::atoll(argv[i]);
@@ -587,7 +727,8 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr,
-                   "usage: %s [T ...] [--sweep]  (default T: 128 4096)\n",
+                   "usage: %s [T ...] [--sweep] [--profile]  (default T: 128 "
+                   "4096)\n",
                    argv[0]);
       return 2;
     }
@@ -614,7 +755,7 @@ int main(int argc, char** argv) {
   try {
     // Makes GPU <local rank> the current device.
     Communicator& comm = Communicator::getInstance();
-    identical = run(comm, sizes, sweep);
+    identical = run(comm, sizes, sweep, profile);
     comm.shutdown();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_moe_cuda rank %d: %s\n", rank, e.what());

@@ -3,16 +3,18 @@
 # backend against the collective/NCCL one) as N processes, one GPU each,
 # with torchrun; rank 0 prints the table.
 #
-#   tools/run_cuda_moe_bench.sh N [T ...] [--sweep]   (default T: 128 4096)
+#   tools/run_cuda_moe_bench.sh N [T ...] [--sweep] [--profile]
+#   (default T: 128 4096)
 #
 # Every argument after N goes to bench_moe_cuda unchanged; --sweep adds one
-# line per blocks / push_blocks / rounds setting (graph replay).
+# line per blocks / push_blocks / rounds setting (graph replay); --profile
+# adds the kernels' per-phase timing per T (docs/moe_cuda.md).
 # Builds first (tools/setup.sh) unless HOSTFUSE_NO_BUILD=1.
 # HOSTFUSE_MOE_BLOCKS overrides the number of blocks per kernel.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
-n="${1:?usage: tools/run_cuda_moe_bench.sh N [T ...] [--sweep]}"
+n="${1:?usage: tools/run_cuda_moe_bench.sh N [T ...] [--sweep] [--profile]}"
 shift
 if [ "${HOSTFUSE_NO_BUILD:-0}" = 1 ]; then
   hostfuse_find_torch

@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
@@ -154,6 +155,8 @@ struct CudaMoeWorkspace::Buffers {
   int32_t* recv_count = nullptr;
   moe::Status* status_host = nullptr;
   moe::Status* status_device = nullptr;
+  // Profiling only: [2 ops][blocks][kProfileSlots] uint64 (dispatch first).
+  uint64_t* profile = nullptr;
   cudaEvent_t done = nullptr;
   int device = 0;
   std::string tag;
@@ -170,6 +173,9 @@ struct CudaMoeWorkspace::Buffers {
     }
     if (local != nullptr) {
       cudaFree(local);
+    }
+    if (profile != nullptr) {
+      cudaFree(profile);
     }
     if (status_host != nullptr) {
       cudaFreeHost(status_host);
@@ -240,6 +246,7 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
       1e9);
   debug_ = environmentNumber("HOSTFUSE_MOE_DEBUG", 0) != 0;
   cooperative_ = environmentNumber("HOSTFUSE_MOE_COOPERATIVE", 1) != 0;
+  profile_ = c.profile || environmentNumber("HOSTFUSE_MOE_PROFILE", 0) != 0;
 
   int max_blocks = 0;
   HF_CUDA_CHECK(moe::prepareKernels(c.device, static_cast<int>(c.num_experts),
@@ -336,6 +343,13 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   std::memset(b.status_host, 0, sizeof(moe::Status));
   HF_CUDA_CHECK(cudaHostGetDevicePointer(
       reinterpret_cast<void**>(&b.status_device), b.status_host, 0));
+  if (profile_) {
+    const size_t profile_bytes =
+        sizeof(uint64_t) * 2 * blocks_ * moe::kProfileSlots;
+    HF_CUDA_CHECK(
+        cudaMalloc(reinterpret_cast<void**>(&b.profile), profile_bytes));
+    HF_CUDA_CHECK(cudaMemset(b.profile, 0, profile_bytes));
+  }
   HF_CUDA_CHECK(cudaEventCreateWithFlags(&b.done, cudaEventDisableTiming));
   HF_CUDA_CHECK(cudaDeviceSynchronize());
 
@@ -452,6 +466,7 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
   p.rows_from_rank = result.n_rows_from_rank.data_ptr<int64_t>();
   p.timeout_ns = timeout_ns_;
   p.debug = debug_ ? 1 : 0;
+  p.profile = b.profile;
   HF_CUDA_CHECK(moe::launchDispatch(p, idx.scalar_type() == at::kLong, blocks_,
                                     cooperative_, stream));
   result.num_tokens = tokens;
@@ -539,6 +554,9 @@ at::Tensor CudaMoeWorkspace::combine(
   p.rounds = tokens >= rounds_min_tokens_ ? 1 : 0;
   p.timeout_ns = timeout_ns_;
   p.debug = debug_ ? 1 : 0;
+  p.profile = b.profile != nullptr ? b.profile + static_cast<size_t>(blocks_) *
+                                                     moe::kProfileSlots
+                                   : nullptr;
   HF_CUDA_CHECK(moe::launchCombine(p, elementType(c.dtype), blocks_,
                                    cooperative_, stream));
   afterCall("combine");
@@ -629,6 +647,156 @@ void CudaMoeWorkspace::raiseStatus() {
                status.rank, ", token ", status.token, ", pick ", status.pick,
                ", value ", status.value, ")");
   }
+}
+
+namespace {
+
+// Phase names, indexed by moe::DispatchPhase / moe::CombinePhase (slot 0,
+// the epoch, has none).
+const char* const kDispatchPhaseNames[moe::kDispatchPhases] = {
+    "",
+    "entry",
+    "validated (b0)",
+    "counted (b0)",
+    "counts published (b0)",
+    "peers' counts in",
+    "offsets",
+    "rows pushed (push)",
+    "data flags raised",
+    "data flag seen (expand)",
+    "expanded",
+    "exit"};
+const char* const kCombinePhaseNames[moe::kCombinePhases] = {
+    "",
+    "entry",
+    "peers' slots free",
+    "rows pushed (push)",
+    "combine flags raised",
+    "peers' rows in",
+    "reduced",
+    "exit"};
+
+// Reduces one op's [blocks][kProfileSlots] slots: the blocks of the latest
+// epoch only (a block that returned early keeps an older call's stamps).
+CudaMoeOpProfile reduceProfile(const uint64_t* slots, int blocks, int phases,
+                               const char* const* names, int exit_phase) {
+  CudaMoeOpProfile op;
+  for (int block = 0; block < blocks; ++block) {
+    op.epoch = std::max(op.epoch, slots[block * moe::kProfileSlots]);
+  }
+  if (op.epoch == 0) {
+    return op;
+  }
+  auto current = [&](int block) {
+    return slots[block * moe::kProfileSlots] == op.epoch;
+  };
+  uint64_t entry = std::numeric_limits<uint64_t>::max();
+  for (int block = 0; block < blocks; ++block) {
+    const uint64_t t = slots[block * moe::kProfileSlots + 1];
+    if (current(block) && t != 0) {
+      entry = std::min(entry, t);
+    }
+  }
+  op.entry_ns = entry;
+  auto relative = [&](uint64_t t) {
+    return (static_cast<double>(t) - static_cast<double>(entry)) / 1e3;
+  };
+  for (int phase = 1; phase < phases; ++phase) {
+    CudaMoePhase row;
+    row.name = names[phase];
+    uint64_t first = std::numeric_limits<uint64_t>::max();
+    uint64_t last = 0;
+    for (int block = 0; block < blocks; ++block) {
+      const uint64_t t = slots[block * moe::kProfileSlots + phase];
+      if (!current(block) || t == 0) {
+        continue;
+      }
+      first = std::min(first, t);
+      last = std::max(last, t);
+      ++row.blocks;
+      if (block == 0) {
+        row.block0_us = relative(t);
+      }
+    }
+    if (row.blocks > 0) {
+      row.first_us = relative(first);
+      row.last_us = relative(last);
+      if (phase == exit_phase) {
+        op.exit_ns = last;
+        op.span_us = relative(last);
+      }
+    }
+    op.phases.push_back(row);
+  }
+  return op;
+}
+
+void formatOp(std::string& text, const char* op_name,
+              const CudaMoeOpProfile& op) {
+  char line[160];
+  if (op.epoch == 0) {
+    std::snprintf(line, sizeof(line), "  %s: not profiled yet\n", op_name);
+    text += line;
+    return;
+  }
+  std::snprintf(line, sizeof(line), "  %-8s %-24s %8s %8s %8s %6s\n", op_name,
+                "phase (call end)", "block0", "first", "last", "blocks");
+  text += line;
+  auto us = [](double value, char* out, size_t size) {
+    if (value < 0) {
+      std::snprintf(out, size, "%8s", "-");
+    } else {
+      std::snprintf(out, size, "%8.1f", value);
+    }
+  };
+  for (const CudaMoePhase& phase : op.phases) {
+    char block0[16];
+    char first[16];
+    char last[16];
+    us(phase.block0_us, block0, sizeof(block0));
+    us(phase.first_us, first, sizeof(first));
+    us(phase.last_us, last, sizeof(last));
+    std::snprintf(line, sizeof(line), "  %-8s %-24s %s %s %s %6d\n", "",
+                  phase.name.c_str(), block0, first, last, phase.blocks);
+    text += line;
+  }
+}
+
+}  // namespace
+
+std::string CudaMoeProfile::format() const {
+  std::string text = toString(
+      "  rank ", rank,
+      ": us from the kernel's first block entry; block0 / first / last over "
+      "the blocks that recorded the phase\n");
+  formatOp(text, "dispatch", dispatch);
+  formatOp(text, "combine", combine);
+  return text;
+}
+
+CudaMoeProfile CudaMoeWorkspace::profileReport() const {
+  HF_CHECK(profile_, "MoE profileReport: workspace '", config_.tag,
+           "' was created without profiling (CudaMoeConfig::profile or "
+           "HOSTFUSE_MOE_PROFILE=1)");
+  const Buffers& b = *buffers_;
+  DeviceScope device_scope(config_.device);
+  HF_CHECK(!isCapturing(cuda::currentStream(config_.device)),
+           "MoE profileReport: cannot wait for the device while the stream "
+           "is being captured");
+  HF_CUDA_CHECK(cudaDeviceSynchronize());
+  const size_t per_op = static_cast<size_t>(blocks_) * moe::kProfileSlots;
+  std::vector<uint64_t> host(2 * per_op);
+  HF_CUDA_CHECK(cudaMemcpy(host.data(), b.profile,
+                           sizeof(uint64_t) * host.size(),
+                           cudaMemcpyDeviceToHost));
+  CudaMoeProfile report;
+  report.rank = config_.rank;
+  report.dispatch = reduceProfile(host.data(), blocks_, moe::kDispatchPhases,
+                                  kDispatchPhaseNames, moe::kDispatchExit);
+  report.combine =
+      reduceProfile(host.data() + per_op, blocks_, moe::kCombinePhases,
+                    kCombinePhaseNames, moe::kCombineExit);
+  return report;
 }
 
 int64_t CudaMoeWorkspace::damagedGuardBytes() const {

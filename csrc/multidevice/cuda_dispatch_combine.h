@@ -42,6 +42,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace hostfuse {
 
@@ -77,6 +78,41 @@ struct CudaMoeConfig {
   int64_t rounds_min_tokens = 0;
   // Seconds a kernel waits for a peer; 0: $HOSTFUSE_MOE_TIMEOUT_S, else 30.
   double timeout_s = 0;
+  // Per-phase timing of every call (%globaltimer at each phase boundary, per
+  // block), read back with profileReport(). Also on with
+  // $HOSTFUSE_MOE_PROFILE=1. Off: the kernels get a null pointer and only
+  // test it once per phase.
+  bool profile = false;
+};
+
+// Per-phase timing of a workspace's latest dispatch and combine (see
+// CudaMoeConfig::profile). Times in microseconds from the kernel's first
+// block entry (the smallest entry time over its blocks), on this rank's
+// GPU clock; -1 where no block recorded the phase.
+struct CudaMoePhase {
+  std::string name;
+  double block0_us = -1;  // block 0's time
+  double first_us = -1;   // earliest over the blocks that recorded it
+  double last_us = -1;    // latest over them
+  int blocks = 0;         // blocks that recorded it
+};
+
+struct CudaMoeOpProfile {
+  uint64_t epoch = 0;  // 0: the op never ran with profiling on
+  std::vector<CudaMoePhase> phases;
+  // Absolute %globaltimer ns of this GPU: first block entry, last block
+  // exit; span_us = (exit - entry) / 1000.
+  uint64_t entry_ns = 0;
+  uint64_t exit_ns = 0;
+  double span_us = -1;
+};
+
+struct CudaMoeProfile {
+  int rank = 0;
+  CudaMoeOpProfile dispatch;
+  CudaMoeOpProfile combine;
+  // Compact table, one line per phase of each op.
+  std::string format() const;
 };
 
 // What dispatch returns; also the handle combine needs.
@@ -122,6 +158,13 @@ class CudaMoeWorkspace {
   // check (use after graph replays). Must not run during a capture.
   void checkStatus();
 
+  // Needs config.profile (or $HOSTFUSE_MOE_PROFILE=1). Waits for the device
+  // and reduces the profile buffer over blocks: the phases of the latest
+  // dispatch and the latest combine of this workspace on this rank. Must not
+  // run during a capture.
+  CudaMoeProfile profileReport() const;
+  bool profiling() const { return profile_; }
+
   const CudaMoeConfig& config() const { return config_; }
   int64_t capacity() const { return capacity_; }
   int64_t localExperts() const { return local_experts_; }
@@ -147,6 +190,7 @@ class CudaMoeWorkspace {
   int64_t rounds_min_tokens_ = 0;
   bool cooperative_ = true;
   bool debug_ = false;
+  bool profile_ = false;
   uint64_t timeout_ns_ = 0;
   uint64_t dispatch_calls_ = 0;
   bool broken_ = false;

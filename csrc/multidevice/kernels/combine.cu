@@ -29,7 +29,11 @@ using device::arriveLast;
 using device::blockWaitForPeers;
 using device::copyUnits;
 using device::flagAt;
+using device::globalTimerNs;
 using device::loadVolatile;
+using device::profileBegin;
+using device::profileMark;
+using device::profileSlots;
 using device::recordStatus;
 using device::rowOfSource;
 using device::signalAllPeers;
@@ -75,6 +79,7 @@ struct Element<__half> {
 template <typename T, typename U>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     combineKernel(const CombineParams p) {
+  const uint64_t entry_ns = p.profile != nullptr ? globalTimerNs() : 0;
   using Bits = typename Element<T>::Bits;
   constexpr int kPerUnit = sizeof(U) / sizeof(Bits);
   static_assert(kPerUnit >= 1 && sizeof(U) % sizeof(Bits) == 0);
@@ -89,6 +94,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   DeviceState* state = p.state;
   const uint64_t epoch = loadVolatile(&state->combine_epoch) + 1;
   const WaitContext context{state, p.status, p.timeout_ns, kOpCombine, epoch};
+  uint64_t* const prof = profileSlots(p.profile);
+  profileBegin(prof, epoch, entry_ns);
   if (loadVolatile(&state->poisoned) != 0) {
     if (blockIdx.x == 0 && threadIdx.x == 0) {
       recordStatus(context, kStatusPoisoned, -1, 0, -1, -1, 0);
@@ -109,6 +116,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
                          epoch - 1, context, kWaitCombineFree)) {
     return;
   }
+  profileMark(prof, kCombineFreeIn);
   const int64_t recv_rows = loadVolatile(&state->recv_rows);
   const int64_t units = p.row_bytes / static_cast<int64_t>(sizeof(U));
   const auto* metas = reinterpret_cast<const int4*>(
@@ -175,7 +183,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
                                        r * p.row_bytes),
             begin, end, lane);
       }
-      if (arriveLast(&state->combine_rounds[round], p.push_blocks)) {
+      const bool last_in_round =
+          arriveLast(&state->combine_rounds[round], p.push_blocks);
+      if (round == rounds - 1) {
+        profileMark(prof, kCombinePushed);
+      }
+      if (last_in_round) {
         if (dest < 0) {
           signalAllPeers(p.control, p.layout.combine_flags, p.rank, R, epoch);
         } else if (threadIdx.x == 0) {
@@ -184,6 +197,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
             signalPeer(p.control, p.layout.combine_flags, p.rank, p.rank,
                        epoch);
           }
+        }
+        if (round == rounds - 1) {
+          profileMark(prof, kCombineDataSignalled);
         }
       }
     }
@@ -194,6 +210,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
                          epoch, context, kWaitCombineData)) {
     return;
   }
+  profileMark(prof, kCombineDataIn);
   const U* slots = static_cast<const U*>(p.slots[p.rank]);
   U* out = static_cast<U*>(p.out);
   const int64_t total = p.tokens * units;
@@ -230,6 +247,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     memcpy(&packed, bits, sizeof(U));
     out[t * units + unit] = packed;
   }
+  if (prof != nullptr) {  // uniform in the block
+    __syncthreads();
+    profileMark(prof, kCombineReduced);
+  }
 
   // --- Our slots are free again for everyone's next combine.
   if (arriveLast(&state->combine_exits, gridDim.x)) {
@@ -238,6 +259,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       state->combine_epoch = epoch;
     }
   }
+  profileMark(prof, kCombineExit);
 }
 
 template <typename T>

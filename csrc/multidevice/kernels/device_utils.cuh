@@ -41,6 +41,35 @@ __device__ __forceinline__ uint64_t globalTimerNs() {
   return now;
 }
 
+// Profiling (CudaMoeConfig::profile): `slots` is this block's row of the
+// op's profile buffer, or null when profiling is off.
+__device__ __forceinline__ uint64_t* profileSlots(uint64_t* profile) {
+  return profile != nullptr
+             ? profile + static_cast<size_t>(blockIdx.x) * kProfileSlots
+             : nullptr;
+}
+
+// At kernel entry (thread 0): stamps the call's epoch and entry time and
+// clears the block's other slots, so phases it does not reach read 0.
+__device__ __forceinline__ void profileBegin(uint64_t* slots, uint64_t epoch,
+                                             uint64_t entry_ns) {
+  if (slots != nullptr && threadIdx.x == 0) {
+    for (int i = 2; i < kProfileSlots; ++i) {
+      slots[i] = 0;
+    }
+    slots[0] = epoch;
+    slots[1] = entry_ns;
+  }
+}
+
+// Thread 0 records the end of `phase` now. Callers place it after a block
+// barrier where the phase is block-wide.
+__device__ __forceinline__ void profileMark(uint64_t* slots, int phase) {
+  if (slots != nullptr && threadIdx.x == 0) {
+    slots[phase] = globalTimerNs();
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T loadVolatile(const T* address) {
   return *reinterpret_cast<const volatile T*>(address);

@@ -33,8 +33,12 @@ using device::arriveLast;
 using device::blockWaitForPeers;
 using device::copyUnits;
 using device::flagAt;
+using device::globalTimerNs;
 using device::kFullMask;
 using device::loadVolatile;
+using device::profileBegin;
+using device::profileMark;
+using device::profileSlots;
 using device::recordStatus;
 using device::roundUp;
 using device::rowOfSource;
@@ -98,7 +102,7 @@ __device__ __forceinline__ unsigned long long errorKey(int64_t token, int pick,
 template <typename IdxT>
 __device__ void routeAndPublish(const DispatchParams& p,
                                 const DispatchShared& shared, uint64_t epoch,
-                                int64_t tokens_per_warp) {
+                                int64_t tokens_per_warp, uint64_t* prof) {
   __shared__ unsigned long long error_key;
   const int E = p.num_experts;
   const int K = p.topk;
@@ -135,6 +139,10 @@ __device__ void routeAndPublish(const DispatchParams& p,
         break;
       }
     }
+  }
+  if (prof != nullptr) {  // uniform in the block
+    __syncthreads();
+    profileMark(prof, kDispatchValidated);
   }
 
   // Counting: warp w owns tokens [w * tokens_per_warp, ...) and walks their
@@ -198,6 +206,7 @@ __device__ void routeAndPublish(const DispatchParams& p,
     }
   }
   __syncthreads();
+  profileMark(prof, kDispatchCounted);
 
   // Publish into slot [parity][rank] of every peer, then raise the flags.
   const int parity = static_cast<int>(epoch & 1);
@@ -212,16 +221,19 @@ __device__ void routeAndPublish(const DispatchParams& p,
   __threadfence_system();
   __syncthreads();
   signalAllPeers(p.control, p.layout.count_flags, p.rank, p.world_size, epoch);
+  profileMark(prof, kDispatchPublished);
 }
 
 template <typename IdxT, typename U>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     dispatchKernel(const DispatchParams p) {
+  const uint64_t entry_ns = p.profile != nullptr ? globalTimerNs() : 0;
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __shared__ char* destinations[kWarpsPerBlock][kMaxTopK];
   __shared__ int bad_rank;
   __shared__ int64_t rank_rows[kMaxRanks];
   __shared__ int64_t source_groups[kMaxRanks + 1];
+  __shared__ unsigned long long data_in_ns;  // profiling only
 
   const DispatchShared shared = carveShared(shared_raw, p.num_experts);
   const int E = p.num_experts;
@@ -237,6 +249,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   // exit advances it, so all blocks agree on it.
   const uint64_t epoch = loadVolatile(&state->dispatch_epoch) + 1;
   const WaitContext context{state, p.status, p.timeout_ns, kOpDispatch, epoch};
+  uint64_t* const prof = profileSlots(p.profile);
+  profileBegin(prof, epoch, entry_ns);
   if (loadVolatile(&state->poisoned) != 0) {
     if (blockIdx.x == 0 && threadIdx.x == 0) {
       recordStatus(context, kStatusPoisoned, -1, 0, -1, -1, 0);
@@ -252,7 +266,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
 
   if (blockIdx.x == 0) {
-    routeAndPublish<IdxT>(p, shared, epoch, tokens_per_warp);
+    routeAndPublish<IdxT>(p, shared, epoch, tokens_per_warp, prof);
   }
 
   // --- Offsets from all R count rows of this epoch.
@@ -261,6 +275,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
                          context, kWaitCounts)) {
     return;
   }
+  profileMark(prof, kDispatchCountsIn);
   const int parity = static_cast<int>(epoch & 1);
   auto row_of = [&](int source) {
     return countRowAt(own_control, p.layout, parity, source, R);
@@ -324,6 +339,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     rank_rows[threadIdx.x] = rows;
   }
   __syncthreads();
+  profileMark(prof, kDispatchOffsets);
   const bool bad = bad_rank != INT_MAX;
   const int64_t recv_rows = bad ? 0 : min(rank_rows[p.rank], p.capacity);
 
@@ -478,7 +494,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
             begin, end, lane);
         __syncwarp();
       }
-      if (arriveLast(&state->dispatch_rounds[round], p.push_blocks)) {
+      const bool last_in_round =
+          arriveLast(&state->dispatch_rounds[round], p.push_blocks);
+      if (round == rounds - 1) {
+        profileMark(prof, kDispatchPushed);
+      }
+      if (last_in_round) {
         if (dest < 0) {
           signalAllPeers(p.control, p.layout.data_flags, p.rank, R, epoch);
         } else if (threadIdx.x == 0) {
@@ -486,6 +507,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           if (round == 0 && dest != p.rank) {
             signalPeer(p.control, p.layout.data_flags, p.rank, p.rank, epoch);
           }
+        }
+        if (round == rounds - 1) {
+          profileMark(prof, kDispatchDataSignalled);
         }
       }
     }
@@ -506,6 +530,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       groups += bad ? 0 : (rows + kExpandRows - 1) / kExpandRows;
     }
     source_groups[R] = groups;
+    data_in_ns = 0;
   }
   __syncthreads();
   char* const recv_base = static_cast<char*>(p.recv[p.rank]);
@@ -532,6 +557,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       if (!warpWaitForPeer(data_flags + source, epoch, source, context,
                            kWaitDispatchData)) {
         break;
+      }
+      if (prof != nullptr && lane == 0) {
+        atomicMax(&data_in_ns,
+                  static_cast<unsigned long long>(globalTimerNs()));
       }
       ready |= 1u << source;
     }
@@ -566,9 +595,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
   }
 
+  if (prof != nullptr) {  // uniform in the block
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      prof[kDispatchDataIn] = data_in_ns;
+    }
+    profileMark(prof, kDispatchExpanded);
+  }
   if (arriveLast(&state->dispatch_exits, gridDim.x) && threadIdx.x == 0) {
     state->dispatch_epoch = epoch;
   }
+  profileMark(prof, kDispatchExit);
 }
 
 // Every instantiation has the same pointer type, so one function can

@@ -87,6 +87,46 @@ struct ControlLayout {
   size_t total_bytes;
 };
 
+// Opt-in per-phase timing (CudaMoeConfig::profile). The buffer holds, per
+// op (dispatch, then combine) and block, kProfileSlots uint64: slot 0 is the
+// epoch of the call the block last ran, the others %globaltimer (ns) at the
+// end of each phase, 0 where the block did not reach or take part in the
+// phase. Thread 0 of each block writes its own slots, so there is nothing to
+// reset and no atomics on global memory; the host reduces over blocks.
+constexpr int kProfileSlots = 16;
+
+enum DispatchPhase : int32_t {
+  kDispatchEpoch = 0,
+  kDispatchEntry,      // all blocks: first instruction
+  kDispatchValidated,  // block 0: ids checked
+  kDispatchCounted,    // block 0: per-expert counts, positions, bases
+  kDispatchPublished,  // block 0: count rows stored, count flags raised
+  kDispatchCountsIn,   // all: every peer's count flag seen
+  kDispatchOffsets,    // all: offsets / segments computed
+  kDispatchPushed,     // push blocks: rows pushed, block arrived (last round)
+  kDispatchDataSignalled,  // the last push block: data flags raised
+  kDispatchDataIn,         // blocks that expanded: latest return of a warp's
+                           // wait for a source's data flag
+  kDispatchExpanded,       // all: the block's expansion warps are done
+  kDispatchExit,           // all: exit arrival counted
+  kDispatchPhases
+};
+
+enum CombinePhase : int32_t {
+  kCombineEpoch = 0,
+  kCombineEntry,   // all blocks: first instruction
+  kCombineFreeIn,  // all: every peer's previous combine done (free flags)
+  kCombinePushed,  // push blocks: rows pushed, block arrived (last round)
+  kCombineDataSignalled,  // the last push block: combine flags raised
+  kCombineDataIn,         // all: every peer's combine flag seen
+  kCombineReduced,        // all: the block's share of the reduction done
+  kCombineExit,           // all: exit counted (the last block: free flags up)
+  kCombinePhases
+};
+
+static_assert(kDispatchPhases <= kProfileSlots &&
+              kCombinePhases <= kProfileSlots);
+
 // Header of a published count row: the sender's input validation result.
 struct CountRowHeader {
   int32_t code;  // kStatusOk, kStatusBadExpertId or kStatusDuplicateExpert
@@ -148,6 +188,9 @@ struct DispatchParams {
   int64_t* rows_from_rank;      // [R]
   uint64_t timeout_ns;
   int debug;
+  // [gridDim.x][kProfileSlots] timing slots of this op, or null (profiling
+  // off: the only cost is one untaken branch per phase).
+  uint64_t* profile;
 };
 
 struct CombineParams {
@@ -178,6 +221,7 @@ struct CombineParams {
   const int32_t* recv_count;
   uint64_t timeout_ns;
   int debug;
+  uint64_t* profile;  // as in DispatchParams
 };
 
 enum class ElementType : int32_t { kFloat32, kBFloat16, kFloat16 };
