@@ -129,6 +129,8 @@ const char* purposeName(int32_t purpose) {
       return "combined rows";
     case moe::kWaitCombineFree:
       return "end of its previous combine";
+    case moe::kWaitGrid:
+      return "this GPU's other blocks (grid barrier)";
     default:
       return "signal";
   }
@@ -149,7 +151,8 @@ struct CudaMoeWorkspace::Buffers {
   void* local = nullptr;  // DeviceState, then the scratch arrays
   moe::DeviceState* state = nullptr;
   int32_t* pick_pos = nullptr;
-  int32_t* warp_base = nullptr;
+  int32_t* block_counts = nullptr;
+  unsigned long long* block_errors = nullptr;
   int32_t* pick_row = nullptr;
   int64_t* recv_start = nullptr;
   int32_t* recv_count = nullptr;
@@ -318,12 +321,14 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   const size_t picks = static_cast<size_t>(c.max_tokens * c.topk);
   const size_t state_bytes = roundUp(sizeof(moe::DeviceState), 256);
   const size_t pos_bytes = roundUp(sizeof(int32_t) * picks, 256);
-  const size_t base_bytes =
-      roundUp(sizeof(int32_t) * moe::kWarpsPerBlock * c.num_experts, 256);
+  const size_t block_counts_bytes =
+      roundUp(sizeof(int32_t) * blocks_ * c.num_experts, 256);
+  const size_t block_errors_bytes =
+      roundUp(sizeof(unsigned long long) * blocks_, 256);
   const size_t start_bytes = roundUp(sizeof(int64_t) * c.num_experts, 256);
   const size_t count_bytes = roundUp(sizeof(int32_t) * c.num_experts, 256);
-  const size_t local_bytes =
-      state_bytes + 2 * pos_bytes + base_bytes + start_bytes + count_bytes;
+  const size_t local_bytes = state_bytes + 2 * pos_bytes + block_counts_bytes +
+                             block_errors_bytes + start_bytes + count_bytes;
   HF_CUDA_CHECK(cudaMalloc(&b.local, local_bytes));
   HF_CUDA_CHECK(cudaMemset(b.local, 0, local_bytes));
   char* local = static_cast<char*>(b.local);
@@ -333,8 +338,10 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   local += pos_bytes;
   b.pick_row = reinterpret_cast<int32_t*>(local);
   local += pos_bytes;
-  b.warp_base = reinterpret_cast<int32_t*>(local);
-  local += base_bytes;
+  b.block_counts = reinterpret_cast<int32_t*>(local);
+  local += block_counts_bytes;
+  b.block_errors = reinterpret_cast<unsigned long long*>(local);
+  local += block_errors_bytes;
   b.recv_start = reinterpret_cast<int64_t*>(local);
   local += start_bytes;
   b.recv_count = reinterpret_cast<int32_t*>(local);
@@ -451,7 +458,8 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
   p.state = b.state;
   p.status = b.status_device;
   p.pick_pos = b.pick_pos;
-  p.warp_base = b.warp_base;
+  p.block_counts = b.block_counts;
+  p.block_errors = b.block_errors;
   p.pick_row = b.pick_row;
   p.recv_start = b.recv_start;
   p.recv_count = b.recv_count;
@@ -656,8 +664,8 @@ namespace {
 const char* const kDispatchPhaseNames[moe::kDispatchPhases] = {
     "",
     "entry",
-    "validated (b0)",
-    "counted (b0)",
+    "validated (all)",
+    "counted (grid barrier)",
     "counts published (b0)",
     "peers' counts in",
     "offsets",

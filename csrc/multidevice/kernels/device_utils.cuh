@@ -189,6 +189,40 @@ __device__ inline bool arriveLast(uint64_t* counter, int participants) {
   return last != 0;
 }
 
+// Grid barrier, in two halves so that work can go between them. The
+// counter only grows, by `participants` (the grid, the same on every call
+// of a workspace) per call, so all blocks of this call have arrived once it
+// reaches the next multiple of `participants` after this block's arrival:
+// nothing to reset between calls or graph replays. gridArrive (block-wide,
+// after this block's stores) returns that target in every thread;
+// gridWait (block-wide) waits for it, bounded like the peer waits, and
+// returns the same answer in every thread. Stores that other blocks made
+// before arriving are then visible (read them with __ldcg).
+__device__ inline uint64_t gridArrive(uint64_t* counter, int participants) {
+  __shared__ unsigned long long target;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned long long before =
+        atomicAdd(reinterpret_cast<unsigned long long*>(counter), 1ULL);
+    const auto n = static_cast<unsigned long long>(participants);
+    target = (before / n + 1) * n;
+  }
+  __syncthreads();
+  const uint64_t result = target;
+  __syncthreads();  // `target` may be reused by the next arrival
+  return result;
+}
+
+__device__ inline bool gridWait(const uint64_t* counter, uint64_t target,
+                                int rank, const WaitContext& context) {
+  bool ok = true;
+  if (threadIdx.x == 0) {
+    ok = waitForFlag(counter, target, rank, context, kWaitGrid);
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
 // One thread raises flag `offset`[rank] to `epoch` in `peer`'s control
 // buffer.
 __device__ inline void signalPeer(void* const* control, size_t offset, int rank,

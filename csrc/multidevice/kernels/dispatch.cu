@@ -1,9 +1,14 @@
 // CUDA-backend MoE dispatch: one cooperative kernel per call.
 //
-//   route    block 0 validates the picks, counts rows per expert and gives
-//            every pick its position among this rank's rows of its expert;
-//            it publishes the count row (with the validation result) into
-//            every peer's control buffer and raises count_flags = epoch;
+//   route    every block validates and counts the picks of its own range
+//            of tokens (per expert, in shared memory, then block_counts);
+//            after a grid barrier block 0 sums them into the count row
+//            (with the smallest validation error of all blocks), publishes
+//            it into every peer's control buffer and raises count_flags =
+//            epoch, while every block adds the earlier blocks' counts to
+//            its picks' positions (pick_pos: among this rank's rows of the
+//            expert, in token order); the push blocks wait for all blocks
+//            to have done so (a second grid barrier) before pushing;
 //   offsets  every block waits for all R count rows, then derives where
 //            this rank's rows start in every receiver's expert-major buffer
 //            (sender view) and where each source's rows start here
@@ -34,6 +39,8 @@ using device::blockWaitForPeers;
 using device::copyUnits;
 using device::flagAt;
 using device::globalTimerNs;
+using device::gridArrive;
+using device::gridWait;
 using device::kFullMask;
 using device::loadVolatile;
 using device::profileBegin;
@@ -66,7 +73,7 @@ struct DispatchShared {
   int64_t* recv_start;  // [R * L]: first row here of source s, expert l
   int32_t* colsum;      // [E]: rows of expert x from all sources
   int32_t* recv_count;  // [R * L]: rows here of source s, expert l
-  int32_t* route;       // [kWarpsPerBlock, E]: block 0's per-warp counts
+  int32_t* route;       // [kWarpsPerBlock, E]: per-warp counts, then bases
   char* row;            // count row being published (block 0)
 };
 
@@ -98,15 +105,67 @@ __device__ __forceinline__ unsigned long long errorKey(int64_t token, int pick,
          static_cast<unsigned long long>(pick);
 }
 
-// Block 0: validation, per-expert counts and positions, publication.
+// The picks' positions among this rank's rows of their expert, spread over
+// the grid: block b owns tokens [b * tokens_per_block, ...), its warp w the
+// sub-range [w * tokens_per_warp, ...) of those (BlockTokens). A pick's
+// position is the number of picks of its expert in earlier tokens (ids are
+// distinct within a token), so it is the sum of: the earlier blocks' counts
+// of the expert, the earlier warps' counts in the block, and its position
+// among its warp's picks of the expert.
+struct BlockTokens {
+  int64_t first;  // the block's tokens: [first, last)
+  int64_t last;
+  int64_t tokens_per_warp;  // warp w: [first + w * tokens_per_warp, ...)
+};
+
+__device__ BlockTokens blockTokens(int64_t tokens) {
+  const int64_t per_block =
+      max(int64_t{1}, (tokens + gridDim.x - 1) / gridDim.x);
+  BlockTokens range;
+  range.first = min(tokens, static_cast<int64_t>(blockIdx.x) * per_block);
+  range.last = min(tokens, range.first + per_block);
+  range.tokens_per_warp =
+      max(int64_t{1}, (per_block + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  return range;
+}
+
+// Warp w's picks, 32 at a time in (token, pick) order: calls
+// visit(q, expert) in every lane, expert -1 for no (or an invalid) pick and
+// past the end. Warp-uniform trip count.
+template <typename IdxT, typename Visit>
+__device__ __forceinline__ void forWarpPicks(const DispatchParams& p,
+                                             const BlockTokens& range,
+                                             Visit&& visit) {
+  const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t first =
+      min(range.last, range.first + warp * range.tokens_per_warp);
+  const int64_t last = min(range.last, first + range.tokens_per_warp);
+  for (int64_t base = first * p.topk; base < last * p.topk; base += 32) {
+    const int64_t q = base + lane;
+    int expert = -1;
+    if (q < last * p.topk) {
+      const int64_t id = static_cast<int64_t>(idx[q]);
+      if (id >= 0 && id < p.num_experts) {
+        expert = static_cast<int>(id);
+      }
+    }
+    visit(q, expert);
+  }
+}
+
+// Every block, its own tokens: validation (smallest error key into
+// block_errors[b]), counts per expert (into block_counts[e][b]), each
+// pick's position among its warp's picks of its expert (pick_pos), and in
+// shared.route[w][e] the exclusive base of warp w within the block.
 template <typename IdxT>
-__device__ void routeAndPublish(const DispatchParams& p,
-                                const DispatchShared& shared, uint64_t epoch,
-                                int64_t tokens_per_warp, uint64_t* prof) {
+__device__ void countBlock(const DispatchParams& p,
+                           const DispatchShared& shared,
+                           const BlockTokens& range, uint64_t* prof) {
   __shared__ unsigned long long error_key;
   const int E = p.num_experts;
   const int K = p.topk;
-  const int64_t T = p.tokens;
   const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -120,7 +179,7 @@ __device__ void routeAndPublish(const DispatchParams& p,
   __syncthreads();
 
   // Validation: ids in [-1, E), no expert twice in a token.
-  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
+  for (int64_t t = range.first + threadIdx.x; t < range.last; t += blockDim.x) {
     for (int k = 0; k < K; ++k) {
       const int64_t id = static_cast<int64_t>(idx[t * K + k]);
       unsigned long long key = ULLONG_MAX;
@@ -145,23 +204,12 @@ __device__ void routeAndPublish(const DispatchParams& p,
     profileMark(prof, kDispatchValidated);
   }
 
-  // Counting: warp w owns tokens [w * tokens_per_warp, ...) and walks their
-  // picks in (token, pick) order, 32 at a time; lanes naming the same expert
-  // find each other with match_any and take consecutive positions.
+  // Counting: lanes naming the same expert find each other with match_any
+  // and take consecutive positions.
   {
     int32_t* counts = shared.route + warp * E;
-    const int64_t first = min(T, warp * tokens_per_warp);
-    const int64_t last = min(T, first + tokens_per_warp);
     const unsigned lower_lanes = (1u << lane) - 1;
-    for (int64_t base = first * K; base < last * K; base += 32) {
-      const int64_t q = base + lane;
-      int expert = -1;
-      if (q < last * K) {
-        const int64_t id = static_cast<int64_t>(idx[q]);
-        if (id >= 0 && id < E) {
-          expert = static_cast<int>(id);
-        }
-      }
+    forWarpPicks<IdxT>(p, range, [&](int64_t q, int expert) {
       const unsigned group = __match_any_sync(kFullMask, expert);
       const unsigned before = group & lower_lanes;
       if (expert >= 0) {
@@ -172,24 +220,74 @@ __device__ void routeAndPublish(const DispatchParams& p,
         counts[expert] += __popc(group);
       }
       __syncwarp();
-    }
+    });
   }
   __syncthreads();
 
-  // Per expert: the routing warps' exclusive bases (global, read by every
-  // block) and the totals, straight into the count row.
-  auto* header = reinterpret_cast<CountRowHeader*>(shared.row);
-  auto* totals =
-      reinterpret_cast<int32_t*>(shared.row + sizeof(CountRowHeader));
+  // Per expert: the warps' exclusive bases in place, the block's total out.
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int32_t running = 0;
     for (int w = 0; w < kWarpsPerBlock; ++w) {
       const int32_t count = shared.route[w * E + e];
-      p.warp_base[w * E + e] = running;
+      shared.route[w * E + e] = running;
       running += count;
     }
-    totals[e] = running;
+    p.block_counts[static_cast<size_t>(e) * gridDim.x + blockIdx.x] = running;
   }
+  if (threadIdx.x == 0) {
+    p.block_errors[blockIdx.x] = error_key;
+  }
+}
+
+// Warp-wide: the sum of block_counts[e][b] over b in [0, blocks), in every
+// lane. Written by other blocks during this kernel: read past L1.
+__device__ __forceinline__ int32_t sumBlockCounts(const DispatchParams& p,
+                                                  int e, int blocks) {
+  const int lane = threadIdx.x & 31;
+  const int32_t* counts = p.block_counts + static_cast<size_t>(e) * gridDim.x;
+  int32_t sum = 0;
+  for (int b = lane; b < blocks; b += 32) {
+    sum += __ldcg(counts + b);
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    sum += __shfl_xor_sync(kFullMask, sum, offset);
+  }
+  return sum;
+}
+
+// Block 0, after the grid barrier: the totals and the smallest error key
+// over all blocks into the count row, published into slot [parity][rank]
+// of every peer; then the count flags.
+template <typename IdxT>
+__device__ void publishCounts(const DispatchParams& p,
+                              const DispatchShared& shared, uint64_t epoch,
+                              uint64_t* prof) {
+  __shared__ unsigned long long error_key;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
+  auto* header = reinterpret_cast<CountRowHeader*>(shared.row);
+  auto* totals =
+      reinterpret_cast<int32_t*>(shared.row + sizeof(CountRowHeader));
+  for (int e = warp; e < p.num_experts; e += kWarpsPerBlock) {
+    const int32_t total = sumBlockCounts(p, e, static_cast<int>(gridDim.x));
+    if (lane == 0) {
+      totals[e] = total;
+    }
+  }
+  if (warp == 0) {
+    unsigned long long key = ULLONG_MAX;
+    for (int b = lane; b < static_cast<int>(gridDim.x); b += 32) {
+      key = min(key, __ldcg(p.block_errors + b));
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      key = min(key, __shfl_xor_sync(kFullMask, key, offset));
+    }
+    if (lane == 0) {
+      error_key = key;
+    }
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
     header->code = kStatusOk;
     header->pick = -1;
@@ -202,13 +300,11 @@ __device__ void routeAndPublish(const DispatchParams& p,
       header->code = static_cast<int32_t>((error_key >> 8) & 0xff);
       header->pick = pick;
       header->token = token;
-      header->value = static_cast<int64_t>(idx[token * K + pick]);
+      header->value = static_cast<int64_t>(idx[token * p.topk + pick]);
     }
   }
   __syncthreads();
-  profileMark(prof, kDispatchCounted);
 
-  // Publish into slot [parity][rank] of every peer, then raise the flags.
   const int parity = static_cast<int>(epoch & 1);
   const int vectors = static_cast<int>(p.layout.count_row_bytes / 16);
   for (int i = threadIdx.x; i < p.world_size * vectors; i += blockDim.x) {
@@ -222,6 +318,30 @@ __device__ void routeAndPublish(const DispatchParams& p,
   __syncthreads();
   signalAllPeers(p.control, p.layout.count_flags, p.rank, p.world_size, epoch);
   profileMark(prof, kDispatchPublished);
+}
+
+// Every block, after the grid barrier: adds the earlier blocks' counts to
+// its warps' bases and makes its picks' pick_pos final (each lane rewrites
+// the entries it wrote in countBlock).
+template <typename IdxT>
+__device__ void rankBlock(const DispatchParams& p, const DispatchShared& shared,
+                          const BlockTokens& range) {
+  const int E = p.num_experts;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  for (int e = warp; e < E; e += kWarpsPerBlock) {
+    const int32_t before = sumBlockCounts(p, e, static_cast<int>(blockIdx.x));
+    if (lane < kWarpsPerBlock) {
+      shared.route[lane * E + e] += before;
+    }
+  }
+  __syncthreads();
+  const int32_t* bases = shared.route + warp * E;
+  forWarpPicks<IdxT>(p, range, [&](int64_t q, int expert) {
+    if (expert >= 0) {
+      p.pick_pos[q] += bases[expert];
+    }
+  });
 }
 
 template <typename IdxT, typename U>
@@ -261,13 +381,25 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     // The next call's claims start from zero; nobody uses that parity now.
     state->expand_claims[(epoch + 1) & 1] = 0;
   }
-  const int64_t tokens_per_warp =
-      max(int64_t{1}, (T + kWarpsPerBlock - 1) / kWarpsPerBlock);
   const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
 
-  if (blockIdx.x == 0) {
-    routeAndPublish<IdxT>(p, shared, epoch, tokens_per_warp, prof);
+  // --- Route: every block counts its tokens; after a grid barrier block 0
+  // publishes the totals while every block makes its positions final.
+  const BlockTokens range = blockTokens(T);
+  countBlock<IdxT>(p, shared, range, prof);
+  const uint64_t counted =
+      gridArrive(&state->dispatch_counted, static_cast<int>(gridDim.x));
+  if (!gridWait(&state->dispatch_counted, counted, p.rank, context)) {
+    return;
   }
+  profileMark(prof, kDispatchCounted);
+  if (blockIdx.x == 0) {
+    publishCounts<IdxT>(p, shared, epoch, prof);
+  }
+  rankBlock<IdxT>(p, shared, range);
+  // The push blocks wait for this after the offsets.
+  const uint64_t ranked =
+      gridArrive(&state->dispatch_ranked, static_cast<int>(gridDim.x));
 
   // --- Offsets from all R count rows of this epoch.
   void* const own_control = p.control[p.rank];
@@ -408,6 +540,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   }
   const int64_t units = p.row_bytes / static_cast<int64_t>(sizeof(U));
   if (blockIdx.x < p.push_blocks) {
+    // Every block's pick_pos final (uniform in the block).
+    if (!gridWait(&state->dispatch_ranked, ranked, p.rank, context)) {
+      return;
+    }
     const int64_t chunk_units =
         (units + p.chunks_per_row - 1) / p.chunks_per_row;
     const int64_t items = bad ? 0 : T * p.chunks_per_row;
@@ -433,10 +569,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
             expert = static_cast<int>(id);
             rank_d = expert / L;
             local = expert % L;
-            // Written by block 0 during this kernel: read past L1.
-            row = shared.offset[expert] +
-                  __ldcg(p.warp_base + (t / tokens_per_warp) * E + expert) +
-                  __ldcg(p.pick_pos + t * K + lane);
+            // Written by other blocks during this kernel: read past L1.
+            row = shared.offset[expert] + __ldcg(p.pick_pos + t * K + lane);
           }
         }
         const bool targeted = expert >= 0 && (dest < 0 || rank_d == dest ||

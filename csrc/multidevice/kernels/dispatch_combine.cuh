@@ -40,6 +40,7 @@ enum WaitPurpose : int32_t {
   kWaitDispatchData = 2,  // dispatch: the peer's rows and metadata
   kWaitCombineData = 3,   // combine: the peer's rows back into our slots
   kWaitCombineFree = 4,   // combine: the peer's slots free again
+  kWaitGrid = 5,  // this GPU's other blocks at a grid barrier (rank: ours)
 };
 
 // Status word in pinned host memory mapped into the device. The kernels claim
@@ -62,10 +63,12 @@ struct Status {
 // parity and cleared one call ahead. So consecutive calls and graph replays
 // never race on a reset.
 struct DeviceState {
-  uint64_t dispatch_epoch;              // epoch of the last finished dispatch
-  uint64_t combine_epoch;               // epoch of the last finished combine
-  uint64_t dispatch_exits;              // blocks that finished a dispatch
-  uint64_t combine_exits;               // blocks that finished a combine
+  uint64_t dispatch_epoch;    // epoch of the last finished dispatch
+  uint64_t combine_epoch;     // epoch of the last finished combine
+  uint64_t dispatch_exits;    // blocks that finished a dispatch
+  uint64_t combine_exits;     // blocks that finished a combine
+  uint64_t dispatch_counted;  // blocks whose counts are in block_counts
+  uint64_t dispatch_ranked;   // blocks whose pick_pos are final
   uint64_t dispatch_rounds[kMaxRanks];  // push blocks done with round r
   uint64_t combine_rounds[kMaxRanks];   // push blocks done with round r
   uint64_t expand_claims[2];            // row groups claimed by expanding warps
@@ -98,8 +101,8 @@ constexpr int kProfileSlots = 16;
 enum DispatchPhase : int32_t {
   kDispatchEpoch = 0,
   kDispatchEntry,      // all blocks: first instruction
-  kDispatchValidated,  // block 0: ids checked
-  kDispatchCounted,    // block 0: per-expert counts, positions, bases
+  kDispatchValidated,  // all: ids of the block's tokens checked
+  kDispatchCounted,    // all: grid barrier passed (every block's counts in)
   kDispatchPublished,  // block 0: count rows stored, count flags raised
   kDispatchCountsIn,   // all: every peer's count flag seen
   kDispatchOffsets,    // all: offsets / segments computed
@@ -170,10 +173,13 @@ struct DispatchParams {
   size_t meta_offset;  // bytes from a recv buffer to its metadata
   // Local scratch.
   DeviceState* state;
-  Status* status;      // host-mapped
-  int32_t* pick_pos;   // [T_max * K]
-  int32_t* warp_base;  // [kWarpsPerBlock * E]
-  int32_t* pick_row;   // [T_max * K]: row on the receiver or -1
+  Status* status;  // host-mapped
+  // [T_max * K]: a pick's position among this rank's rows of its expert
+  // (first relative to its warp's tokens, final after the grid barrier).
+  int32_t* pick_pos;
+  int32_t* block_counts;             // [E][gridDim.x]: rows per block
+  unsigned long long* block_errors;  // [gridDim.x]: smallest error key
+  int32_t* pick_row;                 // [T_max * K]: row on the receiver or -1
   // [R * L]: where source s's rows of local expert l start here, and how
   // many there are (kept for the combine).
   int64_t* recv_start;
