@@ -1,0 +1,58 @@
+// main() of the multi-rank gtest binaries (test_multidevice,
+// test_graph_moe), which tools/launch.sh runs as N ranks: every rank runs
+// every test; rank 0 prints gtest's usual output, the others only their
+// failures, and each rank ends with one line of counts.
+
+#include <gtest/gtest.h>
+
+#include <iostream>
+
+#include "multidevice/communicator.h"
+
+namespace {
+
+// On ranks other than 0: print only failures, each marked with the rank,
+// so N ranks do not print N copies of every passing test.
+class FailurePrinter : public testing::EmptyTestEventListener {
+ public:
+  explicit FailurePrinter(int64_t rank) : rank_(rank) {}
+
+  void OnTestPartResult(const testing::TestPartResult& result) override {
+    if (result.failed()) {
+      std::cout << "[rank " << rank_ << "] "
+                << (result.file_name() ? result.file_name() : "") << ":"
+                << result.line_number() << ": Failure\n"
+                << result.message() << std::endl;
+    }
+  }
+  void OnTestEnd(const testing::TestInfo& info) override {
+    if (info.result()->Failed()) {
+      std::cout << "[rank " << rank_ << "] [  FAILED  ] "
+                << info.test_suite_name() << "." << info.name() << std::endl;
+    }
+  }
+
+ private:
+  int64_t rank_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  testing::InitGoogleTest(&argc, argv);
+  hostfuse::Communicator& comm = hostfuse::Communicator::getInstance();
+  if (comm.rank() != 0) {
+    testing::TestEventListeners& listeners =
+        testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new FailurePrinter(comm.rank()));
+  }
+  const int status = RUN_ALL_TESTS();
+  const testing::UnitTest& unit = *testing::UnitTest::GetInstance();
+  std::cout << "[rank " << comm.rank() << " of " << comm.size() << "] "
+            << unit.successful_test_count() << " passed, "
+            << unit.failed_test_count() << " failed, "
+            << unit.skipped_test_count() << " skipped" << std::endl;
+  comm.shutdown();
+  return status;
+}
