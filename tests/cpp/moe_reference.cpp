@@ -7,9 +7,16 @@
 #include <random>
 #include <tuple>
 
+#include "utils/torch_cuda.h"
+
 namespace hostfuse::test {
 
 Communicator& communicator() { return Communicator::getInstance(); }
+
+bool lacksGpuPerRank() {
+  return !cuda::isAvailable() ||
+         communicator().localSize() > cuda::deviceCount();
+}
 
 namespace {
 

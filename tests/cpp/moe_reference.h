@@ -16,6 +16,10 @@ namespace hostfuse::test {
 
 Communicator& communicator();
 
+// True unless every rank on this host has a GPU of its own (CUDA tests of
+// the multi-rank binaries skip then).
+bool lacksGpuPerRank();
+
 // Gathers `tensor` [n_r, ...] from every rank r, whose n_r may differ;
 // result[r] is rank r's, on the CPU. A collective: every rank calls it.
 std::vector<at::Tensor> allGatherRows(const at::Tensor& tensor);

@@ -36,14 +36,9 @@ constexpr int64_t kHidden = 16;
 int64_t worldSize() { return communicator().size(); }
 int64_t myRank() { return communicator().rank(); }
 
-bool gpusUnavailable() {
-  return !cuda::isAvailable() ||
-         communicator().localSize() > cuda::deviceCount();
-}
-
 #define SKIP_WITHOUT_GPUS()                                          \
   do {                                                               \
-    if (gpusUnavailable()) {                                         \
+    if (test::lacksGpuPerRank()) {                                   \
       GTEST_SKIP() << "the cuda MoE backend needs one GPU per rank"; \
     }                                                                \
   } while (false)

@@ -37,9 +37,7 @@ at::Device rankDevice(c10::DeviceType type) {
 }
 
 bool unavailable(c10::DeviceType type) {
-  return type == c10::DeviceType::CUDA &&
-         (!cuda::isAvailable() ||
-          communicator().localSize() > cuda::deviceCount());
+  return type == c10::DeviceType::CUDA && test::lacksGpuPerRank();
 }
 
 #define SKIP_IF_UNAVAILABLE(type)                            \
