@@ -31,7 +31,7 @@
 // if not.
 //
 // --sweep adds, after the table, one line per setting of CudaMoeConfig's
-// blocks, push_blocks and rounds (rounds_min_tokens) for every T, graph
+// blocks and push_blocks for every T, graph
 // replay only, each setting with its own workspace.
 //
 // --profile adds, per T, the kernels' per-phase timing (CudaMoeConfig::
@@ -96,7 +96,7 @@ Traffic countTraffic(const at::Tensor& idx_cpu, int rank, int64_t local) {
       const int64_t dst = idx[t][k] / local;
       ranks.push_back(dst);
       if (dst != rank) {
-        traffic.physical_dispatch += 16;
+        traffic.physical_dispatch += 24;  // RowMeta body + epoch
         traffic.physical_combine += row;
       }
     }
@@ -105,6 +105,7 @@ Traffic countTraffic(const at::Tensor& idx_cpu, int rank, int64_t local) {
     for (const int64_t dst : ranks) {
       traffic.logical += row;
       traffic.physical_dispatch += dst != rank ? row : 0;
+      traffic.physical_combine += dst != rank ? 8 : 0;  // arrival epoch
     }
   }
   return traffic;
@@ -281,9 +282,9 @@ void printHeader(int world) {
       "back-to-back calls, slowest rank (CUDA events; the collective's host "
       "syncs included)\n"
       "  phys GB/s  bytes leaving each GPU / time, mean over GPUs; cuda: "
-      "dispatch one row per (token, remote rank) + 16 B per remote pick, "
-      "combine one row per remote pick; collective: rows sent off-rank x H x "
-      "2\n"
+      "dispatch one row per (token, remote rank) + 24 B of metadata per "
+      "remote pick, combine one row per remote pick + 8 B per (token, remote "
+      "rank); collective: rows sent off-rank x H x 2\n"
       "  logic GB/s delivered (token, rank) rows, local included, x H x 2 / "
       "time, mean over GPUs (same bytes for both backends)\n"
       "  vs NCCL    collective time / this time (> 1: faster than NCCL; "
@@ -297,9 +298,10 @@ void printHeader(int world) {
 
 // Runs both backends for T tokens; prints the rows (rank 0). Returns
 // whether the cuda backend's outputs equal the collective's on every rank;
-// `blocks` is set to the workspace's blocks per kernel (the default).
+// `blocks` and `push_blocks` are set to the workspace's (the defaults).
 bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
-               int device, const at::Device& gpu, int64_t tokens, int& blocks) {
+               int device, const at::Device& gpu, int64_t tokens, int& blocks,
+               int& push_blocks) {
   const int64_t experts = kExpertsPerRank * world;
   const Inputs in = makeInputs(tokens, rank, world, gpu);
   const std::string id = toString("T", tokens);
@@ -315,6 +317,7 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
       bench.store(),
       makeConfig(rank, world, device, tokens, toString("bench/T", tokens)));
   blocks = workspace.blocks();
+  push_blocks = workspace.pushBlocks();
 
   // Same inputs through both backends; the experts are the identity.
   CudaDispatchResult result = workspace.dispatch(in.x, in.idx, in.weights);
@@ -456,28 +459,28 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
 struct SweepSetting {
   int blocks;
   int push_blocks;
-  bool rounds;
 };
 
-// The settings for T tokens: blocks all that fit (`all_blocks`, what
-// blocks = 0 gives) and half of them; push_blocks 16 ... 128, clamped to
-// blocks as the workspace does (settings that clamp to one already listed
-// are dropped); rounds off and on (rounds_min_tokens = T + 1 and 1).
-std::vector<SweepSetting> sweepSettings(int all_blocks) {
+// The settings: blocks all that fit (`all_blocks`, what blocks = 0 gives)
+// and half of them; push blocks 8, 16, 24, 32 and 40 per peer, clamped as
+// the workspace does (at least one per peer, at least one local block;
+// settings that clamp to one already listed are dropped).
+std::vector<SweepSetting> sweepSettings(int all_blocks, int world) {
   std::vector<SweepSetting> settings;
-  for (const int blocks : {all_blocks, std::max(1, all_blocks / 2)}) {
-    for (const int push : {16, 32, 64, 96, 128}) {
-      for (const bool rounds : {false, true}) {
-        const SweepSetting setting{blocks, std::min(push, blocks), rounds};
-        const bool listed = std::any_of(
-            settings.begin(), settings.end(), [&](const SweepSetting& s) {
-              return s.blocks == setting.blocks &&
-                     s.push_blocks == setting.push_blocks &&
-                     s.rounds == setting.rounds;
-            });
-        if (!listed) {
-          settings.push_back(setting);
-        }
+  const int peers = world - 1;
+  for (const int blocks : {all_blocks, std::max(world, all_blocks / 2)}) {
+    for (const int per_peer : {8, 16, 24, 32, 40}) {
+      const int push =
+          peers == 0 ? 0
+                     : std::clamp(per_peer, 1, (blocks - 1) / peers) * peers;
+      const SweepSetting setting{blocks, push};
+      const bool listed = std::any_of(
+          settings.begin(), settings.end(), [&](const SweepSetting& s) {
+            return s.blocks == setting.blocks &&
+                   s.push_blocks == setting.push_blocks;
+          });
+      if (!listed) {
+        settings.push_back(setting);
       }
     }
   }
@@ -489,21 +492,17 @@ std::vector<SweepSetting> sweepSettings(int all_blocks) {
 // next one is made.
 void runSweep(Bench& bench, int rank, int world, int device,
               const at::Device& gpu, const std::vector<int64_t>& sizes,
-              int all_blocks) {
+              int all_blocks, int default_push) {
   if (rank == 0) {
     std::printf(
         "\nsweep: graph replay, median over %d blocks, slowest rank; blocks "
         "per kernel (default: all that fit); push = blocks that push rows to "
-        "peers (default 32 x (R - 1), at most blocks); rounds = one "
-        "destination per round (default on from T >= 1024, "
-        "rounds_min_tokens); * = the defaults (no HOSTFUSE_MOE_* "
-        "overrides)\n",
+        "peers, the same number per peer (default 32 x (R - 1), below "
+        "blocks); * = the defaults (no HOSTFUSE_MOE_* overrides)\n",
         kSweepBlocks);
-    std::printf("%6s %6s %5s %6s  %11s %9s  %11s %9s\n", "T", "blocks", "push",
-                "rounds", "dispatch us", "phys GB/s", "combine us",
-                "phys GB/s");
+    std::printf("%6s %6s %7s  %11s %9s  %11s %9s\n", "T", "blocks", "push",
+                "dispatch us", "phys GB/s", "combine us", "phys GB/s");
   }
-  const int default_push = std::min(32 * std::max(1, world - 1), all_blocks);
   for (const int64_t tokens : sizes) {
     const Inputs in = makeInputs(tokens, rank, world, gpu);
     const std::string id = toString("sweep/T", tokens);
@@ -512,15 +511,13 @@ void runSweep(Bench& bench, int rank, int world, int device,
     const double physical_combine =
         bench.sumOverRanks(id + "/pc", in.traffic.physical_combine) / world;
     const int per_block = callsPerBlock(tokens);
-    for (const SweepSetting& setting : sweepSettings(all_blocks)) {
+    for (const SweepSetting& setting : sweepSettings(all_blocks, world)) {
       const std::string key =
-          toString(id, "/b", setting.blocks, "/p", setting.push_blocks, "/r",
-                   setting.rounds ? 1 : 0);
+          toString(id, "/b", setting.blocks, "/p", setting.push_blocks);
       CudaMoeConfig config =
           makeConfig(rank, world, device, tokens, "bench/" + key);
       config.blocks = setting.blocks;
-      config.push_blocks = setting.push_blocks;
-      config.rounds_min_tokens = setting.rounds ? 1 : tokens + 1;
+      config.push_blocks = std::max(1, setting.push_blocks);
       CudaMoeWorkspace workspace(bench.store(), config);
       workspace.dispatch(in.x, in.idx, in.weights);
       workspace.checkStatus();
@@ -538,15 +535,13 @@ void runSweep(Bench& bench, int rank, int world, int device,
       }
       bench.barrier(key + "/done");  // no rank frees the workspace early
       if (rank == 0) {
-        const bool is_default = setting.blocks == all_blocks &&
-                                setting.push_blocks == default_push &&
-                                setting.rounds == (tokens >= 1024);
-        std::printf("%6lld %6d %5d %4s%-2s  %11.1f %9.1f  %11.1f %9.1f\n",
+        const bool is_default = workspace.blocks() == all_blocks &&
+                                workspace.pushBlocks() == default_push;
+        std::printf("%6lld %6d %5d%-2s  %11.1f %9.1f  %11.1f %9.1f\n",
                     static_cast<long long>(tokens), workspace.blocks(),
-                    setting.push_blocks, setting.rounds ? "on" : "off",
-                    is_default ? " *" : "", dispatch_us,
-                    physical_dispatch / (dispatch_us * 1e3), combine_us,
-                    physical_combine / (combine_us * 1e3));
+                    workspace.pushBlocks(), is_default ? " *" : "",
+                    dispatch_us, physical_dispatch / (dispatch_us * 1e3),
+                    combine_us, physical_combine / (combine_us * 1e3));
         std::fflush(stdout);
       }
     }
@@ -692,16 +687,17 @@ bool run(Communicator& comm, const std::vector<int64_t>& sizes, bool sweep,
   }
   bool identical = true;
   int all_blocks = 0;
+  int default_push = 0;
   for (const int64_t tokens : sizes) {
-    identical =
-        runTokens(bench, comm, rank, world, device, gpu, tokens, all_blocks) &&
-        identical;
+    identical = runTokens(bench, comm, rank, world, device, gpu, tokens,
+                          all_blocks, default_push) &&
+                identical;
   }
   if (profile) {
     runProfile(bench, rank, world, device, gpu, sizes);
   }
   if (sweep) {
-    runSweep(bench, rank, world, device, gpu, sizes, all_blocks);
+    runSweep(bench, rank, world, device, gpu, sizes, all_blocks, default_push);
   }
   return identical;
 }

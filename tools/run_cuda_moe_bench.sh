@@ -7,7 +7,7 @@
 #   (default T: 128 4096)
 #
 # Every argument after N goes to bench_moe_cuda unchanged; --sweep adds one
-# line per blocks / push_blocks / rounds setting (graph replay); --profile
+# line per blocks / push_blocks setting (graph replay); --profile
 # adds the kernels' per-phase timing per T (docs/moe_cuda.md).
 # Builds first (tools/setup.sh) unless HOSTFUSE_NO_BUILD=1.
 # HOSTFUSE_MOE_BLOCKS overrides the number of blocks per kernel.

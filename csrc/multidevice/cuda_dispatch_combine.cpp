@@ -86,16 +86,6 @@ int64_t copyUnit(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
   HF_THROW("MoE rows must be 2-byte aligned (row of ", row_bytes, " bytes)");
 }
 
-// Splits rows into chunks so that about two work items exist per warp,
-// with at least one unit per lane in a chunk.
-int64_t chunksPerRow(int64_t rows, int64_t units, int blocks) {
-  const int64_t warps = int64_t{blocks} * moe::kWarpsPerBlock;
-  const int64_t wanted =
-      (2 * warps + std::max<int64_t>(rows, 1) - 1) / std::max<int64_t>(rows, 1);
-  const int64_t most = std::max<int64_t>(1, (units + 31) / 32);
-  return std::clamp<int64_t>(wanted, 1, most);
-}
-
 // Makes `device` current while alive.
 class DeviceScope {
  public:
@@ -126,7 +116,7 @@ const char* purposeName(int32_t purpose) {
     case moe::kWaitDispatchData:
       return "dispatched rows";
     case moe::kWaitCombineData:
-      return "combined rows";
+      return "rows of our tokens in the combine";
     case moe::kWaitCombineFree:
       return "end of its previous combine";
     case moe::kWaitGrid:
@@ -153,9 +143,13 @@ struct CudaMoeWorkspace::Buffers {
   int32_t* pick_pos = nullptr;
   int32_t* block_counts = nullptr;
   unsigned long long* block_errors = nullptr;
+  int32_t* segment_claims = nullptr;
   int32_t* pick_row = nullptr;
+  int32_t* pick_rank = nullptr;
   int64_t* recv_start = nullptr;
   int32_t* recv_count = nullptr;
+  int64_t* source_tokens = nullptr;
+  moe::RouteEntry* routes = nullptr;
   moe::Status* status_host = nullptr;
   moe::Status* status_device = nullptr;
   // Profiling only: [2 ops][blocks][kProfileSlots] uint64 (dispatch first).
@@ -254,22 +248,30 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   int max_blocks = 0;
   HF_CUDA_CHECK(moe::prepareKernels(c.device, static_cast<int>(c.num_experts),
                                     element, &max_blocks));
-  HF_ERROR(max_blocks >= 1, "no block of the MoE kernels fits on device ",
-           c.device);
+  HF_CHECK(max_blocks >= c.world_size, "the cuda MoE kernels need at least R = ",
+           c.world_size, " co-resident blocks (one per peer and a local one); "
+           "device ", c.device, " fits ", max_blocks);
   const int wanted = c.blocks > 0 ? c.blocks
                                   : static_cast<int>(environmentNumber(
                                         "HOSTFUSE_MOE_BLOCKS", max_blocks));
-  blocks_ = std::clamp(wanted, 1, max_blocks);
-  const int wanted_push = c.push_blocks > 0
-                              ? c.push_blocks
-                              : static_cast<int>(environmentNumber(
-                                    "HOSTFUSE_MOE_PUSH_BLOCKS",
-                                    32 * std::max(1, c.world_size - 1)));
-  push_blocks_ = std::clamp(wanted_push, 1, blocks_);
-  rounds_min_tokens_ = c.rounds_min_tokens > 0
-                           ? c.rounds_min_tokens
-                           : static_cast<int64_t>(environmentNumber(
-                                 "HOSTFUSE_MOE_ROUNDS_MIN_TOKENS", 1024));
+  blocks_ = std::clamp(wanted, c.world_size, max_blocks);
+  const int peers = c.world_size - 1;
+  if (peers > 0) {
+    const int wanted_push =
+        c.push_blocks > 0 ? c.push_blocks
+                          : static_cast<int>(environmentNumber(
+                                "HOSTFUSE_MOE_PUSH_BLOCKS", 32 * peers));
+    const int per_peer =
+        std::clamp(wanted_push / peers, 1, (blocks_ - 1) / peers);
+    push_blocks_ = per_peer * peers;
+  }
+  grid_route_min_tokens_ =
+      c.grid_route_min_tokens > 0
+          ? c.grid_route_min_tokens
+          : static_cast<int64_t>(
+                environmentNumber("HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS",
+                                  static_cast<double>(
+                                      std::numeric_limits<int64_t>::max())));
 
   // Every rank must describe the same node: compare through the store.
   {
@@ -290,7 +292,8 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   }
 
   // Symmetric buffers (the collective part).
-  b.layout = moe::controlLayout(c.world_size, static_cast<int>(c.num_experts));
+  b.layout = moe::controlLayout(
+      c.world_size, static_cast<int>(c.num_experts), c.max_tokens);
   b.guard_bytes = roundUp(std::max<size_t>(row_bytes_, 256), 256);
   const size_t rows_bytes = roundUp(capacity_ * row_bytes_, 256);
   b.meta_offset = rows_bytes + b.guard_bytes;
@@ -317,34 +320,42 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
       cudaMemset(static_cast<char*>(b.slots->localPtr()) + b.slots_guard_offset,
                  kGuardPattern, b.guard_bytes));
 
-  // Local state and scratch.
+  // Local state and scratch, 256-byte aligned pieces of one allocation.
   const size_t picks = static_cast<size_t>(c.max_tokens * c.topk);
-  const size_t state_bytes = roundUp(sizeof(moe::DeviceState), 256);
-  const size_t pos_bytes = roundUp(sizeof(int32_t) * picks, 256);
-  const size_t block_counts_bytes =
-      roundUp(sizeof(int32_t) * blocks_ * c.num_experts, 256);
-  const size_t block_errors_bytes =
-      roundUp(sizeof(unsigned long long) * blocks_, 256);
-  const size_t start_bytes = roundUp(sizeof(int64_t) * c.num_experts, 256);
-  const size_t count_bytes = roundUp(sizeof(int32_t) * c.num_experts, 256);
-  const size_t local_bytes = state_bytes + 2 * pos_bytes + block_counts_bytes +
-                             block_errors_bytes + start_bytes + count_bytes;
+  const size_t experts = static_cast<size_t>(c.num_experts);
+  const size_t ranks = static_cast<size_t>(c.world_size);
+  size_t local_bytes = 0;
+  auto carve = [&](size_t bytes) {
+    const size_t offset = local_bytes;
+    local_bytes += roundUp(bytes, 256);
+    return offset;
+  };
+  const size_t state_at = carve(sizeof(moe::DeviceState));
+  const size_t pick_pos_at = carve(sizeof(int32_t) * picks);
+  const size_t pick_row_at = carve(sizeof(int32_t) * picks);
+  const size_t pick_rank_at = carve(sizeof(int32_t) * picks);
+  const size_t block_counts_at = carve(sizeof(int32_t) * blocks_ * experts);
+  const size_t block_errors_at = carve(sizeof(unsigned long long) * blocks_);
+  const size_t claims_at = carve(sizeof(int32_t) * 2 * experts);
+  const size_t start_at = carve(sizeof(int64_t) * experts);
+  const size_t count_at = carve(sizeof(int32_t) * experts);
+  const size_t tokens_at = carve(sizeof(int64_t) * ranks);
+  const size_t routes_at = carve(sizeof(moe::RouteEntry) * ranks * picks);
   HF_CUDA_CHECK(cudaMalloc(&b.local, local_bytes));
   HF_CUDA_CHECK(cudaMemset(b.local, 0, local_bytes));
   char* local = static_cast<char*>(b.local);
-  b.state = reinterpret_cast<moe::DeviceState*>(local);
-  local += state_bytes;
-  b.pick_pos = reinterpret_cast<int32_t*>(local);
-  local += pos_bytes;
-  b.pick_row = reinterpret_cast<int32_t*>(local);
-  local += pos_bytes;
-  b.block_counts = reinterpret_cast<int32_t*>(local);
-  local += block_counts_bytes;
-  b.block_errors = reinterpret_cast<unsigned long long*>(local);
-  local += block_errors_bytes;
-  b.recv_start = reinterpret_cast<int64_t*>(local);
-  local += start_bytes;
-  b.recv_count = reinterpret_cast<int32_t*>(local);
+  b.state = reinterpret_cast<moe::DeviceState*>(local + state_at);
+  b.pick_pos = reinterpret_cast<int32_t*>(local + pick_pos_at);
+  b.pick_row = reinterpret_cast<int32_t*>(local + pick_row_at);
+  b.pick_rank = reinterpret_cast<int32_t*>(local + pick_rank_at);
+  b.block_counts = reinterpret_cast<int32_t*>(local + block_counts_at);
+  b.block_errors =
+      reinterpret_cast<unsigned long long*>(local + block_errors_at);
+  b.segment_claims = reinterpret_cast<int32_t*>(local + claims_at);
+  b.recv_start = reinterpret_cast<int64_t*>(local + start_at);
+  b.recv_count = reinterpret_cast<int32_t*>(local + count_at);
+  b.source_tokens = reinterpret_cast<int64_t*>(local + tokens_at);
+  b.routes = reinterpret_cast<moe::RouteEntry*>(local + routes_at);
   HF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&b.status_host),
                               sizeof(moe::Status), cudaHostAllocMapped));
   std::memset(b.status_host, 0, sizeof(moe::Status));
@@ -436,34 +447,23 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
   result.n_rows_from_rank = at::empty({c.world_size}, options.dtype(at::kLong));
 
   moe::DispatchParams p = {};
+  p.common = commonParams(copyUnit(row_bytes_, {input.data_ptr(),
+                                                b.recv->localPtr()}),
+                          b.profile);
   p.x = input.data_ptr();
   p.topk_idx = idx.data_ptr();
   p.topk_weights = weights.defined() ? weights.data_ptr<float>() : nullptr;
   p.tokens = tokens;
-  p.rank = c.rank;
-  p.world_size = c.world_size;
   p.num_experts = static_cast<int>(c.num_experts);
-  p.local_experts = static_cast<int>(local_experts_);
-  p.topk = static_cast<int>(c.topk);
-  p.row_bytes = row_bytes_;
   p.capacity = capacity_;
-  p.unit_bytes = copyUnit(row_bytes_, {p.x, b.recv->localPtr()});
-  p.chunks_per_row =
-      chunksPerRow(tokens, row_bytes_ / p.unit_bytes, push_blocks_);
-  p.push_blocks = push_blocks_;
-  p.control = b.control->devicePeerPtrs();
-  p.recv = b.recv->devicePeerPtrs();
-  p.layout = b.layout;
-  p.meta_offset = b.meta_offset;
-  p.state = b.state;
-  p.status = b.status_device;
+  p.local_route = tokens * c.topk <= moe::kLocalRoutePicks &&
+                          tokens < grid_route_min_tokens_
+                      ? 1
+                      : 0;
   p.pick_pos = b.pick_pos;
   p.block_counts = b.block_counts;
   p.block_errors = b.block_errors;
-  p.pick_row = b.pick_row;
-  p.recv_start = b.recv_start;
-  p.recv_count = b.recv_count;
-  p.rounds = tokens >= rounds_min_tokens_ ? 1 : 0;
+  p.segment_claims = b.segment_claims;
   p.recv_src_rank = result.recv_src_rank.data_ptr<int64_t>();
   p.recv_src_token = result.recv_src_token.data_ptr<int64_t>();
   p.recv_src_k = result.recv_src_k.data_ptr<int64_t>();
@@ -472,9 +472,6 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
   p.recv_expert_counts = result.recv_expert_counts.data_ptr<int64_t>();
   p.rows_to_rank = result.n_rows_to_rank.data_ptr<int64_t>();
   p.rows_from_rank = result.n_rows_from_rank.data_ptr<int64_t>();
-  p.timeout_ns = timeout_ns_;
-  p.debug = debug_ ? 1 : 0;
-  p.profile = b.profile;
   HF_CUDA_CHECK(moe::launchDispatch(p, idx.scalar_type() == at::kLong, blocks_,
                                     cooperative_, stream));
   result.num_tokens = tokens;
@@ -535,19 +532,33 @@ at::Tensor CudaMoeWorkspace::combine(
   at::Tensor out = at::empty({tokens, c.hidden},
                              at::TensorOptions().device(device).dtype(c.dtype));
   moe::CombineParams p = {};
+  p.common = commonParams(
+      copyUnit(row_bytes_, {rows.data_ptr(), out.data_ptr()}),
+      b.profile != nullptr
+          ? b.profile + static_cast<size_t>(blocks_) * moe::kProfileSlots
+          : nullptr);
   p.expert_out = rows.data_ptr();
   p.topk_weights = weights.defined() ? weights.data_ptr<float>() : nullptr;
   p.out = out.data_ptr();
   p.tokens = tokens;
+  HF_CUDA_CHECK(moe::launchCombine(p, elementType(c.dtype), blocks_,
+                                   cooperative_, stream));
+  afterCall("combine");
+  return out;
+}
+
+moe::CommonParams CudaMoeWorkspace::commonParams(int64_t unit_bytes,
+                                                 uint64_t* profile) const {
+  const CudaMoeConfig& c = config_;
+  const Buffers& b = *buffers_;
+  moe::CommonParams p = {};
   p.rank = c.rank;
   p.world_size = c.world_size;
   p.local_experts = static_cast<int>(local_experts_);
   p.topk = static_cast<int>(c.topk);
   p.max_tokens = c.max_tokens;
   p.row_bytes = row_bytes_;
-  p.unit_bytes = copyUnit(row_bytes_, {p.expert_out, p.out});
-  p.chunks_per_row =
-      chunksPerRow(tokens * c.topk, row_bytes_ / p.unit_bytes, push_blocks_);
+  p.unit_bytes = unit_bytes;
   p.push_blocks = push_blocks_;
   p.control = b.control->devicePeerPtrs();
   p.recv = b.recv->devicePeerPtrs();
@@ -557,18 +568,15 @@ at::Tensor CudaMoeWorkspace::combine(
   p.state = b.state;
   p.status = b.status_device;
   p.pick_row = b.pick_row;
+  p.pick_rank = b.pick_rank;
   p.recv_start = b.recv_start;
   p.recv_count = b.recv_count;
-  p.rounds = tokens >= rounds_min_tokens_ ? 1 : 0;
+  p.source_tokens = b.source_tokens;
+  p.routes = b.routes;
   p.timeout_ns = timeout_ns_;
   p.debug = debug_ ? 1 : 0;
-  p.profile = b.profile != nullptr ? b.profile + static_cast<size_t>(blocks_) *
-                                                     moe::kProfileSlots
-                                   : nullptr;
-  HF_CUDA_CHECK(moe::launchCombine(p, elementType(c.dtype), blocks_,
-                                   cooperative_, stream));
-  afterCall("combine");
-  return out;
+  p.profile = profile;
+  return p;
 }
 
 void CudaMoeWorkspace::afterCall(const char* op) {
@@ -664,25 +672,18 @@ namespace {
 const char* const kDispatchPhaseNames[moe::kDispatchPhases] = {
     "",
     "entry",
-    "validated (all)",
-    "counted (grid barrier)",
-    "counts published (b0)",
+    "validated",
+    "counted",
+    "count rows published",
     "peers' counts in",
     "offsets",
     "rows pushed (push)",
-    "data flags raised",
-    "data flag seen (expand)",
+    "own rows written (local)",
     "expanded",
     "exit"};
 const char* const kCombinePhaseNames[moe::kCombinePhases] = {
-    "",
-    "entry",
-    "peers' slots free",
-    "rows pushed (push)",
-    "combine flags raised",
-    "peers' rows in",
-    "reduced",
-    "exit"};
+    "",        "entry",   "peer's slots free (push)", "rows pushed (push)",
+    "reduced", "exit"};
 
 // Reduces one op's [blocks][kProfileSlots] slots: the blocks of the latest
 // epoch only (a block that returned early keeps an older call's stamps).

@@ -47,6 +47,9 @@
 namespace hostfuse {
 
 class SymmetricMemory;
+namespace moe {
+struct CommonParams;
+}
 
 struct CudaMoeConfig {
   int rank = 0;
@@ -67,15 +70,20 @@ struct CudaMoeConfig {
   // once. Off: errors surface at the next checkStatus().
   bool check_each_call = true;
   // Blocks per kernel; 0: $HOSTFUSE_MOE_BLOCKS, else as many as fit on the
-  // GPU at once (one per SM). All of them expand and reduce locally.
+  // GPU at once (one per SM); at least R.
   int blocks = 0;
-  // Of those, the blocks that push rows to peers (more contend for NVLink);
-  // 0: $HOSTFUSE_MOE_PUSH_BLOCKS, else 32 * max(1, R - 1).
+  // Of those, the blocks that push rows to peers, the same number for each
+  // of the R - 1 peers (more contend for NVLink); the others do this rank's
+  // own rows, the expansion and the reduction from the start, and the push
+  // blocks join them when done. 0: $HOSTFUSE_MOE_PUSH_BLOCKS, else
+  // 32 * (R - 1); rounded down to a multiple of R - 1 and kept below
+  // `blocks` (at least one block per peer and one local block).
   int push_blocks = 0;
-  // From this many tokens on (this rank's T), rows go to one destination
-  // after the other instead of to all at once; 0:
-  // $HOSTFUSE_MOE_ROUNDS_MIN_TOKENS, else 1024.
-  int64_t rounds_min_tokens = 0;
+  // From this many tokens on (this rank's T), the dispatch counts the picks
+  // over the whole grid (two grid barriers) instead of in every block for
+  // all tokens; the latter needs T * K <= 4096, so larger calls always use
+  // the grid. 0: $HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS, else no limit.
+  int64_t grid_route_min_tokens = 0;
   // Seconds a kernel waits for a peer; 0: $HOSTFUSE_MOE_TIMEOUT_S, else 30.
   double timeout_s = 0;
   // Per-phase timing of every call (%globaltimer at each phase boundary, per
@@ -169,6 +177,7 @@ class CudaMoeWorkspace {
   int64_t capacity() const { return capacity_; }
   int64_t localExperts() const { return local_experts_; }
   int blocks() const { return blocks_; }
+  int pushBlocks() const { return push_blocks_; }
   // Test hook: bytes of the guard regions behind the receive rows, the
   // metadata and the slots that lost their fill pattern (0 when nothing was
   // written out of bounds). Synchronizes.
@@ -177,6 +186,8 @@ class CudaMoeWorkspace {
  private:
   struct Buffers;
 
+  // The kernel parameters both ops share.
+  moe::CommonParams commonParams(int64_t unit_bytes, uint64_t* profile) const;
   void checkUsable(const char* op) const;
   void afterCall(const char* op);
   void raiseStatus();
@@ -187,7 +198,7 @@ class CudaMoeWorkspace {
   int64_t row_bytes_ = 0;
   int blocks_ = 0;
   int push_blocks_ = 0;
-  int64_t rounds_min_tokens_ = 0;
+  int64_t grid_route_min_tokens_ = 0;
   bool cooperative_ = true;
   bool debug_ = false;
   bool profile_ = false;

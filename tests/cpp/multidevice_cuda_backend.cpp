@@ -378,10 +378,10 @@ class ScopedEnvironment {
   std::optional<std::string> old_;
 };
 
-TEST(CudaBackendProgram, PushingOneDestinationPerRoundIsBitIdentical) {
+TEST(CudaBackendProgram, TheGridRouteIsBitIdentical) {
   SKIP_WITHOUT_GPUS();
   // Read when the workspace is created, at the first run.
-  ScopedEnvironment rounds("HOSTFUSE_MOE_ROUNDS_MIN_TOKENS", "1");
+  ScopedEnvironment grid_route("HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS", "1");
   for (const at::ScalarType dtype : {at::kBFloat16, at::kFloat}) {
     LayerSpec spec;
     spec.experts = 4 * worldSize();

@@ -107,9 +107,12 @@ struct Case {
   double mask = 0.1;            // probability that a pick is masked (-1)
   std::vector<int64_t> tokens;  // per rank; empty: 24 + 8 * rank
   uint64_t seed = 1;
-  // Push to one destination per round (the large-T mode) instead of to all
-  // at once.
-  bool rounds = false;
+  // Count the picks over the whole grid (what large T uses) even when every
+  // block could count all of them itself.
+  bool grid_route = false;
+  // CudaMoeConfig::blocks and push_blocks (0: the defaults).
+  int blocks = 0;
+  int push_blocks = 0;
 
   int64_t tokensOf(int rank) const {
     return tokens.empty() ? 24 + 8 * rank : tokens.at(rank);
@@ -336,8 +339,10 @@ class CudaMoe : public testing::Test {
     config.tag = testName() + "/" + name;
     config.check_each_call = check_each_call;
     config.timeout_s = timeout_s;
-    config.rounds_min_tokens =
-        c.rounds ? 1 : std::numeric_limits<int64_t>::max();
+    config.grid_route_min_tokens =
+        c.grid_route ? 1 : std::numeric_limits<int64_t>::max();
+    config.blocks = c.blocks;
+    config.push_blocks = c.push_blocks;
     return std::make_unique<CudaMoeWorkspace>(processGroup().store, config);
   }
 
@@ -504,33 +509,62 @@ TEST_F(CudaMoe, FullyMaskedTokensCombineToZero) {
   runAndCheck(*workspace, c, "mostly masked");
 }
 
-TEST_F(CudaMoe, MatchesReferenceWhenPushingOneDestinationPerRound) {
+TEST_F(CudaMoe, MatchesReferenceWithTheGridRoute) {
   for (const int64_t topk : {1, 3, 8}) {
     Case c;
-    c.rounds = true;
+    c.grid_route = true;
     c.experts = 4 * world_;
     c.topk = topk;
     c.seed = 300 + topk;
     auto workspace = makeWorkspace(c, toString("k", topk));
-    runAndCheck(*workspace, c, toString("rounds, K=", topk));
-    runAndCheck(*workspace, c, toString("rounds, K=", topk, " again"), 1);
+    runAndCheck(*workspace, c, toString("grid route, K=", topk));
+    runAndCheck(*workspace, c, toString("grid route, K=", topk, " again"), 1);
   }
   Case skip;
-  skip.rounds = true;
+  skip.grid_route = true;
   skip.experts = 2 * world_;
   skip.topk = 2;
   skip.routing = Routing::kSkipLastRank;
   skip.tokens.assign(world_, 40);
   skip.tokens[0] = 0;
   auto workspace = makeWorkspace(skip, "skip_last_empty_first");
-  runAndCheck(*workspace, skip, "rounds, rank 0 empty, last rank idle");
+  runAndCheck(*workspace, skip, "grid route, rank 0 empty, last rank idle");
   Case fp32 = skip;
   fp32.routing = Routing::kUniform;
   fp32.tokens.clear();
   fp32.dtype = at::kFloat;
   fp32.hidden = 97;
   auto odd = makeWorkspace(fp32, "fp32_odd");
-  runAndCheck(*odd, fp32, "rounds, fp32, H = 97");
+  runAndCheck(*odd, fp32, "grid route, fp32, H = 97");
+}
+
+// T K above kLocalRoutePicks takes the grid route by itself; then the same
+// T with the fewest blocks (one push block per peer, one local block), so
+// that every warp handles many tokens and the local block also expands
+// and reduces everything of this rank.
+TEST_F(CudaMoe, MatchesReferenceWithManyTokensAndWithTheFewestBlocks) {
+  Case c;
+  c.experts = 4 * world_;
+  c.topk = 8;
+  c.hidden = 64;
+  c.tokens.assign(world_, 600);  // 4800 picks
+  c.tokens[0] = 557;
+  c.seed = 909;
+  auto workspace = makeWorkspace(c, "many");
+  runAndCheck(*workspace, c, "600 tokens, K=8");
+  runAndCheck(*workspace, c, "600 tokens, K=8, again", 1);
+  Case few = c;
+  few.blocks = world_;
+  few.push_blocks = 1;
+  few.seed = 910;
+  auto small = makeWorkspace(few, "fewest_blocks");
+  EXPECT_EQ(small->blocks(), world_);
+  EXPECT_EQ(small->pushBlocks(), world_ - 1);
+  runAndCheck(*small, few, "600 tokens, K=8, R blocks");
+  Case few_local = few;
+  few_local.tokens.assign(world_, 30);
+  few_local.seed = 911;
+  runAndCheck(*small, few_local, "30 tokens, K=8, R blocks", 1);
 }
 
 TEST_F(CudaMoe, TwoWorkspacesDoNotShareBuffers) {
@@ -610,16 +644,16 @@ TEST_F(CudaMoe, BadExpertIdIsReportedOnEveryRankAndTheNextCallWorks) {
 }
 
 TEST_F(CudaMoe, CapacityOverflowIsReportedAndNothingIsWrittenOutOfBounds) {
-  for (const bool rounds : {false, true}) {
+  for (const bool grid_route : {false, true}) {
     Case c;
     c.experts = 2 * world_;
     c.topk = 1;
     c.mask = 0.0;
     c.routing = Routing::kOneExpert;  // rank 0 receives every token
-    c.rounds = rounds;
+    c.grid_route = grid_route;
     const int64_t capacity = 8;
     auto workspace =
-        makeWorkspace(c, rounds ? "small_rounds" : "small", capacity);
+        makeWorkspace(c, grid_route ? "small_grid" : "small", capacity);
     EXPECT_EQ(workspace->capacity(), capacity);
     const std::vector<Inputs> all = allInputs(c, world_);
     const DeviceInputs in = toDevice(all[rank_], c);
@@ -708,14 +742,14 @@ TEST_F(CudaMoe, GraphReplaysWithNewRoutingMatchTheReference) {
   replayGraph(c, "graph", 1000);
 }
 
-TEST_F(CudaMoe, GraphReplaysMatchTheReferenceWhenPushingInRounds) {
+TEST_F(CudaMoe, GraphReplaysMatchTheReferenceWithTheGridRoute) {
   Case c;
   c.experts = 4 * world_;
   c.topk = 4;
   c.hidden = 64;
   c.seed = 4048;
-  c.rounds = true;
-  replayGraph(c, "graph_rounds", 300);
+  c.grid_route = true;
+  replayGraph(c, "graph_grid", 300);
 }
 
 }  // namespace

@@ -1,14 +1,18 @@
 // CUDA-backend MoE combine: one cooperative kernel per call.
 //
-//   push     once the destination's slots are free (its previous combine
-//            has reduced them), the push blocks copy every valid row back
-//            into its source's [T_max, K] slot buffer at (token, pick); all
-//            sources at once, or one per round as in the dispatch. The last
-//            block of a round raises combine_flags = epoch there;
-//   reduce   every block waits for all R combine flags, then each source
-//            reduces its tokens: out[t] = sum over delivered picks k, in
-//            order, of w[t, k] * slot[t, k], in fp32 with separate multiply
-//            and add (no FMA), rounded to the output dtype;
+//   push     the push blocks form one group per peer; once the peer has
+//            reduced its previous combine (its free flag), a group's warps
+//            walk the peer's tokens in order and copy every row this rank
+//            holds of a token (the route entries of the last dispatch) into
+//            the peer's slot (token, pick), then store arrivals[t][rank] =
+//            epoch there with a release;
+//   reduce   every warp (the other blocks from the start, the push blocks
+//            when done) claims pieces of this rank's tokens in token order,
+//            waits for the arrivals of the peers holding picks of the
+//            token, and computes out[t] = sum over delivered picks k, in
+//            order, of w[t, k] * row(t, k), in fp32 with separate multiply
+//            and add (no FMA), rounded to the output dtype; rows of this
+//            rank's own experts are read straight from expert_out;
 //   release  the last block to finish raises free_flags = epoch everywhere.
 // Every row comes back on its own, not pre-summed on the expert side: a
 // partial sum there would change the order of the fp32 additions and break
@@ -26,7 +30,6 @@ namespace hostfuse::moe {
 namespace {
 
 using device::arriveLast;
-using device::blockWaitForPeers;
 using device::copyUnits;
 using device::flagAt;
 using device::globalTimerNs;
@@ -34,13 +37,16 @@ using device::loadVolatile;
 using device::profileBegin;
 using device::profileMark;
 using device::profileSlots;
+using device::kFullMask;
+using device::PushGroup;
 using device::recordStatus;
-using device::rowOfSource;
 using device::signalAllPeers;
-using device::signalPeer;
+using device::storeReleaseSys;
+using device::waitForFlag;
 using device::WaitContext;
 
 constexpr int kOpCombine = 2;
+constexpr int kReduceBatch = 8;  // picks loaded at once by a reducing lane
 
 template <typename T>
 struct Element;
@@ -76,25 +82,82 @@ struct Element<__half> {
   }
 };
 
+// One claimed piece of the reduction: units [begin, end) of token t.
+struct ReducePiece {
+  int64_t token;
+  int64_t begin;
+  int64_t end;
+};
+
+// Sends back the rows of the group's peer (their source): its tokens in
+// order, each token's rows here into its slots (token, pick) there, then
+// arrivals[t][rank] = epoch there (release) once all of them are out.
+template <typename U>
+__device__ void pushBack(const CombineParams& p, uint64_t dispatch_epoch,
+                         int64_t recv_rows, uint64_t epoch) {
+  const CommonParams& c = p.common;
+  const int lane = threadIdx.x & 31;
+  const PushGroup group(c);
+  const int K = c.topk;
+  const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
+  const int64_t tokens = c.source_tokens[group.peer];
+  const RouteEntry* routes =
+      c.routes + static_cast<int64_t>(group.peer) * c.max_tokens * K;
+  char* const slots = static_cast<char*>(c.slots[group.peer]);
+  uint64_t* const arrivals = reinterpret_cast<uint64_t*>(
+      static_cast<char*>(c.control[group.peer]) + c.layout.arrivals);
+  for (int64_t t = group.first_warp; t < tokens; t += group.warps) {
+    int64_t row = -1;
+    if (lane < K) {
+      const RouteEntry entry = routes[t * K + lane];
+      if (entry.epoch == dispatch_epoch && entry.row < recv_rows) {
+        row = entry.row;
+      }
+    }
+    unsigned picks = __ballot_sync(kFullMask, row >= 0);
+    if (picks == 0) {
+      continue;
+    }
+    while (picks != 0) {
+      const int k = __ffs(picks) - 1;
+      picks &= picks - 1;
+      char* destination = slots + (t * K + k) * c.row_bytes;
+      const int64_t from = __shfl_sync(kFullMask, row, k);
+      copyUnits<U, false>(
+          &destination, 1,
+          reinterpret_cast<const U*>(static_cast<const char*>(p.expert_out) +
+                                     from * c.row_bytes),
+          0, units, lane);
+    }
+    __threadfence_system();
+    __syncwarp();
+    if (lane == 0) {
+      storeReleaseSys(arrivals + t * c.world_size + c.rank, epoch);
+    }
+  }
+}
+
 template <typename T, typename U>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     combineKernel(const CombineParams p) {
-  const uint64_t entry_ns = p.profile != nullptr ? globalTimerNs() : 0;
+  const uint64_t entry_ns = p.common.profile != nullptr ? globalTimerNs() : 0;
   using Bits = typename Element<T>::Bits;
   constexpr int kPerUnit = sizeof(U) / sizeof(Bits);
   static_assert(kPerUnit >= 1 && sizeof(U) % sizeof(Bits) == 0);
-  extern __shared__ __align__(16) unsigned char shared_raw[];
-  __shared__ int64_t round_rows[2];
+  // Per warp, per pick: where its row is read from (null: not delivered)
+  // and its weight.
+  __shared__ const U* sources[kWarpsPerBlock][kMaxTopK];
+  __shared__ float weights[kWarpsPerBlock][kMaxTopK];
 
-  const int R = p.world_size;
-  const int L = p.local_experts;
-  const int K = p.topk;
+  const CommonParams& c = p.common;
+  const int R = c.world_size;
+  const int K = c.topk;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  DeviceState* state = p.state;
+  DeviceState* state = c.state;
   const uint64_t epoch = loadVolatile(&state->combine_epoch) + 1;
-  const WaitContext context{state, p.status, p.timeout_ns, kOpCombine, epoch};
-  uint64_t* const prof = profileSlots(p.profile);
+  const WaitContext context{state, c.status, c.timeout_ns, kOpCombine, epoch};
+  uint64_t* const prof = profileSlots(c.profile);
   profileBegin(prof, epoch, entry_ns);
   if (loadVolatile(&state->poisoned) != 0) {
     if (blockIdx.x == 0 && threadIdx.x == 0) {
@@ -102,150 +165,138 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
     return;
   }
-  // The last dispatch's segments: source s's rows of local expert l.
-  auto* recv_start = reinterpret_cast<int64_t*>(shared_raw);
-  auto* recv_count = reinterpret_cast<int32_t*>(recv_start + R * L);
-  for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
-    recv_start[i] = p.recv_start[i];
-    recv_count[i] = p.recv_count[i];
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    // The next call's claims start from zero; nobody uses that parity now.
+    state->reduce_claims[(epoch + 1) & 1] = 0;
   }
-  void* const own_control = p.control[p.rank];
-
-  // --- Push, once every destination has reduced its previous combine.
-  if (!blockWaitForPeers(flagAt(own_control, p.layout.free_flags, 0), R,
-                         epoch - 1, context, kWaitCombineFree)) {
-    return;
-  }
-  profileMark(prof, kCombineFreeIn);
   const int64_t recv_rows = loadVolatile(&state->recv_rows);
-  const int64_t units = p.row_bytes / static_cast<int64_t>(sizeof(U));
-  const auto* metas = reinterpret_cast<const int4*>(
-      static_cast<const char*>(p.recv[p.rank]) + p.meta_offset);
-  if (blockIdx.x < p.push_blocks) {
-    const int64_t chunk_units =
-        (units + p.chunks_per_row - 1) / p.chunks_per_row;
-    const int64_t push_warps = int64_t{p.push_blocks} * kWarpsPerBlock;
-    const int64_t first_item =
-        static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
-    const int rounds = p.rounds != 0 ? max(1, R - 1) : 1;
-    for (int round = 0; round < rounds; ++round) {
-      // -1: rows of every source, in row order. Else the rows of source
-      // rank + 1 + round, then (first round) our own.
-      const int dest = p.rounds != 0 ? (p.rank + 1 + round) % R : -1;
-      const bool with_self = round == 0 && dest >= 0 && dest != p.rank;
-      if (threadIdx.x < 2) {
-        const int source = threadIdx.x == 0 ? dest : p.rank;
-        int64_t rows = 0;
-        if (dest >= 0 && (threadIdx.x == 0 || with_self)) {
-          for (int l = 0; l < L; ++l) {
-            rows += recv_count[source * L + l];
-          }
-        }
-        round_rows[threadIdx.x] = rows;
-      }
+  const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
+  void* const own_control = c.control[c.rank];
+
+  // --- Push blocks: once their peer has reduced its previous combine, send
+  // its rows back.
+  if (static_cast<int>(blockIdx.x) < c.push_blocks) {
+    const PushGroup group(c);
+    bool ok = true;
+    if (threadIdx.x == 0) {
+      ok = waitForFlag(flagAt(own_control, c.layout.free_flags, group.peer),
+                       epoch - 1, group.peer, context, kWaitCombineFree);
+    }
+    if (__syncthreads_and(ok) == 0) {
+      return;
+    }
+    profileMark(prof, kCombineFreeIn);
+    pushBack<U>(p, loadVolatile(&state->dispatch_epoch), recv_rows, epoch);
+    if (prof != nullptr) {  // uniform in the block
       __syncthreads();
-      const int64_t rows = dest < 0 ? recv_rows : round_rows[0] + round_rows[1];
-      const int64_t items = rows * p.chunks_per_row;
-      for (int64_t item = first_item; item < items; item += push_warps) {
-        const int64_t k = item / p.chunks_per_row;
-        const int64_t chunk = item % p.chunks_per_row;
-        int64_t r = k;
-        int expected = -1;
-        if (dest >= 0) {
-          expected = k < round_rows[0] ? dest : p.rank;
-          r = k < round_rows[0]
-                  ? rowOfSource(recv_start, recv_count, L, dest, k)
-                  : rowOfSource(recv_start, recv_count, L, p.rank,
-                                k - round_rows[0]);
-        }
-        if (r < 0 || r >= recv_rows) {
-          continue;  // dropped by a capacity overflow
-        }
-        const int4 meta = __ldcg(metas + r);
-        const int64_t token = meta.x;
-        const int source = meta.y >> 8;
-        const int pick = meta.y & 0xff;
-        if (source < 0 || source >= R || pick >= K || token < 0 ||
-            token >= p.max_tokens || (expected >= 0 && source != expected)) {
-          if (lane == 0 && chunk == 0) {
-            recordStatus(context, kStatusInternal, p.rank, kWaitCombineData,
-                         token, meta.y, r);
-          }
-          continue;
-        }
-        char* destination = static_cast<char*>(p.slots[source]) +
-                            (token * K + pick) * p.row_bytes;
-        const int64_t begin = chunk * chunk_units;
-        const int64_t end = min(units, begin + chunk_units);
-        copyUnits<U, false>(
-            &destination, 1,
-            reinterpret_cast<const U*>(static_cast<const char*>(p.expert_out) +
-                                       r * p.row_bytes),
-            begin, end, lane);
-      }
-      const bool last_in_round =
-          arriveLast(&state->combine_rounds[round], p.push_blocks);
-      if (round == rounds - 1) {
-        profileMark(prof, kCombinePushed);
-      }
-      if (last_in_round) {
-        if (dest < 0) {
-          signalAllPeers(p.control, p.layout.combine_flags, p.rank, R, epoch);
-        } else if (threadIdx.x == 0) {
-          signalPeer(p.control, p.layout.combine_flags, p.rank, dest, epoch);
-          if (with_self) {
-            signalPeer(p.control, p.layout.combine_flags, p.rank, p.rank,
-                       epoch);
-          }
-        }
-        if (round == rounds - 1) {
-          profileMark(prof, kCombineDataSignalled);
-        }
-      }
+      profileMark(prof, kCombinePushed);
     }
   }
 
-  // --- Reduce once every rank has sent our rows back.
-  if (!blockWaitForPeers(flagAt(own_control, p.layout.combine_flags, 0), R,
-                         epoch, context, kWaitCombineData)) {
-    return;
-  }
-  profileMark(prof, kCombineDataIn);
-  const U* slots = static_cast<const U*>(p.slots[p.rank]);
+  // --- Reduce: every warp claims pieces of tokens in token order (the
+  // order the peers send them in); a piece waits for the peers that hold
+  // picks of its token, then sums the picks in order.
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const int64_t pieces_per_token = max(
+      int64_t{1}, min((units + 31) / 32,
+                      (2 * warps + max(p.tokens, int64_t{1}) - 1) /
+                          max(p.tokens, int64_t{1})));
+  const int64_t piece_units =
+      (units + pieces_per_token - 1) / pieces_per_token;
+  const uint64_t* arrivals = reinterpret_cast<const uint64_t*>(
+      static_cast<const char*>(own_control) + c.layout.arrivals);
+  const U* own_slots = static_cast<const U*>(c.slots[c.rank]);
   U* out = static_cast<U*>(p.out);
-  const int64_t total = p.tokens * units;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       i < total; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / units;
-    const int64_t unit = i % units;
-    float sum[kPerUnit];
-#pragma unroll
-    for (int e = 0; e < kPerUnit; ++e) {
-      sum[e] = 0.0f;
+  while (true) {
+    unsigned long long claim = 0;
+    if (lane == 0) {
+      claim = atomicAdd(reinterpret_cast<unsigned long long*>(
+                            &state->reduce_claims[epoch & 1]),
+                        1ULL);
     }
-    for (int k = 0; k < K; ++k) {
-      if (p.pick_row[t * K + k] < 0) {
-        continue;  // masked (or dropped by an overflow)
-      }
-      const float weight =
-          p.topk_weights != nullptr ? p.topk_weights[t * K + k] : 1.0f;
-      const U packed = __ldcg(slots + (t * K + k) * units + unit);
-      Bits bits[kPerUnit];
-      memcpy(bits, &packed, sizeof(U));
+    claim = __shfl_sync(kFullMask, claim, 0);
+    if (static_cast<int64_t>(claim) >= p.tokens * pieces_per_token) {
+      break;
+    }
+    ReducePiece piece;
+    piece.token = static_cast<int64_t>(claim) / pieces_per_token;
+    piece.begin =
+        static_cast<int64_t>(claim) % pieces_per_token * piece_units;
+    piece.end = min(units, piece.begin + piece_units);
+    const int64_t t = piece.token;
+
+    // Lane k < K: pick k's row and rank; the peers to wait for.
+    int32_t row = -1;
+    int32_t rank = -1;
+    if (lane < K) {
+      row = c.pick_row[t * K + lane];
+      rank = c.pick_rank[t * K + lane];
+    }
+    const bool remote = row >= 0 && rank != c.rank;
+    const unsigned waiting =
+        __reduce_or_sync(kFullMask, remote ? 1u << rank : 0u);
+    if (lane < K) {
+      sources[warp][lane] =
+          row < 0 ? nullptr
+          : remote
+              ? own_slots + (t * K + lane) * units
+              : reinterpret_cast<const U*>(
+                    static_cast<const char*>(p.expert_out) + row * c.row_bytes);
+      weights[warp][lane] =
+          p.topk_weights != nullptr ? p.topk_weights[t * K + lane] : 1.0f;
+    }
+    bool ok = true;
+    if (lane < R && (waiting >> lane & 1u) != 0) {
+      ok = waitForFlag(arrivals + t * R + lane, epoch, lane, context,
+                       kWaitCombineData);
+    }
+    if (__all_sync(kFullMask, ok) == 0) {
+      break;
+    }
+    __syncwarp();
+
+    for (int64_t unit = piece.begin + lane; unit < piece.end; unit += 32) {
+      float sum[kPerUnit];
 #pragma unroll
       for (int e = 0; e < kPerUnit; ++e) {
-        sum[e] =
-            __fadd_rn(sum[e], __fmul_rn(weight, Element<T>::toFloat(bits[e])));
+        sum[e] = 0.0f;
       }
-    }
-    Bits bits[kPerUnit];
+      // Batches of kReduceBatch picks: all loads first, then the sums in
+      // pick order.
+      for (int k0 = 0; k0 < K; k0 += kReduceBatch) {
+        U packed[kReduceBatch] = {};
 #pragma unroll
-    for (int e = 0; e < kPerUnit; ++e) {
-      bits[e] = Element<T>::fromFloat(sum[e]);
+        for (int j = 0; j < kReduceBatch; ++j) {
+          const U* source = k0 + j < K ? sources[warp][k0 + j] : nullptr;
+          if (source != nullptr) {
+            packed[j] = __ldcg(source + unit);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kReduceBatch; ++j) {
+          if (k0 + j >= K || sources[warp][k0 + j] == nullptr) {
+            continue;  // masked (or dropped by an overflow)
+          }
+          const float weight = weights[warp][k0 + j];
+          Bits bits[kPerUnit];
+          memcpy(bits, &packed[j], sizeof(U));
+#pragma unroll
+          for (int e = 0; e < kPerUnit; ++e) {
+            sum[e] = __fadd_rn(sum[e],
+                               __fmul_rn(weight, Element<T>::toFloat(bits[e])));
+          }
+        }
+      }
+      Bits bits[kPerUnit];
+#pragma unroll
+      for (int e = 0; e < kPerUnit; ++e) {
+        bits[e] = Element<T>::fromFloat(sum[e]);
+      }
+      U packed;
+      memcpy(&packed, bits, sizeof(U));
+      out[t * units + unit] = packed;
     }
-    U packed;
-    memcpy(&packed, bits, sizeof(U));
-    out[t * units + unit] = packed;
+    __syncwarp();  // sources / weights are rewritten by the next claim
   }
   if (prof != nullptr) {  // uniform in the block
     __syncthreads();
@@ -254,7 +305,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
   // --- Our slots are free again for everyone's next combine.
   if (arriveLast(&state->combine_exits, gridDim.x)) {
-    signalAllPeers(p.control, p.layout.free_flags, p.rank, R, epoch);
+    signalAllPeers(c.control, c.layout.free_flags, c.rank, R, epoch);
     if (threadIdx.x == 0) {
       state->combine_epoch = epoch;
     }
@@ -297,9 +348,7 @@ cudaError_t occupancyOf(size_t shared_bytes, int* per_sm) {
 
 }  // namespace
 
-size_t combineSharedBytes(int num_experts) {
-  return (sizeof(int64_t) + sizeof(int32_t)) * static_cast<size_t>(num_experts);
-}
+size_t combineSharedBytes(int /*num_experts*/) { return 0; }
 
 cudaError_t combineOccupancy(ElementType dtype, size_t shared_bytes,
                              int* per_sm) {
@@ -316,20 +365,20 @@ cudaError_t combineOccupancy(ElementType dtype, size_t shared_bytes,
 
 cudaError_t launchCombine(const CombineParams& params, ElementType dtype,
                           int blocks, bool cooperative, cudaStream_t stream) {
-  const size_t shared_bytes =
-      combineSharedBytes(params.world_size * params.local_experts);
+  const size_t shared_bytes = combineSharedBytes(
+      params.common.world_size * params.common.local_experts);
   switch (dtype) {
     case ElementType::kFloat32:
-      if (params.unit_bytes < 4) {
+      if (params.common.unit_bytes < 4) {
         return cudaErrorInvalidValue;
       }
-      return device::launch(combineKernelFor<float>(params.unit_bytes), params,
+      return device::launch(combineKernelFor<float>(params.common.unit_bytes), params,
                             blocks, shared_bytes, cooperative, stream);
     case ElementType::kBFloat16:
-      return device::launch(combineKernelFor<__nv_bfloat16>(params.unit_bytes),
+      return device::launch(combineKernelFor<__nv_bfloat16>(params.common.unit_bytes),
                             params, blocks, shared_bytes, cooperative, stream);
     case ElementType::kFloat16:
-      return device::launch(combineKernelFor<__half>(params.unit_bytes), params,
+      return device::launch(combineKernelFor<__half>(params.common.unit_bytes), params,
                             blocks, shared_bytes, cooperative, stream);
   }
   return cudaErrorInvalidValue;

@@ -12,7 +12,7 @@
 namespace hostfuse::moe::device {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kCopyUnroll = 4;
+constexpr int kCopyUnroll = 8;  // units in flight per lane in a row copy
 
 // ---------------------------------------------------------------------------
 // Memory-model helpers. Flags cross GPUs, so they use system scope: the
@@ -241,22 +241,24 @@ __device__ inline void signalAllPeers(void* const* control, size_t offset,
 }
 
 // ---------------------------------------------------------------------------
-// Rows of one source on this (receiving) rank: segment l of source s holds
-// count[s * L + l] rows from row start[s * L + l] (expert-major layout).
-// Returns the k-th of them, or -1 past the end.
-__device__ __forceinline__ int64_t rowOfSource(const int64_t* start,
-                                               const int32_t* count,
-                                               int local_experts, int source,
-                                               int64_t k) {
-  for (int l = 0; l < local_experts; ++l) {
-    const int64_t rows = count[source * local_experts + l];
-    if (k < rows) {
-      return start[source * local_experts + l] + k;
-    }
-    k -= rows;
+// Push groups: blocks [0, push_blocks) serve one peer each, push_blocks /
+// (R - 1) blocks per peer; block b serves peer rank + 1 + b % (R - 1), so
+// that the groups interleave over the GPU. A group's warps share the peer's
+// tokens: warp i of the group takes tokens i, i + warps, ...
+struct PushGroup {
+  int peer;
+  int64_t first_warp;
+  int64_t warps;
+
+  __device__ explicit PushGroup(const CommonParams& c) {
+    const int groups = c.world_size - 1;
+    const int b = static_cast<int>(blockIdx.x);
+    peer = (c.rank + 1 + b % groups) % c.world_size;
+    first_warp = static_cast<int64_t>(b / groups) * kWarpsPerBlock +
+                 (threadIdx.x >> 5);
+    warps = static_cast<int64_t>(c.push_blocks / groups) * kWarpsPerBlock;
   }
-  return -1;
-}
+};
 
 // ---------------------------------------------------------------------------
 // Row copies: a warp moves units [begin, end) of U (16, 8, 4 or 2 bytes)

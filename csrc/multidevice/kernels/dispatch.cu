@@ -1,29 +1,28 @@
 // CUDA-backend MoE dispatch: one cooperative kernel per call.
 //
-//   route    every block validates and counts the picks of its own range
-//            of tokens (per expert, in shared memory, then block_counts);
-//            after a grid barrier block 0 sums them into the count row
-//            (with the smallest validation error of all blocks), publishes
-//            it into every peer's control buffer and raises count_flags =
-//            epoch, while every block adds the earlier blocks' counts to
-//            its picks' positions (pick_pos: among this rank's rows of the
-//            expert, in token order); the push blocks wait for all blocks
-//            to have done so (a second grid barrier) before pushing;
+//   route    count the picks per expert and give every pick its position
+//            among this rank's rows of its expert (token order). Few picks
+//            (T K <= kLocalRoutePicks): every block does it for all tokens
+//            on its own, keeps the positions in shared memory, and blocks
+//            0 .. R-1 each publish the count row to one peer at once. Many
+//            picks: every block counts its own range of tokens, and after
+//            a grid barrier block 0 publishes the totals while every block
+//            makes its positions final (a second barrier before pushing);
 //   offsets  every block waits for all R count rows, then derives where
 //            this rank's rows start in every receiver's expert-major buffer
 //            (sender view) and where each source's rows start here
 //            (receiver view);
-//   push     the push blocks copy each token once per remote destination,
-//            into the row of its pick with the smallest local expert there,
-//            with 16-byte stores, and every pick's 16-byte metadata; rows
-//            for this rank are written for every pick. Either all
-//            destinations at once, or (many tokens) one destination per
-//            round, so that the GPUs exchange in a permutation and receivers
-//            can start expanding early. The last block of a round raises
-//            data_flags = epoch at its destinations;
-//   expand   every warp claims groups of rows, source by source in arrival
-//            order, waits for that source's data flag, writes provenance
-//            and copies the token row into its other picks' rows.
+//   push     the push blocks form one group per peer; a group's warps walk
+//            the tokens in order and send each token that has picks on the
+//            peer once (into the row of its pick with the smallest local
+//            expert there), then every such pick's metadata, whose epoch,
+//            stored last with a release, says the row is there. The other
+//            (local) blocks write this rank's own rows, one per pick;
+//   expand   every warp then claims received rows, segment by segment
+//            (source, local expert), in arrival order; waits for the row's
+//            epoch; writes its provenance and its route entry (for the
+//            combine), and copies the token into it when another row
+//            carried it.
 // docs/moe_cuda.md has the picture, the flags and the epochs.
 #include <climits>
 #include <cstdio>
@@ -46,16 +45,15 @@ using device::loadVolatile;
 using device::profileBegin;
 using device::profileMark;
 using device::profileSlots;
+using device::PushGroup;
 using device::recordStatus;
 using device::roundUp;
-using device::rowOfSource;
-using device::signalAllPeers;
 using device::signalPeer;
+using device::storeReleaseSys;
+using device::waitForFlag;
 using device::WaitContext;
-using device::warpWaitForPeer;
 
 constexpr int kOpDispatch = 1;
-constexpr int kExpandRows = 4;  // rows per expansion claim
 
 __host__ __device__ inline size_t countRowBytes(int num_experts) {
   return roundUp(sizeof(CountRowHeader) + sizeof(int32_t) * num_experts, 16);
@@ -63,18 +61,21 @@ __host__ __device__ inline size_t countRowBytes(int num_experts) {
 
 __host__ __device__ inline size_t tablesBytes(int num_experts) {
   // offset, recv_start (int64), colsum, recv_count (int32), route (int32 per
-  // routing warp); R * L = E.
+  // warp); R * L = E.
   return roundUp((8 + 8 + 4 + 4 + 4 * kWarpsPerBlock) * size_t(num_experts),
                  16);
 }
 
+constexpr size_t kPositionsBytes = sizeof(int32_t) * kLocalRoutePicks;
+
 struct DispatchShared {
   int64_t* offset;      // [E]: this rank's first row of expert x on its rank
   int64_t* recv_start;  // [R * L]: first row here of source s, expert l
-  int32_t* colsum;      // [E]: rows of expert x from all sources
+  int32_t* colsum;      // [E]: the block's counts, then all sources' rows
   int32_t* recv_count;  // [R * L]: rows here of source s, expert l
   int32_t* route;       // [kWarpsPerBlock, E]: per-warp counts, then bases
-  char* row;            // count row being published (block 0)
+  int32_t* positions;   // [kLocalRoutePicks]: pick positions (local route)
+  char* row;            // the count row this block publishes
 };
 
 __device__ DispatchShared carveShared(unsigned char* raw, int num_experts) {
@@ -84,7 +85,10 @@ __device__ DispatchShared carveShared(unsigned char* raw, int num_experts) {
   shared.colsum = reinterpret_cast<int32_t*>(shared.recv_start + num_experts);
   shared.recv_count = shared.colsum + num_experts;
   shared.route = shared.recv_count + num_experts;
-  shared.row = reinterpret_cast<char*>(raw + tablesBytes(num_experts));
+  shared.positions =
+      reinterpret_cast<int32_t*>(raw + tablesBytes(num_experts));
+  shared.row = reinterpret_cast<char*>(raw + tablesBytes(num_experts) +
+                                       kPositionsBytes);
   return shared;
 }
 
@@ -97,6 +101,12 @@ __device__ __forceinline__ char* countRowAt(void* control,
              layout.count_row_bytes;
 }
 
+__device__ __forceinline__ RowMeta* metaAt(void* recv, size_t meta_offset,
+                                           int64_t row) {
+  return reinterpret_cast<RowMeta*>(static_cast<char*>(recv) + meta_offset) +
+         row;
+}
+
 // Error key: the smallest (token, pick) with a bad id wins.
 __device__ __forceinline__ unsigned long long errorKey(int64_t token, int pick,
                                                        int code) {
@@ -105,28 +115,35 @@ __device__ __forceinline__ unsigned long long errorKey(int64_t token, int pick,
          static_cast<unsigned long long>(pick);
 }
 
-// The picks' positions among this rank's rows of their expert, spread over
-// the grid: block b owns tokens [b * tokens_per_block, ...), its warp w the
-// sub-range [w * tokens_per_warp, ...) of those (BlockTokens). A pick's
-// position is the number of picks of its expert in earlier tokens (ids are
-// distinct within a token), so it is the sum of: the earlier blocks' counts
-// of the expert, the earlier warps' counts in the block, and its position
-// among its warp's picks of the expert.
-struct BlockTokens {
-  int64_t first;  // the block's tokens: [first, last)
+// A range of tokens counted by one block: [first, last), its warp w the
+// sub-range [first + w * tokens_per_warp, ...). A pick's position is the
+// number of picks of its expert in earlier tokens (ids are distinct within
+// a token), so it is the sum of: the earlier blocks' counts of the expert
+// (grid route only), the earlier warps' counts in the block, and its
+// position among its warp's picks of the expert.
+struct TokenRange {
+  int64_t first;
   int64_t last;
-  int64_t tokens_per_warp;  // warp w: [first + w * tokens_per_warp, ...)
+  int64_t tokens_per_warp;
 };
 
-__device__ BlockTokens blockTokens(int64_t tokens) {
+__device__ TokenRange warpSplit(int64_t first, int64_t last) {
+  const int64_t tokens = last - first;
+  TokenRange range;
+  range.first = first;
+  range.last = last;
+  range.tokens_per_warp =
+      max(int64_t{1}, (tokens + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  return range;
+}
+
+// Grid route: block b's share of the tokens.
+__device__ TokenRange blockTokens(int64_t tokens) {
   const int64_t per_block =
       max(int64_t{1}, (tokens + gridDim.x - 1) / gridDim.x);
-  BlockTokens range;
-  range.first = min(tokens, static_cast<int64_t>(blockIdx.x) * per_block);
-  range.last = min(tokens, range.first + per_block);
-  range.tokens_per_warp =
-      max(int64_t{1}, (per_block + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  return range;
+  const int64_t first =
+      min(tokens, static_cast<int64_t>(blockIdx.x) * per_block);
+  return warpSplit(first, min(tokens, first + per_block));
 }
 
 // Warp w's picks, 32 at a time in (token, pick) order: calls
@@ -134,18 +151,19 @@ __device__ BlockTokens blockTokens(int64_t tokens) {
 // past the end. Warp-uniform trip count.
 template <typename IdxT, typename Visit>
 __device__ __forceinline__ void forWarpPicks(const DispatchParams& p,
-                                             const BlockTokens& range,
+                                             const TokenRange& range,
                                              Visit&& visit) {
   const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
+  const int K = p.common.topk;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t first =
       min(range.last, range.first + warp * range.tokens_per_warp);
   const int64_t last = min(range.last, first + range.tokens_per_warp);
-  for (int64_t base = first * p.topk; base < last * p.topk; base += 32) {
+  for (int64_t base = first * K; base < last * K; base += 32) {
     const int64_t q = base + lane;
     int expert = -1;
-    if (q < last * p.topk) {
+    if (q < last * K) {
       const int64_t id = static_cast<int64_t>(idx[q]);
       if (id >= 0 && id < p.num_experts) {
         expert = static_cast<int>(id);
@@ -155,23 +173,23 @@ __device__ __forceinline__ void forWarpPicks(const DispatchParams& p,
   }
 }
 
-// Every block, its own tokens: validation (smallest error key into
-// block_errors[b]), counts per expert (into block_counts[e][b]), each
-// pick's position among its warp's picks of its expert (pick_pos), and in
-// shared.route[w][e] the exclusive base of warp w within the block.
+// Block-wide, over `range`: the smallest validation error key into
+// *error_key, each pick's position among its warp's picks of its expert
+// into positions[q], in shared.route[w][e] the exclusive base of warp w
+// within the block and in shared.colsum[e] the block's count of expert e.
 template <typename IdxT>
-__device__ void countBlock(const DispatchParams& p,
+__device__ void countRange(const DispatchParams& p,
                            const DispatchShared& shared,
-                           const BlockTokens& range, uint64_t* prof) {
-  __shared__ unsigned long long error_key;
+                           const TokenRange& range, int32_t* positions,
+                           unsigned long long* error_key, uint64_t* prof) {
   const int E = p.num_experts;
-  const int K = p.topk;
+  const int K = p.common.topk;
   const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 
   if (threadIdx.x == 0) {
-    error_key = ULLONG_MAX;
+    *error_key = ULLONG_MAX;
   }
   for (int i = threadIdx.x; i < kWarpsPerBlock * E; i += blockDim.x) {
     shared.route[i] = 0;
@@ -194,7 +212,7 @@ __device__ void countBlock(const DispatchParams& p,
         }
       }
       if (key != ULLONG_MAX) {
-        atomicMin(&error_key, key);
+        atomicMin(error_key, key);
         break;
       }
     }
@@ -213,7 +231,7 @@ __device__ void countBlock(const DispatchParams& p,
       const unsigned group = __match_any_sync(kFullMask, expert);
       const unsigned before = group & lower_lanes;
       if (expert >= 0) {
-        p.pick_pos[q] = counts[expert] + __popc(before);
+        positions[q] = counts[expert] + __popc(before);
       }
       __syncwarp();
       if (expert >= 0 && before == 0) {
@@ -224,7 +242,7 @@ __device__ void countBlock(const DispatchParams& p,
   }
   __syncthreads();
 
-  // Per expert: the warps' exclusive bases in place, the block's total out.
+  // Per expert: the warps' exclusive bases in place, the block's total.
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int32_t running = 0;
     for (int w = 0; w < kWarpsPerBlock; ++w) {
@@ -232,11 +250,59 @@ __device__ void countBlock(const DispatchParams& p,
       shared.route[w * E + e] = running;
       running += count;
     }
-    p.block_counts[static_cast<size_t>(e) * gridDim.x + blockIdx.x] = running;
+    shared.colsum[e] = running;
   }
-  if (threadIdx.x == 0) {
-    p.block_errors[blockIdx.x] = error_key;
+  __syncthreads();
+}
+
+// Thread 0: the count row's header from the smallest error key.
+template <typename IdxT>
+__device__ void fillHeader(const DispatchParams& p, CountRowHeader* header,
+                           unsigned long long error_key) {
+  header->code = kStatusOk;
+  header->pick = -1;
+  header->token = -1;
+  header->value = 0;
+  header->tokens = p.tokens;
+  if (error_key != ULLONG_MAX) {
+    const int64_t token = static_cast<int64_t>(error_key >> 16);
+    const int pick = static_cast<int>(error_key & 0xff);
+    header->code = static_cast<int32_t>((error_key >> 8) & 0xff);
+    header->pick = pick;
+    header->token = token;
+    header->value = static_cast<int64_t>(
+        static_cast<const IdxT*>(p.topk_idx)[token * p.common.topk + pick]);
   }
+}
+
+// Block-wide: stores shared.row into slot [parity][rank] of peers
+// first_peer, first_peer + step, ... and raises their count flags.
+__device__ void publishCountRow(const DispatchParams& p,
+                                const DispatchShared& shared, uint64_t epoch,
+                                int first_peer, int step, uint64_t* prof) {
+  const CommonParams& c = p.common;
+  const int parity = static_cast<int>(epoch & 1);
+  const int vectors = static_cast<int>(c.layout.count_row_bytes / 16);
+  const int peers = first_peer < c.world_size
+                        ? (c.world_size - first_peer + step - 1) / step
+                        : 0;
+  if (peers == 0) {
+    return;
+  }
+  for (int i = threadIdx.x; i < peers * vectors; i += blockDim.x) {
+    const int peer = first_peer + (i / vectors) * step;
+    auto* destination = reinterpret_cast<int4*>(
+        countRowAt(c.control[peer], c.layout, parity, c.rank, c.world_size));
+    destination[i % vectors] =
+        reinterpret_cast<const int4*>(shared.row)[i % vectors];
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < peers) {
+    signalPeer(c.control, c.layout.count_flags, c.rank,
+               first_peer + threadIdx.x * step, epoch);
+  }
+  profileMark(prof, kDispatchPublished);
 }
 
 // Warp-wide: the sum of block_counts[e][b] over b in [0, blocks), in every
@@ -255,80 +321,93 @@ __device__ __forceinline__ int32_t sumBlockCounts(const DispatchParams& p,
   return sum;
 }
 
-// Block 0, after the grid barrier: the totals and the smallest error key
-// over all blocks into the count row, published into slot [parity][rank]
-// of every peer; then the count flags.
+// Local route: every block counts all tokens; its positions are final in
+// shared memory at once, and block b publishes to peers b, b + grid, ...
 template <typename IdxT>
-__device__ void publishCounts(const DispatchParams& p,
-                              const DispatchShared& shared, uint64_t epoch,
-                              uint64_t* prof) {
+__device__ void routeLocal(const DispatchParams& p,
+                           const DispatchShared& shared, uint64_t epoch,
+                           uint64_t* prof) {
   __shared__ unsigned long long error_key;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
-  auto* header = reinterpret_cast<CountRowHeader*>(shared.row);
+  const TokenRange all = warpSplit(0, p.tokens);
+  countRange<IdxT>(p, shared, all, shared.positions, &error_key, prof);
+  const int32_t* bases = shared.route + (threadIdx.x >> 5) * p.num_experts;
+  forWarpPicks<IdxT>(p, all, [&](int64_t q, int expert) {
+    if (expert >= 0) {
+      shared.positions[q] += bases[expert];
+    }
+  });
   auto* totals =
       reinterpret_cast<int32_t*>(shared.row + sizeof(CountRowHeader));
-  for (int e = warp; e < p.num_experts; e += kWarpsPerBlock) {
-    const int32_t total = sumBlockCounts(p, e, static_cast<int>(gridDim.x));
-    if (lane == 0) {
-      totals[e] = total;
-    }
+  for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
+    totals[e] = shared.colsum[e];
   }
-  if (warp == 0) {
-    unsigned long long key = ULLONG_MAX;
-    for (int b = lane; b < static_cast<int>(gridDim.x); b += 32) {
-      key = min(key, __ldcg(p.block_errors + b));
-    }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      key = min(key, __shfl_xor_sync(kFullMask, key, offset));
-    }
-    if (lane == 0) {
-      error_key = key;
-    }
-  }
-  __syncthreads();
   if (threadIdx.x == 0) {
-    header->code = kStatusOk;
-    header->pick = -1;
-    header->token = -1;
-    header->value = 0;
-    header->reserved = 0;
-    if (error_key != ULLONG_MAX) {
-      const int64_t token = static_cast<int64_t>(error_key >> 16);
-      const int pick = static_cast<int>(error_key & 0xff);
-      header->code = static_cast<int32_t>((error_key >> 8) & 0xff);
-      header->pick = pick;
-      header->token = token;
-      header->value = static_cast<int64_t>(idx[token * p.topk + pick]);
-    }
+    fillHeader<IdxT>(p, reinterpret_cast<CountRowHeader*>(shared.row),
+                     error_key);
   }
   __syncthreads();
-
-  const int parity = static_cast<int>(epoch & 1);
-  const int vectors = static_cast<int>(p.layout.count_row_bytes / 16);
-  for (int i = threadIdx.x; i < p.world_size * vectors; i += blockDim.x) {
-    const int peer = i / vectors;
-    const int vector = i % vectors;
-    auto* destination = reinterpret_cast<int4*>(
-        countRowAt(p.control[peer], p.layout, parity, p.rank, p.world_size));
-    destination[vector] = reinterpret_cast<const int4*>(shared.row)[vector];
-  }
-  __threadfence_system();
-  __syncthreads();
-  signalAllPeers(p.control, p.layout.count_flags, p.rank, p.world_size, epoch);
-  profileMark(prof, kDispatchPublished);
+  profileMark(prof, kDispatchCounted);
+  publishCountRow(p, shared, epoch, static_cast<int>(blockIdx.x),
+                  static_cast<int>(gridDim.x), prof);
 }
 
-// Every block, after the grid barrier: adds the earlier blocks' counts to
-// its warps' bases and makes its picks' pick_pos final (each lane rewrites
-// the entries it wrote in countBlock).
+// Grid route: every block counts its own tokens; after a grid barrier block
+// 0 sums the blocks' counts and errors into the count row and publishes it
+// to every peer, while every block adds the earlier blocks' counts to its
+// picks' positions (pick_pos). Returns the target of the second barrier
+// (every block's pick_pos final), which the push blocks wait for; 0 when
+// the call must stop.
 template <typename IdxT>
-__device__ void rankBlock(const DispatchParams& p, const DispatchShared& shared,
-                          const BlockTokens& range) {
+__device__ uint64_t routeGrid(const DispatchParams& p,
+                              const DispatchShared& shared, uint64_t epoch,
+                              const WaitContext& context, uint64_t* prof) {
+  __shared__ unsigned long long error_key;
   const int E = p.num_experts;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const TokenRange range = blockTokens(p.tokens);
+  countRange<IdxT>(p, shared, range, p.pick_pos, &error_key, prof);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    p.block_counts[static_cast<size_t>(e) * gridDim.x + blockIdx.x] =
+        shared.colsum[e];
+  }
+  if (threadIdx.x == 0) {
+    p.block_errors[blockIdx.x] = error_key;
+  }
+  const uint64_t counted =
+      gridArrive(&p.common.state->dispatch_counted, static_cast<int>(gridDim.x));
+  if (!gridWait(&p.common.state->dispatch_counted, counted, p.common.rank,
+                context)) {
+    return 0;
+  }
+  profileMark(prof, kDispatchCounted);
+
+  if (blockIdx.x == 0) {
+    auto* totals =
+        reinterpret_cast<int32_t*>(shared.row + sizeof(CountRowHeader));
+    for (int e = warp; e < E; e += kWarpsPerBlock) {
+      const int32_t total = sumBlockCounts(p, e, static_cast<int>(gridDim.x));
+      if (lane == 0) {
+        totals[e] = total;
+      }
+    }
+    if (warp == 0) {
+      unsigned long long key = ULLONG_MAX;
+      for (int b = lane; b < static_cast<int>(gridDim.x); b += 32) {
+        key = min(key, __ldcg(p.block_errors + b));
+      }
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        key = min(key, __shfl_xor_sync(kFullMask, key, offset));
+      }
+      if (lane == 0) {
+        fillHeader<IdxT>(p, reinterpret_cast<CountRowHeader*>(shared.row),
+                         key);
+      }
+    }
+    __syncthreads();
+    publishCountRow(p, shared, epoch, 0, 1, prof);
+  }
+
   for (int e = warp; e < E; e += kWarpsPerBlock) {
     const int32_t before = sumBlockCounts(p, e, static_cast<int>(blockIdx.x));
     if (lane < kWarpsPerBlock) {
@@ -342,34 +421,265 @@ __device__ void rankBlock(const DispatchParams& p, const DispatchShared& shared,
       p.pick_pos[q] += bases[expert];
     }
   });
+  return gridArrive(&p.common.state->dispatch_ranked,
+                    static_cast<int>(gridDim.x));
+}
+
+// One token's picks as seen by lane k < K of a warp (other lanes: none).
+struct Pick {
+  int expert = -1;  // -1: masked (or past K)
+  int rank = -1;    // the expert's rank
+  int64_t row = -1;  // its row there
+};
+
+template <typename IdxT>
+__device__ __forceinline__ Pick pickOf(const DispatchParams& p,
+                                       const DispatchShared& shared,
+                                       int64_t t, int lane) {
+  const CommonParams& c = p.common;
+  Pick pick;
+  if (lane < c.topk) {
+    const int64_t q = t * c.topk + lane;
+    const int64_t id = static_cast<int64_t>(static_cast<const IdxT*>(
+        p.topk_idx)[q]);
+    if (id >= 0 && id < p.num_experts) {
+      pick.expert = static_cast<int>(id);
+      pick.rank = pick.expert / c.local_experts;
+      // Grid route: written by other blocks during this kernel.
+      const int32_t position = p.local_route != 0
+                                   ? shared.positions[q]
+                                   : __ldcg(p.pick_pos + q);
+      pick.row = shared.offset[pick.expert] + position;
+    }
+  }
+  return pick;
+}
+
+// Lane k < K: the metadata of pick k's row, then its epoch (release).
+// `primary` is the row holding the token's data on that rank, -1 if this
+// row does.
+__device__ __forceinline__ void writeMeta(const DispatchParams& p, void* recv,
+                                          int64_t row, int64_t t, int pick,
+                                          int64_t primary, uint64_t epoch) {
+  const CommonParams& c = p.common;
+  RowMeta* meta = metaAt(recv, c.meta_offset, row);
+  int4 body;
+  body.x = static_cast<int>(t);
+  body.y = (c.rank << 8) | pick;
+  body.z = primary == row ? -1 : static_cast<int>(primary);
+  body.w = __float_as_int(
+      p.topk_weights != nullptr ? p.topk_weights[t * c.topk + pick] : 0.0f);
+  *reinterpret_cast<int4*>(meta) = body;
+  storeReleaseSys(&meta->epoch, epoch);
+}
+
+// Push blocks: every token with picks on the group's peer goes there once,
+// into the row of its smallest local expert there (the smallest of its
+// rows there: if that one does not fit in C, none does), followed by the
+// metadata of all its rows there.
+template <typename IdxT, typename U>
+__device__ void pushToPeer(const DispatchParams& p,
+                           const DispatchShared& shared, uint64_t epoch) {
+  const CommonParams& c = p.common;
+  const int lane = threadIdx.x & 31;
+  const PushGroup group(c);
+  const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
+  void* const recv = c.recv[group.peer];
+  for (int64_t t = group.first_warp; t < p.tokens; t += group.warps) {
+    const Pick pick = pickOf<IdxT>(p, shared, t, lane);
+    const bool here = pick.expert >= 0 && pick.rank == group.peer;
+    const bool fits = here && pick.row < p.capacity;
+    if (here) {
+      p.common.pick_row[t * c.topk + lane] =
+          fits ? static_cast<int32_t>(pick.row) : -1;
+      p.common.pick_rank[t * c.topk + lane] = group.peer;
+    }
+    const unsigned primary = __reduce_min_sync(
+        kFullMask, fits ? static_cast<unsigned>(pick.row) : UINT_MAX);
+    if (primary == UINT_MAX) {
+      continue;
+    }
+    char* destination = static_cast<char*>(recv) + primary * c.row_bytes;
+    copyUnits<U, false>(&destination, 1,
+                        reinterpret_cast<const U*>(
+                            static_cast<const char*>(p.x) + t * c.row_bytes),
+                        0, units, lane);
+    __threadfence_system();
+    __syncwarp();
+    if (fits) {
+      writeMeta(p, recv, pick.row, t, lane, primary, epoch);
+    }
+  }
+}
+
+// Local blocks: this rank's rows, one per pick (local copies are cheap),
+// and pick_row of this rank's and of masked picks.
+template <typename IdxT, typename U>
+__device__ void writeLocalRows(const DispatchParams& p,
+                               const DispatchShared& shared, uint64_t epoch) {
+  __shared__ char* destinations[kWarpsPerBlock][kMaxTopK];
+  const CommonParams& c = p.common;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const unsigned lower_lanes = (1u << lane) - 1;
+  const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
+  void* const recv = c.recv[c.rank];
+  const int64_t warps =
+      static_cast<int64_t>(gridDim.x - c.push_blocks) * kWarpsPerBlock;
+  for (int64_t t =
+           static_cast<int64_t>(blockIdx.x - c.push_blocks) * kWarpsPerBlock +
+           warp;
+       t < p.tokens; t += warps) {
+    const Pick pick = pickOf<IdxT>(p, shared, t, lane);
+    const bool here = pick.expert >= 0 && pick.rank == c.rank;
+    const bool fits = here && pick.row < p.capacity;
+    if (lane < c.topk && (here || pick.expert < 0)) {
+      c.pick_row[t * c.topk + lane] =
+          fits ? static_cast<int32_t>(pick.row) : -1;
+      c.pick_rank[t * c.topk + lane] = pick.rank;
+    }
+    const unsigned carriers = __ballot_sync(kFullMask, fits);
+    if (carriers == 0) {
+      continue;
+    }
+    if (fits) {
+      destinations[warp][__popc(carriers & lower_lanes)] =
+          static_cast<char*>(recv) + pick.row * c.row_bytes;
+    }
+    __syncwarp();
+    copyUnits<U, false>(destinations[warp], __popc(carriers),
+                        reinterpret_cast<const U*>(
+                            static_cast<const char*>(p.x) + t * c.row_bytes),
+                        0, units, lane);
+    __threadfence();
+    __syncwarp();
+    if (fits) {
+      writeMeta(p, recv, pick.row, t, lane, pick.row, epoch);
+    }
+  }
+}
+
+// Every warp: claims received rows segment by segment (segment i = source
+// i / L, local expert i % L), starting at a segment of its own so that
+// warps spread; within a segment rows arrive in token order, so claims
+// follow the arrivals. For each row: wait for its epoch, write provenance
+// and the route entry, copy the token from the row that carried it.
+template <typename U>
+__device__ void expandRows(const DispatchParams& p,
+                           const DispatchShared& shared, int64_t recv_rows,
+                           uint64_t epoch, const WaitContext& context) {
+  const CommonParams& c = p.common;
+  const int lane = threadIdx.x & 31;
+  const int segments = c.world_size * c.local_experts;
+  const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
+  int32_t* claims = p.segment_claims + (epoch & 1) * p.num_experts;
+  char* const recv_base = static_cast<char*>(c.recv[c.rank]);
+  // A segment has rows left when its claims are below its valid rows.
+  auto left = [&](int segment) {
+    const int64_t valid =
+        min(static_cast<int64_t>(shared.recv_count[segment]),
+            max(int64_t{0}, recv_rows - shared.recv_start[segment]));
+    return loadVolatile(claims + segment) < valid;
+  };
+  int segment = static_cast<int>(
+      (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock +
+       (threadIdx.x >> 5)) %
+      segments);
+  while (true) {
+    // The first segment with rows left, from `segment` on (32 at a time).
+    int found = -1;
+    for (int base = 0; base < segments && found < 0; base += 32) {
+      const int candidate = (segment + base + lane) % segments;
+      const unsigned open =
+          __ballot_sync(kFullMask, base + lane < segments && left(candidate));
+      if (open != 0) {
+        found = (segment + base + __ffs(open) - 1) % segments;
+      }
+    }
+    if (found < 0) {
+      return;
+    }
+    segment = found;
+    const int source = segment / c.local_experts;
+    const int64_t start = shared.recv_start[segment];
+    const int64_t rows =
+        min(static_cast<int64_t>(shared.recv_count[segment]),
+            recv_rows - start);
+    while (true) {
+      int64_t position = 0;
+      if (lane == 0) {
+        position = atomicAdd(claims + segment, 1);
+      }
+      position = __shfl_sync(kFullMask, position, 0);
+      if (position >= rows) {
+        break;
+      }
+      const int64_t r = start + position;
+      RowMeta* meta = metaAt(recv_base, c.meta_offset, r);
+      int ok = 1;
+      if (lane == 0) {
+        ok = waitForFlag(&meta->epoch, epoch, source, context,
+                         kWaitDispatchData);
+      }
+      if (__shfl_sync(kFullMask, ok, 0) == 0) {
+        return;
+      }
+      __syncwarp();
+      const int4 body = __ldcg(reinterpret_cast<const int4*>(meta));
+      const int from = body.y >> 8;
+      const int pick = body.y & 0xff;
+      if (lane == 0) {
+        p.recv_src_token[r] = body.x;
+        p.recv_src_rank[r] = from;
+        p.recv_src_k[r] = pick;
+        if (p.recv_weights != nullptr) {
+          p.recv_weights[r] = __int_as_float(body.w);
+        }
+        if (from != source || body.z >= r || pick >= c.topk || body.x < 0 ||
+            body.x >= c.max_tokens) {
+          recordStatus(context, kStatusInternal, c.rank, kWaitDispatchData,
+                       body.x, body.y, r);
+        } else {
+          RouteEntry entry;
+          entry.epoch = epoch;
+          entry.row = r;
+          c.routes[(static_cast<int64_t>(source) * c.max_tokens + body.x) *
+                       c.topk +
+                   pick] = entry;
+        }
+      }
+      if (body.z >= 0 && body.z < r) {
+        char* destination = recv_base + r * c.row_bytes;
+        copyUnits<U, true>(
+            &destination, 1,
+            reinterpret_cast<const U*>(recv_base + body.z * c.row_bytes), 0,
+            units, lane);
+      }
+    }
+  }
 }
 
 template <typename IdxT, typename U>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     dispatchKernel(const DispatchParams p) {
-  const uint64_t entry_ns = p.profile != nullptr ? globalTimerNs() : 0;
+  const uint64_t entry_ns = p.common.profile != nullptr ? globalTimerNs() : 0;
   extern __shared__ __align__(16) unsigned char shared_raw[];
-  __shared__ char* destinations[kWarpsPerBlock][kMaxTopK];
   __shared__ int bad_rank;
   __shared__ int64_t rank_rows[kMaxRanks];
-  __shared__ int64_t source_groups[kMaxRanks + 1];
-  __shared__ unsigned long long data_in_ns;  // profiling only
 
   const DispatchShared shared = carveShared(shared_raw, p.num_experts);
+  const CommonParams& c = p.common;
   const int E = p.num_experts;
-  const int L = p.local_experts;
-  const int R = p.world_size;
-  const int K = p.topk;
+  const int L = c.local_experts;
+  const int R = c.world_size;
   const int64_t T = p.tokens;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  DeviceState* state = p.state;
+  DeviceState* state = c.state;
 
   // Every block reads the epoch before its exit arrival; the last block to
   // exit advances it, so all blocks agree on it.
   const uint64_t epoch = loadVolatile(&state->dispatch_epoch) + 1;
-  const WaitContext context{state, p.status, p.timeout_ns, kOpDispatch, epoch};
-  uint64_t* const prof = profileSlots(p.profile);
+  const WaitContext context{state, c.status, c.timeout_ns, kOpDispatch, epoch};
+  uint64_t* const prof = profileSlots(c.profile);
   profileBegin(prof, epoch, entry_ns);
   if (loadVolatile(&state->poisoned) != 0) {
     if (blockIdx.x == 0 && threadIdx.x == 0) {
@@ -377,40 +687,34 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
     return;
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    // The next call's claims start from zero; nobody uses that parity now.
-    state->expand_claims[(epoch + 1) & 1] = 0;
-  }
-  const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
-
-  // --- Route: every block counts its tokens; after a grid barrier block 0
-  // publishes the totals while every block makes its positions final.
-  const BlockTokens range = blockTokens(T);
-  countBlock<IdxT>(p, shared, range, prof);
-  const uint64_t counted =
-      gridArrive(&state->dispatch_counted, static_cast<int>(gridDim.x));
-  if (!gridWait(&state->dispatch_counted, counted, p.rank, context)) {
-    return;
-  }
-  profileMark(prof, kDispatchCounted);
   if (blockIdx.x == 0) {
-    publishCounts<IdxT>(p, shared, epoch, prof);
+    // The next call's claims start from zero; nobody uses that parity now.
+    for (int i = threadIdx.x; i < E; i += blockDim.x) {
+      p.segment_claims[((epoch + 1) & 1) * E + i] = 0;
+    }
   }
-  rankBlock<IdxT>(p, shared, range);
-  // The push blocks wait for this after the offsets.
-  const uint64_t ranked =
-      gridArrive(&state->dispatch_ranked, static_cast<int>(gridDim.x));
+
+  // --- Route.
+  uint64_t ranked = 0;
+  if (p.local_route != 0) {
+    routeLocal<IdxT>(p, shared, epoch, prof);
+  } else {
+    ranked = routeGrid<IdxT>(p, shared, epoch, context, prof);
+    if (ranked == 0) {
+      return;
+    }
+  }
 
   // --- Offsets from all R count rows of this epoch.
-  void* const own_control = p.control[p.rank];
-  if (!blockWaitForPeers(flagAt(own_control, p.layout.count_flags, 0), R, epoch,
+  void* const own_control = c.control[c.rank];
+  if (!blockWaitForPeers(flagAt(own_control, c.layout.count_flags, 0), R, epoch,
                          context, kWaitCounts)) {
     return;
   }
   profileMark(prof, kDispatchCountsIn);
   const int parity = static_cast<int>(epoch & 1);
   auto row_of = [&](int source) {
-    return countRowAt(own_control, p.layout, parity, source, R);
+    return countRowAt(own_control, c.layout, parity, source, R);
   };
   auto counts_of = [&](int source) {
     return reinterpret_cast<const int32_t*>(row_of(source) +
@@ -433,13 +737,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     for (int source = 0; source < R; ++source) {
       const int32_t count = __ldcg(counts_of(source) + x);
       all += count;
-      before_us += source < p.rank ? count : 0;
+      before_us += source < c.rank ? count : 0;
     }
     shared.colsum[x] = all;
     shared.offset[x] = before_us;
   }
   for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
-    shared.recv_count[i] = __ldcg(counts_of(i / L) + p.rank * L + i % L);
+    shared.recv_count[i] = __ldcg(counts_of(i / L) + c.rank * L + i % L);
   }
   __syncthreads();
   // Expert-major: expert x = d * L + l starts after experts d * L .. x - 1;
@@ -456,7 +760,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     const int l = i % L;
     int64_t start = 0;
     for (int y = 0; y < l; ++y) {
-      start += shared.colsum[p.rank * L + y];
+      start += shared.colsum[c.rank * L + y];
     }
     for (int s = 0; s < source; ++s) {
       start += shared.recv_count[s * L + l];
@@ -473,26 +777,29 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   __syncthreads();
   profileMark(prof, kDispatchOffsets);
   const bool bad = bad_rank != INT_MAX;
-  const int64_t recv_rows = bad ? 0 : min(rank_rows[p.rank], p.capacity);
+  const int64_t recv_rows = bad ? 0 : min(rank_rows[c.rank], p.capacity);
 
   if (blockIdx.x == 0) {
     for (int l = threadIdx.x; l < L; l += blockDim.x) {
-      p.recv_expert_counts[l] = bad ? 0 : shared.colsum[p.rank * L + l];
+      p.recv_expert_counts[l] = bad ? 0 : shared.colsum[c.rank * L + l];
     }
     for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
-      p.recv_start[i] = shared.recv_start[i];
-      p.recv_count[i] = bad ? 0 : shared.recv_count[i];
+      c.recv_start[i] = shared.recv_start[i];
+      c.recv_count[i] = bad ? 0 : shared.recv_count[i];
     }
     if (threadIdx.x < R) {
       const int peer = threadIdx.x;
       int64_t to = 0;
       int64_t from = 0;
       for (int l = 0; l < L; ++l) {
-        to += __ldcg(counts_of(p.rank) + peer * L + l);
-        from += __ldcg(counts_of(peer) + p.rank * L + l);
+        to += __ldcg(counts_of(c.rank) + peer * L + l);
+        from += __ldcg(counts_of(peer) + c.rank * L + l);
       }
       p.rows_to_rank[peer] = bad ? 0 : to;
       p.rows_from_rank[peer] = bad ? 0 : from;
+      c.source_tokens[peer] =
+          __ldcg(&reinterpret_cast<const CountRowHeader*>(row_of(peer))
+                      ->tokens);
     }
     if (threadIdx.x == 0) {
       state->recv_rows = recv_rows;
@@ -510,20 +817,21 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         recordStatus(context, kStatusCapacityOverflow, most, 0, -1, -1,
                      rank_rows[most]);
       }
-      if (p.debug != 0) {
+      if (c.debug != 0) {
         printf(
             "[hostfuse moe rank %d] dispatch epoch %llu: %lld tokens, "
-            "%lld rows here (capacity %lld)%s\n",
-            p.rank, static_cast<unsigned long long>(epoch),
+            "%lld rows here (capacity %lld)%s, %s route\n",
+            c.rank, static_cast<unsigned long long>(epoch),
             static_cast<long long>(T),
-            static_cast<long long>(rank_rows[p.rank]),
-            static_cast<long long>(p.capacity), bad ? ", bad input" : "");
+            static_cast<long long>(rank_rows[c.rank]),
+            static_cast<long long>(p.capacity), bad ? ", bad input" : "",
+            p.local_route != 0 ? "local" : "grid");
         for (int source = 0; source < R; ++source) {
           for (int x = 0; x < E; ++x) {
             printf(
                 "[hostfuse moe rank %d]   count[source %d][expert %d] = "
                 "%d, our offset there %lld\n",
-                p.rank, source, x, counts_of(source)[x],
+                c.rank, source, x, counts_of(source)[x],
                 static_cast<long long>(shared.offset[x]));
           }
         }
@@ -531,209 +839,40 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
   }
 
-  // --- Push: items (token, chunk of its row) over the push blocks' warps.
+  // --- Push to the group's peer, or write this rank's own rows.
   if (bad) {
-    for (int64_t q = blockIdx.x * blockDim.x + threadIdx.x; q < T * K;
+    for (int64_t q = blockIdx.x * blockDim.x + threadIdx.x; q < T * c.topk;
          q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      p.pick_row[q] = -1;
+      c.pick_row[q] = -1;
+      c.pick_rank[q] = -1;
     }
-  }
-  const int64_t units = p.row_bytes / static_cast<int64_t>(sizeof(U));
-  if (blockIdx.x < p.push_blocks) {
-    // Every block's pick_pos final (uniform in the block).
-    if (!gridWait(&state->dispatch_ranked, ranked, p.rank, context)) {
+  } else if (static_cast<int>(blockIdx.x) < c.push_blocks) {
+    // Grid route: every block's pick_pos final (uniform in the block).
+    if (p.local_route == 0 &&
+        !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
       return;
     }
-    const int64_t chunk_units =
-        (units + p.chunks_per_row - 1) / p.chunks_per_row;
-    const int64_t items = bad ? 0 : T * p.chunks_per_row;
-    const int64_t push_warps = int64_t{p.push_blocks} * kWarpsPerBlock;
-    const int64_t first_item =
-        static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
-    const unsigned lower_lanes = (1u << lane) - 1;
-    const int rounds = p.rounds != 0 ? max(1, R - 1) : 1;
-    for (int round = 0; round < rounds; ++round) {
-      // -1: every destination. Else rank + 1 + round; our own rows travel
-      // with the first round.
-      const int dest = p.rounds != 0 ? (p.rank + 1 + round) % R : -1;
-      for (int64_t item = first_item; item < items; item += push_warps) {
-        const int64_t t = item / p.chunks_per_row;
-        const int64_t chunk = item % p.chunks_per_row;
-        int expert = -1;
-        int rank_d = -1;
-        int local = INT_MAX;
-        int64_t row = -1;
-        if (lane < K) {
-          const int64_t id = static_cast<int64_t>(idx[t * K + lane]);
-          if (id >= 0 && id < E) {
-            expert = static_cast<int>(id);
-            rank_d = expert / L;
-            local = expert % L;
-            // Written by other blocks during this kernel: read past L1.
-            row = shared.offset[expert] + __ldcg(p.pick_pos + t * K + lane);
-          }
-        }
-        const bool targeted = expert >= 0 && (dest < 0 || rank_d == dest ||
-                                              (round == 0 && rank_d == p.rank));
-        // A token travels once per remote destination, in its pick with the
-        // smallest local expert there (the smallest row: if it does not fit,
-        // no other pick of the token there fits); the receiver copies it
-        // into the other picks' rows. Rows for this rank are written for
-        // every pick (local memory is cheap).
-        int best_local = local;
-        int64_t primary_row = row;
-        for (int j = 0; j < K; ++j) {
-          const int rank_j = __shfl_sync(kFullMask, rank_d, j);
-          const int local_j = __shfl_sync(kFullMask, local, j);
-          const int64_t row_j = __shfl_sync(kFullMask, row, j);
-          if (expert >= 0 && rank_j == rank_d && local_j < best_local) {
-            best_local = local_j;
-            primary_row = row_j;
-          }
-        }
-        const bool fits = expert >= 0 && row < p.capacity;
-        const bool mine = targeted && fits;
-        const bool carries = mine && (rank_d == p.rank || best_local == local);
-        if (chunk == 0) {
-          if (lane < K && (targeted || (round == 0 && expert < 0))) {
-            p.pick_row[t * K + lane] = fits ? static_cast<int32_t>(row) : -1;
-          }
-          if (mine) {
-            int4 meta;
-            meta.x = static_cast<int>(t);
-            meta.y = (p.rank << 8) | lane;
-            meta.z = carries ? -1 : static_cast<int>(primary_row);
-            meta.w = __float_as_int(p.topk_weights != nullptr
-                                        ? p.topk_weights[t * K + lane]
-                                        : 0.0f);
-            *reinterpret_cast<int4*>(static_cast<char*>(p.recv[rank_d]) +
-                                     p.meta_offset + row * kMetaBytes) = meta;
-          }
-        }
-        const unsigned carriers = __ballot_sync(kFullMask, carries);
-        if (carriers == 0) {
-          continue;
-        }
-        if (carries) {
-          destinations[warp][__popc(carriers & lower_lanes)] =
-              static_cast<char*>(p.recv[rank_d]) + row * p.row_bytes;
-        }
-        __syncwarp();
-        const int64_t begin = chunk * chunk_units;
-        const int64_t end = min(units, begin + chunk_units);
-        copyUnits<U, false>(
-            destinations[warp], __popc(carriers),
-            reinterpret_cast<const U*>(static_cast<const char*>(p.x) +
-                                       t * p.row_bytes),
-            begin, end, lane);
-        __syncwarp();
-      }
-      const bool last_in_round =
-          arriveLast(&state->dispatch_rounds[round], p.push_blocks);
-      if (round == rounds - 1) {
-        profileMark(prof, kDispatchPushed);
-      }
-      if (last_in_round) {
-        if (dest < 0) {
-          signalAllPeers(p.control, p.layout.data_flags, p.rank, R, epoch);
-        } else if (threadIdx.x == 0) {
-          signalPeer(p.control, p.layout.data_flags, p.rank, dest, epoch);
-          if (round == 0 && dest != p.rank) {
-            signalPeer(p.control, p.layout.data_flags, p.rank, p.rank, epoch);
-          }
-        }
-        if (round == rounds - 1) {
-          profileMark(prof, kDispatchDataSignalled);
-        }
-      }
+    pushToPeer<IdxT, U>(p, shared, epoch);
+    if (prof != nullptr) {  // uniform in the block
+      __syncthreads();
+      profileMark(prof, kDispatchPushed);
+    }
+  } else {
+    if (p.local_route == 0 &&
+        !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
+      return;
+    }
+    writeLocalRows<IdxT, U>(p, shared, epoch);
+    if (prof != nullptr) {  // uniform in the block
+      __syncthreads();
+      profileMark(prof, kDispatchLocalRows);
     }
   }
 
-  // --- Expand: groups of kExpandRows rows, source by source in the order
-  // they arrive (ours, then rank - 1, rank - 2, ...), claimed dynamically
-  // so that idle warps start while the push blocks still push.
-  if (threadIdx.x == 0) {
-    int64_t groups = 0;
-    for (int i = 0; i < R; ++i) {
-      const int source = (p.rank - i + R) % R;
-      source_groups[i] = groups;
-      int64_t rows = 0;
-      for (int l = 0; l < L; ++l) {
-        rows += shared.recv_count[source * L + l];
-      }
-      groups += bad ? 0 : (rows + kExpandRows - 1) / kExpandRows;
-    }
-    source_groups[R] = groups;
-    data_in_ns = 0;
-  }
-  __syncthreads();
-  char* const recv_base = static_cast<char*>(p.recv[p.rank]);
-  const auto* metas = reinterpret_cast<const int4*>(recv_base + p.meta_offset);
-  const uint64_t* data_flags = flagAt(own_control, p.layout.data_flags, 0);
-  uint32_t ready = 0;
-  while (true) {
-    unsigned long long group = 0;
-    if (lane == 0) {
-      group = atomicAdd(reinterpret_cast<unsigned long long*>(
-                            &state->expand_claims[epoch & 1]),
-                        1ULL);
-    }
-    group = __shfl_sync(kFullMask, group, 0);
-    if (static_cast<int64_t>(group) >= source_groups[R]) {
-      break;
-    }
-    int i = 0;
-    while (source_groups[i + 1] <= static_cast<int64_t>(group)) {
-      ++i;
-    }
-    const int source = (p.rank - i + R) % R;
-    if ((ready & (1u << source)) == 0) {
-      if (!warpWaitForPeer(data_flags + source, epoch, source, context,
-                           kWaitDispatchData)) {
-        break;
-      }
-      if (prof != nullptr && lane == 0) {
-        atomicMax(&data_in_ns,
-                  static_cast<unsigned long long>(globalTimerNs()));
-      }
-      ready |= 1u << source;
-    }
-    const int64_t first =
-        (static_cast<int64_t>(group) - source_groups[i]) * kExpandRows;
-    for (int n = 0; n < kExpandRows; ++n) {
-      const int64_t r = rowOfSource(shared.recv_start, shared.recv_count, L,
-                                    source, first + n);
-      if (r < 0 || r >= recv_rows) {
-        continue;
-      }
-      const int4 meta = __ldcg(metas + r);
-      if (lane == 0) {
-        p.recv_src_token[r] = meta.x;
-        p.recv_src_rank[r] = meta.y >> 8;
-        p.recv_src_k[r] = meta.y & 0xff;
-        if (p.recv_weights != nullptr) {
-          p.recv_weights[r] = __int_as_float(meta.w);
-        }
-        if ((meta.y >> 8) != source || meta.z >= r) {
-          recordStatus(context, kStatusInternal, p.rank, kWaitDispatchData,
-                       meta.x, meta.y, r);
-        }
-      }
-      if (meta.z >= 0 && meta.z < r) {
-        char* destination = recv_base + r * p.row_bytes;
-        copyUnits<U, true>(
-            &destination, 1,
-            reinterpret_cast<const U*>(recv_base + meta.z * p.row_bytes), 0,
-            units, lane);
-      }
-    }
-  }
-
+  // --- Expand the received rows.
+  expandRows<U>(p, shared, recv_rows, epoch, context);
   if (prof != nullptr) {  // uniform in the block
     __syncthreads();
-    if (threadIdx.x == 0) {
-      prof[kDispatchDataIn] = data_in_ns;
-    }
     profileMark(prof, kDispatchExpanded);
   }
   if (arriveLast(&state->dispatch_exits, gridDim.x) && threadIdx.x == 0) {
@@ -760,14 +899,15 @@ auto dispatchKernelFor(int64_t unit_bytes) {
 
 }  // namespace
 
-ControlLayout controlLayout(int world_size, int num_experts) {
+ControlLayout controlLayout(int world_size, int num_experts,
+                            int64_t max_tokens) {
   ControlLayout layout = {};
   const size_t flags = sizeof(uint64_t) * world_size;
   layout.count_flags = 0;
-  layout.data_flags = roundUp(layout.count_flags + flags, 16);
-  layout.combine_flags = roundUp(layout.data_flags + flags, 16);
-  layout.free_flags = roundUp(layout.combine_flags + flags, 16);
-  layout.count_rows = roundUp(layout.free_flags + flags, 128);
+  layout.free_flags = roundUp(layout.count_flags + flags, 16);
+  layout.arrivals = roundUp(layout.free_flags + flags, 128);
+  layout.count_rows = roundUp(
+      layout.arrivals + sizeof(uint64_t) * world_size * max_tokens, 128);
   layout.count_row_bytes = countRowBytes(num_experts);
   layout.total_bytes =
       layout.count_rows + 2 * world_size * layout.count_row_bytes;
@@ -775,7 +915,8 @@ ControlLayout controlLayout(int world_size, int num_experts) {
 }
 
 size_t dispatchSharedBytes(int num_experts) {
-  return tablesBytes(num_experts) + countRowBytes(num_experts);
+  return tablesBytes(num_experts) + kPositionsBytes +
+         countRowBytes(num_experts);
 }
 
 cudaError_t dispatchOccupancy(size_t shared_bytes, int* per_sm) {
@@ -798,9 +939,9 @@ cudaError_t dispatchOccupancy(size_t shared_bytes, int* per_sm) {
 
 cudaError_t launchDispatch(const DispatchParams& params, bool idx_is_int64,
                            int blocks, bool cooperative, cudaStream_t stream) {
-  const auto kernel = idx_is_int64
-                          ? dispatchKernelFor<int64_t>(params.unit_bytes)
-                          : dispatchKernelFor<int32_t>(params.unit_bytes);
+  const auto kernel =
+      idx_is_int64 ? dispatchKernelFor<int64_t>(params.common.unit_bytes)
+                   : dispatchKernelFor<int32_t>(params.common.unit_bytes);
   return device::launch(kernel, params, blocks,
                         dispatchSharedBytes(params.num_experts), cooperative,
                         stream);

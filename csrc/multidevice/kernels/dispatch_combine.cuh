@@ -34,11 +34,11 @@ enum StatusCode : int32_t {
   kStatusInternal = 6,          // value: detail
 };
 
-// Which flag a timed-out wait was polling.
+// What a timed-out wait was polling.
 enum WaitPurpose : int32_t {
   kWaitCounts = 1,        // dispatch: the peer's count row
-  kWaitDispatchData = 2,  // dispatch: the peer's rows and metadata
-  kWaitCombineData = 3,   // combine: the peer's rows back into our slots
+  kWaitDispatchData = 2,  // dispatch: a row the peer sends us
+  kWaitCombineData = 3,   // combine: the peer's rows of one of our tokens
   kWaitCombineFree = 4,   // combine: the peer's slots free again
   kWaitGrid = 5,  // this GPU's other blocks at a grid barrier (rank: ours)
 };
@@ -59,9 +59,9 @@ struct Status {
 // Per-workspace device state in local (not symmetric) memory, zeroed at
 // setup. Epochs and arrival counters only grow (a counter gets exactly its
 // number of participants per call, so "last to arrive" is a modulo test);
-// the only per-call counter, expand_claims, is double-buffered by epoch
-// parity and cleared one call ahead. So consecutive calls and graph replays
-// never race on a reset.
+// the per-call claim counters are double-buffered by epoch parity and the
+// next call's copy is cleared one call ahead. So consecutive calls and graph
+// replays never race on a reset.
 struct DeviceState {
   uint64_t dispatch_epoch;    // epoch of the last finished dispatch
   uint64_t combine_epoch;     // epoch of the last finished combine
@@ -69,22 +69,21 @@ struct DeviceState {
   uint64_t combine_exits;     // blocks that finished a combine
   uint64_t dispatch_counted;  // blocks whose counts are in block_counts
   uint64_t dispatch_ranked;   // blocks whose pick_pos are final
-  uint64_t dispatch_rounds[kMaxRanks];  // push blocks done with round r
-  uint64_t combine_rounds[kMaxRanks];   // push blocks done with round r
-  uint64_t expand_claims[2];            // row groups claimed by expanding warps
-  int64_t recv_rows;                    // valid rows of the last dispatch here
-  int32_t poisoned;      // set by a timeout: every later call bails
-  int32_t status_claim;  // 0 until a kernel claims Status
+  uint64_t reduce_claims[2];  // combine: tokens claimed by reducing warps
+  int64_t recv_rows;          // valid rows of the last dispatch here
+  int32_t poisoned;           // set by a timeout: every later call bails
+  int32_t status_claim;       // 0 until a kernel claims Status
 };
 
-// Layout of the symmetric control buffer (identical on every rank). All
-// flags are written by the peer named by their index, with a system-scope
-// release store, and polled by the owner with acquire loads.
+// Layout of the symmetric control buffer (identical on every rank).
+// count_flags and free_flags are written by the peer named by their index,
+// with a system-scope release store, and polled by the owner with acquire
+// loads; arrivals[t] collects, per token of the owner, one bit per peer that
+// has sent back all of its rows of t (combine), with release reductions.
 struct ControlLayout {
   size_t count_flags;      // uint64[R]: epoch of peer s's count row
-  size_t data_flags;       // uint64[R]: epoch of peer s's rows for us
-  size_t combine_flags;    // uint64[R]: epoch of peer s's rows back to us
   size_t free_flags;       // uint64[R]: epoch of peer s's last reduction
+  size_t arrivals;         // uint32[T_max]: peers done with our token t
   size_t count_rows;       // CountRow[2][R], double-buffered by epoch parity
   size_t count_row_bytes;  // header + E int32 counts, 16-byte multiple
   size_t total_bytes;
@@ -101,89 +100,131 @@ constexpr int kProfileSlots = 16;
 enum DispatchPhase : int32_t {
   kDispatchEpoch = 0,
   kDispatchEntry,      // all blocks: first instruction
-  kDispatchValidated,  // all: ids of the block's tokens checked
-  kDispatchCounted,    // all: grid barrier passed (every block's counts in)
-  kDispatchPublished,  // block 0: count rows stored, count flags raised
+  kDispatchValidated,  // all: ids checked (the block's tokens, or all)
+  kDispatchCounted,    // all: counts known (grid route: barrier passed)
+  kDispatchPublished,  // blocks that published: count rows stored, flagged
   kDispatchCountsIn,   // all: every peer's count flag seen
   kDispatchOffsets,    // all: offsets / segments computed
-  kDispatchPushed,     // push blocks: rows pushed, block arrived (last round)
-  kDispatchDataSignalled,  // the last push block: data flags raised
-  kDispatchDataIn,         // blocks that expanded: latest return of a warp's
-                           // wait for a source's data flag
-  kDispatchExpanded,       // all: the block's expansion warps are done
-  kDispatchExit,           // all: exit arrival counted
+  kDispatchPushed,     // push blocks: their tokens sent to their peer
+  kDispatchLocalRows,  // local blocks: rows for this rank written
+  kDispatchExpanded,   // all: no received row left to claim
+  kDispatchExit,       // all: exit arrival counted
   kDispatchPhases
 };
 
 enum CombinePhase : int32_t {
   kCombineEpoch = 0,
-  kCombineEntry,   // all blocks: first instruction
-  kCombineFreeIn,  // all: every peer's previous combine done (free flags)
-  kCombinePushed,  // push blocks: rows pushed, block arrived (last round)
-  kCombineDataSignalled,  // the last push block: combine flags raised
-  kCombineDataIn,         // all: every peer's combine flag seen
-  kCombineReduced,        // all: the block's share of the reduction done
-  kCombineExit,           // all: exit counted (the last block: free flags up)
+  kCombineEntry,    // all blocks: first instruction
+  kCombineFreeIn,   // push blocks: their peer's previous combine done
+  kCombinePushed,   // push blocks: their peer's rows sent back
+  kCombineReduced,  // all: no token left to claim
+  kCombineExit,     // all: exit counted (the last block: free flags up)
   kCombinePhases
 };
 
 static_assert(kDispatchPhases <= kProfileSlots &&
               kCombinePhases <= kProfileSlots);
 
-// Header of a published count row: the sender's input validation result.
+// Header of a published count row: the sender's input validation result
+// and its number of tokens.
 struct CountRowHeader {
   int32_t code;  // kStatusOk, kStatusBadExpertId or kStatusDuplicateExpert
   int32_t pick;
   int64_t token;
   int64_t value;
-  int64_t reserved;
+  int64_t tokens;  // the sender's T
 };
 
-ControlLayout controlLayout(int world_size, int num_experts);
+ControlLayout controlLayout(int world_size, int num_experts,
+                            int64_t max_tokens);
 
-// Per-row metadata pushed next to each row: {source token, source rank << 8 |
-// pick, row to copy from (-1 for the row that carried the data), weight
-// bits}. 16 bytes, so one vector store.
-constexpr size_t kMetaBytes = 16;
+// Metadata of a received row, written by its sender after the row's data:
+// `body` = {source token, source rank << 8 | pick, row to copy the data
+// from (-1: this row carries it), weight bits}, then `epoch` with a release
+// store, which tells the receiver that the row (and the row it copies from)
+// is complete.
+struct RowMeta {
+  int32_t token;
+  int32_t source_pick;
+  int32_t primary;
+  int32_t weight_bits;
+  uint64_t epoch;
+  uint64_t reserved;
+};
+constexpr size_t kMetaBytes = sizeof(RowMeta);
+static_assert(kMetaBytes == 32);
+
+// Where the rows of (source s, token t, pick k) are on this rank, for the
+// combine: written by the dispatch's expansion, valid when `epoch` is that
+// dispatch's epoch.
+struct RouteEntry {
+  uint64_t epoch;
+  int64_t row;
+};
+
+// Counting mode of the dispatch: below this many picks (T K) every block
+// counts all tokens itself and keeps the positions in shared memory (no
+// grid barrier); above, blocks count their own tokens and meet at two grid
+// barriers.
+constexpr int kLocalRoutePicks = 4096;
+
+// Fields both kernels share, filled by one host function.
+struct CommonParams {
+  int rank;
+  int world_size;
+  int local_experts;
+  int topk;
+  int64_t max_tokens;  // T_max
+  int64_t row_bytes;   // B
+  int64_t unit_bytes;  // 16, 8, 4 or 2: copy granularity
+  // Blocks [0, push_blocks) push rows to peers, push_blocks / (R - 1) for
+  // each (block b serves peer rank + 1 + b % (R - 1)); the others do this
+  // rank's share (local rows, expansion, reduction) from the start.
+  int push_blocks;
+  // Symmetric memory: device arrays of R peer pointers.
+  void* const* control;  // ControlLayout buffers
+  void* const* recv;     // [C, B] rows, then [C] RowMeta
+  void* const* slots;    // [T_max, K, B] per rank (combine)
+  ControlLayout layout;
+  size_t meta_offset;  // bytes from a recv buffer to its metadata
+  // Local state and scratch.
+  DeviceState* state;
+  Status* status;  // host-mapped
+  // [T_max * K]: the row of a pick on its expert's rank, or -1 (masked, or
+  // dropped by a capacity overflow), and that rank; written by dispatch.
+  int32_t* pick_row;
+  int32_t* pick_rank;
+  // [R * L]: where source s's rows of local expert l start here, and how
+  // many there are; [R]: source s's T; [R][T_max * K]: RouteEntry.
+  int64_t* recv_start;
+  int32_t* recv_count;
+  int64_t* source_tokens;
+  RouteEntry* routes;
+  uint64_t timeout_ns;
+  int debug;
+  // [gridDim.x][kProfileSlots] timing slots of this op, or null (profiling
+  // off: the only cost is one untaken branch per phase).
+  uint64_t* profile;
+};
 
 struct DispatchParams {
-  // Inputs on this rank.
+  CommonParams common;
   const void* x;              // [T, H], B bytes per row
   const void* topk_idx;       // [T, K] int32 or int64
   const float* topk_weights;  // [T, K] or null
   int64_t tokens;             // T
-  // Sizes.
-  int rank;
-  int world_size;
   int num_experts;
-  int local_experts;
-  int topk;
-  int64_t row_bytes;       // B
-  int64_t capacity;        // C
-  int64_t unit_bytes;      // 16, 8, 4 or 2: copy granularity
-  int64_t chunks_per_row;  // work items per row in the push
-  int push_blocks;         // blocks [0, push_blocks) push rows
-  // Push to one destination after the other (rounds) instead of to all at
-  // once; pays off when rows are many (see docs/moe_cuda.md).
-  int rounds;
-  // Symmetric memory: device arrays of R peer pointers.
-  void* const* control;  // ControlLayout buffers
-  void* const* recv;     // [C, B] rows, then [C] metadata
-  ControlLayout layout;
-  size_t meta_offset;  // bytes from a recv buffer to its metadata
-  // Local scratch.
-  DeviceState* state;
-  Status* status;  // host-mapped
+  int64_t capacity;  // C
+  // 1: every block counts all tokens (T K <= kLocalRoutePicks); 0: grid.
+  int local_route;
   // [T_max * K]: a pick's position among this rank's rows of its expert
-  // (first relative to its warp's tokens, final after the grid barrier).
+  // (grid route: first relative to its warp's tokens, final after the
+  // second grid barrier).
   int32_t* pick_pos;
   int32_t* block_counts;             // [E][gridDim.x]: rows per block
   unsigned long long* block_errors;  // [gridDim.x]: smallest error key
-  int32_t* pick_row;                 // [T_max * K]: row on the receiver or -1
-  // [R * L]: where source s's rows of local expert l start here, and how
-  // many there are (kept for the combine).
-  int64_t* recv_start;
-  int32_t* recv_count;
+  // [2][E]: expansion claims per segment, double-buffered by epoch parity.
+  int32_t* segment_claims;
   // Outputs (device).
   int64_t* recv_src_rank;       // [C]
   int64_t* recv_src_token;      // [C]
@@ -192,42 +233,14 @@ struct DispatchParams {
   int64_t* recv_expert_counts;  // [L]
   int64_t* rows_to_rank;        // [R]
   int64_t* rows_from_rank;      // [R]
-  uint64_t timeout_ns;
-  int debug;
-  // [gridDim.x][kProfileSlots] timing slots of this op, or null (profiling
-  // off: the only cost is one untaken branch per phase).
-  uint64_t* profile;
 };
 
 struct CombineParams {
+  CommonParams common;
   const void* expert_out;     // [C, H] in the dispatch layout
   const float* topk_weights;  // [T, K] or null
   void* out;                  // [T, H]
   int64_t tokens;             // T of the matching dispatch
-  int rank;
-  int world_size;
-  int local_experts;
-  int topk;
-  int64_t max_tokens;  // T_max
-  int64_t row_bytes;
-  int64_t unit_bytes;
-  int64_t chunks_per_row;
-  int push_blocks;
-  int rounds;  // as in DispatchParams
-  void* const* control;
-  void* const* recv;   // for the metadata of the last dispatch
-  void* const* slots;  // [T_max, K, B] per rank
-  ControlLayout layout;
-  size_t meta_offset;
-  DeviceState* state;
-  Status* status;
-  // Written by the last dispatch.
-  const int32_t* pick_row;
-  const int64_t* recv_start;
-  const int32_t* recv_count;
-  uint64_t timeout_ns;
-  int debug;
-  uint64_t* profile;  // as in DispatchParams
 };
 
 enum class ElementType : int32_t { kFloat32, kBFloat16, kFloat16 };
