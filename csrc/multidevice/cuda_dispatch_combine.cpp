@@ -265,13 +265,15 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
         std::clamp(wanted_push / peers, 1, (blocks_ - 1) / peers);
     push_blocks_ = per_peer * peers;
   }
-  grid_route_min_tokens_ =
+  // 0 (or an unset variable): no limit, only T * K decides.
+  const double grid_route_min_tokens =
       c.grid_route_min_tokens > 0
-          ? c.grid_route_min_tokens
-          : static_cast<int64_t>(
-                environmentNumber("HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS",
-                                  static_cast<double>(
-                                      std::numeric_limits<int64_t>::max())));
+          ? static_cast<double>(c.grid_route_min_tokens)
+          : environmentNumber("HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS", 0);
+  grid_route_min_tokens_ =
+      grid_route_min_tokens >= 1 && grid_route_min_tokens < 1e18
+          ? static_cast<int64_t>(grid_route_min_tokens)
+          : std::numeric_limits<int64_t>::max();
 
   // Every rank must describe the same node: compare through the store.
   {

@@ -171,19 +171,21 @@ __device__ inline bool warpWaitForPeer(const uint64_t* flag, uint64_t target,
   return ok != 0;
 }
 
-// Block-wide: after this block's stores, counts the block in `counter`,
-// which only grows, by `participants` per call. True in every thread of the
-// block that arrived last in this call; by then the stores of every
-// participating block are visible to it.
+// Block-wide, at the end of a kernel: counts the block in `counter`, which
+// only grows, by `participants` per call. True in every thread of the
+// block that arrived last in this call; by then the memory operations of
+// every participating block are visible to it at GPU scope (the block
+// barrier, then one thread's fence before its arrival; signals to peers add
+// their own system-scope fence).
 __device__ inline bool arriveLast(uint64_t* counter, int participants) {
   __shared__ int last;
-  __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
+    __threadfence();
     const unsigned long long before =
         atomicAdd(reinterpret_cast<unsigned long long*>(counter), 1ULL);
     last = (before + 1) % static_cast<unsigned long long>(participants) == 0;
-    __threadfence_system();
+    __threadfence();
   }
   __syncthreads();
   return last != 0;
