@@ -31,6 +31,7 @@ namespace {
 
 using device::arriveLast;
 using device::copyUnits;
+using device::fenceAcqRelSys;
 using device::flagAt;
 using device::globalTimerNs;
 using device::loadVolatile;
@@ -129,7 +130,7 @@ __device__ void pushBack(const CombineParams& p, uint64_t dispatch_epoch,
                                      from * c.row_bytes),
           0, units, lane);
     }
-    __threadfence_system();
+    fenceAcqRelSys();
     __syncwarp();
     if (lane == 0) {
       storeReleaseSys(arrivals + t * c.world_size + c.rank, epoch);

@@ -35,6 +35,17 @@ __device__ __forceinline__ void storeReleaseSys(uint64_t* address,
                : "memory");
 }
 
+// Orders this thread's earlier memory operations before its later ones for
+// observers anywhere (peers included); with a warp or block barrier after
+// it, one thread's release store then publishes the stores of all of them.
+__device__ __forceinline__ void fenceAcqRelSys() {
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+
+__device__ __forceinline__ void fenceAcqRelGpu() {
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+}
+
 __device__ __forceinline__ uint64_t globalTimerNs() {
   uint64_t now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
@@ -127,9 +138,12 @@ __device__ inline bool waitForFlag(const uint64_t* flag, uint64_t target,
     return true;
   }
   const uint64_t start = globalTimerNs();
+  unsigned sleep_ns = 32;
   while (loadAcquireSys(flag) < target) {
-    // Many warps may poll at once: leave L2 bandwidth to the copies.
-    __nanosleep(64);
+    // Many warps may poll at once: leave L2 bandwidth to the copies, the
+    // longer the wait the more.
+    __nanosleep(sleep_ns);
+    sleep_ns = sleep_ns < 256 ? 2 * sleep_ns : sleep_ns;
     if (loadVolatile(&context.state->poisoned) != 0) {
       return false;
     }

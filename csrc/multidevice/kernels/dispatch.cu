@@ -36,6 +36,8 @@ namespace {
 using device::arriveLast;
 using device::blockWaitForPeers;
 using device::copyUnits;
+using device::fenceAcqRelGpu;
+using device::fenceAcqRelSys;
 using device::flagAt;
 using device::globalTimerNs;
 using device::gridArrive;
@@ -48,7 +50,6 @@ using device::profileSlots;
 using device::PushGroup;
 using device::recordStatus;
 using device::roundUp;
-using device::signalPeer;
 using device::storeReleaseSys;
 using device::waitForFlag;
 using device::WaitContext;
@@ -107,12 +108,13 @@ __device__ __forceinline__ RowMeta* metaAt(void* recv, size_t meta_offset,
          row;
 }
 
-// Error key: the smallest (token, pick) with a bad id wins.
+// Error key: the smallest (token, pick) with a bad id wins, as if every
+// token were checked pick by pick in order.
 __device__ __forceinline__ unsigned long long errorKey(int64_t token, int pick,
                                                        int code) {
   return (static_cast<unsigned long long>(token) << 16) |
-         (static_cast<unsigned long long>(code) << 8) |
-         static_cast<unsigned long long>(pick);
+         (static_cast<unsigned long long>(pick) << 8) |
+         static_cast<unsigned long long>(code);
 }
 
 // A range of tokens counted by one block: [first, last), its warp w the
@@ -146,9 +148,10 @@ __device__ TokenRange blockTokens(int64_t tokens) {
   return warpSplit(first, min(tokens, first + per_block));
 }
 
-// Warp w's picks, 32 at a time in (token, pick) order: calls
-// visit(q, expert) in every lane, expert -1 for no (or an invalid) pick and
-// past the end. Warp-uniform trip count.
+// Warp w's picks in (token, pick) order, whole tokens at a time: 32 / K
+// tokens per step, lane = token slot * K + pick. Calls visit(q, t, k, id)
+// in every lane (t = -1 in lanes without a pick: past the tokens, or past
+// 32 / K * K). Warp-uniform trip count.
 template <typename IdxT, typename Visit>
 __device__ __forceinline__ void forWarpPicks(const DispatchParams& p,
                                              const TokenRange& range,
@@ -157,26 +160,25 @@ __device__ __forceinline__ void forWarpPicks(const DispatchParams& p,
   const int K = p.common.topk;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const int per_step = 32 / K;
   const int64_t first =
       min(range.last, range.first + warp * range.tokens_per_warp);
   const int64_t last = min(range.last, first + range.tokens_per_warp);
-  for (int64_t base = first * K; base < last * K; base += 32) {
-    const int64_t q = base + lane;
-    int expert = -1;
-    if (q < last * K) {
-      const int64_t id = static_cast<int64_t>(idx[q]);
-      if (id >= 0 && id < p.num_experts) {
-        expert = static_cast<int>(id);
-      }
-    }
-    visit(q, expert);
+  for (int64_t base = first; base < last; base += per_step) {
+    const int64_t t = base + lane / K;
+    const int k = lane % K;
+    const bool has = lane < per_step * K && t < last;
+    const int64_t id = has ? static_cast<int64_t>(idx[t * K + k]) : -1;
+    visit(t * K + k, has ? t : int64_t{-1}, k, id);
   }
 }
 
-// Block-wide, over `range`: the smallest validation error key into
-// *error_key, each pick's position among its warp's picks of its expert
-// into positions[q], in shared.route[w][e] the exclusive base of warp w
-// within the block and in shared.colsum[e] the block's count of expert e.
+// Block-wide, over `range`: validation (ids in [-1, E), no expert twice in
+// a token; the smallest error key into *error_key), each pick's position
+// among its warp's picks of its expert into positions[q], in
+// shared.route[w][e] the exclusive base of warp w within the block and in
+// shared.colsum[e] the block's count of expert e. One pass over the ids:
+// lanes naming the same expert find each other with match_any.
 template <typename IdxT>
 __device__ void countRange(const DispatchParams& p,
                            const DispatchShared& shared,
@@ -184,9 +186,9 @@ __device__ void countRange(const DispatchParams& p,
                            unsigned long long* error_key, uint64_t* prof) {
   const int E = p.num_experts;
   const int K = p.common.topk;
-  const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const unsigned lower_lanes = (1u << lane) - 1;
 
   if (threadIdx.x == 0) {
     *error_key = ULLONG_MAX;
@@ -196,51 +198,39 @@ __device__ void countRange(const DispatchParams& p,
   }
   __syncthreads();
 
-  // Validation: ids in [-1, E), no expert twice in a token.
-  for (int64_t t = range.first + threadIdx.x; t < range.last; t += blockDim.x) {
-    for (int k = 0; k < K; ++k) {
-      const int64_t id = static_cast<int64_t>(idx[t * K + k]);
-      unsigned long long key = ULLONG_MAX;
-      if (id < -1 || id >= E) {
-        key = errorKey(t, k, kStatusBadExpertId);
-      } else if (id >= 0) {
-        for (int j = 0; j < k; ++j) {
-          if (static_cast<int64_t>(idx[t * K + j]) == id) {
-            key = errorKey(t, k, kStatusDuplicateExpert);
-            break;
-          }
-        }
-      }
-      if (key != ULLONG_MAX) {
-        atomicMin(error_key, key);
-        break;
-      }
+  int32_t* counts = shared.route + warp * E;
+  unsigned long long warp_error = ULLONG_MAX;
+  forWarpPicks<IdxT>(p, range, [&](int64_t q, int64_t t, int k, int64_t id) {
+    const bool valid = t >= 0 && id >= 0 && id < E;
+    const int expert = valid ? static_cast<int>(id) : -1;
+    // The same expert twice in one token: same (token slot, expert).
+    const int key = valid ? (lane / K) * E + expert : -1 - lane;
+    const unsigned same = __match_any_sync(kFullMask, key);
+    const bool repeat = valid && (same & lower_lanes) != 0;
+    if (t >= 0 && (id < -1 || id >= E)) {
+      warp_error = min(warp_error, errorKey(t, k, kStatusBadExpertId));
+    } else if (repeat) {
+      warp_error = min(warp_error, errorKey(t, k, kStatusDuplicateExpert));
     }
+    const unsigned group = __match_any_sync(kFullMask, expert);
+    const unsigned before = group & lower_lanes;
+    if (valid) {
+      positions[q] = counts[expert] + __popc(before);
+    }
+    __syncwarp();
+    if (valid && before == 0) {
+      counts[expert] += __popc(group);
+    }
+    __syncwarp();
+  });
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    warp_error = min(warp_error, __shfl_xor_sync(kFullMask, warp_error, offset));
   }
-  if (prof != nullptr) {  // uniform in the block
-    __syncthreads();
-    profileMark(prof, kDispatchValidated);
-  }
-
-  // Counting: lanes naming the same expert find each other with match_any
-  // and take consecutive positions.
-  {
-    int32_t* counts = shared.route + warp * E;
-    const unsigned lower_lanes = (1u << lane) - 1;
-    forWarpPicks<IdxT>(p, range, [&](int64_t q, int expert) {
-      const unsigned group = __match_any_sync(kFullMask, expert);
-      const unsigned before = group & lower_lanes;
-      if (expert >= 0) {
-        positions[q] = counts[expert] + __popc(before);
-      }
-      __syncwarp();
-      if (expert >= 0 && before == 0) {
-        counts[expert] += __popc(group);
-      }
-      __syncwarp();
-    });
+  if (lane == 0 && warp_error != ULLONG_MAX) {
+    atomicMin(error_key, warp_error);
   }
   __syncthreads();
+  profileMark(prof, kDispatchValidated);
 
   // Per expert: the warps' exclusive bases in place, the block's total.
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
@@ -266,8 +256,8 @@ __device__ void fillHeader(const DispatchParams& p, CountRowHeader* header,
   header->tokens = p.tokens;
   if (error_key != ULLONG_MAX) {
     const int64_t token = static_cast<int64_t>(error_key >> 16);
-    const int pick = static_cast<int>(error_key & 0xff);
-    header->code = static_cast<int32_t>((error_key >> 8) & 0xff);
+    const int pick = static_cast<int>((error_key >> 8) & 0xff);
+    header->code = static_cast<int32_t>(error_key & 0xff);
     header->pick = pick;
     header->token = token;
     header->value = static_cast<int64_t>(
@@ -275,32 +265,32 @@ __device__ void fillHeader(const DispatchParams& p, CountRowHeader* header,
   }
 }
 
-// Block-wide: stores shared.row into slot [parity][rank] of peers
-// first_peer, first_peer + step, ... and raises their count flags.
+// Warp 0: stores shared.row (complete: after a block barrier) into slot
+// [parity][rank] of peers first_peer, first_peer + step, ... and raises
+// their count flags.
 __device__ void publishCountRow(const DispatchParams& p,
                                 const DispatchShared& shared, uint64_t epoch,
                                 int first_peer, int step, uint64_t* prof) {
   const CommonParams& c = p.common;
-  const int parity = static_cast<int>(epoch & 1);
-  const int vectors = static_cast<int>(c.layout.count_row_bytes / 16);
-  const int peers = first_peer < c.world_size
-                        ? (c.world_size - first_peer + step - 1) / step
-                        : 0;
-  if (peers == 0) {
+  const int lane = threadIdx.x & 31;
+  if (threadIdx.x >= 32 || first_peer >= c.world_size) {
     return;
   }
-  for (int i = threadIdx.x; i < peers * vectors; i += blockDim.x) {
-    const int peer = first_peer + (i / vectors) * step;
+  const int parity = static_cast<int>(epoch & 1);
+  const int vectors = static_cast<int>(c.layout.count_row_bytes / 16);
+  for (int peer = first_peer; peer < c.world_size; peer += step) {
     auto* destination = reinterpret_cast<int4*>(
         countRowAt(c.control[peer], c.layout, parity, c.rank, c.world_size));
-    destination[i % vectors] =
-        reinterpret_cast<const int4*>(shared.row)[i % vectors];
+    for (int i = lane; i < vectors; i += 32) {
+      destination[i] = reinterpret_cast<const int4*>(shared.row)[i];
+    }
   }
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x < peers) {
-    signalPeer(c.control, c.layout.count_flags, c.rank,
-               first_peer + threadIdx.x * step, epoch);
+  fenceAcqRelSys();
+  __syncwarp();
+  for (int peer = first_peer + lane * step; peer < c.world_size;
+       peer += 32 * step) {
+    storeReleaseSys(flagAt(c.control[peer], c.layout.count_flags, c.rank),
+                    epoch);
   }
   profileMark(prof, kDispatchPublished);
 }
@@ -331,9 +321,9 @@ __device__ void routeLocal(const DispatchParams& p,
   const TokenRange all = warpSplit(0, p.tokens);
   countRange<IdxT>(p, shared, all, shared.positions, &error_key, prof);
   const int32_t* bases = shared.route + (threadIdx.x >> 5) * p.num_experts;
-  forWarpPicks<IdxT>(p, all, [&](int64_t q, int expert) {
-    if (expert >= 0) {
-      shared.positions[q] += bases[expert];
+  forWarpPicks<IdxT>(p, all, [&](int64_t q, int64_t t, int, int64_t id) {
+    if (t >= 0 && id >= 0 && id < p.num_experts) {
+      shared.positions[q] += bases[id];
     }
   });
   auto* totals =
@@ -416,9 +406,9 @@ __device__ uint64_t routeGrid(const DispatchParams& p,
   }
   __syncthreads();
   const int32_t* bases = shared.route + warp * E;
-  forWarpPicks<IdxT>(p, range, [&](int64_t q, int expert) {
-    if (expert >= 0) {
-      p.pick_pos[q] += bases[expert];
+  forWarpPicks<IdxT>(p, range, [&](int64_t q, int64_t t, int, int64_t id) {
+    if (t >= 0 && id >= 0 && id < E) {
+      p.pick_pos[q] += bases[id];
     }
   });
   return gridArrive(&p.common.state->dispatch_ranked,
@@ -504,7 +494,7 @@ __device__ void pushToPeer(const DispatchParams& p,
                         reinterpret_cast<const U*>(
                             static_cast<const char*>(p.x) + t * c.row_bytes),
                         0, units, lane);
-    __threadfence_system();
+    fenceAcqRelSys();
     __syncwarp();
     if (fits) {
       writeMeta(p, recv, pick.row, t, lane, primary, epoch);
@@ -551,7 +541,7 @@ __device__ void writeLocalRows(const DispatchParams& p,
                         reinterpret_cast<const U*>(
                             static_cast<const char*>(p.x) + t * c.row_bytes),
                         0, units, lane);
-    __threadfence();
+    fenceAcqRelGpu();
     __syncwarp();
     if (fits) {
       writeMeta(p, recv, pick.row, t, lane, pick.row, epoch);
@@ -720,8 +710,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     return reinterpret_cast<const int32_t*>(row_of(source) +
                                             sizeof(CountRowHeader));
   };
+  // One pass over all R count rows (their loads all in flight at once):
+  // colsum[x] = rows of expert x from every source, offset[x] = those from
+  // sources before us, recv_count = our experts' rows per source.
   if (threadIdx.x == 0) {
     bad_rank = INT_MAX;
+  }
+  for (int x = threadIdx.x; x < E; x += blockDim.x) {
+    shared.colsum[x] = 0;
+    shared.offset[x] = 0;
   }
   __syncthreads();
   if (threadIdx.x < R) {
@@ -731,19 +728,18 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       atomicMin(&bad_rank, static_cast<int>(threadIdx.x));
     }
   }
-  for (int x = threadIdx.x; x < E; x += blockDim.x) {
-    int32_t all = 0;
-    int32_t before_us = 0;
-    for (int source = 0; source < R; ++source) {
-      const int32_t count = __ldcg(counts_of(source) + x);
-      all += count;
-      before_us += source < c.rank ? count : 0;
+  for (int i = threadIdx.x; i < R * E; i += blockDim.x) {
+    const int source = i / E;
+    const int x = i % E;
+    const int32_t count = __ldcg(counts_of(source) + x);
+    atomicAdd(&shared.colsum[x], count);
+    if (source < c.rank) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(&shared.offset[x]),
+                static_cast<unsigned long long>(count));
     }
-    shared.colsum[x] = all;
-    shared.offset[x] = before_us;
-  }
-  for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
-    shared.recv_count[i] = __ldcg(counts_of(i / L) + c.rank * L + i % L);
+    if (x / L == c.rank) {
+      shared.recv_count[source * L + x % L] = count;
+    }
   }
   __syncthreads();
   // Expert-major: expert x = d * L + l starts after experts d * L .. x - 1;
