@@ -50,6 +50,7 @@ using device::profileSlots;
 using device::PushGroup;
 using device::recordStatus;
 using device::roundUp;
+using device::storeReleaseGpu;
 using device::storeReleaseSys;
 using device::waitForFlag;
 using device::WaitContext;
@@ -445,12 +446,13 @@ __device__ __forceinline__ Pick pickOf(const DispatchParams& p,
   return pick;
 }
 
-// Lane k < K: the metadata of pick k's row, then its epoch (release).
-// `primary` is the row holding the token's data on that rank, -1 if this
-// row does.
+// Lane k < K: the metadata of pick k's row, then its epoch (release; at
+// GPU scope for this rank's own rows). `primary` is the row holding the
+// token's data on that rank, -1 if this row does.
 __device__ __forceinline__ void writeMeta(const DispatchParams& p, void* recv,
                                           int64_t row, int64_t t, int pick,
-                                          int64_t primary, uint64_t epoch) {
+                                          int64_t primary, uint64_t epoch,
+                                          bool own) {
   const CommonParams& c = p.common;
   RowMeta* meta = metaAt(recv, c.meta_offset, row);
   int4 body;
@@ -460,7 +462,11 @@ __device__ __forceinline__ void writeMeta(const DispatchParams& p, void* recv,
   body.w = __float_as_int(
       p.topk_weights != nullptr ? p.topk_weights[t * c.topk + pick] : 0.0f);
   *reinterpret_cast<int4*>(meta) = body;
-  storeReleaseSys(&meta->epoch, epoch);
+  if (own) {
+    storeReleaseGpu(&meta->epoch, epoch);
+  } else {
+    storeReleaseSys(&meta->epoch, epoch);
+  }
 }
 
 // Push blocks: every token with picks on the group's peer goes there once,
@@ -497,7 +503,7 @@ __device__ void pushToPeer(const DispatchParams& p,
     fenceAcqRelSys();
     __syncwarp();
     if (fits) {
-      writeMeta(p, recv, pick.row, t, lane, primary, epoch);
+      writeMeta(p, recv, pick.row, t, lane, primary, epoch, false);
     }
   }
 }
@@ -544,7 +550,7 @@ __device__ void writeLocalRows(const DispatchParams& p,
     fenceAcqRelGpu();
     __syncwarp();
     if (fits) {
-      writeMeta(p, recv, pick.row, t, lane, pick.row, epoch);
+      writeMeta(p, recv, pick.row, t, lane, pick.row, epoch, true);
     }
   }
 }
