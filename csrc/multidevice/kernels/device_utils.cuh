@@ -18,15 +18,14 @@ constexpr int kCopyUnroll = 8;  // units in flight per lane in a row copy
 // Memory-model helpers. Flags cross GPUs, so they use system scope: the
 // writer's release store orders its earlier stores (and, after a warp or
 // block barrier, those of the threads that fenced before it) before the
-// flag; the reader polls with relaxed loads and fences once it sees the
-// value it waits for, which orders the flag before its later loads. Flags
-// read only on the writer's GPU may be released at GPU scope.
+// flag; the reader's acquire load orders the flag before its later loads
+// (an acquire load, unlike a fence, does not wait for the reader's own
+// earlier stores). Flags read only on the writer's GPU are released at GPU
+// scope, which is cheaper.
 
-// Polling load: no ordering of its own (a fence after the last poll gives
-// the acquire), system scope so that it sees peers' stores.
-__device__ __forceinline__ uint64_t loadRelaxedSys(const uint64_t* address) {
+__device__ __forceinline__ uint64_t loadAcquireSys(const uint64_t* address) {
   uint64_t value;
-  asm volatile("ld.relaxed.sys.u64 %0, [%1];"
+  asm volatile("ld.acquire.sys.u64 %0, [%1];"
                : "=l"(value)
                : "l"(address)
                : "memory");
@@ -145,13 +144,12 @@ __device__ inline void recordStatus(const WaitContext& context, int32_t code,
 __device__ inline bool waitForFlag(const uint64_t* flag, uint64_t target,
                                    int peer, const WaitContext& context,
                                    int purpose) {
-  if (loadRelaxedSys(flag) >= target) {
-    fenceAcqRelSys();
+  if (loadAcquireSys(flag) >= target) {
     return true;
   }
   const uint64_t start = globalTimerNs();
   unsigned sleep_ns = 32;
-  while (loadRelaxedSys(flag) < target) {
+  while (loadAcquireSys(flag) < target) {
     // Many warps may poll at once: leave L2 bandwidth to the copies, the
     // longer the wait the more.
     __nanosleep(sleep_ns);
@@ -166,7 +164,6 @@ __device__ inline bool waitForFlag(const uint64_t* flag, uint64_t target,
       return false;
     }
   }
-  fenceAcqRelSys();
   return true;
 }
 
