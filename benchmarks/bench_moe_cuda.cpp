@@ -539,9 +539,9 @@ void runSweep(Bench& bench, int rank, int world, int device,
                                 workspace.pushBlocks() == default_push;
         std::printf("%6lld %6d %5d%-2s  %11.1f %9.1f  %11.1f %9.1f\n",
                     static_cast<long long>(tokens), workspace.blocks(),
-                    workspace.pushBlocks(), is_default ? " *" : "",
-                    dispatch_us, physical_dispatch / (dispatch_us * 1e3),
-                    combine_us, physical_combine / (combine_us * 1e3));
+                    workspace.pushBlocks(), is_default ? " *" : "", dispatch_us,
+                    physical_dispatch / (dispatch_us * 1e3), combine_us,
+                    physical_combine / (combine_us * 1e3));
         std::fflush(stdout);
       }
     }

@@ -248,19 +248,21 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   int max_blocks = 0;
   HF_CUDA_CHECK(moe::prepareKernels(c.device, static_cast<int>(c.num_experts),
                                     element, &max_blocks));
-  HF_CHECK(max_blocks >= c.world_size, "the cuda MoE kernels need at least R = ",
-           c.world_size, " co-resident blocks (one per peer and a local one); "
-           "device ", c.device, " fits ", max_blocks);
+  HF_CHECK(max_blocks >= c.world_size,
+           "the cuda MoE kernels need at least R = ", c.world_size,
+           " co-resident blocks (one per peer and a local one); "
+           "device ",
+           c.device, " fits ", max_blocks);
   const int wanted = c.blocks > 0 ? c.blocks
                                   : static_cast<int>(environmentNumber(
                                         "HOSTFUSE_MOE_BLOCKS", max_blocks));
   blocks_ = std::clamp(wanted, c.world_size, max_blocks);
   const int peers = c.world_size - 1;
   if (peers > 0) {
-    const int wanted_push =
-        c.push_blocks > 0 ? c.push_blocks
-                          : static_cast<int>(environmentNumber(
-                                "HOSTFUSE_MOE_PUSH_BLOCKS", 32 * peers));
+    const int wanted_push = c.push_blocks > 0
+                                ? c.push_blocks
+                                : static_cast<int>(environmentNumber(
+                                      "HOSTFUSE_MOE_PUSH_BLOCKS", 32 * peers));
     const int per_peer =
         std::clamp(wanted_push / peers, 1, (blocks_ - 1) / peers);
     push_blocks_ = per_peer * peers;
@@ -294,8 +296,8 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   }
 
   // Symmetric buffers (the collective part).
-  b.layout = moe::controlLayout(
-      c.world_size, static_cast<int>(c.num_experts), c.max_tokens);
+  b.layout = moe::controlLayout(c.world_size, static_cast<int>(c.num_experts),
+                                c.max_tokens);
   b.guard_bytes = roundUp(std::max<size_t>(row_bytes_, 256), 256);
   const size_t rows_bytes = roundUp(capacity_ * row_bytes_, 256);
   b.meta_offset = rows_bytes + b.guard_bytes;
@@ -449,9 +451,8 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
   result.n_rows_from_rank = at::empty({c.world_size}, options.dtype(at::kLong));
 
   moe::DispatchParams p = {};
-  p.common = commonParams(copyUnit(row_bytes_, {input.data_ptr(),
-                                                b.recv->localPtr()}),
-                          b.profile);
+  p.common = commonParams(
+      copyUnit(row_bytes_, {input.data_ptr(), b.recv->localPtr()}), b.profile);
   p.x = input.data_ptr();
   p.topk_idx = idx.data_ptr();
   p.topk_weights = weights.defined() ? weights.data_ptr<float>() : nullptr;
@@ -684,7 +685,7 @@ const char* const kDispatchPhaseNames[moe::kDispatchPhases] = {
     "expanded",
     "exit"};
 const char* const kCombinePhaseNames[moe::kCombinePhases] = {
-    "",        "entry",   "peer's slots free (push)", "rows pushed (push)",
+    "",        "entry", "peer's slots free (push)", "rows pushed (push)",
     "reduced", "exit"};
 
 // Reduces one op's [blocks][kProfileSlots] slots: the blocks of the latest

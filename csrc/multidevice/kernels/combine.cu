@@ -34,17 +34,17 @@ using device::copyUnits;
 using device::fenceAcqRelSys;
 using device::flagAt;
 using device::globalTimerNs;
+using device::kFullMask;
 using device::loadVolatile;
 using device::profileBegin;
 using device::profileMark;
 using device::profileSlots;
-using device::kFullMask;
 using device::PushGroup;
 using device::recordStatus;
 using device::signalAllPeers;
 using device::storeReleaseSys;
-using device::waitForFlag;
 using device::WaitContext;
+using device::waitForFlag;
 
 constexpr int kOpCombine = 2;
 constexpr int kReduceBatch = 8;  // picks loaded at once by a reducing lane
@@ -198,12 +198,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   // order the peers send them in); a piece waits for the peers that hold
   // picks of its token, then sums the picks in order.
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  const int64_t pieces_per_token = max(
-      int64_t{1}, min((units + 31) / 32,
-                      (2 * warps + max(p.tokens, int64_t{1}) - 1) /
-                          max(p.tokens, int64_t{1})));
-  const int64_t piece_units =
-      (units + pieces_per_token - 1) / pieces_per_token;
+  const int64_t pieces_per_token =
+      max(int64_t{1},
+          min((units + 31) / 32, (2 * warps + max(p.tokens, int64_t{1}) - 1) /
+                                     max(p.tokens, int64_t{1})));
+  const int64_t piece_units = (units + pieces_per_token - 1) / pieces_per_token;
   const uint64_t* arrivals = reinterpret_cast<const uint64_t*>(
       static_cast<const char*>(own_control) + c.layout.arrivals);
   const U* own_slots = static_cast<const U*>(c.slots[c.rank]);
@@ -221,8 +220,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
     ReducePiece piece;
     piece.token = static_cast<int64_t>(claim) / pieces_per_token;
-    piece.begin =
-        static_cast<int64_t>(claim) % pieces_per_token * piece_units;
+    piece.begin = static_cast<int64_t>(claim) % pieces_per_token * piece_units;
     piece.end = min(units, piece.begin + piece_units);
     const int64_t t = piece.token;
 
@@ -366,21 +364,22 @@ cudaError_t combineOccupancy(ElementType dtype, size_t shared_bytes,
 
 cudaError_t launchCombine(const CombineParams& params, ElementType dtype,
                           int blocks, bool cooperative, cudaStream_t stream) {
-  const size_t shared_bytes = combineSharedBytes(
-      params.common.world_size * params.common.local_experts);
+  const size_t shared_bytes = combineSharedBytes(params.common.world_size *
+                                                 params.common.local_experts);
   switch (dtype) {
     case ElementType::kFloat32:
       if (params.common.unit_bytes < 4) {
         return cudaErrorInvalidValue;
       }
-      return device::launch(combineKernelFor<float>(params.common.unit_bytes), params,
-                            blocks, shared_bytes, cooperative, stream);
-    case ElementType::kBFloat16:
-      return device::launch(combineKernelFor<__nv_bfloat16>(params.common.unit_bytes),
+      return device::launch(combineKernelFor<float>(params.common.unit_bytes),
                             params, blocks, shared_bytes, cooperative, stream);
+    case ElementType::kBFloat16:
+      return device::launch(
+          combineKernelFor<__nv_bfloat16>(params.common.unit_bytes), params,
+          blocks, shared_bytes, cooperative, stream);
     case ElementType::kFloat16:
-      return device::launch(combineKernelFor<__half>(params.common.unit_bytes), params,
-                            blocks, shared_bytes, cooperative, stream);
+      return device::launch(combineKernelFor<__half>(params.common.unit_bytes),
+                            params, blocks, shared_bytes, cooperative, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -280,8 +280,8 @@ struct PushGroup {
     const int groups = c.world_size - 1;
     const int b = static_cast<int>(blockIdx.x);
     peer = (c.rank + 1 + b % groups) % c.world_size;
-    first_warp = static_cast<int64_t>(b / groups) * kWarpsPerBlock +
-                 (threadIdx.x >> 5);
+    first_warp =
+        static_cast<int64_t>(b / groups) * kWarpsPerBlock + (threadIdx.x >> 5);
     warps = static_cast<int64_t>(c.push_blocks / groups) * kWarpsPerBlock;
   }
 };

@@ -52,8 +52,8 @@ using device::recordStatus;
 using device::roundUp;
 using device::storeReleaseGpu;
 using device::storeReleaseSys;
-using device::waitForFlag;
 using device::WaitContext;
+using device::waitForFlag;
 
 constexpr int kOpDispatch = 1;
 
@@ -87,10 +87,9 @@ __device__ DispatchShared carveShared(unsigned char* raw, int num_experts) {
   shared.colsum = reinterpret_cast<int32_t*>(shared.recv_start + num_experts);
   shared.recv_count = shared.colsum + num_experts;
   shared.route = shared.recv_count + num_experts;
-  shared.positions =
-      reinterpret_cast<int32_t*>(raw + tablesBytes(num_experts));
-  shared.row = reinterpret_cast<char*>(raw + tablesBytes(num_experts) +
-                                       kPositionsBytes);
+  shared.positions = reinterpret_cast<int32_t*>(raw + tablesBytes(num_experts));
+  shared.row =
+      reinterpret_cast<char*>(raw + tablesBytes(num_experts) + kPositionsBytes);
   return shared;
 }
 
@@ -225,7 +224,8 @@ __device__ void countRange(const DispatchParams& p,
     __syncwarp();
   });
   for (int offset = 16; offset > 0; offset >>= 1) {
-    warp_error = min(warp_error, __shfl_xor_sync(kFullMask, warp_error, offset));
+    warp_error =
+        min(warp_error, __shfl_xor_sync(kFullMask, warp_error, offset));
   }
   if (lane == 0 && warp_error != ULLONG_MAX) {
     atomicMin(error_key, warp_error);
@@ -365,8 +365,8 @@ __device__ uint64_t routeGrid(const DispatchParams& p,
   if (threadIdx.x == 0) {
     p.block_errors[blockIdx.x] = error_key;
   }
-  const uint64_t counted =
-      gridArrive(&p.common.state->dispatch_counted, static_cast<int>(gridDim.x));
+  const uint64_t counted = gridArrive(&p.common.state->dispatch_counted,
+                                      static_cast<int>(gridDim.x));
   if (!gridWait(&p.common.state->dispatch_counted, counted, p.common.rank,
                 context)) {
     return 0;
@@ -391,8 +391,7 @@ __device__ uint64_t routeGrid(const DispatchParams& p,
         key = min(key, __shfl_xor_sync(kFullMask, key, offset));
       }
       if (lane == 0) {
-        fillHeader<IdxT>(p, reinterpret_cast<CountRowHeader*>(shared.row),
-                         key);
+        fillHeader<IdxT>(p, reinterpret_cast<CountRowHeader*>(shared.row), key);
       }
     }
     __syncthreads();
@@ -418,28 +417,27 @@ __device__ uint64_t routeGrid(const DispatchParams& p,
 
 // One token's picks as seen by lane k < K of a warp (other lanes: none).
 struct Pick {
-  int expert = -1;  // -1: masked (or past K)
-  int rank = -1;    // the expert's rank
+  int expert = -1;   // -1: masked (or past K)
+  int rank = -1;     // the expert's rank
   int64_t row = -1;  // its row there
 };
 
 template <typename IdxT>
 __device__ __forceinline__ Pick pickOf(const DispatchParams& p,
-                                       const DispatchShared& shared,
-                                       int64_t t, int lane) {
+                                       const DispatchShared& shared, int64_t t,
+                                       int lane) {
   const CommonParams& c = p.common;
   Pick pick;
   if (lane < c.topk) {
     const int64_t q = t * c.topk + lane;
-    const int64_t id = static_cast<int64_t>(static_cast<const IdxT*>(
-        p.topk_idx)[q]);
+    const int64_t id =
+        static_cast<int64_t>(static_cast<const IdxT*>(p.topk_idx)[q]);
     if (id >= 0 && id < p.num_experts) {
       pick.expert = static_cast<int>(id);
       pick.rank = pick.expert / c.local_experts;
       // Grid route: written by other blocks during this kernel.
-      const int32_t position = p.local_route != 0
-                                   ? shared.positions[q]
-                                   : __ldcg(p.pick_pos + q);
+      const int32_t position =
+          p.local_route != 0 ? shared.positions[q] : __ldcg(p.pick_pos + q);
       pick.row = shared.offset[pick.expert] + position;
     }
   }
@@ -578,8 +576,7 @@ __device__ void expandRows(const DispatchParams& p,
     return loadVolatile(claims + segment) < valid;
   };
   int segment = static_cast<int>(
-      (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock +
-       (threadIdx.x >> 5)) %
+      (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) %
       segments);
   while (true) {
     // The first segment with rows left, from `segment` on (32 at a time).
@@ -598,9 +595,8 @@ __device__ void expandRows(const DispatchParams& p,
     segment = found;
     const int source = segment / c.local_experts;
     const int64_t start = shared.recv_start[segment];
-    const int64_t rows =
-        min(static_cast<int64_t>(shared.recv_count[segment]),
-            recv_rows - start);
+    const int64_t rows = min(static_cast<int64_t>(shared.recv_count[segment]),
+                             recv_rows - start);
     while (true) {
       int64_t position = 0;
       if (lane == 0) {
@@ -799,9 +795,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       }
       p.rows_to_rank[peer] = bad ? 0 : to;
       p.rows_from_rank[peer] = bad ? 0 : from;
-      c.source_tokens[peer] =
-          __ldcg(&reinterpret_cast<const CountRowHeader*>(row_of(peer))
-                      ->tokens);
+      c.source_tokens[peer] = __ldcg(
+          &reinterpret_cast<const CountRowHeader*>(row_of(peer))->tokens);
     }
     if (threadIdx.x == 0) {
       state->recv_rows = recv_rows;
