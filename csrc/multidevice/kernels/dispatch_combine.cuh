@@ -75,15 +75,16 @@ struct DeviceState {
   int32_t status_claim;       // 0 until a kernel claims Status
 };
 
-// Layout of the symmetric control buffer (identical on every rank).
-// count_flags and free_flags are written by the peer named by their index,
-// with a system-scope release store, and polled by the owner with acquire
-// loads; arrivals[t] collects, per token of the owner, one bit per peer that
-// has sent back all of its rows of t (combine), with release reductions.
+// Layout of the symmetric control buffer (identical on every rank). Every
+// entry is an epoch written by the peer named by its (last) index with a
+// system-scope release store, and polled by the owner with acquire loads:
+// count_flags[s] after s's count row, free_flags[s] after s's reduction of
+// its previous combine, arrivals[t][s] after all of s's rows of the owner's
+// token t are in the owner's slots (combine).
 struct ControlLayout {
   size_t count_flags;      // uint64[R]: epoch of peer s's count row
   size_t free_flags;       // uint64[R]: epoch of peer s's last reduction
-  size_t arrivals;         // uint32[T_max]: peers done with our token t
+  size_t arrivals;         // uint64[T_max][R]: peer s done with our token t
   size_t count_rows;       // CountRow[2][R], double-buffered by epoch parity
   size_t count_row_bytes;  // header + E int32 counts, 16-byte multiple
   size_t total_bytes;
@@ -162,7 +163,7 @@ struct RouteEntry {
   int64_t row;
 };
 
-// Counting mode of the dispatch: below this many picks (T K) every block
+// Counting mode of the dispatch: up to this many picks (T K) every block
 // counts all tokens itself and keeps the positions in shared memory (no
 // grid barrier); above, blocks count their own tokens and meet at two grid
 // barriers.
