@@ -30,17 +30,16 @@ namespace hostfuse::moe {
 namespace {
 
 using device::arriveLast;
+using device::beginCall;
+using device::CallStart;
 using device::copyUnits;
 using device::fenceAcqRelSys;
 using device::flagAt;
 using device::globalTimerNs;
 using device::kFullMask;
 using device::loadVolatile;
-using device::profileBegin;
 using device::profileMark;
-using device::profileSlots;
 using device::PushGroup;
-using device::recordStatus;
 using device::signalAllPeers;
 using device::storeReleaseSys;
 using device::WaitContext;
@@ -48,6 +47,7 @@ using device::waitForFlag;
 
 constexpr int kOpCombine = 2;
 constexpr int kReduceBatch = 8;  // picks loaded at once by a reducing lane
+constexpr size_t kCombineSharedBytes = 0;  // static shared memory only
 
 template <typename T>
 struct Element;
@@ -156,16 +156,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   DeviceState* state = c.state;
-  const uint64_t epoch = loadVolatile(&state->combine_epoch) + 1;
-  const WaitContext context{state, c.status, c.timeout_ns, kOpCombine, epoch};
-  uint64_t* const prof = profileSlots(c.profile);
-  profileBegin(prof, epoch, entry_ns);
-  if (loadVolatile(&state->poisoned) != 0) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-      recordStatus(context, kStatusPoisoned, -1, 0, -1, -1, 0);
-    }
+  const CallStart call =
+      beginCall(c, &state->combine_epoch, kOpCombine, entry_ns);
+  if (!call.usable) {
     return;
   }
+  const WaitContext& context = call.context;
+  const uint64_t epoch = context.epoch;
+  uint64_t* const prof = call.prof;
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     // The next call's claims start from zero; nobody uses that parity now.
     state->reduce_claims[(epoch + 1) & 1] = 0;
@@ -331,12 +329,12 @@ auto combineKernelFor(int64_t unit_bytes) {
 }
 
 template <typename T>
-cudaError_t occupancyOf(size_t shared_bytes, int* per_sm) {
+cudaError_t occupancyOf(int* per_sm) {
   *per_sm = INT_MAX;
   for (const int64_t unit : {16, 8, 4, 2}) {
     int blocks = 0;
-    const cudaError_t status =
-        device::occupancy(combineKernelFor<T>(unit), shared_bytes, &blocks);
+    const cudaError_t status = device::occupancy(combineKernelFor<T>(unit),
+                                                 kCombineSharedBytes, &blocks);
     if (status != cudaSuccess) {
       return status;
     }
@@ -347,39 +345,36 @@ cudaError_t occupancyOf(size_t shared_bytes, int* per_sm) {
 
 }  // namespace
 
-size_t combineSharedBytes(int /*num_experts*/) { return 0; }
-
-cudaError_t combineOccupancy(ElementType dtype, size_t shared_bytes,
-                             int* per_sm) {
+cudaError_t combineOccupancy(ElementType dtype, int* per_sm) {
   switch (dtype) {
     case ElementType::kFloat32:
-      return occupancyOf<float>(shared_bytes, per_sm);
+      return occupancyOf<float>(per_sm);
     case ElementType::kBFloat16:
-      return occupancyOf<__nv_bfloat16>(shared_bytes, per_sm);
+      return occupancyOf<__nv_bfloat16>(per_sm);
     case ElementType::kFloat16:
-      return occupancyOf<__half>(shared_bytes, per_sm);
+      return occupancyOf<__half>(per_sm);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t launchCombine(const CombineParams& params, ElementType dtype,
                           int blocks, bool cooperative, cudaStream_t stream) {
-  const size_t shared_bytes = combineSharedBytes(params.common.world_size *
-                                                 params.common.local_experts);
   switch (dtype) {
     case ElementType::kFloat32:
       if (params.common.unit_bytes < 4) {
         return cudaErrorInvalidValue;
       }
       return device::launch(combineKernelFor<float>(params.common.unit_bytes),
-                            params, blocks, shared_bytes, cooperative, stream);
+                            params, blocks, kCombineSharedBytes, cooperative,
+                            stream);
     case ElementType::kBFloat16:
       return device::launch(
           combineKernelFor<__nv_bfloat16>(params.common.unit_bytes), params,
-          blocks, shared_bytes, cooperative, stream);
+          blocks, kCombineSharedBytes, cooperative, stream);
     case ElementType::kFloat16:
       return device::launch(combineKernelFor<__half>(params.common.unit_bytes),
-                            params, blocks, shared_bytes, cooperative, stream);
+                            params, blocks, kCombineSharedBytes, cooperative,
+                            stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -138,6 +138,32 @@ __device__ inline void recordStatus(const WaitContext& context, int32_t code,
   __threadfence_system();
 }
 
+// The start of every dispatch and combine call. The call's epoch is the
+// op's last finished epoch + 1 (`last_epoch` is advanced by the call's last
+// block to exit, so all blocks agree on it); profiling stamps the block's
+// entry. `usable` is false once a timeout has poisoned the workspace: the
+// block must return at once, and block 0 records "poisoned" for the host.
+struct CallStart {
+  WaitContext context;
+  uint64_t* prof;  // this block's profile slots, or null
+  bool usable;
+};
+
+__device__ inline CallStart beginCall(const CommonParams& c,
+                                      const uint64_t* last_epoch, int op,
+                                      uint64_t entry_ns) {
+  CallStart call;
+  const uint64_t epoch = loadVolatile(last_epoch) + 1;
+  call.context = WaitContext{c.state, c.status, c.timeout_ns, op, epoch};
+  call.prof = profileSlots(c.profile);
+  profileBegin(call.prof, epoch, entry_ns);
+  call.usable = loadVolatile(&c.state->poisoned) == 0;
+  if (!call.usable && blockIdx.x == 0 && threadIdx.x == 0) {
+    recordStatus(call.context, kStatusPoisoned, -1, 0, -1, -1, 0);
+  }
+  return call;
+}
+
 // One thread waits until *flag >= target. On timeout it records which peer
 // did not answer and poisons the workspace, so that every other waiter, and
 // every later call, stops at once. False when the call must stop.
@@ -369,7 +395,6 @@ namespace hostfuse::moe {
 // Smallest number of blocks per SM over the instantiations of each kernel
 // (dispatch.cu, combine.cu).
 cudaError_t dispatchOccupancy(size_t shared_bytes, int* per_sm);
-cudaError_t combineOccupancy(ElementType dtype, size_t shared_bytes,
-                             int* per_sm);
+cudaError_t combineOccupancy(ElementType dtype, int* per_sm);
 
 }  // namespace hostfuse::moe

@@ -34,7 +34,9 @@ namespace hostfuse::moe {
 namespace {
 
 using device::arriveLast;
+using device::beginCall;
 using device::blockWaitForPeers;
+using device::CallStart;
 using device::copyUnits;
 using device::fenceAcqRelGpu;
 using device::fenceAcqRelSys;
@@ -44,9 +46,7 @@ using device::gridArrive;
 using device::gridWait;
 using device::kFullMask;
 using device::loadVolatile;
-using device::profileBegin;
 using device::profileMark;
-using device::profileSlots;
 using device::PushGroup;
 using device::recordStatus;
 using device::roundUp;
@@ -484,9 +484,9 @@ __device__ void pushToPeer(const DispatchParams& p,
     const bool here = pick.expert >= 0 && pick.rank == group.peer;
     const bool fits = here && pick.row < p.capacity;
     if (here) {
-      p.common.pick_row[t * c.topk + lane] =
+      c.pick_row[t * c.topk + lane] =
           fits ? static_cast<int32_t>(pick.row) : -1;
-      p.common.pick_rank[t * c.topk + lane] = group.peer;
+      c.pick_rank[t * c.topk + lane] = group.peer;
     }
     const unsigned primary = __reduce_min_sync(
         kFullMask, fits ? static_cast<unsigned>(pick.row) : UINT_MAX);
@@ -667,18 +667,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const int64_t T = p.tokens;
   DeviceState* state = c.state;
 
-  // Every block reads the epoch before its exit arrival; the last block to
-  // exit advances it, so all blocks agree on it.
-  const uint64_t epoch = loadVolatile(&state->dispatch_epoch) + 1;
-  const WaitContext context{state, c.status, c.timeout_ns, kOpDispatch, epoch};
-  uint64_t* const prof = profileSlots(c.profile);
-  profileBegin(prof, epoch, entry_ns);
-  if (loadVolatile(&state->poisoned) != 0) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-      recordStatus(context, kStatusPoisoned, -1, 0, -1, -1, 0);
-    }
+  const CallStart call =
+      beginCall(c, &state->dispatch_epoch, kOpDispatch, entry_ns);
+  if (!call.usable) {
     return;
   }
+  const WaitContext& context = call.context;
+  const uint64_t epoch = context.epoch;
+  uint64_t* const prof = call.prof;
   if (blockIdx.x == 0) {
     // The next call's claims start from zero; nobody uses that parity now.
     for (int i = threadIdx.x; i < E; i += blockDim.x) {

@@ -22,8 +22,7 @@ cudaError_t prepareKernels(int device, int num_experts, ElementType dtype,
     return status;
   }
   int combine_per_sm = 0;
-  status =
-      combineOccupancy(dtype, combineSharedBytes(num_experts), &combine_per_sm);
+  status = combineOccupancy(dtype, &combine_per_sm);
   if (status != cudaSuccess) {
     return status;
   }

@@ -246,9 +246,9 @@ struct CombineParams {
 
 enum class ElementType : int32_t { kFloat32, kBFloat16, kFloat16 };
 
-// Dynamic shared memory of the kernels for E experts.
+// Dynamic shared memory of the dispatch kernel for E experts (the combine
+// uses static shared memory only).
 size_t dispatchSharedBytes(int num_experts);
-size_t combineSharedBytes(int num_experts);
 
 // Sets kernel attributes and returns in *max_blocks the largest grid that
 // can be co-resident on `device` for both kernels (they are launched
