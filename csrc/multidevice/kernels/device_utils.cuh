@@ -20,8 +20,7 @@ constexpr int kCopyUnroll = 8;  // units in flight per lane in a row copy
 // block barrier, those of the threads that fenced before it) before the
 // flag; the reader's acquire load orders the flag before its later loads
 // (an acquire load, unlike a fence, does not wait for the reader's own
-// earlier stores). Flags read only on the writer's GPU are released at GPU
-// scope, which is cheaper.
+// earlier stores).
 
 __device__ __forceinline__ uint64_t loadAcquireSys(const uint64_t* address) {
   uint64_t value;
@@ -38,22 +37,11 @@ __device__ __forceinline__ void storeReleaseSys(uint64_t* address,
                : "memory");
 }
 
-// For readers on this GPU only.
-__device__ __forceinline__ void storeReleaseGpu(uint64_t* address,
-                                                uint64_t value) {
-  asm volatile("st.release.gpu.u64 [%0], %1;" ::"l"(address), "l"(value)
-               : "memory");
-}
-
 // Orders this thread's earlier memory operations before its later ones for
 // observers anywhere (peers included); with a warp or block barrier after
 // it, one thread's release store then publishes the stores of all of them.
 __device__ __forceinline__ void fenceAcqRelSys() {
   asm volatile("fence.acq_rel.sys;" ::: "memory");
-}
-
-__device__ __forceinline__ void fenceAcqRelGpu() {
-  asm volatile("fence.acq_rel.gpu;" ::: "memory");
 }
 
 __device__ __forceinline__ uint64_t globalTimerNs() {
