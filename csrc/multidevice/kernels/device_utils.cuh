@@ -284,7 +284,9 @@ __device__ inline void signalAllPeers(void* const* control, size_t offset,
 // Push groups: blocks [0, push_blocks) serve one peer each, push_blocks /
 // (R - 1) blocks per peer; block b serves peer rank + 1 + b % (R - 1), so
 // that the groups interleave over the GPU. A group's warps share the peer's
-// tokens: warp i of the group takes tokens i, i + warps, ...
+// tokens: warp i of the group takes tokens i, i + warps, ..., and
+// consecutive warps are on different blocks (SMs), so that few tokens
+// still spread over the whole group.
 struct PushGroup {
   int peer;
   int64_t first_warp;
@@ -293,10 +295,10 @@ struct PushGroup {
   __device__ explicit PushGroup(const CommonParams& c) {
     const int groups = c.world_size - 1;
     const int b = static_cast<int>(blockIdx.x);
+    const int blocks = c.push_blocks / groups;
     peer = (c.rank + 1 + b % groups) % c.world_size;
-    first_warp =
-        static_cast<int64_t>(b / groups) * kWarpsPerBlock + (threadIdx.x >> 5);
-    warps = static_cast<int64_t>(c.push_blocks / groups) * kWarpsPerBlock;
+    first_warp = static_cast<int64_t>(threadIdx.x >> 5) * blocks + b / groups;
+    warps = static_cast<int64_t>(blocks) * kWarpsPerBlock;
   }
 };
 

@@ -155,7 +155,10 @@ __device__ TokenRange blockTokens(int64_t tokens) {
 // Warp w's picks in (token, pick) order, whole tokens at a time: 32 / K
 // tokens per step, lane = token slot * K + pick. Calls visit(q, t, k, id)
 // in every lane (t = -1 in lanes without a pick: past the tokens, or past
-// 32 / K * K). Warp-uniform trip count.
+// 32 / K * K). Warp-uniform trip count. The ids of kIdBatch steps are
+// loaded at once, so that their latencies overlap.
+constexpr int kIdBatch = 8;
+
 template <typename IdxT, typename Visit>
 __device__ __forceinline__ void forWarpPicks(const DispatchParams& p,
                                              const TokenRange& range,
@@ -165,15 +168,28 @@ __device__ __forceinline__ void forWarpPicks(const DispatchParams& p,
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int per_step = 32 / K;
+  const int k = lane % K;
+  const bool slot = lane < per_step * K;
   const int64_t first =
       min(range.last, range.first + warp * range.tokens_per_warp);
   const int64_t last = min(range.last, first + range.tokens_per_warp);
-  for (int64_t base = first; base < last; base += per_step) {
-    const int64_t t = base + lane / K;
-    const int k = lane % K;
-    const bool has = lane < per_step * K && t < last;
-    const int64_t id = has ? static_cast<int64_t>(idx[t * K + k]) : -1;
-    visit(t * K + k, has ? t : int64_t{-1}, k, id);
+  for (int64_t batch = first; batch < last; batch += kIdBatch * per_step) {
+    int64_t ids[kIdBatch];
+#pragma unroll
+    for (int i = 0; i < kIdBatch; ++i) {
+      const int64_t t = batch + i * per_step + lane / K;
+      ids[i] = slot && t < last ? static_cast<int64_t>(idx[t * K + k]) : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < kIdBatch; ++i) {
+      const int64_t base = batch + i * per_step;
+      if (base >= last) {
+        break;  // warp-uniform
+      }
+      const int64_t t = base + lane / K;
+      const bool has = slot && t < last;
+      visit(t * K + k, has ? t : int64_t{-1}, k, ids[i]);
+    }
   }
 }
 
@@ -384,6 +400,19 @@ __device__ void routeLocal(const DispatchParams& p,
   __syncthreads();
   profileMark(prof, kDispatchCounted);
   publishCountRow<IdxT>(p, shared, epoch, publisher, publishers, prof);
+  const int R = p.common.world_size;
+  if (p.staged != 0 && publisher < R && threadIdx.x == 0) {
+    // The last of the min(R, publishers) blocks that publish lets the push
+    // blocks go (their rows would otherwise queue ahead of the count rows).
+    DeviceState* state = p.common.state;
+    const unsigned long long before = atomicAdd(
+        reinterpret_cast<unsigned long long*>(&state->published), 1ULL);
+    if ((before + 1) % static_cast<unsigned long long>(min(R, publishers)) ==
+        0) {
+      atomicExch(reinterpret_cast<unsigned long long*>(&state->published_epoch),
+                 static_cast<unsigned long long>(epoch));
+    }
+  }
 }
 
 // Grid route: every block counts its own tokens; after a grid barrier block
@@ -593,12 +622,11 @@ __device__ void writeLocalRows(const DispatchParams& p,
   const unsigned lower_lanes = (1u << lane) - 1;
   const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
   void* const recv = c.recv[c.rank];
-  const int64_t warps =
-      static_cast<int64_t>(gridDim.x - c.push_blocks) * kWarpsPerBlock;
-  for (int64_t t =
-           static_cast<int64_t>(blockIdx.x - c.push_blocks) * kWarpsPerBlock +
-           warp;
-       t < p.tokens; t += warps) {
+  // Consecutive tokens on different blocks, as in the push groups.
+  const int64_t blocks = gridDim.x - c.push_blocks;
+  const int64_t warps = blocks * kWarpsPerBlock;
+  for (int64_t t = warp * blocks + (blockIdx.x - c.push_blocks); t < p.tokens;
+       t += warps) {
     const Pick pick = pickOf<IdxT>(p, shared, t, lane);
     const bool here = pick.expert >= 0 && pick.rank == c.rank;
     const bool fits = here && pick.row < p.capacity;
@@ -821,6 +849,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   uint64_t ranked = 0;
   if (p.staged != 0) {
     if (push_block) {
+      if (!gridWait(&state->published_epoch, epoch, c.rank, context)) {
+        return;
+      }
       pushStaged<IdxT, U>(p, epoch);
       if (prof != nullptr) {  // uniform in the block
         __syncthreads();

@@ -69,6 +69,8 @@ struct DeviceState {
   uint64_t combine_exits;     // blocks that finished a combine
   uint64_t dispatch_counted;  // blocks whose counts are in block_counts
   uint64_t dispatch_ranked;   // blocks whose pick_pos are final
+  uint64_t published;         // staged calls: blocks that published
+  uint64_t published_epoch;   // staged call whose count rows are all out
   uint64_t reduce_claims[2];  // combine: tokens claimed by reducing warps
   int64_t recv_rows;          // valid rows of the last dispatch here
   int32_t poisoned;           // set by a timeout: every later call bails
