@@ -133,14 +133,11 @@ struct CudaMoeWorkspace::Buffers {
   std::shared_ptr<SymmetricMemory> control;
   std::shared_ptr<SymmetricMemory> recv;
   std::shared_ptr<SymmetricMemory> slots;
-  std::shared_ptr<SymmetricMemory> stage;  // null when staging is off
   moe::ControlLayout layout = {};
-  // recv: [C rows][guard][C metadata][guard]; slots: [T_max K rows][guard];
-  // stage: [2][R][T_stage rows][guard].
+  // recv: [C rows][guard][C metadata][guard]; slots: [T_max K rows][guard].
   size_t meta_offset = 0;
   size_t guard_bytes = 0;
   size_t slots_guard_offset = 0;
-  size_t stage_guard_offset = 0;
   void* local = nullptr;  // DeviceState, then the scratch arrays
   moe::DeviceState* state = nullptr;
   int32_t* pick_pos = nullptr;
@@ -279,24 +276,12 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
       grid_route_min_tokens >= 1 && grid_route_min_tokens < 1e18
           ? static_cast<int64_t>(grid_route_min_tokens)
           : std::numeric_limits<int64_t>::max();
-  HF_CHECK(c.staged_max_tokens >= -1,
-           "staged_max_tokens must be -1 (default), 0 (off) or positive; "
-           "got ",
-           c.staged_max_tokens);
-  const double staged_max_tokens =
-      c.staged_max_tokens >= 0
-          ? static_cast<double>(c.staged_max_tokens)
-          : environmentNumber("HOSTFUSE_MOE_STAGED_TOKENS", 256);
-  stage_tokens_ = static_cast<int64_t>(
-      std::min({staged_max_tokens, static_cast<double>(c.max_tokens),
-                static_cast<double>(moe::kLocalRoutePicks / c.topk)}));
 
   // Every rank must describe the same node: compare through the store.
   {
     const std::string mine = toString(
         "R=", c.world_size, " E=", c.num_experts, " T_max=", c.max_tokens,
-        " H=", c.hidden, " K=", c.topk, " dtype=", c.dtype, " C=", capacity_,
-        " T_stage=", stage_tokens_);
+        " H=", c.hidden, " K=", c.topk, " dtype=", c.dtype, " C=", capacity_);
     const std::string prefix = uniqueStorePrefix(c.tag + "/config");
     store->set(prefix + "/" + std::to_string(c.rank),
                std::vector<uint8_t>(mine.begin(), mine.end()));
@@ -311,9 +296,8 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   }
 
   // Symmetric buffers (the collective part).
-  b.layout =
-      moe::controlLayout(c.world_size, static_cast<int>(c.num_experts),
-                         c.max_tokens, stage_tokens_, static_cast<int>(c.topk));
+  b.layout = moe::controlLayout(c.world_size, static_cast<int>(c.num_experts),
+                                c.max_tokens);
   b.guard_bytes = roundUp(std::max<size_t>(row_bytes_, 256), 256);
   const size_t rows_bytes = roundUp(capacity_ * row_bytes_, 256);
   b.meta_offset = rows_bytes + b.guard_bytes;
@@ -329,16 +313,8 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
                                      recv_bytes, c.tag + "/recv");
   b.slots = SymmetricMemory::allocate(store, c.rank, c.world_size, c.device,
                                       slots_bytes, c.tag + "/slots");
-  if (stage_tokens_ > 0) {
-    b.stage_guard_offset = roundUp(
-        static_cast<size_t>(2 * c.world_size * stage_tokens_ * row_bytes_),
-        256);
-    b.stage = SymmetricMemory::allocate(store, c.rank, c.world_size, c.device,
-                                        b.stage_guard_offset + b.guard_bytes,
-                                        c.tag + "/stage");
-  }
   // Guards: fill patterns behind every region a peer writes into. Peers
-  // write into the regions, never into the guards, so no race.
+  // write only after this rank's first count row, so no race.
   auto* recv_local = static_cast<char*>(b.recv->localPtr());
   HF_CUDA_CHECK(
       cudaMemset(recv_local + rows_bytes, kGuardPattern, b.guard_bytes));
@@ -347,11 +323,6 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   HF_CUDA_CHECK(
       cudaMemset(static_cast<char*>(b.slots->localPtr()) + b.slots_guard_offset,
                  kGuardPattern, b.guard_bytes));
-  if (b.stage != nullptr) {
-    HF_CUDA_CHECK(cudaMemset(
-        static_cast<char*>(b.stage->localPtr()) + b.stage_guard_offset,
-        kGuardPattern, b.guard_bytes));
-  }
 
   // Local state and scratch, 256-byte aligned pieces of one allocation.
   const size_t picks = static_cast<size_t>(c.max_tokens * c.topk);
@@ -408,9 +379,8 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
     std::cerr << "[hostfuse moe rank " << c.rank << "] workspace " << c.tag
               << ": C = " << capacity_ << " rows, " << row_bytes_
               << " bytes a row, " << blocks_ << " blocks, " << push_blocks_
-              << " pushing (at most " << max_blocks << "), staged up to "
-              << stage_tokens_ << " tokens, timeout " << timeout_ns_ / 1e9
-              << " s\n";
+              << " pushing (at most " << max_blocks << "), timeout "
+              << timeout_ns_ / 1e9 << " s\n";
   }
 }
 
@@ -493,8 +463,6 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
                           tokens < grid_route_min_tokens_
                       ? 1
                       : 0;
-  p.staged = p.local_route != 0 && tokens <= stage_tokens_ ? 1 : 0;
-  p.stage = b.stage != nullptr ? b.stage->devicePeerPtrs() : nullptr;
   p.pick_pos = b.pick_pos;
   p.block_counts = b.block_counts;
   p.block_errors = b.block_errors;
@@ -859,9 +827,6 @@ int64_t CudaMoeWorkspace::damagedGuardBytes() const {
   count(recv + b.meta_offset - b.guard_bytes);
   count(recv + b.recv->size() - b.guard_bytes);
   count(static_cast<const char*>(b.slots->localPtr()) + b.slots_guard_offset);
-  if (b.stage != nullptr) {
-    count(static_cast<const char*>(b.stage->localPtr()) + b.stage_guard_offset);
-  }
   return damaged;
 }
 

@@ -84,14 +84,6 @@ struct CudaMoeConfig {
   // all tokens; the latter needs T * K <= 4096, so larger calls always use
   // the grid. 0: $HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS, else no limit.
   int64_t grid_route_min_tokens = 0;
-  // Calls with at most this many tokens (T_stage, and T * K <= 4096) are
-  // staged: the dispatch sends every token to its ranks at once, into a
-  // staging area, without waiting for the count exchange, and each receiver
-  // moves the rows to their expert-major places itself. Larger calls send
-  // rows straight to their places once the counts are in. -1:
-  // $HOSTFUSE_MOE_STAGED_TOKENS, else 256; 0: never. Capped at T_max and
-  // 4096 / K; costs 2 R T_stage H element bytes of symmetric memory.
-  int64_t staged_max_tokens = -1;
   // Seconds a kernel waits for a peer; 0: $HOSTFUSE_MOE_TIMEOUT_S, else 30.
   double timeout_s = 0;
   // Per-phase timing of every call (%globaltimer at each phase boundary, per
@@ -186,7 +178,6 @@ class CudaMoeWorkspace {
   int64_t localExperts() const { return local_experts_; }
   int blocks() const { return blocks_; }
   int pushBlocks() const { return push_blocks_; }
-  int64_t stagedMaxTokens() const { return stage_tokens_; }
   // Test hook: bytes of the guard regions behind the receive rows, the
   // metadata and the slots that lost their fill pattern (0 when nothing was
   // written out of bounds). Synchronizes.
@@ -208,7 +199,6 @@ class CudaMoeWorkspace {
   int blocks_ = 0;
   int push_blocks_ = 0;
   int64_t grid_route_min_tokens_ = 0;
-  int64_t stage_tokens_ = 0;  // T_stage; 0: no staging
   bool cooperative_ = true;
   bool debug_ = false;
   bool profile_ = false;

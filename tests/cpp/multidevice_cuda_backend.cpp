@@ -378,11 +378,10 @@ class ScopedEnvironment {
   std::optional<std::string> old_;
 };
 
-// Runs one layer on both backends twice (bf16 and fp32, T = 40 - 3 * rank)
-// with `name`=`value` in the environment, which the cuda workspace reads
-// when it is created, at the first run.
-void expectBitIdenticalWith(const char* name, const char* value) {
-  ScopedEnvironment setting(name, value);
+TEST(CudaBackendProgram, TheGridRouteIsBitIdentical) {
+  SKIP_WITHOUT_GPUS();
+  // Read when the workspace is created, at the first run.
+  ScopedEnvironment grid_route("HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS", "1");
   for (const at::ScalarType dtype : {at::kBFloat16, at::kFloat}) {
     LayerSpec spec;
     spec.experts = 4 * worldSize();
@@ -395,25 +394,11 @@ void expectBitIdenticalWith(const char* name, const char* value) {
           layerInputs(spec, Routing::Masked, 40 - 3 * myRank(), 77 + run);
       const std::vector<at::Tensor> expected = pair.collective.run(inputs);
       const std::vector<at::Tensor> actual = pair.cuda.run(inputs);
-      expectBitIdentical(actual, expected,
-                         std::string(name) + "=" + value + ", " +
-                             c10::toString(dtype) + ", run " +
-                             std::to_string(run));
+      expectBitIdentical(
+          actual, expected,
+          std::string(c10::toString(dtype)) + ", run " + std::to_string(run));
     }
   }
-}
-
-TEST(CudaBackendProgram, TheGridRouteIsBitIdentical) {
-  SKIP_WITHOUT_GPUS();
-  expectBitIdenticalWith("HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS", "1");
-}
-
-// Staging off; then staging up to 38 tokens, so that rank 0 (T = 40) sends
-// its rows to their places while the other ranks (T <= 37) stage theirs.
-TEST(CudaBackendProgram, UnstagedAndPartlyStagedCallsAreBitIdentical) {
-  SKIP_WITHOUT_GPUS();
-  expectBitIdenticalWith("HOSTFUSE_MOE_STAGED_TOKENS", "0");
-  expectBitIdenticalWith("HOSTFUSE_MOE_STAGED_TOKENS", "38");
 }
 
 // ---------------------------------------------------------------------------

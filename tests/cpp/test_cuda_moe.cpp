@@ -113,8 +113,6 @@ struct Case {
   // CudaMoeConfig::blocks and push_blocks (0: the defaults).
   int blocks = 0;
   int push_blocks = 0;
-  // CudaMoeConfig::staged_max_tokens (-1: the default).
-  int64_t staged_max_tokens = -1;
 
   int64_t tokensOf(int rank) const {
     return tokens.empty() ? 24 + 8 * rank : tokens.at(rank);
@@ -345,7 +343,6 @@ class CudaMoe : public testing::Test {
         c.grid_route ? 1 : std::numeric_limits<int64_t>::max();
     config.blocks = c.blocks;
     config.push_blocks = c.push_blocks;
-    config.staged_max_tokens = c.staged_max_tokens;
     return std::make_unique<CudaMoeWorkspace>(processGroup().store, config);
   }
 
@@ -568,37 +565,6 @@ TEST_F(CudaMoe, MatchesReferenceWithManyTokensAndWithTheFewestBlocks) {
   few_local.tokens.assign(world_, 30);
   few_local.seed = 911;
   runAndCheck(*small, few_local, "30 tokens, K=8, R blocks", 1);
-}
-
-// Small calls are staged by default; here rows go straight to their places
-// (staging off), then only the ranks with T <= 28 (T = 24 + 8 * rank) stage,
-// so receivers get staged and placed rows in one call.
-TEST_F(CudaMoe, MatchesReferenceWithoutStagingAndWhenSomeRanksStage) {
-  for (const int64_t topk : {1, 3, 8}) {
-    Case c;
-    c.experts = 4 * world_;
-    c.topk = topk;
-    c.staged_max_tokens = 0;
-    c.seed = 500 + topk;
-    auto workspace = makeWorkspace(c, toString("unstaged_k", topk));
-    EXPECT_EQ(workspace->stagedMaxTokens(), 0);
-    runAndCheck(*workspace, c, toString("unstaged, K=", topk));
-    runAndCheck(*workspace, c, toString("unstaged, K=", topk, " again"), 1);
-  }
-  Case mixed;
-  mixed.experts = 2 * world_;
-  mixed.topk = 4;
-  mixed.staged_max_tokens = 28;
-  mixed.seed = 520;
-  auto workspace = makeWorkspace(mixed, "mixed");
-  EXPECT_EQ(workspace->stagedMaxTokens(),
-            std::min<int64_t>(28, mixed.maxTokens(world_)));
-  runAndCheck(*workspace, mixed, "rank 0 staged, others placed");
-  runAndCheck(*workspace, mixed, "rank 0 staged, others placed, again", 1);
-  Case all_staged = mixed;
-  all_staged.tokens.assign(world_, 20);
-  all_staged.seed = 521;
-  runAndCheck(*workspace, all_staged, "every rank staged", 2);
 }
 
 TEST_F(CudaMoe, TwoWorkspacesDoNotShareBuffers) {

@@ -55,16 +55,14 @@ using device::waitForFlag;
 
 constexpr int kOpDispatch = 1;
 
-// The header and the counts of a count row (the part every peer gets the
-// same of); a staged sender's pick list follows.
-__host__ __device__ inline size_t countsBytes(int num_experts) {
+__host__ __device__ inline size_t countRowBytes(int num_experts) {
   return roundUp(sizeof(CountRowHeader) + sizeof(int32_t) * num_experts, 16);
 }
 
 __host__ __device__ inline size_t tablesBytes(int num_experts) {
-  // offset, recv_start (int64), colsum, recv_count, list_base (int32), route
-  // (int32 per warp); R * L = E.
-  return roundUp((8 + 8 + 4 + 4 + 4 + 4 * kWarpsPerBlock) * size_t(num_experts),
+  // offset, recv_start (int64), colsum, recv_count (int32), route (int32 per
+  // warp); R * L = E.
+  return roundUp((8 + 8 + 4 + 4 + 4 * kWarpsPerBlock) * size_t(num_experts),
                  16);
 }
 
@@ -75,12 +73,9 @@ struct DispatchShared {
   int64_t* recv_start;  // [R * L]: first row here of source s, expert l
   int32_t* colsum;      // [E]: the block's counts, then all sources' rows
   int32_t* recv_count;  // [R * L]: rows here of source s, expert l
-  // [E]: for expert x = d L + l, this rank's picks of experts d L .. x - 1
-  // (where x's entries start in the pick list for d; staged calls).
-  int32_t* list_base;
-  int32_t* route;      // [kWarpsPerBlock, E]: per-warp counts, then bases
-  int32_t* positions;  // [kLocalRoutePicks]: pick positions (local route)
-  char* row;           // the count row this block publishes
+  int32_t* route;       // [kWarpsPerBlock, E]: per-warp counts, then bases
+  int32_t* positions;   // [kLocalRoutePicks]: pick positions (local route)
+  char* row;            // the count row this block publishes
 };
 
 __device__ DispatchShared carveShared(unsigned char* raw, int num_experts) {
@@ -89,8 +84,7 @@ __device__ DispatchShared carveShared(unsigned char* raw, int num_experts) {
   shared.recv_start = shared.offset + num_experts;
   shared.colsum = reinterpret_cast<int32_t*>(shared.recv_start + num_experts);
   shared.recv_count = shared.colsum + num_experts;
-  shared.list_base = shared.recv_count + num_experts;
-  shared.route = shared.list_base + num_experts;
+  shared.route = shared.recv_count + num_experts;
   shared.positions = reinterpret_cast<int32_t*>(raw + tablesBytes(num_experts));
   shared.row =
       reinterpret_cast<char*>(raw + tablesBytes(num_experts) + kPositionsBytes);
@@ -275,8 +269,6 @@ __device__ void fillHeader(const DispatchParams& p, CountRowHeader* header,
   header->token = -1;
   header->value = 0;
   header->tokens = p.tokens;
-  header->staged = p.staged;
-  header->reserved = 0;
   if (error_key != ULLONG_MAX) {
     const int64_t token = static_cast<int64_t>(error_key >> 16);
     const int pick = static_cast<int>((error_key >> 8) & 0xff);
@@ -288,64 +280,32 @@ __device__ void fillHeader(const DispatchParams& p, CountRowHeader* header,
   }
 }
 
-// Block-wide: stores shared.row (the header and the counts, complete:
-// after a block barrier) into slot [parity][rank] of peers first_peer,
-// first_peer + step, ... and raises their count flags. A staged call with
-// valid ids adds to each peer's row the list of this rank's picks there
-// (the whole block writes it); otherwise warp 0 does all of it.
-template <typename IdxT>
+// Warp 0: stores shared.row (complete: after a block barrier) into slot
+// [parity][rank] of peers first_peer, first_peer + step, ... and raises
+// their count flags.
 __device__ void publishCountRow(const DispatchParams& p,
                                 const DispatchShared& shared, uint64_t epoch,
                                 int first_peer, int step, uint64_t* prof) {
   const CommonParams& c = p.common;
-  if (first_peer >= c.world_size) {
-    return;  // uniform in the block
-  }
-  const bool lists =
-      p.staged != 0 &&
-      reinterpret_cast<const CountRowHeader*>(shared.row)->code == kStatusOk;
-  const int workers = lists ? static_cast<int>(blockDim.x) : 32;
-  const int parity = static_cast<int>(epoch & 1);
-  const int vectors = static_cast<int>(countsBytes(p.num_experts) / 16);
-  const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
-  if (static_cast<int>(threadIdx.x) < workers) {
-    for (int peer = first_peer; peer < c.world_size; peer += step) {
-      char* row =
-          countRowAt(c.control[peer], c.layout, parity, c.rank, c.world_size);
-      for (int i = threadIdx.x; i < vectors; i += workers) {
-        reinterpret_cast<int4*>(row)[i] =
-            reinterpret_cast<const int4*>(shared.row)[i];
-      }
-      if (!lists || peer == c.rank) {
-        continue;  // this rank writes its own rows directly
-      }
-      auto* list = reinterpret_cast<StagedPick*>(row + c.layout.count_list);
-      for (int64_t q = threadIdx.x; q < p.tokens * c.topk; q += workers) {
-        const int64_t id = static_cast<int64_t>(idx[q]);
-        if (id >= 0 && id < p.num_experts && id / c.local_experts == peer) {
-          StagedPick entry;
-          entry.token_pick =
-              static_cast<int32_t>((q / c.topk) << 8 | (q % c.topk));
-          entry.weight_bits = __float_as_int(
-              p.topk_weights != nullptr ? p.topk_weights[q] : 0.0f);
-          list[shared.list_base[id] + shared.positions[q]] = entry;
-        }
-      }
-    }
-    fenceAcqRelSys();
-  }
-  if (lists) {
-    __syncthreads();
-  } else {
-    __syncwarp();
-  }
   const int lane = threadIdx.x & 31;
-  if (threadIdx.x < 32) {
-    for (int peer = first_peer + lane * step; peer < c.world_size;
-         peer += 32 * step) {
-      storeReleaseSys(flagAt(c.control[peer], c.layout.count_flags, c.rank),
-                      epoch);
+  if (threadIdx.x >= 32 || first_peer >= c.world_size) {
+    return;
+  }
+  const int parity = static_cast<int>(epoch & 1);
+  const int vectors = static_cast<int>(c.layout.count_row_bytes / 16);
+  for (int peer = first_peer; peer < c.world_size; peer += step) {
+    auto* destination = reinterpret_cast<int4*>(
+        countRowAt(c.control[peer], c.layout, parity, c.rank, c.world_size));
+    for (int i = lane; i < vectors; i += 32) {
+      destination[i] = reinterpret_cast<const int4*>(shared.row)[i];
     }
+  }
+  fenceAcqRelSys();
+  __syncwarp();
+  for (int peer = first_peer + lane * step; peer < c.world_size;
+       peer += 32 * step) {
+    storeReleaseSys(flagAt(c.control[peer], c.layout.count_flags, c.rank),
+                    epoch);
   }
   profileMark(prof, kDispatchPublished);
 }
@@ -366,13 +326,12 @@ __device__ __forceinline__ int32_t sumBlockCounts(const DispatchParams& p,
   return sum;
 }
 
-// Local route: every block that calls it counts all tokens; its positions
-// are final in shared memory at once. `publisher` of `publishers` such
-// blocks publishes to peers publisher, publisher + publishers, ...
+// Local route: every block counts all tokens; its positions are final in
+// shared memory at once, and block b publishes to peers b, b + grid, ...
 template <typename IdxT>
 __device__ void routeLocal(const DispatchParams& p,
                            const DispatchShared& shared, uint64_t epoch,
-                           int publisher, int publishers, uint64_t* prof) {
+                           uint64_t* prof) {
   __shared__ unsigned long long error_key;
   const TokenRange all = warpSplit(0, p.tokens);
   countRange<IdxT>(p, shared, all, shared.positions, &error_key, prof);
@@ -384,14 +343,8 @@ __device__ void routeLocal(const DispatchParams& p,
   });
   auto* totals =
       reinterpret_cast<int32_t*>(shared.row + sizeof(CountRowHeader));
-  const int L = p.common.local_experts;
   for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
     totals[e] = shared.colsum[e];
-    int32_t before = 0;
-    for (int y = e / L * L; y < e; ++y) {
-      before += shared.colsum[y];
-    }
-    shared.list_base[e] = before;
   }
   if (threadIdx.x == 0) {
     fillHeader<IdxT>(p, reinterpret_cast<CountRowHeader*>(shared.row),
@@ -399,20 +352,8 @@ __device__ void routeLocal(const DispatchParams& p,
   }
   __syncthreads();
   profileMark(prof, kDispatchCounted);
-  publishCountRow<IdxT>(p, shared, epoch, publisher, publishers, prof);
-  const int R = p.common.world_size;
-  if (p.staged != 0 && publisher < R && threadIdx.x == 0) {
-    // The last of the min(R, publishers) blocks that publish lets the push
-    // blocks go (their rows would otherwise queue ahead of the count rows).
-    DeviceState* state = p.common.state;
-    const unsigned long long before = atomicAdd(
-        reinterpret_cast<unsigned long long*>(&state->published), 1ULL);
-    if ((before + 1) % static_cast<unsigned long long>(min(R, publishers)) ==
-        0) {
-      atomicExch(reinterpret_cast<unsigned long long*>(&state->published_epoch),
-                 static_cast<unsigned long long>(epoch));
-    }
-  }
+  publishCountRow(p, shared, epoch, static_cast<int>(blockIdx.x),
+                  static_cast<int>(gridDim.x), prof);
 }
 
 // Grid route: every block counts its own tokens; after a grid barrier block
@@ -468,7 +409,7 @@ __device__ uint64_t routeGrid(const DispatchParams& p,
       }
     }
     __syncthreads();
-    publishCountRow<IdxT>(p, shared, epoch, 0, 1, prof);
+    publishCountRow(p, shared, epoch, 0, 1, prof);
   }
 
   for (int e = warp; e < E; e += kWarpsPerBlock) {
@@ -569,47 +510,6 @@ __device__ void pushToPeer(const DispatchParams& p,
   }
 }
 
-// Push blocks of a staged call, from the kernel's start: every token with
-// picks on the group's peer goes into its slot (source = this rank, token)
-// of the peer's staging area, then staged_flags[rank][t] = epoch there
-// (release). Where its rows go is for the peer to find out from our count
-// row's pick list.
-template <typename IdxT, typename U>
-__device__ void pushStaged(const DispatchParams& p, uint64_t epoch) {
-  const CommonParams& c = p.common;
-  const int lane = threadIdx.x & 31;
-  const PushGroup group(c);
-  const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
-  const int64_t T_stage = c.layout.stage_tokens;
-  char* const stage =
-      static_cast<char*>(p.stage[group.peer]) +
-      ((epoch & 1) * c.world_size + c.rank) * T_stage * c.row_bytes;
-  uint64_t* const flags =
-      flagAt(c.control[group.peer], c.layout.staged_flags, c.rank * T_stage);
-  const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
-  for (int64_t t = group.first_warp; t < p.tokens; t += group.warps) {
-    bool here = false;
-    if (lane < c.topk) {
-      const int64_t id = static_cast<int64_t>(idx[t * c.topk + lane]);
-      here =
-          id >= 0 && id < p.num_experts && id / c.local_experts == group.peer;
-    }
-    if (__any_sync(kFullMask, here) == 0) {
-      continue;
-    }
-    char* destination = stage + t * c.row_bytes;
-    copyUnits<U, false>(&destination, 1,
-                        reinterpret_cast<const U*>(
-                            static_cast<const char*>(p.x) + t * c.row_bytes),
-                        0, units, lane);
-    fenceAcqRelSys();
-    __syncwarp();
-    if (lane == 0) {
-      storeReleaseSys(flags + t, epoch);
-    }
-  }
-}
-
 // Local blocks: this rank's rows, one per pick (local copies are cheap),
 // with their provenance, and pick_row / pick_rank of every pick.
 template <typename IdxT, typename U>
@@ -662,32 +562,24 @@ __device__ void writeLocalRows(const DispatchParams& p,
 }
 
 // Every warp: claims received rows segment by segment (segment i = source
-// i / L, local expert i % L; this rank's own rows are written directly),
+// i / L, local expert i % L; this rank's own rows are complete already),
 // starting at a segment of its own so that warps spread; within a segment
 // rows arrive in token order, so claims follow the arrivals. For each row:
-// wait until its data is here, write provenance and the route entry, copy
-// the data in unless it landed in place. A source that staged its rows
-// (staged_from[s]) names the token of each row in its count row's pick list
-// and raised staged_flags[s][token]; the others sent each row's metadata,
-// with an epoch, after the row (or the row that carries its token).
+// wait for its epoch, write provenance and the route entry, copy the token
+// from the row that carried it.
 template <typename U>
 __device__ void expandRows(const DispatchParams& p,
-                           const DispatchShared& shared, const int* staged_from,
-                           int64_t recv_rows, uint64_t epoch,
-                           const WaitContext& context) {
+                           const DispatchShared& shared, int64_t recv_rows,
+                           uint64_t epoch, const WaitContext& context) {
   const CommonParams& c = p.common;
   const int lane = threadIdx.x & 31;
-  const int L = c.local_experts;
-  const int R = c.world_size;
-  const int segments = R * L;
-  const int parity = static_cast<int>(epoch & 1);
-  const int64_t T_stage = c.layout.stage_tokens;
+  const int segments = c.world_size * c.local_experts;
   const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
-  int32_t* claims = p.segment_claims + parity * p.num_experts;
+  int32_t* claims = p.segment_claims + (epoch & 1) * p.num_experts;
   char* const recv_base = static_cast<char*>(c.recv[c.rank]);
   // A segment has rows left when its claims are below its valid rows.
   auto left = [&](int segment) {
-    if (segment / L == c.rank) {
+    if (segment / c.local_experts == c.rank) {
       return false;
     }
     const int64_t valid =
@@ -713,28 +605,10 @@ __device__ void expandRows(const DispatchParams& p,
       return;
     }
     segment = found;
-    const int source = segment / L;
+    const int source = segment / c.local_experts;
     const int64_t start = shared.recv_start[segment];
     const int64_t rows = min(static_cast<int64_t>(shared.recv_count[segment]),
                              recv_rows - start);
-    const bool staged = staged_from[source] != 0;
-    const StagedPick* list = nullptr;
-    const char* stage = nullptr;
-    const uint64_t* staged_flags = nullptr;
-    if (staged) {
-      int64_t first = 0;
-      for (int l = 0; l < segment % L; ++l) {
-        first += shared.recv_count[source * L + l];
-      }
-      list = reinterpret_cast<const StagedPick*>(
-                 countRowAt(c.control[c.rank], c.layout, parity, source, R) +
-                 c.layout.count_list) +
-             first;
-      stage = static_cast<const char*>(p.stage[c.rank]) +
-              (parity * R + source) * T_stage * c.row_bytes;
-      staged_flags =
-          flagAt(c.control[c.rank], c.layout.staged_flags, source * T_stage);
-    }
     while (true) {
       int64_t position = 0;
       if (lane == 0) {
@@ -745,67 +619,45 @@ __device__ void expandRows(const DispatchParams& p,
         break;
       }
       const int64_t r = start + position;
-      // The row's token, pick and weight; where its data comes from (null:
-      // it landed in place); whether the sender's account of it is sound.
-      int token = 0;
-      int pick = 0;
-      int weight_bits = 0;
-      const char* from = nullptr;
-      bool sound = true;
-      const uint64_t* flag = nullptr;
-      if (staged) {
-        const int2 entry =
-            __ldcg(reinterpret_cast<const int2*>(list) + position);
-        token = entry.x >> 8;
-        pick = entry.x & 0xff;
-        weight_bits = entry.y;
-        sound = token >= 0 && token < T_stage && pick < c.topk;
-        flag = staged_flags + token;
-        from = stage + static_cast<int64_t>(token) * c.row_bytes;
-      } else {
-        flag = &metaAt(recv_base, c.meta_offset, r)->epoch;
-      }
+      RowMeta* meta = metaAt(recv_base, c.meta_offset, r);
       int ok = 1;
-      if (lane == 0 && sound) {
-        ok = waitForFlag(flag, epoch, source, context, kWaitDispatchData);
+      if (lane == 0) {
+        ok = waitForFlag(&meta->epoch, epoch, source, context,
+                         kWaitDispatchData);
       }
       if (__shfl_sync(kFullMask, ok, 0) == 0) {
         return;
       }
       __syncwarp();
-      if (!staged) {
-        const int4 body = __ldcg(
-            reinterpret_cast<const int4*>(metaAt(recv_base, c.meta_offset, r)));
-        token = body.x;
-        pick = body.y & 0xff;
-        weight_bits = body.w;
-        sound = (body.y >> 8) == source && body.z < r && token >= 0 &&
-                token < c.max_tokens && pick < c.topk;
-        from = body.z >= 0 ? recv_base + body.z * c.row_bytes : nullptr;
-      }
+      const int4 body = __ldcg(reinterpret_cast<const int4*>(meta));
+      const int from = body.y >> 8;
+      const int pick = body.y & 0xff;
       if (lane == 0) {
-        if (sound) {
-          p.recv_src_token[r] = token;
-          p.recv_src_rank[r] = source;
-          p.recv_src_k[r] = pick;
-          if (p.recv_weights != nullptr) {
-            p.recv_weights[r] = __int_as_float(weight_bits);
-          }
+        p.recv_src_token[r] = body.x;
+        p.recv_src_rank[r] = from;
+        p.recv_src_k[r] = pick;
+        if (p.recv_weights != nullptr) {
+          p.recv_weights[r] = __int_as_float(body.w);
+        }
+        if (from != source || body.z >= r || pick >= c.topk || body.x < 0 ||
+            body.x >= c.max_tokens) {
+          recordStatus(context, kStatusInternal, c.rank, kWaitDispatchData,
+                       body.x, body.y, r);
+        } else {
           RouteEntry entry;
           entry.epoch = epoch;
           entry.row = r;
-          c.routes[(static_cast<int64_t>(source) * c.max_tokens + token) *
+          c.routes[(static_cast<int64_t>(source) * c.max_tokens + body.x) *
                        c.topk +
                    pick] = entry;
-        } else {
-          recordStatus(context, kStatusInternal, c.rank, kWaitDispatchData,
-                       token, pick, r);
         }
       }
-      if (sound && from != nullptr) {
+      if (body.z >= 0 && body.z < r) {
         char* destination = recv_base + r * c.row_bytes;
-        copyUnits<U, true>(&destination, 1, reinterpret_cast<const U*>(from), 0,
-                           units, lane);
+        copyUnits<U, true>(
+            &destination, 1,
+            reinterpret_cast<const U*>(recv_base + body.z * c.row_bytes), 0,
+            units, lane);
       }
     }
   }
@@ -818,7 +670,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __shared__ int bad_rank;
   __shared__ int64_t rank_rows[kMaxRanks];
-  __shared__ int staged_from[kMaxRanks];  // source s staged its rows
 
   const DispatchShared shared = carveShared(shared_raw, p.num_experts);
   const CommonParams& c = p.common;
@@ -843,28 +694,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
   }
 
-  // --- Route; a staged call's push blocks send everything at once instead
-  // and leave the route to the local blocks.
-  const bool push_block = static_cast<int>(blockIdx.x) < c.push_blocks;
+  // --- Route.
   uint64_t ranked = 0;
-  if (p.staged != 0) {
-    if (push_block) {
-      if (!gridWait(&state->published_epoch, epoch, c.rank, context)) {
-        return;
-      }
-      pushStaged<IdxT, U>(p, epoch);
-      if (prof != nullptr) {  // uniform in the block
-        __syncthreads();
-        profileMark(prof, kDispatchPushed);
-      }
-    } else {
-      routeLocal<IdxT>(p, shared, epoch,
-                       static_cast<int>(blockIdx.x) - c.push_blocks,
-                       static_cast<int>(gridDim.x) - c.push_blocks, prof);
-    }
-  } else if (p.local_route != 0) {
-    routeLocal<IdxT>(p, shared, epoch, static_cast<int>(blockIdx.x),
-                     static_cast<int>(gridDim.x), prof);
+  if (p.local_route != 0) {
+    routeLocal<IdxT>(p, shared, epoch, prof);
   } else {
     ranked = routeGrid<IdxT>(p, shared, epoch, context, prof);
     if (ranked == 0) {
@@ -904,7 +737,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     if (__ldcg(&header->code) != kStatusOk) {
       atomicMin(&bad_rank, static_cast<int>(threadIdx.x));
     }
-    staged_from[threadIdx.x] = __ldcg(&header->staged);
   }
   for (int i = threadIdx.x; i < R * E; i += blockDim.x) {
     const int source = i / E;
@@ -1012,26 +844,23 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
   }
 
-  // --- Push to the group's peer (unless staged: done), or write this
-  // rank's own rows.
+  // --- Push to the group's peer, or write this rank's own rows.
   if (bad) {
     for (int64_t q = blockIdx.x * blockDim.x + threadIdx.x; q < T * c.topk;
          q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
       c.pick_row[q] = -1;
       c.pick_rank[q] = -1;
     }
-  } else if (push_block) {
-    if (p.staged == 0) {  // a staged call's push blocks are done already
-      // Grid route: every block's pick_pos final (uniform in the block).
-      if (p.local_route == 0 &&
-          !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
-        return;
-      }
-      pushToPeer<IdxT, U>(p, shared, epoch);
-      if (prof != nullptr) {  // uniform in the block
-        __syncthreads();
-        profileMark(prof, kDispatchPushed);
-      }
+  } else if (static_cast<int>(blockIdx.x) < c.push_blocks) {
+    // Grid route: every block's pick_pos final (uniform in the block).
+    if (p.local_route == 0 &&
+        !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
+      return;
+    }
+    pushToPeer<IdxT, U>(p, shared, epoch);
+    if (prof != nullptr) {  // uniform in the block
+      __syncthreads();
+      profileMark(prof, kDispatchPushed);
     }
   } else {
     if (p.local_route == 0 &&
@@ -1046,7 +875,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   }
 
   // --- Expand the received rows.
-  expandRows<U>(p, shared, staged_from, recv_rows, epoch, context);
+  expandRows<U>(p, shared, recv_rows, epoch, context);
   if (prof != nullptr) {  // uniform in the block
     __syncthreads();
     profileMark(prof, kDispatchExpanded);
@@ -1075,31 +904,24 @@ auto dispatchKernelFor(int64_t unit_bytes) {
 
 }  // namespace
 
-ControlLayout controlLayout(int world_size, int num_experts, int64_t max_tokens,
-                            int64_t stage_tokens, int topk) {
+ControlLayout controlLayout(int world_size, int num_experts,
+                            int64_t max_tokens) {
   ControlLayout layout = {};
   const size_t flags = sizeof(uint64_t) * world_size;
-  const int64_t local_experts = num_experts / world_size;
-  const int64_t picks_per_token = topk < local_experts ? topk : local_experts;
   layout.count_flags = 0;
   layout.free_flags = roundUp(layout.count_flags + flags, 16);
   layout.arrivals = roundUp(layout.free_flags + flags, 128);
-  layout.staged_flags = roundUp(
-      layout.arrivals + sizeof(uint64_t) * world_size * max_tokens, 128);
   layout.count_rows = roundUp(
-      layout.staged_flags + sizeof(uint64_t) * world_size * stage_tokens, 128);
-  layout.count_list = countsBytes(num_experts);
-  layout.count_row_bytes =
-      layout.count_list +
-      roundUp(sizeof(StagedPick) * stage_tokens * picks_per_token, 16);
-  layout.stage_tokens = stage_tokens;
+      layout.arrivals + sizeof(uint64_t) * world_size * max_tokens, 128);
+  layout.count_row_bytes = countRowBytes(num_experts);
   layout.total_bytes =
       layout.count_rows + 2 * world_size * layout.count_row_bytes;
   return layout;
 }
 
 size_t dispatchSharedBytes(int num_experts) {
-  return tablesBytes(num_experts) + kPositionsBytes + countsBytes(num_experts);
+  return tablesBytes(num_experts) + kPositionsBytes +
+         countRowBytes(num_experts);
 }
 
 cudaError_t dispatchOccupancy(size_t shared_bytes, int* per_sm) {

@@ -69,8 +69,6 @@ struct DeviceState {
   uint64_t combine_exits;     // blocks that finished a combine
   uint64_t dispatch_counted;  // blocks whose counts are in block_counts
   uint64_t dispatch_ranked;   // blocks whose pick_pos are final
-  uint64_t published;         // staged calls: blocks that published
-  uint64_t published_epoch;   // staged call whose count rows are all out
   uint64_t reduce_claims[2];  // combine: tokens claimed by reducing warps
   int64_t recv_rows;          // valid rows of the last dispatch here
   int32_t poisoned;           // set by a timeout: every later call bails
@@ -82,19 +80,13 @@ struct DeviceState {
 // system-scope release store, and polled by the owner with acquire loads:
 // count_flags[s] after s's count row, free_flags[s] after s's reduction of
 // its previous combine, arrivals[t][s] after all of s's rows of the owner's
-// token t are in the owner's slots (combine), staged_flags[s][t] after s's
-// token t is in the owner's staging area (staged dispatch).
+// token t are in the owner's slots (combine).
 struct ControlLayout {
-  size_t count_flags;   // uint64[R]: epoch of peer s's count row
-  size_t free_flags;    // uint64[R]: epoch of peer s's last reduction
-  size_t arrivals;      // uint64[T_max][R]: peer s done with our token t
-  size_t staged_flags;  // uint64[R][T_stage]: peer s's token t staged
-  size_t count_rows;    // CountRow[2][R], double-buffered by epoch parity
-  // A count row: CountRowHeader, E int32 counts, then (from `count_list`
-  // bytes on) the sender's StagedPick list for the owner, 16-byte multiple.
-  size_t count_list;
-  size_t count_row_bytes;
-  int64_t stage_tokens;  // T_stage: 0 when staging is off
+  size_t count_flags;      // uint64[R]: epoch of peer s's count row
+  size_t free_flags;       // uint64[R]: epoch of peer s's last reduction
+  size_t arrivals;         // uint64[T_max][R]: peer s done with our token t
+  size_t count_rows;       // CountRow[2][R], double-buffered by epoch parity
+  size_t count_row_bytes;  // header + E int32 counts, 16-byte multiple
   size_t total_bytes;
 };
 
@@ -134,30 +126,18 @@ enum CombinePhase : int32_t {
 static_assert(kDispatchPhases <= kProfileSlots &&
               kCombinePhases <= kProfileSlots);
 
-// Header of a published count row: the sender's input validation result,
-// its number of tokens and how it sends its rows.
+// Header of a published count row: the sender's input validation result
+// and its number of tokens.
 struct CountRowHeader {
   int32_t code;  // kStatusOk, kStatusBadExpertId or kStatusDuplicateExpert
   int32_t pick;
   int64_t token;
   int64_t value;
   int64_t tokens;  // the sender's T
-  int32_t staged;  // 1: its rows are in the staging area, listed after counts
-  int32_t reserved;
 };
 
-// Staged dispatch: one entry per pick of the sender on the count row's
-// owner, grouped by the owner's local expert and in token order within one
-// (the order of the owner's rows of that sender).
-struct StagedPick {
-  int32_t token_pick;   // token << 8 | pick
-  int32_t weight_bits;  // the pick's weight (0 without weights)
-};
-
-// `stage_tokens` (T_stage) sizes the staged-dispatch flags and the pick
-// lists of the count rows: T_stage * min(K, L) entries each.
-ControlLayout controlLayout(int world_size, int num_experts, int64_t max_tokens,
-                            int64_t stage_tokens, int topk);
+ControlLayout controlLayout(int world_size, int num_experts,
+                            int64_t max_tokens);
 
 // Metadata of a received row, written by its sender after the row's data:
 // `body` = {source token, source rank << 8 | pick, row to copy the data
@@ -186,7 +166,7 @@ struct RouteEntry {
 // Counting mode of the dispatch: up to this many picks (T K) every block
 // counts all tokens itself and keeps the positions in shared memory (no
 // grid barrier); above, blocks count their own tokens and meet at two grid
-// barriers. Staged calls always count this way.
+// barriers.
 constexpr int kLocalRoutePicks = 4096;
 
 // Fields both kernels share, filled by one host function.
@@ -238,13 +218,6 @@ struct DispatchParams {
   int64_t capacity;  // C
   // 1: every block counts all tokens (T K <= kLocalRoutePicks); 0: grid.
   int local_route;
-  // 1: the push blocks send every token at once into the peers' staging
-  // areas (T <= T_stage, local route); 0: into the rows themselves once the
-  // counts are in.
-  int staged;
-  // Symmetric staging areas, device array of R peer pointers (null when
-  // staging is off): [2 (epoch parity)][R (source)][T_stage] rows of B.
-  void* const* stage;
   // [T_max * K]: a pick's position among this rank's rows of its expert
   // (grid route: first relative to its warp's tokens, final after the
   // second grid barrier).

@@ -1,0 +1,284 @@
+// The floor under the MoE kernels' transfers: every GPU of this process
+// writes (or reads) the same number of bytes to (from) each other GPU at
+// once, with SM loads and stores over peer mappings, and the time from the
+// common start to the last block's system-scope fence is measured on each
+// GPU (%globaltimer). CUDA runtime only, one process, all visible GPUs.
+//
+//   build/bench_nvlink_push [bytes per peer ...]   (default: the MoE sizes)
+//
+// Variants: "rows": one warp per row of 14336 bytes (H = 7168 bf16), rows
+// spread over the blocks of a peer's group, 8 loads in flight per lane,
+// like the MoE push; "stride": a grid-stride loop of 16-byte units over
+// the peer's bytes, 4 in flight per lane; "pull": like "rows", but every
+// GPU reads its peers' rows into its own memory. Blocks of a GPU are split
+// into one group per peer. Times are medians over the repetitions, of the
+// slowest GPU; GB/s = bytes sent (pull: received) per GPU / time.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+namespace {
+
+#define CHECK_CUDA(call)                                                 \
+  do {                                                                   \
+    const cudaError_t status_ = (call);                                  \
+    if (status_ != cudaSuccess) {                                        \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, \
+                   cudaGetErrorString(status_));                         \
+      std::exit(1);                                                      \
+    }                                                                    \
+  } while (0)
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxGpus = 8;
+constexpr int64_t kRowBytes = 14336;
+constexpr int kRepetitions = 20;
+
+enum Mode : int { kRows = 0, kStride = 1, kPull = 2 };
+const char* const kModeNames[] = {"rows", "stride", "pull"};
+
+struct Params {
+  // Per peer slot p (p = 0 .. peers-1, peer = (gpu + 1 + p) % gpus): where
+  // this GPU's bytes go on (or come from) that peer, and where they come
+  // from (go to) here.
+  char* remote[kMaxGpus];
+  char* local[kMaxGpus];
+  int64_t bytes;  // per peer
+  int peers;
+  int mode;
+  // Block 0 waits for the host's go (host-mapped), then raises `release`
+  // to `round` in device memory for the other blocks: many blocks polling
+  // host memory would stagger the start.
+  const volatile int* go;
+  unsigned* release;
+  unsigned round;
+  unsigned long long* times;  // [blocks][2]: start, end (ns)
+};
+
+__device__ __forceinline__ unsigned long long now() {
+  unsigned long long ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return ns;
+}
+
+__device__ __forceinline__ void copyRow(uint4* destination, const uint4* source,
+                                        int64_t units, int lane) {
+  for (int64_t base = lane; base < units; base += 32 * 8) {
+    uint4 values[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (base + 32 * i < units) {
+        values[i] = source[base + 32 * i];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (base + 32 * i < units) {
+        destination[base + 32 * i] = values[i];
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) pushKernel(Params p) {
+  const int slot = blockIdx.x % p.peers;
+  const int group_blocks = gridDim.x / p.peers;
+  const int block_in_group = blockIdx.x / p.peers;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) {
+    if (blockIdx.x == 0) {
+      while (*p.go == 0) {
+      }
+      atomicExch(p.release, p.round);
+    } else {
+      while (*reinterpret_cast<volatile unsigned*>(p.release) < p.round) {
+      }
+    }
+  }
+  __syncthreads();
+  const unsigned long long start = now();
+  char* to = p.mode == kPull ? p.local[slot] : p.remote[slot];
+  const char* from = p.mode == kPull ? p.remote[slot] : p.local[slot];
+  if (p.mode == kStride) {
+    const int64_t units = p.bytes / 16;
+    const int64_t stride = static_cast<int64_t>(group_blocks) * kThreads;
+    auto* destination = reinterpret_cast<uint4*>(to);
+    const auto* source = reinterpret_cast<const uint4*>(from);
+    for (int64_t base =
+             static_cast<int64_t>(block_in_group) * kThreads + threadIdx.x;
+         base < units; base += 4 * stride) {
+      uint4 values[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (base + i * stride < units) {
+          values[i] = source[base + i * stride];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (base + i * stride < units) {
+          destination[base + i * stride] = values[i];
+        }
+      }
+    }
+  } else {
+    const int64_t rows = p.bytes / kRowBytes;
+    const int64_t warps = static_cast<int64_t>(group_blocks) * kWarps;
+    for (int64_t row =
+             static_cast<int64_t>(warp) * group_blocks + block_in_group;
+         row < rows; row += warps) {
+      copyRow(reinterpret_cast<uint4*>(to + row * kRowBytes),
+              reinterpret_cast<const uint4*>(from + row * kRowBytes),
+              kRowBytes / 16, lane);
+    }
+  }
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    p.times[2 * blockIdx.x] = start;
+    p.times[2 * blockIdx.x + 1] = now();
+  }
+}
+
+struct Gpu {
+  char* recv = nullptr;  // [gpus][bytes]: slot of each source
+  char* send = nullptr;  // [bytes]
+  unsigned long long* times = nullptr;
+  unsigned* release = nullptr;
+  unsigned rounds = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// One measurement: all GPUs at once, `blocks_per_peer` blocks per peer.
+// Returns the median over repetitions of the slowest GPU's span (us).
+double measure(std::vector<Gpu>& gpus, int* go, int64_t bytes, int mode,
+               int blocks_per_peer) {
+  const int n = static_cast<int>(gpus.size());
+  const int peers = n - 1;
+  const int blocks = blocks_per_peer * peers;
+  std::vector<double> spans;
+  std::vector<unsigned long long> host(2 * blocks);
+  for (int repetition = 0; repetition < kRepetitions + 2; ++repetition) {
+    *reinterpret_cast<volatile int*>(go) = 0;
+    for (int g = 0; g < n; ++g) {
+      CHECK_CUDA(cudaSetDevice(g));
+      Params p = {};
+      for (int s = 0; s < peers; ++s) {
+        const int peer = (g + 1 + s) % n;
+        // Push: our bytes into slot g of the peer. Pull: the peer's bytes
+        // (its send buffer) into our slot for it.
+        p.remote[s] =
+            mode == kPull ? gpus[peer].send : gpus[peer].recv + g * bytes;
+        p.local[s] = mode == kPull ? gpus[g].recv + peer * bytes : gpus[g].send;
+      }
+      p.bytes = bytes;
+      p.peers = peers;
+      p.mode = mode;
+      int* go_device = nullptr;
+      CHECK_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&go_device),
+                                          go, 0));
+      p.go = go_device;
+      p.times = gpus[g].times;
+      p.release = gpus[g].release;
+      p.round = ++gpus[g].rounds;
+      pushKernel<<<blocks, kThreads, 0, gpus[g].stream>>>(p);
+      CHECK_CUDA(cudaGetLastError());
+    }
+    *reinterpret_cast<volatile int*>(go) = 1;
+    double slowest = 0;
+    for (int g = 0; g < n; ++g) {
+      CHECK_CUDA(cudaSetDevice(g));
+      CHECK_CUDA(cudaStreamSynchronize(gpus[g].stream));
+      CHECK_CUDA(cudaMemcpy(host.data(), gpus[g].times,
+                            sizeof(unsigned long long) * 2 * blocks,
+                            cudaMemcpyDeviceToHost));
+      unsigned long long first = ~0ull;
+      unsigned long long last = 0;
+      for (int b = 0; b < blocks; ++b) {
+        first = std::min(first, host[2 * b]);
+        last = std::max(last, host[2 * b + 1]);
+      }
+      slowest = std::max(slowest, (last - first) / 1e3);
+    }
+    if (repetition >= 2) {  // the first two warm up
+      spans.push_back(slowest);
+    }
+  }
+  std::sort(spans.begin(), spans.end());
+  return spans[spans.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int n = 0;
+  CHECK_CUDA(cudaGetDeviceCount(&n));
+  n = std::min(n, kMaxGpus);
+  if (n < 2) {
+    std::printf("bench_nvlink_push: needs at least 2 GPUs, found %d\n", n);
+    return 0;
+  }
+  std::vector<int64_t> sizes;
+  for (int i = 1; i < argc; ++i) {
+    sizes.push_back(std::atoll(argv[i]) / kRowBytes * kRowBytes);
+  }
+  if (sizes.empty()) {
+    // Per peer at H = 7168 bf16, K = 8, 8 experts a rank, 4 ranks: the
+    // dispatch (tokens with picks on the peer) and the combine (picks) at
+    // T = 128, then the dispatch at T = 4096.
+    sizes = {119 * kRowBytes, 256 * kRowBytes, 3810 * kRowBytes};
+  }
+  int sms = 0;
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  std::vector<Gpu> gpus(n);
+  const int64_t most = *std::max_element(sizes.begin(), sizes.end());
+  for (int g = 0; g < n; ++g) {
+    CHECK_CUDA(cudaSetDevice(g));
+    for (int peer = 0; peer < n; ++peer) {
+      if (peer != g) {
+        const cudaError_t status = cudaDeviceEnablePeerAccess(peer, 0);
+        if (status != cudaSuccess &&
+            status != cudaErrorPeerAccessAlreadyEnabled) {
+          CHECK_CUDA(status);
+        }
+      }
+    }
+    CHECK_CUDA(cudaMalloc(&gpus[g].recv, n * most));
+    CHECK_CUDA(cudaMalloc(&gpus[g].send, most));
+    CHECK_CUDA(cudaMemset(gpus[g].send, g + 1, most));
+    CHECK_CUDA(
+        cudaMalloc(&gpus[g].times, sizeof(unsigned long long) * 2 * sms));
+    CHECK_CUDA(cudaMalloc(&gpus[g].release, sizeof(unsigned)));
+    CHECK_CUDA(cudaMemset(gpus[g].release, 0, sizeof(unsigned)));
+    CHECK_CUDA(
+        cudaStreamCreateWithFlags(&gpus[g].stream, cudaStreamNonBlocking));
+  }
+  int* go = nullptr;
+  CHECK_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&go), sizeof(int),
+                           cudaHostAllocMapped | cudaHostAllocPortable));
+  std::printf("%d GPUs, %d SMs each; all GPUs to all peers at once\n", n, sms);
+  std::printf("%12s  %-6s  %14s  %9s  %10s\n", "bytes/peer", "mode",
+              "blocks/peer", "time us", "GB/s/GPU");
+  const int peers = n - 1;
+  for (const int64_t bytes : sizes) {
+    for (const int mode : {kRows, kStride, kPull}) {
+      for (const int per_peer : {2, 4, 8, 16, 32, sms / peers}) {
+        if (per_peer * peers > sms || per_peer < 1) {
+          continue;
+        }
+        const double us = measure(gpus, go, bytes, mode, per_peer);
+        std::printf("%12lld  %-6s  %14d  %9.1f  %10.1f\n",
+                    static_cast<long long>(bytes), kModeNames[mode], per_peer,
+                    us, peers * bytes / us / 1e3);
+        std::fflush(stdout);
+      }
+    }
+  }
+  return 0;
+}
