@@ -19,6 +19,7 @@
 #include <functional>
 #include <string>
 
+#include "event_timer.h"
 #include "ir/ops.h"
 #include "kernel/executor.h"
 #include "utils/cuda_utils.h"
@@ -62,21 +63,7 @@ double timeUs(const std::function<void()>& fn, const Options& options,
   for (int i = 0; i < options.warmup; ++i) {
     fn();
   }
-  cudaEvent_t start = nullptr;
-  cudaEvent_t stop = nullptr;
-  HF_CUDA_CHECK(cudaEventCreate(&start));
-  HF_CUDA_CHECK(cudaEventCreate(&stop));
-  HF_CUDA_CHECK(cudaEventRecord(start, stream));
-  for (int i = 0; i < options.iters; ++i) {
-    fn();
-  }
-  HF_CUDA_CHECK(cudaEventRecord(stop, stream));
-  HF_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0.0f;
-  HF_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  HF_CUDA_CHECK(cudaEventDestroy(start));
-  HF_CUDA_CHECK(cudaEventDestroy(stop));
-  return 1000.0 * ms / options.iters;
+  return bench::eventTimeUs(stream, options.iters, fn);
 }
 
 std::shared_ptr<Fusion> siluMulAdd() {

@@ -52,6 +52,7 @@
 #include <string>
 #include <vector>
 
+#include "event_timer.h"
 #include "multidevice/communicator.h"
 #include "multidevice/cuda_dispatch_combine.h"
 #include "multidevice/dispatch_combine.h"
@@ -124,10 +125,7 @@ double offRankBytes(const at::Tensor& counts, int rank) {
 class Bench {
  public:
   Bench(int rank, int world, int device, c10::intrusive_ptr<c10d::Store> store)
-      : rank_(rank), world_(world), device_(device), store_(store) {
-    HF_CUDA_CHECK(cudaEventCreate(&start_));
-    HF_CUDA_CHECK(cudaEventCreate(&stop_));
-  }
+      : rank_(rank), world_(world), device_(device), store_(store) {}
 
   // Mean microseconds per call of `fn`, median over `blocks` blocks of
   // `per_block` calls, as the slowest rank saw it. `key` must be new.
@@ -141,15 +139,7 @@ class Bench {
     for (int block = 0; block < blocks; ++block) {
       HF_CUDA_CHECK(cudaDeviceSynchronize());
       storeBarrier(*store_, toString(key, "/", block), world_);
-      HF_CUDA_CHECK(cudaEventRecord(start_, stream));
-      for (int i = 0; i < per_block; ++i) {
-        fn();
-      }
-      HF_CUDA_CHECK(cudaEventRecord(stop_, stream));
-      HF_CUDA_CHECK(cudaEventSynchronize(stop_));
-      float ms = 0;
-      HF_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
-      means.push_back(1000.0 * ms / per_block);
+      means.push_back(bench::eventTimeUs(stream, per_block, fn));
     }
     std::nth_element(means.begin(), means.begin() + blocks / 2, means.end());
     return maxOverRanks(key, means[blocks / 2]);
@@ -197,8 +187,6 @@ class Bench {
   int world_;
   int device_;
   c10::intrusive_ptr<c10d::Store> store_;
-  cudaEvent_t start_ = nullptr;
-  cudaEvent_t stop_ = nullptr;
 };
 
 // One rank's inputs for T tokens; the same for every backend and setting.
@@ -552,23 +540,8 @@ void runSweep(Bench& bench, int rank, int world, int device,
 // this rank (CUDA events), after a barrier.
 double backToBack(Bench& bench, int device, const std::string& key,
                   int per_block, const std::function<void()>& fn) {
-  const cudaStream_t stream = cuda::currentStream(device);
-  cudaEvent_t start = nullptr;
-  cudaEvent_t stop = nullptr;
-  HF_CUDA_CHECK(cudaEventCreate(&start));
-  HF_CUDA_CHECK(cudaEventCreate(&stop));
   bench.barrier(key);
-  HF_CUDA_CHECK(cudaEventRecord(start, stream));
-  for (int i = 0; i < per_block; ++i) {
-    fn();
-  }
-  HF_CUDA_CHECK(cudaEventRecord(stop, stream));
-  HF_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  HF_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  HF_CUDA_CHECK(cudaEventDestroy(start));
-  HF_CUDA_CHECK(cudaEventDestroy(stop));
-  return 1000.0 * ms / per_block;
+  return bench::eventTimeUs(cuda::currentStream(device), per_block, fn);
 }
 
 // The kernels' phase timing per T (--profile), with a workspace of its own

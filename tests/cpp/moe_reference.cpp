@@ -12,6 +12,8 @@
 namespace hostfuse::test {
 
 Communicator& communicator() { return Communicator::getInstance(); }
+int64_t worldSize() { return communicator().size(); }
+int64_t myRank() { return communicator().rank(); }
 
 bool lacksGpuPerRank() {
   return !cuda::isAvailable() ||

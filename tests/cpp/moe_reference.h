@@ -15,6 +15,9 @@
 namespace hostfuse::test {
 
 Communicator& communicator();
+// This process's rank and the number of ranks, from communicator().
+int64_t worldSize();
+int64_t myRank();
 
 // True unless every rank on this host has a GPU of its own (CUDA tests of
 // the multi-rank binaries skip then).

@@ -29,12 +29,11 @@ namespace hostfuse {
 namespace {
 
 using test::communicator;
+using test::myRank;
 using test::Routing;
+using test::worldSize;
 
 constexpr int64_t kHidden = 16;
-
-int64_t worldSize() { return communicator().size(); }
-int64_t myRank() { return communicator().rank(); }
 
 #define SKIP_WITHOUT_GPUS()                                          \
   do {                                                               \

@@ -23,12 +23,11 @@ namespace hostfuse {
 namespace {
 
 using test::communicator;
+using test::myRank;
 using test::Routing;
+using test::worldSize;
 
 constexpr int64_t kHidden = 16;
-
-int64_t worldSize() { return communicator().size(); }
-int64_t myRank() { return communicator().rank(); }
 
 // The device of a test parameter on this rank: its own GPU for CUDA.
 at::Device rankDevice(c10::DeviceType type) {
