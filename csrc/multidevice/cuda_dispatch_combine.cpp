@@ -103,6 +103,25 @@ class DeviceScope {
   int previous_ = 0;
 };
 
+// `topk_weights` of a dispatch or combine (`op`), checked to be a floating
+// [tokens, topk] tensor on `device`, as contiguous fp32; undefined without.
+at::Tensor floatWeights(const char* op,
+                        const std::optional<at::Tensor>& topk_weights,
+                        const at::Device& device, int64_t tokens,
+                        int64_t topk) {
+  if (!topk_weights.has_value()) {
+    return at::Tensor();
+  }
+  HF_CHECK(topk_weights->device() == device &&
+               at::isFloatingType(topk_weights->scalar_type()) &&
+               topk_weights->dim() == 2 && topk_weights->size(0) == tokens &&
+               topk_weights->size(1) == topk,
+           "MoE ", op, ": topk_weights must be a floating [", tokens, ", ",
+           topk, "] tensor on ", device, "; got ", topk_weights->scalar_type(),
+           " ", topk_weights->sizes(), " on ", topk_weights->device());
+  return topk_weights->to(at::kFloat).contiguous();
+}
+
 bool isCapturing(cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   HF_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
@@ -416,17 +435,8 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
                topk_idx.size(1) == c.topk,
            "MoE dispatch: topk_idx must be [", tokens, ", ", c.topk, "]; got ",
            topk_idx.sizes());
-  at::Tensor weights;
-  if (topk_weights.has_value()) {
-    HF_CHECK(topk_weights->device() == device &&
-                 at::isFloatingType(topk_weights->scalar_type()) &&
-                 topk_weights->sizes() == topk_idx.sizes(),
-             "MoE dispatch: topk_weights must be a floating [", tokens, ", ",
-             c.topk, "] tensor on ", device, "; got ",
-             topk_weights->scalar_type(), " ", topk_weights->sizes(), " on ",
-             topk_weights->device());
-    weights = topk_weights->to(at::kFloat).contiguous();
-  }
+  const at::Tensor weights =
+      floatWeights("dispatch", topk_weights, device, tokens, c.topk);
   const at::Tensor input = x.contiguous();
   const at::Tensor idx = topk_idx.contiguous();
 
@@ -515,18 +525,8 @@ at::Tensor CudaMoeWorkspace::combine(
                expert_out.size(1) == c.hidden,
            "MoE combine: expert_out must be [C, H] = [", capacity_, ", ",
            c.hidden, "] in the dispatch layout; got ", expert_out.sizes());
-  at::Tensor weights;
-  if (topk_weights.has_value()) {
-    HF_CHECK(topk_weights->device() == device &&
-                 at::isFloatingType(topk_weights->scalar_type()) &&
-                 topk_weights->dim() == 2 && topk_weights->size(0) == tokens &&
-                 topk_weights->size(1) == c.topk,
-             "MoE combine: topk_weights must be a floating [", tokens, ", ",
-             c.topk, "] tensor on ", device, "; got ",
-             topk_weights->scalar_type(), " ", topk_weights->sizes(), " on ",
-             topk_weights->device());
-    weights = topk_weights->to(at::kFloat).contiguous();
-  }
+  const at::Tensor weights =
+      floatWeights("combine", topk_weights, device, tokens, c.topk);
   const at::Tensor rows = expert_out.contiguous();
 
   Buffers& b = *buffers_;
