@@ -189,6 +189,18 @@ class Bench {
   c10::intrusive_ptr<c10d::Store> store_;
 };
 
+// The mean of every rank's traffic; `id` must be new.
+Traffic meanOverRanks(Bench& bench, const std::string& id, const Traffic& mine,
+                      int world) {
+  Traffic mean;
+  mean.physical_dispatch =
+      bench.sumOverRanks(id + "/pd", mine.physical_dispatch) / world;
+  mean.physical_combine =
+      bench.sumOverRanks(id + "/pc", mine.physical_combine) / world;
+  mean.logical = bench.sumOverRanks(id + "/l", mine.logical) / world;
+  return mean;
+}
+
 // One rank's inputs for T tokens; the same for every backend and setting.
 struct Inputs {
   at::Tensor idx_cpu;  // [T, K] i64
@@ -293,12 +305,7 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
   const int64_t experts = kExpertsPerRank * world;
   const Inputs in = makeInputs(tokens, rank, world, gpu);
   const std::string id = toString("T", tokens);
-  const double physical_dispatch =
-      bench.sumOverRanks(id + "/pd", in.traffic.physical_dispatch) / world;
-  const double physical_combine =
-      bench.sumOverRanks(id + "/pc", in.traffic.physical_combine) / world;
-  const double logical =
-      bench.sumOverRanks(id + "/l", in.traffic.logical) / world;
+  const Traffic traffic = meanOverRanks(bench, id, in.traffic, world);
   const int per_block = callsPerBlock(tokens);
 
   CudaMoeWorkspace workspace(
@@ -342,13 +349,13 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
                                result =
                                    workspace.dispatch(in.x, in.idx, in.weights);
                              }),
-                  physical_dispatch});
+                  traffic.physical_dispatch});
   rows.push_back(
       {"combine", "cuda", "eager",
        bench.time(
            id + "/ce", per_block,
            [&] { workspace.combine(result.recv_x, result, in.weights); }),
-       physical_combine});
+       traffic.physical_combine});
   rows.push_back(
       {"dispatch+combine", "cuda", "eager",
        bench.time(id + "/dce", per_block,
@@ -356,7 +363,7 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
                     result = workspace.dispatch(in.x, in.idx, in.weights);
                     workspace.combine(result.recv_x, result, in.weights);
                   }),
-       physical_dispatch + physical_combine});
+       traffic.physical_dispatch + traffic.physical_combine});
   workspace.checkStatus();
   // cuda, graph-replayed.
   {
@@ -364,15 +371,15 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
     rows.push_back(
         {"dispatch", "cuda", "graph",
          bench.time(id + "/dg", per_block, [&] { graphs.dispatch.replay(); }),
-         physical_dispatch});
+         traffic.physical_dispatch});
     rows.push_back(
         {"combine", "cuda", "graph",
          bench.time(id + "/cg", per_block, [&] { graphs.combine.replay(); }),
-         physical_combine});
+         traffic.physical_combine});
     rows.push_back(
         {"dispatch+combine", "cuda", "graph",
          bench.time(id + "/dcg", per_block, [&] { graphs.both.replay(); }),
-         physical_dispatch + physical_combine});
+         traffic.physical_dispatch + traffic.physical_combine});
     workspace.checkStatus();
   }
   // collective (NCCL), eager: it cannot be captured (host sync for counts).
@@ -422,7 +429,7 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
       std::printf("%6lld  %-16s %-10s %-5s %10.1f %10.1f %11.1f %8s\n",
                   static_cast<long long>(tokens), row.op, row.backend, row.mode,
                   row.us, row.physical / (row.us * 1e3),
-                  logical / (row.us * 1e3), ratio);
+                  traffic.logical / (row.us * 1e3), ratio);
     }
     auto graphRatio = [&](const char* op) {
       for (const Row& row : rows) {
@@ -494,10 +501,7 @@ void runSweep(Bench& bench, int rank, int world, int device,
   for (const int64_t tokens : sizes) {
     const Inputs in = makeInputs(tokens, rank, world, gpu);
     const std::string id = toString("sweep/T", tokens);
-    const double physical_dispatch =
-        bench.sumOverRanks(id + "/pd", in.traffic.physical_dispatch) / world;
-    const double physical_combine =
-        bench.sumOverRanks(id + "/pc", in.traffic.physical_combine) / world;
+    const Traffic traffic = meanOverRanks(bench, id, in.traffic, world);
     const int per_block = callsPerBlock(tokens);
     for (const SweepSetting& setting : sweepSettings(all_blocks, world)) {
       const std::string key =
@@ -528,8 +532,8 @@ void runSweep(Bench& bench, int rank, int world, int device,
         std::printf("%6lld %6d %5d%-2s  %11.1f %9.1f  %11.1f %9.1f\n",
                     static_cast<long long>(tokens), workspace.blocks(),
                     workspace.pushBlocks(), is_default ? " *" : "", dispatch_us,
-                    physical_dispatch / (dispatch_us * 1e3), combine_us,
-                    physical_combine / (combine_us * 1e3));
+                    traffic.physical_dispatch / (dispatch_us * 1e3), combine_us,
+                    traffic.physical_combine / (combine_us * 1e3));
         std::fflush(stdout);
       }
     }

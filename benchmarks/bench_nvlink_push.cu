@@ -157,8 +157,10 @@ struct Gpu {
 
 // One measurement: all GPUs at once, `blocks_per_peer` blocks per peer.
 // Returns the median over repetitions of the slowest GPU's span (us).
-double measure(std::vector<Gpu>& gpus, int* go, int64_t bytes, int mode,
-               int blocks_per_peer) {
+// `go` is the host-mapped start flag, `go_device` its device address (the
+// same on every GPU: portable, unified addressing).
+double measure(std::vector<Gpu>& gpus, int* go, const int* go_device,
+               int64_t bytes, int mode, int blocks_per_peer) {
   const int n = static_cast<int>(gpus.size());
   const int peers = n - 1;
   const int blocks = blocks_per_peer * peers;
@@ -180,9 +182,6 @@ double measure(std::vector<Gpu>& gpus, int* go, int64_t bytes, int mode,
       p.bytes = bytes;
       p.peers = peers;
       p.mode = mode;
-      int* go_device = nullptr;
-      CHECK_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&go_device),
-                                          go, 0));
       p.go = go_device;
       p.times = gpus[g].times;
       p.release = gpus[g].release;
@@ -262,6 +261,9 @@ int main(int argc, char** argv) {
   int* go = nullptr;
   CHECK_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&go), sizeof(int),
                            cudaHostAllocMapped | cudaHostAllocPortable));
+  int* go_device = nullptr;
+  CHECK_CUDA(
+      cudaHostGetDevicePointer(reinterpret_cast<void**>(&go_device), go, 0));
   std::printf("%d GPUs, %d SMs each; all GPUs to all peers at once\n", n, sms);
   std::printf("%12s  %-6s  %14s  %9s  %10s\n", "bytes/peer", "mode",
               "blocks/peer", "time us", "GB/s/GPU");
@@ -272,7 +274,7 @@ int main(int argc, char** argv) {
         if (per_peer * peers > sms || per_peer < 1) {
           continue;
         }
-        const double us = measure(gpus, go, bytes, mode, per_peer);
+        const double us = measure(gpus, go, go_device, bytes, mode, per_peer);
         std::printf("%12lld  %-6s  %14d  %9.1f  %10.1f\n",
                     static_cast<long long>(bytes), kModeNames[mode], per_peer,
                     us, peers * bytes / us / 1e3);
