@@ -604,6 +604,35 @@ TEST_F(CudaMoe, TwoWorkspacesDoNotShareBuffers) {
 // ---------------------------------------------------------------------------
 // Errors.
 
+// Malformed weights are refused on the host by dispatch and by combine, on
+// every rank alike, before anything is launched; the next call works.
+TEST_F(CudaMoe, BadWeightsAreRefusedByDispatchAndCombine) {
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = 2;
+  auto workspace = makeWorkspace(c, "bad_weights");
+  const DeviceInputs in = toDevice(allInputs(c, world_)[rank_], c);
+  const int64_t tokens = c.tokensOf(rank_);
+  const at::Tensor transposed = in.weights.t().contiguous();
+  const at::Tensor integral = in.weights.to(at::kLong);
+  for (const at::Tensor& bad : {transposed, integral}) {
+    test::expectErrorContains(
+        [&] { workspace->dispatch(in.x, in.idx, bad); },
+        {"MoE dispatch", "topk_weights must be a floating",
+         toString("[", tokens, ", ", c.topk, "]")});
+  }
+  const CudaDispatchResult result =
+      workspace->dispatch(in.x, in.idx, in.weights);
+  const at::Tensor out = runExperts(result, c, world_, rank_);
+  for (const at::Tensor& bad : {transposed, integral}) {
+    test::expectErrorContains([&] { workspace->combine(out, result, bad); },
+                              {"MoE combine", "topk_weights must be a floating",
+                               toString("[", tokens, ", ", c.topk, "]")});
+  }
+  workspace->combine(out, result, in.weights);
+  runAndCheck(*workspace, c, "valid call after bad weights", 1);
+}
+
 TEST_F(CudaMoe, BadExpertIdIsReportedOnEveryRankAndTheNextCallWorks) {
   Case c;
   c.experts = 2 * world_;
