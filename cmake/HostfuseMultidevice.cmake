@@ -1,7 +1,7 @@
-# Compile settings of csrc/multidevice that only two files need.
+# Compile settings of csrc/multidevice/comm that only two files need.
 #
 # gloo_backend.cpp includes torch's ProcessGroupGloo.hpp, which includes Gloo
-# headers that torch's wheels do not ship; csrc/multidevice/gloo_shim stands
+# headers that torch's wheels do not ship; csrc/multidevice/comm/gloo_shim stands
 # in for them (its README says why that is sound). Only this file sees it.
 #
 # nccl_backend.cpp includes ProcessGroupNCCL.hpp, which includes <nccl.h>:
@@ -9,7 +9,7 @@
 # to torch in site-packages), or a system one. Without it the NCCL backend
 # is left out and asking for it is a clear error at run time.
 
-set(_hostfuse_md "${CMAKE_CURRENT_SOURCE_DIR}/csrc/multidevice")
+set(_hostfuse_md "${CMAKE_CURRENT_SOURCE_DIR}/csrc/multidevice/comm")
 
 set_source_files_properties("${_hostfuse_md}/gloo_backend.cpp"
   PROPERTIES INCLUDE_DIRECTORIES "${_hostfuse_md}/gloo_shim")

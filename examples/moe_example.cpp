@@ -23,11 +23,12 @@
 #include <memory>
 #include <sstream>
 
+#include "ir/grouped_matmul.h"
 #include "host_ir/evaluator.h"
 #include "host_ir/host_ir.h"
 #include "ir/ops.h"
-#include "multidevice/communicator.h"
-#include "multidevice/moe.h"
+#include "multidevice/comm/communicator.h"
+#include "multidevice/moe/nodes.h"
 
 namespace {
 

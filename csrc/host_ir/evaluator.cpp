@@ -4,8 +4,8 @@
 
 #include "host_ir/host_ir.h"
 #include "kernel/executor.h"
-#include "multidevice/communicator.h"
-#include "multidevice/moe_evaluator.h"
+#include "multidevice/comm/communicator.h"
+#include "multidevice/moe/evaluator.h"
 #include "utils/torch_cuda.h"
 
 namespace hostfuse {

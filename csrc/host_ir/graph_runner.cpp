@@ -8,18 +8,10 @@
 #include <sstream>
 
 #include "host_ir/host_ir.h"
-#include "ir/dispatch.h"
-#include "multidevice/moe.h"
 #include "utils/cuda_utils.h"
 #include "utils/torch_cuda.h"
 
 namespace hostfuse {
-
-std::set<std::string> defaultCapturableOps() {
-  return {"UnaryOp",     "BinaryOp",    "TernaryOp", "CastOp",
-          "BroadcastOp", "ReductionOp", "MatmulOp",  "LinearOp",
-          "TopKOp",      "RunFusion",   "Allocate"};
-}
 
 const char* toString(GraphRunner::Mode mode) {
   switch (mode) {
@@ -34,84 +26,6 @@ const char* toString(GraphRunner::Mode mode) {
 }
 
 namespace {
-
-// Visits expressions and records why each cannot be captured.
-class CaptureChecker : public ExprVisitor {
- public:
-  CaptureChecker(const at::Device& device,
-                 const std::set<std::string>& capturable_ops)
-      : device_(device), capturable_ops_(capturable_ops) {}
-
-  const std::vector<std::string>& problems() const { return problems_; }
-
- protected:
-  void handle(MoeDispatch* dispatch) override {
-    checkMoe(dispatch, dispatch->backend());
-  }
-  void handle(MoeCombine* combine) override {
-    checkMoe(combine, combine->backend());
-  }
-
-  void handle(GroupedMatmul* matmul) override {
-    auto size = [](const Scalar* extent) {
-      return extent->constantInt().value_or(-1);
-    };
-    std::string why_not;
-    if (!groupedMatmulRunsOnDevice(
-            toScalarType(matmul->x()->dtype()), device_,
-            size(matmul->x()->extent(1)), size(matmul->weights()->extent(2)),
-            size(matmul->weights()->extent(0)), &why_not)) {
-      reject(matmul,
-             "reads group_counts on the host (a device "
-             "synchronization), because " +
-                 why_not);
-    }
-  }
-
-  void handle(RunFusion* run) override {
-    if (!isListed(run)) {
-      return;
-    }
-    // What the fusion computes must be capturable too.
-    const std::string outer = context_;
-    context_ = outer + "in the fusion of " + run->toInlineString() + ": ";
-    for (Expr* expr : run->fusion().exprs()) {
-      dispatch(expr);
-    }
-    context_ = outer;
-  }
-
-  void handleDefault(Expr* expr) override { isListed(expr); }
-
- private:
-  bool isListed(Expr* expr) {
-    if (capturable_ops_.count(expr->opName()) != 0) {
-      return true;
-    }
-    reject(expr, std::string(expr->opName()) +
-                     " is not on the list of expressions known to be "
-                     "capturable (GraphRunnerOptions::capturable_ops)");
-    return false;
-  }
-
-  void checkMoe(Expr* expr, MoeBackend backend) {
-    if (backend == MoeBackend::Collective) {
-      reject(expr,
-             "backend=collective copies the row counts to the host for the "
-             "alltoall's split sizes (a device synchronization); build it "
-             "with MoeBackend::Cuda to capture it");
-    }
-  }
-
-  void reject(Expr* expr, const std::string& why) {
-    problems_.push_back(context_ + expr->toInlineString() + "\n      " + why);
-  }
-
-  const at::Device device_;
-  const std::set<std::string>& capturable_ops_;
-  std::string context_;
-  std::vector<std::string> problems_;
-};
 
 // A key that differs when a captured graph would not fit the inputs: tensor
 // dtypes, devices, sizes and strides, and scalar values (frozen in the
@@ -175,14 +89,15 @@ std::string joinLines(const std::vector<std::string>& lines) {
 
 }  // namespace
 
-std::vector<std::string> findCaptureProblems(
-    const HostIrContainer& program, const at::Device& device,
-    const std::set<std::string>& capturable_ops) {
-  CaptureChecker checker(device, capturable_ops);
-  for (Expr* expr : program.topLevelExprs()) {
-    checker.dispatch(expr);
+std::vector<std::string> findCaptureProblems(const HostIrContainer& program,
+                                             const at::Device& device) {
+  std::vector<std::string> problems;
+  for (const Expr* expr : program.topLevelExprs()) {
+    for (const std::string& why : expr->captureProblems(device)) {
+      problems.push_back(expr->toInlineString() + "\n      " + why);
+    }
   }
-  return checker.problems();
+  return problems;
 }
 
 // ---------------------------------------------------------------------------
@@ -286,7 +201,7 @@ at::Device GraphRunner::checkCapturable(
                         static_cast<c10::DeviceIndex>(cuda::currentDevice()));
   }
   for (std::string& problem :
-       findCaptureProblems(program, *device, options_.capturable_ops)) {
+       findCaptureProblems(program, *device)) {
     problems.push_back(std::move(problem));
   }
   HF_CHECK(problems.empty(),

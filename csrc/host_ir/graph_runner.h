@@ -50,13 +50,6 @@ namespace cuda {
 class CudaGraph;
 }  // namespace cuda
 
-// The expressions (opName()) that a graph captures as they are: the ATen
-// ops of csrc/ir (pointwise, cast, broadcast, reductions, matmul, linear,
-// topk), RunFusion and Allocate. MoeDispatch, MoeCombine and GroupedMatmul
-// have rules of their own (findCaptureProblems); any other expression is
-// rejected unless it is on the list.
-std::set<std::string> defaultCapturableOps();
-
 struct GraphRunnerOptions {
   // Return clones of the outputs (made on the caller's stream) instead of
   // the graph's static output tensors, which the next run() overwrites.
@@ -66,18 +59,15 @@ struct GraphRunnerOptions {
   // tensor passed when the graph was captured (same data pointer); change
   // its values in place. Another tensor is an error naming the input.
   std::vector<size_t> persistent_inputs;
-  // Expressions that may be captured as they are; see defaultCapturableOps.
-  std::set<std::string> capturable_ops = defaultCapturableOps();
 };
 
 // Why `program` cannot be captured in a CUDA graph when it runs on `device`:
-// one line per top-level expression (or expression of a fused Fusion) that
-// synchronizes with the host or is not known to be capturable, naming it;
-// empty when nothing is in the way. Input devices are checked by
-// GraphRunner::run.
-std::vector<std::string> findCaptureProblems(
-    const HostIrContainer& program, const at::Device& device,
-    const std::set<std::string>& capturable_ops = defaultCapturableOps());
+// one entry per problem that a top-level expression declares
+// (Expr::captureProblems: a host synchronization, its own or that of an
+// expression of its fusion), naming the expression; empty when nothing is
+// in the way. Input devices are checked by GraphRunner::run.
+std::vector<std::string> findCaptureProblems(const HostIrContainer& program,
+                                             const at::Device& device);
 
 class GraphRunner {
  public:

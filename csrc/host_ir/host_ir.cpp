@@ -142,6 +142,18 @@ TensorView* allocate(const std::vector<Scalar*>& extents, DataType dtype) {
   return out;
 }
 
+std::vector<std::string> RunFusion::captureProblems(
+    const at::Device& device) const {
+  std::vector<std::string> problems;
+  for (const Expr* expr : fusion_->exprs()) {
+    for (const std::string& why : expr->captureProblems(device)) {
+      problems.push_back("in its fusion, " + expr->toInlineString() + ": " +
+                         why);
+    }
+  }
+  return problems;
+}
+
 HF_DEFINE_EXPR(RunFusion)
 HF_DEFINE_EXPR(Allocate)
 

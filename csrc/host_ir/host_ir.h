@@ -18,6 +18,9 @@ class RunFusion : public Expr {
   RunFusion(std::vector<Val*> outputs, std::shared_ptr<Fusion> fusion,
             std::vector<Val*> inputs);
   HF_DECLARE_EXPR_CUSTOM_COPY(RunFusion)
+  // The problems of the expressions its fusion computes.
+  std::vector<std::string> captureProblems(
+      const at::Device& device) const override;
   RunFusion(const RunFusion& other, std::vector<Val*> inputs,
             std::vector<Val*> outputs)
       : Expr(other, std::move(inputs), std::move(outputs)),
@@ -40,6 +43,7 @@ class Allocate : public Expr {
  public:
   explicit Allocate(TensorView* out);
   HF_DECLARE_EXPR(Allocate)
+  HF_ALWAYS_CAPTURABLE
 
   TensorView* out() const { return output(0)->as<TensorView>(); }
 

@@ -1,6 +1,7 @@
 #include "host_ir/moe_layer.h"
 
 #include "host_ir/host_ir.h"
+#include "ir/grouped_matmul.h"
 #include "ir/ops.h"
 
 namespace hostfuse {

@@ -34,7 +34,7 @@
 
 #include "host_ir/container.h"
 #include "ir/data_type.h"
-#include "multidevice/moe.h"
+#include "multidevice/moe/nodes.h"
 
 namespace hostfuse {
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/core/ivalue.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <string>
@@ -153,6 +154,13 @@ class Expr {
   virtual std::vector<c10::IValue> evaluate(
       const std::vector<c10::IValue>& inputs) const;
 
+  // Why this expression cannot be captured into a CUDA graph that runs on
+  // `device` (each reason one line), or nothing when it can. Every
+  // concrete expression must say (pure virtual): a new expression type
+  // does not compile until it does. Most use HF_ALWAYS_CAPTURABLE.
+  virtual std::vector<std::string> captureProblems(
+      const at::Device& device) const = 0;
+
   virtual void accept(ExprVisitor& visitor) = 0;
 
   // Creates a copy of this expression in `container` with the given
@@ -215,6 +223,15 @@ std::string joinValues(const std::vector<Val*>& values);
   ClassName(const ClassName& other, std::vector<::hostfuse::Val*> inputs, \
             std::vector<::hostfuse::Val*> outputs)                        \
       : ::hostfuse::Expr(other, std::move(inputs), std::move(outputs)) {}
+
+// In the class body of an expression that any CUDA graph can capture (its
+// work is device work on the current stream, with no host
+// synchronization).
+#define HF_ALWAYS_CAPTURABLE                                   \
+  std::vector<std::string> captureProblems(const at::Device&) \
+      const override {                                         \
+    return {};                                                 \
+  }
 
 // Defines accept(), cloneWith() and the visitor's default handle() overload
 // for the type, which falls back to ExprVisitor::handleDefault.

@@ -24,7 +24,8 @@ class Expr;
   X(ReductionOp)             \
   X(MatmulOp)                \
   X(LinearOp)                \
-  X(TopKOp)
+  X(TopKOp)                  \
+  X(GroupedMatmul)
 
 // Expressions of csrc/host_ir: nodes that only make sense in a host program.
 #define HOSTFUSE_HOST_EXPRS(X) \
@@ -34,8 +35,7 @@ class Expr;
 // Expressions of csrc/multidevice: MoE expert parallelism across ranks.
 #define HOSTFUSE_MULTIDEVICE_EXPRS(X) \
   X(MoeDispatch)                      \
-  X(MoeCombine)                       \
-  X(GroupedMatmul)
+  X(MoeCombine)
 
 #define HOSTFUSE_ALL_EXPRS(X) \
   HOSTFUSE_IR_EXPRS(X)        \

@@ -76,6 +76,7 @@ class UnaryOp : public Expr {
  public:
   UnaryOp(Val* out, UnaryOpType type, Val* in);
   HF_DECLARE_EXPR(UnaryOp)
+  HF_ALWAYS_CAPTURABLE
 
   UnaryOpType opType() const {
     return static_cast<UnaryOpType>(attribute<int64_t>(0));
@@ -93,6 +94,7 @@ class BinaryOp : public Expr {
  public:
   BinaryOp(Val* out, BinaryOpType type, Val* lhs, Val* rhs);
   HF_DECLARE_EXPR(BinaryOp)
+  HF_ALWAYS_CAPTURABLE
 
   BinaryOpType opType() const {
     return static_cast<BinaryOpType>(attribute<int64_t>(0));
@@ -112,6 +114,7 @@ class TernaryOp : public Expr {
  public:
   TernaryOp(Val* out, Val* condition, Val* lhs, Val* rhs);
   HF_DECLARE_EXPR(TernaryOp)
+  HF_ALWAYS_CAPTURABLE
 
   Val* out() const { return output(0); }
   Val* condition() const { return input(0); }
@@ -129,6 +132,7 @@ class CastOp : public Expr {
  public:
   CastOp(Val* out, Val* in);
   HF_DECLARE_EXPR(CastOp)
+  HF_ALWAYS_CAPTURABLE
 
   Val* out() const { return output(0); }
   Val* in() const { return input(0); }
@@ -146,6 +150,7 @@ class BroadcastOp : public Expr {
   BroadcastOp(TensorView* out, TensorView* in,
               const std::vector<bool>& is_broadcast_dim);
   HF_DECLARE_EXPR(BroadcastOp)
+  HF_ALWAYS_CAPTURABLE
 
   TensorView* out() const { return output(0)->as<TensorView>(); }
   TensorView* in() const { return input(0)->as<TensorView>(); }
@@ -163,6 +168,7 @@ class ReductionOp : public Expr {
   ReductionOp(TensorView* out, ReductionOpType type, TensorView* in,
               int64_t dim, bool keep_dim);
   HF_DECLARE_EXPR(ReductionOp)
+  HF_ALWAYS_CAPTURABLE
 
   ReductionOpType opType() const {
     return static_cast<ReductionOpType>(attribute<int64_t>(0));
@@ -183,6 +189,7 @@ class MatmulOp : public Expr {
  public:
   MatmulOp(TensorView* out, TensorView* a, TensorView* b);
   HF_DECLARE_EXPR(MatmulOp)
+  HF_ALWAYS_CAPTURABLE
 
   TensorView* out() const { return output(0)->as<TensorView>(); }
   TensorView* a() const { return input(0)->as<TensorView>(); }
@@ -201,6 +208,7 @@ class LinearOp : public Expr {
   LinearOp(TensorView* out, TensorView* x, TensorView* weight,
            TensorView* bias);
   HF_DECLARE_EXPR(LinearOp)
+  HF_ALWAYS_CAPTURABLE
 
   TensorView* out() const { return output(0)->as<TensorView>(); }
   TensorView* x() const { return input(0)->as<TensorView>(); }
@@ -224,6 +232,7 @@ class TopKOp : public Expr {
  public:
   TopKOp(TensorView* values, TensorView* indices, TensorView* x, int64_t k);
   HF_DECLARE_EXPR(TopKOp)
+  HF_ALWAYS_CAPTURABLE
 
   int64_t k() const { return attribute<int64_t>(0); }
   TensorView* values() const { return output(0)->as<TensorView>(); }

@@ -5,6 +5,8 @@
 #include <cstring>
 #include <iostream>
 
+#include "utils/options.h"
+
 namespace hostfuse {
 
 FusionKernel::FusionKernel(GeneratedKernel generated, CompiledBinary binary)
@@ -125,11 +127,7 @@ void KernelCache::clear() {
 }
 
 bool dumpKernelsEnabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("HOSTFUSE_DUMP_KERNELS");
-    return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
-  }();
-  return enabled;
+  return options::boolOr(Option::DumpKernels);
 }
 
 }  // namespace hostfuse

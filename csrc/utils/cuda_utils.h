@@ -9,6 +9,8 @@
 #include <cuda_runtime_api.h>
 #include <nvrtc.h>
 
+#include <cstddef>
+
 #include "utils/exceptions.h"
 
 #define HF_CUDA_CHECK(call)                               \
@@ -29,3 +31,38 @@
                nvrtcGetErrorString(hf_status_));   \
     }                                              \
   } while (false)
+
+namespace hostfuse::cuda {
+
+// Makes `device` current for the calling thread while alive (with
+// `for_driver_calls`, its primary context too, which driver-API calls
+// need); restores the previous device.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device, bool for_driver_calls = false) {
+    HF_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) {
+      HF_CUDA_CHECK(cudaSetDevice(device));
+    }
+    if (for_driver_calls) {
+      HF_CUDA_CHECK(cudaFree(nullptr));
+    }
+  }
+  ~DeviceScope() { cudaSetDevice(previous_); }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+}  // namespace hostfuse::cuda
+
+namespace hostfuse {
+
+// `value` rounded up to a multiple of `multiple` (> 0).
+constexpr size_t roundUp(size_t value, size_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+}  // namespace hostfuse

@@ -8,8 +8,8 @@
 #include "host_ir/evaluator.h"
 #include "ir/ops.h"
 #include "moe_reference.h"
-#include "multidevice/dispatch_combine.h"
-#include "multidevice/moe.h"
+#include "multidevice/moe/collective/dispatch_combine.h"
+#include "multidevice/moe/nodes.h"
 #include "test_utils.h"
 #include "utils/torch_cuda.h"
 

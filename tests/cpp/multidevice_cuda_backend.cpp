@@ -18,10 +18,11 @@
 #include <optional>
 #include <sstream>
 
+#include "ir/grouped_matmul.h"
 #include "host_ir/evaluator.h"
 #include "ir/ops.h"
 #include "moe_reference.h"
-#include "multidevice/moe.h"
+#include "multidevice/moe/nodes.h"
 #include "test_utils.h"
 #include "utils/torch_cuda.h"
 

@@ -7,7 +7,7 @@
 
 #include <iostream>
 
-#include "multidevice/communicator.h"
+#include "multidevice/comm/communicator.h"
 
 namespace {
 

@@ -19,7 +19,7 @@
 #include "host_ir/graph_runner.h"
 #include "host_ir/moe_layer.h"
 #include "moe_reference.h"
-#include "multidevice/communicator.h"
+#include "multidevice/comm/communicator.h"
 #include "test_utils.h"
 #include "utils/torch_cuda.h"
 

@@ -6,11 +6,12 @@
 #include <optional>
 #include <utility>
 
+#include "ir/grouped_matmul.h"
 #include "host_ir/evaluator.h"
 #include "host_ir/host_ir.h"
 #include "ir/ops.h"
-#include "multidevice/communicator.h"
-#include "multidevice/moe.h"
+#include "multidevice/comm/communicator.h"
+#include "multidevice/moe/nodes.h"
 #include "test_utils.h"
 
 namespace hostfuse {

@@ -10,12 +10,13 @@
 #include <limits>
 #include <sstream>
 
+#include "ir/grouped_matmul.h"
 #include "host_ir/evaluator.h"
 #include "host_ir/host_ir.h"
 #include "ir/ops.h"
 #include "moe_reference.h"
-#include "multidevice/dispatch_combine.h"
-#include "multidevice/moe.h"
+#include "multidevice/moe/collective/dispatch_combine.h"
+#include "multidevice/moe/nodes.h"
 #include "test_utils.h"
 #include "utils/torch_cuda.h"
 

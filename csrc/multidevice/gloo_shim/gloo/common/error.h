@@ -1,3 +1,0 @@
-// Stand-in for Gloo's error header: see multidevice/gloo_shim/README.md.
-// ProcessGroupGloo.hpp needs nothing from it.
-#pragma once

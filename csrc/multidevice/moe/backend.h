@@ -1,0 +1,56 @@
+// The MoE backends: how MoeDispatch / MoeCombine move rows, and what each
+// backend promises. The nodes print, validate and report capturability by
+// asking moeBackendInfo(); the evaluator creates each backend's runtime
+// through it. moeBackendInfo() is the one place that names every backend:
+// docs/architecture.md, "Add a MoE backend", says how to add one.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+namespace hostfuse {
+
+class Communicator;
+class MoeRuntime;
+
+// collective  c10d alltoall_base (Gloo for CPU tensors, NCCL for CUDA
+//             tensors) with exact row counts; the counts go through the
+//             host, so it cannot be captured in a CUDA graph.
+// cuda        symmetric-memory kernels on one node, C rows of capacity, no
+//             host synchronization after a node's first run.
+// docs/moe.md, "Backends", compares them.
+enum class MoeBackend { Collective, Cuda };
+
+struct MoeBackendInfo {
+  MoeBackend backend;
+  // As printed in the IR and parsed from text: "collective", "cuda".
+  const char* name;
+  // Why a program with this backend's nodes cannot be captured into a CUDA
+  // graph; nullptr when it can.
+  const char* capture_problem;
+  // MoeDispatch returns C rows (its capacity attribute, 0: the worst case)
+  // with the valid counts on the device. Otherwise it returns exactly the
+  // rows received, and the capacity attribute must be 0.
+  bool fixed_capacity;
+  // MoeCombine's layout inputs must be the outputs of one MoeDispatch of
+  // this backend, whose state holds the rows' metadata.
+  bool combine_needs_its_dispatch;
+  // The runtime that runs this backend's nodes for one evaluator.
+  std::unique_ptr<MoeRuntime> (*create_runtime)(Communicator& communicator);
+};
+
+// What `backend` is. Throws hostfuse::InternalError for a value that is not
+// an enumerator.
+const MoeBackendInfo& moeBackendInfo(MoeBackend backend);
+
+// Every backend, in enumerator order.
+std::vector<MoeBackend> allMoeBackends();
+
+const char* toString(MoeBackend backend);
+
+// The backend named `name` ("collective", "cuda"); nullopt for another name.
+std::optional<MoeBackend> parseMoeBackend(std::string_view name);
+
+}  // namespace hostfuse

@@ -1,0 +1,289 @@
+// The same bad input gives the same message text on both MoE backends: the
+// input checks, the status vocabulary and describeStatus are shared
+// (csrc/multidevice/moe/input_checks.h, status.h). Each case runs on the
+// collective backend (CPU tensors over Gloo, and CUDA tensors over NCCL
+// when a GPU is present) and, with a GPU, on the cuda backend; the messages
+// must be equal, and must name the rank, the argument, the index and the
+// value. One process: a world of one rank.
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "multidevice/comm/communicator.h"
+#include "multidevice/moe/backend.h"
+#include "multidevice/moe/runtime.h"
+#include "test_utils.h"
+#include "utils/torch_cuda.h"
+
+namespace hostfuse {
+namespace {
+
+constexpr int64_t kTokens = 8;
+constexpr int64_t kHidden = 64;
+constexpr int64_t kPicks = 4;
+constexpr int64_t kExperts = 8;
+
+// A valid dispatch on `device`; the cases break one thing each.
+MoeDispatchArgs validArgs(const at::Device& device, uint64_t seed) {
+  MoeDispatchArgs args;
+  args.x = test::randomTensor({kTokens, kHidden}, at::kFloat, device, seed);
+  // Distinct experts per token: a shifted window of a permutation.
+  at::Tensor idx = at::empty({kTokens, kPicks}, at::kLong);
+  for (int64_t t = 0; t < kTokens; ++t) {
+    for (int64_t k = 0; k < kPicks; ++k) {
+      idx[t][k] = (t + 3 * k) % kExperts;
+    }
+  }
+  args.topk_idx = idx.to(device);
+  args.topk_weights =
+      test::randomTensor({kTokens, kPicks}, at::kFloat, device, seed + 1);
+  args.num_experts = kExperts;
+  return args;
+}
+
+struct DispatchCase {
+  const char* name;
+  std::function<void(MoeDispatchArgs&)> breakIt;
+  std::vector<std::string> expected;  // fragments of the message
+};
+
+std::vector<DispatchCase> dispatchCases() {
+  auto setIdx = [](MoeDispatchArgs& a, int64_t t, int64_t k, int64_t v) {
+    a.topk_idx = a.topk_idx.clone();
+    a.topk_idx[t][k] = v;
+  };
+  const std::string prefix = "MoeDispatch: bad input on rank 0 of 1: ";
+  return {
+      {"ExpertIdTooLarge",
+       [&](MoeDispatchArgs& a) { setIdx(a, 3, 1, kExperts + 5); },
+       {prefix + "topk_idx holds expert id 13 at token 3, pick 1, which is "
+                 "out of range"}},
+      {"ExpertIdBelowMinusOne",
+       [&](MoeDispatchArgs& a) { setIdx(a, 6, 0, -2); },
+       {"topk_idx holds expert id -2 at token 6, pick 0"}},
+      {"DuplicateExpert",
+       [&](MoeDispatchArgs& a) {
+         setIdx(a, 4, 2, a.topk_idx[4][0].item<int64_t>());
+       },
+       {prefix + "topk_idx names expert 4 twice in token 4 (pick 2 repeats"}},
+      // The first bad (token, pick) in row-major order wins, whatever its
+      // kind: the duplicate in token 2 comes before the bad id in token 5.
+      {"FirstBadPickWins",
+       [&](MoeDispatchArgs& a) {
+         setIdx(a, 5, 0, 99);
+         setIdx(a, 2, 3, a.topk_idx[2][1].item<int64_t>());
+       },
+       {"names expert 5 twice in token 2 (pick 3 repeats"}},
+      {"TwoDuplicatesInOneToken",
+       [&](MoeDispatchArgs& a) {
+         a.topk_idx = a.topk_idx.clone();
+         a.topk_idx[1] = at::tensor({5, 3, 5, 3}, at::kLong);
+       },
+       {"names expert 5 twice in token 1 (pick 2 repeats"}},
+      {"XRank", [](MoeDispatchArgs& a) { a.x = a.x.reshape({-1}); },
+       {prefix + "x must be a 2-D tensor [T, H], got rank 1"}},
+      {"XNotFloating", [](MoeDispatchArgs& a) { a.x = a.x.to(at::kInt); },
+       {prefix + "x must be floating point, got Int"}},
+      {"XFp8",
+       [](MoeDispatchArgs& a) { a.x = a.x.to(at::kFloat8_e4m3fn); },
+       {"x must be floating point, got Float8_e4m3fn"}},
+      {"ZeroHidden",
+       [](MoeDispatchArgs& a) { a.x = a.x.narrow(1, 0, 0).contiguous(); },
+       {prefix + "x has H = 0 columns; H must be > 0"}},
+      {"ZeroPicks",
+       [](MoeDispatchArgs& a) {
+         a.topk_idx = a.topk_idx.narrow(1, 0, 0).contiguous();
+         a.topk_weights = a.topk_weights->narrow(1, 0, 0).contiguous();
+       },
+       {prefix + "topk_idx has K = 0 columns; K must be > 0"}},
+      {"IdxDtype",
+       [](MoeDispatchArgs& a) { a.topk_idx = a.topk_idx.to(at::kFloat); },
+       {"topk_idx must be Long (i64) or Int (i32), got Float"}},
+      {"IdxTokens",
+       [](MoeDispatchArgs& a) {
+         a.topk_idx = a.topk_idx.narrow(0, 0, kTokens - 1);
+       },
+       {"topk_idx has 7 rows but x has 8 tokens"}},
+      {"WeightsShape",
+       [](MoeDispatchArgs& a) {
+         a.topk_weights = a.topk_weights->narrow(1, 0, kPicks - 1);
+       },
+       {"topk_weights has shape [8, 3] but topk_idx has shape [8, 4]"}},
+      {"WeightsDtype",
+       [](MoeDispatchArgs& a) {
+         a.topk_weights = a.topk_weights->to(at::kLong);
+       },
+       {"topk_weights must be floating point, got Long"}},
+      {"NumExpertsZero", [](MoeDispatchArgs& a) { a.num_experts = 0; },
+       {"num_experts (0) must be a positive multiple of the world size (1)"}},
+  };
+}
+
+// The message of `fn`'s hostfuse::Error, or "" when it does not throw.
+std::string messageOf(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// A runtime per backend on this process's one-rank world.
+class MoeErrors : public testing::Test {
+ protected:
+  MoeRuntime& runtime(MoeBackend backend) {
+    auto& slot = runtimes_[backend];
+    if (slot == nullptr) {
+      slot = moeBackendInfo(backend).create_runtime(
+          Communicator::getInstance());
+    }
+    return *slot;
+  }
+
+  // The message of dispatching `args` on `backend` at site `site`.
+  std::string dispatchMessage(MoeBackend backend, MoeDispatchArgs args,
+                              const void* site) {
+    args.site = site;
+    return messageOf([&] { runtime(backend).dispatch(args); });
+  }
+
+  std::map<MoeBackend, std::unique_ptr<MoeRuntime>> runtimes_;
+};
+
+TEST_F(MoeErrors, DispatchBadInputsNameRankArgumentIndexAndValueOnCpu) {
+  int site = 0;
+  for (const DispatchCase& c : dispatchCases()) {
+    SCOPED_TRACE(c.name);
+    MoeDispatchArgs args = validArgs(at::kCPU, 7);
+    c.breakIt(args);
+    const std::string message =
+        dispatchMessage(MoeBackend::Collective, args, &site);
+    for (const std::string& fragment : c.expected) {
+      EXPECT_NE(message.find(fragment), std::string::npos)
+          << "message: " << message << "\nexpected: " << fragment;
+    }
+  }
+  // And the next valid call works.
+  const MoeDispatchOutput out = runtime(MoeBackend::Collective)
+                                    .dispatch(validArgs(at::kCPU, 7));
+  EXPECT_EQ(out.recv_x.size(0), kTokens * kPicks);
+}
+
+TEST_F(MoeErrors, DispatchBadInputsGiveTheSameTextOnBothBackends) {
+  if (!cuda::isAvailable()) {
+    GTEST_SKIP() << "the cuda backend needs a GPU";
+  }
+  const at::Device gpu(at::kCUDA, 0);
+  // One site for every case: the cuda backend creates its workspace at the
+  // first call that passes the host checks and keeps it, as in a program.
+  int site = 0;
+  for (const DispatchCase& c : dispatchCases()) {
+    SCOPED_TRACE(c.name);
+    MoeDispatchArgs args = validArgs(gpu, 11);
+    c.breakIt(args);
+    const std::string collective =
+        dispatchMessage(MoeBackend::Collective, args, &site);
+    const std::string cuda = dispatchMessage(MoeBackend::Cuda, args, &site);
+    EXPECT_FALSE(collective.empty());
+    EXPECT_EQ(collective, cuda);
+    for (const std::string& fragment : c.expected) {
+      EXPECT_NE(cuda.find(fragment), std::string::npos)
+          << "message: " << cuda << "\nexpected: " << fragment;
+    }
+  }
+  const MoeDispatchOutput out =
+      runtime(MoeBackend::Cuda).dispatch([&] {
+        MoeDispatchArgs args = validArgs(gpu, 11);
+        args.site = &site;
+        return args;
+      }());
+  EXPECT_EQ(out.layout.expert_counts.sum().item<int64_t>(), kTokens * kPicks);
+}
+
+// Combine with expert outputs or weights that do not fit the dispatch.
+TEST_F(MoeErrors, CombineBadInputsGiveTheSameTextOnBothBackends) {
+  std::vector<MoeBackend> backends = {MoeBackend::Collective};
+  at::Device device = at::kCPU;
+  if (cuda::isAvailable()) {
+    backends.push_back(MoeBackend::Cuda);
+    device = at::Device(at::kCUDA, 0);
+  }
+  struct CombineCase {
+    const char* name;
+    std::function<void(MoeCombineArgs&)> breakIt;
+    std::string expected;
+  };
+  const std::string prefix = "MoeCombine: bad input on rank 0 of 1: ";
+  const std::vector<CombineCase> cases = {
+      {"ExpertOutRows",
+       [](MoeCombineArgs& a) {
+         a.expert_out = a.expert_out.narrow(0, 0, a.expert_out.size(0) - 1);
+       },
+       prefix + "recv_src_rank has 32 entries but expert_out has 31 rows"},
+      {"ExpertOutDtype",
+       [](MoeCombineArgs& a) { a.expert_out = a.expert_out.to(at::kInt); },
+       prefix + "expert_out must be floating point, got Int"},
+      {"WeightsTokens",
+       [](MoeCombineArgs& a) {
+         a.topk_weights = a.topk_weights->narrow(0, 0, kTokens - 2);
+       },
+       prefix + "topk_weights has 6 rows but num_tokens is 8"},
+      {"NegativeTokens", [](MoeCombineArgs& a) { a.num_tokens = -1; },
+       prefix + "num_tokens must be >= 0, got -1"},
+  };
+  std::map<MoeBackend, std::vector<std::string>> messages;
+  for (const MoeBackend backend : backends) {
+    int site = 0;
+    MoeDispatchArgs dispatch = validArgs(device, 13);
+    dispatch.site = &site;
+    const MoeDispatchOutput out = runtime(backend).dispatch(dispatch);
+    for (const CombineCase& c : cases) {
+      SCOPED_TRACE(c.name);
+      MoeCombineArgs args;
+      args.dispatch_site = &site;
+      args.expert_out = out.recv_x.clone();
+      args.layout = out.layout;
+      args.topk_weights = dispatch.topk_weights;
+      args.num_tokens = kTokens;
+      args.num_experts = kExperts;
+      c.breakIt(args);
+      const std::string message =
+          messageOf([&] { runtime(backend).combine(args); });
+      EXPECT_NE(message.find(c.expected), std::string::npos)
+          << toString(backend) << ": " << message;
+      messages[backend].push_back(message);
+    }
+  }
+  if (backends.size() == 2) {
+    EXPECT_EQ(messages[MoeBackend::Collective], messages[MoeBackend::Cuda]);
+  }
+}
+
+// What the cuda backend cannot do is refused with a message naming it,
+// before anything is sent; the collective backend accepts it.
+TEST_F(MoeErrors, CudaBackendRefusesFp64RowsAndCpuTensorsByName) {
+  if (!cuda::isAvailable()) {
+    GTEST_SKIP() << "the cuda backend needs a GPU";
+  }
+  const at::Device gpu(at::kCUDA, 0);
+  int site = 0;
+  MoeDispatchArgs fp64 = validArgs(gpu, 17);
+  fp64.x = fp64.x.to(at::kDouble);
+  EXPECT_EQ(dispatchMessage(MoeBackend::Collective, fp64, &site), "");
+  EXPECT_NE(dispatchMessage(MoeBackend::Cuda, fp64, &site)
+                .find("rows of Double are not supported by this backend"),
+            std::string::npos);
+  MoeDispatchArgs cpu = validArgs(at::kCPU, 17);
+  EXPECT_NE(dispatchMessage(MoeBackend::Cuda, cpu, &site)
+                .find("x is not on this rank's GPU"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace hostfuse

@@ -1,0 +1,150 @@
+// The one table of HOSTFUSE_* options: parsing, ranges, defaults, and the
+// docs page generated from it.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include "test_utils.h"
+#include "utils/options.h"
+
+namespace hostfuse {
+namespace {
+
+// Sets one environment variable for a test and restores it after.
+class ScopedVariable {
+ public:
+  ScopedVariable(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) {
+      old_ = old;
+    }
+    ::setenv(name, value, 1);
+  }
+  ~ScopedVariable() {
+    if (old_) {
+      ::setenv(name_.c_str(), old_->c_str(), 1);
+    } else {
+      ::unsetenv(name_.c_str());
+    }
+  }
+
+ private:
+  std::string name_;
+  std::optional<std::string> old_;
+};
+
+TEST(Options, UnsetAndEmptyGiveTheDefault) {
+  ScopedVariable empty("HOSTFUSE_MOE_TIMEOUT_S", "");
+  EXPECT_FALSE(options::getNumber(Option::MoeTimeoutS).has_value());
+  EXPECT_EQ(options::numberOr(Option::MoeTimeoutS), 30.0);
+  ::unsetenv("HOSTFUSE_MOE_TIMEOUT_S");
+  EXPECT_EQ(options::numberOr(Option::MoeTimeoutS), 30.0);
+  EXPECT_FALSE(options::getInt(Option::MoeBlocks).has_value());
+  EXPECT_TRUE(options::boolOr(Option::MoeCooperative));
+}
+
+TEST(Options, ReadsValidValues) {
+  ScopedVariable blocks("HOSTFUSE_MOE_BLOCKS", "96");
+  ScopedVariable timeout("HOSTFUSE_MOE_TIMEOUT_S", "2.5");
+  ScopedVariable profile("HOSTFUSE_MOE_PROFILE", "on");
+  ScopedVariable cooperative("HOSTFUSE_MOE_COOPERATIVE", "0");
+  EXPECT_EQ(options::getInt(Option::MoeBlocks), 96);
+  EXPECT_EQ(options::numberOr(Option::MoeTimeoutS), 2.5);
+  EXPECT_TRUE(options::boolOr(Option::MoeProfile));
+  EXPECT_FALSE(options::boolOr(Option::MoeCooperative));
+}
+
+TEST(Options, RefusesWhatItsTypeDoesNotParse) {
+  struct Case {
+    const char* variable;
+    const char* value;
+    const char* expected;
+  };
+  const Case cases[] = {
+      {"HOSTFUSE_MOE_BLOCKS", "2.5", "HOSTFUSE_MOE_BLOCKS=2.5 is not an integer"},
+      {"HOSTFUSE_MOE_BLOCKS", "12abc", "is not an integer"},
+      {"HOSTFUSE_MOE_BLOCKS", " 12", "is not an integer"},
+      {"HOSTFUSE_MOE_BLOCKS", "99999999999999999999", "is not an integer"},
+      {"HOSTFUSE_MOE_TIMEOUT_S", "inf", "is not a finite number"},
+      {"HOSTFUSE_MOE_TIMEOUT_S", "nan", "is not a finite number"},
+      {"HOSTFUSE_MOE_TIMEOUT_S", "3s", "is not a finite number"},
+      {"HOSTFUSE_MOE_PROFILE", "2", "is not a boolean"},
+      {"HOSTFUSE_MOE_PROFILE", "maybe", "is not a boolean"},
+  };
+  for (const Case& c : cases) {
+    ScopedVariable v(c.variable, c.value);
+    test::expectErrorContains(
+        [&] {
+          const options::Spec* s = options::begin();
+          while (std::string(s->variable) != c.variable) {
+            ++s;
+          }
+          switch (s->type) {
+            case options::Type::Bool:
+              options::getBool(s->option);
+              break;
+            case options::Type::Integer:
+              options::getInt(s->option);
+              break;
+            case options::Type::Number:
+              options::getNumber(s->option);
+              break;
+          }
+        },
+        {c.expected});
+  }
+}
+
+TEST(Options, RefusesValuesOutOfRange) {
+  {
+    ScopedVariable v("HOSTFUSE_MOE_TIMEOUT_S", "0");
+    test::expectErrorContains(
+        [] { options::numberOr(Option::MoeTimeoutS); },
+        {"HOSTFUSE_MOE_TIMEOUT_S=0 is out of range", "[0.001, 1000000]"});
+  }
+  {
+    ScopedVariable v("HOSTFUSE_MOE_BLOCKS", "0");
+    test::expectErrorContains([] { options::getInt(Option::MoeBlocks); },
+                              {"HOSTFUSE_MOE_BLOCKS=0 is out of range"});
+  }
+  {
+    ScopedVariable v("HOSTFUSE_COMM_TIMEOUT_S", "-5");
+    test::expectErrorContains(
+        [] { options::numberOr(Option::CommTimeoutS); },
+        {"HOSTFUSE_COMM_TIMEOUT_S=-5 is out of range"});
+  }
+}
+
+TEST(Options, EveryOptionIsDeclaredOnceInOrder) {
+  int index = 0;
+  for (const options::Spec* s = options::begin(); s != options::end(); ++s) {
+    EXPECT_EQ(static_cast<int>(s->option), index++) << s->variable;
+    EXPECT_EQ(std::string(s->variable).rfind("HOSTFUSE_", 0), 0u);
+    EXPECT_LE(s->min, s->max) << s->variable;
+    EXPECT_NE(std::string(s->doc), "") << s->variable;
+    EXPECT_EQ(&options::spec(s->option), s);
+  }
+  EXPECT_GE(index, 9);
+}
+
+// docs/options.md must show exactly the table the code declares:
+// regenerate it with `build/print_options --markdown`.
+TEST(Options, DocsPageListsEveryOption) {
+  const char* root = std::getenv("HOSTFUSE_SOURCE_DIR");
+  if (root == nullptr) {
+    GTEST_SKIP() << "HOSTFUSE_SOURCE_DIR is not set (ctest sets it)";
+  }
+  std::ifstream page(std::string(root) + "/docs/options.md");
+  ASSERT_TRUE(page.good()) << "no docs/options.md under " << root;
+  std::stringstream text;
+  text << page.rdbuf();
+  EXPECT_NE(text.str().find(options::markdownTable()), std::string::npos)
+      << "docs/options.md is out of date; its table must be:\n"
+      << options::markdownTable();
+}
+
+}  // namespace
+}  // namespace hostfuse
