@@ -53,10 +53,10 @@
 #include <vector>
 
 #include "event_timer.h"
-#include "multidevice/communicator.h"
-#include "multidevice/cuda_dispatch_combine.h"
-#include "multidevice/dispatch_combine.h"
-#include "multidevice/symmetric_memory.h"
+#include "multidevice/comm/communicator.h"
+#include "multidevice/moe/cuda/workspace.h"
+#include "multidevice/moe/collective/dispatch_combine.h"
+#include "multidevice/comm/symmetric_memory.h"
 #include "utils/cuda_utils.h"
 #include "utils/torch_cuda.h"
 

@@ -39,7 +39,7 @@
 
 #include "host_ir/graph_runner.h"
 #include "host_ir/moe_layer.h"
-#include "multidevice/communicator.h"
+#include "multidevice/comm/communicator.h"
 #include "utils/torch_cuda.h"
 
 namespace {
