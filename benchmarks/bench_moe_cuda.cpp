@@ -54,9 +54,9 @@
 
 #include "event_timer.h"
 #include "multidevice/comm/communicator.h"
-#include "multidevice/moe/cuda/workspace.h"
-#include "multidevice/moe/collective/dispatch_combine.h"
 #include "multidevice/comm/symmetric_memory.h"
+#include "multidevice/moe/collective/dispatch_combine.h"
+#include "multidevice/moe/cuda/workspace.h"
 #include "utils/cuda_utils.h"
 #include "utils/torch_cuda.h"
 

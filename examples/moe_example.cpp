@@ -23,9 +23,9 @@
 #include <memory>
 #include <sstream>
 
-#include "ir/grouped_matmul.h"
 #include "host_ir/evaluator.h"
 #include "host_ir/host_ir.h"
+#include "ir/grouped_matmul.h"
 #include "ir/ops.h"
 #include "multidevice/comm/communicator.h"
 #include "multidevice/moe/nodes.h"

@@ -45,8 +45,8 @@ int printCurrent() {
       verdict = e.what();
       ++bad;
     }
-    std::printf("%-36s %-10s %s\n", s->variable,
-                value ? value->c_str() : "-", verdict.c_str());
+    std::printf("%-36s %-10s %s\n", s->variable, value ? value->c_str() : "-",
+                verdict.c_str());
   }
   return bad == 0 ? 0 : 1;
 }

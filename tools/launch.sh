@@ -39,7 +39,8 @@ limit=${HOSTFUSE_LAUNCH_TIMEOUT:-600}
 log_dir=$(mktemp -d "${TMPDIR:-/tmp}/hostfuse_launch.XXXXXX")
 trap 'rm -rf "$log_dir"' EXIT
 
-# NVLink multicast stays off on the GPU machines (shared/GPU_MACHINES.md).
+# NVLink multicast stays off on the shared GPU machines: it is not available
+# to these jobs there.
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
 export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}

@@ -200,8 +200,7 @@ at::Device GraphRunner::checkCapturable(
     device = at::Device(at::kCUDA,
                         static_cast<c10::DeviceIndex>(cuda::currentDevice()));
   }
-  for (std::string& problem :
-       findCaptureProblems(program, *device)) {
+  for (std::string& problem : findCaptureProblems(program, *device)) {
     problems.push_back(std::move(problem));
   }
   HF_CHECK(problems.empty(),

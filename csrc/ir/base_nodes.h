@@ -227,10 +227,9 @@ std::string joinValues(const std::vector<Val*>& values);
 // In the class body of an expression that any CUDA graph can capture (its
 // work is device work on the current stream, with no host
 // synchronization).
-#define HF_ALWAYS_CAPTURABLE                                   \
-  std::vector<std::string> captureProblems(const at::Device&) \
-      const override {                                         \
-    return {};                                                 \
+#define HF_ALWAYS_CAPTURABLE                                                   \
+  std::vector<std::string> captureProblems(const at::Device&) const override { \
+    return {};                                                                 \
   }
 
 // Defines accept(), cloneWith() and the visitor's default handle() overload

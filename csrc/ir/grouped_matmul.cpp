@@ -99,15 +99,15 @@ std::vector<std::string> GroupedMatmul::captureProblems(
     return extent->constantInt().value_or(-1);
   };
   std::string why_not;
-  if (groupedMatmulRunsOnDevice(toScalarType(x()->dtype()), device,
-                                size(x()->extent(1)),
-                                size(weights()->extent(2)),
-                                size(weights()->extent(0)), &why_not)) {
+  if (groupedMatmulRunsOnDevice(
+          toScalarType(x()->dtype()), device, size(x()->extent(1)),
+          size(weights()->extent(2)), size(weights()->extent(0)), &why_not)) {
     return {};
   }
-  return {"reads group_counts on the host (a device synchronization), "
-          "because " +
-          why_not};
+  return {
+      "reads group_counts on the host (a device synchronization), "
+      "because " +
+      why_not};
 }
 
 std::vector<c10::IValue> GroupedMatmul::evaluate(

@@ -2,8 +2,11 @@
 
 namespace hostfuse {
 
-const char* deviceHelpersSource() {
-  return R"(// ---- hostfuse device helpers --------------------------------------------
+namespace {
+
+// CUDA C that NVRTC compiles in front of every generated kernel.
+constexpr const char kDeviceHelpers[] =
+    R"(// ---- hostfuse device helpers --------------------------------------------
 
 // 16-bit floating point storage: raw bits. Arithmetic happens in float.
 struct alignas(2) hf_bf16 {
@@ -156,6 +159,9 @@ __device__ __forceinline__ T hf_block_reduce(T x, Op op) {
 
 // ---- end of hostfuse device helpers ---------------------------------------
 )";
-}
+
+}  // namespace
+
+const char* deviceHelpersSource() { return kDeviceHelpers; }
 
 }  // namespace hostfuse

@@ -126,8 +126,6 @@ void KernelCache::clear() {
   kernels_.clear();
 }
 
-bool dumpKernelsEnabled() {
-  return options::boolOr(Option::DumpKernels);
-}
+bool dumpKernelsEnabled() { return options::boolOr(Option::DumpKernels); }
 
 }  // namespace hostfuse

@@ -56,11 +56,11 @@ const Spec& typed(Option option, Type type) {
 }
 
 void checkRange(const Spec& s, double value, const std::string& text) {
-  HF_CHECK(value >= s.min && value <= s.max,
-           fmt::format("environment variable {}={} is out of range: it must "
-                       "be a {} in {} ({})",
-                       s.variable, text, typeName(s.type), rangeText(s),
-                       s.doc));
+  HF_CHECK(
+      value >= s.min && value <= s.max,
+      fmt::format("environment variable {}={} is out of range: it must "
+                  "be a {} in {} ({})",
+                  s.variable, text, typeName(s.type), rangeText(s), s.doc));
 }
 
 std::string lower(std::string text) {

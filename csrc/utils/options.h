@@ -23,33 +23,33 @@ namespace hostfuse {
 // `max` bound the value (inclusive); booleans accept 0/1, true/false, on/off,
 // yes/no. A default of "" means "decided by the caller" (the doc line says
 // how), and the getter returns nullopt when the variable is unset.
-#define HOSTFUSE_OPTIONS(X)                                                   \
-  X(CommTimeoutS, "HOSTFUSE_COMM_TIMEOUT_S", Number, "300", 1e-3, 1e6,        \
-    "Seconds a collective of the communicator (Gloo, NCCL, the store) may "   \
-    "wait for a peer before it fails.")                                       \
-  X(DumpKernels, "HOSTFUSE_DUMP_KERNELS", Bool, "0", 0, 1,                    \
-    "Print the CUDA source of every fusion kernel when it is compiled.")      \
-  X(MoeBlocks, "HOSTFUSE_MOE_BLOCKS", Integer, "", 1, 1e6,                    \
-    "Blocks per cuda-backend MoE kernel; unset: one per SM that fits. "       \
-    "Clamped to [R, what fits on the GPU at once].")                          \
-  X(MoePushBlocks, "HOSTFUSE_MOE_PUSH_BLOCKS", Integer, "", 1, 1e6,           \
-    "Of those, the blocks that push rows to peers; unset: 32 x (R - 1). "     \
-    "Rounded down to a multiple of R - 1, at least one per peer, and below "  \
-    "the block count.")                                                       \
-  X(MoeGridRouteMinTokens, "HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS", Integer,     \
-    "0", 0, 1e15,                                                             \
-    "From this many tokens on, the cuda dispatch counts picks over the "      \
-    "whole grid instead of in every block; 0: only T x K > 4096 decides.")    \
-  X(MoeTimeoutS, "HOSTFUSE_MOE_TIMEOUT_S", Number, "30", 1e-3, 1e6,           \
-    "Seconds a cuda-backend MoE kernel waits for a peer before it records a " \
-    "timeout naming that peer.")                                              \
-  X(MoeDebug, "HOSTFUSE_MOE_DEBUG", Bool, "0", 0, 1,                          \
-    "Log the cuda MoE workspaces' set-up and every call's status to stderr.") \
-  X(MoeCooperative, "HOSTFUSE_MOE_COOPERATIVE", Bool, "1", 0, 1,              \
-    "Launch the cuda MoE kernels cooperatively (co-resident blocks); 0 is "   \
-    "for diagnosis only.")                                                    \
-  X(MoeProfile, "HOSTFUSE_MOE_PROFILE", Bool, "0", 0, 1,                      \
-    "Record per-phase timestamps in the cuda MoE kernels "                    \
+#define HOSTFUSE_OPTIONS(X)                                                    \
+  X(CommTimeoutS, "HOSTFUSE_COMM_TIMEOUT_S", Number, "300", 1e-3, 1e6,         \
+    "Seconds a collective of the communicator (Gloo, NCCL, the store) may "    \
+    "wait for a peer before it fails.")                                        \
+  X(DumpKernels, "HOSTFUSE_DUMP_KERNELS", Bool, "0", 0, 1,                     \
+    "Print the CUDA source of every fusion kernel when it is compiled.")       \
+  X(MoeBlocks, "HOSTFUSE_MOE_BLOCKS", Integer, "", 1, 1e6,                     \
+    "Blocks per cuda-backend MoE kernel; unset: one per SM that fits. "        \
+    "Clamped to [R, what fits on the GPU at once].")                           \
+  X(MoePushBlocks, "HOSTFUSE_MOE_PUSH_BLOCKS", Integer, "", 1, 1e6,            \
+    "Of those, the blocks that push rows to peers; unset: 32 x (R - 1). "      \
+    "Rounded down to a multiple of R - 1, at least one per peer, and below "   \
+    "the block count.")                                                        \
+  X(MoeGridRouteMinTokens, "HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS", Integer, "0", \
+    0, 1e15,                                                                   \
+    "From this many tokens on, the cuda dispatch counts picks over the "       \
+    "whole grid instead of in every block; 0: only T x K > 4096 decides.")     \
+  X(MoeTimeoutS, "HOSTFUSE_MOE_TIMEOUT_S", Number, "30", 1e-3, 1e6,            \
+    "Seconds a cuda-backend MoE kernel waits for a peer before it records a "  \
+    "timeout naming that peer.")                                               \
+  X(MoeDebug, "HOSTFUSE_MOE_DEBUG", Bool, "0", 0, 1,                           \
+    "Log the cuda MoE workspaces' set-up and every call's status to stderr.")  \
+  X(MoeCooperative, "HOSTFUSE_MOE_COOPERATIVE", Bool, "1", 0, 1,               \
+    "Launch the cuda MoE kernels cooperatively (co-resident blocks); 0 is "    \
+    "for diagnosis only.")                                                     \
+  X(MoeProfile, "HOSTFUSE_MOE_PROFILE", Bool, "0", 0, 1,                       \
+    "Record per-phase timestamps in the cuda MoE kernels "                     \
     "(CudaMoeWorkspace::profileReport).")
 
 enum class Option {

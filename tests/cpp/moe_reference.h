@@ -1,7 +1,8 @@
 // An independent reference for MoE dispatch/combine, for the multi-rank
 // tests: every rank all-gathers every rank's inputs and computes what it
 // should receive and what combine should return with plain loops and ATen on
-// the CPU. Shares no code with csrc/multidevice/moe/collective/dispatch_combine.cpp.
+// the CPU. Shares no code with
+// csrc/multidevice/moe/collective/dispatch_combine.cpp.
 #pragma once
 
 #include <ATen/ATen.h>

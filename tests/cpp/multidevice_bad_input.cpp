@@ -157,8 +157,9 @@ TEST_P(BadInput, TopkWeightsShapeDiffersFromTopkIdx) {
 
 TEST_P(BadInput, XNotFloatingPoint) {
   const at::Tensor input = isBadRank() ? x().to(at::kLong) : x();
-  expectErrorOnEveryRank([&] { dispatch(input, idx(), weights(), experts()); },
-                         {"x must be floating point, got Long"});
+  expectErrorOnEveryRank(
+      [&] { dispatch(input, idx(), weights(), experts()); },
+      {"x must be Float, Double, BFloat16 or Half, got Long"});
 }
 
 TEST_P(BadInput, XNotTwoDimensional) {
@@ -244,7 +245,7 @@ TEST_P(BadInput, CombineExpertOutNotFloatingPoint) {
         combineCollective(rows, out.layout, weights(), kTokens, experts(),
                           communicator());
       },
-      {"expert_out must be floating point, got Int"});
+      {"expert_out must be Float, Double, BFloat16 or Half, got Int"});
 }
 
 TEST_P(BadInput, ProgramWithBadExpertIdFailsOnEveryRankAndRunsAgain) {

@@ -2,7 +2,7 @@
 // of the test_multidevice binary. Each case runs a program whose MoE nodes
 // use backend=cuda and the same program with backend=collective on the same
 // inputs, on every rank, and requires the valid rows, their provenance, the
-// counts and the combine results to be bit-identical (DESIGN.md: both
+// counts and the combine results to be bit-identical (docs/moe.md: both
 // backends give the same valid rows, bit for bit). The collective backend
 // itself is checked against an independent reference in
 // test_multidevice.cpp. Then bad input, capacity overflow and a T above the
@@ -18,8 +18,8 @@
 #include <optional>
 #include <sstream>
 
-#include "ir/grouped_matmul.h"
 #include "host_ir/evaluator.h"
+#include "ir/grouped_matmul.h"
 #include "ir/ops.h"
 #include "moe_reference.h"
 #include "multidevice/moe/nodes.h"

@@ -20,8 +20,8 @@
 #include <string>
 #include <vector>
 
-#include "multidevice/moe/cuda/workspace.h"
 #include "multidevice/comm/symmetric_memory.h"
+#include "multidevice/moe/cuda/workspace.h"
 #include "test_utils.h"
 #include "utils/torch_cuda.h"
 

@@ -85,13 +85,15 @@ std::vector<DispatchCase> dispatchCases() {
          a.topk_idx[1] = at::tensor({5, 3, 5, 3}, at::kLong);
        },
        {"names expert 5 twice in token 1 (pick 2 repeats"}},
-      {"XRank", [](MoeDispatchArgs& a) { a.x = a.x.reshape({-1}); },
+      {"XRank",
+       [](MoeDispatchArgs& a) { a.x = a.x.reshape({-1}); },
        {prefix + "x must be a 2-D tensor [T, H], got rank 1"}},
-      {"XNotFloating", [](MoeDispatchArgs& a) { a.x = a.x.to(at::kInt); },
-       {prefix + "x must be floating point, got Int"}},
+      {"XNotFloating",
+       [](MoeDispatchArgs& a) { a.x = a.x.to(at::kInt); },
+       {prefix + "x must be Float, Double, BFloat16 or Half, got Int"}},
       {"XFp8",
        [](MoeDispatchArgs& a) { a.x = a.x.to(at::kFloat8_e4m3fn); },
-       {"x must be floating point, got Float8_e4m3fn"}},
+       {"x must be Float, Double, BFloat16 or Half, got Float8_e4m3fn"}},
       {"ZeroHidden",
        [](MoeDispatchArgs& a) { a.x = a.x.narrow(1, 0, 0).contiguous(); },
        {prefix + "x has H = 0 columns; H must be > 0"}},
@@ -119,7 +121,8 @@ std::vector<DispatchCase> dispatchCases() {
          a.topk_weights = a.topk_weights->to(at::kLong);
        },
        {"topk_weights must be floating point, got Long"}},
-      {"NumExpertsZero", [](MoeDispatchArgs& a) { a.num_experts = 0; },
+      {"NumExpertsZero",
+       [](MoeDispatchArgs& a) { a.num_experts = 0; },
        {"num_experts (0) must be a positive multiple of the world size (1)"}},
   };
 }
@@ -140,8 +143,8 @@ class MoeErrors : public testing::Test {
   MoeRuntime& runtime(MoeBackend backend) {
     auto& slot = runtimes_[backend];
     if (slot == nullptr) {
-      slot = moeBackendInfo(backend).create_runtime(
-          Communicator::getInstance());
+      slot =
+          moeBackendInfo(backend).create_runtime(Communicator::getInstance());
     }
     return *slot;
   }
@@ -170,8 +173,8 @@ TEST_F(MoeErrors, DispatchBadInputsNameRankArgumentIndexAndValueOnCpu) {
     }
   }
   // And the next valid call works.
-  const MoeDispatchOutput out = runtime(MoeBackend::Collective)
-                                    .dispatch(validArgs(at::kCPU, 7));
+  const MoeDispatchOutput out =
+      runtime(MoeBackend::Collective).dispatch(validArgs(at::kCPU, 7));
   EXPECT_EQ(out.recv_x.size(0), kTokens * kPicks);
 }
 
@@ -197,12 +200,11 @@ TEST_F(MoeErrors, DispatchBadInputsGiveTheSameTextOnBothBackends) {
           << "message: " << cuda << "\nexpected: " << fragment;
     }
   }
-  const MoeDispatchOutput out =
-      runtime(MoeBackend::Cuda).dispatch([&] {
-        MoeDispatchArgs args = validArgs(gpu, 11);
-        args.site = &site;
-        return args;
-      }());
+  const MoeDispatchOutput out = runtime(MoeBackend::Cuda).dispatch([&] {
+    MoeDispatchArgs args = validArgs(gpu, 11);
+    args.site = &site;
+    return args;
+  }());
   EXPECT_EQ(out.layout.expert_counts.sum().item<int64_t>(), kTokens * kPicks);
 }
 
@@ -228,7 +230,7 @@ TEST_F(MoeErrors, CombineBadInputsGiveTheSameTextOnBothBackends) {
        prefix + "recv_src_rank has 32 entries but expert_out has 31 rows"},
       {"ExpertOutDtype",
        [](MoeCombineArgs& a) { a.expert_out = a.expert_out.to(at::kInt); },
-       prefix + "expert_out must be floating point, got Int"},
+       prefix + "expert_out must be Float, Double, BFloat16 or Half, got Int"},
       {"WeightsTokens",
        [](MoeCombineArgs& a) {
          a.topk_weights = a.topk_weights->narrow(0, 0, kTokens - 2);

@@ -6,9 +6,9 @@
 #include <optional>
 #include <utility>
 
-#include "ir/grouped_matmul.h"
 #include "host_ir/evaluator.h"
 #include "host_ir/host_ir.h"
+#include "ir/grouped_matmul.h"
 #include "ir/ops.h"
 #include "multidevice/comm/communicator.h"
 #include "multidevice/moe/nodes.h"
@@ -85,7 +85,7 @@ TEST_F(MoeIr, CapacityIsPrintedOnlyWhenSetAndOnlyForTheCudaBackend) {
   EXPECT_EQ(plain.recv_x->definition()->as<MoeDispatch>()->capacity(), 0);
   test::expectErrorContains(
       [&] { moeDispatch(x, idx, nullptr, 4, MoeBackend::Collective, 8); },
-      {"capacity (8) applies to backend=cuda only"});
+      {"capacity (8) does not apply to backend=collective"});
   test::expectErrorContains(
       [&] { moeDispatch(x, idx, nullptr, 4, MoeBackend::Cuda, -1); },
       {"capacity must be >= 0"});
@@ -392,10 +392,19 @@ TEST(MoeWorldOfOne, NoPicksSendNothingAndCombineToZero) {
   }
   HostIrEvaluator evaluator(std::move(program));
   const at::Tensor x = test::randomTensor({3, 4}, at::kFloat, at::kCPU, 5);
+  // Every pick masked: nothing is sent, and every token combines to 0.
   const std::vector<at::Tensor> out = evaluator.run(
-      {x, at::empty({3, 0}, at::kLong), at::empty({3, 0}, at::kFloat)});
+      {x, at::full({3, 2}, -1, at::kLong), at::ones({3, 2}, at::kFloat)});
   test::expectClose(out[0], at::zeros({3, 4}, at::kFloat));
   EXPECT_EQ(out[1].size(0), 0);
+  // K = 0 is refused (on both backends alike), naming topk_idx.
+  test::expectErrorContains(
+      [&] {
+        evaluator.run(
+            {x, at::empty({3, 0}, at::kLong), at::empty({3, 0}, at::kFloat)});
+      },
+      {"bad input on rank 0 of 1: topk_idx has K = 0 columns; K must be > "
+       "0"});
 }
 
 TEST(MoeWorldOfOne, CudaBackendRejectsCpuTensorsNamingTheNode) {
@@ -406,7 +415,7 @@ TEST(MoeWorldOfOne, CudaBackendRejectsCpuTensorsNamingTheNode) {
         evaluator.run({x, at::zeros({2, 1}, at::kLong)});
       },
       {"MoeDispatch(x=T0, topk_idx=T1, num_experts=4, backend=cuda)",
-       "backend=cuda needs CUDA tensors", "x is on cpu"});
+       "x is not on this rank's GPU; backend=cuda needs CUDA tensors"});
 }
 
 TEST(MoeWorldOfOne, CommunicatorRefusesWorkAfterShutdown) {
@@ -523,8 +532,9 @@ TEST(CommunicatorEnvironment, BadVariablesAreNamed) {
   }
   {
     ScopedEnv env({{"RANK", "zero"}, {"WORLD_SIZE", "2"}});
-    test::expectErrorContains([] { CommunicatorConfig::fromEnvironment(); },
-                              {"RANK must be an integer, got 'zero'"});
+    test::expectErrorContains(
+        [] { CommunicatorConfig::fromEnvironment(); },
+        {"environment variable RANK=zero is not an integer"});
   }
   {
     ScopedEnv env({{"RANK", "2"}, {"WORLD_SIZE", "2"}});

@@ -10,9 +10,9 @@
 #include <limits>
 #include <sstream>
 
-#include "ir/grouped_matmul.h"
 #include "host_ir/evaluator.h"
 #include "host_ir/host_ir.h"
+#include "ir/grouped_matmul.h"
 #include "ir/ops.h"
 #include "moe_reference.h"
 #include "multidevice/moe/collective/dispatch_combine.h"

@@ -64,7 +64,8 @@ TEST(Options, RefusesWhatItsTypeDoesNotParse) {
     const char* expected;
   };
   const Case cases[] = {
-      {"HOSTFUSE_MOE_BLOCKS", "2.5", "HOSTFUSE_MOE_BLOCKS=2.5 is not an integer"},
+      {"HOSTFUSE_MOE_BLOCKS", "2.5",
+       "HOSTFUSE_MOE_BLOCKS=2.5 is not an integer"},
       {"HOSTFUSE_MOE_BLOCKS", "12abc", "is not an integer"},
       {"HOSTFUSE_MOE_BLOCKS", " 12", "is not an integer"},
       {"HOSTFUSE_MOE_BLOCKS", "99999999999999999999", "is not an integer"},
@@ -112,9 +113,8 @@ TEST(Options, RefusesValuesOutOfRange) {
   }
   {
     ScopedVariable v("HOSTFUSE_COMM_TIMEOUT_S", "-5");
-    test::expectErrorContains(
-        [] { options::numberOr(Option::CommTimeoutS); },
-        {"HOSTFUSE_COMM_TIMEOUT_S=-5 is out of range"});
+    test::expectErrorContains([] { options::numberOr(Option::CommTimeoutS); },
+                              {"HOSTFUSE_COMM_TIMEOUT_S=-5 is out of range"});
   }
 }
 

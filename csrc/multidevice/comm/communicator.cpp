@@ -115,8 +115,8 @@ CommunicatorConfig CommunicatorConfig::fromEnvironment() {
              "MASTER_PORT must be a port number in [1, 65535], got ", port);
     config.master_port = static_cast<int>(port);
   }
-  config.timeout = std::chrono::milliseconds(static_cast<int64_t>(
-      options::numberOr(Option::CommTimeoutS) * 1000.0));
+  config.timeout = std::chrono::milliseconds(
+      static_cast<int64_t>(options::numberOr(Option::CommTimeoutS) * 1000.0));
   return config;
 }
 

@@ -55,7 +55,6 @@ std::string hostName() {
   return name;
 }
 
-
 // Duplicates file descriptor `fd` of process `pid` into this process.
 int duplicatePeerFd(int pid, int fd, int peer) {
   const long pidfd = syscall(SYS_pidfd_open, pid, 0);

@@ -82,9 +82,8 @@ void MoeEvaluator::run(const MoeDispatch& dispatch, ValueMap& values) {
   args.topk_weights = optionalTensor(values, dispatch.topkWeights());
   args.num_experts = dispatch.numExperts();
   args.capacity = dispatch.capacity();
-  const MoeDispatchOutput out = namingNode(dispatch, [&] {
-    return runtime(dispatch.backend()).dispatch(args);
-  });
+  const MoeDispatchOutput out = namingNode(
+      dispatch, [&] { return runtime(dispatch.backend()).dispatch(args); });
   bindTensor(values, dispatch.recvX(), out.recv_x);
   bindTensor(values, dispatch.recvSrcRank(), out.layout.src_rank);
   bindTensor(values, dispatch.recvSrcToken(), out.layout.src_token);
@@ -111,9 +110,8 @@ void MoeEvaluator::run(const MoeCombine& combine, ValueMap& values) {
   args.topk_weights = optionalTensor(values, combine.topkWeights());
   args.num_tokens = values.get(combine.numTokens()).toInt();
   args.num_experts = combine.numExperts();
-  const at::Tensor combined = namingNode(combine, [&] {
-    return runtime(combine.backend()).combine(args);
-  });
+  const at::Tensor combined = namingNode(
+      combine, [&] { return runtime(combine.backend()).combine(args); });
   bindTensor(values, combine.combined(), combined);
 }
 

@@ -60,7 +60,8 @@ at::Tensor HostStatus::toDevice(const at::Device& device) const {
 void DeviceStatus::failIf(const at::Tensor& bad, const at::Tensor& code,
                           const at::Tensor& d0, const at::Tensor& d1,
                           const at::Tensor& d2) {
-  const at::Tensor candidate = at::stack({code, d0, d1, d2, at::zeros_like(d0)});
+  const at::Tensor candidate =
+      at::stack({code, d0, d1, d2, at::zeros_like(d0)});
   const at::Tensor take = at::logical_and(words_[0] == kStatusOk, bad);
   words_ = at::where(take, candidate, words_);
 }
@@ -129,10 +130,9 @@ void checkExpertIds(DeviceStatus& status, const at::Tensor& idx,
       at::logical_and(at::logical_and(same, earlier).any(2), valid);
   const at::Tensor bad = at::logical_or(out_of_range, repeats).reshape({-1});
   const at::Tensor first = firstIndex(bad);
-  const at::Tensor code =
-      at::where(element(out_of_range.reshape({-1}), first),
-                codeOf(kStatusBadExpertId, first),
-                codeOf(kStatusDuplicateExpert, first));
+  const at::Tensor code = at::where(element(out_of_range.reshape({-1}), first),
+                                    codeOf(kStatusBadExpertId, first),
+                                    codeOf(kStatusDuplicateExpert, first));
   status.failIf(bad.any(), code, at::div(first, picks, "floor"),
                 first.remainder(picks), element(idx.reshape({-1}), first));
 }
@@ -171,10 +171,9 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
       status.fail(kStatusDevice, code);
     }
     const int64_t expected =
-        arg == kArgExpertCounts ? local_experts
-        : arg == kArgTokensToRank || arg == kArgTokensFromRank
-            ? world_size
-            : rows;
+        arg == kArgExpertCounts                                ? local_experts
+        : arg == kArgTokensToRank || arg == kArgTokensFromRank ? world_size
+                                                               : rows;
     if (expected >= 0 && tensor->numel() != expected) {
       status.fail(kStatusLayoutLength, code, tensor->numel(), expected);
     }
@@ -206,13 +205,14 @@ void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
   status.failIf(counts_sum != rows, codeOf(kStatusCountsSum, zero), counts_sum,
                 rows_t, zero);
   const at::Tensor from_sum = layout.n_tokens_from_rank.sum();
-  status.failIf(from_sum != rows, codeOf(kStatusFromSum, zero), from_sum, rows_t, zero);
+  status.failIf(from_sum != rows, codeOf(kStatusFromSum, zero), from_sum,
+                rows_t, zero);
   const at::Tensor& src_rank = layout.src_rank;
   if (rows > 0) {
     const at::Tensor bad = at::logical_or(src_rank < 0, src_rank >= world_size);
     const at::Tensor row = firstIndex(bad);
-    status.failIf(bad.any(), codeOf(kStatusSrcRankRange, zero), row, element(src_rank, row),
-                  zero);
+    status.failIf(bad.any(), codeOf(kStatusSrcRankRange, zero), row,
+                  element(src_rank, row), zero);
   }
   const at::Tensor per_rank =
       at::zeros({world_size}, src_rank.options())

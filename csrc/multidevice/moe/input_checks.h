@@ -44,8 +44,7 @@ class DeviceStatus {
   // Where no check failed yet and `bad` (a 0-dim bool tensor) holds, sets
   // `code` (a 0-dim i64 tensor) and the details d0, d1, d2 (the fourth is 0).
   void failIf(const at::Tensor& bad, const at::Tensor& code,
-              const at::Tensor& d0, const at::Tensor& d1,
-              const at::Tensor& d2);
+              const at::Tensor& d0, const at::Tensor& d1, const at::Tensor& d2);
   const at::Tensor& words() const { return words_; }
 
  private:

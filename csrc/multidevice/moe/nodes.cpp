@@ -19,7 +19,6 @@ void checkNumExperts(const Expr* expr, int64_t num_experts) {
 
 }  // namespace
 
-
 // ---------------------------------------------------------------------------
 
 MoeDispatch::MoeDispatch(TensorView* recv_x, TensorView* recv_src_rank,
@@ -81,8 +80,8 @@ void MoeDispatch::validate() const {
            "MoeDispatch: capacity must be >= 0 (0: the worst case), got ",
            capacity());
   HF_CHECK(capacity() == 0 || moeBackendInfo(backend()).fixed_capacity,
-           "MoeDispatch: capacity (", capacity(), ") does not apply to backend=",
-           hostfuse::toString(backend()),
+           "MoeDispatch: capacity (", capacity(),
+           ") does not apply to backend=", hostfuse::toString(backend()),
            ", which returns exactly the rows received");
   checkFloating(this, "x", x(), 2);
   checkTensor(

@@ -184,6 +184,4 @@ MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
 TensorView* moeCombine(TensorView* expert_out, const MoeDispatchResult& layout,
                        TensorView* topk_weights, Scalar* num_tokens);
 
-
-
 }  // namespace hostfuse

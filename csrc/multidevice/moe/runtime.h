@@ -34,11 +34,11 @@ struct MoeDispatchArgs {
   // with per-site state keys it by this. Every rank makes the same calls
   // with the same sites in the same order.
   const void* site = nullptr;
-  at::Tensor x;                             // [T, H] floating
-  at::Tensor topk_idx;                      // [T, K] i64 or i32, -1 masks
-  std::optional<at::Tensor> topk_weights;   // [T, K] floating
-  int64_t num_experts = 0;                  // E
-  int64_t capacity = 0;                     // C; 0: the worst case
+  at::Tensor x;                            // [T, H] floating
+  at::Tensor topk_idx;                     // [T, K] i64 or i32, -1 masks
+  std::optional<at::Tensor> topk_weights;  // [T, K] floating
+  int64_t num_experts = 0;                 // E
+  int64_t capacity = 0;                    // C; 0: the worst case
 };
 
 struct MoeDispatchOutput {

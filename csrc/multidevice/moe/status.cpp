@@ -15,8 +15,38 @@ std::string argName(int64_t code) {
   return toString(static_cast<TensorArg>(code));
 }
 
-// The text after "bad input on rank r of R: " for input errors.
-std::string describeInput(const StatusContext& c, const int64_t* w) {
+// What a backend cannot do (kStatusUnsupported): d0 the limit, d1, d2.
+std::string describeUnsupported(int64_t d0, int64_t d1, int64_t d2) {
+  switch (static_cast<BackendLimit>(d0)) {
+    case kLimitRowDtype:
+      return fmt::format(
+          "rows of {} are not supported by this backend (backend=cuda "
+          "moves Float, BFloat16 and Half rows; docs/moe.md lists what "
+          "each backend accepts)",
+          describeDtype(d1));
+    case kLimitNumExperts:
+      return fmt::format(
+          "num_experts = {} is more than this backend supports ({})", d1, d2);
+    case kLimitTopK:
+      return fmt::format(
+          "K = {} picks per token is more than this backend supports "
+          "({})",
+          d1, d2);
+    case kLimitWorldSize:
+      return fmt::format("{} ranks are more than this backend supports ({})",
+                         d1, d2);
+    case kLimitNotOnDevice:
+      return fmt::format(
+          "{} is not on this rank's GPU; backend=cuda needs CUDA tensors "
+          "on the communicator's device",
+          argName(d1));
+  }
+  return fmt::format("unsupported input (limit {})", d0);
+}
+
+// The text after "bad input on rank r of R: " for MoeDispatch's inputs, or
+// "" when `w` is not one of them.
+std::string describeDispatchInput(const StatusContext& c, const int64_t* w) {
   const int64_t d0 = w[1];
   const int64_t d1 = w[2];
   const int64_t d2 = w[3];
@@ -25,7 +55,8 @@ std::string describeInput(const StatusContext& c, const int64_t* w) {
     case kStatusXRank:
       return fmt::format("x must be a 2-D tensor [T, H], got rank {}", d0);
     case kStatusXDtype:
-      return fmt::format("x must be floating point, got {}", describeDtype(d0));
+      return fmt::format("x must be Float, Double, BFloat16 or Half, got {}",
+                         describeDtype(d0));
     case kStatusXHidden:
       return fmt::format("x has H = {} columns; H must be > 0", d0);
     case kStatusIdxRank:
@@ -54,40 +85,14 @@ std::string describeInput(const StatusContext& c, const int64_t* w) {
       return fmt::format(
           "{} is on another device than {}; all tensors of one call must be "
           "on one device",
-          argName(d0),
-          std::string(c.op) == "MoeDispatch" ? "x" : "expert_out");
+          argName(d0), std::string(c.op) == "MoeDispatch" ? "x" : "expert_out");
     case kStatusNumExperts:
       return fmt::format(
           "num_experts ({}) must be a positive multiple of the world size "
           "({})",
           d0, d1);
     case kStatusUnsupported:
-      switch (static_cast<BackendLimit>(d0)) {
-        case kLimitRowDtype:
-          return fmt::format(
-              "rows of {} are not supported by this backend (backend=cuda "
-              "moves Float, BFloat16 and Half rows; docs/moe.md lists what "
-              "each backend accepts)",
-              describeDtype(d1));
-        case kLimitNumExperts:
-          return fmt::format(
-              "num_experts = {} is more than this backend supports ({})", d1,
-              d2);
-        case kLimitTopK:
-          return fmt::format(
-              "K = {} picks per token is more than this backend supports "
-              "({})",
-              d1, d2);
-        case kLimitWorldSize:
-          return fmt::format(
-              "{} ranks are more than this backend supports ({})", d1, d2);
-        case kLimitNotOnDevice:
-          return fmt::format(
-              "{} is not on this rank's GPU; backend=cuda needs CUDA tensors "
-              "on the communicator's device",
-              argName(d1));
-      }
-      return fmt::format("unsupported input (limit {})", d0);
+      return describeUnsupported(d0, d1, d2);
     case kStatusBadExpertId:
       return fmt::format(
           "topk_idx holds expert id {} at token {}, pick {}, which is out of "
@@ -99,15 +104,28 @@ std::string describeInput(const StatusContext& c, const int64_t* w) {
           "topk_idx names expert {} twice in token {} (pick {} repeats an "
           "earlier pick); the picks of a token must name distinct experts",
           d2, d0, d1);
+    default:
+      return "";
+  }
+}
+
+// The same for MoeCombine's inputs.
+std::string describeCombineInput(const StatusContext& c, const int64_t* w) {
+  const int64_t d0 = w[1];
+  const int64_t d1 = w[2];
+  const int64_t d2 = w[3];
+  switch (static_cast<StatusCode>(w[0])) {
     case kStatusOutRank:
       return fmt::format(
           "expert_out must be a 2-D tensor [rows, H], got rank {}", d0);
     case kStatusOutDtype:
-      return fmt::format("expert_out must be floating point, got {}",
-                         describeDtype(d0));
+      return fmt::format(
+          "expert_out must be Float, Double, BFloat16 or Half, got {}",
+          describeDtype(d0));
     case kStatusLayoutTensor:
-      return fmt::format("{} must be a 1-D Long (i64) tensor, got rank {} of {}",
-                         argName(d0), d1, describeDtype(d2));
+      return fmt::format(
+          "{} must be a 1-D Long (i64) tensor, got rank {} of {}", argName(d0),
+          d1, describeDtype(d2));
     case kStatusLayoutLength: {
       const char* expected =
           d0 == kArgExpertCounts ? "must have num_experts / world size ="
@@ -117,8 +135,7 @@ std::string describeInput(const StatusContext& c, const int64_t* w) {
       return fmt::format(
           "{} has {} entries but {} {}{}; the rows do not match their "
           "dispatch",
-          argName(d0), d1, expected, d2,
-          d0 <= kArgSrcK ? " rows" : "");
+          argName(d0), d1, expected, d2, d0 <= kArgSrcK ? " rows" : "");
     }
     case kStatusWeightsTokens:
       return fmt::format(
@@ -137,9 +154,10 @@ std::string describeInput(const StatusContext& c, const int64_t* w) {
           "do not match their dispatch",
           d0, d1);
     case kStatusSrcRankRange:
-      return fmt::format("recv_src_rank holds rank {} at row {}; ranks are in "
-                         "[0, {})",
-                         d1, d0, c.world_size);
+      return fmt::format(
+          "recv_src_rank holds rank {} at row {}; ranks are in "
+          "[0, {})",
+          d1, d0, c.world_size);
     case kStatusSrcRankCounts:
       return fmt::format(
           "recv_src_rank has {} rows from rank {} but n_tokens_from_rank[{}] "
@@ -151,8 +169,17 @@ std::string describeInput(const StatusContext& c, const int64_t* w) {
           "{})",
           d0, d1, d2);
     default:
-      return fmt::format("unknown status {}", w[0]);
+      return "";
   }
+}
+
+// The text after "bad input on rank r of R: " for input errors.
+std::string describeInput(const StatusContext& c, const int64_t* w) {
+  std::string text = describeDispatchInput(c, w);
+  if (text.empty()) {
+    text = describeCombineInput(c, w);
+  }
+  return text.empty() ? fmt::format("unknown status {}", w[0]) : text;
 }
 
 std::string badRanksSuffix(const StatusContext& c) {

@@ -37,10 +37,10 @@ enum StatusCode : int32_t {
   kStatusBadExpertId,      // d0: token, d1: pick, d2: the id
   kStatusDuplicateExpert,  // d0: token, d1: pick, d2: the expert
   // MoeCombine inputs, checked on the host.
-  kStatusOutRank,       // d0: the rank of expert_out
-  kStatusOutDtype,      // d0: expert_out's dtype
-  kStatusLayoutTensor,  // d0: TensorArg, d1: its rank, d2: its dtype
-  kStatusLayoutLength,  // d0: TensorArg, d1: its length, d2: the expected
+  kStatusOutRank,        // d0: the rank of expert_out
+  kStatusOutDtype,       // d0: expert_out's dtype
+  kStatusLayoutTensor,   // d0: TensorArg, d1: its rank, d2: its dtype
+  kStatusLayoutLength,   // d0: TensorArg, d1: its length, d2: the expected
   kStatusWeightsTokens,  // d0: rows of topk_weights, d1: num_tokens
   kStatusNumTokens,      // d0: num_tokens
   // MoeCombine inputs, checked from values.
@@ -51,7 +51,7 @@ enum StatusCode : int32_t {
   kStatusProvenanceNegative,  // d0: row, d1: its token, d2: its pick
   // Found by the cuda backend's kernels while they run.
   kStatusCapacityOverflow,  // rank: the receiver; d0: its rows, d1: C
-  kStatusTimeout,  // rank: the peer; d0: WaitPurpose, d1: the call's epoch
+  kStatusTimeout,   // rank: the peer; d0: WaitPurpose, d1: the call's epoch
   kStatusPoisoned,  // an earlier timeout left the protocol unusable
   kStatusInternal,  // d0..d2: detail
 };
@@ -107,8 +107,7 @@ struct StatusContext {
 
 // The message of `words` (kStatusWords of them). Input errors read
 // "<op>: bad input on rank <r> of <R>: <argument, index, value>".
-std::string describeStatus(const StatusContext& context,
-                           const int64_t* words);
+std::string describeStatus(const StatusContext& context, const int64_t* words);
 
 // Names for messages: a dtype by its at::ScalarType code ("BFloat16"; "an
 // unknown dtype" for a code that is none), a tensor, a wait.

@@ -93,19 +93,18 @@ at::Tensor fromBytes(const at::Tensor& bytes, int64_t& offset, int64_t columns,
 // ---------------------------------------------------------------------------
 // Dispatch
 
-
 namespace {
 
 void checkDispatchTable(const at::Tensor& table) {
   moe::throwIfAnyStatusBad(table, "MoeDispatch", kNumExpertsWord);
   moe::checkAgreed(table, kNumExpertsWord, "MoeDispatch", "num_experts", false);
   moe::checkAgreed(table, kHiddenWord, "MoeDispatch", "the hidden size H of x",
-              false);
+                   false);
   moe::checkAgreed(table, kDtypeWord, "MoeDispatch", "the dtype of x", true);
-  moe::checkAgreed(table, kPicksWord, "MoeDispatch", "K (the columns of topk_idx)",
-              false);
+  moe::checkAgreed(table, kPicksWord, "MoeDispatch",
+                   "K (the columns of topk_idx)", false);
   moe::checkAgreed(table, kWeightsDtypeWord, "MoeDispatch",
-              "topk_weights (given or not, and its dtype)", true);
+                   "topk_weights (given or not, and its dtype)", true);
 }
 
 // ---------------------------------------------------------------------------
@@ -118,8 +117,9 @@ void checkCombineTable(const at::Tensor& table) {
   moe::throwIfAnyStatusBad(table, "MoeCombine", kNumExpertsWord);
   moe::checkAgreed(table, kNumExpertsWord, "MoeCombine", "num_experts", false);
   moe::checkAgreed(table, kHiddenWord, "MoeCombine", "the width of expert_out",
-              false);
-  moe::checkAgreed(table, kDtypeWord, "MoeCombine", "the dtype of expert_out", true);
+                   false);
+  moe::checkAgreed(table, kDtypeWord, "MoeCombine", "the dtype of expert_out",
+                   true);
   const int64_t world_size = table.size(0);
   const int64_t width = table.size(1);
   const int64_t* words = table.data_ptr<int64_t>();
@@ -333,7 +333,7 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   // 1. Check expert_out and the layout.
   const HostStatus host_status =
       moe::checkCombineInputs(expert_out, layout, topk_weights, num_tokens,
-                         num_experts, world_size, device);
+                              num_experts, world_size, device);
   const bool valid = host_status.ok();
   DeviceStatus status(host_status.toDevice(device));
   const int64_t rows = valid ? expert_out.size(0) : 0;

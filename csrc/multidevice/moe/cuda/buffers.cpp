@@ -73,12 +73,13 @@ void CudaMoeBuffers::allocateSymmetric(
   recv = symmetric(recv_bytes, "recv");
   slots = symmetric(slots_bytes, "slots");
   auto* recv_local = static_cast<char*>(recv->localPtr());
-  HF_CUDA_CHECK(cudaMemset(recv_local + rows_bytes, kGuardPattern, guard_bytes));
-  HF_CUDA_CHECK(cudaMemset(recv_local + recv_bytes - guard_bytes,
-                           kGuardPattern, guard_bytes));
-  HF_CUDA_CHECK(cudaMemset(
-      static_cast<char*>(slots->localPtr()) + slots_guard_offset,
-      kGuardPattern, guard_bytes));
+  HF_CUDA_CHECK(
+      cudaMemset(recv_local + rows_bytes, kGuardPattern, guard_bytes));
+  HF_CUDA_CHECK(cudaMemset(recv_local + recv_bytes - guard_bytes, kGuardPattern,
+                           guard_bytes));
+  HF_CUDA_CHECK(
+      cudaMemset(static_cast<char*>(slots->localPtr()) + slots_guard_offset,
+                 kGuardPattern, guard_bytes));
 }
 
 // This rank's state and scratch: pieces of one zeroed allocation.
@@ -100,8 +101,7 @@ void CudaMoeBuffers::allocateLocal(const CudaMoeConfig& c,
   const size_t start_at = carve.take(sizeof(int64_t) * experts);
   const size_t count_at = carve.take(sizeof(int32_t) * experts);
   const size_t tokens_at = carve.take(sizeof(int64_t) * ranks);
-  const size_t routes_at =
-      carve.take(sizeof(moe::RouteEntry) * ranks * picks);
+  const size_t routes_at = carve.take(sizeof(moe::RouteEntry) * ranks * picks);
   HF_CUDA_CHECK(cudaMalloc(&local, carve.total()));
   HF_CUDA_CHECK(cudaMemset(local, 0, carve.total()));
   state = pieceAt<moe::DeviceState>(local, state_at);

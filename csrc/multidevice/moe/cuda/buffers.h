@@ -24,8 +24,8 @@ struct CudaMoeBuffers {
   // buffers through `store`, then this rank's own memory, all zeroed, with
   // the guard patterns in place.
   static std::unique_ptr<CudaMoeBuffers> allocate(
-      const c10::intrusive_ptr<c10d::Store>& store,
-      const CudaMoeConfig& config, const CudaMoeLaunch& launch);
+      const c10::intrusive_ptr<c10d::Store>& store, const CudaMoeConfig& config,
+      const CudaMoeLaunch& launch);
   // Waits for the device, then releases what this rank holds.
   ~CudaMoeBuffers();
 

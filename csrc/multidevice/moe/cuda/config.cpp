@@ -32,10 +32,9 @@ void validateConfig(const CudaMoeConfig& c) {
            moe::kMaxTopK, "]; got ", c.topk);
   HF_CHECK_GE(c.max_tokens, 1, "max_tokens (T_max) must be positive");
   HF_CHECK_GE(c.hidden, 1, "hidden size must be positive");
-  HF_CHECK(c.dtype == at::kFloat || c.dtype == at::kBFloat16 ||
-               c.dtype == at::kHalf,
-           "the cuda MoE backend moves Float, BFloat16 or Half rows; got ",
-           c.dtype);
+  HF_CHECK(
+      c.dtype == at::kFloat || c.dtype == at::kBFloat16 || c.dtype == at::kHalf,
+      "the cuda MoE backend moves Float, BFloat16 or Half rows; got ", c.dtype);
   HF_CHECK(!c.tag.empty(), "a workspace needs a tag unique per MoE node");
   HF_CHECK_GE(c.capacity, 0, "capacity must be 0 (worst case) or positive");
   HF_CHECK(c.timeout_s >= 0 && c.timeout_s <= 1e6,
@@ -48,8 +47,8 @@ void validateConfig(const CudaMoeConfig& c) {
 }
 
 CudaMoeLaunch resolveLaunch(const CudaMoeConfig& c, int max_blocks) {
-  HF_CHECK(max_blocks >= c.world_size, "the cuda MoE kernels need at least R = ",
-           c.world_size,
+  HF_CHECK(max_blocks >= c.world_size,
+           "the cuda MoE kernels need at least R = ", c.world_size,
            " co-resident blocks (one per peer and a local one); device ",
            c.device, " fits ", max_blocks);
   CudaMoeLaunch l;
@@ -66,9 +65,11 @@ CudaMoeLaunch resolveLaunch(const CudaMoeConfig& c, int max_blocks) {
            "max_tokens * topk = ", c.max_tokens * c.topk,
            " does not fit 32-bit pick indices");
 
-  const int wanted = c.blocks > 0 ? c.blocks
-                                   : static_cast<int>(options::getInt(Option::MoeBlocks)
-                                                          .value_or(max_blocks));
+  const int wanted =
+      c.blocks > 0
+          ? c.blocks
+          : static_cast<int>(
+                options::getInt(Option::MoeBlocks).value_or(max_blocks));
   l.blocks = std::clamp(wanted, c.world_size, max_blocks);
   const int peers = c.world_size - 1;
   if (peers > 0) {
@@ -76,8 +77,8 @@ CudaMoeLaunch resolveLaunch(const CudaMoeConfig& c, int max_blocks) {
         c.push_blocks > 0
             ? c.push_blocks
             : options::getInt(Option::MoePushBlocks).value_or(32 * peers);
-    const int per_peer = static_cast<int>(std::clamp<int64_t>(
-        wanted_push / peers, 1, (l.blocks - 1) / peers));
+    const int per_peer = static_cast<int>(
+        std::clamp<int64_t>(wanted_push / peers, 1, (l.blocks - 1) / peers));
     l.push_blocks = per_peer * peers;
   }
   // 0: no limit, only T * K decides.
@@ -87,8 +88,8 @@ CudaMoeLaunch resolveLaunch(const CudaMoeConfig& c, int max_blocks) {
           : options::intOr(Option::MoeGridRouteMinTokens);
   l.grid_route_min_tokens =
       min_tokens > 0 ? min_tokens : std::numeric_limits<int64_t>::max();
-  l.timeout_s = c.timeout_s > 0 ? c.timeout_s
-                                : options::numberOr(Option::MoeTimeoutS);
+  l.timeout_s =
+      c.timeout_s > 0 ? c.timeout_s : options::numberOr(Option::MoeTimeoutS);
   l.timeout_ns = static_cast<uint64_t>(l.timeout_s * 1e9);
   l.debug = options::boolOr(Option::MoeDebug);
   l.cooperative = options::boolOr(Option::MoeCooperative);
@@ -97,9 +98,9 @@ CudaMoeLaunch resolveLaunch(const CudaMoeConfig& c, int max_blocks) {
 }
 
 std::string describeShape(const CudaMoeConfig& c, const CudaMoeLaunch& l) {
-  return fmt::format("R={} E={} T_max={} H={} K={} dtype={} C={}",
-                     c.world_size, c.num_experts, c.max_tokens, c.hidden,
-                     c.topk, c10::toString(c.dtype), l.capacity);
+  return fmt::format("R={} E={} T_max={} H={} K={} dtype={} C={}", c.world_size,
+                     c.num_experts, c.max_tokens, c.hidden, c.topk,
+                     c10::toString(c.dtype), l.capacity);
 }
 
 }  // namespace hostfuse

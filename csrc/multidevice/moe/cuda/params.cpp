@@ -80,8 +80,8 @@ moe::ElementType elementType(at::ScalarType dtype) {
 
 moe::DispatchParams dispatchParams(const CudaMoeConfig& c,
                                    const CudaMoeLaunch& l,
-                                   const CudaMoeBuffers& b,
-                                   const at::Tensor& x, const at::Tensor& idx,
+                                   const CudaMoeBuffers& b, const at::Tensor& x,
+                                   const at::Tensor& idx,
                                    const at::Tensor& weights,
                                    const CudaDispatchResult& out) {
   const int64_t tokens = x.size(0);
@@ -113,8 +113,7 @@ moe::DispatchParams dispatchParams(const CudaMoeConfig& c,
   return p;
 }
 
-moe::CombineParams combineParams(const CudaMoeConfig& c,
-                                 const CudaMoeLaunch& l,
+moe::CombineParams combineParams(const CudaMoeConfig& c, const CudaMoeLaunch& l,
                                  const CudaMoeBuffers& b,
                                  const at::Tensor& rows,
                                  const at::Tensor& weights,

@@ -32,7 +32,7 @@ const char* const kCombinePhaseNames[moe::kCombinePhases] = {
 // Reduces one op's [blocks][kProfileSlots] slots: the blocks of the latest
 // epoch only (a block that returned early keeps an older call's stamps).
 CudaMoeOpProfile reduceOp(const uint64_t* slots, int blocks, int phases,
-                               const char* const* names, int exit_phase) {
+                          const char* const* names, int exit_phase) {
   CudaMoeOpProfile op;
   for (int block = 0; block < blocks; ++block) {
     op.epoch = std::max(op.epoch, slots[block * moe::kProfileSlots]);

@@ -2,9 +2,9 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <fmt/format.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <fmt/format.h>
 
 #include <algorithm>
 #include <atomic>
@@ -62,8 +62,8 @@ moe::HostStatus checkInputs(const MoeDispatchArgs& args, int64_t world_size,
     status.fail(moe::kStatusUnsupported, moe::kLimitNumExperts,
                 args.num_experts, moe::kMaxExperts);
   } else if (args.topk_idx.size(1) > moe::kMaxTopK) {
-    status.fail(moe::kStatusUnsupported, moe::kLimitTopK,
-                args.topk_idx.size(1), moe::kMaxTopK);
+    status.fail(moe::kStatusUnsupported, moe::kLimitTopK, args.topk_idx.size(1),
+                moe::kMaxTopK);
   } else if (world_size > moe::kMaxRanks) {
     status.fail(moe::kStatusUnsupported, moe::kLimitWorldSize, world_size,
                 moe::kMaxRanks);
@@ -97,8 +97,7 @@ at::Tensor allGather(Communicator& communicator, const at::Tensor& row) {
 // disagree on what the workspace is made of.
 void checkFirstCallTable(const at::Tensor& table) {
   moe::throwIfAnyStatusBad(table, "MoeDispatch", kNumExpertsWord);
-  moe::checkAgreed(table, kNumExpertsWord, "MoeDispatch", "num_experts",
-                   false);
+  moe::checkAgreed(table, kNumExpertsWord, "MoeDispatch", "num_experts", false);
   moe::checkAgreed(table, kPicksWord, "MoeDispatch",
                    "K (the columns of topk_idx)", false);
   moe::checkAgreed(table, kHiddenWord, "MoeDispatch", "the hidden size H of x",
@@ -139,16 +138,18 @@ CudaMoeRuntime::Site& CudaMoeRuntime::siteFor(const MoeDispatchArgs& args) {
   }
   // The first call: agree on the inputs, then the rendezvous.
   const at::Device device = communicator_.device();
-  const moe::HostStatus status = checkInputs(args, communicator_.size(), device);
+  const moe::HostStatus status =
+      checkInputs(args, communicator_.size(), device);
   const bool ok = status.ok();
   auto dtypeCode = [](const at::Tensor& t) {
     return static_cast<int64_t>(t.scalar_type());
   };
-  const at::Tensor info = at::tensor(
-      {args.num_experts, ok ? args.x.size(0) : 0, ok ? args.topk_idx.size(1) : 0,
-       ok ? args.x.size(1) : 0, ok ? dtypeCode(args.x) : -1,
-       ok && args.topk_weights ? dtypeCode(*args.topk_weights) : -1},
-      at::kLong);
+  const at::Tensor info =
+      at::tensor({args.num_experts, ok ? args.x.size(0) : 0,
+                  ok ? args.topk_idx.size(1) : 0, ok ? args.x.size(1) : 0,
+                  ok ? dtypeCode(args.x) : -1,
+                  ok && args.topk_weights ? dtypeCode(*args.topk_weights) : -1},
+                 at::kLong);
   const at::Tensor mine = at::cat({status.toDevice(at::kCPU), info});
   const at::Tensor table =
       allGather(communicator_, device.is_cuda() ? mine.to(device) : mine);
@@ -159,8 +160,8 @@ CudaMoeRuntime::Site& CudaMoeRuntime::siteFor(const MoeDispatchArgs& args) {
   config.world_size = static_cast<int>(communicator_.size());
   config.device = device.index();
   config.num_experts = args.num_experts;
-  config.max_tokens = std::max<int64_t>(
-      1, table.select(1, kTokensWord).max().item<int64_t>());
+  config.max_tokens =
+      std::max<int64_t>(1, table.select(1, kTokensWord).max().item<int64_t>());
   config.hidden = args.x.size(1);
   config.topk = args.topk_idx.size(1);
   config.dtype = args.x.scalar_type();
@@ -180,11 +181,11 @@ MoeDispatchOutput CudaMoeRuntime::dispatch(const MoeDispatchArgs& args) {
   CudaMoeWorkspace& workspace = *site.workspace;
   const moe::HostStatus status =
       checkInputs(args, communicator_.size(), communicator_.device());
-  HF_CHECK(status.ok(), moe::describeStatus(
-                            dispatchContext(communicator_.rank(),
-                                            communicator_.size(),
-                                            args.num_experts),
-                            status.words()));
+  HF_CHECK(status.ok(),
+           moe::describeStatus(
+               dispatchContext(communicator_.rank(), communicator_.size(),
+                               args.num_experts),
+               status.words()));
   const CudaMoeConfig& config = workspace.config();
   HF_CHECK(args.x.size(0) <= config.max_tokens, "MoeDispatch: x has ",
            args.x.size(0),
@@ -221,10 +222,10 @@ MoeDispatchOutput CudaMoeRuntime::dispatch(const MoeDispatchArgs& args) {
 
 at::Tensor CudaMoeRuntime::combine(const MoeCombineArgs& args) {
   const auto it = sites_.find(args.dispatch_site);
-  HF_CHECK(it != sites_.end() && it->second != nullptr &&
-               it->second->dispatched,
-           "MoeCombine: its MoeDispatch has not run on this runtime (the "
-           "cuda backend keeps the layout with the dispatch)");
+  HF_CHECK(
+      it != sites_.end() && it->second != nullptr && it->second->dispatched,
+      "MoeCombine: its MoeDispatch has not run on this runtime (the "
+      "cuda backend keeps the layout with the dispatch)");
   Site& site = *it->second;
   const moe::HostStatus status = moe::checkCombineInputs(
       args.expert_out, args.layout, args.topk_weights, args.num_tokens,
@@ -256,7 +257,8 @@ std::unique_ptr<MoeRuntime> createRuntime(Communicator& communicator) {
 }  // namespace
 
 const MoeBackendInfo& cudaMoeBackendInfo() {
-  static const MoeBackendInfo info{MoeBackend::Cuda, "cuda",
+  static const MoeBackendInfo info{MoeBackend::Cuda,
+                                   "cuda",
                                    /*capture_problem=*/nullptr,
                                    /*fixed_capacity=*/true,
                                    /*combine_needs_its_dispatch=*/true,

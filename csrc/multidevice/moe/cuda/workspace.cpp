@@ -106,10 +106,10 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   buffers_ = CudaMoeBuffers::allocate(store, c, launch_);
   if (launch_.debug) {
     std::cerr << "[hostfuse moe rank " << c.rank << "] workspace " << c.tag
-              << ": " << describeShape(c, launch_) << ", "
-              << launch_.row_bytes << " bytes a row, " << launch_.blocks
-              << " blocks, " << launch_.push_blocks << " pushing (at most "
-              << max_blocks << "), timeout " << launch_.timeout_s << " s\n";
+              << ": " << describeShape(c, launch_) << ", " << launch_.row_bytes
+              << " bytes a row, " << launch_.blocks << " blocks, "
+              << launch_.push_blocks << " pushing (at most " << max_blocks
+              << "), timeout " << launch_.timeout_s << " s\n";
   }
 }
 

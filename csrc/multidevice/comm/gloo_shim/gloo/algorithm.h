@@ -1,3 +1,4 @@
-// Stand-in for Gloo's algorithm header: see multidevice/comm/gloo_shim/README.md.
-// ProcessGroupGloo.hpp needs nothing from it.
+// Stand-in for Gloo's algorithm header: see
+// multidevice/comm/gloo_shim/README.md. ProcessGroupGloo.hpp needs nothing from
+// it.
 #pragma once

@@ -1,6 +1,7 @@
 // Interface of the CUDA-backend MoE dispatch and combine kernels.
 //
-// Plain C++ and CUDA runtime types only: no torch here (DESIGN.md layering).
+// Plain C++ and CUDA runtime types only: no torch here (the layering of
+// docs/architecture.md).
 // The host side (multidevice/moe/cuda/workspace.cpp) owns the buffers and
 // fills the parameter blocks; docs/moe_cuda.md describes the protocol.
 //
@@ -29,9 +30,9 @@ constexpr int kMaxExperts = 1024;
 // kernels claim it through DeviceState::status_claim, so only one writer
 // fills it; the code is written last.
 struct StatusRecord {
-  int32_t code;  // StatusCode
-  int32_t op;    // 1 dispatch, 2 combine
-  int32_t rank;  // the rank the error is about
+  int32_t code;     // StatusCode
+  int32_t op;       // 1 dispatch, 2 combine
+  int32_t rank;     // the rank the error is about
   int32_t purpose;  // WaitPurpose of a timeout
   int64_t token;
   int64_t pick;

@@ -1,4 +1,5 @@
-// Stand-in for Gloo's transport header: see multidevice/comm/gloo_shim/README.md.
+// Stand-in for Gloo's transport header: see
+// multidevice/comm/gloo_shim/README.md.
 #pragma once
 
 namespace gloo::transport {
