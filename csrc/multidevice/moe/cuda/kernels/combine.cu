@@ -138,10 +138,17 @@ __device__ void pushBack(const CombineParams& p, uint64_t dispatch_epoch,
   }
 }
 
+// Every warp (the non-push blocks from the start, the push blocks once
+// their pushes are out): claims pieces of this rank's tokens in token order
+// (the order the peers send them in); a piece waits for the arrivals of the
+// peers that hold picks of its token, then every lane sums its units over
+// the delivered picks in pick order, in fp32 with separate multiply and
+// add (the collective backend's order and rounding), and writes them
+// rounded to T. Returns when the claims run out or a wait fails.
 template <typename T, typename U>
-__global__ void __launch_bounds__(kThreadsPerBlock, 1)
-    combineKernel(const CombineParams p) {
-  const uint64_t entry_ns = p.common.profile != nullptr ? globalTimerNs() : 0;
+__device__ __forceinline__ void reduceTokens(const CombineParams& p,
+                                             void* own_control, uint64_t epoch,
+                                             const WaitContext& context) {
   using Bits = typename Element<T>::Bits;
   constexpr int kPerUnit = sizeof(U) / sizeof(Bits);
   static_assert(kPerUnit >= 1 && sizeof(U) % sizeof(Bits) == 0);
@@ -156,45 +163,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   DeviceState* state = c.state;
-  const CallStart call =
-      beginCall(c, &state->combine_epoch, kOpCombine, entry_ns);
-  if (!call.usable) {
-    return;
-  }
-  const WaitContext& context = call.context;
-  const uint64_t epoch = context.epoch;
-  uint64_t* const prof = call.prof;
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    // The next call's claims start from zero; nobody uses that parity now.
-    state->reduce_claims[(epoch + 1) & 1] = 0;
-  }
-  const int64_t recv_rows = loadVolatile(&state->recv_rows);
   const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
-  void* const own_control = c.control[c.rank];
-
-  // --- Push blocks: once their peer has reduced its previous combine, send
-  // its rows back.
-  if (static_cast<int>(blockIdx.x) < c.push_blocks) {
-    const PushGroup group(c);
-    bool ok = true;
-    if (threadIdx.x == 0) {
-      ok = waitForFlag(flagAt(own_control, c.layout.free_flags, group.peer),
-                       epoch - 1, group.peer, context, kWaitCombineFree);
-    }
-    if (__syncthreads_and(ok) == 0) {
-      return;
-    }
-    profileMark(prof, kCombineFreeIn);
-    pushBack<U>(p, loadVolatile(&state->dispatch_epoch), recv_rows, epoch);
-    if (prof != nullptr) {  // uniform in the block
-      __syncthreads();
-      profileMark(prof, kCombinePushed);
-    }
-  }
-
-  // --- Reduce: every warp claims pieces of tokens in token order (the
-  // order the peers send them in); a piece waits for the peers that hold
-  // picks of its token, then sums the picks in order.
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   const int64_t pieces_per_token =
       max(int64_t{1},
@@ -295,6 +264,52 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
     __syncwarp();  // sources / weights are rewritten by the next claim
   }
+}
+
+template <typename T, typename U>
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+    combineKernel(const CombineParams p) {
+  const uint64_t entry_ns = p.common.profile != nullptr ? globalTimerNs() : 0;
+  const CommonParams& c = p.common;
+  const int R = c.world_size;
+  DeviceState* state = c.state;
+  const CallStart call =
+      beginCall(c, &state->combine_epoch, kOpCombine, entry_ns);
+  if (!call.usable) {
+    return;
+  }
+  const WaitContext& context = call.context;
+  const uint64_t epoch = context.epoch;
+  uint64_t* const prof = call.prof;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    // The next call's claims start from zero; nobody uses that parity now.
+    state->reduce_claims[(epoch + 1) & 1] = 0;
+  }
+  const int64_t recv_rows = loadVolatile(&state->recv_rows);
+  void* const own_control = c.control[c.rank];
+
+  // --- Push blocks: once their peer has reduced its previous combine, send
+  // its rows back.
+  if (static_cast<int>(blockIdx.x) < c.push_blocks) {
+    const PushGroup group(c);
+    bool ok = true;
+    if (threadIdx.x == 0) {
+      ok = waitForFlag(flagAt(own_control, c.layout.free_flags, group.peer),
+                       epoch - 1, group.peer, context, kWaitCombineFree);
+    }
+    if (__syncthreads_and(ok) == 0) {
+      return;
+    }
+    profileMark(prof, kCombineFreeIn);
+    pushBack<U>(p, loadVolatile(&state->dispatch_epoch), recv_rows, epoch);
+    if (prof != nullptr) {  // uniform in the block
+      __syncthreads();
+      profileMark(prof, kCombinePushed);
+    }
+  }
+
+  // --- Reduce this rank's tokens.
+  reduceTokens<T, U>(p, own_control, epoch, context);
   if (prof != nullptr) {  // uniform in the block
     __syncthreads();
     profileMark(prof, kCombineReduced);

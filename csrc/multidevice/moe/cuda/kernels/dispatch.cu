@@ -429,6 +429,195 @@ __device__ uint64_t routeGrid(const DispatchParams& p,
                     static_cast<int>(gridDim.x));
 }
 
+// What the offsets phase finds in the R count rows besides the tables in
+// DispatchShared: which sources reported bad input, and how many rows every
+// rank's experts receive. In shared memory, written by every block.
+struct CountSummary {
+  // The smallest source whose count row is bad; INT_MAX if none.
+  int bad_rank;
+  unsigned bad_ranks;            // bit s: source s's count row is bad
+  int64_t rank_rows[kMaxRanks];  // rows of rank d's experts, from all sources
+};
+
+// What the rest of the call needs from the offsets; the same in every
+// block (every block derives it from the same count rows).
+struct Offsets {
+  bool bad;           // some source's input was bad: nothing is sent
+  int64_t recv_rows;  // rows of our experts kept here: at most C, 0 if bad
+};
+
+// Every block, once all R count rows of this epoch are in: the tables in
+// shared (colsum, recv_count; offset[x] = this rank's first row of expert x
+// on its rank, the sender view; recv_start[s * L + l] = the first row here
+// of source s, local expert l, the receiver view) and the summary. Every
+// block derives the same from the same rows, so no grid barrier is needed.
+__device__ __forceinline__ Offsets computeOffsets(
+    const DispatchParams& p, const DispatchShared& shared,
+    CountSummary& summary, void* own_control, uint64_t epoch, uint64_t* prof) {
+  const CommonParams& c = p.common;
+  const int E = p.num_experts;
+  const int L = c.local_experts;
+  const int R = c.world_size;
+  const int parity = static_cast<int>(epoch & 1);
+  auto row_of = [&](int source) {
+    return countRowAt(own_control, c.layout, parity, source, R);
+  };
+  auto counts_of = [&](int source) {
+    return reinterpret_cast<const int32_t*>(row_of(source) +
+                                            sizeof(CountRowHeader));
+  };
+  // One pass over all R count rows (their loads all in flight at once):
+  // colsum[x] = rows of expert x from every source, offset[x] = those from
+  // sources before us, recv_count = our experts' rows per source.
+  if (threadIdx.x == 0) {
+    summary.bad_rank = INT_MAX;
+    summary.bad_ranks = 0;
+  }
+  for (int x = threadIdx.x; x < E; x += blockDim.x) {
+    shared.colsum[x] = 0;
+    shared.offset[x] = 0;
+  }
+  __syncthreads();
+  if (threadIdx.x < R) {
+    const auto* header =
+        reinterpret_cast<const CountRowHeader*>(row_of(threadIdx.x));
+    if (__ldcg(&header->code) != kStatusOk) {
+      atomicMin(&summary.bad_rank, static_cast<int>(threadIdx.x));
+      atomicOr(&summary.bad_ranks, 1u << threadIdx.x);
+    }
+  }
+  for (int i = threadIdx.x; i < R * E; i += blockDim.x) {
+    const int source = i / E;
+    const int x = i % E;
+    const int32_t count = __ldcg(counts_of(source) + x);
+    atomicAdd(&shared.colsum[x], count);
+    if (source < c.rank) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(&shared.offset[x]),
+                static_cast<unsigned long long>(count));
+    }
+    if (x / L == c.rank) {
+      shared.recv_count[source * L + x % L] = count;
+    }
+  }
+  __syncthreads();
+  // Expert-major: expert x = d * L + l starts after experts d * L .. x - 1;
+  // inside an expert, sources in rank order.
+  for (int x = threadIdx.x; x < E; x += blockDim.x) {
+    int64_t before_expert = 0;
+    for (int y = x / L * L; y < x; ++y) {
+      before_expert += shared.colsum[y];
+    }
+    shared.offset[x] += before_expert;
+  }
+  for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
+    const int source = i / L;
+    const int l = i % L;
+    int64_t start = 0;
+    for (int y = 0; y < l; ++y) {
+      start += shared.colsum[c.rank * L + y];
+    }
+    for (int s = 0; s < source; ++s) {
+      start += shared.recv_count[s * L + l];
+    }
+    shared.recv_start[i] = start;
+  }
+  if (threadIdx.x < R) {
+    int64_t rows = 0;
+    for (int l = 0; l < L; ++l) {
+      rows += shared.colsum[threadIdx.x * L + l];
+    }
+    summary.rank_rows[threadIdx.x] = rows;
+  }
+  __syncthreads();
+  profileMark(prof, kDispatchOffsets);
+  Offsets offsets;
+  offsets.bad = summary.bad_rank != INT_MAX;
+  offsets.recv_rows =
+      offsets.bad ? 0 : min(summary.rank_rows[c.rank], p.capacity);
+  return offsets;
+}
+
+// Block 0, after computeOffsets: what the host and the combine read of
+// this call (rows per local expert, per segment (source, local expert) and
+// per peer, every source's token count, recv_rows) and its status: the
+// error of the smallest bad source, else the rank with the most rows if
+// they exceed the capacity. With c.debug, prints the count rows.
+__device__ __forceinline__ void recordOffsets(const DispatchParams& p,
+                                              const DispatchShared& shared,
+                                              const CountSummary& summary,
+                                              const Offsets& offsets,
+                                              void* own_control, uint64_t epoch,
+                                              const WaitContext& context) {
+  const CommonParams& c = p.common;
+  const int E = p.num_experts;
+  const int L = c.local_experts;
+  const int R = c.world_size;
+  const int parity = static_cast<int>(epoch & 1);
+  auto row_of = [&](int source) {
+    return countRowAt(own_control, c.layout, parity, source, R);
+  };
+  auto counts_of = [&](int source) {
+    return reinterpret_cast<const int32_t*>(row_of(source) +
+                                            sizeof(CountRowHeader));
+  };
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    p.recv_expert_counts[l] = offsets.bad ? 0 : shared.colsum[c.rank * L + l];
+  }
+  for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
+    c.recv_start[i] = shared.recv_start[i];
+    c.recv_count[i] = offsets.bad ? 0 : shared.recv_count[i];
+  }
+  if (threadIdx.x < R) {
+    const int peer = threadIdx.x;
+    int64_t to = 0;
+    int64_t from = 0;
+    for (int l = 0; l < L; ++l) {
+      to += __ldcg(counts_of(c.rank) + peer * L + l);
+      from += __ldcg(counts_of(peer) + c.rank * L + l);
+    }
+    p.rows_to_rank[peer] = offsets.bad ? 0 : to;
+    p.rows_from_rank[peer] = offsets.bad ? 0 : from;
+    c.source_tokens[peer] =
+        __ldcg(&reinterpret_cast<const CountRowHeader*>(row_of(peer))->tokens);
+  }
+  if (threadIdx.x == 0) {
+    c.state->recv_rows = offsets.recv_rows;
+    int most = 0;
+    for (int d = 1; d < R; ++d) {
+      most = summary.rank_rows[d] > summary.rank_rows[most] ? d : most;
+    }
+    if (offsets.bad) {
+      const auto* header =
+          reinterpret_cast<const CountRowHeader*>(row_of(summary.bad_rank));
+      recordStatus(context, __ldcg(&header->code), summary.bad_rank, 0,
+                   __ldcg(&header->token), __ldcg(&header->pick),
+                   __ldcg(&header->value), summary.bad_ranks);
+    } else if (summary.rank_rows[most] > p.capacity) {
+      recordStatus(context, kStatusCapacityOverflow, most, 0, -1, -1,
+                   summary.rank_rows[most]);
+    }
+    if (c.debug != 0) {
+      printf(
+          "[hostfuse moe rank %d] dispatch epoch %llu: %lld tokens, "
+          "%lld rows here (capacity %lld)%s, %s route\n",
+          c.rank, static_cast<unsigned long long>(epoch),
+          static_cast<long long>(p.tokens),
+          static_cast<long long>(summary.rank_rows[c.rank]),
+          static_cast<long long>(p.capacity), offsets.bad ? ", bad input" : "",
+          p.local_route != 0 ? "local" : "grid");
+      for (int source = 0; source < R; ++source) {
+        for (int x = 0; x < E; ++x) {
+          printf(
+              "[hostfuse moe rank %d]   count[source %d][expert %d] = "
+              "%d, our offset there %lld\n",
+              c.rank, source, x, counts_of(source)[x],
+              static_cast<long long>(shared.offset[x]));
+        }
+      }
+    }
+  }
+}
+
 // One token's picks as seen by lane k < K of a warp (other lanes: none).
 struct Pick {
   int expert = -1;   // -1: masked (or past K)
@@ -668,15 +857,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     dispatchKernel(const DispatchParams p) {
   const uint64_t entry_ns = p.common.profile != nullptr ? globalTimerNs() : 0;
   extern __shared__ __align__(16) unsigned char shared_raw[];
-  __shared__ int bad_rank;
-  __shared__ unsigned bad_ranks;  // bit s: peer s's count row is bad
-  __shared__ int64_t rank_rows[kMaxRanks];
+  __shared__ CountSummary summary;
 
   const DispatchShared shared = carveShared(shared_raw, p.num_experts);
   const CommonParams& c = p.common;
   const int E = p.num_experts;
-  const int L = c.local_experts;
-  const int R = c.world_size;
   const int64_t T = p.tokens;
   DeviceState* state = c.state;
 
@@ -708,147 +893,19 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
   // --- Offsets from all R count rows of this epoch.
   void* const own_control = c.control[c.rank];
-  if (!blockWaitForPeers(flagAt(own_control, c.layout.count_flags, 0), R, epoch,
-                         context, kWaitCounts)) {
+  if (!blockWaitForPeers(flagAt(own_control, c.layout.count_flags, 0),
+                         c.world_size, epoch, context, kWaitCounts)) {
     return;
   }
   profileMark(prof, kDispatchCountsIn);
-  const int parity = static_cast<int>(epoch & 1);
-  auto row_of = [&](int source) {
-    return countRowAt(own_control, c.layout, parity, source, R);
-  };
-  auto counts_of = [&](int source) {
-    return reinterpret_cast<const int32_t*>(row_of(source) +
-                                            sizeof(CountRowHeader));
-  };
-  // One pass over all R count rows (their loads all in flight at once):
-  // colsum[x] = rows of expert x from every source, offset[x] = those from
-  // sources before us, recv_count = our experts' rows per source.
-  if (threadIdx.x == 0) {
-    bad_rank = INT_MAX;
-    bad_ranks = 0;
-  }
-  for (int x = threadIdx.x; x < E; x += blockDim.x) {
-    shared.colsum[x] = 0;
-    shared.offset[x] = 0;
-  }
-  __syncthreads();
-  if (threadIdx.x < R) {
-    const auto* header =
-        reinterpret_cast<const CountRowHeader*>(row_of(threadIdx.x));
-    if (__ldcg(&header->code) != kStatusOk) {
-      atomicMin(&bad_rank, static_cast<int>(threadIdx.x));
-      atomicOr(&bad_ranks, 1u << threadIdx.x);
-    }
-  }
-  for (int i = threadIdx.x; i < R * E; i += blockDim.x) {
-    const int source = i / E;
-    const int x = i % E;
-    const int32_t count = __ldcg(counts_of(source) + x);
-    atomicAdd(&shared.colsum[x], count);
-    if (source < c.rank) {
-      atomicAdd(reinterpret_cast<unsigned long long*>(&shared.offset[x]),
-                static_cast<unsigned long long>(count));
-    }
-    if (x / L == c.rank) {
-      shared.recv_count[source * L + x % L] = count;
-    }
-  }
-  __syncthreads();
-  // Expert-major: expert x = d * L + l starts after experts d * L .. x - 1;
-  // inside an expert, sources in rank order.
-  for (int x = threadIdx.x; x < E; x += blockDim.x) {
-    int64_t before_expert = 0;
-    for (int y = x / L * L; y < x; ++y) {
-      before_expert += shared.colsum[y];
-    }
-    shared.offset[x] += before_expert;
-  }
-  for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
-    const int source = i / L;
-    const int l = i % L;
-    int64_t start = 0;
-    for (int y = 0; y < l; ++y) {
-      start += shared.colsum[c.rank * L + y];
-    }
-    for (int s = 0; s < source; ++s) {
-      start += shared.recv_count[s * L + l];
-    }
-    shared.recv_start[i] = start;
-  }
-  if (threadIdx.x < R) {
-    int64_t rows = 0;
-    for (int l = 0; l < L; ++l) {
-      rows += shared.colsum[threadIdx.x * L + l];
-    }
-    rank_rows[threadIdx.x] = rows;
-  }
-  __syncthreads();
-  profileMark(prof, kDispatchOffsets);
-  const bool bad = bad_rank != INT_MAX;
-  const int64_t recv_rows = bad ? 0 : min(rank_rows[c.rank], p.capacity);
-
+  const Offsets offsets =
+      computeOffsets(p, shared, summary, own_control, epoch, prof);
   if (blockIdx.x == 0) {
-    for (int l = threadIdx.x; l < L; l += blockDim.x) {
-      p.recv_expert_counts[l] = bad ? 0 : shared.colsum[c.rank * L + l];
-    }
-    for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
-      c.recv_start[i] = shared.recv_start[i];
-      c.recv_count[i] = bad ? 0 : shared.recv_count[i];
-    }
-    if (threadIdx.x < R) {
-      const int peer = threadIdx.x;
-      int64_t to = 0;
-      int64_t from = 0;
-      for (int l = 0; l < L; ++l) {
-        to += __ldcg(counts_of(c.rank) + peer * L + l);
-        from += __ldcg(counts_of(peer) + c.rank * L + l);
-      }
-      p.rows_to_rank[peer] = bad ? 0 : to;
-      p.rows_from_rank[peer] = bad ? 0 : from;
-      c.source_tokens[peer] = __ldcg(
-          &reinterpret_cast<const CountRowHeader*>(row_of(peer))->tokens);
-    }
-    if (threadIdx.x == 0) {
-      state->recv_rows = recv_rows;
-      int most = 0;
-      for (int d = 1; d < R; ++d) {
-        most = rank_rows[d] > rank_rows[most] ? d : most;
-      }
-      if (bad) {
-        const auto* header =
-            reinterpret_cast<const CountRowHeader*>(row_of(bad_rank));
-        recordStatus(context, __ldcg(&header->code), bad_rank, 0,
-                     __ldcg(&header->token), __ldcg(&header->pick),
-                     __ldcg(&header->value), bad_ranks);
-      } else if (rank_rows[most] > p.capacity) {
-        recordStatus(context, kStatusCapacityOverflow, most, 0, -1, -1,
-                     rank_rows[most]);
-      }
-      if (c.debug != 0) {
-        printf(
-            "[hostfuse moe rank %d] dispatch epoch %llu: %lld tokens, "
-            "%lld rows here (capacity %lld)%s, %s route\n",
-            c.rank, static_cast<unsigned long long>(epoch),
-            static_cast<long long>(T),
-            static_cast<long long>(rank_rows[c.rank]),
-            static_cast<long long>(p.capacity), bad ? ", bad input" : "",
-            p.local_route != 0 ? "local" : "grid");
-        for (int source = 0; source < R; ++source) {
-          for (int x = 0; x < E; ++x) {
-            printf(
-                "[hostfuse moe rank %d]   count[source %d][expert %d] = "
-                "%d, our offset there %lld\n",
-                c.rank, source, x, counts_of(source)[x],
-                static_cast<long long>(shared.offset[x]));
-          }
-        }
-      }
-    }
+    recordOffsets(p, shared, summary, offsets, own_control, epoch, context);
   }
 
   // --- Push to the group's peer, or write this rank's own rows.
-  if (bad) {
+  if (offsets.bad) {
     for (int64_t q = blockIdx.x * blockDim.x + threadIdx.x; q < T * c.topk;
          q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
       c.pick_row[q] = -1;
@@ -878,7 +935,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   }
 
   // --- Expand the received rows.
-  expandRows<U>(p, shared, recv_rows, epoch, context);
+  expandRows<U>(p, shared, offsets.recv_rows, epoch, context);
   if (prof != nullptr) {  // uniform in the block
     __syncthreads();
     profileMark(prof, kDispatchExpanded);
