@@ -54,4 +54,11 @@ void ExprVisitor::handleDefault(Expr* expr) {
            expr->toInlineString());
 }
 
+void ConstExprVisitor::dispatch(const Expr* expr) { expr->accept(*this); }
+
+void ConstExprVisitor::handleDefault(const Expr* expr) {
+  HF_THROW("this visitor does not handle ", expr->opName(), ": ",
+           expr->toInlineString());
+}
+
 }  // namespace hostfuse

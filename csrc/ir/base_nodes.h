@@ -162,6 +162,7 @@ class Expr {
       const at::Device& device) const = 0;
 
   virtual void accept(ExprVisitor& visitor) = 0;
+  virtual void accept(ConstExprVisitor& visitor) const = 0;
 
   // Creates a copy of this expression in `container` with the given
   // (already cloned) inputs and outputs.
@@ -213,6 +214,7 @@ std::string joinValues(const std::vector<Val*>& values);
 #define HF_DECLARE_EXPR_CUSTOM_COPY(ClassName)                       \
   const char* opName() const override { return #ClassName; }         \
   void accept(::hostfuse::ExprVisitor& visitor) override;            \
+  void accept(::hostfuse::ConstExprVisitor& visitor) const override; \
   ::hostfuse::Expr* cloneWith(::hostfuse::IrContainer* container,    \
                               std::vector<::hostfuse::Val*> inputs,  \
                               std::vector<::hostfuse::Val*> outputs) \
@@ -232,17 +234,26 @@ std::string joinValues(const std::vector<Val*>& values);
     return {};                                                                 \
   }
 
-// Defines accept(), cloneWith() and the visitor's default handle() overload
-// for the type, which falls back to ExprVisitor::handleDefault.
-#define HF_DEFINE_EXPR(ClassName)                                      \
-  void ClassName::accept(::hostfuse::ExprVisitor& visitor) {           \
-    visitor.handle(this);                                              \
-  }                                                                    \
-  ::hostfuse::Expr* ClassName::cloneWith(                              \
-      ::hostfuse::IrContainer* container,                              \
-      std::vector<::hostfuse::Val*> inputs,                            \
-      std::vector<::hostfuse::Val*> outputs) const {                   \
-    return container->registerExpr(std::unique_ptr<::hostfuse::Expr>(  \
-        new ClassName(*this, std::move(inputs), std::move(outputs)))); \
-  }                                                                    \
-  void ::hostfuse::ExprVisitor::handle(ClassName* expr) { handleDefault(expr); }
+// Defines both accept() overloads, cloneWith() and the default handle()
+// overloads of both visitors for the type, which fall back to
+// ExprVisitor::handleDefault and ConstExprVisitor::handleDefault.
+#define HF_DEFINE_EXPR(ClassName)                                       \
+  void ClassName::accept(::hostfuse::ExprVisitor& visitor) {            \
+    visitor.handle(this);                                               \
+  }                                                                     \
+  void ClassName::accept(::hostfuse::ConstExprVisitor& visitor) const { \
+    visitor.handle(this);                                               \
+  }                                                                     \
+  ::hostfuse::Expr* ClassName::cloneWith(                               \
+      ::hostfuse::IrContainer* container,                               \
+      std::vector<::hostfuse::Val*> inputs,                             \
+      std::vector<::hostfuse::Val*> outputs) const {                    \
+    return container->registerExpr(std::unique_ptr<::hostfuse::Expr>(   \
+        new ClassName(*this, std::move(inputs), std::move(outputs))));  \
+  }                                                                     \
+  void ::hostfuse::ExprVisitor::handle(ClassName* expr) {               \
+    handleDefault(expr);                                                \
+  }                                                                     \
+  void ::hostfuse::ConstExprVisitor::handle(const ClassName* expr) {    \
+    handleDefault(expr);                                                \
+  }

@@ -66,4 +66,24 @@ class ExprVisitor {
   virtual void handleDefault(Expr* expr);
 };
 
+// ExprVisitor for code that only reads the IR, such as kernel codegen, which
+// holds a `const Fusion&`: the same dispatch over const pointers, so that
+// reading code needs no const_cast to visit.
+class ConstExprVisitor {
+ public:
+  virtual ~ConstExprVisitor() = default;
+
+  // Calls the handle overload for the concrete type of `expr`.
+  void dispatch(const Expr* expr);
+
+#define HF_DECLARE_CONST_HANDLE_(T) virtual void handle(const T* expr);
+  HOSTFUSE_ALL_EXPRS(HF_DECLARE_CONST_HANDLE_)
+#undef HF_DECLARE_CONST_HANDLE_
+
+ protected:
+  // The fallback for types without their own overload. Throws, naming the
+  // expression, unless a subclass overrides it.
+  virtual void handleDefault(const Expr* expr);
+};
+
 }  // namespace hostfuse

@@ -49,10 +49,206 @@ void mergeSizes(SizeSource& into, const SizeSource& from) {
   }
 }
 
-bool isPointwise(const Expr* expr) {
-  return expr->isA<UnaryOp>() || expr->isA<BinaryOp>() ||
-         expr->isA<TernaryOp>() || expr->isA<CastOp>();
+// Visits the expressions that kernel codegen supports: pointwise ops (casts
+// among them) in one handler, broadcasts and reductions in their own. The
+// base of the analysis's visitors, so that the supported set is spelled out
+// once and every other expression fails with the same error.
+class KernelExprVisitor : public ConstExprVisitor {
+ protected:
+  void handle(const UnaryOp* op) override { handlePointwise(op); }
+  void handle(const BinaryOp* op) override { handlePointwise(op); }
+  void handle(const TernaryOp* op) override { handlePointwise(op); }
+  void handle(const CastOp* op) override { handlePointwise(op); }
+  void handle(const BroadcastOp* op) override = 0;
+  void handle(const ReductionOp* op) override = 0;
+  virtual void handlePointwise(const Expr* expr) = 0;
+
+  void handleDefault(const Expr* expr) override {
+    HF_THROW("kernel codegen does not support ", expr->opName(), " (",
+             expr->toInlineString(),
+             "); it handles pointwise ops, casts, broadcasts and reductions");
+  }
+};
+
+// Checks what codegen needs of an expression beyond its type: a tensor
+// result, operands that the fusion provides, and for a reduction the
+// innermost dim.
+class SupportChecker : public KernelExprVisitor {
+ public:
+  explicit SupportChecker(const Fusion& fusion) : fusion_(fusion) {}
+
+ protected:
+  void handlePointwise(const Expr* expr) override { checkOperands(expr); }
+  void handle(const BroadcastOp* op) override { checkOperands(op); }
+  void handle(const ReductionOp* reduction) override {
+    checkOperands(reduction);
+    HF_CHECK(reduction->dim() == reduction->in()->rank() - 1,
+             "kernel codegen supports reductions along the innermost dim "
+             "only, but ",
+             reduction->toInlineString(), " reduces dim ", reduction->dim(),
+             " of the rank ", reduction->in()->rank(), " tensor ",
+             reduction->in()->describe());
+  }
+
+ private:
+  void checkOperands(const Expr* expr) const {
+    HF_CHECK(expr->output(0)->isA<TensorView>(),
+             "kernel codegen computes tensors only, but ",
+             expr->toInlineString(), " computes a scalar");
+    for (const Val* input : expr->inputs()) {
+      HF_CHECK(!input->isA<TensorView>() || input->definition() != nullptr ||
+                   fusion_.isInput(input),
+               "kernel codegen: ", input->describe(), ", used by ",
+               expr->toInlineString(),
+               ", is neither an input of the fusion nor computed in it");
+    }
+  }
+
+  const Fusion& fusion_;
+};
+
+// Per tensor and dim: its node in a DimSets, or -1 for a broadcast dim.
+using DimNodes = std::unordered_map<const TensorView*, std::vector<int64_t>>;
+// Per tensor and dim: its run-time size.
+using DimSizes = std::unordered_map<const TensorView*, std::vector<SizeSource>>;
+
+// The dims of an expression's output, from those of its operands: their
+// DimSets nodes (-1 for broadcast dims) and run-time sizes.
+struct OutputDims {
+  std::vector<int64_t> ids;
+  std::vector<SizeSource> sizes;
+};
+
+// Lines the dims of an expression's output up with those of its operands
+// (already mapped): unites the dims that a pointwise op combines, and
+// records the node that a reduction reduces.
+class OutputDimMapper : public KernelExprVisitor {
+ public:
+  OutputDimMapper(DimSets& sets, const DimNodes& nodes, const DimSizes& sizes,
+                  std::vector<int64_t>& reduced_nodes)
+      : sets_(sets),
+        nodes_(nodes),
+        sizes_(sizes),
+        reduced_nodes_(reduced_nodes) {}
+
+  OutputDims map(const Expr* expr) {
+    out_ = OutputDims{};
+    dispatch(expr);
+    return std::move(out_);
+  }
+
+ protected:
+  void handle(const BroadcastOp* broadcast) override;
+  void handle(const ReductionOp* reduction) override;
+  void handlePointwise(const Expr* expr) override;
+
+ private:
+  DimSets& sets_;
+  const DimNodes& nodes_;
+  const DimSizes& sizes_;
+  std::vector<int64_t>& reduced_nodes_;
+  OutputDims out_;
+};
+
+void OutputDimMapper::handle(const BroadcastOp* broadcast) {
+  const std::vector<int64_t>& in_ids = nodes_.at(broadcast->in());
+  const std::vector<SizeSource>& in_sizes = sizes_.at(broadcast->in());
+  size_t next = 0;
+  for (bool is_new : broadcast->isBroadcastDim()) {
+    out_.ids.push_back(is_new ? -1 : in_ids[next]);
+    out_.sizes.push_back(is_new ? SizeSource{} : in_sizes[next]);
+    next += is_new ? 0 : 1;
+  }
 }
+
+void OutputDimMapper::handle(const ReductionOp* reduction) {
+  const std::vector<int64_t>& in_ids = nodes_.at(reduction->in());
+  const std::vector<SizeSource>& in_sizes = sizes_.at(reduction->in());
+  const int64_t reduced = reduction->dim();
+  HF_CHECK(in_ids[reduced] >= 0,
+           "kernel codegen cannot reduce a broadcast dim (size 1 by "
+           "construction): ",
+           reduction->toInlineString());
+  reduced_nodes_.push_back(in_ids[reduced]);
+  for (int64_t d = 0; d < reduction->in()->rank(); ++d) {
+    if (d != reduced) {
+      out_.ids.push_back(in_ids[d]);
+      out_.sizes.push_back(in_sizes[d]);
+    } else if (reduction->keepDim()) {
+      out_.ids.push_back(-1);
+      out_.sizes.emplace_back();
+    }
+  }
+}
+
+// Dim d of the result lines up with dim d of every tensor operand that is
+// not a broadcast dim there.
+void OutputDimMapper::handlePointwise(const Expr* expr) {
+  const auto* out = expr->output(0)->as<TensorView>();
+  out_.ids.assign(out->rank(), -1);
+  out_.sizes.assign(out->rank(), SizeSource{});
+  for (const Val* operand : expr->inputs()) {
+    const auto* tv = dynamic_cast<const TensorView*>(operand);
+    if (tv == nullptr) {
+      continue;
+    }
+    const std::vector<int64_t>& operand_ids = nodes_.at(tv);
+    for (int64_t d = 0; d < out->rank(); ++d) {
+      mergeSizes(out_.sizes[d], sizes_.at(tv)[d]);
+      if (operand_ids[d] < 0) {
+        continue;
+      }
+      if (out_.ids[d] < 0) {
+        out_.ids[d] = operand_ids[d];
+      } else {
+        sets_.unite(out_.ids[d], operand_ids[d]);
+      }
+    }
+  }
+}
+
+// Groups the reductions into passes, in expression order: a reduction runs
+// in the pass after the last one whose result it needs (through any chain
+// of other expressions).
+class PassAssigner : public KernelExprVisitor {
+ public:
+  explicit PassAssigner(std::vector<std::vector<const ReductionOp*>>& passes)
+      : passes_(passes) {}
+
+ protected:
+  void handlePointwise(const Expr* expr) override { inheritStage(expr); }
+  void handle(const BroadcastOp* op) override { inheritStage(op); }
+  void handle(const ReductionOp* reduction) override {
+    const int64_t pass = lastNeededPass(reduction) + 1;
+    if (static_cast<int64_t>(passes_.size()) <= pass) {
+      passes_.resize(pass + 1);
+    }
+    passes_[pass].push_back(reduction);
+    stage_[reduction->out()] = pass;
+  }
+
+ private:
+  // The last pass whose result an operand of `expr` needs; -1 for none.
+  int64_t lastNeededPass(const Expr* expr) const {
+    int64_t needs = -1;
+    for (const Val* operand : expr->inputs()) {
+      if (const auto* tv = dynamic_cast<const TensorView*>(operand)) {
+        auto it = stage_.find(tv);
+        needs = std::max(needs, it == stage_.end() ? -1 : it->second);
+      }
+    }
+    return needs;
+  }
+  // An expression other than a reduction computes its output wherever its
+  // operands are available.
+  void inheritStage(const Expr* expr) {
+    stage_[expr->output(0)->as<TensorView>()] = lastNeededPass(expr);
+  }
+
+  std::vector<std::vector<const ReductionOp*>>& passes_;
+  // The last pass whose result a tensor needs; -1 for none.
+  std::unordered_map<const TensorView*, int64_t> stage_;
+};
 
 }  // namespace
 
@@ -70,35 +266,13 @@ FusionAnalysis::FusionAnalysis(const Fusion& fusion)
 }
 
 void FusionAnalysis::checkSupported(const Expr* expr) const {
-  HF_CHECK(
-      isPointwise(expr) || expr->isA<BroadcastOp>() || expr->isA<ReductionOp>(),
-      "kernel codegen does not support ", expr->opName(), " (",
-      expr->toInlineString(),
-      "); it handles pointwise ops, casts, broadcasts and reductions");
-  HF_CHECK(expr->output(0)->isA<TensorView>(),
-           "kernel codegen computes tensors only, but ", expr->toInlineString(),
-           " computes a scalar");
-  for (const Val* input : expr->inputs()) {
-    HF_CHECK(!input->isA<TensorView>() || input->definition() != nullptr ||
-                 fusion_.isInput(input),
-             "kernel codegen: ", input->describe(), ", used by ",
-             expr->toInlineString(),
-             ", is neither an input of the fusion nor computed in it");
-  }
-  if (const auto* reduction = dynamic_cast<const ReductionOp*>(expr)) {
-    HF_CHECK(reduction->dim() == reduction->in()->rank() - 1,
-             "kernel codegen supports reductions along the innermost dim "
-             "only, but ",
-             expr->toInlineString(), " reduces dim ", reduction->dim(),
-             " of the rank ", reduction->in()->rank(), " tensor ",
-             reduction->in()->describe());
-  }
+  SupportChecker(fusion_).dispatch(expr);
 }
 
 void FusionAnalysis::assignLoopDims() {
   DimSets sets;
   // Per tensor and dim: its node in `sets`, or -1 for a broadcast dim.
-  std::unordered_map<const TensorView*, std::vector<int64_t>> nodes;
+  DimNodes nodes;
   // Tensors in their fixed order: used inputs, then computed tensors.
   std::vector<const TensorView*> tensors;
   auto record = [&](const TensorView* tv, std::vector<int64_t> ids,
@@ -128,62 +302,11 @@ void FusionAnalysis::assignLoopDims() {
   }
 
   std::vector<int64_t> reduced_nodes;
+  OutputDimMapper mapper(sets, nodes, sizes_, reduced_nodes);
   for (const Expr* expr : exprs_) {
-    const auto* out = expr->output(0)->as<TensorView>();
-    std::vector<int64_t> ids;
-    std::vector<SizeSource> sizes;
-    if (const auto* broadcast = dynamic_cast<const BroadcastOp*>(expr)) {
-      const std::vector<int64_t>& in_ids = nodes.at(broadcast->in());
-      const std::vector<SizeSource>& in_sizes = sizes_.at(broadcast->in());
-      size_t next = 0;
-      for (bool is_new : broadcast->isBroadcastDim()) {
-        ids.push_back(is_new ? -1 : in_ids[next]);
-        sizes.push_back(is_new ? SizeSource{} : in_sizes[next]);
-        next += is_new ? 0 : 1;
-      }
-    } else if (const auto* reduction = dynamic_cast<const ReductionOp*>(expr)) {
-      const std::vector<int64_t>& in_ids = nodes.at(reduction->in());
-      const std::vector<SizeSource>& in_sizes = sizes_.at(reduction->in());
-      const int64_t reduced = reduction->dim();
-      HF_CHECK(in_ids[reduced] >= 0,
-               "kernel codegen cannot reduce a broadcast dim (size 1 by "
-               "construction): ",
-               expr->toInlineString());
-      reduced_nodes.push_back(in_ids[reduced]);
-      for (int64_t d = 0; d < reduction->in()->rank(); ++d) {
-        if (d != reduced) {
-          ids.push_back(in_ids[d]);
-          sizes.push_back(in_sizes[d]);
-        } else if (reduction->keepDim()) {
-          ids.push_back(-1);
-          sizes.emplace_back();
-        }
-      }
-    } else {
-      // Pointwise: dim d of the result lines up with dim d of every tensor
-      // operand that is not a broadcast dim there.
-      ids.assign(out->rank(), -1);
-      sizes.assign(out->rank(), SizeSource{});
-      for (const Val* operand : expr->inputs()) {
-        const auto* tv = dynamic_cast<const TensorView*>(operand);
-        if (tv == nullptr) {
-          continue;
-        }
-        const std::vector<int64_t>& operand_ids = nodes.at(tv);
-        for (int64_t d = 0; d < out->rank(); ++d) {
-          mergeSizes(sizes[d], sizes_.at(tv)[d]);
-          if (operand_ids[d] < 0) {
-            continue;
-          }
-          if (ids[d] < 0) {
-            ids[d] = operand_ids[d];
-          } else {
-            sets.unite(ids[d], operand_ids[d]);
-          }
-        }
-      }
-    }
-    record(out, std::move(ids), std::move(sizes));
+    OutputDims dims = mapper.map(expr);
+    record(expr->output(0)->as<TensorView>(), std::move(dims.ids),
+           std::move(dims.sizes));
   }
 
   // Roots of every tensor's dims; no tensor may use one loop dim twice.
@@ -252,27 +375,9 @@ void FusionAnalysis::assignLoopDims() {
 }
 
 void FusionAnalysis::assignPasses() {
-  // The last pass whose result a tensor needs; -1 for none.
-  std::unordered_map<const TensorView*, int64_t> stage;
+  PassAssigner assigner(passes_);
   for (const Expr* expr : exprs_) {
-    int64_t needs = -1;
-    for (const Val* operand : expr->inputs()) {
-      if (const auto* tv = dynamic_cast<const TensorView*>(operand)) {
-        auto it = stage.find(tv);
-        needs = std::max(needs, it == stage.end() ? -1 : it->second);
-      }
-    }
-    const auto* out = expr->output(0)->as<TensorView>();
-    if (const auto* reduction = dynamic_cast<const ReductionOp*>(expr)) {
-      const int64_t pass = needs + 1;
-      if (static_cast<int64_t>(passes_.size()) <= pass) {
-        passes_.resize(pass + 1);
-      }
-      passes_[pass].push_back(reduction);
-      stage[out] = pass;
-    } else {
-      stage[out] = needs;
-    }
+    assigner.dispatch(expr);
   }
 }
 

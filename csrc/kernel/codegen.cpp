@@ -53,11 +53,18 @@ class KernelWriter {
       taken.insert(name);
       scalar_names_[scalar] = name;
     }
+    for (const std::vector<const ReductionOp*>& pass : analysis.passes()) {
+      for (const ReductionOp* reduction : pass) {
+        reduction_results_.insert(reduction->out());
+      }
+    }
   }
 
   GeneratedKernel write();
 
  private:
+  class ExprEmitter;
+
   // How tensors are addressed in the loop body being written.
   enum class Access {
     kStrided,  // loop indices times strides
@@ -126,6 +133,41 @@ class KernelWriter {
   std::unordered_map<const Scalar*, std::string> scalar_names_;
   // Values computed in the enclosing (row) scope, visible in every loop.
   std::unordered_set<const Val*> available_;
+  // The outputs of reductions, which only their pass computes (emitPass),
+  // never an element-wise statement.
+  std::unordered_set<const TensorView*> reduction_results_;
+};
+
+// Writes the right-hand side of the statement that computes an expression's
+// output at one element: one handle() overload per expression type that
+// kernel codegen supports, except reductions (see emitPass).
+class KernelWriter::ExprEmitter : public ConstExprVisitor {
+ public:
+  explicit ExprEmitter(const KernelWriter& writer) : writer_(writer) {}
+
+  std::string emit(const Expr* expr) {
+    dispatch(expr);
+    return std::move(rhs_);
+  }
+
+ protected:
+  void handle(const UnaryOp* op) override;
+  void handle(const BinaryOp* op) override;
+  void handle(const TernaryOp* op) override;
+  void handle(const CastOp* op) override;
+  void handle(const BroadcastOp* op) override;
+  // Also called by the handlers for an op type their switch lacks.
+  void handleDefault(const Expr* expr) override {
+    HF_ERROR(false, "no code for ", expr->toInlineString());
+  }
+
+ private:
+  std::string operand(const Val* val, CType type) const {
+    return writer_.operand(val, type);
+  }
+
+  const KernelWriter& writer_;
+  std::string rhs_;
 };
 
 GeneratedKernel KernelWriter::write() {
@@ -438,7 +480,7 @@ std::vector<const TensorView*> KernelWriter::needed(
     if (definition == nullptr || fusion_.isInput(tv)) {
       continue;
     }
-    HF_ERROR(!definition->isA<ReductionOp>(), "the result of ",
+    HF_ERROR(reduction_results_.count(tv) == 0, "the result of ",
              definition->toInlineString(), " is needed before its pass");
     for (const Val* operand : definition->inputs()) {
       if (const auto* operand_tv = dynamic_cast<const TensorView*>(operand)) {
@@ -566,88 +608,118 @@ std::string KernelWriter::operand(const Val* val, CType type) const {
 }
 
 std::string KernelWriter::rhs(const Expr* expr) const {
-  if (const auto* op = dynamic_cast<const UnaryOp*>(expr)) {
-    const std::string x = operand(op->in(), computeType(op->out()->dtype()));
-    switch (op->opType()) {
-      case UnaryOpType::Neg:
-        return "-" + x;
-      case UnaryOpType::Abs:
-        return "hf_abs(" + x + ")";
-      case UnaryOpType::Relu:
-        return "hf_relu(" + x + ")";
-      case UnaryOpType::Exp:
-        return "hf_exp(" + x + ")";
-      case UnaryOpType::Log:
-        return "hf_log(" + x + ")";
-      case UnaryOpType::Sqrt:
-        return "hf_sqrt(" + x + ")";
-      case UnaryOpType::Rsqrt:
-        return "hf_rsqrt(" + x + ")";
-      case UnaryOpType::Reciprocal:
-        return "hf_reciprocal(" + x + ")";
-      case UnaryOpType::Tanh:
-        return "hf_tanh(" + x + ")";
-      case UnaryOpType::Sigmoid:
-        return "hf_sigmoid(" + x + ")";
-      case UnaryOpType::Silu:
-        return "hf_silu(" + x + ")";
-    }
+  return ExprEmitter(*this).emit(expr);
+}
+
+void KernelWriter::ExprEmitter::handle(const UnaryOp* op) {
+  const std::string x = operand(op->in(), computeType(op->out()->dtype()));
+  switch (op->opType()) {
+    case UnaryOpType::Neg:
+      rhs_ = "-" + x;
+      return;
+    case UnaryOpType::Abs:
+      rhs_ = "hf_abs(" + x + ")";
+      return;
+    case UnaryOpType::Relu:
+      rhs_ = "hf_relu(" + x + ")";
+      return;
+    case UnaryOpType::Exp:
+      rhs_ = "hf_exp(" + x + ")";
+      return;
+    case UnaryOpType::Log:
+      rhs_ = "hf_log(" + x + ")";
+      return;
+    case UnaryOpType::Sqrt:
+      rhs_ = "hf_sqrt(" + x + ")";
+      return;
+    case UnaryOpType::Rsqrt:
+      rhs_ = "hf_rsqrt(" + x + ")";
+      return;
+    case UnaryOpType::Reciprocal:
+      rhs_ = "hf_reciprocal(" + x + ")";
+      return;
+    case UnaryOpType::Tanh:
+      rhs_ = "hf_tanh(" + x + ")";
+      return;
+    case UnaryOpType::Sigmoid:
+      rhs_ = "hf_sigmoid(" + x + ")";
+      return;
+    case UnaryOpType::Silu:
+      rhs_ = "hf_silu(" + x + ")";
+      return;
   }
-  if (const auto* op = dynamic_cast<const BinaryOp*>(expr)) {
-    // Comparisons happen in the operands' common type: the result type of
-    // maximum, which ATen's promotion gives without adjustments.
-    const CType type = isComparison(op->opType())
-                           ? computeType(inferBinaryDtype(BinaryOpType::Maximum,
-                                                          op->lhs(), op->rhs()))
-                           : computeType(op->out()->dtype());
-    const std::string a = operand(op->lhs(), type);
-    const std::string b = operand(op->rhs(), type);
-    switch (op->opType()) {
-      case BinaryOpType::Add:
-        return a + " + " + b;
-      case BinaryOpType::Sub:
-        return a + " - " + b;
-      case BinaryOpType::Mul:
-        return a + " * " + b;
-      case BinaryOpType::Div:
-        return a + " / " + b;
-      case BinaryOpType::Maximum:
-        return "hf_max(" + a + ", " + b + ")";
-      case BinaryOpType::Minimum:
-        return "hf_min(" + a + ", " + b + ")";
-      case BinaryOpType::Lt:
-        return a + " < " + b;
-      case BinaryOpType::Le:
-        return a + " <= " + b;
-      case BinaryOpType::Gt:
-        return a + " > " + b;
-      case BinaryOpType::Ge:
-        return a + " >= " + b;
-      case BinaryOpType::Eq:
-        return a + " == " + b;
-      case BinaryOpType::Ne:
-        return a + " != " + b;
-    }
+  handleDefault(op);
+}
+
+void KernelWriter::ExprEmitter::handle(const BinaryOp* op) {
+  // Comparisons happen in the operands' common type: the result type of
+  // maximum, which ATen's promotion gives without adjustments.
+  const CType type = isComparison(op->opType())
+                         ? computeType(inferBinaryDtype(BinaryOpType::Maximum,
+                                                        op->lhs(), op->rhs()))
+                         : computeType(op->out()->dtype());
+  const std::string a = operand(op->lhs(), type);
+  const std::string b = operand(op->rhs(), type);
+  switch (op->opType()) {
+    case BinaryOpType::Add:
+      rhs_ = a + " + " + b;
+      return;
+    case BinaryOpType::Sub:
+      rhs_ = a + " - " + b;
+      return;
+    case BinaryOpType::Mul:
+      rhs_ = a + " * " + b;
+      return;
+    case BinaryOpType::Div:
+      rhs_ = a + " / " + b;
+      return;
+    case BinaryOpType::Maximum:
+      rhs_ = "hf_max(" + a + ", " + b + ")";
+      return;
+    case BinaryOpType::Minimum:
+      rhs_ = "hf_min(" + a + ", " + b + ")";
+      return;
+    case BinaryOpType::Lt:
+      rhs_ = a + " < " + b;
+      return;
+    case BinaryOpType::Le:
+      rhs_ = a + " <= " + b;
+      return;
+    case BinaryOpType::Gt:
+      rhs_ = a + " > " + b;
+      return;
+    case BinaryOpType::Ge:
+      rhs_ = a + " >= " + b;
+      return;
+    case BinaryOpType::Eq:
+      rhs_ = a + " == " + b;
+      return;
+    case BinaryOpType::Ne:
+      rhs_ = a + " != " + b;
+      return;
   }
-  if (const auto* op = dynamic_cast<const TernaryOp*>(expr)) {
-    const CType type = computeType(op->out()->dtype());
-    return operand(op->condition(), CType::kBool) + " ? " +
-           operand(op->lhs(), type) + " : " + operand(op->rhs(), type);
+  handleDefault(op);
+}
+
+void KernelWriter::ExprEmitter::handle(const TernaryOp* op) {
+  const CType type = computeType(op->out()->dtype());
+  rhs_ = operand(op->condition(), CType::kBool) + " ? " +
+         operand(op->lhs(), type) + " : " + operand(op->rhs(), type);
+}
+
+void KernelWriter::ExprEmitter::handle(const CastOp* op) {
+  const DataType to = op->out()->dtype();
+  if (isSixteenBitFloat(to)) {
+    rhs_ =
+        std::string(to == DataType::Half ? "hf_round_f16(" : "hf_round_bf16(") +
+        operand(op->in(), CType::kFloat) + ")";
+    return;
   }
-  if (const auto* op = dynamic_cast<const CastOp*>(expr)) {
-    const DataType to = op->out()->dtype();
-    if (isSixteenBitFloat(to)) {
-      return std::string(to == DataType::Half ? "hf_round_f16("
-                                              : "hf_round_bf16(") +
-             operand(op->in(), CType::kFloat) + ")";
-    }
-    return operand(op->in(), computeType(to));
-  }
-  if (const auto* op = dynamic_cast<const BroadcastOp*>(expr)) {
-    return operand(op->in(), computeType(op->out()->dtype()));
-  }
-  HF_ERROR(false, "no code for ", expr->toInlineString());
-  return "";
+  rhs_ = operand(op->in(), computeType(to));
+}
+
+void KernelWriter::ExprEmitter::handle(const BroadcastOp* op) {
+  rhs_ = operand(op->in(), computeType(op->out()->dtype()));
 }
 
 }  // namespace

@@ -1047,6 +1047,56 @@ TEST(Visitor, DefaultHandlerThrowsNamingTheExpr) {
       {"does not handle ReductionOp", "T1 = sum(T0, dim=1)"});
 }
 
+// Like CountingVisitor, through const pointers, as code that only reads the
+// IR (kernel codegen) visits it.
+class ConstCountingVisitor : public ConstExprVisitor {
+ public:
+  using ConstExprVisitor::handle;
+
+  void handle(const UnaryOp* expr) override { unary.push_back(expr->opType()); }
+  void handle(const ReductionOp* /*expr*/) override { ++reductions; }
+
+  std::vector<UnaryOpType> unary;
+  int reductions = 0;
+  std::map<std::string, int> others;
+
+ protected:
+  void handleDefault(const Expr* expr) override { ++others[expr->opName()]; }
+};
+
+TEST(Visitor, ConstDispatchReachesTypedOverloadOrHandleDefault) {
+  Fusion fusion;
+  FusionGuard guard(&fusion);
+  TensorView* x = makeTensor({3, 4}, DataType::Float, "x");
+  fusion.addInput(x);
+  TensorView* n = neg(x);
+  TensorView* e = exp(n);
+  TensorView* s = sum(e, 1);
+  fusion.addOutput(add(broadcast(s, {false, true}), x));
+
+  const Fusion& read_only = fusion;
+  ConstCountingVisitor visitor;
+  for (const Expr* expr : read_only.exprs()) {
+    visitor.dispatch(expr);
+  }
+  EXPECT_EQ(visitor.unary,
+            (std::vector<UnaryOpType>{UnaryOpType::Neg, UnaryOpType::Exp}));
+  EXPECT_EQ(visitor.reductions, 1);
+  EXPECT_EQ(visitor.others,
+            (std::map<std::string, int>{{"BinaryOp", 1}, {"BroadcastOp", 1}}));
+}
+
+TEST(Visitor, ConstDefaultHandlerThrowsNamingTheExpr) {
+  Fusion fusion;
+  FusionGuard guard(&fusion);
+  TensorView* x = makeTensor({3, 4}, DataType::Float, "x");
+  const Expr* reduction = sum(x, 1)->definition();
+  ConstExprVisitor visitor;
+  test::expectErrorContains(
+      [&] { visitor.dispatch(reduction); },
+      {"does not handle ReductionOp", "T1 = sum(T0, dim=1)"});
+}
+
 TEST(Evaluation, ExprEvaluateComputesOutputsFromInputValues) {
   Fusion fusion;
   FusionGuard guard(&fusion);
