@@ -30,17 +30,7 @@ int printCurrent() {
     const std::optional<std::string> value = options::environment(s->variable);
     std::string verdict = value ? "ok" : "unset";
     try {
-      switch (s->type) {
-        case options::Type::Bool:
-          options::getBool(s->option);
-          break;
-        case options::Type::Integer:
-          options::getInt(s->option);
-          break;
-        case options::Type::Number:
-          options::getNumber(s->option);
-          break;
-      }
+      options::check(s->option);
     } catch (const Error& e) {
       verdict = e.what();
       ++bad;

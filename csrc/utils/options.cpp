@@ -157,6 +157,20 @@ std::optional<double> getNumber(Option option) {
   return value;
 }
 
+void check(Option option) {
+  switch (spec(option).type) {
+    case Type::Bool:
+      getBool(option);
+      return;
+    case Type::Integer:
+      getInt(option);
+      return;
+    case Type::Number:
+      getNumber(option);
+      return;
+  }
+}
+
 bool boolOr(Option option) {
   const Spec& s = typed(option, Type::Bool);
   HF_ERROR(*s.default_text != '\0', s.variable, " has no default");

@@ -86,6 +86,10 @@ std::optional<bool> getBool(Option option);
 std::optional<int64_t> getInt(Option option);
 std::optional<double> getNumber(Option option);
 
+// Reads `option` with the getter of its type: throws as they do when the
+// value set now is refused, does nothing when it is valid or unset.
+void check(Option option);
+
 // Same, with the declared default (for options that have one).
 bool boolOr(Option option);
 int64_t intOr(Option option);

@@ -653,10 +653,11 @@ TEST_F(CudaMoe, BadExpertIdIsReportedOnEveryRankAndTheNextCallWorks) {
       const std::vector<std::string> fragments =
           duplicate
               ? std::vector<std::string>{toString("rank ", bad),
-                                         "names expert 0 twice", "token 3"}
+                                         "names expert 0 twice in token 3"}
               : std::vector<std::string>{
                     toString("rank ", bad),
-                    toString("topk_idx[3, 1] = ", c.experts)};
+                    toString("topk_idx holds expert id ", c.experts,
+                             " at token 3, pick 1")};
       if (eager) {
         test::expectErrorContains(
             [&] { workspace->dispatch(in.x, in.idx, in.weights); }, fragments);

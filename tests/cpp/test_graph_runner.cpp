@@ -149,6 +149,18 @@ GraphRunnerOptions persistentWeights(bool copy_outputs = false) {
 // ---------------------------------------------------------------------------
 // Capture checks (no GPU needed).
 
+// A small MoE layer program's configuration (8 experts, 4 per rank).
+MoeLayerConfig smallMoeLayer(MoeBackend backend) {
+  MoeLayerConfig config;
+  config.hidden = 64;
+  config.intermediate = 32;
+  config.num_experts = 8;
+  config.local_experts = 4;
+  config.topk = 2;
+  config.backend = backend;
+  return config;
+}
+
 TEST(GraphRunner, RejectsCpuTensorsNamingTheInputBeforeRunning) {
   GraphRunner runner(makeProgram(DataType::Float));
   const Inputs in =
@@ -193,13 +205,7 @@ TEST(GraphRunner, NamesEveryExpressionThatSynchronizesWithTheHost) {
 }
 
 TEST(GraphRunner, CudaBackendMoeLayerHasNothingInTheWay) {
-  MoeLayerConfig config;
-  config.hidden = 64;
-  config.intermediate = 32;
-  config.num_experts = 8;
-  config.local_experts = 4;
-  config.topk = 2;
-  config.backend = MoeBackend::Cuda;
+  MoeLayerConfig config = smallMoeLayer(MoeBackend::Cuda);
   const std::unique_ptr<HostIrContainer> program = makeMoeLayerProgram(config);
   EXPECT_TRUE(findCaptureProblems(*program, kGpu).empty())
       << joined(findCaptureProblems(*program, kGpu));
@@ -215,13 +221,7 @@ TEST(GraphRunner, ExpressionsDeclareWhatKeepsThemFromACapture) {
   for (const Expr* expr : program->topLevelExprs()) {
     EXPECT_TRUE(expr->captureProblems(kGpu).empty()) << expr->toString();
   }
-  MoeLayerConfig config;
-  config.hidden = 64;
-  config.intermediate = 32;
-  config.num_experts = 8;
-  config.local_experts = 4;
-  config.topk = 2;
-  config.backend = MoeBackend::Cuda;
+  MoeLayerConfig config = smallMoeLayer(MoeBackend::Cuda);
   const std::vector<std::string> on_cpu =
       findCaptureProblems(*makeMoeLayerProgram(config), at::kCPU);
   ASSERT_EQ(on_cpu.size(), 3u) << joined(on_cpu);  // gate, up, down

@@ -127,12 +127,15 @@ std::vector<DispatchCase> dispatchCases() {
   };
 }
 
-// The message of `fn`'s hostfuse::Error, or "" when it does not throw.
+// The message of `fn`'s hostfuse::Error without the lines that say where
+// in hostfuse it was raised ("  check failed: ...", "  at file:line"), or ""
+// when it does not throw.
 std::string messageOf(const std::function<void()>& fn) {
   try {
     fn();
   } catch (const Error& e) {
-    return e.what();
+    const std::string what = e.what();
+    return what.substr(0, what.find("\n  "));
   }
   return "";
 }

@@ -14,30 +14,10 @@
 namespace hostfuse {
 namespace {
 
-// Sets one environment variable for a test and restores it after.
-class ScopedVariable {
- public:
-  ScopedVariable(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) {
-      old_ = old;
-    }
-    ::setenv(name, value, 1);
-  }
-  ~ScopedVariable() {
-    if (old_) {
-      ::setenv(name_.c_str(), old_->c_str(), 1);
-    } else {
-      ::unsetenv(name_.c_str());
-    }
-  }
-
- private:
-  std::string name_;
-  std::optional<std::string> old_;
-};
+using test::ScopedEnvironment;
 
 TEST(Options, UnsetAndEmptyGiveTheDefault) {
-  ScopedVariable empty("HOSTFUSE_MOE_TIMEOUT_S", "");
+  ScopedEnvironment empty("HOSTFUSE_MOE_TIMEOUT_S", "");
   EXPECT_FALSE(options::getNumber(Option::MoeTimeoutS).has_value());
   EXPECT_EQ(options::numberOr(Option::MoeTimeoutS), 30.0);
   ::unsetenv("HOSTFUSE_MOE_TIMEOUT_S");
@@ -47,10 +27,10 @@ TEST(Options, UnsetAndEmptyGiveTheDefault) {
 }
 
 TEST(Options, ReadsValidValues) {
-  ScopedVariable blocks("HOSTFUSE_MOE_BLOCKS", "96");
-  ScopedVariable timeout("HOSTFUSE_MOE_TIMEOUT_S", "2.5");
-  ScopedVariable profile("HOSTFUSE_MOE_PROFILE", "on");
-  ScopedVariable cooperative("HOSTFUSE_MOE_COOPERATIVE", "0");
+  ScopedEnvironment blocks("HOSTFUSE_MOE_BLOCKS", "96");
+  ScopedEnvironment timeout("HOSTFUSE_MOE_TIMEOUT_S", "2.5");
+  ScopedEnvironment profile("HOSTFUSE_MOE_PROFILE", "on");
+  ScopedEnvironment cooperative("HOSTFUSE_MOE_COOPERATIVE", "0");
   EXPECT_EQ(options::getInt(Option::MoeBlocks), 96);
   EXPECT_EQ(options::numberOr(Option::MoeTimeoutS), 2.5);
   EXPECT_TRUE(options::boolOr(Option::MoeProfile));
@@ -76,24 +56,14 @@ TEST(Options, RefusesWhatItsTypeDoesNotParse) {
       {"HOSTFUSE_MOE_PROFILE", "maybe", "is not a boolean"},
   };
   for (const Case& c : cases) {
-    ScopedVariable v(c.variable, c.value);
+    ScopedEnvironment v(c.variable, c.value);
     test::expectErrorContains(
         [&] {
           const options::Spec* s = options::begin();
           while (std::string(s->variable) != c.variable) {
             ++s;
           }
-          switch (s->type) {
-            case options::Type::Bool:
-              options::getBool(s->option);
-              break;
-            case options::Type::Integer:
-              options::getInt(s->option);
-              break;
-            case options::Type::Number:
-              options::getNumber(s->option);
-              break;
-          }
+          options::check(s->option);
         },
         {c.expected});
   }
@@ -101,18 +71,18 @@ TEST(Options, RefusesWhatItsTypeDoesNotParse) {
 
 TEST(Options, RefusesValuesOutOfRange) {
   {
-    ScopedVariable v("HOSTFUSE_MOE_TIMEOUT_S", "0");
+    ScopedEnvironment v("HOSTFUSE_MOE_TIMEOUT_S", "0");
     test::expectErrorContains(
         [] { options::numberOr(Option::MoeTimeoutS); },
         {"HOSTFUSE_MOE_TIMEOUT_S=0 is out of range", "[0.001, 1000000]"});
   }
   {
-    ScopedVariable v("HOSTFUSE_MOE_BLOCKS", "0");
+    ScopedEnvironment v("HOSTFUSE_MOE_BLOCKS", "0");
     test::expectErrorContains([] { options::getInt(Option::MoeBlocks); },
                               {"HOSTFUSE_MOE_BLOCKS=0 is out of range"});
   }
   {
-    ScopedVariable v("HOSTFUSE_COMM_TIMEOUT_S", "-5");
+    ScopedEnvironment v("HOSTFUSE_COMM_TIMEOUT_S", "-5");
     test::expectErrorContains([] { options::numberOr(Option::CommTimeoutS); },
                               {"HOSTFUSE_COMM_TIMEOUT_S=-5 is out of range"});
   }

@@ -1,5 +1,7 @@
 #include "test_utils.h"
 
+#include <cstdlib>
+
 #include "utils/torch_cuda.h"
 
 namespace hostfuse::test {
@@ -46,6 +48,22 @@ void expectClose(const at::Tensor& actual, const at::Tensor& expected,
 
 std::string deviceName(const testing::TestParamInfo<at::Device>& info) {
   return info.param.is_cuda() ? "cuda" : "cpu";
+}
+
+ScopedEnvironment::ScopedEnvironment(const char* name, const char* value)
+    : name_(name) {
+  if (const char* old = std::getenv(name)) {
+    old_ = old;
+  }
+  ::setenv(name, value, 1);
+}
+
+ScopedEnvironment::~ScopedEnvironment() {
+  if (old_.has_value()) {
+    ::setenv(name_.c_str(), old_->c_str(), 1);
+  } else {
+    ::unsetenv(name_.c_str());
+  }
 }
 
 }  // namespace hostfuse::test

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,20 @@ void expectClose(const at::Tensor& actual, const at::Tensor& expected,
 // contains every string in `fragments`.
 template <typename Fn>
 void expectErrorContains(Fn&& fn, const std::vector<std::string>& fragments);
+
+// Sets an environment variable while alive and restores its previous value
+// (or unsets it) after.
+class ScopedEnvironment {
+ public:
+  ScopedEnvironment(const char* name, const char* value);
+  ~ScopedEnvironment();
+  ScopedEnvironment(const ScopedEnvironment&) = delete;
+  ScopedEnvironment& operator=(const ScopedEnvironment&) = delete;
+
+ private:
+  std::string name_;
+  std::optional<std::string> old_;
+};
 
 // Name of a device for parameterized test names: "cpu", "cuda".
 std::string deviceName(const testing::TestParamInfo<at::Device>& info);

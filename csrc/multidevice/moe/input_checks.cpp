@@ -31,6 +31,22 @@ at::Tensor element(const at::Tensor& values, const at::Tensor& index) {
   return values.index_select(0, index.reshape({1})).reshape({});
 }
 
+// topk_weights is a 2-D floating tensor on `device`; false (with the
+// failure recorded) when it is not.
+bool checkWeightsKind(HostStatus& status, const at::Tensor& w,
+                      const at::Device& device) {
+  if (rankOf(w) != 2) {
+    status.fail(kStatusWeightsRank, rankOf(w));
+  } else if (!at::isFloatingType(w.scalar_type())) {
+    status.fail(kStatusWeightsDtype, dtypeCode(w));
+  } else if (w.device() != device) {
+    status.fail(kStatusDevice, kArgTopkWeights);
+  } else {
+    return true;
+  }
+  return false;
+}
+
 at::Tensor codeOf(StatusCode code, const at::Tensor& like) {
   return at::full({}, static_cast<int64_t>(code), like.options());
 }
@@ -97,13 +113,8 @@ HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
   }
   if (topk_weights.has_value()) {
     const at::Tensor& w = *topk_weights;
-    if (rankOf(w) != 2) {
-      status.fail(kStatusWeightsRank, rankOf(w));
-    } else if (!at::isFloatingType(w.scalar_type())) {
-      status.fail(kStatusWeightsDtype, dtypeCode(w));
-    } else if (w.device() != device) {
-      status.fail(kStatusDevice, kArgTopkWeights);
-    } else if (rankOf(topk_idx) == 2 && w.sizes() != topk_idx.sizes()) {
+    if (checkWeightsKind(status, w, device) && rankOf(topk_idx) == 2 &&
+        w.sizes() != topk_idx.sizes()) {
       status.fail(kStatusWeightsShape, w.size(0), w.size(1), topk_idx.size(0),
                   topk_idx.size(1));
     }
@@ -183,13 +194,7 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
   }
   if (topk_weights.has_value()) {
     const at::Tensor& w = *topk_weights;
-    if (rankOf(w) != 2) {
-      status.fail(kStatusWeightsRank, rankOf(w));
-    } else if (!at::isFloatingType(w.scalar_type())) {
-      status.fail(kStatusWeightsDtype, dtypeCode(w));
-    } else if (w.device() != device) {
-      status.fail(kStatusDevice, kArgTopkWeights);
-    } else if (w.size(0) != num_tokens) {
+    if (checkWeightsKind(status, w, device) && w.size(0) != num_tokens) {
       status.fail(kStatusWeightsTokens, w.size(0), num_tokens);
     }
   }

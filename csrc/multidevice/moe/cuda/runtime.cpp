@@ -181,11 +181,12 @@ MoeDispatchOutput CudaMoeRuntime::dispatch(const MoeDispatchArgs& args) {
   CudaMoeWorkspace& workspace = *site.workspace;
   const moe::HostStatus status =
       checkInputs(args, communicator_.size(), communicator_.device());
-  HF_CHECK(status.ok(),
-           moe::describeStatus(
-               dispatchContext(communicator_.rank(), communicator_.size(),
-                               args.num_experts),
-               status.words()));
+  if (!status.ok()) {
+    HF_THROW(moe::describeStatus(
+        dispatchContext(communicator_.rank(), communicator_.size(),
+                        args.num_experts),
+        status.words()));
+  }
   const CudaMoeConfig& config = workspace.config();
   HF_CHECK(args.x.size(0) <= config.max_tokens, "MoeDispatch: x has ",
            args.x.size(0),

@@ -100,6 +100,22 @@ __device__ __forceinline__ char* countRowAt(void* control,
              layout.count_row_bytes;
 }
 
+// The count rows of one epoch parity in this rank's control buffer: peer
+// s's header, and its E counts right after it.
+struct CountRows {
+  void* control;
+  ControlLayout layout;
+  int parity;
+  int world_size;
+  __device__ __forceinline__ char* row(int source) const {
+    return countRowAt(control, layout, parity, source, world_size);
+  }
+  __device__ __forceinline__ const int32_t* counts(int source) const {
+    return reinterpret_cast<const int32_t*>(row(source) +
+                                            sizeof(CountRowHeader));
+  }
+};
+
 __device__ __forceinline__ RowMeta* metaAt(void* recv, size_t meta_offset,
                                            int64_t row) {
   return reinterpret_cast<RowMeta*>(static_cast<char*>(recv) + meta_offset) +
@@ -459,13 +475,9 @@ __device__ __forceinline__ Offsets computeOffsets(
   const int L = c.local_experts;
   const int R = c.world_size;
   const int parity = static_cast<int>(epoch & 1);
-  auto row_of = [&](int source) {
-    return countRowAt(own_control, c.layout, parity, source, R);
-  };
-  auto counts_of = [&](int source) {
-    return reinterpret_cast<const int32_t*>(row_of(source) +
-                                            sizeof(CountRowHeader));
-  };
+  const CountRows rows{own_control, c.layout, parity, R};
+  auto row_of = [&](int source) { return rows.row(source); };
+  auto counts_of = [&](int source) { return rows.counts(source); };
   // One pass over all R count rows (their loads all in flight at once):
   // colsum[x] = rows of expert x from every source, offset[x] = those from
   // sources before us, recv_count = our experts' rows per source.
@@ -553,13 +565,9 @@ __device__ __forceinline__ void recordOffsets(const DispatchParams& p,
   const int L = c.local_experts;
   const int R = c.world_size;
   const int parity = static_cast<int>(epoch & 1);
-  auto row_of = [&](int source) {
-    return countRowAt(own_control, c.layout, parity, source, R);
-  };
-  auto counts_of = [&](int source) {
-    return reinterpret_cast<const int32_t*>(row_of(source) +
-                                            sizeof(CountRowHeader));
-  };
+  const CountRows rows{own_control, c.layout, parity, R};
+  auto row_of = [&](int source) { return rows.row(source); };
+  auto counts_of = [&](int source) { return rows.counts(source); };
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     p.recv_expert_counts[l] = offsets.bad ? 0 : shared.colsum[c.rank * L + l];
   }
