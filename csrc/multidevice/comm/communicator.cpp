@@ -190,7 +190,7 @@ c10d::Backend& Communicator::backend(c10::DeviceType device_type) {
     // All ranks on one host: Gloo's loopback transport needs no interface
     // to be guessed.
     const bool loopback = config_.local_size == config_.size &&
-                          !std::getenv("GLOO_SOCKET_IFNAME");
+                          !options::environment("GLOO_SOCKET_IFNAME");
     created = rethrowing("creating the Gloo backend", [&] {
       return createGlooBackend(
           c10::make_intrusive<c10d::PrefixStore>("hostfuse/gloo", store_), rank,

@@ -248,7 +248,8 @@ std::string describeStatus(const StatusContext& c, const int64_t* w) {
       return fmt::format(
           "{}: capacity overflow: rank {} of {} receives {} rows but the "
           "capacity is {} rows; build the MoeDispatch with capacity >= {} (0 "
-          "selects the worst case R x max(T_max, 1) x min(K, L)). Rows past the "
+          "selects the worst case R x max(T_max, 1) x min(K, L)). Rows past "
+          "the "
           "capacity were dropped; nothing was written out of bounds",
           c.op, c.rank, c.world_size, w[1], w[2], w[1]);
     case kStatusTimeout:
