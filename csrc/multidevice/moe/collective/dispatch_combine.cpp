@@ -39,8 +39,6 @@ int64_t dtypeCode(const at::Tensor& t) {
   return t.defined() ? static_cast<int64_t>(t.scalar_type()) : kNoDtype;
 }
 
-int64_t rankOf(const at::Tensor& t) { return t.defined() ? t.dim() : -1; }
-
 // alltoall_base and its wait. With NCCL, wait() only orders the current
 // stream after the collective; with Gloo it blocks until the data is here.
 void allToAll(c10d::Backend& backend, at::Tensor& output, at::Tensor& input,
