@@ -136,6 +136,24 @@ TEST_P(BadInput, NumExpertsDifferOnOneRank) {
   expectValidCallWorks();
 }
 
+// Both backends refuse ranks that disagree on K, on every rank (the cuda
+// backend at its first run: tests/cpp/multidevice_cuda_backend.cpp).
+TEST_P(BadInput, PicksPerTokenDifferOnOneRank) {
+  if (ranks() == 1) {
+    GTEST_SKIP() << "needs two ranks";
+  }
+  const int64_t picks = isBadRank() ? kPicks - 1 : kPicks;
+  const at::Tensor idx = this->idx().narrow(1, 0, picks).contiguous();
+  const at::Tensor w = weights().narrow(1, 0, picks).contiguous();
+  test::expectErrorContains(
+      [&] { dispatch(x(), idx, w, experts()); },
+      {"K (the columns of topk_idx) must be the same on every rank",
+       "it is " + std::to_string(kPicks) + " on rank 0 and " +
+           std::to_string(kPicks - 1) + " on rank " +
+           std::to_string(ranks() - 1)});
+  expectValidCallWorks();
+}
+
 TEST_P(BadInput, TopkIdxRowsDifferFromX) {
   const at::Tensor idx =
       isBadRank() ? at::cat({this->idx(), this->idx().narrow(0, 0, 1)})
