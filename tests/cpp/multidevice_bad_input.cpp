@@ -136,8 +136,9 @@ TEST_P(BadInput, NumExpertsDifferOnOneRank) {
   expectValidCallWorks();
 }
 
-// Both backends refuse ranks that disagree on K, on every rank (the cuda
-// backend at its first run: tests/cpp/multidevice_cuda_backend.cpp).
+// Ranks that disagree on K are refused on every rank (the cuda backend
+// does the same at a node's first run: CudaBackendErrors in
+// multidevice_cuda_backend.cpp).
 TEST_P(BadInput, PicksPerTokenDifferOnOneRank) {
   if (ranks() == 1) {
     GTEST_SKIP() << "needs two ranks";

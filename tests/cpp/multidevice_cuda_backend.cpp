@@ -501,6 +501,27 @@ TEST_F(CudaBackendErrors, BadShapeOnOneRankAtTheFirstRun) {
   expectValidRunWorks(*evaluator, kTokens, "after the bad shape");
 }
 
+// Ranks that disagree on K are refused at the first run, on every rank, in
+// the collective backend's words (multidevice_bad_input.cpp).
+TEST_F(CudaBackendErrors, PicksPerTokenDifferOnOneRankAtTheFirstRun) {
+  if (ranks() == 1) {
+    GTEST_SKIP() << "needs two ranks";
+  }
+  auto evaluator = roundTrip();
+  const int64_t picks = isBadRank() ? 1 : 2;
+  test::expectErrorContains(
+      [&] {
+        evaluator->run(
+            {x(kTokens),
+             idx(kTokens).narrow(1, 0, picks).contiguous().to(device()),
+             weights(kTokens).narrow(1, 0, picks).contiguous()});
+      },
+      {"backend=cuda",
+       "K (the columns of topk_idx) must be the same on every rank",
+       "it is 2 on rank 0 and 1 on rank " + std::to_string(ranks() - 1)});
+  expectValidRunWorks(*evaluator, kTokens, "after the disagreement");
+}
+
 TEST_F(CudaBackendErrors, CapacityOverflowThenARunThatFits) {
   // K = 1, no weights, every token to expert 0: rank 0 receives R * T rows.
   const int64_t capacity = 2 * ranks();
