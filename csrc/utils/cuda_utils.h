@@ -12,6 +12,7 @@
 #include <cstddef>
 
 #include "utils/exceptions.h"
+#include "utils/round_up.h"
 
 #define HF_CUDA_CHECK(call)                               \
   do {                                                    \
@@ -57,12 +58,3 @@ class DeviceScope {
 };
 
 }  // namespace hostfuse::cuda
-
-namespace hostfuse {
-
-// `value` rounded up to a multiple of `multiple` (> 0).
-constexpr size_t roundUp(size_t value, size_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
-}  // namespace hostfuse

@@ -56,11 +56,11 @@ const Spec& typed(Option option, Type type) {
 }
 
 void checkRange(const Spec& s, double value, const std::string& text) {
-  HF_CHECK(
-      value >= s.min && value <= s.max,
-      fmt::format("environment variable {}={} is out of range: it must "
-                  "be a {} in {} ({})",
-                  s.variable, text, typeName(s.type), rangeText(s), s.doc));
+  HF_CHECK(value >= s.min && value <= s.max,
+           fmt::format("environment variable {}={} is out of range: it must "
+                       "be {} {} in {} ({})",
+                       s.variable, text, s.type == Type::Integer ? "an" : "a",
+                       typeName(s.type), rangeText(s), s.doc));
 }
 
 std::string lower(std::string text) {
@@ -103,11 +103,14 @@ int64_t parseInteger(const char* variable, const std::string& text) {
 }
 
 double parseNumber(const char* variable, const std::string& text) {
+  // Decimal notation only: strtod would also take hexadecimal ("0x10"),
+  // "inf" and "nan".
+  const bool decimal =
+      text.find_first_not_of("0123456789.eE+-") == std::string::npos;
   errno = 0;
   char* end = nullptr;
   const double value = std::strtod(text.c_str(), &end);
-  HF_CHECK(!text.empty() && end == text.c_str() + text.size() &&
-               !std::isspace(static_cast<unsigned char>(text[0])) &&
+  HF_CHECK(decimal && !text.empty() && end == text.c_str() + text.size() &&
                errno != ERANGE && std::isfinite(value),
            "environment variable ", variable, "=", text,
            " is not a finite number");

@@ -282,7 +282,7 @@ TEST_F(MoeErrors, CudaBackendRefusesFp64RowsAndCpuTensorsByName) {
   fp64.x = fp64.x.to(at::kDouble);
   EXPECT_EQ(dispatchMessage(MoeBackend::Collective, fp64, &site), "");
   EXPECT_NE(dispatchMessage(MoeBackend::Cuda, fp64, &site)
-                .find("rows of Double are not supported by this backend"),
+                .find("rows of Double are not supported by backend=cuda"),
             std::string::npos);
   MoeDispatchArgs cpu = validArgs(at::kCPU, 17);
   EXPECT_NE(dispatchMessage(MoeBackend::Cuda, cpu, &site)

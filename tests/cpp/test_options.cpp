@@ -8,6 +8,7 @@
 #include <sstream>
 #include <string>
 
+#include "multidevice/comm/communicator.h"
 #include "test_utils.h"
 #include "utils/options.h"
 
@@ -52,6 +53,7 @@ TEST(Options, RefusesWhatItsTypeDoesNotParse) {
       {"HOSTFUSE_MOE_TIMEOUT_S", "inf", "is not a finite number"},
       {"HOSTFUSE_MOE_TIMEOUT_S", "nan", "is not a finite number"},
       {"HOSTFUSE_MOE_TIMEOUT_S", "3s", "is not a finite number"},
+      {"HOSTFUSE_MOE_TIMEOUT_S", "0x10", "is not a finite number"},
       {"HOSTFUSE_MOE_PROFILE", "2", "is not a boolean"},
       {"HOSTFUSE_MOE_PROFILE", "maybe", "is not a boolean"},
   };
@@ -78,14 +80,26 @@ TEST(Options, RefusesValuesOutOfRange) {
   }
   {
     ScopedEnvironment v("HOSTFUSE_MOE_BLOCKS", "0");
-    test::expectErrorContains([] { options::getInt(Option::MoeBlocks); },
-                              {"HOSTFUSE_MOE_BLOCKS=0 is out of range"});
+    test::expectErrorContains(
+        [] { options::getInt(Option::MoeBlocks); },
+        {"HOSTFUSE_MOE_BLOCKS=0 is out of range: it must be an integer in "
+         "[1, 1000000]"});
   }
   {
     ScopedEnvironment v("HOSTFUSE_COMM_TIMEOUT_S", "-5");
     test::expectErrorContains([] { options::numberOr(Option::CommTimeoutS); },
                               {"HOSTFUSE_COMM_TIMEOUT_S=-5 is out of range"});
   }
+}
+
+// The communicator's config default and the option's default are one
+// number.
+TEST(Options, CommunicatorTimeoutDefaultIsTheOptionsDefault) {
+  ScopedEnvironment unset("HOSTFUSE_COMM_TIMEOUT_S", "");
+  EXPECT_EQ(options::numberOr(Option::CommTimeoutS),
+            static_cast<double>(CommunicatorConfig::kDefaultTimeoutSeconds));
+  EXPECT_EQ(CommunicatorConfig::fromEnvironment().timeout,
+            CommunicatorConfig().timeout);
 }
 
 TEST(Options, EveryOptionIsDeclaredOnceInOrder) {

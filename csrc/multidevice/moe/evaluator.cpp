@@ -66,17 +66,14 @@ MoeRuntime& MoeEvaluator::runtime(MoeBackend backend) {
 
 void MoeEvaluator::checkStatus() {
   for (const auto& [backend, runtime] : runtimes_) {
-    try {
-      runtime->checkStatus();
-    } catch (const Error& e) {
-      HF_THROW("backend=", toString(backend), ": ", e.what());
-    }
+    runtime->checkStatus();
   }
 }
 
 void MoeEvaluator::run(const MoeDispatch& dispatch, ValueMap& values) {
   MoeDispatchArgs args;
   args.site = &dispatch;
+  args.describe_site = [&dispatch] { return dispatch.toInlineString(); };
   args.x = values.get(dispatch.x()).toTensor();
   args.topk_idx = values.get(dispatch.topkIdx()).toTensor();
   args.topk_weights = optionalTensor(values, dispatch.topkWeights());

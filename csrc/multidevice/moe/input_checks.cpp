@@ -12,10 +12,6 @@ namespace hostfuse::moe {
 
 namespace {
 
-int64_t dtypeCode(const at::Tensor& t) {
-  return static_cast<int64_t>(t.scalar_type());
-}
-
 int64_t rankOf(const at::Tensor& t) { return t.defined() ? t.dim() : -1; }
 
 // 0-dim: the first index where `mask` [n] holds, n - 1 if none (so it can
@@ -237,8 +233,30 @@ void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
   }
 }
 
+int64_t dtypeCode(const at::Tensor& t) {
+  return t.defined() ? static_cast<int64_t>(t.scalar_type()) : -1;
+}
+
+at::Tensor headerWords(int64_t num_experts, int64_t hidden, int64_t dtype,
+                       int64_t weights_dtype, int64_t tokens, int64_t picks) {
+  return at::tensor({num_experts, hidden, dtype, weights_dtype, tokens, picks},
+                    at::kLong);
+}
+
+void checkDispatchTable(const at::Tensor& table, const char* backend) {
+  throwIfAnyStatusBad(table, "MoeDispatch", backend, kNumExpertsWord);
+  checkAgreed(table, kNumExpertsWord, "MoeDispatch", "num_experts", false);
+  checkAgreed(table, kHiddenWord, "MoeDispatch", "the hidden size H of x",
+              false);
+  checkAgreed(table, kDtypeWord, "MoeDispatch", "the dtype of x", true);
+  checkAgreed(table, kPicksWord, "MoeDispatch", "K (the columns of topk_idx)",
+              false);
+  checkAgreed(table, kWeightsDtypeWord, "MoeDispatch",
+              "topk_weights (given or not, and its dtype)", true);
+}
+
 void throwIfAnyStatusBad(const at::Tensor& table, const char* op,
-                         int64_t num_experts_word) {
+                         const char* backend, int64_t num_experts_word) {
   const int64_t world_size = table.size(0);
   const int64_t width = table.size(1);
   const int64_t* words = table.data_ptr<int64_t>();
@@ -254,6 +272,7 @@ void throwIfAnyStatusBad(const at::Tensor& table, const char* op,
   const int64_t* first = words + bad_ranks[0] * width;
   StatusContext context;
   context.op = op;
+  context.backend = backend;
   context.rank = bad_ranks[0];
   context.world_size = world_size;
   context.num_experts = first[num_experts_word];
@@ -266,10 +285,7 @@ void checkAgreed(const at::Tensor& table, int64_t word, const char* op,
   const int64_t width = table.size(1);
   const int64_t* words = table.data_ptr<int64_t>();
   auto text = [&](int64_t value) {
-    if (!is_dtype) {
-      return std::to_string(value);
-    }
-    return value < 0 ? std::string("not given") : describeDtype(value);
+    return is_dtype ? describeDtype(value) : std::to_string(value);
   };
   for (int64_t r = 1; r < table.size(0); ++r) {
     const int64_t theirs = words[r * width + word];

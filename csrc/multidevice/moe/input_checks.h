@@ -80,14 +80,38 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
 void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
                        int64_t rows, int64_t world_size);
 
-// Rank tables: [R, W] i64 on the host, row r what rank r sent, its first
-// kStatusWords words its status.
+// The dtype code of `t` as status words carry it (at::ScalarType), -1 for
+// an undefined tensor.
+int64_t dtypeCode(const at::Tensor& t);
+
+// Rank tables: [R, W] i64 on the host, row r what rank r sent. Both
+// backends' tables start with the same header: the status words, then
+// these.
+enum HeaderWord : int64_t {
+  kNumExpertsWord = kStatusWords,  // E
+  kHiddenWord,        // H of x (dispatch) or of expert_out (combine)
+  kDtypeWord,         // dtype of x / expert_out
+  kWeightsDtypeWord,  // dtype of topk_weights, -1 without
+  kTokensWord,        // T
+  kPicksWord,         // K, -1 when unknown
+  kHeaderWords,
+};
+
+// The header words after the status, [kHeaderWords - kStatusWords] i64 on
+// the CPU.
+at::Tensor headerWords(int64_t num_experts, int64_t hidden, int64_t dtype,
+                       int64_t weights_dtype, int64_t tokens, int64_t picks);
+
+// Throws, on every rank alike, when a rank's dispatch inputs are bad or the
+// ranks disagree on E, H, the dtype of x, K or topk_weights (in that order).
+// `backend` names the backend in what it cannot do.
+void checkDispatchTable(const at::Tensor& table, const char* backend);
 
 // Throws, on every rank alike, the error of the lowest rank whose status is
 // bad (naming every bad rank). Column `num_experts_word` holds each rank's
 // E.
 void throwIfAnyStatusBad(const at::Tensor& table, const char* op,
-                         int64_t num_experts_word);
+                         const char* backend, int64_t num_experts_word);
 
 // Throws unless column `word` is the same on every rank; `what` names it in
 // the message, and `is_dtype` prints its values as dtypes (-1: not given).

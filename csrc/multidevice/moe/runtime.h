@@ -13,7 +13,9 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
+#include <string>
 
 namespace hostfuse {
 
@@ -34,6 +36,9 @@ struct MoeDispatchArgs {
   // with per-site state keys it by this. Every rank makes the same calls
   // with the same sites in the same order.
   const void* site = nullptr;
+  // Names the site in errors raised away from its calls (checkStatus after
+  // graph replays); called at most once per site. May be empty.
+  std::function<std::string()> describe_site;
   at::Tensor x;                            // [T, H] floating
   at::Tensor topk_idx;                     // [T, K] i64 or i32, -1 masks
   std::optional<at::Tensor> topk_weights;  // [T, K] floating

@@ -16,30 +16,30 @@ std::string argName(int64_t code) {
 }
 
 // What a backend cannot do (kStatusUnsupported): d0 the limit, d1, d2.
-std::string describeUnsupported(int64_t d0, int64_t d1, int64_t d2) {
+std::string describeUnsupported(const char* backend, int64_t d0, int64_t d1,
+                                int64_t d2) {
   switch (static_cast<BackendLimit>(d0)) {
     case kLimitRowDtype:
       return fmt::format(
-          "rows of {} are not supported by this backend (backend=cuda "
-          "moves Float, BFloat16 and Half rows; docs/moe.md lists what "
-          "each backend accepts)",
-          describeDtype(d1));
+          "rows of {} are not supported by backend={} (docs/moe.md, \"What "
+          "each backend accepts\")",
+          describeDtype(d1), backend);
     case kLimitNumExperts:
       return fmt::format(
-          "num_experts = {} is more than this backend supports ({})", d1, d2);
+          "num_experts = {} is more than backend={} supports ({})", d1, backend,
+          d2);
     case kLimitTopK:
       return fmt::format(
-          "K = {} picks per token is more than this backend supports "
-          "({})",
-          d1, d2);
+          "K = {} picks per token is more than backend={} supports ({})", d1,
+          backend, d2);
     case kLimitWorldSize:
-      return fmt::format("{} ranks are more than this backend supports ({})",
-                         d1, d2);
+      return fmt::format("{} ranks are more than backend={} supports ({})", d1,
+                         backend, d2);
     case kLimitNotOnDevice:
       return fmt::format(
-          "{} is not on this rank's GPU; backend=cuda needs CUDA tensors "
-          "on the communicator's device",
-          argName(d1));
+          "{} is not on this rank's GPU, the communicator's device, where "
+          "backend={} needs it",
+          argName(d1), backend);
   }
   return fmt::format("unsupported input (limit {})", d0);
 }
@@ -92,7 +92,7 @@ std::string describeDispatchInput(const StatusContext& c, const int64_t* w) {
           "({})",
           d0, d1);
     case kStatusUnsupported:
-      return describeUnsupported(d0, d1, d2);
+      return describeUnsupported(c.backend, d0, d1, d2);
     case kStatusBadExpertId:
       return fmt::format(
           "topk_idx holds expert id {} at token {}, pick {}, which is out of "
@@ -192,6 +192,9 @@ std::string badRanksSuffix(const StatusContext& c) {
 }  // namespace
 
 std::string describeDtype(int64_t code) {
+  if (code == -1) {
+    return "not given";
+  }
   if (code < 0 || code >= static_cast<int64_t>(c10::ScalarType::NumOptions)) {
     return "an unknown dtype";
   }

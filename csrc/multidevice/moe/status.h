@@ -93,7 +93,8 @@ enum WaitPurpose : int32_t {
 
 // Everything describeStatus needs besides the words.
 struct StatusContext {
-  const char* op = "";  // "MoeDispatch" or "MoeCombine"
+  const char* op = "";       // "MoeDispatch" or "MoeCombine"
+  const char* backend = "";  // its name, for kStatusUnsupported
   // The rank the status is about (the rank with bad input, the receiver
   // that overflows, the peer that timed out), and the world size.
   int64_t rank = 0;
@@ -109,8 +110,9 @@ struct StatusContext {
 // "<op>: bad input on rank <r> of <R>: <argument, index, value>".
 std::string describeStatus(const StatusContext& context, const int64_t* words);
 
-// Names for messages: a dtype by its at::ScalarType code ("BFloat16"; "an
-// unknown dtype" for a code that is none), a tensor, a wait.
+// Names for messages: a dtype by its at::ScalarType code ("BFloat16"; "not
+// given" for -1, an absent tensor; "an unknown dtype" for another code that
+// is none), a tensor, a wait.
 std::string describeDtype(int64_t code);
 const char* toString(TensorArg arg);
 const char* toString(WaitPurpose purpose);

@@ -20,24 +20,15 @@ namespace {
 using moe::DeviceStatus;
 using moe::HostStatus;
 
-// The words every rank sends to every rank first in a call: its status,
-// then what all ranks must agree on, then per-rank vectors (R words each).
-enum Word : int64_t {
-  kStatusWord = 0,  // moe::kStatusWords words
-  kNumExpertsWord = moe::kStatusWords,
-  kHiddenWord,        // H of x (dispatch) or of expert_out (combine)
-  kDtypeWord,         // dtype of x / expert_out
-  kWeightsDtypeWord,  // dtype of topk_weights, -1 without
-  kTokensWord,        // T
-  kPicksWord,         // K
-  kHeaderWords,
-};
+using moe::dtypeCode;
+using moe::kDtypeWord;
+using moe::kHeaderWords;
+using moe::kHiddenWord;
+using moe::kNumExpertsWord;
+using moe::kPicksWord;
+using moe::kTokensWord;
 
 constexpr int64_t kNoDtype = -1;
-
-int64_t dtypeCode(const at::Tensor& t) {
-  return t.defined() ? static_cast<int64_t>(t.scalar_type()) : kNoDtype;
-}
 
 // alltoall_base and its wait. With NCCL, wait() only orders the current
 // stream after the collective; with Gloo it blocks until the data is here.
@@ -93,18 +84,6 @@ at::Tensor fromBytes(const at::Tensor& bytes, int64_t& offset, int64_t columns,
 
 namespace {
 
-void checkDispatchTable(const at::Tensor& table) {
-  moe::throwIfAnyStatusBad(table, "MoeDispatch", kNumExpertsWord);
-  moe::checkAgreed(table, kNumExpertsWord, "MoeDispatch", "num_experts", false);
-  moe::checkAgreed(table, kHiddenWord, "MoeDispatch", "the hidden size H of x",
-                   false);
-  moe::checkAgreed(table, kDtypeWord, "MoeDispatch", "the dtype of x", true);
-  moe::checkAgreed(table, kPicksWord, "MoeDispatch",
-                   "K (the columns of topk_idx)", false);
-  moe::checkAgreed(table, kWeightsDtypeWord, "MoeDispatch",
-                   "topk_weights (given or not, and its dtype)", true);
-}
-
 // ---------------------------------------------------------------------------
 // Combine
 
@@ -112,7 +91,7 @@ void checkDispatchTable(const at::Tensor& table) {
 enum CombineVector : int64_t { kToRank, kFromRank, kMaxToken, kMaxPick };
 
 void checkCombineTable(const at::Tensor& table) {
-  moe::throwIfAnyStatusBad(table, "MoeCombine", kNumExpertsWord);
+  moe::throwIfAnyStatusBad(table, "MoeCombine", "collective", kNumExpertsWord);
   moe::checkAgreed(table, kNumExpertsWord, "MoeCombine", "num_experts", false);
   moe::checkAgreed(table, kHiddenWord, "MoeCombine", "the width of expert_out",
                    false);
@@ -240,16 +219,15 @@ MoeDispatchOutput dispatchCollective(
 
   // 2. Exchange statuses and counts; the one copy to the host.
   const at::Tensor info =
-      at::tensor(
-          {num_experts, hidden, dtypeCode(x),
-           topk_weights ? dtypeCode(*topk_weights) : kNoDtype, tokens, picks},
-          at::kLong)
+      moe::headerWords(num_experts, hidden, dtypeCode(x),
+                       topk_weights ? dtypeCode(*topk_weights) : kNoDtype,
+                       tokens, picks)
           .to(device, /*non_blocking=*/true);
   const at::Tensor table_on_device =
       exchangeHeaders(backend, at::cat({status.words(), info, rows_to_rank}),
                       world_size, "MoeDispatch");
   const at::Tensor table = table_on_device.cpu();
-  checkDispatchTable(table);
+  moe::checkDispatchTable(table, "collective");
 
   const int64_t width = table.size(1);
   const int64_t* words = table.data_ptr<int64_t>();
@@ -353,10 +331,9 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
 
   // 2. Exchange statuses and the layout's counts; the one copy to the host.
   const at::Tensor info =
-      at::tensor({num_experts, hidden, dtypeCode(expert_out),
-                  topk_weights ? dtypeCode(*topk_weights) : kNoDtype,
-                  num_tokens, picks},
-                 at::kLong)
+      moe::headerWords(num_experts, hidden, dtypeCode(expert_out),
+                       topk_weights ? dtypeCode(*topk_weights) : kNoDtype,
+                       num_tokens, picks)
           .to(device, /*non_blocking=*/true);
   const at::Tensor table =
       exchangeHeaders(backend,

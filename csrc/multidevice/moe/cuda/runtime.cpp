@@ -18,22 +18,11 @@ namespace hostfuse {
 
 namespace {
 
-// What every rank contributes to the first call's exchange, after its
-// moe::kStatusWords status words.
-enum FirstCallWord : int64_t {
-  kNumExpertsWord = moe::kStatusWords,
-  kTokensWord,
-  kPicksWord,
-  kHiddenWord,
-  kDtypeWord,
-  kWeightsDtypeWord,  // -1 without weights
-  kFirstCallWords,
-};
-
 moe::StatusContext dispatchContext(int64_t rank, int64_t world_size,
                                    int64_t num_experts) {
   moe::StatusContext context;
   context.op = "MoeDispatch";
+  context.backend = "cuda";
   context.rank = rank;
   context.world_size = world_size;
   context.num_experts = num_experts;
@@ -93,20 +82,6 @@ at::Tensor allGather(Communicator& communicator, const at::Tensor& row) {
   return at::stack(outputs[0]).cpu();
 }
 
-// Throws, on every rank alike, when a rank's inputs are bad or the ranks
-// disagree on what the workspace is made of.
-void checkFirstCallTable(const at::Tensor& table) {
-  moe::throwIfAnyStatusBad(table, "MoeDispatch", kNumExpertsWord);
-  moe::checkAgreed(table, kNumExpertsWord, "MoeDispatch", "num_experts", false);
-  moe::checkAgreed(table, kPicksWord, "MoeDispatch",
-                   "K (the columns of topk_idx)", false);
-  moe::checkAgreed(table, kHiddenWord, "MoeDispatch", "the hidden size H of x",
-                   false);
-  moe::checkAgreed(table, kDtypeWord, "MoeDispatch", "the dtype of x", true);
-  moe::checkAgreed(table, kWeightsDtypeWord, "MoeDispatch",
-                   "topk_weights (given or not, and its dtype)", true);
-}
-
 // Workspaces created by this process, for unique tags: every rank creates
 // its workspaces in the same order (creation is a collective), so the n-th
 // is the same site everywhere.
@@ -119,6 +94,7 @@ std::atomic<int64_t>& workspaceCounter() {
 
 // The cuda backend's state of one dispatch site.
 struct CudaMoeRuntime::Site {
+  std::string name;  // for errors found by checkStatus
   std::unique_ptr<CudaMoeWorkspace> workspace;
   // The latest dispatch's handle, without its tensors (they belong to the
   // caller).
@@ -141,33 +117,31 @@ CudaMoeRuntime::Site& CudaMoeRuntime::siteFor(const MoeDispatchArgs& args) {
   const moe::HostStatus status =
       checkInputs(args, communicator_.size(), device);
   const bool ok = status.ok();
-  auto dtypeCode = [](const at::Tensor& t) {
-    return static_cast<int64_t>(t.scalar_type());
-  };
-  const at::Tensor info =
-      at::tensor({args.num_experts, ok ? args.x.size(0) : 0,
-                  ok ? args.topk_idx.size(1) : 0, ok ? args.x.size(1) : 0,
-                  ok ? dtypeCode(args.x) : -1,
-                  ok && args.topk_weights ? dtypeCode(*args.topk_weights) : -1},
-                 at::kLong);
+  const at::Tensor info = moe::headerWords(
+      args.num_experts, ok ? args.x.size(1) : 0,
+      ok ? moe::dtypeCode(args.x) : -1,
+      ok && args.topk_weights ? moe::dtypeCode(*args.topk_weights) : -1,
+      ok ? args.x.size(0) : 0, ok ? args.topk_idx.size(1) : 0);
   const at::Tensor mine = at::cat({status.toDevice(at::kCPU), info});
   const at::Tensor table =
       allGather(communicator_, device.is_cuda() ? mine.to(device) : mine);
-  checkFirstCallTable(table);
+  moe::checkDispatchTable(table, "cuda");
 
   CudaMoeConfig config;
   config.rank = static_cast<int>(communicator_.rank());
   config.world_size = static_cast<int>(communicator_.size());
   config.device = device.index();
   config.num_experts = args.num_experts;
-  config.max_tokens =
-      std::max<int64_t>(1, table.select(1, kTokensWord).max().item<int64_t>());
+  config.max_tokens = std::max<int64_t>(
+      1, table.select(1, moe::kTokensWord).max().item<int64_t>());
   config.hidden = args.x.size(1);
   config.topk = args.topk_idx.size(1);
   config.dtype = args.x.scalar_type();
   config.capacity = args.capacity;
   config.tag = fmt::format("moe/{}", workspaceCounter()++);
   auto created = std::make_unique<Site>();
+  created->name =
+      args.describe_site ? args.describe_site() : "a MoeDispatch site";
   created->workspace = std::make_unique<CudaMoeWorkspace>(
       c10::make_intrusive<c10d::PrefixStore>("hostfuse/moe",
                                              communicator_.store()),
@@ -243,8 +217,13 @@ at::Tensor CudaMoeRuntime::combine(const MoeCombineArgs& args) {
 
 void CudaMoeRuntime::checkStatus() {
   for (const auto& [key, site] : sites_) {
-    if (site != nullptr) {
+    if (site == nullptr) {
+      continue;
+    }
+    try {
       site->workspace->checkStatus();
+    } catch (const Error& e) {
+      HF_THROW(site->name, ": ", e.what());
     }
   }
 }

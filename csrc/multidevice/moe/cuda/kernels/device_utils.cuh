@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "multidevice/moe/cuda/kernels/dispatch_combine.cuh"
+#include "utils/round_up.h"
 
 namespace hostfuse::moe::device {
 
@@ -88,10 +89,6 @@ __device__ __forceinline__ uint64_t* flagAt(void* control, size_t offset,
                                             int index) {
   return reinterpret_cast<uint64_t*>(static_cast<char*>(control) + offset) +
          index;
-}
-
-__host__ __device__ inline size_t roundUp(size_t value, size_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
 }
 
 // ---------------------------------------------------------------------------

@@ -48,7 +48,6 @@ using device::loadVolatile;
 using device::profileMark;
 using device::PushGroup;
 using device::recordStatus;
-using device::roundUp;
 using device::storeReleaseSys;
 using device::WaitContext;
 using device::waitForFlag;
