@@ -10,14 +10,25 @@
 # a test instead of hanging CI. torchrun's --standalone rendezvous picks a
 # free port for each run, so runs in parallel do not collide.
 #
-# Which torchrun: HOSTFUSE_TORCHRUN (a command), else
-# `$HOSTFUSE_PYTHON -m torch.distributed.run`, else `torchrun` on PATH.
+# Which torchrun: HOSTFUSE_TORCHRUN (a command), else `python -m
+# torch.distributed.run` of the torch that tools/setup.sh finds
+# ($HOSTFUSE_PYTHON, python3 on PATH, the environment setup.sh made), else
+# `torchrun` on PATH.
 # On GPU machines each rank takes GPU <local rank>: use N <= number of GPUs
 # for CUDA work.
 set -uo pipefail
 
+usage() {
+  echo "usage: $0 N PROGRAM [ARGS...]"
+  echo "  runs PROGRAM as N ranks on this host with torchrun (N >= 1);"
+  echo "  HOSTFUSE_LAUNCH_TIMEOUT (seconds, default 600) bounds the run."
+}
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+  usage
+  exit 0
+fi
 if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
-  echo "usage: $0 N PROGRAM [ARGS...]" >&2
+  usage >&2
   exit 2
 fi
 ranks=$1
@@ -25,7 +36,8 @@ shift
 
 if [[ -n ${HOSTFUSE_TORCHRUN:-} ]]; then
   read -r -a torchrun <<<"$HOSTFUSE_TORCHRUN"
-elif [[ -n ${HOSTFUSE_PYTHON:-} ]]; then
+elif source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" &&
+  hostfuse_find_installed_torch; then
   torchrun=("$HOSTFUSE_PYTHON" -m torch.distributed.run)
 elif command -v torchrun >/dev/null; then
   torchrun=(torchrun)

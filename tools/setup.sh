@@ -7,14 +7,16 @@
 # What it does, in order:
 #   1. Build tools: cmake, ninja, g++, GoogleTest, clang-format. Missing ones
 #      are installed with apt-get (Debian/Ubuntu), with sudo when not root.
-#   2. torch 2.11: the first Python that imports it is used:
+#   2. The CUDA 13 toolkit in $CUDA_HOME (default /usr/local/cuda): needed
+#      for compiling (headers, cudart, NVRTC), not for running on CPU.
+#      Checked before the torch download.
+#   3. torch 2.11: the first Python that imports it is used:
 #      $HOSTFUSE_PYTHON, then python3 on PATH (the GPU machines have torch
 #      installed and no network), then the virtual environment
 #      $HOSTFUSE_VENV (default ~/.cache/hostfuse/venv-torch-2.11, shared by
 #      every clone). If none has it, that environment is created and the
-#      PyPI wheel torch==2.11.0 is installed into it.
-#   3. The CUDA 13 toolkit in $CUDA_HOME (default /usr/local/cuda): needed
-#      for compiling (headers, cudart, NVRTC), not for running on CPU.
+#      PyPI wheels torch==2.11.0 and numpy are installed into it (pip shows
+#      its progress).
 #   4. Configure with CMake (Ninja) into $HOSTFUSE_BUILD_DIR (default
 #      build/) and build with all cores.
 #
@@ -72,7 +74,10 @@ hostfuse_torch_version_of() {
   "$1" -c 'import torch; print(torch.__version__)' 2>/dev/null || true
 }
 
-hostfuse_find_torch() {
+# Sets HOSTFUSE_PYTHON to the first Python that imports torch 2.11:
+# $HOSTFUSE_PYTHON, python3 on PATH, then $HOSTFUSE_VENV. Installs nothing;
+# returns 1 when there is none. tools/launch.sh uses it too.
+hostfuse_find_installed_torch() {
   local candidates=()
   [ -n "${HOSTFUSE_PYTHON:-}" ] && candidates+=("$HOSTFUSE_PYTHON")
   command -v python3 >/dev/null && candidates+=("$(command -v python3)")
@@ -83,13 +88,35 @@ hostfuse_find_torch() {
     version="$(hostfuse_torch_version_of "$python")"
     if [[ "$version" == 2.11.* ]]; then
       HOSTFUSE_PYTHON="$python"
-      hostfuse_log "torch $version from $python"
       return 0
     fi
   done
+  return 1
+}
+
+# torch warns on every import without NumPy ("Failed to initialize NumPy"),
+# so every rank of every multi-rank run would print it: install NumPy into
+# our own environment when it lacks it.
+hostfuse_ensure_numpy() {
+  "$HOSTFUSE_PYTHON" -c 'import numpy' 2>/dev/null && return 0
+  if [ "$HOSTFUSE_PYTHON" = "$HOSTFUSE_VENV/bin/python" ]; then
+    hostfuse_log "installing numpy into $HOSTFUSE_VENV"
+    "$HOSTFUSE_PYTHON" -m pip install numpy >&2 ||
+      hostfuse_log "warning: could not install numpy; torch will warn"
+  fi
+}
+
+hostfuse_find_torch() {
+  if hostfuse_find_installed_torch; then
+    hostfuse_log "torch $(hostfuse_torch_version_of "$HOSTFUSE_PYTHON")" \
+      "from $HOSTFUSE_PYTHON"
+    hostfuse_ensure_numpy
+    return 0
+  fi
 
   hostfuse_log "no torch 2.11 found; installing torch==$HOSTFUSE_TORCH_VERSION" \
-    "from PyPI into $HOSTFUSE_VENV (a few GB, a few minutes)"
+    "from PyPI into $HOSTFUSE_VENV (a few GB, a few minutes; pip shows" \
+    "its progress below)"
   command -v python3 >/dev/null || hostfuse_apt_install python3 python3-venv
   if [ ! -x "$HOSTFUSE_VENV/bin/python" ]; then
     mkdir -p "$(dirname "$HOSTFUSE_VENV")"
@@ -100,8 +127,8 @@ hostfuse_find_torch() {
   fi
   "$HOSTFUSE_VENV/bin/python" -m pip install -q --upgrade pip >&2 ||
     hostfuse_log "pip upgrade failed; going on with the installed pip"
-  "$HOSTFUSE_VENV/bin/python" -m pip install -q --progress-bar off \
-    "torch==$HOSTFUSE_TORCH_VERSION" >&2 ||
+  "$HOSTFUSE_VENV/bin/python" -m pip install \
+    "torch==$HOSTFUSE_TORCH_VERSION" numpy >&2 ||
     hostfuse_die "pip install torch==$HOSTFUSE_TORCH_VERSION failed"
   HOSTFUSE_PYTHON="$HOSTFUSE_VENV/bin/python"
   hostfuse_log "torch $(hostfuse_torch_version_of "$HOSTFUSE_PYTHON") installed"
@@ -138,8 +165,9 @@ hostfuse_configure() {
 hostfuse_build() {
   local start=$SECONDS
   hostfuse_install_build_tools
-  hostfuse_find_torch
+  # Before the torch download: a missing toolkit should not cost minutes.
   hostfuse_check_cuda_toolkit
+  hostfuse_find_torch
   mkdir -p "$HOSTFUSE_BUILD_DIR"
   hostfuse_configure
   local jobs="${HOSTFUSE_JOBS:-$(nproc)}"

@@ -34,16 +34,21 @@ TEST_F(MoeIr, DispatchAndCombinePrintTheirOperandsAndAttributes) {
   const MoeDispatchResult d = moeDispatch(x, idx, w, 8);
   EXPECT_EQ(d.recv_x->definition()->toInlineString(),
             "MoeDispatch(x=T0, topk_idx=T1, topk_weights=T2, num_experts=8, "
-            "backend=collective) -> (T3, T4, T5, T6, T7, T8, T9, T10)");
-  EXPECT_EQ(d.recv_x->typeString(), "bf16[i4, 64]");
-  EXPECT_EQ(d.recv_weights->typeString(), "f32[i4]");
+            "backend=collective) -> (recv_x=T3, recv_src_rank=T4, "
+            "recv_src_token=T5, recv_src_k=T6, recv_weights=T7, "
+            "recv_expert_counts=T8, n_tokens_to_rank=T9, "
+            "n_tokens_from_rank=T10)");
+  EXPECT_EQ(d.recv_x->typeString(), "bf16[rows, 64]");
+  EXPECT_EQ(d.recv_weights->typeString(), "f32[rows]");
+  EXPECT_EQ(d.recv_expert_counts->typeString(), "i64[local_experts]");
+  EXPECT_EQ(d.n_tokens_to_rank->typeString(), "i64[ranks]");
 
   TensorView* combined = moeCombine(d.recv_x, d, w, tokens);
   EXPECT_EQ(combined->definition()->toString(),
-            "MoeCombine(expert_out=T3, src_rank=T4, src_token=T5, src_k=T6, "
-            "expert_counts=T8, n_tokens_to_rank=T9, n_tokens_from_rank=T10, "
-            "topk_weights=T2, num_tokens=tokens, num_experts=8, "
-            "backend=collective) -> (T11)\n");
+            "MoeCombine(expert_out=T3, recv_src_rank=T4, recv_src_token=T5, "
+            "recv_src_k=T6, recv_expert_counts=T8, n_tokens_to_rank=T9, "
+            "n_tokens_from_rank=T10, topk_weights=T2, num_tokens=tokens, "
+            "num_experts=8, backend=collective) -> (T11)\n");
   EXPECT_EQ(combined->typeString(), "bf16[tokens, 64]");
 
   TensorView* y = groupedMatmul(
@@ -60,7 +65,9 @@ TEST_F(MoeIr, DispatchWithoutWeightsHasNoRecvWeights) {
   const auto* node = d.recv_x->definition()->as<MoeDispatch>();
   EXPECT_EQ(node->toInlineString(),
             "MoeDispatch(x=T0, topk_idx=T1, num_experts=4, backend=cuda) -> "
-            "(T2, T3, T4, T5, T6, T7, T8)");
+            "(recv_x=T2, recv_src_rank=T3, recv_src_token=T4, recv_src_k=T5, "
+            "recv_expert_counts=T6, n_tokens_to_rank=T7, "
+            "n_tokens_from_rank=T8)");
   EXPECT_EQ(d.recv_weights, nullptr);
   EXPECT_EQ(node->recvWeights(), nullptr);
   EXPECT_EQ(node->topkWeights(), nullptr);
@@ -80,7 +87,9 @@ TEST_F(MoeIr, CapacityIsPrintedOnlyWhenSetAndOnlyForTheCudaBackend) {
   EXPECT_EQ(node->capacity(), 96);
   EXPECT_EQ(node->toInlineString(),
             "MoeDispatch(x=T0, topk_idx=T1, num_experts=4, backend=cuda, "
-            "capacity=96) -> (T2, T3, T4, T5, T6, T7, T8)");
+            "capacity=96) -> (recv_x=T2, recv_src_rank=T3, recv_src_token=T4, "
+            "recv_src_k=T5, recv_expert_counts=T6, n_tokens_to_rank=T7, "
+            "n_tokens_from_rank=T8)");
   const MoeDispatchResult plain = moeDispatch(x, idx, nullptr, 4);
   EXPECT_EQ(plain.recv_x->definition()->as<MoeDispatch>()->capacity(), 0);
   test::expectErrorContains(

@@ -66,7 +66,16 @@ std::string MoeDispatch::toInlineString() const {
   if (capacity() != 0) {
     ss << ", capacity=" << capacity();
   }
-  ss << ") -> (" << joinValues(outputs()) << ")";
+  ss << ") -> (recv_x=" << recvX()->toString()
+     << ", recv_src_rank=" << recvSrcRank()->toString()
+     << ", recv_src_token=" << recvSrcToken()->toString()
+     << ", recv_src_k=" << recvSrcK()->toString();
+  if (hasWeights()) {
+    ss << ", recv_weights=" << recvWeights()->toString();
+  }
+  ss << ", recv_expert_counts=" << recvExpertCounts()->toString()
+     << ", n_tokens_to_rank=" << nTokensToRank()->toString()
+     << ", n_tokens_from_rank=" << nTokensFromRank()->toString() << ")";
   return ss.str();
 }
 
@@ -154,10 +163,10 @@ MoeCombine::MoeCombine(TensorView* combined, TensorView* expert_out,
 std::string MoeCombine::toInlineString() const {
   std::ostringstream ss;
   ss << "MoeCombine(expert_out=" << expertOut()->toString()
-     << ", src_rank=" << recvSrcRank()->toString()
-     << ", src_token=" << recvSrcToken()->toString()
-     << ", src_k=" << recvSrcK()->toString()
-     << ", expert_counts=" << recvExpertCounts()->toString()
+     << ", recv_src_rank=" << recvSrcRank()->toString()
+     << ", recv_src_token=" << recvSrcToken()->toString()
+     << ", recv_src_k=" << recvSrcK()->toString()
+     << ", recv_expert_counts=" << recvExpertCounts()->toString()
      << ", n_tokens_to_rank=" << nTokensToRank()->toString()
      << ", n_tokens_from_rank=" << nTokensFromRank()->toString();
   if (hasWeights()) {
@@ -267,9 +276,9 @@ MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
   HF_CHECK(x->rank() == 2, "moeDispatch: x ", x->toDeclString(),
            " must have rank 2 ([T, H]), got rank ", x->rank());
   // Known only when the program runs: rows received, L and R.
-  Scalar* rows = makeSymbolicScalar(DataType::Int64);
-  Scalar* local_experts = makeSymbolicScalar(DataType::Int64);
-  Scalar* ranks = makeSymbolicScalar(DataType::Int64);
+  Scalar* rows = makeSymbolicScalar(DataType::Int64, "rows");
+  Scalar* local_experts = makeSymbolicScalar(DataType::Int64, "local_experts");
+  Scalar* ranks = makeSymbolicScalar(DataType::Int64, "ranks");
   MoeDispatchResult result;
   result.recv_x = makeTensor({rows, x->extent(1)}, x->dtype());
   result.recv_src_rank = makeTensor({rows}, DataType::Int64);

@@ -93,8 +93,8 @@ class MoeDispatch : public Expr {
   }
 
   // MoeDispatch(x=T0, topk_idx=T1, topk_weights=T2, num_experts=8,
-  //   backend=collective) -> (T3, T4, ...); ", capacity=C" after the
-  //   backend when set.
+  //   backend=collective) -> (recv_x=T3, recv_src_rank=T4, ...); ",
+  //   capacity=C" after the backend when set.
   std::string toInlineString() const override;
   void validate() const override;
 
