@@ -20,7 +20,7 @@
 // block is its slowest rank's), and the ratios to eager-collective. The
 // cuda backend's capacity is the worst case R * T * min(K, L) rows, so the
 // activation fusion runs over that many rows (see docs/cuda_graphs.md).
-// Without one GPU per rank it says so and exits 0.
+// Without one GPU per rank it says so and exits 0. --help lists the flags.
 #include <ATen/ATen.h>
 #include <cuda_runtime_api.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
@@ -29,14 +29,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <functional>
 #include <iostream>
-#include <sstream>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "../examples/cli_flags.h"
 #include "host_ir/graph_runner.h"
 #include "host_ir/moe_layer.h"
 #include "multidevice/comm/communicator.h"
@@ -51,38 +50,41 @@ struct Args {
   int64_t hidden = 7168;
   int64_t intermediate = 2048;
   int64_t local_experts = 8;
-  int64_t topk = 8;
-  int steps = 0;  // 0: 20 for T <= 1024, else 5
+  int64_t topk = 0;  // 0: 8, at most the number of experts
+  int steps = 0;     // 0: 20 for T <= 1024, else 5
   int blocks = 7;
 };
 
-bool parse(int argc, char** argv, Args& args) {
-  for (int i = 1; i < argc; ++i) {
-    const bool has_value = i + 1 < argc;
-    if (std::strcmp(argv[i], "--tokens") == 0 && has_value) {
-      args.tokens.clear();
-      std::stringstream list(argv[++i]);
-      std::string item;
-      while (std::getline(list, item, ',')) {
-        args.tokens.push_back(std::atoll(item.c_str()));
-      }
-    } else if (std::strcmp(argv[i], "--hidden") == 0 && has_value) {
-      args.hidden = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--intermediate") == 0 && has_value) {
-      args.intermediate = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--experts-per-rank") == 0 && has_value) {
-      args.local_experts = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--topk") == 0 && has_value) {
-      args.topk = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--steps") == 0 && has_value) {
-      args.steps = std::atoi(argv[++i]);
-    } else if (std::strcmp(argv[i], "--blocks") == 0 && has_value) {
-      args.blocks = std::atoi(argv[++i]);
-    } else {
-      return false;
-    }
-  }
-  return !args.tokens.empty() && args.blocks > 0;
+cli::Flags makeFlags(Args& args) {
+  cli::Flags flags(
+      "bench_moe_layer",
+      "Benchmark of a whole MoE layer (router, MoeDispatch, grouped GEMMs, "
+      "silu(gate) * up, MoeCombine) in bf16, three ways for every T: "
+      "eager-collective (HostIrEvaluator, the collective backend over NCCL), "
+      "eager-cuda (the cuda backend), graph replay (the cuda backend as one "
+      "CUDA graph). Reports the median over B blocks of the mean time per "
+      "step of N back-to-back steps, the slowest rank's. Needs one GPU per "
+      "rank; without, it says so and exits 0.\n"
+      "\n"
+      "  tools/launch.sh N build/bench_moe_layer [flags]");
+  flags.integerList("--tokens", "T1,T2,...", &args.tokens, 1, cli::kMaxCount,
+                    "tokens per rank, one table row each");
+  flags.integer("--hidden", "H", &args.hidden, 1, cli::kMaxCount,
+                "hidden size");
+  flags.integer("--intermediate", "I", &args.intermediate, 1, cli::kMaxCount,
+                "intermediate size of an expert");
+  flags.integer("--experts-per-rank", "L", &args.local_experts, 1,
+                cli::kMaxCount, "experts on each rank");
+  flags.integer("--topk", "K", &args.topk, 1, cli::kMaxCount,
+                "experts each token goes to; at most the number of experts, "
+                "L x ranks",
+                "8, at most L x ranks");
+  flags.integer("--steps", "N", &args.steps, 1, cli::kMaxCount,
+                "back-to-back steps per timed block",
+                "20 for T <= 1024, else 5");
+  flags.integer("--blocks", "B", &args.blocks, 1, cli::kMaxCount,
+                "timed blocks; the median is reported");
+  return flags;
 }
 
 // Every rank's value, over Gloo (CPU); also a barrier.
@@ -152,15 +154,18 @@ std::string formatRatio(double numerator, double denominator) {
 
 int main(int argc, char** argv) {
   Args args;
-  if (!parse(argc, argv, args)) {
-    std::cerr << "usage: " << argv[0]
-              << " [--tokens T1,T2,...] [--hidden H] [--intermediate I]"
-                 " [--experts-per-rank L] [--topk K] [--steps N]"
-                 " [--blocks B]\n";
-    return 2;
+  cli::Flags flags = makeFlags(args);
+  if (const std::optional<int> status = flags.parse(argc, argv)) {
+    return *status;
   }
   Communicator& comm = Communicator::getInstance();
   const int64_t rank = comm.rank();
+  const int64_t num_experts = args.local_experts * comm.size();
+  if (args.topk > num_experts) {
+    comm.shutdown();
+    return flags.fail(
+        cli::topkExceedsExperts(args.topk, args.local_experts, comm.size()));
+  }
   if (!cuda::isAvailable() || comm.localSize() > cuda::deviceCount()) {
     if (rank == 0) {
       std::cout << "bench_moe_layer: needs one GPU per rank (" << comm.size()
@@ -177,8 +182,8 @@ int main(int argc, char** argv) {
   config.hidden = args.hidden;
   config.intermediate = args.intermediate;
   config.local_experts = args.local_experts;
-  config.num_experts = args.local_experts * comm.size();
-  config.topk = std::min(args.topk, config.num_experts);
+  config.num_experts = num_experts;
+  config.topk = args.topk > 0 ? args.topk : std::min<int64_t>(8, num_experts);
   config.dtype = DataType::BFloat16;
   MoeLayerConfig collective_config = config;
   collective_config.backend = MoeBackend::Collective;

@@ -5,6 +5,7 @@
 // GPU (%globaltimer). CUDA runtime only, one process, all visible GPUs.
 //
 //   build/bench_nvlink_push [bytes per peer ...]   (default: the MoE sizes)
+//   (--help lists the arguments)
 //
 // Variants: "rows": one warp per row of 14336 bytes (H = 7168 bf16), rows
 // spread over the blocks of a peer's group, 8 loads in flight per lane,
@@ -19,7 +20,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <vector>
+
+#include "../examples/cli_flags.h"
 
 namespace {
 
@@ -216,22 +220,46 @@ double measure(std::vector<Gpu>& gpus, int* go, const int* go_device,
 }  // namespace
 
 int main(int argc, char** argv) {
-  int n = 0;
-  CHECK_CUDA(cudaGetDeviceCount(&n));
-  n = std::min(n, kMaxGpus);
-  if (n < 2) {
-    std::printf("bench_nvlink_push: needs at least 2 GPUs, found %d\n", n);
-    return 0;
-  }
   std::vector<int64_t> sizes;
-  for (int i = 1; i < argc; ++i) {
-    sizes.push_back(std::atoll(argv[i]) / kRowBytes * kRowBytes);
+  hostfuse::cli::Flags flags(
+      "bench_nvlink_push",
+      "The floor under the MoE kernels' transfers: every GPU of this process "
+      "writes (rows, stride) or reads (pull) the same number of bytes to "
+      "(from) each other GPU at once, with SM loads and stores over peer "
+      "mappings. Prints, per size, mode and blocks per peer, the median over "
+      "repetitions of the slowest GPU's time and GB/s per GPU. CUDA runtime "
+      "only, one process, all visible GPUs (at least 2; with fewer it says "
+      "so and exits 0).");
+  flags.positionalIntegers(
+      "BYTES", &sizes, kRowBytes, int64_t{1} << 32,
+      "bytes per peer, rounded down to a multiple of 14336, one row of H = "
+      "7168 bf16",
+      "1705984 3670016 54620160, the MoE sizes at H = 7168, K = 8, 8 experts "
+      "a rank, 4 ranks: dispatch and combine at T = 128, dispatch at "
+      "T = 4096");
+  if (const std::optional<int> status = flags.parse(argc, argv)) {
+    return *status;
+  }
+  for (int64_t& bytes : sizes) {
+    bytes = bytes / kRowBytes * kRowBytes;
   }
   if (sizes.empty()) {
     // Per peer at H = 7168 bf16, K = 8, 8 experts a rank, 4 ranks: the
     // dispatch (tokens with picks on the peer) and the combine (picks) at
     // T = 128, then the dispatch at T = 4096.
     sizes = {119 * kRowBytes, 256 * kRowBytes, 3810 * kRowBytes};
+  }
+  int n = 0;
+  const cudaError_t count_status = cudaGetDeviceCount(&n);
+  if (count_status != cudaSuccess) {
+    std::printf("bench_nvlink_push: needs at least 2 GPUs, found none (%s)\n",
+                cudaGetErrorString(count_status));
+    return 0;
+  }
+  n = std::min(n, kMaxGpus);
+  if (n < 2) {
+    std::printf("bench_nvlink_push: needs at least 2 GPUs, found %d\n", n);
+    return 0;
   }
   int sms = 0;
   CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));

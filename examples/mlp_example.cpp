@@ -4,15 +4,15 @@
 // The result is checked against the same computation written directly in
 // ATen. Runs on the GPU when one is present, else on the CPU.
 //
-//   mlp_example [--tokens N] [--cpu]
+//   mlp_example [--tokens N] [--cpu]   (--help lists the flags)
 
 #include <ATen/ATen.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <iostream>
 #include <memory>
+#include <optional>
 
+#include "cli_flags.h"
 #include "host_ir/evaluator.h"
 #include "host_ir/host_ir.h"
 #include "ir/ops.h"
@@ -76,15 +76,17 @@ double maxAbsDifference(const at::Tensor& a, const at::Tensor& b) {
 int main(int argc, char** argv) {
   int64_t tokens = 1000;
   bool force_cpu = false;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) {
-      tokens = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--cpu") == 0) {
-      force_cpu = true;
-    } else {
-      std::cerr << "usage: " << argv[0] << " [--tokens N] [--cpu]\n";
-      return 2;
-    }
+  cli::Flags flags(
+      "mlp_example",
+      "A host program built with the IR API and run by the HostIrEvaluator: "
+      "RMSNorm (a Fusion), a gated MLP (H = 256, I = 512) with a residual "
+      "add, then the sum of each row; checked against the same computation "
+      "in ATen. Runs on the GPU when there is one, else on the CPU.");
+  flags.integer("--tokens", "N", &tokens, 1, cli::kMaxCount,
+                "rows of the input x [N, 256]");
+  flags.option("--cpu", &force_cpu, "run on the CPU even with a GPU");
+  if (const std::optional<int> status = flags.parse(argc, argv)) {
+    return *status;
   }
   const at::Device device = !force_cpu && cuda::isAvailable()
                                 ? at::Device(at::kCUDA, 0)

@@ -10,19 +10,19 @@
 //   tools/launch.sh N build/moe_example [--tokens T] [--topk K]
 //                                        [--experts-per-rank L] [--cpu]
 //
-// Run directly, it is a world of one rank.
+// Run directly, it is a world of one rank. --help lists the flags.
 
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <sstream>
 
+#include "cli_flags.h"
 #include "host_ir/evaluator.h"
 #include "host_ir/host_ir.h"
 #include "ir/grouped_matmul.h"
@@ -92,32 +92,39 @@ int main(int argc, char** argv) {
   int64_t topk = 2;
   int64_t local_experts = 2;
   bool force_cpu = false;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) {
-      tokens = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--topk") == 0 && i + 1 < argc) {
-      topk = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--experts-per-rank") == 0 &&
-               i + 1 < argc) {
-      local_experts = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--cpu") == 0) {
-      force_cpu = true;
-    } else {
-      std::cerr << "usage: " << argv[0]
-                << " [--tokens T] [--topk K] [--experts-per-rank L] [--cpu]\n";
-      return 2;
-    }
+  cli::Flags flags(
+      "moe_example",
+      "A Mixture-of-Experts layer with expert parallelism, a host program "
+      "run by the HostIrEvaluator on every rank: MoeDispatch, a grouped "
+      "matmul per local expert (hidden size 64), MoeCombine. Every rank checks "
+      "its output against a reference from all ranks' expert weights. One rank "
+      "per GPU over NCCL where there are GPUs, else CPU ranks over Gloo; run "
+      "directly, a world of one rank.\n"
+      "\n"
+      "  tools/launch.sh N build/moe_example [flags]");
+  flags.integer("--tokens", "T", &tokens, 1, cli::kMaxCount,
+                "tokens on rank 0; rank r has T + 8r");
+  flags.integer("--topk", "K", &topk, 1, cli::kMaxCount,
+                "experts each token goes to; at most the number of experts, "
+                "L x ranks");
+  flags.integer("--experts-per-rank", "L", &local_experts, 1, cli::kMaxCount,
+                "experts on each rank");
+  flags.option("--cpu", &force_cpu, "CPU tensors and Gloo even with GPUs");
+  if (const std::optional<int> status = flags.parse(argc, argv)) {
+    return *status;
   }
 
   Communicator& comm = Communicator::getInstance();
   const int64_t rank = comm.rank();
   const int64_t num_experts = local_experts * comm.size();
   const at::Device device = force_cpu ? at::Device(at::kCPU) : comm.device();
+  if (topk > num_experts) {
+    comm.shutdown();
+    return flags.fail(
+        cli::topkExceedsExperts(topk, local_experts, comm.size()));
+  }
   bool ok = false;
   try {
-    if (topk > num_experts) {
-      throw Error("--topk must not exceed the number of experts");
-    }
     std::unique_ptr<HostIrContainer> program =
         makeProgram(topk, local_experts, num_experts);
     if (rank == 0) {

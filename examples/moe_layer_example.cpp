@@ -17,19 +17,20 @@
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
 //       [--cpu]
 // which runs tools/launch.sh N build/moe_layer_example (N = 2 on CPUs, the
-// number of GPUs otherwise).
+// number of GPUs otherwise). --help lists the flags and their defaults.
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <functional>
 #include <iomanip>
 #include <iostream>
+#include <optional>
+#include <string>
 
+#include "cli_flags.h"
 #include "host_ir/graph_runner.h"
 #include "host_ir/moe_layer.h"
 #include "multidevice/comm/communicator.h"
@@ -81,6 +82,7 @@ double timeSteps(Communicator& comm, int device, int steps,
   return maxOverRanks(comm, us / steps);
 }
 
+// 0: the default, which depends on the device (see main()).
 struct Args {
   int64_t tokens = 0;
   int64_t hidden = 0;
@@ -91,39 +93,45 @@ struct Args {
   bool force_cpu = false;
 };
 
-bool parse(int argc, char** argv, Args& args) {
-  for (int i = 1; i < argc; ++i) {
-    const bool has_value = i + 1 < argc;
-    if (std::strcmp(argv[i], "--tokens") == 0 && has_value) {
-      args.tokens = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--hidden") == 0 && has_value) {
-      args.hidden = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--intermediate") == 0 && has_value) {
-      args.intermediate = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--experts-per-rank") == 0 && has_value) {
-      args.local_experts = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--topk") == 0 && has_value) {
-      args.topk = std::atoll(argv[++i]);
-    } else if (std::strcmp(argv[i], "--steps") == 0 && has_value) {
-      args.steps = std::atoi(argv[++i]);
-    } else if (std::strcmp(argv[i], "--cpu") == 0) {
-      args.force_cpu = true;
-    } else {
-      return false;
-    }
-  }
-  return true;
+cli::Flags makeFlags(Args& args) {
+  cli::Flags flags(
+      "moe_layer_example",
+      "A Mixture-of-Experts layer with expert parallelism, built with the IR "
+      "API: router (linear, softmax, top-k), MoeDispatch, grouped GEMMs for "
+      "gate and up, silu(gate) * up, grouped GEMM down, MoeCombine. On CPUs: "
+      "fp32, the collective backend over Gloo, run by the HostIrEvaluator. "
+      "On GPUs (one rank each): bf16, the cuda backend, run by the "
+      "GraphRunner as one CUDA graph, with the step time of eager runs and "
+      "of replays. Every rank checks its routing and output against ATen.\n"
+      "\n"
+      "  tools/run_example.sh moe_layer [flags]\n"
+      "  tools/launch.sh N build/moe_layer_example [flags]");
+  flags.integer("--tokens", "T", &args.tokens, 1, cli::kMaxCount,
+                "tokens per rank", "256 on GPUs, 32 on CPUs");
+  flags.integer("--hidden", "H", &args.hidden, 1, cli::kMaxCount, "hidden size",
+                "1024 on GPUs, 128 on CPUs");
+  flags.integer("--intermediate", "I", &args.intermediate, 1, cli::kMaxCount,
+                "intermediate size of an expert", "512 on GPUs, 64 on CPUs");
+  flags.integer("--experts-per-rank", "L", &args.local_experts, 1,
+                cli::kMaxCount, "experts on each rank", "4 on GPUs, 2 on CPUs");
+  flags.integer("--topk", "K", &args.topk, 1, cli::kMaxCount,
+                "experts each token goes to; at most the number of experts, "
+                "L x ranks",
+                "4 on GPUs, 2 on CPUs, at most L x ranks");
+  flags.integer("--steps", "N", &args.steps, 1, cli::kMaxCount,
+                "timed steps, each of eager runs and of replays (GPUs)");
+  flags.option("--cpu", &args.force_cpu,
+               "CPU tensors, Gloo and the collective backend even with GPUs");
+  return flags;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   Args args;
-  if (!parse(argc, argv, args)) {
-    std::cerr << "usage: " << argv[0]
-              << " [--tokens T] [--hidden H] [--intermediate I]"
-                 " [--experts-per-rank L] [--topk K] [--steps N] [--cpu]\n";
-    return 2;
+  cli::Flags flags = makeFlags(args);
+  if (const std::optional<int> status = flags.parse(argc, argv)) {
+    return *status;
   }
   Communicator& comm = Communicator::getInstance();
   const int64_t rank = comm.rank();
@@ -138,6 +146,11 @@ int main(int argc, char** argv) {
   config.intermediate = pick(args.intermediate, 512, 64, gpu);
   config.local_experts = pick(args.local_experts, 4, 2, gpu);
   config.num_experts = config.local_experts * comm.size();
+  if (args.topk > config.num_experts) {
+    comm.shutdown();
+    return flags.fail(
+        cli::topkExceedsExperts(args.topk, config.local_experts, comm.size()));
+  }
   config.topk = std::min(pick(args.topk, 4, 2, gpu), config.num_experts);
   config.dtype = gpu ? DataType::BFloat16 : DataType::Float;
   config.backend = gpu ? MoeBackend::Cuda : MoeBackend::Collective;

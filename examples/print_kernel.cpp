@@ -4,8 +4,10 @@
 //
 //   build/print_kernel [rmsnorm | silu]
 #include <cstdio>
-#include <cstring>
+#include <optional>
+#include <string>
 
+#include "cli_flags.h"
 #include "ir/ops.h"
 #include "kernel/codegen.h"
 #include "kernel/compile.h"
@@ -44,19 +46,17 @@ void buildSiluChain(Fusion& fusion) {
   fusion.addOutput(add(gated, c));
 }
 
-int run(const char* which) {
+// `which`: "rmsnorm" or "silu".
+int run(const std::string& which) {
   Fusion fusion;
   InputSignature signature;
   signature.index32 = true;
-  if (std::strcmp(which, "rmsnorm") == 0) {
+  if (which == "rmsnorm") {
     buildRmsNorm(fusion);
-  } else if (std::strcmp(which, "silu") == 0) {
+  } else {
     buildSiluChain(fusion);
     signature.contiguous = true;
     signature.vector_width = 8;
-  } else {
-    std::fprintf(stderr, "usage: print_kernel [rmsnorm | silu]\n");
-    return 2;
   }
   const std::string source = generateCudaSource(fusion, signature);
   std::fputs(source.c_str(), stdout);
@@ -68,8 +68,20 @@ int run(const char* which) {
 }  // namespace hostfuse
 
 int main(int argc, char** argv) {
+  std::string which = "rmsnorm";
+  hostfuse::cli::Flags flags(
+      "print_kernel",
+      "Prints the CUDA source hostfuse generates for an example fusion and "
+      "checks that NVRTC compiles it (to PTX for compute_90: no GPU "
+      "needed).");
+  flags.positionalChoice("FUSION", &which, {"rmsnorm", "silu"},
+                         "rmsnorm: RMSNorm in bf16 with the per-row rsqrt as "
+                         "a second output; silu: silu(a) * b + c in bf16");
+  if (const std::optional<int> status = flags.parse(argc, argv)) {
+    return *status;
+  }
   try {
-    return hostfuse::run(argc > 1 ? argv[1] : "rmsnorm");
+    return hostfuse::run(which);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "print_kernel failed: %s\n", e.what());
     return 1;

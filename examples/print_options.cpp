@@ -4,23 +4,14 @@
 //
 //   build/print_options [--markdown | --current | --help]
 #include <cstdio>
-#include <cstring>
+#include <optional>
 #include <string>
 
+#include "cli_flags.h"
 #include "utils/exceptions.h"
 #include "utils/options.h"
 
 namespace {
-
-void printUsage(FILE* out) {
-  std::fprintf(out,
-               "usage: print_options [--markdown | --current | --help]\n"
-               "  --markdown  the table of every HOSTFUSE_* variable, as "
-               "docs/options.md has it (the default)\n"
-               "  --current   each variable with its value in this "
-               "environment, checked\n"
-               "  --help      this text\n");
-}
 
 // Each option, its value here (or "unset"), and whether the value is valid.
 int printCurrent() {
@@ -44,19 +35,27 @@ int printCurrent() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string mode = argc > 1 ? argv[1] : "--markdown";
-  if (argc > 2 || mode == "--help" || mode == "-h") {
-    printUsage(argc > 2 ? stderr : stdout);
-    return argc > 2 ? 2 : 0;
+  bool markdown = false;
+  bool current = false;
+  hostfuse::cli::Flags flags(
+      "print_options",
+      "Prints every HOSTFUSE_* environment variable the library reads, from "
+      "the one table that declares them (csrc/utils/options.h).");
+  flags.option("--markdown", &markdown,
+               "the table of every variable, as docs/options.md "
+               "has it (the default)");
+  flags.option("--current", &current,
+               "each variable with its value in this environment, checked; "
+               "exit status 1 if one is invalid");
+  if (const std::optional<int> status = flags.parse(argc, argv)) {
+    return *status;
   }
-  if (mode == "--markdown") {
-    std::fputs(hostfuse::options::markdownTable().c_str(), stdout);
-    return 0;
+  if (markdown && current) {
+    return flags.fail("--markdown and --current exclude each other");
   }
-  if (mode == "--current") {
+  if (current) {
     return printCurrent();
   }
-  std::fprintf(stderr, "print_options: unknown argument '%s'\n", mode.c_str());
-  printUsage(stderr);
-  return 2;
+  std::fputs(hostfuse::options::markdownTable().c_str(), stdout);
+  return 0;
 }
