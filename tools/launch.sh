@@ -63,9 +63,18 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 timeout --kill-after=15 "$limit" "${torchrun[@]}" --standalone --nnodes=1 \
   --nproc-per-node="$ranks" --no-python --tee=3 --log-dir="$log_dir" \
   --max-restarts=0 "$@" 2>&1 |
+  tee "$log_dir/launch.out" |
   grep -v -e '^W[0-9]\{4\} .*torch/distributed/run.py' \
     -e '^\*\{10,\}$'
 status=${PIPESTATUS[0]}
+# torchrun exits 1 whatever its ranks exited with; its failure report names
+# the first failed rank's exit code ("exitcode  : 2"): pass that on, so that
+# a usage error (2) stays one.
+if [[ $status -eq 1 ]]; then
+  rank_status=$(grep -m1 -o 'exitcode *: *[0-9]*' "$log_dir/launch.out" |
+    grep -o '[0-9]*$')
+  [[ -n $rank_status && $rank_status -gt 0 ]] && status=$rank_status
+fi
 
 if [[ $status -eq 124 || $status -eq 137 ]]; then
   echo "launch.sh: FAILED: $* with $ranks ranks did not finish within" \
