@@ -18,12 +18,12 @@
 #include <optional>
 #include <string>
 
+#include <hostfuse/ir/ops.h>
+#include <hostfuse/kernel/executor.h>
+#include <hostfuse/utils/cuda_utils.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "../examples/cli_flags.h"
 #include "event_timer.h"
-#include "ir/ops.h"
-#include "kernel/executor.h"
-#include "utils/cuda_utils.h"
-#include "utils/torch_cuda.h"
 
 namespace hostfuse {
 namespace {

@@ -54,14 +54,14 @@
 #include <string>
 #include <vector>
 
+#include <hostfuse/multidevice/comm/communicator.h>
+#include <hostfuse/multidevice/comm/symmetric_memory.h>
+#include <hostfuse/multidevice/moe/collective/dispatch_combine.h>
+#include <hostfuse/multidevice/moe/cuda/workspace.h>
+#include <hostfuse/utils/cuda_utils.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "../examples/cli_flags.h"
 #include "event_timer.h"
-#include "multidevice/comm/communicator.h"
-#include "multidevice/comm/symmetric_memory.h"
-#include "multidevice/moe/collective/dispatch_combine.h"
-#include "multidevice/moe/cuda/workspace.h"
-#include "utils/cuda_utils.h"
-#include "utils/torch_cuda.h"
 
 namespace hostfuse {
 namespace {

@@ -35,11 +35,11 @@
 #include <string>
 #include <vector>
 
+#include <hostfuse/host_ir/graph_runner.h>
+#include <hostfuse/host_ir/moe_layer.h>
+#include <hostfuse/multidevice/comm/communicator.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "../examples/cli_flags.h"
-#include "host_ir/graph_runner.h"
-#include "host_ir/moe_layer.h"
-#include "multidevice/comm/communicator.h"
-#include "utils/torch_cuda.h"
 
 namespace {
 

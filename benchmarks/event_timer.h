@@ -5,7 +5,7 @@
 
 #include <functional>
 
-#include "utils/cuda_utils.h"
+#include <hostfuse/utils/cuda_utils.h>
 
 namespace hostfuse::bench {
 

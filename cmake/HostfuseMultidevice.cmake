@@ -1,7 +1,7 @@
-# Compile settings of csrc/multidevice/comm that only two files need.
+# Compile settings of csrc/hostfuse/multidevice/comm that only two files need.
 #
 # gloo_backend.cpp includes torch's ProcessGroupGloo.hpp, which includes Gloo
-# headers that torch's wheels do not ship; csrc/multidevice/comm/gloo_shim stands
+# headers that torch's wheels do not ship; csrc/hostfuse/multidevice/comm/gloo_shim stands
 # in for them (its README says why that is sound). Only this file sees it.
 #
 # nccl_backend.cpp includes ProcessGroupNCCL.hpp, which includes <nccl.h>:
@@ -9,14 +9,14 @@
 # to torch in site-packages), or a system one. Without it the NCCL backend
 # is left out and asking for it is a clear error at run time.
 
-set(_hostfuse_md "${CMAKE_CURRENT_SOURCE_DIR}/csrc/multidevice/comm")
+set(_hostfuse_md "${CMAKE_CURRENT_SOURCE_DIR}/csrc/hostfuse/multidevice/comm")
 
 set_source_files_properties("${_hostfuse_md}/gloo_backend.cpp"
   PROPERTIES INCLUDE_DIRECTORIES "${_hostfuse_md}/gloo_shim")
 
-# torch.utils.cmake_prefix_path is <site-packages>/torch/share/cmake.
-get_filename_component(_hostfuse_site_packages
-                       "${_hostfuse_torch_prefix}/../../.." ABSOLUTE)
+# A wheel's Torch_DIR is <site-packages>/torch/share/cmake/Torch.
+get_filename_component(_hostfuse_site_packages "${Torch_DIR}/../../../.."
+                       ABSOLUTE)
 find_path(HOSTFUSE_NCCL_INCLUDE_DIR nccl.h
           HINTS "${_hostfuse_site_packages}/nvidia/nccl/include"
                 "${CUDAToolkit_INCLUDE_DIRS}"

@@ -1,46 +1,51 @@
-# Finds libtorch through a Python installation of torch and the CUDA toolkit.
+# Finds libtorch (through a Python installation of torch unless the caller
+# already found it or set Torch_DIR) and the CUDA toolkit. Used by hostfuse's
+# own build and, installed next to hostfuseConfig.cmake, by projects that
+# call find_package(hostfuse).
 #
-# Sets TORCH_LIBRARIES (from TorchConfig), HOSTFUSE_TORCH_LIBRARY_DIR, the
-# imported targets CUDA::cudart and CUDA::nvrtc, and HOSTFUSE_WARNING_FLAGS.
+# Sets TORCH_LIBRARIES (from TorchConfig) and the imported targets torch,
+# CUDA::cudart and CUDA::nvrtc. HOSTFUSE_PYTHON names the Python whose torch
+# to use; without it, the first python3 on the PATH.
 
-if(NOT HOSTFUSE_PYTHON)
-  find_package(Python3 COMPONENTS Interpreter REQUIRED)
-  set(HOSTFUSE_PYTHON "${Python3_EXECUTABLE}")
-endif()
-
-execute_process(
-  COMMAND "${HOSTFUSE_PYTHON}" -c
-          "import torch; print(torch.utils.cmake_prefix_path); print(torch.__version__)"
-  OUTPUT_VARIABLE _hostfuse_torch_info
-  RESULT_VARIABLE _hostfuse_torch_result
-  ERROR_VARIABLE _hostfuse_torch_error
-  OUTPUT_STRIP_TRAILING_WHITESPACE)
-if(NOT _hostfuse_torch_result EQUAL 0)
-  message(FATAL_ERROR
-          "hostfuse needs torch 2.11 importable from ${HOSTFUSE_PYTHON}:\n"
-          "${_hostfuse_torch_error}\n"
-          "Run tools/setup.sh, or pass -DHOSTFUSE_PYTHON=/path/to/python.")
-endif()
-string(REPLACE "\n" ";" _hostfuse_torch_info "${_hostfuse_torch_info}")
-list(GET _hostfuse_torch_info 0 _hostfuse_torch_prefix)
-list(GET _hostfuse_torch_info 1 HOSTFUSE_TORCH_VERSION)
-if(NOT HOSTFUSE_TORCH_VERSION MATCHES "^2\\.11\\.")
-  message(WARNING "hostfuse is built and tested against torch 2.11; "
-                  "${HOSTFUSE_PYTHON} has torch ${HOSTFUSE_TORCH_VERSION}")
-endif()
-message(STATUS "hostfuse: torch ${HOSTFUSE_TORCH_VERSION} from ${HOSTFUSE_PYTHON}")
-list(PREPEND CMAKE_PREFIX_PATH "${_hostfuse_torch_prefix}")
-
-# Torch's CUDA setup asks for an architecture list; sm_90 is the target, and
-# naming it keeps the configure step from guessing on machines without GPUs.
-if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
-  set(ENV{TORCH_CUDA_ARCH_LIST} "9.0")
-endif()
-find_package(Torch REQUIRED)
 find_package(CUDAToolkit REQUIRED)
-get_filename_component(HOSTFUSE_TORCH_LIBRARY_DIR "${TORCH_LIBRARY}" DIRECTORY)
 
-set(HOSTFUSE_WARNING_FLAGS -Wall -Wextra)
-if(HOSTFUSE_WERROR)
-  list(APPEND HOSTFUSE_WARNING_FLAGS -Werror)
+if(NOT TARGET torch)
+  if(NOT Torch_DIR)
+    if(NOT HOSTFUSE_PYTHON)
+      find_package(Python3 COMPONENTS Interpreter REQUIRED)
+      set(HOSTFUSE_PYTHON "${Python3_EXECUTABLE}")
+    endif()
+    execute_process(
+      COMMAND "${HOSTFUSE_PYTHON}" -c
+              "import torch; print(torch.utils.cmake_prefix_path); print(torch.__version__)"
+      OUTPUT_VARIABLE _hostfuse_torch_info
+      RESULT_VARIABLE _hostfuse_torch_result
+      ERROR_VARIABLE _hostfuse_torch_error
+      OUTPUT_STRIP_TRAILING_WHITESPACE)
+    if(NOT _hostfuse_torch_result EQUAL 0)
+      message(FATAL_ERROR
+              "hostfuse needs torch 2.11 importable from ${HOSTFUSE_PYTHON}:\n"
+              "${_hostfuse_torch_error}\n"
+              "Run hostfuse's tools/setup.sh, pass "
+              "-DHOSTFUSE_PYTHON=/path/to/python, or -DTorch_DIR=<libtorch>/"
+              "share/cmake/Torch.")
+    endif()
+    string(REPLACE "\n" ";" _hostfuse_torch_info "${_hostfuse_torch_info}")
+    list(GET _hostfuse_torch_info 0 _hostfuse_torch_prefix)
+    list(GET _hostfuse_torch_info 1 _hostfuse_torch_version)
+    message(STATUS "hostfuse: torch ${_hostfuse_torch_version} from "
+                   "${HOSTFUSE_PYTHON}")
+    set(Torch_DIR "${_hostfuse_torch_prefix}/Torch")
+  endif()
+  # Torch's CUDA set-up asks for an architecture list; sm_90 is hostfuse's
+  # target, and naming it keeps the configure step from guessing on
+  # machines without GPUs.
+  if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+    set(ENV{TORCH_CUDA_ARCH_LIST} "9.0")
+  endif()
+  find_package(Torch REQUIRED)
+  if(NOT Torch_VERSION MATCHES "^2\\.11\\.")
+    message(WARNING "hostfuse is built and tested against torch 2.11; "
+                    "found torch ${Torch_VERSION} at ${Torch_DIR}")
+  endif()
 endif()

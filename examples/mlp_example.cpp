@@ -12,11 +12,11 @@
 #include <memory>
 #include <optional>
 
+#include <hostfuse/host_ir/evaluator.h>
+#include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/ir/ops.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "cli_flags.h"
-#include "host_ir/evaluator.h"
-#include "host_ir/host_ir.h"
-#include "ir/ops.h"
-#include "utils/torch_cuda.h"
 
 namespace {
 

@@ -7,10 +7,10 @@
 #include <optional>
 #include <string>
 
+#include <hostfuse/ir/ops.h>
+#include <hostfuse/kernel/codegen.h>
+#include <hostfuse/kernel/compile.h>
 #include "cli_flags.h"
-#include "ir/ops.h"
-#include "kernel/codegen.h"
-#include "kernel/compile.h"
 
 namespace hostfuse {
 namespace {

@@ -1,15 +1,15 @@
 // Prints every HOSTFUSE_* environment variable the library reads, from the
-// one table that declares them (csrc/utils/options.h): as Markdown (what
-// docs/options.md shows) or as plain text with the values set now.
+// one table that declares them (csrc/hostfuse/utils/options.h): as Markdown
+// (what docs/options.md shows) or as plain text with the values set now.
 //
 //   build/print_options [--markdown | --current | --help]
 #include <cstdio>
 #include <optional>
 #include <string>
 
+#include <hostfuse/utils/exceptions.h>
+#include <hostfuse/utils/options.h>
 #include "cli_flags.h"
-#include "utils/exceptions.h"
-#include "utils/options.h"
 
 namespace {
 
@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
   hostfuse::cli::Flags flags(
       "print_options",
       "Prints every HOSTFUSE_* environment variable the library reads, from "
-      "the one table that declares them (csrc/utils/options.h).");
+      "the one table that declares them (csrc/hostfuse/utils/options.h).");
   flags.option("--markdown", &markdown,
                "the table of every variable, as docs/options.md "
                "has it (the default)");

@@ -12,9 +12,9 @@
 #include <unordered_map>
 #include <vector>
 
-#include "host_ir/container.h"
-#include "host_ir/host_ir.h"
-#include "ir/ops.h"
+#include <hostfuse/host_ir/container.h>
+#include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/ir/ops.h>
 #include "test_utils.h"
 
 namespace hostfuse::test {

@@ -7,7 +7,7 @@
 #include <random>
 #include <tuple>
 
-#include "utils/torch_cuda.h"
+#include <hostfuse/utils/torch_cuda.h>
 
 namespace hostfuse::test {
 

@@ -2,7 +2,7 @@
 // tests: every rank all-gathers every rank's inputs and computes what it
 // should receive and what combine should return with plain loops and ATen on
 // the CPU. Shares no code with
-// csrc/multidevice/moe/collective/dispatch_combine.cpp.
+// csrc/hostfuse/multidevice/moe/collective/dispatch_combine.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "multidevice/comm/communicator.h"
+#include <hostfuse/multidevice/comm/communicator.h>
 
 namespace hostfuse::test {
 

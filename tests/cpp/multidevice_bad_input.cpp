@@ -5,13 +5,13 @@
 // work.
 #include <gtest/gtest.h>
 
-#include "host_ir/evaluator.h"
-#include "ir/ops.h"
+#include <hostfuse/host_ir/evaluator.h>
+#include <hostfuse/ir/ops.h>
+#include <hostfuse/multidevice/moe/collective/dispatch_combine.h>
+#include <hostfuse/multidevice/moe/nodes.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "moe_reference.h"
-#include "multidevice/moe/collective/dispatch_combine.h"
-#include "multidevice/moe/nodes.h"
 #include "test_utils.h"
-#include "utils/torch_cuda.h"
 
 namespace hostfuse {
 namespace {

@@ -18,13 +18,13 @@
 #include <optional>
 #include <sstream>
 
-#include "host_ir/evaluator.h"
-#include "ir/grouped_matmul.h"
-#include "ir/ops.h"
+#include <hostfuse/host_ir/evaluator.h>
+#include <hostfuse/ir/grouped_matmul.h>
+#include <hostfuse/ir/ops.h>
+#include <hostfuse/multidevice/moe/nodes.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "moe_reference.h"
-#include "multidevice/moe/nodes.h"
 #include "test_utils.h"
-#include "utils/torch_cuda.h"
 
 namespace hostfuse {
 namespace {

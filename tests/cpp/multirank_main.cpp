@@ -7,7 +7,7 @@
 
 #include <iostream>
 
-#include "multidevice/comm/communicator.h"
+#include <hostfuse/multidevice/comm/communicator.h>
 
 namespace {
 

@@ -20,10 +20,10 @@
 #include <string>
 #include <vector>
 
-#include "multidevice/comm/symmetric_memory.h"
-#include "multidevice/moe/cuda/workspace.h"
+#include <hostfuse/multidevice/comm/symmetric_memory.h>
+#include <hostfuse/multidevice/moe/cuda/workspace.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "test_utils.h"
-#include "utils/torch_cuda.h"
 
 namespace hostfuse {
 namespace {

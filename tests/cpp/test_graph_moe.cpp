@@ -15,13 +15,13 @@
 // EXPECTs, checked after the last collective of a test.
 #include <gtest/gtest.h>
 
+#include <hostfuse/host_ir/graph_runner.h>
+#include <hostfuse/host_ir/moe_layer.h>
+#include <hostfuse/multidevice/comm/communicator.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "cuda_launch_counter.h"
-#include "host_ir/graph_runner.h"
-#include "host_ir/moe_layer.h"
 #include "moe_reference.h"
-#include "multidevice/comm/communicator.h"
 #include "test_utils.h"
-#include "utils/torch_cuda.h"
 
 namespace hostfuse {
 namespace {

@@ -6,15 +6,15 @@
 // but the graph. The multi-rank MoE layer is in test_graph_moe.cpp.
 #include <numeric>
 
+#include <hostfuse/host_ir/graph_runner.h>
+#include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/host_ir/moe_layer.h>
+#include <hostfuse/ir/grouped_matmul.h>
+#include <hostfuse/ir/ops.h>
+#include <hostfuse/multidevice/moe/nodes.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "cuda_launch_counter.h"
-#include "host_ir/graph_runner.h"
-#include "host_ir/host_ir.h"
-#include "host_ir/moe_layer.h"
-#include "ir/grouped_matmul.h"
-#include "ir/ops.h"
-#include "multidevice/moe/nodes.h"
 #include "test_utils.h"
-#include "utils/torch_cuda.h"
 
 namespace hostfuse {
 namespace {

@@ -1,4 +1,4 @@
-// Tests of csrc/host_ir: host programs (HostIrContainer, RunFusion,
+// Tests of csrc/hostfuse/host_ir: host programs (HostIrContainer, RunFusion,
 // Allocate), their printing and cloning, and the HostIrEvaluator on CPU and
 // CUDA, compared with the same computation written directly in ATen.
 //
@@ -17,11 +17,11 @@
 #include <string>
 #include <vector>
 
-#include "host_ir/container.h"
-#include "host_ir/evaluator.h"
-#include "host_ir/host_ir.h"
-#include "ir/ops.h"
-#include "utils/torch_cuda.h"
+#include <hostfuse/host_ir/container.h>
+#include <hostfuse/host_ir/evaluator.h>
+#include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/ir/ops.h>
+#include <hostfuse/utils/torch_cuda.h>
 
 namespace hostfuse {
 namespace {

@@ -1,4 +1,4 @@
-// Tests of csrc/ir: building values and expressions, type and shape
+// Tests of csrc/hostfuse/ir: building values and expressions, type and shape
 // inference, validation errors, printing, cloning and the visitor.
 //
 // What runs a program (the HostIrEvaluator) is tested in test_host_ir.cpp;
@@ -11,11 +11,11 @@
 #include <string>
 #include <vector>
 
-#include "ir/container.h"
-#include "ir/dispatch.h"
-#include "ir/evaluation.h"
-#include "ir/exprs.h"
-#include "ir/ops.h"
+#include <hostfuse/ir/container.h>
+#include <hostfuse/ir/dispatch.h>
+#include <hostfuse/ir/evaluation.h>
+#include <hostfuse/ir/exprs.h>
+#include <hostfuse/ir/ops.h>
 
 namespace hostfuse {
 namespace {

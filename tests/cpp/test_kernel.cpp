@@ -5,16 +5,16 @@
 #include <cmath>
 #include <limits>
 
-#include "host_ir/evaluator.h"
-#include "kernel/analysis.h"
-#include "kernel/c_types.h"
-#include "kernel/codegen.h"
-#include "kernel/compile.h"
-#include "kernel/executor.h"
-#include "kernel/kernel_cache.h"
+#include <hostfuse/host_ir/evaluator.h>
+#include <hostfuse/kernel/analysis.h>
+#include <hostfuse/kernel/c_types.h>
+#include <hostfuse/kernel/codegen.h>
+#include <hostfuse/kernel/compile.h>
+#include <hostfuse/kernel/executor.h>
+#include <hostfuse/kernel/kernel_cache.h>
+#include <hostfuse/utils/driver_api.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "kernel_cases.h"
-#include "utils/driver_api.h"
-#include "utils/torch_cuda.h"
 
 namespace hostfuse {
 namespace {

@@ -22,10 +22,10 @@
 #include <map>
 #include <sstream>
 
-#include "ir/evaluation.h"
-#include "kernel/analysis.h"
-#include "kernel/codegen.h"
-#include "kernel/launch.h"
+#include <hostfuse/ir/evaluation.h>
+#include <hostfuse/kernel/analysis.h>
+#include <hostfuse/kernel/codegen.h>
+#include <hostfuse/kernel/launch.h>
 #include "kernel_cases.h"
 
 namespace hostfuse {

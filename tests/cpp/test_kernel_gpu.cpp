@@ -5,13 +5,13 @@
 //
 // To see the generated code of a failing case:
 //   HOSTFUSE_DUMP_KERNELS=1 ./test_kernel_gpu --gtest_filter='*softmax_bf16'
-#include "host_ir/evaluator.h"
-#include "ir/evaluation.h"
-#include "kernel/executor.h"
-#include "kernel/kernel_cache.h"
+#include <hostfuse/host_ir/evaluator.h>
+#include <hostfuse/ir/evaluation.h>
+#include <hostfuse/kernel/executor.h>
+#include <hostfuse/kernel/kernel_cache.h>
+#include <hostfuse/utils/driver_api.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "kernel_cases.h"
-#include "utils/driver_api.h"
-#include "utils/torch_cuda.h"
 
 namespace hostfuse {
 namespace {

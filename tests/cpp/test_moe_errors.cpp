@@ -1,7 +1,7 @@
 // The same bad input gives the same message text on both MoE backends: the
 // input checks, the status vocabulary and describeStatus are shared
-// (csrc/multidevice/moe/input_checks.h, status.h). Each case runs on the
-// collective backend (CPU tensors over Gloo, and CUDA tensors over NCCL
+// (csrc/hostfuse/multidevice/moe/input_checks.h, status.h). Each case runs on
+// the collective backend (CPU tensors over Gloo, and CUDA tensors over NCCL
 // when a GPU is present) and, with a GPU, on the cuda backend; the messages
 // must be equal, and must name the rank, the argument, the index and the
 // value. One process: a world of one rank.
@@ -14,11 +14,11 @@
 #include <string>
 #include <vector>
 
-#include "multidevice/comm/communicator.h"
-#include "multidevice/moe/backend.h"
-#include "multidevice/moe/runtime.h"
+#include <hostfuse/multidevice/comm/communicator.h>
+#include <hostfuse/multidevice/moe/backend.h>
+#include <hostfuse/multidevice/moe/runtime.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "test_utils.h"
-#include "utils/torch_cuda.h"
 
 namespace hostfuse {
 namespace {

@@ -6,12 +6,12 @@
 #include <optional>
 #include <utility>
 
-#include "host_ir/evaluator.h"
-#include "host_ir/host_ir.h"
-#include "ir/grouped_matmul.h"
-#include "ir/ops.h"
-#include "multidevice/comm/communicator.h"
-#include "multidevice/moe/nodes.h"
+#include <hostfuse/host_ir/evaluator.h>
+#include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/ir/grouped_matmul.h>
+#include <hostfuse/ir/ops.h>
+#include <hostfuse/multidevice/comm/communicator.h>
+#include <hostfuse/multidevice/moe/nodes.h>
 #include "test_utils.h"
 
 namespace hostfuse {

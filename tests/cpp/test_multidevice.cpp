@@ -10,15 +10,16 @@
 #include <limits>
 #include <sstream>
 
-#include "host_ir/evaluator.h"
-#include "host_ir/host_ir.h"
-#include "ir/grouped_matmul.h"
-#include "ir/ops.h"
+#include <hostfuse/host_ir/evaluator.h>
+#include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/ir/grouped_matmul.h>
+#include <hostfuse/ir/ops.h>
+#include <hostfuse/multidevice/moe/collective/dispatch_combine.h>
+#include <hostfuse/multidevice/moe/nodes.h>
+#include <hostfuse/utils/cuda_utils.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "moe_reference.h"
-#include "multidevice/moe/collective/dispatch_combine.h"
-#include "multidevice/moe/nodes.h"
 #include "test_utils.h"
-#include "utils/torch_cuda.h"
 
 namespace hostfuse {
 namespace {
@@ -387,6 +388,146 @@ INSTANTIATE_TEST_SUITE_P(Devices, MoeProgram,
                          [](const testing::TestParamInfo<c10::DeviceType>& i) {
                            return deviceTypeName(i.param);
                          });
+
+// ---------------------------------------------------------------------------
+// MoE over process groups: the world split into two halves (ranks
+// [0, n/2) and [n/2, n); with one rank, one group of it), each half running
+// its own MoE program at the same time through a Communicator made from its
+// group, checked against the reference built from its members' inputs only.
+
+struct GroupCase {
+  c10::DeviceType device_type;
+  MoeBackend backend;
+};
+
+std::string groupCaseName(const testing::TestParamInfo<GroupCase>& info) {
+  return deviceTypeName(info.param.device_type) + "_" +
+         toString(info.param.backend);
+}
+
+// This rank's half of the world.
+std::vector<int64_t> myHalf() {
+  const int64_t half = worldSize() / 2;
+  const bool first = myRank() < half;
+  std::vector<int64_t> ranks;
+  for (int64_t r = first ? 0 : half; r < (first ? half : worldSize()); ++r) {
+    ranks.push_back(r);
+  }
+  return ranks;
+}
+
+class ProcessGroups : public testing::TestWithParam<GroupCase> {};
+
+TEST_P(ProcessGroups, EachHalfRunsItsOwnMoeProgram) {
+  const GroupCase c = GetParam();
+  SKIP_IF_UNAVAILABLE(c.device_type);
+  const at::Device device = rankDevice(c.device_type);
+  const std::vector<int64_t> members = myHalf();
+  Communicator group(communicator().newGroup(members));
+  ASSERT_EQ(group.size(), static_cast<int64_t>(members.size()));
+  const int64_t me = group.rank();
+  ASSERT_EQ(members.at(me), myRank());
+  EXPECT_EQ(group.launcher(), Launcher::ProcessGroup);
+
+  const int64_t local = 2;
+  const int64_t experts = local * group.size();
+  const int64_t picks = 2;
+  // Inputs differ between the halves (seeded by world rank), so a half that
+  // received the other half's rows would not match its reference.
+  const int64_t tokens = 3 + myRank();
+  auto program = std::make_unique<HostIrContainer>();
+  {
+    FusionGuard guard(program.get());
+    Scalar* t = makeSymbolicScalar(DataType::Int64, "tokens");
+    TensorView* x = makeTensor({t, kHidden}, DataType::Float, "x");
+    TensorView* idx = makeTensor({t, picks}, DataType::Int64, "topk_idx");
+    TensorView* w = makeTensor({t, picks}, DataType::Float, "topk_weights");
+    for (TensorView* input : {x, idx, w}) {
+      program->addInput(input);
+    }
+    const MoeDispatchResult d = moeDispatch(x, idx, w, experts, c.backend);
+    TensorView* y = mul(d.recv_x, 3.0);
+    program->addOutput(moeCombine(y, d, w, x->extent(0)));
+    program->addOutput(d.recv_expert_counts);
+  }
+  HostIrEvaluatorParams params;
+  params.communicator = &group;
+  HostIrEvaluator evaluator(std::move(program), params);
+
+  const at::Tensor x =
+      test::randomTensor({tokens, kHidden}, at::kFloat, device, 70 + myRank());
+  const at::Tensor idx =
+      test::makeRouting(Routing::Uniform, tokens, picks, experts, group.size(),
+                        me, 80 + myRank())
+          .to(device);
+  const at::Tensor w =
+      test::randomWeights(tokens, picks, at::kFloat, device, 90 + myRank());
+  std::vector<at::Tensor> outputs;
+  for (int step = 0; step < 2; ++step) {
+    outputs = evaluator.run({x, idx, w});
+  }
+  evaluator.checkStatus();
+
+  // The reference from the members' inputs, gathered over the whole world.
+  const std::vector<at::Tensor> all_x = test::allGatherRows(x);
+  const std::vector<at::Tensor> all_idx = test::allGatherRows(idx);
+  std::vector<at::Tensor> xs;
+  std::vector<at::Tensor> idxs;
+  for (int64_t r : members) {
+    xs.push_back(all_x.at(r));
+    idxs.push_back(all_idx.at(r));
+  }
+  const test::ExpectedDispatch expected =
+      test::referenceDispatch(xs, idxs, {}, experts, me);
+  expectEqual(outputs[1].cpu(), expected.expert_counts, "recv_expert_counts");
+  const test::ExpertFn triple = [](int64_t, const at::Tensor& rows) {
+    return rows.cpu() * 3.0;
+  };
+  test::expectClose(outputs[0].cpu(),
+                    test::referenceCombine(x.cpu(), idx.cpu(), w.cpu(), triple),
+                    1e-5, 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Halves, ProcessGroups,
+    testing::Values(GroupCase{c10::DeviceType::CPU, MoeBackend::Collective},
+                    GroupCase{c10::DeviceType::CUDA, MoeBackend::Collective},
+                    GroupCase{c10::DeviceType::CUDA, MoeBackend::Cuda}),
+    groupCaseName);
+
+TEST(ProcessGroupErrors, NewGroupNamesTheBadRanks) {
+  const int64_t me = myRank();
+  const int64_t n = worldSize();
+  test::expectErrorContains([&] { communicator().newGroup({}); }, {"is empty"});
+  test::expectErrorContains(
+      [&] {
+        communicator().newGroup({me, n});
+      },
+      {"must be ranks of this communicator, in [0, " + std::to_string(n) +
+       ")"});
+  test::expectErrorContains(
+      [&] {
+        communicator().newGroup({me, me});
+      },
+      {"names a rank twice"});
+  if (n > 1) {
+    test::expectErrorContains(
+        [&] { communicator().newGroup({(me + 1) % n}); },
+        {"this rank (" + std::to_string(me) + ") is not in ranks"});
+  }
+}
+
+TEST(ProcessGroupErrors, MissingBackendIsNamed) {
+  if (cuda::isAvailable()) {
+    GTEST_SKIP() << "groups made on a GPU machine have a CUDA backend";
+  }
+  Communicator group(communicator().newGroup({myRank()}));
+  test::expectErrorContains([&] { group.backend(c10::DeviceType::CUDA); },
+                            {"has no backend for cuda tensors"});
+  test::expectErrorContains(
+      [] { Communicator null_group{c10::intrusive_ptr<c10d::ProcessGroup>()}; },
+      {"the process group given is null"});
+}
 
 }  // namespace
 }  // namespace hostfuse

@@ -8,9 +8,9 @@
 #include <sstream>
 #include <string>
 
-#include "multidevice/comm/communicator.h"
+#include <hostfuse/multidevice/comm/communicator.h>
+#include <hostfuse/utils/options.h>
 #include "test_utils.h"
-#include "utils/options.h"
 
 namespace hostfuse {
 namespace {

@@ -1,7 +1,7 @@
 // Tests of the TopKOp expression: building, validation, printing, cloning,
 // and its ATen semantics when a host program runs it.
-#include "host_ir/evaluator.h"
-#include "ir/ops.h"
+#include <hostfuse/host_ir/evaluator.h>
+#include <hostfuse/ir/ops.h>
 #include "test_utils.h"
 
 namespace hostfuse {

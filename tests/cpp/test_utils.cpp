@@ -2,7 +2,7 @@
 
 #include <cstdlib>
 
-#include "utils/torch_cuda.h"
+#include <hostfuse/utils/torch_cuda.h>
 
 namespace hostfuse::test {
 

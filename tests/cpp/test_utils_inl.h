@@ -1,6 +1,6 @@
 #pragma once
 
-#include "utils/exceptions.h"
+#include <hostfuse/utils/exceptions.h>
 
 namespace hostfuse::test {
 

@@ -1,0 +1,89 @@
+// HostIrEvaluator: runs a host program.
+//
+//   HostIrEvaluator evaluator(std::move(program));
+//   std::vector<at::Tensor> outputs = evaluator.run({x, w});
+//
+// run() binds the inputs by position and checks each against the program
+// (count, tensor or scalar, dtype, rank, sizes, device), with an error that
+// names the input; then runs each top-level expression through its handle()
+// overload and returns the outputs.
+#pragma once
+
+#include <ATen/core/ivalue.h>
+#include <c10/core/Device.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include <hostfuse/host_ir/container.h>
+#include <hostfuse/ir/dispatch.h>
+#include <hostfuse/ir/evaluation.h>
+
+namespace hostfuse {
+
+class Communicator;
+class MoeEvaluator;
+
+struct HostIrEvaluatorParams {
+  // The device every tensor input must be on and allocations go to. When
+  // unset, the device of the first tensor input is used.
+  std::optional<at::Device> device;
+  // What MoeDispatch/MoeCombine communicate through; when null,
+  // Communicator::getInstance(). Not owned.
+  Communicator* communicator = nullptr;
+};
+
+class HostIrEvaluator : public ExprVisitor {
+ public:
+  explicit HostIrEvaluator(std::unique_ptr<HostIrContainer> program,
+                           HostIrEvaluatorParams params = {});
+  ~HostIrEvaluator() override;
+
+  std::vector<at::Tensor> run(const std::vector<c10::IValue>& inputs);
+
+  const HostIrContainer& program() const { return *program_; }
+  // The device of the last run.
+  const at::Device& device() const { return device_; }
+
+  // Raises the errors that device-side runtimes recorded without
+  // synchronizing with the host, e.g. those of the cuda MoE workspaces
+  // during CUDA graph replays (in eager runs they raise at once): checks the
+  // MoE runtime's workspaces, then calls every checker registered with
+  // addStatusChecker(), in order. It may wait for the device; it must not
+  // run during a capture.
+  void checkStatus();
+  // Registers a further checker for checkStatus(), for runtimes other than
+  // the MoE one that keep device-side status; it must stay valid as long as
+  // this evaluator.
+  void addStatusChecker(std::function<void()> checker);
+
+ protected:
+  void handle(RunFusion* run_fusion) override;
+  void handle(Allocate* allocate) override;
+  void handle(MoeDispatch* dispatch) override;
+  void handle(MoeCombine* combine) override;
+  // Every other expression runs with its ATen reference semantics.
+  void handleDefault(Expr* expr) override;
+
+  ValueMap& values() { return values_; }
+
+ private:
+  // Decides the device of this run and checks that every tensor input is on
+  // it.
+  void checkDevices(const std::vector<c10::IValue>& inputs);
+  Communicator& communicator() const;
+  // Runs the MoE nodes; holds the cuda backend's per-node workspaces across
+  // runs. Created on first use.
+  MoeEvaluator& moe();
+
+  std::unique_ptr<HostIrContainer> program_;
+  HostIrEvaluatorParams params_;
+  at::Device device_ = at::kCPU;
+  ValueMap values_;
+  std::unique_ptr<MoeEvaluator> moe_;
+  std::vector<std::function<void()>> status_checkers_;
+};
+
+}  // namespace hostfuse

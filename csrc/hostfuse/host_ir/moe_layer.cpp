@@ -1,0 +1,133 @@
+#include <hostfuse/host_ir/moe_layer.h>
+
+#include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/ir/grouped_matmul.h>
+#include <hostfuse/ir/ops.h>
+
+namespace hostfuse {
+
+namespace {
+
+TensorView* toDtype(TensorView* x, DataType dtype) {
+  return x->dtype() == dtype ? x : cast(x, dtype);
+}
+
+}  // namespace
+
+std::shared_ptr<Fusion> makeSiluMulFusion(int64_t intermediate,
+                                          DataType dtype) {
+  auto fusion = std::make_shared<Fusion>();
+  FusionGuard guard(fusion.get());
+  Scalar* rows = makeSymbolicScalar(DataType::Int64, "rows");
+  TensorView* gate = makeTensor({rows, intermediate}, dtype, "gate");
+  TensorView* up = makeTensor({rows, intermediate}, dtype, "up");
+  fusion->addInput(gate);
+  fusion->addInput(up);
+  TensorView* act =
+      mul(silu(toDtype(gate, DataType::Float)), toDtype(up, DataType::Float));
+  fusion->addOutput(toDtype(act, dtype));
+  return fusion;
+}
+
+std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
+    const MoeLayerConfig& config) {
+  HF_CHECK(
+      config.hidden > 0 && config.intermediate > 0 && config.num_experts > 0 &&
+          config.local_experts > 0 && config.topk > 0,
+      "makeMoeLayerProgram: H = ", config.hidden, ", I = ", config.intermediate,
+      ", E = ", config.num_experts, ", L = ", config.local_experts,
+      " and K = ", config.topk, " must all be positive");
+  HF_CHECK(config.topk <= config.num_experts,
+           "makeMoeLayerProgram: K = ", config.topk,
+           " exceeds the number of experts E = ", config.num_experts);
+  const int64_t H = config.hidden;
+  const int64_t I = config.intermediate;
+  const int64_t L = config.local_experts;
+  const DataType dtype = config.dtype;
+
+  auto program = std::make_unique<HostIrContainer>();
+  FusionGuard guard(program.get());
+  Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
+  TensorView* x = makeTensor({tokens, H}, dtype, "x");
+  TensorView* router_w = makeTensor({config.num_experts, H}, dtype, "router_w");
+  TensorView* w_gate = makeTensor({L, H, I}, dtype, "w_gate");
+  TensorView* w_up = makeTensor({L, H, I}, dtype, "w_up");
+  TensorView* w_down = makeTensor({L, I, H}, dtype, "w_down");
+  for (TensorView* input : {x, router_w, w_gate, w_up, w_down}) {
+    program->addInput(input);
+  }
+
+  // Router in fp32 (as large models do): the top K experts of a token do
+  // not hinge on bf16 rounding of its logits.
+  TensorView* scores = softmax(
+      linear(toDtype(x, DataType::Float), toDtype(router_w, DataType::Float)),
+      -1);
+  const TopKResult top = topk(scores, config.topk);
+  TensorView* weights =
+      config.renormalize
+          ? div(top.values, sum(top.values, -1, /*keep_dim=*/true))
+          : top.values;
+
+  // Experts on this rank's expert-major rows.
+  const MoeDispatchResult d =
+      moeDispatch(x, top.indices, weights, config.num_experts, config.backend,
+                  config.capacity);
+  TensorView* gate = groupedMatmul(d.recv_x, w_gate, d.recv_expert_counts);
+  TensorView* up = groupedMatmul(d.recv_x, w_up, d.recv_expert_counts);
+  TensorView* act = runFusion(makeSiluMulFusion(I, dtype), {gate, up}).at(0);
+  TensorView* down = groupedMatmul(act, w_down, d.recv_expert_counts);
+
+  program->addOutput(moeCombine(down, d, weights, tokens));
+  program->addOutput(top.indices);
+  program->addOutput(weights);
+  return program;
+}
+
+at::Tensor moeLayerReference(const at::Tensor& x, const at::Tensor& topk_idx,
+                             const at::Tensor& topk_weights,
+                             const at::Tensor& w_gate, const at::Tensor& w_up,
+                             const at::Tensor& w_down) {
+  const at::Device device = x.device();
+  const at::Tensor idx = topk_idx.to(device, at::kLong);
+  const at::Tensor weights = topk_weights.to(device, at::kFloat);
+  at::Tensor out =
+      at::zeros({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
+  for (int64_t e = 0; e < w_gate.size(0); ++e) {
+    const at::Tensor hits = (idx == e).nonzero();  // (token, pick)
+    if (hits.size(0) == 0) {
+      continue;
+    }
+    const at::Tensor t = hits.select(1, 0);
+    const at::Tensor k = hits.select(1, 1);
+    const at::Tensor rows = x.index_select(0, t).to(at::kFloat);
+    const at::Tensor gate = at::matmul(rows, w_gate[e].to(device, at::kFloat));
+    const at::Tensor up = at::matmul(rows, w_up[e].to(device, at::kFloat));
+    const at::Tensor y =
+        at::matmul(at::silu(gate) * up, w_down[e].to(device, at::kFloat));
+    out.index_add_(0, t, y * weights.index({t, k}).unsqueeze(1));
+  }
+  return out.to(x.scalar_type());
+}
+
+double moeRoutingError(const at::Tensor& x, const at::Tensor& router_w,
+                       const at::Tensor& topk_idx,
+                       const at::Tensor& topk_weights, bool renormalize) {
+  const at::Tensor scores = at::softmax(
+      at::linear(x.to(at::kFloat), router_w.to(x.device(), at::kFloat)), -1);
+  const at::Tensor idx = topk_idx.to(x.device(), at::kLong);
+  const at::Tensor picked = scores.gather(1, idx);
+  // Scores of unpicked experts only.
+  const at::Tensor unpicked =
+      scores.scatter(1, idx, at::full_like(picked, -1.0));
+  double error =
+      (unpicked.amax(1) - picked.amin(1)).clamp_min(0).max().item<double>();
+  const at::Tensor expected =
+      renormalize ? picked / picked.sum(1, /*keepdim=*/true) : picked;
+  error = std::max(error, (topk_weights.to(x.device(), at::kFloat) - expected)
+                              .abs()
+                              .max()
+                              .item<double>());
+  return error;
+}
+
+}  // namespace hostfuse

@@ -1,0 +1,85 @@
+// A Mixture-of-Experts layer as a host program, built with the IR API, and
+// its plain-ATen reference. The example (examples/moe_layer_example.cpp),
+// the benchmark (benchmarks/bench_moe_layer.cpp) and the multi-rank graph
+// tests build it from here.
+//
+// Notation: R ranks, T tokens on this rank, H hidden size, I intermediate
+// size of an expert, E experts in all, L = E / R local experts, K picks per
+// token.
+//
+//   logits   = linear(cast(x, f32), cast(router_w, f32))   [T, E]
+//   scores   = softmax(logits, -1)                         [T, E]
+//   (top, topk_idx) = topk(scores, K)                      [T, K]
+//   topk_weights = top / sum(top, -1)    (renormalize)     [T, K] f32
+//   d        = MoeDispatch(x, topk_idx, topk_weights, E, backend)
+//   gate     = GroupedMatmul(d.recv_x, w_gate, d.recv_expert_counts)
+//   up       = GroupedMatmul(d.recv_x, w_up, d.recv_expert_counts)
+//   act      = RunFusion(silu(gate) * up)                   [rows, I]
+//   down     = GroupedMatmul(act, w_down, d.recv_expert_counts)
+//   out      = MoeCombine(down, d, topk_weights, T)         [T, H]
+//
+// Inputs, in order: x [T, H], router_w [E, H], w_gate [L, H, I],
+// w_up [L, H, I], w_down [L, I, H] (all of `dtype`; router_w is the same on
+// every rank, the expert weights are this rank's L experts). Outputs, in
+// order: out [T, H] (dtype), topk_idx [T, K] i64, topk_weights [T, K] f32.
+//
+// With the cuda backend, dispatch returns C capacity rows; the rows past
+// each rank's valid count are padding that the grouped matmuls and the
+// activation process (cheaply or not at all) and combine never reads.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <memory>
+
+#include <hostfuse/host_ir/container.h>
+#include <hostfuse/ir/data_type.h>
+#include <hostfuse/multidevice/moe/nodes.h>
+
+namespace hostfuse {
+
+struct MoeLayerConfig {
+  int64_t hidden = 0;         // H
+  int64_t intermediate = 0;   // I
+  int64_t num_experts = 0;    // E
+  int64_t local_experts = 0;  // L = E / R
+  int64_t topk = 0;           // K
+  DataType dtype = DataType::BFloat16;
+  MoeBackend backend = MoeBackend::Collective;
+  // Divide the top-k scores of a token by their sum.
+  bool renormalize = true;
+  // Rows per receiving rank with backend=cuda; 0 is the worst case.
+  int64_t capacity = 0;
+};
+
+std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
+    const MoeLayerConfig& config);
+
+// The fusion of the activation: act = silu(gate) * up, computed in fp32 and
+// rounded to `dtype`; inputs gate, up [rows, I].
+std::shared_ptr<Fusion> makeSiluMulFusion(int64_t intermediate, DataType dtype);
+
+// The layer's output for this rank's tokens, from plain ATen token by token:
+// out[t] = sum_k topk_weights[t, k] * expert(topk_idx[t, k], x[t]) with
+// expert(e, v) = ((silu(v W_gate[e]) * (v W_up[e])) W_down[e]), computed in
+// fp32 from the inputs' values and rounded to x's dtype. `w_gate`, `w_up`,
+// `w_down` hold every expert's weights ([E, ...], all ranks' in rank
+// order); topk_idx/topk_weights are the routing to follow (what the
+// program returned; moeRoutingError checks the router itself). A pick of
+// -1 contributes nothing. Runs on x's device.
+at::Tensor moeLayerReference(const at::Tensor& x, const at::Tensor& topk_idx,
+                             const at::Tensor& topk_weights,
+                             const at::Tensor& w_gate, const at::Tensor& w_up,
+                             const at::Tensor& w_down);
+
+// How far the routing the program returned is from the router recomputed
+// with ATen (at::linear and at::softmax in fp32): the largest of (a) an
+// unpicked expert's score minus the smallest picked score of its token (a
+// pick that is not top-k; ties are fine) and (b) the difference between a
+// weight and its (renormalized) picked score. 0 when exact; compare with a
+// tolerance that fits the dtype.
+double moeRoutingError(const at::Tensor& x, const at::Tensor& router_w,
+                       const at::Tensor& topk_idx,
+                       const at::Tensor& topk_weights, bool renormalize);
+
+}  // namespace hostfuse

@@ -1,0 +1,174 @@
+#include <hostfuse/ir/grouped_matmul.h>
+
+#include <ATen/ATen.h>
+
+#include <hostfuse/ir/container.h>
+#include <hostfuse/ir/operand_checks.h>
+#include <hostfuse/ir/ops.h>
+#include <hostfuse/utils/torch_cuda.h>
+
+namespace hostfuse {
+
+GroupedMatmul::GroupedMatmul(TensorView* out, TensorView* x,
+                             TensorView* weights, TensorView* group_counts) {
+  addOutput(out);
+  addInput(x);
+  addInput(weights);
+  addInput(group_counts);
+}
+
+std::string GroupedMatmul::toInlineString() const {
+  return out()->toString() + " = GroupedMatmul(x=" + x()->toString() +
+         ", weights=" + weights()->toString() +
+         ", group_counts=" + groupCounts()->toString() + ")";
+}
+
+void GroupedMatmul::validate() const {
+  checkFloating(this, "x", x(), 2);
+  checkFloating(this, "weights", weights(), 3);
+  HF_CHECK(weights()->dtype() == x()->dtype(), "GroupedMatmul: weights ",
+           weights()->toDeclString(), " must have x's dtype ", x()->dtype());
+  checkSameExtent(this, x()->extent(1), "the width H of x",
+                  weights()->extent(1), "dim 1 of weights");
+  checkInt64(this, "group_counts", groupCounts(), 1);
+  checkSameExtent(this, weights()->extent(0), "the groups of weights",
+                  groupCounts()->extent(0), "the length of group_counts");
+  checkFloating(this, "out", out(), 2);
+  HF_CHECK(out()->dtype() == x()->dtype(), "GroupedMatmul: out ",
+           out()->toDeclString(), " must have x's dtype ", x()->dtype());
+}
+
+bool groupedMatmulRunsOnDevice(at::ScalarType dtype, const at::Device& device,
+                               int64_t hidden, int64_t n, int64_t groups,
+                               std::string* why_not) {
+  std::string reason;
+  if (!device.is_cuda()) {
+    reason = "it runs on " + device.str() + ", not on a GPU";
+  } else if (dtype != at::kBFloat16) {
+    reason = toString("its dtype is ", dtype, ", not bf16");
+  } else if (hidden >= 0 && hidden % 8 != 0) {
+    reason = toString("H = ", hidden, " is not a multiple of 8");
+  } else if (n >= 0 && n % 8 != 0) {
+    reason = toString("N = ", n, " is not a multiple of 8");
+  } else if (groups >= 1024) {
+    reason = toString("it has ", groups, " groups (at most 1023)");
+  } else if (cuda::isAvailable()) {
+    const int index =
+        device.has_index() ? device.index() : cuda::currentDevice();
+    const auto [major, minor] = cuda::computeCapability(index);
+    if (major != 9 && major != 10) {
+      reason = toString("GPU ", index, " has compute capability ", major, ".",
+                        minor, " (at::_grouped_mm needs 9.x or 10.x)");
+    }
+  }
+  if (why_not != nullptr) {
+    *why_not = reason;
+  }
+  return reason.empty();
+}
+
+namespace {
+
+// Makes `t` contiguous with a 16-byte aligned start (TMA loads need both).
+at::Tensor aligned(const at::Tensor& t) {
+  at::Tensor result = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(result.data_ptr()) % 16 != 0) {
+    result = result.clone();
+  }
+  return result;
+}
+
+at::Tensor groupedMatmulOnDevice(const at::Tensor& x, const at::Tensor& weights,
+                                 const at::Tensor& counts) {
+  const int64_t rows = x.size(0);
+  if (rows == 0) {
+    return at::empty({0, weights.size(2)}, x.options());
+  }
+  // Group ends on the device, made monotone and cut at x's rows so that no
+  // count can make the kernel read or write past x or out.
+  const at::Tensor ends =
+      counts.clamp_min(0).cumsum(0).clamp_max(rows).to(at::kInt);
+  return at::_grouped_mm(aligned(x), aligned(weights), ends);
+}
+
+}  // namespace
+
+std::vector<std::string> GroupedMatmul::captureProblems(
+    const at::Device& device) const {
+  auto size = [](const Scalar* extent) {
+    return extent->constantInt().value_or(-1);
+  };
+  std::string why_not;
+  if (groupedMatmulRunsOnDevice(
+          toScalarType(x()->dtype()), device, size(x()->extent(1)),
+          size(weights()->extent(2)), size(weights()->extent(0)), &why_not)) {
+    return {};
+  }
+  return {
+      "reads group_counts on the host (a device synchronization), "
+      "because " +
+      why_not};
+}
+
+std::vector<c10::IValue> GroupedMatmul::evaluate(
+    const std::vector<c10::IValue>& inputs) const {
+  const at::Tensor x = inputs.at(0).toTensor();
+  const at::Tensor weights = inputs.at(1).toTensor();
+  const at::Tensor counts = inputs.at(2).toTensor();
+  HF_CHECK(counts.dim() == 1 && counts.size(0) == weights.size(0),
+           "GroupedMatmul: group_counts has ", counts.numel(),
+           " entries but weights has ", weights.size(0), " groups");
+  HF_CHECK(weights.size(1) == x.size(1), "GroupedMatmul: weights ",
+           weights.sizes(), " do not fit the width ", x.size(1), " of x");
+  std::string why_not;
+  if (counts.device() == x.device() && weights.device() == x.device() &&
+      groupedMatmulRunsOnDevice(x.scalar_type(), x.device(), x.size(1),
+                                weights.size(2), weights.size(0), &why_not)) {
+    return {groupedMatmulOnDevice(x, weights, counts)};
+  }
+  if (counts.is_cuda()) {
+    HF_CHECK(
+        !cuda::isCapturing(counts.device().index()), toInlineString(),
+        " cannot run inside a CUDA graph capture: it would read "
+        "group_counts on the host, because ",
+        why_not.empty() ? "its operands are on different devices" : why_not);
+  }
+  const at::Tensor host_counts = counts.to(at::kCPU);
+  const int64_t rows = x.size(0);
+  at::Tensor out = at::empty({rows, weights.size(2)}, x.options());
+  int64_t offset = 0;
+  for (int64_t g = 0; g < host_counts.size(0); ++g) {
+    const int64_t group_rows = host_counts[g].item<int64_t>();
+    HF_CHECK(group_rows >= 0 && offset + group_rows <= rows,
+             "GroupedMatmul: group_counts ", host_counts.sizes(),
+             " does not fit the ", rows, " rows of x (group ", g, " has ",
+             group_rows, " rows at offset ", offset, ")");
+    if (group_rows > 0) {
+      at::Tensor group_out = out.narrow(0, offset, group_rows);
+      at::matmul_out(group_out, x.narrow(0, offset, group_rows), weights[g]);
+    }
+    offset += group_rows;
+  }
+  if (offset < rows) {
+    out.narrow(0, offset, rows - offset).zero_();
+  }
+  return {out};
+}
+
+TensorView* groupedMatmul(TensorView* x, TensorView* weights,
+                          TensorView* group_counts) {
+  HF_CHECK(x != nullptr && weights != nullptr && group_counts != nullptr,
+           "groupedMatmul: an operand is null");
+  HF_CHECK(x->rank() == 2, "groupedMatmul: x ", x->toDeclString(),
+           " must have rank 2, got rank ", x->rank());
+  HF_CHECK(weights->rank() == 3, "groupedMatmul: weights ",
+           weights->toDeclString(), " must have rank 3 ([L, H, N]), got rank ",
+           weights->rank());
+  TensorView* out = makeTensor({x->extent(0), weights->extent(2)}, x->dtype());
+  IrBuilder::create<GroupedMatmul>(out, x, weights, group_counts);
+  return out;
+}
+
+HF_DEFINE_EXPR(GroupedMatmul)
+
+}  // namespace hostfuse

@@ -1,0 +1,70 @@
+// GroupedMatmul: one matmul per group of consecutive rows, the per-expert
+// computation of an MoE layer on dispatch's expert-major rows. A
+// single-device op: it knows nothing of ranks or backends.
+#pragma once
+
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <string>
+
+#include <hostfuse/ir/base_nodes.h>
+#include <hostfuse/ir/values.h>
+
+namespace hostfuse {
+
+// Runs one grouped matmul: rows [offset_l, offset_l + counts[l]) of x times
+// weights[l], where offset is the exclusive cumsum of group_counts. The
+// per-expert computation of an MoE layer on dispatch's expert-major rows.
+// x [rows, H] floating, weights [L, H, N] of x's dtype, group_counts [L]
+// i64 summing to at most rows; out [rows, N]. Rows past the sum (the
+// capacity padding of the cuda MoE backend) are not read as valid: their
+// output is unspecified (zeros on the host path, untouched memory on the
+// device path).
+//
+// Two paths, chosen by groupedMatmulRunsOnDevice():
+//   device  at::_grouped_mm with the group ends (inclusive cumsum of the
+//           counts, int32) computed on the device: no host synchronization,
+//           so it can be captured in a CUDA graph. Counts are trusted there
+//           (checking them would need the host): a negative count reads as
+//           0, and groups past x's rows are cut at its end.
+//   host    one matmul per group; reads the counts on the host (a device
+//           synchronization for CUDA counts), checks that they are >= 0 and
+//           fit x's rows.
+class GroupedMatmul : public Expr {
+ public:
+  GroupedMatmul(TensorView* out, TensorView* x, TensorView* weights,
+                TensorView* group_counts);
+  HF_DECLARE_EXPR(GroupedMatmul)
+  // Capturable on its device path only (groupedMatmulRunsOnDevice, with
+  // the sizes known when the program is built).
+  std::vector<std::string> captureProblems(
+      const at::Device& device) const override;
+
+  TensorView* out() const { return output(0)->as<TensorView>(); }
+  TensorView* x() const { return input(0)->as<TensorView>(); }
+  TensorView* weights() const { return input(1)->as<TensorView>(); }
+  TensorView* groupCounts() const { return input(2)->as<TensorView>(); }
+
+  std::string toInlineString() const override;
+  void validate() const override;
+  std::vector<c10::IValue> evaluate(
+      const std::vector<c10::IValue>& inputs) const override;
+};
+
+// Whether GroupedMatmul takes its device path for operands of `dtype` on
+// `device` with widths H (`hidden`) and N and L (`groups`): CUDA, bf16, a
+// GPU of compute capability 9.x or 10.x (what at::_grouped_mm's kernels
+// need), H and N multiples of 8 (16-byte rows), L < 1024. Pass -1 for a
+// size that is not known (it is not checked then), and the device's
+// capability is only checked when a GPU is visible. When false, `why_not`
+// (if given) says which condition failed.
+bool groupedMatmulRunsOnDevice(at::ScalarType dtype, const at::Device& device,
+                               int64_t hidden, int64_t n, int64_t groups,
+                               std::string* why_not = nullptr);
+
+// Builds a GroupedMatmul in the active container (see FusionGuard).
+TensorView* groupedMatmul(TensorView* x, TensorView* weights,
+                          TensorView* group_counts);
+
+}  // namespace hostfuse

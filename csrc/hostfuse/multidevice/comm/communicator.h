@@ -1,0 +1,169 @@
+// Communicator: this process's place among the ranks of a multi-process run,
+// and the c10d backends that move tensors between them.
+//
+//   Communicator& comm = Communicator::getInstance();
+//   c10d::Backend& backend = comm.backend(x.device().type());
+//   ...
+//   comm.shutdown();  // once, at the end of the program
+//
+// A communicator comes from one of two places:
+//
+// * The launcher's environment (getInstance(), or a CommunicatorConfig):
+//     torchrun  RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+//               MASTER_PORT (and TORCHELASTIC_USE_AGENT_STORE: torchrun's
+//               agent already serves the store at MASTER_ADDR:MASTER_PORT)
+//     OpenMPI   OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE,
+//               OMPI_COMM_WORLD_LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_SIZE; rank
+//               0 serves the store at MASTER_ADDR (default 127.0.0.1) and
+//               MASTER_PORT (default kDefaultMasterPort)
+//     neither   a world of one rank, with an in-process store.
+//   Ranks rendezvous through a c10d TCPStore. A backend per device type is
+//   created on first use, by every rank at the same point of the program:
+//   Gloo for CPU tensors, NCCL for CUDA tensors. On machines with GPUs the
+//   constructor makes GPU `local rank` the current CUDA device.
+//
+// * A c10d process group the program already has: one of torch.distributed's
+//   (the default group, or a subgroup such as the expert-parallel group of a
+//   2-D mesh), or one that newGroup() made. Rank and size are the group's,
+//   the backends are the group's own (hostfuse creates none and shuts none
+//   down), the store is the group's, and the device is the group's bound
+//   device, else the current CUDA device, else the CPU.
+//
+// HOSTFUSE_COMM_TIMEOUT_S (default 300) bounds every collective of the
+// backends hostfuse creates, so a rank whose peer died fails instead of
+// waiting forever.
+#pragma once
+
+#include <c10/core/Device.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include <vector>
+
+namespace hostfuse {
+
+// Where a communicator's ranks come from: a launcher's environment (None: a
+// world of one), or a process group given to the constructor.
+enum class Launcher { None, Torchrun, OpenMpi, ProcessGroup };
+
+const char* toString(Launcher launcher);
+
+struct CommunicatorConfig {
+  // c10d's default port; what an OpenMPI run uses without MASTER_PORT.
+  static constexpr int kDefaultMasterPort = 29500;
+  static constexpr int64_t kDefaultTimeoutSeconds = 300;
+
+  Launcher launcher = Launcher::None;
+  int64_t rank = 0;
+  int64_t size = 1;
+  int64_t local_rank = 0;
+  int64_t local_size = 1;
+  std::string master_addr = "127.0.0.1";
+  int master_port = kDefaultMasterPort;
+  // True when the store already runs elsewhere (torchrun's agent), so rank 0
+  // connects to it instead of serving it.
+  bool store_is_external = false;
+  std::chrono::milliseconds timeout =
+      std::chrono::seconds(kDefaultTimeoutSeconds);
+
+  // Reads the variables listed at the top of this file. A variable that is
+  // set but malformed, or a launcher's set that is incomplete, is an error
+  // naming the variable.
+  static CommunicatorConfig fromEnvironment();
+};
+
+class Communicator {
+ public:
+  explicit Communicator(CommunicatorConfig config);
+  // Over the ranks of `group` (not null), through its own backends and store.
+  // From Python, a torch.distributed group converts to this type.
+  explicit Communicator(c10::intrusive_ptr<c10d::ProcessGroup> group);
+  ~Communicator();
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  // The process-wide communicator, made from the environment on the first
+  // call. It lives until the process exits; call shutdown() before that.
+  static Communicator& getInstance();
+
+  int64_t rank() const { return config_.rank; }
+  int64_t size() const { return config_.size; }
+  // This process's place among the ranks on its host, from the launcher's
+  // environment; a process group's communicator does not know them and
+  // says 0 and 1.
+  int64_t localRank() const { return config_.local_rank; }
+  int64_t localSize() const { return config_.local_size; }
+  Launcher launcher() const { return config_.launcher; }
+  const CommunicatorConfig& config() const { return config_; }
+
+  // The device this rank computes on: GPU `local rank` on machines with
+  // GPUs, else the CPU.
+  at::Device device() const { return device_; }
+
+  // A name every rank of this communicator agrees on, and that differs
+  // between communicators that share a store: "world" for the launcher's,
+  // the group's name for a process group's.
+  const std::string& name() const { return name_; }
+
+  // The backend that communicates tensors of `device_type` (Gloo for CPU,
+  // NCCL for CUDA): for the launcher's communicator, created on first use,
+  // and every rank must ask for it at the same point of the program
+  // (creating it is a rendezvous); for a process group's, the group's.
+  c10d::Backend& backend(c10::DeviceType device_type);
+
+  // The key-value store all ranks rendezvous through (the cuda MoE backend
+  // exchanges its memory handles over it). An error after shutdown(), or
+  // when the process group given has none.
+  c10::intrusive_ptr<c10d::Store> store() const;
+
+  // "<kind>/<name()>/<n>", n counting this communicator's earlier calls with
+  // `kind`: a tag that every rank computes alike when they create things in
+  // the same order, and that no other communicator produces.
+  std::string nextTag(const std::string& kind);
+
+  // A process group over `ranks` (ranks of this communicator, distinct, in
+  // the order that sets the new group's ranks), like torch.distributed's
+  // new_group: Gloo for CPU tensors and, on machines with GPUs, NCCL for
+  // CUDA tensors, bound to device(). Every rank in `ranks` must call it with
+  // the same list at the same point of the program (creating it is a
+  // rendezvous); ranks outside it need not call it. Pass the result to the
+  // Communicator constructor to run MoE programs over the subgroup.
+  c10::intrusive_ptr<c10d::ProcessGroup> newGroup(
+      const std::vector<int64_t>& ranks);
+
+  // Waits until every rank has arrived, on the backend of device().
+  void barrier();
+
+  // Waits for every rank, then releases the backends and the store (a
+  // process group's backends are only let go of, not shut down: they are
+  // the group owner's). Later calls of backend() fail. Calling it again does
+  // nothing.
+  void shutdown();
+  bool isShutDown() const { return shut_down_; }
+
+ private:
+  c10::intrusive_ptr<c10d::Store> createStore() const;
+  // Whether Gloo backends hostfuse creates bind to 127.0.0.1.
+  bool useLoopback() const;
+
+  const CommunicatorConfig config_;
+  // Set when the communicator is a process group's.
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  std::string name_ = "world";
+  at::Device device_ = at::kCPU;
+  std::mutex mutex_;
+  c10::intrusive_ptr<c10d::Store> store_;
+  std::map<c10::DeviceType, c10::intrusive_ptr<c10d::Backend>> backends_;
+  std::map<std::string, int64_t> tags_;
+  // newGroup()'s calls per rank list, for distinct store prefixes.
+  std::map<std::vector<int64_t>, int64_t> groups_made_;
+  bool shut_down_ = false;
+};
+
+}  // namespace hostfuse

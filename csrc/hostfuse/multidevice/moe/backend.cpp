@@ -1,0 +1,60 @@
+#include <hostfuse/multidevice/moe/backend.h>
+
+#include <hostfuse/multidevice/moe/collective/runtime.h>
+#include <hostfuse/multidevice/moe/cuda/runtime.h>
+#include <hostfuse/utils/exceptions.h>
+
+// A backend missing from the switch below must not compile, whatever the
+// warning flags of the build.
+#pragma GCC diagnostic error "-Wswitch"
+
+namespace hostfuse {
+
+namespace {
+
+// The one switch over MoeBackend: no default, so that a new enumerator is a
+// compile error here until its backend is named. nullptr for a value that is
+// not an enumerator.
+const MoeBackendInfo* findInfo(MoeBackend backend) {
+  switch (backend) {
+    case MoeBackend::Collective:
+      return &collectiveMoeBackendInfo();
+    case MoeBackend::Cuda:
+      return &cudaMoeBackendInfo();
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+const MoeBackendInfo& moeBackendInfo(MoeBackend backend) {
+  const MoeBackendInfo* info = findInfo(backend);
+  HF_ERROR(info != nullptr, "MoeBackend ", static_cast<int>(backend),
+           " is not a backend");
+  HF_ERROR(info->backend == backend, "the info of MoeBackend ",
+           static_cast<int>(backend), " describes another backend");
+  return *info;
+}
+
+std::vector<MoeBackend> allMoeBackends() {
+  std::vector<MoeBackend> backends;
+  for (int i = 0; findInfo(static_cast<MoeBackend>(i)) != nullptr; ++i) {
+    backends.push_back(static_cast<MoeBackend>(i));
+  }
+  return backends;
+}
+
+const char* toString(MoeBackend backend) {
+  return moeBackendInfo(backend).name;
+}
+
+std::optional<MoeBackend> parseMoeBackend(std::string_view name) {
+  for (const MoeBackend backend : allMoeBackends()) {
+    if (name == moeBackendInfo(backend).name) {
+      return backend;
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace hostfuse

@@ -1,0 +1,68 @@
+// The collective backend's algorithm: eager, exact row counts, payload moved
+// with c10d alltoall_base (Gloo for CPU tensors, NCCL for CUDA tensors). No
+// IR here; CollectiveMoeRuntime (runtime.h beside this file) calls these.
+//
+// Notation: R ranks, T tokens on this rank, H hidden size, K picks per
+// token, E experts (E % R == 0), L = E / R local experts; expert e lives on
+// rank e / L. A (token, pick) pair with topk_idx == -1 is masked: it is not
+// sent and adds nothing to the combine.
+//
+// Dispatch, on every rank:
+//  1. check the inputs (status words, multidevice/moe/input_checks.h) and
+//     count the rows for each destination rank, on the device;
+//  2. exchange [status, E, H, dtype, T, K, rows to each rank] with every
+//     rank: one all-to-all of a small i64 tensor, then one copy to the host
+//     (the only host synchronization, needed for alltoall_base's split
+//     sizes); every rank raises the same error if any rank's input is bad;
+//  3. sort the unmasked pairs by expert (hence by destination rank), then
+//     by token, and send each pair's row of x with its (token, pick, expert)
+//     and weight, packed as bytes in one alltoall_base;
+//  4. on the receiver, order the rows expert-major: by local expert, then
+//     source rank, then source token (a stable sort by local expert of rows
+//     that arrive grouped by source rank in (expert, token) order).
+// Combine, on every rank:
+//  1. check the expert outputs against the layout dispatch returned;
+//  2. exchange [status, T, K, H', rows to/from each rank, largest token and
+//     pick index per source rank] with every rank, copy it to the host once;
+//     every rank checks that the layout matches across ranks (what rank i
+//     holds from rank j is what j sent to i) and that every row names a
+//     token and pick its source rank has;
+//  3. send every row back to its source rank with its (token, pick);
+//  4. put every returned row into its (token, pick) slot, then per token
+//     acc = +0; for k = 0..K-1: acc = acc + w[t, k] * row(t, k), in fp32,
+//     each product and sum rounded on its own; cast to expert_out's dtype.
+//     This is the cuda backend's order, so both give the same bits.
+// Dispatch and combine are collectives: every rank calls them in the same
+// order, with tensors of one device type.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include <hostfuse/multidevice/comm/communicator.h>
+#include <hostfuse/multidevice/moe/runtime.h>
+
+namespace hostfuse {
+
+// Sends every unmasked (token, pick) of this rank to the rank of its expert.
+// x [T, H] floating; topk_idx [T, K] i64 or i32; topk_weights [T, K]
+// floating or nullopt. Errors (on every rank alike) name the argument and
+// the rank whose input is bad.
+MoeDispatchOutput dispatchCollective(
+    const at::Tensor& x, const at::Tensor& topk_idx,
+    const std::optional<at::Tensor>& topk_weights, int64_t num_experts,
+    Communicator& communicator);
+
+// Returns combined [num_tokens, H'] in expert_out's dtype, where
+// combined[t] = sum over unmasked k of w[t, k] * expert_out row of (t, k),
+// w = topk_weights (1 without), accumulated in fp32 in pick order k = 0,
+// 1, ... without fused multiply-adds (fp64 for fp64 rows). expert_out
+// [rows, H'] must be in the layout `layout` describes.
+at::Tensor combineCollective(const at::Tensor& expert_out,
+                             const MoeLayout& layout,
+                             const std::optional<at::Tensor>& topk_weights,
+                             int64_t num_tokens, int64_t num_experts,
+                             Communicator& communicator);
+
+}  // namespace hostfuse

@@ -1,0 +1,1022 @@
+// CUDA-backend MoE dispatch: one cooperative kernel per call.
+//
+//   route    count the picks per expert and give every pick its position
+//            among this rank's rows of its expert (token order). Few picks
+//            (T K <= kLocalRoutePicks): every block does it for all tokens
+//            on its own, keeps the positions in shared memory, and blocks
+//            0 .. R-1 each publish the count row to one peer at once. Many
+//            picks: every block counts its own range of tokens, and after
+//            a grid barrier block 0 publishes the totals while every block
+//            makes its positions final (a second barrier before pushing);
+//   offsets  every block waits for all R count rows, then derives where
+//            this rank's rows start in every receiver's expert-major buffer
+//            (sender view) and where each source's rows start here
+//            (receiver view);
+//   push     the push blocks form one group per peer; a group's warps walk
+//            the tokens in order and send each token that has picks on the
+//            peer once (into the row of its pick with the smallest local
+//            expert there), then every such pick's metadata, whose epoch,
+//            stored last with a release, says the row is there. The other
+//            (local) blocks write this rank's own rows, one per pick;
+//   expand   every warp then claims received rows, segment by segment
+//            (source, local expert), in arrival order; waits for the row's
+//            epoch; writes its provenance and its route entry (for the
+//            combine), and copies the token into it when another row
+//            carried it.
+// docs/moe_cuda.md has the picture, the flags and the epochs.
+#include <climits>
+#include <cstdio>
+
+#include <hostfuse/multidevice/moe/cuda/kernels/device_utils.cuh>
+
+namespace hostfuse::moe {
+
+namespace {
+
+using device::arriveLast;
+using device::beginCall;
+using device::blockWaitForPeers;
+using device::CallStart;
+using device::copyUnits;
+using device::fenceAcqRelSys;
+using device::flagAt;
+using device::globalTimerNs;
+using device::gridArrive;
+using device::gridWait;
+using device::kFullMask;
+using device::loadVolatile;
+using device::profileMark;
+using device::PushGroup;
+using device::recordStatus;
+using device::storeReleaseSys;
+using device::WaitContext;
+using device::waitForFlag;
+
+constexpr int kOpDispatch = 1;
+
+__host__ __device__ inline size_t countRowBytes(int num_experts) {
+  return roundUp(sizeof(CountRowHeader) + sizeof(int32_t) * num_experts, 16);
+}
+
+__host__ __device__ inline size_t tablesBytes(int num_experts) {
+  // offset, recv_start (int64), colsum, recv_count (int32), route (int32 per
+  // warp); R * L = E.
+  return roundUp((8 + 8 + 4 + 4 + 4 * kWarpsPerBlock) * size_t(num_experts),
+                 16);
+}
+
+constexpr size_t kPositionsBytes = sizeof(int32_t) * kLocalRoutePicks;
+
+struct DispatchShared {
+  int64_t* offset;      // [E]: this rank's first row of expert x on its rank
+  int64_t* recv_start;  // [R * L]: first row here of source s, expert l
+  int32_t* colsum;      // [E]: the block's counts, then all sources' rows
+  int32_t* recv_count;  // [R * L]: rows here of source s, expert l
+  int32_t* route;       // [kWarpsPerBlock, E]: per-warp counts, then bases
+  int32_t* positions;   // [kLocalRoutePicks]: pick positions (local route)
+  char* row;            // the count row this block publishes
+};
+
+__device__ DispatchShared carveShared(unsigned char* raw, int num_experts) {
+  DispatchShared shared;
+  shared.offset = reinterpret_cast<int64_t*>(raw);
+  shared.recv_start = shared.offset + num_experts;
+  shared.colsum = reinterpret_cast<int32_t*>(shared.recv_start + num_experts);
+  shared.recv_count = shared.colsum + num_experts;
+  shared.route = shared.recv_count + num_experts;
+  shared.positions = reinterpret_cast<int32_t*>(raw + tablesBytes(num_experts));
+  shared.row =
+      reinterpret_cast<char*>(raw + tablesBytes(num_experts) + kPositionsBytes);
+  return shared;
+}
+
+__device__ __forceinline__ char* countRowAt(void* control,
+                                            const ControlLayout& layout,
+                                            int parity, int source,
+                                            int world_size) {
+  return static_cast<char*>(control) + layout.count_rows +
+         (static_cast<size_t>(parity) * world_size + source) *
+             layout.count_row_bytes;
+}
+
+// The count rows of one epoch parity in this rank's control buffer: peer
+// s's header, and its E counts right after it.
+struct CountRows {
+  void* control;
+  ControlLayout layout;
+  int parity;
+  int world_size;
+  __device__ __forceinline__ char* row(int source) const {
+    return countRowAt(control, layout, parity, source, world_size);
+  }
+  __device__ __forceinline__ const int32_t* counts(int source) const {
+    return reinterpret_cast<const int32_t*>(row(source) +
+                                            sizeof(CountRowHeader));
+  }
+};
+
+__device__ __forceinline__ RowMeta* metaAt(void* recv, size_t meta_offset,
+                                           int64_t row) {
+  return reinterpret_cast<RowMeta*>(static_cast<char*>(recv) + meta_offset) +
+         row;
+}
+
+// Error key: the smallest (token, pick) with a bad id wins, as if every
+// token were checked pick by pick in order.
+__device__ __forceinline__ unsigned long long errorKey(int64_t token, int pick,
+                                                       int code) {
+  return (static_cast<unsigned long long>(token) << 16) |
+         (static_cast<unsigned long long>(pick) << 8) |
+         static_cast<unsigned long long>(code);
+}
+
+// A range of tokens counted by one block: [first, last), its warp w the
+// sub-range [first + w * tokens_per_warp, ...). A pick's position is the
+// number of picks of its expert in earlier tokens (ids are distinct within
+// a token), so it is the sum of: the earlier blocks' counts of the expert
+// (grid route only), the earlier warps' counts in the block, and its
+// position among its warp's picks of the expert.
+struct TokenRange {
+  int64_t first;
+  int64_t last;
+  int64_t tokens_per_warp;
+};
+
+__device__ TokenRange warpSplit(int64_t first, int64_t last) {
+  const int64_t tokens = last - first;
+  TokenRange range;
+  range.first = first;
+  range.last = last;
+  range.tokens_per_warp =
+      max(int64_t{1}, (tokens + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  return range;
+}
+
+// Grid route: block b's share of the tokens.
+__device__ TokenRange blockTokens(int64_t tokens) {
+  const int64_t per_block =
+      max(int64_t{1}, (tokens + gridDim.x - 1) / gridDim.x);
+  const int64_t first =
+      min(tokens, static_cast<int64_t>(blockIdx.x) * per_block);
+  return warpSplit(first, min(tokens, first + per_block));
+}
+
+// Warp w's picks in (token, pick) order, whole tokens at a time: 32 / K
+// tokens per step, lane = token slot * K + pick. Calls visit(q, t, k, id)
+// in every lane (t = -1 in lanes without a pick: past the tokens, or past
+// 32 / K * K). Warp-uniform trip count. The ids of kIdBatch steps are
+// loaded at once, so that their latencies overlap.
+constexpr int kIdBatch = 8;
+
+template <typename IdxT, typename Visit>
+__device__ __forceinline__ void forWarpPicks(const DispatchParams& p,
+                                             const TokenRange& range,
+                                             Visit&& visit) {
+  const IdxT* idx = static_cast<const IdxT*>(p.topk_idx);
+  const int K = p.common.topk;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int per_step = 32 / K;
+  const int k = lane % K;
+  const bool slot = lane < per_step * K;
+  const int64_t first =
+      min(range.last, range.first + warp * range.tokens_per_warp);
+  const int64_t last = min(range.last, first + range.tokens_per_warp);
+  for (int64_t batch = first; batch < last; batch += kIdBatch * per_step) {
+    int64_t ids[kIdBatch];
+#pragma unroll
+    for (int i = 0; i < kIdBatch; ++i) {
+      const int64_t t = batch + i * per_step + lane / K;
+      ids[i] = slot && t < last ? static_cast<int64_t>(idx[t * K + k]) : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < kIdBatch; ++i) {
+      const int64_t base = batch + i * per_step;
+      if (base >= last) {
+        break;  // warp-uniform
+      }
+      const int64_t t = base + lane / K;
+      const bool has = slot && t < last;
+      visit(t * K + k, has ? t : int64_t{-1}, k, ids[i]);
+    }
+  }
+}
+
+// Block-wide, over `range`: validation (ids in [-1, E), no expert twice in
+// a token; the smallest error key into *error_key), each pick's position
+// among its warp's picks of its expert into positions[q], in
+// shared.route[w][e] the exclusive base of warp w within the block and in
+// shared.colsum[e] the block's count of expert e. One pass over the ids:
+// lanes naming the same expert find each other with match_any.
+template <typename IdxT>
+__device__ void countRange(const DispatchParams& p,
+                           const DispatchShared& shared,
+                           const TokenRange& range, int32_t* positions,
+                           unsigned long long* error_key, uint64_t* prof) {
+  const int E = p.num_experts;
+  const int K = p.common.topk;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const unsigned lower_lanes = (1u << lane) - 1;
+
+  if (threadIdx.x == 0) {
+    *error_key = ULLONG_MAX;
+  }
+  for (int i = threadIdx.x; i < kWarpsPerBlock * E; i += blockDim.x) {
+    shared.route[i] = 0;
+  }
+  __syncthreads();
+
+  int32_t* counts = shared.route + warp * E;
+  unsigned long long warp_error = ULLONG_MAX;
+  forWarpPicks<IdxT>(p, range, [&](int64_t q, int64_t t, int k, int64_t id) {
+    const bool valid = t >= 0 && id >= 0 && id < E;
+    const int expert = valid ? static_cast<int>(id) : -1;
+    // The same expert twice in one token: same (token slot, expert).
+    const int key = valid ? (lane / K) * E + expert : -1 - lane;
+    const unsigned same = __match_any_sync(kFullMask, key);
+    const bool repeat = valid && (same & lower_lanes) != 0;
+    if (t >= 0 && (id < -1 || id >= E)) {
+      warp_error = min(warp_error, errorKey(t, k, kStatusBadExpertId));
+    } else if (repeat) {
+      warp_error = min(warp_error, errorKey(t, k, kStatusDuplicateExpert));
+    }
+    const unsigned group = __match_any_sync(kFullMask, expert);
+    const unsigned before = group & lower_lanes;
+    if (valid) {
+      positions[q] = counts[expert] + __popc(before);
+    }
+    __syncwarp();
+    if (valid && before == 0) {
+      counts[expert] += __popc(group);
+    }
+    __syncwarp();
+  });
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    warp_error =
+        min(warp_error, __shfl_xor_sync(kFullMask, warp_error, offset));
+  }
+  if (lane == 0 && warp_error != ULLONG_MAX) {
+    atomicMin(error_key, warp_error);
+  }
+  __syncthreads();
+  profileMark(prof, kDispatchValidated);
+
+  // Per expert: the warps' exclusive bases in place, the block's total.
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int32_t running = 0;
+    for (int w = 0; w < kWarpsPerBlock; ++w) {
+      const int32_t count = shared.route[w * E + e];
+      shared.route[w * E + e] = running;
+      running += count;
+    }
+    shared.colsum[e] = running;
+  }
+  __syncthreads();
+}
+
+// Thread 0: the count row's header from the smallest error key.
+template <typename IdxT>
+__device__ void fillHeader(const DispatchParams& p, CountRowHeader* header,
+                           unsigned long long error_key) {
+  header->code = kStatusOk;
+  header->pick = -1;
+  header->token = -1;
+  header->value = 0;
+  header->tokens = p.tokens;
+  if (error_key != ULLONG_MAX) {
+    const int64_t token = static_cast<int64_t>(error_key >> 16);
+    const int pick = static_cast<int>((error_key >> 8) & 0xff);
+    header->code = static_cast<int32_t>(error_key & 0xff);
+    header->pick = pick;
+    header->token = token;
+    header->value = static_cast<int64_t>(
+        static_cast<const IdxT*>(p.topk_idx)[token * p.common.topk + pick]);
+  }
+}
+
+// Warp 0: stores shared.row (complete: after a block barrier) into slot
+// [parity][rank] of peers first_peer, first_peer + step, ... and raises
+// their count flags.
+__device__ void publishCountRow(const DispatchParams& p,
+                                const DispatchShared& shared, uint64_t epoch,
+                                int first_peer, int step, uint64_t* prof) {
+  const CommonParams& c = p.common;
+  const int lane = threadIdx.x & 31;
+  if (threadIdx.x >= 32 || first_peer >= c.world_size) {
+    return;
+  }
+  const int parity = static_cast<int>(epoch & 1);
+  const int vectors = static_cast<int>(c.layout.count_row_bytes / 16);
+  for (int peer = first_peer; peer < c.world_size; peer += step) {
+    auto* destination = reinterpret_cast<int4*>(
+        countRowAt(c.control[peer], c.layout, parity, c.rank, c.world_size));
+    for (int i = lane; i < vectors; i += 32) {
+      destination[i] = reinterpret_cast<const int4*>(shared.row)[i];
+    }
+  }
+  fenceAcqRelSys();
+  __syncwarp();
+  for (int peer = first_peer + lane * step; peer < c.world_size;
+       peer += 32 * step) {
+    storeReleaseSys(flagAt(c.control[peer], c.layout.count_flags, c.rank),
+                    epoch);
+  }
+  profileMark(prof, kDispatchPublished);
+}
+
+// Warp-wide: the sum of block_counts[e][b] over b in [0, blocks), in every
+// lane. Written by other blocks during this kernel: read past L1.
+__device__ __forceinline__ int32_t sumBlockCounts(const DispatchParams& p,
+                                                  int e, int blocks) {
+  const int lane = threadIdx.x & 31;
+  const int32_t* counts = p.block_counts + static_cast<size_t>(e) * gridDim.x;
+  int32_t sum = 0;
+  for (int b = lane; b < blocks; b += 32) {
+    sum += __ldcg(counts + b);
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    sum += __shfl_xor_sync(kFullMask, sum, offset);
+  }
+  return sum;
+}
+
+// Local route: every block counts all tokens; its positions are final in
+// shared memory at once, and block b publishes to peers b, b + grid, ...
+template <typename IdxT>
+__device__ void routeLocal(const DispatchParams& p,
+                           const DispatchShared& shared, uint64_t epoch,
+                           uint64_t* prof) {
+  __shared__ unsigned long long error_key;
+  const TokenRange all = warpSplit(0, p.tokens);
+  countRange<IdxT>(p, shared, all, shared.positions, &error_key, prof);
+  const int32_t* bases = shared.route + (threadIdx.x >> 5) * p.num_experts;
+  forWarpPicks<IdxT>(p, all, [&](int64_t q, int64_t t, int, int64_t id) {
+    if (t >= 0 && id >= 0 && id < p.num_experts) {
+      shared.positions[q] += bases[id];
+    }
+  });
+  auto* totals =
+      reinterpret_cast<int32_t*>(shared.row + sizeof(CountRowHeader));
+  for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
+    totals[e] = shared.colsum[e];
+  }
+  if (threadIdx.x == 0) {
+    fillHeader<IdxT>(p, reinterpret_cast<CountRowHeader*>(shared.row),
+                     error_key);
+  }
+  __syncthreads();
+  profileMark(prof, kDispatchCounted);
+  publishCountRow(p, shared, epoch, static_cast<int>(blockIdx.x),
+                  static_cast<int>(gridDim.x), prof);
+}
+
+// Grid route: every block counts its own tokens; after a grid barrier block
+// 0 sums the blocks' counts and errors into the count row and publishes it
+// to every peer, while every block adds the earlier blocks' counts to its
+// picks' positions (pick_pos). Returns the target of the second barrier
+// (every block's pick_pos final), which the push blocks wait for; 0 when
+// the call must stop.
+template <typename IdxT>
+__device__ uint64_t routeGrid(const DispatchParams& p,
+                              const DispatchShared& shared, uint64_t epoch,
+                              const WaitContext& context, uint64_t* prof) {
+  __shared__ unsigned long long error_key;
+  const int E = p.num_experts;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const TokenRange range = blockTokens(p.tokens);
+  countRange<IdxT>(p, shared, range, p.pick_pos, &error_key, prof);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    p.block_counts[static_cast<size_t>(e) * gridDim.x + blockIdx.x] =
+        shared.colsum[e];
+  }
+  if (threadIdx.x == 0) {
+    p.block_errors[blockIdx.x] = error_key;
+  }
+  const uint64_t counted = gridArrive(&p.common.state->dispatch_counted,
+                                      static_cast<int>(gridDim.x));
+  if (!gridWait(&p.common.state->dispatch_counted, counted, p.common.rank,
+                context)) {
+    return 0;
+  }
+  profileMark(prof, kDispatchCounted);
+
+  if (blockIdx.x == 0) {
+    auto* totals =
+        reinterpret_cast<int32_t*>(shared.row + sizeof(CountRowHeader));
+    for (int e = warp; e < E; e += kWarpsPerBlock) {
+      const int32_t total = sumBlockCounts(p, e, static_cast<int>(gridDim.x));
+      if (lane == 0) {
+        totals[e] = total;
+      }
+    }
+    if (warp == 0) {
+      unsigned long long key = ULLONG_MAX;
+      for (int b = lane; b < static_cast<int>(gridDim.x); b += 32) {
+        key = min(key, __ldcg(p.block_errors + b));
+      }
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        key = min(key, __shfl_xor_sync(kFullMask, key, offset));
+      }
+      if (lane == 0) {
+        fillHeader<IdxT>(p, reinterpret_cast<CountRowHeader*>(shared.row), key);
+      }
+    }
+    __syncthreads();
+    publishCountRow(p, shared, epoch, 0, 1, prof);
+  }
+
+  for (int e = warp; e < E; e += kWarpsPerBlock) {
+    const int32_t before = sumBlockCounts(p, e, static_cast<int>(blockIdx.x));
+    if (lane < kWarpsPerBlock) {
+      shared.route[lane * E + e] += before;
+    }
+  }
+  __syncthreads();
+  const int32_t* bases = shared.route + warp * E;
+  forWarpPicks<IdxT>(p, range, [&](int64_t q, int64_t t, int, int64_t id) {
+    if (t >= 0 && id >= 0 && id < E) {
+      p.pick_pos[q] += bases[id];
+    }
+  });
+  return gridArrive(&p.common.state->dispatch_ranked,
+                    static_cast<int>(gridDim.x));
+}
+
+// What the offsets phase finds in the R count rows besides the tables in
+// DispatchShared: which sources reported bad input, and how many rows every
+// rank's experts receive. In shared memory, written by every block.
+struct CountSummary {
+  // The smallest source whose count row is bad; INT_MAX if none.
+  int bad_rank;
+  unsigned bad_ranks;            // bit s: source s's count row is bad
+  int64_t rank_rows[kMaxRanks];  // rows of rank d's experts, from all sources
+};
+
+// What the rest of the call needs from the offsets; the same in every
+// block (every block derives it from the same count rows).
+struct Offsets {
+  bool bad;           // some source's input was bad: nothing is sent
+  int64_t recv_rows;  // rows of our experts kept here: at most C, 0 if bad
+};
+
+// Every block, once all R count rows of this epoch are in: the tables in
+// shared (colsum, recv_count; offset[x] = this rank's first row of expert x
+// on its rank, the sender view; recv_start[s * L + l] = the first row here
+// of source s, local expert l, the receiver view) and the summary. Every
+// block derives the same from the same rows, so no grid barrier is needed.
+__device__ __forceinline__ Offsets computeOffsets(
+    const DispatchParams& p, const DispatchShared& shared,
+    CountSummary& summary, void* own_control, uint64_t epoch, uint64_t* prof) {
+  const CommonParams& c = p.common;
+  const int E = p.num_experts;
+  const int L = c.local_experts;
+  const int R = c.world_size;
+  const int parity = static_cast<int>(epoch & 1);
+  const CountRows rows{own_control, c.layout, parity, R};
+  auto row_of = [&](int source) { return rows.row(source); };
+  auto counts_of = [&](int source) { return rows.counts(source); };
+  // One pass over all R count rows (their loads all in flight at once):
+  // colsum[x] = rows of expert x from every source, offset[x] = those from
+  // sources before us, recv_count = our experts' rows per source.
+  if (threadIdx.x == 0) {
+    summary.bad_rank = INT_MAX;
+    summary.bad_ranks = 0;
+  }
+  for (int x = threadIdx.x; x < E; x += blockDim.x) {
+    shared.colsum[x] = 0;
+    shared.offset[x] = 0;
+  }
+  __syncthreads();
+  if (threadIdx.x < R) {
+    const auto* header =
+        reinterpret_cast<const CountRowHeader*>(row_of(threadIdx.x));
+    if (__ldcg(&header->code) != kStatusOk) {
+      atomicMin(&summary.bad_rank, static_cast<int>(threadIdx.x));
+      atomicOr(&summary.bad_ranks, 1u << threadIdx.x);
+    }
+  }
+  for (int i = threadIdx.x; i < R * E; i += blockDim.x) {
+    const int source = i / E;
+    const int x = i % E;
+    const int32_t count = __ldcg(counts_of(source) + x);
+    atomicAdd(&shared.colsum[x], count);
+    if (source < c.rank) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(&shared.offset[x]),
+                static_cast<unsigned long long>(count));
+    }
+    if (x / L == c.rank) {
+      shared.recv_count[source * L + x % L] = count;
+    }
+  }
+  __syncthreads();
+  // Expert-major: expert x = d * L + l starts after experts d * L .. x - 1;
+  // inside an expert, sources in rank order.
+  for (int x = threadIdx.x; x < E; x += blockDim.x) {
+    int64_t before_expert = 0;
+    for (int y = x / L * L; y < x; ++y) {
+      before_expert += shared.colsum[y];
+    }
+    shared.offset[x] += before_expert;
+  }
+  for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
+    const int source = i / L;
+    const int l = i % L;
+    int64_t start = 0;
+    for (int y = 0; y < l; ++y) {
+      start += shared.colsum[c.rank * L + y];
+    }
+    for (int s = 0; s < source; ++s) {
+      start += shared.recv_count[s * L + l];
+    }
+    shared.recv_start[i] = start;
+  }
+  if (threadIdx.x < R) {
+    int64_t rows = 0;
+    for (int l = 0; l < L; ++l) {
+      rows += shared.colsum[threadIdx.x * L + l];
+    }
+    summary.rank_rows[threadIdx.x] = rows;
+  }
+  __syncthreads();
+  profileMark(prof, kDispatchOffsets);
+  Offsets offsets;
+  offsets.bad = summary.bad_rank != INT_MAX;
+  offsets.recv_rows =
+      offsets.bad ? 0 : min(summary.rank_rows[c.rank], p.capacity);
+  return offsets;
+}
+
+// Block 0, after computeOffsets: what the host and the combine read of
+// this call (rows per local expert, per segment (source, local expert) and
+// per peer, every source's token count, recv_rows) and its status: the
+// error of the smallest bad source, else the rank with the most rows if
+// they exceed the capacity. With c.debug, prints the count rows.
+__device__ __forceinline__ void recordOffsets(const DispatchParams& p,
+                                              const DispatchShared& shared,
+                                              const CountSummary& summary,
+                                              const Offsets& offsets,
+                                              void* own_control, uint64_t epoch,
+                                              const WaitContext& context) {
+  const CommonParams& c = p.common;
+  const int E = p.num_experts;
+  const int L = c.local_experts;
+  const int R = c.world_size;
+  const int parity = static_cast<int>(epoch & 1);
+  const CountRows rows{own_control, c.layout, parity, R};
+  auto row_of = [&](int source) { return rows.row(source); };
+  auto counts_of = [&](int source) { return rows.counts(source); };
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    p.recv_expert_counts[l] = offsets.bad ? 0 : shared.colsum[c.rank * L + l];
+  }
+  for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
+    c.recv_start[i] = shared.recv_start[i];
+    c.recv_count[i] = offsets.bad ? 0 : shared.recv_count[i];
+  }
+  if (threadIdx.x < R) {
+    const int peer = threadIdx.x;
+    int64_t to = 0;
+    int64_t from = 0;
+    for (int l = 0; l < L; ++l) {
+      to += __ldcg(counts_of(c.rank) + peer * L + l);
+      from += __ldcg(counts_of(peer) + c.rank * L + l);
+    }
+    p.rows_to_rank[peer] = offsets.bad ? 0 : to;
+    p.rows_from_rank[peer] = offsets.bad ? 0 : from;
+    c.source_tokens[peer] =
+        __ldcg(&reinterpret_cast<const CountRowHeader*>(row_of(peer))->tokens);
+  }
+  if (threadIdx.x == 0) {
+    c.state->recv_rows = offsets.recv_rows;
+    int most = 0;
+    for (int d = 1; d < R; ++d) {
+      most = summary.rank_rows[d] > summary.rank_rows[most] ? d : most;
+    }
+    if (offsets.bad) {
+      const auto* header =
+          reinterpret_cast<const CountRowHeader*>(row_of(summary.bad_rank));
+      recordStatus(context, __ldcg(&header->code), summary.bad_rank, 0,
+                   __ldcg(&header->token), __ldcg(&header->pick),
+                   __ldcg(&header->value), summary.bad_ranks);
+    } else if (summary.rank_rows[most] > p.capacity) {
+      recordStatus(context, kStatusCapacityOverflow, most, 0, -1, -1,
+                   summary.rank_rows[most]);
+    }
+    if (c.debug != 0) {
+      printf(
+          "[hostfuse moe rank %d] dispatch epoch %llu: %lld tokens, "
+          "%lld rows here (capacity %lld)%s, %s route\n",
+          c.rank, static_cast<unsigned long long>(epoch),
+          static_cast<long long>(p.tokens),
+          static_cast<long long>(summary.rank_rows[c.rank]),
+          static_cast<long long>(p.capacity), offsets.bad ? ", bad input" : "",
+          p.local_route != 0 ? "local" : "grid");
+      for (int source = 0; source < R; ++source) {
+        for (int x = 0; x < E; ++x) {
+          printf(
+              "[hostfuse moe rank %d]   count[source %d][expert %d] = "
+              "%d, our offset there %lld\n",
+              c.rank, source, x, counts_of(source)[x],
+              static_cast<long long>(shared.offset[x]));
+        }
+      }
+    }
+  }
+}
+
+// One token's picks as seen by lane k < K of a warp (other lanes: none).
+struct Pick {
+  int expert = -1;   // -1: masked (or past K)
+  int rank = -1;     // the expert's rank
+  int64_t row = -1;  // its row there
+};
+
+template <typename IdxT>
+__device__ __forceinline__ Pick pickOf(const DispatchParams& p,
+                                       const DispatchShared& shared, int64_t t,
+                                       int lane) {
+  const CommonParams& c = p.common;
+  Pick pick;
+  if (lane < c.topk) {
+    const int64_t q = t * c.topk + lane;
+    const int64_t id =
+        static_cast<int64_t>(static_cast<const IdxT*>(p.topk_idx)[q]);
+    if (id >= 0 && id < p.num_experts) {
+      pick.expert = static_cast<int>(id);
+      pick.rank = pick.expert / c.local_experts;
+      // Grid route: written by other blocks during this kernel.
+      const int32_t position =
+          p.local_route != 0 ? shared.positions[q] : __ldcg(p.pick_pos + q);
+      pick.row = shared.offset[pick.expert] + position;
+    }
+  }
+  return pick;
+}
+
+// Lane k < K: the metadata of pick k's row on a peer, then its epoch
+// (system-scope release). `primary` is the row holding the token's data on
+// that rank, -1 if this row does.
+__device__ __forceinline__ void writeMeta(const DispatchParams& p, void* recv,
+                                          int64_t row, int64_t t, int pick,
+                                          int64_t primary, uint64_t epoch) {
+  const CommonParams& c = p.common;
+  RowMeta* meta = metaAt(recv, c.meta_offset, row);
+  int4 body;
+  body.x = static_cast<int>(t);
+  body.y = (c.rank << 8) | pick;
+  body.z = primary == row ? -1 : static_cast<int>(primary);
+  body.w = __float_as_int(
+      p.topk_weights != nullptr ? p.topk_weights[t * c.topk + pick] : 0.0f);
+  *reinterpret_cast<int4*>(meta) = body;
+  storeReleaseSys(&meta->epoch, epoch);
+}
+
+// Push blocks: every token with picks on the group's peer goes there once,
+// into the row of its smallest local expert there (the smallest of its
+// rows there: if that one does not fit in C, none does), followed by the
+// metadata of all its rows there.
+template <typename IdxT, typename U>
+__device__ void pushToPeer(const DispatchParams& p,
+                           const DispatchShared& shared, uint64_t epoch) {
+  const CommonParams& c = p.common;
+  const int lane = threadIdx.x & 31;
+  const PushGroup group(c);
+  const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
+  void* const recv = c.recv[group.peer];
+  for (int64_t t = group.first_warp; t < p.tokens; t += group.warps) {
+    const Pick pick = pickOf<IdxT>(p, shared, t, lane);
+    const bool here = pick.expert >= 0 && pick.rank == group.peer;
+    const bool fits = here && pick.row < p.capacity;
+    const unsigned primary = __reduce_min_sync(
+        kFullMask, fits ? static_cast<unsigned>(pick.row) : UINT_MAX);
+    if (primary == UINT_MAX) {
+      continue;
+    }
+    char* destination = static_cast<char*>(recv) + primary * c.row_bytes;
+    copyUnits<U, false>(&destination, 1,
+                        reinterpret_cast<const U*>(
+                            static_cast<const char*>(p.x) + t * c.row_bytes),
+                        0, units, lane);
+    fenceAcqRelSys();
+    __syncwarp();
+    if (fits) {
+      writeMeta(p, recv, pick.row, t, lane, primary, epoch);
+    }
+  }
+}
+
+// Local blocks: this rank's rows, one per pick (local copies are cheap),
+// with their provenance, and pick_row / pick_rank of every pick.
+template <typename IdxT, typename U>
+__device__ void writeLocalRows(const DispatchParams& p,
+                               const DispatchShared& shared) {
+  __shared__ char* destinations[kWarpsPerBlock][kMaxTopK];
+  const CommonParams& c = p.common;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const unsigned lower_lanes = (1u << lane) - 1;
+  const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
+  void* const recv = c.recv[c.rank];
+  // Consecutive tokens on different blocks, as in the push groups.
+  const int64_t blocks = gridDim.x - c.push_blocks;
+  const int64_t warps = blocks * kWarpsPerBlock;
+  for (int64_t t = warp * blocks + (blockIdx.x - c.push_blocks); t < p.tokens;
+       t += warps) {
+    const Pick pick = pickOf<IdxT>(p, shared, t, lane);
+    const bool here = pick.expert >= 0 && pick.rank == c.rank;
+    const bool fits = here && pick.row < p.capacity;
+    if (lane < c.topk) {
+      c.pick_row[t * c.topk + lane] = pick.expert >= 0 && pick.row < p.capacity
+                                          ? static_cast<int32_t>(pick.row)
+                                          : -1;
+      c.pick_rank[t * c.topk + lane] = pick.rank;
+    }
+    if (fits) {
+      p.recv_src_token[pick.row] = t;
+      p.recv_src_rank[pick.row] = c.rank;
+      p.recv_src_k[pick.row] = lane;
+      if (p.recv_weights != nullptr) {
+        p.recv_weights[pick.row] = p.topk_weights[t * c.topk + lane];
+      }
+    }
+    const unsigned carriers = __ballot_sync(kFullMask, fits);
+    if (carriers == 0) {
+      continue;
+    }
+    if (fits) {
+      destinations[warp][__popc(carriers & lower_lanes)] =
+          static_cast<char*>(recv) + pick.row * c.row_bytes;
+    }
+    __syncwarp();
+    copyUnits<U, false>(destinations[warp], __popc(carriers),
+                        reinterpret_cast<const U*>(
+                            static_cast<const char*>(p.x) + t * c.row_bytes),
+                        0, units, lane);
+    __syncwarp();  // destinations[warp] is rewritten for the next token
+  }
+}
+
+// Every warp: claims received rows segment by segment (segment i = source
+// i / L, local expert i % L; this rank's own rows are complete already),
+// starting at a segment of its own so that warps spread; within a segment
+// rows arrive in token order, so claims follow the arrivals. For each row:
+// wait for its epoch, write provenance and the route entry, copy the token
+// from the row that carried it.
+template <typename U>
+__device__ void expandRows(const DispatchParams& p,
+                           const DispatchShared& shared, int64_t recv_rows,
+                           uint64_t epoch, const WaitContext& context) {
+  const CommonParams& c = p.common;
+  const int lane = threadIdx.x & 31;
+  const int segments = c.world_size * c.local_experts;
+  const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
+  int32_t* claims = p.segment_claims + (epoch & 1) * p.num_experts;
+  char* const recv_base = static_cast<char*>(c.recv[c.rank]);
+  // A segment has rows left when its claims are below its valid rows.
+  auto left = [&](int segment) {
+    if (segment / c.local_experts == c.rank) {
+      return false;
+    }
+    const int64_t valid =
+        min(static_cast<int64_t>(shared.recv_count[segment]),
+            max(int64_t{0}, recv_rows - shared.recv_start[segment]));
+    return loadVolatile(claims + segment) < valid;
+  };
+  int segment = static_cast<int>(
+      (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) %
+      segments);
+  while (true) {
+    // The first segment with rows left, from `segment` on (32 at a time).
+    int found = -1;
+    for (int base = 0; base < segments && found < 0; base += 32) {
+      const int candidate = (segment + base + lane) % segments;
+      const unsigned open =
+          __ballot_sync(kFullMask, base + lane < segments && left(candidate));
+      if (open != 0) {
+        found = (segment + base + __ffs(open) - 1) % segments;
+      }
+    }
+    if (found < 0) {
+      return;
+    }
+    segment = found;
+    const int source = segment / c.local_experts;
+    const int64_t start = shared.recv_start[segment];
+    const int64_t rows = min(static_cast<int64_t>(shared.recv_count[segment]),
+                             recv_rows - start);
+    while (true) {
+      int64_t position = 0;
+      if (lane == 0) {
+        position = atomicAdd(claims + segment, 1);
+      }
+      position = __shfl_sync(kFullMask, position, 0);
+      if (position >= rows) {
+        break;
+      }
+      const int64_t r = start + position;
+      RowMeta* meta = metaAt(recv_base, c.meta_offset, r);
+      int ok = 1;
+      if (lane == 0) {
+        ok = waitForFlag(&meta->epoch, epoch, source, context,
+                         kWaitDispatchData);
+      }
+      if (__shfl_sync(kFullMask, ok, 0) == 0) {
+        return;
+      }
+      __syncwarp();
+      const int4 body = __ldcg(reinterpret_cast<const int4*>(meta));
+      const int from = body.y >> 8;
+      const int pick = body.y & 0xff;
+      if (lane == 0) {
+        p.recv_src_token[r] = body.x;
+        p.recv_src_rank[r] = from;
+        p.recv_src_k[r] = pick;
+        if (p.recv_weights != nullptr) {
+          p.recv_weights[r] = __int_as_float(body.w);
+        }
+        if (from != source || body.z >= r || pick >= c.topk || body.x < 0 ||
+            body.x >= c.max_tokens) {
+          recordStatus(context, kStatusInternal, c.rank, kWaitDispatchData,
+                       body.x, body.y, r);
+        } else {
+          RouteEntry entry;
+          entry.epoch = epoch;
+          entry.row = r;
+          c.routes[(static_cast<int64_t>(source) * c.max_tokens + body.x) *
+                       c.topk +
+                   pick] = entry;
+        }
+      }
+      if (body.z >= 0 && body.z < r) {
+        char* destination = recv_base + r * c.row_bytes;
+        copyUnits<U, true>(
+            &destination, 1,
+            reinterpret_cast<const U*>(recv_base + body.z * c.row_bytes), 0,
+            units, lane);
+      }
+    }
+  }
+}
+
+template <typename IdxT, typename U>
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+    dispatchKernel(const DispatchParams p) {
+  const uint64_t entry_ns = p.common.profile != nullptr ? globalTimerNs() : 0;
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  __shared__ CountSummary summary;
+
+  const DispatchShared shared = carveShared(shared_raw, p.num_experts);
+  const CommonParams& c = p.common;
+  const int E = p.num_experts;
+  const int64_t T = p.tokens;
+  DeviceState* state = c.state;
+
+  const CallStart call =
+      beginCall(c, &state->dispatch_epoch, kOpDispatch, entry_ns);
+  if (!call.usable) {
+    return;
+  }
+  const WaitContext& context = call.context;
+  const uint64_t epoch = context.epoch;
+  uint64_t* const prof = call.prof;
+  if (blockIdx.x == 0) {
+    // The next call's claims start from zero; nobody uses that parity now.
+    for (int i = threadIdx.x; i < E; i += blockDim.x) {
+      p.segment_claims[((epoch + 1) & 1) * E + i] = 0;
+    }
+  }
+
+  // --- Route.
+  uint64_t ranked = 0;
+  if (p.local_route != 0) {
+    routeLocal<IdxT>(p, shared, epoch, prof);
+  } else {
+    ranked = routeGrid<IdxT>(p, shared, epoch, context, prof);
+    if (ranked == 0) {
+      return;
+    }
+  }
+
+  // --- Offsets from all R count rows of this epoch.
+  void* const own_control = c.control[c.rank];
+  if (!blockWaitForPeers(flagAt(own_control, c.layout.count_flags, 0),
+                         c.world_size, epoch, context, kWaitCounts)) {
+    return;
+  }
+  profileMark(prof, kDispatchCountsIn);
+  const Offsets offsets =
+      computeOffsets(p, shared, summary, own_control, epoch, prof);
+  if (blockIdx.x == 0) {
+    recordOffsets(p, shared, summary, offsets, own_control, epoch, context);
+  }
+
+  // --- Push to the group's peer, or write this rank's own rows.
+  if (offsets.bad) {
+    for (int64_t q = blockIdx.x * blockDim.x + threadIdx.x; q < T * c.topk;
+         q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      c.pick_row[q] = -1;
+      c.pick_rank[q] = -1;
+    }
+  } else if (static_cast<int>(blockIdx.x) < c.push_blocks) {
+    // Grid route: every block's pick_pos final (uniform in the block).
+    if (p.local_route == 0 &&
+        !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
+      return;
+    }
+    pushToPeer<IdxT, U>(p, shared, epoch);
+    if (prof != nullptr) {  // uniform in the block
+      __syncthreads();
+      profileMark(prof, kDispatchPushed);
+    }
+  } else {
+    if (p.local_route == 0 &&
+        !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
+      return;
+    }
+    writeLocalRows<IdxT, U>(p, shared);
+    if (prof != nullptr) {  // uniform in the block
+      __syncthreads();
+      profileMark(prof, kDispatchLocalRows);
+    }
+  }
+
+  // --- Expand the received rows.
+  expandRows<U>(p, shared, offsets.recv_rows, epoch, context);
+  if (prof != nullptr) {  // uniform in the block
+    __syncthreads();
+    profileMark(prof, kDispatchExpanded);
+  }
+  if (arriveLast(&state->dispatch_exits, gridDim.x) && threadIdx.x == 0) {
+    state->dispatch_epoch = epoch;
+  }
+  profileMark(prof, kDispatchExit);
+}
+
+// Every instantiation has the same pointer type, so one function can
+// return any of them.
+template <typename IdxT>
+auto dispatchKernelFor(int64_t unit_bytes) {
+  switch (unit_bytes) {
+    case 16:
+      return &dispatchKernel<IdxT, uint4>;
+    case 8:
+      return &dispatchKernel<IdxT, uint2>;
+    case 4:
+      return &dispatchKernel<IdxT, uint32_t>;
+    default:
+      return &dispatchKernel<IdxT, uint16_t>;
+  }
+}
+
+}  // namespace
+
+ControlLayout controlLayout(int world_size, int num_experts,
+                            int64_t max_tokens) {
+  ControlLayout layout = {};
+  const size_t flags = sizeof(uint64_t) * world_size;
+  layout.count_flags = 0;
+  layout.free_flags = roundUp(layout.count_flags + flags, 16);
+  layout.arrivals = roundUp(layout.free_flags + flags, 128);
+  layout.count_rows = roundUp(
+      layout.arrivals + sizeof(uint64_t) * world_size * max_tokens, 128);
+  layout.count_row_bytes = countRowBytes(num_experts);
+  layout.total_bytes =
+      layout.count_rows + 2 * world_size * layout.count_row_bytes;
+  return layout;
+}
+
+size_t dispatchSharedBytes(int num_experts) {
+  return tablesBytes(num_experts) + kPositionsBytes +
+         countRowBytes(num_experts);
+}
+
+cudaError_t dispatchOccupancy(size_t shared_bytes, int* per_sm) {
+  *per_sm = INT_MAX;
+  for (const int64_t unit : {16, 8, 4, 2}) {
+    for (const bool wide : {true, false}) {
+      const auto kernel = wide ? dispatchKernelFor<int64_t>(unit)
+                               : dispatchKernelFor<int32_t>(unit);
+      int blocks = 0;
+      const cudaError_t status =
+          device::occupancy(kernel, shared_bytes, &blocks);
+      if (status != cudaSuccess) {
+        return status;
+      }
+      *per_sm = blocks < *per_sm ? blocks : *per_sm;
+    }
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launchDispatch(const DispatchParams& params, bool idx_is_int64,
+                           int blocks, bool cooperative, cudaStream_t stream) {
+  const auto kernel =
+      idx_is_int64 ? dispatchKernelFor<int64_t>(params.common.unit_bytes)
+                   : dispatchKernelFor<int32_t>(params.common.unit_bytes);
+  return device::launch(kernel, params, blocks,
+                        dispatchSharedBytes(params.num_experts), cooperative,
+                        stream);
+}
+
+}  // namespace hostfuse::moe

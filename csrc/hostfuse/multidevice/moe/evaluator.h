@@ -1,0 +1,45 @@
+// Runs the MoeDispatch / MoeCombine nodes of a host program on the values
+// of a run: what HostIrEvaluator::handle does for them. It reads a node's
+// inputs, calls the runtime of the node's backend (runtime.h; one per
+// backend, created on first use through moeBackendInfo) and binds the
+// outputs and the symbolic extents they introduce (rows, L, R). Errors come
+// out as "while running <node>: <message>", the same way for every backend.
+#pragma once
+
+#include <map>
+#include <memory>
+
+#include <hostfuse/ir/evaluation.h>
+#include <hostfuse/multidevice/moe/backend.h>
+#include <hostfuse/multidevice/moe/nodes.h>
+#include <hostfuse/multidevice/moe/runtime.h>
+
+namespace hostfuse {
+
+class MoeEvaluator {
+ public:
+  explicit MoeEvaluator(Communicator& communicator);
+  ~MoeEvaluator();
+  MoeEvaluator(const MoeEvaluator&) = delete;
+  MoeEvaluator& operator=(const MoeEvaluator&) = delete;
+
+  // Reads the inputs of `dispatch` from `values`, runs it on every rank, and
+  // binds its outputs.
+  void run(const MoeDispatch& dispatch, ValueMap& values);
+
+  // Same for `combine`: binds `combined`.
+  void run(const MoeCombine& combine, ValueMap& values);
+
+  // Raises the first device-side error that a runtime recorded without a
+  // host synchronization (during graph replays); waits for the device. Must
+  // not run during a capture.
+  void checkStatus();
+
+ private:
+  MoeRuntime& runtime(MoeBackend backend);
+
+  Communicator& communicator_;
+  std::map<MoeBackend, std::unique_ptr<MoeRuntime>> runtimes_;
+};
+
+}  // namespace hostfuse
