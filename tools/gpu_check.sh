@@ -11,6 +11,7 @@
 # set, as on the device machines).
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+hostfuse_help_if_asked "$@"
 
 bench=0
 if [ "${1:-}" = "--bench" ]; then

@@ -13,6 +13,7 @@
 # HOSTFUSE_MOE_BLOCKS overrides the number of blocks per kernel.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+hostfuse_help_if_asked "$@"
 
 n="${1:?usage: tools/run_cuda_moe_bench.sh N [T ...] [--sweep] [--profile]}"
 shift

@@ -9,6 +9,7 @@
 # HOSTFUSE_MOE_DEBUG=1 prints counts and offsets of every call.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+hostfuse_help_if_asked "$@"
 
 n="${1:?usage: tools/run_cuda_moe_tests.sh N [gtest arguments]}"
 shift

@@ -17,6 +17,7 @@
 #   mlp        a one-process host program: RMSNorm fusion, gated MLP, residual
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+hostfuse_help_if_asked "$@"
 
 example="${1:-moe}"
 [ $# -gt 0 ] && shift

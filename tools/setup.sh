@@ -29,6 +29,16 @@ HOSTFUSE_BUILD_DIR="${HOSTFUSE_BUILD_DIR:-$HOSTFUSE_ROOT/build}"
 HOSTFUSE_VENV="${HOSTFUSE_VENV:-$HOME/.cache/hostfuse/venv-torch-2.11}"
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 
+# With -h or --help as its first argument, prints the calling script's
+# header comment (its usage) and exits 0. Scripts call it right after
+# sourcing this file: hostfuse_help_if_asked "$@"
+hostfuse_help_if_asked() {
+  if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[1]}"
+    exit 0
+  fi
+}
+
 hostfuse_log() {
   echo "[hostfuse $(date +%H:%M:%S)] $*" >&2
 }

@@ -6,6 +6,7 @@
 #   tools/test.sh [extra ctest arguments, e.g. -R Validation]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+hostfuse_help_if_asked "$@"
 
 hostfuse_build
 hostfuse_log "running ctest"
