@@ -53,6 +53,12 @@ int main(int argc, char** argv) {
             << unit.successful_test_count() << " passed, "
             << unit.failed_test_count() << " failed, "
             << unit.skipped_test_count() << " skipped" << std::endl;
-  comm.shutdown();
+  try {
+    comm.shutdown();
+  } catch (const std::exception& e) {
+    std::cout << "[rank " << comm.rank() << "] shutdown failed: " << e.what()
+              << std::endl;
+    return 1;
+  }
   return status;
 }

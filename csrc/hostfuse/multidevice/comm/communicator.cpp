@@ -158,9 +158,10 @@ CommunicatorConfig CommunicatorConfig::fromEnvironment() {
 
 Communicator::Communicator(CommunicatorConfig config)
     : config_(std::move(config)) {
-  if (cuda::isAvailable()) {
-    const int device =
-        static_cast<int>(config_.local_rank % cuda::deviceCount());
+  // One GPU per rank, or none: ranks that would share a GPU compute on the
+  // CPU (NCCL cannot run two ranks on one GPU).
+  if (cuda::isAvailable() && config_.local_size <= cuda::deviceCount()) {
+    const int device = static_cast<int>(config_.local_rank);
     HF_CUDA_CHECK(cudaSetDevice(device));
     device_ = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
   }
@@ -329,7 +330,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> Communicator::newGroup(
   auto group = c10::make_intrusive<c10d::ProcessGroup>(group_store, rank, size);
   using BackendType = c10d::ProcessGroup::BackendType;
   BackendType default_type = BackendType::GLOO;
-  if (cuda::isAvailable() && isNcclBuilt()) {
+  if (device_.is_cuda() && isNcclBuilt()) {
     group->setBoundDeviceId(device_);
     c10::intrusive_ptr<c10d::Backend> nccl =
         rethrowing("creating the NCCL backend of group " + name, [&] {

@@ -19,8 +19,9 @@
 //     neither   a world of one rank, with an in-process store.
 //   Ranks rendezvous through a c10d TCPStore. A backend per device type is
 //   created on first use, by every rank at the same point of the program:
-//   Gloo for CPU tensors, NCCL for CUDA tensors. On machines with GPUs the
-//   constructor makes GPU `local rank` the current CUDA device.
+//   Gloo for CPU tensors, NCCL for CUDA tensors. On machines with a GPU per
+//   local rank the constructor makes GPU `local rank` the current CUDA
+//   device.
 //
 // * A c10d process group the program already has: one of torch.distributed's
 //   (the default group, or a subgroup such as the expert-parallel group of a
@@ -102,8 +103,8 @@ class Communicator {
   Launcher launcher() const { return config_.launcher; }
   const CommunicatorConfig& config() const { return config_; }
 
-  // The device this rank computes on: GPU `local rank` on machines with
-  // GPUs, else the CPU.
+  // The device this rank computes on: GPU `local rank` on machines with a
+  // GPU per local rank, else the CPU.
   at::Device device() const { return device_; }
 
   // A name every rank of this communicator agrees on, and that differs
