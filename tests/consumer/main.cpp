@@ -22,8 +22,7 @@ bool check(const char* what, const at::Tensor& got, const at::Tensor& want) {
     return true;
   }
   std::cerr << "consumer: " << what << " differs from its ATen reference: "
-            << "got sizes " << got.sizes() << ", want " << want.sizes()
-            << "\n";
+            << "got sizes " << got.sizes() << ", want " << want.sizes() << "\n";
   return false;
 }
 

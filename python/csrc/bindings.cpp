@@ -1,0 +1,595 @@
+// hostfuse._C: the Python bindings, built with the pybind11 that ships with
+// torch and torch's own casters, so tensors cross without copies and a
+// torch.distributed process group arrives as the c10d::ProcessGroup it is.
+//
+// IR values (Scalar, TensorView) belong to their program: every binding that
+// returns one keeps the Python objects it was made from alive (keep_alive),
+// so a value can never outlive its program. Evaluators and graph runners run
+// a clone of the program they are given, which stays editable.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <pybind11/functional.h>
+#include <pybind11/stl.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <hostfuse/host_ir/container.h>
+#include <hostfuse/host_ir/evaluator.h>
+#include <hostfuse/host_ir/graph_runner.h>
+#include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/ir/grouped_matmul.h>
+#include <hostfuse/ir/ops.h>
+#include <hostfuse/kernel/codegen.h>
+#include <hostfuse/kernel/compile.h>
+#include <hostfuse/multidevice/comm/communicator.h>
+#include <hostfuse/multidevice/moe/backend.h>
+#include <hostfuse/multidevice/moe/nodes.h>
+#include <hostfuse/multidevice/moe/runtime.h>
+#include <hostfuse/utils/exceptions.h>
+
+namespace py = pybind11;
+
+namespace hostfuse {
+namespace {
+
+using ProcessGroupPtr = c10::intrusive_ptr<c10d::ProcessGroup>;
+
+DataType dataTypeOf(const py::object& dtype) {
+  HF_CHECK(THPDtype_Check(dtype.ptr()), "dtype must be a torch.dtype, got ",
+           std::string(py::str(py::type::of(dtype).attr("__name__"))));
+  return toDataType(reinterpret_cast<THPDtype*>(dtype.ptr())->scalar_type);
+}
+
+py::object torchDtype(DataType dtype) {
+  return py::reinterpret_borrow<py::object>(
+      reinterpret_cast<PyObject*>(torch::getTHPDtype(toScalarType(dtype))));
+}
+
+MoeBackend backendOf(const std::string& name) {
+  const std::optional<MoeBackend> backend = parseMoeBackend(name);
+  HF_CHECK(
+      backend.has_value(), "backend must be one of ",
+      [] {
+        std::string names;
+        for (MoeBackend b : allMoeBackends()) {
+          names +=
+              (names.empty() ? "'" : ", '") + std::string(toString(b)) + "'";
+        }
+        return names;
+      }(),
+      ", got '", name, "'");
+  return *backend;
+}
+
+// A size of define_tensor: an int, None (symbolic), or a Scalar.
+SizeSpec sizeOf(const py::handle& size) {
+  if (size.is_none()) {
+    return SizeSpec(kSymbolic);
+  }
+  if (py::isinstance<Scalar>(size)) {
+    return SizeSpec(size.cast<Scalar*>());
+  }
+  HF_CHECK(py::isinstance<py::int_>(size) && !py::isinstance<py::bool_>(size),
+           "a size must be an int, None (symbolic) or a Scalar, got ",
+           std::string(py::str(py::type::of(size).attr("__name__"))));
+  return SizeSpec(size.cast<int64_t>());
+}
+
+// Inputs of run(): tensors, ints, floats and bools.
+std::vector<c10::IValue> inputsOf(const py::sequence& inputs) {
+  std::vector<c10::IValue> values;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const py::handle input = inputs[i];
+    if (THPVariable_Check(input.ptr())) {
+      values.emplace_back(THPVariable_Unpack(input.ptr()));
+    } else if (py::isinstance<py::bool_>(input)) {
+      values.emplace_back(input.cast<bool>());
+    } else if (py::isinstance<py::int_>(input)) {
+      values.emplace_back(input.cast<int64_t>());
+    } else if (py::isinstance<py::float_>(input)) {
+      values.emplace_back(input.cast<double>());
+    } else {
+      HF_THROW("input ", i,
+               " must be a torch.Tensor, an int, a float or a bool, got ",
+               std::string(py::str(py::type::of(input).attr("__name__"))));
+    }
+  }
+  return values;
+}
+
+// The communicator of a run: the group's when one is given, else the
+// process-wide one of the launcher's environment.
+std::shared_ptr<Communicator> communicatorOf(
+    const std::optional<ProcessGroupPtr>& group) {
+  if (group.has_value() && *group) {
+    return std::make_shared<Communicator>(*group);
+  }
+  return std::shared_ptr<Communicator>(&Communicator::getInstance(),
+                                       [](Communicator*) {});
+}
+
+// An evaluator with the communicator it runs over.
+class PyEvaluator {
+ public:
+  PyEvaluator(const HostIrContainer& program, std::optional<at::Device> device,
+              const std::optional<ProcessGroupPtr>& group)
+      : communicator_(communicatorOf(group)),
+        evaluator_(program.clone(), paramsFor(device)) {}
+
+  std::vector<at::Tensor> run(const py::sequence& inputs) {
+    std::vector<c10::IValue> values = inputsOf(inputs);
+    py::gil_scoped_release release;
+    return evaluator_.run(values);
+  }
+  void checkStatus() {
+    py::gil_scoped_release release;
+    evaluator_.checkStatus();
+  }
+
+ protected:
+  HostIrEvaluatorParams paramsFor(std::optional<at::Device> device) {
+    HostIrEvaluatorParams params;
+    params.device = device;
+    params.communicator = communicator_.get();
+    return params;
+  }
+
+  std::shared_ptr<Communicator> communicator_;
+
+ private:
+  HostIrEvaluator evaluator_;
+};
+
+class PyGraphRunner {
+ public:
+  PyGraphRunner(const HostIrContainer& program, bool copy_outputs,
+                std::vector<size_t> persistent_inputs,
+                std::optional<at::Device> device,
+                const std::optional<ProcessGroupPtr>& group)
+      : communicator_(communicatorOf(group)),
+        runner_(
+            program.clone(), paramsFor(device),
+            GraphRunnerOptions{copy_outputs, std::move(persistent_inputs)}) {}
+
+  std::vector<at::Tensor> run(const py::sequence& inputs) {
+    std::vector<c10::IValue> values = inputsOf(inputs);
+    py::gil_scoped_release release;
+    return runner_.run(values);
+  }
+  void checkStatus() {
+    py::gil_scoped_release release;
+    runner_.checkStatus();
+  }
+  int64_t numGraphs() const { return runner_.numGraphs(); }
+  int64_t numReplays() const { return runner_.numReplays(); }
+  std::string lastMode() const { return toString(runner_.lastMode()); }
+
+ private:
+  HostIrEvaluatorParams paramsFor(std::optional<at::Device> device) {
+    HostIrEvaluatorParams params;
+    params.device = device;
+    params.communicator = communicator_.get();
+    return params;
+  }
+
+  std::shared_ptr<Communicator> communicator_;
+  GraphRunner runner_;
+};
+
+// The functional MoE API's state: one backend's runtime over one group.
+// Sites (the cuda backend's workspaces) are named by the Python side.
+class PyMoeRuntime {
+ public:
+  PyMoeRuntime(const std::string& backend,
+               const std::optional<ProcessGroupPtr>& group)
+      : backend_(backendOf(backend)),
+        communicator_(communicatorOf(group)),
+        runtime_(moeBackendInfo(backend_).create_runtime(*communicator_)) {}
+
+  py::dict dispatch(const std::string& site, const at::Tensor& x,
+                    const at::Tensor& topk_idx,
+                    const std::optional<at::Tensor>& topk_weights,
+                    int64_t num_experts, int64_t capacity) {
+    MoeDispatchArgs args;
+    args.site = siteKey(site);
+    args.describe_site = [site] { return "hostfuse.moe.dispatch " + site; };
+    args.x = x;
+    args.topk_idx = topk_idx;
+    args.topk_weights = topk_weights;
+    args.num_experts = num_experts;
+    args.capacity = capacity;
+    MoeDispatchOutput out;
+    {
+      py::gil_scoped_release release;
+      out = runtime_->dispatch(args);
+    }
+    py::dict fields;
+    fields["recv_x"] = out.recv_x;
+    fields["recv_weights"] =
+        out.recv_weights.defined() ? py::cast(out.recv_weights) : py::none();
+    fields["recv_src_rank"] = out.layout.src_rank;
+    fields["recv_src_token"] = out.layout.src_token;
+    fields["recv_src_k"] = out.layout.src_k;
+    fields["recv_expert_counts"] = out.layout.expert_counts;
+    fields["n_tokens_to_rank"] = out.layout.n_tokens_to_rank;
+    fields["n_tokens_from_rank"] = out.layout.n_tokens_from_rank;
+    return fields;
+  }
+
+  at::Tensor combine(const std::string& site, const at::Tensor& expert_out,
+                     const py::dict& layout,
+                     const std::optional<at::Tensor>& topk_weights,
+                     int64_t num_tokens, int64_t num_experts) {
+    MoeCombineArgs args;
+    args.dispatch_site = siteKey(site);
+    args.expert_out = expert_out;
+    args.layout.src_rank = layout["recv_src_rank"].cast<at::Tensor>();
+    args.layout.src_token = layout["recv_src_token"].cast<at::Tensor>();
+    args.layout.src_k = layout["recv_src_k"].cast<at::Tensor>();
+    args.layout.expert_counts = layout["recv_expert_counts"].cast<at::Tensor>();
+    args.layout.n_tokens_to_rank =
+        layout["n_tokens_to_rank"].cast<at::Tensor>();
+    args.layout.n_tokens_from_rank =
+        layout["n_tokens_from_rank"].cast<at::Tensor>();
+    args.topk_weights = topk_weights;
+    args.num_tokens = num_tokens;
+    args.num_experts = num_experts;
+    py::gil_scoped_release release;
+    return runtime_->combine(args);
+  }
+
+  void checkStatus() {
+    py::gil_scoped_release release;
+    runtime_->checkStatus();
+  }
+  int64_t rank() const { return communicator_->rank(); }
+  int64_t size() const { return communicator_->size(); }
+  std::string backend() const { return toString(backend_); }
+
+ private:
+  // A stable address per site name, which the runtime keys its state by.
+  const void* siteKey(const std::string& site) {
+    std::unique_ptr<std::string>& key = sites_[site];
+    if (key == nullptr) {
+      key = std::make_unique<std::string>(site);
+    }
+    return key.get();
+  }
+
+  MoeBackend backend_;
+  std::shared_ptr<Communicator> communicator_;
+  std::unique_ptr<MoeRuntime> runtime_;
+  std::map<std::string, std::unique_ptr<std::string>> sites_;
+};
+
+// `values` as a list whose items keep `owner` (their program) alive.
+py::list valuesOf(const std::vector<Val*>& values, const py::handle& owner) {
+  py::list list;
+  for (Val* value : values) {
+    py::object item = py::cast(value, py::return_value_policy::reference);
+    py::detail::keep_alive_impl(item, owner);
+    list.append(item);
+  }
+  return list;
+}
+
+// `with program:` makes the program the active container of the builders.
+std::vector<std::unique_ptr<FusionGuard>>& guards() {
+  static std::vector<std::unique_ptr<FusionGuard>> stack;
+  return stack;
+}
+
+template <typename Class>
+void bindContainer(Class& cls) {
+  cls.def("__enter__",
+          [](py::object self) {
+            guards().push_back(
+                std::make_unique<FusionGuard>(self.cast<Fusion*>()));
+            return self;
+          })
+      .def("__exit__",
+           [](Fusion&, const py::args&) {
+             HF_CHECK(!guards().empty(), "__exit__ without __enter__");
+             guards().pop_back();
+           })
+      .def(
+          "define_tensor",
+          [](Fusion& self, const py::sequence& shape, const py::object& dtype,
+             const std::string& name) {
+            std::vector<SizeSpec> sizes;
+            for (const py::handle size : shape) {
+              sizes.push_back(sizeOf(size));
+            }
+            FusionGuard guard(&self);
+            TensorView* tv = makeTensor(
+                sizes, dtype.is_none() ? DataType::Float : dataTypeOf(dtype),
+                name);
+            self.addInput(tv);
+            return tv;
+          },
+          py::arg("shape"), py::arg("dtype") = py::none(), py::arg("name") = "",
+          py::keep_alive<0, 1>(), py::return_value_policy::reference,
+          "A tensor input of this program: shape items are ints, None "
+          "(symbolic) or Scalars (a shared symbolic extent).")
+      .def(
+          "define_scalar",
+          [](Fusion& self, const std::string& name, const py::object& dtype) {
+            FusionGuard guard(&self);
+            return makeSymbolicScalar(
+                dtype.is_none() ? DataType::Int64 : dataTypeOf(dtype), name);
+          },
+          py::arg("name") = "", py::arg("dtype") = py::none(),
+          py::keep_alive<0, 1>(), py::return_value_policy::reference,
+          "A symbolic scalar (an int64 extent unless dtype says otherwise); "
+          "not an input by itself.")
+      .def("add_input", &Fusion::addInput, py::arg("value"))
+      .def("add_output", &Fusion::addOutput, py::arg("value"))
+      .def_property_readonly("inputs",
+                             [](py::object self) {
+                               return valuesOf(self.cast<Fusion&>().inputs(),
+                                               self);
+                             })
+      .def_property_readonly("outputs",
+                             [](py::object self) {
+                               return valuesOf(self.cast<Fusion&>().outputs(),
+                                               self);
+                             })
+      .def("__str__", [](const Fusion& self) { return self.toString(); })
+      .def("__repr__", [](const Fusion& self) { return self.toString(); });
+}
+
+}  // namespace
+}  // namespace hostfuse
+
+PYBIND11_MODULE(_C, m) {
+  using namespace hostfuse;
+  m.doc() = "hostfuse's C++ core; use the hostfuse package instead.";
+
+  static py::exception<Error> error(m, "Error", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) {
+        std::rethrow_exception(p);
+      }
+    } catch (const Error& e) {
+      py::set_error(error, e.what());
+    } catch (const InternalError& e) {
+      py::set_error(
+          PyExc_AssertionError,
+          (std::string("hostfuse internal error: ") + e.what()).c_str());
+    }
+  });
+
+  py::class_<Val, std::unique_ptr<Val, py::nodelete>>(m, "Val")
+      .def_property_readonly("dtype",
+                             [](const Val& v) { return torchDtype(v.dtype()); })
+      .def_property_readonly("name", &Val::userName)
+      .def("__str__", &Val::toString)
+      .def("__repr__", &Val::toString);
+  py::class_<Scalar, Val, std::unique_ptr<Scalar, py::nodelete>>(m, "Scalar")
+      .def_property_readonly("is_constant", &Scalar::isConstant);
+  py::class_<TensorView, Val, std::unique_ptr<TensorView, py::nodelete>>(
+      m, "TensorView")
+      .def_property_readonly("ndim", &TensorView::rank)
+      .def("extent", &TensorView::extent, py::arg("dim"),
+           py::keep_alive<0, 1>(), py::return_value_policy::reference)
+      .def_property_readonly(
+          "shape",
+          [](const TensorView& tv) {
+            py::list shape;
+            for (Scalar* extent : tv.extents()) {
+              const std::optional<int64_t> size = extent->constantInt();
+              shape.append(size.has_value() ? py::cast(*size)
+                                            : py::cast(extent->toString()));
+            }
+            return shape;
+          },
+          "Sizes: ints where constant, names where symbolic.");
+
+  py::class_<Fusion, std::shared_ptr<Fusion>> fusion(
+      m, "Fusion",
+      "A fusion: pointwise math and reductions that compile to one CUDA "
+      "kernel (NVRTC) on GPUs and run on ATen on the CPU.");
+  fusion.def(py::init<>());
+  bindContainer(fusion);
+  py::class_<HostIrContainer, Fusion, std::shared_ptr<HostIrContainer>> program(
+      m, "Program",
+      "A host program: tensors, ops, fusions and MoE nodes, run by "
+      "HostIrEvaluator or GraphRunner.");
+  program.def(py::init<>());
+
+  // Builders (in the active program: `with program:`).
+  const auto ref = py::return_value_policy::reference;
+#define HF_BIND_UNARY(name)                                                    \
+  m.def(#name, static_cast<TensorView* (*)(TensorView*)>(&name), py::arg("x"), \
+        py::keep_alive<0, 1>(), ref);
+  HF_BIND_UNARY(neg)
+  HF_BIND_UNARY(abs)
+  HF_BIND_UNARY(relu)
+  HF_BIND_UNARY(exp)
+  HF_BIND_UNARY(log)
+  HF_BIND_UNARY(sqrt)
+  HF_BIND_UNARY(rsqrt)
+  HF_BIND_UNARY(reciprocal)
+  HF_BIND_UNARY(tanh)
+  HF_BIND_UNARY(sigmoid)
+  HF_BIND_UNARY(silu)
+#undef HF_BIND_UNARY
+#define HF_BIND_BINARY(name)                                                \
+  m.def(#name, py::overload_cast<Val*, Val*>(&name), py::arg("a"),          \
+        py::arg("b"), py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref); \
+  m.def(#name, py::overload_cast<TensorView*, double>(&name), py::arg("a"), \
+        py::arg("b"), py::keep_alive<0, 1>(), ref);                         \
+  m.def(#name, py::overload_cast<double, TensorView*>(&name), py::arg("a"), \
+        py::arg("b"), py::keep_alive<0, 2>(), ref);
+  HF_BIND_BINARY(add)
+  HF_BIND_BINARY(sub)
+  HF_BIND_BINARY(mul)
+  HF_BIND_BINARY(div)
+  HF_BIND_BINARY(maximum)
+  HF_BIND_BINARY(minimum)
+  HF_BIND_BINARY(lt)
+  HF_BIND_BINARY(le)
+  HF_BIND_BINARY(gt)
+  HF_BIND_BINARY(ge)
+  HF_BIND_BINARY(eq)
+  HF_BIND_BINARY(ne)
+#undef HF_BIND_BINARY
+  m.def("where", &where, py::arg("condition"), py::arg("a"), py::arg("b"),
+        py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), py::keep_alive<0, 3>(),
+        ref);
+  m.def(
+      "cast",
+      [](TensorView* x, const py::object& dtype) {
+        return cast(x, dataTypeOf(dtype));
+      },
+      py::arg("x"), py::arg("dtype"), py::keep_alive<0, 1>(), ref);
+  m.def("broadcast", &broadcast, py::arg("x"), py::arg("is_broadcast_dim"),
+        py::keep_alive<0, 1>(), ref);
+  m.def("sum", &sum, py::arg("x"), py::arg("dim"), py::arg("keep_dim") = false,
+        py::keep_alive<0, 1>(), ref);
+  m.def("max", &max, py::arg("x"), py::arg("dim"), py::arg("keep_dim") = false,
+        py::keep_alive<0, 1>(), ref);
+  m.def("softmax", &softmax, py::arg("x"), py::arg("dim"),
+        py::keep_alive<0, 1>(), ref);
+  m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::keep_alive<0, 1>(),
+        py::keep_alive<0, 2>(), ref);
+  m.def("linear", &linear, py::arg("x"), py::arg("weight"),
+        py::arg("bias") = nullptr, py::keep_alive<0, 1>(),
+        py::keep_alive<0, 2>(), ref);
+  m.def(
+      "topk",
+      [](TensorView* x, int64_t k) {
+        const TopKResult r = topk(x, k);
+        return py::make_tuple(
+            py::cast(r.values, py::return_value_policy::reference),
+            py::cast(r.indices, py::return_value_policy::reference));
+      },
+      py::arg("x"), py::arg("k"), py::keep_alive<0, 1>());
+  m.def("grouped_matmul", &groupedMatmul, py::arg("x"), py::arg("weights"),
+        py::arg("counts"), py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref);
+  m.def(
+      "run_fusion",
+      [](const std::shared_ptr<Fusion>& fusion,
+         const std::vector<Val*>& inputs) {
+        HF_CHECK(fusion != nullptr, "run_fusion: fusion is None");
+        HF_CHECK(dynamic_cast<HostIrContainer*>(fusion.get()) == nullptr,
+                 "run_fusion: the fusion must be a hostfuse.Fusion, not a "
+                 "Program");
+        // The program keeps its own copy: later edits of `fusion` do not
+        // change it.
+        std::shared_ptr<Fusion> copy = fusion->clone();
+        return runFusion(std::move(copy), inputs);
+      },
+      py::arg("fusion"), py::arg("inputs"), py::keep_alive<0, 2>(), ref);
+
+  py::class_<MoeDispatchResult>(m, "MoeDispatchResult")
+      .def_readonly("recv_x", &MoeDispatchResult::recv_x)
+      .def_readonly("recv_src_rank", &MoeDispatchResult::recv_src_rank)
+      .def_readonly("recv_src_token", &MoeDispatchResult::recv_src_token)
+      .def_readonly("recv_src_k", &MoeDispatchResult::recv_src_k)
+      .def_readonly("recv_weights", &MoeDispatchResult::recv_weights)
+      .def_readonly("recv_expert_counts",
+                    &MoeDispatchResult::recv_expert_counts)
+      .def_readonly("n_tokens_to_rank", &MoeDispatchResult::n_tokens_to_rank)
+      .def_readonly("n_tokens_from_rank",
+                    &MoeDispatchResult::n_tokens_from_rank);
+  m.def(
+      "moe_dispatch",
+      [](TensorView* x, TensorView* topk_idx, TensorView* topk_weights,
+         int64_t num_experts, const std::string& backend, int64_t capacity) {
+        return moeDispatch(x, topk_idx, topk_weights, num_experts,
+                           backendOf(backend), capacity);
+      },
+      py::arg("x"), py::arg("topk_idx"), py::arg("topk_weights") = nullptr,
+      py::kw_only(), py::arg("num_experts"), py::arg("backend") = "collective",
+      py::arg("capacity") = 0, py::keep_alive<0, 1>());
+  m.def("moe_combine", &moeCombine, py::arg("expert_out"), py::arg("layout"),
+        py::arg("topk_weights") = nullptr, py::kw_only(), py::arg("num_tokens"),
+        py::keep_alive<0, 1>(), ref);
+
+  py::class_<PyEvaluator>(m, "HostIrEvaluator")
+      .def(py::init<
+               const HostIrContainer&, std::optional<at::Device>,
+               const std::optional<c10::intrusive_ptr<c10d::ProcessGroup>>&>(),
+           py::arg("program"), py::kw_only(), py::arg("device") = py::none(),
+           py::arg("group") = py::none())
+      .def("run", &PyEvaluator::run, py::arg("inputs"))
+      .def("check_status", &PyEvaluator::checkStatus);
+  py::class_<PyGraphRunner>(m, "GraphRunner")
+      .def(py::init<
+               const HostIrContainer&, bool, std::vector<size_t>,
+               std::optional<at::Device>,
+               const std::optional<c10::intrusive_ptr<c10d::ProcessGroup>>&>(),
+           py::arg("program"), py::kw_only(), py::arg("copy_outputs") = false,
+           py::arg("persistent_inputs") = std::vector<size_t>{},
+           py::arg("device") = py::none(), py::arg("group") = py::none())
+      .def("run", &PyGraphRunner::run, py::arg("inputs"))
+      .def("check_status", &PyGraphRunner::checkStatus)
+      .def_property_readonly("num_graphs", &PyGraphRunner::numGraphs)
+      .def_property_readonly("num_replays", &PyGraphRunner::numReplays)
+      .def_property_readonly("last_mode", &PyGraphRunner::lastMode);
+  m.def("find_capture_problems", &findCaptureProblems, py::arg("program"),
+        py::arg("device"));
+
+  py::class_<PyMoeRuntime>(m, "MoeRuntime")
+      .def(py::init<
+               const std::string&,
+               const std::optional<c10::intrusive_ptr<c10d::ProcessGroup>>&>(),
+           py::arg("backend"), py::arg("group") = py::none())
+      .def("dispatch", &PyMoeRuntime::dispatch, py::arg("site"), py::arg("x"),
+           py::arg("topk_idx"), py::arg("topk_weights"), py::arg("num_experts"),
+           py::arg("capacity"))
+      .def("combine", &PyMoeRuntime::combine, py::arg("site"),
+           py::arg("expert_out"), py::arg("layout"), py::arg("topk_weights"),
+           py::arg("num_tokens"), py::arg("num_experts"))
+      .def("check_status", &PyMoeRuntime::checkStatus)
+      .def_property_readonly("rank", &PyMoeRuntime::rank)
+      .def_property_readonly("size", &PyMoeRuntime::size)
+      .def_property_readonly("backend", &PyMoeRuntime::backend);
+  m.def("moe_backends", [] {
+    std::vector<std::string> names;
+    for (MoeBackend b : allMoeBackends()) {
+      names.emplace_back(toString(b));
+    }
+    return names;
+  });
+
+  m.def(
+      "cuda_source",
+      [](const Fusion& fusion, bool contiguous, int64_t vector_width,
+         bool index32) {
+        InputSignature signature;
+        signature.contiguous = contiguous;
+        signature.vector_width = vector_width;
+        signature.index32 = index32;
+        return generateCudaSource(fusion, signature);
+      },
+      py::arg("fusion"), py::kw_only(), py::arg("contiguous") = false,
+      py::arg("vector_width") = 1, py::arg("index32") = false);
+  m.def(
+      "compile_cuda",
+      [](const std::string& source, int arch, bool cubin) {
+        CompileTarget target;
+        target.arch = arch;
+        target.cubin = cubin;
+        CompiledBinary binary;
+        {
+          py::gil_scoped_release release;
+          binary = compileCudaSource(source, target);
+        }
+        py::dict result;
+        result["target"] = binary.target.toString();
+        result["image"] = py::bytes(binary.image);
+        result["log"] = binary.log;
+        return result;
+      },
+      py::arg("source"), py::kw_only(), py::arg("arch") = 90,
+      py::arg("cubin") = false);
+}

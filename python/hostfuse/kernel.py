@@ -1,0 +1,22 @@
+"""The CUDA C that a Fusion compiles to, and NVRTC compiles of it.
+
+Works without a GPU: ``compile`` then emits PTX for ``compute_<arch>``, which
+checks the generated source fully.
+"""
+
+from . import _C
+
+
+def cuda_source(fusion, *, contiguous=False, vector_width=1, index32=False):
+    """The CUDA C source generated for ``fusion`` (a ``hostfuse.Fusion``)."""
+    return _C.cuda_source(
+        fusion, contiguous=contiguous, vector_width=vector_width, index32=index32
+    )
+
+
+def compile(source, *, arch=90, cubin=False):
+    """Compiles ``source`` with NVRTC for ``sm_<arch>`` (``cubin=True``) or
+    ``compute_<arch>`` PTX; returns a dict with ``target``, ``image`` (bytes)
+    and ``log``. A source that does not compile raises ``hostfuse.Error``
+    with NVRTC's log."""
+    return _C.compile_cuda(source, arch=arch, cubin=cubin)

@@ -1,0 +1,168 @@
+"""Mixture-of-Experts dispatch and combine on tensors, for PyTorch code that
+does not build programs::
+
+    handle = hostfuse.moe.dispatch(x, topk_idx, topk_weights, num_experts=E)
+    expert_out = my_experts(handle.recv_x, handle.recv_expert_counts)
+    y = hostfuse.moe.combine(expert_out, handle, topk_weights)
+
+Semantics are those of the MoeDispatch / MoeCombine nodes (docs/moe.md): rows
+arrive expert-major (local expert 0's rows first), and combine returns, per
+token, the weighted sum of its picks' expert outputs in pick order,
+accumulated in fp32. Both backends give bit-identical results.
+
+``group`` is any torch.distributed process group; when None, the default
+group if torch.distributed is initialized, else the ranks of the launcher's
+environment (torchrun, or a world of one). With ``backend="cuda"``, calls
+after the first one with the same (num_experts, hidden size, dtype, top-k,
+capacity) can be captured in ``torch.cuda.graph`` and replayed with new
+routing: the first call agrees on the shapes with the other ranks and sets
+up symmetric memory (sized for the largest token count any rank passes
+then), which cannot happen inside a capture, so call once before capturing.
+"""
+
+import torch
+
+from . import _C
+
+_runtimes = {}
+
+
+def backends():
+    """The names of the MoE backends: 'collective' and 'cuda'."""
+    return _C.moe_backends()
+
+
+def _default_group(group):
+    if group is not None:
+        return group
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+def _runtime(backend, group):
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    key = (backend, id(group))
+    entry = _runtimes.get(key)
+    if entry is None:
+        # The group is kept with its runtime so that its id stays unique.
+        entry = (group, _C.MoeRuntime(backend, group))
+        _runtimes[key] = entry
+    return entry[1]
+
+
+def _check_tensor(name, value, optional=False):
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        kind = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+
+
+def _check_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+class DispatchHandle:
+    """What dispatch returns: the received rows and where they came from.
+
+    recv_x [rows, H]: the rows this rank's experts compute, expert-major.
+    recv_weights [rows] (None without topk_weights): each row's weight.
+    recv_src_rank, recv_src_token, recv_src_k [rows]: where each row came
+    from. recv_expert_counts [L]: rows per local expert. n_tokens_to_rank,
+    n_tokens_from_rank [R]: rows sent to and received from each rank.
+    """
+
+    _FIELDS = (
+        "recv_x",
+        "recv_weights",
+        "recv_src_rank",
+        "recv_src_token",
+        "recv_src_k",
+        "recv_expert_counts",
+        "n_tokens_to_rank",
+        "n_tokens_from_rank",
+    )
+
+    def __init__(self, fields, runtime, site, num_tokens, num_experts):
+        for name in self._FIELDS:
+            setattr(self, name, fields[name])
+        self._layout = fields
+        self._runtime = runtime
+        self._site = site
+        self.num_tokens = num_tokens
+        self.num_experts = num_experts
+
+    def __repr__(self):
+        rows = self.recv_x.shape[0]
+        return (
+            f"DispatchHandle(rows={rows}, experts={self.num_experts}, "
+            f"tokens={self.num_tokens}, backend={self._runtime.backend!r})"
+        )
+
+
+def dispatch(
+    x,
+    topk_idx,
+    topk_weights=None,
+    *,
+    num_experts,
+    backend="collective",
+    group=None,
+    capacity=0,
+):
+    """Sends every token's row to the ranks of its top-k experts.
+
+    x [T, H] floating; topk_idx [T, K] int64 or int32 (-1 masks a pick);
+    topk_weights [T, K] floating or None; num_experts E, a multiple of the
+    group's size (expert e lives on rank e // (E / R)). ``capacity`` (cuda
+    backend only): rows per receiving rank, 0 for the worst case. Every rank
+    of the group calls it, in the same order as its other MoE calls.
+    """
+    _check_tensor("x", x)
+    _check_tensor("topk_idx", topk_idx)
+    _check_tensor("topk_weights", topk_weights, optional=True)
+    _check_int("num_experts", num_experts)
+    _check_int("capacity", capacity)
+    group = _default_group(group)
+    runtime = _runtime(backend, group)
+    hidden = x.shape[-1] if x.dim() > 0 else 0
+    picks = topk_idx.shape[-1] if topk_idx.dim() > 0 else 0
+    site = f"E={num_experts} H={hidden} {x.dtype} K={picks} C={capacity}"
+    fields = runtime.dispatch(
+        site, x, topk_idx, topk_weights, num_experts, capacity
+    )
+    num_tokens = x.shape[0] if x.dim() > 0 else 0
+    return DispatchHandle(fields, runtime, site, num_tokens, num_experts)
+
+
+def combine(expert_out, handle, topk_weights=None):
+    """Sends each expert output row back to its token's rank and returns
+    combined [T, H']: per token, the sum over its picks of weight * row, in
+    pick order, accumulated in fp32 and rounded once to expert_out's dtype
+    (weight 1 without topk_weights). ``handle`` is what dispatch returned."""
+    _check_tensor("expert_out", expert_out)
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(
+            "handle must be what hostfuse.moe.dispatch returned, got "
+            f"{type(handle).__name__}"
+        )
+    _check_tensor("topk_weights", topk_weights, optional=True)
+    return handle._runtime.combine(
+        handle._site,
+        expert_out,
+        handle._layout,
+        topk_weights,
+        handle.num_tokens,
+        handle.num_experts,
+    )
+
+
+def check_status(backend="cuda", group=None):
+    """Raises the first error the cuda backend recorded on the device during
+    graph replays (eager calls raise at once). Waits for the device."""
+    _runtime(backend, _default_group(group)).check_status()
