@@ -187,6 +187,48 @@ hostfuse_build() {
   hostfuse_log "build done in $((SECONDS - start)) s"
 }
 
+# The Python package's build and test tools: scikit-build-core (the PEP 517
+# backend that pyproject.toml names) and pytest. Installed from PyPI into our
+# own environment when missing; any other Python (the GPU machines', which
+# have them and no network) must already have them.
+hostfuse_ensure_python_tools() {
+  local missing=()
+  "$HOSTFUSE_PYTHON" -c 'import scikit_build_core' 2>/dev/null ||
+    missing+=(scikit-build-core)
+  "$HOSTFUSE_PYTHON" -c 'import pytest' 2>/dev/null || missing+=(pytest)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$HOSTFUSE_PYTHON" = "$HOSTFUSE_VENV/bin/python" ]; then
+    hostfuse_log "installing ${missing[*]} into $HOSTFUSE_VENV"
+    "$HOSTFUSE_PYTHON" -m pip install "${missing[@]}" >&2 ||
+      hostfuse_die "could not install ${missing[*]}"
+  else
+    hostfuse_die "$HOSTFUSE_PYTHON lacks ${missing[*]}:" \
+      "pip install ${missing[*]} there first"
+  fi
+}
+
+# Builds the Python package and installs it into $HOSTFUSE_PYTHON's
+# environment with pip (no build isolation, no dependencies fetched:
+# nothing is downloaded), showing the build's progress; the full log goes to
+# $HOSTFUSE_BUILD_DIR/python-install.log.
+hostfuse_python_install() {
+  local start=$SECONDS log="$HOSTFUSE_BUILD_DIR/python-install.log"
+  hostfuse_ensure_python_tools
+  mkdir -p "$HOSTFUSE_BUILD_DIR"
+  hostfuse_log "building and installing the Python package (log: $log)"
+  CMAKE_BUILD_PARALLEL_LEVEL="${HOSTFUSE_JOBS:-$(nproc)}" \
+    SKBUILD_CMAKE_DEFINE="HOSTFUSE_WERROR=${HOSTFUSE_WERROR:-OFF}" \
+    "$HOSTFUSE_PYTHON" -m pip install --no-build-isolation --no-deps -v \
+    "$HOSTFUSE_ROOT" 2>&1 | tee "$log" |
+    grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]' |
+    sed -u -E 's/^ *(.{1,100}).*/  \1/' >&2
+  if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+    tail -n 40 "$log" >&2
+    hostfuse_die "pip install of the Python package failed"
+  fi
+  hostfuse_log "Python package installed in $((SECONDS - start)) s"
+}
+
 # True when a CUDA GPU is usable from this machine's torch.
 hostfuse_has_gpu() {
   "$HOSTFUSE_PYTHON" -c \

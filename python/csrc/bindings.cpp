@@ -406,9 +406,9 @@ PYBIND11_MODULE(_C, m) {
 
   // Builders (in the active program: `with program:`).
   const auto ref = py::return_value_policy::reference;
-#define HF_BIND_UNARY(name)                                                    \
-  m.def(#name, static_cast<TensorView* (*)(TensorView*)>(&name), py::arg("x"), \
-        py::keep_alive<0, 1>(), ref);
+#define HF_BIND_UNARY(name)                                      \
+  m.def(#name, static_cast<TensorView* (*)(TensorView*)>(&name), \
+        py::arg("x").none(false), py::keep_alive<0, 1>(), ref);
   HF_BIND_UNARY(neg)
   HF_BIND_UNARY(abs)
   HF_BIND_UNARY(relu)
@@ -421,13 +421,16 @@ PYBIND11_MODULE(_C, m) {
   HF_BIND_UNARY(sigmoid)
   HF_BIND_UNARY(silu)
 #undef HF_BIND_UNARY
-#define HF_BIND_BINARY(name)                                                \
-  m.def(#name, py::overload_cast<Val*, Val*>(&name), py::arg("a"),          \
-        py::arg("b"), py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref); \
-  m.def(#name, py::overload_cast<TensorView*, double>(&name), py::arg("a"), \
-        py::arg("b"), py::keep_alive<0, 1>(), ref);                         \
-  m.def(#name, py::overload_cast<double, TensorView*>(&name), py::arg("a"), \
-        py::arg("b"), py::keep_alive<0, 2>(), ref);
+#define HF_BIND_BINARY(name)                                                   \
+  m.def(#name, py::overload_cast<Val*, Val*>(&name), py::arg("a").none(false), \
+        py::arg("b").none(false), py::keep_alive<0, 1>(),                      \
+        py::keep_alive<0, 2>(), ref);                                          \
+  m.def(#name, py::overload_cast<TensorView*, double>(&name),                  \
+        py::arg("a").none(false), py::arg("b").none(false),                    \
+        py::keep_alive<0, 1>(), ref);                                          \
+  m.def(#name, py::overload_cast<double, TensorView*>(&name),                  \
+        py::arg("a").none(false), py::arg("b").none(false),                    \
+        py::keep_alive<0, 2>(), ref);
   HF_BIND_BINARY(add)
   HF_BIND_BINARY(sub)
   HF_BIND_BINARY(mul)
@@ -441,7 +444,8 @@ PYBIND11_MODULE(_C, m) {
   HF_BIND_BINARY(eq)
   HF_BIND_BINARY(ne)
 #undef HF_BIND_BINARY
-  m.def("where", &where, py::arg("condition"), py::arg("a"), py::arg("b"),
+  m.def("where", &where, py::arg("condition").none(false),
+        py::arg("a").none(false), py::arg("b").none(false),
         py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), py::keep_alive<0, 3>(),
         ref);
   m.def(
@@ -449,45 +453,56 @@ PYBIND11_MODULE(_C, m) {
       [](TensorView* x, const py::object& dtype) {
         return cast(x, dataTypeOf(dtype));
       },
-      py::arg("x"), py::arg("dtype"), py::keep_alive<0, 1>(), ref);
-  m.def("broadcast", &broadcast, py::arg("x"), py::arg("is_broadcast_dim"),
+      py::arg("x").none(false), py::arg("dtype"), py::keep_alive<0, 1>(), ref);
+  m.def("broadcast", &broadcast, py::arg("x").none(false),
+        py::arg("is_broadcast_dim"), py::keep_alive<0, 1>(), ref);
+  m.def("sum", &sum, py::arg("x").none(false), py::arg("dim"),
+        py::arg("keep_dim") = false, py::keep_alive<0, 1>(), ref);
+  m.def("max", &max, py::arg("x").none(false), py::arg("dim"),
+        py::arg("keep_dim") = false, py::keep_alive<0, 1>(), ref);
+  m.def("softmax", &softmax, py::arg("x").none(false), py::arg("dim"),
         py::keep_alive<0, 1>(), ref);
-  m.def("sum", &sum, py::arg("x"), py::arg("dim"), py::arg("keep_dim") = false,
-        py::keep_alive<0, 1>(), ref);
-  m.def("max", &max, py::arg("x"), py::arg("dim"), py::arg("keep_dim") = false,
-        py::keep_alive<0, 1>(), ref);
-  m.def("softmax", &softmax, py::arg("x"), py::arg("dim"),
-        py::keep_alive<0, 1>(), ref);
-  m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::keep_alive<0, 1>(),
-        py::keep_alive<0, 2>(), ref);
-  m.def("linear", &linear, py::arg("x"), py::arg("weight"),
-        py::arg("bias") = nullptr, py::keep_alive<0, 1>(),
-        py::keep_alive<0, 2>(), ref);
+  m.def("matmul", &matmul, py::arg("a").none(false), py::arg("b").none(false),
+        py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref);
+  m.def("linear", &linear, py::arg("x").none(false),
+        py::arg("weight").none(false), py::arg("bias") = nullptr,
+        py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref);
   m.def(
       "topk",
-      [](TensorView* x, int64_t k) {
-        const TopKResult r = topk(x, k);
-        return py::make_tuple(
-            py::cast(r.values, py::return_value_policy::reference),
-            py::cast(r.indices, py::return_value_policy::reference));
+      [](const py::object& x, int64_t k) {
+        HF_CHECK(!x.is_none(), "topk: x is None");
+        const TopKResult r = topk(x.cast<TensorView*>(), k);
+        const py::list both = valuesOf({r.values, r.indices}, x);
+        return py::make_tuple(both[0], both[1]);
       },
-      py::arg("x"), py::arg("k"), py::keep_alive<0, 1>());
-  m.def("grouped_matmul", &groupedMatmul, py::arg("x"), py::arg("weights"),
-        py::arg("counts"), py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref);
+      py::arg("x"), py::arg("k"),
+      "(values, indices) of the k largest entries along the last dim.");
+  m.def("grouped_matmul", &groupedMatmul, py::arg("x").none(false),
+        py::arg("weights").none(false), py::arg("counts").none(false),
+        py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref);
   m.def(
       "run_fusion",
-      [](const std::shared_ptr<Fusion>& fusion,
-         const std::vector<Val*>& inputs) {
-        HF_CHECK(fusion != nullptr, "run_fusion: fusion is None");
+      [](const std::shared_ptr<Fusion>& fusion, const py::list& inputs) {
         HF_CHECK(dynamic_cast<HostIrContainer*>(fusion.get()) == nullptr,
                  "run_fusion: the fusion must be a hostfuse.Fusion, not a "
                  "Program");
+        std::vector<Val*> values;
+        for (const py::handle input : inputs) {
+          HF_CHECK(!input.is_none(), "run_fusion: input ", values.size(),
+                   " is None");
+          values.push_back(input.cast<Val*>());
+        }
         // The program keeps its own copy: later edits of `fusion` do not
         // change it.
         std::shared_ptr<Fusion> copy = fusion->clone();
-        return runFusion(std::move(copy), inputs);
+        const std::vector<TensorView*> outputs =
+            runFusion(std::move(copy), values);
+        return valuesOf(std::vector<Val*>(outputs.begin(), outputs.end()),
+                        inputs.empty() ? py::handle(py::none()) : inputs[0]);
       },
-      py::arg("fusion"), py::arg("inputs"), py::keep_alive<0, 2>(), ref);
+      py::arg("fusion").none(false), py::arg("inputs"),
+      "Runs `fusion` on `inputs` (values of the active program); returns its "
+      "outputs as values of the program.");
 
   py::class_<MoeDispatchResult>(m, "MoeDispatchResult")
       .def_readonly("recv_x", &MoeDispatchResult::recv_x)
@@ -507,12 +522,13 @@ PYBIND11_MODULE(_C, m) {
         return moeDispatch(x, topk_idx, topk_weights, num_experts,
                            backendOf(backend), capacity);
       },
-      py::arg("x"), py::arg("topk_idx"), py::arg("topk_weights") = nullptr,
-      py::kw_only(), py::arg("num_experts"), py::arg("backend") = "collective",
-      py::arg("capacity") = 0, py::keep_alive<0, 1>());
-  m.def("moe_combine", &moeCombine, py::arg("expert_out"), py::arg("layout"),
-        py::arg("topk_weights") = nullptr, py::kw_only(), py::arg("num_tokens"),
-        py::keep_alive<0, 1>(), ref);
+      py::arg("x").none(false), py::arg("topk_idx").none(false),
+      py::arg("topk_weights") = nullptr, py::kw_only(), py::arg("num_experts"),
+      py::arg("backend") = "collective", py::arg("capacity") = 0,
+      py::keep_alive<0, 1>());
+  m.def("moe_combine", &moeCombine, py::arg("expert_out").none(false),
+        py::arg("layout").none(false), py::arg("topk_weights") = nullptr,
+        py::kw_only(), py::arg("num_tokens"), py::keep_alive<0, 1>(), ref);
 
   py::class_<PyEvaluator>(m, "HostIrEvaluator")
       .def(py::init<

@@ -89,7 +89,7 @@ TensorView.__mul__ = _binary(mul)
 TensorView.__rmul__ = _binary(mul, swap=True)
 TensorView.__truediv__ = _binary(div)
 TensorView.__rtruediv__ = _binary(div, swap=True)
-TensorView.__neg__ = neg
+TensorView.__neg__ = lambda self: neg(self)
 TensorView.__lt__ = _binary(lt)
 TensorView.__le__ = _binary(le)
 TensorView.__gt__ = _binary(gt)

@@ -20,11 +20,25 @@ up symmetric memory (sized for the largest token count any rank passes
 then), which cannot happen inside a capture, so call once before capturing.
 """
 
+import atexit
+
 import torch
 
 from . import _C
 
 _runtimes = {}
+
+
+def release(group=None):
+    """Drops the runtimes (and the cuda backend's symmetric memory) that
+    dispatch and combine created for ``group`` (None: for every group). Call
+    it before ``torch.distributed.destroy_process_group()``, so that no
+    process group outlives its backend; it also runs at exit."""
+    for key in [k for k, (g, _) in _runtimes.items() if group is None or g is group]:
+        del _runtimes[key]
+
+
+atexit.register(release)
 
 
 def backends():

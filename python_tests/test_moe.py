@@ -1,0 +1,107 @@
+"""hostfuse.moe on one process (a world of one rank): dispatch and combine
+against references computed from the inputs, and their errors."""
+
+import pytest
+import torch
+
+import hostfuse as hf
+import hostfuse.moe as moe
+
+
+def routing(tokens, picks, experts, seed, masked=False, dtype=torch.int64):
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(experts, generator=generator)[:picks]
+                       for _ in range(tokens)])
+    if masked:
+        idx[torch.rand(tokens, picks, generator=generator) < 0.3] = -1
+    return idx.to(dtype)
+
+
+def scale_by_expert(recv_x, counts):
+    """The test's experts: expert e multiplies its rows by 1 + e / 4."""
+    experts = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return recv_x * (1 + experts.to(recv_x.dtype) / 4).unsqueeze(1)
+
+
+@pytest.mark.parametrize("weights", [True, False], ids=["weights", "no_weights"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+def test_round_trip_matches_the_reference(weights, masked, idx_dtype):
+    tokens, hidden, picks, experts = 9, 16, 3, 6
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1))
+    idx = routing(tokens, picks, experts, 2, masked, idx_dtype)
+    w = torch.rand(tokens, picks, generator=torch.Generator().manual_seed(3)) if weights else None
+    handle = moe.dispatch(x, idx, w, num_experts=experts)
+    valid = idx >= 0
+    assert handle.recv_x.shape == (int(valid.sum()), hidden)
+    assert torch.equal(handle.recv_expert_counts,
+                       torch.bincount(idx[valid].long(), minlength=experts))
+    # Every received row is its source token's row.
+    assert torch.equal(handle.recv_x, x[handle.recv_src_token])
+    out = moe.combine(scale_by_expert(handle.recv_x, handle.recv_expert_counts), handle, w)
+    factor = torch.where(valid, 1 + idx.to(torch.float64) / 4, torch.zeros(()))
+    if weights:
+        factor = factor * w.to(torch.float64)
+    expected = (x.to(torch.float64) * factor.sum(1, keepdim=True)).to(x.dtype)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_handle_has_every_named_field():
+    x = torch.randn(4, 8)
+    handle = moe.dispatch(x, routing(4, 2, 4, 5), torch.rand(4, 2), num_experts=4)
+    for name in ("recv_x", "recv_weights", "recv_src_rank", "recv_src_token",
+                 "recv_src_k", "recv_expert_counts", "n_tokens_to_rank",
+                 "n_tokens_from_rank"):
+        assert isinstance(getattr(handle, name), torch.Tensor), name
+    assert handle.recv_weights.dtype == torch.float32
+    assert handle.n_tokens_to_rank.tolist() == [8]
+    assert "DispatchHandle(rows=8" in repr(handle)
+
+
+def test_bf16_rows_combine_in_fp32_and_round_once():
+    x = torch.randn(5, 32).to(torch.bfloat16)
+    idx = routing(5, 2, 4, 6)
+    w = torch.rand(5, 2)
+    handle = moe.dispatch(x, idx, w, num_experts=4)
+    out = moe.combine(handle.recv_x, handle, w)
+    expected = (x.float() * w[:, :1] + x.float() * w[:, 1:]).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+
+
+def test_backends_are_listed():
+    assert moe.backends() == ["collective", "cuda"]
+
+
+@pytest.mark.parametrize(
+    "call, error, text",
+    [
+        (lambda x, i: moe.dispatch("x", i, num_experts=4), TypeError, "x must be a torch.Tensor"),
+        (lambda x, i: moe.dispatch(x, None, num_experts=4), TypeError, "topk_idx must be a torch.Tensor"),
+        (lambda x, i: moe.dispatch(x, i, [1.0], num_experts=4), TypeError, "topk_weights must be a torch.Tensor or None"),
+        (lambda x, i: moe.dispatch(x, i, num_experts=4.0), TypeError, "num_experts must be an int"),
+        (lambda x, i: moe.dispatch(x, i, num_experts=4, backend=3), TypeError, "backend must be a str"),
+        (lambda x, i: moe.dispatch(x, i, num_experts=4, backend="nccl"), hf.Error, "backend must be one of"),
+        (lambda x, i: moe.dispatch(x, i, num_experts=0), hf.Error, "num_experts"),
+        (lambda x, i: moe.dispatch(x, i * 0 + 7, num_experts=4), hf.Error, "expert"),
+        (lambda x, i: moe.dispatch(x.double(), i, num_experts=4, backend="cuda"), hf.Error, "backend=cuda needs it"),
+        (lambda x, i: moe.combine(x, "handle"), TypeError, "handle must be what hostfuse.moe.dispatch returned"),
+    ],
+    ids=["x_str", "idx_none", "weights_list", "experts_float", "backend_int",
+         "backend_unknown", "experts_zero", "expert_out_of_range", "cuda_on_cpu",
+         "handle_str"],
+)
+def test_errors_name_the_argument(call, error, text):
+    x = torch.randn(4, 8)
+    idx = routing(4, 2, 4, 7)
+    with pytest.raises(error, match=text):
+        call(x, idx)
+
+
+def test_a_call_after_an_error_works():
+    x = torch.randn(4, 8)
+    idx = routing(4, 2, 4, 8)
+    with pytest.raises(hf.Error):
+        moe.dispatch(x, idx * 0 + 9, num_experts=4)
+    handle = moe.dispatch(x, idx, num_experts=4)
+    assert torch.equal(moe.combine(handle.recv_x, handle), 2 * x)
