@@ -114,48 +114,19 @@ std::shared_ptr<Communicator> communicatorOf(
                                        [](Communicator*) {});
 }
 
-// An evaluator with the communicator it runs over.
-class PyEvaluator {
+// What HostIrEvaluator and GraphRunner share from Python: the communicator
+// a run uses (the group's, or the launcher's), which must outlive `Runner`,
+// and run() / check_status() without the GIL, so that ranks' threads and
+// collectives are not serialized by it.
+template <typename Runner>
+class PyRunner {
  public:
-  PyEvaluator(const HostIrContainer& program, std::optional<at::Device> device,
-              const std::optional<ProcessGroupPtr>& group)
+  template <typename... Options>
+  PyRunner(const HostIrContainer& program, std::optional<at::Device> device,
+           const std::optional<ProcessGroupPtr>& group, Options&&... options)
       : communicator_(communicatorOf(group)),
-        evaluator_(program.clone(), paramsFor(device)) {}
-
-  std::vector<at::Tensor> run(const py::sequence& inputs) {
-    std::vector<c10::IValue> values = inputsOf(inputs);
-    py::gil_scoped_release release;
-    return evaluator_.run(values);
-  }
-  void checkStatus() {
-    py::gil_scoped_release release;
-    evaluator_.checkStatus();
-  }
-
- protected:
-  HostIrEvaluatorParams paramsFor(std::optional<at::Device> device) {
-    HostIrEvaluatorParams params;
-    params.device = device;
-    params.communicator = communicator_.get();
-    return params;
-  }
-
-  std::shared_ptr<Communicator> communicator_;
-
- private:
-  HostIrEvaluator evaluator_;
-};
-
-class PyGraphRunner {
- public:
-  PyGraphRunner(const HostIrContainer& program, bool copy_outputs,
-                std::vector<size_t> persistent_inputs,
-                std::optional<at::Device> device,
-                const std::optional<ProcessGroupPtr>& group)
-      : communicator_(communicatorOf(group)),
-        runner_(
-            program.clone(), paramsFor(device),
-            GraphRunnerOptions{copy_outputs, std::move(persistent_inputs)}) {}
+        runner_(program.clone(), paramsFor(device, communicator_.get()),
+                std::forward<Options>(options)...) {}
 
   std::vector<at::Tensor> run(const py::sequence& inputs) {
     std::vector<c10::IValue> values = inputsOf(inputs);
@@ -166,21 +137,23 @@ class PyGraphRunner {
     py::gil_scoped_release release;
     runner_.checkStatus();
   }
-  int64_t numGraphs() const { return runner_.numGraphs(); }
-  int64_t numReplays() const { return runner_.numReplays(); }
-  std::string lastMode() const { return toString(runner_.lastMode()); }
+  const Runner& runner() const { return runner_; }
 
  private:
-  HostIrEvaluatorParams paramsFor(std::optional<at::Device> device) {
+  static HostIrEvaluatorParams paramsFor(std::optional<at::Device> device,
+                                         Communicator* communicator) {
     HostIrEvaluatorParams params;
     params.device = device;
-    params.communicator = communicator_.get();
+    params.communicator = communicator;
     return params;
   }
 
   std::shared_ptr<Communicator> communicator_;
-  GraphRunner runner_;
+  Runner runner_;
 };
+
+using PyEvaluator = PyRunner<HostIrEvaluator>;
+using PyGraphRunner = PyRunner<GraphRunner>;
 
 // The functional MoE API's state: one backend's runtime over one group.
 // Sites (the cuda backend's workspaces) are named by the Python side.
@@ -531,34 +504,43 @@ PYBIND11_MODULE(_C, m) {
         py::kw_only(), py::arg("num_tokens"), py::keep_alive<0, 1>(), ref);
 
   py::class_<PyEvaluator>(m, "HostIrEvaluator")
-      .def(py::init<
-               const HostIrContainer&, std::optional<at::Device>,
-               const std::optional<c10::intrusive_ptr<c10d::ProcessGroup>>&>(),
+      .def(py::init<const HostIrContainer&, std::optional<at::Device>,
+                    const std::optional<ProcessGroupPtr>&>(),
            py::arg("program"), py::kw_only(), py::arg("device") = py::none(),
            py::arg("group") = py::none())
       .def("run", &PyEvaluator::run, py::arg("inputs"))
       .def("check_status", &PyEvaluator::checkStatus);
   py::class_<PyGraphRunner>(m, "GraphRunner")
-      .def(py::init<
-               const HostIrContainer&, bool, std::vector<size_t>,
-               std::optional<at::Device>,
-               const std::optional<c10::intrusive_ptr<c10d::ProcessGroup>>&>(),
-           py::arg("program"), py::kw_only(), py::arg("copy_outputs") = false,
-           py::arg("persistent_inputs") = std::vector<size_t>{},
-           py::arg("device") = py::none(), py::arg("group") = py::none())
+      .def(
+          py::init([](const HostIrContainer& program, bool copy_outputs,
+                      std::vector<size_t> persistent_inputs,
+                      std::optional<at::Device> device,
+                      const std::optional<ProcessGroupPtr>& group) {
+            return std::make_unique<PyGraphRunner>(
+                program, device, group,
+                GraphRunnerOptions{copy_outputs, std::move(persistent_inputs)});
+          }),
+          py::arg("program"), py::kw_only(), py::arg("copy_outputs") = false,
+          py::arg("persistent_inputs") = std::vector<size_t>{},
+          py::arg("device") = py::none(), py::arg("group") = py::none())
       .def("run", &PyGraphRunner::run, py::arg("inputs"))
       .def("check_status", &PyGraphRunner::checkStatus)
-      .def_property_readonly("num_graphs", &PyGraphRunner::numGraphs)
-      .def_property_readonly("num_replays", &PyGraphRunner::numReplays)
-      .def_property_readonly("last_mode", &PyGraphRunner::lastMode);
+      .def_property_readonly(
+          "num_graphs",
+          [](const PyGraphRunner& r) { return r.runner().numGraphs(); })
+      .def_property_readonly(
+          "num_replays",
+          [](const PyGraphRunner& r) { return r.runner().numReplays(); })
+      .def_property_readonly("last_mode", [](const PyGraphRunner& r) {
+        return std::string(toString(r.runner().lastMode()));
+      });
   m.def("find_capture_problems", &findCaptureProblems, py::arg("program"),
         py::arg("device"));
 
   py::class_<PyMoeRuntime>(m, "MoeRuntime")
-      .def(py::init<
-               const std::string&,
-               const std::optional<c10::intrusive_ptr<c10d::ProcessGroup>>&>(),
-           py::arg("backend"), py::arg("group") = py::none())
+      .def(
+          py::init<const std::string&, const std::optional<ProcessGroupPtr>&>(),
+          py::arg("backend"), py::arg("group") = py::none())
       .def("dispatch", &PyMoeRuntime::dispatch, py::arg("site"), py::arg("x"),
            py::arg("topk_idx"), py::arg("topk_weights"), py::arg("num_experts"),
            py::arg("capacity"))
