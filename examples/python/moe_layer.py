@@ -60,8 +60,10 @@ class MoeLayer(torch.nn.Module):
             (torch.randn(experts, hidden, generator=generator) / hidden**0.5).to(device, dtype))
         mine = [expert_weights(self.rank * self.local + e, hidden, inter, dtype, device)
                 for e in range(self.local)]
-        self.gate_up = torch.nn.Parameter(torch.stack([w for w, _ in mine]))
-        self.down = torch.nn.Parameter(torch.stack([w for _, w in mine]))
+        # Stored [L, out, in] and used transposed: the column-major layout
+        # torch._grouped_mm wants for its second operand.
+        self.gate_up_t = torch.nn.Parameter(torch.stack([w.T for w, _ in mine]).contiguous())
+        self.down_t = torch.nn.Parameter(torch.stack([w.T for _, w in mine]).contiguous())
 
     def route(self, x):
         probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)
@@ -72,15 +74,15 @@ class MoeLayer(torch.nn.Module):
         if rows.is_cuda:
             # Grouped GEMMs without a host synchronization (capturable).
             offsets = torch.cumsum(counts, 0).to(torch.int32)
-            h = torch._grouped_mm(rows, self.gate_up, offs=offsets)
+            h = torch._grouped_mm(rows, self.gate_up_t.transpose(-2, -1), offs=offsets)
             gate, up = h.chunk(2, dim=-1)
-            return torch._grouped_mm((F.silu(gate) * up).contiguous(), self.down,
-                                     offs=offsets)
+            return torch._grouped_mm((F.silu(gate) * up).contiguous(),
+                                     self.down_t.transpose(-2, -1), offs=offsets)
         outputs, start = [], 0
         for e, n in enumerate(counts.tolist()):
-            h = rows[start:start + n] @ self.gate_up[e]
+            h = rows[start:start + n] @ self.gate_up_t[e].T
             gate, up = h.chunk(2, dim=-1)
-            outputs.append((F.silu(gate) * up) @ self.down[e])
+            outputs.append((F.silu(gate) * up) @ self.down_t[e].T)
             start += n
         return torch.cat(outputs) if outputs else rows.new_zeros(0, rows.shape[1])
 

@@ -44,9 +44,9 @@ class Checks:
             self.failures.append(what)
 
 
-def inputs(tokens, experts, picks, seed, device, masked=True):
+def inputs(tokens, experts, picks, seed, device, masked=True, hidden=HIDDEN):
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, HIDDEN, generator=generator)
+    x = torch.randn(tokens, hidden, generator=generator)
     idx = torch.stack(
         [torch.randperm(experts, generator=generator)[:picks] for _ in range(tokens)]
     ) if tokens else torch.zeros(0, picks, dtype=torch.int64)
@@ -132,7 +132,10 @@ def graph_case(check, device, replays):
     rank = dist.get_rank()
     experts = LOCAL * dist.get_world_size()
     tokens = 64
-    x, idx, w = inputs(tokens, experts, 2, 1000 + rank, device)
+    # Its own hidden size: a new site of the cuda backend, sized for T = 64
+    # (the first call of a site sizes its workspace).
+    hidden = 2 * HIDDEN
+    x, idx, w = inputs(tokens, experts, 2, 1000 + rank, device, hidden=hidden)
     moe.dispatch(x, idx, w, num_experts=experts, backend="cuda")  # sets up
     first = rank * LOCAL
     torch.cuda.synchronize()
@@ -144,7 +147,8 @@ def graph_case(check, device, replays):
         )
     same = 0
     for step in range(replays):
-        nx, nidx, nw = inputs(tokens, experts, 2, 2000 + 97 * step + rank, device)
+        nx, nidx, nw = inputs(tokens, experts, 2, 2000 + 97 * step + rank, device,
+                              hidden=hidden)
         x.copy_(nx)
         idx.copy_(nidx)
         w.copy_(nw)
