@@ -188,7 +188,8 @@ hostfuse_build() {
 }
 
 # The Python package's build and test tools: scikit-build-core (the PEP 517
-# backend that pyproject.toml names) and pytest. Installed from PyPI into our
+# backend that pyproject.toml names), pytest, and matplotlib (tools/
+# plot_perf.py, which a test runs). Installed from PyPI into our
 # own environment when missing; any other Python (the GPU machines', which
 # have them and no network) must already have them.
 hostfuse_ensure_python_tools() {
@@ -196,6 +197,8 @@ hostfuse_ensure_python_tools() {
   "$HOSTFUSE_PYTHON" -c 'import scikit_build_core' 2>/dev/null ||
     missing+=(scikit-build-core)
   "$HOSTFUSE_PYTHON" -c 'import pytest' 2>/dev/null || missing+=(pytest)
+  "$HOSTFUSE_PYTHON" -c 'import matplotlib' 2>/dev/null ||
+    missing+=(matplotlib)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$HOSTFUSE_PYTHON" = "$HOSTFUSE_VENV/bin/python" ]; then
     hostfuse_log "installing ${missing[*]} into $HOSTFUSE_VENV"

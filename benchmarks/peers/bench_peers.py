@@ -1,0 +1,363 @@
+"""MoE dispatch and combine, hostfuse next to what a user would run instead,
+measured in one run on the same inputs (bench_moe_cuda's workload: H = 7168
+bf16, K = 8 distinct experts per token, 8 experts per rank, uniform routing,
+fp32 weights). Each row's outputs are checked against hostfuse's collective
+backend before its time is printed. Rows:
+
+  torch a2a        plain PyTorch: per-expert counts exchanged, copied to the
+                   host, rows sorted by expert and sent with
+                   all_to_all_single, regrouped expert-major; combine sends
+                   them back and sums them weighted in fp32 (index_add_), eager
+  torch symm_mem   torch.ops.symm_mem.all_to_all_vdev_2d (GPU-side splits,
+                   expert-major) and all_to_all_vdev_2d_offset back, then the
+                   weighted sum, in a CUDA graph (GPUs with NVSHMEM only)
+  hostfuse coll.   hostfuse.moe, collective backend, eager
+  hostfuse cuda    hostfuse.moe, cuda backend, in a CUDA graph (GPUs only)
+  copy floor       one device copy of the same bytes on this rank's GPU: a
+                   floor for R = 1 only (bench_nvlink_push has the NVLink one)
+  NCCL EP          measured where the nccl-extensions package imports; else
+                   the row says why not
+
+Time: median over --iters of single calls (synchronized before and after),
+slowest rank. Run with torchrun, one rank per GPU (or CPU ranks with --cpu):
+
+  torchrun --nproc-per-node N benchmarks/peers/bench_peers.py [--tokens 128 4096]
+      [--csv out.csv] [--cpu] [--hidden H]
+"""
+
+import argparse
+import csv
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import hostfuse.moe as moe
+
+COLUMNS = ["date", "device", "ranks", "tokens", "hidden", "topk", "experts",
+           "row", "phase", "median_us", "bytes", "gbps", "check"]
+
+
+def parse():
+    parser = argparse.ArgumentParser(
+        description="MoE dispatch/combine: hostfuse next to its peers, one run.")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts-per-rank", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--csv", default=None, help="append the rows to this CSV")
+    parser.add_argument("--cpu", action="store_true", help="CPU ranks over Gloo")
+    args = parser.parse_args()
+    for name in ("hidden", "topk", "experts_per_rank", "iters"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if any(t < 1 for t in args.tokens):
+        parser.error("--tokens must be >= 1")
+    return args
+
+
+class Ctx:
+    def __init__(self, device, rank, world, experts):
+        self.device, self.rank, self.world = device, rank, world
+        self.experts, self.local = experts, experts // world
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def make_inputs(ctx, tokens, hidden, topk, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(ctx.experts, generator=generator)[:topk]
+                       for _ in range(tokens)])
+    w = torch.rand(tokens, topk, generator=generator)
+    return x.to(ctx.device), idx.to(ctx.device), w.to(ctx.device)
+
+
+def median_us(ctx, fn, iters):
+    fn()
+    times = []
+    for _ in range(iters):
+        ctx.sync()
+        start = time.perf_counter()
+        fn()
+        ctx.sync()
+        times.append((time.perf_counter() - start) * 1e6)
+    mine = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    mine = mine.to(ctx.device) if ctx.cuda else mine
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+    return float(mine.item())
+
+
+# ---------------------------------------------------------------------------
+# Plain PyTorch, as a user writes it.
+
+class TorchA2A:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def dispatch(self, x, idx, w):
+        ctx = self.ctx
+        tokens, topk = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)       # by expert, so by rank
+        token = order // topk
+        counts = torch.bincount(flat, minlength=ctx.experts)
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts)
+        both = torch.stack([counts, recv_counts]).view(2, ctx.world, ctx.local).sum(2)
+        send_splits, recv_splits = both.tolist()          # the host copy
+        recv = x.new_empty(sum(recv_splits), x.shape[1])
+        dist.all_to_all_single(recv, x[token], recv_splits, send_splits)
+        # Rows arrive rank-major (each rank's rows by expert); regroup them
+        # expert-major.
+        blocks = recv_counts.view(ctx.world, ctx.local)
+        block_of_row = torch.repeat_interleave(
+            torch.arange(ctx.world * ctx.local, device=x.device), blocks.reshape(-1))
+        regroup = torch.argsort((block_of_row % ctx.local) * ctx.world
+                                + block_of_row // ctx.local, stable=True)
+        state = (order, token, regroup, send_splits, recv_splits, tokens)
+        return recv[regroup], blocks.sum(0), state
+
+    def combine(self, y, w, state):
+        order, token, regroup, send_splits, recv_splits, tokens = state
+        back = torch.empty_like(y)
+        back[regroup] = y
+        rows = y.new_empty(sum(send_splits), y.shape[1])
+        dist.all_to_all_single(rows, back, send_splits, recv_splits)
+        out = torch.zeros(tokens, y.shape[1], dtype=torch.float32, device=y.device)
+        out.index_add_(0, token, rows.float() * w.reshape(-1)[order].unsqueeze(1))
+        return out.to(y.dtype)
+
+
+# ---------------------------------------------------------------------------
+# torch symmetric memory (NVSHMEM): all_to_all_vdev_2d and its offset form.
+
+class TorchSymmMem:
+    def __init__(self, ctx, tokens, hidden, topk):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        ctx.sync()
+        self.ctx = ctx
+        self.group_name = dist.group.WORLD.group_name
+        symm_mem.set_backend("NVSHMEM")
+        symm_mem.enable_symm_mem_for_group(self.group_name)
+        rows_in = tokens * topk
+        rows_out = rows_in * ctx.world  # the worst case
+        n = ctx.world * ctx.local
+        self.inp = symm_mem.empty(rows_in, hidden, dtype=torch.bfloat16, device=ctx.device)
+        self.out = symm_mem.empty(rows_out, hidden, dtype=torch.bfloat16, device=ctx.device)
+        self.back = symm_mem.empty(rows_in, hidden, dtype=torch.bfloat16, device=ctx.device)
+        self.in_splits = symm_mem.empty(n, dtype=torch.int64, device=ctx.device)
+        self.out_splits_offsets = symm_mem.empty(2, n, dtype=torch.int64, device=ctx.device)
+        self.back_splits_offsets = symm_mem.empty(2, n, dtype=torch.int64, device=ctx.device)
+        for t in (self.inp, self.out, self.back, self.in_splits,
+                  self.out_splits_offsets, self.back_splits_offsets):
+            symm_mem.rendezvous(t, self.group_name)
+
+    def dispatch(self, x, idx, w):
+        ctx = self.ctx
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // idx.shape[1]
+        self.in_splits.copy_(torch.bincount(flat, minlength=ctx.experts))
+        self.inp[: flat.numel()].copy_(x[token])
+        torch.ops.symm_mem.all_to_all_vdev_2d(
+            self.inp, self.out, self.in_splits, self.out_splits_offsets, self.group_name)
+        return self.out, (order, token)
+
+    def combine(self, y, w, state):
+        order, token = state
+        torch.ops.symm_mem.all_to_all_vdev_2d_offset(
+            y, self.back, self.out_splits_offsets, self.back_splits_offsets,
+            self.group_name)
+        rows = self.back[: order.numel()]
+        out = torch.zeros(token.numel() // w.shape[1], y.shape[1], dtype=torch.float32,
+                          device=y.device)
+        out.index_add_(0, token, rows.float() * w.reshape(-1)[order].unsqueeze(1))
+        return out.to(y.dtype)
+
+
+def graph_of(ctx, fn):
+    """fn captured in a CUDA graph after one warm-up call; returns
+    (replay, outputs of the capture)."""
+    fn()
+    ctx.sync()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph.replay, outputs
+
+
+# ---------------------------------------------------------------------------
+
+def expert_checksum(rows, counts):
+    """Per-expert fp32 sum of the received rows: independent of the order of
+    rows inside an expert's block."""
+    counts = counts.long()
+    expert = torch.repeat_interleave(torch.arange(len(counts), device=rows.device), counts)
+    sums = torch.zeros(len(counts), rows.shape[1], dtype=torch.float32, device=rows.device)
+    sums.index_add_(0, expert, rows[: int(counts.sum())].float())
+    return sums
+
+
+def agree(ctx, ok):
+    flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64)
+    flag = flag.to(ctx.device) if ctx.cuda else flag
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+def close(a, b):
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def run_tokens(ctx, args, tokens, writer, device_name):
+    x, idx, w = make_inputs(ctx, tokens, args.hidden, args.topk, 100 + ctx.rank)
+    results = []
+
+    # The reference every row is checked against: hostfuse's collective backend.
+    ref = moe.dispatch(x, idx, w, num_experts=ctx.experts, backend="collective")
+    ref_sum = expert_checksum(ref.recv_x, ref.recv_expert_counts)
+    ref_out = moe.combine(ref.recv_x, ref, w)
+    sent = int((idx >= 0).sum())
+    row_bytes = args.hidden * 2
+
+    def add(row, phase, us, ok, rows=sent):
+        nbytes = rows * row_bytes
+        results.append((row, phase, us, nbytes, ok))
+
+    # hostfuse collective, eager.
+    h = moe.dispatch(x, idx, w, num_experts=ctx.experts, backend="collective")
+    ok = agree(ctx, close(expert_checksum(h.recv_x, h.recv_expert_counts), ref_sum)
+               and torch.equal(moe.combine(h.recv_x, h, w), ref_out))
+    add("hostfuse collective", "dispatch",
+        median_us(ctx, lambda: moe.dispatch(x, idx, w, num_experts=ctx.experts,
+                                            backend="collective"), args.iters), ok)
+    add("hostfuse collective", "combine",
+        median_us(ctx, lambda: moe.combine(h.recv_x, h, w), args.iters), ok)
+
+    # Plain PyTorch, eager.
+    a2a = TorchA2A(ctx)
+    recv, counts, state = a2a.dispatch(x, idx, w)
+    out = a2a.combine(recv, w, state)
+    ok = agree(ctx, torch.equal(counts, ref.recv_expert_counts)
+               and close(expert_checksum(recv, counts), ref_sum) and close(out, ref_out))
+    add("torch a2a", "dispatch", median_us(ctx, lambda: a2a.dispatch(x, idx, w), args.iters), ok)
+    add("torch a2a", "combine",
+        median_us(ctx, lambda: a2a.combine(recv, w, state), args.iters), ok)
+
+    if ctx.cuda:
+        # hostfuse cuda backend, graph-replayed.
+        moe.dispatch(x, idx, w, num_experts=ctx.experts, backend="cuda")
+        replay_d, hc = graph_of(
+            ctx, lambda: moe.dispatch(x, idx, w, num_experts=ctx.experts, backend="cuda"))
+        replay_c, out_c = graph_of(ctx, lambda: moe.combine(hc.recv_x, hc, w))
+        replay_d()
+        replay_c()
+        ctx.sync()
+        ok = agree(ctx, torch.equal(hc.recv_expert_counts, ref.recv_expert_counts)
+                   and close(expert_checksum(hc.recv_x, hc.recv_expert_counts), ref_sum)
+                   and torch.equal(out_c, ref_out))
+        add("hostfuse cuda (graph)", "dispatch", median_us(ctx, replay_d, args.iters), ok)
+        add("hostfuse cuda (graph)", "combine", median_us(ctx, replay_c, args.iters), ok)
+
+        # torch symmetric memory, graph-replayed.
+        try:
+            sm = TorchSymmMem(ctx, tokens, args.hidden, args.topk)
+            replay_d, (out_rows, sm_state) = graph_of(ctx, lambda: sm.dispatch(x, idx, w))
+            replay_c, sm_out = graph_of(ctx, lambda: sm.combine(out_rows, w, sm_state))
+            replay_d()
+            replay_c()
+            ctx.sync()
+            splits = sm.out_splits_offsets[0].view(ctx.local, ctx.world).sum(1)
+            ok = agree(ctx, torch.equal(splits, ref.recv_expert_counts)
+                       and close(sm_out, ref_out))
+            add("torch symm_mem (graph)", "dispatch", median_us(ctx, replay_d, args.iters), ok)
+            add("torch symm_mem (graph)", "combine", median_us(ctx, replay_c, args.iters), ok)
+        except Exception as e:  # noqa: BLE001 - the row reports why it is missing
+            if ctx.rank == 0:
+                print(f"  torch symm_mem: not measured: {str(e).splitlines()[0]}")
+
+        # A floor: one device copy of the bytes this rank sends.
+        src = x.new_empty(sent, args.hidden)
+        dst = torch.empty_like(src)
+        add("copy floor (1 GPU)", "dispatch", median_us(ctx, lambda: dst.copy_(src), args.iters), True)
+
+    nccl_ep_reason = nccl_ep_status()
+    if ctx.rank == 0:
+        print(f"  NCCL EP: not measured: {nccl_ep_reason}")
+        base = {phase: us for row, phase, us, _, _ in results if row == "torch a2a"}
+        print(f"  {'row':24} {'phase':9} {'median us':>10} {'GB/s':>8} {'vs torch a2a':>12}  check")
+        for row, phase, us, nbytes, ok in results:
+            gbps = nbytes / us / 1e3
+            ratio = base[phase] / us if phase in base else float("nan")
+            print(f"  {row:24} {phase:9} {us:10.1f} {gbps:8.1f} {ratio:11.2f}x  "
+                  f"{'ok' if ok else 'MISMATCH'}")
+            if writer:
+                writer.writerow([datetime.date.today().isoformat(), device_name, ctx.world,
+                                 tokens, args.hidden, args.topk, ctx.experts, row, phase,
+                                 f"{us:.2f}", nbytes, f"{gbps:.3f}", "ok" if ok else "mismatch"])
+    return all(ok for *_, ok in results)
+
+
+def nccl_ep_status():
+    for name in ("nccl_ep", "nccl_extensions", "ncclep"):
+        try:
+            __import__(name)
+            return f"{name} imports, but this benchmark has no row for it yet"
+        except ImportError:
+            continue
+    version = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "none"
+    return (f"the nccl-extensions package is not installed (it needs NCCL >= 2.30; "
+            f"torch here has NCCL {version}, and the GPU machines have no network "
+            f"to fetch a newer one)")
+
+
+def main():
+    args = parse()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = not args.cpu and torch.cuda.is_available()
+    if cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+        device_name = "cpu (gloo)"
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ctx = Ctx(device, rank, world, args.experts_per_rank * world)
+    if args.topk > ctx.experts:
+        sys.exit(f"bench_peers.py: --topk {args.topk} exceeds the {ctx.experts} experts")
+    writer = None
+    csv_file = None
+    if args.csv and rank == 0:
+        new = not os.path.exists(args.csv)
+        csv_file = open(args.csv, "a", newline="")
+        writer = csv.writer(csv_file)
+        if new:
+            writer.writerow(COLUMNS)
+    ok = True
+    for tokens in args.tokens:
+        if rank == 0:
+            print(f"{world} x {device_name}, T = {tokens}, H = {args.hidden} bf16, "
+                  f"K = {args.topk}, E = {ctx.experts}:", flush=True)
+        ok = run_tokens(ctx, args, tokens, writer, device_name) and ok
+    if csv_file:
+        csv_file.close()
+    moe.release()
+    dist.destroy_process_group()
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The peers benchmark and its plot script, on CPU ranks: the benchmark's
+rows check their outputs and write CSV; the plot script turns the checked-in
+sample CSV into PNGs (so that neither can rot between GPU runs)."""
+
+import csv
+import subprocess
+import sys
+
+from conftest import REPO, run_ranks
+
+SAMPLE = REPO / "benchmarks" / "peers" / "sample_cpu.csv"
+
+
+def test_peers_benchmark_checks_every_row_and_writes_csv(tmp_path):
+    out = tmp_path / "peers.csv"
+    output = run_ranks(2, REPO / "benchmarks" / "peers" / "bench_peers.py", "--cpu",
+                       "--hidden", "64", "--tokens", "16", "--iters", "3",
+                       "--csv", out)
+    assert "MISMATCH" not in output
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["row"] for r in rows} == {"hostfuse collective", "torch a2a"}
+    assert all(r["check"] == "ok" for r in rows)
+    assert all(float(r["median_us"]) > 0 for r in rows)
+
+
+def test_plot_script_makes_pngs_from_the_sample(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "plot_perf.py"), str(SAMPLE),
+         "--out", str(tmp_path), "--prefix", "sample"],
+        capture_output=True, text=True, check=True)
+    written = done.stdout.split()
+    assert len(written) == 2
+    for path in written:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_script_names_missing_columns(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("tokens,median_us\n1,2\n")
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "plot_perf.py"), str(bad),
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode != 0 and "lacks the columns" in done.stderr

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Plots the CSV that benchmarks/peers/bench_peers.py writes: per number of
+ranks, median time vs tokens per rank (dispatch and combine side by side, one
+line per row of the benchmark, log-log) and achieved GB/s vs tokens. Writes
+PNGs named <prefix>_time_<ranks>ranks.png and <prefix>_gbps_<ranks>ranks.png.
+
+  tools/plot_perf.py RESULTS.csv [MORE.csv ...] [--out DIR] [--prefix NAME]
+"""
+
+import argparse
+import csv
+import os
+import sys
+from collections import defaultdict
+
+
+def parse():
+    parser = argparse.ArgumentParser(
+        description="Plot bench_peers.py CSV results (time and GB/s vs tokens).")
+    parser.add_argument("csv", nargs="+", help="CSV files written by bench_peers.py")
+    parser.add_argument("--out", default="docs/images", help="folder for the PNGs")
+    parser.add_argument("--prefix", default="moe", help="file name prefix")
+    return parser.parse_args()
+
+
+def load(paths):
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"ranks", "tokens", "row", "phase", "median_us", "gbps",
+                       "device"} - set(reader.fieldnames or [])
+            if missing:
+                sys.exit(f"plot_perf.py: {path} lacks the columns {sorted(missing)}")
+            rows.extend(reader)
+    if not rows:
+        sys.exit("plot_perf.py: no rows in " + ", ".join(paths))
+    return rows
+
+
+def plot(rows, metric, ylabel, out, prefix):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    by_ranks = defaultdict(list)
+    for row in rows:
+        by_ranks[int(row["ranks"])].append(row)
+    for ranks, group in sorted(by_ranks.items()):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=(metric == "median_us"))
+        for ax, phase in zip(axes, ("dispatch", "combine")):
+            lines = defaultdict(dict)
+            for row in group:
+                if row["phase"] == phase:
+                    lines[row["row"]][int(row["tokens"])] = float(row[metric])
+            for name, points in sorted(lines.items()):
+                tokens = sorted(points)
+                ax.plot(tokens, [points[t] for t in tokens], marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            if metric == "median_us":
+                ax.set_yscale("log")
+            ax.set_xlabel("tokens per rank")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{phase}")
+            ax.grid(True, which="both", alpha=0.3)
+            if lines:
+                ax.legend(fontsize=8)
+        device = group[0]["device"]
+        fig.suptitle(f"MoE {ylabel.split(' (')[0]} on {ranks} x {device}")
+        fig.tight_layout()
+        path = os.path.join(out, f"{prefix}_{'time' if metric == 'median_us' else 'gbps'}"
+                                 f"_{ranks}ranks.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main():
+    args = parse()
+    rows = load(args.csv)
+    os.makedirs(args.out, exist_ok=True)
+    written = plot(rows, "median_us", "median time (us)", args.out, args.prefix)
+    written += plot(rows, "gbps", "GB/s (bytes sent / time)", args.out, args.prefix)
+    for path in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
