@@ -22,7 +22,14 @@ if(NOT TARGET torch)
       RESULT_VARIABLE _hostfuse_torch_result
       ERROR_VARIABLE _hostfuse_torch_error
       OUTPUT_STRIP_TRAILING_WHITESPACE)
-    if(NOT _hostfuse_torch_result EQUAL 0)
+    if(NOT _hostfuse_torch_result EQUAL 0 AND SKBUILD)
+      message(FATAL_ERROR
+              "hostfuse builds against the torch of the environment it is "
+              "installed into, but pip's build environment (${HOSTFUSE_PYTHON}) "
+              "has none: install with\n"
+              "  pip install --no-build-isolation --no-deps .\n"
+              "in an environment that has torch 2.11 and scikit-build-core.")
+    elseif(NOT _hostfuse_torch_result EQUAL 0)
       message(FATAL_ERROR
               "hostfuse needs torch 2.11 importable from ${HOSTFUSE_PYTHON}:\n"
               "${_hostfuse_torch_error}\n"
