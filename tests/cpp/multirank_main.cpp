@@ -3,7 +3,9 @@
 // every test; rank 0 prints gtest's usual output, the others only their
 // failures, and each rank ends with one line of counts.
 
+#include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include <iostream>
 
@@ -53,6 +55,22 @@ int main(int argc, char** argv) {
             << unit.successful_test_count() << " passed, "
             << unit.failed_test_count() << " failed, "
             << unit.skipped_test_count() << " skipped" << std::endl;
+  // When no rank ran a test (all skipped, none failed), rank 0 says so on a
+  // line that ctest reports as a skip (SKIP_REGULAR_EXPRESSION in
+  // tests/cpp/CMakeLists.txt) rather than as a pass that ran nothing.
+  std::vector<at::Tensor> ran = {at::tensor({static_cast<int64_t>(
+      unit.successful_test_count() + unit.failed_test_count())})};
+  try {
+    comm.backend(c10::DeviceType::CPU).allreduce(ran)->wait();
+    if (comm.rank() == 0 && ran[0].item<int64_t>() == 0 &&
+        unit.skipped_test_count() > 0) {
+      std::cout << "[rank 0] every test skipped on every rank" << std::endl;
+    }
+  } catch (const std::exception& e) {
+    std::cout << "[rank " << comm.rank()
+              << "] could not count the tests of the other ranks: " << e.what()
+              << std::endl;
+  }
   try {
     comm.shutdown();
   } catch (const std::exception& e) {
