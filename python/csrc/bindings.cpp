@@ -124,7 +124,11 @@ class PyRunner {
   template <typename... Options>
   PyRunner(const HostIrContainer& program, std::optional<at::Device> device,
            const std::optional<ProcessGroupPtr>& group, Options&&... options)
-      : communicator_(communicatorOf(group)),
+      : communicator_(group.has_value() && *group
+                          ? std::make_shared<Communicator>(*group)
+                          : nullptr),
+        // Without a group, the evaluator takes the launcher's communicator
+        // when (and only if) a MoE node runs.
         runner_(program.clone(), paramsFor(device, communicator_.get()),
                 std::forward<Options>(options)...) {}
 
