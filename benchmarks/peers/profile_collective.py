@@ -1,0 +1,93 @@
+"""Where the collective backend's time goes: one hostfuse.moe dispatch and
+one combine (collective backend) next to the plain PyTorch version of
+bench_peers.py, each under torch.profiler after warm-up calls. Prints, per
+call: wall time, ATen operator calls, CUDA kernels launched, host
+synchronizations (cudaStreamSynchronize / cudaDeviceSynchronize /
+cudaMemcpy), and the ten ATen operators that take the most host time.
+
+  torchrun --nproc-per-node N benchmarks/peers/profile_collective.py
+      [--tokens T] [--hidden H] [--cpu]
+"""
+
+import argparse
+import os
+import time
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+import hostfuse.moe as moe
+from bench_peers import Ctx, TorchA2A, make_inputs
+
+
+def parse():
+    parser = argparse.ArgumentParser(description="Profile the collective MoE backend.")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts-per-rank", type=int, default=8)
+    parser.add_argument("--cpu", action="store_true")
+    return parser.parse_args()
+
+
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy ",
+         "cudaMemcpy", "cudaEventSynchronize")
+
+
+def profiled(ctx, name, fn):
+    for _ in range(3):
+        fn()
+    ctx.sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        ctx.sync()
+        wall = (time.perf_counter() - start) * 1e6
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    syncs = [e for e in events if e.name.startswith(SYNCS)]
+    if ctx.rank == 0:
+        print(f"{name}: {wall:.0f} us wall, {len(aten)} ATen calls, {len(kernels)} "
+              f"CUDA kernels/copies, {len(syncs)} host synchronizations")
+        top = Counter()
+        for e in aten:
+            top[e.name] += e.cpu_time_total if hasattr(e, "cpu_time_total") else 0
+        for op, us in top.most_common(10):
+            print(f"    {op:32} {us:9.0f} us host (incl. children)")
+
+
+def main():
+    args = parse()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = not args.cpu and torch.cuda.is_available()
+    if cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    ctx = Ctx(device, dist.get_rank(), dist.get_world_size(),
+              args.experts_per_rank * dist.get_world_size())
+    x, idx, w = make_inputs(ctx, args.tokens, args.hidden, args.topk, ctx.rank)
+    if ctx.rank == 0:
+        print(f"{ctx.world} ranks on {device.type}, T = {args.tokens}, H = {args.hidden} "
+              f"bf16, K = {args.topk}, E = {ctx.experts}")
+    handle = moe.dispatch(x, idx, w, num_experts=ctx.experts)
+    profiled(ctx, "hostfuse collective dispatch",
+             lambda: moe.dispatch(x, idx, w, num_experts=ctx.experts))
+    profiled(ctx, "hostfuse collective combine", lambda: moe.combine(handle.recv_x, handle, w))
+    a2a = TorchA2A(ctx)
+    recv, _, state = a2a.dispatch(x, idx, w)
+    profiled(ctx, "torch a2a dispatch", lambda: a2a.dispatch(x, idx, w))
+    profiled(ctx, "torch a2a combine", lambda: a2a.combine(recv, w, state))
+    moe.release()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
