@@ -249,31 +249,43 @@ MoeDispatchOutput dispatchCollective(
                                .narrow(0, 0, num_send);
   const at::Tensor token = at::div(order, picks, "floor");
   const at::Tensor pick = order.remainder(picks);
+  // Rows travel on their own, in x's dtype, straight into recv_x's storage;
+  // their (token, pick, expert) and weight travel as bytes beside them.
+  at::Tensor send_x = x.index_select(0, token);
+  at::Tensor recv_x = at::empty({num_recv, hidden}, x.options());
+  allToAll(backend, recv_x, send_x, recv_splits, send_splits, "MoeDispatch");
   std::vector<at::Tensor> parts = {
-      asBytes(x.index_select(0, token)),
       asBytes(at::stack({token, pick, idx.index_select(0, order)}, 1))};
   if (topk_weights.has_value()) {
     parts.push_back(asBytes(
         topk_weights->reshape({-1}).index_select(0, order).unsqueeze(1)));
   }
-  at::Tensor send = at::cat(parts, 1);
-  at::Tensor recv = at::empty({num_recv, send.size(1)}, send.options());
-  allToAll(backend, recv, send, recv_splits, send_splits, "MoeDispatch");
+  at::Tensor send_meta = at::cat(parts, 1);
+  at::Tensor recv_meta =
+      at::empty({num_recv, send_meta.size(1)}, send_meta.options());
+  allToAll(backend, recv_meta, send_meta, recv_splits, send_splits,
+           "MoeDispatch");
 
-  // 4. Expert-major on the receiver.
+  // 4. Expert-major on the receiver. Each sender's rows are sorted by
+  // expert, so with one rank, or one expert per rank, they already are.
   int64_t offset = 0;
-  const at::Tensor recv_x = fromBytes(recv, offset, hidden, x.scalar_type());
-  const at::Tensor meta = fromBytes(recv, offset, 3, at::kLong);
+  const at::Tensor meta = fromBytes(recv_meta, offset, 3, at::kLong);
   const at::Tensor local_expert = meta.select(1, 2) - me * local_experts;
+  const bool expert_major = world_size == 1 || local_experts == 1;
   const at::Tensor perm =
-      std::get<1>(at::sort(local_expert, /*stable=*/true, 0, false));
+      expert_major
+          ? at::Tensor()
+          : std::get<1>(at::sort(local_expert, /*stable=*/true, 0, false));
+  auto arrange = [&](const at::Tensor& t) {
+    return expert_major ? t.contiguous() : t.index_select(0, perm);
+  };
 
   MoeDispatchOutput out;
-  out.recv_x = recv_x.index_select(0, perm);
+  out.recv_x = arrange(recv_x);
   if (topk_weights.has_value()) {
-    out.recv_weights = fromBytes(recv, offset, 1, topk_weights->scalar_type())
-                           .reshape({-1})
-                           .index_select(0, perm);
+    out.recv_weights =
+        arrange(fromBytes(recv_meta, offset, 1, topk_weights->scalar_type())
+                    .reshape({-1}));
   }
   MoeLayout& layout = out.layout;
   layout.n_tokens_to_rank = table_on_device.select(0, me)
@@ -281,12 +293,10 @@ MoeDispatchOutput dispatchCollective(
                                 .clone(at::MemoryFormat::Contiguous);
   layout.n_tokens_from_rank = table_on_device.select(1, kHeaderWords + me)
                                   .clone(at::MemoryFormat::Contiguous);
-  layout.src_rank =
-      at::repeat_interleave(at::arange(world_size, longs),
-                            layout.n_tokens_from_rank, 0, num_recv)
-          .index_select(0, perm);
-  layout.src_token = meta.select(1, 0).index_select(0, perm);
-  layout.src_k = meta.select(1, 1).index_select(0, perm);
+  layout.src_rank = arrange(at::repeat_interleave(
+      at::arange(world_size, longs), layout.n_tokens_from_rank, 0, num_recv));
+  layout.src_token = arrange(meta.select(1, 0));
+  layout.src_k = arrange(meta.select(1, 1));
   layout.expert_counts =
       at::zeros({local_experts}, longs)
           .index_add_(0, local_expert, at::ones_like(local_expert));
@@ -361,22 +371,27 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
         all_words[r * width + kHeaderWords + kMaxPick * world_size + me] + 1);
   }
 
-  // 3. Every row back to its source rank, with its (token, pick).
+  // 3. Every row back to its source rank, in x's dtype on its own, its
+  // (token, pick) beside it. Sorted by source rank, unless there is one.
+  const bool one_source = world_size == 1;
   const at::Tensor perm =
-      std::get<1>(at::sort(layout.src_rank, /*stable=*/true, 0, false));
-  at::Tensor send =
-      at::cat({asBytes(expert_out.index_select(0, perm)),
-               asBytes(at::stack({layout.src_token, layout.src_k}, 1)
-                           .index_select(0, perm))},
-              1);
-  at::Tensor recv = at::empty({num_recv, send.size(1)}, send.options());
-  allToAll(backend, recv, send, recv_splits, send_splits, "MoeCombine");
+      one_source
+          ? at::Tensor()
+          : std::get<1>(at::sort(layout.src_rank, /*stable=*/true, 0, false));
+  auto bySource = [&](const at::Tensor& t) {
+    return one_source ? t.contiguous() : t.index_select(0, perm);
+  };
+  at::Tensor send_rows = bySource(expert_out);
+  at::Tensor returned =
+      at::empty({num_recv, send_rows.size(1)}, send_rows.options());
+  allToAll(backend, returned, send_rows, recv_splits, send_splits,
+           "MoeCombine");
+  at::Tensor send_meta =
+      bySource(at::stack({layout.src_token, layout.src_k}, 1));
+  at::Tensor meta = at::empty({num_recv, 2}, send_meta.options());
+  allToAll(backend, meta, send_meta, recv_splits, send_splits, "MoeCombine");
 
   // 4. Per token, the sum of its picks in pick order (see combineInOrder).
-  int64_t offset = 0;
-  const at::Tensor returned =
-      fromBytes(recv, offset, hidden, expert_out.scalar_type());
-  const at::Tensor meta = fromBytes(recv, offset, 2, at::kLong);
   return combineInOrder(returned, meta.select(1, 0), meta.select(1, 1),
                         topk_weights, num_tokens, slot_picks);
 }
