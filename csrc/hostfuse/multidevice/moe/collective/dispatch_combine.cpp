@@ -168,12 +168,23 @@ at::Tensor combineInOrder(const at::Tensor& rows, const at::Tensor& token,
   }
   at::Tensor acc =
       at::zeros({num_tokens, hidden}, rows.options().dtype(accumulate));
-  for (int64_t k = 0; k < slot_picks; ++k) {
-    at::Tensor term = slots.select(1, k).to(accumulate);
+  // A chunk of tokens at a time: its weighted terms in one go ([chunk,
+  // slot_picks, H] in the accumulation type, two kernels), then their sum
+  // in pick order (one in-place add per pick). The chunk bounds that
+  // temporary to kTermElements.
+  constexpr int64_t kTermElements = int64_t{1} << 26;
+  const int64_t chunk = std::max<int64_t>(
+      1, kTermElements / std::max<int64_t>(1, slot_picks * hidden));
+  for (int64_t first = 0; first < num_tokens; first += chunk) {
+    const int64_t n = std::min(chunk, num_tokens - first);
+    at::Tensor terms = slots.narrow(0, first, n).to(accumulate);
     if (weight_slots.defined()) {
-      term = term * weight_slots.select(1, k).unsqueeze(1);
+      terms.mul_(weight_slots.narrow(0, first, n).unsqueeze(2));
     }
-    acc = acc + term;
+    at::Tensor sum = acc.narrow(0, first, n);
+    for (int64_t k = 0; k < slot_picks; ++k) {
+      sum.add_(terms.select(1, k));
+    }
   }
   return acc.to(rows.scalar_type());
 }
