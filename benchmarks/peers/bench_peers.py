@@ -321,19 +321,23 @@ def nccl_ep_status():
             f"to fetch a newer one)")
 
 
-def main():
-    args = parse()
+def init_distributed(cpu):
+    """torch.distributed as torchrun set it up: one GPU per rank with NCCL
+    (and Gloo for CPU tensors), or CPU ranks over Gloo. Returns the device
+    and its name."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = not args.cpu and torch.cuda.is_available()
-    if cuda:
+    if not cpu and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-        device_name = "cpu (gloo)"
+        return device, torch.cuda.get_device_name(device)
+    dist.init_process_group("gloo")
+    return torch.device("cpu"), "cpu (gloo)"
+
+
+def main():
+    args = parse()
+    device, device_name = init_distributed(args.cpu)
     rank, world = dist.get_rank(), dist.get_world_size()
     ctx = Ctx(device, rank, world, args.experts_per_rank * world)
     if args.topk > ctx.experts:

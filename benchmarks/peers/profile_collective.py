@@ -10,7 +10,6 @@ cudaMemcpy), and the ten ATen operators that take the most host time.
 """
 
 import argparse
-import os
 import time
 from collections import Counter
 
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 import hostfuse.moe as moe
-from bench_peers import Ctx, TorchA2A, make_inputs
+from bench_peers import Ctx, TorchA2A, init_distributed, make_inputs
 
 
 def parse():
@@ -62,15 +61,7 @@ def profiled(ctx, name, fn):
 
 def main():
     args = parse()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = not args.cpu and torch.cuda.is_available()
-    if cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    device, _ = init_distributed(args.cpu)
     ctx = Ctx(device, dist.get_rank(), dist.get_world_size(),
               args.experts_per_rank * dist.get_world_size())
     x, idx, w = make_inputs(ctx, args.tokens, args.hidden, args.topk, ctx.rank)
