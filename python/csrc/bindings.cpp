@@ -328,14 +328,14 @@ PYBIND11_MODULE(_C, m) {
   using namespace hostfuse;
   m.doc() = "hostfuse's C++ core; use the hostfuse package instead.";
 
-  static py::exception<Error> error(m, "Error", PyExc_RuntimeError);
-  py::register_exception_translator([](std::exception_ptr p) {
+  // Both translators are this module's own: the pybind11 internals are
+  // shared with torch, whose exceptions must not pass through ours.
+  py::register_local_exception<Error>(m, "Error", PyExc_RuntimeError);
+  py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) {
         std::rethrow_exception(p);
       }
-    } catch (const Error& e) {
-      py::set_error(error, e.what());
     } catch (const InternalError& e) {
       py::set_error(
           PyExc_AssertionError,
