@@ -19,7 +19,7 @@ def routing(tokens, picks, experts, seed, masked=False, dtype=torch.int64):
 
 def scale_by_expert(recv_x, counts):
     """The test's experts: expert e multiplies its rows by 1 + e / 4."""
-    experts = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    experts = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
     return recv_x * (1 + experts.to(recv_x.dtype) / 4).unsqueeze(1)
 
 

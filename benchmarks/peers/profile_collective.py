@@ -3,7 +3,8 @@ one combine (collective backend) next to the plain PyTorch version of
 bench_peers.py, each under torch.profiler after warm-up calls. Prints, per
 call: wall time, ATen operator calls, CUDA kernels launched, host
 synchronizations (cudaStreamSynchronize / cudaDeviceSynchronize /
-cudaMemcpy), and the ten ATen operators that take the most host time.
+cudaMemcpy), the ten ATen operators that take the most host time and, on
+GPUs, the kernels and copies that take the most device time.
 
   torchrun --nproc-per-node N benchmarks/peers/profile_collective.py
       [--tokens T] [--hidden H] [--cpu]
@@ -57,6 +58,13 @@ def profiled(ctx, name, fn):
             top[e.name] += e.cpu_time_total if hasattr(e, "cpu_time_total") else 0
         for op, us in top.most_common(10):
             print(f"    {op:32} {us:9.0f} us host (incl. children)")
+        if kernels:
+            device = Counter()
+            for e in kernels:
+                device[e.name[:60]] += e.time_range.elapsed_us()
+            print(f"    GPU busy {sum(device.values()):.0f} us; the longest:")
+            for kernel, us in device.most_common(6):
+                print(f"    {kernel:60} {us:9.0f} us GPU")
 
 
 def main():

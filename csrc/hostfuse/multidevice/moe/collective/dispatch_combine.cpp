@@ -5,20 +5,27 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include <algorithm>
+#include <array>
+#include <iterator>
 #include <limits>
 #include <sstream>
 #include <vector>
 
+#include <hostfuse/multidevice/moe/collective/kernels/collective_kernels.h>
 #include <hostfuse/multidevice/moe/input_checks.h>
 #include <hostfuse/multidevice/moe/status.h>
+#include <hostfuse/utils/cuda_utils.h>
 #include <hostfuse/utils/exceptions.h>
+#include <hostfuse/utils/torch_cuda.h>
 
 namespace hostfuse {
 
 namespace {
 
+namespace collective = moe::collective;
 using moe::DeviceStatus;
 using moe::HostStatus;
+using moe::kStatusWords;
 
 using moe::dtypeCode;
 using moe::kDtypeWord;
@@ -29,6 +36,7 @@ using moe::kPicksWord;
 using moe::kTokensWord;
 
 constexpr int64_t kNoDtype = -1;
+static_assert(collective::kTableHeaderWords == kHeaderWords);
 
 // alltoall_base and its wait. With NCCL, wait() only orders the current
 // stream after the collective; with Gloo it blocks until the data is here.
@@ -48,16 +56,77 @@ void allToAll(c10d::Backend& backend, at::Tensor& output, at::Tensor& input,
   }
 }
 
-// Sends `row` [W] to every rank. Returns [R, W] on the device: row i is
-// what rank i sent.
-at::Tensor exchangeHeaders(c10d::Backend& backend, const at::Tensor& row,
-                           int64_t world_size, const char* op) {
-  at::Tensor send =
-      row.unsqueeze(0).expand({world_size, row.numel()}).contiguous();
+// The rows of `input` [N, W] to the ranks `send_splits` says, and `rows`
+// rows from the ranks as `recv_splits` says, in a new tensor. With one rank
+// nothing moves: `input` itself is the result.
+at::Tensor exchangeRows(c10d::Backend& backend, const at::Tensor& input,
+                        int64_t rows, const std::vector<int64_t>& recv_splits,
+                        const std::vector<int64_t>& send_splits,
+                        const char* op) {
+  if (send_splits.size() == 1) {
+    return input;
+  }
+  at::Tensor output = at::empty({rows, input.size(1)}, input.options());
+  at::Tensor sent = input;
+  allToAll(backend, output, sent, recv_splits, send_splits, op);
+  return output;
+}
+
+// Sends row r of `send` [R, W] to rank r. Returns [R, W] on the device: row
+// i is what rank i sent.
+at::Tensor exchangeTable(c10d::Backend& backend, at::Tensor send,
+                         const char* op) {
   at::Tensor recv = at::empty_like(send);
-  const std::vector<int64_t> ones(world_size, 1);
+  const std::vector<int64_t> ones(send.size(0), 1);
   allToAll(backend, recv, send, ones, ones, op);
   return recv;
+}
+
+// The same row [W] for every one of the R ranks.
+at::Tensor toEveryRank(const at::Tensor& row, int64_t world_size) {
+  return row.unsqueeze(0).expand({world_size, row.numel()}).contiguous();
+}
+
+// The header of a rank-table row: the status words, then E, H, dtype,
+// weights dtype, T, K.
+std::array<int64_t, kHeaderWords> tableHeader(const HostStatus& status,
+                                              int64_t num_experts,
+                                              int64_t hidden, int64_t dtype,
+                                              int64_t weights_dtype,
+                                              int64_t tokens, int64_t picks) {
+  std::array<int64_t, kHeaderWords> words{};
+  std::copy(status.words(), status.words() + kStatusWords, words.begin());
+  const int64_t info[] = {num_experts,   hidden, dtype,
+                          weights_dtype, tokens, picks};
+  std::copy(std::begin(info), std::end(info), words.begin() + kStatusWords);
+  return words;
+}
+
+at::Tensor headerTensor(const std::array<int64_t, kHeaderWords>& words,
+                        const at::Device& device) {
+  // From pageable memory a non-blocking copy is staged before it returns.
+  return at::tensor(at::ArrayRef<int64_t>(words.data(), words.size()),
+                    at::kLong)
+      .to(device, /*non_blocking=*/true);
+}
+
+cudaStream_t streamOf(const at::Device& device) {
+  return cuda::currentStream(device.has_index() ? device.index()
+                                                : cuda::currentDevice());
+}
+
+collective::RowType rowType(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble:
+      return collective::RowType::kFloat64;
+    case at::kBFloat16:
+      return collective::RowType::kBFloat16;
+    case at::kHalf:
+      return collective::RowType::kFloat16;
+    default:
+      HF_ERROR(dtype == at::kFloat, "no collective row type for ", dtype);
+      return collective::RowType::kFloat32;
+  }
 }
 
 // Payload travels as bytes: one all-to-all carries rows of several dtypes,
@@ -203,40 +272,70 @@ MoeDispatchOutput dispatchCollective(
   const at::Device device = x.defined() ? x.device() : communicator.device();
   const at::TensorOptions longs = at::TensorOptions(at::kLong).device(device);
   c10d::Backend& backend = communicator.backend(device.type());
+  // CUDA tensors take the kernels of collective_kernels.h for the steps
+  // around the all-to-alls; CPU tensors the ATen operations that compute
+  // the same values.
+  const bool gpu = device.is_cuda();
 
   // 1. Check the inputs and count rows per destination, on the device.
   const HostStatus host_status = moe::checkDispatchInputs(
       x, topk_idx, topk_weights, num_experts, world_size, device);
   const bool valid = host_status.ok();
-  DeviceStatus status(host_status.toDevice(device));
   const int64_t tokens = valid ? x.size(0) : -1;
   const int64_t hidden = valid ? x.size(1) : -1;
   const int64_t picks = valid ? topk_idx.size(1) : -1;
   const int64_t local_experts = valid ? num_experts / world_size : 1;
-  at::Tensor idx;  // [T * K] i64 expert ids
-  at::Tensor rows_to_rank = at::zeros({world_size}, longs);
-  if (valid) {
-    const at::Tensor idx_2d = topk_idx.to(at::kLong);
-    moe::checkExpertIds(status, idx_2d, num_experts);
-    idx = idx_2d.reshape({-1});
-    const at::Tensor sent = at::logical_and(idx >= 0, idx < num_experts);
-    // Masked and invalid picks count in an extra bucket, never sent.
-    const at::Tensor dst =
-        at::where(sent, at::div(idx, local_experts, "floor"), world_size);
-    rows_to_rank = at::zeros({world_size + 1}, longs)
-                       .index_add_(0, dst, at::ones_like(dst))
-                       .narrow(0, 0, world_size);
+  const std::array<int64_t, kHeaderWords> header = tableHeader(
+      host_status, num_experts, hidden, dtypeCode(x),
+      topk_weights ? dtypeCode(*topk_weights) : kNoDtype, tokens, picks);
+  // [T * K]: i32 or i64 as given on the GPU, i64 on the CPU.
+  const at::Tensor idx =
+      valid ? (gpu ? topk_idx.contiguous() : topk_idx.to(at::kLong))
+                  .reshape({-1})
+            : at::Tensor();
+  at::Tensor send_table;  // [R, kHeaderWords + R]
+  at::Tensor key;         // [T * K]: the expert of each pair, E if masked
+  if (gpu) {
+    send_table = at::empty({world_size, kHeaderWords + world_size}, longs);
+    key = at::empty({valid ? tokens * picks : 0}, longs);
+    collective::DispatchCheckArgs args;
+    args.topk_idx = valid ? idx.const_data_ptr() : nullptr;
+    args.idx_is_int64 = valid && idx.scalar_type() == at::kLong;
+    args.tokens = valid ? tokens : 0;
+    args.picks = picks;
+    args.num_experts = num_experts;
+    args.local_experts = local_experts;
+    args.world_size = world_size;
+    std::copy(header.begin(), header.end(), args.header);
+    args.table_row = send_table.mutable_data_ptr<int64_t>();
+    args.sort_key = key.mutable_data_ptr<int64_t>();
+    HF_CUDA_CHECK(collective::launchDispatchCheck(args, streamOf(device)));
+  } else {
+    const at::Tensor header_words = headerTensor(header, device);
+    DeviceStatus status(header_words.narrow(0, 0, kStatusWords));
+    at::Tensor rows_to_rank = at::zeros({world_size}, longs);
+    if (valid) {
+      moe::checkExpertIds(status, idx.view({tokens, picks}), num_experts);
+      const at::Tensor sent = at::logical_and(idx >= 0, idx < num_experts);
+      // Masked and invalid picks count in an extra bucket, never sent.
+      const at::Tensor dst =
+          at::where(sent, at::div(idx, local_experts, "floor"), world_size);
+      rows_to_rank = at::zeros({world_size + 1}, longs)
+                         .index_add_(0, dst, at::ones_like(dst))
+                         .narrow(0, 0, world_size);
+      key = at::where(idx >= 0, idx, num_experts);
+    }
+    send_table = toEveryRank(
+        at::cat({status.words(),
+                 header_words.narrow(0, kStatusWords,
+                                     kHeaderWords - kStatusWords),
+                 rows_to_rank}),
+        world_size);
   }
 
   // 2. Exchange statuses and counts; the one copy to the host.
-  const at::Tensor info =
-      moe::headerWords(num_experts, hidden, dtypeCode(x),
-                       topk_weights ? dtypeCode(*topk_weights) : kNoDtype,
-                       tokens, picks)
-          .to(device, /*non_blocking=*/true);
   const at::Tensor table_on_device =
-      exchangeHeaders(backend, at::cat({status.words(), info, rows_to_rank}),
-                      world_size, "MoeDispatch");
+      exchangeTable(backend, send_table, "MoeDispatch");
   const at::Tensor table = table_on_device.cpu();
   moe::checkDispatchTable(table, "collective");
 
@@ -254,35 +353,93 @@ MoeDispatchOutput dispatchCollective(
   }
 
   // 3. Unmasked pairs sorted by expert, then token: a stable sort of the
-  // (token, pick)-ordered ids, masked ones (key E) last.
-  const at::Tensor key = at::where(idx >= 0, idx, num_experts);
+  // (token, pick)-ordered ids, masked ones (key E) last. Rows travel on
+  // their own, in x's dtype, straight into recv_x's storage; their (token,
+  // pick, expert) and weight travel beside them.
   const at::Tensor order = std::get<1>(at::sort(key, /*stable=*/true, 0, false))
                                .narrow(0, 0, num_send);
   const at::Tensor token = at::div(order, picks, "floor");
-  const at::Tensor pick = order.remainder(picks);
-  // Rows travel on their own, in x's dtype, straight into recv_x's storage;
-  // their (token, pick, expert) and weight travel as bytes beside them.
-  at::Tensor send_x = x.index_select(0, token);
-  at::Tensor recv_x = at::empty({num_recv, hidden}, x.options());
-  allToAll(backend, recv_x, send_x, recv_splits, send_splits, "MoeDispatch");
-  std::vector<at::Tensor> parts = {
-      asBytes(at::stack({token, pick, idx.index_select(0, order)}, 1))};
-  if (topk_weights.has_value()) {
-    parts.push_back(asBytes(
-        topk_weights->reshape({-1}).index_select(0, order).unsqueeze(1)));
+  const at::Tensor recv_x =
+      exchangeRows(backend, x.index_select(0, token), num_recv, recv_splits,
+                   send_splits, "MoeDispatch");
+  const int weight_bytes =
+      topk_weights.has_value()
+          ? static_cast<int>(c10::elementSize(topk_weights->scalar_type()))
+          : 0;
+  const at::Tensor weights =
+      topk_weights.has_value() ? topk_weights->contiguous() : at::Tensor();
+  at::Tensor send_meta;
+  if (gpu) {
+    // [N, 4] i64: token, pick, expert, the weight's bits.
+    send_meta = at::empty({num_send, 4}, longs);
+    collective::DispatchMetaArgs args;
+    args.order = order.const_data_ptr<int64_t>();
+    args.count = num_send;
+    args.topk_idx = idx.const_data_ptr();
+    args.idx_is_int64 = idx.scalar_type() == at::kLong;
+    args.picks = picks;
+    args.topk_weights = weights.defined() ? weights.const_data_ptr() : nullptr;
+    args.weight_bytes = weight_bytes;
+    args.meta = send_meta.mutable_data_ptr<int64_t>();
+    HF_CUDA_CHECK(collective::launchDispatchMeta(args, streamOf(device)));
+  } else {
+    // Bytes: (token, pick, expert) as i64, then the weight.
+    std::vector<at::Tensor> parts = {asBytes(at::stack(
+        {token, order.remainder(picks), idx.index_select(0, order)},
+        1))};
+    if (weights.defined()) {
+      parts.push_back(
+          asBytes(weights.reshape({-1}).index_select(0, order).unsqueeze(1)));
+    }
+    send_meta = at::cat(parts, 1);
   }
-  at::Tensor send_meta = at::cat(parts, 1);
-  at::Tensor recv_meta =
-      at::empty({num_recv, send_meta.size(1)}, send_meta.options());
-  allToAll(backend, recv_meta, send_meta, recv_splits, send_splits,
-           "MoeDispatch");
+  const at::Tensor recv_meta = exchangeRows(
+      backend, send_meta, num_recv, recv_splits, send_splits, "MoeDispatch");
 
   // 4. Expert-major on the receiver. Each sender's rows are sorted by
   // expert, so with one rank, or one expert per rank, they already are.
+  const bool expert_major = world_size == 1 || local_experts == 1;
+  MoeDispatchOutput out;
+  MoeLayout& layout = out.layout;
+  layout.n_tokens_to_rank = table_on_device.select(0, me)
+                                .narrow(0, kHeaderWords, world_size)
+                                .clone(at::MemoryFormat::Contiguous);
+  layout.n_tokens_from_rank = table_on_device.select(1, kHeaderWords + me)
+                                  .clone(at::MemoryFormat::Contiguous);
+  if (gpu) {
+    const at::Tensor perm =
+        expert_major ? at::Tensor()
+                     : std::get<1>(at::sort(recv_meta.select(1, 2),
+                                            /*stable=*/true, 0, false));
+    out.recv_x = expert_major ? recv_x : recv_x.index_select(0, perm);
+    layout.src_rank = at::empty({num_recv}, longs);
+    layout.src_token = at::empty({num_recv}, longs);
+    layout.src_k = at::empty({num_recv}, longs);
+    layout.expert_counts = at::zeros({local_experts}, longs);
+    if (weights.defined()) {
+      out.recv_weights = at::empty({num_recv}, weights.options());
+    }
+    collective::DispatchLayoutArgs args;
+    args.meta = recv_meta.const_data_ptr<int64_t>();
+    args.perm = perm.defined() ? perm.const_data_ptr<int64_t>() : nullptr;
+    args.count = num_recv;
+    args.from_rank = layout.n_tokens_from_rank.const_data_ptr<int64_t>();
+    args.world_size = world_size;
+    args.first_expert = me * local_experts;
+    args.local_experts = local_experts;
+    args.weight_bytes = weight_bytes;
+    args.src_rank = layout.src_rank.mutable_data_ptr<int64_t>();
+    args.src_token = layout.src_token.mutable_data_ptr<int64_t>();
+    args.src_k = layout.src_k.mutable_data_ptr<int64_t>();
+    args.weights =
+        weights.defined() ? out.recv_weights.mutable_data_ptr() : nullptr;
+    args.expert_counts = layout.expert_counts.mutable_data_ptr<int64_t>();
+    HF_CUDA_CHECK(collective::launchDispatchLayout(args, streamOf(device)));
+    return out;
+  }
   int64_t offset = 0;
   const at::Tensor meta = fromBytes(recv_meta, offset, 3, at::kLong);
   const at::Tensor local_expert = meta.select(1, 2) - me * local_experts;
-  const bool expert_major = world_size == 1 || local_experts == 1;
   const at::Tensor perm =
       expert_major
           ? at::Tensor()
@@ -290,20 +447,11 @@ MoeDispatchOutput dispatchCollective(
   auto arrange = [&](const at::Tensor& t) {
     return expert_major ? t.contiguous() : t.index_select(0, perm);
   };
-
-  MoeDispatchOutput out;
   out.recv_x = arrange(recv_x);
-  if (topk_weights.has_value()) {
-    out.recv_weights =
-        arrange(fromBytes(recv_meta, offset, 1, topk_weights->scalar_type())
-                    .reshape({-1}));
+  if (weights.defined()) {
+    out.recv_weights = arrange(
+        fromBytes(recv_meta, offset, 1, weights.scalar_type()).reshape({-1}));
   }
-  MoeLayout& layout = out.layout;
-  layout.n_tokens_to_rank = table_on_device.select(0, me)
-                                .narrow(0, kHeaderWords, world_size)
-                                .clone(at::MemoryFormat::Contiguous);
-  layout.n_tokens_from_rank = table_on_device.select(1, kHeaderWords + me)
-                                  .clone(at::MemoryFormat::Contiguous);
   layout.src_rank = arrange(at::repeat_interleave(
       at::arange(world_size, longs), layout.n_tokens_from_rank, 0, num_recv));
   layout.src_token = arrange(meta.select(1, 0));
@@ -326,42 +474,71 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
       expert_out.defined() ? expert_out.device() : communicator.device();
   const at::TensorOptions longs = at::TensorOptions(at::kLong).device(device);
   c10d::Backend& backend = communicator.backend(device.type());
+  const bool gpu = device.is_cuda();
 
   // 1. Check expert_out and the layout.
   const HostStatus host_status =
       moe::checkCombineInputs(expert_out, layout, topk_weights, num_tokens,
                               num_experts, world_size, device);
   const bool valid = host_status.ok();
-  DeviceStatus status(host_status.toDevice(device));
   const int64_t rows = valid ? expert_out.size(0) : 0;
   const int64_t hidden = valid ? expert_out.size(1) : -1;
   const int64_t picks =
       valid && topk_weights.has_value() ? topk_weights->size(1) : -1;
-  at::Tensor to_rank = at::zeros({world_size}, longs);
-  at::Tensor from_rank = at::zeros({world_size}, longs);
-  at::Tensor max_token = at::full({world_size}, -1, longs);
-  at::Tensor max_pick = at::full({world_size}, -1, longs);
-  if (valid) {
-    moe::checkLayoutValues(status, layout, rows, world_size);
-    to_rank = layout.n_tokens_to_rank;
-    from_rank = layout.n_tokens_from_rank;
-    const at::Tensor src = layout.src_rank.clamp(0, world_size - 1);
-    max_token = max_token.scatter_reduce(0, src, layout.src_token, "amax");
-    max_pick = max_pick.scatter_reduce(0, src, layout.src_k, "amax");
+  const std::array<int64_t, kHeaderWords> header = tableHeader(
+      host_status, num_experts, hidden, dtypeCode(expert_out),
+      topk_weights ? dtypeCode(*topk_weights) : kNoDtype, num_tokens, picks);
+  at::Tensor send_table;  // [R, kHeaderWords + 4 R]
+  if (gpu) {
+    send_table = at::empty({world_size, kHeaderWords + 4 * world_size}, longs);
+    std::array<at::Tensor, 6> vectors;
+    collective::CombineCheckArgs args;
+    if (valid) {
+      vectors = {layout.src_rank.contiguous(),
+                 layout.src_token.contiguous(),
+                 layout.src_k.contiguous(),
+                 layout.expert_counts.contiguous(),
+                 layout.n_tokens_to_rank.contiguous(),
+                 layout.n_tokens_from_rank.contiguous()};
+      args.src_rank = vectors[0].const_data_ptr<int64_t>();
+      args.src_token = vectors[1].const_data_ptr<int64_t>();
+      args.src_k = vectors[2].const_data_ptr<int64_t>();
+      args.expert_counts = vectors[3].const_data_ptr<int64_t>();
+      args.to_rank = vectors[4].const_data_ptr<int64_t>();
+      args.from_rank = vectors[5].const_data_ptr<int64_t>();
+    }
+    args.rows = rows;
+    args.local_experts = valid ? num_experts / world_size : 0;
+    args.world_size = world_size;
+    std::copy(header.begin(), header.end(), args.header);
+    args.table_row = send_table.mutable_data_ptr<int64_t>();
+    HF_CUDA_CHECK(collective::launchCombineCheck(args, streamOf(device)));
+  } else {
+    const at::Tensor header_words = headerTensor(header, device);
+    DeviceStatus status(header_words.narrow(0, 0, kStatusWords));
+    at::Tensor to_rank = at::zeros({world_size}, longs);
+    at::Tensor from_rank = at::zeros({world_size}, longs);
+    at::Tensor max_token = at::full({world_size}, -1, longs);
+    at::Tensor max_pick = at::full({world_size}, -1, longs);
+    if (valid) {
+      moe::checkLayoutValues(status, layout, rows, world_size);
+      to_rank = layout.n_tokens_to_rank;
+      from_rank = layout.n_tokens_from_rank;
+      const at::Tensor src = layout.src_rank.clamp(0, world_size - 1);
+      max_token = max_token.scatter_reduce(0, src, layout.src_token, "amax");
+      max_pick = max_pick.scatter_reduce(0, src, layout.src_k, "amax");
+    }
+    send_table = toEveryRank(
+        at::cat({status.words(),
+                 header_words.narrow(0, kStatusWords,
+                                     kHeaderWords - kStatusWords),
+                 to_rank, from_rank, max_token, max_pick}),
+        world_size);
   }
 
   // 2. Exchange statuses and the layout's counts; the one copy to the host.
-  const at::Tensor info =
-      moe::headerWords(num_experts, hidden, dtypeCode(expert_out),
-                       topk_weights ? dtypeCode(*topk_weights) : kNoDtype,
-                       num_tokens, picks)
-          .to(device, /*non_blocking=*/true);
   const at::Tensor table =
-      exchangeHeaders(backend,
-                      at::cat({status.words(), info, to_rank, from_rank,
-                               max_token, max_pick}),
-                      world_size, "MoeCombine")
-          .cpu();
+      exchangeTable(backend, send_table, "MoeCombine").cpu();
   checkCombineTable(table);
 
   const int64_t width = table.size(1);
@@ -392,19 +569,39 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   auto bySource = [&](const at::Tensor& t) {
     return one_source ? t.contiguous() : t.index_select(0, perm);
   };
-  at::Tensor send_rows = bySource(expert_out);
-  at::Tensor returned =
-      at::empty({num_recv, send_rows.size(1)}, send_rows.options());
-  allToAll(backend, returned, send_rows, recv_splits, send_splits,
-           "MoeCombine");
-  at::Tensor send_meta =
-      bySource(at::stack({layout.src_token, layout.src_k}, 1));
-  at::Tensor meta = at::empty({num_recv, 2}, send_meta.options());
-  allToAll(backend, meta, send_meta, recv_splits, send_splits, "MoeCombine");
+  const at::Tensor returned =
+      exchangeRows(backend, bySource(expert_out), num_recv, recv_splits,
+                   send_splits, "MoeCombine");
+  const at::Tensor meta = exchangeRows(
+      backend, bySource(at::stack({layout.src_token, layout.src_k}, 1)),
+      num_recv, recv_splits, send_splits, "MoeCombine");
 
   // 4. Per token, the sum of its picks in pick order (see combineInOrder).
-  return combineInOrder(returned, meta.select(1, 0), meta.select(1, 1),
-                        topk_weights, num_tokens, slot_picks);
+  if (!gpu) {
+    return combineInOrder(returned, meta.select(1, 0), meta.select(1, 1),
+                          topk_weights, num_tokens, slot_picks);
+  }
+  const at::ScalarType accumulate =
+      at::promote_types(at::kFloat, returned.scalar_type());
+  const at::Tensor weights = topk_weights.has_value()
+                                 ? topk_weights->to(accumulate).contiguous()
+                                 : at::Tensor();
+  at::Tensor combined = at::empty({num_tokens, hidden}, returned.options());
+  at::Tensor slot_row = at::empty({num_tokens * slot_picks}, longs);
+  collective::CombineSumArgs args;
+  args.rows = returned.const_data_ptr();
+  args.meta = meta.const_data_ptr<int64_t>();
+  args.count = num_recv;
+  args.hidden = hidden;
+  args.type = rowType(returned.scalar_type());
+  args.topk_weights = weights.defined() ? weights.const_data_ptr() : nullptr;
+  args.picks = picks;
+  args.tokens = num_tokens;
+  args.slot_picks = slot_picks;
+  args.slot_row = slot_row.mutable_data_ptr<int64_t>();
+  args.out = combined.mutable_data_ptr();
+  HF_CUDA_CHECK(collective::launchCombineSum(args, streamOf(device)));
+  return combined;
 }
 
 }  // namespace hostfuse

@@ -1,0 +1,401 @@
+// The collective backend's device steps (collective_kernels.h). The checks
+// and the table rows are single-block kernels: their inputs are small
+// (T x K ids, one layout), and one block can find "the first bad index"
+// and finish the row without a second launch. The metadata and sum kernels
+// are grid-wide.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cstring>
+
+#include <hostfuse/multidevice/moe/collective/kernels/collective_kernels.h>
+#include <hostfuse/multidevice/moe/status.h>
+
+namespace hostfuse::moe::collective {
+
+namespace {
+
+constexpr int kCheckThreads = 1024;
+constexpr int kThreads = 256;
+constexpr int kStatus = kStatusWords;
+constexpr unsigned long long kNone = ULLONG_MAX;
+
+int gridFor(int64_t items) {
+  const int64_t blocks = (items + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < 4096 ? (blocks < 1 ? 1 : blocks) : 4096);
+}
+
+__device__ int64_t idAt(const void* idx, bool is_int64, int64_t i) {
+  return is_int64 ? static_cast<const int64_t*>(idx)[i]
+                  : static_cast<int64_t>(static_cast<const int32_t*>(idx)[i]);
+}
+
+// --- Dispatch ---------------------------------------------------------------
+
+__global__ void __launch_bounds__(kCheckThreads)
+    dispatchCheckKernel(const DispatchCheckArgs a) {
+  extern __shared__ unsigned long long rows_to_rank[];  // [R]
+  __shared__ unsigned long long first_bad;
+  const int64_t R = a.world_size;
+  const int64_t K = a.picks;
+  const int64_t E = a.num_experts;
+  for (int64_t r = threadIdx.x; r < R; r += blockDim.x) {
+    rows_to_rank[r] = 0;
+  }
+  if (threadIdx.x == 0) {
+    first_bad = kNone;
+  }
+  __syncthreads();
+  const bool scan = a.topk_idx != nullptr && a.header[0] == kStatusOk;
+  if (scan) {
+    for (int64_t i = threadIdx.x; i < a.tokens * K; i += blockDim.x) {
+      const int64_t id = idAt(a.topk_idx, a.idx_is_int64, i);
+      bool bad = id < -1 || id >= E;
+      if (id >= 0 && id < E) {
+        // An earlier pick of the same token naming the same expert.
+        for (int64_t j = i - i % K; j < i && !bad; ++j) {
+          bad = idAt(a.topk_idx, a.idx_is_int64, j) == id;
+        }
+        atomicAdd(&rows_to_rank[id / a.local_experts], 1ull);
+      }
+      if (bad) {
+        atomicMin(&first_bad, static_cast<unsigned long long>(i));
+      }
+      a.sort_key[i] = id >= 0 ? id : E;
+    }
+  }
+  __syncthreads();
+  int64_t status[kStatus];
+  for (int w = 0; w < kStatus; ++w) {
+    status[w] = a.header[w];
+  }
+  if (scan && first_bad != kNone) {
+    const auto i = static_cast<int64_t>(first_bad);
+    const int64_t id = idAt(a.topk_idx, a.idx_is_int64, i);
+    status[0] = id < -1 || id >= E ? kStatusBadExpertId : kStatusDuplicateExpert;
+    status[1] = i / K;
+    status[2] = i % K;
+    status[3] = id;
+    status[4] = 0;
+  }
+  const int64_t width = kTableHeaderWords + R;
+  for (int64_t e = threadIdx.x; e < R * width; e += blockDim.x) {
+    const int64_t w = e % width;
+    a.table_row[e] =
+        w < kStatus                ? status[w]
+        : w < kTableHeaderWords ? a.header[w]
+                                : static_cast<int64_t>(
+                                      rows_to_rank[w - kTableHeaderWords]);
+  }
+}
+
+__global__ void dispatchMetaKernel(const DispatchMetaArgs a) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < a.count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t flat = a.order[i];
+    int64_t* meta = a.meta + i * 4;
+    meta[0] = flat / a.picks;
+    meta[1] = flat % a.picks;
+    meta[2] = idAt(a.topk_idx, a.idx_is_int64, flat);
+    int64_t bits = 0;
+    if (a.topk_weights != nullptr) {
+      memcpy(&bits,
+                static_cast<const char*>(a.topk_weights) + flat * a.weight_bytes,
+                a.weight_bytes);
+    }
+    meta[3] = bits;
+  }
+}
+
+__global__ void dispatchLayoutKernel(const DispatchLayoutArgs a) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < a.count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = a.perm != nullptr ? a.perm[i] : i;
+    // Received rows are grouped by source rank, in rank order.
+    int64_t rank = 0;
+    int64_t end = 0;
+    for (; rank < a.world_size - 1; ++rank) {
+      end += a.from_rank[rank * a.from_rank_stride];
+      if (p < end) {
+        break;
+      }
+    }
+    const int64_t* meta = a.meta + p * 4;
+    a.src_rank[i] = rank;
+    a.src_token[i] = meta[0];
+    a.src_k[i] = meta[1];
+    const int64_t local = meta[2] - a.first_expert;
+    if (local >= 0 && local < a.local_experts) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(a.expert_counts + local),
+                1ull);
+    }
+    if (a.weight_bytes > 0) {
+      memcpy(static_cast<char*>(a.weights) + i * a.weight_bytes, meta + 3,
+                a.weight_bytes);
+    }
+  }
+}
+
+// --- Combine ----------------------------------------------------------------
+
+__global__ void __launch_bounds__(kCheckThreads)
+    combineCheckKernel(const CombineCheckArgs a) {
+  extern __shared__ long long per_rank[];  // [3 R]: rows, largest token, pick
+  __shared__ unsigned long long first_out_of_range;
+  __shared__ unsigned long long first_negative;
+  __shared__ int64_t status[kStatus];
+  const int64_t R = a.world_size;
+  long long* const max_token = per_rank + R;
+  long long* const max_pick = per_rank + 2 * R;
+  for (int64_t r = threadIdx.x; r < R; r += blockDim.x) {
+    per_rank[r] = 0;
+    max_token[r] = -1;
+    max_pick[r] = -1;
+  }
+  if (threadIdx.x == 0) {
+    first_out_of_range = kNone;
+    first_negative = kNone;
+  }
+  __syncthreads();
+  const bool check = a.src_rank != nullptr && a.header[0] == kStatusOk;
+  if (check) {
+    for (int64_t i = threadIdx.x; i < a.rows; i += blockDim.x) {
+      const int64_t rank = a.src_rank[i];
+      const int64_t token = a.src_token[i];
+      const int64_t pick = a.src_k[i];
+      if (rank < 0 || rank >= R) {
+        atomicMin(&first_out_of_range, static_cast<unsigned long long>(i));
+      }
+      if (token < 0 || pick < 0) {
+        atomicMin(&first_negative, static_cast<unsigned long long>(i));
+      }
+      const int64_t r = rank < 0 ? 0 : rank >= R ? R - 1 : rank;
+      atomicAdd(reinterpret_cast<unsigned long long*>(per_rank + r), 1ull);
+      atomicMax(max_token + r, static_cast<long long>(token));
+      atomicMax(max_pick + r, static_cast<long long>(pick));
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    // The checks in the order of the ATen path; the first that fails.
+    int64_t w[kStatus] = {};
+    for (int i = 0; i < kStatus; ++i) {
+      w[i] = a.header[i];
+    }
+    if (check) {
+      int64_t counts_sum = 0;
+      for (int64_t e = 0; e < a.local_experts; ++e) {
+        counts_sum += a.expert_counts[e];
+      }
+      int64_t from_sum = 0;
+      int64_t mismatch = -1;
+      for (int64_t r = 0; r < R; ++r) {
+        from_sum += a.from_rank[r];
+        if (mismatch < 0 && per_rank[r] != a.from_rank[r]) {
+          mismatch = r;
+        }
+      }
+      const auto bad = [&](int64_t code, int64_t d0, int64_t d1, int64_t d2) {
+        w[0] = code;
+        w[1] = d0;
+        w[2] = d1;
+        w[3] = d2;
+        w[4] = 0;
+      };
+      if (counts_sum != a.rows) {
+        bad(kStatusCountsSum, counts_sum, a.rows, 0);
+      } else if (from_sum != a.rows) {
+        bad(kStatusFromSum, from_sum, a.rows, 0);
+      } else if (first_out_of_range != kNone) {
+        const auto row = static_cast<int64_t>(first_out_of_range);
+        bad(kStatusSrcRankRange, row, a.src_rank[row], 0);
+      } else if (mismatch >= 0) {
+        bad(kStatusSrcRankCounts, mismatch, per_rank[mismatch],
+            a.from_rank[mismatch]);
+      } else if (first_negative != kNone) {
+        const auto row = static_cast<int64_t>(first_negative);
+        bad(kStatusProvenanceNegative, row, a.src_token[row], a.src_k[row]);
+      }
+    }
+    for (int i = 0; i < kStatus; ++i) {
+      status[i] = w[i];
+    }
+  }
+  __syncthreads();
+  const int64_t width = kTableHeaderWords + 4 * R;
+  for (int64_t e = threadIdx.x; e < R * width; e += blockDim.x) {
+    const int64_t w = e % width;
+    int64_t value = 0;
+    if (w < kStatus) {
+      value = status[w];
+    } else if (w < kTableHeaderWords) {
+      value = a.header[w];
+    } else {
+      const int64_t vector = (w - kTableHeaderWords) / R;
+      const int64_t r = (w - kTableHeaderWords) % R;
+      switch (vector) {
+        case 0:
+          value = check ? a.to_rank[r] : 0;
+          break;
+        case 1:
+          value = check ? a.from_rank[r] : 0;
+          break;
+        case 2:
+          value = max_token[r];
+          break;
+        default:
+          value = max_pick[r];
+          break;
+      }
+    }
+    a.table_row[e] = value;
+  }
+}
+
+__global__ void slotKernel(const int64_t* meta, int64_t count, int64_t tokens,
+                           int64_t slot_picks, int64_t* slot_row) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t token = meta[2 * i];
+    const int64_t pick = meta[2 * i + 1];
+    if (token >= 0 && token < tokens && pick >= 0 && pick < slot_picks) {
+      slot_row[token * slot_picks + pick] = i;
+    }
+  }
+}
+
+// Element conversions and the rounded operations of the accumulation type.
+template <typename T>
+struct Value;
+
+template <>
+struct Value<float> {
+  __device__ static float toFloat(float v) { return v; }
+  __device__ static float fromFloat(float v) { return v; }
+};
+template <>
+struct Value<double> {
+  __device__ static double toFloat(double v) { return v; }
+  __device__ static double fromFloat(double v) { return v; }
+};
+template <>
+struct Value<__nv_bfloat16> {
+  __device__ static float toFloat(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+  }
+  __device__ static __nv_bfloat16 fromFloat(float v) {
+    return __float2bfloat16_rn(v);
+  }
+};
+template <>
+struct Value<__half> {
+  __device__ static float toFloat(__half v) { return __half2float(v); }
+  __device__ static __half fromFloat(float v) { return __float2half_rn(v); }
+};
+
+__device__ float addRn(float a, float b) { return __fadd_rn(a, b); }
+__device__ float mulRn(float a, float b) { return __fmul_rn(a, b); }
+__device__ double addRn(double a, double b) { return __dadd_rn(a, b); }
+__device__ double mulRn(double a, double b) { return __dmul_rn(a, b); }
+
+template <typename T, typename Acc>
+__global__ void sumKernel(const CombineSumArgs a) {
+  const T* rows = static_cast<const T*>(a.rows);
+  T* out = static_cast<T*>(a.out);
+  const Acc* weights = static_cast<const Acc*>(a.topk_weights);
+  const int64_t S = a.slot_picks;
+  for (int64_t t = blockIdx.x; t < a.tokens; t += gridDim.x) {
+    const int64_t* slots = a.slot_row + t * S;
+    for (int64_t h = threadIdx.x; h < a.hidden; h += blockDim.x) {
+      Acc acc = 0;
+      for (int64_t k = 0; k < S; ++k) {
+        const int64_t row = slots[k];
+        if (row < 0) {
+          continue;  // masked: adds +0, which leaves acc's bits as they are
+        }
+        const Acc value = Value<T>::toFloat(rows[row * a.hidden + h]);
+        acc = weights == nullptr
+                  ? addRn(acc, value)
+                  : addRn(acc, mulRn(weights[t * a.picks + k], value));
+      }
+      out[t * a.hidden + h] = Value<T>::fromFloat(acc);
+    }
+  }
+}
+
+template <typename T, typename Acc>
+void launchSum(const CombineSumArgs& a, cudaStream_t stream) {
+  const int blocks = static_cast<int>(a.tokens < 8192 ? a.tokens : 8192);
+  sumKernel<T, Acc><<<blocks, kThreads, 0, stream>>>(a);
+}
+
+}  // namespace
+
+cudaError_t launchDispatchCheck(const DispatchCheckArgs& args,
+                                cudaStream_t stream) {
+  const size_t shared = static_cast<size_t>(args.world_size) * 8;
+  dispatchCheckKernel<<<1, kCheckThreads, shared, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t launchDispatchMeta(const DispatchMetaArgs& args,
+                               cudaStream_t stream) {
+  if (args.count == 0) {
+    return cudaSuccess;
+  }
+  dispatchMetaKernel<<<gridFor(args.count), kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t launchDispatchLayout(const DispatchLayoutArgs& args,
+                                 cudaStream_t stream) {
+  if (args.count == 0) {
+    return cudaSuccess;
+  }
+  dispatchLayoutKernel<<<gridFor(args.count), kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t launchCombineCheck(const CombineCheckArgs& args,
+                               cudaStream_t stream) {
+  const size_t shared = static_cast<size_t>(args.world_size) * 3 * 8;
+  combineCheckKernel<<<1, kCheckThreads, shared, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t launchCombineSum(const CombineSumArgs& args, cudaStream_t stream) {
+  if (args.tokens == 0 || args.hidden == 0) {
+    return cudaSuccess;
+  }
+  const size_t slots = static_cast<size_t>(args.tokens * args.slot_picks);
+  if (slots > 0) {
+    // All bytes 0xff: every slot -1 (empty).
+    const cudaError_t status = cudaMemsetAsync(
+        args.slot_row, 0xff, slots * sizeof(int64_t), stream);
+    if (status != cudaSuccess) {
+      return status;
+    }
+    if (args.count > 0) {
+      slotKernel<<<gridFor(args.count), kThreads, 0, stream>>>(
+          args.meta, args.count, args.tokens, args.slot_picks, args.slot_row);
+    }
+  }
+  switch (args.type) {
+    case RowType::kFloat64:
+      launchSum<double, double>(args, stream);
+      break;
+    case RowType::kBFloat16:
+      launchSum<__nv_bfloat16, float>(args, stream);
+      break;
+    case RowType::kFloat16:
+      launchSum<__half, float>(args, stream);
+      break;
+    case RowType::kFloat32:
+      launchSum<float, float>(args, stream);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace hostfuse::moe::collective

@@ -1,0 +1,130 @@
+// The collective backend's device steps on CUDA tensors, as kernels: the
+// work around its all-to-alls (input checks, row counts, the rank-table row,
+// the metadata of sent and received rows, the combine's sum in pick order)
+// that would otherwise take a hundred small ATen operations per call, each
+// with its own launch. CPU tensors take the ATen path of
+// dispatch_combine.cpp, which computes the same values; tests compare the
+// two.
+//
+// Plain C++ and CUDA runtime types only: no torch here (the layering of
+// docs/architecture.md). Every pointer is device memory; every launch is
+// queued on `stream` and returns the launch's error.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace hostfuse::moe::collective {
+
+// The words at the start of every rank-table row: the status words, then
+// E, H, dtype, weights dtype, T, K (moe::kHeaderWords in input_checks.h).
+constexpr int kTableHeaderWords = 11;
+
+enum class RowType : int32_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
+
+// Dispatch step 1: checks topk_idx (ids in [-1, E), no expert twice in a
+// token; the first bad (token, pick) in row-major order) and counts the
+// rows for each rank. Writes the dispatch table row [header, rows to rank
+// 0 .. R-1] into each of the R rows of `table_row` ([R, 11 + R]: what this
+// rank sends to every rank), and the sort key of each (token, pick): its
+// expert, E for a masked pick.
+struct DispatchCheckArgs {
+  const void* topk_idx = nullptr;  // [T, K]; nullptr when `header` is bad
+  bool idx_is_int64 = true;
+  int64_t tokens = 0;
+  int64_t picks = 0;
+  int64_t num_experts = 0;
+  int64_t local_experts = 1;
+  int64_t world_size = 1;
+  int64_t header[kTableHeaderWords] = {};  // host status and words
+  int64_t* table_row = nullptr;
+  int64_t* sort_key = nullptr;  // [T * K]
+};
+cudaError_t launchDispatchCheck(const DispatchCheckArgs& args,
+                                cudaStream_t stream);
+
+// Dispatch step 3: the metadata of the sent rows, [N, 4] i64 (token, pick,
+// expert, the weight's bits or 0), for the pairs `order` [N] names (flat
+// indices t * K + k).
+struct DispatchMetaArgs {
+  const int64_t* order = nullptr;
+  int64_t count = 0;
+  const void* topk_idx = nullptr;
+  bool idx_is_int64 = true;
+  int64_t picks = 0;
+  const void* topk_weights = nullptr;  // [T, K] or nullptr
+  int weight_bytes = 0;                // 2, 4 or 8
+  int64_t* meta = nullptr;
+};
+cudaError_t launchDispatchMeta(const DispatchMetaArgs& args,
+                               cudaStream_t stream);
+
+// Dispatch step 4: the layout of the received rows. Row i of the outputs
+// is received row perm[i] (i without perm); its source rank is found from
+// the per-source counts `from_rank` (element r at from_rank[r * stride]).
+// expert_counts must be zero on entry.
+struct DispatchLayoutArgs {
+  const int64_t* meta = nullptr;  // [N, 4] as received
+  const int64_t* perm = nullptr;  // [N] or nullptr
+  int64_t count = 0;
+  const int64_t* from_rank = nullptr;
+  int64_t from_rank_stride = 1;
+  int64_t world_size = 1;
+  int64_t first_expert = 0;  // this rank's first expert, rank * L
+  int64_t local_experts = 1;
+  int weight_bytes = 0;      // 0 without weights
+  int64_t* src_rank = nullptr;
+  int64_t* src_token = nullptr;
+  int64_t* src_k = nullptr;
+  void* weights = nullptr;
+  int64_t* expert_counts = nullptr;  // [L]
+};
+cudaError_t launchDispatchLayout(const DispatchLayoutArgs& args,
+                                 cudaStream_t stream);
+
+// Combine step 1: checks the layout's values against each other and the
+// `rows` of expert_out (sums of the counts, source ranks in range and as
+// many per rank as n_tokens_from_rank says, no negative token or pick),
+// and writes the combine table row [header, rows to each rank, rows from
+// each rank, largest token, largest pick from each rank] into each of the
+// R rows of `table_row` ([R, 11 + 4 R]).
+struct CombineCheckArgs {
+  // nullptr when `header` is bad (the layout's shapes are not usable).
+  const int64_t* src_rank = nullptr;
+  const int64_t* src_token = nullptr;
+  const int64_t* src_k = nullptr;
+  const int64_t* expert_counts = nullptr;
+  const int64_t* to_rank = nullptr;
+  const int64_t* from_rank = nullptr;
+  int64_t rows = 0;
+  int64_t local_experts = 1;
+  int64_t world_size = 1;
+  int64_t header[kTableHeaderWords] = {};
+  int64_t* table_row = nullptr;
+};
+cudaError_t launchCombineCheck(const CombineCheckArgs& args,
+                               cudaStream_t stream);
+
+// Combine step 4: out[t] = sum over k = 0 .. slot_picks-1 with a returned
+// row (t, k) of w[t, k] * row, in fp32 (fp64 for fp64 rows), every product
+// and every sum rounded on its own (no fused multiply-add), then rounded
+// once to the rows' type; w = 1 without weights. The cuda backend's order,
+// so both backends give the same bits. The weights are in the accumulation
+// type already. `slot_row` is scratch of tokens * slot_picks entries.
+struct CombineSumArgs {
+  const void* rows = nullptr;     // [N, H] returned rows
+  const int64_t* meta = nullptr;  // [N, 2] their (token, pick)
+  int64_t count = 0;
+  int64_t hidden = 0;
+  RowType type = RowType::kFloat32;
+  const void* topk_weights = nullptr;  // [T, K] fp32 (fp64 rows: fp64)
+  int64_t picks = 0;                   // K of topk_weights
+  int64_t tokens = 0;
+  int64_t slot_picks = 0;
+  int64_t* slot_row = nullptr;
+  void* out = nullptr;  // [T, H]
+};
+cudaError_t launchCombineSum(const CombineSumArgs& args, cudaStream_t stream);
+
+}  // namespace hostfuse::moe::collective
