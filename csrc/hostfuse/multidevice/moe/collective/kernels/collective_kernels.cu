@@ -26,6 +26,36 @@ int gridFor(int64_t items) {
   return static_cast<int>(blocks < 4096 ? (blocks < 1 ? 1 : blocks) : 4096);
 }
 
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// The lanes of this warp whose `key` equals this lane's, and whether this
+// lane is the lowest of them (the one that updates shared counters for
+// all: without this, every lane of the block would update the same few
+// counters one after another).
+struct WarpGroup {
+  unsigned lanes;
+  bool leader;
+};
+__device__ WarpGroup groupBy(int64_t key) {
+  const unsigned lanes =
+      __match_any_sync(kFullMask, static_cast<unsigned long long>(key));
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  return {lanes, __ffs(lanes) - 1 == lane};
+}
+
+// The largest `value` over the lanes of `lanes` (every lane of the warp
+// calls it).
+__device__ long long groupMax(unsigned lanes, long long value) {
+  long long best = value;
+  for (int lane = 0; lane < 32; ++lane) {
+    const long long theirs = __shfl_sync(kFullMask, value, lane);
+    if ((lanes >> lane & 1u) != 0 && theirs > best) {
+      best = theirs;
+    }
+  }
+  return best;
+}
+
 __device__ int64_t idAt(const void* idx, bool is_int64, int64_t i) {
   return is_int64 ? static_cast<const int64_t*>(idx)[i]
                   : static_cast<int64_t>(static_cast<const int32_t*>(idx)[i]);
@@ -48,8 +78,12 @@ __global__ void __launch_bounds__(kCheckThreads)
   }
   __syncthreads();
   const bool scan = a.topk_idx != nullptr && a.header[0] == kStatusOk;
-  if (scan) {
-    for (int64_t i = threadIdx.x; i < a.tokens * K; i += blockDim.x) {
+  const int64_t n = scan ? a.tokens * K : 0;
+  // Whole warps go round the loop together (groupBy needs every lane).
+  for (int64_t base = 0; base < n; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    int64_t destination = -1;
+    if (i < n) {
       const int64_t id = idAt(a.topk_idx, a.idx_is_int64, i);
       bool bad = id < -1 || id >= E;
       if (id >= 0 && id < E) {
@@ -57,12 +91,17 @@ __global__ void __launch_bounds__(kCheckThreads)
         for (int64_t j = i - i % K; j < i && !bad; ++j) {
           bad = idAt(a.topk_idx, a.idx_is_int64, j) == id;
         }
-        atomicAdd(&rows_to_rank[id / a.local_experts], 1ull);
+        destination = id / a.local_experts;
       }
       if (bad) {
         atomicMin(&first_bad, static_cast<unsigned long long>(i));
       }
       a.sort_key[i] = id >= 0 ? id : E;
+    }
+    const WarpGroup group = groupBy(destination);
+    if (group.leader && destination >= 0) {
+      atomicAdd(&rows_to_rank[destination],
+                static_cast<unsigned long long>(__popc(group.lanes)));
     }
   }
   __syncthreads();
@@ -159,21 +198,32 @@ __global__ void __launch_bounds__(kCheckThreads)
   }
   __syncthreads();
   const bool check = a.src_rank != nullptr && a.header[0] == kStatusOk;
-  if (check) {
-    for (int64_t i = threadIdx.x; i < a.rows; i += blockDim.x) {
+  const int64_t n = check ? a.rows : 0;
+  for (int64_t base = 0; base < n; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    int64_t r = -1;
+    long long token = -1;
+    long long pick = -1;
+    if (i < n) {
       const int64_t rank = a.src_rank[i];
-      const int64_t token = a.src_token[i];
-      const int64_t pick = a.src_k[i];
+      token = a.src_token[i];
+      pick = a.src_k[i];
       if (rank < 0 || rank >= R) {
         atomicMin(&first_out_of_range, static_cast<unsigned long long>(i));
       }
       if (token < 0 || pick < 0) {
         atomicMin(&first_negative, static_cast<unsigned long long>(i));
       }
-      const int64_t r = rank < 0 ? 0 : rank >= R ? R - 1 : rank;
-      atomicAdd(reinterpret_cast<unsigned long long*>(per_rank + r), 1ull);
-      atomicMax(max_token + r, static_cast<long long>(token));
-      atomicMax(max_pick + r, static_cast<long long>(pick));
+      r = rank < 0 ? 0 : rank >= R ? R - 1 : rank;
+    }
+    const WarpGroup group = groupBy(r);
+    token = groupMax(group.lanes, token);
+    pick = groupMax(group.lanes, pick);
+    if (group.leader && r >= 0) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(per_rank + r),
+                static_cast<unsigned long long>(__popc(group.lanes)));
+      atomicMax(max_token + r, token);
+      atomicMax(max_pick + r, pick);
     }
   }
   __syncthreads();
