@@ -15,8 +15,8 @@
 //     (the only host synchronization, needed for alltoall_base's split
 //     sizes); every rank raises the same error if any rank's input is bad;
 //  3. sort the unmasked pairs by expert (hence by destination rank), then
-//     by token, and send each pair's row of x with its (token, pick, expert)
-//     and weight, packed as bytes in one alltoall_base;
+//     by token, and send each pair's row of x in x's dtype with one
+//     alltoall_base, its (token, pick, expert) and weight with another;
 //  4. on the receiver, order the rows expert-major: by local expert, then
 //     source rank, then source token (a stable sort by local expert of rows
 //     that arrive grouped by source rank in (expert, token) order).
@@ -32,6 +32,9 @@
 //     acc = +0; for k = 0..K-1: acc = acc + w[t, k] * row(t, k), in fp32,
 //     each product and sum rounded on its own; cast to expert_out's dtype.
 //     This is the cuda backend's order, so both give the same bits.
+// On CUDA tensors the device steps around the all-to-alls are the kernels
+// of kernels/collective_kernels.h; on CPU tensors, ATen operations with the
+// same results. With one rank the payload is not exchanged.
 // Dispatch and combine are collectives: every rank calls them in the same
 // order, with tensors of one device type.
 #pragma once
