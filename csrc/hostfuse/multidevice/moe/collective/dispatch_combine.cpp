@@ -290,9 +290,9 @@ MoeDispatchOutput dispatchCollective(
       topk_weights ? dtypeCode(*topk_weights) : kNoDtype, tokens, picks);
   // [T * K]: i32 or i64 as given on the GPU, i64 on the CPU.
   const at::Tensor idx =
-      valid ? (gpu ? topk_idx.contiguous() : topk_idx.to(at::kLong))
-                  .reshape({-1})
-            : at::Tensor();
+      valid
+          ? (gpu ? topk_idx.contiguous() : topk_idx.to(at::kLong)).reshape({-1})
+          : at::Tensor();
   at::Tensor send_table;  // [R, kHeaderWords + R]
   at::Tensor key;         // [T * K]: the expert of each pair, E if masked
   if (gpu) {
@@ -326,10 +326,10 @@ MoeDispatchOutput dispatchCollective(
       key = at::where(idx >= 0, idx, num_experts);
     }
     send_table = toEveryRank(
-        at::cat({status.words(),
-                 header_words.narrow(0, kStatusWords,
-                                     kHeaderWords - kStatusWords),
-                 rows_to_rank}),
+        at::cat(
+            {status.words(),
+             header_words.narrow(0, kStatusWords, kHeaderWords - kStatusWords),
+             rows_to_rank}),
         world_size);
   }
 
@@ -385,8 +385,7 @@ MoeDispatchOutput dispatchCollective(
   } else {
     // Bytes: (token, pick, expert) as i64, then the weight.
     std::vector<at::Tensor> parts = {asBytes(at::stack(
-        {token, order.remainder(picks), idx.index_select(0, order)},
-        1))};
+        {token, order.remainder(picks), idx.index_select(0, order)}, 1))};
     if (weights.defined()) {
       parts.push_back(
           asBytes(weights.reshape({-1}).index_select(0, order).unsqueeze(1)));
@@ -529,10 +528,10 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
       max_pick = max_pick.scatter_reduce(0, src, layout.src_k, "amax");
     }
     send_table = toEveryRank(
-        at::cat({status.words(),
-                 header_words.narrow(0, kStatusWords,
-                                     kHeaderWords - kStatusWords),
-                 to_rank, from_rank, max_token, max_pick}),
+        at::cat(
+            {status.words(),
+             header_words.narrow(0, kStatusWords, kHeaderWords - kStatusWords),
+             to_rank, from_rank, max_token, max_pick}),
         world_size);
   }
 

@@ -112,7 +112,8 @@ __global__ void __launch_bounds__(kCheckThreads)
   if (scan && first_bad != kNone) {
     const auto i = static_cast<int64_t>(first_bad);
     const int64_t id = idAt(a.topk_idx, a.idx_is_int64, i);
-    status[0] = id < -1 || id >= E ? kStatusBadExpertId : kStatusDuplicateExpert;
+    status[0] =
+        id < -1 || id >= E ? kStatusBadExpertId : kStatusDuplicateExpert;
     status[1] = i / K;
     status[2] = i % K;
     status[3] = id;
@@ -122,10 +123,10 @@ __global__ void __launch_bounds__(kCheckThreads)
   for (int64_t e = threadIdx.x; e < R * width; e += blockDim.x) {
     const int64_t w = e % width;
     a.table_row[e] =
-        w < kStatus                ? status[w]
-        : w < kTableHeaderWords ? a.header[w]
-                                : static_cast<int64_t>(
-                                      rows_to_rank[w - kTableHeaderWords]);
+        w < kStatus ? status[w]
+        : w < kTableHeaderWords
+            ? a.header[w]
+            : static_cast<int64_t>(rows_to_rank[w - kTableHeaderWords]);
   }
 }
 
@@ -140,8 +141,8 @@ __global__ void dispatchMetaKernel(const DispatchMetaArgs a) {
     int64_t bits = 0;
     if (a.topk_weights != nullptr) {
       memcpy(&bits,
-                static_cast<const char*>(a.topk_weights) + flat * a.weight_bytes,
-                a.weight_bytes);
+             static_cast<const char*>(a.topk_weights) + flat * a.weight_bytes,
+             a.weight_bytes);
     }
     meta[3] = bits;
   }
@@ -171,7 +172,7 @@ __global__ void dispatchLayoutKernel(const DispatchLayoutArgs a) {
     }
     if (a.weight_bytes > 0) {
       memcpy(static_cast<char*>(a.weights) + i * a.weight_bytes, meta + 3,
-                a.weight_bytes);
+             a.weight_bytes);
     }
   }
 }
@@ -421,8 +422,8 @@ cudaError_t launchCombineSum(const CombineSumArgs& args, cudaStream_t stream) {
   const size_t slots = static_cast<size_t>(args.tokens * args.slot_picks);
   if (slots > 0) {
     // All bytes 0xff: every slot -1 (empty).
-    const cudaError_t status = cudaMemsetAsync(
-        args.slot_row, 0xff, slots * sizeof(int64_t), stream);
+    const cudaError_t status =
+        cudaMemsetAsync(args.slot_row, 0xff, slots * sizeof(int64_t), stream);
     if (status != cudaSuccess) {
       return status;
     }

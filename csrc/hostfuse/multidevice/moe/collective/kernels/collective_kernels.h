@@ -73,7 +73,7 @@ struct DispatchLayoutArgs {
   int64_t world_size = 1;
   int64_t first_expert = 0;  // this rank's first expert, rank * L
   int64_t local_experts = 1;
-  int weight_bytes = 0;      // 0 without weights
+  int weight_bytes = 0;  // 0 without weights
   int64_t* src_rank = nullptr;
   int64_t* src_token = nullptr;
   int64_t* src_k = nullptr;
