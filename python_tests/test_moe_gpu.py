@@ -34,8 +34,9 @@ def run(device, x, idx, w, experts):
                          ids=["no_w", "w_f32", "w_bf16", "w_f64"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
-def test_gpu_kernels_give_the_cpu_path_bits(dtype, weights, masked, idx_dtype):
-    tokens, hidden, picks, experts = 37, 40, 4, 8
+@pytest.mark.parametrize("hidden", [40, 37], ids=["H40", "H37"])  # 16-byte packs or not
+def test_gpu_kernels_give_the_cpu_path_bits(dtype, weights, masked, idx_dtype, hidden):
+    tokens, picks, experts = 37, 4, 8
     generator = torch.Generator().manual_seed(11)
     x = torch.randn(tokens, hidden, generator=generator).to(dtype)
     idx = routing(tokens, picks, experts, 12, masked, idx_dtype)
