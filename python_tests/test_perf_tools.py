@@ -42,3 +42,16 @@ def test_plot_script_names_missing_columns(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "tools" / "plot_perf.py"), str(bad),
                            "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode != 0 and "lacks the columns" in done.stderr
+
+
+def test_markdown_tables_give_ratios_to_plain_pytorch():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "plot_perf.py"), str(SAMPLE), "--markdown"],
+        capture_output=True, text=True, check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("2 x cpu (gloo)")
+    torch_rows = [line for line in lines if "| torch a2a |" in line]
+    assert torch_rows and all(line.count("| 1.00x |") == 2 for line in torch_rows)
+    ours = next(line for line in lines if line.startswith("| 32 | hostfuse collective |"))
+    # 1565.29 / 1177.02 and 1171.13 / 1293.47 from the sample.
+    assert "| 1177.0 | 1.33x | 1293.5 | 0.91x | ok |" in ours

@@ -4,7 +4,12 @@ ranks, median time vs tokens per rank (dispatch and combine side by side, one
 line per row of the benchmark, log-log) and achieved GB/s vs tokens. Writes
 PNGs named <prefix>_time_<ranks>ranks.png and <prefix>_gbps_<ranks>ranks.png.
 
+With --markdown it prints, instead, one Markdown table per number of ranks:
+each row's median time per tokens count, with its ratio to the torch a2a
+row (> 1: faster than plain PyTorch) and its output check.
+
   tools/plot_perf.py RESULTS.csv [MORE.csv ...] [--out DIR] [--prefix NAME]
+      [--markdown]
 """
 
 import argparse
@@ -20,6 +25,8 @@ def parse():
     parser.add_argument("csv", nargs="+", help="CSV files written by bench_peers.py")
     parser.add_argument("--out", default="docs/images", help="folder for the PNGs")
     parser.add_argument("--prefix", default="moe", help="file name prefix")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print Markdown tables instead of writing PNGs")
     return parser.parse_args()
 
 
@@ -78,9 +85,50 @@ def plot(rows, metric, ylabel, out, prefix):
     return written
 
 
+def markdown(rows, baseline="torch a2a"):
+    """Markdown tables: per ranks, per tokens, every row's dispatch and
+    combine time and its ratio to `baseline` in the same run."""
+    lines = []
+    by_ranks = defaultdict(list)
+    for row in rows:
+        by_ranks[int(row["ranks"])].append(row)
+    for ranks, group in sorted(by_ranks.items()):
+        lines.append(f"{ranks} x {group[0]['device']}:")
+        lines.append("")
+        lines.append("| T | row | dispatch us | vs torch a2a | combine us | vs torch a2a | check |")
+        lines.append("|---:|---|---:|---:|---:|---:|---|")
+        cells = defaultdict(dict)
+        order = []
+        for row in group:
+            key = (int(row["tokens"]), row["row"])
+            if key not in cells:
+                order.append(key)
+            cells[key][row["phase"]] = row
+        for tokens, name in sorted(order, key=lambda k: (k[0], order.index(k))):
+            phases = cells[(tokens, name)]
+            out = [str(tokens), name]
+            for phase in ("dispatch", "combine"):
+                mine = phases.get(phase)
+                base = cells.get((tokens, baseline), {}).get(phase)
+                if mine is None:
+                    out += ["", ""]
+                    continue
+                us = float(mine["median_us"])
+                out.append(f"{us:.1f}")
+                out.append(f"{float(base['median_us']) / us:.2f}x" if base else "")
+            checks = {p["check"] for p in phases.values()}
+            out.append("ok" if checks == {"ok"} else "MISMATCH")
+            lines.append("| " + " | ".join(out) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main():
     args = parse()
     rows = load(args.csv)
+    if args.markdown:
+        print(markdown(rows))
+        return
     os.makedirs(args.out, exist_ok=True)
     written = plot(rows, "median_us", "median time (us)", args.out, args.prefix)
     written += plot(rows, "gbps", "GB/s (bytes sent / time)", args.out, args.prefix)
