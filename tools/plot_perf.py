@@ -57,6 +57,10 @@ def plot(rows, metric, ylabel, out, prefix):
         by_ranks[int(row["ranks"])].append(row)
     for ranks, group in sorted(by_ranks.items()):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=(metric == "median_us"))
+        # One colour per benchmark row in both panels.
+        names = sorted({row["row"] for row in group})
+        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        colour = {name: palette[i % len(palette)] for i, name in enumerate(names)}
         for ax, phase in zip(axes, ("dispatch", "combine")):
             lines = defaultdict(dict)
             for row in group:
@@ -64,7 +68,8 @@ def plot(rows, metric, ylabel, out, prefix):
                     lines[row["row"]][int(row["tokens"])] = float(row[metric])
             for name, points in sorted(lines.items()):
                 tokens = sorted(points)
-                ax.plot(tokens, [points[t] for t in tokens], marker="o", label=name)
+                ax.plot(tokens, [points[t] for t in tokens], marker="o", label=name,
+                        color=colour[name])
             ax.set_xscale("log", base=2)
             if metric == "median_us":
                 ax.set_yscale("log")

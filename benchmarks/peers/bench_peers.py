@@ -13,8 +13,10 @@ backend before its time is printed. Rows:
                    weighted sum, in a CUDA graph (GPUs with NVSHMEM only)
   hostfuse coll.   hostfuse.moe, collective backend, eager
   hostfuse cuda    hostfuse.moe, cuda backend, in a CUDA graph (GPUs only)
-  copy floor       one device copy of the same bytes on this rank's GPU: a
-                   floor for R = 1 only (bench_nvlink_push has the NVLink one)
+  device copy      one device-to-device copy of the bytes this rank sends
+                   (read once, written once), for scale with one rank; not a
+                   floor: a dispatch reads each token's row once and writes
+                   it K times (bench_nvlink_push has the NVLink floor)
   NCCL EP          measured where the nccl-extensions package imports; else
                    the row says why not
 
@@ -299,10 +301,10 @@ def run_tokens(ctx, args, tokens, writer, device_name):
         if reason and ctx.rank == 0:
             print(f"  torch symm_mem: not measured: {reason}")
 
-        # A floor: one device copy of the bytes this rank sends.
+        # For scale: one device copy of the bytes this rank sends.
         src = x.new_empty(sent, args.hidden)
         dst = torch.empty_like(src)
-        add("copy floor (1 GPU)", "dispatch", median_us(ctx, lambda: dst.copy_(src), args.iters), True)
+        add("device copy (1 GPU)", "dispatch", median_us(ctx, lambda: dst.copy_(src), args.iters), True)
 
     nccl_ep_reason = nccl_ep_status()
     if ctx.rank == 0:
