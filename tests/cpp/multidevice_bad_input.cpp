@@ -245,6 +245,30 @@ TEST_P(BadInput, CombineGivenTheLayoutOfAnotherDispatch) {
   expectValidCallWorks();
 }
 
+// One rank calls combine where its peers dispatch (it skipped a dispatch):
+// the tables of both ops have one size, so nothing aborts, and every rank
+// raises the same error naming both calls.
+TEST_P(BadInput, OneRankCombinesWhileThePeersDispatch) {
+  if (ranks() == 1) {
+    GTEST_SKIP() << "needs two ranks";
+  }
+  const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
+  const std::string mismatch = "rank 0 called MoeDispatch";
+  test::expectErrorContains(
+      [&] {
+        if (isBadRank()) {
+          combineCollective(out.recv_x, out.layout, weights(), kTokens,
+                            experts(), communicator());
+        } else {
+          dispatch(x(), idx(), weights(), experts());
+        }
+      },
+      {"the ranks' MoE calls do not pair up", mismatch,
+       "while rank " + std::to_string(ranks() - 1) + " called MoeCombine",
+       "in the same order"});
+  expectValidCallWorks();
+}
+
 TEST_P(BadInput, CombineWeightsDisagreeWithNumTokens) {
   const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
   const int64_t tokens = isBadRank() ? kTokens + 1 : kTokens;

@@ -296,8 +296,12 @@ c10::intrusive_ptr<c10d::Store> Communicator::store() const {
 }
 
 std::string Communicator::nextTag(const std::string& kind) {
+  return fmt::format("{}/{}/{}", kind, name_, nextCount(kind));
+}
+
+int64_t Communicator::nextCount(const std::string& kind) {
   std::lock_guard<std::mutex> lock(mutex_);
-  return fmt::format("{}/{}/{}", kind, name_, tags_[kind]++);
+  return tags_[kind]++;
 }
 
 c10::intrusive_ptr<c10d::ProcessGroup> Communicator::newGroup(

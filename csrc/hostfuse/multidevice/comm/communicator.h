@@ -127,6 +127,8 @@ class Communicator {
   // `kind`: a tag that every rank computes alike when they create things in
   // the same order, and that no other communicator produces.
   std::string nextTag(const std::string& kind);
+  // The n of the next nextTag(kind): 0, 1, 2, ... per kind.
+  int64_t nextCount(const std::string& kind);
 
   // A process group over `ranks` (ranks of this communicator, distinct, in
   // the order that sets the new group's ranks), like torch.distributed's

@@ -36,7 +36,45 @@ using moe::kPicksWord;
 using moe::kTokensWord;
 
 constexpr int64_t kNoDtype = -1;
-static_assert(collective::kTableHeaderWords == kHeaderWords);
+// Every table row starts with the status and header words of
+// input_checks.h, then the op and the number of the call among this
+// communicator's collective MoE calls: ranks whose calls do not pair up
+// (one calls combine where the others dispatch, or skipped a dispatch) find
+// out from the table, before any payload moves. Both ops' tables have the
+// same width, so such a pair of calls exchanges tables of one size.
+enum CallWord : int64_t { kOpWord = kHeaderWords, kCallWord, kCallHeaderWords };
+enum CallOp : int64_t { kCallDispatch = 1, kCallCombine = 2 };
+static_assert(collective::kTableHeaderWords == kCallHeaderWords);
+
+int64_t tableWidth(int64_t world_size) {
+  return kCallHeaderWords + 4 * world_size;
+}
+
+const char* opName(int64_t op) {
+  return op == kCallDispatch  ? "MoeDispatch"
+         : op == kCallCombine ? "MoeCombine"
+                              : "an unknown op";
+}
+
+// Throws, with the same text on every rank, unless every rank makes the
+// same op with the same call number.
+void checkCallsMatch(const at::Tensor& table) {
+  const int64_t width = table.size(1);
+  const int64_t* words = table.data_ptr<int64_t>();
+  for (int64_t r = 1; r < table.size(0); ++r) {
+    const int64_t* theirs = words + r * width;
+    if (theirs[kOpWord] == words[kOpWord] &&
+        theirs[kCallWord] == words[kCallWord]) {
+      continue;
+    }
+    HF_THROW("the ranks' MoE calls do not pair up: rank 0 called ",
+             opName(words[kOpWord]), " (collective MoE call #",
+             words[kCallWord], " of its communicator) while rank ", r,
+             " called ", opName(theirs[kOpWord]), " (#", theirs[kCallWord],
+             "); every rank must make the same MoE calls in the same order. "
+             "Did a rank skip a call, or stop at an error before it?");
+  }
+}
 
 // alltoall_base and its wait. With NCCL, wait() only orders the current
 // stream after the collective; with Gloo it blocks until the data is here.
@@ -89,21 +127,21 @@ at::Tensor toEveryRank(const at::Tensor& row, int64_t world_size) {
 
 // The header of a rank-table row: the status words, then E, H, dtype,
 // weights dtype, T, K.
-std::array<int64_t, kHeaderWords> tableHeader(const HostStatus& status,
-                                              int64_t num_experts,
-                                              int64_t hidden, int64_t dtype,
-                                              int64_t weights_dtype,
-                                              int64_t tokens, int64_t picks) {
-  std::array<int64_t, kHeaderWords> words{};
+using TableHeader = std::array<int64_t, kCallHeaderWords>;
+
+TableHeader tableHeader(const HostStatus& status, int64_t num_experts,
+                        int64_t hidden, int64_t dtype, int64_t weights_dtype,
+                        int64_t tokens, int64_t picks, CallOp op,
+                        int64_t call) {
+  TableHeader words{};
   std::copy(status.words(), status.words() + kStatusWords, words.begin());
-  const int64_t info[] = {num_experts,   hidden, dtype,
-                          weights_dtype, tokens, picks};
+  const int64_t info[] = {num_experts, hidden, dtype, weights_dtype,
+                          tokens,      picks,  op,    call};
   std::copy(std::begin(info), std::end(info), words.begin() + kStatusWords);
   return words;
 }
 
-at::Tensor headerTensor(const std::array<int64_t, kHeaderWords>& words,
-                        const at::Device& device) {
+at::Tensor headerTensor(const TableHeader& words, const at::Device& device) {
   // From pageable memory a non-blocking copy is staged before it returns.
   return at::tensor(at::ArrayRef<int64_t>(words.data(), words.size()),
                     at::kLong)
@@ -156,7 +194,7 @@ namespace {
 // ---------------------------------------------------------------------------
 // Combine
 
-// Per-rank vectors of the combine header, after kHeaderWords.
+// Per-rank vectors of the combine table, after kCallHeaderWords.
 enum CombineVector : int64_t { kToRank, kFromRank, kMaxToken, kMaxPick };
 
 void checkCombineTable(const at::Tensor& table) {
@@ -170,7 +208,7 @@ void checkCombineTable(const at::Tensor& table) {
   const int64_t width = table.size(1);
   const int64_t* words = table.data_ptr<int64_t>();
   auto vector = [&](int64_t rank, CombineVector which, int64_t peer) {
-    return words[rank * width + kHeaderWords + which * world_size + peer];
+    return words[rank * width + kCallHeaderWords + which * world_size + peer];
   };
   for (int64_t i = 0; i < world_size; ++i) {
     for (int64_t j = 0; j < world_size; ++j) {
@@ -285,18 +323,19 @@ MoeDispatchOutput dispatchCollective(
   const int64_t hidden = valid ? x.size(1) : -1;
   const int64_t picks = valid ? topk_idx.size(1) : -1;
   const int64_t local_experts = valid ? num_experts / world_size : 1;
-  const std::array<int64_t, kHeaderWords> header = tableHeader(
+  const TableHeader header = tableHeader(
       host_status, num_experts, hidden, dtypeCode(x),
-      topk_weights ? dtypeCode(*topk_weights) : kNoDtype, tokens, picks);
+      topk_weights ? dtypeCode(*topk_weights) : kNoDtype, tokens, picks,
+      kCallDispatch, communicator.nextCount("moe/collective"));
   // [T * K]: i32 or i64 as given on the GPU, i64 on the CPU.
   const at::Tensor idx =
       valid
           ? (gpu ? topk_idx.contiguous() : topk_idx.to(at::kLong)).reshape({-1})
           : at::Tensor();
-  at::Tensor send_table;  // [R, kHeaderWords + R]
+  at::Tensor send_table;  // [R, tableWidth(R)]
   at::Tensor key;         // [T * K]: the expert of each pair, E if masked
   if (gpu) {
-    send_table = at::empty({world_size, kHeaderWords + world_size}, longs);
+    send_table = at::empty({world_size, tableWidth(world_size)}, longs);
     key = at::empty({valid ? tokens * picks : 0}, longs);
     collective::DispatchCheckArgs args;
     args.topk_idx = valid ? idx.const_data_ptr() : nullptr;
@@ -326,10 +365,10 @@ MoeDispatchOutput dispatchCollective(
       key = at::where(idx >= 0, idx, num_experts);
     }
     send_table = toEveryRank(
-        at::cat(
-            {status.words(),
-             header_words.narrow(0, kStatusWords, kHeaderWords - kStatusWords),
-             rows_to_rank}),
+        at::cat({status.words(),
+                 header_words.narrow(0, kStatusWords,
+                                     kCallHeaderWords - kStatusWords),
+                 rows_to_rank, at::zeros({3 * world_size}, longs)}),
         world_size);
   }
 
@@ -337,6 +376,7 @@ MoeDispatchOutput dispatchCollective(
   const at::Tensor table_on_device =
       exchangeTable(backend, send_table, "MoeDispatch");
   const at::Tensor table = table_on_device.cpu();
+  checkCallsMatch(table);
   moe::checkDispatchTable(table, "collective");
 
   const int64_t width = table.size(1);
@@ -346,8 +386,8 @@ MoeDispatchOutput dispatchCollective(
   int64_t num_send = 0;
   int64_t num_recv = 0;
   for (int64_t r = 0; r < world_size; ++r) {
-    send_splits[r] = words[me * width + kHeaderWords + r];
-    recv_splits[r] = words[r * width + kHeaderWords + me];
+    send_splits[r] = words[me * width + kCallHeaderWords + r];
+    recv_splits[r] = words[r * width + kCallHeaderWords + me];
     num_send += send_splits[r];
     num_recv += recv_splits[r];
   }
@@ -401,9 +441,9 @@ MoeDispatchOutput dispatchCollective(
   MoeDispatchOutput out;
   MoeLayout& layout = out.layout;
   layout.n_tokens_to_rank = table_on_device.select(0, me)
-                                .narrow(0, kHeaderWords, world_size)
+                                .narrow(0, kCallHeaderWords, world_size)
                                 .clone(at::MemoryFormat::Contiguous);
-  layout.n_tokens_from_rank = table_on_device.select(1, kHeaderWords + me)
+  layout.n_tokens_from_rank = table_on_device.select(1, kCallHeaderWords + me)
                                   .clone(at::MemoryFormat::Contiguous);
   if (gpu) {
     const at::Tensor perm =
@@ -484,12 +524,13 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   const int64_t hidden = valid ? expert_out.size(1) : -1;
   const int64_t picks =
       valid && topk_weights.has_value() ? topk_weights->size(1) : -1;
-  const std::array<int64_t, kHeaderWords> header = tableHeader(
+  const TableHeader header = tableHeader(
       host_status, num_experts, hidden, dtypeCode(expert_out),
-      topk_weights ? dtypeCode(*topk_weights) : kNoDtype, num_tokens, picks);
-  at::Tensor send_table;  // [R, kHeaderWords + 4 R]
+      topk_weights ? dtypeCode(*topk_weights) : kNoDtype, num_tokens, picks,
+      kCallCombine, communicator.nextCount("moe/collective"));
+  at::Tensor send_table;  // [R, tableWidth(R)]
   if (gpu) {
-    send_table = at::empty({world_size, kHeaderWords + 4 * world_size}, longs);
+    send_table = at::empty({world_size, tableWidth(world_size)}, longs);
     std::array<at::Tensor, 6> vectors;
     collective::CombineCheckArgs args;
     if (valid) {
@@ -528,16 +569,17 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
       max_pick = max_pick.scatter_reduce(0, src, layout.src_k, "amax");
     }
     send_table = toEveryRank(
-        at::cat(
-            {status.words(),
-             header_words.narrow(0, kStatusWords, kHeaderWords - kStatusWords),
-             to_rank, from_rank, max_token, max_pick}),
+        at::cat({status.words(),
+                 header_words.narrow(0, kStatusWords,
+                                     kCallHeaderWords - kStatusWords),
+                 to_rank, from_rank, max_token, max_pick}),
         world_size);
   }
 
   // 2. Exchange statuses and the layout's counts; the one copy to the host.
   const at::Tensor table =
       exchangeTable(backend, send_table, "MoeCombine").cpu();
+  checkCallsMatch(table);
   checkCombineTable(table);
 
   const int64_t width = table.size(1);
@@ -550,12 +592,13 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   // from this one (K is unknown here without weights).
   int64_t slot_picks = 0;
   for (int64_t r = 0; r < world_size; ++r) {
-    send_splits[r] = words[kHeaderWords + kFromRank * world_size + r];
-    recv_splits[r] = words[kHeaderWords + kToRank * world_size + r];
+    send_splits[r] = words[kCallHeaderWords + kFromRank * world_size + r];
+    recv_splits[r] = words[kCallHeaderWords + kToRank * world_size + r];
     num_recv += recv_splits[r];
     slot_picks = std::max(
         slot_picks,
-        all_words[r * width + kHeaderWords + kMaxPick * world_size + me] + 1);
+        all_words[r * width + kCallHeaderWords + kMaxPick * world_size + me] +
+            1);
   }
 
   // 3. Every row back to its source rank, in x's dtype on its own, its

@@ -120,14 +120,18 @@ __global__ void __launch_bounds__(kCheckThreads)
     status[3] = id;
     status[4] = 0;
   }
-  const int64_t width = kTableHeaderWords + R;
+  const int64_t width = kTableHeaderWords + 4 * R;
   for (int64_t e = threadIdx.x; e < R * width; e += blockDim.x) {
     const int64_t w = e % width;
-    a.table_row[e] =
-        w < kStatus ? status[w]
-        : w < kTableHeaderWords
-            ? a.header[w]
-            : static_cast<int64_t>(rows_to_rank[w - kTableHeaderWords]);
+    int64_t value = 0;  // the padding after the counts
+    if (w < kStatus) {
+      value = status[w];
+    } else if (w < kTableHeaderWords) {
+      value = a.header[w];
+    } else if (w < kTableHeaderWords + R) {
+      value = static_cast<int64_t>(rows_to_rank[w - kTableHeaderWords]);
+    }
+    a.table_row[e] = value;
   }
 }
 

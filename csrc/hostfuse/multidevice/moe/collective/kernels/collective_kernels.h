@@ -17,18 +17,19 @@
 
 namespace hostfuse::moe::collective {
 
-// The words at the start of every rank-table row: the status words, then
-// E, H, dtype, weights dtype, T, K (moe::kHeaderWords in input_checks.h).
-constexpr int kTableHeaderWords = 11;
+// The words at the start of every rank-table row: the status words; E, H,
+// dtype, weights dtype, T, K (moe::kHeaderWords in input_checks.h); the op
+// and the call number (dispatch_combine.cpp).
+constexpr int kTableHeaderWords = 13;
 
 enum class RowType : int32_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
 // Dispatch step 1: checks topk_idx (ids in [-1, E), no expert twice in a
 // token; the first bad (token, pick) in row-major order) and counts the
 // rows for each rank. Writes the dispatch table row [header, rows to rank
-// 0 .. R-1] into each of the R rows of `table_row` ([R, 11 + R]: what this
-// rank sends to every rank), and the sort key of each (token, pick): its
-// expert, E for a masked pick.
+// 0 .. R-1, 3 R zeros] into each of the R rows of `table_row` ([R, 13 +
+// 4 R], as wide as combine's: what this rank sends to every rank), and the
+// sort key of each (token, pick): its expert, E for a masked pick.
 struct DispatchCheckArgs {
   const void* topk_idx = nullptr;  // [T, K]; nullptr when `header` is bad
   bool idx_is_int64 = true;
@@ -88,7 +89,7 @@ cudaError_t launchDispatchLayout(const DispatchLayoutArgs& args,
 // many per rank as n_tokens_from_rank says, no negative token or pick),
 // and writes the combine table row [header, rows to each rank, rows from
 // each rank, largest token, largest pick from each rank] into each of the
-// R rows of `table_row` ([R, 11 + 4 R]).
+// R rows of `table_row` ([R, 13 + 4 R]).
 struct CombineCheckArgs {
   // nullptr when `header` is bad (the layout's shapes are not usable).
   const int64_t* src_rank = nullptr;
