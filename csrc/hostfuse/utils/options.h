@@ -24,7 +24,7 @@ namespace hostfuse {
 // yes/no. A default of "" means "decided by the caller" (the doc line says
 // how), and the getter returns nullopt when the variable is unset.
 #define HOSTFUSE_OPTIONS(X)                                                    \
-  X(CommTimeoutS, "HOSTFUSE_COMM_TIMEOUT_S", Number, "300", 1e-3, 1e6,         \
+  X(CommTimeoutS, "HOSTFUSE_COMM_TIMEOUT_S", Number, "60", 1e-3, 1e6,          \
     "Seconds a collective of the communicator (Gloo, NCCL, the store) may "    \
     "wait for a peer before it fails.")                                        \
   X(DumpKernels, "HOSTFUSE_DUMP_KERNELS", Bool, "0", 0, 1,                     \

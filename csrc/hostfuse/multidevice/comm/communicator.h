@@ -30,7 +30,7 @@
 //   down), the store is the group's, and the device is the group's bound
 //   device, else the current CUDA device, else the CPU.
 //
-// HOSTFUSE_COMM_TIMEOUT_S (default 300) bounds every collective of the
+// HOSTFUSE_COMM_TIMEOUT_S (default 60) bounds every collective of the
 // backends hostfuse creates, so a rank whose peer died fails instead of
 // waiting forever.
 #pragma once
@@ -58,7 +58,7 @@ const char* toString(Launcher launcher);
 struct CommunicatorConfig {
   // c10d's default port; what an OpenMPI run uses without MASTER_PORT.
   static constexpr int kDefaultMasterPort = 29500;
-  static constexpr int64_t kDefaultTimeoutSeconds = 300;
+  static constexpr int64_t kDefaultTimeoutSeconds = 60;
 
   Launcher launcher = Launcher::None;
   int64_t rank = 0;
