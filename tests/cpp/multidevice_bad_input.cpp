@@ -245,6 +245,21 @@ TEST_P(BadInput, CombineGivenTheLayoutOfAnotherDispatch) {
   expectValidCallWorks();
 }
 
+// Every pick goes to expert 0: the other ranks receive no rows (an empty
+// layout, whose tensors have no data pointer) and still take part in the
+// combine, and every token comes back.
+TEST_P(BadInput, RanksThatReceiveNoRowsStillCombine) {
+  const at::TensorOptions options(device_);
+  const at::Tensor to_zero = at::zeros({kTokens, 1}, options.dtype(at::kLong));
+  const at::Tensor half = at::full({kTokens, 1}, 0.5, options);
+  const at::Tensor input = x();
+  const MoeDispatchOutput out = dispatch(input, to_zero, half, experts());
+  EXPECT_EQ(out.recv_x.size(0), me() == 0 ? kTokens * ranks() : 0);
+  const at::Tensor back = combineCollective(out.recv_x, out.layout, half,
+                                            kTokens, experts(), communicator());
+  test::expectClose(back.cpu(), (input * 0.5).cpu(), 0, 0);
+}
+
 // One rank calls combine where its peers dispatch (it skipped a dispatch):
 // the tables of both ops have one size, so nothing aborts, and every rank
 // raises the same error naming both calls.

@@ -153,6 +153,22 @@ cudaStream_t streamOf(const at::Device& device) {
                                                 : cuda::currentDevice());
 }
 
+// On CUDA tensors the kernels go to the tensors' device, whichever is
+// current; the world size must fit the check kernels.
+std::optional<cuda::DeviceScope> deviceScope(const at::Device& device,
+                                             int64_t world_size) {
+  if (!device.is_cuda()) {
+    return std::nullopt;
+  }
+  HF_CHECK(world_size <= collective::kMaxWorldSize,
+           "the collective MoE backend on CUDA tensors takes at most ",
+           collective::kMaxWorldSize, " ranks; this communicator has ",
+           world_size);
+  return std::optional<cuda::DeviceScope>(
+      std::in_place,
+      device.has_index() ? device.index() : cuda::currentDevice());
+}
+
 collective::RowType rowType(at::ScalarType dtype) {
   switch (dtype) {
     case at::kDouble:
@@ -314,6 +330,8 @@ MoeDispatchOutput dispatchCollective(
   // around the all-to-alls; CPU tensors the ATen operations that compute
   // the same values.
   const bool gpu = device.is_cuda();
+  const std::optional<cuda::DeviceScope> on_device =
+      deviceScope(device, world_size);
 
   // 1. Check the inputs and count rows per destination, on the device.
   const HostStatus host_status = moe::checkDispatchInputs(
@@ -338,6 +356,7 @@ MoeDispatchOutput dispatchCollective(
     send_table = at::empty({world_size, tableWidth(world_size)}, longs);
     key = at::empty({valid ? tokens * picks : 0}, longs);
     collective::DispatchCheckArgs args;
+    args.valid = valid;
     args.topk_idx = valid ? idx.const_data_ptr() : nullptr;
     args.idx_is_int64 = valid && idx.scalar_type() == at::kLong;
     args.tokens = valid ? tokens : 0;
@@ -514,6 +533,8 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   const at::TensorOptions longs = at::TensorOptions(at::kLong).device(device);
   c10d::Backend& backend = communicator.backend(device.type());
   const bool gpu = device.is_cuda();
+  const std::optional<cuda::DeviceScope> on_device =
+      deviceScope(device, world_size);
 
   // 1. Check expert_out and the layout.
   const HostStatus host_status =
@@ -533,6 +554,7 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
     send_table = at::empty({world_size, tableWidth(world_size)}, longs);
     std::array<at::Tensor, 6> vectors;
     collective::CombineCheckArgs args;
+    args.valid = valid;
     if (valid) {
       vectors = {layout.src_rank.contiguous(),
                  layout.src_token.contiguous(),

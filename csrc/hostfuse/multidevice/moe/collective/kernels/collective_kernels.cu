@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kCheckThreads)
     first_bad = kNone;
   }
   __syncthreads();
-  const bool scan = a.topk_idx != nullptr && a.header[0] == kStatusOk;
+  const bool scan = a.valid && a.header[0] == kStatusOk;
   const int64_t n = scan ? a.tokens * K : 0;
   // Whole warps go round the loop together (groupBy needs every lane).
   for (int64_t base = 0; base < n; base += blockDim.x) {
@@ -203,7 +203,9 @@ __global__ void __launch_bounds__(kCheckThreads)
     first_negative = kNone;
   }
   __syncthreads();
-  const bool check = a.src_rank != nullptr && a.header[0] == kStatusOk;
+  // Not the pointers: an empty layout (a rank that received no rows) has
+  // null data pointers and must still be checked and reported.
+  const bool check = a.valid && a.header[0] == kStatusOk;
   const int64_t n = check ? a.rows : 0;
   for (int64_t base = 0; base < n; base += blockDim.x) {
     const int64_t i = base + threadIdx.x;

@@ -24,6 +24,10 @@ constexpr int kTableHeaderWords = 13;
 
 enum class RowType : int32_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
+// The largest world size the check kernels take (their per-rank counters
+// live in shared memory, 24 bytes per rank in the combine's).
+constexpr int64_t kMaxWorldSize = 2048;
+
 // Dispatch step 1: checks topk_idx (ids in [-1, E), no expert twice in a
 // token; the first bad (token, pick) in row-major order) and counts the
 // rows for each rank. Writes the dispatch table row [header, rows to rank
@@ -31,7 +35,8 @@ enum class RowType : int32_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
 // 4 R], as wide as combine's: what this rank sends to every rank), and the
 // sort key of each (token, pick): its expert, E for a masked pick.
 struct DispatchCheckArgs {
-  const void* topk_idx = nullptr;  // [T, K]; nullptr when `header` is bad
+  bool valid = false;              // the host checks passed
+  const void* topk_idx = nullptr;  // [T, K] when valid
   bool idx_is_int64 = true;
   int64_t tokens = 0;
   int64_t picks = 0;
@@ -91,7 +96,8 @@ cudaError_t launchDispatchLayout(const DispatchLayoutArgs& args,
 // each rank, largest token, largest pick from each rank] into each of the
 // R rows of `table_row` ([R, 13 + 4 R]).
 struct CombineCheckArgs {
-  // nullptr when `header` is bad (the layout's shapes are not usable).
+  // When not valid (the host checks failed), the layout is not read.
+  bool valid = false;
   const int64_t* src_rank = nullptr;
   const int64_t* src_token = nullptr;
   const int64_t* src_k = nullptr;
