@@ -162,8 +162,9 @@ MoeDispatchOutput CudaMoeRuntime::dispatch(const MoeDispatchArgs& args) {
            "for T_max = ",
            config.max_tokens,
            " tokens (the largest T of any rank then); a later run may not "
-           "have more tokens. Make the first run the largest, or use a new "
-           "evaluator");
+           "have more tokens. Make the first run the largest, or start over "
+           "on every rank with a new evaluator (from Python: "
+           "hostfuse.moe.release(), then call again)");
 
   CudaDispatchResult result =
       workspace.dispatch(args.x, args.topk_idx, args.topk_weights);
