@@ -17,8 +17,8 @@ backend before its time is printed. Rows:
                    (read once, written once), for scale with one rank; not a
                    floor: a dispatch reads each token's row once and writes
                    it K times (bench_nvlink_push has the NVLink floor)
-  NCCL EP          measured where the nccl-extensions package imports; else
-                   the row says why not
+  NCCL EP          not measured yet: the benchmark looks for the
+                   nccl-extensions package and prints why there is no row
 
 Time: median over --iters of single calls (synchronized before and after),
 slowest rank. Run with torchrun, one rank per GPU (or CPU ranks with --cpu):

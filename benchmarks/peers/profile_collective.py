@@ -3,7 +3,7 @@ one combine (collective backend) next to the plain PyTorch version of
 bench_peers.py, each under torch.profiler after warm-up calls. Prints, per
 call: wall time, ATen operator calls, CUDA kernels launched, host
 synchronizations (cudaStreamSynchronize / cudaDeviceSynchronize /
-cudaMemcpy), the ten ATen operators that take the most host time and, on
+cudaEventSynchronize / cudaMemcpy) and cudaMemcpyAsync calls apart, the ten ATen operators that take the most host time and, on
 GPUs, the kernels and copies that take the most device time.
 
   torchrun --nproc-per-node N benchmarks/peers/profile_collective.py
@@ -32,8 +32,7 @@ def parse():
     return parser.parse_args()
 
 
-SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy ",
-         "cudaMemcpy", "cudaEventSynchronize")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
 def profiled(ctx, name, fn):
@@ -49,10 +48,14 @@ def profiled(ctx, name, fn):
     events = prof.events()
     aten = [e for e in events if e.name.startswith("aten::")]
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    syncs = [e for e in events if e.name.startswith(SYNCS)]
+    # cudaMemcpy blocks the host; cudaMemcpyAsync does not (from pageable
+    # memory it may still wait for the copy).
+    syncs = [e for e in events if e.name.startswith(SYNCS) or e.name == "cudaMemcpy"]
+    copies = [e for e in events if e.name == "cudaMemcpyAsync"]
     if ctx.rank == 0:
         print(f"{name}: {wall:.0f} us wall, {len(aten)} ATen calls, {len(kernels)} "
-              f"CUDA kernels/copies, {len(syncs)} host synchronizations")
+              f"CUDA kernels/copies, {len(syncs)} host synchronizations, "
+              f"{len(copies)} cudaMemcpyAsync")
         top = Counter()
         for e in aten:
             top[e.name] += e.cpu_time_total if hasattr(e, "cpu_time_total") else 0
