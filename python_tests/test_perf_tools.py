@@ -55,3 +55,13 @@ def test_markdown_tables_give_ratios_to_plain_pytorch():
     ours = next(line for line in lines if line.startswith("| 32 | hostfuse collective |"))
     # 1565.29 / 1177.02 and 1171.13 / 1293.47 from the sample.
     assert "| 1177.0 | 1.33x | 1293.5 | 0.91x | ok |" in ours
+
+
+def test_profile_script_counts_calls_on_cpu_ranks():
+    output = run_ranks(2, REPO / "benchmarks" / "peers" / "profile_collective.py", "--cpu",
+                       "--hidden", "64", "--tokens", "16")
+    for name in ("hostfuse collective dispatch", "hostfuse collective combine",
+                 "torch a2a dispatch", "torch a2a combine"):
+        line = next((l for l in output.splitlines() if name + ":" in l), None)
+        assert line is not None, output[-2000:]
+        assert "ATen calls" in line and "host synchronizations" in line, line
