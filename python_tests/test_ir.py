@@ -152,3 +152,11 @@ def test_grouped_matmul_builds():
         counts = program.define_tensor([2], torch.int64)
         y = hf.grouped_matmul(x, w, counts)
     assert y.shape[1] == 4
+
+
+def test_building_outside_with_says_how_to_build():
+    program = hf.Program()
+    with program:
+        x = program.define_tensor([2, 4], torch.float32, "x")
+    with pytest.raises(hf.Error, match="with program:"):
+        hf.linear(x, x)

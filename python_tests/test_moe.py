@@ -86,10 +86,11 @@ def test_backends_are_listed():
         (lambda x, i: moe.dispatch(x, i * 0 + 7, num_experts=4), hf.Error, "expert"),
         (lambda x, i: moe.dispatch(x.double(), i, num_experts=4, backend="cuda"), hf.Error, "backend=cuda needs it"),
         (lambda x, i: moe.combine(x, "handle"), TypeError, "handle must be what hostfuse.moe.dispatch returned"),
+        (lambda x, i: moe.dispatch(x, i, num_experts=4, capacity=-1), ValueError, "capacity must be >= 0"),
     ],
     ids=["x_str", "idx_none", "weights_list", "experts_float", "backend_int",
          "backend_unknown", "experts_zero", "expert_out_of_range", "cuda_on_cpu",
-         "handle_str"],
+         "handle_str", "capacity_negative"],
 )
 def test_errors_name_the_argument(call, error, text):
     x = torch.randn(4, 8)

@@ -142,6 +142,8 @@ def dispatch(
     _check_tensor("topk_weights", topk_weights, optional=True)
     _check_int("num_experts", num_experts)
     _check_int("capacity", capacity)
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0 (0: the worst case), got {capacity}")
     group = _default_group(group)
     runtime = _runtime(backend, group)
     hidden = x.shape[-1] if x.dim() > 0 else 0

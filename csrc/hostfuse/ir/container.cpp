@@ -189,7 +189,8 @@ FusionGuard::~FusionGuard() { active_container = previous_; }
 IrContainer* FusionGuard::current() {
   HF_CHECK(active_container != nullptr,
            "no Fusion is active: create a FusionGuard for the Fusion or "
-           "host program you are building");
+           "host program you are building (from Python: build inside "
+           "`with program:` or `with fusion:`)");
   return active_container;
 }
 
