@@ -284,6 +284,22 @@ TEST_P(BadInput, OneRankCombinesWhileThePeersDispatch) {
   expectValidCallWorks();
 }
 
+TEST_P(BadInput, CombineWeightsWithFewerPicksThanTheDispatch) {
+  const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
+  const at::Tensor fewer =
+      isBadRank() ? weights().narrow(1, 0, 1).contiguous() : weights();
+  // Some rank holds a row of the bad rank's pick 1: every rank raises.
+  test::expectErrorContains(
+      [&] {
+        combineCollective(out.recv_x, out.layout, fewer, kTokens, experts(),
+                          communicator());
+      },
+      {"topk_weights on rank " + std::to_string(ranks() - 1) +
+           " has K = 1 columns",
+       "holds a row of its pick 1", "of the dispatch that made the layout"});
+  expectValidCallWorks();
+}
+
 TEST_P(BadInput, CombineWeightsDisagreeWithNumTokens) {
   const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
   const int64_t tokens = isBadRank() ? kTokens + 1 : kTokens;

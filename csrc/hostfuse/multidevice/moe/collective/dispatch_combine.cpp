@@ -242,10 +242,11 @@ void checkCombineTable(const at::Tensor& table) {
                "dispatch");
       const int64_t picks = words[j * width + kPicksWord];
       HF_CHECK(picks < 0 || vector(i, kMaxPick, j) < picks,
-               "MoeCombine: recv_src_k on rank ", i, " names pick ",
-               vector(i, kMaxPick, j), " of rank ", j,
-               ", whose topk_weights has ", picks,
-               " picks; the rows do not match their dispatch");
+               "MoeCombine: topk_weights on rank ", j, " has K = ", picks,
+               " columns, but rank ", i, " holds a row of its pick ",
+               vector(i, kMaxPick, j),
+               " (recv_src_k); give combine the topk_weights [T, K] of the "
+               "dispatch that made the layout");
     }
   }
 }
