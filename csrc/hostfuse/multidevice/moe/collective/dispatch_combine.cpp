@@ -120,13 +120,8 @@ at::Tensor exchangeTable(c10d::Backend& backend, at::Tensor send,
   return recv;
 }
 
-// The same row [W] for every one of the R ranks.
-at::Tensor toEveryRank(const at::Tensor& row, int64_t world_size) {
-  return row.unsqueeze(0).expand({world_size, row.numel()}).contiguous();
-}
-
 // The header of a rank-table row: the status words, then E, H, dtype,
-// weights dtype, T, K.
+// weights dtype, T, K, the op and the call number.
 using TableHeader = std::array<int64_t, kCallHeaderWords>;
 
 TableHeader tableHeader(const HostStatus& status, int64_t num_experts,
@@ -148,9 +143,26 @@ at::Tensor headerTensor(const TableHeader& words, const at::Device& device) {
       .to(device, /*non_blocking=*/true);
 }
 
+// The CPU path's table: the status words as the value checks left them,
+// the rest of `header` and the per-rank `vectors`, the same row for every
+// one of the R ranks.
+at::Tensor tableOnEveryRank(const DeviceStatus& status,
+                            const at::Tensor& header,
+                            std::vector<at::Tensor> vectors,
+                            int64_t world_size) {
+  vectors.insert(
+      vectors.begin(),
+      {status.words(),
+       header.narrow(0, kStatusWords, kCallHeaderWords - kStatusWords)});
+  return at::cat(vectors).unsqueeze(0).expand({world_size, -1}).contiguous();
+}
+
+int deviceIndex(const at::Device& device) {
+  return device.has_index() ? device.index() : cuda::currentDevice();
+}
+
 cudaStream_t streamOf(const at::Device& device) {
-  return cuda::currentStream(device.has_index() ? device.index()
-                                                : cuda::currentDevice());
+  return cuda::currentStream(deviceIndex(device));
 }
 
 // On CUDA tensors the kernels go to the tensors' device, whichever is
@@ -164,9 +176,7 @@ std::optional<cuda::DeviceScope> deviceScope(const at::Device& device,
            "the collective MoE backend on CUDA tensors takes at most ",
            collective::kMaxWorldSize, " ranks; this communicator has ",
            world_size);
-  return std::optional<cuda::DeviceScope>(
-      std::in_place,
-      device.has_index() ? device.index() : cuda::currentDevice());
+  return std::optional<cuda::DeviceScope>(std::in_place, deviceIndex(device));
 }
 
 collective::RowType rowType(at::ScalarType dtype) {
@@ -384,12 +394,9 @@ MoeDispatchOutput dispatchCollective(
                          .narrow(0, 0, world_size);
       key = at::where(idx >= 0, idx, num_experts);
     }
-    send_table = toEveryRank(
-        at::cat({status.words(),
-                 header_words.narrow(0, kStatusWords,
-                                     kCallHeaderWords - kStatusWords),
-                 rows_to_rank, at::zeros({3 * world_size}, longs)}),
-        world_size);
+    send_table = tableOnEveryRank(
+        status, header_words,
+        {rows_to_rank, at::zeros({3 * world_size}, longs)}, world_size);
   }
 
   // 2. Exchange statuses and counts; the one copy to the host.
@@ -591,12 +598,9 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
       max_token = max_token.scatter_reduce(0, src, layout.src_token, "amax");
       max_pick = max_pick.scatter_reduce(0, src, layout.src_k, "amax");
     }
-    send_table = toEveryRank(
-        at::cat({status.words(),
-                 header_words.narrow(0, kStatusWords,
-                                     kCallHeaderWords - kStatusWords),
-                 to_rank, from_rank, max_token, max_pick}),
-        world_size);
+    send_table =
+        tableOnEveryRank(status, header_words,
+                         {to_rank, from_rank, max_token, max_pick}, world_size);
   }
 
   // 2. Exchange statuses and the layout's counts; the one copy to the host.
