@@ -20,6 +20,15 @@
 // block is its slowest rank's), and the ratios to eager-collective. The
 // cuda backend's capacity is the worst case R * T * min(K, L) rows, so the
 // activation fusion runs over that many rows (see docs/cuda_graphs.md).
+//
+// Then, per T, the graph-replayed layer stage by stage (router, dispatch,
+// grouped GEMM 1 for gate and up, the fusion, grouped GEMM 2, combine):
+// CUDA events recorded at the stage boundaries inside the captured graph
+// (HostIrEvaluator::setExprObserver), the median over replays of each
+// stage's time, the slowest rank's, next to the stage's floor: the largest
+// of its HBM bytes / the device-to-device copy rate, its FLOPs / the bf16
+// GEMM rate (both measured in the same run, on this GPU) and its off-rank
+// bytes / --link-gbps. Rows are this rank's real ones (from the routing).
 // Without one GPU per rank it says so and exits 0. --help lists the flags.
 #include <ATen/ATen.h>
 #include <cuda_runtime_api.h>
@@ -31,12 +40,15 @@
 #include <cstdio>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include <hostfuse/host_ir/graph_runner.h>
+#include <hostfuse/host_ir/host_ir.h>
 #include <hostfuse/host_ir/moe_layer.h>
+#include <hostfuse/ir/grouped_matmul.h>
 #include <hostfuse/multidevice/comm/communicator.h>
 #include <hostfuse/utils/torch_cuda.h>
 #include "../examples/cli_flags.h"
@@ -53,6 +65,7 @@ struct Args {
   int64_t topk = 0;  // 0: 8, at most the number of experts
   int steps = 0;     // 0: 20 for T <= 1024, else 5
   int blocks = 7;
+  int64_t link_gbps = 330;
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -84,6 +97,10 @@ cli::Flags makeFlags(Args& args) {
                 "20 for T <= 1024, else 5");
   flags.integer("--blocks", "B", &args.blocks, 1, cli::kMaxCount,
                 "timed blocks; the median is reported");
+  flags.integer("--link-gbps", "G", &args.link_gbps, 1, cli::kMaxCount,
+                "GB/s a GPU can push to its peers, for the dispatch and "
+                "combine floors with more than one rank (330: all 4 H200 "
+                "pushing at once, bench_nvlink_push, docs/perf_log.md)");
   return flags;
 }
 
@@ -100,6 +117,17 @@ std::vector<double> allGather(Communicator& comm, double value) {
     values.push_back(v.item<double>());
   }
   return values;
+}
+
+// Every rank's [R] counts, as a [R, R] tensor (row r: rank r's), over Gloo.
+at::Tensor allGatherCounts(Communicator& comm, const at::Tensor& counts) {
+  std::vector<std::vector<at::Tensor>> outputs(1);
+  for (int64_t r = 0; r < comm.size(); ++r) {
+    outputs[0].push_back(at::empty_like(counts));
+  }
+  std::vector<at::Tensor> inputs = {counts};
+  comm.backend(c10::DeviceType::CPU).allgather(outputs, inputs)->wait();
+  return at::stack(outputs[0]);
 }
 
 double slowest(Communicator& comm, double value) {
@@ -130,6 +158,180 @@ double timeSteps(Communicator& comm, int device, int steps, int blocks,
   }
   std::sort(per_block.begin(), per_block.end());
   return per_block[per_block.size() / 2];
+}
+
+// The layer's stages, in program order.
+enum Stage { kRouter, kDispatch, kGemm1, kFusion, kGemm2, kCombine, kStages };
+constexpr const char* kStageNames[kStages] = {"router",
+                                              "dispatch",
+                                              "grouped GEMM 1 (gate, up)",
+                                              "silu(gate) * up",
+                                              "grouped GEMM 2 (down)",
+                                              "combine"};
+
+// Times the stages of the program inside each graph replay: the evaluator
+// calls observe() before every top-level expression; at each change of
+// stage, and after the last expression, it records a CUDA event on the
+// current stream, which in a capture becomes an event node of the graph
+// (cudaEventRecordExternal). After a replay, times() reads the differences.
+// Expressions that are not the stage nodes themselves (casts, the router's
+// ops, allocations) belong to the stage they follow; those before the
+// dispatch are the router.
+class StageTimer {
+ public:
+  explicit StageTimer(int device) : device_(device) {
+    for (cudaEvent_t& event : events_) {
+      check(cudaEventCreate(&event), "cudaEventCreate");
+    }
+  }
+  ~StageTimer() {
+    for (cudaEvent_t event : events_) {
+      cudaEventDestroy(event);
+    }
+  }
+  StageTimer(const StageTimer&) = delete;
+  StageTimer& operator=(const StageTimer&) = delete;
+
+  void observe(const Expr* next) {
+    if (next == nullptr) {
+      record(kStages);
+      stage_ = -1;
+      gemms_ = 0;
+      return;
+    }
+    int stage = stage_ < 0 ? kRouter : stage_;
+    if (dynamic_cast<const MoeDispatch*>(next) != nullptr) {
+      stage = kDispatch;
+    } else if (dynamic_cast<const GroupedMatmul*>(next) != nullptr) {
+      stage = ++gemms_ <= 2 ? kGemm1 : kGemm2;
+    } else if (dynamic_cast<const RunFusion*>(next) != nullptr) {
+      stage = kFusion;
+    } else if (dynamic_cast<const MoeCombine*>(next) != nullptr) {
+      stage = kCombine;
+    }
+    if (stage != stage_) {
+      HF_CHECK(stage > stage_,
+               "bench_moe_layer: the layer's stages are not "
+               "in the expected order at ",
+               next->toString());
+      record(stage);
+      stage_ = stage;
+    }
+  }
+
+  // Microseconds of each stage in the latest replay (waits for it).
+  std::vector<double> times() const {
+    check(cudaEventSynchronize(events_[kStages]), "cudaEventSynchronize");
+    std::vector<double> us(kStages);
+    for (int stage = 0; stage < kStages; ++stage) {
+      float ms = 0;
+      check(cudaEventElapsedTime(&ms, events_[stage], events_[stage + 1]),
+            "cudaEventElapsedTime");
+      us[stage] = 1000.0 * ms;
+    }
+    return us;
+  }
+
+ private:
+  static void check(cudaError_t status, const char* what) {
+    HF_CHECK(status == cudaSuccess, "bench_moe_layer: ", what, ": ",
+             cudaGetErrorString(status));
+  }
+  // Marks the start of `stage` (kStages: the end of the last one). A stage
+  // that the program lacks starts where the next one does (0 us).
+  void record(int stage) {
+    const cudaStream_t stream = cuda::currentStream(device_);
+    const unsigned flags = cuda::isCapturing(device_) ? cudaEventRecordExternal
+                                                      : cudaEventRecordDefault;
+    for (int s = stage_ + 1; s <= stage; ++s) {
+      check(cudaEventRecordWithFlags(events_[s], stream, flags),
+            "cudaEventRecordWithFlags");
+    }
+  }
+
+  int device_;
+  cudaEvent_t events_[kStages + 1] = {};
+  int stage_ = -1;
+  int gemms_ = 0;
+};
+
+// What this GPU sustains, measured once: device-to-device copy (bytes read
+// plus written per second) and a large bf16 GEMM.
+struct DeviceRates {
+  double copy_gbps = 0;
+  double gemm_tflops = 0;
+};
+
+// Microseconds per call of `work`, median of 9 timed repeats of 10 calls.
+double deviceTime(int device, const std::function<void()>& work) {
+  work();
+  std::vector<double> us;
+  for (int repeat = 0; repeat < 9; ++repeat) {
+    cuda::synchronize(device);
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < 10; ++i) {
+      work();
+    }
+    cuda::synchronize(device);
+    us.push_back(std::chrono::duration<double, std::micro>(
+                     std::chrono::steady_clock::now() - start)
+                     .count() /
+                 10);
+  }
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
+}
+
+DeviceRates measureRates(const at::Device& device) {
+  DeviceRates rates;
+  const int64_t bytes = int64_t{1} << 30;
+  const at::Tensor a =
+      at::empty({bytes}, at::TensorOptions(at::kByte).device(device));
+  const at::Tensor b = at::empty_like(a);
+  rates.copy_gbps =
+      2.0 * bytes / deviceTime(device.index(), [&] { b.copy_(a); }) / 1e3;
+  const int64_t n = 8192;
+  const at::Tensor m =
+      at::randn({n, n}, at::TensorOptions(at::kBFloat16).device(device));
+  rates.gemm_tflops =
+      2.0 * n * n * n / deviceTime(device.index(), [&] { at::mm(m, m); }) / 1e6;
+  return rates;
+}
+
+// A stage's floor in microseconds: its HBM bytes at the copy rate, its
+// FLOPs at the GEMM rate, its off-rank bytes at the link rate, whichever is
+// longest.
+struct Work {
+  double hbm_bytes = 0;
+  double flops = 0;
+  double link_bytes = 0;
+  double floor(const DeviceRates& rates, double link_gbps) const {
+    return std::max({hbm_bytes / rates.copy_gbps / 1e3,
+                     flops / rates.gemm_tflops / 1e6,
+                     link_bytes / link_gbps / 1e3});
+  }
+};
+
+// The bytes and FLOPs of each stage on this rank, from its rows: `sent`
+// rows leave it (one per pick), `received` arrive, `off_rank` of each cross
+// a link (the larger of sent and received off-rank rows).
+std::vector<Work> stageWork(const MoeLayerConfig& c, int64_t tokens,
+                            double sent, double received, double off_rank) {
+  const double H = c.hidden, I = c.intermediate, L = c.local_experts;
+  const double E = c.num_experts, T = tokens, bf16 = 2;
+  std::vector<Work> work(kStages);
+  // x read, the router's weights read, [T, E] scores; fp32 linear.
+  work[kRouter] = {T * H * bf16 + E * H * bf16, 2 * T * H * E, 0};
+  // Rows read where they leave and written where they arrive.
+  work[kDispatch] = {(sent + received) * H * bf16, 0, off_rank * H * bf16};
+  work[kGemm1] = {(L * H * 2 * I + received * (H + 2 * I)) * bf16,
+                  2 * received * H * 2 * I, 0};
+  work[kFusion] = {received * 3 * I * bf16, 0, 0};
+  work[kGemm2] = {(L * I * H + received * (I + H)) * bf16, 2 * received * I * H,
+                  0};
+  // Expert rows read and written back, the token rows written.
+  work[kCombine] = {(received + sent + T) * H * bf16, 0, off_rank * H * bf16};
+  return work;
 }
 
 std::string formatTime(double us) {
@@ -193,7 +395,12 @@ int main(int argc, char** argv) {
     int64_t tokens = 0;
     double collective = -1, eager = -1, replay = -1, difference = -1;
     std::string note;
+    std::vector<double> stages;  // us per stage, slowest rank; empty: none
+    std::vector<Work> work;      // this rank's
+    double received = 0;         // rows this rank received
   };
+  const DeviceRates rates = measureRates(device);
+  int replays_per_stage_sample = 0;
   std::vector<Row> rows;
   try {
     // Weights made on the GPU: the router the same on every rank, the
@@ -222,7 +429,21 @@ int main(int argc, char** argv) {
       const at::Tensor x = at::randn({tokens, H}, options).to(at::kBFloat16);
       const std::vector<c10::IValue> inputs = {x, router_w, w_gate, w_up,
                                                w_down};
-      const at::Tensor reference = collective.run(inputs)[0];
+      const std::vector<at::Tensor> collective_out = collective.run(inputs);
+      const at::Tensor reference = collective_out[0];
+      {
+        // Rows per (source, destination) rank of this routing.
+        const at::Tensor to_rank =
+            at::bincount(collective_out[1].flatten().div(L, "floor"), {},
+                         comm.size())
+                .cpu();
+        const at::Tensor all = allGatherCounts(comm, to_rank);
+        const double self = all[rank][rank].item<double>();
+        const double sent = all[rank].sum().item<double>();
+        row.received = all.select(1, rank).sum().item<double>();
+        row.work = stageWork(config, tokens, sent, row.received,
+                             std::max(sent, row.received) - self);
+      }
       row.collective = timeSteps(comm, index, steps, args.blocks,
                                  [&] { collective.run(inputs); });
 
@@ -251,6 +472,30 @@ int main(int argc, char** argv) {
         row.difference = slowest(
             comm, (out - reference.to(at::kFloat)).abs().max().item<double>() /
                       std::max(scale, 1e-30));
+
+        // The stages of a replay, from a runner of their own whose graph
+        // has the event nodes (the times above come from one without).
+        StageTimer timer(index);
+        GraphRunner staged(makeMoeLayerProgram(config), {}, runner_options);
+        staged.evaluator().setExprObserver(
+            [&timer](const Expr* next) { timer.observe(next); });
+        staged.run(inputs);  // eager
+        staged.run(inputs);  // capture
+        replays_per_stage_sample = 3 * steps;
+        std::vector<std::vector<double>> samples(kStages);
+        for (int i = 0; i < replays_per_stage_sample; ++i) {
+          staged.run(inputs);
+          const std::vector<double> us = timer.times();
+          for (int stage = 0; stage < kStages; ++stage) {
+            samples[stage].push_back(us[stage]);
+          }
+        }
+        staged.checkStatus();
+        for (std::vector<double>& stage : samples) {
+          std::sort(stage.begin(), stage.end());
+          row.stages.push_back(slowest(comm, stage[stage.size() / 2]));
+        }
+        cuda::synchronize(index);
       }
       // No rank frees its workspace while a peer may still use it.
       cuda::synchronize(index);
@@ -298,6 +543,40 @@ int main(int argc, char** argv) {
     std::printf(
         "\nmax diff: max |replay - eager-collective| / max |eager-collective| "
         "of the layer's output (rounding: bf16, another GEMM tiling)\n");
+
+    std::printf(
+        "\nGraph replay by stage: median of %d replays, slowest rank. "
+        "floor = the longest of HBM bytes / %.0f GB/s (device copy, read + "
+        "write), FLOPs / %.0f TFLOPS (bf16 GEMM 8192^3), both measured here "
+        "on rank 0's GPU, and off-rank bytes / %lld GB/s (--link-gbps)\n",
+        replays_per_stage_sample, rates.copy_gbps, rates.gemm_tflops,
+        static_cast<long long>(args.link_gbps));
+    for (const Row& row : rows) {
+      if (row.stages.empty()) {
+        continue;
+      }
+      std::printf("\nT = %lld (rank 0 received %.0f rows)\n",
+                  static_cast<long long>(row.tokens), row.received);
+      std::printf("%-26s  %10s  %10s  %11s  %10s  %9s\n", "stage", "time",
+                  "floor", "time/floor", "HBM MB", "GFLOP");
+      double total = 0, total_floor = 0;
+      for (int stage = 0; stage < kStages; ++stage) {
+        const Work& work = row.work[stage];
+        const double floor = work.floor(rates, double(args.link_gbps));
+        total += row.stages[stage];
+        total_floor += floor;
+        std::printf("%-26s  %10s  %10s  %11s  %10.1f  %9.2f\n",
+                    kStageNames[stage], formatTime(row.stages[stage]).c_str(),
+                    formatTime(floor).c_str(),
+                    formatRatio(row.stages[stage], floor).c_str(),
+                    work.hbm_bytes / 1e6, work.flops / 1e9);
+      }
+      std::printf("%-26s  %10s  %10s  %11s\n", "sum of stages",
+                  formatTime(total).c_str(), formatTime(total_floor).c_str(),
+                  formatRatio(total, total_floor).c_str());
+      std::printf("%-26s  %10s\n", "graph replay (table above)",
+                  formatTime(row.replay).c_str());
+    }
   }
   comm.shutdown();
   return 0;

@@ -446,6 +446,39 @@ TEST_P(EvaluatorTest, AllocateUsesBoundExtentsDtypeAndDevice) {
   }
 }
 
+TEST_P(EvaluatorTest, ExprObserverSeesEveryTopLevelExprInOrderThenNull) {
+  auto program = std::make_unique<HostIrContainer>();
+  FusionGuard guard(program.get());
+  TensorView* x = makeTensor({kSymbolic, 4}, DataType::Float, "x");
+  program->addInput(x);
+  TensorView* y = relu(x);
+  program->addOutput(mul(y, y));
+  const std::vector<Expr*> expected_order = program->topLevelExprs();
+  ASSERT_EQ(expected_order.size(), 2u);
+
+  HostIrEvaluator evaluator(std::move(program));
+  std::vector<const Expr*> seen;
+  evaluator.setExprObserver(
+      [&seen](const Expr* next) { seen.push_back(next); });
+  const at::Tensor xv = random({3, 4}, at::kFloat, 73);
+  for (int run = 0; run < 2; ++run) {
+    SCOPED_TRACE("run " + std::to_string(run));
+    seen.clear();
+    const std::vector<at::Tensor> out = evaluator.run({xv});
+    ASSERT_EQ(seen.size(), 3u);
+    EXPECT_EQ(seen[0], expected_order[0]);
+    EXPECT_EQ(seen[1], expected_order[1]);
+    EXPECT_EQ(seen[2], nullptr);
+    const at::Tensor relu_x = at::clamp_min(xv, 0);
+    test::expectClose(out[0], relu_x * relu_x);
+  }
+  // An empty observer is no observer.
+  evaluator.setExprObserver(nullptr);
+  seen.clear();
+  evaluator.run({xv});
+  EXPECT_TRUE(seen.empty());
+}
+
 TEST_P(EvaluatorTest, SymbolicScalarInputsMatchATen) {
   auto program = std::make_unique<HostIrContainer>();
   FusionGuard guard(program.get());

@@ -41,7 +41,13 @@ std::vector<at::Tensor> HostIrEvaluator::run(
     bindInputs(*program_, inputs, values_);
     checkDevices(inputs);
     for (Expr* expr : program_->topLevelExprs()) {
+      if (observer_) {
+        observer_(expr);
+      }
       dispatch(expr);
+    }
+    if (observer_) {
+      observer_(nullptr);
     }
     outputs = collectOutputs(*program_, values_);
   } catch (...) {

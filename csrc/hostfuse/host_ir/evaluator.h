@@ -59,6 +59,17 @@ class HostIrEvaluator : public ExprVisitor {
   // this evaluator.
   void addStatusChecker(std::function<void()> checker);
 
+  // Called on the host before each top-level expression of a run with that
+  // expression, and once with nullptr after the last one; empty (no call)
+  // by default. For timing a program's stages: CUDA events recorded here on
+  // the current stream mark the stage boundaries, also inside a
+  // GraphRunner's capture (as event nodes of the graph, with
+  // cudaEventRecordExternal). It must not change the program's values.
+  using ExprObserver = std::function<void(const Expr* next)>;
+  void setExprObserver(ExprObserver observer) {
+    observer_ = std::move(observer);
+  }
+
  protected:
   void handle(RunFusion* run_fusion) override;
   void handle(Allocate* allocate) override;
@@ -84,6 +95,7 @@ class HostIrEvaluator : public ExprVisitor {
   ValueMap values_;
   std::unique_ptr<MoeEvaluator> moe_;
   std::vector<std::function<void()>> status_checkers_;
+  ExprObserver observer_;
 };
 
 }  // namespace hostfuse
