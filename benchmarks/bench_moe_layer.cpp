@@ -13,7 +13,7 @@
 //
 //   tools/launch.sh 4 build/bench_moe_layer [--tokens 128,4096] [--hidden H]
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
-//       [--blocks B]
+//       [--blocks B] [--link-gbps G] [--exprs]
 //
 // Reported: the median over B blocks of the mean time per step of N
 // back-to-back steps (each block starts after a barrier; the time of a
@@ -66,6 +66,7 @@ struct Args {
   int steps = 0;     // 0: 20 for T <= 1024, else 5
   int blocks = 7;
   int64_t link_gbps = 330;
+  bool exprs = false;
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -101,6 +102,9 @@ cli::Flags makeFlags(Args& args) {
                 "GB/s a GPU can push to its peers, for the dispatch and "
                 "combine floors with more than one rank (330: all 4 H200 "
                 "pushing at once, bench_nvlink_push, docs/perf_log.md)");
+  flags.option("--exprs", &args.exprs,
+               "also print the time of every top-level expression of the "
+               "graph replay (rank 0's)");
   return flags;
 }
 
@@ -170,20 +174,16 @@ constexpr const char* kStageNames[kStages] = {"router",
                                               "combine"};
 
 // Times the stages of the program inside each graph replay: the evaluator
-// calls observe() before every top-level expression; at each change of
-// stage, and after the last expression, it records a CUDA event on the
-// current stream, which in a capture becomes an event node of the graph
-// (cudaEventRecordExternal). After a replay, times() reads the differences.
-// Expressions that are not the stage nodes themselves (casts, the router's
-// ops, allocations) belong to the stage they follow; those before the
-// dispatch are the router.
+// calls observe() before every top-level expression and once after the
+// last; each call records a CUDA event on the current stream, which in a
+// capture becomes an event node of the graph (cudaEventRecordExternal).
+// After a replay, exprTimes() reads the time of each expression and
+// stageTimes() sums them by stage. Expressions that are not stage nodes
+// themselves (casts, the router's ops, allocations) belong to the stage
+// they follow; those before the dispatch are the router.
 class StageTimer {
  public:
-  explicit StageTimer(int device) : device_(device) {
-    for (cudaEvent_t& event : events_) {
-      check(cudaEventCreate(&event), "cudaEventCreate");
-    }
-  }
+  explicit StageTimer(int device) : device_(device) {}
   ~StageTimer() {
     for (cudaEvent_t event : events_) {
       cudaEventDestroy(event);
@@ -193,13 +193,23 @@ class StageTimer {
   StageTimer& operator=(const StageTimer&) = delete;
 
   void observe(const Expr* next) {
+    if (position_ == events_.size()) {
+      cudaEvent_t event = nullptr;
+      check(cudaEventCreate(&event), "cudaEventCreate");
+      events_.push_back(event);
+    }
+    const cudaStream_t stream = cuda::currentStream(device_);
+    const unsigned flags = cuda::isCapturing(device_)
+                               ? cudaEventRecordExternal
+                               : cudaEventRecordDefault;
+    check(cudaEventRecordWithFlags(events_[position_], stream, flags),
+          "cudaEventRecordWithFlags");
     if (next == nullptr) {
-      record(kStages);
-      stage_ = -1;
+      position_ = 0;
       gemms_ = 0;
       return;
     }
-    int stage = stage_ < 0 ? kRouter : stage_;
+    int stage = position_ == 0 ? kRouter : stages_[position_ - 1];
     if (dynamic_cast<const MoeDispatch*>(next) != nullptr) {
       stage = kDispatch;
     } else if (dynamic_cast<const GroupedMatmul*>(next) != nullptr) {
@@ -209,51 +219,56 @@ class StageTimer {
     } else if (dynamic_cast<const MoeCombine*>(next) != nullptr) {
       stage = kCombine;
     }
-    if (stage != stage_) {
-      HF_CHECK(stage > stage_,
-               "bench_moe_layer: the layer's stages are not "
-               "in the expected order at ",
-               next->toString());
-      record(stage);
-      stage_ = stage;
+    if (position_ == stages_.size()) {  // the first run names them
+      stages_.push_back(stage);
+      names_.push_back(next->toString());
     }
+    ++position_;
   }
 
-  // Microseconds of each stage in the latest replay (waits for it).
-  std::vector<double> times() const {
-    check(cudaEventSynchronize(events_[kStages]), "cudaEventSynchronize");
-    std::vector<double> us(kStages);
-    for (int stage = 0; stage < kStages; ++stage) {
+  // Microseconds of each top-level expression in the latest replay (waits
+  // for it).
+  std::vector<double> exprTimes() const {
+    HF_CHECK(events_.size() == stages_.size() + 1,
+             "bench_moe_layer: no complete run was observed");
+    check(cudaEventSynchronize(events_.back()), "cudaEventSynchronize");
+    std::vector<double> us;
+    for (size_t i = 0; i + 1 < events_.size(); ++i) {
       float ms = 0;
-      check(cudaEventElapsedTime(&ms, events_[stage], events_[stage + 1]),
+      check(cudaEventElapsedTime(&ms, events_[i], events_[i + 1]),
             "cudaEventElapsedTime");
-      us[stage] = 1000.0 * ms;
+      us.push_back(1000.0 * ms);
     }
     return us;
   }
+  std::vector<double> stageTimes(const std::vector<double>& expr_us) const {
+    std::vector<double> us(kStages, 0.0);
+    for (size_t i = 0; i < expr_us.size(); ++i) {
+      us[stages_[i]] += expr_us[i];
+    }
+    return us;
+  }
+  const std::vector<std::string>& names() const { return names_; }
+  const std::vector<int>& stages() const { return stages_; }
 
  private:
   static void check(cudaError_t status, const char* what) {
     HF_CHECK(status == cudaSuccess, "bench_moe_layer: ", what, ": ",
              cudaGetErrorString(status));
   }
-  // Marks the start of `stage` (kStages: the end of the last one). A stage
-  // that the program lacks starts where the next one does (0 us).
-  void record(int stage) {
-    const cudaStream_t stream = cuda::currentStream(device_);
-    const unsigned flags = cuda::isCapturing(device_) ? cudaEventRecordExternal
-                                                      : cudaEventRecordDefault;
-    for (int s = stage_ + 1; s <= stage; ++s) {
-      check(cudaEventRecordWithFlags(events_[s], stream, flags),
-            "cudaEventRecordWithFlags");
-    }
-  }
 
   int device_;
-  cudaEvent_t events_[kStages + 1] = {};
-  int stage_ = -1;
+  std::vector<cudaEvent_t> events_;  // one per expression, then the end
+  std::vector<int> stages_;          // per expression
+  std::vector<std::string> names_;   // per expression
+  size_t position_ = 0;
   int gemms_ = 0;
 };
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  return values[values.size() / 2];
+}
 
 // What this GPU sustains, measured once: device-to-device copy (bytes read
 // plus written per second) and a large bf16 GEMM.
@@ -398,6 +413,12 @@ int main(int argc, char** argv) {
     std::vector<double> stages;  // us per stage, slowest rank; empty: none
     std::vector<Work> work;      // this rank's
     double received = 0;         // rows this rank received
+    struct Expr {
+      std::string name;
+      int stage = 0;
+      double us = 0;  // this rank's median
+    };
+    std::vector<Expr> exprs;  // with --exprs
   };
   const DeviceRates rates = measureRates(device);
   int replays_per_stage_sample = 0;
@@ -482,18 +503,29 @@ int main(int argc, char** argv) {
         staged.run(inputs);  // eager
         staged.run(inputs);  // capture
         replays_per_stage_sample = 3 * steps;
-        std::vector<std::vector<double>> samples(kStages);
+        std::vector<std::vector<double>> stage_samples(kStages);
+        std::vector<std::vector<double>> expr_samples;
         for (int i = 0; i < replays_per_stage_sample; ++i) {
           staged.run(inputs);
-          const std::vector<double> us = timer.times();
+          const std::vector<double> expr_us = timer.exprTimes();
+          const std::vector<double> stage_us = timer.stageTimes(expr_us);
+          expr_samples.resize(expr_us.size());
+          for (size_t e = 0; e < expr_us.size(); ++e) {
+            expr_samples[e].push_back(expr_us[e]);
+          }
           for (int stage = 0; stage < kStages; ++stage) {
-            samples[stage].push_back(us[stage]);
+            stage_samples[stage].push_back(stage_us[stage]);
           }
         }
         staged.checkStatus();
-        for (std::vector<double>& stage : samples) {
-          std::sort(stage.begin(), stage.end());
-          row.stages.push_back(slowest(comm, stage[stage.size() / 2]));
+        for (const std::vector<double>& stage : stage_samples) {
+          row.stages.push_back(slowest(comm, median(stage)));
+        }
+        if (args.exprs) {
+          for (size_t e = 0; e < expr_samples.size(); ++e) {
+            row.exprs.push_back(
+                {timer.names()[e], timer.stages()[e], median(expr_samples[e])});
+          }
         }
         cuda::synchronize(index);
       }
@@ -576,6 +608,14 @@ int main(int argc, char** argv) {
                   formatRatio(total, total_floor).c_str());
       std::printf("%-26s  %10s\n", "graph replay (table above)",
                   formatTime(row.replay).c_str());
+      if (!row.exprs.empty()) {
+        std::printf("\nT = %lld on rank 0, by top-level expression:\n",
+                    static_cast<long long>(row.tokens));
+        for (const Row::Expr& expr : row.exprs) {
+          std::printf("  %10s  %-26s  %.100s\n", formatTime(expr.us).c_str(),
+                      kStageNames[expr.stage], expr.name.c_str());
+        }
+      }
     }
   }
   comm.shutdown();
