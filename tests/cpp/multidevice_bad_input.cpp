@@ -5,6 +5,8 @@
 // work.
 #include <gtest/gtest.h>
 
+#include <chrono>
+
 #include <hostfuse/host_ir/evaluator.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/multidevice/moe/collective/dispatch_combine.h>
@@ -347,6 +349,57 @@ TEST_P(BadInput, ProgramWithBadExpertIdFailsOnEveryRankAndRunsAgain) {
       {"topk_idx holds expert id -7", badRank()});
   const std::vector<at::Tensor> out = evaluator.run({input, good});
   test::expectClose(out[0].cpu(), input.cpu());
+}
+
+// The last rank's program fails before its MoeDispatch (an ATen error in
+// an op of its own), where its peers wait for it: it tells them, and they
+// raise at once naming it (not at their timeout, 120 s here), and the next
+// run works on every rank.
+TEST_P(BadInput, ALocalErrorBeforeDispatchRaisesOnEveryRankAtOnce) {
+  if (ranks() == 1) {
+    GTEST_SKIP() << "needs two ranks";
+  }
+  auto program = std::make_unique<HostIrContainer>();
+  {
+    FusionGuard guard(program.get());
+    TensorView* x = makeSymbolicTensor(2, DataType::Float, "x");
+    TensorView* shift = makeSymbolicTensor(2, DataType::Float, "shift");
+    TensorView* idx = makeSymbolicTensor(2, DataType::Int64, "topk_idx");
+    program->addInput(x);
+    program->addInput(shift);
+    program->addInput(idx);
+    TensorView* shifted = add(x, shift);
+    const MoeDispatchResult d = moeDispatch(shifted, idx, nullptr, experts());
+    program->addOutput(moeCombine(d.recv_x, d, nullptr, x->extent(0)));
+  }
+  HostIrEvaluator evaluator(std::move(program));
+  const at::Tensor input = x();
+  const at::Tensor zero = at::zeros_like(input);
+  const at::Tensor one_pick = idx().narrow(1, 0, 1).contiguous();
+  const at::Tensor bad_shift =
+      isBadRank() ? at::zeros({kTokens + 1, kHidden}, input.options()) : zero;
+  const auto start = std::chrono::steady_clock::now();
+  if (isBadRank()) {
+    test::expectErrorContains(
+        [&] {
+          evaluator.run({input, bad_shift, one_pick});
+        },
+        {"must match the size of tensor"});
+  } else {
+    test::expectErrorContains(
+        [&] {
+          evaluator.run({input, bad_shift, one_pick});
+        },
+        {badRank() + " failed outside a MoE call, before collective MoE call",
+         "every rank abandons this call"});
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count();
+  EXPECT_LT(seconds, 30.0) << "the peers waited for the failed rank";
+  const std::vector<at::Tensor> out = evaluator.run({input, zero, one_pick});
+  test::expectClose(out[0].cpu(), input.cpu());
+  expectValidCallWorks();
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, BadInput,

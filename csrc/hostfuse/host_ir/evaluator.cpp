@@ -37,14 +37,19 @@ std::vector<at::Tensor> HostIrEvaluator::run(
     const std::vector<c10::IValue>& inputs) {
   values_.clear();
   std::vector<at::Tensor> outputs;
+  const std::vector<Expr*>& exprs = program_->topLevelExprs();
+  size_t next = 0;       // the expression running or next to run
+  bool running = false;  // whether exprs[next] started
   try {
     bindInputs(*program_, inputs, values_);
     checkDevices(inputs);
-    for (Expr* expr : program_->topLevelExprs()) {
+    for (; next < exprs.size(); ++next) {
+      running = true;
       if (observer_) {
-        observer_(expr);
+        observer_(exprs[next]);
       }
-      dispatch(expr);
+      dispatch(exprs[next]);
+      running = false;
     }
     if (observer_) {
       observer_(nullptr);
@@ -54,12 +59,43 @@ std::vector<at::Tensor> HostIrEvaluator::run(
     // A failed run keeps no intermediates alive (they may belong to an
     // aborted CUDA graph capture's memory pool).
     values_.clear();
+    tellPeersOfFailure(next, running);
     throw;
   }
   // Intermediate values are dropped so that their memory goes back to the
   // allocator between runs.
   values_.clear();
   return outputs;
+}
+
+void HostIrEvaluator::tellPeersOfFailure(size_t failed_at,
+                                         bool inside) noexcept {
+  const std::vector<Expr*>& exprs = program_->topLevelExprs();
+  auto backendOf = [](const Expr* expr) -> std::optional<MoeBackend> {
+    if (const auto* d = dynamic_cast<const MoeDispatch*>(expr)) {
+      return d->backend();
+    }
+    if (const auto* c = dynamic_cast<const MoeCombine*>(expr)) {
+      return c->backend();
+    }
+    return std::nullopt;
+  };
+  // A MoE node that failed has told its peers, or they failed with it.
+  if (inside && backendOf(exprs[failed_at]).has_value()) {
+    return;
+  }
+  for (size_t i = inside ? failed_at + 1 : failed_at; i < exprs.size(); ++i) {
+    if (const std::optional<MoeBackend> backend = backendOf(exprs[i])) {
+      try {
+        if (communicator().size() > 1) {
+          moe().publishFailure(*backend, device_);
+        }
+      } catch (...) {
+        // No communicator: no peers to tell.
+      }
+      return;
+    }
+  }
 }
 
 void HostIrEvaluator::checkStatus() {

@@ -84,6 +84,11 @@ class HostIrEvaluator : public ExprVisitor {
   // Decides the device of this run and checks that every tensor input is on
   // it.
   void checkDevices(const std::vector<c10::IValue>& inputs);
+  // The run failed inside top-level expression `failed_at` (`inside`), or
+  // before it started. If that is not a MoE node and a MoE node follows,
+  // the peers will wait for this rank in that node's call: its backend
+  // tells them (MoeEvaluator::publishFailure). Never throws.
+  void tellPeersOfFailure(size_t failed_at, bool inside) noexcept;
   Communicator& communicator() const;
   // Runs the MoE nodes; holds the cuda backend's per-node workspaces across
   // runs. Created on first use.

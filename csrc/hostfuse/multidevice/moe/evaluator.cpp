@@ -70,6 +70,15 @@ void MoeEvaluator::checkStatus() {
   }
 }
 
+void MoeEvaluator::publishFailure(MoeBackend backend,
+                                  const at::Device& device) noexcept {
+  try {
+    runtime(backend).publishFailure(device);
+  } catch (...) {
+    // Creating the runtime failed: the peers find out at their timeout.
+  }
+}
+
 void MoeEvaluator::run(const MoeDispatch& dispatch, ValueMap& values) {
   MoeDispatchArgs args;
   args.site = &dispatch;

@@ -35,6 +35,11 @@ class MoeEvaluator {
   // not run during a capture.
   void checkStatus();
 
+  // This rank's run failed outside a MoE call, and the next MoE node its
+  // peers reach runs on `backend`: its runtime tells them
+  // (MoeRuntime::publishFailure). Never throws.
+  void publishFailure(MoeBackend backend, const at::Device& device) noexcept;
+
  private:
   MoeRuntime& runtime(MoeBackend backend);
 

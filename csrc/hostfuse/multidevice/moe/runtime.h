@@ -80,6 +80,14 @@ class MoeRuntime {
   // synchronization (graph replays). May wait for the device; must not run
   // during a capture. Does nothing for a backend that raises at once.
   virtual void checkStatus() = 0;
+  // This rank failed outside a MoE call (an error of its own in the host
+  // program) and will not make the call that its peers make next with this
+  // backend, on tensors of `device`'s type: tell them, so that they raise
+  // at once naming this rank. Never throws. A backend that cannot does
+  // nothing, and the peers raise at their timeout.
+  virtual void publishFailure(const at::Device& device) noexcept {
+    (void)device;
+  }
 };
 
 }  // namespace hostfuse

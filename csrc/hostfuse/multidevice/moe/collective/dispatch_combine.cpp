@@ -2,10 +2,13 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include <algorithm>
 #include <array>
+#include <exception>
 #include <iterator>
 #include <limits>
 #include <sstream>
@@ -41,9 +44,11 @@ constexpr int64_t kNoDtype = -1;
 // communicator's collective MoE calls: ranks whose calls do not pair up
 // (one calls combine where the others dispatch, or skipped a dispatch) find
 // out from the table, before any payload moves. Both ops' tables have the
-// same width, so such a pair of calls exchanges tables of one size.
+// same width, so such a pair of calls exchanges tables of one size. A rank
+// that failed before a call sends a row whose op is kCallFailed instead
+// (publishCollectiveFailure).
 enum CallWord : int64_t { kOpWord = kHeaderWords, kCallWord, kCallHeaderWords };
-enum CallOp : int64_t { kCallDispatch = 1, kCallCombine = 2 };
+enum CallOp : int64_t { kCallDispatch = 1, kCallCombine = 2, kCallFailed = 3 };
 static_assert(collective::kTableHeaderWords == kCallHeaderWords);
 
 int64_t tableWidth(int64_t world_size) {
@@ -56,11 +61,28 @@ const char* opName(int64_t op) {
                               : "an unknown op";
 }
 
-// Throws, with the same text on every rank, unless every rank makes the
-// same op with the same call number.
+// Throws, with the same text on every rank, if a rank failed before this
+// call (it sent kCallFailed rows), or unless every rank makes the same op
+// with the same call number.
 void checkCallsMatch(const at::Tensor& table) {
   const int64_t width = table.size(1);
   const int64_t* words = table.data_ptr<int64_t>();
+  std::vector<int64_t> failed;
+  for (int64_t r = 0; r < table.size(0); ++r) {
+    if (words[r * width + kOpWord] == kCallFailed) {
+      failed.push_back(r);
+    }
+  }
+  if (!failed.empty()) {
+    const int64_t first = failed.front();
+    HF_THROW(failed.size() == 1 ? "rank " : "ranks ",
+             fmt::format("{}", fmt::join(failed, ", ")), " of ", table.size(0),
+             failed.size() == 1 ? " failed" : " failed each",
+             " outside a MoE call, before collective MoE call #",
+             words[first * width + kCallWord],
+             " of the communicator (an error of its own, raised there); "
+             "every rank abandons this call");
+  }
   for (int64_t r = 1; r < table.size(0); ++r) {
     const int64_t* theirs = words + r * width;
     if (theirs[kOpWord] == words[kOpWord] &&
@@ -119,6 +141,64 @@ at::Tensor exchangeTable(c10d::Backend& backend, at::Tensor send,
   allToAll(backend, recv, send, ones, ones, op);
   return recv;
 }
+
+// Takes part in collective MoE call `call` with kCallFailed rows (see
+// publishCollectiveFailure). Never throws: the error to report is the
+// caller's.
+void exchangeFailure(Communicator& communicator, const at::Device& device,
+                     int64_t call) noexcept {
+  try {
+    const int64_t world_size = communicator.size();
+    if (world_size == 1) {
+      return;
+    }
+    const std::optional<cuda::DeviceScope> on_device =
+        device.is_cuda()
+            ? std::optional<cuda::DeviceScope>(
+                  std::in_place,
+                  device.has_index() ? device.index() : cuda::currentDevice())
+            : std::nullopt;
+    at::Tensor row = at::zeros({kCallHeaderWords + 4 * world_size}, at::kLong);
+    row[kOpWord] = kCallFailed;
+    row[kCallWord] = call;
+    at::Tensor send =
+        row.unsqueeze(0).expand({world_size, -1}).contiguous().to(device);
+    exchangeTable(communicator.backend(device.type()), send,
+                  "the report of this rank's failure")
+        .cpu();
+  } catch (...) {
+    // The peers find out at their timeout instead.
+  }
+}
+
+// Armed from the moment a call has its number until its table exchange:
+// an exception that leaves the scope before then (a host-side failure of
+// this rank alone) is reported to the peers waiting in that exchange.
+class ReportFailureUntilExchange {
+ public:
+  ReportFailureUntilExchange(Communicator& communicator, at::Device device,
+                             int64_t call)
+      : communicator_(communicator),
+        device_(device),
+        call_(call),
+        exceptions_(std::uncaught_exceptions()) {}
+  ~ReportFailureUntilExchange() {
+    if (armed_ && std::uncaught_exceptions() > exceptions_) {
+      exchangeFailure(communicator_, device_, call_);
+    }
+  }
+  ReportFailureUntilExchange(const ReportFailureUntilExchange&) = delete;
+  ReportFailureUntilExchange& operator=(const ReportFailureUntilExchange&) =
+      delete;
+  void exchanging() { armed_ = false; }
+
+ private:
+  Communicator& communicator_;
+  at::Device device_;
+  int64_t call_;
+  int exceptions_;
+  bool armed_ = true;
+};
 
 // The header of a rank-table row: the status words, then E, H, dtype,
 // weights dtype, T, K, the op and the call number.
@@ -327,6 +407,17 @@ at::Tensor combineInOrder(const at::Tensor& rows, const at::Tensor& token,
 
 // ---------------------------------------------------------------------------
 
+void publishCollectiveFailure(Communicator& communicator,
+                              const at::Device& device) noexcept {
+  int64_t call = 0;
+  try {
+    call = communicator.nextCount("moe/collective");
+  } catch (...) {
+    return;
+  }
+  exchangeFailure(communicator, device, call);
+}
+
 MoeDispatchOutput dispatchCollective(
     const at::Tensor& x, const at::Tensor& topk_idx,
     const std::optional<at::Tensor>& topk_weights, int64_t num_experts,
@@ -352,10 +443,12 @@ MoeDispatchOutput dispatchCollective(
   const int64_t hidden = valid ? x.size(1) : -1;
   const int64_t picks = valid ? topk_idx.size(1) : -1;
   const int64_t local_experts = valid ? num_experts / world_size : 1;
-  const TableHeader header = tableHeader(
-      host_status, num_experts, hidden, dtypeCode(x),
-      topk_weights ? dtypeCode(*topk_weights) : kNoDtype, tokens, picks,
-      kCallDispatch, communicator.nextCount("moe/collective"));
+  const int64_t call = communicator.nextCount("moe/collective");
+  ReportFailureUntilExchange report(communicator, device, call);
+  const TableHeader header =
+      tableHeader(host_status, num_experts, hidden, dtypeCode(x),
+                  topk_weights ? dtypeCode(*topk_weights) : kNoDtype, tokens,
+                  picks, kCallDispatch, call);
   // [T * K]: i32 or i64 as given on the GPU, i64 on the CPU.
   const at::Tensor idx =
       valid
@@ -400,6 +493,7 @@ MoeDispatchOutput dispatchCollective(
   }
 
   // 2. Exchange statuses and counts; the one copy to the host.
+  report.exchanging();
   const at::Tensor table_on_device =
       exchangeTable(backend, send_table, "MoeDispatch");
   const at::Tensor table = table_on_device.cpu();
@@ -553,10 +647,12 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   const int64_t hidden = valid ? expert_out.size(1) : -1;
   const int64_t picks =
       valid && topk_weights.has_value() ? topk_weights->size(1) : -1;
-  const TableHeader header = tableHeader(
-      host_status, num_experts, hidden, dtypeCode(expert_out),
-      topk_weights ? dtypeCode(*topk_weights) : kNoDtype, num_tokens, picks,
-      kCallCombine, communicator.nextCount("moe/collective"));
+  const int64_t call = communicator.nextCount("moe/collective");
+  ReportFailureUntilExchange report(communicator, device, call);
+  const TableHeader header =
+      tableHeader(host_status, num_experts, hidden, dtypeCode(expert_out),
+                  topk_weights ? dtypeCode(*topk_weights) : kNoDtype,
+                  num_tokens, picks, kCallCombine, call);
   at::Tensor send_table;  // [R, tableWidth(R)]
   if (gpu) {
     send_table = at::empty({world_size, tableWidth(world_size)}, longs);
@@ -604,6 +700,7 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   }
 
   // 2. Exchange statuses and the layout's counts; the one copy to the host.
+  report.exchanging();
   const at::Tensor table =
       exchangeTable(backend, send_table, "MoeCombine").cpu();
   checkCallsMatch(table);

@@ -68,4 +68,13 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
                              int64_t num_tokens, int64_t num_experts,
                              Communicator& communicator);
 
+// For a rank that failed outside a MoE call while its peers make, or will
+// make, their next collective MoE call of `communicator` (on tensors of
+// `device`'s type): takes part in that call's table exchange with rows that
+// say so, and the peers raise at once, naming this rank, instead of waiting
+// for it until their timeout. Blocks until they are there. Never throws:
+// the caller goes on to raise its own error. Does nothing with one rank.
+void publishCollectiveFailure(Communicator& communicator,
+                              const at::Device& device) noexcept;
+
 }  // namespace hostfuse

@@ -14,6 +14,10 @@ at::Tensor CollectiveMoeRuntime::combine(const MoeCombineArgs& args) {
                            args.num_tokens, args.num_experts, communicator_);
 }
 
+void CollectiveMoeRuntime::publishFailure(const at::Device& device) noexcept {
+  publishCollectiveFailure(communicator_, device);
+}
+
 namespace {
 
 std::unique_ptr<MoeRuntime> createRuntime(Communicator& communicator) {

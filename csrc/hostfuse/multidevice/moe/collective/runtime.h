@@ -17,6 +17,9 @@ class CollectiveMoeRuntime : public MoeRuntime {
   at::Tensor combine(const MoeCombineArgs& args) override;
   // Every error raises during its call: nothing to check later.
   void checkStatus() override {}
+  // The peers' next call raises at its table exchange
+  // (publishCollectiveFailure).
+  void publishFailure(const at::Device& device) noexcept override;
 
  private:
   Communicator& communicator_;
