@@ -199,9 +199,8 @@ class StageTimer {
       events_.push_back(event);
     }
     const cudaStream_t stream = cuda::currentStream(device_);
-    const unsigned flags = cuda::isCapturing(device_)
-                               ? cudaEventRecordExternal
-                               : cudaEventRecordDefault;
+    const unsigned flags = cuda::isCapturing(device_) ? cudaEventRecordExternal
+                                                      : cudaEventRecordDefault;
     check(cudaEventRecordWithFlags(events_[position_], stream, flags),
           "cudaEventRecordWithFlags");
     if (next == nullptr) {
@@ -221,7 +220,11 @@ class StageTimer {
     }
     if (position_ == stages_.size()) {  // the first run names them
       stages_.push_back(stage);
-      names_.push_back(next->toString());
+      std::string name = next->toString();
+      while (!name.empty() && name.back() == '\n') {
+        name.pop_back();
+      }
+      names_.push_back(name);
     }
     ++position_;
   }

@@ -25,6 +25,7 @@
 #include <hostfuse/host_ir/host_ir.h>
 #include <hostfuse/ir/grouped_matmul.h>
 #include <hostfuse/ir/ops.h>
+#include <hostfuse/ir/topk_softmax.h>
 #include <hostfuse/kernel/codegen.h>
 #include <hostfuse/kernel/compile.h>
 #include <hostfuse/multidevice/comm/communicator.h>
@@ -441,9 +442,20 @@ PYBIND11_MODULE(_C, m) {
         py::keep_alive<0, 1>(), ref);
   m.def("matmul", &matmul, py::arg("a").none(false), py::arg("b").none(false),
         py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref);
-  m.def("linear", &linear, py::arg("x").none(false),
-        py::arg("weight").none(false), py::arg("bias") = nullptr,
-        py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref);
+  m.def(
+      "linear",
+      [](TensorView* x, TensorView* weight, TensorView* bias,
+         const py::object& out_dtype) {
+        return linear(x, weight, bias,
+                      out_dtype.is_none()
+                          ? std::nullopt
+                          : std::optional<DataType>(dataTypeOf(out_dtype)));
+      },
+      py::arg("x").none(false), py::arg("weight").none(false),
+      py::arg("bias") = nullptr, py::arg("out_dtype") = py::none(),
+      py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref,
+      "x @ weight.T (+ bias); out_dtype=torch.float32 with bf16 or f16 "
+      "operands sums and returns the products in fp32.");
   m.def(
       "topk",
       [](const py::object& x, int64_t k) {
@@ -454,6 +466,19 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("k"),
       "(values, indices) of the k largest entries along the last dim.");
+  m.def(
+      "topk_softmax",
+      [](const py::object& logits, int64_t k, bool renormalize) {
+        HF_CHECK(!logits.is_none(), "topk_softmax: logits is None");
+        const TopKSoftmaxResult r =
+            topkSoftmax(logits.cast<TensorView*>(), k, renormalize);
+        const py::list both = valuesOf({r.weights, r.indices}, logits);
+        return py::make_tuple(both[0], both[1]);
+      },
+      py::arg("logits"), py::arg("k"), py::arg("renormalize") = true,
+      "(weights, indices): the k largest of softmax(logits) along the last "
+      "dim (f32 logits [T, E]), renormalized to sum to 1 unless "
+      "renormalize=False; one kernel on GPUs.");
   m.def("grouped_matmul", &groupedMatmul, py::arg("x").none(false),
         py::arg("weights").none(false), py::arg("counts").none(false),
         py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref);

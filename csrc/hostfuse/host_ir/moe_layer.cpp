@@ -3,6 +3,7 @@
 #include <hostfuse/host_ir/host_ir.h>
 #include <hostfuse/ir/grouped_matmul.h>
 #include <hostfuse/ir/ops.h>
+#include <hostfuse/ir/topk_softmax.h>
 
 namespace hostfuse {
 
@@ -58,15 +59,16 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
   }
 
   // Router in fp32 (as large models do): the top K experts of a token do
-  // not hinge on bf16 rounding of its logits.
-  TensorView* scores = softmax(
-      linear(toDtype(x, DataType::Float), toDtype(router_w, DataType::Float)),
-      -1);
-  const TopKResult top = topk(scores, config.topk);
-  TensorView* weights =
-      config.renormalize
-          ? div(top.values, sum(top.values, -1, /*keep_dim=*/true))
-          : top.values;
+  // not hinge on bf16 rounding of its logits. The logits sum x's products
+  // with router_w's in fp32 (exact products of the bf16 values, as if both
+  // were cast first); softmax, top-k and the renormalization are one op.
+  TensorView* logits = dtype == DataType::BFloat16 || dtype == DataType::Half
+                           ? linear(x, router_w, nullptr, DataType::Float)
+                           : linear(toDtype(x, DataType::Float),
+                                    toDtype(router_w, DataType::Float));
+  const TopKSoftmaxResult top =
+      topkSoftmax(logits, config.topk, config.renormalize);
+  TensorView* weights = top.weights;
 
   // Experts on this rank's expert-major rows.
   const MoeDispatchResult d =

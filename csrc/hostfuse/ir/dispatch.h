@@ -26,6 +26,7 @@ class Expr;
   X(MatmulOp)                \
   X(LinearOp)                \
   X(TopKOp)                  \
+  X(TopKSoftmax)             \
   X(GroupedMatmul)
 
 // Expressions of csrc/hostfuse/host_ir: nodes that only make sense in a host

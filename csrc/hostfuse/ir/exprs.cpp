@@ -616,7 +616,13 @@ void LinearOp::validate() const {
              "linear: bias ", bias()->describe(), " has size ", *out_b,
              " but weight has out_features ", *out_w);
   }
-  checkOutputMatches(this, x()->dtype(), x()->rank());
+  checkOutputMatches(
+      this, accumulatesToFloat() ? DataType::Float : x()->dtype(), x()->rank());
+}
+
+bool LinearOp::accumulatesToFloat() const {
+  return out()->dtype() == DataType::Float &&
+         (x()->dtype() == DataType::BFloat16 || x()->dtype() == DataType::Half);
 }
 
 std::vector<c10::IValue> LinearOp::evaluate(
@@ -625,7 +631,23 @@ std::vector<c10::IValue> LinearOp::evaluate(
   if (inputs.size() > 2) {
     bias = inputs[2].toTensor();
   }
-  return {at::linear(inputs.at(0).toTensor(), inputs.at(1).toTensor(), bias)};
+  const at::Tensor x = inputs.at(0).toTensor();
+  const at::Tensor weight = inputs.at(1).toTensor();
+  if (!accumulatesToFloat()) {
+    return {at::linear(x, weight, bias)};
+  }
+  // Products of bf16 or f16 values are exact in fp32: both paths sum them
+  // in fp32 (in their own order) and round nothing before the output.
+  if (x.is_cuda() && !bias.has_value()) {
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = weight.size(0);
+    return {at::mm(x.reshape({-1, x.size(-1)}), weight.t(), at::kFloat)
+                .view(sizes)};
+  }
+  return {at::linear(x.to(at::kFloat), weight.to(at::kFloat),
+                     bias.has_value()
+                         ? std::optional<at::Tensor>(bias->to(at::kFloat))
+                         : std::nullopt)};
 }
 
 TopKOp::TopKOp(TensorView* values, TensorView* indices, TensorView* x,

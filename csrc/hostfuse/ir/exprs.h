@@ -218,6 +218,11 @@ class LinearOp : public Expr {
     return inputs().size() > 2 ? input(2)->as<TensorView>() : nullptr;
   }
 
+  // Whether x is bf16 or f16 and out is f32: the products are summed in
+  // fp32 and returned in fp32 (a router's logits), with no rounding to x's
+  // dtype in between.
+  bool accumulatesToFloat() const;
+
   std::string toInlineString() const override;
   void validate() const override;
   std::vector<c10::IValue> evaluate(

@@ -3,8 +3,10 @@
 #include <ATen/ATen.h>
 
 #include <hostfuse/ir/container.h>
+#include <hostfuse/ir/kernels/group_ends.h>
 #include <hostfuse/ir/operand_checks.h>
 #include <hostfuse/ir/ops.h>
+#include <hostfuse/utils/cuda_utils.h>
 #include <hostfuse/utils/torch_cuda.h>
 
 namespace hostfuse {
@@ -86,8 +88,14 @@ at::Tensor groupedMatmulOnDevice(const at::Tensor& x, const at::Tensor& weights,
   }
   // Group ends on the device, made monotone and cut at x's rows so that no
   // count can make the kernel read or write past x or out.
-  const at::Tensor ends =
-      counts.clamp_min(0).cumsum(0).clamp_max(rows).to(at::kInt);
+  const at::Tensor long_counts = counts.to(at::kLong).contiguous();
+  at::Tensor ends =
+      at::empty({long_counts.size(0)}, long_counts.options().dtype(at::kInt));
+  const int device = x.device().index();
+  const cuda::DeviceScope scope(device);
+  HF_CUDA_CHECK(kernels::launchGroupEnds(
+      long_counts.const_data_ptr<int64_t>(), long_counts.size(0), rows,
+      ends.mutable_data_ptr<int32_t>(), cuda::currentStream(device)));
   return at::_grouped_mm(aligned(x), aligned(weights), ends);
 }
 

@@ -204,7 +204,8 @@ TensorView* matmul(TensorView* a, TensorView* b) {
   return out;
 }
 
-TensorView* linear(TensorView* x, TensorView* weight, TensorView* bias) {
+TensorView* linear(TensorView* x, TensorView* weight, TensorView* bias,
+                   std::optional<DataType> out_dtype) {
   HF_CHECK(x != nullptr && weight != nullptr, "linear: an operand is null");
   HF_CHECK(x->rank() >= 1, "linear: input x ", x->describe(),
            " must have rank >= 1");
@@ -213,7 +214,14 @@ TensorView* linear(TensorView* x, TensorView* weight, TensorView* bias) {
            weight->rank());
   std::vector<Scalar*> extents(x->extents().begin(), x->extents().end() - 1);
   extents.push_back(weight->extent(0));
-  TensorView* out = newTensor(x->dtype(), std::move(extents));
+  HF_CHECK(
+      !out_dtype.has_value() || *out_dtype == x->dtype() ||
+          (*out_dtype == DataType::Float &&
+           (x->dtype() == DataType::BFloat16 || x->dtype() == DataType::Half)),
+      "linear: out_dtype ", *out_dtype, " with operands of ", x->dtype(),
+      "; it may be x's dtype, or f32 for bf16 or f16 operands");
+  TensorView* out =
+      newTensor(out_dtype.value_or(x->dtype()), std::move(extents));
   IrBuilder::create<LinearOp>(out, x, weight, bias);
   return out;
 }

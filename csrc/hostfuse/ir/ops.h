@@ -13,6 +13,7 @@
 // the one that does not fit.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -102,8 +103,12 @@ TensorView* max(TensorView* x, int64_t dim, bool keep_dim = false);
 
 TensorView* matmul(TensorView* a, TensorView* b);
 // x [..., in] times weight [out, in] transposed, plus bias [out] if given.
+// The output has x's dtype, or `out_dtype`: f32 for bf16 or f16 operands
+// sums the products in fp32 and returns them unrounded (see
+// LinearOp::accumulatesToFloat); other combinations fail validation.
 TensorView* linear(TensorView* x, TensorView* weight,
-                   TensorView* bias = nullptr);
+                   TensorView* bias = nullptr,
+                   std::optional<DataType> out_dtype = std::nullopt);
 
 // The k largest entries of x along its last dim, largest first, and their
 // indices (i64): at::topk(x, k, -1).
