@@ -226,6 +226,11 @@ class PyMoeRuntime {
     py::gil_scoped_release release;
     runtime_->checkStatus();
   }
+
+  void publishFailure(const at::Device& device) {
+    py::gil_scoped_release release;
+    runtime_->publishFailure(device);
+  }
   int64_t rank() const { return communicator_->rank(); }
   int64_t size() const { return communicator_->size(); }
   std::string backend() const { return toString(backend_); }
@@ -577,6 +582,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("expert_out"), py::arg("layout"), py::arg("topk_weights"),
            py::arg("num_tokens"), py::arg("num_experts"))
       .def("check_status", &PyMoeRuntime::checkStatus)
+      .def("publish_failure", &PyMoeRuntime::publishFailure, py::arg("device"))
       .def_property_readonly("rank", &PyMoeRuntime::rank)
       .def_property_readonly("size", &PyMoeRuntime::size)
       .def_property_readonly("backend", &PyMoeRuntime::backend);

@@ -178,6 +178,20 @@ def combine(expert_out, handle, topk_weights=None):
     )
 
 
+def report_failure(device, backend="collective", group=None):
+    """Tells the peers that this rank failed in code of its own and will not
+    make the MoE call they make next: call it where the error is caught,
+    before re-raising it. Their call (dispatch or combine on ``backend``
+    over ``group``, with tensors on ``device``'s type) then raises at once,
+    naming this rank, instead of waiting for it until the timeout. Blocks
+    until the peers are in that call; never raises. The collective backend
+    only: with backend='cuda' it does nothing (the peers time out).
+    HostIrEvaluator.run does this itself for its programs."""
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    _runtime(backend, _default_group(group)).publish_failure(device)
+
+
 def check_status(backend="cuda", group=None):
     """Raises the first error the cuda backend recorded on the device during
     graph replays (eager calls raise at once). Waits for the device."""

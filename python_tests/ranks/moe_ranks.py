@@ -14,6 +14,7 @@ with new routing, bit-identical to the collective backend every time.
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -107,6 +108,30 @@ def moe_case(check, name, group, members, backend, device, seed):
     return x, idx, w, out
 
 
+def failure_case(check, device):
+    """The last rank fails in code of its own before a dispatch and reports
+    it: the peers' dispatch raises at once naming it, then calls pair up."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world < 2:
+        return
+    x, idx, w = inputs(4, LOCAL * world, 2, 90 + rank, device)
+    start = time.monotonic()
+    if rank == world - 1:
+        try:
+            raise ValueError("a bug of this rank's own")
+        except ValueError:
+            moe.report_failure(device)
+    else:
+        try:
+            moe.dispatch(x, idx, w, num_experts=LOCAL * world)
+            check(False, "a failed peer: dispatch raised")
+        except hf.Error as error:
+            check(f"rank {world - 1} of {world} failed outside a MoE call" in str(error),
+                  f"a failed peer: the error names it ({error})")
+    check(time.monotonic() - start < 30, "a failed peer: no wait for the timeout")
+    moe_case(check, "after a failed peer", None, list(range(world)), "collective", device, 4)
+
+
 def program_case(check, group, members, device):
     rank = dist.get_rank()
     me = members.index(rank)
@@ -193,6 +218,7 @@ def main():
         moe_case(check, f"{backend} over group {halves[mine]}", groups[mine],
                  halves[mine], backend, device, 2)
     program_case(check, groups[mine], halves[mine], device)
+    failure_case(check, device)
     if args.replays:
         graph_case(check, device, args.replays)
 
