@@ -28,7 +28,8 @@
 // stage's time, the slowest rank's, next to the stage's floor: the largest
 // of its HBM bytes / the device-to-device copy rate, its FLOPs / the bf16
 // GEMM rate (both measured in the same run, on this GPU) and its off-rank
-// bytes / --link-gbps. Rows are this rank's real ones (from the routing).
+// bytes / --link-gbps. Rows are this rank's real ones (from the routing);
+// stageWork says which bytes count.
 // Without one GPU per rank it says so and exits 0. --help lists the flags.
 #include <ATen/ATen.h>
 #include <cuda_runtime_api.h>
@@ -330,25 +331,27 @@ struct Work {
   }
 };
 
-// The bytes and FLOPs of each stage on this rank, from its rows: `sent`
-// rows leave it (one per pick), `received` arrive, `off_rank` of each cross
-// a link (the larger of sent and received off-rank rows).
+// The bytes and FLOPs of each stage on this rank, from its rows:
+// `received` rows arrive (one per pick), `off_rank` rows cross a link (the
+// larger of the off-rank rows sent and received). The least any
+// implementation must move: every input read once from memory, every
+// output written once (a token's row read once for all its picks).
 std::vector<Work> stageWork(const MoeLayerConfig& c, int64_t tokens,
-                            double sent, double received, double off_rank) {
+                            double received, double off_rank) {
   const double H = c.hidden, I = c.intermediate, L = c.local_experts;
   const double E = c.num_experts, T = tokens, bf16 = 2;
   std::vector<Work> work(kStages);
-  // x read, the router's weights read, [T, E] scores; fp32 linear.
+  // x and the router's weights read; fp32 sums of bf16 products.
   work[kRouter] = {T * H * bf16 + E * H * bf16, 2 * T * H * E, 0};
-  // Rows read where they leave and written where they arrive.
-  work[kDispatch] = {(sent + received) * H * bf16, 0, off_rank * H * bf16};
+  // The tokens' rows read, the received rows written.
+  work[kDispatch] = {(T + received) * H * bf16, 0, off_rank * H * bf16};
   work[kGemm1] = {(L * H * 2 * I + received * (H + 2 * I)) * bf16,
                   2 * received * H * 2 * I, 0};
   work[kFusion] = {received * 3 * I * bf16, 0, 0};
   work[kGemm2] = {(L * I * H + received * (I + H)) * bf16, 2 * received * I * H,
                   0};
-  // Expert rows read and written back, the token rows written.
-  work[kCombine] = {(received + sent + T) * H * bf16, 0, off_rank * H * bf16};
+  // The expert rows read, the token rows written.
+  work[kCombine] = {(received + T) * H * bf16, 0, off_rank * H * bf16};
   return work;
 }
 
@@ -465,7 +468,7 @@ int main(int argc, char** argv) {
         const double self = all[rank][rank].item<double>();
         const double sent = all[rank].sum().item<double>();
         row.received = all.select(1, rank).sum().item<double>();
-        row.work = stageWork(config, tokens, sent, row.received,
+        row.work = stageWork(config, tokens, row.received,
                              std::max(sent, row.received) - self);
       }
       row.collective = timeSteps(comm, index, steps, args.blocks,
@@ -583,7 +586,11 @@ int main(int argc, char** argv) {
         "\nGraph replay by stage: median of %d replays, slowest rank. "
         "floor = the longest of HBM bytes / %.0f GB/s (device copy, read + "
         "write), FLOPs / %.0f TFLOPS (bf16 GEMM 8192^3), both measured here "
-        "on rank 0's GPU, and off-rank bytes / %lld GB/s (--link-gbps)\n",
+        "on rank 0's GPU, and off-rank bytes / %lld GB/s (--link-gbps). "
+        "These are rates of a copy and a GEMM, not the hardware's peaks: a "
+        "stage can beat its floor a little (rows in L2, a GEMM faster than "
+        "the 8192^3 one). Stage times include ~1-2 us per expression for "
+        "the event nodes; their sum exceeds the replay's time by that\n",
         replays_per_stage_sample, rates.copy_gbps, rates.gemm_tflops,
         static_cast<long long>(args.link_gbps));
     for (const Row& row : rows) {
