@@ -316,8 +316,8 @@ TEST_P(BadInput, CombineWithoutWeightsRefusesAPickBeyondTheExperts) {
   }
   test::expectErrorContains(
       [&] {
-        combineCollective(out.recv_x, layout, std::nullopt, kTokens,
-                          experts(), communicator());
+        combineCollective(out.recv_x, layout, std::nullopt, kTokens, experts(),
+                          communicator());
       },
       {"recv_src_k on rank " + std::to_string(ranks() - 1) +
            " names pick 1000000",
