@@ -199,9 +199,8 @@ class StageTimer {
       events_.push_back(event);
     }
     const cudaStream_t stream = cuda::currentStream(device_);
-    const unsigned flags = cuda::isCapturing(device_)
-                               ? cudaEventRecordExternal
-                               : cudaEventRecordDefault;
+    const unsigned flags = cuda::isCapturing(device_) ? cudaEventRecordExternal
+                                                      : cudaEventRecordDefault;
     check(cudaEventRecordWithFlags(events_[position_], stream, flags),
           "cudaEventRecordWithFlags");
     if (next == nullptr) {
