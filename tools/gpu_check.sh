@@ -34,20 +34,23 @@ summary+=("torch: $(hostfuse_torch_version_of "$HOSTFUSE_PYTHON") from $HOSTFUSE
 
 hostfuse_log "running ctest (log: $log_dir/ctest.log)"
 start=$SECONDS
-# The JUnit file keeps the output of passing tests too, so the summary can
-# show what ran inside the multi-rank tests.
+# The JUnit file keeps the end of the output of passing tests too, so the
+# summary can show what ran inside them (tools/test_totals.py, as in
+# tools/test.sh).
 (cd "$HOSTFUSE_BUILD_DIR" &&
   ctest --output-on-failure --timeout 600 -j "$(nproc)" \
-    --test-output-size-passed 1000000 --output-junit "$log_dir/ctest.xml" \
-    "$@") >"$log_dir/ctest.log" 2>&1
+    --test-output-size-passed 1000000 --test-output-truncation middle \
+    --output-junit "$log_dir/ctest.xml" "$@") >"$log_dir/ctest.log" 2>&1
 ctest_status=$?
 tail -n 40 "$log_dir/ctest.log"
 summary+=("ctest: $(grep -E 'tests passed|tests failed' "$log_dir/ctest.log" | tail -1) ($((SECONDS - start)) s)")
 skipped="$(grep -c -- '\*\*\*Skipped' "$log_dir/ctest.log")"
 summary+=("ctest skipped: $skipped ($(grep -- '\*\*\*Skipped' "$log_dir/ctest.log" | sed 's/.*Test *#[0-9]*: //; s/ \..*//' | tr '\n' ' '))")
-for ranks_test in $(grep -o 'multidevice_np[0-9]*' "$log_dir/ctest.log" | sort -u); do
-  summary+=("$ranks_test rank 0: $(grep -A400000 "name=\"$ranks_test\"" "$log_dir/ctest.xml" | grep -m2 -E '\[default0\]:\[  (PASSED|SKIPPED) +\] [0-9]+ tests?[,.]' | sed 's/.*\]:\[/[/' | tr '\n' ' ')")
-done
+# Every rank's gtest counts of each multi-rank test, then the totals.
+while IFS= read -r line; do
+  summary+=("$line")
+done < <("$HOSTFUSE_PYTHON" "$HOSTFUSE_ROOT/tools/test_totals.py" --per-test \
+  --ctest "$log_dir/ctest.xml" --ctest-status "$ctest_status")
 [ "$ctest_status" -eq 0 ] || failed=1
 
 # The cuda MoE backend's own multi-process tests, one rank per GPU (ctest
