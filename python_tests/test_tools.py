@@ -1,5 +1,8 @@
 """The scripts in tools/ that the tests themselves rely on.
 
+tools/launch.sh, which bounds every multi-rank test's run: its timeout must
+be a number of seconds in [0.001, 86400] like the library's.
+
 tools/test_totals.py, on the JUnit files in samples/: ctest_junit.xml holds
 one gtest case passed, one skipped and one failed (one ctest test each), a
 2-rank test that ctest calls passed although 3 of its 5 cases skipped on
@@ -8,11 +11,13 @@ cases that passed and one whose executable was missing (ctest's JUnit marks
 it "notrun" like a skip; ctest counts it failed). pytest_junit.xml holds 3
 passed, a failure, a setup error, a skip and an xfail."""
 
+import os
 import subprocess
 import sys
 
 from conftest import REPO
 
+LAUNCH = REPO / "tools" / "launch.sh"
 TOTALS = REPO / "tools" / "test_totals.py"
 SAMPLES = REPO / "python_tests" / "samples"
 CTEST = SAMPLES / "ctest_junit.xml"
@@ -103,3 +108,24 @@ def test_a_rank_that_failed_after_its_cases_passed_is_a_failure(tmp_path):
     assert "multidevice_np2 (outside its gtest cases)" in lines[-2]
     assert lines[-1].startswith("hostfuse tests: 6 passed, 3 failed, 9 skipped")
     assert "1 failed outside their gtest cases" in lines[-1]
+
+
+def launch(timeout):
+    # HOSTFUSE_TORCHRUN=true: no ranks start; only the timeout is at stake.
+    env = dict(os.environ, HOSTFUSE_TORCHRUN="true",
+               HOSTFUSE_LAUNCH_TIMEOUT=timeout)
+    return subprocess.run([str(LAUNCH), "1", "true"], capture_output=True,
+                          text=True, env=env)
+
+
+def test_launch_refuses_a_timeout_that_is_not_a_positive_number_of_seconds():
+    # 0 would make `timeout` wait forever, inf too.
+    for bad in ["0", "-5", "inf", "1e3", "86401", "0.0001", "ten"]:
+        done = launch(bad)
+        assert done.returncode == 2, bad
+        assert (f"HOSTFUSE_LAUNCH_TIMEOUT={bad} is not a timeout: it must be "
+                "a number of seconds in [0.001, 86400]") in done.stderr
+    for good in ["0.5", "600", "86400"]:
+        done = launch(good)
+        assert done.returncode == 0, done.stderr
+        assert "passed on all 1 ranks" in done.stdout

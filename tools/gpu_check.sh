@@ -8,7 +8,8 @@
 #   tools/gpu_check.sh [--bench] [extra ctest arguments]
 #
 # Logs go to $HOSTFUSE_LOG_DIR (default build/logs; $OUT/logs when $OUT is
-# set, as on the device machines).
+# set, as on the device machines). HOSTFUSE_CUDA_MOE_TIMEOUT (seconds,
+# default 900, in [0.001, 86400]) bounds the test_cuda_moe run.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 hostfuse_help_if_asked "$@"
@@ -18,6 +19,8 @@ if [ "${1:-}" = "--bench" ]; then
   bench=1
   shift
 fi
+# Seconds the cuda backend's multi-process tests may take.
+cuda_moe_timeout=$(hostfuse_timeout HOSTFUSE_CUDA_MOE_TIMEOUT 900) || exit 2
 log_dir="${HOSTFUSE_LOG_DIR:-${OUT:+$OUT/logs}}"
 log_dir="${log_dir:-$HOSTFUSE_BUILD_DIR/logs}"
 mkdir -p "$log_dir"
@@ -59,7 +62,7 @@ if [ "$gpus" -gt 0 ]; then
   hostfuse_log "running test_cuda_moe on $gpus ranks (log: $log_dir/test_cuda_moe.log)"
   start=$SECONDS
   HOSTFUSE_NO_BUILD=1 HOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
-    timeout --kill-after=15 "${HOSTFUSE_CUDA_MOE_TIMEOUT:-900}" \
+    timeout --kill-after=15 "$cuda_moe_timeout" \
     "$HOSTFUSE_ROOT/tools/run_cuda_moe_tests.sh" "$gpus" \
     >"$log_dir/test_cuda_moe.log" 2>&1
   status=$?
