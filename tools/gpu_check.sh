@@ -8,7 +8,8 @@
 #   tools/gpu_check.sh [--bench] [extra ctest arguments]
 #
 # Logs go to $HOSTFUSE_LOG_DIR (default build/logs; $OUT/logs when $OUT is
-# set, as on the device machines).
+# set, as on the device machines). HOSTFUSE_CUDA_MOE_TIMEOUT (seconds,
+# default 900, in [0.001, 86400]) bounds the test_cuda_moe run.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 hostfuse_help_if_asked "$@"
@@ -18,6 +19,8 @@ if [ "${1:-}" = "--bench" ]; then
   bench=1
   shift
 fi
+# Seconds the cuda backend's multi-process tests may take.
+cuda_moe_timeout=$(hostfuse_timeout HOSTFUSE_CUDA_MOE_TIMEOUT 900) || exit 2
 log_dir="${HOSTFUSE_LOG_DIR:-${OUT:+$OUT/logs}}"
 log_dir="${log_dir:-$HOSTFUSE_BUILD_DIR/logs}"
 mkdir -p "$log_dir"
@@ -34,20 +37,23 @@ summary+=("torch: $(hostfuse_torch_version_of "$HOSTFUSE_PYTHON") from $HOSTFUSE
 
 hostfuse_log "running ctest (log: $log_dir/ctest.log)"
 start=$SECONDS
-# The JUnit file keeps the output of passing tests too, so the summary can
-# show what ran inside the multi-rank tests.
+# The JUnit file keeps the end of the output of passing tests too, so the
+# summary can show what ran inside them (tools/test_totals.py, as in
+# tools/test.sh).
 (cd "$HOSTFUSE_BUILD_DIR" &&
   ctest --output-on-failure --timeout 600 -j "$(nproc)" \
-    --test-output-size-passed 1000000 --output-junit "$log_dir/ctest.xml" \
-    "$@") >"$log_dir/ctest.log" 2>&1
+    --test-output-size-passed 1000000 --test-output-truncation middle \
+    --output-junit "$log_dir/ctest.xml" "$@") >"$log_dir/ctest.log" 2>&1
 ctest_status=$?
 tail -n 40 "$log_dir/ctest.log"
 summary+=("ctest: $(grep -E 'tests passed|tests failed' "$log_dir/ctest.log" | tail -1) ($((SECONDS - start)) s)")
 skipped="$(grep -c -- '\*\*\*Skipped' "$log_dir/ctest.log")"
 summary+=("ctest skipped: $skipped ($(grep -- '\*\*\*Skipped' "$log_dir/ctest.log" | sed 's/.*Test *#[0-9]*: //; s/ \..*//' | tr '\n' ' '))")
-for ranks_test in $(grep -o 'multidevice_np[0-9]*' "$log_dir/ctest.log" | sort -u); do
-  summary+=("$ranks_test rank 0: $(grep -A400000 "name=\"$ranks_test\"" "$log_dir/ctest.xml" | grep -m2 -E '\[default0\]:\[  (PASSED|SKIPPED) +\] [0-9]+ tests?[,.]' | sed 's/.*\]:\[/[/' | tr '\n' ' ')")
-done
+# Every rank's gtest counts of each multi-rank test, then the totals.
+while IFS= read -r line; do
+  summary+=("$line")
+done < <("$HOSTFUSE_PYTHON" "$HOSTFUSE_ROOT/tools/test_totals.py" --per-test \
+  --ctest "$log_dir/ctest.xml" --ctest-status "$ctest_status")
 [ "$ctest_status" -eq 0 ] || failed=1
 
 # The cuda MoE backend's own multi-process tests, one rank per GPU (ctest
@@ -56,7 +62,7 @@ if [ "$gpus" -gt 0 ]; then
   hostfuse_log "running test_cuda_moe on $gpus ranks (log: $log_dir/test_cuda_moe.log)"
   start=$SECONDS
   HOSTFUSE_NO_BUILD=1 HOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
-    timeout --kill-after=15 "${HOSTFUSE_CUDA_MOE_TIMEOUT:-900}" \
+    timeout --kill-after=15 "$cuda_moe_timeout" \
     "$HOSTFUSE_ROOT/tools/run_cuda_moe_tests.sh" "$gpus" \
     >"$log_dir/test_cuda_moe.log" 2>&1
   status=$?

@@ -7,8 +7,10 @@
 # Every rank's output is prefixed with "[default<rank>]:". The run fails if
 # any rank fails (torchrun then stops the others) or if it does not finish
 # within HOSTFUSE_LAUNCH_TIMEOUT seconds (default 600), so a hung rank fails
-# a test instead of hanging CI. torchrun's --standalone rendezvous picks a
-# free port for each run, so runs in parallel do not collide.
+# a test instead of hanging CI; a value that is not a number of seconds in
+# [0.001, 86400] (0 would disable the bound) exits 2 before anything runs.
+# torchrun's --standalone rendezvous picks a free port for each run, so runs
+# in parallel do not collide.
 #
 # Which torchrun: HOSTFUSE_TORCHRUN (a command), else `python -m
 # torch.distributed.run` of the torch that tools/setup.sh finds
@@ -21,7 +23,8 @@ set -uo pipefail
 usage() {
   echo "usage: $0 N PROGRAM [ARGS...]"
   echo "  runs PROGRAM as N ranks on this host with torchrun (N >= 1);"
-  echo "  HOSTFUSE_LAUNCH_TIMEOUT (seconds, default 600) bounds the run."
+  echo "  HOSTFUSE_LAUNCH_TIMEOUT (seconds, default 600, at most 86400) bounds"
+  echo "  the run."
 }
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
   usage
@@ -34,10 +37,12 @@ fi
 ranks=$1
 shift
 
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+limit=$(hostfuse_timeout HOSTFUSE_LAUNCH_TIMEOUT 600) || exit 2
+
 if [[ -n ${HOSTFUSE_TORCHRUN:-} ]]; then
   read -r -a torchrun <<<"$HOSTFUSE_TORCHRUN"
-elif source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" &&
-  hostfuse_find_installed_torch; then
+elif hostfuse_find_installed_torch; then
   torchrun=("$HOSTFUSE_PYTHON" -m torch.distributed.run)
 elif command -v torchrun >/dev/null; then
   torchrun=(torchrun)
@@ -47,7 +52,6 @@ else
   exit 2
 fi
 
-limit=${HOSTFUSE_LAUNCH_TIMEOUT:-600}
 log_dir=$(mktemp -d "${TMPDIR:-/tmp}/hostfuse_launch.XXXXXX")
 trap 'rm -rf "$log_dir"' EXIT
 

@@ -48,6 +48,22 @@ hostfuse_die() {
   exit 1
 }
 
+# Prints the timeout in variable $1 (seconds), or the default $2 when it is
+# unset or empty. A value that is not a number of seconds in [0.001, 86400],
+# the range of the library's timeouts (docs/options.md), is refused with an
+# error naming the variable and the value, and the function returns 1: a
+# timeout of 0 would disable the bound, inf would never fire.
+hostfuse_timeout() {
+  local value="${!1:-$2}"
+  if [[ ! $value =~ ^[0-9]+([.][0-9]+)?$ ]] ||
+    ! awk -v v="$value" 'BEGIN { exit !(v >= 0.001 && v <= 86400) }'; then
+    hostfuse_log "error: $1=$value is not a timeout: it must be a number" \
+      "of seconds in [0.001, 86400]"
+    return 1
+  fi
+  echo "$value"
+}
+
 # Installs Debian packages, as root or through sudo.
 hostfuse_apt_install() {
   command -v apt-get >/dev/null ||

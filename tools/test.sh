@@ -6,24 +6,60 @@
 #
 #   tools/test.sh [extra ctest arguments, e.g. -R Validation]
 #
+# The last line it prints, whatever happened, is the totals over both
+# (tools/test_totals.py): tests passed, failed and skipped, where a ctest
+# test that runs GoogleTest cases counts as its cases (every rank's, for the
+# multi-rank ones), so cases skipped inside a binary show as skipped. The
+# JUnit files they are read from are in $HOSTFUSE_BUILD_DIR/test-results.
+# The exit status is nonzero when anything failed.
+#
 # HOSTFUSE_SKIP_PYTHON=1 runs ctest only; HOSTFUSE_SKIP_CTEST=1 the Python
 # part only.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 hostfuse_help_if_asked "$@"
 
+results="$HOSTFUSE_BUILD_DIR/test-results"
+mkdir -p "$results"
+# Results of an earlier run must not be counted as this one's.
+rm -f "$results/ctest.xml" "$results/pytest.xml"
+totals_args=()
+
+# On any exit (a failed build or test included): the totals line, last.
+# The script's own status only ever turns a success into a failure.
+print_totals() {
+  local status=$?
+  trap - EXIT
+  "${HOSTFUSE_PYTHON:-python3}" "$HOSTFUSE_ROOT/tools/test_totals.py" \
+    "${totals_args[@]}" || [ "$status" -ne 0 ] || status=1
+  exit "$status"
+}
+trap print_totals EXIT
+
 if [ "${HOSTFUSE_SKIP_CTEST:-0}" != 1 ]; then
+  totals_args+=(--ctest "$results/ctest.xml")
   hostfuse_build
   hostfuse_log "running ctest"
-  # A filter that matches no test is an error, not a green run.
+  # A filter that matches no test is an error, not a green run. The JUnit
+  # file keeps the end of every test's output (gtest's counts are there).
+  status=0
   (cd "$HOSTFUSE_BUILD_DIR" &&
     ctest --output-on-failure --timeout 600 --no-tests=error \
-      -j "${HOSTFUSE_JOBS:-$(nproc)}" "$@")
+      --output-junit "$results/ctest.xml" --test-output-size-passed 1000000 \
+      --test-output-truncation middle -j "${HOSTFUSE_JOBS:-$(nproc)}" "$@") ||
+    status=$?
+  totals_args+=(--ctest-status "$status")
+  [ "$status" -eq 0 ] || exit "$status"
 fi
 if [ "${HOSTFUSE_SKIP_PYTHON:-0}" != 1 ]; then
   [ "${HOSTFUSE_SKIP_CTEST:-0}" != 1 ] || hostfuse_find_torch
+  totals_args+=(--pytest "$results/pytest.xml")
   hostfuse_python_install
   hostfuse_log "running pytest over python_tests"
+  status=0
   (cd "$HOSTFUSE_ROOT" &&
-    "$HOSTFUSE_PYTHON" -m pytest python_tests -p no:cacheprovider -rs -q)
+    "$HOSTFUSE_PYTHON" -m pytest python_tests -p no:cacheprovider -rs -q \
+      --junitxml="$results/pytest.xml") || status=$?
+  totals_args+=(--pytest-status "$status")
+  [ "$status" -eq 0 ] || exit "$status"
 fi

@@ -131,8 +131,9 @@ def dispatch(
 ):
     """Sends every token's row to the ranks of its top-k experts.
 
-    x [T, H] floating; topk_idx [T, K] int64 or int32 (-1 masks a pick);
-    topk_weights [T, K] floating or None; num_experts E, a multiple of the
+    x [T, H] fp32, bf16, fp16 or (collective backend only) fp64, H > 0;
+    topk_idx [T, K] int64 or int32 (-1 masks a pick); topk_weights [T, K]
+    fp32, fp64, bf16, fp16, fp8 or None; num_experts E, a multiple of the
     group's size (expert e lives on rank e // (E / R)). ``capacity`` (cuda
     backend only): rows per receiving rank, 0 for the worst case. Every rank
     of the group calls it, in the same order as its other MoE calls.

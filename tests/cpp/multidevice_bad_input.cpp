@@ -183,6 +183,45 @@ TEST_P(BadInput, XNotFloatingPoint) {
       {"x must be Float, Double, BFloat16 or Half, got Long"});
 }
 
+// fp8 and fp4 rows are moved by neither backend: refused up front on every
+// rank, naming the dtypes that are accepted.
+TEST_P(BadInput, XOfAnFp8OrFp4DtypeIsRefused) {
+  for (const at::ScalarType dtype :
+       {at::kFloat8_e4m3fn, at::kFloat8_e5m2, at::kFloat8_e8m0fnu,
+        at::kFloat4_e2m1fn_x2}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    const at::Tensor input =
+        isBadRank() ? at::empty({kTokens, kHidden},
+                                at::TensorOptions(device_).dtype(dtype))
+                    : x();
+    expectErrorOnEveryRank(
+        [&] { dispatch(input, idx(), weights(), experts()); },
+        {"MoeDispatch", "x must be Float, Double, BFloat16 or Half, got " +
+                            std::string(c10::toString(dtype))});
+  }
+}
+
+TEST_P(BadInput, XWithNoColumnsIsRefused) {
+  const at::Tensor input = isBadRank() ? x().narrow(1, 0, 0) : x();
+  expectErrorOnEveryRank(
+      [&] { dispatch(input, idx(), weights(), experts()); },
+      {"MoeDispatch", "x has shape [6, 0]; H, its columns, must be > 0"});
+}
+
+// A rank without tokens (T = 0) still takes part: its peers' rows come and
+// go as usual, and it gets back [0, H].
+TEST_P(BadInput, ARankWithNoTokensStillDispatchesAndCombines) {
+  const int64_t tokens = isBadRank() ? 0 : kTokens;
+  const at::Tensor input = x().narrow(0, 0, tokens);
+  const at::Tensor w = weights().narrow(0, 0, tokens);
+  const MoeDispatchOutput out =
+      dispatch(input, idx().narrow(0, 0, tokens), w, experts());
+  const at::Tensor back = combineCollective(out.recv_x, out.layout, w, tokens,
+                                            experts(), communicator());
+  EXPECT_EQ(back.sizes(), input.sizes());
+  test::expectClose(back.cpu(), input.cpu(), 1e-6, 1e-6);
+}
+
 TEST_P(BadInput, XNotTwoDimensional) {
   const at::Tensor input = isBadRank() ? x().reshape({-1}) : x();
   expectErrorOnEveryRank([&] { dispatch(input, idx(), weights(), experts()); },
@@ -199,7 +238,40 @@ TEST_P(BadInput, TopkIdxNotInteger) {
 TEST_P(BadInput, TopkWeightsNotFloatingPoint) {
   const at::Tensor w = isBadRank() ? weights().to(at::kInt) : weights();
   expectErrorOnEveryRank([&] { dispatch(x(), idx(), w, experts()); },
-                         {"topk_weights must be floating point, got Int"});
+                         {"topk_weights must be Float, Double, BFloat16, Half "
+                          "or a Float8 type, got Int"});
+}
+
+// fp4 weights (two values packed per element) convert to nothing the
+// combine can sum: refused by dispatch and by combine, on every rank.
+TEST_P(BadInput, TopkWeightsOfFp4AreRefused) {
+  const at::Tensor fp4 =
+      at::empty({kTokens, kPicks},
+                at::TensorOptions(device_).dtype(at::kFloat4_e2m1fn_x2));
+  const at::Tensor w = isBadRank() ? fp4 : weights();
+  const std::string refused =
+      "topk_weights must be Float, Double, BFloat16, Half or a Float8 type, "
+      "got Float4_e2m1fn_x2";
+  expectErrorOnEveryRank([&] { dispatch(x(), idx(), w, experts()); },
+                         {"MoeDispatch", refused});
+  const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(out.recv_x, out.layout, w, kTokens, experts(),
+                          communicator());
+      },
+      {"MoeCombine", refused});
+}
+
+// fp8 weights convert to fp32 exactly: both backends take them.
+TEST_P(BadInput, TopkWeightsOfAnFp8DtypeAreAccepted) {
+  const at::Tensor w = weights().to(at::kFloat8_e4m3fn);  // 0.5 exactly
+  const at::Tensor input = x();
+  const MoeDispatchOutput out = dispatch(input, idx(), w, experts());
+  EXPECT_EQ(out.recv_weights.scalar_type(), at::kFloat8_e4m3fn);
+  const at::Tensor back = combineCollective(out.recv_x, out.layout, w, kTokens,
+                                            experts(), communicator());
+  test::expectClose(back.cpu(), input.cpu(), 1e-6, 1e-6);
 }
 
 TEST_P(BadInput, TopkIdxInt32IsAccepted) {
@@ -346,6 +418,34 @@ TEST_P(BadInput, CombineExpertOutNotFloatingPoint) {
                           communicator());
       },
       {"expert_out must be Float, Double, BFloat16 or Half, got Int"});
+}
+
+TEST_P(BadInput, CombineExpertOutOfAnFp8DtypeIsRefused) {
+  const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
+  const at::Tensor rows =
+      isBadRank() ? out.recv_x.to(at::kFloat8_e4m3fn) : out.recv_x;
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(rows, out.layout, weights(), kTokens, experts(),
+                          communicator());
+      },
+      {"MoeCombine",
+       "expert_out must be Float, Double, BFloat16 or Half, got "
+       "Float8_e4m3fn"});
+}
+
+TEST_P(BadInput, CombineExpertOutWithNoColumnsIsRefused) {
+  const MoeDispatchOutput out = dispatch(x(), idx(), weights(), experts());
+  const at::Tensor rows = isBadRank() ? out.recv_x.narrow(1, 0, 0) : out.recv_x;
+  // The message gives the bad rank's row count, which its peers do not
+  // know.
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(rows, out.layout, weights(), kTokens, experts(),
+                          communicator());
+      },
+      {"MoeCombine", "expert_out has shape [",
+       ", 0]; H', its columns, must be > 0"});
 }
 
 TEST_P(BadInput, ProgramWithBadExpertIdFailsOnEveryRankAndRunsAgain) {

@@ -94,9 +94,15 @@ std::vector<DispatchCase> dispatchCases() {
       {"XFp8",
        [](MoeDispatchArgs& a) { a.x = a.x.to(at::kFloat8_e4m3fn); },
        {"x must be Float, Double, BFloat16 or Half, got Float8_e4m3fn"}},
+      {"XFp4",
+       [](MoeDispatchArgs& a) {
+         a.x = at::empty({kTokens, kHidden},
+                         a.x.options().dtype(at::kFloat4_e2m1fn_x2));
+       },
+       {"x must be Float, Double, BFloat16 or Half, got Float4_e2m1fn_x2"}},
       {"ZeroHidden",
        [](MoeDispatchArgs& a) { a.x = a.x.narrow(1, 0, 0).contiguous(); },
-       {prefix + "x has H = 0 columns; H must be > 0"}},
+       {prefix + "x has shape [8, 0]; H, its columns, must be > 0"}},
       {"ZeroPicks",
        [](MoeDispatchArgs& a) {
          a.topk_idx = a.topk_idx.narrow(1, 0, 0).contiguous();
@@ -120,7 +126,15 @@ std::vector<DispatchCase> dispatchCases() {
        [](MoeDispatchArgs& a) {
          a.topk_weights = a.topk_weights->to(at::kLong);
        },
-       {"topk_weights must be floating point, got Long"}},
+       {"topk_weights must be Float, Double, BFloat16, Half or a Float8 "
+        "type, got Long"}},
+      {"WeightsFp4",
+       [](MoeDispatchArgs& a) {
+         a.topk_weights = at::empty({kTokens, kPicks},
+                                    a.x.options().dtype(at::kFloat4_e2m1fn_x2));
+       },
+       {"topk_weights must be Float, Double, BFloat16, Half or a Float8 "
+        "type, got Float4_e2m1fn_x2"}},
       {"NumExpertsZero",
        [](MoeDispatchArgs& a) { a.num_experts = 0; },
        {"num_experts (0) must be a positive multiple of the world size (1)"}},
@@ -234,6 +248,26 @@ TEST_F(MoeErrors, CombineBadInputsGiveTheSameTextOnBothBackends) {
       {"ExpertOutDtype",
        [](MoeCombineArgs& a) { a.expert_out = a.expert_out.to(at::kInt); },
        prefix + "expert_out must be Float, Double, BFloat16 or Half, got Int"},
+      {"ExpertOutFp8",
+       [](MoeCombineArgs& a) {
+         a.expert_out = a.expert_out.to(at::kFloat8_e5m2);
+       },
+       prefix + "expert_out must be Float, Double, BFloat16 or Half, got "
+                "Float8_e5m2"},
+      {"ExpertOutNoColumns",
+       [](MoeCombineArgs& a) {
+         a.expert_out = a.expert_out.narrow(1, 0, 0).contiguous();
+       },
+       prefix + "expert_out has shape [32, 0]; H', its columns, must be > 0"},
+      {"WeightsFp4",
+       [](MoeCombineArgs& a) {
+         a.topk_weights =
+             at::empty({kTokens, kPicks},
+                       a.expert_out.options().dtype(at::kFloat4_e2m1fn_x2));
+       },
+       prefix +
+           "topk_weights must be Float, Double, BFloat16, Half or a Float8 "
+           "type, got Float4_e2m1fn_x2"},
       {"WeightsTokens",
        [](MoeCombineArgs& a) {
          a.topk_weights = a.topk_weights->narrow(0, 0, kTokens - 2);

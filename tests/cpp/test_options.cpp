@@ -2,13 +2,17 @@
 // docs page generated from it.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
 
 #include <hostfuse/multidevice/comm/communicator.h>
+#include <hostfuse/multidevice/moe/cuda/config.h>
 #include <hostfuse/utils/options.h>
 #include "test_utils.h"
 
@@ -76,7 +80,7 @@ TEST(Options, RefusesValuesOutOfRange) {
     ScopedEnvironment v("HOSTFUSE_MOE_TIMEOUT_S", "0");
     test::expectErrorContains(
         [] { options::numberOr(Option::MoeTimeoutS); },
-        {"HOSTFUSE_MOE_TIMEOUT_S=0 is out of range", "[0.001, 1000000]"});
+        {"HOSTFUSE_MOE_TIMEOUT_S=0 is out of range", "[0.001, 86400]"});
   }
   {
     ScopedEnvironment v("HOSTFUSE_MOE_BLOCKS", "0");
@@ -90,6 +94,77 @@ TEST(Options, RefusesValuesOutOfRange) {
     test::expectErrorContains([] { options::numberOr(Option::CommTimeoutS); },
                               {"HOSTFUSE_COMM_TIMEOUT_S=-5 is out of range"});
   }
+}
+
+// Every timeout variable takes a positive, finite number of seconds, at
+// most a day: 0 (a zero-length wait), inf, nan and longer waits are
+// refused with the variable and the value named.
+TEST(Options, EveryTimeoutIsPositiveFiniteAndAtMostADay) {
+  int timeouts = 0;
+  for (const options::Spec* s = options::begin(); s != options::end(); ++s) {
+    const std::string variable = s->variable;
+    if (variable.find("TIMEOUT") == std::string::npos) {
+      continue;
+    }
+    ++timeouts;
+    SCOPED_TRACE(variable);
+    EXPECT_EQ(s->type, options::Type::Number);
+    EXPECT_EQ(s->min, 0.001);
+    EXPECT_EQ(s->max, 86400.0);
+    for (const char* good : {"0.001", "2.5", "86400"}) {
+      ScopedEnvironment v(s->variable, good);
+      EXPECT_EQ(options::numberOr(s->option), std::stod(good));
+    }
+    for (const char* bad :
+         {"0", "-1", "0.0009", "86400.5", "1e6", "inf", "nan", "1e999"}) {
+      ScopedEnvironment v(s->variable, bad);
+      test::expectErrorContains([&] { options::numberOr(s->option); },
+                                {variable + "=" + bad});
+    }
+  }
+  EXPECT_EQ(timeouts, 2);
+}
+
+// CudaMoeConfig::timeout_s, which takes precedence over
+// HOSTFUSE_MOE_TIMEOUT_S unless it is 0, has the variable's range: a tiny
+// value would otherwise be a zero-nanosecond wait.
+TEST(Options, CudaMoeConfigTimeoutHasTheVariablesRange) {
+  CudaMoeConfig config;
+  config.num_experts = 2;
+  config.max_tokens = 4;
+  config.hidden = 8;
+  config.topk = 1;
+  for (const double bad :
+       {1e-12, -1.0, 86401.0, std::numeric_limits<double>::infinity(),
+        std::numeric_limits<double>::quiet_NaN()}) {
+    config.timeout_s = bad;
+    std::ostringstream value;
+    value << bad;
+    test::expectErrorContains(
+        [&] { resolveLaunch(config, 4); },
+        {"CudaMoeConfig::timeout_s = " + value.str() + " s", "[0.001, 86400]"});
+  }
+  config.timeout_s = 2.5;
+  EXPECT_EQ(resolveLaunch(config, 4).timeout_ns, 2'500'000'000u);
+  config.timeout_s = 0;
+  ScopedEnvironment variable("HOSTFUSE_MOE_TIMEOUT_S", "7");
+  EXPECT_EQ(resolveLaunch(config, 4).timeout_ns, 7'000'000'000u);
+}
+
+// A communicator built from a config (rather than from the environment)
+// checks its timeout like HOSTFUSE_COMM_TIMEOUT_S.
+TEST(Options, CommunicatorConfigTimeoutHasTheVariablesRange) {
+  CommunicatorConfig config;  // a world of one
+  config.timeout = std::chrono::milliseconds(0);
+  test::expectErrorContains(
+      [&] { Communicator communicator(config); },
+      {"CommunicatorConfig::timeout = 0 s", "[0.001, 86400]"});
+  config.timeout = std::chrono::hours(25);
+  test::expectErrorContains([&] { Communicator communicator(config); },
+                            {"CommunicatorConfig::timeout = 90000 s"});
+  config.timeout = std::chrono::seconds(5);
+  Communicator communicator(config);
+  EXPECT_EQ(communicator.config().timeout, std::chrono::seconds(5));
 }
 
 // The communicator's config default and the option's default are one

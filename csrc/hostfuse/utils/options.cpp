@@ -174,6 +174,14 @@ void check(Option option) {
   }
 }
 
+void checkTimeout(const char* what, double seconds) {
+  HF_CHECK(seconds >= kMinTimeoutSeconds && seconds <= kMaxTimeoutSeconds,
+           fmt::format("{} = {} s is out of range: a timeout must be a "
+                       "number of seconds in [{}, {}]",
+                       what, seconds, boundText(kMinTimeoutSeconds),
+                       boundText(kMaxTimeoutSeconds)));
+}
+
 bool boolOr(Option option) {
   const Spec& s = typed(option, Type::Bool);
   HF_ERROR(*s.default_text != '\0', s.variable, " has no default");

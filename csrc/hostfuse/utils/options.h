@@ -19,12 +19,23 @@
 
 namespace hostfuse {
 
+namespace options {
+// Every timeout, from a variable below or from a C++ field that takes
+// precedence over it (CudaMoeConfig::timeout_s, CommunicatorConfig::timeout),
+// is a number of seconds in [kMinTimeoutSeconds, kMaxTimeoutSeconds]: not
+// 0, which would be a wait that fails at once, nor infinite, nor so long
+// that a hung peer goes unnoticed for more than a day.
+constexpr double kMinTimeoutSeconds = 1e-3;
+constexpr double kMaxTimeoutSeconds = 86400;
+}  // namespace options
+
 // X(enumerator, variable, type, default, min, max, doc). Numbers: `min` and
 // `max` bound the value (inclusive); booleans accept 0/1, true/false, on/off,
 // yes/no. A default of "" means "decided by the caller" (the doc line says
 // how), and the getter returns nullopt when the variable is unset.
 #define HOSTFUSE_OPTIONS(X)                                                    \
-  X(CommTimeoutS, "HOSTFUSE_COMM_TIMEOUT_S", Number, "60", 1e-3, 1e6,          \
+  X(CommTimeoutS, "HOSTFUSE_COMM_TIMEOUT_S", Number, "60",                     \
+    options::kMinTimeoutSeconds, options::kMaxTimeoutSeconds,                  \
     "Seconds a collective of the communicator (Gloo, NCCL, the store) may "    \
     "wait for a peer before it fails.")                                        \
   X(DumpKernels, "HOSTFUSE_DUMP_KERNELS", Bool, "0", 0, 1,                     \
@@ -40,7 +51,8 @@ namespace hostfuse {
     0, 1e15,                                                                   \
     "From this many tokens on, the cuda dispatch counts picks over the "       \
     "whole grid instead of in every block; 0: only T x K > 4096 decides.")     \
-  X(MoeTimeoutS, "HOSTFUSE_MOE_TIMEOUT_S", Number, "30", 1e-3, 1e6,            \
+  X(MoeTimeoutS, "HOSTFUSE_MOE_TIMEOUT_S", Number, "30",                       \
+    options::kMinTimeoutSeconds, options::kMaxTimeoutSeconds,                  \
     "Seconds a cuda-backend MoE kernel waits for a peer before it records a "  \
     "timeout naming that peer.")                                               \
   X(MoeDebug, "HOSTFUSE_MOE_DEBUG", Bool, "0", 0, 1,                           \
@@ -94,6 +106,10 @@ void check(Option option);
 bool boolOr(Option option);
 int64_t intOr(Option option);
 double numberOr(Option option);
+
+// Throws unless `seconds` is in [kMinTimeoutSeconds, kMaxTimeoutSeconds]
+// (so finite); `what` names the field it came from.
+void checkTimeout(const char* what, double seconds);
 
 // Strict parsers for any environment variable (the launcher's RANK,
 // WORLD_SIZE, ... use them too): the whole text must be the value.

@@ -158,6 +158,8 @@ CommunicatorConfig CommunicatorConfig::fromEnvironment() {
 
 Communicator::Communicator(CommunicatorConfig config)
     : config_(std::move(config)) {
+  options::checkTimeout("CommunicatorConfig::timeout",
+                        std::chrono::duration<double>(config_.timeout).count());
   // One GPU per rank, or none: ranks that would share a GPU compute on the
   // CPU (NCCL cannot run two ranks on one GPU).
   if (cuda::isAvailable() && config_.local_size <= cuda::deviceCount()) {

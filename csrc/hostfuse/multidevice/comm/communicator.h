@@ -70,6 +70,8 @@ struct CommunicatorConfig {
   // True when the store already runs elsewhere (torchrun's agent), so rank 0
   // connects to it instead of serving it.
   bool store_is_external = false;
+  // In [0.001, 86400] s like HOSTFUSE_COMM_TIMEOUT_S (the constructor
+  // checks it).
   std::chrono::milliseconds timeout =
       std::chrono::seconds(kDefaultTimeoutSeconds);
 

@@ -27,13 +27,13 @@ at::Tensor element(const at::Tensor& values, const at::Tensor& index) {
   return values.index_select(0, index.reshape({1})).reshape({});
 }
 
-// topk_weights is a 2-D floating tensor on `device`; false (with the
-// failure recorded) when it is not.
+// topk_weights is a 2-D tensor of a weight dtype on `device`; false (with
+// the failure recorded) when it is not.
 bool checkWeightsKind(HostStatus& status, const at::Tensor& w,
                       const at::Device& device) {
   if (rankOf(w) != 2) {
     status.fail(kStatusWeightsRank, rankOf(w));
-  } else if (!at::isFloatingType(w.scalar_type())) {
+  } else if (!isWeightDtype(w.scalar_type())) {
     status.fail(kStatusWeightsDtype, dtypeCode(w));
   } else if (w.device() != device) {
     status.fail(kStatusDevice, kArgTopkWeights);
@@ -83,6 +83,10 @@ bool isRowDtype(at::ScalarType dtype) {
          dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
+bool isWeightDtype(at::ScalarType dtype) {
+  return isRowDtype(dtype) || c10::isFloat8Type(dtype);
+}
+
 HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
                                const std::optional<at::Tensor>& topk_weights,
                                int64_t num_experts, int64_t world_size,
@@ -93,7 +97,7 @@ HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
   } else if (!isRowDtype(x.scalar_type())) {
     status.fail(kStatusXDtype, dtypeCode(x));
   } else if (x.size(1) <= 0) {
-    status.fail(kStatusXHidden, x.size(1));
+    status.fail(kStatusXHidden, x.size(0), x.size(1));
   }
   if (rankOf(topk_idx) != 2) {
     status.fail(kStatusIdxRank, rankOf(topk_idx));
@@ -154,6 +158,8 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
     status.fail(kStatusOutRank, rankOf(expert_out));
   } else if (!isRowDtype(expert_out.scalar_type())) {
     status.fail(kStatusOutDtype, dtypeCode(expert_out));
+  } else if (expert_out.size(1) <= 0) {
+    status.fail(kStatusOutHidden, expert_out.size(0), expert_out.size(1));
   }
   if (num_experts <= 0 || num_experts % world_size != 0) {
     status.fail(kStatusNumExperts, num_experts, world_size);

@@ -51,13 +51,20 @@ class DeviceStatus {
   at::Tensor words_;
 };
 
-// Row dtypes every backend accepts for x and expert_out: Float, Double,
-// BFloat16 and Half (a backend may refuse some with kStatusUnsupported).
+// Row dtypes of x and expert_out: Float, Double, BFloat16 and Half, those
+// that a backend moves (the collective one all four; the cuda one refuses
+// Double with kStatusUnsupported). Anything else (fp8, fp4, integers,
+// complex) neither handles, and both refuse it here.
 bool isRowDtype(at::ScalarType dtype);
 
+// Dtypes of topk_weights: the row dtypes and the fp8 ones, which both
+// backends convert to fp32 exactly. Not fp4 (Float4_e2m1fn_x2 packs two
+// values per element and converts to nothing).
+bool isWeightDtype(at::ScalarType dtype);
+
 // Dispatch's inputs, from what needs no device values: ranks, dtypes, H and
-// K positive, T and K agreeing, one device (`device`), num_experts a
-// positive multiple of world_size.
+// K positive (T may be 0), T and K agreeing, one device (`device`), num_experts
+// a positive multiple of world_size.
 HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
                                const std::optional<at::Tensor>& topk_weights,
                                int64_t num_experts, int64_t world_size,
@@ -69,7 +76,8 @@ HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
 void checkExpertIds(DeviceStatus& status, const at::Tensor& idx,
                     int64_t num_experts);
 
-// Combine's inputs, from what needs no device values.
+// Combine's inputs, from what needs no device values: ranks, dtypes, H'
+// positive, the layout's lengths, num_tokens and the weights' rows.
 HostStatus checkCombineInputs(const at::Tensor& expert_out,
                               const MoeLayout& layout,
                               const std::optional<at::Tensor>& topk_weights,

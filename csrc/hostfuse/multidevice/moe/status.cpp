@@ -58,7 +58,8 @@ std::string describeDispatchInput(const StatusContext& c, const int64_t* w) {
       return fmt::format("x must be Float, Double, BFloat16 or Half, got {}",
                          describeDtype(d0));
     case kStatusXHidden:
-      return fmt::format("x has H = {} columns; H must be > 0", d0);
+      return fmt::format("x has shape [{}, {}]; H, its columns, must be > 0",
+                         d0, d1);
     case kStatusIdxRank:
       return fmt::format("topk_idx must be a 2-D tensor [T, K], got rank {}",
                          d0);
@@ -74,8 +75,10 @@ std::string describeDispatchInput(const StatusContext& c, const int64_t* w) {
       return fmt::format(
           "topk_weights must be a 2-D tensor [T, K], got rank {}", d0);
     case kStatusWeightsDtype:
-      return fmt::format("topk_weights must be floating point, got {}",
-                         describeDtype(d0));
+      return fmt::format(
+          "topk_weights must be Float, Double, BFloat16, Half or a Float8 "
+          "type, got {}",
+          describeDtype(d0));
     case kStatusWeightsShape:
       return fmt::format(
           "topk_weights has shape [{}, {}] but topk_idx has shape [{}, {}]; "
@@ -122,6 +125,10 @@ std::string describeCombineInput(const StatusContext& c, const int64_t* w) {
       return fmt::format(
           "expert_out must be Float, Double, BFloat16 or Half, got {}",
           describeDtype(d0));
+    case kStatusOutHidden:
+      return fmt::format(
+          "expert_out has shape [{}, {}]; H', its columns, must be > 0", d0,
+          d1);
     case kStatusLayoutTensor:
       return fmt::format(
           "{} must be a 1-D Long (i64) tensor, got rank {} of {}", argName(d0),

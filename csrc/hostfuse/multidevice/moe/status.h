@@ -21,7 +21,7 @@ enum StatusCode : int32_t {
   // MoeDispatch inputs, checked on the host (from shapes and dtypes).
   kStatusXRank,         // d0: the rank (number of dims) of x
   kStatusXDtype,        // d0: x's dtype (at::ScalarType)
-  kStatusXHidden,       // d0: H, the width of x
+  kStatusXHidden,       // d0, d1: x's sizes T, H (H <= 0)
   kStatusIdxRank,       // d0: the rank of topk_idx
   kStatusIdxDtype,      // d0: topk_idx's dtype
   kStatusIdxTokens,     // d0: rows of topk_idx, d1: tokens of x
@@ -39,6 +39,7 @@ enum StatusCode : int32_t {
   // MoeCombine inputs, checked on the host.
   kStatusOutRank,        // d0: the rank of expert_out
   kStatusOutDtype,       // d0: expert_out's dtype
+  kStatusOutHidden,      // d0, d1: expert_out's sizes rows, H' (H' <= 0)
   kStatusLayoutTensor,   // d0: TensorArg, d1: its rank, d2: its dtype
   kStatusLayoutLength,   // d0: TensorArg, d1: its length, d2: the expected
   kStatusWeightsTokens,  // d0: rows of topk_weights, d1: num_tokens

@@ -37,10 +37,6 @@ void validateConfig(const CudaMoeConfig& c) {
       "the cuda MoE backend moves Float, BFloat16 or Half rows; got ", c.dtype);
   HF_CHECK(!c.tag.empty(), "a workspace needs a tag unique per MoE node");
   HF_CHECK_GE(c.capacity, 0, "capacity must be 0 (worst case) or positive");
-  HF_CHECK(c.timeout_s >= 0 && c.timeout_s <= 1e6,
-           "timeout_s must be 0 (HOSTFUSE_MOE_TIMEOUT_S, else 30 s) or in "
-           "(0, 1e6] seconds; got ",
-           c.timeout_s);
   HF_CHECK(c.blocks >= 0 && c.push_blocks >= 0 && c.grid_route_min_tokens >= 0,
            "blocks, push_blocks and grid_route_min_tokens must be >= 0 (0: "
            "the option or the default)");
@@ -88,8 +84,12 @@ CudaMoeLaunch resolveLaunch(const CudaMoeConfig& c, int max_blocks) {
           : options::intOr(Option::MoeGridRouteMinTokens);
   l.grid_route_min_tokens =
       min_tokens > 0 ? min_tokens : std::numeric_limits<int64_t>::max();
+  // 0: the option, checked as it is read; else the field, in its range.
+  if (c.timeout_s != 0) {
+    options::checkTimeout("CudaMoeConfig::timeout_s", c.timeout_s);
+  }
   l.timeout_s =
-      c.timeout_s > 0 ? c.timeout_s : options::numberOr(Option::MoeTimeoutS);
+      c.timeout_s != 0 ? c.timeout_s : options::numberOr(Option::MoeTimeoutS);
   l.timeout_ns = static_cast<uint64_t>(l.timeout_s * 1e9);
   l.debug = options::boolOr(Option::MoeDebug);
   l.cooperative = options::boolOr(Option::MoeCooperative);

@@ -47,7 +47,8 @@ struct CudaMoeConfig {
   // all tokens; the latter needs T * K <= 4096, so larger calls always use
   // the grid. 0: $HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS, else no limit.
   int64_t grid_route_min_tokens = 0;
-  // Seconds a kernel waits for a peer; 0: $HOSTFUSE_MOE_TIMEOUT_S, else 30.
+  // Seconds a kernel waits for a peer, in [0.001, 86400] like the variable
+  // (options::kMaxTimeoutSeconds); 0: $HOSTFUSE_MOE_TIMEOUT_S, else 30.
   double timeout_s = 0;
   // Per-phase timing of every call (%globaltimer at each phase boundary, per
   // block), read back with profileReport(). Also on with
@@ -77,7 +78,8 @@ struct CudaMoeLaunch {
 void validateConfig(const CudaMoeConfig& config);
 
 // Resolves `config` (validated) for a GPU that fits `max_blocks` blocks of
-// both kernels at once.
+// both kernels at once. Throws when the timeout it resolves to, from
+// `timeout_s` or the variable, is out of range.
 CudaMoeLaunch resolveLaunch(const CudaMoeConfig& config, int max_blocks);
 
 // What every rank of a workspace must agree on, as one line of text:

@@ -12,6 +12,7 @@
 #include <hostfuse/multidevice/comm/symmetric_memory.h>
 #include <hostfuse/multidevice/moe/cuda/buffers.h>
 #include <hostfuse/multidevice/moe/cuda/params.h>
+#include <hostfuse/multidevice/moe/input_checks.h>
 #include <hostfuse/multidevice/moe/status.h>
 #include <hostfuse/utils/cuda_utils.h>
 #include <hostfuse/utils/torch_cuda.h>
@@ -50,8 +51,9 @@ class CudaMoeWorkspace::TagLease {
 
 namespace {
 
-// `topk_weights` of a dispatch or combine (`op`), checked to be a floating
-// [tokens, topk] tensor on `device`, as contiguous fp32; undefined without.
+// `topk_weights` of a dispatch or combine (`op`), checked to be a [tokens,
+// topk] tensor of a weight dtype (moe::isWeightDtype) on `device`, as
+// contiguous fp32; undefined without.
 at::Tensor floatWeights(const char* op,
                         const std::optional<at::Tensor>& topk_weights,
                         const at::Device& device, int64_t tokens,
@@ -60,12 +62,14 @@ at::Tensor floatWeights(const char* op,
     return at::Tensor();
   }
   HF_CHECK(topk_weights->device() == device &&
-               at::isFloatingType(topk_weights->scalar_type()) &&
+               moe::isWeightDtype(topk_weights->scalar_type()) &&
                topk_weights->dim() == 2 && topk_weights->size(0) == tokens &&
                topk_weights->size(1) == topk,
            "MoE ", op, ": topk_weights must be a floating [", tokens, ", ",
-           topk, "] tensor on ", device, "; got ", topk_weights->scalar_type(),
-           " ", topk_weights->sizes(), " on ", topk_weights->device());
+           topk,
+           "] tensor (Float, Double, BFloat16, Half or a Float8 type) on ",
+           device, "; got ", topk_weights->scalar_type(), " ",
+           topk_weights->sizes(), " on ", topk_weights->device());
   return topk_weights->to(at::kFloat).contiguous();
 }
 

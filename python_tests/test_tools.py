@@ -1,0 +1,131 @@
+"""The scripts in tools/ that the tests themselves rely on.
+
+tools/launch.sh, which bounds every multi-rank test's run: its timeout must
+be a number of seconds in [0.001, 86400] like the library's.
+
+tools/test_totals.py, on the JUnit files in samples/: ctest_junit.xml holds
+one gtest case passed, one skipped and one failed (one ctest test each), a
+2-rank test that ctest calls passed although 3 of its 5 cases skipped on
+each rank, a 1-rank test whose 2 cases all skipped, a test without gtest
+cases that passed and one whose executable was missing (ctest's JUnit marks
+it "notrun" like a skip; ctest counts it failed). pytest_junit.xml holds 3
+passed, a failure, a setup error, a skip and an xfail."""
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+LAUNCH = REPO / "tools" / "launch.sh"
+TOTALS = REPO / "tools" / "test_totals.py"
+SAMPLES = REPO / "python_tests" / "samples"
+CTEST = SAMPLES / "ctest_junit.xml"
+PYTEST = SAMPLES / "pytest_junit.xml"
+
+
+def totals(*args):
+    done = subprocess.run([sys.executable, str(TOTALS), *map(str, args)],
+                          capture_output=True, text=True)
+    assert done.stderr == ""
+    return done.returncode, done.stdout.splitlines()
+
+
+def test_totals_count_the_gtest_cases_inside_ctest_tests_and_pytest():
+    status, lines = totals("--ctest", CTEST, "--ctest-status", 8,
+                           "--pytest", PYTEST, "--pytest-status", 1)
+    assert status == 1
+    assert lines[-1] == (
+        "hostfuse tests: 9 passed, 4 failed, 11 skipped (ctest: 7 tests; "
+        "gtest cases in 5 of them, every rank's: 5 passed, 1 failed, "
+        "9 skipped; the other 2: 1 passed, 1 failed, 0 skipped; pytest: "
+        "3 passed, 2 failed, 2 skipped)")
+    assert lines[-2] == (
+        "hostfuse tests failed: install_consumer, "
+        "Options.RefusesValuesOutOfRange, "
+        "python_tests.test_sample::test_fails, "
+        "python_tests.test_sample::test_errors_in_setup")
+
+
+def test_per_test_shows_every_rank_of_a_multi_rank_test():
+    _, lines = totals("--ctest", CTEST, "--per-test")
+    assert lines[0] == (
+        "multidevice_np2: gtest cases on 2 ranks: 4 passed, 0 failed, "
+        "6 skipped (rank 0: 2 passed, 0 failed, 3 skipped; rank 1: 2 passed, "
+        "0 failed, 3 skipped)")
+    assert lines[-1].endswith("pytest: not run)")
+
+
+def test_a_green_run_still_shows_the_cases_that_skipped(tmp_path):
+    # multidevice_np2 and graph_moe_np1 alone: ctest says passed and
+    # skipped, nothing failed.
+    text = CTEST.read_text()
+    start = text.index('\t<testcase name="multidevice_np2"')
+    end = text.index("</testsuite>")
+    green = tmp_path / "ctest.xml"
+    green.write_text(text[:text.index("\t<testcase")] + text[start:end] +
+                     "</testsuite>\n")
+    status, lines = totals("--ctest", green, "--ctest-status", 0)
+    assert status == 0
+    assert lines == [
+        "hostfuse tests: 4 passed, 0 failed, 8 skipped (ctest: 2 tests; "
+        "gtest cases in 2 of them, every rank's: 4 passed, 0 failed, "
+        "8 skipped; the other 0: 0 passed, 0 failed, 0 skipped; pytest: "
+        "not run)"]
+
+
+def test_a_part_that_left_no_results_is_a_failure(tmp_path):
+    status, lines = totals("--ctest", tmp_path / "missing.xml", "--pytest",
+                           PYTEST, "--pytest-status", 1)
+    assert status == 1
+    assert lines[-1].startswith("hostfuse tests: 3 passed, 3 failed, 2 skipped")
+    assert f"ctest: no results ({tmp_path / 'missing.xml'} is missing)" in lines[-1]
+
+
+def test_a_failed_exit_status_counts_even_when_the_file_shows_none(tmp_path):
+    clean = tmp_path / "pytest.xml"
+    clean.write_text('<testsuites><testsuite name="pytest">'
+                     '<testcase classname="t" name="a"/></testsuite>'
+                     '</testsuites>')
+    status, lines = totals("--pytest", clean, "--pytest-status", 5)
+    assert status == 1
+    assert lines[-1] == (
+        "hostfuse tests: 1 passed, 1 failed, 0 skipped (ctest: not run; "
+        "pytest: 1 passed, 0 failed, 0 skipped; pytest exited with 5)")
+
+
+def test_a_rank_that_failed_after_its_cases_passed_is_a_failure(tmp_path):
+    # A rank that crashed at shutdown: its counts say passed, ctest failed.
+    text = CTEST.read_text().replace(
+        'name="multidevice_np2" classname="multidevice_np2" time="11.78" '
+        'status="run">',
+        'name="multidevice_np2" classname="multidevice_np2" time="11.78" '
+        'status="fail">\n\t\t<failure message=""/>')
+    crashed = tmp_path / "ctest.xml"
+    crashed.write_text(text)
+    status, lines = totals("--ctest", crashed)
+    assert status == 1
+    assert "multidevice_np2 (outside its gtest cases)" in lines[-2]
+    assert lines[-1].startswith("hostfuse tests: 6 passed, 3 failed, 9 skipped")
+    assert "1 failed outside their gtest cases" in lines[-1]
+
+
+def launch(timeout):
+    # HOSTFUSE_TORCHRUN=true: no ranks start; only the timeout is at stake.
+    env = dict(os.environ, HOSTFUSE_TORCHRUN="true",
+               HOSTFUSE_LAUNCH_TIMEOUT=timeout)
+    return subprocess.run([str(LAUNCH), "1", "true"], capture_output=True,
+                          text=True, env=env)
+
+
+def test_launch_refuses_a_timeout_that_is_not_a_positive_number_of_seconds():
+    # 0 would make `timeout` wait forever, inf too.
+    for bad in ["0", "-5", "inf", "1e3", "86401", "0.0001", "ten"]:
+        done = launch(bad)
+        assert done.returncode == 2, bad
+        assert (f"HOSTFUSE_LAUNCH_TIMEOUT={bad} is not a timeout: it must be "
+                "a number of seconds in [0.001, 86400]") in done.stderr
+    for good in ["0.5", "600", "86400"]:
+        done = launch(good)
+        assert done.returncode == 0, done.stderr
+        assert "passed on all 1 ranks" in done.stdout
