@@ -331,9 +331,10 @@ def nccl_ep_status():
         except ImportError:
             continue
     version = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "none"
-    return (f"the nccl-extensions package is not installed (it needs NCCL >= 2.30; "
-            f"torch here has NCCL {version}, and the GPU machines have no network "
-            f"to fetch a newer one)")
+    return (f"the nccl-extensions package is not installed: its Python wheel is for "
+            f"CPython 3.11 only, and its library needs NCCL >= 2.30 (torch here has "
+            f"NCCL {version}; in one process the two would clash on libnccl.so.2). "
+            f"docs/performance.md says how a separate C++ benchmark will measure it")
 
 
 def init_distributed(cpu):
