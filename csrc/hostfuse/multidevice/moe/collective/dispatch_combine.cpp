@@ -331,14 +331,6 @@ void checkCombineTable(const at::Tensor& table) {
                " tokens (num_tokens); the rows do not match their "
                "dispatch");
       const int64_t picks = words[j * width + kPicksWord];
-      // Without weights K is unknown here, but a token's picks name
-      // distinct experts: K <= E bounds the pick slots of step 4.
-      const int64_t experts = words[j * width + kNumExpertsWord];
-      HF_CHECK(vector(i, kMaxPick, j) < experts,
-               "MoeCombine: recv_src_k on rank ", i, " names pick ",
-               vector(i, kMaxPick, j), " of rank ", j,
-               ", but a token has at most num_experts = ", experts,
-               " picks; the rows do not match their dispatch");
       HF_CHECK(picks < 0 || vector(i, kMaxPick, j) < picks,
                "MoeCombine: topk_weights on rank ", j, " has K = ", picks,
                " columns, but rank ", i, " holds a row of its pick ",
