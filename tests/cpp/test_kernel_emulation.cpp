@@ -37,6 +37,7 @@ const char* kShim = R"(
 #include <cstdint>
 #include <thread>
 #include <vector>
+#include <cstdlib>
 #include <mutex>
 #include <condition_variable>
 
