@@ -41,7 +41,6 @@
 #include <cstdio>
 #include <functional>
 #include <iostream>
-#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -109,35 +108,27 @@ cli::Flags makeFlags(Args& args) {
   return flags;
 }
 
-// Every rank's value, over Gloo (CPU); also a barrier.
-std::vector<double> allGather(Communicator& comm, double value) {
+// Every rank's `value` (a CPU tensor), stacked in rank order: [R, ...],
+// over Gloo; also a barrier.
+at::Tensor allGather(Communicator& comm, const at::Tensor& value) {
   std::vector<std::vector<at::Tensor>> outputs(1);
   for (int64_t r = 0; r < comm.size(); ++r) {
-    outputs[0].push_back(at::empty({1}, at::kDouble));
+    outputs[0].push_back(at::empty_like(value));
   }
-  std::vector<at::Tensor> inputs = {at::full({1}, value, at::kDouble)};
-  comm.backend(c10::DeviceType::CPU).allgather(outputs, inputs)->wait();
-  std::vector<double> values;
-  for (const at::Tensor& v : outputs[0]) {
-    values.push_back(v.item<double>());
-  }
-  return values;
-}
-
-// Every rank's [R] counts, as a [R, R] tensor (row r: rank r's), over Gloo.
-at::Tensor allGatherCounts(Communicator& comm, const at::Tensor& counts) {
-  std::vector<std::vector<at::Tensor>> outputs(1);
-  for (int64_t r = 0; r < comm.size(); ++r) {
-    outputs[0].push_back(at::empty_like(counts));
-  }
-  std::vector<at::Tensor> inputs = {counts};
+  std::vector<at::Tensor> inputs = {value};
   comm.backend(c10::DeviceType::CPU).allgather(outputs, inputs)->wait();
   return at::stack(outputs[0]);
 }
 
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  return values[values.size() / 2];
+}
+
 double slowest(Communicator& comm, double value) {
-  const std::vector<double> all = allGather(comm, value);
-  return *std::max_element(all.begin(), all.end());
+  return allGather(comm, at::full({1}, value, at::kDouble))
+      .max()
+      .item<double>();
 }
 
 // Median over `blocks` of the mean microseconds per step of `steps`
@@ -150,7 +141,7 @@ double timeSteps(Communicator& comm, int device, int steps, int blocks,
   std::vector<double> per_block;
   for (int block = 0; block < blocks; ++block) {
     cuda::synchronize(device);
-    allGather(comm, 0.0);  // start together
+    slowest(comm, 0.0);  // start together
     const auto start = std::chrono::steady_clock::now();
     for (int i = 0; i < steps; ++i) {
       step();
@@ -161,8 +152,7 @@ double timeSteps(Communicator& comm, int device, int steps, int blocks,
                           .count();
     per_block.push_back(slowest(comm, us / steps));
   }
-  std::sort(per_block.begin(), per_block.end());
-  return per_block[per_block.size() / 2];
+  return median(per_block);
 }
 
 // The layer's stages, in program order.
@@ -269,11 +259,6 @@ class StageTimer {
   int gemms_ = 0;
 };
 
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  return values[values.size() / 2];
-}
-
 // What this GPU sustains, measured once: device-to-device copy (bytes read
 // plus written per second) and a large bf16 GEMM.
 struct DeviceRates {
@@ -297,8 +282,7 @@ double deviceTime(int device, const std::function<void()>& work) {
                      .count() /
                  10);
   }
-  std::sort(us.begin(), us.end());
-  return us[us.size() / 2];
+  return median(us);
 }
 
 DeviceRates measureRates(const at::Device& device) {
@@ -464,7 +448,7 @@ int main(int argc, char** argv) {
             at::bincount(collective_out[1].flatten().div(L, "floor"), {},
                          comm.size())
                 .cpu();
-        const at::Tensor all = allGatherCounts(comm, to_rank);
+        const at::Tensor all = allGather(comm, to_rank);
         const double self = all[rank][rank].item<double>();
         const double sent = all[rank].sum().item<double>();
         row.received = all.select(1, rank).sum().item<double>();
@@ -537,7 +521,7 @@ int main(int argc, char** argv) {
       }
       // No rank frees its workspace while a peer may still use it.
       cuda::synchronize(index);
-      allGather(comm, 0.0);
+      slowest(comm, 0.0);
       rows.push_back(row);
     }
   } catch (const std::exception& error) {

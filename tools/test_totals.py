@@ -135,14 +135,19 @@ def gtest_counts(output):
     return total, {}, 0
 
 
+def no_results(part, problem):
+    """`part` without a results file: one failure, saying why."""
+    part.counts.failed = 1
+    part.summary = f"{part.name}: {problem}"
+    part.failed_names.append(f"{part.name} (no results)")
+    return part
+
+
 def read_ctest(path, exit_status):
     part = Part("ctest")
     root, problem = read_junit(path)
     if root is None:
-        part.counts.failed = 1
-        part.summary = f"ctest: {problem}"
-        part.failed_names.append("ctest (no results)")
-        return part
+        return no_results(part, problem)
     tests = 0
     gtest_tests = 0
     gtest = Counts()
@@ -195,10 +200,7 @@ def read_pytest(path, exit_status):
     part = Part("pytest")
     root, problem = read_junit(path)
     if root is None:
-        part.counts.failed = 1
-        part.summary = f"pytest: {problem}"
-        part.failed_names.append("pytest (no results)")
-        return part
+        return no_results(part, problem)
     for case in root.iter("testcase"):
         kinds = {child.tag for child in case}
         if kinds & {"failure", "error"}:

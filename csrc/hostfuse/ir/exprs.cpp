@@ -620,9 +620,9 @@ void LinearOp::validate() const {
       this, accumulatesToFloat() ? DataType::Float : x()->dtype(), x()->rank());
 }
 
-bool LinearOp::accumulatesToFloat() const {
-  return out()->dtype() == DataType::Float &&
-         (x()->dtype() == DataType::BFloat16 || x()->dtype() == DataType::Half);
+bool LinearOp::accumulatesToFloat(DataType x, DataType out) {
+  return out == DataType::Float &&
+         (x == DataType::BFloat16 || x == DataType::Half);
 }
 
 std::vector<c10::IValue> LinearOp::evaluate(

@@ -221,7 +221,11 @@ class LinearOp : public Expr {
   // Whether x is bf16 or f16 and out is f32: the products are summed in
   // fp32 and returned in fp32 (a router's logits), with no rounding to x's
   // dtype in between.
-  bool accumulatesToFloat() const;
+  bool accumulatesToFloat() const {
+    return accumulatesToFloat(x()->dtype(), out()->dtype());
+  }
+  // The same for operands of `x` and an output of `out`.
+  static bool accumulatesToFloat(DataType x, DataType out);
 
   std::string toInlineString() const override;
   void validate() const override;

@@ -214,12 +214,10 @@ TensorView* linear(TensorView* x, TensorView* weight, TensorView* bias,
            weight->rank());
   std::vector<Scalar*> extents(x->extents().begin(), x->extents().end() - 1);
   extents.push_back(weight->extent(0));
-  HF_CHECK(
-      !out_dtype.has_value() || *out_dtype == x->dtype() ||
-          (*out_dtype == DataType::Float &&
-           (x->dtype() == DataType::BFloat16 || x->dtype() == DataType::Half)),
-      "linear: out_dtype ", *out_dtype, " with operands of ", x->dtype(),
-      "; it may be x's dtype, or f32 for bf16 or f16 operands");
+  HF_CHECK(!out_dtype.has_value() || *out_dtype == x->dtype() ||
+               LinearOp::accumulatesToFloat(x->dtype(), *out_dtype),
+           "linear: out_dtype ", *out_dtype, " with operands of ", x->dtype(),
+           "; it may be x's dtype, or f32 for bf16 or f16 operands");
   TensorView* out =
       newTensor(out_dtype.value_or(x->dtype()), std::move(extents));
   IrBuilder::create<LinearOp>(out, x, weight, bias);

@@ -142,6 +142,70 @@ at::Tensor exchangeTable(c10d::Backend& backend, at::Tensor send,
   return recv;
 }
 
+// The header of a rank-table row: the status words, then E, H, dtype,
+// weights dtype, T, K, the op and the call number.
+using TableHeader = std::array<int64_t, kCallHeaderWords>;
+
+TableHeader tableHeader(const HostStatus& status, int64_t num_experts,
+                        int64_t hidden, int64_t dtype, int64_t weights_dtype,
+                        int64_t tokens, int64_t picks, CallOp op,
+                        int64_t call) {
+  TableHeader words{};
+  std::copy(status.words(), status.words() + kStatusWords, words.begin());
+  const int64_t info[] = {num_experts, hidden, dtype, weights_dtype,
+                          tokens,      picks,  op,    call};
+  std::copy(std::begin(info), std::end(info), words.begin() + kStatusWords);
+  return words;
+}
+
+at::Tensor headerTensor(const TableHeader& words, const at::Device& device) {
+  // From pageable memory a non-blocking copy is staged before it returns.
+  return at::tensor(at::ArrayRef<int64_t>(words.data(), words.size()),
+                    at::kLong)
+      .to(device, /*non_blocking=*/true);
+}
+
+// [R, W]: `row` [W] for every one of the R ranks.
+at::Tensor sameRowForEveryRank(const at::Tensor& row, int64_t world_size) {
+  return row.unsqueeze(0).expand({world_size, -1}).contiguous();
+}
+
+// The CPU path's table: the status words as the value checks left them,
+// the rest of `header` and the per-rank `vectors`, the same row for every
+// one of the R ranks.
+at::Tensor tableOnEveryRank(const DeviceStatus& status,
+                            const at::Tensor& header,
+                            std::vector<at::Tensor> vectors,
+                            int64_t world_size) {
+  vectors.insert(
+      vectors.begin(),
+      {status.words(),
+       header.narrow(0, kStatusWords, kCallHeaderWords - kStatusWords)});
+  return sameRowForEveryRank(at::cat(vectors), world_size);
+}
+
+int deviceIndex(const at::Device& device) {
+  return device.has_index() ? device.index() : cuda::currentDevice();
+}
+
+cudaStream_t streamOf(const at::Device& device) {
+  return cuda::currentStream(deviceIndex(device));
+}
+
+// On CUDA tensors the kernels go to the tensors' device, whichever is
+// current; the world size must fit the check kernels.
+std::optional<cuda::DeviceScope> deviceScope(const at::Device& device,
+                                             int64_t world_size) {
+  if (!device.is_cuda()) {
+    return std::nullopt;
+  }
+  HF_CHECK(world_size <= collective::kMaxWorldSize,
+           "the collective MoE backend on CUDA tensors takes at most ",
+           collective::kMaxWorldSize, " ranks; this communicator has ",
+           world_size);
+  return std::optional<cuda::DeviceScope>(std::in_place, deviceIndex(device));
+}
+
 // Takes part in collective MoE call `call` with kCallFailed rows (see
 // publishCollectiveFailure). Never throws: the error to report is the
 // caller's.
@@ -153,17 +217,12 @@ void exchangeFailure(Communicator& communicator, const at::Device& device,
       return;
     }
     const std::optional<cuda::DeviceScope> on_device =
-        device.is_cuda()
-            ? std::optional<cuda::DeviceScope>(
-                  std::in_place,
-                  device.has_index() ? device.index() : cuda::currentDevice())
-            : std::nullopt;
-    at::Tensor row = at::zeros({kCallHeaderWords + 4 * world_size}, at::kLong);
+        deviceScope(device, world_size);
+    at::Tensor row = at::zeros({tableWidth(world_size)}, at::kLong);
     row[kOpWord] = kCallFailed;
     row[kCallWord] = call;
-    at::Tensor send =
-        row.unsqueeze(0).expand({world_size, -1}).contiguous().to(device);
-    exchangeTable(communicator.backend(device.type()), send,
+    exchangeTable(communicator.backend(device.type()),
+                  sameRowForEveryRank(row, world_size).to(device),
                   "the report of this rank's failure")
         .cpu();
   } catch (...) {
@@ -199,65 +258,6 @@ class ReportFailureUntilExchange {
   int exceptions_;
   bool armed_ = true;
 };
-
-// The header of a rank-table row: the status words, then E, H, dtype,
-// weights dtype, T, K, the op and the call number.
-using TableHeader = std::array<int64_t, kCallHeaderWords>;
-
-TableHeader tableHeader(const HostStatus& status, int64_t num_experts,
-                        int64_t hidden, int64_t dtype, int64_t weights_dtype,
-                        int64_t tokens, int64_t picks, CallOp op,
-                        int64_t call) {
-  TableHeader words{};
-  std::copy(status.words(), status.words() + kStatusWords, words.begin());
-  const int64_t info[] = {num_experts, hidden, dtype, weights_dtype,
-                          tokens,      picks,  op,    call};
-  std::copy(std::begin(info), std::end(info), words.begin() + kStatusWords);
-  return words;
-}
-
-at::Tensor headerTensor(const TableHeader& words, const at::Device& device) {
-  // From pageable memory a non-blocking copy is staged before it returns.
-  return at::tensor(at::ArrayRef<int64_t>(words.data(), words.size()),
-                    at::kLong)
-      .to(device, /*non_blocking=*/true);
-}
-
-// The CPU path's table: the status words as the value checks left them,
-// the rest of `header` and the per-rank `vectors`, the same row for every
-// one of the R ranks.
-at::Tensor tableOnEveryRank(const DeviceStatus& status,
-                            const at::Tensor& header,
-                            std::vector<at::Tensor> vectors,
-                            int64_t world_size) {
-  vectors.insert(
-      vectors.begin(),
-      {status.words(),
-       header.narrow(0, kStatusWords, kCallHeaderWords - kStatusWords)});
-  return at::cat(vectors).unsqueeze(0).expand({world_size, -1}).contiguous();
-}
-
-int deviceIndex(const at::Device& device) {
-  return device.has_index() ? device.index() : cuda::currentDevice();
-}
-
-cudaStream_t streamOf(const at::Device& device) {
-  return cuda::currentStream(deviceIndex(device));
-}
-
-// On CUDA tensors the kernels go to the tensors' device, whichever is
-// current; the world size must fit the check kernels.
-std::optional<cuda::DeviceScope> deviceScope(const at::Device& device,
-                                             int64_t world_size) {
-  if (!device.is_cuda()) {
-    return std::nullopt;
-  }
-  HF_CHECK(world_size <= collective::kMaxWorldSize,
-           "the collective MoE backend on CUDA tensors takes at most ",
-           collective::kMaxWorldSize, " ranks; this communicator has ",
-           world_size);
-  return std::optional<cuda::DeviceScope>(std::in_place, deviceIndex(device));
-}
 
 collective::RowType rowType(at::ScalarType dtype) {
   switch (dtype) {
