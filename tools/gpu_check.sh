@@ -70,6 +70,25 @@ if [ "$gpus" -gt 0 ]; then
   passed_ranks="$(grep -cE '^\[  PASSED  \] [0-9]+ test' "$log_dir/test_cuda_moe.log")"
   summary+=("test_cuda_moe: $passed_ranks of $gpus ranks passed (exit $status, $((SECONDS - start)) s)")
   [ "$status" -eq 0 ] || failed=1
+  # More ranks than GPUs: the same tests with ranks sharing GPUs (the GPU
+  # time-slices the processes), which proves behaviour across ranks (the
+  # protocol, errors, timeouts), never speed.
+  for ranks in 2 3; do
+    [ "$ranks" -gt "$gpus" ] || continue
+    log="$log_dir/test_cuda_moe_shared$ranks.log"
+    hostfuse_log "running test_cuda_moe on $ranks ranks sharing $gpus GPU(s) (log: $log)"
+    start=$SECONDS
+    HOSTFUSE_TEST_SHARE_GPUS=1 HOSTFUSE_NO_BUILD=1 \
+      HOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
+      timeout --kill-after=15 "$cuda_moe_timeout" \
+      "$HOSTFUSE_ROOT/tools/run_cuda_moe_tests.sh" "$ranks" >"$log" 2>&1
+    status=$?
+    tail -n 5 "$log"
+    # gtest ends a rank's output with "N FAILED TEST(S)" when any failed.
+    failed_ranks="$(grep -cE 'FAILED TESTS?$' "$log")"
+    summary+=("test_cuda_moe, $ranks ranks sharing $gpus GPU(s): $failed_ranks of $ranks ranks with failed tests (exit $status, $((SECONDS - start)) s)")
+    [ "$status" -eq 0 ] || failed=1
+  done
 else
   summary+=("test_cuda_moe: not run (no GPU)")
 fi

@@ -185,9 +185,11 @@ def report_failure(device, backend="collective", group=None):
     before re-raising it. Their call (dispatch or combine on ``backend``
     over ``group``, with tensors on ``device``'s type) then raises at once,
     naming this rank, instead of waiting for it until the timeout. Blocks
-    until the peers are in that call; never raises. The collective backend
-    only: with backend='cuda' it does nothing (the peers time out).
-    HostIrEvaluator.run does this itself for its programs."""
+    until the peers are in that call; never raises. With backend='cuda' it
+    writes the failure into every peer's workspaces of this runtime (no
+    wait): their kernels stop at once, and every rank's workspaces are
+    recreated at their sites' next call. HostIrEvaluator.run does this
+    itself for its programs."""
     if not isinstance(device, torch.device):
         device = torch.device(device)
     _runtime(backend, _default_group(group)).publish_failure(device)

@@ -15,6 +15,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -36,6 +37,7 @@ struct ProcessGroup {
   int rank = 0;
   int world = 1;
   int local_rank = 0;
+  int device = 0;
   c10::intrusive_ptr<c10d::Store> store;
   std::string skip_reason;
 };
@@ -54,12 +56,17 @@ ProcessGroup makeProcessGroup() {
     group.skip_reason = "no CUDA device on this machine";
     return group;
   }
-  if (cuda::deviceCount() < group.world) {
+  // HOSTFUSE_TEST_SHARE_GPUS=1 lets ranks share GPUs (rank i on GPU i mod
+  // the count): the kernels' waits then rely on the GPU time-slicing the
+  // processes, so this proves behaviour across ranks, never speed.
+  const bool share = environmentInt("HOSTFUSE_TEST_SHARE_GPUS", 0) == 1;
+  if (cuda::deviceCount() < group.world && !share) {
     group.skip_reason = toString("needs one GPU per rank: ", group.world,
                                  " ranks, ", cuda::deviceCount(), " GPUs");
     return group;
   }
-  cudaSetDevice(group.local_rank);
+  group.device = group.local_rank % cuda::deviceCount();
+  cudaSetDevice(group.device);
   const char* address = std::getenv("MASTER_ADDR");
   const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
   c10d::TCPStoreOptions options;
@@ -309,7 +316,7 @@ class CudaMoe : public testing::Test {
     }
     rank_ = group.rank;
     world_ = group.world;
-    device_ = group.local_rank;
+    device_ = group.device;
     cudaSetDevice(device_);
     storeBarrier(*group.store, testName() + "/start", world_);
   }
@@ -605,32 +612,89 @@ TEST_F(CudaMoe, TwoWorkspacesDoNotShareBuffers) {
 // Errors.
 
 // Malformed weights are refused on the host by dispatch and by combine, on
-// every rank alike, before anything is launched; the next call works.
+// every rank alike, before anything is launched. With one rank the next
+// call works. With peers a refusal is published to them (they would wait
+// for this rank otherwise), so the workspace is unusable on every rank
+// after it, and each case takes a new one.
 TEST_F(CudaMoe, BadWeightsAreRefusedByDispatchAndCombine) {
   Case c;
   c.experts = 2 * world_;
   c.topk = 2;
-  auto workspace = makeWorkspace(c, "bad_weights");
   const DeviceInputs in = toDevice(allInputs(c, world_)[rank_], c);
   const int64_t tokens = c.tokensOf(rank_);
   const at::Tensor transposed = in.weights.t().contiguous();
   const at::Tensor integral = in.weights.to(at::kLong);
+  const std::string shape = toString("[", tokens, ", ", c.topk, "]");
+  auto expectNextCall = [&](CudaMoeWorkspace& workspace, const char* what) {
+    if (world_ == 1) {
+      runAndCheck(workspace, c, toString("valid call after ", what), 1);
+    } else {
+      test::expectErrorContains(
+          [&] { workspace.dispatch(in.x, in.idx, in.weights); },
+          {"unusable after an earlier failure"});
+    }
+  };
+  int round = 0;
   for (const at::Tensor& bad : {transposed, integral}) {
+    auto workspace = makeWorkspace(c, toString("dispatch", ++round));
     test::expectErrorContains(
         [&] { workspace->dispatch(in.x, in.idx, bad); },
-        {"MoE dispatch", "topk_weights must be a floating",
-         toString("[", tokens, ", ", c.topk, "]")});
+        {"MoE dispatch", "topk_weights must be a floating", shape});
+    expectNextCall(*workspace, "bad dispatch weights");
   }
-  const CudaDispatchResult result =
-      workspace->dispatch(in.x, in.idx, in.weights);
-  const at::Tensor out = runExperts(result, c, world_, rank_);
   for (const at::Tensor& bad : {transposed, integral}) {
-    test::expectErrorContains([&] { workspace->combine(out, result, bad); },
-                              {"MoE combine", "topk_weights must be a floating",
-                               toString("[", tokens, ", ", c.topk, "]")});
+    auto workspace = makeWorkspace(c, toString("combine", ++round));
+    const CudaDispatchResult result =
+        workspace->dispatch(in.x, in.idx, in.weights);
+    const at::Tensor out = runExperts(result, c, world_, rank_);
+    test::expectErrorContains(
+        [&] { workspace->combine(out, result, bad); },
+        {"MoE combine", "topk_weights must be a floating", shape});
+    if (world_ == 1) {
+      workspace->combine(out, result, in.weights);
+    }
+    expectNextCall(*workspace, "bad combine weights");
   }
-  workspace->combine(out, result, in.weights);
-  runAndCheck(*workspace, c, "valid call after bad weights", 1);
+}
+
+// One rank refuses its arguments while its peers dispatch: the peers'
+// kernels learn it from the failure it publishes and raise naming it at
+// once, long before their timeout; the workspace is then unusable on every
+// rank, and new ones work.
+TEST_F(CudaMoe, ARankThatRefusesItsInputsStopsEveryPeerAtOnce) {
+  if (world_ < 2) {
+    GTEST_SKIP() << "needs at least 2 ranks";
+  }
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = 2;
+  constexpr double kTimeoutS = 30;
+  auto workspace = makeWorkspace(c, "refuse", 0, true, kTimeoutS);
+  const DeviceInputs in = toDevice(allInputs(c, world_)[rank_], c);
+  const int bad = world_ - 1;
+  const auto start = std::chrono::steady_clock::now();
+  if (rank_ == bad) {
+    const at::Tensor float_idx = in.idx.to(at::kFloat);
+    test::expectErrorContains(
+        [&] { workspace->dispatch(in.x, float_idx, in.weights); },
+        {"topk_idx must be int64 or int32"});
+  } else {
+    test::expectErrorContains(
+        [&] { workspace->dispatch(in.x, in.idx, in.weights); },
+        {toString("rank ", bad, " of ", world_,
+                  " raised an error on its host (its own error says why) and "
+                  "told every rank"),
+         "recreate it on every rank"});
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count();
+  EXPECT_LT(seconds, kTimeoutS / 3) << "the peers waited for their timeout";
+  test::expectErrorContains(
+      [&] { workspace->dispatch(in.x, in.idx, in.weights); },
+      {"unusable after an earlier failure"});
+  auto fresh = makeWorkspace(c, "fresh");
+  runAndCheck(*fresh, c, "a new workspace after the failure");
 }
 
 TEST_F(CudaMoe, BadExpertIdIsReportedOnEveryRankAndTheNextCallWorks) {
@@ -717,11 +781,37 @@ TEST_F(CudaMoe, TimeoutNamesTheRankThatSkippedTheCall) {
   const std::vector<Inputs> all = allInputs(c, world_);
   const DeviceInputs in = toDevice(all[rank_], c);
   if (rank_ != absent) {
-    test::expectErrorContains(
-        [&] { workspace->dispatch(in.x, in.idx, in.weights); },
-        {toString("rank ", absent, " did not answer"), "count row"});
+    // Its own timeout, or that of another rank waiting for the same count
+    // row, which published it first: either names the absent rank.
+    try {
+      workspace->dispatch(in.x, in.idx, in.weights);
+      ADD_FAILURE() << "a dispatch without rank " << absent << " succeeded";
+    } catch (const Error& e) {
+      const std::string message = e.what();
+      EXPECT_TRUE(message.find(toString("rank ", absent, " of ", world_,
+                                        " did not answer")) !=
+                      std::string::npos ||
+                  message.find(toString("timed out waiting for rank ", absent,
+                                        "'s count row")) != std::string::npos)
+          << message;
+    }
     test::expectErrorContains(
         [&] { workspace->dispatch(in.x, in.idx, in.weights); }, {"unusable"});
+  }
+  // The ranks that timed out told the absent one: its next call stops at
+  // its start instead of waiting for peers that gave up.
+  storeBarrier(*processGroup().store, testName() + "/timed_out", world_);
+  if (rank_ == absent) {
+    const auto start = std::chrono::steady_clock::now();
+    test::expectErrorContains(
+        [&] { workspace->dispatch(in.x, in.idx, in.weights); },
+        {toString("timed out waiting for rank ", absent,
+                  "'s count row and told every rank"),
+         "stopped at the start of the call"});
+    EXPECT_LT(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count(),
+        1.0);
   }
 }
 

@@ -272,7 +272,21 @@ std::string describeStatus(const StatusContext& c, const int64_t* w) {
           toString(static_cast<WaitPurpose>(w[1])), w[2], c.rank);
     case kStatusPoisoned:
       return fmt::format(
-          "{}: the workspace is unusable after an earlier timeout", c.op);
+          "{}: the workspace is unusable after an earlier failure", c.op);
+    case kStatusPeerFailed:
+      return fmt::format(
+          "{}: rank {} of {} {} and told every rank; this rank stopped {}. "
+          "The workspace is unusable now; recreate it on every rank (the MoE "
+          "nodes of an evaluator do so at their next call)",
+          c.op, c.rank, c.world_size,
+          w[2] == kFailedTimeout
+              ? fmt::format("timed out waiting for rank {}'s {}", w[3],
+                            toString(static_cast<WaitPurpose>(w[4])))
+              : std::string("raised an error on its host (its own error "
+                            "says why)"),
+          w[1] == 0 ? std::string("at the start of the call")
+                    : fmt::format("in its wait for the {}",
+                                  toString(static_cast<WaitPurpose>(w[1]))));
     case kStatusInternal:
       return fmt::format(
           "{}: internal error on rank {} of {} (detail {}, {}, {}); please "

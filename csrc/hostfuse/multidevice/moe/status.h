@@ -54,6 +54,11 @@ enum StatusCode : int32_t {
   kStatusCapacityOverflow,  // rank: the receiver; d0: its rows, d1: C
   kStatusTimeout,   // rank: the peer; d0: WaitPurpose, d1: the call's epoch
   kStatusPoisoned,  // an earlier timeout left the protocol unusable
+  // rank: a peer that failed and told us (cuda backend); d0: the
+  // WaitPurpose of our wait it stopped (0: at the start of the call), d1:
+  // the peer's FailureReason, d2: the rank it waited for in vain (-1:
+  // none), d3: the WaitPurpose of that wait
+  kStatusPeerFailed,
   kStatusInternal,  // d0..d2: detail
 };
 
@@ -90,6 +95,13 @@ enum WaitPurpose : int32_t {
   kWaitCombineData = 3,   // combine: the peer's rows of one of our tokens
   kWaitCombineFree = 4,   // combine: the peer's slots free again
   kWaitGrid = 5,  // this GPU's other blocks at a grid barrier (rank: ours)
+};
+
+// Why a rank published a failure to its peers (kStatusPeerFailed).
+enum FailureReason : int32_t {
+  kFailedTimeout = 1,  // a wait of its kernels timed out
+  kFailedOnHost = 2,   // its host raised an error (inputs refused, or an
+                       // error outside MoE in a program that uses it)
 };
 
 // Everything describeStatus needs besides the words.

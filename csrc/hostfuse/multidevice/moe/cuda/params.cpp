@@ -78,6 +78,11 @@ moe::ElementType elementType(at::ScalarType dtype) {
   }
 }
 
+moe::CommonParams failureParams(const CudaMoeConfig& c, const CudaMoeLaunch& l,
+                                const CudaMoeBuffers& b) {
+  return commonParams(c, l, b, /*unit_bytes=*/2, /*profile=*/nullptr);
+}
+
 moe::DispatchParams dispatchParams(const CudaMoeConfig& c,
                                    const CudaMoeLaunch& l,
                                    const CudaMoeBuffers& b, const at::Tensor& x,

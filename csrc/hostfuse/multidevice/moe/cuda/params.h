@@ -14,6 +14,11 @@ namespace hostfuse {
 // The kernels' element type of rows of `dtype` (Float, BFloat16 or Half).
 moe::ElementType elementType(at::ScalarType dtype);
 
+// What publishing a failure needs (no call's tensors).
+moe::CommonParams failureParams(const CudaMoeConfig& config,
+                                const CudaMoeLaunch& launch,
+                                const CudaMoeBuffers& buffers);
+
 // One dispatch: x [T, H] and topk_idx [T, K] contiguous, weights [T, K]
 // contiguous fp32 or undefined; `out` holds the allocated outputs.
 moe::DispatchParams dispatchParams(const CudaMoeConfig& config,

@@ -100,9 +100,12 @@ CudaMoeRuntime::~CudaMoeRuntime() = default;
 
 CudaMoeRuntime::Site& CudaMoeRuntime::siteFor(const MoeDispatchArgs& args) {
   std::unique_ptr<Site>& site = sites_[args.site];
-  if (site != nullptr) {
+  if (site != nullptr && site->workspace->usable()) {
     return *site;
   }
+  // A failure on any rank (a timeout, an error it published) left the
+  // workspace unusable on every rank: each recreates it at this call.
+  site.reset();
   // The first call: agree on the inputs, then the rendezvous.
   const at::Device device = communicator_.device();
   const moe::HostStatus status =
@@ -150,12 +153,16 @@ MoeDispatchOutput CudaMoeRuntime::dispatch(const MoeDispatchArgs& args) {
   const moe::HostStatus status =
       checkInputs(args, communicator_.size(), communicator_.device());
   if (!status.ok()) {
+    workspace.publishFailure();
     HF_THROW(moe::describeStatus(
         dispatchContext(communicator_.rank(), communicator_.size(),
                         args.num_experts),
         status.words()));
   }
   const CudaMoeConfig& config = workspace.config();
+  if (args.x.size(0) > config.max_tokens) {
+    workspace.publishFailure();
+  }
   HF_CHECK(args.x.size(0) <= config.max_tokens, "MoeDispatch: x has ",
            args.x.size(0),
            " tokens, but the node's cuda workspace was sized at its first run "
@@ -201,6 +208,7 @@ at::Tensor CudaMoeRuntime::combine(const MoeCombineArgs& args) {
       args.expert_out, args.layout, args.topk_weights, args.num_tokens,
       args.num_experts, communicator_.size(), communicator_.device());
   if (!status.ok()) {
+    site.workspace->publishFailure();
     moe::StatusContext context = dispatchContext(
         communicator_.rank(), communicator_.size(), args.num_experts);
     context.op = "MoeCombine";
@@ -208,6 +216,14 @@ at::Tensor CudaMoeRuntime::combine(const MoeCombineArgs& args) {
   }
   return site.workspace->combine(args.expert_out, site.handle,
                                  args.topk_weights, args.num_tokens);
+}
+
+void CudaMoeRuntime::publishFailure(const at::Device& /*device*/) noexcept {
+  for (const auto& [key, site] : sites_) {
+    if (site != nullptr) {
+      site->workspace->publishFailure();
+    }
+  }
 }
 
 void CudaMoeRuntime::checkStatus() {

@@ -20,10 +20,12 @@
 //               dispatch. A combine uses the workspace and the latest
 //               dispatch of its dispatch site.
 // Errors the kernels find (bad expert ids, a pick twice, capacity overflow)
-// reach every rank, and the next call works. Errors found on the host after
-// the first call (a wrong shape, T above T_max) are raised on that rank
-// only; its peers' kernels then time out (HOSTFUSE_MOE_TIMEOUT_S) and the
-// workspace becomes unusable.
+// reach every rank, and the next call works. An error found on one rank's
+// host after the first call (a wrong shape, T above T_max), a timeout, or an
+// error of the program around the MoE nodes (publishFailure) is published
+// to the peers through their symmetric `failure` word: their kernels stop
+// at once and raise naming that rank, every rank's workspace of the site is
+// unusable, and every rank recreates it at the site's next call.
 #pragma once
 
 #include <map>
@@ -43,6 +45,7 @@ class CudaMoeRuntime : public MoeRuntime {
   MoeDispatchOutput dispatch(const MoeDispatchArgs& args) override;
   at::Tensor combine(const MoeCombineArgs& args) override;
   void checkStatus() override;
+  void publishFailure(const at::Device& device) noexcept override;
 
  private:
   struct Site;

@@ -7,6 +7,7 @@
 #include <iostream>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <vector>
 
 #include <hostfuse/multidevice/comm/symmetric_memory.h>
@@ -88,6 +89,8 @@ std::vector<int64_t> wordsOf(const moe::StatusRecord& s,
       return {s.code, s.value, 0, 0, 0};  // the capacity is filled in below
     case moe::kStatusTimeout:
       return {s.code, s.purpose, static_cast<int64_t>(s.epoch), 0, 0};
+    case moe::kStatusPeerFailed:
+      return {s.code, s.purpose, s.value, s.token, s.pick};
     default:
       return {s.code, s.token, s.pick, s.value, 0};
   }
@@ -141,35 +144,73 @@ void CudaMoeWorkspace::checkUsable(const char* op) const {
            "' is unusable after an earlier failure: ", broken_reason_);
 }
 
+void CudaMoeWorkspace::publishFailure() noexcept {
+  if (broken_ || config_.world_size < 2) {
+    return;  // told already, or nobody to tell
+  }
+  try {
+    cuda::DeviceScope device_scope(config_.device);
+    if (cuda::isCapturing(config_.device)) {
+      return;
+    }
+    const cudaStream_t stream = cuda::currentStream(config_.device);
+    if (moe::launchPublishFailure(failureParams(config_, launch_, *buffers_),
+                                  moe::kFailedOnHost, stream) != cudaSuccess ||
+        cudaStreamSynchronize(stream) != cudaSuccess) {
+      return;
+    }
+    broken_ = true;
+    broken_reason_ =
+        "this rank raised an error in a call and told every rank; recreate "
+        "the workspace on every rank";
+  } catch (...) {
+    // Never throws: the caller is raising an error of its own.
+  }
+}
+
+template <typename Checks>
+auto CudaMoeWorkspace::publishingFailure(Checks&& checks)
+    -> decltype(checks()) {
+  try {
+    return checks();
+  } catch (...) {
+    publishFailure();
+    throw;
+  }
+}
+
 CudaDispatchResult CudaMoeWorkspace::dispatch(
     const at::Tensor& x, const at::Tensor& topk_idx,
     const std::optional<at::Tensor>& topk_weights) {
   checkUsable("dispatch");
   const CudaMoeConfig& c = config_;
   const at::Device device(at::kCUDA, static_cast<c10::DeviceIndex>(c.device));
-  HF_CHECK(x.device() == device, "MoE dispatch: x must be on ", device,
-           "; it is on ", x.device());
-  HF_CHECK(x.dim() == 2 && x.size(1) == c.hidden,
-           "MoE dispatch: x must be [T, ", c.hidden, "]; got ", x.sizes());
-  HF_CHECK(x.scalar_type() == c.dtype, "MoE dispatch: x must be ", c.dtype,
-           " like the workspace; got ", x.scalar_type());
-  const int64_t tokens = x.size(0);
-  HF_CHECK(tokens <= c.max_tokens, "MoE dispatch: x has ", tokens,
-           " tokens, more than the workspace's max_tokens ", c.max_tokens);
-  HF_CHECK(topk_idx.device() == device, "MoE dispatch: topk_idx must be on ",
-           device, "; it is on ", topk_idx.device());
-  HF_CHECK(
-      topk_idx.scalar_type() == at::kLong || topk_idx.scalar_type() == at::kInt,
-      "MoE dispatch: topk_idx must be int64 or int32; got ",
-      topk_idx.scalar_type());
-  HF_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == tokens &&
-               topk_idx.size(1) == c.topk,
-           "MoE dispatch: topk_idx must be [", tokens, ", ", c.topk, "]; got ",
-           topk_idx.sizes());
-  const at::Tensor weights =
-      floatWeights("dispatch", topk_weights, device, tokens, c.topk);
-  const at::Tensor input = x.contiguous();
-  const at::Tensor idx = topk_idx.contiguous();
+  // The peers would wait for this rank's count row: a refusal is published.
+  const auto [input, idx, weights] = publishingFailure([&] {
+    HF_CHECK(x.device() == device, "MoE dispatch: x must be on ", device,
+             "; it is on ", x.device());
+    HF_CHECK(x.dim() == 2 && x.size(1) == c.hidden,
+             "MoE dispatch: x must be [T, ", c.hidden, "]; got ", x.sizes());
+    HF_CHECK(x.scalar_type() == c.dtype, "MoE dispatch: x must be ", c.dtype,
+             " like the workspace; got ", x.scalar_type());
+    const int64_t tokens = x.size(0);
+    HF_CHECK(tokens <= c.max_tokens, "MoE dispatch: x has ", tokens,
+             " tokens, more than the workspace's max_tokens ", c.max_tokens);
+    HF_CHECK(topk_idx.device() == device, "MoE dispatch: topk_idx must be on ",
+             device, "; it is on ", topk_idx.device());
+    HF_CHECK(topk_idx.scalar_type() == at::kLong ||
+                 topk_idx.scalar_type() == at::kInt,
+             "MoE dispatch: topk_idx must be int64 or int32; got ",
+             topk_idx.scalar_type());
+    HF_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == tokens &&
+                 topk_idx.size(1) == c.topk,
+             "MoE dispatch: topk_idx must be [", tokens, ", ", c.topk,
+             "]; got ", topk_idx.sizes());
+    return std::make_tuple(
+        x.contiguous(), topk_idx.contiguous(),
+        floatWeights("dispatch", topk_weights, device, tokens, c.topk));
+  });
+  const int64_t tokens = input.size(0);
 
   CudaMoeBuffers& b = *buffers_;
   cuda::DeviceScope device_scope(c.device);
@@ -209,29 +250,34 @@ at::Tensor CudaMoeWorkspace::combine(
   checkUsable("combine");
   const CudaMoeConfig& c = config_;
   const at::Device device(at::kCUDA, static_cast<c10::DeviceIndex>(c.device));
-  HF_CHECK(handle.workspace == this,
-           "MoE combine: the handle comes from another workspace (another "
-           "MoE node?) than '",
-           c.tag, "'");
-  HF_CHECK(handle.call == dispatch_calls_, "MoE combine: the handle is from ",
-           "dispatch call ", handle.call, " of workspace '", c.tag,
-           "', but its latest dispatch is call ", dispatch_calls_,
-           "; combine needs the latest one");
-  const int64_t tokens = handle.num_tokens;
-  HF_CHECK(num_tokens < 0 || num_tokens == tokens, "MoE combine: num_tokens ",
-           num_tokens, " differs from the dispatch's T = ", tokens);
-  HF_CHECK(expert_out.device() == device, "MoE combine: expert_out must be on ",
-           device, "; it is on ", expert_out.device());
-  HF_CHECK(expert_out.scalar_type() == c.dtype, "MoE combine: expert_out ",
-           "must be ", c.dtype, " like the workspace; got ",
-           expert_out.scalar_type());
-  HF_CHECK(expert_out.dim() == 2 && expert_out.size(0) == launch_.capacity &&
-               expert_out.size(1) == c.hidden,
-           "MoE combine: expert_out must be [C, H] = [", launch_.capacity, ", ",
-           c.hidden, "] in the dispatch layout; got ", expert_out.sizes());
-  const at::Tensor weights =
-      floatWeights("combine", topk_weights, device, tokens, c.topk);
-  const at::Tensor rows = expert_out.contiguous();
+  // The peers would wait for this rank's rows: a refusal is published.
+  const auto [rows, weights, tokens] = publishingFailure([&] {
+    HF_CHECK(handle.workspace == this,
+             "MoE combine: the handle comes from another workspace (another "
+             "MoE node?) than '",
+             c.tag, "'");
+    HF_CHECK(handle.call == dispatch_calls_, "MoE combine: the handle is from ",
+             "dispatch call ", handle.call, " of workspace '", c.tag,
+             "', but its latest dispatch is call ", dispatch_calls_,
+             "; combine needs the latest one");
+    const int64_t tokens = handle.num_tokens;
+    HF_CHECK(num_tokens < 0 || num_tokens == tokens, "MoE combine: num_tokens ",
+             num_tokens, " differs from the dispatch's T = ", tokens);
+    HF_CHECK(expert_out.device() == device,
+             "MoE combine: expert_out must be on ", device, "; it is on ",
+             expert_out.device());
+    HF_CHECK(expert_out.scalar_type() == c.dtype, "MoE combine: expert_out ",
+             "must be ", c.dtype, " like the workspace; got ",
+             expert_out.scalar_type());
+    HF_CHECK(expert_out.dim() == 2 && expert_out.size(0) == launch_.capacity &&
+                 expert_out.size(1) == c.hidden,
+             "MoE combine: expert_out must be [C, H] = [", launch_.capacity,
+             ", ", c.hidden, "] in the dispatch layout; got ",
+             expert_out.sizes());
+    return std::make_tuple(
+        expert_out.contiguous(),
+        floatWeights("combine", topk_weights, device, tokens, c.topk), tokens);
+  });
 
   cuda::DeviceScope device_scope(c.device);
   at::Tensor out = at::empty({tokens, c.hidden},
@@ -294,7 +340,8 @@ void CudaMoeWorkspace::raiseStatus() {
   }
   const std::string message = moe::describeStatus(context, words.data());
   if (status.code == moe::kStatusTimeout ||
-      status.code == moe::kStatusPoisoned) {
+      status.code == moe::kStatusPoisoned ||
+      status.code == moe::kStatusPeerFailed) {
     broken_ = true;
     broken_reason_ = message;
   }

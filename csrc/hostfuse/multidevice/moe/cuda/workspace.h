@@ -97,6 +97,17 @@ class CudaMoeWorkspace {
   // check (use after graph replays). Must not run during a capture.
   void checkStatus();
 
+  // Tells every peer that this rank failed (their kernels stop at once and
+  // raise naming it) and marks this workspace unusable, as every peer's
+  // becomes. dispatch and combine do it themselves when they refuse their
+  // arguments; a caller does it for an error of its own in a program that
+  // uses the workspace. Never throws; does nothing during a capture or
+  // when the workspace is unusable already.
+  void publishFailure() noexcept;
+  // False after a timeout or a failure on any rank: recreate the workspace
+  // on every rank.
+  bool usable() const { return !broken_; }
+
   // Needs config.profile (or HOSTFUSE_MOE_PROFILE=1). Waits for the device
   // and reduces the profile buffer over blocks: the phases of the latest
   // dispatch and the latest combine of this workspace on this rank. Must not
@@ -118,6 +129,9 @@ class CudaMoeWorkspace {
 
   void checkAgreement(c10d::Store& store) const;
   void checkUsable(const char* op) const;
+  // Runs `checks`; if they throw, publishes the failure, then rethrows.
+  template <typename Checks>
+  auto publishingFailure(Checks&& checks) -> decltype(checks());
   void afterCall(const char* op);
   void raiseStatus();
 

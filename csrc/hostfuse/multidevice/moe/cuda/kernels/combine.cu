@@ -83,6 +83,18 @@ struct Element<__half> {
   }
 };
 
+// Grid-stride: a quiet NaN in each of out's `count` elements.
+template <typename T>
+__device__ void fillNaN(T* out, int64_t count) {
+  using Bits = typename Element<T>::Bits;
+  const Bits nan = Element<T>::fromFloat(__int_as_float(0x7fc00000));
+  Bits* bits = reinterpret_cast<Bits*>(out);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    bits[i] = nan;
+  }
+}
+
 // One claimed piece of the reduction: units [begin, end) of token t.
 struct ReducePiece {
   int64_t token;
@@ -276,6 +288,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const CallStart call =
       beginCall(c, &state->combine_epoch, kOpCombine, entry_ns);
   if (!call.usable) {
+    // A call after a failure: NaN in every element of the output, never
+    // the previous call's result.
+    fillNaN<T>(static_cast<T*>(p.out), p.tokens * c.row_bytes / sizeof(T));
     return;
   }
   const WaitContext& context = call.context;

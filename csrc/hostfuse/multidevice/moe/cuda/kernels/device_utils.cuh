@@ -100,6 +100,13 @@ struct WaitContext {
   uint64_t timeout_ns;
   int op;
   uint64_t epoch;
+  // Failure publication: this rank's own `failure` word (peers write it),
+  // and the peers' control buffers to write theirs.
+  const uint64_t* failure;
+  void* const* control;
+  size_t failure_offset;
+  int rank;
+  int world_size;
 };
 
 // Records the first error of a call (or of a series of replays): the
@@ -125,6 +132,50 @@ __device__ inline void recordStatus(const WaitContext& context, int32_t code,
   __threadfence_system();
 }
 
+// A failure as published to the peers: bits 32-63 the failed rank + 1 (so
+// the word is never 0), 16-31 the rank it waited for in vain + 1 (0: none),
+// 8-15 what it waited for (a WaitPurpose), 0-7 the FailureReason.
+__device__ __forceinline__ uint64_t failureWord(int rank, int32_t reason,
+                                                int awaited, int purpose) {
+  return (static_cast<uint64_t>(rank + 1) << 32) |
+         (static_cast<uint64_t>(awaited + 1) << 16) |
+         (static_cast<uint64_t>(purpose & 0xff) << 8) |
+         static_cast<uint64_t>(reason & 0xff);
+}
+
+// One thread: poisons this rank's workspace and writes failureWord into
+// every peer's `failure` word. The word is never cleared: a failure ends
+// the workspace on every rank (they are recreated together).
+__device__ inline void publishFailure(const WaitContext& context,
+                                      int32_t reason, int awaited = -1,
+                                      int purpose = 0) {
+  atomicExch(&context.state->poisoned, 1);
+  __threadfence_system();
+  const uint64_t word = failureWord(context.rank, reason, awaited, purpose);
+  for (int peer = 0; peer < context.world_size; ++peer) {
+    if (peer != context.rank) {
+      storeReleaseSys(flagAt(context.control[peer], context.failure_offset, 0),
+                      word);
+    }
+  }
+}
+
+// One thread: if a peer has published a failure, records it (naming the
+// peer), poisons this workspace and returns true.
+__device__ inline bool peerFailed(const WaitContext& context, int purpose) {
+  const uint64_t word = loadVolatile(context.failure);
+  if (word == 0) {
+    return false;
+  }
+  // token: the rank the failed peer waited for; pick: what it waited for.
+  recordStatus(context, kStatusPeerFailed, static_cast<int>(word >> 32) - 1,
+               purpose, static_cast<int64_t>((word >> 16) & 0xffff) - 1,
+               static_cast<int64_t>((word >> 8) & 0xff),
+               static_cast<int64_t>(word & 0xff));
+  atomicExch(&context.state->poisoned, 1);
+  return true;
+}
+
 // The start of every dispatch and combine call. The call's epoch is the
 // op's last finished epoch + 1 (`last_epoch` is advanced by the call's last
 // block to exit, so all blocks agree on it); profiling stamps the block's
@@ -141,19 +192,30 @@ __device__ inline CallStart beginCall(const CommonParams& c,
                                       uint64_t entry_ns) {
   CallStart call;
   const uint64_t epoch = loadVolatile(last_epoch) + 1;
-  call.context = WaitContext{c.state, c.status, c.timeout_ns, op, epoch};
+  call.context =
+      WaitContext{c.state,      c.status,
+                  c.timeout_ns, op,
+                  epoch,        flagAt(c.control[c.rank], c.layout.failure, 0),
+                  c.control,    c.layout.failure,
+                  c.rank,       c.world_size};
   call.prof = profileSlots(c.profile);
   profileBegin(call.prof, epoch, entry_ns);
-  call.usable = loadVolatile(&c.state->poisoned) == 0;
-  if (!call.usable && blockIdx.x == 0 && threadIdx.x == 0) {
+  // A peer's failure published since the last call ends this one at once;
+  // blocks that read the word before it landed stop at their first wait.
+  call.usable = loadVolatile(&c.state->poisoned) == 0 &&
+                loadVolatile(call.context.failure) == 0;
+  if (!call.usable && blockIdx.x == 0 && threadIdx.x == 0 &&
+      !peerFailed(call.context, 0)) {
     recordStatus(call.context, kStatusPoisoned, -1, 0, -1, -1, 0);
   }
   return call;
 }
 
 // One thread waits until *flag >= target. On timeout it records which peer
-// did not answer and poisons the workspace, so that every other waiter, and
-// every later call, stops at once. False when the call must stop.
+// did not answer, poisons the workspace and publishes the failure to the
+// peers, so that every other waiter, here and on every peer, and every
+// later call, stops at once; a failure a peer published stops it too. False
+// when the call must stop.
 __device__ inline bool waitForFlag(const uint64_t* flag, uint64_t target,
                                    int peer, const WaitContext& context,
                                    int purpose) {
@@ -167,13 +229,14 @@ __device__ inline bool waitForFlag(const uint64_t* flag, uint64_t target,
     // longer the wait the more.
     __nanosleep(sleep_ns);
     sleep_ns = sleep_ns < 256 ? 2 * sleep_ns : sleep_ns;
-    if (loadVolatile(&context.state->poisoned) != 0) {
+    if (loadVolatile(&context.state->poisoned) != 0 ||
+        peerFailed(context, purpose)) {
       return false;
     }
     if (globalTimerNs() - start > context.timeout_ns) {
       recordStatus(context, kStatusTimeout, peer, purpose, -1, -1,
                    static_cast<int64_t>(target));
-      atomicExch(&context.state->poisoned, 1);
+      publishFailure(context, kFailedTimeout, peer, purpose);
       return false;
     }
   }

@@ -875,6 +875,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const CallStart call =
       beginCall(c, &state->dispatch_epoch, kOpDispatch, entry_ns);
   if (!call.usable) {
+    // A call after a failure (e.g. a graph replayed before checkStatus):
+    // zero counts, so that nothing downstream reads a row.
+    if (blockIdx.x == 0) {
+      for (int i = threadIdx.x; i < c.local_experts; i += blockDim.x) {
+        p.recv_expert_counts[i] = 0;
+      }
+      for (int i = threadIdx.x; i < c.world_size; i += blockDim.x) {
+        p.rows_to_rank[i] = 0;
+        p.rows_from_rank[i] = 0;
+      }
+    }
     return;
   }
   const WaitContext& context = call.context;
@@ -977,7 +988,8 @@ ControlLayout controlLayout(int world_size, int num_experts,
   const size_t flags = sizeof(uint64_t) * world_size;
   layout.count_flags = 0;
   layout.free_flags = roundUp(layout.count_flags + flags, 16);
-  layout.arrivals = roundUp(layout.free_flags + flags, 128);
+  layout.failure = roundUp(layout.free_flags + flags, 16);
+  layout.arrivals = roundUp(layout.failure + sizeof(uint64_t), 128);
   layout.count_rows = roundUp(
       layout.arrivals + sizeof(uint64_t) * world_size * max_tokens, 128);
   layout.count_row_bytes = countRowBytes(num_experts);

@@ -34,4 +34,29 @@ cudaError_t prepareKernels(int device, int num_experts, ElementType dtype,
   return cudaSuccess;
 }
 
+namespace {
+
+__global__ void publishFailureKernel(const CommonParams c, int32_t reason) {
+  const device::WaitContext context{
+      c.state,
+      c.status,
+      c.timeout_ns,
+      0,
+      0,
+      device::flagAt(c.control[c.rank], c.layout.failure, 0),
+      c.control,
+      c.layout.failure,
+      c.rank,
+      c.world_size};
+  device::publishFailure(context, reason);
+}
+
+}  // namespace
+
+cudaError_t launchPublishFailure(const CommonParams& common, int32_t reason,
+                                 cudaStream_t stream) {
+  publishFailureKernel<<<1, 1, 0, stream>>>(common, reason);
+  return cudaGetLastError();
+}
+
 }  // namespace hostfuse::moe

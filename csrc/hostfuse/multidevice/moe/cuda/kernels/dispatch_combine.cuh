@@ -70,6 +70,7 @@ struct DeviceState {
 struct ControlLayout {
   size_t count_flags;      // uint64[R]: epoch of peer s's count row
   size_t free_flags;       // uint64[R]: epoch of peer s's last reduction
+  size_t failure;          // uint64: failureWord() of a peer that failed
   size_t arrivals;         // uint64[T_max][R]: peer s done with our token t
   size_t count_rows;       // CountRow[2][R], double-buffered by epoch parity
   size_t count_row_bytes;  // header + E int32 counts, 16-byte multiple
@@ -245,6 +246,13 @@ cudaError_t prepareKernels(int device, int num_experts, ElementType dtype,
 // Launch on `stream` with `blocks` blocks (<= max_blocks of prepareKernels).
 // `cooperative` asks the runtime to guarantee co-residency (the kernels'
 // blocks wait for each other); turning it off is for diagnosis only.
+// Marks this rank's workspace failed and tells every peer (their
+// `failure` word), so that their waits stop at once and name this rank;
+// `reason` is a FailureReason. One thread; kernels already running on this
+// device stop at their next poll.
+cudaError_t launchPublishFailure(const CommonParams& common, int32_t reason,
+                                 cudaStream_t stream);
+
 cudaError_t launchDispatch(const DispatchParams& params, bool idx_is_int64,
                            int blocks, bool cooperative, cudaStream_t stream);
 cudaError_t launchCombine(const CombineParams& params, ElementType dtype,
