@@ -88,7 +88,7 @@ def test_gpu_reports_the_first_bad_pick_like_the_cpu(bad):
 
 
 @needs_gpu
-@pytest.mark.parametrize("corrupt", ["src_rank", "src_token", "counts"])
+@pytest.mark.parametrize("corrupt", ["src_rank", "src_token", "counts", "repeat"])
 def test_gpu_checks_a_bad_layout_like_the_cpu(corrupt):
     x = torch.randn(5, 8)
     idx = routing(5, 2, 4, 3)
@@ -99,6 +99,10 @@ def test_gpu_checks_a_bad_layout_like_the_cpu(corrupt):
             handle.recv_src_rank[3] = 7
         elif corrupt == "src_token":
             handle.recv_src_token[2] = -4
+        elif corrupt == "repeat":
+            # Row 1 names row 0's (rank, token, pick) too.
+            handle.recv_src_token[1] = handle.recv_src_token[0]
+            handle.recv_src_k[1] = handle.recv_src_k[0]
         else:
             handle.recv_expert_counts[1] += 1
         texts.append(error_text(lambda: moe.combine(handle.recv_x, handle)))

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <limits>
 
 #include <hostfuse/host_ir/evaluator.h>
 #include <hostfuse/ir/ops.h>
@@ -316,6 +317,82 @@ TEST_P(BadInput, CombineGivenTheLayoutOfAnotherDispatch) {
       },
       {"MoeCombine: the rows do not match their dispatch",
        "rank " + std::to_string(ranks() - 1) + " sent 0 rows to rank 0"});
+  expectValidCallWorks();
+}
+
+// Every token of every rank goes to the last rank's two experts, so its
+// layout's rows 0 and 1 are (rank 0, token 0, pick 0) and (rank 0, token 1,
+// pick 0).
+MoeDispatchOutput dispatchToTheLastRank(const at::Tensor& x,
+                                        const std::optional<at::Tensor>& w,
+                                        int64_t experts) {
+  const at::Tensor idx = at::tensor({experts - 2, experts - 1}, at::kLong)
+                             .repeat({x.size(0), 1})
+                             .to(x.device());
+  return dispatchCollective(x, idx, w, experts, communicator());
+}
+
+// The last rank's layout names (rank 0, token 0, pick 0) twice, and (rank
+// 0, token 1, pick 0) not at all: the counts all match, and without the
+// check rank 0 would get token 0's pick 0 twice and token 1 without it.
+TEST_P(BadInput, CombineGivenALayoutThatNamesARowTwice) {
+  MoeDispatchOutput out = dispatchToTheLastRank(x(), weights(), experts());
+  if (isBadRank()) {
+    out.layout.src_token = out.layout.src_token.clone();
+    out.layout.src_token[1] = 0;
+  }
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(out.recv_x, out.layout, weights(), kTokens, experts(),
+                          communicator());
+      },
+      {"MoeCombine", "row 1 of the layout names rank 0, token 0, pick 0",
+       "like an earlier row", "the rows do not match their dispatch"});
+}
+
+TEST_P(BadInput, CombineGivenATokenOutOfRange) {
+  MoeDispatchOutput out = dispatchToTheLastRank(x(), weights(), experts());
+  if (isBadRank()) {
+    out.layout.src_token = out.layout.src_token.clone();
+    out.layout.src_token[1] = kTokens;
+  }
+  test::expectErrorContains(
+      [&] {
+        combineCollective(out.recv_x, out.layout, weights(), kTokens, experts(),
+                          communicator());
+      },
+      {"MoeCombine: recv_src_token on rank " + std::to_string(ranks() - 1) +
+           " names token 6 of rank 0, which has 6 tokens",
+       "the rows do not match their dispatch"});
+  expectValidCallWorks();
+}
+
+// Without weights combine does not know K, so a pick is only ordered, never
+// bounded: a huge one must cost nothing (no scratch sized by it, no
+// overflow) and is summed in its place. Picks 0 and 1 of a token add in
+// either order to the same bits.
+TEST_P(BadInput, CombineWithoutWeightsAllocatesNothingForAHugePick) {
+  const at::Tensor input = x();
+  for (const int64_t pick :
+       {int64_t{1000000}, int64_t{1} << 40, int64_t{1} << 62,
+        std::numeric_limits<int64_t>::max()}) {
+    SCOPED_TRACE("recv_src_k = " + std::to_string(pick));
+    MoeDispatchOutput out =
+        dispatchToTheLastRank(input, std::nullopt, experts());
+    if (isBadRank()) {
+      out.layout.src_k = out.layout.src_k.clone();
+      out.layout.src_k[0] = pick;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    const at::Tensor back =
+        combineCollective(out.recv_x, out.layout, std::nullopt, kTokens,
+                          experts(), communicator());
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count();
+    EXPECT_LT(seconds, 10.0);
+    test::expectClose(back.cpu(), (input * 2).cpu(), 0, 0);
+  }
   expectValidCallWorks();
 }
 

@@ -71,9 +71,9 @@ at::Tensor HostStatus::toDevice(const at::Device& device) const {
 
 void DeviceStatus::failIf(const at::Tensor& bad, const at::Tensor& code,
                           const at::Tensor& d0, const at::Tensor& d1,
-                          const at::Tensor& d2) {
+                          const at::Tensor& d2, const at::Tensor& d3) {
   const at::Tensor candidate =
-      at::stack({code, d0, d1, d2, at::zeros_like(d0)});
+      at::stack({code, d0, d1, d2, d3.defined() ? d3 : at::zeros_like(d0)});
   const at::Tensor take = at::logical_and(words_[0] == kStatusOk, bad);
   words_ = at::where(take, candidate, words_);
 }
@@ -236,7 +236,40 @@ void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
     const at::Tensor row = firstIndex(bad);
     status.failIf(bad.any(), codeOf(kStatusProvenanceNegative, zero), row,
                   element(layout.src_token, row), element(layout.src_k, row));
+    const at::Tensor repeated = firstRepeatedRow(layout);
+    const at::Tensor at_row = repeated.clamp_max(rows - 1);
+    status.failIf(repeated < rows, codeOf(kStatusProvenanceRepeated, zero),
+                  at_row, element(src_rank, at_row),
+                  element(layout.src_token, at_row),
+                  element(layout.src_k, at_row));
   }
+}
+
+at::Tensor firstRepeatedRow(const MoeLayout& layout) {
+  const int64_t rows = layout.src_rank.numel();
+  const at::Tensor none = at::full({}, rows, layout.src_rank.options());
+  if (rows < 2) {
+    return none;
+  }
+  // Rows in (rank, token, pick) order, each key's rows in row order (the
+  // sorts are stable): a row equal to the one before it in this order
+  // repeats an earlier row, and the first such row is the smallest of
+  // those.
+  at::Tensor order = at::arange(rows, layout.src_rank.options());
+  for (const at::Tensor* key :
+       {&layout.src_k, &layout.src_token, &layout.src_rank}) {
+    order = order.index_select(
+        0, std::get<1>(at::sort(key->index_select(0, order), /*stable=*/true, 0,
+                                /*descending=*/false)));
+  }
+  at::Tensor same = at::ones({rows - 1}, order.options().dtype(at::kBool));
+  for (const at::Tensor* key :
+       {&layout.src_rank, &layout.src_token, &layout.src_k}) {
+    const at::Tensor sorted = key->index_select(0, order);
+    same.logical_and_(sorted.narrow(0, 1, rows - 1) ==
+                      sorted.narrow(0, 0, rows - 1));
+  }
+  return at::where(same, order.narrow(0, 1, rows - 1), none).min();
 }
 
 int64_t dtypeCode(const at::Tensor& t) {

@@ -42,9 +42,11 @@ class DeviceStatus {
  public:
   explicit DeviceStatus(at::Tensor words) : words_(std::move(words)) {}
   // Where no check failed yet and `bad` (a 0-dim bool tensor) holds, sets
-  // `code` (a 0-dim i64 tensor) and the details d0, d1, d2 (the fourth is 0).
+  // `code` (a 0-dim i64 tensor) and the details d0 .. d3 (d3 0 if not
+  // given).
   void failIf(const at::Tensor& bad, const at::Tensor& code,
-              const at::Tensor& d0, const at::Tensor& d1, const at::Tensor& d2);
+              const at::Tensor& d0, const at::Tensor& d1, const at::Tensor& d2,
+              const at::Tensor& d3 = at::Tensor());
   const at::Tensor& words() const { return words_; }
 
  private:
@@ -84,9 +86,15 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
                               int64_t num_tokens, int64_t num_experts,
                               int64_t world_size, const at::Device& device);
 
-// The layout's values agree with each other and with expert_out's `rows`.
+// The layout's values agree with each other and with expert_out's `rows`,
+// and no (rank, token, pick) is named twice (firstRepeatedRow).
 void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
                        int64_t rows, int64_t world_size);
+
+// 0-dim i64 on the layout's device: the first row whose (src_rank,
+// src_token, src_k) an earlier row names too, the number of rows if none.
+// Three stable sorts, no host synchronization.
+at::Tensor firstRepeatedRow(const MoeLayout& layout);
 
 // The dtype code of `t` as status words carry it (at::ScalarType), -1 for
 // an undefined tensor.

@@ -117,6 +117,7 @@ std::string describeCombineInput(const StatusContext& c, const int64_t* w) {
   const int64_t d0 = w[1];
   const int64_t d1 = w[2];
   const int64_t d2 = w[3];
+  const int64_t d3 = w[4];
   switch (static_cast<StatusCode>(w[0])) {
     case kStatusOutRank:
       return fmt::format(
@@ -175,6 +176,13 @@ std::string describeCombineInput(const StatusContext& c, const int64_t* w) {
           "recv_src_token or recv_src_k is negative at row {} (token {}, pick "
           "{})",
           d0, d1, d2);
+    case kStatusProvenanceRepeated:
+      return fmt::format(
+          "row {} of the layout names rank {}, token {}, pick {} "
+          "(recv_src_rank, recv_src_token, recv_src_k) like an earlier row; "
+          "a (rank, token, pick) comes back at most once, so the rows do not "
+          "match their dispatch",
+          d0, d1, d2, d3);
     default:
       return "";
   }
@@ -262,6 +270,16 @@ std::string describeStatus(const StatusContext& c, const int64_t* w) {
           "the "
           "capacity were dropped; nothing was written out of bounds",
           c.op, c.rank, c.world_size, w[1], w[2], w[1]);
+    case kStatusBadCountRow:
+      return fmt::format(
+          "{}: rank {} of {} wrote {} = {} into its count row, outside [0, "
+          "{}] (T_max); the ranks' workspaces do not match (a different "
+          "build or configuration on that rank?) or its memory was "
+          "overwritten. Nothing was read past the bound",
+          c.op, c.rank, c.world_size,
+          w[1] < 0 ? std::string("its token count")
+                   : fmt::format("the rows of expert {}", w[1]),
+          w[2], w[3]);
     case kStatusTimeout:
       return fmt::format(
           "{}: rank {} of {} did not answer within {} s (waiting for its {}, "

@@ -50,8 +50,14 @@ enum StatusCode : int32_t {
   kStatusSrcRankRange,        // d0: row, d1: its recv_src_rank
   kStatusSrcRankCounts,       // d0: rank, d1: its rows, d2: n_tokens_from
   kStatusProvenanceNegative,  // d0: row, d1: its token, d2: its pick
+  // d0: row, d1: its rank, d2: its token, d3: its pick, which an earlier
+  // row names too
+  kStatusProvenanceRepeated,
   // Found by the cuda backend's kernels while they run.
   kStatusCapacityOverflow,  // rank: the receiver; d0: its rows, d1: C
+  // rank: the peer whose count row is out of bounds; d0: the expert (-1:
+  // the peer's token count), d1: the value, d2: the bound (T_max)
+  kStatusBadCountRow,
   kStatusTimeout,   // rank: the peer; d0: WaitPurpose, d1: the call's epoch
   kStatusPoisoned,  // an earlier timeout left the protocol unusable
   // rank: a peer that failed and told us (cuda backend); d0: the

@@ -341,64 +341,81 @@ void checkCombineTable(const at::Tensor& table) {
   }
 }
 
+// The rows returned to this rank in (token, pick) order, and where each
+// token's rows start: token t's are order[token_start[t] ..
+// token_start[t + 1]). A dense list, [N] and [T + 1], sized by the rows
+// that came back and T, never by a pick a peer names. Tokens are in
+// [0, T) (checked from the combine table); picks are any non-negative
+// numbers. Two stable sorts and a search, on the rows' device, without a
+// host synchronization.
+struct TokenOrder {
+  at::Tensor order;
+  at::Tensor token_start;
+};
+
+TokenOrder orderByTokenThenPick(const at::Tensor& token, const at::Tensor& pick,
+                                int64_t num_tokens) {
+  const at::Tensor by_pick =
+      std::get<1>(at::sort(pick, /*stable=*/true, 0, /*descending=*/false));
+  const at::Tensor order = by_pick.index_select(
+      0, std::get<1>(at::sort(token.index_select(0, by_pick), /*stable=*/true,
+                              0, /*descending=*/false)));
+  const at::Tensor sorted_token = token.index_select(0, order);
+  return {order, at::searchsorted(sorted_token,
+                                  at::arange(num_tokens + 1, token.options()))};
+}
+
 // combined [T, H'] from the rows returned to this rank: row i belongs to
 // (token[i], pick[i]). The sum must equal the cuda backend's bit for bit,
 // so it follows the kernel's order exactly: per token, acc = +0 in fp32
-// (fp64 for fp64 rows), then for k = 0, 1, ...: acc = acc + w[t, k] *
-// float(row of (t, k)), each product and each sum rounded on its own (one
-// ATen op each: nothing fuses them into a fused multiply-add), then one
-// rounding to the rows' dtype. index_add_ cannot do this: its order is
-// unspecified on CUDA (atomics). Everything stays on the device.
+// (fp64 for fp64 rows), then for its rows in ascending pick order: acc =
+// acc + w[t, k] * float(row of (t, k)), each product and each sum rounded
+// on its own (one ATen op each: nothing fuses them into a fused
+// multiply-add), then one rounding to the rows' dtype. Masked picks have
+// no row and add nothing (the kernel skips them too; adding +0 would not
+// change acc's bits either), and their weights are never read.
 //
-// Masked picks have no row: their slot stays +0 and their weight 0, so
-// they add +0 * 0 = +0 (without weights, +0). That never changes the bits
-// of acc: in round-to-nearest a sum is -0 only when both addends are -0, so
-// acc, which starts at +0, is never -0; and x + (+0) == x for every x other
-// than -0 (NaN aside). The kernel skips those picks; the result is the same.
-// The weight of a masked pick is never read (a NaN or inf there must not
-// leak into the sum), hence the weights go into slots too.
+// The j-th row of every token is added in one step j: the tokens of one
+// step are distinct, so each element gets exactly one rounded addition.
+// index_add_ is not used for it: its order is unspecified on CUDA.
 at::Tensor combineInOrder(const at::Tensor& rows, const at::Tensor& token,
                           const at::Tensor& pick,
                           const std::optional<at::Tensor>& topk_weights,
-                          int64_t num_tokens, int64_t slot_picks) {
+                          int64_t num_tokens) {
   const int64_t hidden = rows.size(1);
+  const int64_t count = rows.size(0);
   const at::ScalarType accumulate =
       at::promote_types(at::kFloat, rows.scalar_type());
-  const at::Tensor slot = token * slot_picks + pick;
-  const at::Tensor slots =
-      at::zeros({num_tokens * slot_picks, hidden}, rows.options())
-          .index_copy_(0, slot, rows)
-          .view({num_tokens, slot_picks, hidden});
-  at::Tensor weight_slots;
+  const TokenOrder sorted = orderByTokenThenPick(token, pick, num_tokens);
+  const at::Tensor sorted_token = token.index_select(0, sorted.order);
+  // Which of its token's rows each row is (0 for its smallest pick), and
+  // the rows grouped by that step, each step in token order.
+  const at::Tensor step = at::arange(count, token.options()) -
+                          sorted.token_start.index_select(0, sorted_token);
+  const at::Tensor by_step =
+      std::get<1>(at::sort(step, /*stable=*/true, 0, /*descending=*/false));
+  const at::Tensor step_rows =
+      count > 0 ? at::bincount(step) : at::zeros({0}, token.options());
+  const int64_t* per_step = step_rows.const_data_ptr<int64_t>();
+  at::Tensor weights;
   if (topk_weights.has_value()) {
-    const int64_t picks = topk_weights->size(1);
-    weight_slots =
-        at::zeros({num_tokens * slot_picks}, rows.options().dtype(accumulate))
-            .index_copy_(0, slot,
-                         topk_weights->to(accumulate)
-                             .reshape({-1})
-                             .index_select(0, token * picks + pick))
-            .view({num_tokens, slot_picks});
+    weights = topk_weights->to(accumulate).reshape({-1});
   }
   at::Tensor acc =
       at::zeros({num_tokens, hidden}, rows.options().dtype(accumulate));
-  // A chunk of tokens at a time: its weighted terms in one go ([chunk,
-  // slot_picks, H] in the accumulation type, two kernels), then their sum
-  // in pick order (one in-place add per pick). The chunk bounds that
-  // temporary to kTermElements.
-  constexpr int64_t kTermElements = int64_t{1} << 26;
-  const int64_t chunk = std::max<int64_t>(
-      1, kTermElements / std::max<int64_t>(1, slot_picks * hidden));
-  for (int64_t first = 0; first < num_tokens; first += chunk) {
-    const int64_t n = std::min(chunk, num_tokens - first);
-    at::Tensor terms = slots.narrow(0, first, n).to(accumulate);
-    if (weight_slots.defined()) {
-      terms.mul_(weight_slots.narrow(0, first, n).unsqueeze(2));
+  int64_t first = 0;
+  for (int64_t j = 0; j < step_rows.numel(); ++j) {
+    const at::Tensor in_step =
+        sorted.order.index_select(0, by_step.narrow(0, first, per_step[j]));
+    first += per_step[j];
+    const at::Tensor tokens = token.index_select(0, in_step);
+    at::Tensor terms = rows.index_select(0, in_step).to(accumulate);
+    if (weights.defined()) {
+      const int64_t picks = topk_weights->size(1);
+      const at::Tensor flat = tokens * picks + pick.index_select(0, in_step);
+      terms.mul_(weights.index_select(0, flat).unsqueeze(1));
     }
-    at::Tensor sum = acc.narrow(0, first, n);
-    for (int64_t k = 0; k < slot_picks; ++k) {
-      sum.add_(terms.select(1, k));
-    }
+    acc.index_copy_(0, tokens, acc.index_select(0, tokens).add_(terms));
   }
   return acc.to(rows.scalar_type());
 }
@@ -657,6 +674,7 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   if (gpu) {
     send_table = at::empty({world_size, tableWidth(world_size)}, longs);
     std::array<at::Tensor, 6> vectors;
+    at::Tensor first_repeated;
     collective::CombineCheckArgs args;
     args.valid = valid;
     if (valid) {
@@ -672,6 +690,8 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
       args.expert_counts = vectors[3].const_data_ptr<int64_t>();
       args.to_rank = vectors[4].const_data_ptr<int64_t>();
       args.from_rank = vectors[5].const_data_ptr<int64_t>();
+      first_repeated = moe::firstRepeatedRow(layout);
+      args.first_repeated_row = first_repeated.const_data_ptr<int64_t>();
     }
     args.rows = rows;
     args.local_experts = valid ? num_experts / world_size : 0;
@@ -706,23 +726,14 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   checkCallsMatch(table);
   checkCombineTable(table);
 
-  const int64_t width = table.size(1);
-  const int64_t* all_words = table.data_ptr<int64_t>();
-  const int64_t* words = all_words + me * width;
+  const int64_t* words = table.data_ptr<int64_t>() + me * table.size(1);
   std::vector<int64_t> send_splits(world_size);
   std::vector<int64_t> recv_splits(world_size);
   int64_t num_recv = 0;
-  // Pick slots per token in step 4: 1 + the largest pick any rank holds
-  // from this one (K is unknown here without weights).
-  int64_t slot_picks = 0;
   for (int64_t r = 0; r < world_size; ++r) {
     send_splits[r] = words[kCallHeaderWords + kFromRank * world_size + r];
     recv_splits[r] = words[kCallHeaderWords + kToRank * world_size + r];
     num_recv += recv_splits[r];
-    slot_picks = std::max(
-        slot_picks,
-        all_words[r * width + kCallHeaderWords + kMaxPick * world_size + me] +
-            1);
   }
 
   // 3. Every row back to its source rank, in x's dtype on its own, its
@@ -745,7 +756,7 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   // 4. Per token, the sum of its picks in pick order (see combineInOrder).
   if (!gpu) {
     return combineInOrder(returned, meta.select(1, 0), meta.select(1, 1),
-                          topk_weights, num_tokens, slot_picks);
+                          topk_weights, num_tokens);
   }
   const at::ScalarType accumulate =
       at::promote_types(at::kFloat, returned.scalar_type());
@@ -753,7 +764,8 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
                                  ? topk_weights->to(accumulate).contiguous()
                                  : at::Tensor();
   at::Tensor combined = at::empty({num_tokens, hidden}, returned.options());
-  at::Tensor slot_row = at::empty({num_tokens * slot_picks}, longs);
+  const TokenOrder sorted =
+      orderByTokenThenPick(meta.select(1, 0), meta.select(1, 1), num_tokens);
   collective::CombineSumArgs args;
   args.rows = returned.const_data_ptr();
   args.meta = meta.const_data_ptr<int64_t>();
@@ -763,8 +775,8 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   args.topk_weights = weights.defined() ? weights.const_data_ptr() : nullptr;
   args.picks = picks;
   args.tokens = num_tokens;
-  args.slot_picks = slot_picks;
-  args.slot_row = slot_row.mutable_data_ptr<int64_t>();
+  args.order = sorted.order.const_data_ptr<int64_t>();
+  args.token_start = sorted.token_start.const_data_ptr<int64_t>();
   args.out = combined.mutable_data_ptr();
   HF_CUDA_CHECK(collective::launchCombineSum(args, streamOf(device)));
   return combined;

@@ -254,12 +254,13 @@ __global__ void __launch_bounds__(kCheckThreads)
           mismatch = r;
         }
       }
-      const auto bad = [&](int64_t code, int64_t d0, int64_t d1, int64_t d2) {
+      const auto bad = [&](int64_t code, int64_t d0, int64_t d1, int64_t d2,
+                           int64_t d3 = 0) {
         w[0] = code;
         w[1] = d0;
         w[2] = d1;
         w[3] = d2;
-        w[4] = 0;
+        w[4] = d3;
       };
       if (counts_sum != a.rows) {
         bad(kStatusCountsSum, counts_sum, a.rows, 0);
@@ -274,6 +275,11 @@ __global__ void __launch_bounds__(kCheckThreads)
       } else if (first_negative != kNone) {
         const auto row = static_cast<int64_t>(first_negative);
         bad(kStatusProvenanceNegative, row, a.src_token[row], a.src_k[row]);
+      } else if (a.first_repeated_row != nullptr &&
+                 *a.first_repeated_row < a.rows) {
+        const int64_t row = *a.first_repeated_row;
+        bad(kStatusProvenanceRepeated, row, a.src_rank[row], a.src_token[row],
+            a.src_k[row]);
       }
     }
     for (int i = 0; i < kStatus; ++i) {
@@ -308,18 +314,6 @@ __global__ void __launch_bounds__(kCheckThreads)
       }
     }
     a.table_row[e] = value;
-  }
-}
-
-__global__ void slotKernel(const int64_t* meta, int64_t count, int64_t tokens,
-                           int64_t slot_picks, int64_t* slot_row) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t token = meta[2 * i];
-    const int64_t pick = meta[2 * i + 1];
-    if (token >= 0 && token < tokens && pick >= 0 && pick < slot_picks) {
-      slot_row[token * slot_picks + pick] = i;
-    }
   }
 }
 
@@ -362,16 +356,16 @@ __global__ void sumKernel(const CombineSumArgs a) {
   const T* rows = static_cast<const T*>(a.rows);
   T* out = static_cast<T*>(a.out);
   const Acc* weights = static_cast<const Acc*>(a.topk_weights);
-  const int64_t S = a.slot_picks;
   for (int64_t t = blockIdx.x; t < a.tokens; t += gridDim.x) {
-    const int64_t* slots = a.slot_row + t * S;
+    const int64_t begin = a.token_start[t];
+    const int64_t end = a.token_start[t + 1];
     for (int64_t h = threadIdx.x; h < a.hidden; h += blockDim.x) {
       Acc acc = 0;
-      for (int64_t k = 0; k < S; ++k) {
-        const int64_t row = slots[k];
-        if (row < 0) {
-          continue;  // masked: adds +0, which leaves acc's bits as they are
-        }
+      // Masked picks have no row: they would add +0, which leaves acc's
+      // bits as they are.
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = a.order[i];
+        const int64_t k = a.meta[2 * row + 1];
         const Acc value = Value<T>::toFloat(rows[row * a.hidden + h]);
         acc = weights == nullptr
                   ? addRn(acc, value)
@@ -391,21 +385,19 @@ __global__ void sumPackedKernel(const CombineSumArgs a) {
   const uint4* rows = static_cast<const uint4*>(a.rows);
   uint4* out = static_cast<uint4*>(a.out);
   const Acc* weights = static_cast<const Acc*>(a.topk_weights);
-  const int64_t S = a.slot_picks;
   const int64_t packs = a.hidden / kPer;
   for (int64_t t = blockIdx.x; t < a.tokens; t += gridDim.x) {
-    const int64_t* slots = a.slot_row + t * S;
+    const int64_t begin = a.token_start[t];
+    const int64_t end = a.token_start[t + 1];
     for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
       Acc acc[kPer];
 #pragma unroll
       for (int e = 0; e < kPer; ++e) {
         acc[e] = 0;
       }
-      for (int64_t k = 0; k < S; ++k) {
-        const int64_t row = slots[k];
-        if (row < 0) {
-          continue;
-        }
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = a.order[i];
+        const int64_t k = a.meta[2 * row + 1];
         const uint4 packed = rows[row * packs + p];
         T values[kPer];
         memcpy(values, &packed, sizeof(packed));
@@ -479,19 +471,6 @@ cudaError_t launchCombineCheck(const CombineCheckArgs& args,
 cudaError_t launchCombineSum(const CombineSumArgs& args, cudaStream_t stream) {
   if (args.tokens == 0 || args.hidden == 0) {
     return cudaSuccess;
-  }
-  const size_t slots = static_cast<size_t>(args.tokens * args.slot_picks);
-  if (slots > 0) {
-    // All bytes 0xff: every slot -1 (empty).
-    const cudaError_t status =
-        cudaMemsetAsync(args.slot_row, 0xff, slots * sizeof(int64_t), stream);
-    if (status != cudaSuccess) {
-      return status;
-    }
-    if (args.count > 0) {
-      slotKernel<<<gridFor(args.count), kThreads, 0, stream>>>(
-          args.meta, args.count, args.tokens, args.slot_picks, args.slot_row);
-    }
   }
   switch (args.type) {
     case RowType::kFloat64:

@@ -91,10 +91,11 @@ cudaError_t launchDispatchLayout(const DispatchLayoutArgs& args,
 
 // Combine step 1: checks the layout's values against each other and the
 // `rows` of expert_out (sums of the counts, source ranks in range and as
-// many per rank as n_tokens_from_rank says, no negative token or pick),
-// and writes the combine table row [header, rows to each rank, rows from
-// each rank, largest token, largest pick from each rank] into each of the
-// R rows of `table_row` ([R, 13 + 4 R]).
+// many per rank as n_tokens_from_rank says, no negative token or pick, no
+// (rank, token, pick) twice: `first_repeated_row` is moe::firstRepeatedRow
+// of the layout, on the device), and writes the combine table row [header, rows
+// to each rank, rows from each rank, largest token, largest pick from each
+// rank] into each of the R rows of `table_row` ([R, 13 + 4 R]).
 struct CombineCheckArgs {
   // When not valid (the host checks failed), the layout is not read.
   bool valid = false;
@@ -104,6 +105,7 @@ struct CombineCheckArgs {
   const int64_t* expert_counts = nullptr;
   const int64_t* to_rank = nullptr;
   const int64_t* from_rank = nullptr;
+  const int64_t* first_repeated_row = nullptr;  // 0-dim
   int64_t rows = 0;
   int64_t local_experts = 1;
   int64_t world_size = 1;
@@ -113,12 +115,16 @@ struct CombineCheckArgs {
 cudaError_t launchCombineCheck(const CombineCheckArgs& args,
                                cudaStream_t stream);
 
-// Combine step 4: out[t] = sum over k = 0 .. slot_picks-1 with a returned
-// row (t, k) of w[t, k] * row, in fp32 (fp64 for fp64 rows), every product
-// and every sum rounded on its own (no fused multiply-add), then rounded
-// once to the rows' type; w = 1 without weights. The cuda backend's order,
-// so both backends give the same bits. The weights are in the accumulation
-// type already. `slot_row` is scratch of tokens * slot_picks entries.
+// Combine step 4: out[t] = the sum, over the returned rows of token t in
+// ascending pick order, of w[t, k] * row, in fp32 (fp64 for fp64 rows),
+// every product and every sum rounded on its own (no fused multiply-add),
+// then rounded once to the rows' type; w = 1 without weights. The cuda
+// backend's order, so both backends give the same bits. The weights are in
+// the accumulation type already. `order` lists the rows by (token, pick)
+// and token t's rows are order[token_start[t] .. token_start[t + 1]): a
+// dense list, so that no scratch is sized by a pick a peer names. Tokens
+// are in [0, tokens) and, with weights, picks in [0, picks) (checked from
+// the combine table).
 struct CombineSumArgs {
   const void* rows = nullptr;     // [N, H] returned rows
   const int64_t* meta = nullptr;  // [N, 2] their (token, pick)
@@ -128,9 +134,9 @@ struct CombineSumArgs {
   const void* topk_weights = nullptr;  // [T, K] fp32 (fp64 rows: fp64)
   int64_t picks = 0;                   // K of topk_weights
   int64_t tokens = 0;
-  int64_t slot_picks = 0;
-  int64_t* slot_row = nullptr;
-  void* out = nullptr;  // [T, H]
+  const int64_t* order = nullptr;        // [N]
+  const int64_t* token_start = nullptr;  // [T + 1]
+  void* out = nullptr;                   // [T, H]
 };
 cudaError_t launchCombineSum(const CombineSumArgs& args, cudaStream_t stream);
 

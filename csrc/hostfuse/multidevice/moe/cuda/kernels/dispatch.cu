@@ -452,7 +452,31 @@ struct CountSummary {
   int bad_rank;
   unsigned bad_ranks;            // bit s: source s's count row is bad
   int64_t rank_rows[kMaxRanks];  // rows of rank d's experts, from all sources
+  // The first number of a count row outside [0, T_max], as source * (E +
+  // 1) + expert + 1 (expert -1: the source's token count); kNoBadCount if
+  // none. A peer's kernel never writes one: its workspace does not match
+  // ours, or the row was overwritten. The sums below take such a number as
+  // 0, so that nothing is read or written past T_max (the per-expert
+  // totals are int32: R * T_max fits, validateConfig checks it).
+  unsigned long long bad_count;
 };
+
+constexpr unsigned long long kNoBadCount = ULLONG_MAX;
+
+// A peer's count: itself when in [0, max_tokens], else 0, with the first
+// such number of the rows recorded in `summary`.
+__device__ __forceinline__ int32_t boundedCount(int64_t count,
+                                                int64_t max_tokens, int source,
+                                                int expert, int num_experts,
+                                                CountSummary& summary) {
+  if (count >= 0 && count <= max_tokens) {
+    return static_cast<int32_t>(count);
+  }
+  atomicMin(&summary.bad_count,
+            static_cast<unsigned long long>(source) * (num_experts + 1) +
+                static_cast<unsigned long long>(expert + 1));
+  return 0;
+}
 
 // What the rest of the call needs from the offsets; the same in every
 // block (every block derives it from the same count rows).
@@ -483,6 +507,7 @@ __device__ __forceinline__ Offsets computeOffsets(
   if (threadIdx.x == 0) {
     summary.bad_rank = INT_MAX;
     summary.bad_ranks = 0;
+    summary.bad_count = kNoBadCount;
   }
   for (int x = threadIdx.x; x < E; x += blockDim.x) {
     shared.colsum[x] = 0;
@@ -496,11 +521,14 @@ __device__ __forceinline__ Offsets computeOffsets(
       atomicMin(&summary.bad_rank, static_cast<int>(threadIdx.x));
       atomicOr(&summary.bad_ranks, 1u << threadIdx.x);
     }
+    boundedCount(__ldcg(&header->tokens), c.max_tokens,
+                 static_cast<int>(threadIdx.x), -1, E, summary);
   }
   for (int i = threadIdx.x; i < R * E; i += blockDim.x) {
     const int source = i / E;
     const int x = i % E;
-    const int32_t count = __ldcg(counts_of(source) + x);
+    const int32_t count = boundedCount(__ldcg(counts_of(source) + x),
+                                       c.max_tokens, source, x, E, summary);
     atomicAdd(&shared.colsum[x], count);
     if (source < c.rank) {
       atomicAdd(reinterpret_cast<unsigned long long*>(&shared.offset[x]),
@@ -542,7 +570,7 @@ __device__ __forceinline__ Offsets computeOffsets(
   __syncthreads();
   profileMark(prof, kDispatchOffsets);
   Offsets offsets;
-  offsets.bad = summary.bad_rank != INT_MAX;
+  offsets.bad = summary.bad_rank != INT_MAX || summary.bad_count != kNoBadCount;
   offsets.recv_rows =
       offsets.bad ? 0 : min(summary.rank_rows[c.rank], p.capacity);
   return offsets;
@@ -584,8 +612,11 @@ __device__ __forceinline__ void recordOffsets(const DispatchParams& p,
     }
     p.rows_to_rank[peer] = offsets.bad ? 0 : to;
     p.rows_from_rank[peer] = offsets.bad ? 0 : from;
-    c.source_tokens[peer] =
+    // Bounded: combine reads the routes of tokens [0, source_tokens) of a
+    // [T_max, K] table (a number past it is reported below).
+    const int64_t tokens =
         __ldcg(&reinterpret_cast<const CountRowHeader*>(row_of(peer))->tokens);
+    c.source_tokens[peer] = tokens < 0 || tokens > c.max_tokens ? 0 : tokens;
   }
   if (threadIdx.x == 0) {
     c.state->recv_rows = offsets.recv_rows;
@@ -593,12 +624,22 @@ __device__ __forceinline__ void recordOffsets(const DispatchParams& p,
     for (int d = 1; d < R; ++d) {
       most = summary.rank_rows[d] > summary.rank_rows[most] ? d : most;
     }
-    if (offsets.bad) {
+    if (summary.bad_rank != INT_MAX) {
       const auto* header =
           reinterpret_cast<const CountRowHeader*>(row_of(summary.bad_rank));
       recordStatus(context, __ldcg(&header->code), summary.bad_rank, 0,
                    __ldcg(&header->token), __ldcg(&header->pick),
                    __ldcg(&header->value), summary.bad_ranks);
+    } else if (summary.bad_count != kNoBadCount) {
+      const auto source = static_cast<int>(summary.bad_count / (E + 1));
+      const int expert = static_cast<int>(summary.bad_count % (E + 1)) - 1;
+      const int64_t value =
+          expert < 0
+              ? __ldcg(&reinterpret_cast<const CountRowHeader*>(row_of(source))
+                            ->tokens)
+              : __ldcg(counts_of(source) + expert);
+      recordStatus(context, kStatusBadCountRow, source, 0, expert, value,
+                   c.max_tokens);
     } else if (summary.rank_rows[most] > p.capacity) {
       recordStatus(context, kStatusCapacityOverflow, most, 0, -1, -1,
                    summary.rank_rows[most]);
