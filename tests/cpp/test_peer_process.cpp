@@ -6,6 +6,7 @@
 // peer, and this process does the taking (it may, being their parent).
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -72,10 +73,13 @@ class PeerProcess : public testing::Test {
   void SetUp() override {
     // Opened before the children are forked, so they hold the same
     // descriptors at the same numbers. The memfd stands for the exported
-    // handle (the expected kind); the pipe is a descriptor of another kind.
+    // handle (the expected kind); the pipe is a descriptor of another kind,
+    // /dev/null a device file.
     handle_fd_ = memfd_create("hostfuse-test-handle", 0);
     ASSERT_GE(handle_fd_, 3);
     ASSERT_EQ(pipe(pipe_fds_), 0);
+    null_fd_ = open("/dev/null", O_RDONLY);
+    ASSERT_GE(null_fd_, 3);
     expected_kind_ = descriptorKind(handle_fd_);
     self_ = std::make_unique<Child>();
     peer_ = std::make_unique<Child>();
@@ -84,15 +88,17 @@ class PeerProcess : public testing::Test {
     peer_.reset();
     self_.reset();
     close(handle_fd_);
+    close(null_fd_);
     close(pipe_fds_[0]);
     close(pipe_fds_[1]);
   }
 
   // Takes the descriptor as the rank `self_` would, and closes it.
-  void take(const PeerDescriptor& claim) {
-    const int fd = takePeerDescriptor(claim, self_->identity(), expected_kind_,
-                                      /*peer=*/1);
-    EXPECT_EQ(descriptorKind(fd), expected_kind_);
+  void take(const PeerDescriptor& claim) { take(claim, expected_kind_); }
+  void take(const PeerDescriptor& claim, const DescriptorKind& expected) {
+    const int fd =
+        takePeerDescriptor(claim, self_->identity(), expected, /*peer=*/1);
+    EXPECT_EQ(descriptorKind(fd), expected);
     close(fd);
   }
   PeerDescriptor peerHandle() const {
@@ -100,6 +106,7 @@ class PeerProcess : public testing::Test {
   }
 
   int handle_fd_ = -1;
+  int null_fd_ = -1;
   int pipe_fds_[2] = {-1, -1};
   DescriptorKind expected_kind_;
   std::unique_ptr<Child> self_;
@@ -176,6 +183,20 @@ TEST_F(PeerProcess, RefusesADescriptorOfAnotherKind) {
   claim.fd = pipe_fds_[0];
   expectErrorContains([&] { take(claim); },
                       {"is a pipe", "not the kind this rank exports"});
+}
+
+TEST_F(PeerProcess, RefusesADescriptorOfAnotherDevice) {
+  // As if this rank exported /dev/zero: the peer's /dev/null is a character
+  // device on the same filesystem, but another device.
+  const int zero = open("/dev/zero", O_RDONLY);
+  ASSERT_GE(zero, 0);
+  const DescriptorKind zero_kind = descriptorKind(zero);
+  close(zero);
+  PeerDescriptor claim = peerHandle();
+  claim.fd = null_fd_;
+  take(claim, descriptorKind(null_fd_));
+  expectErrorContains([&] { take(claim, zero_kind); },
+                      {"is a character device", "not the kind"});
 }
 
 TEST_F(PeerProcess, RefusesAStandardStreamOrNegativeDescriptor) {

@@ -153,6 +153,9 @@ DescriptorKind descriptorKind(int fd) {
   DescriptorKind kind;
   kind.type = static_cast<uint32_t>(info.st_mode & S_IFMT);
   kind.filesystem = static_cast<uint64_t>(info.st_dev);
+  if (S_ISCHR(info.st_mode) || S_ISBLK(info.st_mode)) {
+    kind.device = static_cast<uint64_t>(info.st_rdev);
+  }
   return kind;
 }
 
@@ -202,9 +205,10 @@ int takePeerDescriptor(const PeerDescriptor& claim, const ProcessIdentity& self,
            "same user with kernel.yama.ptrace_scope = 0");
   const DescriptorKind kind = descriptorKind(taken.get());
   HF_CHECK(kind == expected_kind, what, ": the descriptor is a ",
-           kindName(kind.type), " on device ", kind.filesystem,
-           ", not the kind this rank exports (", kindName(expected_kind.type),
-           " on device ", expected_kind.filesystem, ")");
+           kindName(kind.type), " (filesystem ", kind.filesystem, ", device ",
+           kind.device, "), not the kind this rank exports (",
+           kindName(expected_kind.type), ", filesystem ",
+           expected_kind.filesystem, ", device ", expected_kind.device, ")");
   return taken.release();
 }
 

@@ -17,8 +17,9 @@
 // and these facts are read through a pidfd opened first and checked to be
 // alive after the reads, so the pid cannot change hands between the check
 // and the take. After the take, the descriptor must be of the kind that we
-// export ourselves (same file type on the same filesystem), or it is closed
-// unused. docs/moe_cuda.md, "Threat model", says what this buys.
+// export ourselves (same file type on the same filesystem, same device for
+// a device file), or it is closed unused. docs/moe_cuda.md, "Threat model",
+// says what this buys.
 #pragma once
 
 #include <cstdint>
@@ -41,12 +42,18 @@ struct ProcessIdentity {
 std::optional<ProcessIdentity> readProcessIdentity(int pid);
 ProcessIdentity ownProcessIdentity();
 
-// A file's type (S_IFMT bits) and the filesystem holding it (st_dev).
+// A file's type (S_IFMT bits), the filesystem holding it (st_dev) and, for
+// a device file, the device it opens (st_rdev; 0 otherwise). A CUDA VMM
+// handle exported as a POSIX fd is an open of /dev/nvidiactl (seen with
+// CUDA 13 on H200: character device 195:255 on devtmpfs), the same for every
+// GPU of the host, so every rank's export has the same kind.
 struct DescriptorKind {
   uint32_t type = 0;
   uint64_t filesystem = 0;
+  uint64_t device = 0;
   bool operator==(const DescriptorKind& other) const {
-    return type == other.type && filesystem == other.filesystem;
+    return type == other.type && filesystem == other.filesystem &&
+           device == other.device;
   }
 };
 
