@@ -25,7 +25,13 @@
 
 HOSTFUSE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HOSTFUSE_TORCH_VERSION="2.11.0"
-HOSTFUSE_BUILD_DIR="${HOSTFUSE_BUILD_DIR:-$HOSTFUSE_ROOT/build}"
+# A sanitizer build lives in a folder of its own: its objects differ from
+# every object of the plain build.
+if [ -n "${HOSTFUSE_SANITIZE:-}" ]; then
+  HOSTFUSE_BUILD_DIR="${HOSTFUSE_BUILD_DIR:-$HOSTFUSE_ROOT/build-sanitize}"
+else
+  HOSTFUSE_BUILD_DIR="${HOSTFUSE_BUILD_DIR:-$HOSTFUSE_ROOT/build}"
+fi
 HOSTFUSE_VENV="${HOSTFUSE_VENV:-$HOME/.cache/hostfuse/venv-torch-2.11}"
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 
@@ -182,6 +188,7 @@ hostfuse_configure() {
   cmake -S "$HOSTFUSE_ROOT" -B "$HOSTFUSE_BUILD_DIR" "${generator_args[@]}" \
     -DHOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
     -DHOSTFUSE_WERROR="${HOSTFUSE_WERROR:-OFF}" \
+    -DHOSTFUSE_SANITIZE="${HOSTFUSE_SANITIZE:-}" \
     -Wno-dev >"$HOSTFUSE_BUILD_DIR/configure.log" 2>&1 || {
     cat "$HOSTFUSE_BUILD_DIR/configure.log" >&2
     hostfuse_die "cmake configure failed"

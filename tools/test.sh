@@ -15,9 +15,27 @@
 #
 # HOSTFUSE_SKIP_PYTHON=1 runs ctest only; HOSTFUSE_SKIP_CTEST=1 the Python
 # part only.
+#
+# The sanitizer suite: HOSTFUSE_SANITIZE=address,undefined builds with ASan
+# and UBSan into build-sanitize/ (its own folder) and runs the C++ suite only:
+# ctest without format_check (a source check, the same in every build) and
+# install_consumer (a packaging check: its consumer program is not built
+# with the sanitizers, and an instrumented library cannot load into it);
+# pytest is skipped (the interpreter would need the ASan runtime preloaded).
+# Any report fails its test. .ci/run runs it after the plain suite.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 hostfuse_help_if_asked "$@"
+
+sanitizer_args=()
+if [ -n "${HOSTFUSE_SANITIZE:-}" ]; then
+  HOSTFUSE_SKIP_PYTHON=1
+  sanitizer_args=(-E '^(format_check|install_consumer)$')
+  # protect_shadow_gap=0: the CUDA driver maps memory where ASan would
+  # otherwise keep its guard (without it cuInit fails on GPU machines).
+  export ASAN_OPTIONS="${ASAN_OPTIONS:-protect_shadow_gap=0:detect_leaks=1}"
+  export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
+fi
 
 results="$HOSTFUSE_BUILD_DIR/test-results"
 mkdir -p "$results"
@@ -46,7 +64,8 @@ if [ "${HOSTFUSE_SKIP_CTEST:-0}" != 1 ]; then
   (cd "$HOSTFUSE_BUILD_DIR" &&
     ctest --output-on-failure --timeout 600 --no-tests=error \
       --output-junit "$results/ctest.xml" --test-output-size-passed 1000000 \
-      --test-output-truncation middle -j "${HOSTFUSE_JOBS:-$(nproc)}" "$@") ||
+      --test-output-truncation middle -j "${HOSTFUSE_JOBS:-$(nproc)}" \
+      "${sanitizer_args[@]}" "$@") ||
     status=$?
   totals_args+=(--ctest-status "$status")
   [ "$status" -eq 0 ] || exit "$status"

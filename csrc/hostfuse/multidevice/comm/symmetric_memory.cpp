@@ -2,36 +2,31 @@
 
 #include <cuda.h>
 #include <cuda_runtime_api.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <cstring>
 #include <iostream>
 #include <map>
 #include <mutex>
 
+#include <hostfuse/multidevice/comm/peer_process.h>
 #include <hostfuse/utils/cuda_utils.h>
 #include <hostfuse/utils/driver_api.h>
-
-#ifndef SYS_pidfd_open
-#define SYS_pidfd_open 434
-#endif
-#ifndef SYS_pidfd_getfd
-#define SYS_pidfd_getfd 438
-#endif
 
 namespace hostfuse {
 
 namespace {
 
-// What a rank publishes about its buffer.
+// What a rank publishes about its buffer. (pid, start_time) names the
+// process for the life of the host; peer_process.h says how a record is
+// checked before its descriptor is taken.
 struct HandleRecord {
   int32_t pid = 0;
   int32_t fd = -1;
   int32_t device = -1;
   int32_t reserved = 0;
   uint64_t mapped_bytes = 0;
+  uint64_t start_time = 0;
   char host[64] = {};
 };
 
@@ -53,24 +48,6 @@ std::string hostName() {
   char name[64] = {};
   gethostname(name, sizeof(name) - 1);
   return name;
-}
-
-// Duplicates file descriptor `fd` of process `pid` into this process.
-int duplicatePeerFd(int pid, int fd, int peer) {
-  const long pidfd = syscall(SYS_pidfd_open, pid, 0);
-  HF_CHECK(pidfd >= 0, "symmetric memory: pidfd_open(", pid, ") for rank ",
-           peer, " failed: ", std::strerror(errno),
-           " (needs Linux >= 5.6 and the peer process alive on this host)");
-  const long local = syscall(SYS_pidfd_getfd, static_cast<int>(pidfd), fd, 0);
-  const int saved_errno = errno;
-  close(static_cast<int>(pidfd));
-  HF_CHECK(local >= 0, "symmetric memory: pidfd_getfd of fd ", fd,
-           " from rank ", peer, " (pid ", pid,
-           ") failed: ", std::strerror(saved_errno),
-           ". Taking a descriptor from another process needs ptrace "
-           "permission over it: run as root or with CAP_SYS_PTRACE, or as the "
-           "same user with kernel.yama.ptrace_scope = 0");
-  return static_cast<int>(local);
 }
 
 CUmemAllocationProp allocationProp(int device) {
@@ -183,13 +160,16 @@ std::shared_ptr<SymmetricMemory> SymmetricMemory::allocate(
   HF_CU_CHECK(driver::cuMemExportToShareableHandle(
       &own_fd, own, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0ULL));
 
+  const ProcessIdentity self = ownProcessIdentity();
   HandleRecord record;
-  record.pid = static_cast<int32_t>(getpid());
+  record.pid = static_cast<int32_t>(self.pid);
+  record.start_time = self.start_time;
   record.fd = own_fd;
   record.device = device;
   record.mapped_bytes = mapped;
   std::strncpy(record.host, hostName().c_str(), sizeof(record.host) - 1);
   try {
+    const DescriptorKind own_kind = descriptorKind(own_fd);
     store->set(prefix + "/handle/" + std::to_string(rank), toBytes(record));
 
     // 2. Import and map every peer's buffer.
@@ -213,7 +193,9 @@ std::shared_ptr<SymmetricMemory> SymmetricMemory::allocate(
                   "symmetric memory ", tag, ": rank ", peer,
                   " mapped a different size (every rank must ask for the "
                   "same bytes)");
-      const int fd = duplicatePeerFd(theirs.pid, theirs.fd, peer);
+      const int fd = takePeerDescriptor(
+          PeerDescriptor{theirs.pid, theirs.start_time, theirs.fd}, self,
+          own_kind, peer);
       CUmemGenericAllocationHandle imported = 0;
       const CUresult status = driver::cuMemImportFromShareableHandle(
           &imported, reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),

@@ -5,12 +5,15 @@
 // How it is built (collective over the node's ranks, once):
 //   1. each rank allocates its buffer with the CUDA virtual memory API
 //      (cuMemCreate, exportable as a POSIX file descriptor) and publishes
-//      (pid, fd, host) in the c10d store under `tag`;
-//   2. each rank duplicates every peer's descriptor into itself with
-//      pidfd_open + pidfd_getfd (Linux >= 5.6; needs ptrace-level permission
-//      over the peer process: same user with kernel.yama.ptrace_scope = 0,
-//      or root / CAP_SYS_PTRACE, as on the GPU machines), imports it,
-//      reserves an address range, maps it and grants the local GPU access;
+//      (pid, start time, fd, host) in the c10d store under `tag`;
+//   2. each rank checks every peer's record and duplicates the peer's
+//      descriptor into itself with pidfd_open + pidfd_getfd
+//      (peer_process.h: the named process must be a sibling rank of the
+//      same user, and the descriptor of the kind we export; Linux >= 5.6;
+//      needs ptrace-level permission over the peer process: same user with
+//      kernel.yama.ptrace_scope = 0, or root / CAP_SYS_PTRACE, as on the GPU
+//      machines), imports it, reserves an address range, maps it and grants
+//      the local GPU access;
 //   3. a store barrier, after which the exported descriptors are closed.
 // Buffers start zeroed.
 //
