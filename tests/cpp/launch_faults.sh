@@ -62,7 +62,8 @@ done
 
 failed=0
 for ((r = 0; r < ranks; ++r)); do
-  wait "${pids[r]}"
+  # (bash's "Killed" notice for the killed rank is left out.)
+  wait "${pids[r]}" 2>/dev/null
   status=$?
   sed "s/^/[rank$r]: /" "$log_dir/$r.log"
   if [[ $killed == *",$r,"* ]]; then
