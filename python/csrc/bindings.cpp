@@ -596,7 +596,6 @@ PYBIND11_MODULE(_C, m) {
       "and makes the process-wide communicator one over the ranks still "
       "alive (Communicator::recoverInstance). Returns (rank, size, "
       "former_ranks).");
-  m.def("world_failed", [] { return Communicator::getInstance().hasFailed(); });
 
   py::class_<PyMoeRuntime>(m, "MoeRuntime")
       .def(

@@ -159,7 +159,8 @@ class Communicator {
   // Waits for every rank, then releases the backends and the store (a
   // process group's backends are only let go of, not shut down: they are
   // the group owner's). Later calls of backend() fail. Calling it again does
-  // nothing.
+  // nothing. After a failure it waits for nobody and never throws: it
+  // aborts (see below).
   void shutdown();
   bool isShutDown() const { return shut_down_; }
 
