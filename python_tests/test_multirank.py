@@ -30,3 +30,34 @@ def test_moe_layer_example_on_two_cpu_ranks():
     output = run_ranks(2, REPO / "examples" / "python" / "moe_layer.py", "--cpu",
                        "--steps", "3")
     assert "check: OK" in output, output[-3000:]
+
+
+def test_survivors_of_a_killed_rank_recover():
+    # Plain processes: torchrun would stop ranks 0 and 1 when rank 2 dies.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for rank in range(3):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE="3", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), HOSTFUSE_COMM_TIMEOUT_S="20",
+                   OMP_NUM_THREADS="1")
+        ranks.append(subprocess.Popen(
+            [sys.executable, str(RANKS / "recover_ranks.py")], env=env,
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for process in ranks:
+            outputs.append(process.communicate(timeout=120)[0])
+    finally:
+        for process in ranks:
+            process.kill()
+    output = "\n".join(outputs)
+    assert [p.returncode for p in ranks] == [0, 0, -9], output[-3000:]
+    assert len(re.findall(r"rank [01]: recovered, ok", output)) == 2, output[-3000:]

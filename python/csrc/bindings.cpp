@@ -142,6 +142,13 @@ class PyRunner {
     py::gil_scoped_release release;
     runner_.checkStatus();
   }
+  // After hostfuse.moe.recover(): later MoE nodes run over the survivors.
+  void resetCommunicator() {
+    HF_CHECK(communicator_ == nullptr,
+             "reset_communicator: this evaluator runs over a process group; "
+             "make a new one over the survivors' group instead");
+    runner_.resetCommunicator(nullptr);
+  }
   const Runner& runner() const { return runner_; }
 
  private:
@@ -543,7 +550,10 @@ PYBIND11_MODULE(_C, m) {
            py::arg("program"), py::kw_only(), py::arg("device") = py::none(),
            py::arg("group") = py::none())
       .def("run", &PyEvaluator::run, py::arg("inputs"))
-      .def("check_status", &PyEvaluator::checkStatus);
+      .def("check_status", &PyEvaluator::checkStatus)
+      .def("reset_communicator", &PyEvaluator::resetCommunicator,
+           "After hostfuse.moe.recover(): drops the MoE state of the failed "
+           "communicator; later MoE nodes run over the survivors.");
   py::class_<PyGraphRunner>(m, "GraphRunner")
       .def(
           py::init([](const HostIrContainer& program, bool copy_outputs,
@@ -570,6 +580,22 @@ PYBIND11_MODULE(_C, m) {
       });
   m.def("find_capture_problems", &findCaptureProblems, py::arg("program"),
         py::arg("device"));
+
+  m.def(
+      "recover_world",
+      [] {
+        Communicator* survivors = nullptr;
+        {
+          py::gil_scoped_release release;
+          survivors = &Communicator::recoverInstance();
+        }
+        return py::make_tuple(survivors->rank(), survivors->size(),
+                              survivors->formerRanks());
+      },
+      "After a collective of the launcher's communicator failed: aborts it "
+      "and makes the process-wide communicator one over the ranks still "
+      "alive (Communicator::recoverInstance). Returns (rank, size, "
+      "former_ranks).");
 
   py::class_<PyMoeRuntime>(m, "MoeRuntime")
       .def(

@@ -195,6 +195,32 @@ def report_failure(device, backend="collective", group=None):
     _runtime(backend, _default_group(group)).publish_failure(device)
 
 
+def recover():
+    """Goes on with the ranks still alive after a rank of the launcher's
+    communicator died or went silent: a dispatch or combine then raises
+    hostfuse.Error naming it ("rank 2 did not answer the roll call"), and
+    every later call raises at once. Every survivor calls recover(): it
+    drops the runtimes of the failed communicator without waiting for any
+    peer, and the survivors form a new one, renumbered in their old order.
+    Returns ``(rank, size, former_ranks)``, where ``former_ranks[r]`` was the
+    rank of new rank r. num_experts must stay divisible by the new size.
+    HostIrEvaluators made before call ``reset_communicator()``; GraphRunners
+    must be made anew. For the launcher's ranks only (torchrun or mpirun
+    without torch.distributed); docs/moe.md, "When a rank fails", says what
+    the store needs. Under torch.distributed, rebuild the group with torch
+    and pass the new one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        raise RuntimeError(
+            "hostfuse.moe.recover() recovers the launcher's communicator; "
+            "torch.distributed is initialized: make a new process group over "
+            "the surviving ranks and pass it as group="
+        )
+    release()
+    return _C.recover_world()
+
+
 def check_status(backend="cuda", group=None):
     """Raises the first error the cuda backend recorded on the device during
     graph replays (eager calls raise at once). Waits for the device."""

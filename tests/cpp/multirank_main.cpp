@@ -50,8 +50,12 @@ int main(int argc, char** argv) {
     listeners.Append(new FailurePrinter(comm.rank()));
   }
   const int status = RUN_ALL_TESTS();
+  // A test may have replaced the process-wide communicator after a rank
+  // failed (Communicator::recoverInstance): count over, and shut down, the
+  // one in use now.
+  hostfuse::Communicator& now = hostfuse::Communicator::getInstance();
   const testing::UnitTest& unit = *testing::UnitTest::GetInstance();
-  std::cout << "[rank " << comm.rank() << " of " << comm.size() << "] "
+  std::cout << "[rank " << now.rank() << " of " << now.size() << "] "
             << unit.successful_test_count() << " passed, "
             << unit.failed_test_count() << " failed, "
             << unit.skipped_test_count() << " skipped" << std::endl;
@@ -61,20 +65,20 @@ int main(int argc, char** argv) {
   std::vector<at::Tensor> ran = {at::tensor({static_cast<int64_t>(
       unit.successful_test_count() + unit.failed_test_count())})};
   try {
-    comm.backend(c10::DeviceType::CPU).allreduce(ran)->wait();
-    if (comm.rank() == 0 && ran[0].item<int64_t>() == 0 &&
+    now.backend(c10::DeviceType::CPU).allreduce(ran)->wait();
+    if (now.rank() == 0 && ran[0].item<int64_t>() == 0 &&
         unit.skipped_test_count() > 0) {
       std::cout << "[rank 0] every test skipped on every rank" << std::endl;
     }
   } catch (const std::exception& e) {
-    std::cout << "[rank " << comm.rank()
+    std::cout << "[rank " << now.rank()
               << "] could not count the tests of the other ranks: " << e.what()
               << std::endl;
   }
   try {
-    comm.shutdown();
+    now.shutdown();
   } catch (const std::exception& e) {
-    std::cout << "[rank " << comm.rank() << "] shutdown failed: " << e.what()
+    std::cout << "[rank " << now.rank() << "] shutdown failed: " << e.what()
               << std::endl;
     return 1;
   }

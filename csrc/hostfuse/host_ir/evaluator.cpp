@@ -107,6 +107,13 @@ void HostIrEvaluator::checkStatus() {
   }
 }
 
+void HostIrEvaluator::resetCommunicator(Communicator* communicator) {
+  // The runtimes hold the old communicator's state (the cuda backend's
+  // workspaces); destroying them talks to no peer.
+  moe_.reset();
+  params_.communicator = communicator;
+}
+
 void HostIrEvaluator::addStatusChecker(std::function<void()> checker) {
   HF_CHECK(checker != nullptr, "addStatusChecker: the checker is empty");
   status_checkers_.push_back(std::move(checker));

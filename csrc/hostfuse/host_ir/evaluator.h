@@ -59,6 +59,13 @@ class HostIrEvaluator : public ExprVisitor {
   // this evaluator.
   void addStatusChecker(std::function<void()> checker);
 
+  // Runs later MoE nodes over `communicator` (null: the process-wide one,
+  // Communicator::getInstance() at the next MoE node) and drops every MoE
+  // runtime of the old one, with the cuda backend's workspaces, without
+  // talking to any peer: after Communicator::recover() (docs/moe.md, "When
+  // a rank fails"). Not owned, like HostIrEvaluatorParams::communicator.
+  void resetCommunicator(Communicator* communicator);
+
   // Called on the host before each top-level expression of a run with that
   // expression, and once with nullptr after the last one; empty (no call)
   // by default. For timing a program's stages: CUDA events recorded here on

@@ -11,8 +11,11 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <optional>
+#include <sstream>
+#include <thread>
 
 #include <hostfuse/multidevice/comm/c10d_backends.h>
 #include <hostfuse/utils/cuda_utils.h>
@@ -167,6 +170,7 @@ Communicator::Communicator(CommunicatorConfig config)
     HF_CUDA_CHECK(cudaSetDevice(device));
     device_ = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
   }
+  loopback_ = useLoopback();
   store_ = createStore();
 }
 
@@ -185,10 +189,31 @@ Communicator::Communicator(c10::intrusive_ptr<c10d::ProcessGroup> group)
   }
 }
 
+Communicator::Communicator(Communicator& failed, std::vector<int64_t> members)
+    : config_([&] {
+        CommunicatorConfig config = failed.config_;
+        const auto me = std::find(members.begin(), members.end(), config.rank);
+        config.rank = me - members.begin();
+        config.size = static_cast<int64_t>(members.size());
+        // Only the ranks' count and order change; the device stays.
+        config.local_rank = config.rank;
+        config.local_size = failed.loopback_ ? config.size : 1;
+        return config;
+      }()),
+      name_(fmt::format("{}~{}", failed.name_, ++failed.recoveries_)),
+      device_(failed.device_),
+      store_(failed.store_),
+      former_ranks_(std::move(members)),
+      loopback_(failed.loopback_) {}
+
 Communicator::~Communicator() {
   // No barrier here: a destructor must not wait for peers that may be gone.
   // A process group's backends are its owner's to shut down.
   if (group_) {
+    return;
+  }
+  if (!failed_because_.empty()) {
+    abort();
     return;
   }
   for (auto& [type, backend] : backends_) {
@@ -200,12 +225,42 @@ Communicator::~Communicator() {
   }
 }
 
+namespace {
+
+// The process-wide communicator. Never destroyed: backends must not be torn
+// down by static destructors, whose order relative to libtorch's is
+// unknown. shutdown() releases them; recoverInstance() replaces it and
+// keeps the failed one.
+std::atomic<Communicator*>& instanceSlot() {
+  static std::atomic<Communicator*> slot{nullptr};
+  return slot;
+}
+
+std::mutex& instanceMutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+}  // namespace
+
 Communicator& Communicator::getInstance() {
-  // Never destroyed: backends must not be torn down by static destructors,
-  // whose order relative to libtorch's is unknown. shutdown() releases them.
-  static Communicator* instance =
-      new Communicator(CommunicatorConfig::fromEnvironment());
-  return *instance;
+  if (Communicator* instance = instanceSlot().load()) {
+    return *instance;
+  }
+  std::lock_guard<std::mutex> lock(instanceMutex());
+  if (instanceSlot().load() == nullptr) {
+    instanceSlot().store(
+        new Communicator(CommunicatorConfig::fromEnvironment()));
+  }
+  return *instanceSlot().load();
+}
+
+Communicator& Communicator::recoverInstance() {
+  Communicator& failed = getInstance();
+  std::unique_ptr<Communicator> recovered = failed.recover();
+  std::lock_guard<std::mutex> lock(instanceMutex());
+  instanceSlot().store(recovered.release());
+  return *instanceSlot().load();
 }
 
 c10::intrusive_ptr<c10d::Store> Communicator::createStore() const {
@@ -232,6 +287,11 @@ c10::intrusive_ptr<c10d::Store> Communicator::createStore() const {
       });
 }
 
+std::string Communicator::storePrefix() const {
+  // The launcher's first communicator keeps the keys it always had.
+  return former_ranks_.empty() ? std::string("hostfuse") : "hostfuse/" + name_;
+}
+
 bool Communicator::useLoopback() const {
   // All ranks on one host: Gloo's loopback transport needs no interface to be
   // guessed.
@@ -245,6 +305,9 @@ c10d::Backend& Communicator::backend(c10::DeviceType device_type) {
   HF_CHECK(!shut_down_,
            "Communicator: the communicator is shut down; no collective can "
            "run after shutdown()");
+  HF_CHECK(failed_because_.empty(), "Communicator '", name_,
+           "' failed earlier and runs no more collectives (", failed_because_,
+           "); call recover() on every survivor to go on with them");
   auto it = backends_.find(device_type);
   if (it != backends_.end()) {
     return *it->second;
@@ -263,9 +326,9 @@ c10d::Backend& Communicator::backend(c10::DeviceType device_type) {
     }
   } else if (device_type == c10::DeviceType::CPU) {
     created = rethrowing("creating the Gloo backend", [&] {
-      return createGlooBackend(
-          c10::make_intrusive<c10d::PrefixStore>("hostfuse/gloo", store_), rank,
-          size, config_.timeout, useLoopback());
+      return createGlooBackend(c10::make_intrusive<c10d::PrefixStore>(
+                                   storePrefix() + "/gloo", store_),
+                               rank, size, config_.timeout, loopback_);
     });
   } else if (device_type == c10::DeviceType::CUDA) {
     HF_CHECK(cuda::isAvailable(),
@@ -275,9 +338,9 @@ c10d::Backend& Communicator::backend(c10::DeviceType device_type) {
              config_.local_size, " ranks run on this host, which has ",
              cuda::deviceCount(), " GPUs");
     created = rethrowing("creating the NCCL backend", [&] {
-      return createNcclBackend(
-          c10::make_intrusive<c10d::PrefixStore>("hostfuse/nccl", store_), rank,
-          size, config_.timeout, device_);
+      return createNcclBackend(c10::make_intrusive<c10d::PrefixStore>(
+                                   storePrefix() + "/nccl", store_),
+                               rank, size, config_.timeout, device_);
     });
   } else {
     HF_THROW("Communicator: no backend communicates tensors on ",
@@ -351,7 +414,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> Communicator::newGroup(
       rethrowing("creating the Gloo backend of group " + name, [&] {
         return createGlooBackend(
             c10::make_intrusive<c10d::PrefixStore>("gloo", group_store), rank,
-            size, config_.timeout, useLoopback());
+            size, config_.timeout, loopback_);
       });
   group->setBackend(c10::DeviceType::CPU, BackendType::GLOO, gloo);
   group->setDefaultBackend(default_type);
@@ -376,6 +439,14 @@ void Communicator::shutdown() {
   if (shut_down_) {
     return;
   }
+  if (hasFailed()) {
+    // The peers may be gone: nothing to wait for.
+    abort();
+    std::lock_guard<std::mutex> lock(mutex_);
+    store_.reset();
+    shut_down_ = true;
+    return;
+  }
   if (config_.size > 1) {
     // Rank 0 may serve the store: nobody leaves while a peer still uses it.
     barrier();
@@ -393,6 +464,144 @@ void Communicator::shutdown() {
   store_.reset();
   group_.reset();
   shut_down_ = true;
+}
+
+// ---------------------------------------------------------------------------
+// After a failure.
+
+bool Communicator::hasFailed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return !failed_because_.empty();
+}
+
+std::chrono::milliseconds Communicator::rollCallWindow() const {
+  return std::min<std::chrono::milliseconds>(config_.timeout,
+                                             std::chrono::seconds(3));
+}
+
+std::string Communicator::failure(const std::string& error) noexcept {
+  try {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (failed_because_.empty()) {
+        failed_because_ = error;
+      }
+    }
+    if (config_.size == 1 || !store_) {
+      return error;
+    }
+    const std::vector<int64_t> alive = survivors();
+    std::vector<int64_t> silent;
+    for (int64_t r = 0; r < config_.size; ++r) {
+      if (std::find(alive.begin(), alive.end(), r) == alive.end()) {
+        silent.push_back(r);
+      }
+    }
+    const std::string own = name_ == "world" ? "" : " (of " + name_ + ")";
+    if (silent.empty()) {
+      return fmt::format(
+          "{}; every rank{} answered the roll call after it, so none died: "
+          "call recover() on every rank to go on",
+          error, own);
+    }
+    return fmt::format(
+        "{}; rank{} {}{} did not answer the roll call within {} ms after it "
+        "(dead, or stopped): ranks {} are alive and can go on with "
+        "recover()",
+        error, silent.size() == 1 ? "" : "s", fmt::join(silent, ", "), own,
+        rollCallWindow().count(), fmt::join(alive, ", "));
+  } catch (const std::exception& e) {
+    return fmt::format(
+        "{}; the roll call of the ranks still alive failed too: {}", error,
+        e.what());
+  } catch (...) {
+    return error;
+  }
+}
+
+void Communicator::abort() noexcept {
+  std::map<c10::DeviceType, c10::intrusive_ptr<c10d::Backend>> dropped;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (failed_because_.empty()) {
+      failed_because_ = "aborted";
+    }
+    dropped.swap(backends_);
+  }
+  // Destroying a Gloo backend closes its connections without waiting for
+  // the peers; c10d's abort() also tears down an NCCL communicator without
+  // waiting (a process group's backends are its owner's: only let go).
+  if (!group_) {
+    for (auto& [type, backend] : dropped) {
+      try {
+        backend->abort();
+      } catch (const std::exception&) {
+        // Let go of it all the same.
+      }
+    }
+  }
+  dropped.clear();
+}
+
+std::vector<int64_t> Communicator::survivors() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (survivors_.has_value()) {
+      return *survivors_;
+    }
+  }
+  if (config_.size == 1) {
+    return {0};
+  }
+  const c10::intrusive_ptr<c10d::Store> store = this->store();
+  const std::string prefix = storePrefix() + "/roll-call/";
+  const auto key = [&](int64_t r) { return prefix + std::to_string(r); };
+  std::vector<int64_t> seen;
+  rethrowing("the roll call in the store", [&] {
+    store->set(key(config_.rank), std::vector<uint8_t>{'1'});
+    const auto deadline = std::chrono::steady_clock::now() + rollCallWindow();
+    while (true) {
+      seen.clear();
+      for (int64_t r = 0; r < config_.size; ++r) {
+        if (r == config_.rank || store->check({key(r)})) {
+          seen.push_back(r);
+        }
+      }
+      if (static_cast<int64_t>(seen.size()) == config_.size ||
+          std::chrono::steady_clock::now() >= deadline) {
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    // The first rank to finish decides for all.
+    const std::string proposal = fmt::format("{}", fmt::join(seen, ","));
+    const std::string decided =
+        store->compareSet(prefix + "survivors", "", proposal);
+    seen.clear();
+    std::istringstream items(decided);
+    std::string item;
+    while (std::getline(items, item, ',')) {
+      seen.push_back(std::stoll(item));
+    }
+    return 0;
+  });
+  HF_CHECK(std::find(seen.begin(), seen.end(), config_.rank) != seen.end(),
+           "Communicator '", name_, "': rank ", config_.rank,
+           " answered the roll call after the survivors ",
+           fmt::format("{}", fmt::join(seen, ", ")),
+           " had closed it; they went on without this rank");
+  std::lock_guard<std::mutex> lock(mutex_);
+  survivors_ = seen;
+  return seen;
+}
+
+std::unique_ptr<Communicator> Communicator::recover() {
+  HF_CHECK(!shut_down_, "Communicator::recover: '", name_,
+           "' is shut down; its store is gone");
+  abort();
+  std::vector<int64_t> members = survivors();
+  return std::unique_ptr<Communicator>(
+      new Communicator(*this, std::move(members)));
 }
 
 }  // namespace hostfuse

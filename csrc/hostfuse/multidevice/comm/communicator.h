@@ -33,6 +33,16 @@
 // HOSTFUSE_COMM_TIMEOUT_S (default 60) bounds every collective of the
 // backends hostfuse creates, so a rank whose peer died fails instead of
 // waiting forever.
+//
+// When a rank dies or stops (docs/moe.md, "When a rank fails"): the
+// collective that fails on the survivors goes through failure(), which holds
+// a roll call in the store and names the ranks that did not answer; the
+// communicator is then failed for good. Each survivor calls recover() (or
+// recoverInstance() for the process-wide one), which aborts the failed
+// backends and returns a communicator over the ranks that answered,
+// renumbered in their old order. The store must survive: under torchrun it
+// lives in the launcher's agent; otherwise in rank 0, which must not be the
+// rank that dies.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -42,9 +52,10 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
-
 #include <vector>
 
 namespace hostfuse {
@@ -148,11 +159,61 @@ class Communicator {
   // Waits for every rank, then releases the backends and the store (a
   // process group's backends are only let go of, not shut down: they are
   // the group owner's). Later calls of backend() fail. Calling it again does
-  // nothing.
+  // nothing. After a failure it waits for nobody and never throws: it
+  // aborts (see below).
   void shutdown();
   bool isShutDown() const { return shut_down_; }
 
+  // ---- After a failure (docs/moe.md, "When a rank fails") ----
+
+  // For a collective of this communicator that raised `error` (a peer
+  // closed its connection or stayed silent past the timeout): marks the
+  // communicator failed, holds the roll call (survivors()) and returns the
+  // message to raise, `error` followed by the ranks that did not answer.
+  // Takes at most rollCallWindow() more. Never throws.
+  std::string failure(const std::string& error) noexcept;
+  // Whether failure() or abort() ran: backend() then raises at once.
+  bool hasFailed() const;
+
+  // Drops the backends hostfuse created without a barrier and without
+  // shutting them down (a process group's are only let go of), so that no
+  // peer is waited on; their sockets close, and peers still blocked on this
+  // rank fail at once. Keeps the store. Never throws; call it when no
+  // collective of this communicator is in flight (one in flight on another
+  // thread is waited for until its timeout).
+  void abort() noexcept;
+
+  // The ranks of this communicator that are alive after a failure, the
+  // same list on every one of them: each rank that calls it writes its
+  // name in the store and waits until every rank has, or rollCallWindow()
+  // has passed; the first rank to finish writes the list it saw, and every
+  // rank returns that list. Held once per communicator (failure() holds
+  // it); a rank that answers after the list was written raises, as does a
+  // store that cannot be reached.
+  std::vector<int64_t> survivors();
+  // How long the roll call waits for silent ranks: the timeout, at most 3 s.
+  std::chrono::milliseconds rollCallWindow() const;
+
+  // Aborts this communicator and returns one over survivors(), ranks
+  // renumbered in their old order, on the same device and store, with a
+  // fresh name (name() + "~1", "~2", ...) so no store key collides with the
+  // failed one's. Every survivor calls it. Rank 0 of the new communicator
+  // is the lowest surviving rank; nothing is shut down here.
+  std::unique_ptr<Communicator> recover();
+  // The same for the process-wide communicator: getInstance() returns the
+  // new one from now on. The failed one is aborted and kept (never
+  // destroyed), so references to it stay valid and raise when used.
+  static Communicator& recoverInstance();
+
+  // For a communicator made by recover(): formerRanks()[r] is the rank that
+  // new rank r had in the failed communicator. Empty otherwise.
+  const std::vector<int64_t>& formerRanks() const { return former_ranks_; }
+
  private:
+  // The survivors' communicator of recover().
+  Communicator(Communicator& failed, std::vector<int64_t> members);
+  // The prefix of this communicator's own store keys.
+  std::string storePrefix() const;
   c10::intrusive_ptr<c10d::Store> createStore() const;
   // Whether Gloo backends hostfuse creates bind to 127.0.0.1.
   bool useLoopback() const;
@@ -162,13 +223,22 @@ class Communicator {
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   std::string name_ = "world";
   at::Device device_ = at::kCPU;
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   c10::intrusive_ptr<c10d::Store> store_;
   std::map<c10::DeviceType, c10::intrusive_ptr<c10d::Backend>> backends_;
   std::map<std::string, int64_t> tags_;
   // newGroup()'s calls per rank list, for distinct store prefixes.
   std::map<std::vector<int64_t>, int64_t> groups_made_;
   bool shut_down_ = false;
+  // Set by recover(): which old ranks this one's ranks were.
+  std::vector<int64_t> former_ranks_;
+  // Counts recover() calls, for the survivors' names.
+  int64_t recoveries_ = 0;
+  // Whether the Gloo backends bind to 127.0.0.1 (all ranks on one host).
+  bool loopback_ = false;
+  // The first failure() or abort(), and the roll call's result.
+  std::string failed_because_;
+  std::optional<std::vector<int64_t>> survivors_;
 };
 
 }  // namespace hostfuse

@@ -98,28 +98,36 @@ void checkCallsMatch(const at::Tensor& table) {
   }
 }
 
-// alltoall_base and its wait. With NCCL, wait() only orders the current
-// stream after the collective; with Gloo it blocks until the data is here.
-void allToAll(c10d::Backend& backend, at::Tensor& output, at::Tensor& input,
+// alltoall_base and its wait, on the communicator's backend for the
+// tensors' device. With NCCL, wait() only orders the current stream after
+// the collective; with Gloo it blocks until the data is here. A failure (a
+// peer died, or stayed silent past the timeout) goes through
+// Communicator::failure, which names the ranks that are gone and leaves the
+// communicator failed.
+void allToAll(Communicator& communicator, at::Tensor& output, at::Tensor& input,
               std::vector<int64_t> output_splits,
               std::vector<int64_t> input_splits, const char* op) {
+  c10d::Backend& backend = communicator.backend(input.device().type());
   const char* const what =
       ": the all-to-all with the other ranks failed (did a rank die, time "
       "out, or call another collective?): ";
+  std::string error;
   try {
     backend.alltoall_base(output, input, output_splits, input_splits)->wait();
+    return;
   } catch (const c10::Error& e) {
-    HF_THROW(op, what, e.what_without_backtrace());
+    error = e.what_without_backtrace();
   } catch (const std::exception& e) {
     // Gloo's own exceptions (timeouts, closed connections).
-    HF_THROW(op, what, e.what());
+    error = e.what();
   }
+  HF_THROW(op, what, communicator.failure(error));
 }
 
 // The rows of `input` [N, W] to the ranks `send_splits` says, and `rows`
 // rows from the ranks as `recv_splits` says, in a new tensor. With one rank
 // nothing moves: `input` itself is the result.
-at::Tensor exchangeRows(c10d::Backend& backend, const at::Tensor& input,
+at::Tensor exchangeRows(Communicator& communicator, const at::Tensor& input,
                         int64_t rows, const std::vector<int64_t>& recv_splits,
                         const std::vector<int64_t>& send_splits,
                         const char* op) {
@@ -128,17 +136,17 @@ at::Tensor exchangeRows(c10d::Backend& backend, const at::Tensor& input,
   }
   at::Tensor output = at::empty({rows, input.size(1)}, input.options());
   at::Tensor sent = input;
-  allToAll(backend, output, sent, recv_splits, send_splits, op);
+  allToAll(communicator, output, sent, recv_splits, send_splits, op);
   return output;
 }
 
 // Sends row r of `send` [R, W] to rank r. Returns [R, W] on the device: row
 // i is what rank i sent.
-at::Tensor exchangeTable(c10d::Backend& backend, at::Tensor send,
+at::Tensor exchangeTable(Communicator& communicator, at::Tensor send,
                          const char* op) {
   at::Tensor recv = at::empty_like(send);
   const std::vector<int64_t> ones(send.size(0), 1);
-  allToAll(backend, recv, send, ones, ones, op);
+  allToAll(communicator, recv, send, ones, ones, op);
   return recv;
 }
 
@@ -221,8 +229,7 @@ void exchangeFailure(Communicator& communicator, const at::Device& device,
     at::Tensor row = at::zeros({tableWidth(world_size)}, at::kLong);
     row[kOpWord] = kCallFailed;
     row[kCallWord] = call;
-    exchangeTable(communicator.backend(device.type()),
-                  sameRowForEveryRank(row, world_size).to(device),
+    exchangeTable(communicator, sameRowForEveryRank(row, world_size).to(device),
                   "the report of this rank's failure")
         .cpu();
   } catch (...) {
@@ -444,7 +451,8 @@ MoeDispatchOutput dispatchCollective(
   const int64_t me = communicator.rank();
   const at::Device device = x.defined() ? x.device() : communicator.device();
   const at::TensorOptions longs = at::TensorOptions(at::kLong).device(device);
-  c10d::Backend& backend = communicator.backend(device.type());
+  // Creating the backend is a rendezvous: every rank reaches it here.
+  communicator.backend(device.type());
   // CUDA tensors take the kernels of collective_kernels.h for the steps
   // around the all-to-alls; CPU tensors the ATen operations that compute
   // the same values.
@@ -512,7 +520,7 @@ MoeDispatchOutput dispatchCollective(
   // 2. Exchange statuses and counts; the one copy to the host.
   report.exchanging();
   const at::Tensor table_on_device =
-      exchangeTable(backend, send_table, "MoeDispatch");
+      exchangeTable(communicator, send_table, "MoeDispatch");
   const at::Tensor table = table_on_device.cpu();
   checkCallsMatch(table);
   moe::checkDispatchTable(table, "collective");
@@ -538,8 +546,8 @@ MoeDispatchOutput dispatchCollective(
                                .narrow(0, 0, num_send);
   const at::Tensor token = at::div(order, picks, "floor");
   const at::Tensor recv_x =
-      exchangeRows(backend, x.index_select(0, token), num_recv, recv_splits,
-                   send_splits, "MoeDispatch");
+      exchangeRows(communicator, x.index_select(0, token), num_recv,
+                   recv_splits, send_splits, "MoeDispatch");
   const int weight_bytes =
       topk_weights.has_value()
           ? static_cast<int>(c10::elementSize(topk_weights->scalar_type()))
@@ -570,8 +578,9 @@ MoeDispatchOutput dispatchCollective(
     }
     send_meta = at::cat(parts, 1);
   }
-  const at::Tensor recv_meta = exchangeRows(
-      backend, send_meta, num_recv, recv_splits, send_splits, "MoeDispatch");
+  const at::Tensor recv_meta =
+      exchangeRows(communicator, send_meta, num_recv, recv_splits, send_splits,
+                   "MoeDispatch");
 
   // 4. Expert-major on the receiver. Each sender's rows are sorted by
   // expert, so with one rank, or one expert per rank, they already are.
@@ -650,7 +659,8 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   const at::Device device =
       expert_out.defined() ? expert_out.device() : communicator.device();
   const at::TensorOptions longs = at::TensorOptions(at::kLong).device(device);
-  c10d::Backend& backend = communicator.backend(device.type());
+  // Creating the backend is a rendezvous: every rank reaches it here.
+  communicator.backend(device.type());
   const bool gpu = device.is_cuda();
   const std::optional<cuda::DeviceScope> on_device =
       deviceScope(device, world_size);
@@ -722,7 +732,7 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   // 2. Exchange statuses and the layout's counts; the one copy to the host.
   report.exchanging();
   const at::Tensor table =
-      exchangeTable(backend, send_table, "MoeCombine").cpu();
+      exchangeTable(communicator, send_table, "MoeCombine").cpu();
   checkCallsMatch(table);
   checkCombineTable(table);
 
@@ -747,10 +757,10 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
     return one_source ? t.contiguous() : t.index_select(0, perm);
   };
   const at::Tensor returned =
-      exchangeRows(backend, bySource(expert_out), num_recv, recv_splits,
+      exchangeRows(communicator, bySource(expert_out), num_recv, recv_splits,
                    send_splits, "MoeCombine");
   const at::Tensor meta = exchangeRows(
-      backend, bySource(at::stack({layout.src_token, layout.src_k}, 1)),
+      communicator, bySource(at::stack({layout.src_token, layout.src_k}, 1)),
       num_recv, recv_splits, send_splits, "MoeCombine");
 
   // 4. Per token, the sum of its picks in pick order (see combineInOrder).

@@ -71,13 +71,16 @@ at::Tensor allGather(Communicator& communicator, const at::Tensor& row) {
   const char* const what =
       "MoeDispatch: the all-gather of the first call with the other ranks "
       "failed (did a rank die, time out, or run another collective?): ";
+  std::string error;
   try {
     backend.allgather(outputs, inputs)->wait();
   } catch (const c10::Error& e) {
-    HF_THROW(what, e.what_without_backtrace());
+    error = e.what_without_backtrace();
   } catch (const std::exception& e) {
-    HF_THROW(what, e.what());
+    error = e.what();
   }
+  // Names the ranks that are gone and leaves the communicator failed.
+  HF_CHECK(error.empty(), what, communicator.failure(error));
   return at::stack(outputs[0]).cpu();
 }
 
