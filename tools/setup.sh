@@ -21,7 +21,10 @@
 #      build/) and build with all cores.
 #
 # Environment: HOSTFUSE_PYTHON, HOSTFUSE_VENV, HOSTFUSE_BUILD_DIR,
-# HOSTFUSE_WERROR (ON/OFF, default OFF), CUDA_HOME, HOSTFUSE_JOBS.
+# HOSTFUSE_WERROR (ON/OFF, default OFF), CUDA_HOME, HOSTFUSE_JOBS,
+# HOSTFUSE_SANITIZE (a -fsanitize= list such as address,undefined: builds
+# into build-sanitize/ by default, without examples and benchmarks; README,
+# "Sanitizer suite").
 
 HOSTFUSE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HOSTFUSE_TORCH_VERSION="2.11.0"
@@ -179,16 +182,22 @@ hostfuse_check_cuda_toolkit() {
 }
 
 hostfuse_configure() {
-  local generator_args=()
+  local generator_args=() sanitizer_args=()
   # A build folder keeps the generator it was made with.
   if [ ! -f "$HOSTFUSE_BUILD_DIR/CMakeCache.txt" ]; then
     generator_args=(-G Ninja)
+  fi
+  # A sanitizer build is for the C++ suite (tools/test.sh), which runs no
+  # example or benchmark: leaving them out saves minutes of a CI build.
+  if [ -n "${HOSTFUSE_SANITIZE:-}" ]; then
+    sanitizer_args=(-DHOSTFUSE_BUILD_EXAMPLES=OFF
+      -DHOSTFUSE_BUILD_BENCHMARKS=OFF)
   fi
   hostfuse_log "configuring into $HOSTFUSE_BUILD_DIR"
   cmake -S "$HOSTFUSE_ROOT" -B "$HOSTFUSE_BUILD_DIR" "${generator_args[@]}" \
     -DHOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
     -DHOSTFUSE_WERROR="${HOSTFUSE_WERROR:-OFF}" \
-    -DHOSTFUSE_SANITIZE="${HOSTFUSE_SANITIZE:-}" \
+    -DHOSTFUSE_SANITIZE="${HOSTFUSE_SANITIZE:-}" "${sanitizer_args[@]}" \
     -Wno-dev >"$HOSTFUSE_BUILD_DIR/configure.log" 2>&1 || {
     cat "$HOSTFUSE_BUILD_DIR/configure.log" >&2
     hostfuse_die "cmake configure failed"

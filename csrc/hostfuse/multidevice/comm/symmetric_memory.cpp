@@ -122,6 +122,8 @@ std::shared_ptr<SymmetricMemory> SymmetricMemory::allocate(
            ")");
   HF_CHECK_GT(bytes, size_t{0}, "symmetric memory: empty buffer ", tag);
   const std::string prefix = uniqueStorePrefix(tag);
+  // Read before anything is allocated: this may throw.
+  const ProcessIdentity self = ownProcessIdentity();
   cuda::DeviceScope device_scope(device, /*for_driver_calls=*/true);
 
   CUdevice cu_device = 0;
@@ -160,7 +162,6 @@ std::shared_ptr<SymmetricMemory> SymmetricMemory::allocate(
   HF_CU_CHECK(driver::cuMemExportToShareableHandle(
       &own_fd, own, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0ULL));
 
-  const ProcessIdentity self = ownProcessIdentity();
   HandleRecord record;
   record.pid = static_cast<int32_t>(self.pid);
   record.start_time = self.start_time;
