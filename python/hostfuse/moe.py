@@ -187,8 +187,8 @@ def report_failure(device, backend="collective", group=None):
     naming this rank, instead of waiting for it until the timeout. Blocks
     until the peers are in that call; never raises. With backend='cuda' it
     writes the failure into every peer's workspaces of this runtime (no
-    wait): their kernels stop at once, and every rank's workspaces are
-    recreated at their sites' next call. HostIrEvaluator.run does this
+    wait): their kernels stop at once, and the workspaces refuse every
+    call on every rank until each rank calls release(). HostIrEvaluator.run does this
     itself for its programs."""
     if not isinstance(device, torch.device):
         device = torch.device(device)

@@ -553,14 +553,24 @@ TEST_F(CudaBackendErrors, MoreTokensThanAtTheFirstRunIsAnError) {
   expectValidRunWorks(*evaluator, 4, "the first run, T = 4");
   // Every rank has more tokens than T_max = 4: each fails before its
   // kernel, so none waits for another.
+  auto tooMany = [&] {
+    evaluator->run({x(kTokens), idx(kTokens).to(device()), weights(kTokens)});
+  };
+  test::expectErrorContains(tooMany, {"backend=cuda", "x has 6 tokens",
+                                      "sized at its first run for T_max = 4"});
+  if (ranks() == 1) {
+    expectValidRunWorks(*evaluator, 3, "fewer tokens after the error");
+    return;
+  }
+  // With peers the refusal was published: the workspace is unusable on
+  // every rank until each makes a new one (here: a new evaluator).
   test::expectErrorContains(
       [&] {
-        evaluator->run(
-            {x(kTokens), idx(kTokens).to(device()), weights(kTokens)});
+        evaluator->run({x(3), idx(3).to(device()), weights(3)});
       },
-      {"backend=cuda", "x has 6 tokens",
-       "sized at its first run for T_max = 4"});
-  expectValidRunWorks(*evaluator, 3, "fewer tokens after the error");
+      {"backend=cuda", "unusable after an earlier failure"});
+  evaluator = roundTrip();
+  expectValidRunWorks(*evaluator, 3, "a new evaluator after the error");
 }
 
 }  // namespace

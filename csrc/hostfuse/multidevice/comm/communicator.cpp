@@ -16,6 +16,7 @@
 #include <optional>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include <hostfuse/multidevice/comm/c10d_backends.h>
 #include <hostfuse/utils/cuda_utils.h>
@@ -195,7 +196,8 @@ Communicator::Communicator(Communicator& failed, std::vector<int64_t> members)
         const auto me = std::find(members.begin(), members.end(), config.rank);
         config.rank = me - members.begin();
         config.size = static_cast<int64_t>(members.size());
-        // Only the ranks' count and order change; the device stays.
+        // Only the ranks' count and order change; the device stays (so
+        // localRank() no longer names it: use device()).
         config.local_rank = config.rank;
         config.local_size = failed.loopback_ ? config.size : 1;
         return config;
@@ -259,6 +261,9 @@ Communicator& Communicator::recoverInstance() {
   Communicator& failed = getInstance();
   std::unique_ptr<Communicator> recovered = failed.recover();
   std::lock_guard<std::mutex> lock(instanceMutex());
+  // Kept reachable (references to it stay valid and raise when used).
+  static std::vector<Communicator*> retired;
+  retired.push_back(&failed);
   instanceSlot().store(recovered.release());
   return *instanceSlot().load();
 }
@@ -511,9 +516,12 @@ std::string Communicator::failure(const std::string& error) noexcept {
         error, silent.size() == 1 ? "" : "s", fmt::join(silent, ", "), own,
         rollCallWindow().count(), fmt::join(alive, ", "));
   } catch (const std::exception& e) {
-    return fmt::format(
-        "{}; the roll call of the ranks still alive failed too: {}", error,
-        e.what());
+    try {
+      return error +
+             "; the roll call of the ranks still alive failed too: " + e.what();
+    } catch (...) {
+      return error;  // out of memory: the transport's error alone
+    }
   } catch (...) {
     return error;
   }

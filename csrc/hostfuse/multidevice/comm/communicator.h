@@ -170,7 +170,8 @@ class Communicator {
   // closed its connection or stayed silent past the timeout): marks the
   // communicator failed, holds the roll call (survivors()) and returns the
   // message to raise, `error` followed by the ranks that did not answer.
-  // Takes at most rollCallWindow() more. Never throws.
+  // Takes rollCallWindow() more, plus the store's own timeout if the store
+  // does not answer. Never throws.
   std::string failure(const std::string& error) noexcept;
   // Whether failure() or abort() ran: backend() then raises at once.
   bool hasFailed() const;

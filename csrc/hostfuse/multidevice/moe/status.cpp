@@ -294,8 +294,8 @@ std::string describeStatus(const StatusContext& c, const int64_t* w) {
     case kStatusPeerFailed:
       return fmt::format(
           "{}: rank {} of {} {} and told every rank; this rank stopped {}. "
-          "The workspace is unusable now; recreate it on every rank (the MoE "
-          "nodes of an evaluator do so at their next call)",
+          "The workspace is unusable now; recreate it on every rank (a new "
+          "HostIrEvaluator; from Python, hostfuse.moe.release())",
           c.op, c.rank, c.world_size,
           w[2] == kFailedTimeout
               ? fmt::format("timed out waiting for rank {}'s {}", w[3],

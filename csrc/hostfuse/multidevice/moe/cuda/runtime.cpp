@@ -103,12 +103,14 @@ CudaMoeRuntime::~CudaMoeRuntime() = default;
 
 CudaMoeRuntime::Site& CudaMoeRuntime::siteFor(const MoeDispatchArgs& args) {
   std::unique_ptr<Site>& site = sites_[args.site];
-  if (site != nullptr && site->workspace->usable()) {
+  if (site != nullptr) {
+    // After a failure the workspace refuses every call. It is not
+    // recreated here: a rank whose call did not wait for the failed one
+    // (a combine that needed none of its rows) learns of the failure only
+    // at its next call, so the ranks would recreate at different calls and
+    // pair different iterations. The caller recreates on every rank.
     return *site;
   }
-  // A failure on any rank (a timeout, an error it published) left the
-  // workspace unusable on every rank: each recreates it at this call.
-  site.reset();
   // The first call: agree on the inputs, then the rendezvous.
   const at::Device device = communicator_.device();
   const moe::HostStatus status =

@@ -24,8 +24,10 @@
 // host after the first call (a wrong shape, T above T_max), a timeout, or an
 // error of the program around the MoE nodes (publishFailure) is published
 // to the peers through their symmetric `failure` word: their kernels stop
-// at once and raise naming that rank, every rank's workspace of the site is
-// unusable, and every rank recreates it at the site's next call.
+// at once and raise naming that rank (a rank whose call did not wait for
+// it, at its next call), and the site's workspace is unusable on every
+// rank: the caller recreates it on every rank (a new runtime: a new
+// evaluator, or hostfuse.moe.release() in Python).
 #pragma once
 
 #include <map>

@@ -162,7 +162,8 @@ void CudaMoeWorkspace::publishFailure() noexcept {
     broken_ = true;
     broken_reason_ =
         "this rank raised an error in a call and told every rank; recreate "
-        "the workspace on every rank";
+        "the workspace on every rank (a new HostIrEvaluator; from Python, "
+        "hostfuse.moe.release())";
   } catch (...) {
     // Never throws: the caller is raising an error of its own.
   }

@@ -104,9 +104,6 @@ class CudaMoeWorkspace {
   // uses the workspace. Never throws; does nothing during a capture or
   // when the workspace is unusable already.
   void publishFailure() noexcept;
-  // False after a timeout or a failure on any rank: recreate the workspace
-  // on every rank.
-  bool usable() const { return !broken_; }
 
   // Needs config.profile (or HOSTFUSE_MOE_PROFILE=1). Waits for the device
   // and reduces the profile buffer over blocks: the phases of the latest
