@@ -261,9 +261,11 @@ Communicator& Communicator::recoverInstance() {
   Communicator& failed = getInstance();
   std::unique_ptr<Communicator> recovered = failed.recover();
   std::lock_guard<std::mutex> lock(instanceMutex());
-  // Kept reachable (references to it stay valid and raise when used).
-  static std::vector<Communicator*> retired;
-  retired.push_back(&failed);
+  // Kept, and reachable from a static (references to it stay valid and
+  // raise when used); the list itself is never destroyed either, so that
+  // nothing of it is freed before the leak check at exit.
+  static auto* const retired = new std::vector<Communicator*>();
+  retired->push_back(&failed);
   instanceSlot().store(recovered.release());
   return *instanceSlot().load();
 }
