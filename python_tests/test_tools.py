@@ -14,6 +14,9 @@ passed, a failure, a setup error, a skip and an xfail."""
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
@@ -108,6 +111,23 @@ def test_a_rank_that_failed_after_its_cases_passed_is_a_failure(tmp_path):
     assert "multidevice_np2 (outside its gtest cases)" in lines[-2]
     assert lines[-1].startswith("hostfuse tests: 6 passed, 3 failed, 9 skipped")
     assert "1 failed outside their gtest cases" in lines[-1]
+
+
+def test_a_filter_that_matches_no_test_fails(tmp_path):
+    # The suite's own build folder, run as it is: ctest finds no test named
+    # NoSuchTest and the script must not call that a green run. Its JUnit
+    # files go to tmp_path, so the suite running this test keeps its own.
+    build = Path(os.environ.get("HOSTFUSE_BUILD_DIR", REPO / "build"))
+    if not (build / "CTestTestfile.cmake").is_file():
+        pytest.skip(f"needs a configured C++ build in {build}; there is none")
+    env = dict(os.environ, HOSTFUSE_BUILD_DIR=str(build), HOSTFUSE_NO_BUILD="1",
+               HOSTFUSE_SKIP_PYTHON="1", HOSTFUSE_TEST_RESULTS=str(tmp_path))
+    done = subprocess.run(["bash", str(REPO / "tools" / "test.sh"), "-R",
+                           "NoSuchTest"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "No tests were found" in done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1].startswith("hostfuse tests: 0 passed")
 
 
 def launch(timeout):

@@ -78,7 +78,7 @@ if [ "$gpus" -gt 0 ]; then
     log="$log_dir/test_cuda_moe_shared$ranks.log"
     hostfuse_log "running test_cuda_moe on $ranks ranks sharing $gpus GPU(s) (log: $log)"
     start=$SECONDS
-    HOSTFUSE_TEST_SHARE_GPUS=1 HOSTFUSE_NO_BUILD=1 \
+    HOSTFUSE_SHARE_GPUS=1 HOSTFUSE_NO_BUILD=1 \
       HOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
       timeout --kill-after=15 "$cuda_moe_timeout" \
       "$HOSTFUSE_ROOT/tools/run_cuda_moe_tests.sh" "$ranks" >"$log" 2>&1
@@ -87,6 +87,23 @@ if [ "$gpus" -gt 0 ]; then
     # gtest ends a rank's output with "N FAILED TEST(S)" when any failed.
     failed_ranks="$(grep -cE 'FAILED TESTS?$' "$log")"
     summary+=("test_cuda_moe, $ranks ranks sharing $gpus GPU(s): $failed_ranks of $ranks ranks with failed tests (exit $status, $((SECONDS - start)) s)")
+    [ "$status" -eq 0 ] || failed=1
+    # The cuda backend through the evaluator (its errors, their
+    # publication, new evaluators after them) on the shared GPUs; NCCL
+    # cannot run there, so the tests that compare with the collective
+    # backend on GPUs need one GPU per rank.
+    log="$log_dir/cuda_backend_errors_shared$ranks.log"
+    hostfuse_log "running CudaBackendErrors.* on $ranks ranks sharing $gpus GPU(s) (log: $log)"
+    start=$SECONDS
+    HOSTFUSE_SHARE_GPUS=1 timeout --kill-after=15 "$cuda_moe_timeout" \
+      "$HOSTFUSE_ROOT/tools/launch.sh" "$ranks" \
+      "$HOSTFUSE_BUILD_DIR/tests/cpp/test_multidevice" \
+      --gtest_filter='CudaBackendErrors.*' >"$log" 2>&1
+    status=$?
+    tail -n 5 "$log"
+    failed_ranks="$(grep -cE 'FAILED TESTS?$' "$log")"
+    passed="$(grep -oE '\[  PASSED  \] [0-9]+ tests?' "$log" | head -1)"
+    summary+=("CudaBackendErrors.*, $ranks ranks sharing $gpus GPU(s): $failed_ranks of $ranks ranks with failed tests; rank 0 $passed (exit $status, $((SECONDS - start)) s)")
     [ "$status" -eq 0 ] || failed=1
   done
 else

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the cuda MoE backend tests (build/tests/cpp/test_cuda_moe) as N
 # processes, one GPU each, with torchrun. Needs a machine with >= N GPUs;
-# with fewer, every test skips, unless HOSTFUSE_TEST_SHARE_GPUS=1: then rank
+# with fewer, every test skips, unless HOSTFUSE_SHARE_GPUS=1: then rank
 # i runs on GPU i mod the GPU count, and the GPU time-slices the ranks'
 # kernels (a test of behaviour across ranks, never of speed).
 #

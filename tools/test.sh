@@ -14,7 +14,9 @@
 # The exit status is nonzero when anything failed.
 #
 # HOSTFUSE_SKIP_PYTHON=1 runs ctest only; HOSTFUSE_SKIP_CTEST=1 the Python
-# part only.
+# part only. HOSTFUSE_NO_BUILD=1 runs ctest on the build folder as it is;
+# HOSTFUSE_TEST_RESULTS puts the JUnit files in another folder (the test
+# of this script runs it inside a suite without touching the suite's own).
 #
 # The sanitizer suite: HOSTFUSE_SANITIZE=address,undefined builds with ASan
 # and UBSan into build-sanitize/ (its own folder) and runs the C++ suite only:
@@ -40,7 +42,7 @@ if [ -n "${HOSTFUSE_SANITIZE:-}" ]; then
   export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
 fi
 
-results="$HOSTFUSE_BUILD_DIR/test-results"
+results="${HOSTFUSE_TEST_RESULTS:-$HOSTFUSE_BUILD_DIR/test-results}"
 mkdir -p "$results"
 # Results of an earlier run must not be counted as this one's.
 rm -f "$results/ctest.xml" "$results/pytest.xml"
@@ -59,7 +61,9 @@ trap print_totals EXIT
 
 if [ "${HOSTFUSE_SKIP_CTEST:-0}" != 1 ]; then
   totals_args+=(--ctest "$results/ctest.xml")
-  hostfuse_build
+  if [ "${HOSTFUSE_NO_BUILD:-0}" != 1 ]; then
+    hostfuse_build
+  fi
   hostfuse_log "running ctest"
   # A filter that matches no test is an error, not a green run. The JUnit
   # file keeps the end of every test's output (gtest's counts are there).

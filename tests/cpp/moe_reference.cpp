@@ -20,6 +20,8 @@ bool lacksGpuPerRank() {
          communicator().localSize() > cuda::deviceCount();
 }
 
+bool lacksGpuForCudaBackend() { return !communicator().device().is_cuda(); }
+
 namespace {
 
 // allgather of equally sized tensors through the c10d backend directly.

@@ -23,6 +23,10 @@ int64_t myRank();
 // True unless every rank on this host has a GPU of its own (CUDA tests of
 // the multi-rank binaries skip then).
 bool lacksGpuPerRank();
+// True unless every rank has a GPU, of its own or shared with other ranks
+// (HOSTFUSE_SHARE_GPUS=1): enough for the cuda MoE backend alone, whose
+// set-up goes over Gloo when GPUs are shared, not for NCCL.
+bool lacksGpuForCudaBackend();
 
 // Gathers `tensor` [n_r, ...] from every rank r, whose n_r may differ;
 // result[r] is rank r's, on the CPU. A collective: every rank calls it.

@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <iterator>
 #include <optional>
@@ -383,7 +384,12 @@ TEST(CudaBackendProgram, TheGridRouteIsBitIdentical) {
 
 class CudaBackendErrors : public testing::Test {
  protected:
-  void SetUp() override { SKIP_WITHOUT_GPUS(); }
+  void SetUp() override {
+    if (test::lacksGpuForCudaBackend()) {
+      GTEST_SKIP() << "the cuda MoE backend needs a GPU per rank (of its own, "
+                      "or shared: HOSTFUSE_SHARE_GPUS=1)";
+    }
+  }
 
   int64_t ranks() const { return worldSize(); }
   int64_t me() const { return myRank(); }
@@ -546,6 +552,46 @@ TEST_F(CudaBackendErrors, CapacityOverflowThenARunThatFits) {
     FAIL() << "rank " << me() << ": the run that fits failed: " << e.what();
   }
   test::expectClose(out[0].cpu(), input.cpu());
+}
+
+// One rank's run fails before its dispatch (its input does not bind); the
+// evaluator tells the peers through the cuda backend's workspace, and their
+// dispatch kernels raise naming it at once instead of waiting out the
+// timeout. The workspace is then unusable on every rank; new evaluators
+// work. (On one GPU: HOSTFUSE_SHARE_GPUS=1, tools/gpu_check.sh.)
+TEST_F(CudaBackendErrors, ARankThatFailsBeforeItsDispatchStopsEveryPeerAtOnce) {
+  if (ranks() < 2) {
+    GTEST_SKIP() << "needs two ranks";
+  }
+  auto evaluator = roundTrip();
+  expectValidRunWorks(*evaluator, kTokens, "the first run (the rendezvous)");
+  const auto start = std::chrono::steady_clock::now();
+  if (isBadRank()) {
+    const at::Tensor three_dims = x(kTokens).unsqueeze(0);
+    test::expectErrorContains(
+        [&] {
+          evaluator->run(
+              {three_dims, idx(kTokens).to(device()), weights(kTokens)});
+        },
+        {"must have rank 2"});
+  } else {
+    test::expectErrorContains(
+        [&] {
+          evaluator->run(
+              {x(kTokens), idx(kTokens).to(device()), weights(kTokens)});
+        },
+        {"backend=cuda",
+         badRank() + " of " + std::to_string(ranks()) +
+             " raised an error on its host (its own error says why) and told "
+             "every rank"});
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count();
+  // The kernels' timeout is HOSTFUSE_MOE_TIMEOUT_S, 30 s by default.
+  EXPECT_LT(seconds, 10) << "the peers waited for their timeout";
+  evaluator = roundTrip();
+  expectValidRunWorks(*evaluator, kTokens, "a new evaluator after the error");
 }
 
 TEST_F(CudaBackendErrors, MoreTokensThanAtTheFirstRunIsAnError) {

@@ -23,6 +23,7 @@
 
 #include <hostfuse/multidevice/comm/symmetric_memory.h>
 #include <hostfuse/multidevice/moe/cuda/workspace.h>
+#include <hostfuse/utils/options.h>
 #include <hostfuse/utils/torch_cuda.h>
 #include "test_utils.h"
 
@@ -56,10 +57,11 @@ ProcessGroup makeProcessGroup() {
     group.skip_reason = "no CUDA device on this machine";
     return group;
   }
-  // HOSTFUSE_TEST_SHARE_GPUS=1 lets ranks share GPUs (rank i on GPU i mod
-  // the count): the kernels' waits then rely on the GPU time-slicing the
-  // processes, so this proves behaviour across ranks, never speed.
-  const bool share = environmentInt("HOSTFUSE_TEST_SHARE_GPUS", 0) == 1;
+  // HOSTFUSE_SHARE_GPUS=1 lets ranks share GPUs (rank i on GPU i mod the
+  // count, as the Communicator does): the kernels' waits then rely on the
+  // GPU time-slicing the processes, so this proves behaviour across ranks,
+  // never speed.
+  const bool share = options::getBool(Option::ShareGpus).value_or(false);
   if (cuda::deviceCount() < group.world && !share) {
     group.skip_reason = toString("needs one GPU per rank: ", group.world,
                                  " ranks, ", cuda::deviceCount(), " GPUs");
@@ -853,13 +855,22 @@ void CudaMoe::replayGraph(const Case& c, const std::string& name, int replays) {
   EXPECT_NO_THROW(workspace->checkStatus());
 }
 
+// HOSTFUSE_TEST_GRAPH_REPLAYS, when set, is the number of replays of each
+// graph test (the GPU soak of docs/reliability.md uses 10000; runs under
+// compute-sanitizer a few).
+int graphReplays(int fallback) {
+  const int replays = environmentInt("HOSTFUSE_TEST_GRAPH_REPLAYS", fallback);
+  HF_CHECK(replays >= 1, "HOSTFUSE_TEST_GRAPH_REPLAYS must be at least 1");
+  return replays;
+}
+
 TEST_F(CudaMoe, GraphReplaysWithNewRoutingMatchTheReference) {
   Case c;
   c.experts = 2 * world_;
   c.topk = std::min<int64_t>(4, c.experts);
   c.hidden = 128;
   c.seed = 2024;
-  replayGraph(c, "graph", 1000);
+  replayGraph(c, "graph", graphReplays(1000));
 }
 
 TEST_F(CudaMoe, GraphReplaysMatchTheReferenceWithTheGridRoute) {
@@ -869,7 +880,7 @@ TEST_F(CudaMoe, GraphReplaysMatchTheReferenceWithTheGridRoute) {
   c.hidden = 64;
   c.seed = 4048;
   c.grid_route = true;
-  replayGraph(c, "graph_grid", 300);
+  replayGraph(c, "graph_grid", graphReplays(300));
 }
 
 }  // namespace

@@ -38,6 +38,10 @@ constexpr double kMaxTimeoutSeconds = 86400;
     options::kMinTimeoutSeconds, options::kMaxTimeoutSeconds,                  \
     "Seconds a collective of the communicator (Gloo, NCCL, the store) may "    \
     "wait for a peer before it fails.")                                        \
+  X(ShareGpus, "HOSTFUSE_SHARE_GPUS", Bool, "0", 0, 1,                         \
+    "On a host with fewer GPUs than ranks, put local rank i on GPU i mod the " \
+    "GPU count instead of on the CPU. NCCL then refuses CUDA tensors; the "    \
+    "cuda MoE backend works (for tests on small machines, never for speed).")  \
   X(DumpKernels, "HOSTFUSE_DUMP_KERNELS", Bool, "0", 0, 1,                     \
     "Print the CUDA source of every fusion kernel when it is compiled.")       \
   X(MoeBlocks, "HOSTFUSE_MOE_BLOCKS", Integer, "", 1, 1e6,                     \

@@ -93,6 +93,7 @@ CommunicatorConfig configOfGroup(
   config.rank = group->getRank();
   config.size = group->getSize();
   config.timeout = timeoutFromOptions();
+  config.share_gpus = options::getBool(Option::ShareGpus).value_or(false);
   return config;
 }
 
@@ -165,9 +166,11 @@ Communicator::Communicator(CommunicatorConfig config)
   options::checkTimeout("CommunicatorConfig::timeout",
                         std::chrono::duration<double>(config_.timeout).count());
   // One GPU per rank, or none: ranks that would share a GPU compute on the
-  // CPU (NCCL cannot run two ranks on one GPU).
-  if (cuda::isAvailable() && config_.local_size <= cuda::deviceCount()) {
-    const int device = static_cast<int>(config_.local_rank);
+  // CPU (NCCL cannot run two ranks on one GPU), unless asked to share.
+  const int gpus = cuda::isAvailable() ? cuda::deviceCount() : 0;
+  shares_gpus_ = config_.share_gpus && config_.local_size > gpus && gpus > 0;
+  if (gpus > 0 && (config_.local_size <= gpus || shares_gpus_)) {
+    const int device = static_cast<int>(config_.local_rank % gpus);
     HF_CUDA_CHECK(cudaSetDevice(device));
     device_ = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
   }
@@ -204,6 +207,7 @@ Communicator::Communicator(Communicator& failed, std::vector<int64_t> members)
       }()),
       name_(fmt::format("{}~{}", failed.name_, ++failed.recoveries_)),
       device_(failed.device_),
+      shares_gpus_(failed.shares_gpus_),
       store_(failed.store_),
       former_ranks_(std::move(members)),
       loopback_(failed.loopback_) {}
@@ -343,7 +347,8 @@ c10d::Backend& Communicator::backend(c10::DeviceType device_type) {
     HF_CHECK(config_.local_size <= cuda::deviceCount(),
              "Communicator: NCCL needs one GPU per rank, but ",
              config_.local_size, " ranks run on this host, which has ",
-             cuda::deviceCount(), " GPUs");
+             cuda::deviceCount(), " GPUs",
+             shares_gpus_ ? " (they share them: HOSTFUSE_SHARE_GPUS=1)" : "");
     created = rethrowing("creating the NCCL backend", [&] {
       return createNcclBackend(c10::make_intrusive<c10d::PrefixStore>(
                                    storePrefix() + "/nccl", store_),
@@ -431,11 +436,11 @@ c10::intrusive_ptr<c10d::ProcessGroup> Communicator::newGroup(
 
 void Communicator::barrier() {
   // A process group's barrier runs on its default backend, which may be
-  // Gloo on a GPU machine.
+  // Gloo on a GPU machine; ranks that share GPUs have Gloo only.
   c10d::Backend& b =
       group_ ? *rethrowing("finding the group's default backend",
                            [&] { return group_->getDefaultBackend(); })
-             : backend(device_.type());
+             : backend(shares_gpus_ ? c10::DeviceType::CPU : device_.type());
   rethrowing("barrier", [&] {
     b.barrier()->wait();
     return 0;
@@ -484,6 +489,21 @@ bool Communicator::hasFailed() const {
 std::chrono::milliseconds Communicator::rollCallWindow() const {
   return std::min<std::chrono::milliseconds>(config_.timeout,
                                              std::chrono::seconds(3));
+}
+
+void Communicator::runOrFail(const std::function<void()>& collective,
+                             const std::string& context) {
+  std::string error;
+  try {
+    collective();
+    return;
+  } catch (const c10::Error& e) {
+    error = e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    // Gloo's own exceptions (timeouts, closed connections).
+    error = e.what();
+  }
+  HF_THROW(context, failure(error));
 }
 
 std::string Communicator::failure(const std::string& error) noexcept {

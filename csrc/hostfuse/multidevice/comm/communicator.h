@@ -21,7 +21,10 @@
 //   created on first use, by every rank at the same point of the program:
 //   Gloo for CPU tensors, NCCL for CUDA tensors. On machines with a GPU per
 //   local rank the constructor makes GPU `local rank` the current CUDA
-//   device.
+//   device; with fewer GPUs the ranks compute on the CPU, unless
+//   HOSTFUSE_SHARE_GPUS=1 (share_gpus) puts local rank i on GPU i mod the
+//   GPU count: NCCL cannot run there, but the cuda MoE backend (symmetric
+//   memory, its set-up over Gloo) can.
 //
 // * A c10d process group the program already has: one of torch.distributed's
 //   (the default group, or a subgroup such as the expert-parallel group of a
@@ -51,6 +54,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -85,6 +89,8 @@ struct CommunicatorConfig {
   // checks it).
   std::chrono::milliseconds timeout =
       std::chrono::seconds(kDefaultTimeoutSeconds);
+  // HOSTFUSE_SHARE_GPUS: ranks may share a GPU (see the top of this file).
+  bool share_gpus = false;
 
   // Reads the variables listed at the top of this file. A variable that is
   // set but malformed, or a launcher's set that is incomplete, is an error
@@ -119,6 +125,9 @@ class Communicator {
   // The device this rank computes on: GPU `local rank` on machines with a
   // GPU per local rank, else the CPU.
   at::Device device() const { return device_; }
+  // Whether this host's ranks share GPUs (share_gpus and fewer GPUs than
+  // local ranks): CUDA tensors then have no backend.
+  bool sharesGpus() const { return shares_gpus_; }
 
   // A name every rank of this communicator agrees on, and that differs
   // between communicators that share a store: "world" for the launcher's,
@@ -153,7 +162,8 @@ class Communicator {
   c10::intrusive_ptr<c10d::ProcessGroup> newGroup(
       const std::vector<int64_t>& ranks);
 
-  // Waits until every rank has arrived, on the backend of device().
+  // Waits until every rank has arrived, on the backend of device() (Gloo
+  // when ranks share GPUs).
   void barrier();
 
   // Waits for every rank, then releases the backends and the store (a
@@ -173,6 +183,11 @@ class Communicator {
   // Takes rollCallWindow() more, plus the store's own timeout if the store
   // does not answer. Never throws.
   std::string failure(const std::string& error) noexcept;
+  // Runs `collective` (a call on one of this communicator's backends and
+  // its wait). If it throws, goes through failure() and raises `context`
+  // followed by failure()'s message.
+  void runOrFail(const std::function<void()>& collective,
+                 const std::string& context);
   // Whether failure() or abort() ran: backend() then raises at once.
   bool hasFailed() const;
 
@@ -224,6 +239,7 @@ class Communicator {
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   std::string name_ = "world";
   at::Device device_ = at::kCPU;
+  bool shares_gpus_ = false;
   mutable std::mutex mutex_;
   c10::intrusive_ptr<c10d::Store> store_;
   std::map<c10::DeviceType, c10::intrusive_ptr<c10d::Backend>> backends_;

@@ -108,20 +108,14 @@ void allToAll(Communicator& communicator, at::Tensor& output, at::Tensor& input,
               std::vector<int64_t> output_splits,
               std::vector<int64_t> input_splits, const char* op) {
   c10d::Backend& backend = communicator.backend(input.device().type());
-  const char* const what =
-      ": the all-to-all with the other ranks failed (did a rank die, time "
-      "out, or call another collective?): ";
-  std::string error;
-  try {
-    backend.alltoall_base(output, input, output_splits, input_splits)->wait();
-    return;
-  } catch (const c10::Error& e) {
-    error = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    // Gloo's own exceptions (timeouts, closed connections).
-    error = e.what();
-  }
-  HF_THROW(op, what, communicator.failure(error));
+  communicator.runOrFail(
+      [&] {
+        backend.alltoall_base(output, input, output_splits, input_splits)
+            ->wait();
+      },
+      std::string(op) +
+          ": the all-to-all with the other ranks failed (did a rank die, "
+          "time out, or call another collective?): ");
 }
 
 // The rows of `input` [N, W] to the ranks `send_splits` says, and `rows`

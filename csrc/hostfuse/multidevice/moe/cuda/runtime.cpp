@@ -68,19 +68,10 @@ at::Tensor allGather(Communicator& communicator, const at::Tensor& row) {
     outputs[0].push_back(at::empty_like(row));
   }
   std::vector<at::Tensor> inputs = {row};
-  const char* const what =
+  communicator.runOrFail(
+      [&] { backend.allgather(outputs, inputs)->wait(); },
       "MoeDispatch: the all-gather of the first call with the other ranks "
-      "failed (did a rank die, time out, or run another collective?): ";
-  std::string error;
-  try {
-    backend.allgather(outputs, inputs)->wait();
-  } catch (const c10::Error& e) {
-    error = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
-  // Names the ranks that are gone and leaves the communicator failed.
-  HF_CHECK(error.empty(), what, communicator.failure(error));
+      "failed (did a rank die, time out, or run another collective?): ");
   return at::stack(outputs[0]).cpu();
 }
 
@@ -122,8 +113,11 @@ CudaMoeRuntime::Site& CudaMoeRuntime::siteFor(const MoeDispatchArgs& args) {
       ok && args.topk_weights ? moe::dtypeCode(*args.topk_weights) : -1,
       ok ? args.x.size(0) : 0, ok ? args.topk_idx.size(1) : 0);
   const at::Tensor mine = at::cat({status.toDevice(at::kCPU), info});
+  // Over NCCL on GPUs, unless the ranks share them (then NCCL cannot run,
+  // and Gloo does: the table is small and needed on the host anyway).
+  const bool through_gpu = device.is_cuda() && !communicator_.sharesGpus();
   const at::Tensor table =
-      allGather(communicator_, device.is_cuda() ? mine.to(device) : mine);
+      allGather(communicator_, through_gpu ? mine.to(device) : mine);
   moe::checkDispatchTable(table, "cuda");
 
   CudaMoeConfig config;
@@ -165,18 +159,19 @@ MoeDispatchOutput CudaMoeRuntime::dispatch(const MoeDispatchArgs& args) {
         status.words()));
   }
   const CudaMoeConfig& config = workspace.config();
+  // The workspace refuses it too, with a message that cannot name the
+  // node or the way out; this one can.
   if (args.x.size(0) > config.max_tokens) {
     workspace.publishFailure();
+    HF_THROW("MoeDispatch: x has ", args.x.size(0),
+             " tokens, but the node's cuda workspace was sized at its first "
+             "run for T_max = ",
+             config.max_tokens,
+             " tokens (the largest T of any rank then); a later run may not "
+             "have more tokens. Make the first run the largest, or start over "
+             "on every rank with a new evaluator (from Python: "
+             "hostfuse.moe.release(), then call again)");
   }
-  HF_CHECK(args.x.size(0) <= config.max_tokens, "MoeDispatch: x has ",
-           args.x.size(0),
-           " tokens, but the node's cuda workspace was sized at its first run "
-           "for T_max = ",
-           config.max_tokens,
-           " tokens (the largest T of any rank then); a later run may not "
-           "have more tokens. Make the first run the largest, or start over "
-           "on every rank with a new evaluator (from Python: "
-           "hostfuse.moe.release(), then call again)");
 
   CudaDispatchResult result =
       workspace.dispatch(args.x, args.topk_idx, args.topk_weights);

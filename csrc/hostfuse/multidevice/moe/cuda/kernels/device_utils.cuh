@@ -187,17 +187,23 @@ struct CallStart {
   bool usable;
 };
 
+// The waits' context of call `epoch` of `op` (0: outside a call).
+__device__ inline WaitContext waitContextOf(const CommonParams& c, int op,
+                                            uint64_t epoch) {
+  return WaitContext{
+      c.state,      c.status,
+      c.timeout_ns, op,
+      epoch,        flagAt(c.control[c.rank], c.layout.failure, 0),
+      c.control,    c.layout.failure,
+      c.rank,       c.world_size};
+}
+
 __device__ inline CallStart beginCall(const CommonParams& c,
                                       const uint64_t* last_epoch, int op,
                                       uint64_t entry_ns) {
   CallStart call;
   const uint64_t epoch = loadVolatile(last_epoch) + 1;
-  call.context =
-      WaitContext{c.state,      c.status,
-                  c.timeout_ns, op,
-                  epoch,        flagAt(c.control[c.rank], c.layout.failure, 0),
-                  c.control,    c.layout.failure,
-                  c.rank,       c.world_size};
+  call.context = waitContextOf(c, op, epoch);
   call.prof = profileSlots(c.profile);
   profileBegin(call.prof, epoch, entry_ns);
   // A peer's failure published since the last call ends this one at once;

@@ -37,18 +37,7 @@ cudaError_t prepareKernels(int device, int num_experts, ElementType dtype,
 namespace {
 
 __global__ void publishFailureKernel(const CommonParams c, int32_t reason) {
-  const device::WaitContext context{
-      c.state,
-      c.status,
-      c.timeout_ns,
-      0,
-      0,
-      device::flagAt(c.control[c.rank], c.layout.failure, 0),
-      c.control,
-      c.layout.failure,
-      c.rank,
-      c.world_size};
-  device::publishFailure(context, reason);
+  device::publishFailure(device::waitContextOf(c, 0, 0), reason);
 }
 
 }  // namespace
