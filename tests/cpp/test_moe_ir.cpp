@@ -486,7 +486,8 @@ class ScopedEnv {
       "OMPI_COMM_WORLD_SIZE",
       "OMPI_COMM_WORLD_LOCAL_RANK",
       "OMPI_COMM_WORLD_LOCAL_SIZE",
-      "HOSTFUSE_COMM_TIMEOUT_S"};
+      "HOSTFUSE_COMM_TIMEOUT_S",
+      "HOSTFUSE_SHARE_GPUS"};
   std::map<std::string, std::optional<std::string>> saved_;
 };
 
@@ -498,7 +499,8 @@ TEST(CommunicatorEnvironment, ReadsTorchrunVariables) {
                  {"MASTER_ADDR", "node7"},
                  {"MASTER_PORT", "31337"},
                  {"TORCHELASTIC_USE_AGENT_STORE", "True"},
-                 {"HOSTFUSE_COMM_TIMEOUT_S", "9"}});
+                 {"HOSTFUSE_COMM_TIMEOUT_S", "9"},
+                 {"HOSTFUSE_SHARE_GPUS", "1"}});
   const CommunicatorConfig config = CommunicatorConfig::fromEnvironment();
   EXPECT_EQ(config.launcher, Launcher::Torchrun);
   EXPECT_EQ(config.rank, 2);
@@ -509,6 +511,7 @@ TEST(CommunicatorEnvironment, ReadsTorchrunVariables) {
   EXPECT_EQ(config.master_port, 31337);
   EXPECT_TRUE(config.store_is_external);
   EXPECT_EQ(config.timeout, std::chrono::seconds(9));
+  EXPECT_TRUE(config.share_gpus);
 }
 
 TEST(CommunicatorEnvironment, ReadsOpenMpiVariablesWithDefaults) {
@@ -532,6 +535,7 @@ TEST(CommunicatorEnvironment, NoLauncherIsAWorldOfOne) {
   EXPECT_EQ(config.launcher, Launcher::None);
   EXPECT_EQ(config.rank, 0);
   EXPECT_EQ(config.size, 1);
+  EXPECT_FALSE(config.share_gpus);
 }
 
 TEST(CommunicatorEnvironment, BadVariablesAreNamed) {

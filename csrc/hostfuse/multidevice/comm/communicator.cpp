@@ -93,7 +93,6 @@ CommunicatorConfig configOfGroup(
   config.rank = group->getRank();
   config.size = group->getSize();
   config.timeout = timeoutFromOptions();
-  config.share_gpus = options::getBool(Option::ShareGpus).value_or(false);
   return config;
 }
 
@@ -158,6 +157,7 @@ CommunicatorConfig CommunicatorConfig::fromEnvironment() {
     config.master_port = static_cast<int>(port);
   }
   config.timeout = timeoutFromOptions();
+  config.share_gpus = options::boolOr(Option::ShareGpus);
   return config;
 }
 
