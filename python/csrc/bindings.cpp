@@ -592,6 +592,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("mask_failed_ranks") = py::none())
       .def("run", &PyGraphRunner::run, py::arg("inputs"))
       .def("check_status", &PyGraphRunner::checkStatus)
+      .def("masked_ranks", &PyGraphRunner::maskedRanks,
+           "The first world's ranks whose experts are masked (those lost "
+           "before recover(), with mask_failed_ranks on); else [].")
       .def_property_readonly(
           "num_graphs",
           [](const PyGraphRunner& r) { return r.runner().numGraphs(); })
