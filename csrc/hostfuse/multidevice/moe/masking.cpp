@@ -143,7 +143,8 @@ at::Tensor MaskingMoeRuntime::countsToSurvivors(const at::Tensor& counts) {
 namespace {
 
 // Runs `fn`; a hostfuse::Error out of it says in which numbering its ranks
-// and experts are.
+// and experts are. `num_experts` is the program's E, 0 when unknown (a
+// status checked after graph replays).
 template <typename Fn>
 auto sayingTheNumbering(const std::vector<int64_t>& survivors,
                         const std::vector<int64_t>& masked, int64_t world_size,
@@ -151,19 +152,29 @@ auto sayingTheNumbering(const std::vector<int64_t>& survivors,
   try {
     return fn();
   } catch (const Error& e) {
-    HF_THROW(
-        fmt::format("with rank masking (ranks {} of the first world's {} are "
-                    "masked) the call ran over the {} surviving ranks: rank r "
-                    "below is first-world rank {}[r], and num_experts below "
-                    "counts the survivors' experts (num_experts = {} here, "
-                    "over the first world's {} ranks): ",
-                    fmt::join(masked, ", "), world_size, survivors.size(),
-                    survivors, num_experts, world_size),
-        e.what());
+    const std::string experts =
+        num_experts > 0
+            ? fmt::format(
+                  " (num_experts = {} here, over the first world's {} "
+                  "ranks)",
+                  num_experts, world_size)
+            : std::string();
+    HF_THROW(fmt::format("with rank masking (ranks {} of the first world's {} "
+                         "are masked) the call ran over the {} surviving "
+                         "ranks: rank r below is first-world rank {}[r], and "
+                         "num_experts below counts the survivors' experts{}: ",
+                         fmt::join(masked, ", "), world_size, survivors.size(),
+                         survivors, experts),
+             e.what());
   }
 }
 
 }  // namespace
+
+void MaskingMoeRuntime::checkStatus() {
+  sayingTheNumbering(survivors_, masked_, world_size_, 0,
+                     [&] { inner_->checkStatus(); });
+}
 
 MoeDispatchOutput MaskingMoeRuntime::dispatch(const MoeDispatchArgs& args) {
   const int64_t experts = survivorsExperts(args.num_experts);

@@ -62,7 +62,7 @@ class MaskingMoeRuntime : public MoeRuntime {
 
   MoeDispatchOutput dispatch(const MoeDispatchArgs& args) override;
   at::Tensor combine(const MoeCombineArgs& args) override;
-  void checkStatus() override { inner_->checkStatus(); }
+  void checkStatus() override;
   void publishFailure(const at::Device& device) noexcept override {
     inner_->publishFailure(device);
   }
