@@ -106,3 +106,28 @@ def test_a_call_after_an_error_works():
         moe.dispatch(x, idx * 0 + 9, num_experts=4)
     handle = moe.dispatch(x, idx, num_experts=4)
     assert torch.equal(moe.combine(handle.recv_x, handle), 2 * x)
+
+
+def test_rank_masking_without_a_lost_rank_masks_nothing_and_changes_no_bit():
+    program = hf.Program()
+    with program:
+        tokens = program.define_scalar("tokens")
+        xv = program.define_tensor([tokens, 8], torch.float32, "x")
+        iv = program.define_tensor([tokens, 2], torch.int64, "idx")
+        wv = program.define_tensor([tokens, 2], torch.float32, "w")
+        d = hf.moe_dispatch(xv, iv, wv, num_experts=4)
+        program.add_output(hf.moe_combine(d.recv_x * 2.0, d, wv, num_tokens=xv.extent(0)))
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(4))
+    idx = routing(5, 2, 4, 5, masked=True)
+    w = torch.rand(5, 2, generator=torch.Generator().manual_seed(6))
+    masking = hf.HostIrEvaluator(program, mask_failed_ranks=True)
+    plain = hf.HostIrEvaluator(program, mask_failed_ranks=False)
+    assert torch.equal(masking.run([x, idx, w])[0], plain.run([x, idx, w])[0])
+    assert masking.masked_ranks() == []
+    assert hf.GraphRunner(program, mask_failed_ranks=True).masked_ranks() == []
+    assert moe.masked_ranks() == []
+
+
+def test_recover_refuses_a_mask_setting_that_is_not_a_bool():
+    with pytest.raises(TypeError, match="mask_failed_ranks must be a bool or None"):
+        moe.recover(mask_failed_ranks="yes")

@@ -32,8 +32,9 @@ def test_moe_layer_example_on_two_cpu_ranks():
     assert "check: OK" in output, output[-3000:]
 
 
-def test_survivors_of_a_killed_rank_recover():
-    # Plain processes: torchrun would stop ranks 0 and 1 when rank 2 dies.
+def run_plain_ranks(script):
+    """Runs ``script`` as 3 ranks in plain processes (torchrun would stop the
+    survivors when a rank dies); returns their exit codes and output."""
     import os
     import socket
     import subprocess
@@ -49,7 +50,7 @@ def test_survivors_of_a_killed_rank_recover():
                    MASTER_PORT=str(port), HOSTFUSE_COMM_TIMEOUT_S="20",
                    OMP_NUM_THREADS="1")
         ranks.append(subprocess.Popen(
-            [sys.executable, str(RANKS / "recover_ranks.py")], env=env,
+            [sys.executable, str(RANKS / script)], env=env,
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
@@ -58,6 +59,16 @@ def test_survivors_of_a_killed_rank_recover():
     finally:
         for process in ranks:
             process.kill()
-    output = "\n".join(outputs)
-    assert [p.returncode for p in ranks] == [0, 0, -9], output[-3000:]
+    return [p.returncode for p in ranks], "\n".join(outputs)
+
+
+def test_survivors_of_a_killed_rank_recover():
+    codes, output = run_plain_ranks("recover_ranks.py")
+    assert codes == [0, 0, -9], output[-3000:]
     assert len(re.findall(r"rank [01]: recovered, ok", output)) == 2, output[-3000:]
+
+
+def test_survivors_mask_the_experts_of_a_killed_rank():
+    codes, output = run_plain_ranks("mask_ranks.py")
+    assert codes == [0, -9, 0], output[-3000:]
+    assert len(re.findall(r"rank [02]: masked, ok", output)) == 2, output[-3000:]

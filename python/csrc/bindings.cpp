@@ -17,6 +17,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <hostfuse/host_ir/container.h>
@@ -30,6 +31,7 @@
 #include <hostfuse/kernel/compile.h>
 #include <hostfuse/multidevice/comm/communicator.h>
 #include <hostfuse/multidevice/moe/backend.h>
+#include <hostfuse/multidevice/moe/masking.h>
 #include <hostfuse/multidevice/moe/nodes.h>
 #include <hostfuse/multidevice/moe/runtime.h>
 #include <hostfuse/utils/exceptions.h>
@@ -124,13 +126,15 @@ class PyRunner {
  public:
   template <typename... Options>
   PyRunner(const HostIrContainer& program, std::optional<at::Device> device,
-           const std::optional<ProcessGroupPtr>& group, Options&&... options)
+           const std::optional<ProcessGroupPtr>& group,
+           std::optional<bool> mask_failed_ranks, Options&&... options)
       : communicator_(group.has_value() && *group
                           ? std::make_shared<Communicator>(*group)
                           : nullptr),
         // Without a group, the evaluator takes the launcher's communicator
         // when (and only if) a MoE node runs.
-        runner_(program.clone(), paramsFor(device, communicator_.get()),
+        runner_(program.clone(),
+                paramsFor(device, communicator_.get(), mask_failed_ranks),
                 std::forward<Options>(options)...) {}
 
   std::vector<at::Tensor> run(const py::sequence& inputs) {
@@ -149,15 +153,25 @@ class PyRunner {
              "make a new one over the survivors' group instead");
     runner_.resetCommunicator(nullptr);
   }
+  std::vector<int64_t> maskedRanks() { return evaluator().maskedRanks(); }
   const Runner& runner() const { return runner_; }
 
  private:
-  static HostIrEvaluatorParams paramsFor(std::optional<at::Device> device,
-                                         Communicator* communicator) {
+  static HostIrEvaluatorParams paramsFor(
+      std::optional<at::Device> device, Communicator* communicator,
+      std::optional<bool> mask_failed_ranks) {
     HostIrEvaluatorParams params;
     params.device = device;
     params.communicator = communicator;
+    params.mask_failed_ranks = mask_failed_ranks;
     return params;
+  }
+  HostIrEvaluator& evaluator() {
+    if constexpr (std::is_same_v<Runner, HostIrEvaluator>) {
+      return runner_;
+    } else {
+      return runner_.evaluator();
+    }
   }
 
   std::shared_ptr<Communicator> communicator_;
@@ -172,10 +186,12 @@ using PyGraphRunner = PyRunner<GraphRunner>;
 class PyMoeRuntime {
  public:
   PyMoeRuntime(const std::string& backend,
-               const std::optional<ProcessGroupPtr>& group)
+               const std::optional<ProcessGroupPtr>& group,
+               std::optional<bool> mask_failed_ranks)
       : backend_(backendOf(backend)),
         communicator_(communicatorOf(group)),
-        runtime_(moeBackendInfo(backend_).create_runtime(*communicator_)) {}
+        runtime_(createMoeRuntime(backend_, *communicator_,
+                                  maskFailedRanks(mask_failed_ranks))) {}
 
   py::dict dispatch(const std::string& site, const at::Tensor& x,
                     const at::Tensor& topk_idx,
@@ -546,11 +562,16 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<PyEvaluator>(m, "HostIrEvaluator")
       .def(py::init<const HostIrContainer&, std::optional<at::Device>,
-                    const std::optional<ProcessGroupPtr>&>(),
+                    const std::optional<ProcessGroupPtr>&,
+                    std::optional<bool>>(),
            py::arg("program"), py::kw_only(), py::arg("device") = py::none(),
-           py::arg("group") = py::none())
+           py::arg("group") = py::none(),
+           py::arg("mask_failed_ranks") = py::none())
       .def("run", &PyEvaluator::run, py::arg("inputs"))
       .def("check_status", &PyEvaluator::checkStatus)
+      .def("masked_ranks", &PyEvaluator::maskedRanks,
+           "The first world's ranks whose experts are masked (those lost "
+           "before recover(), with mask_failed_ranks on); else [].")
       .def("reset_communicator", &PyEvaluator::resetCommunicator,
            "After hostfuse.moe.recover(): drops the MoE state of the failed "
            "communicator; later MoE nodes run over the survivors.");
@@ -559,16 +580,21 @@ PYBIND11_MODULE(_C, m) {
           py::init([](const HostIrContainer& program, bool copy_outputs,
                       std::vector<size_t> persistent_inputs,
                       std::optional<at::Device> device,
-                      const std::optional<ProcessGroupPtr>& group) {
+                      const std::optional<ProcessGroupPtr>& group,
+                      std::optional<bool> mask_failed_ranks) {
             return std::make_unique<PyGraphRunner>(
-                program, device, group,
+                program, device, group, mask_failed_ranks,
                 GraphRunnerOptions{copy_outputs, std::move(persistent_inputs)});
           }),
           py::arg("program"), py::kw_only(), py::arg("copy_outputs") = false,
           py::arg("persistent_inputs") = std::vector<size_t>{},
-          py::arg("device") = py::none(), py::arg("group") = py::none())
+          py::arg("device") = py::none(), py::arg("group") = py::none(),
+          py::arg("mask_failed_ranks") = py::none())
       .def("run", &PyGraphRunner::run, py::arg("inputs"))
       .def("check_status", &PyGraphRunner::checkStatus)
+      .def("masked_ranks", &PyGraphRunner::maskedRanks,
+           "The first world's ranks whose experts are masked (those lost "
+           "before recover(), with mask_failed_ranks on); else [].")
       .def_property_readonly(
           "num_graphs",
           [](const PyGraphRunner& r) { return r.runner().numGraphs(); })
@@ -597,10 +623,22 @@ PYBIND11_MODULE(_C, m) {
       "alive (Communicator::recoverInstance). Returns (rank, size, "
       "former_ranks).");
 
+  m.def(
+      "masked_ranks",
+      [](std::optional<bool> mask_failed_ranks) {
+        return maskFailedRanks(mask_failed_ranks)
+                   ? failedRanks(Communicator::getInstance())
+                   : std::vector<int64_t>{};
+      },
+      py::arg("mask_failed_ranks") = py::none(),
+      "The launcher's first-world ranks that the functional MoE API masks: "
+      "those lost before recover_world(), when masking is on; else [].");
+
   py::class_<PyMoeRuntime>(m, "MoeRuntime")
-      .def(
-          py::init<const std::string&, const std::optional<ProcessGroupPtr>&>(),
-          py::arg("backend"), py::arg("group") = py::none())
+      .def(py::init<const std::string&, const std::optional<ProcessGroupPtr>&,
+                    std::optional<bool>>(),
+           py::arg("backend"), py::arg("group") = py::none(),
+           py::arg("mask_failed_ranks") = py::none())
       .def("dispatch", &PyMoeRuntime::dispatch, py::arg("site"), py::arg("x"),
            py::arg("topk_idx"), py::arg("topk_weights"), py::arg("num_experts"),
            py::arg("capacity"))

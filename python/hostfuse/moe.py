@@ -27,6 +27,9 @@ import torch
 from . import _C
 
 _runtimes = {}
+# What recover() was told about rank masking; None: the variable
+# HOSTFUSE_MOE_MASK_FAILED_RANKS decides.
+_mask_failed_ranks = None
 
 
 def release(group=None):
@@ -63,7 +66,7 @@ def _runtime(backend, group):
     entry = _runtimes.get(key)
     if entry is None:
         # The group is kept with its runtime so that its id stays unique.
-        entry = (group, _C.MoeRuntime(backend, group))
+        entry = (group, _C.MoeRuntime(backend, group, _mask_failed_ranks))
         _runtimes[key] = entry
     return entry[1]
 
@@ -195,7 +198,7 @@ def report_failure(device, backend="collective", group=None):
     _runtime(backend, _default_group(group)).publish_failure(device)
 
 
-def recover():
+def recover(mask_failed_ranks=None):
     """Goes on with the ranks still alive after a rank of the launcher's
     communicator died or went silent: a dispatch or combine then raises
     hostfuse.Error naming it ("rank 2 did not answer the roll call"), and
@@ -203,7 +206,12 @@ def recover():
     drops the runtimes of the failed communicator without waiting for any
     peer, and the survivors form a new one, renumbered in their old order.
     Returns ``(rank, size, former_ranks)``, where ``former_ranks[r]`` was the
-    rank of new rank r. num_experts must stay divisible by the new size.
+    rank of new rank r. num_experts must stay divisible by the new size,
+    unless ``mask_failed_ranks`` is True (None: the variable
+    HOSTFUSE_MOE_MASK_FAILED_RANKS, default off): then later dispatch and
+    combine calls keep the first world's expert placement, and a pick of an
+    expert of a rank that did not survive acts as -1 (docs/moe.md, "Rank
+    masking"); masked_ranks() names those ranks.
     HostIrEvaluators made before call ``reset_communicator()``; GraphRunners
     must be made anew. For the launcher's ranks only (torchrun or mpirun
     without torch.distributed); docs/moe.md, "When a rank fails", says what
@@ -217,8 +225,23 @@ def recover():
             "torch.distributed is initialized: make a new process group over "
             "the surviving ranks and pass it as group="
         )
+    if mask_failed_ranks is not None and not isinstance(mask_failed_ranks, bool):
+        raise TypeError(
+            "mask_failed_ranks must be a bool or None, got "
+            f"{type(mask_failed_ranks).__name__}"
+        )
+    global _mask_failed_ranks
     release()
-    return _C.recover_world()
+    survivors = _C.recover_world()
+    _mask_failed_ranks = mask_failed_ranks
+    return survivors
+
+
+def masked_ranks():
+    """The ranks of the launcher's first world (before any recover()) whose
+    experts dispatch and combine treat as masked: those that did not survive,
+    when recover() was asked to mask them; else []. Ascending."""
+    return _C.masked_ranks(_mask_failed_ranks)
 
 
 def check_status(backend="cuda", group=None):

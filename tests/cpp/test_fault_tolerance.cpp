@@ -6,13 +6,16 @@
 //                  dies). Rank 2 dies or stops between two MoE calls; ranks
 //                  0 and 1 must raise within a bounded time naming rank 2,
 //                  recover, and go on as 2 ranks with results checked
-//                  against the reference.
+//                  against the reference. With rank masking, rank 1 dies and
+//                  ranks 0 and 2 go on with the first world's placement,
+//                  rank 1's experts masked.
 //   MoeSoak.*      any number of ranks through tools/launch.sh: 10,000
 //                  dispatch + combine calls with routing that changes every
 //                  call, every result exact, and the resident memory flat.
 //
-// ctest: fault_kill_np3, fault_stop_np3, moe_soak_np2 (tests/cpp/
-// CMakeLists.txt). docs/moe.md, "When a rank fails", has the protocol.
+// ctest: fault_kill_np3, fault_stop_np3, fault_mask_np3, moe_soak_np2
+// (tests/cpp/ CMakeLists.txt). docs/moe.md, "When a rank fails", has the
+// protocol.
 #include <gtest/gtest.h>
 
 #include <fmt/format.h>
@@ -20,6 +23,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -258,6 +262,197 @@ TEST(RankFailure, StoppedRankTimesOutAndSurvivorsGoOn) {
                              Communicator::getInstance().config().timeout)
                              .count();
   loseRankTwo(Fault::Stop, timeout, 2 * timeout + 10.0);
+}
+
+// ---------------------------------------------------------------------------
+// Rank masking (docs/moe.md, "Rank masking"): rank 1 of 3 dies; ranks 0 and
+// 2 recover and run the same program, whose 9 experts do not divide among 2
+// ranks, with the first world's placement (3 experts a rank) and rank 1's
+// experts masked.
+
+constexpr int64_t kMaskExperts = 9;
+constexpr int64_t kMaskRanks = 3;
+constexpr int64_t kDeadRank = 1;
+
+// MoeDispatch on `backend`, every expert doubling its rows, MoeCombine; the
+// whole layout comes out too.
+std::unique_ptr<HostIrContainer> maskedMoeProgram(MoeBackend backend) {
+  auto program = std::make_unique<HostIrContainer>();
+  FusionGuard guard(program.get());
+  Scalar* t = makeSymbolicScalar(DataType::Int64, "tokens");
+  TensorView* x = makeTensor({t, kHidden}, DataType::Float, "x");
+  TensorView* idx = makeTensor({t, kPicks}, DataType::Int64, "topk_idx");
+  TensorView* w = makeTensor({t, kPicks}, DataType::Float, "topk_weights");
+  program->addInput(x);
+  program->addInput(idx);
+  program->addInput(w);
+  const MoeDispatchResult d = moeDispatch(x, idx, w, kMaskExperts, backend);
+  program->addOutput(
+      moeCombine(mul(d.recv_x, kExpertScale), d, w, x->extent(0)));
+  for (TensorView* tv :
+       {d.recv_x, d.recv_src_rank, d.recv_src_token, d.recv_src_k,
+        d.recv_expert_counts, d.n_tokens_to_rank, d.n_tokens_from_rank}) {
+    program->addOutput(tv);
+  }
+  return program;
+}
+
+// Call `call`'s inputs of every first-world rank; a rank in `dead` has none.
+// The first calls in each world (1, 10, 11, 20, 21) have the most tokens:
+// the cuda backend sizes its workspace by a site's first call.
+std::vector<CallInputs> maskedCallInputs(uint64_t call,
+                                         const std::vector<int64_t>& dead) {
+  static const Routing kRoutings[] = {Routing::Uniform, Routing::Masked,
+                                      Routing::Skewed};
+  std::vector<CallInputs> inputs;
+  for (int64_t r = 0; r < kMaskRanks; ++r) {
+    const bool gone = std::find(dead.begin(), dead.end(), r) != dead.end();
+    const int64_t tokens =
+        gone ? 0
+             : (call % 10 <= 1
+                    ? 9
+                    : static_cast<int64_t>((call * 5 + r * 3) % 9) + 1);
+    CallInputs in;
+    in.x = test::randomTensor({tokens, kHidden}, at::kFloat, at::kCPU,
+                              call * 31 + r);
+    in.idx = test::makeRouting(kRoutings[call % 3], tokens, kPicks,
+                               kMaskExperts, kMaskRanks, r, call);
+    in.w = test::randomWeights(tokens, kPicks, at::kFloat, at::kCPU,
+                               call * 17 + r);
+    inputs.push_back(in);
+  }
+  return inputs;
+}
+
+// Runs call `call` on first-world rank `me` through `evaluator` (on
+// `device`) and compares every output, exactly, with the reference of the
+// first world in which the ranks in `dead` hold no tokens and every pick of
+// an expert of theirs is -1. The cuda backend's outputs are compared on
+// their valid rows.
+void runMaskedCall(HostIrEvaluator& evaluator, uint64_t call, int64_t me,
+                   const std::vector<int64_t>& dead, const at::Device& device) {
+  const std::vector<CallInputs> inputs = maskedCallInputs(call, dead);
+  std::vector<at::Tensor> xs, idxs, ws;
+  constexpr int64_t kLocal = kMaskExperts / kMaskRanks;
+  for (const CallInputs& in : inputs) {
+    at::Tensor masked = in.idx.clone();
+    for (const int64_t r : dead) {
+      masked.masked_fill_(masked.div(kLocal, "floor").eq(r), -1);
+    }
+    xs.push_back(in.x);
+    idxs.push_back(masked);
+    ws.push_back(in.w);
+  }
+  const CallInputs& mine = inputs[me];
+  const std::vector<at::Tensor> out = evaluator.run(
+      {mine.x.to(device), mine.idx.to(device), mine.w.to(device)});
+  const test::ExpectedDispatch expected =
+      test::referenceDispatch(xs, idxs, ws, kMaskExperts, me);
+  const test::ExpertFn doubled = [](int64_t, const at::Tensor& rows) {
+    return rows * kExpertScale;
+  };
+  const int64_t rows = expected.recv_x.size(0);
+  const auto valid = [&](const at::Tensor& t) {
+    return t.cpu().narrow(0, 0, rows);
+  };
+  EXPECT_TRUE(at::equal(out[0].cpu(), test::referenceCombineInPickOrder(
+                                          xs[me], idxs[me], ws[me], doubled)))
+      << "combine, call " << call;
+  EXPECT_TRUE(at::equal(valid(out[1]), expected.recv_x)) << "call " << call;
+  EXPECT_TRUE(at::equal(valid(out[2]), expected.src_rank)) << "call " << call;
+  EXPECT_TRUE(at::equal(valid(out[3]), expected.src_token)) << "call " << call;
+  EXPECT_TRUE(at::equal(valid(out[4]), expected.src_k)) << "call " << call;
+  EXPECT_TRUE(at::equal(out[5].cpu(), expected.expert_counts))
+      << "call " << call;
+  EXPECT_TRUE(at::equal(out[6].cpu(), expected.n_tokens_to_rank))
+      << "call " << call << ": " << out[6];
+  EXPECT_TRUE(at::equal(out[7].cpu(), expected.n_tokens_from_rank))
+      << "call " << call << ": " << out[7];
+}
+
+// Rank 1 of 3 is killed after a call on `backend`; ranks 0 and 2 learn of
+// it from a collective-backend call (on every backend: the cuda backend's
+// kernels would see it only at their timeout), recover, and the same
+// evaluator goes on with rank 1 masked.
+void maskRankOne(MoeBackend backend) {
+  Communicator& world = Communicator::getInstance();
+  if (world.size() != kMaskRanks) {
+    GTEST_SKIP() << "needs 3 ranks (tests/cpp/launch_faults.sh 3 1 ...)";
+  }
+  if (backend == MoeBackend::Cuda && test::lacksGpuPerRank()) {
+    GTEST_SKIP() << "the cuda backend needs a GPU per rank";
+  }
+  const int64_t me = world.rank();
+  const at::Device device =
+      backend == MoeBackend::Cuda ? world.device() : at::Device(at::kCPU);
+  HostIrEvaluatorParams params;
+  params.mask_failed_ranks = true;
+  HostIrEvaluator evaluator(maskedMoeProgram(backend), params);
+  // Nothing is lost yet: nothing is masked, and the plain runtime runs.
+  EXPECT_TRUE(evaluator.maskedRanks().empty());
+  runMaskedCall(evaluator, 1, me, {}, device);
+  // The survivors learn of the death from this program's second call (its
+  // first one makes the Gloo backend while every rank is alive).
+  HostIrEvaluator detector(moeProgram());
+  EXPECT_EQ(runAndCount(detector, 1, me, 3), 0);
+  world.barrier();
+  if (me == kDeadRank) {
+    std::cout << std::flush;
+    std::raise(SIGKILL);
+  }
+
+  test::expectErrorContains(
+      [&] { detector.run(inputsOf(callInputs(2, me, 3))); },
+      {"rank 1 did not answer the roll call", "ranks 0, 2 are alive"});
+  Communicator& survivors = Communicator::recoverInstance();
+  EXPECT_EQ(survivors.originalRanks(), (std::vector<int64_t>{0, 2}));
+  EXPECT_EQ(survivors.originalSize(), 3);
+
+  evaluator.resetCommunicator(nullptr);
+  EXPECT_EQ(evaluator.maskedRanks(), (std::vector<int64_t>{kDeadRank}));
+  for (uint64_t call = 10; call < 16; ++call) {
+    runMaskedCall(evaluator, call, me, {kDeadRank}, device);
+  }
+
+  // An id out of range on one survivor: every survivor raises, naming the
+  // id and saying which numbering the message's ranks are in; then the
+  // next call works.
+  {
+    std::vector<CallInputs> inputs = maskedCallInputs(20, {kDeadRank});
+    CallInputs& mine = inputs[me];
+    if (me == 2) {
+      mine.idx[0][1] = kMaskExperts;
+    }
+    test::expectErrorContains(
+        [&] {
+          evaluator.run(
+              {mine.x.to(device), mine.idx.to(device), mine.w.to(device)});
+        },
+        {"bad input on rank 1 of 2", "expert id 9 at token 0, pick 1",
+         "ranks 1 of the first world's 3 are masked",
+         "first-world rank [0, 2][r]"});
+  }
+  runMaskedCall(evaluator, 21, me, {kDeadRank}, device);
+
+  // Without masking, nothing changes: the experts must divide among the
+  // survivors, and 9 do not among 2.
+  HostIrEvaluatorParams plain;
+  plain.mask_failed_ranks = false;
+  HostIrEvaluator unmasked(maskedMoeProgram(MoeBackend::Collective), plain);
+  EXPECT_TRUE(unmasked.maskedRanks().empty());
+  const CallInputs mine = maskedCallInputs(22, {kDeadRank})[me];
+  test::expectErrorContains(
+      [&] { unmasked.run(inputsOf(mine)); },
+      {"num_experts (9) must be a positive multiple of the world size (2)"});
+  survivors.barrier();
+}
+
+TEST(RankFailure, SurvivorsMaskTheExpertsOfAKilledRank) {
+  maskRankOne(MoeBackend::Collective);
+}
+
+TEST(RankFailure, SurvivorsMaskTheExpertsOfAKilledRankOnTheCudaBackend) {
+  maskRankOne(MoeBackend::Cuda);
 }
 
 // ---------------------------------------------------------------------------

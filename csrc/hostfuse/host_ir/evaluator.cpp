@@ -6,6 +6,7 @@
 #include <hostfuse/kernel/executor.h>
 #include <hostfuse/multidevice/comm/communicator.h>
 #include <hostfuse/multidevice/moe/evaluator.h>
+#include <hostfuse/multidevice/moe/masking.h>
 #include <hostfuse/utils/torch_cuda.h>
 
 namespace hostfuse {
@@ -114,6 +115,10 @@ void HostIrEvaluator::resetCommunicator(Communicator* communicator) {
   params_.communicator = communicator;
 }
 
+std::vector<int64_t> HostIrEvaluator::maskedRanks() {
+  return moe().maskedRanks();
+}
+
 void HostIrEvaluator::addStatusChecker(std::function<void()> checker) {
   HF_CHECK(checker != nullptr, "addStatusChecker: the checker is empty");
   status_checkers_.push_back(std::move(checker));
@@ -179,7 +184,8 @@ void HostIrEvaluator::handle(MoeCombine* combine) {
 
 MoeEvaluator& HostIrEvaluator::moe() {
   if (moe_ == nullptr) {
-    moe_ = std::make_unique<MoeEvaluator>(communicator());
+    moe_ = std::make_unique<MoeEvaluator>(
+        communicator(), maskFailedRanks(params_.mask_failed_ranks));
   }
   return *moe_;
 }

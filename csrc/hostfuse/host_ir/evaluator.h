@@ -33,6 +33,12 @@ struct HostIrEvaluatorParams {
   // What MoeDispatch/MoeCombine communicate through; when null,
   // Communicator::getInstance(). Not owned.
   Communicator* communicator = nullptr;
+  // After Communicator::recover(): keep the first world's expert placement
+  // and treat the experts of the ranks that did not survive as masked (a
+  // pick of one acts as -1) instead of spreading the experts over the
+  // survivors (docs/moe.md, "Rank masking"). Unset:
+  // HOSTFUSE_MOE_MASK_FAILED_RANKS (default off).
+  std::optional<bool> mask_failed_ranks;
 };
 
 class HostIrEvaluator : public ExprVisitor {
@@ -65,6 +71,11 @@ class HostIrEvaluator : public ExprVisitor {
   // talking to any peer: after Communicator::recover() (docs/moe.md, "When
   // a rank fails"). Not owned, like HostIrEvaluatorParams::communicator.
   void resetCommunicator(Communicator* communicator);
+
+  // The ranks of the first world (before any recover()) whose experts the
+  // MoE nodes treat as masked: those that did not survive, when
+  // mask_failed_ranks is on; else none. Ascending.
+  std::vector<int64_t> maskedRanks();
 
   // Called on the host before each top-level expression of a run with that
   // expression, and once with nullptr after the last one; empty (no call)

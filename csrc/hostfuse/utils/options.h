@@ -66,7 +66,11 @@ constexpr double kMaxTimeoutSeconds = 86400;
     "for diagnosis only.")                                                     \
   X(MoeProfile, "HOSTFUSE_MOE_PROFILE", Bool, "0", 0, 1,                       \
     "Record per-phase timestamps in the cuda MoE kernels "                     \
-    "(CudaMoeWorkspace::profileReport).")
+    "(CudaMoeWorkspace::profileReport).")                                      \
+  X(MoeMaskFailedRanks, "HOSTFUSE_MOE_MASK_FAILED_RANKS", Bool, "0", 0, 1,     \
+    "After Communicator::recover(), keep the first world's expert placement "  \
+    "and mask the experts of the ranks that did not survive (their picks "     \
+    "act as -1); HostIrEvaluatorParams::mask_failed_ranks takes precedence.")
 
 enum class Option {
 #define HF_OPTION_ENUMERATOR_(name, ...) name,

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <numeric>
 #include <optional>
 #include <sstream>
 #include <thread>
@@ -210,7 +211,26 @@ Communicator::Communicator(Communicator& failed, std::vector<int64_t> members)
       shares_gpus_(failed.shares_gpus_),
       store_(failed.store_),
       former_ranks_(std::move(members)),
-      loopback_(failed.loopback_) {}
+      original_size_(failed.originalSize()),
+      loopback_(failed.loopback_) {
+  const std::vector<int64_t> failed_original = failed.originalRanks();
+  for (const int64_t former : former_ranks_) {
+    original_ranks_.push_back(failed_original.at(former));
+  }
+}
+
+std::vector<int64_t> Communicator::originalRanks() const {
+  if (!original_ranks_.empty()) {
+    return original_ranks_;
+  }
+  std::vector<int64_t> ranks(size());
+  std::iota(ranks.begin(), ranks.end(), 0);
+  return ranks;
+}
+
+int64_t Communicator::originalSize() const {
+  return original_ranks_.empty() ? size() : original_size_;
+}
 
 Communicator::~Communicator() {
   // No barrier here: a destructor must not wait for peers that may be gone.

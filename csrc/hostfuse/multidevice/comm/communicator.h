@@ -224,6 +224,14 @@ class Communicator {
   // For a communicator made by recover(): formerRanks()[r] is the rank that
   // new rank r had in the failed communicator. Empty otherwise.
   const std::vector<int64_t>& formerRanks() const { return former_ranks_; }
+  // The same across every recover() since the communicator that no
+  // recover() made (the launcher's, or a process group's): originalRanks()[r]
+  // is the rank that rank r had there, and originalSize() that one's size.
+  // For a communicator no recover() made: 0 .. size() - 1, and size(). MoE
+  // rank masking (docs/moe.md, "Rank masking") keeps that world's expert
+  // placement.
+  std::vector<int64_t> originalRanks() const;
+  int64_t originalSize() const;
 
  private:
   // The survivors' communicator of recover().
@@ -249,6 +257,9 @@ class Communicator {
   bool shut_down_ = false;
   // Set by recover(): which old ranks this one's ranks were.
   std::vector<int64_t> former_ranks_;
+  // Set by recover(): originalRanks() and originalSize().
+  std::vector<int64_t> original_ranks_;
+  int64_t original_size_ = 0;
   // Counts recover() calls, for the survivors' names.
   int64_t recoveries_ = 0;
   // Whether the Gloo backends bind to 127.0.0.1 (all ranks on one host).

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <hostfuse/multidevice/moe/masking.h>
+
 namespace hostfuse {
 
 namespace {
@@ -51,17 +53,22 @@ auto namingNode(const Expr& expr, Fn&& fn) -> decltype(fn()) {
 
 }  // namespace
 
-MoeEvaluator::MoeEvaluator(Communicator& communicator)
-    : communicator_(communicator) {}
+MoeEvaluator::MoeEvaluator(Communicator& communicator, bool mask_failed_ranks)
+    : communicator_(communicator), mask_failed_ranks_(mask_failed_ranks) {}
 
 MoeEvaluator::~MoeEvaluator() = default;
 
 MoeRuntime& MoeEvaluator::runtime(MoeBackend backend) {
   std::unique_ptr<MoeRuntime>& runtime = runtimes_[backend];
   if (runtime == nullptr) {
-    runtime = moeBackendInfo(backend).create_runtime(communicator_);
+    runtime = createMoeRuntime(backend, communicator_, mask_failed_ranks_);
   }
   return *runtime;
+}
+
+std::vector<int64_t> MoeEvaluator::maskedRanks() const {
+  return mask_failed_ranks_ ? failedRanks(communicator_)
+                            : std::vector<int64_t>{};
 }
 
 void MoeEvaluator::checkStatus() {

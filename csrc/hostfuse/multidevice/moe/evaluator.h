@@ -8,6 +8,7 @@
 
 #include <map>
 #include <memory>
+#include <vector>
 
 #include <hostfuse/ir/evaluation.h>
 #include <hostfuse/multidevice/moe/backend.h>
@@ -18,7 +19,9 @@ namespace hostfuse {
 
 class MoeEvaluator {
  public:
-  explicit MoeEvaluator(Communicator& communicator);
+  // With `mask_failed_ranks`, the runtimes mask the ranks that `communicator`
+  // lost (masking.h; docs/moe.md, "Rank masking").
+  MoeEvaluator(Communicator& communicator, bool mask_failed_ranks);
   ~MoeEvaluator();
   MoeEvaluator(const MoeEvaluator&) = delete;
   MoeEvaluator& operator=(const MoeEvaluator&) = delete;
@@ -40,10 +43,15 @@ class MoeEvaluator {
   // (MoeRuntime::publishFailure). Never throws.
   void publishFailure(MoeBackend backend, const at::Device& device) noexcept;
 
+  // The first-world ranks whose experts the MoE nodes treat as masked:
+  // those the communicator lost, when masking is on; else none.
+  std::vector<int64_t> maskedRanks() const;
+
  private:
   MoeRuntime& runtime(MoeBackend backend);
 
   Communicator& communicator_;
+  bool mask_failed_ranks_;
   std::map<MoeBackend, std::unique_ptr<MoeRuntime>> runtimes_;
 };
 
