@@ -379,8 +379,9 @@ void maskRankOne(MoeBackend backend) {
   if (world.size() != kMaskRanks) {
     GTEST_SKIP() << "needs 3 ranks (tests/cpp/launch_faults.sh 3 1 ...)";
   }
-  if (backend == MoeBackend::Cuda && test::lacksGpuPerRank()) {
-    GTEST_SKIP() << "the cuda backend needs a GPU per rank";
+  if (backend == MoeBackend::Cuda && test::lacksGpuForCudaBackend()) {
+    GTEST_SKIP() << "the cuda backend needs a GPU per rank (of its own, or "
+                    "shared: HOSTFUSE_SHARE_GPUS=1)";
   }
   const int64_t me = world.rank();
   const at::Device device =
