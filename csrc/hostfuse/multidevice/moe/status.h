@@ -53,6 +53,10 @@ enum StatusCode : int32_t {
   // d0: row, d1: its rank, d2: its token, d3: its pick, which an earlier
   // row names too
   kStatusProvenanceRepeated,
+  // d0: row, d1: its local expert, d2: its rank, d3: its token, which do
+  // not come after the row before it in that expert's segment (by source
+  // rank, then source token)
+  kStatusLayoutOutOfOrder,
   // Found by the cuda backend's kernels while they run.
   kStatusCapacityOverflow,  // rank: the receiver; d0: its rows, d1: C
   // rank: the peer whose count row is out of bounds; d0: the expert (-1:
@@ -83,6 +87,7 @@ enum TensorArg : int32_t {
   kArgTopkWeights,
   kArgX,
   kArgExpertOut,
+  kArgLayoutId,
 };
 
 // What a backend cannot do (kStatusUnsupported).

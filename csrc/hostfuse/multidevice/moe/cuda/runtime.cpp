@@ -199,6 +199,7 @@ MoeDispatchOutput CudaMoeRuntime::dispatch(const MoeDispatchArgs& args) {
   out.layout.expert_counts = result.recv_expert_counts;
   out.layout.n_tokens_to_rank = result.n_rows_to_rank;
   out.layout.n_tokens_from_rank = result.n_rows_from_rank;
+  out.layout.id = result.recv_layout_id;
   return out;
 }
 

@@ -232,6 +232,8 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
       at::empty({launch_.local_experts}, options.dtype(at::kLong));
   result.n_rows_to_rank = at::empty({c.world_size}, options.dtype(at::kLong));
   result.n_rows_from_rank = at::empty({c.world_size}, options.dtype(at::kLong));
+  result.recv_layout_id =
+      at::empty({c.world_size + 1}, options.dtype(at::kLong));
 
   const moe::DispatchParams params =
       dispatchParams(c, launch_, b, input, idx, weights, result);

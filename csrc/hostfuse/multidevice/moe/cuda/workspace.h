@@ -63,6 +63,10 @@ struct CudaDispatchResult {
   at::Tensor recv_expert_counts;  // [L] int64: valid rows per local expert
   at::Tensor n_rows_to_rank;      // [R] int64
   at::Tensor n_rows_from_rank;    // [R] int64
+  // [R + 1] int64 (multidevice/moe/layout_id.h): word 0 the dispatch's
+  // epoch, written by the kernel; the fingerprints 0 (the combine routes
+  // rows by the workspace's metadata, not by the layout's values).
+  at::Tensor recv_layout_id;
   // Handle.
   int64_t num_tokens = 0;
   uint64_t call = 0;  // 1 for the workspace's first dispatch, 2, ...

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include <hostfuse/multidevice/moe/collective/kernels/collective_kernels.h>
+#include <hostfuse/multidevice/moe/layout_id.h>
 #include <hostfuse/multidevice/moe/status.h>
 
 namespace hostfuse::moe::collective {
@@ -120,7 +121,7 @@ __global__ void __launch_bounds__(kCheckThreads)
     status[3] = id;
     status[4] = 0;
   }
-  const int64_t width = kTableHeaderWords + 4 * R;
+  const int64_t width = tableWidth(R);
   for (int64_t e = threadIdx.x; e < R * width; e += blockDim.x) {
     const int64_t w = e % width;
     int64_t value = 0;  // the padding after the counts
@@ -143,6 +144,10 @@ __global__ void dispatchMetaKernel(const DispatchMetaArgs a) {
     meta[0] = flat / a.picks;
     meta[1] = flat % a.picks;
     meta[2] = idAt(a.topk_idx, a.idx_is_int64, flat);
+    atomicAdd(reinterpret_cast<unsigned long long*>(a.fingerprints +
+                                                    meta[2] / a.local_experts),
+              static_cast<unsigned long long>(
+                  layoutRowHash(meta[2], meta[0], meta[1])));
     int64_t bits = 0;
     if (a.topk_weights != nullptr) {
       memcpy(&bits,
@@ -189,6 +194,7 @@ __global__ void __launch_bounds__(kCheckThreads)
   extern __shared__ long long per_rank[];  // [3 R]: rows, largest token, pick
   __shared__ unsigned long long first_out_of_range;
   __shared__ unsigned long long first_negative;
+  __shared__ unsigned long long first_unordered;
   __shared__ int64_t status[kStatus];
   const int64_t R = a.world_size;
   long long* const max_token = per_rank + R;
@@ -201,6 +207,7 @@ __global__ void __launch_bounds__(kCheckThreads)
   if (threadIdx.x == 0) {
     first_out_of_range = kNone;
     first_negative = kNone;
+    first_unordered = kNone;
   }
   __syncthreads();
   // Not the pointers: an empty layout (a rank that received no rows) has
@@ -223,6 +230,19 @@ __global__ void __launch_bounds__(kCheckThreads)
         atomicMin(&first_negative, static_cast<unsigned long long>(i));
       }
       r = rank < 0 ? 0 : rank >= R ? R - 1 : rank;
+      // moe::firstUnorderedRow: in its expert's segment, a row follows the
+      // one before it in (rank, token) order.
+      const int64_t expert = a.row_expert[i];
+      if (i > 0 && a.row_expert[i - 1] == expert &&
+          !(rank > a.src_rank[i - 1] ||
+            (rank == a.src_rank[i - 1] && token > a.src_token[i - 1]))) {
+        atomicMin(&first_unordered, static_cast<unsigned long long>(i));
+      }
+      if (rank == r) {
+        atomicAdd(reinterpret_cast<unsigned long long*>(a.fingerprints + r),
+                  static_cast<unsigned long long>(
+                      layoutRowHash(a.first_expert + expert, token, pick)));
+      }
     }
     const WarpGroup group = groupBy(r);
     token = groupMax(group.lanes, token);
@@ -280,6 +300,10 @@ __global__ void __launch_bounds__(kCheckThreads)
         const int64_t row = *a.first_repeated_row;
         bad(kStatusProvenanceRepeated, row, a.src_rank[row], a.src_token[row],
             a.src_k[row]);
+      } else if (first_unordered != kNone) {
+        const auto row = static_cast<int64_t>(first_unordered);
+        bad(kStatusLayoutOutOfOrder, row, a.row_expert[row], a.src_rank[row],
+            a.src_token[row]);
       }
     }
     for (int i = 0; i < kStatus; ++i) {
@@ -287,7 +311,8 @@ __global__ void __launch_bounds__(kCheckThreads)
     }
   }
   __syncthreads();
-  const int64_t width = kTableHeaderWords + 4 * R;
+  const int64_t width = tableWidth(R);
+  const int64_t id_start = kTableHeaderWords + kTableVectors * R;
   for (int64_t e = threadIdx.x; e < R * width; e += blockDim.x) {
     const int64_t w = e % width;
     int64_t value = 0;
@@ -295,6 +320,8 @@ __global__ void __launch_bounds__(kCheckThreads)
       value = status[w];
     } else if (w < kTableHeaderWords) {
       value = a.header[w];
+    } else if (w >= id_start) {
+      value = check ? a.layout_id[w - id_start] : 0;
     } else {
       const int64_t vector = (w - kTableHeaderWords) / R;
       const int64_t r = (w - kTableHeaderWords) % R;
@@ -308,8 +335,11 @@ __global__ void __launch_bounds__(kCheckThreads)
         case 2:
           value = max_token[r];
           break;
-        default:
+        case 3:
           value = max_pick[r];
+          break;
+        default:
+          value = check ? a.fingerprints[r] : 0;
           break;
       }
     }

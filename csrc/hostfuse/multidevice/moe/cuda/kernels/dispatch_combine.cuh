@@ -221,6 +221,9 @@ struct DispatchParams {
   int64_t* recv_expert_counts;  // [L]
   int64_t* rows_to_rank;        // [R]
   int64_t* rows_from_rank;      // [R]
+  // [R + 1] (multidevice/moe/layout_id.h): this dispatch's epoch, then R
+  // zeros.
+  int64_t* layout_id;
 };
 
 struct CombineParams {
