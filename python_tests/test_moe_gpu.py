@@ -133,3 +133,27 @@ def test_gpu_fingerprints_a_layout_like_the_cpu():
     assert texts[0] == texts[1]
     assert "that rank 0 did not send it" in texts[0]
 
+
+@needs_gpu
+def test_cuda_backend_refuses_the_handle_of_an_earlier_dispatch():
+    # Both dispatches use one site (same shapes): the first handle is stale
+    # once the second has run, and its combine would route the rows by the
+    # second's metadata. The kernel compares the handle's epoch on the
+    # device, and the workspace is unusable after it until release().
+    x = torch.randn(6, 16, device="cuda")
+    idx = routing(6, 2, 4, 3).cuda()
+    try:
+        first = moe.dispatch(x, idx, num_experts=4, backend="cuda")
+        second = moe.dispatch(x, idx.roll(1, 0), num_experts=4, backend="cuda")
+        assert first.recv_layout_id[0].item() == 1
+        assert second.recv_layout_id[0].item() == 2
+        text = error_text(lambda: moe.combine(first.recv_x, first))
+        assert "the layout (recv_layout_id) is the one of dispatch #1" in text
+        assert "but its latest dispatch is #2" in text
+    finally:
+        moe.release()
+    handle = moe.dispatch(x, idx, torch.full((6, 2), 0.5, device="cuda"), num_experts=4,
+                          backend="cuda")
+    out = moe.combine(handle.recv_x, handle, torch.full((6, 2), 0.5, device="cuda"))
+    torch.testing.assert_close(out, x)
+    moe.release()

@@ -191,6 +191,12 @@ std::string describeCombineInput(const StatusContext& c, const int64_t* w) {
           "ordered by source rank, then source token (recv_src_rank, "
           "recv_src_token), so the rows do not match their dispatch",
           d0, d1, d2, d3);
+    case kStatusStaleLayout:
+      return fmt::format(
+          "the layout (recv_layout_id) is the one of dispatch #{} of this "
+          "MoeDispatch site, but its latest dispatch is #{}; combine takes "
+          "the layout of the latest dispatch",
+          d0, d1);
     default:
       return "";
   }
@@ -310,6 +316,9 @@ std::string describeStatus(const StatusContext& c, const int64_t* w) {
           w[2] == kFailedTimeout
               ? fmt::format("timed out waiting for rank {}'s {}", w[3],
                             toString(static_cast<WaitPurpose>(w[4])))
+          : w[2] == kFailedStaleLayout
+              ? std::string("was given a stale layout in its combine (its "
+                            "own error says which)")
               : std::string("raised an error on its host (its own error "
                             "says why)"),
           w[1] == 0 ? std::string("at the start of the call")

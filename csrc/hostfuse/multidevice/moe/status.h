@@ -62,6 +62,9 @@ enum StatusCode : int32_t {
   // rank: the peer whose count row is out of bounds; d0: the expert (-1:
   // the peer's token count), d1: the value, d2: the bound (T_max)
   kStatusBadCountRow,
+  // rank: the rank given the layout; d0: the dispatch epoch in the layout's
+  // id, d1: the epoch of the site's last dispatch
+  kStatusStaleLayout,
   kStatusTimeout,   // rank: the peer; d0: WaitPurpose, d1: the call's epoch
   kStatusPoisoned,  // an earlier timeout left the protocol unusable
   // rank: a peer that failed and told us (cuda backend); d0: the
@@ -110,9 +113,10 @@ enum WaitPurpose : int32_t {
 
 // Why a rank published a failure to its peers (kStatusPeerFailed).
 enum FailureReason : int32_t {
-  kFailedTimeout = 1,  // a wait of its kernels timed out
-  kFailedOnHost = 2,   // its host raised an error (inputs refused, or an
-                       // error outside MoE in a program that uses it)
+  kFailedTimeout = 1,      // a wait of its kernels timed out
+  kFailedOnHost = 2,       // its host raised an error (inputs refused, or an
+                           // error outside MoE in a program that uses it)
+  kFailedStaleLayout = 3,  // its combine was given a stale layout
 };
 
 // Everything describeStatus needs besides the words.

@@ -221,7 +221,8 @@ at::Tensor CudaMoeRuntime::combine(const MoeCombineArgs& args) {
     HF_THROW(moe::describeStatus(context, status.words()));
   }
   return site.workspace->combine(args.expert_out, site.handle,
-                                 args.topk_weights, args.num_tokens);
+                                 args.topk_weights, args.num_tokens,
+                                 args.layout.id);
 }
 
 void CudaMoeRuntime::publishFailure(const at::Device& /*device*/) noexcept {
