@@ -58,6 +58,20 @@ __device__ long long groupMax(unsigned lanes, long long value) {
   return best;
 }
 
+// The sum of `value` over the lanes of `lanes` (every lane of the warp
+// calls it).
+__device__ unsigned long long groupSum(unsigned lanes,
+                                       unsigned long long value) {
+  unsigned long long sum = 0;
+  for (int lane = 0; lane < 32; ++lane) {
+    const unsigned long long theirs = __shfl_sync(kFullMask, value, lane);
+    if ((lanes >> lane & 1u) != 0) {
+      sum += theirs;
+    }
+  }
+  return sum;
+}
+
 __device__ int64_t idAt(const void* idx, bool is_int64, int64_t i) {
   return is_int64 ? static_cast<const int64_t*>(idx)[i]
                   : static_cast<int64_t>(static_cast<const int32_t*>(idx)[i]);
@@ -219,6 +233,7 @@ __global__ void __launch_bounds__(kCheckThreads)
     int64_t r = -1;
     long long token = -1;
     long long pick = -1;
+    unsigned long long hash = 0;  // the row's share of its rank's fingerprint
     if (i < n) {
       const int64_t rank = a.src_rank[i];
       token = a.src_token[i];
@@ -239,15 +254,17 @@ __global__ void __launch_bounds__(kCheckThreads)
         atomicMin(&first_unordered, static_cast<unsigned long long>(i));
       }
       if (rank == r) {
-        atomicAdd(reinterpret_cast<unsigned long long*>(a.fingerprints + r),
-                  static_cast<unsigned long long>(
-                      layoutRowHash(a.first_expert + expert, token, pick)));
+        hash = static_cast<unsigned long long>(
+            layoutRowHash(a.first_expert + expert, token, pick));
       }
     }
     const WarpGroup group = groupBy(r);
     token = groupMax(group.lanes, token);
     pick = groupMax(group.lanes, pick);
+    hash = groupSum(group.lanes, hash);
     if (group.leader && r >= 0) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(a.fingerprints + r),
+                hash);
       atomicAdd(reinterpret_cast<unsigned long long*>(per_rank + r),
                 static_cast<unsigned long long>(__popc(group.lanes)));
       atomicMax(max_token + r, token);
