@@ -158,10 +158,27 @@ __global__ void dispatchMetaKernel(const DispatchMetaArgs a) {
     meta[0] = flat / a.picks;
     meta[1] = flat % a.picks;
     meta[2] = idAt(a.topk_idx, a.idx_is_int64, flat);
-    atomicAdd(reinterpret_cast<unsigned long long*>(a.fingerprints +
-                                                    meta[2] / a.local_experts),
-              static_cast<unsigned long long>(
-                  layoutRowHash(meta[2], meta[0], meta[1])));
+    // The pairs are sorted by expert, so a warp's lanes mostly share a
+    // destination: one atomic per destination and warp. The lanes that run
+    // this iteration together (the last one may have fewer) aggregate.
+    const int64_t destination = meta[2] / a.local_experts;
+    const unsigned active = __activemask();
+    const unsigned lanes =
+        __match_any_sync(active, static_cast<unsigned long long>(destination));
+    const auto hash = static_cast<unsigned long long>(
+        layoutRowHash(meta[2], meta[0], meta[1]));
+    unsigned long long sum = 0;
+    for (int lane = 0; lane < 32; ++lane) {
+      if ((active >> lane & 1u) != 0) {
+        const unsigned long long theirs = __shfl_sync(active, hash, lane);
+        sum += (lanes >> lane & 1u) != 0 ? theirs : 0;
+      }
+    }
+    if (__ffs(lanes) - 1 == static_cast<int>(threadIdx.x & 31)) {
+      atomicAdd(
+          reinterpret_cast<unsigned long long*>(a.fingerprints + destination),
+          sum);
+    }
     int64_t bits = 0;
     if (a.topk_weights != nullptr) {
       memcpy(&bits,
