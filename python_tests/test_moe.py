@@ -51,8 +51,9 @@ def test_handle_has_every_named_field():
     handle = moe.dispatch(x, routing(4, 2, 4, 5), torch.rand(4, 2), num_experts=4)
     for name in ("recv_x", "recv_weights", "recv_src_rank", "recv_src_token",
                  "recv_src_k", "recv_expert_counts", "n_tokens_to_rank",
-                 "n_tokens_from_rank"):
+                 "n_tokens_from_rank", "recv_layout_id"):
         assert isinstance(getattr(handle, name), torch.Tensor), name
+    assert handle.recv_layout_id.shape == (2,)
     assert handle.recv_weights.dtype == torch.float32
     assert handle.n_tokens_to_rank.tolist() == [8]
     assert "DispatchHandle(rows=8" in repr(handle)
@@ -131,3 +132,32 @@ def test_rank_masking_without_a_lost_rank_masks_nothing_and_changes_no_bit():
 def test_recover_refuses_a_mask_setting_that_is_not_a_bool():
     with pytest.raises(TypeError, match="mask_failed_ranks must be a bool or None"):
         moe.recover(mask_failed_ranks="yes")
+
+
+def even_odd_handle(x):
+    """Token t to expert t % 2 of 2 (one rank): expert 0 holds tokens 0, 2,
+    4, expert 1 tokens 1, 3."""
+    idx = (torch.arange(x.shape[0]) % 2).unsqueeze(1).to(x.device)
+    return moe.dispatch(x, idx, num_experts=2)
+
+
+def test_combine_refuses_a_handle_with_tokens_swapped_across_experts():
+    # Both experts' rows stay in order and every (rank, token, pick) is
+    # named once: only the dispatch's fingerprint tells that tokens 0 and 1
+    # changed places.
+    x = torch.randn(5, 8)
+    handle = even_odd_handle(x)
+    handle.recv_src_token[0], handle.recv_src_token[3] = 1, 0
+    with pytest.raises(hf.Error, match="names rows from rank 0 .* that rank 0 did not send it"):
+        moe.combine(handle.recv_x, handle)
+    fresh = even_odd_handle(x)
+    assert torch.equal(moe.combine(fresh.recv_x, fresh), x)
+
+
+def test_combine_refuses_a_handle_with_tokens_swapped_in_one_expert():
+    x = torch.randn(5, 8)
+    handle = even_odd_handle(x)
+    handle.recv_src_token[0], handle.recv_src_token[1] = 2, 0
+    with pytest.raises(hf.Error, match=r"row 1 of the layout \(local expert 0, rank 0, token 0\) "
+                                       "does not come after the row before it"):
+        moe.combine(handle.recv_x, handle)

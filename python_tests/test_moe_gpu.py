@@ -22,6 +22,8 @@ def run(device, x, idx, w, experts):
     handle = moe.dispatch(on(x), on(idx), on(w), num_experts=experts, backend="collective")
     fields = {name: getattr(handle, name) for name in FIELDS}
     fields = {name: None if t is None else t.cpu() for name, t in fields.items()}
+    # Word 0 is the call's number, which differs between the two runs.
+    fields["fingerprints"] = handle.recv_layout_id[1:].cpu()
     y = scale_by_expert(handle.recv_x, handle.recv_expert_counts)
     fields["combined"] = moe.combine(y, handle, on(w)).cpu()
     return fields
@@ -88,7 +90,7 @@ def test_gpu_reports_the_first_bad_pick_like_the_cpu(bad):
 
 
 @needs_gpu
-@pytest.mark.parametrize("corrupt", ["src_rank", "src_token", "counts", "repeat"])
+@pytest.mark.parametrize("corrupt", ["src_rank", "src_token", "counts", "repeat", "unordered"])
 def test_gpu_checks_a_bad_layout_like_the_cpu(corrupt):
     x = torch.randn(5, 8)
     idx = routing(5, 2, 4, 3)
@@ -103,8 +105,55 @@ def test_gpu_checks_a_bad_layout_like_the_cpu(corrupt):
             # Row 1 names row 0's (rank, token, pick) too.
             handle.recv_src_token[1] = handle.recv_src_token[0]
             handle.recv_src_k[1] = handle.recv_src_k[0]
+        elif corrupt == "unordered":
+            # The first two rows of an expert with two or more swap tokens.
+            counts = handle.recv_expert_counts.tolist()
+            expert = next(e for e, count in enumerate(counts) if count >= 2)
+            first = sum(counts[:expert])
+            tokens = handle.recv_src_token
+            tokens[first], tokens[first + 1] = tokens[first + 1].item(), tokens[first].item()
         else:
             handle.recv_expert_counts[1] += 1
         texts.append(error_text(lambda: moe.combine(handle.recv_x, handle)))
     assert texts[0] == texts[1]
     assert "bad input on rank 0 of 1" in texts[0]
+
+
+@needs_gpu
+def test_gpu_fingerprints_a_layout_like_the_cpu():
+    # Tokens 0 and 1 (experts 0 and 1) trade places: only the fingerprints
+    # of the kernels tell, and they must give the CPU path's text.
+    x = torch.randn(5, 8)
+    idx = (torch.arange(5) % 2).unsqueeze(1)
+    texts = []
+    for device in ("cpu", "cuda"):
+        handle = moe.dispatch(x.to(device), idx.to(device), num_experts=2, backend="collective")
+        handle.recv_src_token[0], handle.recv_src_token[3] = 1, 0
+        texts.append(error_text(lambda: moe.combine(handle.recv_x, handle)))
+    assert texts[0] == texts[1]
+    assert "that rank 0 did not send it" in texts[0]
+
+
+@needs_gpu
+def test_cuda_backend_refuses_the_handle_of_an_earlier_dispatch():
+    # Both dispatches use one site (same shapes): the first handle is stale
+    # once the second has run, and its combine would route the rows by the
+    # second's metadata. The kernel compares the handle's epoch on the
+    # device, and the workspace is unusable after it until release().
+    x = torch.randn(6, 16, device="cuda")
+    idx = routing(6, 2, 4, 3).cuda()
+    try:
+        first = moe.dispatch(x, idx, num_experts=4, backend="cuda")
+        second = moe.dispatch(x, idx.roll(1, 0), num_experts=4, backend="cuda")
+        assert first.recv_layout_id[0].item() == 1
+        assert second.recv_layout_id[0].item() == 2
+        text = error_text(lambda: moe.combine(first.recv_x, first))
+        assert "the layout (recv_layout_id) is the one of dispatch #1" in text
+        assert "but its latest dispatch is #2" in text
+    finally:
+        moe.release()
+    handle = moe.dispatch(x, idx, torch.full((6, 2), 0.5, device="cuda"), num_experts=4,
+                          backend="cuda")
+    out = moe.combine(handle.recv_x, handle, torch.full((6, 2), 0.5, device="cuda"))
+    torch.testing.assert_close(out, x)
+    moe.release()

@@ -220,6 +220,7 @@ class PyMoeRuntime {
     fields["recv_expert_counts"] = out.layout.expert_counts;
     fields["n_tokens_to_rank"] = out.layout.n_tokens_to_rank;
     fields["n_tokens_from_rank"] = out.layout.n_tokens_from_rank;
+    fields["recv_layout_id"] = out.layout.id;
     return fields;
   }
 
@@ -238,6 +239,7 @@ class PyMoeRuntime {
         layout["n_tokens_to_rank"].cast<at::Tensor>();
     args.layout.n_tokens_from_rank =
         layout["n_tokens_from_rank"].cast<at::Tensor>();
+    args.layout.id = layout["recv_layout_id"].cast<at::Tensor>();
     args.topk_weights = topk_weights;
     args.num_tokens = num_tokens;
     args.num_experts = num_experts;
@@ -544,7 +546,8 @@ PYBIND11_MODULE(_C, m) {
                     &MoeDispatchResult::recv_expert_counts)
       .def_readonly("n_tokens_to_rank", &MoeDispatchResult::n_tokens_to_rank)
       .def_readonly("n_tokens_from_rank",
-                    &MoeDispatchResult::n_tokens_from_rank);
+                    &MoeDispatchResult::n_tokens_from_rank)
+      .def_readonly("recv_layout_id", &MoeDispatchResult::recv_layout_id);
   m.def(
       "moe_dispatch",
       [](TensorView* x, TensorView* topk_idx, TensorView* topk_weights,

@@ -92,6 +92,8 @@ class DispatchHandle:
     recv_src_rank, recv_src_token, recv_src_k [rows]: where each row came
     from. recv_expert_counts [L]: rows per local expert. n_tokens_to_rank,
     n_tokens_from_rank [R]: rows sent to and received from each rank.
+    recv_layout_id [R + 1]: which dispatch made the layout (combine refuses
+    the handle of another dispatch, docs/moe.md).
     """
 
     _FIELDS = (
@@ -103,6 +105,7 @@ class DispatchHandle:
         "recv_expert_counts",
         "n_tokens_to_rank",
         "n_tokens_from_rank",
+        "recv_layout_id",
     )
 
     def __init__(self, fields, runtime, site, num_tokens, num_experts):

@@ -350,11 +350,13 @@ TEST_P(BadInput, CombineGivenALayoutThatNamesARowTwice) {
        "like an earlier row", "the rows do not match their dispatch"});
 }
 
+// Row T - 1 is rank 0's last row of expert E - 2 (token T - 1): token T
+// there keeps the expert's rows in order.
 TEST_P(BadInput, CombineGivenATokenOutOfRange) {
   MoeDispatchOutput out = dispatchToTheLastRank(x(), weights(), experts());
   if (isBadRank()) {
     out.layout.src_token = out.layout.src_token.clone();
-    out.layout.src_token[1] = kTokens;
+    out.layout.src_token[kTokens - 1] = kTokens;
   }
   test::expectErrorContains(
       [&] {
@@ -367,10 +369,10 @@ TEST_P(BadInput, CombineGivenATokenOutOfRange) {
   expectValidCallWorks();
 }
 
-// Without weights combine does not know K, so a pick is only ordered, never
-// bounded: a huge one must cost nothing (no scratch sized by it, no
-// overflow) and is summed in its place. Picks 0 and 1 of a token add in
-// either order to the same bits.
+// Without weights combine does not know K, so nothing bounds a pick but
+// the dispatch's fingerprint: a huge one must cost nothing (no scratch
+// sized by it, no overflow) and be refused on every rank as a row its
+// source did not send.
 TEST_P(BadInput, CombineWithoutWeightsAllocatesNothingForAHugePick) {
   const at::Tensor input = x();
   for (const int64_t pick :
@@ -384,16 +386,149 @@ TEST_P(BadInput, CombineWithoutWeightsAllocatesNothingForAHugePick) {
       out.layout.src_k[0] = pick;
     }
     const auto start = std::chrono::steady_clock::now();
-    const at::Tensor back =
-        combineCollective(out.recv_x, out.layout, std::nullopt, kTokens,
-                          experts(), communicator());
+    expectErrorOnEveryRank(
+        [&] {
+          combineCollective(out.recv_x, out.layout, std::nullopt, kTokens,
+                            experts(), communicator());
+        },
+        {"MoeCombine: the layout on " + badRank() + " names rows from rank 0",
+         "that rank 0 did not send it in the dispatch that made the layout",
+         "the rows do not match their dispatch"});
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
             .count();
     EXPECT_LT(seconds, 10.0);
-    test::expectClose(back.cpu(), (input * 2).cpu(), 0, 0);
   }
-  expectValidCallWorks();
+}
+
+// Dispatch a routes every token like idx(), dispatch b every token like the
+// token before it: the same rows to every rank and expert, other tokens.
+// The last rank combines b's layout, its peers a's: every count matches,
+// and without the layouts' ids the peers would get the rows of other tokens.
+TEST_P(BadInput, CombineGivenAnotherDispatchsLayoutWithTheSameCounts) {
+  if (ranks() == 1) {
+    GTEST_SKIP() << "needs two ranks";
+  }
+  const at::Tensor input = x();
+  const MoeDispatchOutput a = dispatch(input, idx(), weights(), experts());
+  const MoeDispatchOutput b =
+      dispatch(input, idx().roll(1, 0), weights(), experts());
+  ASSERT_TRUE(at::equal(a.layout.n_tokens_to_rank, b.layout.n_tokens_to_rank));
+  ASSERT_TRUE(at::equal(a.layout.expert_counts, b.layout.expert_counts));
+  const MoeDispatchOutput& mine = isBadRank() ? b : a;
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(mine.recv_x, mine.layout, weights(), kTokens,
+                          experts(), communicator());
+      },
+      {"MoeCombine: the ranks combine the layouts of different dispatches",
+       badRank() + " was given the layout of collective MoE call #",
+       "while rank 0 was given that of #", "(recv_layout_id)"});
+}
+
+// Token t of every rank picks the last rank's expert E - 2 if t is even,
+// E - 1 if odd (K = 1): the last rank's local expert 0 holds rows (rank r,
+// token 0, 2, 4) for every r, its local expert 1 rows (rank r, token 1,
+// 3, 5).
+MoeDispatchOutput dispatchEvenOddToTheLastRank(const at::Tensor& x,
+                                               int64_t experts) {
+  const at::Tensor idx =
+      (experts - 2 + at::arange(x.size(0), at::kLong).remainder(2))
+          .unsqueeze(1)
+          .to(x.device());
+  return dispatchCollective(x, idx, std::nullopt, experts, communicator());
+}
+
+// Swapped where they keep every count and the set of (rank, token, pick)
+// of an expert: the rows of one expert are no longer in (rank, token)
+// order.
+TEST_P(BadInput, CombineGivenALayoutWithTwoTokensSwappedInOneExpert) {
+  MoeDispatchOutput out = dispatchEvenOddToTheLastRank(x(), experts());
+  if (isBadRank()) {
+    out.layout.src_token = out.layout.src_token.clone();
+    out.layout.src_token[0] = 2;
+    out.layout.src_token[1] = 0;
+  }
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(out.recv_x, out.layout, std::nullopt, kTokens,
+                          experts(), communicator());
+      },
+      {"MoeCombine", "row 1 of the layout (local expert 0, rank 0, token 0)",
+       "does not come after the row before it",
+       "ordered by source rank, then source token"});
+}
+
+// Token 0 (expert E - 2) and token 1 (expert E - 1) of rank 0 trade places
+// on the last rank: both experts' rows stay in order, every count and
+// every (rank, token, pick) appears once; the fingerprint of what rank 0
+// sent differs.
+TEST_P(BadInput, CombineGivenALayoutWithTwoTokensSwappedAcrossExperts) {
+  MoeDispatchOutput out = dispatchEvenOddToTheLastRank(x(), experts());
+  const int64_t expert1_start = ranks() * kTokens / 2;
+  if (isBadRank()) {
+    out.layout.src_token = out.layout.src_token.clone();
+    out.layout.src_token[0] = 1;
+    out.layout.src_token[expert1_start] = 0;
+  }
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(out.recv_x, out.layout, std::nullopt, kTokens,
+                          experts(), communicator());
+      },
+      {"MoeCombine: the layout on " + badRank() + " names rows from rank 0",
+       "that rank 0 did not send it in the dispatch that made the layout",
+       "the rows do not match their dispatch"});
+}
+
+// Picks 0 and 1 of rank 0's token 0 (experts E - 2 and E - 1) trade places
+// on the last rank: the same (rank, token, pick) rows, in order, under
+// the wrong experts.
+TEST_P(BadInput, CombineGivenALayoutWithTwoPicksSwappedAcrossExperts) {
+  MoeDispatchOutput out = dispatchToTheLastRank(x(), weights(), experts());
+  const int64_t expert1_start = ranks() * kTokens;
+  if (isBadRank()) {
+    out.layout.src_k = out.layout.src_k.clone();
+    out.layout.src_k[0] = 1;
+    out.layout.src_k[expert1_start] = 0;
+  }
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(out.recv_x, out.layout, weights(), kTokens, experts(),
+                          communicator());
+      },
+      {"MoeCombine: the layout on " + badRank() + " names rows from rank 0",
+       "that rank 0 did not send it"});
+}
+
+// Rank 0 sends its even tokens to expert E - 2, rank 1 its odd tokens to
+// E - 1, the other ranks nothing; the last rank holds (rank 0, token 0, 2,
+// 4) in its local expert 0 and (rank 1, token 1, 3, 5) in 1. The ranks of
+// rows 2 and 3 swapped keep every count, both experts' order and every
+// (rank, token, pick) once; the fingerprints of what ranks 0 and 1 sent
+// differ.
+TEST_P(BadInput, CombineGivenALayoutWithTwoSourceRanksSwapped) {
+  if (ranks() == 1) {
+    GTEST_SKIP() << "needs two ranks";
+  }
+  const at::Tensor parity = at::arange(kTokens, at::kLong).remainder(2);
+  const at::Tensor idx = me() == 0   ? at::where(parity == 0, experts() - 2, -1)
+                         : me() == 1 ? at::where(parity == 1, experts() - 1, -1)
+                                     : at::full({kTokens}, -1, at::kLong);
+  MoeDispatchOutput out =
+      dispatch(x(), idx.unsqueeze(1).to(device_), std::nullopt, experts());
+  if (isBadRank()) {
+    out.layout.src_rank = out.layout.src_rank.clone();
+    out.layout.src_rank[2] = 1;
+    out.layout.src_rank[3] = 0;
+  }
+  expectErrorOnEveryRank(
+      [&] {
+        combineCollective(out.recv_x, out.layout, std::nullopt, kTokens,
+                          experts(), communicator());
+      },
+      {"MoeCombine: the layout on " + badRank() + " names rows from rank 0",
+       "that rank 0 did not send it"});
 }
 
 // Every pick goes to expert 0: the other ranks receive no rows (an empty

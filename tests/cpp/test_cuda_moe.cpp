@@ -700,6 +700,47 @@ TEST_F(CudaMoe, ARankThatRefusesItsInputsStopsEveryPeerAtOnce) {
   runAndCheck(*fresh, c, "a new workspace after the failure");
 }
 
+// The last rank combines with the layout id of the workspace's first
+// dispatch after a second one ran: its kernel finds the stale epoch on the
+// device, writes NaN and tells its peers, who stop at once; the workspace
+// is then unusable on every rank, and a new one works.
+TEST_F(CudaMoe, CombineRefusesTheLayoutOfAnEarlierDispatch) {
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = 2;
+  auto workspace = makeWorkspace(c, "stale");
+  const DeviceInputs in = toDevice(allInputs(c, world_)[rank_], c);
+  const CudaDispatchResult first =
+      workspace->dispatch(in.x, in.idx, in.weights);
+  const CudaDispatchResult second =
+      workspace->dispatch(in.x, in.idx, in.weights);
+  EXPECT_EQ(first.recv_layout_id.cpu()[0].item<int64_t>(), 1);
+  EXPECT_EQ(second.recv_layout_id.cpu()[0].item<int64_t>(), 2);
+  const at::Tensor out = runExperts(second, c, world_, rank_);
+  const int bad = world_ - 1;
+  const at::Tensor& layout_id =
+      rank_ == bad ? first.recv_layout_id : second.recv_layout_id;
+  const std::vector<std::string> fragments =
+      rank_ == bad
+          ? std::vector<std::string>{toString("MoeCombine: bad input on rank ",
+                                              bad, " of ", world_),
+                                     "the layout (recv_layout_id) is the one "
+                                     "of dispatch #1",
+                                     "but its latest dispatch is #2"}
+          : std::vector<std::string>{
+                toString("rank ", bad, " of ", world_,
+                         " was given a stale layout in its combine"),
+                "recreate it on every rank"};
+  test::expectErrorContains(
+      [&] { workspace->combine(out, second, in.weights, -1, layout_id); },
+      fragments);
+  test::expectErrorContains(
+      [&] { workspace->dispatch(in.x, in.idx, in.weights); },
+      {"unusable after an earlier failure"});
+  auto fresh = makeWorkspace(c, "fresh");
+  runAndCheck(*fresh, c, "a new workspace after the stale layout");
+}
+
 TEST_F(CudaMoe, BadExpertIdIsReportedOnEveryRankAndTheNextCallWorks) {
   Case c;
   c.experts = 2 * world_;

@@ -37,25 +37,26 @@ TEST_F(MoeIr, DispatchAndCombinePrintTheirOperandsAndAttributes) {
             "backend=collective) -> (recv_x=T3, recv_src_rank=T4, "
             "recv_src_token=T5, recv_src_k=T6, recv_weights=T7, "
             "recv_expert_counts=T8, n_tokens_to_rank=T9, "
-            "n_tokens_from_rank=T10)");
+            "n_tokens_from_rank=T10, recv_layout_id=T11)");
   EXPECT_EQ(d.recv_x->typeString(), "bf16[rows, 64]");
   EXPECT_EQ(d.recv_weights->typeString(), "f32[rows]");
   EXPECT_EQ(d.recv_expert_counts->typeString(), "i64[local_experts]");
   EXPECT_EQ(d.n_tokens_to_rank->typeString(), "i64[ranks]");
+  EXPECT_EQ(d.recv_layout_id->typeString(), "i64[id_words]");
 
   TensorView* combined = moeCombine(d.recv_x, d, w, tokens);
   EXPECT_EQ(combined->definition()->toString(),
             "MoeCombine(expert_out=T3, recv_src_rank=T4, recv_src_token=T5, "
             "recv_src_k=T6, recv_expert_counts=T8, n_tokens_to_rank=T9, "
-            "n_tokens_from_rank=T10, topk_weights=T2, num_tokens=tokens, "
-            "num_experts=8, backend=collective) -> (T11)\n");
+            "n_tokens_from_rank=T10, recv_layout_id=T11, topk_weights=T2, "
+            "num_tokens=tokens, num_experts=8, backend=collective) -> (T12)\n");
   EXPECT_EQ(combined->typeString(), "bf16[tokens, 64]");
 
   TensorView* y = groupedMatmul(
       d.recv_x, makeTensor({4, 64, 32}, DataType::BFloat16, "expert_w"),
       d.recv_expert_counts);
   EXPECT_EQ(y->definition()->toInlineString(),
-            "T13 = GroupedMatmul(x=T3, weights=T12, group_counts=T8)");
+            "T14 = GroupedMatmul(x=T3, weights=T13, group_counts=T8)");
 }
 
 TEST_F(MoeIr, DispatchWithoutWeightsHasNoRecvWeights) {
@@ -67,7 +68,7 @@ TEST_F(MoeIr, DispatchWithoutWeightsHasNoRecvWeights) {
             "MoeDispatch(x=T0, topk_idx=T1, num_experts=4, backend=cuda) -> "
             "(recv_x=T2, recv_src_rank=T3, recv_src_token=T4, recv_src_k=T5, "
             "recv_expert_counts=T6, n_tokens_to_rank=T7, "
-            "n_tokens_from_rank=T8)");
+            "n_tokens_from_rank=T8, recv_layout_id=T9)");
   EXPECT_EQ(d.recv_weights, nullptr);
   EXPECT_EQ(node->recvWeights(), nullptr);
   EXPECT_EQ(node->topkWeights(), nullptr);
@@ -89,7 +90,7 @@ TEST_F(MoeIr, CapacityIsPrintedOnlyWhenSetAndOnlyForTheCudaBackend) {
             "MoeDispatch(x=T0, topk_idx=T1, num_experts=4, backend=cuda, "
             "capacity=96) -> (recv_x=T2, recv_src_rank=T3, recv_src_token=T4, "
             "recv_src_k=T5, recv_expert_counts=T6, n_tokens_to_rank=T7, "
-            "n_tokens_from_rank=T8)");
+            "n_tokens_from_rank=T8, recv_layout_id=T9)");
   const MoeDispatchResult plain = moeDispatch(x, idx, nullptr, 4);
   EXPECT_EQ(plain.recv_x->definition()->as<MoeDispatch>()->capacity(), 0);
   test::expectErrorContains(
@@ -118,7 +119,8 @@ TEST_F(MoeIr, CudaCombineNeedsTheLayoutOfOneCudaDispatch) {
         makeTensor({layout.recv_x->extent(0), rows->extent(1)}, rows->dtype()),
         rows, layout.recv_src_rank, layout.recv_src_token, layout.recv_src_k,
         layout.recv_expert_counts, layout.n_tokens_to_rank,
-        layout.n_tokens_from_rank, nullptr, tokens, 4, backend);
+        layout.n_tokens_from_rank, layout.recv_layout_id, nullptr, tokens, 4,
+        backend);
   };
   MoeDispatchResult mixed = a;
   mixed.recv_src_k = b.recv_src_k;
@@ -229,8 +231,8 @@ TEST_F(MoeIr, RecvWeightsWithoutTopkWeightsIsAnError) {
       [&] {
         IrBuilder::create<MoeDispatch>(
             makeSymbolicTensor(2, DataType::Float), rows(), rows(), rows(),
-            makeSymbolicTensor(1, DataType::Float), rows(), rows(), rows(), x,
-            idx, nullptr, 4, MoeBackend::Collective);
+            makeSymbolicTensor(1, DataType::Float), rows(), rows(), rows(),
+            rows(), x, idx, nullptr, 4, MoeBackend::Collective);
       },
       {"recv_weights must be given exactly when topk_weights is"});
 }

@@ -107,6 +107,7 @@ void MoeEvaluator::run(const MoeDispatch& dispatch, ValueMap& values) {
   bindTensor(values, dispatch.recvExpertCounts(), out.layout.expert_counts);
   bindTensor(values, dispatch.nTokensToRank(), out.layout.n_tokens_to_rank);
   bindTensor(values, dispatch.nTokensFromRank(), out.layout.n_tokens_from_rank);
+  bindTensor(values, dispatch.recvLayoutId(), out.layout.id);
 }
 
 void MoeEvaluator::run(const MoeCombine& combine, ValueMap& values) {
@@ -120,6 +121,7 @@ void MoeEvaluator::run(const MoeCombine& combine, ValueMap& values) {
   args.layout.n_tokens_to_rank = values.get(combine.nTokensToRank()).toTensor();
   args.layout.n_tokens_from_rank =
       values.get(combine.nTokensFromRank()).toTensor();
+  args.layout.id = values.get(combine.recvLayoutId()).toTensor();
   args.topk_weights = optionalTensor(values, combine.topkWeights());
   args.num_tokens = values.get(combine.numTokens()).toInt();
   args.num_experts = combine.numExperts();

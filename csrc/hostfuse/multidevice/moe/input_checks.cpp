@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include <hostfuse/multidevice/moe/layout_id.h>
 #include <hostfuse/utils/exceptions.h>
 
 namespace hostfuse::moe {
@@ -172,7 +173,8 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
       {kArgSrcK, &layout.src_k},
       {kArgExpertCounts, &layout.expert_counts},
       {kArgTokensToRank, &layout.n_tokens_to_rank},
-      {kArgTokensFromRank, &layout.n_tokens_from_rank}};
+      {kArgTokensFromRank, &layout.n_tokens_from_rank},
+      {kArgLayoutId, &layout.id}};
   for (const auto& [arg, tensor] : layout_args) {
     const auto code = static_cast<int64_t>(arg);
     if (rankOf(*tensor) != 1 || tensor->scalar_type() != at::kLong) {
@@ -186,6 +188,7 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
     const int64_t expected =
         arg == kArgExpertCounts                                ? local_experts
         : arg == kArgTokensToRank || arg == kArgTokensFromRank ? world_size
+        : arg == kArgLayoutId                                  ? world_size + 1
                                                                : rows;
     if (expected >= 0 && tensor->numel() != expected) {
       status.fail(kStatusLayoutLength, code, tensor->numel(), expected);
@@ -242,7 +245,69 @@ void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
                   at_row, element(src_rank, at_row),
                   element(layout.src_token, at_row),
                   element(layout.src_k, at_row));
+    const at::Tensor expert = rowLocalExperts(layout);
+    const at::Tensor unordered = firstUnorderedRow(layout, expert);
+    const at::Tensor bad_row = unordered.clamp_max(rows - 1);
+    status.failIf(unordered < rows, codeOf(kStatusLayoutOutOfOrder, zero),
+                  bad_row, element(expert, bad_row), element(src_rank, bad_row),
+                  element(layout.src_token, bad_row));
   }
+}
+
+at::Tensor rowLocalExperts(const MoeLayout& layout) {
+  const at::Tensor ends = layout.expert_counts.cumsum(0);
+  return at::searchsorted(
+      ends, at::arange(layout.src_rank.numel(), layout.src_rank.options()),
+      /*out_int32=*/false, /*right=*/true);
+}
+
+at::Tensor firstUnorderedRow(const MoeLayout& layout,
+                             const at::Tensor& expert) {
+  const int64_t rows = layout.src_rank.numel();
+  const at::Tensor none = at::full({}, rows, layout.src_rank.options());
+  if (rows < 2) {
+    return none;
+  }
+  auto before = [&](const at::Tensor& t) { return t.narrow(0, 0, rows - 1); };
+  auto after = [&](const at::Tensor& t) { return t.narrow(0, 1, rows - 1); };
+  const at::Tensor& rank = layout.src_rank;
+  const at::Tensor& token = layout.src_token;
+  const at::Tensor follows =
+      at::logical_or(after(rank) > before(rank),
+                     at::logical_and(after(rank) == before(rank),
+                                     after(token) > before(token)));
+  const at::Tensor bad =
+      at::logical_and(after(expert) == before(expert), follows.logical_not());
+  return at::where(bad, at::arange(1, rows, none.options()), none).min();
+}
+
+void addFingerprints(at::Tensor& fingerprints, const at::Tensor& rank,
+                     const at::Tensor& expert, const at::Tensor& token,
+                     const at::Tensor& pick) {
+  HF_ERROR(fingerprints.is_cpu() && fingerprints.is_contiguous(),
+           "fingerprints are summed on the host");
+  const at::Tensor columns[] = {
+      rank.to(at::kLong).contiguous(), expert.to(at::kLong).contiguous(),
+      token.to(at::kLong).contiguous(), pick.to(at::kLong).contiguous()};
+  const int64_t* r = columns[0].const_data_ptr<int64_t>();
+  const int64_t* e = columns[1].const_data_ptr<int64_t>();
+  const int64_t* t = columns[2].const_data_ptr<int64_t>();
+  const int64_t* k = columns[3].const_data_ptr<int64_t>();
+  const int64_t world_size = fingerprints.numel();
+  int64_t* sums = fingerprints.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < columns[0].numel(); ++i) {
+    if (r[i] >= 0 && r[i] < world_size) {
+      sums[r[i]] += layoutRowHash(e[i], t[i], k[i]);
+    }
+  }
+}
+
+at::Tensor newLayoutId(int64_t call, int64_t world_size,
+                       const at::Device& device) {
+  std::vector<int64_t> words(world_size + 1, 0);
+  words[kLayoutIdCallWord] = call;
+  // From pageable memory a non-blocking copy is staged before it returns.
+  return at::tensor(words, at::kLong).to(device, /*non_blocking=*/true);
 }
 
 at::Tensor firstRepeatedRow(const MoeLayout& layout) {

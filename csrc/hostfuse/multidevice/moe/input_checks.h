@@ -87,9 +87,33 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
                               int64_t world_size, const at::Device& device);
 
 // The layout's values agree with each other and with expert_out's `rows`,
-// and no (rank, token, pick) is named twice (firstRepeatedRow).
+// no (rank, token, pick) is named twice (firstRepeatedRow), and each
+// expert's rows are in order (firstUnorderedRow).
 void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
                        int64_t rows, int64_t world_size);
+
+// [rows] i64 on the layout's device: the local expert of each row, from
+// recv_expert_counts (L for rows past their sum).
+at::Tensor rowLocalExperts(const MoeLayout& layout);
+
+// 0-dim i64 on the layout's device: the first row that, in the segment of
+// its local expert (`expert`, rowLocalExperts), does not follow the row
+// before it in (source rank, source token) order; the number of rows if
+// none. Rows swapped inside one expert, which keep every count and every
+// fingerprint, break this order.
+at::Tensor firstUnorderedRow(const MoeLayout& layout, const at::Tensor& expert);
+
+// Adds layoutRowHash(expert[i], token[i], pick[i]) (layout_id.h) to
+// fingerprints[rank[i]] for every row i whose rank is in range.
+// `fingerprints` [R] i64 on the CPU; the others [N] on the CPU.
+void addFingerprints(at::Tensor& fingerprints, const at::Tensor& rank,
+                     const at::Tensor& expert, const at::Tensor& token,
+                     const at::Tensor& pick);
+
+// A new layout id [R + 1] on `device` (layout_id.h): word 0 `call`, the
+// fingerprints 0.
+at::Tensor newLayoutId(int64_t call, int64_t world_size,
+                       const at::Device& device);
 
 // 0-dim i64 on the layout's device: the first row whose (src_rank,
 // src_token, src_k) an earlier row names too, the number of rows if none.

@@ -21,15 +21,13 @@ void checkNumExperts(const Expr* expr, int64_t num_experts) {
 
 // ---------------------------------------------------------------------------
 
-MoeDispatch::MoeDispatch(TensorView* recv_x, TensorView* recv_src_rank,
-                         TensorView* recv_src_token, TensorView* recv_src_k,
-                         TensorView* recv_weights,
-                         TensorView* recv_expert_counts,
-                         TensorView* n_tokens_to_rank,
-                         TensorView* n_tokens_from_rank, TensorView* x,
-                         TensorView* topk_idx, TensorView* topk_weights,
-                         int64_t num_experts, MoeBackend backend,
-                         int64_t capacity) {
+MoeDispatch::MoeDispatch(
+    TensorView* recv_x, TensorView* recv_src_rank, TensorView* recv_src_token,
+    TensorView* recv_src_k, TensorView* recv_weights,
+    TensorView* recv_expert_counts, TensorView* n_tokens_to_rank,
+    TensorView* n_tokens_from_rank, TensorView* recv_layout_id, TensorView* x,
+    TensorView* topk_idx, TensorView* topk_weights, int64_t num_experts,
+    MoeBackend backend, int64_t capacity) {
   HF_CHECK((recv_weights == nullptr) == (topk_weights == nullptr),
            "MoeDispatch: recv_weights must be given exactly when "
            "topk_weights is");
@@ -43,6 +41,7 @@ MoeDispatch::MoeDispatch(TensorView* recv_x, TensorView* recv_src_rank,
   addOutput(recv_expert_counts);
   addOutput(n_tokens_to_rank);
   addOutput(n_tokens_from_rank);
+  addOutput(recv_layout_id);
   addInput(x);
   addInput(topk_idx);
   if (topk_weights != nullptr) {
@@ -75,13 +74,14 @@ std::string MoeDispatch::toInlineString() const {
   }
   ss << ", recv_expert_counts=" << recvExpertCounts()->toString()
      << ", n_tokens_to_rank=" << nTokensToRank()->toString()
-     << ", n_tokens_from_rank=" << nTokensFromRank()->toString() << ")";
+     << ", n_tokens_from_rank=" << nTokensFromRank()->toString()
+     << ", recv_layout_id=" << recvLayoutId()->toString() << ")";
   return ss.str();
 }
 
 void MoeDispatch::validate() const {
   const size_t num_inputs = hasWeights() ? 3 : 2;
-  HF_ERROR(inputs().size() == num_inputs && outputs().size() == num_inputs + 5,
+  HF_ERROR(inputs().size() == num_inputs && outputs().size() == num_inputs + 6,
            "MoeDispatch built with ", inputs().size(), " inputs and ",
            outputs().size(), " outputs");
   checkNumExperts(this, numExperts());
@@ -132,6 +132,7 @@ void MoeDispatch::validate() const {
   checkInt64(this, "recv_expert_counts", recvExpertCounts(), 1);
   checkInt64(this, "n_tokens_to_rank", nTokensToRank(), 1);
   checkInt64(this, "n_tokens_from_rank", nTokensFromRank(), 1);
+  checkInt64(this, "recv_layout_id", recvLayoutId(), 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -140,7 +141,8 @@ MoeCombine::MoeCombine(TensorView* combined, TensorView* expert_out,
                        TensorView* recv_src_rank, TensorView* recv_src_token,
                        TensorView* recv_src_k, TensorView* recv_expert_counts,
                        TensorView* n_tokens_to_rank,
-                       TensorView* n_tokens_from_rank, TensorView* topk_weights,
+                       TensorView* n_tokens_from_rank,
+                       TensorView* recv_layout_id, TensorView* topk_weights,
                        Scalar* num_tokens, int64_t num_experts,
                        MoeBackend backend) {
   addOutput(combined);
@@ -151,6 +153,7 @@ MoeCombine::MoeCombine(TensorView* combined, TensorView* expert_out,
   addInput(recv_expert_counts);
   addInput(n_tokens_to_rank);
   addInput(n_tokens_from_rank);
+  addInput(recv_layout_id);
   if (topk_weights != nullptr) {
     addInput(topk_weights);
   }
@@ -168,7 +171,8 @@ std::string MoeCombine::toInlineString() const {
      << ", recv_src_k=" << recvSrcK()->toString()
      << ", recv_expert_counts=" << recvExpertCounts()->toString()
      << ", n_tokens_to_rank=" << nTokensToRank()->toString()
-     << ", n_tokens_from_rank=" << nTokensFromRank()->toString();
+     << ", n_tokens_from_rank=" << nTokensFromRank()->toString()
+     << ", recv_layout_id=" << recvLayoutId()->toString();
   if (hasWeights()) {
     ss << ", topk_weights=" << topkWeights()->toString();
   }
@@ -180,7 +184,7 @@ std::string MoeCombine::toInlineString() const {
 }
 
 void MoeCombine::validate() const {
-  const size_t num_inputs = hasWeights() ? 9 : 8;
+  const size_t num_inputs = hasWeights() ? 10 : 9;
   HF_ERROR(inputs().size() == num_inputs && outputs().size() == 1,
            "MoeCombine built with ", inputs().size(), " inputs and ",
            outputs().size(), " outputs");
@@ -197,6 +201,7 @@ void MoeCombine::validate() const {
   checkInt64(this, "recv_expert_counts", recvExpertCounts(), 1);
   checkInt64(this, "n_tokens_to_rank", nTokensToRank(), 1);
   checkInt64(this, "n_tokens_from_rank", nTokensFromRank(), 1);
+  checkInt64(this, "recv_layout_id", recvLayoutId(), 1);
   HF_CHECK(input(num_inputs - 1)->isA<Scalar>() &&
                numTokens()->dtype() == DataType::Int64,
            "MoeCombine: num_tokens ", input(num_inputs - 1)->describe(),
@@ -246,7 +251,8 @@ void MoeCombine::validateLayoutFromDispatch() const {
       {recvSrcK(), source->recvSrcK()},
       {recvExpertCounts(), source->recvExpertCounts()},
       {nTokensToRank(), source->nTokensToRank()},
-      {nTokensFromRank(), source->nTokensFromRank()}};
+      {nTokensFromRank(), source->nTokensFromRank()},
+      {recvLayoutId(), source->recvLayoutId()}};
   for (const auto& [mine, expected] : pairs) {
     HF_CHECK(mine == expected, "MoeCombine: with backend=", name,
              ", the layout must come from one MoeDispatch; got ",
@@ -279,6 +285,8 @@ MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
   Scalar* rows = makeSymbolicScalar(DataType::Int64, "rows");
   Scalar* local_experts = makeSymbolicScalar(DataType::Int64, "local_experts");
   Scalar* ranks = makeSymbolicScalar(DataType::Int64, "ranks");
+  // R + 1 (layout_id.h).
+  Scalar* id_words = makeSymbolicScalar(DataType::Int64, "id_words");
   MoeDispatchResult result;
   result.recv_x = makeTensor({rows, x->extent(1)}, x->dtype());
   result.recv_src_rank = makeTensor({rows}, DataType::Int64);
@@ -290,11 +298,12 @@ MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
   result.recv_expert_counts = makeTensor({local_experts}, DataType::Int64);
   result.n_tokens_to_rank = makeTensor({ranks}, DataType::Int64);
   result.n_tokens_from_rank = makeTensor({ranks}, DataType::Int64);
+  result.recv_layout_id = makeTensor({id_words}, DataType::Int64);
   IrBuilder::create<MoeDispatch>(
       result.recv_x, result.recv_src_rank, result.recv_src_token,
       result.recv_src_k, result.recv_weights, result.recv_expert_counts,
-      result.n_tokens_to_rank, result.n_tokens_from_rank, x, topk_idx,
-      topk_weights, num_experts, backend, capacity);
+      result.n_tokens_to_rank, result.n_tokens_from_rank, result.recv_layout_id,
+      x, topk_idx, topk_weights, num_experts, backend, capacity);
   return result;
 }
 
@@ -317,8 +326,8 @@ TensorView* moeCombine(TensorView* expert_out, const MoeDispatchResult& layout,
   IrBuilder::create<MoeCombine>(
       combined, expert_out, layout.recv_src_rank, layout.recv_src_token,
       layout.recv_src_k, layout.recv_expert_counts, layout.n_tokens_to_rank,
-      layout.n_tokens_from_rank, topk_weights, num_tokens,
-      dispatch->numExperts(), dispatch->backend());
+      layout.n_tokens_from_rank, layout.recv_layout_id, topk_weights,
+      num_tokens, dispatch->numExperts(), dispatch->backend());
   return combined;
 }
 

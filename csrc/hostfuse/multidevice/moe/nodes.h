@@ -42,7 +42,9 @@ namespace hostfuse {
 //   recv_weights [rows] (topk_weights' dtype): the pick's weight;
 //   recv_expert_counts [L] i64: rows per local expert;
 //   n_tokens_to_rank [R] i64: rows this rank sent to each rank;
-//   n_tokens_from_rank [R] i64: rows this rank received from each rank.
+//   n_tokens_from_rank [R] i64: rows this rank received from each rank;
+//   recv_layout_id [R + 1] i64: which dispatch made this layout, and
+//     fingerprints of the rows it sent (layout_id.h); combine checks it.
 // Attributes: num_experts, backend, and capacity (fixed-capacity backends
 // only): C, the rows a rank can receive; 0 means the worst case
 // R x max(T_max, 1) x min(K, L).
@@ -53,8 +55,9 @@ class MoeDispatch : public Expr {
               TensorView* recv_src_token, TensorView* recv_src_k,
               TensorView* recv_weights, TensorView* recv_expert_counts,
               TensorView* n_tokens_to_rank, TensorView* n_tokens_from_rank,
-              TensorView* x, TensorView* topk_idx, TensorView* topk_weights,
-              int64_t num_experts, MoeBackend backend, int64_t capacity = 0);
+              TensorView* recv_layout_id, TensorView* x, TensorView* topk_idx,
+              TensorView* topk_weights, int64_t num_experts, MoeBackend backend,
+              int64_t capacity = 0);
   HF_DECLARE_EXPR(MoeDispatch)
   // What its backend says (MoeBackendInfo::capture_problem).
   std::vector<std::string> captureProblems(
@@ -91,6 +94,9 @@ class MoeDispatch : public Expr {
   TensorView* nTokensFromRank() const {
     return output(layoutOutput(2))->as<TensorView>();
   }
+  TensorView* recvLayoutId() const {
+    return output(layoutOutput(3))->as<TensorView>();
+  }
 
   // MoeDispatch(x=T0, topk_idx=T1, topk_weights=T2, num_experts=8,
   //   backend=collective) -> (recv_x=T3, recv_src_rank=T4, ...); ",
@@ -104,7 +110,8 @@ class MoeDispatch : public Expr {
 
 // Inputs: expert_out [rows, H'] floating, in MoeDispatch's layout; the
 // layout as dispatch returned it (recv_src_rank, recv_src_token, recv_src_k,
-// recv_expert_counts, n_tokens_to_rank, n_tokens_from_rank); optional
+// recv_expert_counts, n_tokens_to_rank, n_tokens_from_rank,
+// recv_layout_id); optional
 // topk_weights [T, K] floating; T, the number of tokens of this rank.
 // Output: combined [T, H'] in expert_out's dtype, in the original token
 // order: combined[t] = sum over unmasked picks k of w[t, k] * out(t, k)
@@ -118,8 +125,8 @@ class MoeCombine : public Expr {
              TensorView* recv_src_rank, TensorView* recv_src_token,
              TensorView* recv_src_k, TensorView* recv_expert_counts,
              TensorView* n_tokens_to_rank, TensorView* n_tokens_from_rank,
-             TensorView* topk_weights, Scalar* num_tokens, int64_t num_experts,
-             MoeBackend backend);
+             TensorView* recv_layout_id, TensorView* topk_weights,
+             Scalar* num_tokens, int64_t num_experts, MoeBackend backend);
   HF_DECLARE_EXPR(MoeCombine)
   std::vector<std::string> captureProblems(
       const at::Device& device) const override;
@@ -131,12 +138,13 @@ class MoeCombine : public Expr {
   TensorView* recvExpertCounts() const { return input(4)->as<TensorView>(); }
   TensorView* nTokensToRank() const { return input(5)->as<TensorView>(); }
   TensorView* nTokensFromRank() const { return input(6)->as<TensorView>(); }
+  TensorView* recvLayoutId() const { return input(7)->as<TensorView>(); }
   // nullptr without weights.
   TensorView* topkWeights() const {
-    return hasWeights() ? input(7)->as<TensorView>() : nullptr;
+    return hasWeights() ? input(8)->as<TensorView>() : nullptr;
   }
   Scalar* numTokens() const {
-    return input(hasWeights() ? 8 : 7)->as<Scalar>();
+    return input(hasWeights() ? 9 : 8)->as<Scalar>();
   }
   int64_t numExperts() const { return attribute<int64_t>(0); }
   MoeBackend backend() const {
@@ -169,6 +177,7 @@ struct MoeDispatchResult {
   TensorView* recv_expert_counts = nullptr;
   TensorView* n_tokens_to_rank = nullptr;
   TensorView* n_tokens_from_rank = nullptr;
+  TensorView* recv_layout_id = nullptr;
 };
 
 // Builds a MoeDispatch; `topk_weights` may be null. `capacity` (rows per

@@ -29,6 +29,10 @@ struct MoeLayout {
   at::Tensor expert_counts;       // [L] i64, rows per local expert
   at::Tensor n_tokens_to_rank;    // [R] i64, rows this rank sent to each
   at::Tensor n_tokens_from_rank;  // [R] i64, rows received from each
+  // [R + 1] i64: the dispatch that made this layout and fingerprints of
+  // what it sent (layout_id.h). Combine refuses a layout whose id does not
+  // match its peers' layouts or the rows they hold.
+  at::Tensor id;
 };
 
 struct MoeDispatchArgs {

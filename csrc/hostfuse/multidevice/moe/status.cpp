@@ -9,7 +9,7 @@ namespace hostfuse::moe {
 namespace {
 
 std::string argName(int64_t code) {
-  if (code < kArgSrcRank || code > kArgExpertOut) {
+  if (code < kArgSrcRank || code > kArgLayoutId) {
     return "a tensor";
   }
   return toString(static_cast<TensorArg>(code));
@@ -139,7 +139,8 @@ std::string describeCombineInput(const StatusContext& c, const int64_t* w) {
           d0 == kArgExpertCounts ? "must have num_experts / world size ="
           : d0 == kArgTokensToRank || d0 == kArgTokensFromRank
               ? "must have world size ="
-              : "expert_out has";
+          : d0 == kArgLayoutId ? "must have world size + 1 ="
+                               : "expert_out has";
       return fmt::format(
           "{} has {} entries but {} {}{}; the rows do not match their "
           "dispatch",
@@ -183,6 +184,19 @@ std::string describeCombineInput(const StatusContext& c, const int64_t* w) {
           "a (rank, token, pick) comes back at most once, so the rows do not "
           "match their dispatch",
           d0, d1, d2, d3);
+    case kStatusLayoutOutOfOrder:
+      return fmt::format(
+          "row {} of the layout (local expert {}, rank {}, token {}) does not "
+          "come after the row before it; inside an expert the rows are "
+          "ordered by source rank, then source token (recv_src_rank, "
+          "recv_src_token), so the rows do not match their dispatch",
+          d0, d1, d2, d3);
+    case kStatusStaleLayout:
+      return fmt::format(
+          "the layout (recv_layout_id) is the one of dispatch #{} of this "
+          "MoeDispatch site, but its latest dispatch is #{}; combine takes "
+          "the layout of the latest dispatch",
+          d0, d1);
     default:
       return "";
   }
@@ -238,6 +252,8 @@ const char* toString(TensorArg arg) {
       return "x";
     case kArgExpertOut:
       return "expert_out";
+    case kArgLayoutId:
+      return "recv_layout_id";
   }
   return "a tensor";
 }
@@ -300,6 +316,9 @@ std::string describeStatus(const StatusContext& c, const int64_t* w) {
           w[2] == kFailedTimeout
               ? fmt::format("timed out waiting for rank {}'s {}", w[3],
                             toString(static_cast<WaitPurpose>(w[4])))
+          : w[2] == kFailedStaleLayout
+              ? std::string("was given a stale layout in its combine (its "
+                            "own error says which)")
               : std::string("raised an error on its host (its own error "
                             "says why)"),
           w[1] == 0 ? std::string("at the start of the call")

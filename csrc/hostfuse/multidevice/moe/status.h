@@ -53,11 +53,18 @@ enum StatusCode : int32_t {
   // d0: row, d1: its rank, d2: its token, d3: its pick, which an earlier
   // row names too
   kStatusProvenanceRepeated,
+  // d0: row, d1: its local expert, d2: its rank, d3: its token, which do
+  // not come after the row before it in that expert's segment (by source
+  // rank, then source token)
+  kStatusLayoutOutOfOrder,
   // Found by the cuda backend's kernels while they run.
   kStatusCapacityOverflow,  // rank: the receiver; d0: its rows, d1: C
   // rank: the peer whose count row is out of bounds; d0: the expert (-1:
   // the peer's token count), d1: the value, d2: the bound (T_max)
   kStatusBadCountRow,
+  // rank: the rank given the layout; d0: the dispatch epoch in the layout's
+  // id, d1: the epoch of the site's last dispatch
+  kStatusStaleLayout,
   kStatusTimeout,   // rank: the peer; d0: WaitPurpose, d1: the call's epoch
   kStatusPoisoned,  // an earlier timeout left the protocol unusable
   // rank: a peer that failed and told us (cuda backend); d0: the
@@ -83,6 +90,7 @@ enum TensorArg : int32_t {
   kArgTopkWeights,
   kArgX,
   kArgExpertOut,
+  kArgLayoutId,
 };
 
 // What a backend cannot do (kStatusUnsupported).
@@ -105,9 +113,10 @@ enum WaitPurpose : int32_t {
 
 // Why a rank published a failure to its peers (kStatusPeerFailed).
 enum FailureReason : int32_t {
-  kFailedTimeout = 1,  // a wait of its kernels timed out
-  kFailedOnHost = 2,   // its host raised an error (inputs refused, or an
-                       // error outside MoE in a program that uses it)
+  kFailedTimeout = 1,      // a wait of its kernels timed out
+  kFailedOnHost = 2,       // its host raised an error (inputs refused, or an
+                           // error outside MoE in a program that uses it)
+  kFailedStaleLayout = 3,  // its combine was given a stale layout
 };
 
 // Everything describeStatus needs besides the words.

@@ -16,6 +16,7 @@
 
 #include <hostfuse/multidevice/moe/collective/kernels/collective_kernels.h>
 #include <hostfuse/multidevice/moe/input_checks.h>
+#include <hostfuse/multidevice/moe/layout_id.h>
 #include <hostfuse/multidevice/moe/status.h>
 #include <hostfuse/utils/cuda_utils.h>
 #include <hostfuse/utils/exceptions.h>
@@ -51,9 +52,7 @@ enum CallWord : int64_t { kOpWord = kHeaderWords, kCallWord, kCallHeaderWords };
 enum CallOp : int64_t { kCallDispatch = 1, kCallCombine = 2, kCallFailed = 3 };
 static_assert(collective::kTableHeaderWords == kCallHeaderWords);
 
-int64_t tableWidth(int64_t world_size) {
-  return kCallHeaderWords + 4 * world_size;
-}
+using collective::tableWidth;
 
 const char* opName(int64_t op) {
   return op == kCallDispatch  ? "MoeDispatch"
@@ -301,8 +300,57 @@ namespace {
 // ---------------------------------------------------------------------------
 // Combine
 
-// Per-rank vectors of the combine table, after kCallHeaderWords.
-enum CombineVector : int64_t { kToRank, kFromRank, kMaxToken, kMaxPick };
+// Per-rank vectors of the combine table, after kCallHeaderWords; then the
+// layout's id (layout_id.h).
+enum CombineVector : int64_t {
+  kToRank,
+  kFromRank,
+  kMaxToken,
+  kMaxPick,
+  kHeldFingerprint,
+  kLayoutId,
+};
+static_assert(kLayoutId == collective::kTableVectors);
+
+// Throws, on every rank alike, unless every rank combines a layout of the
+// same dispatch and holds, from each rank, the rows that rank sent it in
+// that dispatch (by their fingerprints, layout_id.h).
+void checkLayoutIds(const at::Tensor& table) {
+  const int64_t world_size = table.size(0);
+  const int64_t width = table.size(1);
+  const int64_t* words = table.data_ptr<int64_t>();
+  auto id = [&](int64_t rank, int64_t word) {
+    return words[rank * width + kCallHeaderWords + kLayoutId * world_size +
+                 word];
+  };
+  for (int64_t r = 1; r < world_size; ++r) {
+    HF_CHECK(id(r, moe::kLayoutIdCallWord) == id(0, moe::kLayoutIdCallWord),
+             "MoeCombine: the ranks combine the layouts of different "
+             "dispatches: rank ",
+             r, " of ", world_size,
+             " was given the layout of collective MoE call #",
+             id(r, moe::kLayoutIdCallWord), " while rank 0 was given that of #",
+             id(0, moe::kLayoutIdCallWord),
+             " (recv_layout_id); every rank must give combine the layout its "
+             "own part of one MoeDispatch returned");
+  }
+  for (int64_t i = 0; i < world_size; ++i) {
+    for (int64_t j = 0; j < world_size; ++j) {
+      const int64_t held = words[i * width + kCallHeaderWords +
+                                 kHeldFingerprint * world_size + j];
+      HF_CHECK(held == id(j, moe::kLayoutIdFirstFingerprint + i),
+               "MoeCombine: the layout on rank ", i, " of ", world_size,
+               " names rows from rank ", j,
+               " (recv_src_rank, recv_src_token, recv_src_k and the experts of "
+               "recv_expert_counts) that rank ",
+               j,
+               " did not send it in the dispatch that made the layout "
+               "(collective MoE call #",
+               id(j, moe::kLayoutIdCallWord),
+               "); the rows do not match their dispatch");
+    }
+  }
+}
 
 void checkCombineTable(const at::Tensor& table) {
   moe::throwIfAnyStatusBad(table, "MoeCombine", "collective", kNumExpertsWord);
@@ -340,6 +388,7 @@ void checkCombineTable(const at::Tensor& table) {
                "dispatch that made the layout");
     }
   }
+  checkLayoutIds(table);
 }
 
 // The rows returned to this rank in (token, pick) order, and where each
@@ -508,7 +557,10 @@ MoeDispatchOutput dispatchCollective(
     }
     send_table = tableOnEveryRank(
         status, header_words,
-        {rows_to_rank, at::zeros({3 * world_size}, longs)}, world_size);
+        {rows_to_rank,
+         at::zeros({tableWidth(world_size) - kCallHeaderWords - world_size},
+                   longs)},
+        world_size);
   }
 
   // 2. Exchange statuses and counts; the one copy to the host.
@@ -549,6 +601,9 @@ MoeDispatchOutput dispatchCollective(
   const at::Tensor weights =
       topk_weights.has_value() ? topk_weights->contiguous() : at::Tensor();
   at::Tensor send_meta;
+  // The identity of this dispatch: its call number, and the fingerprint of
+  // what it sends to each rank.
+  at::Tensor layout_id = moe::newLayoutId(call, world_size, device);
   if (gpu) {
     // [N, 4] i64: token, pick, expert, the weight's bits.
     send_meta = at::empty({num_send, 4}, longs);
@@ -560,12 +615,21 @@ MoeDispatchOutput dispatchCollective(
     args.picks = picks;
     args.topk_weights = weights.defined() ? weights.const_data_ptr() : nullptr;
     args.weight_bytes = weight_bytes;
+    args.local_experts = local_experts;
     args.meta = send_meta.mutable_data_ptr<int64_t>();
+    args.fingerprints =
+        layout_id.mutable_data_ptr<int64_t>() + moe::kLayoutIdFirstFingerprint;
     HF_CUDA_CHECK(collective::launchDispatchMeta(args, streamOf(device)));
   } else {
+    const at::Tensor pick = order.remainder(picks);
+    const at::Tensor expert = idx.index_select(0, order);
+    at::Tensor fingerprints =
+        layout_id.narrow(0, moe::kLayoutIdFirstFingerprint, world_size);
+    moe::addFingerprints(fingerprints, at::div(expert, local_experts, "floor"),
+                         expert, token, pick);
     // Bytes: (token, pick, expert) as i64, then the weight.
-    std::vector<at::Tensor> parts = {asBytes(at::stack(
-        {token, order.remainder(picks), idx.index_select(0, order)}, 1))};
+    std::vector<at::Tensor> parts = {
+        asBytes(at::stack({token, pick, expert}, 1))};
     if (weights.defined()) {
       parts.push_back(
           asBytes(weights.reshape({-1}).index_select(0, order).unsqueeze(1)));
@@ -581,6 +645,7 @@ MoeDispatchOutput dispatchCollective(
   const bool expert_major = world_size == 1 || local_experts == 1;
   MoeDispatchOutput out;
   MoeLayout& layout = out.layout;
+  layout.id = layout_id;
   layout.n_tokens_to_rank = table_on_device.select(0, me)
                                 .narrow(0, kCallHeaderWords, world_size)
                                 .clone(at::MemoryFormat::Contiguous);
@@ -677,8 +742,10 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   at::Tensor send_table;  // [R, tableWidth(R)]
   if (gpu) {
     send_table = at::empty({world_size, tableWidth(world_size)}, longs);
-    std::array<at::Tensor, 6> vectors;
+    std::array<at::Tensor, 7> vectors;
     at::Tensor first_repeated;
+    at::Tensor row_expert;
+    at::Tensor fingerprints;
     collective::CombineCheckArgs args;
     args.valid = valid;
     if (valid) {
@@ -687,7 +754,8 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
                  layout.src_k.contiguous(),
                  layout.expert_counts.contiguous(),
                  layout.n_tokens_to_rank.contiguous(),
-                 layout.n_tokens_from_rank.contiguous()};
+                 layout.n_tokens_from_rank.contiguous(),
+                 layout.id.contiguous()};
       args.src_rank = vectors[0].const_data_ptr<int64_t>();
       args.src_token = vectors[1].const_data_ptr<int64_t>();
       args.src_k = vectors[2].const_data_ptr<int64_t>();
@@ -696,9 +764,15 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
       args.from_rank = vectors[5].const_data_ptr<int64_t>();
       first_repeated = moe::firstRepeatedRow(layout);
       args.first_repeated_row = first_repeated.const_data_ptr<int64_t>();
+      row_expert = moe::rowLocalExperts(layout);
+      args.row_expert = row_expert.const_data_ptr<int64_t>();
+      args.layout_id = vectors[6].const_data_ptr<int64_t>();
+      fingerprints = at::zeros({world_size}, longs);
+      args.fingerprints = fingerprints.mutable_data_ptr<int64_t>();
     }
     args.rows = rows;
     args.local_experts = valid ? num_experts / world_size : 0;
+    args.first_expert = me * args.local_experts;
     args.world_size = world_size;
     std::copy(header.begin(), header.end(), args.header);
     args.table_row = send_table.mutable_data_ptr<int64_t>();
@@ -710,6 +784,8 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
     at::Tensor from_rank = at::zeros({world_size}, longs);
     at::Tensor max_token = at::full({world_size}, -1, longs);
     at::Tensor max_pick = at::full({world_size}, -1, longs);
+    at::Tensor held = at::zeros({world_size}, longs);
+    at::Tensor layout_id = at::zeros({world_size + 1}, longs);
     if (valid) {
       moe::checkLayoutValues(status, layout, rows, world_size);
       to_rank = layout.n_tokens_to_rank;
@@ -717,10 +793,15 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
       const at::Tensor src = layout.src_rank.clamp(0, world_size - 1);
       max_token = max_token.scatter_reduce(0, src, layout.src_token, "amax");
       max_pick = max_pick.scatter_reduce(0, src, layout.src_k, "amax");
+      const int64_t local_experts = num_experts / world_size;
+      moe::addFingerprints(held, layout.src_rank,
+                           moe::rowLocalExperts(layout) + me * local_experts,
+                           layout.src_token, layout.src_k);
+      layout_id = layout.id;
     }
-    send_table =
-        tableOnEveryRank(status, header_words,
-                         {to_rank, from_rank, max_token, max_pick}, world_size);
+    send_table = tableOnEveryRank(
+        status, header_words,
+        {to_rank, from_rank, max_token, max_pick, held, layout_id}, world_size);
   }
 
   // 2. Exchange statuses and the layout's counts; the one copy to the host.

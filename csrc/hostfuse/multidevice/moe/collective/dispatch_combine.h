@@ -17,16 +17,20 @@
 //  3. sort the unmasked pairs by expert (hence by destination rank), then
 //     by token, and send each pair's row of x in x's dtype with one
 //     alltoall_base, its (token, pick, expert) and weight with another;
+//     sum the fingerprint of what goes to each rank into the layout's id
+//     (multidevice/moe/layout_id.h), after the call's number;
 //  4. on the receiver, order the rows expert-major: by local expert, then
 //     source rank, then source token (a stable sort by local expert of rows
 //     that arrive grouped by source rank in (expert, token) order).
 // Combine, on every rank:
 //  1. check the expert outputs against the layout dispatch returned;
 //  2. exchange [status, T, K, H', rows to/from each rank, largest token and
-//     pick index per source rank] with every rank, copy it to the host once;
-//     every rank checks that the layout matches across ranks (what rank i
-//     holds from rank j is what j sent to i) and that every row names a
-//     token and pick its source rank has;
+//     pick index and the fingerprint of the rows held per source rank, the
+//     layout's id] with every rank, copy it to the host once; every rank
+//     checks that the layout matches across ranks (what rank i holds from
+//     rank j is what j sent to i, by count and by fingerprint, in a layout
+//     of the same dispatch) and that every row names a token and pick its
+//     source rank has;
 //  3. send every row back to its source rank with its (token, pick);
 //  4. put every returned row into its (token, pick) slot, then per token
 //     acc = +0; for k = 0..K-1: acc = acc + w[t, k] * row(t, k), in fp32,

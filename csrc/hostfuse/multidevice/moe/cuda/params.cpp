@@ -115,6 +115,7 @@ moe::DispatchParams dispatchParams(const CudaMoeConfig& c,
   p.recv_expert_counts = out.recv_expert_counts.data_ptr<int64_t>();
   p.rows_to_rank = out.n_rows_to_rank.data_ptr<int64_t>();
   p.rows_from_rank = out.n_rows_from_rank.data_ptr<int64_t>();
+  p.layout_id = out.recv_layout_id.data_ptr<int64_t>();
   return p;
 }
 

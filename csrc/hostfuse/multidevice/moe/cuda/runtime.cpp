@@ -194,6 +194,7 @@ MoeDispatchOutput CudaMoeRuntime::dispatch(const MoeDispatchArgs& args) {
   out.layout.expert_counts = result.recv_expert_counts;
   out.layout.n_tokens_to_rank = result.n_rows_to_rank;
   out.layout.n_tokens_from_rank = result.n_rows_from_rank;
+  out.layout.id = result.recv_layout_id;
   return out;
 }
 
@@ -215,7 +216,8 @@ at::Tensor CudaMoeRuntime::combine(const MoeCombineArgs& args) {
     HF_THROW(moe::describeStatus(context, status.words()));
   }
   return site.workspace->combine(args.expert_out, site.handle,
-                                 args.topk_weights, args.num_tokens);
+                                 args.topk_weights, args.num_tokens,
+                                 args.layout.id);
 }
 
 void CudaMoeRuntime::publishFailure(const at::Device& /*device*/) noexcept {

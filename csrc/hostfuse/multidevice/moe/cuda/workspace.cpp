@@ -232,6 +232,8 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
       at::empty({launch_.local_experts}, options.dtype(at::kLong));
   result.n_rows_to_rank = at::empty({c.world_size}, options.dtype(at::kLong));
   result.n_rows_from_rank = at::empty({c.world_size}, options.dtype(at::kLong));
+  result.recv_layout_id =
+      at::empty({c.world_size + 1}, options.dtype(at::kLong));
 
   const moe::DispatchParams params =
       dispatchParams(c, launch_, b, input, idx, weights, result);
@@ -247,7 +249,8 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
 
 at::Tensor CudaMoeWorkspace::combine(
     const at::Tensor& expert_out, const CudaDispatchResult& handle,
-    const std::optional<at::Tensor>& topk_weights, int64_t num_tokens) {
+    const std::optional<at::Tensor>& topk_weights, int64_t num_tokens,
+    const at::Tensor& layout_id) {
   checkUsable("combine");
   const CudaMoeConfig& c = config_;
   const at::Device device(at::kCUDA, static_cast<c10::DeviceIndex>(c.device));
@@ -261,6 +264,15 @@ at::Tensor CudaMoeWorkspace::combine(
              "dispatch call ", handle.call, " of workspace '", c.tag,
              "', but its latest dispatch is call ", dispatch_calls_,
              "; combine needs the latest one");
+    HF_CHECK(!layout_id.defined() ||
+                 (layout_id.device() == device &&
+                  layout_id.scalar_type() == at::kLong &&
+                  layout_id.dim() == 1 && layout_id.is_contiguous() &&
+                  layout_id.numel() == c.world_size + 1),
+             "MoE combine: recv_layout_id must be a contiguous Long [",
+             c.world_size + 1, "] tensor on ", device, "; got ",
+             layout_id.scalar_type(), " ", layout_id.sizes(), " on ",
+             layout_id.device());
     const int64_t tokens = handle.num_tokens;
     HF_CHECK(num_tokens < 0 || num_tokens == tokens, "MoE combine: num_tokens ",
              num_tokens, " differs from the dispatch's T = ", tokens);
@@ -283,8 +295,10 @@ at::Tensor CudaMoeWorkspace::combine(
   cuda::DeviceScope device_scope(c.device);
   at::Tensor out = at::empty({tokens, c.hidden},
                              at::TensorOptions().device(device).dtype(c.dtype));
-  const moe::CombineParams params =
+  moe::CombineParams params =
       combineParams(c, launch_, *buffers_, rows, weights, out);
+  params.layout_id =
+      layout_id.defined() ? layout_id.const_data_ptr<int64_t>() : nullptr;
   HF_CUDA_CHECK(moe::launchCombine(params, elementType(c.dtype), launch_.blocks,
                                    launch_.cooperative,
                                    cuda::currentStream(c.device)));
@@ -342,7 +356,8 @@ void CudaMoeWorkspace::raiseStatus() {
   const std::string message = moe::describeStatus(context, words.data());
   if (status.code == moe::kStatusTimeout ||
       status.code == moe::kStatusPoisoned ||
-      status.code == moe::kStatusPeerFailed) {
+      status.code == moe::kStatusPeerFailed ||
+      status.code == moe::kStatusStaleLayout) {
     broken_ = true;
     broken_reason_ = message;
   }

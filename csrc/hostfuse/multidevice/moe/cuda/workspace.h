@@ -63,6 +63,10 @@ struct CudaDispatchResult {
   at::Tensor recv_expert_counts;  // [L] int64: valid rows per local expert
   at::Tensor n_rows_to_rank;      // [R] int64
   at::Tensor n_rows_from_rank;    // [R] int64
+  // [R + 1] int64 (multidevice/moe/layout_id.h): word 0 the dispatch's
+  // epoch, written by the kernel; the fingerprints 0 (the combine routes
+  // rows by the workspace's metadata, not by the layout's values).
+  at::Tensor recv_layout_id;
   // Handle.
   int64_t num_tokens = 0;
   uint64_t call = 0;  // 1 for the workspace's first dispatch, 2, ...
@@ -87,11 +91,14 @@ class CudaMoeWorkspace {
 
   // expert_out [C, H] in the layout of `handle` (the latest dispatch);
   // returns combined [T, H]. num_tokens, when given, must be the
-  // dispatch's T.
+  // dispatch's T. `layout_id`, when given, is the recv_layout_id of the
+  // layout the caller holds: the kernel compares its epoch with the
+  // latest dispatch's, on the device, and refuses a stale one
+  // (kStatusStaleLayout: NaN output, the failure published to the peers).
   at::Tensor combine(
       const at::Tensor& expert_out, const CudaDispatchResult& handle,
       const std::optional<at::Tensor>& topk_weights = std::nullopt,
-      int64_t num_tokens = -1);
+      int64_t num_tokens = -1, const at::Tensor& layout_id = at::Tensor());
 
   // Waits for the device and raises the first error recorded since the last
   // check (use after graph replays). Must not run during a capture.

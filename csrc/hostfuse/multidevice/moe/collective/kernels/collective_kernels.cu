@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include <hostfuse/multidevice/moe/collective/kernels/collective_kernels.h>
+#include <hostfuse/multidevice/moe/layout_id.h>
 #include <hostfuse/multidevice/moe/status.h>
 
 namespace hostfuse::moe::collective {
@@ -55,6 +56,20 @@ __device__ long long groupMax(unsigned lanes, long long value) {
     }
   }
   return best;
+}
+
+// The sum of `value` over the lanes of `lanes` (every lane of the warp
+// calls it).
+__device__ unsigned long long groupSum(unsigned lanes,
+                                       unsigned long long value) {
+  unsigned long long sum = 0;
+  for (int lane = 0; lane < 32; ++lane) {
+    const unsigned long long theirs = __shfl_sync(kFullMask, value, lane);
+    if ((lanes >> lane & 1u) != 0) {
+      sum += theirs;
+    }
+  }
+  return sum;
 }
 
 __device__ int64_t idAt(const void* idx, bool is_int64, int64_t i) {
@@ -120,7 +135,7 @@ __global__ void __launch_bounds__(kCheckThreads)
     status[3] = id;
     status[4] = 0;
   }
-  const int64_t width = kTableHeaderWords + 4 * R;
+  const int64_t width = tableWidth(R);
   for (int64_t e = threadIdx.x; e < R * width; e += blockDim.x) {
     const int64_t w = e % width;
     int64_t value = 0;  // the padding after the counts
@@ -143,6 +158,27 @@ __global__ void dispatchMetaKernel(const DispatchMetaArgs a) {
     meta[0] = flat / a.picks;
     meta[1] = flat % a.picks;
     meta[2] = idAt(a.topk_idx, a.idx_is_int64, flat);
+    // The pairs are sorted by expert, so a warp's lanes mostly share a
+    // destination: one atomic per destination and warp. The lanes that run
+    // this iteration together (the last one may have fewer) aggregate.
+    const int64_t destination = meta[2] / a.local_experts;
+    const unsigned active = __activemask();
+    const unsigned lanes =
+        __match_any_sync(active, static_cast<unsigned long long>(destination));
+    const auto hash = static_cast<unsigned long long>(
+        layoutRowHash(meta[2], meta[0], meta[1]));
+    unsigned long long sum = 0;
+    for (int lane = 0; lane < 32; ++lane) {
+      if ((active >> lane & 1u) != 0) {
+        const unsigned long long theirs = __shfl_sync(active, hash, lane);
+        sum += (lanes >> lane & 1u) != 0 ? theirs : 0;
+      }
+    }
+    if (__ffs(lanes) - 1 == static_cast<int>(threadIdx.x & 31)) {
+      atomicAdd(
+          reinterpret_cast<unsigned long long*>(a.fingerprints + destination),
+          sum);
+    }
     int64_t bits = 0;
     if (a.topk_weights != nullptr) {
       memcpy(&bits,
@@ -189,6 +225,7 @@ __global__ void __launch_bounds__(kCheckThreads)
   extern __shared__ long long per_rank[];  // [3 R]: rows, largest token, pick
   __shared__ unsigned long long first_out_of_range;
   __shared__ unsigned long long first_negative;
+  __shared__ unsigned long long first_unordered;
   __shared__ int64_t status[kStatus];
   const int64_t R = a.world_size;
   long long* const max_token = per_rank + R;
@@ -201,6 +238,7 @@ __global__ void __launch_bounds__(kCheckThreads)
   if (threadIdx.x == 0) {
     first_out_of_range = kNone;
     first_negative = kNone;
+    first_unordered = kNone;
   }
   __syncthreads();
   // Not the pointers: an empty layout (a rank that received no rows) has
@@ -212,6 +250,7 @@ __global__ void __launch_bounds__(kCheckThreads)
     int64_t r = -1;
     long long token = -1;
     long long pick = -1;
+    unsigned long long hash = 0;  // the row's share of its rank's fingerprint
     if (i < n) {
       const int64_t rank = a.src_rank[i];
       token = a.src_token[i];
@@ -223,11 +262,26 @@ __global__ void __launch_bounds__(kCheckThreads)
         atomicMin(&first_negative, static_cast<unsigned long long>(i));
       }
       r = rank < 0 ? 0 : rank >= R ? R - 1 : rank;
+      // moe::firstUnorderedRow: in its expert's segment, a row follows the
+      // one before it in (rank, token) order.
+      const int64_t expert = a.row_expert[i];
+      if (i > 0 && a.row_expert[i - 1] == expert &&
+          !(rank > a.src_rank[i - 1] ||
+            (rank == a.src_rank[i - 1] && token > a.src_token[i - 1]))) {
+        atomicMin(&first_unordered, static_cast<unsigned long long>(i));
+      }
+      if (rank == r) {
+        hash = static_cast<unsigned long long>(
+            layoutRowHash(a.first_expert + expert, token, pick));
+      }
     }
     const WarpGroup group = groupBy(r);
     token = groupMax(group.lanes, token);
     pick = groupMax(group.lanes, pick);
+    hash = groupSum(group.lanes, hash);
     if (group.leader && r >= 0) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(a.fingerprints + r),
+                hash);
       atomicAdd(reinterpret_cast<unsigned long long*>(per_rank + r),
                 static_cast<unsigned long long>(__popc(group.lanes)));
       atomicMax(max_token + r, token);
@@ -280,6 +334,10 @@ __global__ void __launch_bounds__(kCheckThreads)
         const int64_t row = *a.first_repeated_row;
         bad(kStatusProvenanceRepeated, row, a.src_rank[row], a.src_token[row],
             a.src_k[row]);
+      } else if (first_unordered != kNone) {
+        const auto row = static_cast<int64_t>(first_unordered);
+        bad(kStatusLayoutOutOfOrder, row, a.row_expert[row], a.src_rank[row],
+            a.src_token[row]);
       }
     }
     for (int i = 0; i < kStatus; ++i) {
@@ -287,7 +345,8 @@ __global__ void __launch_bounds__(kCheckThreads)
     }
   }
   __syncthreads();
-  const int64_t width = kTableHeaderWords + 4 * R;
+  const int64_t width = tableWidth(R);
+  const int64_t id_start = kTableHeaderWords + kTableVectors * R;
   for (int64_t e = threadIdx.x; e < R * width; e += blockDim.x) {
     const int64_t w = e % width;
     int64_t value = 0;
@@ -295,6 +354,8 @@ __global__ void __launch_bounds__(kCheckThreads)
       value = status[w];
     } else if (w < kTableHeaderWords) {
       value = a.header[w];
+    } else if (w >= id_start) {
+      value = check ? a.layout_id[w - id_start] : 0;
     } else {
       const int64_t vector = (w - kTableHeaderWords) / R;
       const int64_t r = (w - kTableHeaderWords) % R;
@@ -308,8 +369,11 @@ __global__ void __launch_bounds__(kCheckThreads)
         case 2:
           value = max_token[r];
           break;
-        default:
+        case 3:
           value = max_pick[r];
+          break;
+        default:
+          value = check ? a.fingerprints[r] : 0;
           break;
       }
     }

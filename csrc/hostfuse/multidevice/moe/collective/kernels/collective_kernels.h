@@ -22,6 +22,15 @@ namespace hostfuse::moe::collective {
 // and the call number (dispatch_combine.cpp).
 constexpr int kTableHeaderWords = 13;
 
+// Words of a rank-table row for R ranks: the header, five per-rank vectors
+// (combine: rows to, rows from, largest token, largest pick, held
+// fingerprint from each rank), then the layout's id [R + 1]
+// (multidevice/moe/layout_id.h). Both ops' rows have this width.
+constexpr int64_t kTableVectors = 5;
+constexpr int64_t tableWidth(int64_t world_size) {
+  return kTableHeaderWords + kTableVectors * world_size + world_size + 1;
+}
+
 enum class RowType : int32_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
 // The largest world size the check kernels take (their per-rank counters
@@ -31,8 +40,9 @@ constexpr int64_t kMaxWorldSize = 2048;
 // Dispatch step 1: checks topk_idx (ids in [-1, E), no expert twice in a
 // token; the first bad (token, pick) in row-major order) and counts the
 // rows for each rank. Writes the dispatch table row [header, rows to rank
-// 0 .. R-1, 3 R zeros] into each of the R rows of `table_row` ([R, 13 +
-// 4 R], as wide as combine's: what this rank sends to every rank), and the
+// 0 .. R-1, zeros] into each of the R rows of `table_row` ([R,
+// tableWidth(R)], as wide as combine's: what this rank sends to every
+// rank), and the
 // sort key of each (token, pick): its expert, E for a masked pick.
 struct DispatchCheckArgs {
   bool valid = false;              // the host checks passed
@@ -52,7 +62,8 @@ cudaError_t launchDispatchCheck(const DispatchCheckArgs& args,
 
 // Dispatch step 3: the metadata of the sent rows, [N, 4] i64 (token, pick,
 // expert, the weight's bits or 0), for the pairs `order` [N] names (flat
-// indices t * K + k).
+// indices t * K + k); adds each row's layoutRowHash to the fingerprint of
+// its destination rank, fingerprints[expert / L].
 struct DispatchMetaArgs {
   const int64_t* order = nullptr;
   int64_t count = 0;
@@ -61,7 +72,9 @@ struct DispatchMetaArgs {
   int64_t picks = 0;
   const void* topk_weights = nullptr;  // [T, K] or nullptr
   int weight_bytes = 0;                // 2, 4 or 8
+  int64_t local_experts = 1;
   int64_t* meta = nullptr;
+  int64_t* fingerprints = nullptr;  // [R], summed into
 };
 cudaError_t launchDispatchMeta(const DispatchMetaArgs& args,
                                cudaStream_t stream);
@@ -93,9 +106,12 @@ cudaError_t launchDispatchLayout(const DispatchLayoutArgs& args,
 // `rows` of expert_out (sums of the counts, source ranks in range and as
 // many per rank as n_tokens_from_rank says, no negative token or pick, no
 // (rank, token, pick) twice: `first_repeated_row` is moe::firstRepeatedRow
-// of the layout, on the device), and writes the combine table row [header, rows
-// to each rank, rows from each rank, largest token, largest pick from each
-// rank] into each of the R rows of `table_row` ([R, 13 + 4 R]).
+// of the layout, on the device; each expert's rows in (rank, token) order,
+// moe::firstUnorderedRow), sums the fingerprint of the rows held from each
+// rank, and writes the combine table row [header, rows to each rank, rows
+// from each rank, largest token, largest pick, fingerprint from each rank,
+// the layout's id] into each of the R rows of `table_row` ([R,
+// tableWidth(R)]).
 struct CombineCheckArgs {
   // When not valid (the host checks failed), the layout is not read.
   bool valid = false;
@@ -106,7 +122,11 @@ struct CombineCheckArgs {
   const int64_t* to_rank = nullptr;
   const int64_t* from_rank = nullptr;
   const int64_t* first_repeated_row = nullptr;  // 0-dim
+  const int64_t* row_expert = nullptr;          // [rows] moe::rowLocalExperts
+  const int64_t* layout_id = nullptr;           // [R + 1]
+  int64_t* fingerprints = nullptr;              // [R] zeros, summed into
   int64_t rows = 0;
+  int64_t first_expert = 0;  // this rank's first expert, rank * L
   int64_t local_experts = 1;
   int64_t world_size = 1;
   int64_t header[kTableHeaderWords] = {};

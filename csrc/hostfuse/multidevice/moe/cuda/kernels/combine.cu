@@ -39,7 +39,9 @@ using device::globalTimerNs;
 using device::kFullMask;
 using device::loadVolatile;
 using device::profileMark;
+using device::publishFailure;
 using device::PushGroup;
+using device::recordStatus;
 using device::signalAllPeers;
 using device::storeReleaseSys;
 using device::WaitContext;
@@ -296,6 +298,24 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   const WaitContext& context = call.context;
   const uint64_t epoch = context.epoch;
   uint64_t* const prof = call.prof;
+  if (p.layout_id != nullptr) {
+    // A layout kept from an earlier dispatch of this site: expert_out is in
+    // its order, not in the order of the routes the last dispatch left.
+    // Every block sees the same two words, so all take this branch or none.
+    const auto given = static_cast<uint64_t>(loadVolatile(p.layout_id));
+    const uint64_t last = loadVolatile(&state->dispatch_epoch);
+    if (given != last) {
+      if (blockIdx.x == 0 && threadIdx.x == 0) {
+        recordStatus(context, kStatusStaleLayout, c.rank, 0,
+                     static_cast<int64_t>(given), static_cast<int64_t>(last),
+                     0);
+        // The peers wait for this rank's rows: they stop at once instead.
+        publishFailure(context, kFailedStaleLayout);
+      }
+      fillNaN<T>(static_cast<T*>(p.out), p.tokens * c.row_bytes / sizeof(T));
+      return;
+    }
+  }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     // The next call's claims start from zero; nobody uses that parity now.
     state->reduce_claims[(epoch + 1) & 1] = 0;

@@ -915,6 +915,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
   const CallStart call =
       beginCall(c, &state->dispatch_epoch, kOpDispatch, entry_ns);
+  if (blockIdx.x == 0) {
+    // The layout's identity, which the combine compares with the epoch of
+    // the site's last dispatch (a layout kept from an earlier call is
+    // refused there).
+    for (int i = threadIdx.x; i <= c.world_size; i += blockDim.x) {
+      p.layout_id[i] = i == 0 ? static_cast<int64_t>(call.context.epoch) : 0;
+    }
+  }
   if (!call.usable) {
     // A call after a failure (e.g. a graph replayed before checkStatus):
     // zero counts, so that nothing downstream reads a row.

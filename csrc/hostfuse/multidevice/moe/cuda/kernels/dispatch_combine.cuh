@@ -221,6 +221,9 @@ struct DispatchParams {
   int64_t* recv_expert_counts;  // [L]
   int64_t* rows_to_rank;        // [R]
   int64_t* rows_from_rank;      // [R]
+  // [R + 1] (multidevice/moe/layout_id.h): this dispatch's epoch, then R
+  // zeros.
+  int64_t* layout_id;
 };
 
 struct CombineParams {
@@ -229,6 +232,9 @@ struct CombineParams {
   const float* topk_weights;  // [T, K] or null
   void* out;                  // [T, H]
   int64_t tokens;             // T of the matching dispatch
+  // [R + 1], the caller's layout id, or null (not checked): its epoch must
+  // be the last dispatch's, else kStatusStaleLayout.
+  const int64_t* layout_id;
 };
 
 enum class ElementType : int32_t { kFloat32, kBFloat16, kFloat16 };
