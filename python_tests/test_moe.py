@@ -109,7 +109,7 @@ def test_a_call_after_an_error_works():
     assert torch.equal(moe.combine(handle.recv_x, handle), 2 * x)
 
 
-def test_rank_masking_without_a_lost_rank_masks_nothing_and_changes_no_bit():
+def test_the_mask_switch_without_a_lost_rank_masks_nothing():
     program = hf.Program()
     with program:
         tokens = program.define_scalar("tokens")

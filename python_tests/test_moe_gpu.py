@@ -3,6 +3,8 @@ all-to-alls (checks, table rows, row metadata, the combine's sum) where CPU
 tensors run ATen operations: both must give the same bits, and the same
 error for the same bad input. One process, a world of one rank."""
 
+import re
+
 import pytest
 import torch
 
@@ -130,6 +132,8 @@ def test_gpu_fingerprints_a_layout_like_the_cpu():
         handle = moe.dispatch(x.to(device), idx.to(device), num_experts=2, backend="collective")
         handle.recv_src_token[0], handle.recv_src_token[3] = 1, 0
         texts.append(error_text(lambda: moe.combine(handle.recv_x, handle)))
+    # The texts name the dispatch's call number, which differs.
+    texts = [re.sub(r"#\d+", "#N", text) for text in texts]
     assert texts[0] == texts[1]
     assert "that rank 0 did not send it" in texts[0]
 

@@ -375,29 +375,36 @@ TEST_P(BadInput, CombineGivenATokenOutOfRange) {
 // source did not send.
 TEST_P(BadInput, CombineWithoutWeightsAllocatesNothingForAHugePick) {
   const at::Tensor input = x();
-  for (const int64_t pick :
-       {int64_t{1000000}, int64_t{1} << 40, int64_t{1} << 62,
-        std::numeric_limits<int64_t>::max()}) {
-    SCOPED_TRACE("recv_src_k = " + std::to_string(pick));
-    MoeDispatchOutput out =
-        dispatchToTheLastRank(input, std::nullopt, experts());
-    if (isBadRank()) {
-      out.layout.src_k = out.layout.src_k.clone();
-      out.layout.src_k[0] = pick;
+  // Into a row of pick 0 and one of pick 1: values that differ from the
+  // true pick only above bit 30 too.
+  for (const int64_t was : {int64_t{0}, int64_t{1}}) {
+    for (const int64_t pick :
+         {int64_t{1000000}, (int64_t{1} << 31) + 1, int64_t{1} << 40,
+          int64_t{1} << 62, std::numeric_limits<int64_t>::max()}) {
+      SCOPED_TRACE("recv_src_k = " + std::to_string(pick) +
+                   " in a row of pick " + std::to_string(was));
+      MoeDispatchOutput out =
+          dispatchToTheLastRank(input, std::nullopt, experts());
+      if (isBadRank()) {
+        out.layout.src_k = out.layout.src_k.clone();
+        const int64_t row =
+            at::nonzero(out.layout.src_k == was).flatten()[0].item<int64_t>();
+        out.layout.src_k[row] = pick;
+      }
+      const auto start = std::chrono::steady_clock::now();
+      expectErrorOnEveryRank(
+          [&] {
+            combineCollective(out.recv_x, out.layout, std::nullopt, kTokens,
+                              experts(), communicator());
+          },
+          {"MoeCombine: the layout on " + badRank() + " names rows from rank 0",
+           "that rank 0 did not send it in the dispatch that made the layout",
+           "the rows do not match their dispatch"});
+      const double seconds = std::chrono::duration<double>(
+                                 std::chrono::steady_clock::now() - start)
+                                 .count();
+      EXPECT_LT(seconds, 10.0);
     }
-    const auto start = std::chrono::steady_clock::now();
-    expectErrorOnEveryRank(
-        [&] {
-          combineCollective(out.recv_x, out.layout, std::nullopt, kTokens,
-                            experts(), communicator());
-        },
-        {"MoeCombine: the layout on " + badRank() + " names rows from rank 0",
-         "that rank 0 did not send it in the dispatch that made the layout",
-         "the rows do not match their dispatch"});
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-            .count();
-    EXPECT_LT(seconds, 10.0);
   }
 }
 

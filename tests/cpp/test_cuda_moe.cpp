@@ -878,8 +878,9 @@ void CudaMoe::replayGraph(const Case& c, const std::string& name, int replays) {
   const CudaDispatchResult result =
       workspace->dispatch(in.x, in.idx, in.weights);
   const at::Tensor expert_out = runExperts(result, c, world_, rank_);
-  const at::Tensor combined =
-      workspace->combine(expert_out, result, in.weights);
+  // With the layout's id, so that every replay also checks it.
+  const at::Tensor combined = workspace->combine(expert_out, result, in.weights,
+                                                 -1, result.recv_layout_id);
   graph.captureEnd();
 
   Checker check;

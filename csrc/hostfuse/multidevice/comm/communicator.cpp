@@ -10,8 +10,11 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <signal.h>
+
 #include <algorithm>
 #include <atomic>
+#include <csignal>
 #include <cstdlib>
 #include <numeric>
 #include <optional>
@@ -162,6 +165,22 @@ CommunicatorConfig CommunicatorConfig::fromEnvironment() {
   return config;
 }
 
+namespace {
+
+// A write to a socket whose peer died raises SIGPIPE, which by default ends
+// the process: a rank would die with its peer instead of raising (Gloo and
+// the store write to sockets without MSG_NOSIGNAL). Python ignores it from
+// the start; a C++ program may not. A handler the program installed stays.
+void ignoreBrokenPipes() {
+  struct sigaction current {};
+  if (sigaction(SIGPIPE, nullptr, &current) == 0 &&
+      current.sa_handler == SIG_DFL) {
+    std::signal(SIGPIPE, SIG_IGN);
+  }
+}
+
+}  // namespace
+
 Communicator::Communicator(CommunicatorConfig config)
     : config_(std::move(config)) {
   options::checkTimeout("CommunicatorConfig::timeout",
@@ -176,6 +195,7 @@ Communicator::Communicator(CommunicatorConfig config)
     device_ = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
   }
   loopback_ = useLoopback();
+  ignoreBrokenPipes();
   store_ = createStore();
 }
 

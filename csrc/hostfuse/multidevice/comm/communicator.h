@@ -35,7 +35,9 @@
 //
 // HOSTFUSE_COMM_TIMEOUT_S (default 60) bounds every collective of the
 // backends hostfuse creates, so a rank whose peer died fails instead of
-// waiting forever.
+// waiting forever. A communicator from the launcher's environment ignores
+// SIGPIPE (unless the program set a handler), so that a write to a dead
+// peer's socket raises instead of ending the process.
 //
 // When a rank dies or stops (docs/moe.md, "When a rank fails"): the
 // collective that fails on the survivors goes through failure(), which holds

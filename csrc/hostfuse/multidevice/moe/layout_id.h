@@ -44,11 +44,14 @@ HOSTFUSE_HOST_DEVICE inline uint64_t mixRound(uint64_t h) {
   return ((h ^ (h >> 16)) * 0x45d9f3bu) & kHashMask;
 }
 
-// All 64 bits of `value` folded into 31, so that values which differ only
-// above bit 30 (a pick of 2^40 and one of 0) hash apart.
+// All 64 bits of `value` mixed (splitmix64's finalizer, unsigned: it wraps
+// by definition), then cut to 31, so that values which differ anywhere (a
+// pick of 2^31 + 1 and one of 0, of 2^62 and of 1) hash apart.
 HOSTFUSE_HOST_DEVICE inline uint64_t fold(int64_t value) {
-  const auto v = static_cast<uint64_t>(value);
-  return (v ^ (v >> 31) ^ (v >> 62)) & kHashMask;
+  uint64_t z = static_cast<uint64_t>(value);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return (z ^ (z >> 31)) & kHashMask;
 }
 
 }  // namespace detail

@@ -13,7 +13,9 @@
 //             survivors; its outputs come back in the first world's
 //             numbering: recv_src_rank holds first-world ranks,
 //             n_tokens_to_rank and n_tokens_from_rank have R0 entries, 0 at
-//             every masked rank. recv_expert_counts ([L]) needs nothing.
+//             every masked rank. recv_expert_counts ([L]) needs nothing;
+//             recv_layout_id stays the backend's ([R' + 1], survivors'
+//             numbering), and combine hands it back as it is.
 //   combine   the layout goes the other way before the backend's combine.
 //
 // Cost: a few element-wise ops on topk_idx and on the [rows] and [R]
