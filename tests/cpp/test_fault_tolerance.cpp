@@ -51,9 +51,10 @@ constexpr int64_t kPicks = 2;
 constexpr int64_t kExperts = 6;
 constexpr double kExpertScale = 2.0;
 
-// MoeDispatch, every expert doubling its rows, MoeCombine; the dispatch's
-// layout comes out too, for the check.
-std::unique_ptr<HostIrContainer> moeProgram() {
+// MoeDispatch on `backend`, every expert doubling its rows, MoeCombine;
+// the dispatch's whole layout comes out too, for the check.
+std::unique_ptr<HostIrContainer> moeProgram(
+    int64_t experts = kExperts, MoeBackend backend = MoeBackend::Collective) {
   auto program = std::make_unique<HostIrContainer>();
   FusionGuard guard(program.get());
   Scalar* t = makeSymbolicScalar(DataType::Int64, "tokens");
@@ -63,14 +64,14 @@ std::unique_ptr<HostIrContainer> moeProgram() {
   program->addInput(x);
   program->addInput(idx);
   program->addInput(w);
-  const MoeDispatchResult d = moeDispatch(x, idx, w, kExperts);
-  TensorView* y = mul(d.recv_x, kExpertScale);
-  program->addOutput(moeCombine(y, d, w, x->extent(0)));
-  program->addOutput(d.recv_x);
-  program->addOutput(d.recv_src_rank);
-  program->addOutput(d.recv_src_token);
-  program->addOutput(d.recv_src_k);
-  program->addOutput(d.recv_expert_counts);
+  const MoeDispatchResult d = moeDispatch(x, idx, w, experts, backend);
+  program->addOutput(
+      moeCombine(mul(d.recv_x, kExpertScale), d, w, x->extent(0)));
+  for (TensorView* tv :
+       {d.recv_x, d.recv_src_rank, d.recv_src_token, d.recv_src_k,
+        d.recv_expert_counts, d.n_tokens_to_rank, d.n_tokens_from_rank}) {
+    program->addOutput(tv);
+  }
   return program;
 }
 
@@ -274,27 +275,9 @@ constexpr int64_t kMaskExperts = 9;
 constexpr int64_t kMaskRanks = 3;
 constexpr int64_t kDeadRank = 1;
 
-// MoeDispatch on `backend`, every expert doubling its rows, MoeCombine; the
-// whole layout comes out too.
+// The program of maskRankOne: `moeProgram` with kMaskExperts experts.
 std::unique_ptr<HostIrContainer> maskedMoeProgram(MoeBackend backend) {
-  auto program = std::make_unique<HostIrContainer>();
-  FusionGuard guard(program.get());
-  Scalar* t = makeSymbolicScalar(DataType::Int64, "tokens");
-  TensorView* x = makeTensor({t, kHidden}, DataType::Float, "x");
-  TensorView* idx = makeTensor({t, kPicks}, DataType::Int64, "topk_idx");
-  TensorView* w = makeTensor({t, kPicks}, DataType::Float, "topk_weights");
-  program->addInput(x);
-  program->addInput(idx);
-  program->addInput(w);
-  const MoeDispatchResult d = moeDispatch(x, idx, w, kMaskExperts, backend);
-  program->addOutput(
-      moeCombine(mul(d.recv_x, kExpertScale), d, w, x->extent(0)));
-  for (TensorView* tv :
-       {d.recv_x, d.recv_src_rank, d.recv_src_token, d.recv_src_k,
-        d.recv_expert_counts, d.n_tokens_to_rank, d.n_tokens_from_rank}) {
-    program->addOutput(tv);
-  }
-  return program;
+  return moeProgram(kMaskExperts, backend);
 }
 
 // Call `call`'s inputs of every first-world rank; a rank in `dead` has none.
