@@ -207,8 +207,8 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
 }
 
 // The layout's values agree with each other and with expert_out's rows.
-void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
-                       int64_t rows, int64_t world_size) {
+at::Tensor checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
+                             int64_t rows, int64_t world_size) {
   const at::Tensor zero = at::zeros({}, layout.src_rank.options());
   const at::Tensor rows_t = at::full({}, rows, layout.src_rank.options());
   const at::Tensor counts_sum = layout.expert_counts.sum();
@@ -233,6 +233,7 @@ void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
   status.failIf(mismatch.any(), codeOf(kStatusSrcRankCounts, zero), rank,
                 element(per_rank, rank),
                 element(layout.n_tokens_from_rank, rank));
+  const at::Tensor expert = rowLocalExperts(layout);
   if (rows > 0) {
     const at::Tensor bad =
         at::logical_or(layout.src_token < 0, layout.src_k < 0);
@@ -245,13 +246,13 @@ void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
                   at_row, element(src_rank, at_row),
                   element(layout.src_token, at_row),
                   element(layout.src_k, at_row));
-    const at::Tensor expert = rowLocalExperts(layout);
     const at::Tensor unordered = firstUnorderedRow(layout, expert);
     const at::Tensor bad_row = unordered.clamp_max(rows - 1);
     status.failIf(unordered < rows, codeOf(kStatusLayoutOutOfOrder, zero),
                   bad_row, element(expert, bad_row), element(src_rank, bad_row),
                   element(layout.src_token, bad_row));
   }
+  return expert;
 }
 
 at::Tensor rowLocalExperts(const MoeLayout& layout) {

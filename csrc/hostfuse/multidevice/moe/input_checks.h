@@ -88,9 +88,11 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
 
 // The layout's values agree with each other and with expert_out's `rows`,
 // no (rank, token, pick) is named twice (firstRepeatedRow), and each
-// expert's rows are in order (firstUnorderedRow).
-void checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
-                       int64_t rows, int64_t world_size);
+// expert's rows are in order (firstUnorderedRow). Returns the rows' local
+// experts (rowLocalExperts), which the order check needs and the caller's
+// fingerprints too.
+at::Tensor checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
+                             int64_t rows, int64_t world_size);
 
 // [rows] i64 on the layout's device: the local expert of each row, from
 // recv_expert_counts (L for rows past their sum).

@@ -787,15 +787,15 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
     at::Tensor held = at::zeros({world_size}, longs);
     at::Tensor layout_id = at::zeros({world_size + 1}, longs);
     if (valid) {
-      moe::checkLayoutValues(status, layout, rows, world_size);
+      const at::Tensor expert =
+          moe::checkLayoutValues(status, layout, rows, world_size);
       to_rank = layout.n_tokens_to_rank;
       from_rank = layout.n_tokens_from_rank;
       const at::Tensor src = layout.src_rank.clamp(0, world_size - 1);
       max_token = max_token.scatter_reduce(0, src, layout.src_token, "amax");
       max_pick = max_pick.scatter_reduce(0, src, layout.src_k, "amax");
       const int64_t local_experts = num_experts / world_size;
-      moe::addFingerprints(held, layout.src_rank,
-                           moe::rowLocalExperts(layout) + me * local_experts,
+      moe::addFingerprints(held, layout.src_rank, expert + me * local_experts,
                            layout.src_token, layout.src_k);
       layout_id = layout.id;
     }
