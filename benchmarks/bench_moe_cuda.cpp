@@ -27,9 +27,13 @@
 //               x H x 2 bytes / time, averaged over GPUs (the same bytes
 //               for both backends)
 //   vs NCCL     collective time / this row's time (> 1: faster than NCCL)
-// and whether the cuda backend's outputs (dispatched rows, combined tokens)
-// equal the collective's bit for bit on every rank; the exit status is 1
-// if not.
+// and whether the cuda backend's outputs (dispatched rows, combined tokens
+// in both combine modes) equal the collective's bit for bit on every rank;
+// the exit status is 1 if not. "combine per_rank" rows are the
+// reduce=per_rank combine (docs/moe.md, "Combine modes"), which sends one
+// row per (token, remote rank); the cuda one is timed graph-replayed only.
+// After each T's table, one line per low-latency target of that T (4 x
+// H200; graph replay) with this run's value, "met" or "NOT met" on 4 GPUs.
 //
 // --sweep adds, after the table, one line per setting of CudaMoeConfig's
 // blocks and push_blocks for every T, graph
@@ -84,7 +88,10 @@ int environmentInt(const char* name, int fallback) {
 struct Traffic {
   double physical_dispatch = 0;  // bytes leaving this GPU, cuda backend
   double physical_combine = 0;
-  double logical = 0;  // (token, rank) rows x H x 2
+  double physical_combine_per_rank = 0;  // reduce=per_rank
+  double token_rows = 0;  // (token, remote rank) rows x H x 2: the
+                          // collective's per_rank combine
+  double logical = 0;     // (token, rank) rows x H x 2
 };
 
 Traffic countTraffic(const at::Tensor& idx_cpu, int rank, int64_t local) {
@@ -110,6 +117,8 @@ Traffic countTraffic(const at::Tensor& idx_cpu, int rank, int64_t local) {
       traffic.logical += row;
       traffic.physical_dispatch += dst != rank ? row : 0;
       traffic.physical_combine += dst != rank ? 8 : 0;  // arrival epoch
+      traffic.physical_combine_per_rank += dst != rank ? row + 8 : 0;
+      traffic.token_rows += dst != rank ? row : 0;
     }
   }
   return traffic;
@@ -200,6 +209,9 @@ Traffic meanOverRanks(Bench& bench, const std::string& id, const Traffic& mine,
       bench.sumOverRanks(id + "/pd", mine.physical_dispatch) / world;
   mean.physical_combine =
       bench.sumOverRanks(id + "/pc", mine.physical_combine) / world;
+  mean.physical_combine_per_rank =
+      bench.sumOverRanks(id + "/pcr", mine.physical_combine_per_rank) / world;
+  mean.token_rows = bench.sumOverRanks(id + "/tr", mine.token_rows) / world;
   mean.logical = bench.sumOverRanks(id + "/l", mine.logical) / world;
   return mean;
 }
@@ -246,12 +258,35 @@ CudaMoeConfig makeConfig(int rank, int world, int device, int64_t tokens,
 
 int callsPerBlock(int64_t tokens) { return tokens <= 512 ? 200 : 20; }
 
-// The three ops' graphs on one workspace (both ops are safe to repeat
+// The cuda backend's reduce=per_rank combine of `result`, weighted with
+// the rows' weights.
+at::Tensor combinePerRank(CudaMoeWorkspace& workspace,
+                          const CudaDispatchResult& result) {
+  return workspace.combine(result.recv_x, result, result.recv_weights, -1,
+                           at::Tensor(), MoeCombineReduce::PerRank);
+}
+
+// The collective backend's reduce=per_rank combine.
+at::Tensor collectivePerRank(const MoeDispatchOutput& dispatched,
+                             int64_t tokens, int64_t experts,
+                             Communicator& comm) {
+  MoeCombineArgs args;
+  args.expert_out = dispatched.recv_x;
+  args.layout = dispatched.layout;
+  args.reduce = MoeCombineReduce::PerRank;
+  args.recv_weights = dispatched.recv_weights;
+  args.num_tokens = tokens;
+  args.num_experts = experts;
+  return combineCollective(args, comm);
+}
+
+// The ops' graphs on one workspace (both ops are safe to repeat
 // alone). Captured in this order so that combine's handle is the latest
 // dispatch's.
 struct Graphs {
   cuda::CudaGraph dispatch;
   cuda::CudaGraph combine;
+  cuda::CudaGraph combine_per_rank;
   cuda::CudaGraph both;
 
   Graphs(CudaMoeWorkspace& workspace, const Inputs& in) {
@@ -262,6 +297,9 @@ struct Graphs {
     combine.captureBegin(kCaptureMode);
     workspace.combine(result.recv_x, result, in.weights);
     combine.captureEnd();
+    combine_per_rank.captureBegin(kCaptureMode);
+    combinePerRank(workspace, result);
+    combine_per_rank.captureEnd();
     both.captureBegin(kCaptureMode);
     result = workspace.dispatch(in.x, in.idx, in.weights);
     workspace.combine(result.recv_x, result, in.weights);
@@ -299,6 +337,53 @@ void printHeader(int world) {
               "vs NCCL");
 }
 
+// The low-latency targets (graph replay, 4 x H200, H = 7168, K = 8, 32
+// experts): at T = 128 a time in us, at T = 4096 physical GB/s per GPU.
+struct Target {
+  int64_t tokens;
+  const char* op;
+  double us;    // at most; 0: none
+  double gbps;  // at least; 0: none
+};
+constexpr Target kTargets[] = {
+    {128, "dispatch", 25, 0},         {128, "combine", 40, 0},
+    {128, "combine per_rank", 25, 0}, {4096, "dispatch", 0, 330},
+    {4096, "combine", 0, 330},
+};
+
+// One line per target of T next to this run's graph-replay row; the
+// targets are for 4 GPUs, so other world sizes say so instead of met/not.
+void printTargets(const std::vector<Row>& rows, int64_t tokens, int world) {
+  for (const Target& target : kTargets) {
+    if (target.tokens != tokens) {
+      continue;
+    }
+    for (const Row& row : rows) {
+      if (std::strcmp(row.mode, "graph") != 0 ||
+          std::strcmp(row.op, target.op) != 0) {
+        continue;
+      }
+      const double gbps = row.physical / (row.us * 1e3);
+      const bool met =
+          target.us > 0 ? row.us <= target.us : gbps >= target.gbps;
+      char want[32];
+      char got[32];
+      if (target.us > 0) {
+        std::snprintf(want, sizeof(want), "<= %.0f us", target.us);
+        std::snprintf(got, sizeof(got), "%.1f us", row.us);
+      } else {
+        std::snprintf(want, sizeof(want), ">= %.0f GB/s", target.gbps);
+        std::snprintf(got, sizeof(got), "%.1f GB/s", gbps);
+      }
+      std::printf("%6lld  target %-16s %-13s (4 x H200): %s, %s\n",
+                  static_cast<long long>(tokens), row.op, want, got,
+                  world != 4 ? "not comparable (this run is not 4 GPUs)"
+                  : met      ? "met"
+                             : "NOT met");
+    }
+  }
+}
+
 // Runs both backends for T tokens; prints the rows (rank 0). Returns
 // whether the cuda backend's outputs equal the collective's on every rank;
 // `blocks` and `push_blocks` are set to the workspace's (the defaults).
@@ -323,13 +408,17 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
   const at::Tensor cuda_recv = result.recv_x.narrow(0, 0, cuda_rows).clone();
   const at::Tensor cuda_combined =
       workspace.combine(result.recv_x, result, in.weights);
+  const at::Tensor cuda_per_rank = combinePerRank(workspace, result);
   workspace.checkStatus();
   MoeDispatchOutput collective =
       dispatchCollective(in.x, in.idx, in.weights, experts, comm);
   const at::Tensor collective_combined = combineCollective(
       collective.recv_x, collective.layout, in.weights, tokens, experts, comm);
+  const at::Tensor collective_per_rank =
+      collectivePerRank(collective, tokens, experts, comm);
   const bool same_here = at::equal(cuda_recv, collective.recv_x) &&
-                         at::equal(cuda_combined, collective_combined);
+                         at::equal(cuda_combined, collective_combined) &&
+                         at::equal(cuda_per_rank, collective_per_rank);
   const bool identical =
       bench.sumOverRanks(id + "/same", same_here ? 1 : 0) == world;
   // What the collective sends off-rank: its dispatch rows to other ranks,
@@ -379,6 +468,10 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
         {"combine", "cuda", "graph",
          bench.time(id + "/cg", per_block, [&] { graphs.combine.replay(); }),
          traffic.physical_combine});
+    rows.push_back({"combine per_rank", "cuda", "graph",
+                    bench.time(id + "/crg", per_block,
+                               [&] { graphs.combine_per_rank.replay(); }),
+                    traffic.physical_combine_per_rank});
     rows.push_back(
         {"dispatch+combine", "cuda", "graph",
          bench.time(id + "/dcg", per_block, [&] { graphs.both.replay(); }),
@@ -401,6 +494,12 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
                                                  tokens, experts, comm);
                              }),
                   collective_combine});
+  rows.push_back(
+      {"combine per_rank", "collective", "eager",
+       bench.time(
+           id + "/crn", per_block,
+           [&] { collectivePerRank(collective, tokens, experts, comm); }),
+       traffic.token_rows});
   rows.push_back({"dispatch+combine", "collective", "eager",
                   bench.time(id + "/dcn", per_block,
                              [&] {
@@ -449,6 +548,7 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
         static_cast<long long>(tokens), graphRatio("dispatch"),
         graphRatio("combine"), graphRatio("dispatch+combine"),
         identical ? "yes" : "no");
+    printTargets(rows, tokens, world);
     std::fflush(stdout);
   }
   return identical;

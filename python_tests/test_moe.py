@@ -70,6 +70,52 @@ def test_bf16_rows_combine_in_fp32_and_round_once():
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("weights", [True, False], ids=["weights", "no_weights"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_per_rank_combine_on_one_rank_equals_per_pick(weights, masked):
+    # One rank: each token's partial is its whole sum, and rounding it to
+    # bf16 a second time changes nothing.
+    x = torch.randn(17, 64, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    idx = routing(17, 4, 8, 12, masked)
+    w = torch.rand(17, 4, generator=torch.Generator().manual_seed(13)) if weights else None
+    handle = moe.dispatch(x, idx, w, num_experts=8)
+    expert_out = scale_by_expert(handle.recv_x, handle.recv_expert_counts)
+    per_pick = moe.combine(expert_out, handle, w)
+    per_rank = moe.combine(expert_out, handle, w, reduce="per_rank")
+    assert torch.equal(per_pick, per_rank)
+
+
+def test_per_rank_combine_refuses_weights_other_than_the_dispatchs():
+    x = torch.randn(4, 8)
+    idx = routing(4, 2, 4, 14)
+    w = torch.rand(4, 2)
+    handle = moe.dispatch(x, idx, w, num_experts=4)
+    with pytest.raises(ValueError, match="topk_weights must be the tensor given to dispatch"):
+        moe.combine(handle.recv_x, handle, w.clone(), reduce="per_rank")
+    with pytest.raises(ValueError, match="reduce must be 'per_pick' or 'per_rank'"):
+        moe.combine(handle.recv_x, handle, w, reduce="per_token")
+    # Without weights: an unweighted sum (2 picks, identity experts).
+    assert torch.equal(moe.combine(handle.recv_x, handle, reduce="per_rank"), 2 * x)
+
+
+def test_per_rank_combine_in_a_program_prints_its_mode():
+    program = hf.Program()
+    with program:
+        tokens = program.define_scalar("tokens")
+        xv = program.define_tensor([tokens, 8], torch.float32, "x")
+        iv = program.define_tensor([tokens, 2], torch.int64, "idx")
+        wv = program.define_tensor([tokens, 2], torch.float32, "w")
+        d = hf.moe_dispatch(xv, iv, wv, num_experts=4)
+        program.add_output(hf.moe_combine(d.recv_x * 3.0, d, wv, num_tokens=xv.extent(0),
+                                          reduce="per_rank"))
+    assert "reduce=per_rank" in str(program)
+    assert "recv_weights=" in str(program).split("MoeCombine(")[1]
+    x = torch.randn(5, 8)
+    w = torch.rand(5, 2)
+    (out,) = hf.HostIrEvaluator(program).run([x, routing(5, 2, 4, 15), w])
+    torch.testing.assert_close(out, 3.0 * x * w.sum(1, keepdim=True))
+
+
 def test_backends_are_listed():
     assert moe.backends() == ["collective", "cuda"]
 

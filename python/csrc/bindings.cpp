@@ -54,6 +54,13 @@ py::object torchDtype(DataType dtype) {
       reinterpret_cast<PyObject*>(torch::getTHPDtype(toScalarType(dtype))));
 }
 
+MoeCombineReduce reduceOf(const std::string& name) {
+  const std::optional<MoeCombineReduce> reduce = parseMoeCombineReduce(name);
+  HF_CHECK(reduce.has_value(), "reduce must be 'per_pick' or 'per_rank', got '",
+           name, "'");
+  return *reduce;
+}
+
 MoeBackend backendOf(const std::string& name) {
   const std::optional<MoeBackend> backend = parseMoeBackend(name);
   HF_CHECK(
@@ -227,7 +234,9 @@ class PyMoeRuntime {
   at::Tensor combine(const std::string& site, const at::Tensor& expert_out,
                      const py::dict& layout,
                      const std::optional<at::Tensor>& topk_weights,
-                     int64_t num_tokens, int64_t num_experts) {
+                     int64_t num_tokens, int64_t num_experts,
+                     const std::string& reduce,
+                     const std::optional<at::Tensor>& recv_weights) {
     MoeCombineArgs args;
     args.dispatch_site = siteKey(site);
     args.expert_out = expert_out;
@@ -240,7 +249,9 @@ class PyMoeRuntime {
     args.layout.n_tokens_from_rank =
         layout["n_tokens_from_rank"].cast<at::Tensor>();
     args.layout.id = layout["recv_layout_id"].cast<at::Tensor>();
+    args.reduce = reduceOf(reduce);
     args.topk_weights = topk_weights;
+    args.recv_weights = recv_weights;
     args.num_tokens = num_tokens;
     args.num_experts = num_experts;
     py::gil_scoped_release release;
@@ -559,9 +570,17 @@ PYBIND11_MODULE(_C, m) {
       py::arg("topk_weights") = nullptr, py::kw_only(), py::arg("num_experts"),
       py::arg("backend") = "collective", py::arg("capacity") = 0,
       py::keep_alive<0, 1>());
-  m.def("moe_combine", &moeCombine, py::arg("expert_out").none(false),
-        py::arg("layout").none(false), py::arg("topk_weights") = nullptr,
-        py::kw_only(), py::arg("num_tokens"), py::keep_alive<0, 1>(), ref);
+  m.def(
+      "moe_combine",
+      [](TensorView* expert_out, const MoeDispatchResult& layout,
+         TensorView* topk_weights, Scalar* num_tokens,
+         const std::string& reduce) {
+        return moeCombine(expert_out, layout, topk_weights, num_tokens,
+                          reduceOf(reduce));
+      },
+      py::arg("expert_out").none(false), py::arg("layout").none(false),
+      py::arg("topk_weights") = nullptr, py::kw_only(), py::arg("num_tokens"),
+      py::arg("reduce") = "per_pick", py::keep_alive<0, 1>(), ref);
 
   py::class_<PyEvaluator>(m, "HostIrEvaluator")
       .def(py::init<const HostIrContainer&, std::optional<at::Device>,
@@ -647,7 +666,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("capacity"))
       .def("combine", &PyMoeRuntime::combine, py::arg("site"),
            py::arg("expert_out"), py::arg("layout"), py::arg("topk_weights"),
-           py::arg("num_tokens"), py::arg("num_experts"))
+           py::arg("num_tokens"), py::arg("num_experts"),
+           py::arg("reduce") = "per_pick", py::arg("recv_weights") = py::none())
       .def("check_status", &PyMoeRuntime::checkStatus)
       .def("publish_failure", &PyMoeRuntime::publishFailure, py::arg("device"))
       .def_property_readonly("rank", &PyMoeRuntime::rank)

@@ -160,14 +160,28 @@ def dispatch(
         site, x, topk_idx, topk_weights, num_experts, capacity
     )
     num_tokens = x.shape[0] if x.dim() > 0 else 0
-    return DispatchHandle(fields, runtime, site, num_tokens, num_experts)
+    handle = DispatchHandle(fields, runtime, site, num_tokens, num_experts)
+    # combine(reduce="per_rank") checks that it is given these weights.
+    handle._topk_weights = topk_weights
+    return handle
 
 
-def combine(expert_out, handle, topk_weights=None):
-    """Sends each expert output row back to its token's rank and returns
-    combined [T, H']: per token, the sum over its picks of weight * row, in
-    pick order, accumulated in fp32 and rounded once to expert_out's dtype
-    (weight 1 without topk_weights). ``handle`` is what dispatch returned."""
+def combine(expert_out, handle, topk_weights=None, reduce="per_pick"):
+    """Sends the expert output rows back to their tokens' ranks and returns
+    combined [T, H'] in expert_out's dtype. ``handle`` is what dispatch
+    returned.
+
+    reduce="per_pick" (the default): every pick's row goes back, and each
+    token's rank sums weight * row over the token's picks in pick order,
+    accumulated in fp32 and rounded once (weight 1 without topk_weights).
+
+    reduce="per_rank": each expert's rank first sums, per token, its picks
+    there (weighted with the weights dispatch carried, in pick order, in
+    fp32, rounded to the dtype) and sends one row per (token, rank); the
+    token's rank sums those in rank order in fp32 and rounds again. Fewer
+    rows travel, at the cost of that extra rounding (docs/moe.md, "Combine
+    modes"). ``topk_weights`` must then be the tensor given to dispatch, or
+    None for an unweighted sum."""
     _check_tensor("expert_out", expert_out)
     if not isinstance(handle, DispatchHandle):
         raise TypeError(
@@ -175,6 +189,17 @@ def combine(expert_out, handle, topk_weights=None):
             f"{type(handle).__name__}"
         )
     _check_tensor("topk_weights", topk_weights, optional=True)
+    if reduce not in ("per_pick", "per_rank"):
+        raise ValueError(f"reduce must be 'per_pick' or 'per_rank', got {reduce!r}")
+    recv_weights = None
+    if reduce == "per_rank" and topk_weights is not None:
+        if topk_weights is not handle._topk_weights:
+            raise ValueError(
+                "with reduce='per_rank' the experts' ranks weight the rows with "
+                "the weights dispatch carried (handle.recv_weights), so "
+                "topk_weights must be the tensor given to dispatch, or None"
+            )
+        recv_weights, topk_weights = handle.recv_weights, None
     return handle._runtime.combine(
         handle._site,
         expert_out,
@@ -182,6 +207,8 @@ def combine(expert_out, handle, topk_weights=None):
         topk_weights,
         handle.num_tokens,
         handle.num_experts,
+        reduce,
+        recv_weights,
     )
 
 

@@ -8,7 +8,8 @@ Cases: hostfuse.moe over the default group and over each half of the world
 (torch.distributed subgroups), both backends where the device allows, an IR
 program run by HostIrEvaluator over a subgroup, and with --replays (CUDA
 only) the cuda backend captured in torch.cuda.graph and replayed N times
-with new routing, bit-identical to the collective backend every time.
+with new routing, bit-identical to the collective backend every time, in
+both combine modes.
 """
 
 import argparse
@@ -105,6 +106,14 @@ def moe_case(check, name, group, members, backend, device, seed):
         torch.allclose(out.cpu(), reference(x, idx, w).cpu(), rtol=1e-5, atol=1e-5),
         f"{name}: combined output",
     )
+    per_rank = moe.combine(
+        experts_apply(handle.recv_x, handle.recv_expert_counts, me * LOCAL), handle, w,
+        reduce="per_rank",
+    )
+    check(
+        torch.allclose(per_rank.cpu(), reference(x, idx, w).cpu(), rtol=1e-5, atol=1e-5),
+        f"{name}: combined output, reduce=per_rank",
+    )
     return x, idx, w, out
 
 
@@ -167,9 +176,9 @@ def graph_case(check, device, replays):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         handle = moe.dispatch(x, idx, w, num_experts=experts, backend="cuda")
-        out = moe.combine(
-            experts_apply(handle.recv_x, handle.recv_expert_counts, first), handle, w
-        )
+        expert_out = experts_apply(handle.recv_x, handle.recv_expert_counts, first)
+        out = moe.combine(expert_out, handle, w)
+        out_per_rank = moe.combine(expert_out, handle, w, reduce="per_rank")
     same = 0
     for step in range(replays):
         nx, nidx, nw = inputs(tokens, experts, 2, 2000 + 97 * step + rank, device,
@@ -179,12 +188,13 @@ def graph_case(check, device, replays):
         w.copy_(nw)
         graph.replay()
         eager = moe.dispatch(x, idx, w, num_experts=experts, backend="collective")
-        want = moe.combine(
-            experts_apply(eager.recv_x, eager.recv_expert_counts, first), eager, w
-        )
+        eager_out = experts_apply(eager.recv_x, eager.recv_expert_counts, first)
+        want = moe.combine(eager_out, eager, w)
+        want_per_rank = moe.combine(eager_out, eager, w, reduce="per_rank")
         rows = int(eager.recv_expert_counts.sum())
         same += int(
             torch.equal(out, want)
+            and torch.equal(out_per_rank, want_per_rank)
             and torch.equal(handle.recv_expert_counts, eager.recv_expert_counts)
             and torch.equal(handle.recv_x[:rows], eager.recv_x)
         )

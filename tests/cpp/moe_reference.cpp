@@ -188,6 +188,46 @@ at::Tensor referenceCombineInPickOrder(const at::Tensor& x,
   return acc.to(x.scalar_type());
 }
 
+at::Tensor referenceCombinePerRank(const at::Tensor& x, const at::Tensor& idx,
+                                   const at::Tensor& weights,
+                                   const ExpertFn& fn, int64_t num_experts,
+                                   int64_t world_size) {
+  const at::Tensor x_cpu = x.cpu();
+  const at::Tensor idx_cpu = idx.to(at::kLong).cpu();
+  const int64_t tokens = x.size(0);
+  const int64_t local = num_experts / world_size;
+  // Every pick's weighted expert output in fp32 (0 where masked).
+  std::vector<at::Tensor> terms;
+  for (int64_t k = 0; k < idx_cpu.size(1); ++k) {
+    at::Tensor out = at::zeros({tokens, x.size(1)}, at::kFloat);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t expert = idx_cpu[t][k].item<int64_t>();
+      if (expert >= 0) {
+        out[t].copy_(fn(expert, x_cpu.narrow(0, t, 1))[0].to(at::kFloat));
+      }
+    }
+    terms.push_back(
+        weights.defined()
+            ? out * weights.cpu().select(1, k).to(at::kFloat).unsqueeze(1)
+            : out);
+  }
+  at::Tensor acc = at::zeros({tokens, x.size(1)}, at::kFloat);
+  for (int64_t r = 0; r < world_size; ++r) {
+    at::Tensor partial = at::zeros({tokens, x.size(1)}, at::kFloat);
+    at::Tensor has_picks = at::zeros({tokens}, at::kBool);
+    for (int64_t k = 0; k < idx_cpu.size(1); ++k) {
+      const at::Tensor expert = idx_cpu.select(1, k);
+      const at::Tensor on_r =
+          at::logical_and(expert >= 0, at::div(expert, local, "floor") == r);
+      partial = at::where(on_r.unsqueeze(1), partial + terms[k], partial);
+      has_picks = at::logical_or(has_picks, on_r);
+    }
+    const at::Tensor rounded = partial.to(x.scalar_type()).to(at::kFloat);
+    acc = at::where(has_picks.unsqueeze(1), acc + rounded, acc);
+  }
+  return acc.to(x.scalar_type());
+}
+
 at::Tensor randomWeights(int64_t tokens, int64_t picks, at::ScalarType dtype,
                          const at::Device& device, uint64_t seed) {
   at::Generator generator = at::detail::createCPUGenerator(seed);

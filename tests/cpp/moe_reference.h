@@ -76,6 +76,17 @@ at::Tensor referenceCombineInPickOrder(const at::Tensor& x,
                                        const at::Tensor& weights,
                                        const ExpertFn& fn);
 
+// combined with reduce=per_rank (docs/moe.md), for exact comparison: per
+// token and per rank r in rank order that holds picks of the token, a
+// partial = +0 in fp32, then for its picks k on r in pick order partial =
+// partial + w[t, k] * fn(idx[t, k], x[t]), rounded to x's dtype; acc = +0
+// in fp32 plus each partial in rank order; then rounded to x's dtype.
+// Expert e lives on rank e / (num_experts / world_size). CPU result.
+at::Tensor referenceCombinePerRank(const at::Tensor& x, const at::Tensor& idx,
+                                   const at::Tensor& weights,
+                                   const ExpertFn& fn, int64_t num_experts,
+                                   int64_t world_size);
+
 // topk_weights [T, K]: positive weights in [0.1, 1.1) from a fixed seed.
 at::Tensor randomWeights(int64_t tokens, int64_t picks, at::ScalarType dtype,
                          const at::Device& device, uint64_t seed);

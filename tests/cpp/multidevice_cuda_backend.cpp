@@ -54,6 +54,7 @@ struct LayerSpec {
   bool weighted = false;
   MoeBackend backend = MoeBackend::Collective;
   int64_t capacity = 0;
+  MoeCombineReduce reduce = MoeCombineReduce::PerPick;
 };
 
 // The program's outputs, in order (recv_weights only with weights).
@@ -97,7 +98,7 @@ std::unique_ptr<HostIrContainer> layerProgram(const LayerSpec& spec) {
   const MoeDispatchResult d =
       moeDispatch(x, idx, w, spec.experts, spec.backend, spec.capacity);
   TensorView* y = groupedMatmul(d.recv_x, expert_w, d.recv_expert_counts);
-  program->addOutput(moeCombine(y, d, w, tokens));
+  program->addOutput(moeCombine(y, d, w, tokens, spec.reduce));
   for (TensorView* out :
        {d.recv_x, d.recv_src_rank, d.recv_src_token, d.recv_src_k,
         d.recv_expert_counts, d.n_tokens_to_rank, d.n_tokens_from_rank, y}) {
@@ -187,6 +188,7 @@ struct GridCase {
   Routing routing;
   at::ScalarType dtype;
   bool weighted;
+  MoeCombineReduce reduce = MoeCombineReduce::PerPick;
 };
 
 std::string gridName(const testing::TestParamInfo<GridCase>& info) {
@@ -196,6 +198,9 @@ std::string gridName(const testing::TestParamInfo<GridCase>& info) {
      << test::toString(c.routing) << "_"
      << (c.dtype == at::kBFloat16 ? "bf16" : "fp32") << "_"
      << (c.weighted ? "weighted" : "unweighted");
+  if (c.reduce == MoeCombineReduce::PerRank) {
+    ss << "_per_rank";
+  }
   return ss.str();
 }
 
@@ -230,6 +235,7 @@ TEST_P(CudaBackendGrid, BitIdenticalToCollective) {
   spec.picks = c.picks;
   spec.dtype = c.dtype;
   spec.weighted = c.weighted;
+  spec.reduce = c.reduce;
   BackendPair pair(spec);
   const uint64_t seed = std::hash<std::string>{}(
                             gridName(testing::TestParamInfo<GridCase>(c, 0))) %
@@ -251,6 +257,22 @@ TEST_P(CudaBackendGrid, BitIdenticalToCollective) {
 
 INSTANTIATE_TEST_SUITE_P(Grid, CudaBackendGrid, testing::ValuesIn(gridCases()),
                          gridName);
+
+// reduce=per_rank on part of the grid: K 2 and 8, 1 and 8 experts per rank.
+std::vector<GridCase> perRankCases() {
+  std::vector<GridCase> cases;
+  for (GridCase c : gridCases()) {
+    if ((c.picks == 2 || c.picks == 8) &&
+        (c.experts_per_rank == 1 || c.experts_per_rank == 8)) {
+      c.reduce = MoeCombineReduce::PerRank;
+      cases.push_back(c);
+    }
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(PerRank, CudaBackendGrid,
+                         testing::ValuesIn(perRankCases()), gridName);
 
 // ---------------------------------------------------------------------------
 // Programs: several runs, two layers, the large-T push mode.

@@ -193,6 +193,7 @@ at::Tensor expertScale(const at::Tensor& experts, const at::Tensor& picks) {
 struct Expected {
   at::Tensor rows, src_rank, src_token, src_k, weights;
   at::Tensor counts, to_rank, from_rank, combined;
+  at::Tensor combined_per_rank;  // reduce=per_rank
 };
 
 Expected reference(const Case& c, int world, int rank,
@@ -244,6 +245,28 @@ Expected reference(const Case& c, int world, int rank,
     sum = at::where((ids >= 0).unsqueeze(1), sum + contribution, sum);
   }
   e.combined = sum.to(c.dtype);
+  // reduce=per_rank: per rank in rank order, the picks there summed the same
+  // way and rounded to the dtype; those partials summed in fp32.
+  at::Tensor total = at::zeros_like(sum);
+  for (int r = 0; r < world; ++r) {
+    at::Tensor partial = at::zeros_like(sum);
+    at::Tensor has_picks = at::zeros({own.x.size(0)}, at::dtype(at::kBool));
+    for (int64_t k = 0; k < c.topk; ++k) {
+      const at::Tensor ids = own.idx.select(1, k);
+      const at::Tensor on_r = (ids >= r * local) & (ids < (r + 1) * local);
+      const at::Tensor scale =
+          expertScale(ids, at::full_like(ids, k)).unsqueeze(1);
+      const at::Tensor out =
+          (own.x.to(at::kFloat) * scale).to(c.dtype).to(at::kFloat);
+      const at::Tensor contribution =
+          c.weights ? own.weights.select(1, k).unsqueeze(1) * out : out;
+      partial = at::where(on_r.unsqueeze(1), partial + contribution, partial);
+      has_picks = has_picks | on_r;
+    }
+    total = at::where(has_picks.unsqueeze(1),
+                      total + partial.to(c.dtype).to(at::kFloat), total);
+  }
+  e.combined_per_rank = total.to(c.dtype);
   return e;
 }
 
@@ -389,6 +412,15 @@ class CudaMoe : public testing::Test {
       const at::Tensor out = runExperts(result, c, world_, rank_);
       const at::Tensor combined = workspace.combine(out, result, weights);
       check.equal(combined, e.combined, when + " combined");
+      // The same layout again, combined per rank with the rows' weights.
+      std::optional<at::Tensor> recv_weights;
+      if (c.weights) {
+        recv_weights = result.recv_weights;
+      }
+      const at::Tensor per_rank =
+          workspace.combine(out, result, recv_weights, -1, at::Tensor(),
+                            MoeCombineReduce::PerRank);
+      check.equal(per_rank, e.combined_per_rank, when + " combined per rank");
     } catch (const std::exception& error) {
       ADD_FAILURE() << "rank " << rank_ << ", " << when << ": " << error.what();
     }
@@ -741,6 +773,40 @@ TEST_F(CudaMoe, CombineRefusesTheLayoutOfAnEarlierDispatch) {
   runAndCheck(*fresh, c, "a new workspace after the stale layout");
 }
 
+// Rank 0 combines per_pick while the others combine per_rank: the slots
+// would hold rows of another meaning. Every rank that waits for a peer's
+// rows finds the peer's mode on the device, records it and tells the
+// peers; every rank raises, and a new workspace works.
+TEST_F(CudaMoe, RanksCombiningInDifferentModesAllRaise) {
+  if (world_ < 2) {
+    GTEST_SKIP() << "needs at least 2 ranks";
+  }
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = 2;
+  c.mask = 0;
+  auto workspace = makeWorkspace(c, "modes");
+  const DeviceInputs in = toDevice(allInputs(c, world_)[rank_], c);
+  const CudaDispatchResult result =
+      workspace->dispatch(in.x, in.idx, in.weights);
+  const at::Tensor out = runExperts(result, c, world_, rank_);
+  test::expectErrorContains(
+      [&] {
+        if (rank_ == 0) {
+          workspace->combine(out, result, in.weights);
+        } else {
+          workspace->combine(out, result, result.recv_weights, -1, at::Tensor(),
+                             MoeCombineReduce::PerRank);
+        }
+      },
+      {"reduce="});
+  test::expectErrorContains(
+      [&] { workspace->dispatch(in.x, in.idx, in.weights); },
+      {"unusable after an earlier failure"});
+  auto fresh = makeWorkspace(c, "fresh");
+  runAndCheck(*fresh, c, "a new workspace after mixed modes");
+}
+
 TEST_F(CudaMoe, BadExpertIdIsReportedOnEveryRankAndTheNextCallWorks) {
   Case c;
   c.experts = 2 * world_;
@@ -881,6 +947,9 @@ void CudaMoe::replayGraph(const Case& c, const std::string& name, int replays) {
   // With the layout's id, so that every replay also checks it.
   const at::Tensor combined = workspace->combine(expert_out, result, in.weights,
                                                  -1, result.recv_layout_id);
+  const at::Tensor per_rank =
+      workspace->combine(expert_out, result, result.recv_weights, -1,
+                         result.recv_layout_id, MoeCombineReduce::PerRank);
   graph.captureEnd();
 
   Checker check;
@@ -893,11 +962,15 @@ void CudaMoe::replayGraph(const Case& c, const std::string& name, int replays) {
     const Expected e = reference(c, world_, rank_, all);
     checkDispatch(check, result, e, true, toString("replay ", round));
     check.equal(combined, e.combined, toString("replay ", round, " combined"));
+    check.equal(per_rank, e.combined_per_rank,
+                toString("replay ", round, " combined per rank"));
   }
   EXPECT_EQ(check.failures(), 0) << "replays with a wrong result";
   EXPECT_NO_THROW(workspace->checkStatus());
   std::cout << "[rank " << rank_ << "] " << name << ": " << replays
-            << " replays with new routing, each checked" << std::endl;
+            << " replays with new routing, each checked (combine per_pick "
+               "and per_rank)"
+            << std::endl;
 }
 
 // HOSTFUSE_TEST_GRAPH_REPLAYS, when set, is the number of replays of each

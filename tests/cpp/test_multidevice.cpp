@@ -7,6 +7,8 @@
 // tests check results only after their last collective, with EXPECT_*.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <iostream>
 #include <limits>
 #include <sstream>
 
@@ -184,6 +186,170 @@ TEST_P(DispatchCombineGrid, MatchesReference) {
 
 INSTANTIATE_TEST_SUITE_P(Grid, DispatchCombineGrid,
                          testing::ValuesIn(gridCases()), gridName);
+
+// ---------------------------------------------------------------------------
+// reduce=per_rank: the partial sums per (token, rank), in the order
+// docs/moe.md states, on a smaller grid (the dispatch is the same).
+
+std::vector<GridCase> perRankCases() {
+  std::vector<GridCase> cases;
+  for (const GridCase& c : gridCases()) {
+    if ((c.picks == 2 || c.picks == 8) &&
+        (c.experts_per_rank == 1 || c.experts_per_rank == 8)) {
+      cases.push_back(c);
+    }
+  }
+  return cases;
+}
+
+class PerRankCombineGrid : public testing::TestWithParam<GridCase> {};
+
+TEST_P(PerRankCombineGrid, MatchesTheReferenceOrder) {
+  const GridCase& c = GetParam();
+  SKIP_IF_UNAVAILABLE(c.device);
+  if (c.routing == Routing::IdleRank && worldSize() == 1) {
+    GTEST_SKIP() << "one rank cannot leave a rank idle";
+  }
+  const at::Device device = rankDevice(c.device);
+  const int64_t ranks = worldSize();
+  const int64_t me = myRank();
+  const int64_t experts = c.experts_per_rank * ranks;
+  const int64_t tokens = test::tokensFor(c.routing, me);
+  const uint64_t seed = std::hash<std::string>{}(
+                            gridName(testing::TestParamInfo<GridCase>(c, 0))) %
+                            100000 +
+                        7;
+  const at::Tensor x =
+      test::randomTensor({tokens, kHidden}, c.dtype, device, seed * 131 + me);
+  const at::Tensor idx =
+      test::makeRouting(c.routing, tokens, c.picks, experts, ranks, me, seed)
+          .to(device);
+  at::Tensor weights;
+  if (c.weighted) {
+    weights = test::randomWeights(tokens, c.picks, c.dtype, device, seed + me);
+  }
+  const MoeDispatchOutput out =
+      dispatchCollective(x, idx, optional(weights), experts, communicator());
+  MoeCombineArgs args;
+  args.expert_out =
+      test::applyExperts(out.recv_x, out.layout.expert_counts,
+                         me * c.experts_per_rank, test::scaleByExpert);
+  args.layout = out.layout;
+  args.reduce = MoeCombineReduce::PerRank;
+  args.recv_weights = optional(out.recv_weights);
+  args.num_tokens = tokens;
+  args.num_experts = experts;
+  const at::Tensor combined = combineCollective(args, communicator());
+  EXPECT_EQ(combined.device(), device);
+  expectEqual(combined,
+              test::referenceCombinePerRank(
+                  x, idx, weights, test::scaleByExpert, experts, ranks),
+              "combined per rank");
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, PerRankCombineGrid,
+                         testing::ValuesIn(perRankCases()), gridName);
+
+// A rank that combines per_pick while the others combine per_rank: every
+// rank raises the same error before any row moves, and the next call pairs
+// up.
+TEST(CombineModes, RanksInDifferentModesAllRaiseTheSameError) {
+  if (worldSize() < 2) {
+    GTEST_SKIP() << "needs two ranks";
+  }
+  const int64_t me = myRank();
+  const int64_t experts = 2 * worldSize();
+  const at::Tensor x =
+      test::randomTensor({6, kHidden}, at::kFloat, at::kCPU, 3);
+  const at::Tensor idx =
+      test::makeRouting(Routing::Uniform, 6, 2, experts, worldSize(), me, 5);
+  const MoeDispatchOutput out =
+      dispatchCollective(x, idx, std::nullopt, experts, communicator());
+  MoeCombineArgs args;
+  args.expert_out = out.recv_x;
+  args.layout = out.layout;
+  args.num_tokens = 6;
+  args.num_experts = experts;
+  args.reduce = me == 1 ? MoeCombineReduce::PerRank : MoeCombineReduce::PerPick;
+  test::expectErrorContains(
+      [&] { combineCollective(args, communicator()); },
+      {"MoeCombine: rank 0 combines with reduce=per_pick but rank 1 with "
+       "reduce=per_rank; every rank must use the same mode"});
+  args.reduce = MoeCombineReduce::PerRank;
+  const at::Tensor back = combineCollective(args, communicator());
+  // K = 2 distinct experts, identity experts, no weights: 2 x.
+  test::expectClose(back, x * 2);
+}
+
+// Both modes against a sum in fp64, on bf16 rows: per_pick rounds once,
+// per_rank once per rank and once more, so its error may be larger, but
+// both stay within a few bf16 rounding steps of the exact sum. Prints the
+// errors it measured.
+TEST(CombineModes, ErrorAgainstAnFp64Reference) {
+  const int64_t ranks = worldSize();
+  const int64_t me = myRank();
+  const int64_t experts = 4 * ranks;
+  const int64_t picks = std::min<int64_t>(8, experts);
+  const int64_t tokens = 64;
+  const uint64_t seed = 4242;
+  const at::Tensor x = test::randomTensor({tokens, 256}, at::kBFloat16,
+                                          at::kCPU, seed * 131 + me);
+  const at::Tensor idx = test::makeRouting(Routing::Uniform, tokens, picks,
+                                           experts, ranks, me, seed);
+  const at::Tensor weights =
+      test::randomWeights(tokens, picks, at::kFloat, at::kCPU, seed + me);
+  const MoeDispatchOutput out =
+      dispatchCollective(x, idx, weights, experts, communicator());
+  MoeCombineArgs args;
+  args.expert_out =
+      test::applyExperts(out.recv_x, out.layout.expert_counts,
+                         me * (experts / ranks), test::scaleByExpert);
+  args.layout = out.layout;
+  args.num_tokens = tokens;
+  args.num_experts = experts;
+  args.topk_weights = weights;
+  const at::Tensor per_pick = combineCollective(args, communicator());
+  args.topk_weights = std::nullopt;
+  args.reduce = MoeCombineReduce::PerRank;
+  args.recv_weights = out.recv_weights;
+  const at::Tensor per_rank = combineCollective(args, communicator());
+
+  // The exact sum, in fp64, of the same bf16 expert outputs.
+  const at::Tensor exact = test::referenceCombine(
+      x.to(at::kDouble), idx, weights.to(at::kDouble),
+      [](int64_t expert, const at::Tensor& rows) {
+        return test::scaleByExpert(expert, rows.to(at::kBFloat16))
+            .to(at::kDouble);
+      });
+  // Errors in units of 2^-7 (bf16's relative spacing) times the token's
+  // sum of |w * out|: a rounding of any partial sum costs at most half of
+  // that, whatever cancels.
+  const at::Tensor magnitude = test::referenceCombine(
+      x.to(at::kDouble).abs(), idx, weights.to(at::kDouble),
+      [](int64_t expert, const at::Tensor& rows) {
+        return test::scaleByExpert(expert, rows.to(at::kBFloat16))
+            .to(at::kDouble);
+      });
+  const at::Tensor ulp =
+      magnitude.abs().amax(1, true).clamp_min(1e-30) * std::ldexp(1.0, -7);
+  const double pick_err =
+      ((per_pick.to(at::kDouble) - exact).abs() / ulp).max().item<double>();
+  const double rank_err =
+      ((per_rank.to(at::kDouble) - exact).abs() / ulp).max().item<double>();
+  std::cout << "[rank " << me << " of " << ranks
+            << "] max error vs fp64, in bf16 ulps: per_pick " << pick_err
+            << ", per_rank " << rank_err << "\n";
+  // per_pick: one rounding of an fp32 sum (half a unit, plus fp32 error);
+  // per_rank: the partials' roundings (half a unit together at most), then
+  // the last one.
+  EXPECT_LE(pick_err, 0.51);
+  EXPECT_LE(rank_err, 1.01);
+  if (ranks == 1) {
+    // One rank: the partial is the whole sum, and rounding it again changes
+    // nothing.
+    EXPECT_TRUE(at::equal(per_pick, per_rank));
+  }
+}
 
 // ---------------------------------------------------------------------------
 // K = 1 without weights and identity experts returns x exactly.

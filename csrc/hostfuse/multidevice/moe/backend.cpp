@@ -57,4 +57,26 @@ std::optional<MoeBackend> parseMoeBackend(std::string_view name) {
   return std::nullopt;
 }
 
+const char* toString(MoeCombineReduce reduce) {
+  switch (reduce) {
+    case MoeCombineReduce::PerPick:
+      return "per_pick";
+    case MoeCombineReduce::PerRank:
+      return "per_rank";
+  }
+  HF_ERROR(false, "MoeCombineReduce ", static_cast<int>(reduce),
+           " is not a mode");
+  return "";
+}
+
+std::optional<MoeCombineReduce> parseMoeCombineReduce(std::string_view name) {
+  for (const MoeCombineReduce reduce :
+       {MoeCombineReduce::PerPick, MoeCombineReduce::PerRank}) {
+    if (name == toString(reduce)) {
+      return reduce;
+    }
+  }
+  return std::nullopt;
+}
+
 }  // namespace hostfuse

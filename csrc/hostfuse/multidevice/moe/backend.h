@@ -23,6 +23,19 @@ class MoeRuntime;
 // docs/moe.md, "Backends", compares them.
 enum class MoeBackend { Collective, Cuda };
 
+// How MoeCombine sums a token's picks (docs/moe.md, "Combine modes"); every
+// backend implements both, bit-identically to each other.
+// per_pick  every pick's row goes back to the token's rank, which sums the
+//           weighted rows in pick order in fp32 and rounds once.
+// per_rank  the expert's rank first sums the weighted rows of the picks a
+//           token has there (pick order, fp32, one rounding to the row
+//           dtype) and sends one row per (token, rank); the token's rank
+//           sums those in rank order in fp32 and rounds once more. Fewer
+//           rows travel (one per rank a token picks instead of one per
+//           pick), at the cost of that extra rounding. The weights are the
+//           ones dispatch carried to the expert's rank (recv_weights).
+enum class MoeCombineReduce { PerPick, PerRank };
+
 struct MoeBackendInfo {
   MoeBackend backend;
   // As printed in the IR and parsed from text: "collective", "cuda".
@@ -52,5 +65,10 @@ const char* toString(MoeBackend backend);
 
 // The backend named `name` ("collective", "cuda"); nullopt for another name.
 std::optional<MoeBackend> parseMoeBackend(std::string_view name);
+
+// "per_pick", "per_rank".
+const char* toString(MoeCombineReduce reduce);
+// The mode named `name`; nullopt for another name.
+std::optional<MoeCombineReduce> parseMoeCombineReduce(std::string_view name);
 
 }  // namespace hostfuse

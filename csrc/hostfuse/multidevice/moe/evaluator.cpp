@@ -122,7 +122,9 @@ void MoeEvaluator::run(const MoeCombine& combine, ValueMap& values) {
   args.layout.n_tokens_from_rank =
       values.get(combine.nTokensFromRank()).toTensor();
   args.layout.id = values.get(combine.recvLayoutId()).toTensor();
+  args.reduce = combine.reduce();
   args.topk_weights = optionalTensor(values, combine.topkWeights());
+  args.recv_weights = optionalTensor(values, combine.recvWeights());
   args.num_tokens = values.get(combine.numTokens()).toInt();
   args.num_experts = combine.numExperts();
   const at::Tensor combined = namingNode(

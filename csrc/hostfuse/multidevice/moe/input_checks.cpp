@@ -149,11 +149,18 @@ void checkExpertIds(DeviceStatus& status, const at::Tensor& idx,
                 first.remainder(picks), element(idx.reshape({-1}), first));
 }
 
-HostStatus checkCombineInputs(const at::Tensor& expert_out,
-                              const MoeLayout& layout,
-                              const std::optional<at::Tensor>& topk_weights,
-                              int64_t num_tokens, int64_t num_experts,
-                              int64_t world_size, const at::Device& device) {
+HostStatus checkCombineInputs(const MoeCombineArgs& args, int64_t world_size,
+                              const at::Device& device) {
+  const at::Tensor& expert_out = args.expert_out;
+  const MoeLayout& layout = args.layout;
+  const std::optional<at::Tensor>& topk_weights = args.topk_weights;
+  const int64_t num_tokens = args.num_tokens;
+  const int64_t num_experts = args.num_experts;
+  HF_ERROR(args.reduce == MoeCombineReduce::PerRank
+               ? !topk_weights.has_value()
+               : !args.recv_weights.has_value(),
+           "MoeCombineArgs: per_pick takes topk_weights, per_rank "
+           "recv_weights");
   HostStatus status;
   if (rankOf(expert_out) != 2) {
     status.fail(kStatusOutRank, rankOf(expert_out));
@@ -201,6 +208,16 @@ HostStatus checkCombineInputs(const at::Tensor& expert_out,
     const at::Tensor& w = *topk_weights;
     if (checkWeightsKind(status, w, device) && w.size(0) != num_tokens) {
       status.fail(kStatusWeightsTokens, w.size(0), num_tokens);
+    }
+  }
+  if (args.recv_weights.has_value()) {
+    const at::Tensor& w = *args.recv_weights;
+    if (rankOf(w) != 1 || !isWeightDtype(w.scalar_type()) ||
+        (rows >= 0 && w.size(0) != rows)) {
+      status.fail(kStatusRecvWeights, rankOf(w), dtypeCode(w),
+                  rankOf(w) == 1 ? w.size(0) : -1, rows);
+    } else if (w.device() != device) {
+      status.fail(kStatusDevice, kArgRecvWeights);
     }
   }
   return status;

@@ -80,11 +80,10 @@ void checkExpertIds(DeviceStatus& status, const at::Tensor& idx,
 
 // Combine's inputs, from what needs no device values: ranks, dtypes, H'
 // positive, the layout's lengths, num_tokens and the weights' rows.
-HostStatus checkCombineInputs(const at::Tensor& expert_out,
-                              const MoeLayout& layout,
-                              const std::optional<at::Tensor>& topk_weights,
-                              int64_t num_tokens, int64_t num_experts,
-                              int64_t world_size, const at::Device& device);
+// With reduce=per_rank the weights are `recv_weights` [rows]
+// (MoeCombineArgs).
+HostStatus checkCombineInputs(const MoeCombineArgs& args, int64_t world_size,
+                              const at::Device& device);
 
 // The layout's values agree with each other and with expert_out's `rows`,
 // no (rank, token, pick) is named twice (firstRepeatedRow), and each

@@ -142,9 +142,9 @@ MoeCombine::MoeCombine(TensorView* combined, TensorView* expert_out,
                        TensorView* recv_src_k, TensorView* recv_expert_counts,
                        TensorView* n_tokens_to_rank,
                        TensorView* n_tokens_from_rank,
-                       TensorView* recv_layout_id, TensorView* topk_weights,
+                       TensorView* recv_layout_id, TensorView* weights,
                        Scalar* num_tokens, int64_t num_experts,
-                       MoeBackend backend) {
+                       MoeBackend backend, MoeCombineReduce reduce) {
   addOutput(combined);
   addInput(expert_out);
   addInput(recv_src_rank);
@@ -154,13 +154,14 @@ MoeCombine::MoeCombine(TensorView* combined, TensorView* expert_out,
   addInput(n_tokens_to_rank);
   addInput(n_tokens_from_rank);
   addInput(recv_layout_id);
-  if (topk_weights != nullptr) {
-    addInput(topk_weights);
+  if (weights != nullptr) {
+    addInput(weights);
   }
   addInput(num_tokens);
   addDataAttribute(num_experts);
   addDataAttribute(static_cast<int64_t>(backend));
-  addDataAttribute(topk_weights != nullptr);
+  addDataAttribute(weights != nullptr);
+  addDataAttribute(static_cast<int64_t>(reduce));
 }
 
 std::string MoeCombine::toInlineString() const {
@@ -173,13 +174,19 @@ std::string MoeCombine::toInlineString() const {
      << ", n_tokens_to_rank=" << nTokensToRank()->toString()
      << ", n_tokens_from_rank=" << nTokensFromRank()->toString()
      << ", recv_layout_id=" << recvLayoutId()->toString();
-  if (hasWeights()) {
+  if (topkWeights() != nullptr) {
     ss << ", topk_weights=" << topkWeights()->toString();
+  }
+  if (recvWeights() != nullptr) {
+    ss << ", recv_weights=" << recvWeights()->toString();
   }
   ss << ", num_tokens=" << numTokens()->toString()
      << ", num_experts=" << numExperts()
-     << ", backend=" << hostfuse::toString(backend()) << ") -> ("
-     << joinValues(outputs()) << ")";
+     << ", backend=" << hostfuse::toString(backend());
+  if (reduce() != MoeCombineReduce::PerPick) {
+    ss << ", reduce=" << hostfuse::toString(reduce());
+  }
+  ss << ") -> (" << joinValues(outputs()) << ")";
   return ss.str();
 }
 
@@ -206,10 +213,19 @@ void MoeCombine::validate() const {
                numTokens()->dtype() == DataType::Int64,
            "MoeCombine: num_tokens ", input(num_inputs - 1)->describe(),
            " must be an i64 scalar");
-  if (hasWeights()) {
+  const int64_t mode = attribute<int64_t>(3);
+  HF_CHECK(mode == static_cast<int64_t>(MoeCombineReduce::PerPick) ||
+               mode == static_cast<int64_t>(MoeCombineReduce::PerRank),
+           "MoeCombine: reduce ", mode, " is neither per_pick nor per_rank");
+  if (topkWeights() != nullptr) {
     checkFloating(this, "topk_weights", topkWeights(), 2);
     checkSameExtent(this, numTokens(), "num_tokens", topkWeights()->extent(0),
                     "the token count of topk_weights");
+  }
+  if (recvWeights() != nullptr) {
+    checkFloating(this, "recv_weights", recvWeights(), 1);
+    checkSameExtent(this, expertOut()->extent(0), "the rows of expert_out",
+                    recvWeights()->extent(0), "the rows of recv_weights");
   }
   checkFloating(this, "combined", combined(), 2);
   HF_CHECK(combined()->dtype() == expertOut()->dtype(), "MoeCombine: combined ",
@@ -308,7 +324,8 @@ MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
 }
 
 TensorView* moeCombine(TensorView* expert_out, const MoeDispatchResult& layout,
-                       TensorView* topk_weights, Scalar* num_tokens) {
+                       TensorView* topk_weights, Scalar* num_tokens,
+                       MoeCombineReduce reduce) {
   HF_CHECK(expert_out != nullptr && num_tokens != nullptr,
            "moeCombine: expert_out and num_tokens must not be null");
   HF_CHECK(layout.recv_x != nullptr && layout.recv_x->definition() != nullptr &&
@@ -321,13 +338,25 @@ TensorView* moeCombine(TensorView* expert_out, const MoeDispatchResult& layout,
            num_tokens->describe(), " must be an i64 scalar, got ",
            num_tokens->dtype());
   const auto* dispatch = layout.recv_x->definition()->as<MoeDispatch>();
+  TensorView* weights = topk_weights;
+  if (reduce == MoeCombineReduce::PerRank && topk_weights != nullptr) {
+    HF_CHECK(topk_weights == dispatch->topkWeights(),
+             "moeCombine: with reduce=per_rank the experts' ranks weight the "
+             "rows with the weights dispatch carried, so topk_weights must "
+             "be the dispatch's own (",
+             dispatch->topkWeights() == nullptr
+                 ? std::string("it had none")
+                 : dispatch->topkWeights()->toString(),
+             ") or null; got ", topk_weights->toString());
+    weights = layout.recv_weights;
+  }
   TensorView* combined =
       makeTensor({num_tokens, expert_out->extent(1)}, expert_out->dtype());
   IrBuilder::create<MoeCombine>(
       combined, expert_out, layout.recv_src_rank, layout.recv_src_token,
       layout.recv_src_k, layout.recv_expert_counts, layout.n_tokens_to_rank,
-      layout.n_tokens_from_rank, layout.recv_layout_id, topk_weights,
-      num_tokens, dispatch->numExperts(), dispatch->backend());
+      layout.n_tokens_from_rank, layout.recv_layout_id, weights, num_tokens,
+      dispatch->numExperts(), dispatch->backend(), reduce);
   return combined;
 }
 

@@ -111,12 +111,17 @@ class MoeDispatch : public Expr {
 // Inputs: expert_out [rows, H'] floating, in MoeDispatch's layout; the
 // layout as dispatch returned it (recv_src_rank, recv_src_token, recv_src_k,
 // recv_expert_counts, n_tokens_to_rank, n_tokens_from_rank,
-// recv_layout_id); optional
-// topk_weights [T, K] floating; T, the number of tokens of this rank.
+// recv_layout_id); optional weights; T, the number of tokens of this rank.
 // Output: combined [T, H'] in expert_out's dtype, in the original token
-// order: combined[t] = sum over unmasked picks k of w[t, k] * out(t, k)
-// (w = 1 without weights), accumulated in fp32 in pick order; tokens
-// without unmasked picks are 0. With backend=cuda the layout must come
+// order. Attribute `reduce` (backend.h, MoeCombineReduce):
+//   per_pick (the default): the weights are topk_weights [T, K] floating;
+//     combined[t] = sum over unmasked picks k of w[t, k] * out(t, k)
+//     (w = 1 without weights), accumulated in fp32 in pick order;
+//   per_rank: the weights are recv_weights [rows] floating (dispatch's
+//     output, on the expert's rank); per rank r in rank order, the weighted
+//     sum of t's picks on r in pick order in fp32, rounded to the dtype,
+//     then those summed in fp32 and rounded again.
+// Tokens without unmasked picks are 0. With backend=cuda the layout must come
 // straight from a MoeDispatch with backend=cuda (whose workspace holds the
 // rows' metadata), and expert_out must have its C rows, H and dtype.
 class MoeCombine : public Expr {
@@ -125,8 +130,9 @@ class MoeCombine : public Expr {
              TensorView* recv_src_rank, TensorView* recv_src_token,
              TensorView* recv_src_k, TensorView* recv_expert_counts,
              TensorView* n_tokens_to_rank, TensorView* n_tokens_from_rank,
-             TensorView* recv_layout_id, TensorView* topk_weights,
-             Scalar* num_tokens, int64_t num_experts, MoeBackend backend);
+             TensorView* recv_layout_id, TensorView* weights,
+             Scalar* num_tokens, int64_t num_experts, MoeBackend backend,
+             MoeCombineReduce reduce = MoeCombineReduce::PerPick);
   HF_DECLARE_EXPR(MoeCombine)
   std::vector<std::string> captureProblems(
       const at::Device& device) const override;
@@ -139,9 +145,17 @@ class MoeCombine : public Expr {
   TensorView* nTokensToRank() const { return input(5)->as<TensorView>(); }
   TensorView* nTokensFromRank() const { return input(6)->as<TensorView>(); }
   TensorView* recvLayoutId() const { return input(7)->as<TensorView>(); }
-  // nullptr without weights.
-  TensorView* topkWeights() const {
+  // topk_weights or recv_weights, by the mode; nullptr without weights.
+  TensorView* weights() const {
     return hasWeights() ? input(8)->as<TensorView>() : nullptr;
+  }
+  // The weights of per_pick; nullptr without weights or with per_rank.
+  TensorView* topkWeights() const {
+    return reduce() == MoeCombineReduce::PerPick ? weights() : nullptr;
+  }
+  // The weights of per_rank; nullptr without weights or with per_pick.
+  TensorView* recvWeights() const {
+    return reduce() == MoeCombineReduce::PerRank ? weights() : nullptr;
   }
   Scalar* numTokens() const {
     return input(hasWeights() ? 9 : 8)->as<Scalar>();
@@ -151,13 +165,17 @@ class MoeCombine : public Expr {
     return static_cast<MoeBackend>(attribute<int64_t>(1));
   }
   bool hasWeights() const { return attribute<bool>(2); }
+  MoeCombineReduce reduce() const {
+    return static_cast<MoeCombineReduce>(attribute<int64_t>(3));
+  }
   TensorView* combined() const { return output(0)->as<TensorView>(); }
   // The MoeDispatch that computed the layout inputs; nullptr when they
   // come from elsewhere (allowed for backend=collective only).
   const MoeDispatch* dispatch() const;
 
   // MoeCombine(expert_out=T9, ..., num_tokens=i0, num_experts=8,
-  //   backend=collective) -> (T10)
+  //   backend=collective) -> (T10); ", reduce=per_rank" after the backend
+  //   in that mode.
   std::string toInlineString() const override;
   void validate() const override;
 
@@ -189,8 +207,12 @@ MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
 
 // Builds the MoeCombine of `layout`, which a moeDispatch returned; takes
 // num_experts and the backend from that dispatch. `num_tokens` is T (e.g.
-// x->extent(0)); `topk_weights` may be null.
+// x->extent(0)); `topk_weights` may be null (an unweighted sum). With
+// per_rank, the experts' ranks weight the rows with the weights dispatch
+// carried (layout.recv_weights), so `topk_weights` must then be the
+// dispatch's own topk_weights, or null.
 TensorView* moeCombine(TensorView* expert_out, const MoeDispatchResult& layout,
-                       TensorView* topk_weights, Scalar* num_tokens);
+                       TensorView* topk_weights, Scalar* num_tokens,
+                       MoeCombineReduce reduce = MoeCombineReduce::PerPick);
 
 }  // namespace hostfuse

@@ -12,6 +12,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <hostfuse/multidevice/moe/backend.h>
+
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -62,9 +64,14 @@ struct MoeCombineArgs {
   const void* dispatch_site = nullptr;
   at::Tensor expert_out;  // [rows, H'] in the dispatch's layout
   MoeLayout layout;
-  std::optional<at::Tensor> topk_weights;  // [T, K] floating
-  int64_t num_tokens = 0;                  // T
-  int64_t num_experts = 0;                 // E
+  MoeCombineReduce reduce = MoeCombineReduce::PerPick;
+  // per_pick: the weights of this rank's tokens, [T, K] floating.
+  std::optional<at::Tensor> topk_weights;
+  // per_rank: the weight of each row of expert_out, [rows] floating (what
+  // dispatch returned as recv_weights); topk_weights is then unset.
+  std::optional<at::Tensor> recv_weights;
+  int64_t num_tokens = 0;   // T
+  int64_t num_experts = 0;  // E
 };
 
 class MoeRuntime {
@@ -77,7 +84,8 @@ class MoeRuntime {
   virtual MoeDispatchOutput dispatch(const MoeDispatchArgs& args) = 0;
 
   // combined [T, H']: per token, the weighted sum of its picks' rows in pick
-  // order, accumulated in fp32 (fp64 for fp64 rows).
+  // order, accumulated in fp32 (fp64 for fp64 rows); with
+  // MoeCombineReduce::PerRank, per rank first (backend.h).
   virtual at::Tensor combine(const MoeCombineArgs& args) = 0;
 
   // Raises the first error recorded on the device without a host

@@ -9,7 +9,7 @@ namespace hostfuse::moe {
 namespace {
 
 std::string argName(int64_t code) {
-  if (code < kArgSrcRank || code > kArgLayoutId) {
+  if (code < kArgSrcRank || code > kArgRecvWeights) {
     return "a tensor";
   }
   return toString(static_cast<TensorArg>(code));
@@ -152,6 +152,18 @@ std::string describeCombineInput(const StatusContext& c, const int64_t* w) {
           d1);
     case kStatusNumTokens:
       return fmt::format("num_tokens must be >= 0, got {}", d0);
+    case kStatusRecvWeights:
+      return fmt::format(
+          "with reduce=per_rank, recv_weights must be a 1-D floating tensor "
+          "with one weight per row of expert_out ({} rows), as dispatch "
+          "returned it; got rank {} of {} with {} entries",
+          d3, d0, describeDtype(d1), d2);
+    case kStatusCombineModes:
+      return fmt::format(
+          "this rank combines with reduce={} but rank {} with reduce={}; "
+          "every rank must use the same mode in a combine",
+          d0 == 1 ? "per_rank" : "per_pick", d2,
+          d1 == 1 ? "per_rank" : "per_pick");
     case kStatusCountsSum:
       return fmt::format(
           "recv_expert_counts sums to {} but expert_out has {} rows; the rows "
@@ -254,6 +266,8 @@ const char* toString(TensorArg arg) {
       return "expert_out";
     case kArgLayoutId:
       return "recv_layout_id";
+    case kArgRecvWeights:
+      return "recv_weights";
   }
   return "a tensor";
 }
@@ -319,6 +333,9 @@ std::string describeStatus(const StatusContext& c, const int64_t* w) {
           : w[2] == kFailedStaleLayout
               ? std::string("was given a stale layout in its combine (its "
                             "own error says which)")
+          : w[2] == kFailedCombineModes
+              ? std::string("combined in another mode (reduce=) than a peer "
+                            "(its own error says which)")
               : std::string("raised an error on its host (its own error "
                             "says why)"),
           w[1] == 0 ? std::string("at the start of the call")

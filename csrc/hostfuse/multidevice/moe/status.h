@@ -44,6 +44,12 @@ enum StatusCode : int32_t {
   kStatusLayoutLength,   // d0: TensorArg, d1: its length, d2: the expected
   kStatusWeightsTokens,  // d0: rows of topk_weights, d1: num_tokens
   kStatusNumTokens,      // d0: num_tokens
+  // reduce=per_rank: d0 the rank of recv_weights, d1 its dtype, d2 its
+  // length, d3 the rows of expert_out
+  kStatusRecvWeights,
+  // d0: this rank's combine mode (MoeCombineReduce), d1: the mode of peer
+  // d2, which differs
+  kStatusCombineModes,
   // MoeCombine inputs, checked from values.
   kStatusCountsSum,           // d0: sum(recv_expert_counts), d1: rows
   kStatusFromSum,             // d0: sum(n_tokens_from_rank), d1: rows
@@ -91,6 +97,7 @@ enum TensorArg : int32_t {
   kArgX,
   kArgExpertOut,
   kArgLayoutId,
+  kArgRecvWeights,
 };
 
 // What a backend cannot do (kStatusUnsupported).
@@ -113,10 +120,11 @@ enum WaitPurpose : int32_t {
 
 // Why a rank published a failure to its peers (kStatusPeerFailed).
 enum FailureReason : int32_t {
-  kFailedTimeout = 1,      // a wait of its kernels timed out
-  kFailedOnHost = 2,       // its host raised an error (inputs refused, or an
-                           // error outside MoE in a program that uses it)
-  kFailedStaleLayout = 3,  // its combine was given a stale layout
+  kFailedTimeout = 1,       // a wait of its kernels timed out
+  kFailedOnHost = 2,        // its host raised an error (inputs refused, or an
+                            // error outside MoE in a program that uses it)
+  kFailedStaleLayout = 3,   // its combine was given a stale layout
+  kFailedCombineModes = 4,  // a peer combined in another mode than it
 };
 
 // Everything describeStatus needs besides the words.

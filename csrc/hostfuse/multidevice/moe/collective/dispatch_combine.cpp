@@ -49,15 +49,26 @@ constexpr int64_t kNoDtype = -1;
 // that failed before a call sends a row whose op is kCallFailed instead
 // (publishCollectiveFailure).
 enum CallWord : int64_t { kOpWord = kHeaderWords, kCallWord, kCallHeaderWords };
-enum CallOp : int64_t { kCallDispatch = 1, kCallCombine = 2, kCallFailed = 3 };
+// A combine's op word names its mode, so that ranks combining in different
+// modes find out before any row moves.
+enum CallOp : int64_t {
+  kCallDispatch = 1,
+  kCallCombine = 2,  // reduce=per_pick
+  kCallFailed = 3,
+  kCallCombinePerRank = 4,
+};
+
+bool isCombine(int64_t op) {
+  return op == kCallCombine || op == kCallCombinePerRank;
+}
 static_assert(collective::kTableHeaderWords == kCallHeaderWords);
 
 using collective::tableWidth;
 
 const char* opName(int64_t op) {
-  return op == kCallDispatch  ? "MoeDispatch"
-         : op == kCallCombine ? "MoeCombine"
-                              : "an unknown op";
+  return op == kCallDispatch ? "MoeDispatch"
+         : isCombine(op)     ? "MoeCombine"
+                             : "an unknown op";
 }
 
 // Throws, with the same text on every rank, if a rank failed before this
@@ -87,6 +98,15 @@ void checkCallsMatch(const at::Tensor& table) {
     if (theirs[kOpWord] == words[kOpWord] &&
         theirs[kCallWord] == words[kCallWord]) {
       continue;
+    }
+    if (isCombine(theirs[kOpWord]) && isCombine(words[kOpWord]) &&
+        theirs[kCallWord] == words[kCallWord]) {
+      auto mode = [](int64_t op) {
+        return op == kCallCombinePerRank ? "per_rank" : "per_pick";
+      };
+      HF_THROW("MoeCombine: rank 0 combines with reduce=", mode(words[kOpWord]),
+               " but rank ", r, " with reduce=", mode(theirs[kOpWord]),
+               "; every rank must use the same mode in a combine");
     }
     HF_THROW("the ranks' MoE calls do not pair up: rank 0 called ",
              opName(words[kOpWord]), " (collective MoE call #",
@@ -470,6 +490,123 @@ at::Tensor combineInOrder(const at::Tensor& rows, const at::Tensor& token,
   return acc.to(rows.scalar_type());
 }
 
+// combineInOrder on either device: the CombineSum kernel on GPUs. `weights`
+// [tokens, picks] in the accumulation dtype, or undefined (weight 1).
+at::Tensor sumInOrder(const at::Tensor& rows, const at::Tensor& token,
+                      const at::Tensor& pick, const at::Tensor& weights,
+                      int64_t num_tokens) {
+  if (!rows.is_cuda()) {
+    return combineInOrder(
+        rows, token, pick,
+        weights.defined() ? std::optional<at::Tensor>(weights) : std::nullopt,
+        num_tokens);
+  }
+  const at::Tensor meta = at::stack({token, pick}, 1);
+  const TokenOrder sorted = orderByTokenThenPick(token, pick, num_tokens);
+  at::Tensor combined = at::empty({num_tokens, rows.size(1)}, rows.options());
+  collective::CombineSumArgs args;
+  args.rows = rows.const_data_ptr();
+  args.meta = meta.const_data_ptr<int64_t>();
+  args.count = rows.size(0);
+  args.hidden = rows.size(1);
+  args.type = rowType(rows.scalar_type());
+  args.topk_weights = weights.defined() ? weights.const_data_ptr() : nullptr;
+  args.picks = weights.defined() ? weights.size(1) : 0;
+  args.tokens = num_tokens;
+  args.order = sorted.order.const_data_ptr<int64_t>();
+  args.token_start = sorted.token_start.const_data_ptr<int64_t>();
+  args.out = combined.mutable_data_ptr();
+  HF_CUDA_CHECK(collective::launchCombineSum(args, streamOf(rows.device())));
+  return combined;
+}
+
+// reduce=per_rank on the experts' rank: one partial row per (source rank,
+// source token) among the rows held here: the weighted rows of the token's
+// picks here, in pick order, in the accumulation dtype with one rounding
+// per product and per sum, rounded once to expert_out's dtype. Partials are
+// in (rank, token) order, so each source rank's are contiguous.
+struct RankPartials {
+  at::Tensor rows;     // [G, H'] expert_out's dtype
+  at::Tensor token;    // [G] i64: the source token of each
+  at::Tensor to_rank;  // [R] i64 on the CPU: partials for each source rank
+};
+
+RankPartials partialsPerRank(const at::Tensor& expert_out,
+                             const MoeLayout& layout,
+                             const std::optional<at::Tensor>& recv_weights,
+                             int64_t world_size) {
+  const at::ScalarType accumulate =
+      at::promote_types(at::kFloat, expert_out.scalar_type());
+  const int64_t count = expert_out.size(0);
+  // Rows by (rank, token, pick): three stable sorts, last key first.
+  at::Tensor order =
+      std::get<1>(at::sort(layout.src_k, /*stable=*/true, 0, false));
+  for (const at::Tensor* key : {&layout.src_token, &layout.src_rank}) {
+    order =
+        order.index_select(0, std::get<1>(at::sort(key->index_select(0, order),
+                                                   /*stable=*/true, 0, false)));
+  }
+  const at::Tensor rank = layout.src_rank.index_select(0, order);
+  const at::Tensor token = layout.src_token.index_select(0, order);
+  // Where a new (rank, token) starts among the sorted rows.
+  at::Tensor starts = at::ones({count}, rank.options().dtype(at::kBool));
+  if (count > 1) {
+    starts.narrow(0, 1, count - 1)
+        .copy_(at::logical_or(
+            rank.narrow(0, 1, count - 1) != rank.narrow(0, 0, count - 1),
+            token.narrow(0, 1, count - 1) != token.narrow(0, 0, count - 1)));
+  }
+  const at::Tensor sorted_group = starts.cumsum(0) - 1;
+  const at::Tensor group =
+      at::empty_like(sorted_group).index_copy_(0, order, sorted_group);
+  const at::Tensor heads = starts.nonzero().reshape({-1});
+  const int64_t groups = heads.size(0);
+
+  at::Tensor terms = expert_out.to(accumulate);
+  if (recv_weights.has_value()) {
+    terms = terms * recv_weights->to(accumulate).unsqueeze(1);
+  }
+  RankPartials partials;
+  partials.rows = sumInOrder(terms, group, layout.src_k, at::Tensor(), groups)
+                      .to(expert_out.scalar_type());
+  partials.token = token.index_select(0, heads);
+  partials.to_rank =
+      at::bincount(rank.index_select(0, heads).cpu(), {}, world_size);
+  return partials;
+}
+
+// reduce=per_rank after the checks: the partials of the rows held here go
+// to their source ranks (their counts first, which no table holds), and
+// each token's partials are summed in rank order, rounded once more.
+at::Tensor combinePerRank(const MoeCombineArgs& args,
+                          Communicator& communicator) {
+  const int64_t world_size = communicator.size();
+  const RankPartials partials = partialsPerRank(args.expert_out, args.layout,
+                                                args.recv_weights, world_size);
+  const at::Device device = args.expert_out.device();
+  const at::Tensor counts = exchangeTable(
+      communicator, partials.to_rank.to(device).unsqueeze(1), "MoeCombine");
+  const at::Tensor from_rank = counts.reshape({-1}).cpu();
+  const std::vector<int64_t> send_splits(
+      partials.to_rank.data_ptr<int64_t>(),
+      partials.to_rank.data_ptr<int64_t>() + world_size);
+  const std::vector<int64_t> recv_splits(
+      from_rank.data_ptr<int64_t>(),
+      from_rank.data_ptr<int64_t>() + world_size);
+  const int64_t num_recv = from_rank.sum().item<int64_t>();
+  const at::Tensor returned =
+      exchangeRows(communicator, partials.rows, num_recv, recv_splits,
+                   send_splits, "MoeCombine");
+  const at::Tensor token =
+      exchangeRows(communicator, partials.token.unsqueeze(1), num_recv,
+                   recv_splits, send_splits, "MoeCombine")
+          .reshape({-1});
+  const at::Tensor rank =
+      at::repeat_interleave(at::arange(world_size, token.options()),
+                            from_rank.to(device), 0, num_recv);
+  return sumInOrder(returned, token, rank, at::Tensor(), args.num_tokens);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -712,7 +849,26 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
                              const std::optional<at::Tensor>& topk_weights,
                              int64_t num_tokens, int64_t num_experts,
                              Communicator& communicator) {
+  MoeCombineArgs args;
+  args.expert_out = expert_out;
+  args.layout = layout;
+  args.topk_weights = topk_weights;
+  args.num_tokens = num_tokens;
+  args.num_experts = num_experts;
+  return combineCollective(args, communicator);
+}
+
+at::Tensor combineCollective(const MoeCombineArgs& args,
+                             Communicator& communicator) {
   at::NoGradGuard no_grad;
+  const at::Tensor& expert_out = args.expert_out;
+  const MoeLayout& layout = args.layout;
+  const std::optional<at::Tensor>& topk_weights = args.topk_weights;
+  const std::optional<at::Tensor>& weights_given =
+      topk_weights.has_value() ? topk_weights : args.recv_weights;
+  const int64_t num_tokens = args.num_tokens;
+  const int64_t num_experts = args.num_experts;
+  const bool per_rank = args.reduce == MoeCombineReduce::PerRank;
   const int64_t world_size = communicator.size();
   const int64_t me = communicator.rank();
   const at::Device device =
@@ -726,8 +882,7 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
 
   // 1. Check expert_out and the layout.
   const HostStatus host_status =
-      moe::checkCombineInputs(expert_out, layout, topk_weights, num_tokens,
-                              num_experts, world_size, device);
+      moe::checkCombineInputs(args, world_size, device);
   const bool valid = host_status.ok();
   const int64_t rows = valid ? expert_out.size(0) : 0;
   const int64_t hidden = valid ? expert_out.size(1) : -1;
@@ -735,10 +890,10 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
       valid && topk_weights.has_value() ? topk_weights->size(1) : -1;
   const int64_t call = communicator.nextCount("moe/collective");
   ReportFailureUntilExchange report(communicator, device, call);
-  const TableHeader header =
-      tableHeader(host_status, num_experts, hidden, dtypeCode(expert_out),
-                  topk_weights ? dtypeCode(*topk_weights) : kNoDtype,
-                  num_tokens, picks, kCallCombine, call);
+  const TableHeader header = tableHeader(
+      host_status, num_experts, hidden, dtypeCode(expert_out),
+      weights_given ? dtypeCode(*weights_given) : kNoDtype, num_tokens, picks,
+      per_rank ? kCallCombinePerRank : kCallCombine, call);
   at::Tensor send_table;  // [R, tableWidth(R)]
   if (gpu) {
     send_table = at::empty({world_size, tableWidth(world_size)}, longs);
@@ -811,6 +966,9 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
   checkCallsMatch(table);
   checkCombineTable(table);
 
+  if (per_rank) {
+    return combinePerRank(args, communicator);
+  }
   const int64_t* words = table.data_ptr<int64_t>() + me * table.size(1);
   std::vector<int64_t> send_splits(world_size);
   std::vector<int64_t> recv_splits(world_size);
@@ -839,32 +997,13 @@ at::Tensor combineCollective(const at::Tensor& expert_out,
       num_recv, recv_splits, send_splits, "MoeCombine");
 
   // 4. Per token, the sum of its picks in pick order (see combineInOrder).
-  if (!gpu) {
-    return combineInOrder(returned, meta.select(1, 0), meta.select(1, 1),
-                          topk_weights, num_tokens);
-  }
   const at::ScalarType accumulate =
       at::promote_types(at::kFloat, returned.scalar_type());
   const at::Tensor weights = topk_weights.has_value()
                                  ? topk_weights->to(accumulate).contiguous()
                                  : at::Tensor();
-  at::Tensor combined = at::empty({num_tokens, hidden}, returned.options());
-  const TokenOrder sorted =
-      orderByTokenThenPick(meta.select(1, 0), meta.select(1, 1), num_tokens);
-  collective::CombineSumArgs args;
-  args.rows = returned.const_data_ptr();
-  args.meta = meta.const_data_ptr<int64_t>();
-  args.count = num_recv;
-  args.hidden = hidden;
-  args.type = rowType(returned.scalar_type());
-  args.topk_weights = weights.defined() ? weights.const_data_ptr() : nullptr;
-  args.picks = picks;
-  args.tokens = num_tokens;
-  args.order = sorted.order.const_data_ptr<int64_t>();
-  args.token_start = sorted.token_start.const_data_ptr<int64_t>();
-  args.out = combined.mutable_data_ptr();
-  HF_CUDA_CHECK(collective::launchCombineSum(args, streamOf(device)));
-  return combined;
+  return sumInOrder(returned, meta.select(1, 0), meta.select(1, 1), weights,
+                    num_tokens);
 }
 
 }  // namespace hostfuse

@@ -61,11 +61,16 @@ MoeDispatchOutput dispatchCollective(
     const std::optional<at::Tensor>& topk_weights, int64_t num_experts,
     Communicator& communicator);
 
-// Returns combined [num_tokens, H'] in expert_out's dtype, where
-// combined[t] = sum over unmasked k of w[t, k] * expert_out row of (t, k),
-// w = topk_weights (1 without), accumulated in fp32 in pick order k = 0,
-// 1, ... without fused multiply-adds (fp64 for fp64 rows). expert_out
-// [rows, H'] must be in the layout `layout` describes.
+// The combine of MoeRuntime::combine, in either mode (backend.h,
+// MoeCombineReduce).
+at::Tensor combineCollective(const MoeCombineArgs& args,
+                             Communicator& communicator);
+
+// reduce=per_pick. Returns combined [num_tokens, H'] in expert_out's dtype,
+// where combined[t] = sum over unmasked k of w[t, k] * expert_out row of (t,
+// k), w = topk_weights (1 without), accumulated in fp32 in pick order k = 0, 1,
+// ... without fused multiply-adds (fp64 for fp64 rows). expert_out [rows, H']
+// must be in the layout `layout` describes.
 at::Tensor combineCollective(const at::Tensor& expert_out,
                              const MoeLayout& layout,
                              const std::optional<at::Tensor>& topk_weights,

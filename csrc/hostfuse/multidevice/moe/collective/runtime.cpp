@@ -10,8 +10,7 @@ MoeDispatchOutput CollectiveMoeRuntime::dispatch(const MoeDispatchArgs& args) {
 }
 
 at::Tensor CollectiveMoeRuntime::combine(const MoeCombineArgs& args) {
-  return combineCollective(args.expert_out, args.layout, args.topk_weights,
-                           args.num_tokens, args.num_experts, communicator_);
+  return combineCollective(args, communicator_);
 }
 
 void CollectiveMoeRuntime::publishFailure(const at::Device& device) noexcept {

@@ -123,7 +123,7 @@ moe::CombineParams combineParams(const CudaMoeConfig& c, const CudaMoeLaunch& l,
                                  const CudaMoeBuffers& b,
                                  const at::Tensor& rows,
                                  const at::Tensor& weights,
-                                 const at::Tensor& out) {
+                                 const at::Tensor& out, bool per_rank) {
   moe::CombineParams p = {};
   uint64_t* profile =
       b.profile != nullptr
@@ -133,7 +133,8 @@ moe::CombineParams combineParams(const CudaMoeConfig& c, const CudaMoeLaunch& l,
       c, l, b, copyUnit(l.row_bytes, {rows.data_ptr(), out.data_ptr()}),
       profile);
   p.expert_out = rows.data_ptr();
-  p.topk_weights = dataOrNull<float>(weights);
+  p.per_rank = per_rank ? 1 : 0;
+  (per_rank ? p.recv_weights : p.topk_weights) = dataOrNull<float>(weights);
   p.out = out.data_ptr();
   p.tokens = out.size(0);
   return p;

@@ -28,13 +28,13 @@ moe::DispatchParams dispatchParams(const CudaMoeConfig& config,
                                    const at::Tensor& weights,
                                    const CudaDispatchResult& out);
 
-// One combine: rows [C, H] contiguous, weights [T, K] contiguous fp32 or
-// undefined, out [T, H].
+// One combine: rows [C, H] contiguous, out [T, H]; weights contiguous fp32
+// or undefined: per_pick [T, K] (topk_weights), per_rank [C] (the rows').
 moe::CombineParams combineParams(const CudaMoeConfig& config,
                                  const CudaMoeLaunch& launch,
                                  const CudaMoeBuffers& buffers,
                                  const at::Tensor& rows,
                                  const at::Tensor& weights,
-                                 const at::Tensor& out);
+                                 const at::Tensor& out, bool per_rank);
 
 }  // namespace hostfuse

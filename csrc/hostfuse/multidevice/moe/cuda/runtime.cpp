@@ -206,8 +206,7 @@ at::Tensor CudaMoeRuntime::combine(const MoeCombineArgs& args) {
       "cuda backend keeps the layout with the dispatch)");
   Site& site = *it->second;
   const moe::HostStatus status = moe::checkCombineInputs(
-      args.expert_out, args.layout, args.topk_weights, args.num_tokens,
-      args.num_experts, communicator_.size(), communicator_.device());
+      args, communicator_.size(), communicator_.device());
   if (!status.ok()) {
     site.workspace->publishFailure();
     moe::StatusContext context = dispatchContext(
@@ -215,9 +214,11 @@ at::Tensor CudaMoeRuntime::combine(const MoeCombineArgs& args) {
     context.op = "MoeCombine";
     HF_THROW(moe::describeStatus(context, status.words()));
   }
-  return site.workspace->combine(args.expert_out, site.handle,
-                                 args.topk_weights, args.num_tokens,
-                                 args.layout.id);
+  const bool per_rank = args.reduce == MoeCombineReduce::PerRank;
+  return site.workspace->combine(
+      args.expert_out, site.handle,
+      per_rank ? args.recv_weights : args.topk_weights, args.num_tokens,
+      args.layout.id, args.reduce);
 }
 
 void CudaMoeRuntime::publishFailure(const at::Device& /*device*/) noexcept {

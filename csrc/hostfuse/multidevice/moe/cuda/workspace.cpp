@@ -247,15 +247,18 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
   return result;
 }
 
-at::Tensor CudaMoeWorkspace::combine(
-    const at::Tensor& expert_out, const CudaDispatchResult& handle,
-    const std::optional<at::Tensor>& topk_weights, int64_t num_tokens,
-    const at::Tensor& layout_id) {
+at::Tensor CudaMoeWorkspace::combine(const at::Tensor& expert_out,
+                                     const CudaDispatchResult& handle,
+                                     const std::optional<at::Tensor>& weights,
+                                     int64_t num_tokens,
+                                     const at::Tensor& layout_id,
+                                     MoeCombineReduce reduce) {
   checkUsable("combine");
+  const bool per_rank = reduce == MoeCombineReduce::PerRank;
   const CudaMoeConfig& c = config_;
   const at::Device device(at::kCUDA, static_cast<c10::DeviceIndex>(c.device));
   // The peers would wait for this rank's rows: a refusal is published.
-  const auto [rows, weights, tokens] = publishingFailure([&] {
+  const auto [rows, float_weights, tokens] = publishingFailure([&] {
     HF_CHECK(handle.workspace == this,
              "MoE combine: the handle comes from another workspace (another "
              "MoE node?) than '",
@@ -287,16 +290,29 @@ at::Tensor CudaMoeWorkspace::combine(
              "MoE combine: expert_out must be [C, H] = [", launch_.capacity,
              ", ", c.hidden, "] in the dispatch layout; got ",
              expert_out.sizes());
+    if (per_rank && weights.has_value()) {
+      HF_CHECK(weights->device() == device &&
+                   moe::isWeightDtype(weights->scalar_type()) &&
+                   weights->dim() == 1 && weights->size(0) == launch_.capacity,
+               "MoE combine: with reduce=per_rank the weights are the rows' "
+               "(recv_weights), a floating [C] = [",
+               launch_.capacity, "] tensor on ", device, "; got ",
+               weights->scalar_type(), " ", weights->sizes(), " on ",
+               weights->device());
+    }
     return std::make_tuple(
         expert_out.contiguous(),
-        floatWeights("combine", topk_weights, device, tokens, c.topk), tokens);
+        per_rank ? (weights.has_value() ? weights->to(at::kFloat).contiguous()
+                                        : at::Tensor())
+                 : floatWeights("combine", weights, device, tokens, c.topk),
+        tokens);
   });
 
   cuda::DeviceScope device_scope(c.device);
   at::Tensor out = at::empty({tokens, c.hidden},
                              at::TensorOptions().device(device).dtype(c.dtype));
   moe::CombineParams params =
-      combineParams(c, launch_, *buffers_, rows, weights, out);
+      combineParams(c, launch_, *buffers_, rows, float_weights, out, per_rank);
   params.layout_id =
       layout_id.defined() ? layout_id.const_data_ptr<int64_t>() : nullptr;
   HF_CUDA_CHECK(moe::launchCombine(params, elementType(c.dtype), launch_.blocks,
@@ -357,7 +373,10 @@ void CudaMoeWorkspace::raiseStatus() {
   if (status.code == moe::kStatusTimeout ||
       status.code == moe::kStatusPoisoned ||
       status.code == moe::kStatusPeerFailed ||
-      status.code == moe::kStatusStaleLayout) {
+      status.code == moe::kStatusStaleLayout ||
+      status.code == moe::kStatusCombineModes) {
+    // Failures the kernels published to the peers: every rank's workspace
+    // is unusable from here on.
     broken_ = true;
     broken_reason_ = message;
   }

@@ -46,6 +46,7 @@
 #include <optional>
 #include <string>
 
+#include <hostfuse/multidevice/moe/backend.h>
 #include <hostfuse/multidevice/moe/cuda/config.h>
 #include <hostfuse/multidevice/moe/cuda/profile.h>
 
@@ -95,10 +96,14 @@ class CudaMoeWorkspace {
   // layout the caller holds: the kernel compares its epoch with the
   // latest dispatch's, on the device, and refuses a stale one
   // (kStatusStaleLayout: NaN output, the failure published to the peers).
-  at::Tensor combine(
-      const at::Tensor& expert_out, const CudaDispatchResult& handle,
-      const std::optional<at::Tensor>& topk_weights = std::nullopt,
-      int64_t num_tokens = -1, const at::Tensor& layout_id = at::Tensor());
+  // With reduce=per_rank, `weights` are the rows' weights [C] (what
+  // dispatch returned as recv_weights), else topk_weights [T, K].
+  at::Tensor combine(const at::Tensor& expert_out,
+                     const CudaDispatchResult& handle,
+                     const std::optional<at::Tensor>& weights = std::nullopt,
+                     int64_t num_tokens = -1,
+                     const at::Tensor& layout_id = at::Tensor(),
+                     MoeCombineReduce reduce = MoeCombineReduce::PerPick);
 
   // Waits for the device and raises the first error recorded since the last
   // check (use after graph replays). Must not run during a capture.

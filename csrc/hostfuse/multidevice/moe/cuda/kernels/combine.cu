@@ -1,22 +1,29 @@
 // CUDA-backend MoE combine: one cooperative kernel per call.
 //
 //   push     the push blocks form one group per peer; once the peer has
-//            reduced its previous combine (its free flag), a group's warps
-//            walk the peer's tokens in order and copy every row this rank
-//            holds of a token (the route entries of the last dispatch) into
-//            the peer's slot (token, pick), then store arrivals[t][rank] =
-//            epoch there with a release;
+//            reduced its previous combine (its free flag), a group's blocks
+//            store this call's mode into the peer's combine_modes, and its
+//            warps walk the peer's tokens in order. per_pick: every row this
+//            rank holds of a token (the route entries of the last dispatch)
+//            goes into the peer's slot (token, pick). per_rank: those rows,
+//            weighted with their recv weights and summed in pick order in
+//            fp32, rounded to the dtype, go as one row into the slot of the
+//            token's first pick here. Then arrivals[t][rank] = epoch there
+//            with a release;
 //   reduce   every warp (the other blocks from the start, the push blocks
 //            when done) claims pieces of this rank's tokens in token order,
 //            waits for the arrivals of the peers holding picks of the
-//            token, and computes out[t] = sum over delivered picks k, in
-//            order, of w[t, k] * row(t, k), in fp32 with separate multiply
-//            and add (no FMA), rounded to the output dtype; rows of this
-//            rank's own experts are read straight from expert_out;
+//            token (and checks that they combine in this call's mode), and
+//            computes, in fp32 with separate multiply and add (no FMA),
+//            rounded to the output dtype: per_pick, out[t] = sum over
+//            delivered picks k, in order, of w[t, k] * row(t, k); per_rank,
+//            out[t] = sum over ranks in rank order of their partial rows,
+//            this rank's own partial computed here the way a peer computes
+//            its. Rows of this rank's own experts are read straight from
+//            expert_out;
 //   release  the last block to finish raises free_flags = epoch everywhere.
-// Every row comes back on its own, not pre-summed on the expert side: a
-// partial sum there would change the order of the fp32 additions and break
-// bit-identity with the collective backend (docs/moe_cuda.md).
+// The collective backend computes both modes in the same order, so the two
+// backends stay bit-identical (docs/moe_cuda.md).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -37,6 +44,7 @@ using device::fenceAcqRelSys;
 using device::flagAt;
 using device::globalTimerNs;
 using device::kFullMask;
+using device::loadAcquireSys;
 using device::loadVolatile;
 using device::profileMark;
 using device::publishFailure;
@@ -97,6 +105,63 @@ __device__ void fillNaN(T* out, int64_t count) {
   }
 }
 
+// One unit of U per lane: sum[e] = the sum over j < n in order of
+// weights[j] * rows[j][unit] element e, in fp32 with one rounding per
+// product and per sum (the collective backend's order and rounding); a null
+// row is skipped (a masked pick, one dropped by an overflow, or one of
+// another rank). Loads kReduceBatch rows at once, then adds them in order.
+template <typename T, typename U>
+__device__ __forceinline__ void weightedSum(
+    const U* const* rows, const float* weights, int n, int64_t unit,
+    float (&sum)[sizeof(U) / sizeof(typename Element<T>::Bits)]) {
+  using Bits = typename Element<T>::Bits;
+  constexpr int kPerUnit = sizeof(U) / sizeof(Bits);
+#pragma unroll
+  for (int e = 0; e < kPerUnit; ++e) {
+    sum[e] = 0.0f;
+  }
+  for (int k0 = 0; k0 < n; k0 += kReduceBatch) {
+    U packed[kReduceBatch] = {};
+#pragma unroll
+    for (int j = 0; j < kReduceBatch; ++j) {
+      const U* row = k0 + j < n ? rows[k0 + j] : nullptr;
+      if (row != nullptr) {
+        packed[j] = __ldcg(row + unit);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kReduceBatch; ++j) {
+      if (k0 + j >= n || rows[k0 + j] == nullptr) {
+        continue;
+      }
+      const float weight = weights[k0 + j];
+      Bits bits[kPerUnit];
+      memcpy(bits, &packed[j], sizeof(U));
+#pragma unroll
+      for (int e = 0; e < kPerUnit; ++e) {
+        sum[e] =
+            __fadd_rn(sum[e], __fmul_rn(weight, Element<T>::toFloat(bits[e])));
+      }
+    }
+  }
+}
+
+// The kPerUnit floats of `sum` rounded to T, packed into one U.
+template <typename T, typename U>
+__device__ __forceinline__ U
+roundedUnit(const float (&sum)[sizeof(U) / sizeof(typename Element<T>::Bits)]) {
+  using Bits = typename Element<T>::Bits;
+  constexpr int kPerUnit = sizeof(U) / sizeof(Bits);
+  Bits bits[kPerUnit];
+#pragma unroll
+  for (int e = 0; e < kPerUnit; ++e) {
+    bits[e] = Element<T>::fromFloat(sum[e]);
+  }
+  U packed;
+  memcpy(&packed, bits, sizeof(U));
+  return packed;
+}
+
 // One claimed piece of the reduction: units [begin, end) of token t.
 struct ReducePiece {
   int64_t token;
@@ -105,13 +170,19 @@ struct ReducePiece {
 };
 
 // Sends back the rows of the group's peer (their source): its tokens in
-// order, each token's rows here into its slots (token, pick) there, then
-// arrivals[t][rank] = epoch there (release) once all of them are out.
-template <typename U>
+// order; per_pick, each token's rows here into its slots (token, pick)
+// there; per_rank, their weighted sum (weightedSum over the picks in pick
+// order, rounded to T) into the slot of the token's first pick here. Then
+// arrivals[t][rank] = epoch there (release) once the token's rows are out.
+template <typename T, typename U>
 __device__ void pushBack(const CombineParams& p, uint64_t dispatch_epoch,
                          int64_t recv_rows, uint64_t epoch) {
+  // per_rank, per warp: the rows of the token's picks here and weights.
+  __shared__ const U* partial_rows[kWarpsPerBlock][kMaxTopK];
+  __shared__ float partial_weights[kWarpsPerBlock][kMaxTopK];
   const CommonParams& c = p.common;
   const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const PushGroup group(c);
   const int K = c.topk;
   const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
@@ -121,6 +192,7 @@ __device__ void pushBack(const CombineParams& p, uint64_t dispatch_epoch,
   char* const slots = static_cast<char*>(c.slots[group.peer]);
   uint64_t* const arrivals = reinterpret_cast<uint64_t*>(
       static_cast<char*>(c.control[group.peer]) + c.layout.arrivals);
+  const U* const expert_out = static_cast<const U*>(p.expert_out);
   for (int64_t t = group.first_warp; t < tokens; t += group.warps) {
     int64_t row = -1;
     if (lane < K) {
@@ -133,16 +205,32 @@ __device__ void pushBack(const CombineParams& p, uint64_t dispatch_epoch,
     if (picks == 0) {
       continue;
     }
-    while (picks != 0) {
-      const int k = __ffs(picks) - 1;
-      picks &= picks - 1;
-      char* destination = slots + (t * K + k) * c.row_bytes;
-      const int64_t from = __shfl_sync(kFullMask, row, k);
-      copyUnits<U, false>(
-          &destination, 1,
-          reinterpret_cast<const U*>(static_cast<const char*>(p.expert_out) +
-                                     from * c.row_bytes),
-          0, units, lane);
+    if (p.per_rank != 0) {
+      if (lane < K) {
+        partial_rows[warp][lane] =
+            row >= 0 ? expert_out + row * units : nullptr;
+        partial_weights[warp][lane] =
+            row >= 0 && p.recv_weights != nullptr ? p.recv_weights[row] : 1.0f;
+      }
+      __syncwarp();
+      U* destination = reinterpret_cast<U*>(slots + (t * K + __ffs(picks) - 1) *
+                                                        c.row_bytes);
+      for (int64_t unit = lane; unit < units; unit += 32) {
+        float sum[sizeof(U) / sizeof(typename Element<T>::Bits)];
+        weightedSum<T, U>(partial_rows[warp], partial_weights[warp], K, unit,
+                          sum);
+        destination[unit] = roundedUnit<T, U>(sum);
+      }
+      __syncwarp();  // partial_rows is rewritten for the next token
+    } else {
+      while (picks != 0) {
+        const int k = __ffs(picks) - 1;
+        picks &= picks - 1;
+        char* destination = slots + (t * K + k) * c.row_bytes;
+        const int64_t from = __shfl_sync(kFullMask, row, k);
+        copyUnits<U, false>(&destination, 1, expert_out + from * units, 0,
+                            units, lane);
+      }
     }
     fenceAcqRelSys();
     __syncwarp();
@@ -155,27 +243,32 @@ __device__ void pushBack(const CombineParams& p, uint64_t dispatch_epoch,
 // Every warp (the non-push blocks from the start, the push blocks once
 // their pushes are out): claims pieces of this rank's tokens in token order
 // (the order the peers send them in); a piece waits for the arrivals of the
-// peers that hold picks of its token, then every lane sums its units over
-// the delivered picks in pick order, in fp32 with separate multiply and
-// add (the collective backend's order and rounding), and writes them
-// rounded to T. Returns when the claims run out or a wait fails.
+// peers that hold picks of its token and checks that each pushed in this
+// call's mode, then every lane computes its units (weightedSum, the
+// collective backend's order and rounding) and writes them rounded to T:
+// per_pick, the sum over the delivered picks in pick order; per_rank, the
+// sum in rank order of each rank's partial row (this rank's own computed
+// here from expert_out). Returns when the claims run out or a wait or
+// check fails.
 template <typename T, typename U>
 __device__ __forceinline__ void reduceTokens(const CombineParams& p,
                                              void* own_control, uint64_t epoch,
                                              const WaitContext& context) {
-  using Bits = typename Element<T>::Bits;
-  constexpr int kPerUnit = sizeof(U) / sizeof(Bits);
-  static_assert(kPerUnit >= 1 && sizeof(U) % sizeof(Bits) == 0);
-  // Per warp, per pick: where its row is read from (null: not delivered)
-  // and its weight.
+  constexpr int kPerUnit = sizeof(U) / sizeof(typename Element<T>::Bits);
+  // Per warp, per pick: where its row is read from (null: not delivered,
+  // or per_rank a row of another rank) and its weight; per_rank, per rank
+  // holding picks of the token, in rank order: its partial row (null: this
+  // rank's own).
   __shared__ const U* sources[kWarpsPerBlock][kMaxTopK];
   __shared__ float weights[kWarpsPerBlock][kMaxTopK];
+  __shared__ const U* partials[kWarpsPerBlock][kMaxRanks];
 
   const CommonParams& c = p.common;
   const int R = c.world_size;
   const int K = c.topk;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const bool per_rank = p.per_rank != 0;
   DeviceState* state = c.state;
   const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -186,7 +279,9 @@ __device__ __forceinline__ void reduceTokens(const CombineParams& p,
   const int64_t piece_units = (units + pieces_per_token - 1) / pieces_per_token;
   const uint64_t* arrivals = reinterpret_cast<const uint64_t*>(
       static_cast<const char*>(own_control) + c.layout.arrivals);
+  const uint64_t mode_word = epoch << 1 | (per_rank ? 1u : 0u);
   const U* own_slots = static_cast<const U*>(c.slots[c.rank]);
+  const U* expert_out = static_cast<const U*>(p.expert_out);
   U* out = static_cast<U*>(p.out);
   while (true) {
     unsigned long long claim = 0;
@@ -212,16 +307,35 @@ __device__ __forceinline__ void reduceTokens(const CombineParams& p,
       row = c.pick_row[t * K + lane];
       rank = c.pick_rank[t * K + lane];
     }
-    const bool remote = row >= 0 && rank != c.rank;
+    const bool delivered = row >= 0;
+    const bool remote = delivered && rank != c.rank;
     const unsigned waiting =
         __reduce_or_sync(kFullMask, remote ? 1u << rank : 0u);
-    if (lane < K) {
-      sources[warp][lane] =
-          row < 0 ? nullptr
-          : remote
-              ? own_slots + (t * K + lane) * units
-              : reinterpret_cast<const U*>(
-                    static_cast<const char*>(p.expert_out) + row * c.row_bytes);
+    int terms = 0;
+    if (per_rank) {
+      // The first delivered pick of each rank names its partial's slot;
+      // the partials are added in rank order.
+      const unsigned same =
+          __match_any_sync(kFullMask, delivered ? rank : -1 - lane);
+      const bool first = delivered && __ffs(same) - 1 == lane;
+      const unsigned ranks =
+          __reduce_or_sync(kFullMask, first ? 1u << rank : 0u);
+      terms = __popc(ranks);
+      if (first) {
+        partials[warp][__popc(ranks & ((1u << rank) - 1u))] =
+            rank == c.rank ? nullptr : own_slots + (t * K + lane) * units;
+      }
+      if (lane < K) {
+        sources[warp][lane] =
+            delivered && !remote ? expert_out + row * units : nullptr;
+        weights[warp][lane] = delivered && !remote && p.recv_weights != nullptr
+                                  ? p.recv_weights[row]
+                                  : 1.0f;
+      }
+    } else if (lane < K) {
+      sources[warp][lane] = !delivered ? nullptr
+                            : remote   ? own_slots + (t * K + lane) * units
+                                       : expert_out + row * units;
       weights[warp][lane] =
           p.topk_weights != nullptr ? p.topk_weights[t * K + lane] : 1.0f;
     }
@@ -229,6 +343,17 @@ __device__ __forceinline__ void reduceTokens(const CombineParams& p,
     if (lane < R && (waiting >> lane & 1u) != 0) {
       ok = waitForFlag(arrivals + t * R + lane, epoch, lane, context,
                        kWaitCombineData);
+      if (ok) {
+        const uint64_t theirs =
+            loadAcquireSys(flagAt(own_control, c.layout.combine_modes, lane));
+        if (theirs != mode_word) {
+          recordStatus(context, kStatusCombineModes, c.rank, 0,
+                       per_rank ? 1 : 0, static_cast<int64_t>(theirs & 1u),
+                       lane);
+          publishFailure(context, kFailedCombineModes);
+          ok = false;
+        }
+      }
     }
     if (__all_sync(kFullMask, ok) == 0) {
       break;
@@ -237,46 +362,30 @@ __device__ __forceinline__ void reduceTokens(const CombineParams& p,
 
     for (int64_t unit = piece.begin + lane; unit < piece.end; unit += 32) {
       float sum[kPerUnit];
+      weightedSum<T, U>(sources[warp], weights[warp], K, unit, sum);
+      if (per_rank) {
+        // This rank's partial, rounded as a peer rounds its own; then
+        // every rank's partial in rank order.
+        const U own = roundedUnit<T, U>(sum);
+        using Bits = typename Element<T>::Bits;
 #pragma unroll
-      for (int e = 0; e < kPerUnit; ++e) {
-        sum[e] = 0.0f;
-      }
-      // Batches of kReduceBatch picks: all loads first, then the sums in
-      // pick order.
-      for (int k0 = 0; k0 < K; k0 += kReduceBatch) {
-        U packed[kReduceBatch] = {};
-#pragma unroll
-        for (int j = 0; j < kReduceBatch; ++j) {
-          const U* source = k0 + j < K ? sources[warp][k0 + j] : nullptr;
-          if (source != nullptr) {
-            packed[j] = __ldcg(source + unit);
-          }
+        for (int e = 0; e < kPerUnit; ++e) {
+          sum[e] = 0.0f;
         }
-#pragma unroll
-        for (int j = 0; j < kReduceBatch; ++j) {
-          if (k0 + j >= K || sources[warp][k0 + j] == nullptr) {
-            continue;  // masked (or dropped by an overflow)
-          }
-          const float weight = weights[warp][k0 + j];
+        for (int j = 0; j < terms; ++j) {
+          const U* partial = partials[warp][j];
+          const U packed = partial == nullptr ? own : __ldcg(partial + unit);
           Bits bits[kPerUnit];
-          memcpy(bits, &packed[j], sizeof(U));
+          memcpy(bits, &packed, sizeof(U));
 #pragma unroll
           for (int e = 0; e < kPerUnit; ++e) {
-            sum[e] = __fadd_rn(sum[e],
-                               __fmul_rn(weight, Element<T>::toFloat(bits[e])));
+            sum[e] = __fadd_rn(sum[e], Element<T>::toFloat(bits[e]));
           }
         }
       }
-      Bits bits[kPerUnit];
-#pragma unroll
-      for (int e = 0; e < kPerUnit; ++e) {
-        bits[e] = Element<T>::fromFloat(sum[e]);
-      }
-      U packed;
-      memcpy(&packed, bits, sizeof(U));
-      out[t * units + unit] = packed;
+      out[t * units + unit] = roundedUnit<T, U>(sum);
     }
-    __syncwarp();  // sources / weights are rewritten by the next claim
+    __syncwarp();  // sources / weights / partials: the next claim's
   }
 }
 
@@ -331,12 +440,19 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     if (threadIdx.x == 0) {
       ok = waitForFlag(flagAt(own_control, c.layout.free_flags, group.peer),
                        epoch - 1, group.peer, context, kWaitCombineFree);
+      if (ok) {
+        // Before any arrival of this call (ordered by the barrier and the
+        // arrivals' release).
+        storeReleaseSys(
+            flagAt(c.control[group.peer], c.layout.combine_modes, c.rank),
+            epoch << 1 | (p.per_rank != 0 ? 1u : 0u));
+      }
     }
     if (__syncthreads_and(ok) == 0) {
       return;
     }
     profileMark(prof, kCombineFreeIn);
-    pushBack<U>(p, loadVolatile(&state->dispatch_epoch), recv_rows, epoch);
+    pushBack<T, U>(p, loadVolatile(&state->dispatch_epoch), recv_rows, epoch);
     if (prof != nullptr) {  // uniform in the block
       __syncthreads();
       profileMark(prof, kCombinePushed);

@@ -1038,7 +1038,8 @@ ControlLayout controlLayout(int world_size, int num_experts,
   layout.count_flags = 0;
   layout.free_flags = roundUp(layout.count_flags + flags, 16);
   layout.failure = roundUp(layout.free_flags + flags, 16);
-  layout.arrivals = roundUp(layout.failure + sizeof(uint64_t), 128);
+  layout.combine_modes = roundUp(layout.failure + sizeof(uint64_t), 16);
+  layout.arrivals = roundUp(layout.combine_modes + flags, 128);
   layout.count_rows = roundUp(
       layout.arrivals + sizeof(uint64_t) * world_size * max_tokens, 128);
   layout.count_row_bytes = countRowBytes(num_experts);

@@ -68,9 +68,12 @@ struct DeviceState {
 // its previous combine, arrivals[t][s] after all of s's rows of the owner's
 // token t are in the owner's slots (combine).
 struct ControlLayout {
-  size_t count_flags;      // uint64[R]: epoch of peer s's count row
-  size_t free_flags;       // uint64[R]: epoch of peer s's last reduction
-  size_t failure;          // uint64: failureWord() of a peer that failed
+  size_t count_flags;  // uint64[R]: epoch of peer s's count row
+  size_t free_flags;   // uint64[R]: epoch of peer s's last reduction
+  size_t failure;      // uint64: failureWord() of a peer that failed
+  // uint64[R]: epoch << 1 | per_rank of peer s's latest combine push here,
+  // so that ranks combining in different modes find out
+  size_t combine_modes;
   size_t arrivals;         // uint64[T_max][R]: peer s done with our token t
   size_t count_rows;       // CountRow[2][R], double-buffered by epoch parity
   size_t count_row_bytes;  // header + E int32 counts, 16-byte multiple
@@ -228,8 +231,11 @@ struct DispatchParams {
 
 struct CombineParams {
   CommonParams common;
-  const void* expert_out;     // [C, H] in the dispatch layout
-  const float* topk_weights;  // [T, K] or null
+  const void* expert_out;  // [C, H] in the dispatch layout
+  // 0: per_pick, 1: per_rank (MoeCombineReduce, backend.h).
+  int per_rank;
+  const float* topk_weights;  // per_pick: [T, K] or null
+  const float* recv_weights;  // per_rank: [C], the rows' weights, or null
   void* out;                  // [T, H]
   int64_t tokens;             // T of the matching dispatch
   // [R + 1], the caller's layout id, or null (not checked): its epoch must
