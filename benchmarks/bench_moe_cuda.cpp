@@ -32,8 +32,11 @@
 // the exit status is 1 if not. "combine per_rank" rows are the
 // reduce=per_rank combine (docs/moe.md, "Combine modes"), which sends one
 // row per (token, remote rank); the cuda one is timed graph-replayed only.
-// After each T's table, one line per low-latency target of that T (4 x
-// H200; graph replay) with this run's value, "met" or "NOT met" on 4 GPUs.
+// "dispatch fp8" rows dispatch with quantize=fp8_e4m3 (a workspace of
+// their own, graph-replayed; the collective's eager), and the cuda rows and
+// scales are checked against the collective's bit for bit. After each T's
+// table, one line per low-latency target of that T (4 x H200; graph
+// replay) with this run's value, "met" or "NOT met" on 4 GPUs.
 //
 // --sweep adds, after the table, one line per setting of CudaMoeConfig's
 // blocks and push_blocks for every T, graph
@@ -62,6 +65,7 @@
 #include <hostfuse/multidevice/comm/symmetric_memory.h>
 #include <hostfuse/multidevice/moe/collective/dispatch_combine.h>
 #include <hostfuse/multidevice/moe/cuda/workspace.h>
+#include <hostfuse/multidevice/moe/fp8.h>
 #include <hostfuse/utils/cuda_utils.h>
 #include <hostfuse/utils/torch_cuda.h>
 #include "../examples/cli_flags.h"
@@ -89,9 +93,10 @@ struct Traffic {
   double physical_dispatch = 0;  // bytes leaving this GPU, cuda backend
   double physical_combine = 0;
   double physical_combine_per_rank = 0;  // reduce=per_rank
-  double token_rows = 0;  // (token, remote rank) rows x H x 2: the
-                          // collective's per_rank combine
-  double logical = 0;     // (token, rank) rows x H x 2
+  double dispatch_meta = 0;  // of physical_dispatch: 24 B per remote pick
+  double token_rows = 0;     // (token, remote rank) rows x H x 2: the
+                             // collective's per_rank combine
+  double logical = 0;        // (token, rank) rows x H x 2
 };
 
 Traffic countTraffic(const at::Tensor& idx_cpu, int rank, int64_t local) {
@@ -108,6 +113,7 @@ Traffic countTraffic(const at::Tensor& idx_cpu, int rank, int64_t local) {
       ranks.push_back(dst);
       if (dst != rank) {
         traffic.physical_dispatch += 24;  // RowMeta body + epoch
+        traffic.dispatch_meta += 24;
         traffic.physical_combine += row;
       }
     }
@@ -212,6 +218,8 @@ Traffic meanOverRanks(Bench& bench, const std::string& id, const Traffic& mine,
   mean.physical_combine_per_rank =
       bench.sumOverRanks(id + "/pcr", mine.physical_combine_per_rank) / world;
   mean.token_rows = bench.sumOverRanks(id + "/tr", mine.token_rows) / world;
+  mean.dispatch_meta =
+      bench.sumOverRanks(id + "/dm", mine.dispatch_meta) / world;
   mean.logical = bench.sumOverRanks(id + "/l", mine.logical) / world;
   return mean;
 }
@@ -347,8 +355,8 @@ struct Target {
 };
 constexpr Target kTargets[] = {
     {128, "dispatch", 25, 0},         {128, "combine", 40, 0},
-    {128, "combine per_rank", 25, 0}, {4096, "dispatch", 0, 330},
-    {4096, "combine", 0, 330},
+    {128, "combine per_rank", 25, 0}, {128, "dispatch fp8", 18, 0},
+    {4096, "dispatch", 0, 330},       {4096, "combine", 0, 330},
 };
 
 // One line per target of T next to this run's graph-replay row; the
@@ -419,6 +427,7 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
   const bool same_here = at::equal(cuda_recv, collective.recv_x) &&
                          at::equal(cuda_combined, collective_combined) &&
                          at::equal(cuda_per_rank, collective_per_rank);
+  bool fp8_identical = false;
   const bool identical =
       bench.sumOverRanks(id + "/same", same_here ? 1 : 0) == world;
   // What the collective sends off-rank: its dispatch rows to other ranks,
@@ -510,6 +519,51 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
                                                  tokens, experts, comm);
                              }),
                   collective_dispatch + collective_combine});
+  // fp8 dispatch: its own workspace; rows checked against the collective
+  // backend's fp8 dispatch.
+  {
+    CudaMoeConfig config = makeConfig(rank, world, device, tokens,
+                                      toString("bench/fp8/T", tokens));
+    config.fp8_dispatch = true;
+    CudaMoeWorkspace fp8(bench.store(), config);
+    CudaDispatchResult quantized = fp8.dispatch(in.x, in.idx, in.weights);
+    const int64_t valid = quantized.recv_expert_counts.sum().item<int64_t>();
+    const MoeDispatchOutput expected = dispatchCollective(
+        in.x, in.idx, in.weights, experts, comm, MoeDispatchQuant::Fp8E4M3);
+    fp8_identical =
+        bench.sumOverRanks(
+            id + "/fp8same",
+            at::equal(quantized.recv_x.narrow(0, 0, valid)
+                          .contiguous()
+                          .view(at::kByte),
+                      expected.recv_x.view(at::kByte)) &&
+                    at::equal(quantized.recv_scales.narrow(0, 0, valid),
+                              expected.recv_scales)
+                ? 1
+                : 0) == world;
+    cuda::CudaGraph graph;
+    graph.captureBegin(kCaptureMode);
+    fp8.dispatch(in.x, in.idx, in.weights);
+    graph.captureEnd();
+    // Packed rows instead of bf16 ones; the metadata is the same.
+    const double ratio =
+        static_cast<double>(moe::fp8PackedRowBytes(kHidden)) / (kHidden * 2.0);
+    rows.push_back(
+        {"dispatch fp8", "cuda", "graph",
+         bench.time(id + "/dfg", per_block, [&] { graph.replay(); }),
+         (traffic.physical_dispatch - traffic.dispatch_meta) * ratio +
+             traffic.dispatch_meta});
+    fp8.checkStatus();
+    rows.push_back({"dispatch fp8", "collective", "eager",
+                    bench.time(id + "/dfn", per_block,
+                               [&] {
+                                 dispatchCollective(in.x, in.idx, in.weights,
+                                                    experts, comm,
+                                                    MoeDispatchQuant::Fp8E4M3);
+                               }),
+                    collective_dispatch * ratio});
+    bench.barrier(id + "/fp8done");
+  }
   bench.barrier(id + "/done");  // no rank frees the workspace early
 
   if (rank == 0) {
@@ -524,7 +578,8 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
     };
     for (const Row& row : rows) {
       char ratio[16] = "";
-      if (std::strcmp(row.backend, "cuda") == 0) {
+      // Rows without a collective peer (fp8 dispatch) get no ratio.
+      if (std::strcmp(row.backend, "cuda") == 0 && collectiveTime(row.op) > 0) {
         std::snprintf(ratio, sizeof(ratio), "%.2fx",
                       collectiveTime(row.op) / row.us);
       }
@@ -548,10 +603,14 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
         static_cast<long long>(tokens), graphRatio("dispatch"),
         graphRatio("combine"), graphRatio("dispatch+combine"),
         identical ? "yes" : "no");
+    std::printf(
+        "%6lld  fp8 dispatch rows and scales identical to the "
+        "collective's: %s\n",
+        static_cast<long long>(tokens), fp8_identical ? "yes" : "no");
     printTargets(rows, tokens, world);
     std::fflush(stdout);
   }
-  return identical;
+  return identical && fp8_identical;
 }
 
 struct SweepSetting {

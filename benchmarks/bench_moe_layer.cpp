@@ -67,6 +67,8 @@ struct Args {
   int blocks = 7;
   int64_t link_gbps = 330;
   bool exprs = false;
+  bool fp8 = false;
+  bool per_rank = false;
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -105,6 +107,11 @@ cli::Flags makeFlags(Args& args) {
   flags.option("--exprs", &args.exprs,
                "also print the time of every top-level expression of the "
                "graph replay (rank 0's)");
+  flags.option("--fp8", &args.fp8,
+               "dispatch in fp8 e4m3 with a scale per 128 channels (both "
+               "backends; the output check allows fp8's error)");
+  flags.option("--per-rank", &args.per_rank,
+               "combine with reduce=per_rank (both backends)");
   return flags;
 }
 
@@ -392,6 +399,10 @@ int main(int argc, char** argv) {
   config.num_experts = num_experts;
   config.topk = args.topk > 0 ? args.topk : std::min<int64_t>(8, num_experts);
   config.dtype = DataType::BFloat16;
+  config.quantize =
+      args.fp8 ? MoeDispatchQuant::Fp8E4M3 : MoeDispatchQuant::None;
+  config.reduce =
+      args.per_rank ? MoeCombineReduce::PerRank : MoeCombineReduce::PerPick;
   MoeLayerConfig collective_config = config;
   collective_config.backend = MoeBackend::Collective;
   config.backend = MoeBackend::Cuda;

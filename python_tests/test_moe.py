@@ -116,6 +116,68 @@ def test_per_rank_combine_in_a_program_prints_its_mode():
     torch.testing.assert_close(out, 3.0 * x * w.sum(1, keepdim=True))
 
 
+def reference_fp8(x):
+    """fp8 dispatch's quantizer (docs/moe.md, "fp8 dispatch") in torch ops."""
+    blocks = x.float().view(x.shape[0], -1, 128)
+    scales = blocks.abs().amax(-1).clamp_min(1e-4) / torch.full((), 448.0)
+    q = (blocks / scales.unsqueeze(-1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q.view(x.shape[0], -1), scales
+
+
+def test_fp8_dispatch_rows_are_the_quantized_source_rows():
+    x = (torch.randn(11, 256, generator=torch.Generator().manual_seed(21)) * 3).to(torch.bfloat16)
+    idx = routing(11, 3, 6, 22, masked=True)
+    handle = moe.dispatch(x, idx, num_experts=6, quantize="fp8_e4m3")
+    assert handle.recv_x.dtype == torch.float8_e4m3fn
+    assert handle.recv_scales.shape == (handle.recv_x.shape[0], 2)
+    q, scales = reference_fp8(x[handle.recv_src_token])
+    assert torch.equal(handle.recv_x.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(handle.recv_scales, scales)
+    plain = moe.dispatch(x, idx, num_experts=6)
+    assert plain.recv_scales is None
+    assert torch.equal(handle.recv_src_token, plain.recv_src_token)
+    # Dequantized rows, through combine (identity experts, K = 3 picks).
+    rows = (handle.recv_x.float().view(-1, 2, 128) * handle.recv_scales.unsqueeze(2))
+    out = moe.combine(rows.view(-1, 256).to(torch.bfloat16), handle)
+    expected = moe.combine(plain.recv_x, plain)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.07, atol=0.05)
+
+
+def test_fp8_dispatch_refuses_a_hidden_size_it_cannot_scale():
+    with pytest.raises(hf.Error, match="H a multiple of 128"):
+        moe.dispatch(torch.randn(4, 96), routing(4, 2, 4, 23), num_experts=4,
+                     quantize="fp8_e4m3")
+    with pytest.raises(ValueError, match="quantize must be 'none' or 'fp8_e4m3'"):
+        moe.dispatch(torch.randn(4, 128), routing(4, 2, 4, 23), num_experts=4,
+                     quantize="fp4")
+
+
+def test_fp8_dispatch_in_a_program_feeds_grouped_matmul():
+    program = hf.Program()
+    with program:
+        tokens = program.define_scalar("tokens")
+        xv = program.define_tensor([tokens, 128], torch.bfloat16, "x")
+        iv = program.define_tensor([tokens, 2], torch.int64, "idx")
+        wv = program.define_tensor([tokens, 2], torch.float32, "w")
+        ev = program.define_tensor([4, 128, 128], torch.bfloat16, "expert_w")
+        d = hf.moe_dispatch(xv, iv, wv, num_experts=4, quantize="fp8_e4m3")
+        y = hf.grouped_matmul(d.recv_x, ev, d.recv_expert_counts, x_scales=d.recv_scales)
+        program.add_output(hf.moe_combine(y, d, wv, num_tokens=xv.extent(0)))
+    text = str(program)
+    assert "quantize=fp8_e4m3" in text and "x_scales=" in text
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(24)).to(torch.bfloat16)
+    idx = routing(6, 2, 4, 25)
+    w = torch.rand(6, 2, generator=torch.Generator().manual_seed(26))
+    expert_w = (torch.randn(4, 128, 128, generator=torch.Generator().manual_seed(27)) / 16).to(torch.bfloat16)
+    (out,) = hf.HostIrEvaluator(program).run([x, idx, w, expert_w])
+    q, scales = reference_fp8(x)
+    deq = (q.float().view(6, 1, 128) * scales.unsqueeze(2)).view(6, 128).to(torch.bfloat16)
+    expected = sum(w[:, k:k + 1] * torch.bmm(deq.float().unsqueeze(1),
+                                             expert_w[idx[:, k]].float()).squeeze(1)
+                   for k in range(2))
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_backends_are_listed():
     assert moe.backends() == ["collective", "cuda"]
 

@@ -54,6 +54,13 @@ py::object torchDtype(DataType dtype) {
       reinterpret_cast<PyObject*>(torch::getTHPDtype(toScalarType(dtype))));
 }
 
+MoeDispatchQuant quantizeOf(const std::string& name) {
+  const std::optional<MoeDispatchQuant> quantize = parseMoeDispatchQuant(name);
+  HF_CHECK(quantize.has_value(), "quantize must be 'none' or 'fp8_e4m3', got '",
+           name, "'");
+  return *quantize;
+}
+
 MoeCombineReduce reduceOf(const std::string& name) {
   const std::optional<MoeCombineReduce> reduce = parseMoeCombineReduce(name);
   HF_CHECK(reduce.has_value(), "reduce must be 'per_pick' or 'per_rank', got '",
@@ -203,7 +210,8 @@ class PyMoeRuntime {
   py::dict dispatch(const std::string& site, const at::Tensor& x,
                     const at::Tensor& topk_idx,
                     const std::optional<at::Tensor>& topk_weights,
-                    int64_t num_experts, int64_t capacity) {
+                    int64_t num_experts, int64_t capacity,
+                    const std::string& quantize) {
     MoeDispatchArgs args;
     args.site = siteKey(site);
     args.describe_site = [site] { return "hostfuse.moe.dispatch " + site; };
@@ -212,6 +220,7 @@ class PyMoeRuntime {
     args.topk_weights = topk_weights;
     args.num_experts = num_experts;
     args.capacity = capacity;
+    args.quantize = quantizeOf(quantize);
     MoeDispatchOutput out;
     {
       py::gil_scoped_release release;
@@ -219,6 +228,8 @@ class PyMoeRuntime {
     }
     py::dict fields;
     fields["recv_x"] = out.recv_x;
+    fields["recv_scales"] =
+        out.recv_scales.defined() ? py::cast(out.recv_scales) : py::none();
     fields["recv_weights"] =
         out.recv_weights.defined() ? py::cast(out.recv_weights) : py::none();
     fields["recv_src_rank"] = out.layout.src_rank;
@@ -522,7 +533,8 @@ PYBIND11_MODULE(_C, m) {
       "renormalize=False; one kernel on GPUs.");
   m.def("grouped_matmul", &groupedMatmul, py::arg("x").none(false),
         py::arg("weights").none(false), py::arg("counts").none(false),
-        py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref);
+        py::arg("x_scales") = nullptr, py::keep_alive<0, 1>(),
+        py::keep_alive<0, 2>(), ref);
   m.def(
       "run_fusion",
       [](const std::shared_ptr<Fusion>& fusion, const py::list& inputs) {
@@ -558,18 +570,20 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("n_tokens_to_rank", &MoeDispatchResult::n_tokens_to_rank)
       .def_readonly("n_tokens_from_rank",
                     &MoeDispatchResult::n_tokens_from_rank)
-      .def_readonly("recv_layout_id", &MoeDispatchResult::recv_layout_id);
+      .def_readonly("recv_layout_id", &MoeDispatchResult::recv_layout_id)
+      .def_readonly("recv_scales", &MoeDispatchResult::recv_scales);
   m.def(
       "moe_dispatch",
       [](TensorView* x, TensorView* topk_idx, TensorView* topk_weights,
-         int64_t num_experts, const std::string& backend, int64_t capacity) {
+         int64_t num_experts, const std::string& backend, int64_t capacity,
+         const std::string& quantize) {
         return moeDispatch(x, topk_idx, topk_weights, num_experts,
-                           backendOf(backend), capacity);
+                           backendOf(backend), capacity, quantizeOf(quantize));
       },
       py::arg("x").none(false), py::arg("topk_idx").none(false),
       py::arg("topk_weights") = nullptr, py::kw_only(), py::arg("num_experts"),
       py::arg("backend") = "collective", py::arg("capacity") = 0,
-      py::keep_alive<0, 1>());
+      py::arg("quantize") = "none", py::keep_alive<0, 1>());
   m.def(
       "moe_combine",
       [](TensorView* expert_out, const MoeDispatchResult& layout,
@@ -663,7 +677,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("mask_failed_ranks") = py::none())
       .def("dispatch", &PyMoeRuntime::dispatch, py::arg("site"), py::arg("x"),
            py::arg("topk_idx"), py::arg("topk_weights"), py::arg("num_experts"),
-           py::arg("capacity"))
+           py::arg("capacity"), py::arg("quantize") = "none")
       .def("combine", &PyMoeRuntime::combine, py::arg("site"),
            py::arg("expert_out"), py::arg("layout"), py::arg("topk_weights"),
            py::arg("num_tokens"), py::arg("num_experts"),

@@ -87,7 +87,10 @@ def _check_int(name, value):
 class DispatchHandle:
     """What dispatch returns: the received rows and where they came from.
 
-    recv_x [rows, H]: the rows this rank's experts compute, expert-major.
+    recv_x [rows, H]: the rows this rank's experts compute, expert-major;
+    fp8 (torch.float8_e4m3fn) with quantize="fp8_e4m3", and then
+    recv_scales [rows, H / 128] fp32 holds one scale per 128 channels (else
+    None): a row is about recv_x.float() * its block's scale.
     recv_weights [rows] (None without topk_weights): each row's weight.
     recv_src_rank, recv_src_token, recv_src_k [rows]: where each row came
     from. recv_expert_counts [L]: rows per local expert. n_tokens_to_rank,
@@ -98,6 +101,7 @@ class DispatchHandle:
 
     _FIELDS = (
         "recv_x",
+        "recv_scales",
         "recv_weights",
         "recv_src_rank",
         "recv_src_token",
@@ -134,6 +138,7 @@ def dispatch(
     backend="collective",
     group=None,
     capacity=0,
+    quantize="none",
 ):
     """Sends every token's row to the ranks of its top-k experts.
 
@@ -143,21 +148,28 @@ def dispatch(
     group's size (expert e lives on rank e // (E / R)). ``capacity`` (cuda
     backend only): rows per receiving rank, 0 for the worst case. Every rank
     of the group calls it, in the same order as its other MoE calls.
+
+    quantize="fp8_e4m3" sends the rows as fp8 e4m3 with one fp32 scale per
+    128 channels (x fp32, bf16 or fp16, H a multiple of 128); both backends
+    quantize to the same bits (docs/moe.md, "fp8 dispatch"). Combine then
+    takes expert outputs in x's dtype as usual.
     """
     _check_tensor("x", x)
     _check_tensor("topk_idx", topk_idx)
     _check_tensor("topk_weights", topk_weights, optional=True)
     _check_int("num_experts", num_experts)
     _check_int("capacity", capacity)
+    if quantize not in ("none", "fp8_e4m3"):
+        raise ValueError(f"quantize must be 'none' or 'fp8_e4m3', got {quantize!r}")
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0 (0: the worst case), got {capacity}")
     group = _default_group(group)
     runtime = _runtime(backend, group)
     hidden = x.shape[-1] if x.dim() > 0 else 0
     picks = topk_idx.shape[-1] if topk_idx.dim() > 0 else 0
-    site = f"E={num_experts} H={hidden} {x.dtype} K={picks} C={capacity}"
+    site = f"E={num_experts} H={hidden} {x.dtype} K={picks} C={capacity} Q={quantize}"
     fields = runtime.dispatch(
-        site, x, topk_idx, topk_weights, num_experts, capacity
+        site, x, topk_idx, topk_weights, num_experts, capacity, quantize
     )
     num_tokens = x.shape[0] if x.dim() > 0 else 0
     handle = DispatchHandle(fields, runtime, site, num_tokens, num_experts)

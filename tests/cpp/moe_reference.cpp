@@ -3,6 +3,7 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <random>
 #include <tuple>
@@ -162,41 +163,16 @@ at::Tensor referenceCombine(const at::Tensor& x, const at::Tensor& idx,
   return sum.to(x.scalar_type());
 }
 
-at::Tensor referenceCombineInPickOrder(const at::Tensor& x,
-                                       const at::Tensor& idx,
-                                       const at::Tensor& weights,
-                                       const ExpertFn& fn) {
-  const at::Tensor x_cpu = x.cpu();
-  const at::Tensor idx_cpu = idx.to(at::kLong).cpu();
-  const int64_t tokens = x.size(0);
-  at::Tensor acc = at::zeros({tokens, x.size(1)}, at::kFloat);
-  for (int64_t k = 0; k < idx_cpu.size(1); ++k) {
-    // The expert output of pick k of every token (0 where it is masked).
-    at::Tensor out = at::zeros({tokens, x.size(1)}, at::kFloat);
-    for (int64_t t = 0; t < tokens; ++t) {
-      const int64_t expert = idx_cpu[t][k].item<int64_t>();
-      if (expert >= 0) {
-        out[t].copy_(fn(expert, x_cpu.narrow(0, t, 1))[0].to(at::kFloat));
-      }
-    }
-    const at::Tensor term =
-        weights.defined()
-            ? out * weights.cpu().select(1, k).to(at::kFloat).unsqueeze(1)
-            : out;
-    acc = at::where((idx_cpu.select(1, k) >= 0).unsqueeze(1), acc + term, acc);
-  }
-  return acc.to(x.scalar_type());
-}
+namespace {
 
-at::Tensor referenceCombinePerRank(const at::Tensor& x, const at::Tensor& idx,
-                                   const at::Tensor& weights,
-                                   const ExpertFn& fn, int64_t num_experts,
-                                   int64_t world_size) {
+// Per pick k: w[t, k] * fn(idx[t, k], x[t]) in fp32 for every token t (w =
+// 1 without weights; 0 where the pick is masked), one rounded product.
+std::vector<at::Tensor> weightedPickOutputs(const at::Tensor& x,
+                                            const at::Tensor& idx_cpu,
+                                            const at::Tensor& weights,
+                                            const ExpertFn& fn) {
   const at::Tensor x_cpu = x.cpu();
-  const at::Tensor idx_cpu = idx.to(at::kLong).cpu();
   const int64_t tokens = x.size(0);
-  const int64_t local = num_experts / world_size;
-  // Every pick's weighted expert output in fp32 (0 where masked).
   std::vector<at::Tensor> terms;
   for (int64_t k = 0; k < idx_cpu.size(1); ++k) {
     at::Tensor out = at::zeros({tokens, x.size(1)}, at::kFloat);
@@ -211,6 +187,35 @@ at::Tensor referenceCombinePerRank(const at::Tensor& x, const at::Tensor& idx,
             ? out * weights.cpu().select(1, k).to(at::kFloat).unsqueeze(1)
             : out);
   }
+  return terms;
+}
+
+}  // namespace
+
+at::Tensor referenceCombineInPickOrder(const at::Tensor& x,
+                                       const at::Tensor& idx,
+                                       const at::Tensor& weights,
+                                       const ExpertFn& fn) {
+  const at::Tensor idx_cpu = idx.to(at::kLong).cpu();
+  const std::vector<at::Tensor> terms =
+      weightedPickOutputs(x, idx_cpu, weights, fn);
+  at::Tensor acc = at::zeros({x.size(0), x.size(1)}, at::kFloat);
+  for (int64_t k = 0; k < idx_cpu.size(1); ++k) {
+    acc = at::where((idx_cpu.select(1, k) >= 0).unsqueeze(1), acc + terms[k],
+                    acc);
+  }
+  return acc.to(x.scalar_type());
+}
+
+at::Tensor referenceCombinePerRank(const at::Tensor& x, const at::Tensor& idx,
+                                   const at::Tensor& weights,
+                                   const ExpertFn& fn, int64_t num_experts,
+                                   int64_t world_size) {
+  const at::Tensor idx_cpu = idx.to(at::kLong).cpu();
+  const int64_t tokens = x.size(0);
+  const int64_t local = num_experts / world_size;
+  const std::vector<at::Tensor> terms =
+      weightedPickOutputs(x, idx_cpu, weights, fn);
   at::Tensor acc = at::zeros({tokens, x.size(1)}, at::kFloat);
   for (int64_t r = 0; r < world_size; ++r) {
     at::Tensor partial = at::zeros({tokens, x.size(1)}, at::kFloat);
@@ -226,6 +231,80 @@ at::Tensor referenceCombinePerRank(const at::Tensor& x, const at::Tensor& idx,
     acc = at::where(has_picks.unsqueeze(1), acc + rounded, acc);
   }
   return acc.to(x.scalar_type());
+}
+
+namespace {
+
+// The value of e4m3 code `code` (sign bit, 4 exponent bits with bias 7, 3
+// mantissa bits; exponent 0 subnormal; 0x7f and 0xff are NaN).
+float e4m3Value(int code) {
+  const int exponent = (code >> 3) & 0xf;
+  const int mantissa = code & 0x7;
+  const float magnitude =
+      exponent == 0 ? std::ldexp(static_cast<float>(mantissa) / 8.0f, -6)
+                    : std::ldexp(1.0f + static_cast<float>(mantissa) / 8.0f,
+                                 exponent - 7);
+  return (code & 0x80) != 0 ? -magnitude : magnitude;
+}
+
+// The code of the e4m3 value nearest to v (|v| <= 448), ties to the even
+// code.
+uint8_t nearestE4m3(float v) {
+  int best = 0;
+  double best_distance = 1e30;
+  for (int code = 0; code < 256; ++code) {
+    if ((code & 0x7f) == 0x7f) {
+      continue;  // NaN
+    }
+    const double distance = std::fabs(static_cast<double>(e4m3Value(code)) - v);
+    if (distance < best_distance ||
+        (distance == best_distance && (code & 1) == 0 && (best & 1) == 1)) {
+      best = code;
+      best_distance = distance;
+    }
+  }
+  if (best == 0x80 && !std::signbit(v)) {
+    best = 0;  // +0 for +0 (and tiny positives): -0 only for negatives
+  }
+  if (best == 0 && std::signbit(v)) {
+    best = 0x80;
+  }
+  return static_cast<uint8_t>(best);
+}
+
+}  // namespace
+
+Fp8Rows referenceQuantizeFp8(const at::Tensor& x) {
+  const at::Tensor values = x.to(at::kFloat).cpu().contiguous();
+  const int64_t rows = values.size(0);
+  const int64_t hidden = values.size(1);
+  const int64_t blocks = hidden / 128;
+  Fp8Rows out;
+  out.bytes = at::empty({rows, hidden}, at::kByte);
+  out.scales = at::empty({rows, blocks}, at::kFloat);
+  const float* in = values.const_data_ptr<float>();
+  uint8_t* bytes = out.bytes.mutable_data_ptr<uint8_t>();
+  float* scales = out.scales.mutable_data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* block = in + r * hidden + b * 128;
+      float amax = 0.0f;
+      for (int i = 0; i < 128; ++i) {
+        amax = std::max(amax, std::fabs(block[i]));
+      }
+      // volatile: each operation rounded to float on its own.
+      volatile float scale = std::max(amax, 1e-4f);
+      scale = scale / 448.0f;
+      scales[r * blocks + b] = scale;
+      for (int i = 0; i < 128; ++i) {
+        volatile float quotient = block[i] / scale;
+        const float q = quotient;
+        const float clamped = std::min(448.0f, std::max(-448.0f, q));
+        bytes[r * hidden + b * 128 + i] = nearestE4m3(clamped);
+      }
+    }
+  }
+  return out;
 }
 
 at::Tensor randomWeights(int64_t tokens, int64_t picks, at::ScalarType dtype,

@@ -87,6 +87,18 @@ at::Tensor referenceCombinePerRank(const at::Tensor& x, const at::Tensor& idx,
                                    const ExpertFn& fn, int64_t num_experts,
                                    int64_t world_size);
 
+// fp8 dispatch's quantization (docs/moe.md, "fp8 dispatch") with plain
+// loops, without ATen's fp8 conversion: per row and block of 128 channels,
+// scale = max(amax, 1e-4) / 448 and q = the e4m3 value nearest to
+// clamp(x / scale, -448, 448) (ties to the even code), found among every
+// e4m3 value decoded from its bits. x [N, H] floating (CPU), finite.
+// Returns q's bytes [N, H] u8 and scales [N, H / 128] fp32.
+struct Fp8Rows {
+  at::Tensor bytes;
+  at::Tensor scales;
+};
+Fp8Rows referenceQuantizeFp8(const at::Tensor& x);
+
 // topk_weights [T, K]: positive weights in [0.1, 1.1) from a fixed seed.
 at::Tensor randomWeights(int64_t tokens, int64_t picks, at::ScalarType dtype,
                          const at::Device& device, uint64_t seed);

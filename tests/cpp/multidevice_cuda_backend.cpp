@@ -55,6 +55,8 @@ struct LayerSpec {
   MoeBackend backend = MoeBackend::Collective;
   int64_t capacity = 0;
   MoeCombineReduce reduce = MoeCombineReduce::PerPick;
+  MoeDispatchQuant quantize = MoeDispatchQuant::None;
+  int64_t hidden = kHidden;  // a multiple of 128 with fp8
 };
 
 // The program's outputs, in order (recv_weights only with weights).
@@ -81,23 +83,25 @@ std::unique_ptr<HostIrContainer> layerProgram(const LayerSpec& spec) {
   FusionGuard guard(program.get());
   const DataType dtype = toDataType(spec.dtype);
   Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
-  TensorView* x = makeTensor({tokens, kHidden}, dtype, "x");
+  const int64_t hidden = spec.hidden;
+  TensorView* x = makeTensor({tokens, hidden}, dtype, "x");
   TensorView* idx =
       makeTensor({tokens, spec.picks}, DataType::Int64, "topk_idx");
   TensorView* w = spec.weighted
                       ? makeTensor({tokens, spec.picks}, dtype, "topk_weights")
                       : nullptr;
   TensorView* expert_w = makeTensor(
-      {spec.experts / worldSize(), kHidden, kHidden}, dtype, "expert_w");
+      {spec.experts / worldSize(), hidden, hidden}, dtype, "expert_w");
   program->addInput(x);
   program->addInput(idx);
   if (w != nullptr) {
     program->addInput(w);
   }
   program->addInput(expert_w);
-  const MoeDispatchResult d =
-      moeDispatch(x, idx, w, spec.experts, spec.backend, spec.capacity);
-  TensorView* y = groupedMatmul(d.recv_x, expert_w, d.recv_expert_counts);
+  const MoeDispatchResult d = moeDispatch(x, idx, w, spec.experts, spec.backend,
+                                          spec.capacity, spec.quantize);
+  TensorView* y =
+      groupedMatmul(d.recv_x, expert_w, d.recv_expert_counts, d.recv_scales);
   program->addOutput(moeCombine(y, d, w, tokens, spec.reduce));
   for (TensorView* out :
        {d.recv_x, d.recv_src_rank, d.recv_src_token, d.recv_src_k,
@@ -106,6 +110,9 @@ std::unique_ptr<HostIrContainer> layerProgram(const LayerSpec& spec) {
   }
   if (w != nullptr) {
     program->addOutput(d.recv_weights);
+  }
+  if (d.recv_scales != nullptr) {
+    program->addOutput(d.recv_scales);
   }
   return program;
 }
@@ -125,11 +132,18 @@ struct BackendPair {
 };
 
 const char* outputName(size_t i) {
-  static const char* const names[] = {"combined",         "recv_x",
-                                      "recv_src_rank",    "recv_src_token",
-                                      "recv_src_k",       "recv_expert_counts",
-                                      "n_tokens_to_rank", "n_tokens_from_rank",
-                                      "expert outputs",   "recv_weights"};
+  static const char* const names[] = {"combined",
+                                      "recv_x",
+                                      "recv_src_rank",
+                                      "recv_src_token",
+                                      "recv_src_k",
+                                      "recv_expert_counts",
+                                      "n_tokens_to_rank",
+                                      "n_tokens_from_rank",
+                                      "expert outputs",
+                                      "recv_weights (recv_scales without "
+                                      "weights)",
+                                      "recv_scales"};
   return i < std::size(names) ? names[i] : "output";
 }
 
@@ -146,11 +160,17 @@ void expectBitIdentical(const std::vector<at::Tensor>& cuda,
     const bool has_rows =
         i != kCombined && i != kCounts && i != kToRank && i != kFromRank;
     at::Tensor actual = cuda[i];
+    at::Tensor expected = collective[i];
+    if (actual.scalar_type() == at::kFloat8_e4m3fn) {
+      // Compared as bytes (the checks do no fp8 arithmetic).
+      actual = actual.contiguous().view(at::kByte);
+      expected = expected.contiguous().view(at::kByte);
+    }
     if (has_rows) {
       ASSERT_GE(actual.size(0), rows);
       actual = actual.narrow(0, 0, rows);
     }
-    test::expectClose(actual.cpu(), collective[i].cpu());
+    test::expectClose(actual.cpu(), expected.cpu());
   }
 }
 
@@ -160,8 +180,8 @@ std::vector<c10::IValue> layerInputs(const LayerSpec& spec, Routing routing,
   const at::Device device = communicator().device();
   const int64_t me = myRank();
   std::vector<c10::IValue> inputs;
-  inputs.emplace_back(test::randomTensor({tokens, kHidden}, spec.dtype, device,
-                                         seed * 131 + me));
+  inputs.emplace_back(test::randomTensor({tokens, spec.hidden}, spec.dtype,
+                                         device, seed * 131 + me));
   inputs.emplace_back(test::makeRouting(routing, tokens, spec.picks,
                                         spec.experts, worldSize(), me, seed)
                           .to(device));
@@ -170,12 +190,12 @@ std::vector<c10::IValue> layerInputs(const LayerSpec& spec, Routing routing,
         test::randomWeights(tokens, spec.picks, spec.dtype, device, seed + me));
   }
   // Small weights keep bf16 outputs in a range where rounding matters.
-  inputs.emplace_back(
-      (test::randomTensor({spec.experts / worldSize(), kHidden, kHidden},
-                          at::kFloat, at::kCPU, seed * 7 + me) *
-       0.25)
-          .to(spec.dtype)
-          .to(device));
+  inputs.emplace_back((test::randomTensor({spec.experts / worldSize(),
+                                           spec.hidden, spec.hidden},
+                                          at::kFloat, at::kCPU, seed * 7 + me) *
+                       (spec.hidden == kHidden ? 0.25 : 0.05))
+                          .to(spec.dtype)
+                          .to(device));
   return inputs;
 }
 
@@ -189,6 +209,7 @@ struct GridCase {
   at::ScalarType dtype;
   bool weighted;
   MoeCombineReduce reduce = MoeCombineReduce::PerPick;
+  MoeDispatchQuant quantize = MoeDispatchQuant::None;
 };
 
 std::string gridName(const testing::TestParamInfo<GridCase>& info) {
@@ -200,6 +221,9 @@ std::string gridName(const testing::TestParamInfo<GridCase>& info) {
      << (c.weighted ? "weighted" : "unweighted");
   if (c.reduce == MoeCombineReduce::PerRank) {
     ss << "_per_rank";
+  }
+  if (c.quantize == MoeDispatchQuant::Fp8E4M3) {
+    ss << "_fp8";
   }
   return ss.str();
 }
@@ -236,6 +260,10 @@ TEST_P(CudaBackendGrid, BitIdenticalToCollective) {
   spec.dtype = c.dtype;
   spec.weighted = c.weighted;
   spec.reduce = c.reduce;
+  spec.quantize = c.quantize;
+  if (c.quantize == MoeDispatchQuant::Fp8E4M3) {
+    spec.hidden = 128;
+  }
   BackendPair pair(spec);
   const uint64_t seed = std::hash<std::string>{}(
                             gridName(testing::TestParamInfo<GridCase>(c, 0))) %
@@ -273,6 +301,21 @@ std::vector<GridCase> perRankCases() {
 
 INSTANTIATE_TEST_SUITE_P(PerRank, CudaBackendGrid,
                          testing::ValuesIn(perRankCases()), gridName);
+
+// fp8 dispatch (H = 128) on the same part of the grid, both combine modes.
+std::vector<GridCase> fp8Cases() {
+  std::vector<GridCase> cases;
+  for (GridCase c : perRankCases()) {
+    c.quantize = MoeDispatchQuant::Fp8E4M3;
+    cases.push_back(c);
+    c.reduce = MoeCombineReduce::PerPick;
+    cases.push_back(c);
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Fp8, CudaBackendGrid, testing::ValuesIn(fp8Cases()),
+                         gridName);
 
 // ---------------------------------------------------------------------------
 // Programs: several runs, two layers, the large-T push mode.

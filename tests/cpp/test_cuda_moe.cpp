@@ -22,8 +22,10 @@
 #include <string>
 #include <vector>
 
+#include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/multidevice/comm/symmetric_memory.h>
 #include <hostfuse/multidevice/moe/cuda/workspace.h>
+#include <hostfuse/multidevice/moe/input_checks.h>
 #include <hostfuse/utils/options.h>
 #include <hostfuse/utils/torch_cuda.h>
 #include "test_utils.h"
@@ -120,6 +122,8 @@ struct Case {
   // Count the picks over the whole grid (what large T uses) even when every
   // block could count all of them itself.
   bool grid_route = false;
+  // fp8 dispatch (CudaMoeConfig::fp8_dispatch); hidden a multiple of 128.
+  bool fp8 = false;
   // CudaMoeConfig::blocks and push_blocks (0: the defaults).
   int blocks = 0;
   int push_blocks = 0;
@@ -196,6 +200,12 @@ struct Expected {
   at::Tensor combined_per_rank;  // reduce=per_rank
 };
 
+// Packed fp8 rows (moe::quantizeFp8Packed) back to c.dtype.
+at::Tensor dequantize(const at::Tensor& packed, const Case& c) {
+  const auto [q, scales] = moe::unpackFp8(packed, c.hidden);
+  return dequantizeFp8Rows(q, scales, c.dtype);
+}
+
 Expected reference(const Case& c, int world, int rank,
                    const std::vector<Inputs>& all) {
   const int64_t local = c.experts / world;
@@ -233,13 +243,17 @@ Expected reference(const Case& c, int world, int rank,
   // combined[t] = sum over unmasked k in order of w * out(t, k), in fp32 with
   // separate multiply and add (separate ATen ops never fuse).
   const Inputs& own = all[rank];
+  // With fp8 dispatch the experts see the dequantized rows: the same for
+  // every pick of a token (rows are quantized per token).
+  const at::Tensor own_x =
+      c.fp8 ? dequantize(moe::quantizeFp8Packed(own.x), c) : own.x;
   at::Tensor sum = at::zeros({own.x.size(0), c.hidden}, at::dtype(at::kFloat));
   for (int64_t k = 0; k < c.topk; ++k) {
     const at::Tensor ids = own.idx.select(1, k);
     const at::Tensor scale =
         expertScale(ids, at::full_like(ids, k)).unsqueeze(1);
     const at::Tensor out =
-        (own.x.to(at::kFloat) * scale).to(c.dtype).to(at::kFloat);
+        (own_x.to(at::kFloat) * scale).to(c.dtype).to(at::kFloat);
     const at::Tensor contribution =
         c.weights ? own.weights.select(1, k).unsqueeze(1) * out : out;
     sum = at::where((ids >= 0).unsqueeze(1), sum + contribution, sum);
@@ -257,7 +271,7 @@ Expected reference(const Case& c, int world, int rank,
       const at::Tensor scale =
           expertScale(ids, at::full_like(ids, k)).unsqueeze(1);
       const at::Tensor out =
-          (own.x.to(at::kFloat) * scale).to(c.dtype).to(at::kFloat);
+          (own_x.to(at::kFloat) * scale).to(c.dtype).to(at::kFloat);
       const at::Tensor contribution =
           c.weights ? own.weights.select(1, k).unsqueeze(1) * out : out;
       partial = at::where(on_r.unsqueeze(1), partial + contribution, partial);
@@ -283,7 +297,10 @@ at::Tensor runExperts(const CudaDispatchResult& result, const Case& c,
           .clamp_max(local - 1);
   const at::Tensor scale = expertScale(local_ids + rank * local,
                                        result.recv_src_k.clamp(0, c.topk - 1));
-  return (result.recv_x.to(at::kFloat) * scale.unsqueeze(1)).to(c.dtype);
+  const at::Tensor values =
+      c.fp8 ? dequantizeFp8Rows(result.recv_x, result.recv_scales, c.dtype)
+            : result.recv_x;
+  return (values.to(at::kFloat) * scale.unsqueeze(1)).to(c.dtype);
 }
 
 // Number of mismatches, with a message for the first few.
@@ -308,7 +325,8 @@ class Checker {
 };
 
 void checkDispatch(Checker& check, const CudaDispatchResult& result,
-                   const Expected& e, bool weights, const std::string& when) {
+                   const Expected& e, bool weights, const std::string& when,
+                   bool fp8 = false) {
   const int64_t rows = e.src_rank.size(0);
   check.equal(result.recv_expert_counts, e.counts, when + " counts");
   check.equal(result.n_rows_to_rank, e.to_rank, when + " n_rows_to_rank");
@@ -317,7 +335,17 @@ void checkDispatch(Checker& check, const CudaDispatchResult& result,
     ADD_FAILURE() << when << ": " << rows << " rows exceed the capacity";
     return;
   }
-  check.equal(result.recv_x.slice(0, 0, rows), e.rows, when + " recv_x");
+  if (fp8) {
+    // The collective backend's quantizer, bit for bit.
+    const auto [q, scales] =
+        moe::unpackFp8(moe::quantizeFp8Packed(e.rows), e.rows.size(1));
+    check.equal(result.recv_x.slice(0, 0, rows).view(at::kByte),
+                q.view(at::kByte), when + " recv_x (fp8)");
+    check.equal(result.recv_scales.slice(0, 0, rows), scales,
+                when + " recv_scales");
+  } else {
+    check.equal(result.recv_x.slice(0, 0, rows), e.rows, when + " recv_x");
+  }
   check.equal(result.recv_src_rank.slice(0, 0, rows), e.src_rank,
               when + " recv_src_rank");
   check.equal(result.recv_src_token.slice(0, 0, rows), e.src_token,
@@ -376,6 +404,7 @@ class CudaMoe : public testing::Test {
         c.grid_route ? 1 : std::numeric_limits<int64_t>::max();
     config.blocks = c.blocks;
     config.push_blocks = c.push_blocks;
+    config.fp8_dispatch = c.fp8;
     return std::make_unique<CudaMoeWorkspace>(processGroup().store, config);
   }
 
@@ -408,7 +437,7 @@ class CudaMoe : public testing::Test {
     try {
       const CudaDispatchResult result =
           workspace.dispatch(in.x, in.idx, weights);
-      checkDispatch(check, result, e, c.weights, when);
+      checkDispatch(check, result, e, c.weights, when, c.fp8);
       const at::Tensor out = runExperts(result, c, world_, rank_);
       const at::Tensor combined = workspace.combine(out, result, weights);
       check.equal(combined, e.combined, when + " combined");
@@ -509,6 +538,30 @@ TEST_F(CudaMoe, MatchesReferenceWithoutWeightsAndWithInt32Ids) {
   c.int32_idx = true;
   auto workspace = makeWorkspace(c, "plain");
   runAndCheck(*workspace, c, "no weights, int32 ids");
+}
+
+// fp8 dispatch: the rows arrive quantized exactly as the collective
+// backend quantizes them (values and scales), for every row dtype, with
+// both routes and in both combine modes; the experts see the dequantized
+// rows.
+TEST_F(CudaMoe, Fp8DispatchMatchesTheCollectiveQuantizer) {
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (const bool grid_route : {false, true}) {
+      Case c;
+      c.experts = 4 * world_;
+      c.topk = 4;
+      c.hidden = 384;
+      c.dtype = dtype;
+      c.fp8 = true;
+      c.grid_route = grid_route;
+      c.seed = 77;
+      auto workspace =
+          makeWorkspace(c, toString("fp8_", c10::toString(dtype), grid_route));
+      runAndCheck(*workspace, c,
+                  toString("fp8 ", c10::toString(dtype),
+                           grid_route ? ", grid route" : ""));
+    }
+  }
 }
 
 TEST_F(CudaMoe, SkewedRoutingSendsEveryTokenToOneExpert) {
@@ -960,7 +1013,7 @@ void CudaMoe::replayGraph(const Case& c, const std::string& name, int replays) {
     in.weights.copy_(all[rank_].weights);
     graph.replay();
     const Expected e = reference(c, world_, rank_, all);
-    checkDispatch(check, result, e, true, toString("replay ", round));
+    checkDispatch(check, result, e, true, toString("replay ", round), c.fp8);
     check.equal(combined, e.combined, toString("replay ", round, " combined"));
     check.equal(per_rank, e.combined_per_rank,
                 toString("replay ", round, " combined per rank"));
@@ -999,6 +1052,16 @@ TEST_F(CudaMoe, GraphReplaysMatchTheReferenceWithTheGridRoute) {
   c.seed = 4048;
   c.grid_route = true;
   replayGraph(c, "graph_grid", graphReplays(300));
+}
+
+TEST_F(CudaMoe, GraphReplaysWithFp8DispatchMatchTheReference) {
+  Case c;
+  c.experts = 2 * world_;
+  c.topk = std::min<int64_t>(4, c.experts);
+  c.hidden = 256;
+  c.seed = 8086;
+  c.fp8 = true;
+  replayGraph(c, "graph_fp8", graphReplays(1000));
 }
 
 }  // namespace

@@ -108,6 +108,37 @@ std::vector<GridCase> gridCases() {
   return cases;
 }
 
+// This rank's inputs of a grid case, from a seed of the case's name
+// (`salt` gives another draw).
+struct GridInputs {
+  int64_t experts = 0;
+  int64_t tokens = 0;
+  at::Tensor x, idx, weights;  // weights undefined when unweighted
+};
+
+GridInputs gridInputs(const GridCase& c, uint64_t salt = 0) {
+  const at::Device device = rankDevice(c.device);
+  const int64_t ranks = worldSize();
+  const int64_t me = myRank();
+  GridInputs in;
+  in.experts = c.experts_per_rank * ranks;
+  in.tokens = test::tokensFor(c.routing, me);
+  const uint64_t seed = std::hash<std::string>{}(
+                            gridName(testing::TestParamInfo<GridCase>(c, 0))) %
+                            100000 +
+                        salt;
+  in.x = test::randomTensor({in.tokens, kHidden}, c.dtype, device,
+                            seed * 131 + me);
+  in.idx = test::makeRouting(c.routing, in.tokens, c.picks, in.experts, ranks,
+                             me, seed)
+               .to(device);
+  if (c.weighted) {
+    in.weights =
+        test::randomWeights(in.tokens, c.picks, c.dtype, device, seed + me);
+  }
+  return in;
+}
+
 class DispatchCombineGrid : public testing::TestWithParam<GridCase> {};
 
 TEST_P(DispatchCombineGrid, MatchesReference) {
@@ -117,23 +148,13 @@ TEST_P(DispatchCombineGrid, MatchesReference) {
     GTEST_SKIP() << "one rank cannot leave a rank idle";
   }
   const at::Device device = rankDevice(c.device);
-  const int64_t ranks = worldSize();
   const int64_t me = myRank();
-  const int64_t experts = c.experts_per_rank * ranks;
-  const int64_t tokens = test::tokensFor(c.routing, me);
-  const uint64_t seed = std::hash<std::string>{}(
-                            gridName(testing::TestParamInfo<GridCase>(c, 0))) %
-                        100000;
-
-  const at::Tensor x =
-      test::randomTensor({tokens, kHidden}, c.dtype, device, seed * 131 + me);
-  const at::Tensor idx =
-      test::makeRouting(c.routing, tokens, c.picks, experts, ranks, me, seed)
-          .to(device);
-  at::Tensor weights;
-  if (c.weighted) {
-    weights = test::randomWeights(tokens, c.picks, c.dtype, device, seed + me);
-  }
+  const GridInputs in = gridInputs(c);
+  const int64_t experts = in.experts;
+  const int64_t tokens = in.tokens;
+  const at::Tensor& x = in.x;
+  const at::Tensor& idx = in.idx;
+  const at::Tensor& weights = in.weights;
 
   // The collectives, the same on every rank.
   const MoeDispatchOutput out =
@@ -213,21 +234,12 @@ TEST_P(PerRankCombineGrid, MatchesTheReferenceOrder) {
   const at::Device device = rankDevice(c.device);
   const int64_t ranks = worldSize();
   const int64_t me = myRank();
-  const int64_t experts = c.experts_per_rank * ranks;
-  const int64_t tokens = test::tokensFor(c.routing, me);
-  const uint64_t seed = std::hash<std::string>{}(
-                            gridName(testing::TestParamInfo<GridCase>(c, 0))) %
-                            100000 +
-                        7;
-  const at::Tensor x =
-      test::randomTensor({tokens, kHidden}, c.dtype, device, seed * 131 + me);
-  const at::Tensor idx =
-      test::makeRouting(c.routing, tokens, c.picks, experts, ranks, me, seed)
-          .to(device);
-  at::Tensor weights;
-  if (c.weighted) {
-    weights = test::randomWeights(tokens, c.picks, c.dtype, device, seed + me);
-  }
+  const GridInputs in = gridInputs(c, /*salt=*/7);
+  const int64_t experts = in.experts;
+  const int64_t tokens = in.tokens;
+  const at::Tensor& x = in.x;
+  const at::Tensor& idx = in.idx;
+  const at::Tensor& weights = in.weights;
   const MoeDispatchOutput out =
       dispatchCollective(x, idx, optional(weights), experts, communicator());
   MoeCombineArgs args;
@@ -249,6 +261,94 @@ TEST_P(PerRankCombineGrid, MatchesTheReferenceOrder) {
 
 INSTANTIATE_TEST_SUITE_P(Grid, PerRankCombineGrid,
                          testing::ValuesIn(perRankCases()), gridName);
+
+// ---------------------------------------------------------------------------
+// fp8 dispatch: every received row is its source row quantized as the
+// independent reference quantizer does, bit for bit (values and scales),
+// and the layout is the one of the unquantized dispatch.
+
+class Fp8Dispatch : public testing::TestWithParam<c10::DeviceType> {};
+
+TEST_P(Fp8Dispatch, RowsEqualAReferenceQuantizerBitForBit) {
+  SKIP_IF_UNAVAILABLE(GetParam());
+  const at::Device device = rankDevice(GetParam());
+  const int64_t ranks = worldSize();
+  const int64_t me = myRank();
+  const int64_t experts = 4 * ranks;
+  const int64_t tokens = 12 + 3 * me;
+  const int64_t hidden = 384;
+  // Rows of very different magnitudes, an all-zero block, a tiny block
+  // (below the smallest amax) and a row whose values tie between codes.
+  at::Tensor x =
+      test::randomTensor({tokens, hidden}, at::kFloat, at::kCPU, 700 + me);
+  x.select(0, 0).mul_(1e4);
+  x.select(0, 1).narrow(0, 0, 128).zero_();
+  x.select(0, 2).narrow(0, 128, 128).mul_(1e-7);
+  x = x.to(at::kBFloat16).to(device);
+  const at::Tensor idx =
+      test::makeRouting(Routing::Masked, tokens, 4, experts, ranks, me, 701)
+          .to(device);
+  const MoeDispatchOutput plain =
+      dispatchCollective(x, idx, std::nullopt, experts, communicator());
+  const MoeDispatchOutput fp8 = dispatchCollective(
+      x, idx, std::nullopt, experts, communicator(), MoeDispatchQuant::Fp8E4M3);
+  EXPECT_EQ(fp8.recv_x.scalar_type(), at::kFloat8_e4m3fn);
+  EXPECT_EQ(fp8.recv_x.device(), device);
+  ASSERT_TRUE(fp8.recv_scales.defined());
+  EXPECT_EQ(fp8.recv_scales.sizes(),
+            (std::vector<int64_t>{plain.recv_x.size(0), hidden / 128}));
+  expectEqual(fp8.layout.src_token, plain.layout.src_token, "src_token");
+  expectEqual(fp8.layout.expert_counts, plain.layout.expert_counts,
+              "expert_counts");
+  const test::Fp8Rows expected = test::referenceQuantizeFp8(plain.recv_x);
+  expectEqual(fp8.recv_x.view(at::kByte), expected.bytes, "fp8 rows");
+  expectEqual(fp8.recv_scales, expected.scales, "scales");
+  // Dequantized, within e4m3's half step (2^-4 relative) of the bf16 row.
+  const at::Tensor dequantized =
+      (fp8.recv_x.to(at::kFloat).cpu().view({-1, hidden / 128, 128}) *
+       fp8.recv_scales.cpu().unsqueeze(2))
+          .view({-1, hidden});
+  const at::Tensor error =
+      (dequantized - plain.recv_x.to(at::kFloat).cpu()).abs();
+  const at::Tensor bound =
+      plain.recv_x.to(at::kFloat).cpu().abs() * std::ldexp(1.0, -4) +
+      fp8.recv_scales.cpu().repeat_interleave(128, 1) * std::ldexp(1.0, -9);
+  EXPECT_TRUE(at::all(error <= bound).item<bool>())
+      << "largest error " << error.max().item<float>();
+}
+
+// Refused on every rank alike: H not a multiple of 128, fp64 x.
+TEST_P(Fp8Dispatch, HiddenSizeAndDtypeAreChecked) {
+  SKIP_IF_UNAVAILABLE(GetParam());
+  const at::Device device = rankDevice(GetParam());
+  const int64_t experts = 2 * worldSize();
+  const at::Tensor idx = test::makeRouting(Routing::Uniform, 4, 2, experts,
+                                           worldSize(), myRank(), 9)
+                             .to(device);
+  const at::Tensor x = test::randomTensor({4, 96}, at::kBFloat16, device, 3);
+  test::expectErrorContains(
+      [&] {
+        dispatchCollective(x, idx, std::nullopt, experts, communicator(),
+                           MoeDispatchQuant::Fp8E4M3);
+      },
+      {"quantize=fp8_e4m3 needs x of Float, BFloat16 or Half with H a "
+       "multiple of 128",
+       "got H = 96 and BFloat16"});
+  const at::Tensor wide = test::randomTensor({4, 128}, at::kDouble, device, 3);
+  test::expectErrorContains(
+      [&] {
+        dispatchCollective(wide, idx, std::nullopt, experts, communicator(),
+                           MoeDispatchQuant::Fp8E4M3);
+      },
+      {"got H = 128 and Double"});
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, Fp8Dispatch,
+                         testing::Values(c10::DeviceType::CPU,
+                                         c10::DeviceType::CUDA),
+                         [](const testing::TestParamInfo<c10::DeviceType>& i) {
+                           return deviceTypeName(i.param);
+                         });
 
 // A rank that combines per_pick while the others combine per_rank: every
 // rank raises the same error before any row moves, and the next call pairs
@@ -549,6 +649,104 @@ TEST_P(MoeProgram, DispatchGroupedMatmulCombineMatchesReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, MoeProgram,
+                         testing::Values(c10::DeviceType::CPU,
+                                         c10::DeviceType::CUDA),
+                         [](const testing::TestParamInfo<c10::DeviceType>& i) {
+                           return deviceTypeName(i.param);
+                         });
+
+// The bf16 MoE layer (dispatch, grouped matmul, combine) with the rows
+// dispatched in fp8: (1) it equals, to fp32 summation order, the layer
+// computed from the dequantized rows of the reference quantizer; (2) it
+// stays within 4% of the largest output of the bf16 layer (e4m3 keeps 3
+// mantissa bits: each value within 1/16 of itself; a dot product of 256
+// of them averages the errors down). Prints the error it measured.
+class Fp8Layer : public testing::TestWithParam<c10::DeviceType> {};
+
+TEST_P(Fp8Layer, OutputIsCloseToTheBf16Layer) {
+  SKIP_IF_UNAVAILABLE(GetParam());
+  const at::Device device = rankDevice(GetParam());
+  const int64_t ranks = worldSize();
+  const int64_t me = myRank();
+  const int64_t local = 2;
+  const int64_t experts = local * ranks;
+  const int64_t picks = 2;
+  const int64_t hidden = 256;
+  const int64_t tokens = 9 + 2 * me;
+  auto layer = [&](MoeDispatchQuant quantize) {
+    auto program = std::make_unique<HostIrContainer>();
+    FusionGuard guard(program.get());
+    Scalar* t = makeSymbolicScalar(DataType::Int64, "tokens");
+    TensorView* x = makeTensor({t, hidden}, DataType::BFloat16, "x");
+    TensorView* idx = makeTensor({t, picks}, DataType::Int64, "topk_idx");
+    TensorView* w = makeTensor({t, picks}, DataType::Float, "topk_weights");
+    TensorView* expert_w =
+        makeTensor({local, hidden, hidden}, DataType::BFloat16, "expert_w");
+    for (TensorView* input : {x, idx, w, expert_w}) {
+      program->addInput(input);
+    }
+    const MoeDispatchResult d =
+        moeDispatch(x, idx, w, experts, MoeBackend::Collective, 0, quantize);
+    TensorView* y =
+        groupedMatmul(d.recv_x, expert_w, d.recv_expert_counts, d.recv_scales);
+    program->addOutput(moeCombine(y, d, w, x->extent(0)));
+    return std::make_unique<HostIrEvaluator>(std::move(program));
+  };
+  auto fp8 = layer(MoeDispatchQuant::Fp8E4M3);
+  auto bf16 = layer(MoeDispatchQuant::None);
+  EXPECT_NE(fp8->program().toString().find("quantize=fp8_e4m3"),
+            std::string::npos);
+  EXPECT_NE(fp8->program().toString().find("x_scales="), std::string::npos);
+
+  const at::Tensor x =
+      test::randomTensor({tokens, hidden}, at::kBFloat16, device, 80 + me);
+  const at::Tensor idx =
+      test::makeRouting(Routing::Masked, tokens, picks, experts, ranks, me, 81)
+          .to(device);
+  const at::Tensor w =
+      test::randomWeights(tokens, picks, at::kFloat, device, 82 + me);
+  const at::Tensor expert_w =
+      (test::randomTensor({local, hidden, hidden}, at::kFloat, at::kCPU,
+                          83 + me) /
+       16.0)
+          .to(at::kBFloat16)
+          .to(device);
+  const at::Tensor out = fp8->run({x, idx, w, expert_w})[0];
+  const at::Tensor exact = bf16->run({x, idx, w, expert_w})[0];
+  const at::Tensor all_w = at::cat(test::allGatherRows(expert_w)).cpu();
+  EXPECT_EQ(out.scalar_type(), at::kBFloat16);
+
+  // (1) The reference: the token's row through the reference quantizer,
+  // dequantized to bf16, times its expert's weights.
+  const test::Fp8Rows q = test::referenceQuantizeFp8(x.cpu());
+  const at::Tensor dequantized =
+      (q.bytes.view(at::kFloat8_e4m3fn).to(at::kFloat).view({tokens, -1, 128}) *
+       q.scales.unsqueeze(2))
+          .view({tokens, hidden})
+          .to(at::kBFloat16);
+  const at::Tensor x_cpu = x.cpu();
+  const test::ExpertFn through_fp8 = [&](int64_t e, const at::Tensor& rows) {
+    // rows is x[t] of one token: find it to take its dequantized row.
+    const at::Tensor t = (x_cpu == rows).all(1).nonzero().select(1, 0);
+    return at::matmul(dequantized.index_select(0, t).to(at::kFloat),
+                      all_w[e].to(at::kFloat))
+        .to(at::kBFloat16);
+  };
+  test::expectClose(
+      out.cpu().to(at::kFloat),
+      test::referenceCombine(x, idx, w, through_fp8).to(at::kFloat), 2e-2,
+      2e-2);
+  // (2) Against the bf16 layer.
+  const double largest = exact.abs().max().item<double>();
+  const double error =
+      (out.to(at::kFloat) - exact.to(at::kFloat)).abs().max().item<double>();
+  std::cout << "[rank " << me << " of " << ranks << "] fp8 layer: max error "
+            << error << " of the bf16 layer's largest output " << largest
+            << " (" << 100 * error / largest << "%)\n";
+  EXPECT_LE(error, 0.04 * largest);
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, Fp8Layer,
                          testing::Values(c10::DeviceType::CPU,
                                          c10::DeviceType::CUDA),
                          [](const testing::TestParamInfo<c10::DeviceType>& i) {

@@ -73,13 +73,15 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
   // Experts on this rank's expert-major rows.
   const MoeDispatchResult d =
       moeDispatch(x, top.indices, weights, config.num_experts, config.backend,
-                  config.capacity);
-  TensorView* gate = groupedMatmul(d.recv_x, w_gate, d.recv_expert_counts);
-  TensorView* up = groupedMatmul(d.recv_x, w_up, d.recv_expert_counts);
+                  config.capacity, config.quantize);
+  TensorView* gate =
+      groupedMatmul(d.recv_x, w_gate, d.recv_expert_counts, d.recv_scales);
+  TensorView* up =
+      groupedMatmul(d.recv_x, w_up, d.recv_expert_counts, d.recv_scales);
   TensorView* act = runFusion(makeSiluMulFusion(I, dtype), {gate, up}).at(0);
   TensorView* down = groupedMatmul(act, w_down, d.recv_expert_counts);
 
-  program->addOutput(moeCombine(down, d, weights, tokens));
+  program->addOutput(moeCombine(down, d, weights, tokens, config.reduce));
   program->addOutput(top.indices);
   program->addOutput(weights);
   return program;

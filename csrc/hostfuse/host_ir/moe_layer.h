@@ -11,12 +11,13 @@
 //   scores   = softmax(logits, -1)                         [T, E]
 //   (top, topk_idx) = topk(scores, K)                      [T, K]
 //   topk_weights = top / sum(top, -1)    (renormalize)     [T, K] f32
-//   d        = MoeDispatch(x, topk_idx, topk_weights, E, backend)
-//   gate     = GroupedMatmul(d.recv_x, w_gate, d.recv_expert_counts)
-//   up       = GroupedMatmul(d.recv_x, w_up, d.recv_expert_counts)
+//   d        = MoeDispatch(x, topk_idx, topk_weights, E, backend, quantize)
+//   gate     = GroupedMatmul(d.recv_x, w_gate, d.recv_expert_counts
+//                            [, d.recv_scales with fp8 dispatch])
+//   up       = GroupedMatmul(d.recv_x, w_up, ...)
 //   act      = RunFusion(silu(gate) * up)                   [rows, I]
 //   down     = GroupedMatmul(act, w_down, d.recv_expert_counts)
-//   out      = MoeCombine(down, d, topk_weights, T)         [T, H]
+//   out      = MoeCombine(down, d, topk_weights, T, reduce)  [T, H]
 //
 // Inputs, in order: x [T, H], router_w [E, H], w_gate [L, H, I],
 // w_up [L, H, I], w_down [L, I, H] (all of `dtype`; router_w is the same on
@@ -50,6 +51,10 @@ struct MoeLayerConfig {
   bool renormalize = true;
   // Rows per receiving rank with backend=cuda; 0 is the worst case.
   int64_t capacity = 0;
+  // The dispatch's rows (fp8_e4m3: quantized, docs/moe.md) and the
+  // combine's mode.
+  MoeDispatchQuant quantize = MoeDispatchQuant::None;
+  MoeCombineReduce reduce = MoeCombineReduce::PerPick;
 };
 
 std::unique_ptr<HostIrContainer> makeMoeLayerProgram(

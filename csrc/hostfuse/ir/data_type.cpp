@@ -22,6 +22,8 @@ at::ScalarType toScalarType(DataType dtype) {
       return at::kFloat;
     case DataType::Double:
       return at::kDouble;
+    case DataType::Float8E4M3:
+      return at::kFloat8_e4m3fn;
   }
   HF_ERROR(false, "unknown DataType ", static_cast<int>(dtype));
   return at::kFloat;
@@ -43,6 +45,8 @@ DataType toDataType(at::ScalarType scalar_type) {
       return DataType::Float;
     case at::kDouble:
       return DataType::Double;
+    case at::kFloat8_e4m3fn:
+      return DataType::Float8E4M3;
     default:
       HF_THROW("hostfuse does not support the ATen scalar type ",
                c10::toString(scalar_type));
@@ -82,6 +86,8 @@ std::string toString(DataType dtype) {
       return "f32";
     case DataType::Double:
       return "f64";
+    case DataType::Float8E4M3:
+      return "f8e4m3";
   }
   return "unknown";
 }

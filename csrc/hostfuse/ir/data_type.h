@@ -8,7 +8,18 @@
 
 namespace hostfuse {
 
-enum class DataType { Bool, Int32, Int64, Half, BFloat16, Float, Double };
+// Float8E4M3 is a storage type (fp8 MoE dispatch, GroupedMatmul's scaled
+// rows): no arithmetic, no fused kernel; isFloatingPoint is false for it.
+enum class DataType {
+  Bool,
+  Int32,
+  Int64,
+  Half,
+  BFloat16,
+  Float,
+  Double,
+  Float8E4M3
+};
 
 at::ScalarType toScalarType(DataType dtype);
 
@@ -24,7 +35,8 @@ int64_t sizeOf(DataType dtype);
 // The type of `a op b` under ATen's promotion rules for two tensors.
 DataType promoteTypes(DataType a, DataType b);
 
-// Short names used in printed IR: bool, i32, i64, f16, bf16, f32, f64.
+// Short names used in printed IR: bool, i32, i64, f16, bf16, f32, f64,
+// f8e4m3.
 std::string toString(DataType dtype);
 std::ostream& operator<<(std::ostream& os, DataType dtype);
 

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <hostfuse/ir/container.h>
+#include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/kernels/group_ends.h>
 #include <hostfuse/ir/operand_checks.h>
 #include <hostfuse/ir/ops.h>
@@ -12,55 +13,91 @@
 namespace hostfuse {
 
 GroupedMatmul::GroupedMatmul(TensorView* out, TensorView* x,
-                             TensorView* weights, TensorView* group_counts) {
+                             TensorView* weights, TensorView* group_counts,
+                             TensorView* x_scales) {
   addOutput(out);
   addInput(x);
   addInput(weights);
   addInput(group_counts);
+  if (x_scales != nullptr) {
+    addInput(x_scales);
+  }
 }
 
 std::string GroupedMatmul::toInlineString() const {
   return out()->toString() + " = GroupedMatmul(x=" + x()->toString() +
+         (xScales() != nullptr ? ", x_scales=" + xScales()->toString() : "") +
          ", weights=" + weights()->toString() +
          ", group_counts=" + groupCounts()->toString() + ")";
 }
 
 void GroupedMatmul::validate() const {
-  checkFloating(this, "x", x(), 2);
   checkFloating(this, "weights", weights(), 3);
-  HF_CHECK(weights()->dtype() == x()->dtype(), "GroupedMatmul: weights ",
-           weights()->toDeclString(), " must have x's dtype ", x()->dtype());
+  if (xScales() != nullptr) {
+    checkTensor(
+        this, "x", x(), 2, [](DataType d) { return d == DataType::Float8E4M3; },
+        "f8e4m3 (it has x_scales)");
+    checkTensor(
+        this, "x_scales", xScales(), 2,
+        [](DataType d) { return d == DataType::Float; }, "f32");
+    checkSameExtent(this, x()->extent(0), "the rows of x", xScales()->extent(0),
+                    "the rows of x_scales");
+  } else {
+    checkFloating(this, "x", x(), 2);
+    HF_CHECK(weights()->dtype() == x()->dtype(), "GroupedMatmul: weights ",
+             weights()->toDeclString(), " must have x's dtype ", x()->dtype());
+  }
   checkSameExtent(this, x()->extent(1), "the width H of x",
                   weights()->extent(1), "dim 1 of weights");
   checkInt64(this, "group_counts", groupCounts(), 1);
   checkSameExtent(this, weights()->extent(0), "the groups of weights",
                   groupCounts()->extent(0), "the length of group_counts");
   checkFloating(this, "out", out(), 2);
-  HF_CHECK(out()->dtype() == x()->dtype(), "GroupedMatmul: out ",
-           out()->toDeclString(), " must have x's dtype ", x()->dtype());
+  HF_CHECK(out()->dtype() == weights()->dtype(), "GroupedMatmul: out ",
+           out()->toDeclString(), " must have the weights' dtype ",
+           weights()->dtype());
+}
+
+at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
+                             at::ScalarType dtype) {
+  const int64_t rows = x.size(0);
+  const int64_t hidden = x.size(1);
+  HF_CHECK(scales.dim() == 2 && scales.size(0) == rows && scales.size(1) > 0 &&
+               hidden % scales.size(1) == 0,
+           "GroupedMatmul: x_scales ", scales.sizes(),
+           " must hold one scale per row and block of channels of x ",
+           x.sizes());
+  const int64_t blocks = scales.size(1);
+  return (x.to(at::kFloat).reshape({rows, blocks, hidden / blocks}) *
+          scales.to(at::kFloat).unsqueeze(2))
+      .reshape({rows, hidden})
+      .to(dtype);
 }
 
 bool groupedMatmulRunsOnDevice(at::ScalarType dtype, const at::Device& device,
                                int64_t hidden, int64_t n, int64_t groups,
                                std::string* why_not) {
+  // Plain string concatenation, no stream: this runs for every
+  // GroupedMatmul of every capture check.
   std::string reason;
   if (!device.is_cuda()) {
     reason = "it runs on " + device.str() + ", not on a GPU";
   } else if (dtype != at::kBFloat16) {
-    reason = toString("its dtype is ", dtype, ", not bf16");
+    reason = std::string("its dtype is ") + c10::toString(dtype) + ", not bf16";
   } else if (hidden >= 0 && hidden % 8 != 0) {
-    reason = toString("H = ", hidden, " is not a multiple of 8");
+    reason = "H = " + std::to_string(hidden) + " is not a multiple of 8";
   } else if (n >= 0 && n % 8 != 0) {
-    reason = toString("N = ", n, " is not a multiple of 8");
+    reason = "N = " + std::to_string(n) + " is not a multiple of 8";
   } else if (groups >= 1024) {
-    reason = toString("it has ", groups, " groups (at most 1023)");
+    reason = "it has " + std::to_string(groups) + " groups (at most 1023)";
   } else if (cuda::isAvailable()) {
     const int index =
         device.has_index() ? device.index() : cuda::currentDevice();
     const auto [major, minor] = cuda::computeCapability(index);
     if (major != 9 && major != 10) {
-      reason = toString("GPU ", index, " has compute capability ", major, ".",
-                        minor, " (at::_grouped_mm needs 9.x or 10.x)");
+      reason = "GPU " + std::to_string(index) + " has compute capability " +
+               std::to_string(major) + "." + std::to_string(minor) +
+               " (at::_grouped_mm needs 9.x or 10.x)";
     }
   }
   if (why_not != nullptr) {
@@ -108,7 +145,7 @@ std::vector<std::string> GroupedMatmul::captureProblems(
   };
   std::string why_not;
   if (groupedMatmulRunsOnDevice(
-          toScalarType(x()->dtype()), device, size(x()->extent(1)),
+          toScalarType(weights()->dtype()), device, size(x()->extent(1)),
           size(weights()->extent(2)), size(weights()->extent(0)), &why_not)) {
     return {};
   }
@@ -120,8 +157,14 @@ std::vector<std::string> GroupedMatmul::captureProblems(
 
 std::vector<c10::IValue> GroupedMatmul::evaluate(
     const std::vector<c10::IValue>& inputs) const {
-  const at::Tensor x = inputs.at(0).toTensor();
   const at::Tensor weights = inputs.at(1).toTensor();
+  // fp8 rows: dequantized to the weights' dtype first (no fused scaled
+  // GEMM yet).
+  const at::Tensor x =
+      inputs.size() > 3
+          ? dequantizeFp8Rows(inputs.at(0).toTensor(), inputs.at(3).toTensor(),
+                              weights.scalar_type())
+          : inputs.at(0).toTensor();
   const at::Tensor counts = inputs.at(2).toTensor();
   HF_CHECK(counts.dim() == 1 && counts.size(0) == weights.size(0),
            "GroupedMatmul: group_counts has ", counts.numel(),
@@ -164,7 +207,7 @@ std::vector<c10::IValue> GroupedMatmul::evaluate(
 }
 
 TensorView* groupedMatmul(TensorView* x, TensorView* weights,
-                          TensorView* group_counts) {
+                          TensorView* group_counts, TensorView* x_scales) {
   HF_CHECK(x != nullptr && weights != nullptr && group_counts != nullptr,
            "groupedMatmul: an operand is null");
   HF_CHECK(x->rank() == 2, "groupedMatmul: x ", x->toDeclString(),
@@ -172,8 +215,13 @@ TensorView* groupedMatmul(TensorView* x, TensorView* weights,
   HF_CHECK(weights->rank() == 3, "groupedMatmul: weights ",
            weights->toDeclString(), " must have rank 3 ([L, H, N]), got rank ",
            weights->rank());
-  TensorView* out = makeTensor({x->extent(0), weights->extent(2)}, x->dtype());
-  IrBuilder::create<GroupedMatmul>(out, x, weights, group_counts);
+  HF_CHECK((x_scales != nullptr) == (x->dtype() == DataType::Float8E4M3),
+           "groupedMatmul: x ", x->toDeclString(),
+           x_scales != nullptr ? " has x_scales, so it must be f8e4m3"
+                               : " is f8e4m3: pass its scales (x_scales)");
+  TensorView* out =
+      makeTensor({x->extent(0), weights->extent(2)}, weights->dtype());
+  IrBuilder::create<GroupedMatmul>(out, x, weights, group_counts, x_scales);
   return out;
 }
 

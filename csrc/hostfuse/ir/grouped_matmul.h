@@ -34,7 +34,7 @@ namespace hostfuse {
 class GroupedMatmul : public Expr {
  public:
   GroupedMatmul(TensorView* out, TensorView* x, TensorView* weights,
-                TensorView* group_counts);
+                TensorView* group_counts, TensorView* x_scales = nullptr);
   HF_DECLARE_EXPR(GroupedMatmul)
   // Capturable on its device path only (groupedMatmulRunsOnDevice, with
   // the sizes known when the program is built).
@@ -45,6 +45,11 @@ class GroupedMatmul : public Expr {
   TensorView* x() const { return input(0)->as<TensorView>(); }
   TensorView* weights() const { return input(1)->as<TensorView>(); }
   TensorView* groupCounts() const { return input(2)->as<TensorView>(); }
+  // With f8e4m3 rows: [rows, H / B] f32, one scale per row and block of B
+  // channels (row block b is x * x_scales[:, b]); else nullptr.
+  TensorView* xScales() const {
+    return inputs().size() > 3 ? input(3)->as<TensorView>() : nullptr;
+  }
 
   std::string toInlineString() const override;
   void validate() const override;
@@ -63,8 +68,12 @@ bool groupedMatmulRunsOnDevice(at::ScalarType dtype, const at::Device& device,
                                int64_t hidden, int64_t n, int64_t groups,
                                std::string* why_not = nullptr);
 
-// Builds a GroupedMatmul in the active container (see FusionGuard).
+// Builds a GroupedMatmul in the active container (see FusionGuard). `x`
+// f8e4m3 needs `x_scales` (as MoeDispatch with quantize=fp8_e4m3 returns
+// them): the rows are dequantized to the weights' dtype, then multiplied.
+// The output has the weights' dtype.
 TensorView* groupedMatmul(TensorView* x, TensorView* weights,
-                          TensorView* group_counts);
+                          TensorView* group_counts,
+                          TensorView* x_scales = nullptr);
 
 }  // namespace hostfuse

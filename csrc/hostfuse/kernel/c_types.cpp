@@ -7,6 +7,8 @@
 #include <limits>
 #include <sstream>
 
+#include <hostfuse/utils/exceptions.h>
+
 namespace hostfuse::gen {
 
 namespace {
@@ -85,6 +87,10 @@ CType computeType(DataType dtype) {
     case DataType::BFloat16:
     case DataType::Float:
       return CType::kFloat;
+    case DataType::Float8E4M3:
+      HF_THROW(
+          "fp8 (f8e4m3) tensors cannot enter a fused kernel; dequantize them "
+          "first (GroupedMatmul takes them with their scales)");
   }
   return CType::kFloat;
 }

@@ -57,6 +57,28 @@ std::optional<MoeBackend> parseMoeBackend(std::string_view name) {
   return std::nullopt;
 }
 
+const char* toString(MoeDispatchQuant quantize) {
+  switch (quantize) {
+    case MoeDispatchQuant::None:
+      return "none";
+    case MoeDispatchQuant::Fp8E4M3:
+      return "fp8_e4m3";
+  }
+  HF_ERROR(false, "MoeDispatchQuant ", static_cast<int>(quantize),
+           " is not a mode");
+  return "";
+}
+
+std::optional<MoeDispatchQuant> parseMoeDispatchQuant(std::string_view name) {
+  for (const MoeDispatchQuant quantize :
+       {MoeDispatchQuant::None, MoeDispatchQuant::Fp8E4M3}) {
+    if (name == toString(quantize)) {
+      return quantize;
+    }
+  }
+  return std::nullopt;
+}
+
 const char* toString(MoeCombineReduce reduce) {
   switch (reduce) {
     case MoeCombineReduce::PerPick:

@@ -36,6 +36,13 @@ enum class MoeBackend { Collective, Cuda };
 //           ones dispatch carried to the expert's rank (recv_weights).
 enum class MoeCombineReduce { PerPick, PerRank };
 
+// How MoeDispatch sends the rows (docs/moe.md, "fp8 dispatch").
+// none      as x, in x's dtype.
+// fp8_e4m3  quantized on the way: e4m3 values with one fp32 scale per 128
+//           channels (moe/fp8.h); recv_x is fp8 and recv_scales holds the
+//           scales. Half the bytes of bf16 rows, and about 1/1.03 of that.
+enum class MoeDispatchQuant { None, Fp8E4M3 };
+
 struct MoeBackendInfo {
   MoeBackend backend;
   // As printed in the IR and parsed from text: "collective", "cuda".
@@ -65,6 +72,10 @@ const char* toString(MoeBackend backend);
 
 // The backend named `name` ("collective", "cuda"); nullopt for another name.
 std::optional<MoeBackend> parseMoeBackend(std::string_view name);
+
+// "none", "fp8_e4m3".
+const char* toString(MoeDispatchQuant quantize);
+std::optional<MoeDispatchQuant> parseMoeDispatchQuant(std::string_view name);
 
 // "per_pick", "per_rank".
 const char* toString(MoeCombineReduce reduce);

@@ -95,6 +95,7 @@ void MoeEvaluator::run(const MoeDispatch& dispatch, ValueMap& values) {
   args.topk_weights = optionalTensor(values, dispatch.topkWeights());
   args.num_experts = dispatch.numExperts();
   args.capacity = dispatch.capacity();
+  args.quantize = dispatch.quantize();
   const MoeDispatchOutput out = namingNode(
       dispatch, [&] { return runtime(dispatch.backend()).dispatch(args); });
   bindTensor(values, dispatch.recvX(), out.recv_x);
@@ -108,6 +109,9 @@ void MoeEvaluator::run(const MoeDispatch& dispatch, ValueMap& values) {
   bindTensor(values, dispatch.nTokensToRank(), out.layout.n_tokens_to_rank);
   bindTensor(values, dispatch.nTokensFromRank(), out.layout.n_tokens_from_rank);
   bindTensor(values, dispatch.recvLayoutId(), out.layout.id);
+  if (dispatch.recvScales() != nullptr) {
+    bindTensor(values, dispatch.recvScales(), out.recv_scales);
+  }
 }
 
 void MoeEvaluator::run(const MoeCombine& combine, ValueMap& values) {

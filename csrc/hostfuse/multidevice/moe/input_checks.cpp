@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include <hostfuse/multidevice/moe/fp8.h>
 #include <hostfuse/multidevice/moe/layout_id.h>
 #include <hostfuse/utils/exceptions.h>
 
@@ -91,7 +92,8 @@ bool isWeightDtype(at::ScalarType dtype) {
 HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
                                const std::optional<at::Tensor>& topk_weights,
                                int64_t num_experts, int64_t world_size,
-                               const at::Device& device) {
+                               const at::Device& device,
+                               MoeDispatchQuant quantize) {
   HostStatus status;
   if (rankOf(x) != 2) {
     status.fail(kStatusXRank, rankOf(x));
@@ -99,6 +101,9 @@ HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
     status.fail(kStatusXDtype, dtypeCode(x));
   } else if (x.size(1) <= 0) {
     status.fail(kStatusXHidden, x.size(0), x.size(1));
+  } else if (quantize == MoeDispatchQuant::Fp8E4M3 &&
+             (x.size(1) % kFp8Block != 0 || x.scalar_type() == at::kDouble)) {
+    status.fail(kStatusUnsupported, kLimitFp8, x.size(1), dtypeCode(x));
   }
   if (rankOf(topk_idx) != 2) {
     status.fail(kStatusIdxRank, rankOf(topk_idx));
@@ -125,6 +130,30 @@ HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
   }
   return status;
 }
+at::Tensor quantizeFp8Packed(const at::Tensor& x) {
+  const int64_t tokens = x.size(0);
+  const int64_t hidden = x.size(1);
+  const int64_t blocks = hidden / kFp8Block;
+  const at::Tensor values =
+      x.to(at::kFloat).reshape({tokens, blocks, kFp8Block});
+  // Separate ATen ops, each rounded once: the kernel's order. Divisors are
+  // tensors: ATen divides by a scalar as a product with its reciprocal.
+  const at::Tensor amax = values.abs().amax(-1).clamp_min(kFp8MinAmax);
+  const at::Tensor scales = amax / at::full_like(amax, kFp8Max);
+  const at::Tensor q = (values / scales.unsqueeze(-1))
+                           .clamp(-kFp8Max, kFp8Max)
+                           .to(at::kFloat8_e4m3fn)
+                           .reshape({tokens, hidden});
+  return at::cat({q.view(at::kByte), scales.contiguous().view(at::kByte)}, 1);
+}
+
+std::pair<at::Tensor, at::Tensor> unpackFp8(const at::Tensor& packed,
+                                            int64_t hidden) {
+  const int64_t blocks = hidden / kFp8Block;
+  return {packed.narrow(1, 0, hidden).contiguous().view(at::kFloat8_e4m3fn),
+          packed.narrow(1, hidden, blocks * 4).contiguous().view(at::kFloat)};
+}
+
 void checkExpertIds(DeviceStatus& status, const at::Tensor& idx,
                     int64_t num_experts) {
   const int64_t picks = idx.size(1);

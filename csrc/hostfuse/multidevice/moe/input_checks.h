@@ -67,10 +67,19 @@ bool isWeightDtype(at::ScalarType dtype);
 // Dispatch's inputs, from what needs no device values: ranks, dtypes, H and
 // K positive (T may be 0), T and K agreeing, one device (`device`), num_experts
 // a positive multiple of world_size.
-HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
-                               const std::optional<at::Tensor>& topk_weights,
-                               int64_t num_experts, int64_t world_size,
-                               const at::Device& device);
+// With fp8_e4m3, also x's dtype and H for the quantization.
+HostStatus checkDispatchInputs(
+    const at::Tensor& x, const at::Tensor& topk_idx,
+    const std::optional<at::Tensor>& topk_weights, int64_t num_experts,
+    int64_t world_size, const at::Device& device,
+    MoeDispatchQuant quantize = MoeDispatchQuant::None);
+
+// fp8_e4m3's quantization on ATen (moe/fp8.h): x [T, H] floating -> [T,
+// fp8PackedRowBytes(H)] uint8 rows on x's device, and back: packed rows ->
+// (q [N, H] Float8_e4m3fn, scales [N, H / 128] fp32), both contiguous.
+at::Tensor quantizeFp8Packed(const at::Tensor& x);
+std::pair<at::Tensor, at::Tensor> unpackFp8(const at::Tensor& packed,
+                                            int64_t hidden);
 
 // Expert ids in range and no expert twice in one token, into `status`: the
 // first bad (token, pick) in row-major order, the order in which the cuda

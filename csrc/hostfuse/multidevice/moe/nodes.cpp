@@ -27,10 +27,14 @@ MoeDispatch::MoeDispatch(
     TensorView* recv_expert_counts, TensorView* n_tokens_to_rank,
     TensorView* n_tokens_from_rank, TensorView* recv_layout_id, TensorView* x,
     TensorView* topk_idx, TensorView* topk_weights, int64_t num_experts,
-    MoeBackend backend, int64_t capacity) {
+    MoeBackend backend, int64_t capacity, MoeDispatchQuant quantize,
+    TensorView* recv_scales) {
   HF_CHECK((recv_weights == nullptr) == (topk_weights == nullptr),
            "MoeDispatch: recv_weights must be given exactly when "
            "topk_weights is");
+  HF_CHECK((recv_scales != nullptr) == (quantize != MoeDispatchQuant::None),
+           "MoeDispatch: recv_scales must be given exactly when the rows are "
+           "quantized");
   addOutput(recv_x);
   addOutput(recv_src_rank);
   addOutput(recv_src_token);
@@ -42,6 +46,9 @@ MoeDispatch::MoeDispatch(
   addOutput(n_tokens_to_rank);
   addOutput(n_tokens_from_rank);
   addOutput(recv_layout_id);
+  if (recv_scales != nullptr) {
+    addOutput(recv_scales);
+  }
   addInput(x);
   addInput(topk_idx);
   if (topk_weights != nullptr) {
@@ -51,6 +58,7 @@ MoeDispatch::MoeDispatch(
   addDataAttribute(static_cast<int64_t>(backend));
   addDataAttribute(topk_weights != nullptr);
   addDataAttribute(capacity);
+  addDataAttribute(static_cast<int64_t>(quantize));
 }
 
 std::string MoeDispatch::toInlineString() const {
@@ -65,6 +73,9 @@ std::string MoeDispatch::toInlineString() const {
   if (capacity() != 0) {
     ss << ", capacity=" << capacity();
   }
+  if (quantize() != MoeDispatchQuant::None) {
+    ss << ", quantize=" << hostfuse::toString(quantize());
+  }
   ss << ") -> (recv_x=" << recvX()->toString()
      << ", recv_src_rank=" << recvSrcRank()->toString()
      << ", recv_src_token=" << recvSrcToken()->toString()
@@ -75,13 +86,23 @@ std::string MoeDispatch::toInlineString() const {
   ss << ", recv_expert_counts=" << recvExpertCounts()->toString()
      << ", n_tokens_to_rank=" << nTokensToRank()->toString()
      << ", n_tokens_from_rank=" << nTokensFromRank()->toString()
-     << ", recv_layout_id=" << recvLayoutId()->toString() << ")";
+     << ", recv_layout_id=" << recvLayoutId()->toString();
+  if (recvScales() != nullptr) {
+    ss << ", recv_scales=" << recvScales()->toString();
+  }
+  ss << ")";
   return ss.str();
 }
 
 void MoeDispatch::validate() const {
   const size_t num_inputs = hasWeights() ? 3 : 2;
-  HF_ERROR(inputs().size() == num_inputs && outputs().size() == num_inputs + 6,
+  const int64_t mode = attribute<int64_t>(4);
+  HF_CHECK(mode == static_cast<int64_t>(MoeDispatchQuant::None) ||
+               mode == static_cast<int64_t>(MoeDispatchQuant::Fp8E4M3),
+           "MoeDispatch: quantize ", mode, " is neither none nor fp8_e4m3");
+  const size_t scales = quantize() != MoeDispatchQuant::None ? 1 : 0;
+  HF_ERROR(inputs().size() == num_inputs &&
+               outputs().size() == num_inputs + 6 + scales,
            "MoeDispatch built with ", inputs().size(), " inputs and ",
            outputs().size(), " outputs");
   checkNumExperts(this, numExperts());
@@ -108,9 +129,23 @@ void MoeDispatch::validate() const {
                     topkWeights()->extent(1), "K of topk_weights");
   }
 
-  checkFloating(this, "recv_x", recvX(), 2);
-  HF_CHECK(recvX()->dtype() == x()->dtype(), "MoeDispatch: recv_x ",
-           recvX()->toDeclString(), " must have x's dtype ", x()->dtype());
+  if (quantize() == MoeDispatchQuant::Fp8E4M3) {
+    HF_CHECK(x()->dtype() != DataType::Double,
+             "MoeDispatch: quantize=fp8_e4m3 takes x of f32, bf16 or f16; x ",
+             x()->toDeclString(), " is f64");
+    checkTensor(
+        this, "recv_x", recvX(), 2,
+        [](DataType d) { return d == DataType::Float8E4M3; }, "f8e4m3");
+    checkTensor(
+        this, "recv_scales", recvScales(), 2,
+        [](DataType d) { return d == DataType::Float; }, "f32");
+    checkSameExtent(this, recvX()->extent(0), "the rows of recv_x",
+                    recvScales()->extent(0), "the rows of recv_scales");
+  } else {
+    checkFloating(this, "recv_x", recvX(), 2);
+    HF_CHECK(recvX()->dtype() == x()->dtype(), "MoeDispatch: recv_x ",
+             recvX()->toDeclString(), " must have x's dtype ", x()->dtype());
+  }
   checkSameExtent(this, x()->extent(1), "the hidden size H of x",
                   recvX()->extent(1), "the hidden size of recv_x");
   checkInt64(this, "recv_src_rank", recvSrcRank(), 1);
@@ -292,7 +327,8 @@ void MoeCombine::validateLayoutFromDispatch() const {
 
 MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
                               TensorView* topk_weights, int64_t num_experts,
-                              MoeBackend backend, int64_t capacity) {
+                              MoeBackend backend, int64_t capacity,
+                              MoeDispatchQuant quantize) {
   HF_CHECK(x != nullptr && topk_idx != nullptr,
            "moeDispatch: x and topk_idx must not be null");
   HF_CHECK(x->rank() == 2, "moeDispatch: x ", x->toDeclString(),
@@ -304,7 +340,14 @@ MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
   // R + 1 (layout_id.h).
   Scalar* id_words = makeSymbolicScalar(DataType::Int64, "id_words");
   MoeDispatchResult result;
-  result.recv_x = makeTensor({rows, x->extent(1)}, x->dtype());
+  const bool fp8 = quantize == MoeDispatchQuant::Fp8E4M3;
+  result.recv_x =
+      makeTensor({rows, x->extent(1)}, fp8 ? DataType::Float8E4M3 : x->dtype());
+  if (fp8) {
+    // H / 128 scales per row.
+    Scalar* blocks = makeSymbolicScalar(DataType::Int64, "scale_blocks");
+    result.recv_scales = makeTensor({rows, blocks}, DataType::Float);
+  }
   result.recv_src_rank = makeTensor({rows}, DataType::Int64);
   result.recv_src_token = makeTensor({rows}, DataType::Int64);
   result.recv_src_k = makeTensor({rows}, DataType::Int64);
@@ -319,7 +362,8 @@ MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
       result.recv_x, result.recv_src_rank, result.recv_src_token,
       result.recv_src_k, result.recv_weights, result.recv_expert_counts,
       result.n_tokens_to_rank, result.n_tokens_from_rank, result.recv_layout_id,
-      x, topk_idx, topk_weights, num_experts, backend, capacity);
+      x, topk_idx, topk_weights, num_experts, backend, capacity, quantize,
+      result.recv_scales);
   return result;
 }
 

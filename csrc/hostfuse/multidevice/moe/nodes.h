@@ -32,8 +32,10 @@ namespace hostfuse {
 
 // Inputs: x [T, H] floating, topk_idx [T, K] i64 or i32 (-1 masks a pick),
 // optional topk_weights [T, K] floating.
-// Outputs, in order (recv_weights only with topk_weights):
-//   recv_x [rows, H] (x's dtype), expert-major: rows of local expert 0, then
+// Outputs, in order (recv_weights only with topk_weights, recv_scales only
+// with quantize=fp8_e4m3):
+//   recv_x [rows, H] (x's dtype; f8e4m3 when quantized), expert-major:
+//     rows of local expert 0, then
 //     1, ...; inside an expert by source rank, then source token index;
 //     with a fixed-capacity backend (cuda), rows = C (the capacity) and only
 //     the first sum(recv_expert_counts) rows are valid;
@@ -44,8 +46,11 @@ namespace hostfuse {
 //   n_tokens_to_rank [R] i64: rows this rank sent to each rank;
 //   n_tokens_from_rank [R] i64: rows this rank received from each rank;
 //   recv_layout_id [R + 1] i64: which dispatch made this layout, and
-//     fingerprints of the rows it sent (layout_id.h); combine checks it.
-// Attributes: num_experts, backend, and capacity (fixed-capacity backends
+//     fingerprints of the rows it sent (layout_id.h); combine checks it;
+//   recv_scales [rows, H / 128] f32: with quantize=fp8_e4m3, the scale of
+//     each block of 128 channels of each row (moe/fp8.h).
+// Attributes: num_experts, backend, quantize (none or fp8_e4m3: x of f32,
+// bf16 or f16 with H a multiple of 128), and capacity (fixed-capacity backends
 // only): C, the rows a rank can receive; 0 means the worst case
 // R x max(T_max, 1) x min(K, L).
 class MoeDispatch : public Expr {
@@ -57,7 +62,9 @@ class MoeDispatch : public Expr {
               TensorView* n_tokens_to_rank, TensorView* n_tokens_from_rank,
               TensorView* recv_layout_id, TensorView* x, TensorView* topk_idx,
               TensorView* topk_weights, int64_t num_experts, MoeBackend backend,
-              int64_t capacity = 0);
+              int64_t capacity = 0,
+              MoeDispatchQuant quantize = MoeDispatchQuant::None,
+              TensorView* recv_scales = nullptr);
   HF_DECLARE_EXPR(MoeDispatch)
   // What its backend says (MoeBackendInfo::capture_problem).
   std::vector<std::string> captureProblems(
@@ -76,6 +83,9 @@ class MoeDispatch : public Expr {
   bool hasWeights() const { return attribute<bool>(2); }
   // Receive rows per rank for backend=cuda; 0: the worst case.
   int64_t capacity() const { return attribute<int64_t>(3); }
+  MoeDispatchQuant quantize() const {
+    return static_cast<MoeDispatchQuant>(attribute<int64_t>(4));
+  }
 
   TensorView* recvX() const { return output(0)->as<TensorView>(); }
   TensorView* recvSrcRank() const { return output(1)->as<TensorView>(); }
@@ -96,6 +106,12 @@ class MoeDispatch : public Expr {
   }
   TensorView* recvLayoutId() const {
     return output(layoutOutput(3))->as<TensorView>();
+  }
+  // [rows, H / 128] f32 with quantize=fp8_e4m3; nullptr otherwise.
+  TensorView* recvScales() const {
+    return quantize() != MoeDispatchQuant::None
+               ? output(layoutOutput(4))->as<TensorView>()
+               : nullptr;
   }
 
   // MoeDispatch(x=T0, topk_idx=T1, topk_weights=T2, num_experts=8,
@@ -196,14 +212,17 @@ struct MoeDispatchResult {
   TensorView* n_tokens_to_rank = nullptr;
   TensorView* n_tokens_from_rank = nullptr;
   TensorView* recv_layout_id = nullptr;
+  TensorView* recv_scales = nullptr;  // null unless quantized
 };
 
 // Builds a MoeDispatch; `topk_weights` may be null. `capacity` (rows per
-// receiving rank, 0 = the worst case) applies to backend=cuda only.
-MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
-                              TensorView* topk_weights, int64_t num_experts,
-                              MoeBackend backend = MoeBackend::Collective,
-                              int64_t capacity = 0);
+// receiving rank, 0 = the worst case) applies to backend=cuda only. With
+// quantize=fp8_e4m3, recv_x is f8e4m3 and recv_scales is set: pass both to
+// groupedMatmul.
+MoeDispatchResult moeDispatch(
+    TensorView* x, TensorView* topk_idx, TensorView* topk_weights,
+    int64_t num_experts, MoeBackend backend = MoeBackend::Collective,
+    int64_t capacity = 0, MoeDispatchQuant quantize = MoeDispatchQuant::None);
 
 // Builds the MoeCombine of `layout`, which a moeDispatch returned; takes
 // num_experts and the backend from that dispatch. `num_tokens` is T (e.g.

@@ -50,10 +50,14 @@ struct MoeDispatchArgs {
   std::optional<at::Tensor> topk_weights;  // [T, K] floating
   int64_t num_experts = 0;                 // E
   int64_t capacity = 0;                    // C; 0: the worst case
+  MoeDispatchQuant quantize = MoeDispatchQuant::None;
 };
 
 struct MoeDispatchOutput {
-  at::Tensor recv_x;        // [rows, H], x's dtype, expert-major
+  // [rows, H], expert-major: x's dtype, or Float8_e4m3fn with fp8_e4m3
+  // (then recv_x[i] is about float(recv_x[i]) * its block's recv_scales).
+  at::Tensor recv_x;
+  at::Tensor recv_scales;   // fp8_e4m3: [rows, H / 128] fp32; else undefined
   at::Tensor recv_weights;  // [rows], topk_weights' dtype; undefined
                             // without topk_weights
   MoeLayout layout;

@@ -40,6 +40,11 @@ std::string describeUnsupported(const char* backend, int64_t d0, int64_t d1,
           "{} is not on this rank's GPU, the communicator's device, where "
           "backend={} needs it",
           argName(d1), backend);
+    case kLimitFp8:
+      return fmt::format(
+          "quantize=fp8_e4m3 needs x of Float, BFloat16 or Half with H a "
+          "multiple of 128 (one scale per 128 channels); got H = {} and {}",
+          d1, describeDtype(d2));
   }
   return fmt::format("unsupported input (limit {})", d0);
 }

@@ -107,6 +107,9 @@ enum BackendLimit : int32_t {
   kLimitTopK,         // d1: K, d2: the largest K
   kLimitWorldSize,    // d1: R, d2: the largest R
   kLimitNotOnDevice,  // d1: kArgX; the backend needs this rank's GPU
+  // fp8 dispatch: d1 H (a multiple of 128 needed), d2 x's dtype (Float,
+  // BFloat16 or Half needed)
+  kLimitFp8,
 };
 
 // What a timed-out wait of the cuda kernels was polling (kStatusTimeout).

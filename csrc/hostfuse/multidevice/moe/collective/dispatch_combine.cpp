@@ -575,6 +575,17 @@ RankPartials partialsPerRank(const at::Tensor& expert_out,
   return partials;
 }
 
+// recv_x (and recv_scales) of `out` from the received rows, packed with
+// fp8.
+void setRecvRows(MoeDispatchOutput& out, const at::Tensor& rows, bool fp8,
+                 int64_t hidden) {
+  if (!fp8) {
+    out.recv_x = rows;
+    return;
+  }
+  std::tie(out.recv_x, out.recv_scales) = moe::unpackFp8(rows, hidden);
+}
+
 // reduce=per_rank after the checks: the partials of the rows held here go
 // to their source ranks (their counts first, which no table holds), and
 // each token's partials are summed in rank order, rounded once more.
@@ -625,8 +636,9 @@ void publishCollectiveFailure(Communicator& communicator,
 MoeDispatchOutput dispatchCollective(
     const at::Tensor& x, const at::Tensor& topk_idx,
     const std::optional<at::Tensor>& topk_weights, int64_t num_experts,
-    Communicator& communicator) {
+    Communicator& communicator, MoeDispatchQuant quantize) {
   at::NoGradGuard no_grad;
+  const bool fp8 = quantize == MoeDispatchQuant::Fp8E4M3;
   const int64_t world_size = communicator.size();
   const int64_t me = communicator.rank();
   const at::Device device = x.defined() ? x.device() : communicator.device();
@@ -642,7 +654,7 @@ MoeDispatchOutput dispatchCollective(
 
   // 1. Check the inputs and count rows per destination, on the device.
   const HostStatus host_status = moe::checkDispatchInputs(
-      x, topk_idx, topk_weights, num_experts, world_size, device);
+      x, topk_idx, topk_weights, num_experts, world_size, device, quantize);
   const bool valid = host_status.ok();
   const int64_t tokens = valid ? x.size(0) : -1;
   const int64_t hidden = valid ? x.size(1) : -1;
@@ -728,8 +740,10 @@ MoeDispatchOutput dispatchCollective(
   const at::Tensor order = std::get<1>(at::sort(key, /*stable=*/true, 0, false))
                                .narrow(0, 0, num_send);
   const at::Tensor token = at::div(order, picks, "floor");
+  // fp8: the rows travel quantized and packed with their scales.
+  const at::Tensor rows = fp8 ? moe::quantizeFp8Packed(x) : x;
   const at::Tensor recv_x =
-      exchangeRows(communicator, x.index_select(0, token), num_recv,
+      exchangeRows(communicator, rows.index_select(0, token), num_recv,
                    recv_splits, send_splits, "MoeDispatch");
   const int weight_bytes =
       topk_weights.has_value()
@@ -793,7 +807,8 @@ MoeDispatchOutput dispatchCollective(
         expert_major ? at::Tensor()
                      : std::get<1>(at::sort(recv_meta.select(1, 2),
                                             /*stable=*/true, 0, false));
-    out.recv_x = expert_major ? recv_x : recv_x.index_select(0, perm);
+    setRecvRows(out, expert_major ? recv_x : recv_x.index_select(0, perm), fp8,
+                hidden);
     layout.src_rank = at::empty({num_recv}, longs);
     layout.src_token = at::empty({num_recv}, longs);
     layout.src_k = at::empty({num_recv}, longs);
@@ -829,7 +844,7 @@ MoeDispatchOutput dispatchCollective(
   auto arrange = [&](const at::Tensor& t) {
     return expert_major ? t.contiguous() : t.index_select(0, perm);
   };
-  out.recv_x = arrange(recv_x);
+  setRecvRows(out, arrange(recv_x), fp8, hidden);
   if (weights.defined()) {
     out.recv_weights = arrange(
         fromBytes(recv_meta, offset, 1, weights.scalar_type()).reshape({-1}));

@@ -56,10 +56,13 @@ namespace hostfuse {
 // x [T, H] floating; topk_idx [T, K] i64 or i32; topk_weights [T, K]
 // floating or nullopt. Errors (on every rank alike) name the argument and
 // the rank whose input is bad.
+// With fp8_e4m3, the rows travel quantized (moe/fp8.h) and recv_scales is
+// set.
 MoeDispatchOutput dispatchCollective(
     const at::Tensor& x, const at::Tensor& topk_idx,
     const std::optional<at::Tensor>& topk_weights, int64_t num_experts,
-    Communicator& communicator);
+    Communicator& communicator,
+    MoeDispatchQuant quantize = MoeDispatchQuant::None);
 
 // The combine of MoeRuntime::combine, in either mode (backend.h,
 // MoeCombineReduce).

@@ -6,7 +6,7 @@ namespace hostfuse {
 
 MoeDispatchOutput CollectiveMoeRuntime::dispatch(const MoeDispatchArgs& args) {
   return dispatchCollective(args.x, args.topk_idx, args.topk_weights,
-                            args.num_experts, communicator_);
+                            args.num_experts, communicator_, args.quantize);
 }
 
 at::Tensor CollectiveMoeRuntime::combine(const MoeCombineArgs& args) {

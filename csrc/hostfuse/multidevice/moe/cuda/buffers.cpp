@@ -56,8 +56,11 @@ void CudaMoeBuffers::allocateSymmetric(
     const CudaMoeLaunch& l) {
   layout = moe::controlLayout(c.world_size, static_cast<int>(c.num_experts),
                               c.max_tokens);
-  guard_bytes = roundUp(std::max<size_t>(l.row_bytes, kAlignment), kAlignment);
-  const size_t rows_bytes = roundUp(l.capacity * l.row_bytes, kAlignment);
+  guard_bytes = roundUp(
+      std::max<size_t>(std::max(l.row_bytes, l.dispatch_row_bytes), kAlignment),
+      kAlignment);
+  const size_t rows_bytes =
+      roundUp(l.capacity * l.dispatch_row_bytes, kAlignment);
   meta_offset = rows_bytes + guard_bytes;
   const size_t recv_bytes = meta_offset +
                             roundUp(l.capacity * moe::kMetaBytes, kAlignment) +

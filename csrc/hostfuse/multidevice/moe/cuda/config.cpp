@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <limits>
 
+#include <hostfuse/multidevice/moe/fp8.h>
 #include <hostfuse/utils/exceptions.h>
 #include <hostfuse/utils/options.h>
 #include <hostfuse/utils/torch_cuda.h>
@@ -35,6 +36,10 @@ void validateConfig(const CudaMoeConfig& c) {
   HF_CHECK(
       c.dtype == at::kFloat || c.dtype == at::kBFloat16 || c.dtype == at::kHalf,
       "the cuda MoE backend moves Float, BFloat16 or Half rows; got ", c.dtype);
+  HF_CHECK(!c.fp8_dispatch || c.hidden % moe::kFp8Block == 0,
+           "fp8 dispatch needs a hidden size that is a multiple of ",
+           moe::kFp8Block, " (one scale per ", moe::kFp8Block,
+           " channels); got ", c.hidden);
   HF_CHECK(!c.tag.empty(), "a workspace needs a tag unique per MoE node");
   HF_CHECK_GE(c.capacity, 0, "capacity must be 0 (worst case) or positive");
   HF_CHECK(c.blocks >= 0 && c.push_blocks >= 0 && c.grid_route_min_tokens >= 0,
@@ -50,6 +55,8 @@ CudaMoeLaunch resolveLaunch(const CudaMoeConfig& c, int max_blocks) {
   CudaMoeLaunch l;
   l.local_experts = c.num_experts / c.world_size;
   l.row_bytes = c.hidden * static_cast<int64_t>(c10::elementSize(c.dtype));
+  l.dispatch_row_bytes =
+      c.fp8_dispatch ? moe::fp8PackedRowBytes(c.hidden) : l.row_bytes;
   const int64_t worst =
       c.world_size * c.max_tokens * std::min(c.topk, l.local_experts);
   l.capacity = c.capacity > 0 ? c.capacity : worst;
@@ -98,9 +105,10 @@ CudaMoeLaunch resolveLaunch(const CudaMoeConfig& c, int max_blocks) {
 }
 
 std::string describeShape(const CudaMoeConfig& c, const CudaMoeLaunch& l) {
-  return fmt::format("R={} E={} T_max={} H={} K={} dtype={} C={}", c.world_size,
-                     c.num_experts, c.max_tokens, c.hidden, c.topk,
-                     c10::toString(c.dtype), l.capacity);
+  return fmt::format("R={} E={} T_max={} H={} K={} dtype={} C={}{}",
+                     c.world_size, c.num_experts, c.max_tokens, c.hidden,
+                     c.topk, c10::toString(c.dtype), l.capacity,
+                     c.fp8_dispatch ? " fp8" : "");
 }
 
 }  // namespace hostfuse

@@ -27,6 +27,10 @@ struct CudaMoeConfig {
   at::ScalarType dtype = at::kBFloat16;  // x, expert outputs, combined
   // Rows per receiving rank; 0 means the worst case R * T_max * min(K, L).
   int64_t capacity = 0;
+  // fp8 dispatch (MoeDispatchQuant::Fp8E4M3): rows travel quantized and
+  // packed with their scales (moe/fp8.h); hidden must be a multiple of 128.
+  // The combine still moves rows of `dtype`.
+  bool fp8_dispatch = false;
   // Unique per MoE node, e.g. "moe/<node id>"; names the store keys.
   std::string tag;
   // Eager mode: wait for each call's kernel and raise device-side errors at
@@ -61,9 +65,12 @@ struct CudaMoeConfig {
 struct CudaMoeLaunch {
   int64_t local_experts = 0;  // L
   int64_t capacity = 0;       // C
-  int64_t row_bytes = 0;      // H * element size
-  int blocks = 0;             // per kernel, co-resident
-  int push_blocks = 0;        // of those, pushing to peers
+  int64_t row_bytes = 0;      // H * element size (combine rows)
+  // Bytes of a dispatched row: row_bytes, or fp8PackedRowBytes(H) with
+  // fp8_dispatch.
+  int64_t dispatch_row_bytes = 0;
+  int blocks = 0;       // per kernel, co-resident
+  int push_blocks = 0;  // of those, pushing to peers
   // Calls with this many tokens or more count picks over the whole grid.
   int64_t grid_route_min_tokens = 0;
   bool cooperative = true;

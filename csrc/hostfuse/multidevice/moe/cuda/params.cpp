@@ -92,8 +92,10 @@ moe::DispatchParams dispatchParams(const CudaMoeConfig& c,
   const int64_t tokens = x.size(0);
   moe::DispatchParams p = {};
   p.common = commonParams(
-      c, l, b, copyUnit(l.row_bytes, {x.data_ptr(), b.recv->localPtr()}),
+      c, l, b,
+      copyUnit(l.dispatch_row_bytes, {x.data_ptr(), b.recv->localPtr()}),
       b.profile);
+  p.common.row_bytes = l.dispatch_row_bytes;
   p.x = x.data_ptr();
   p.topk_idx = idx.data_ptr();
   p.topk_weights = dataOrNull<float>(weights);

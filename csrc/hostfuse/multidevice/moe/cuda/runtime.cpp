@@ -35,7 +35,7 @@ moe::HostStatus checkInputs(const MoeDispatchArgs& args, int64_t world_size,
   // whether that is this rank's GPU is this backend's own check.
   moe::HostStatus status = moe::checkDispatchInputs(
       args.x, args.topk_idx, args.topk_weights, args.num_experts, world_size,
-      args.x.defined() ? args.x.device() : device);
+      args.x.defined() ? args.x.device() : device, args.quantize);
   if (!status.ok()) {
     return status;
   }
@@ -131,6 +131,7 @@ CudaMoeRuntime::Site& CudaMoeRuntime::siteFor(const MoeDispatchArgs& args) {
   config.topk = args.topk_idx.size(1);
   config.dtype = args.x.scalar_type();
   config.capacity = args.capacity;
+  config.fp8_dispatch = args.quantize == MoeDispatchQuant::Fp8E4M3;
   // Workspace creation is a collective: every rank of the communicator
   // creates its workspaces in the same order, so the n-th tag names the
   // same site everywhere.
@@ -159,6 +160,15 @@ MoeDispatchOutput CudaMoeRuntime::dispatch(const MoeDispatchArgs& args) {
         status.words()));
   }
   const CudaMoeConfig& config = workspace.config();
+  if (config.fp8_dispatch != (args.quantize == MoeDispatchQuant::Fp8E4M3)) {
+    workspace.publishFailure();
+    HF_THROW("MoeDispatch: quantize=", toString(args.quantize),
+             ", but the site's cuda workspace was made at its first call "
+             "with quantize=",
+             config.fp8_dispatch ? "fp8_e4m3" : "none",
+             "; a site keeps its quantization (from Python, a call with "
+             "another quantize is another site)");
+  }
   // The workspace refuses it too, with a message that cannot name the
   // node or the way out; this one can.
   if (args.x.size(0) > config.max_tokens) {
@@ -183,6 +193,7 @@ MoeDispatchOutput CudaMoeRuntime::dispatch(const MoeDispatchArgs& args) {
 
   MoeDispatchOutput out;
   out.recv_x = result.recv_x;
+  out.recv_scales = result.recv_scales;
   if (args.topk_weights.has_value()) {
     // The kernels carry weights in fp32: exact for fp32, bf16 and fp16
     // weights, which go back to their own dtype here.

@@ -13,6 +13,7 @@
 #include <hostfuse/multidevice/comm/symmetric_memory.h>
 #include <hostfuse/multidevice/moe/cuda/buffers.h>
 #include <hostfuse/multidevice/moe/cuda/params.h>
+#include <hostfuse/multidevice/moe/fp8.h>
 #include <hostfuse/multidevice/moe/input_checks.h>
 #include <hostfuse/multidevice/moe/status.h>
 #include <hostfuse/utils/cuda_utils.h>
@@ -111,6 +112,15 @@ CudaMoeWorkspace::CudaMoeWorkspace(c10::intrusive_ptr<c10d::Store> store,
   launch_ = resolveLaunch(c, max_blocks);
   checkAgreement(*store);
   buffers_ = CudaMoeBuffers::allocate(store, c, launch_);
+  if (c.fp8_dispatch) {
+    // Not in dispatch(), which may run under a graph capture.
+    fp8_rows_ =
+        at::empty({c.max_tokens, launch_.dispatch_row_bytes},
+                  at::TensorOptions()
+                      .device(at::Device(
+                          at::kCUDA, static_cast<c10::DeviceIndex>(c.device)))
+                      .dtype(at::kByte));
+  }
   if (launch_.debug) {
     std::cerr << "[hostfuse moe rank " << c.rank << "] workspace " << c.tag
               << ": " << describeShape(c, launch_) << ", " << launch_.row_bytes
@@ -219,9 +229,27 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
   const int64_t rows = launch_.capacity;
   CudaDispatchResult result;
   std::shared_ptr<SymmetricMemory> keep_alive = b.recv;
-  result.recv_x = at::from_blob(
-      b.recv->localPtr(), {rows, c.hidden}, [keep_alive](void*) {},
-      options.dtype(c.dtype));
+  at::Tensor sent = input;
+  if (c.fp8_dispatch) {
+    // The rows leave quantized, packed with their scales (moe/fp8.h).
+    sent = fp8_rows_.narrow(0, 0, tokens);
+    HF_CUDA_CHECK(moe::launchQuantizeFp8(input.data_ptr(), elementType(c.dtype),
+                                         tokens, c.hidden, sent.data_ptr(),
+                                         launch_.dispatch_row_bytes,
+                                         cuda::currentStream(c.device)));
+    const int64_t stride = launch_.dispatch_row_bytes;
+    result.recv_x = at::from_blob(
+        b.recv->localPtr(), {rows, c.hidden}, {stride, 1},
+        [keep_alive](void*) {}, options.dtype(at::kFloat8_e4m3fn));
+    result.recv_scales = at::from_blob(
+        static_cast<char*>(b.recv->localPtr()) + c.hidden,
+        {rows, c.hidden / moe::kFp8Block}, {stride / 4, 1},
+        [keep_alive](void*) {}, options.dtype(at::kFloat));
+  } else {
+    result.recv_x = at::from_blob(
+        b.recv->localPtr(), {rows, c.hidden}, [keep_alive](void*) {},
+        options.dtype(c.dtype));
+  }
   result.recv_src_rank = at::empty({rows}, options.dtype(at::kLong));
   result.recv_src_token = at::empty({rows}, options.dtype(at::kLong));
   result.recv_src_k = at::empty({rows}, options.dtype(at::kLong));
@@ -236,7 +264,7 @@ CudaDispatchResult CudaMoeWorkspace::dispatch(
       at::empty({c.world_size + 1}, options.dtype(at::kLong));
 
   const moe::DispatchParams params =
-      dispatchParams(c, launch_, b, input, idx, weights, result);
+      dispatchParams(c, launch_, b, sent, idx, weights, result);
   HF_CUDA_CHECK(moe::launchDispatch(params, idx.scalar_type() == at::kLong,
                                     launch_.blocks, launch_.cooperative,
                                     cuda::currentStream(c.device)));

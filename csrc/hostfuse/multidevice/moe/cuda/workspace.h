@@ -56,7 +56,11 @@ struct CudaMoeBuffers;
 
 // What dispatch returns; also the handle combine needs.
 struct CudaDispatchResult {
-  at::Tensor recv_x;              // [C, H], view of the receive buffer
+  // [C, H], view of the receive buffer: the workspace's dtype, or with
+  // fp8_dispatch Float8_e4m3fn with a row stride of the packed row, and
+  // recv_scales [C, H / 128] fp32 the view of the scales beside it.
+  at::Tensor recv_x;
+  at::Tensor recv_scales;
   at::Tensor recv_src_rank;       // [C] int64
   at::Tensor recv_src_token;      // [C] int64
   at::Tensor recv_src_k;          // [C] int64
@@ -149,6 +153,9 @@ class CudaMoeWorkspace {
   uint64_t dispatch_calls_ = 0;
   bool broken_ = false;
   std::string broken_reason_;
+  // fp8_dispatch: [T_max, dispatch_row_bytes] u8, the quantized rows of
+  // this rank's tokens before they leave.
+  at::Tensor fp8_rows_;
   std::unique_ptr<TagLease> tag_;
   std::unique_ptr<CudaMoeBuffers> buffers_;
 };

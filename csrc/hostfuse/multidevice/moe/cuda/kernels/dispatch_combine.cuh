@@ -265,6 +265,13 @@ cudaError_t prepareKernels(int device, int num_experts, ElementType dtype,
 cudaError_t launchPublishFailure(const CommonParams& common, int32_t reason,
                                  cudaStream_t stream);
 
+// fp8 dispatch: quantizes x [tokens, hidden] of `dtype` into packed rows
+// of `packed_row_bytes` (multidevice/moe/fp8.h: the e4m3 values, then one
+// fp32 scale per 128 channels). hidden must be a multiple of 128.
+cudaError_t launchQuantizeFp8(const void* x, ElementType dtype, int64_t tokens,
+                              int64_t hidden, void* packed,
+                              int64_t packed_row_bytes, cudaStream_t stream);
+
 cudaError_t launchDispatch(const DispatchParams& params, bool idx_is_int64,
                            int blocks, bool cooperative, cudaStream_t stream);
 cudaError_t launchCombine(const CombineParams& params, ElementType dtype,
