@@ -16,6 +16,10 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
+# Before init_process_group: its functions default to group=group.WORLD, and
+# imported later (torch.profiler does, through torch._inductor) they keep the
+# default group, and Gloo's worker threads, alive into interpreter exit.
+import torch.distributed.nn  # noqa: F401
 from torch.profiler import ProfilerActivity, profile
 
 import hostfuse.moe as moe
@@ -87,6 +91,11 @@ def main():
     recv, _, state = a2a.dispatch(x, idx, w)
     profiled(ctx, "torch a2a dispatch", lambda: a2a.dispatch(x, idx, w))
     profiled(ctx, "torch a2a combine", lambda: a2a.combine(recv, w, state))
+    # The handle keeps the runtime and so the group: drop it, so that
+    # destroy_process_group frees the group and joins Gloo's threads now
+    # (without the GIL) rather than at interpreter exit, where a thread still
+    # freeing a profiled work's tensors aborts the process.
+    del handle
     moe.release()
     dist.destroy_process_group()
 

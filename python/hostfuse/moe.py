@@ -36,7 +36,10 @@ def release(group=None):
     """Drops the runtimes (and the cuda backend's symmetric memory) that
     dispatch and combine created for ``group`` (None: for every group). Call
     it before ``torch.distributed.destroy_process_group()``, so that no
-    process group outlives its backend; it also runs at exit."""
+    process group outlives its backend; it also runs at exit. A
+    DispatchHandle keeps its runtime, and so the group, alive: drop the
+    handles too, or the group lives on until they are collected (with Gloo,
+    its worker threads may then still run at interpreter exit)."""
     for key in [k for k, (g, _) in _runtimes.items() if group is None or g is group]:
         del _runtimes[key]
 
