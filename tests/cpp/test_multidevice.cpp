@@ -277,8 +277,8 @@ TEST_P(Fp8Dispatch, RowsEqualAReferenceQuantizerBitForBit) {
   const int64_t experts = 4 * ranks;
   const int64_t tokens = 12 + 3 * me;
   const int64_t hidden = 384;
-  // Rows of very different magnitudes, an all-zero block, a tiny block
-  // (below the smallest amax) and a row whose values tie between codes.
+  // Rows of very different magnitudes, an all-zero block and a tiny block
+  // (below the smallest amax).
   at::Tensor x =
       test::randomTensor({tokens, hidden}, at::kFloat, at::kCPU, 700 + me);
   x.select(0, 0).mul_(1e4);
@@ -315,6 +315,58 @@ TEST_P(Fp8Dispatch, RowsEqualAReferenceQuantizerBitForBit) {
       fp8.recv_scales.cpu().repeat_interleave(128, 1) * std::ldexp(1.0, -9);
   EXPECT_TRUE(at::all(error <= bound).item<bool>())
       << "largest error " << error.max().item<float>();
+}
+
+// Values exactly halfway between two e4m3 codes round to the even code:
+// with amax 448 a block's scale is 1, and 1.0625, 17, -272 and 2^-10 must
+// become 1, 16, -256 and 0 (round half away from zero would give 1.125, 18,
+// -288 and 2^-9). Every rank sends its one token to its own expert.
+TEST_P(Fp8Dispatch, ValuesHalfwayBetweenCodesRoundToTheEvenCode) {
+  SKIP_IF_UNAVAILABLE(GetParam());
+  const at::Device device = rankDevice(GetParam());
+  const int64_t me = myRank();
+  at::Tensor x = at::zeros({1, 128}, at::kFloat);
+  x.narrow(1, 0, 5).copy_(
+      at::tensor({448.0f, 1.0625f, 17.0f, -272.0f, std::ldexp(1.0f, -10)})
+          .unsqueeze(0));
+  const at::Tensor idx = at::full({1, 1}, me, at::kLong).to(device);
+  const MoeDispatchOutput out = dispatchCollective(
+      x.to(at::kBFloat16).to(device), idx, std::nullopt, worldSize(),
+      communicator(), MoeDispatchQuant::Fp8E4M3);
+  ASSERT_EQ(out.recv_x.size(0), 1);
+  expectEqual(out.recv_scales, at::ones({1, 1}), "scale");
+  expectEqual(out.recv_x.narrow(1, 0, 5).to(at::kFloat),
+              at::tensor({448.0f, 1.0f, 16.0f, -256.0f, 0.0f}).unsqueeze(0),
+              "values halfway between codes");
+  expectEqual(out.recv_x.view(at::kByte), test::referenceQuantizeFp8(x).bytes,
+              "the reference's codes");
+}
+
+// A rank that dispatches with quantize=fp8_e4m3 while the others do not:
+// every rank raises the same error before any row moves, and the next
+// call pairs up.
+TEST_P(Fp8Dispatch, RanksThatQuantizeDifferentlyAllRaise) {
+  SKIP_IF_UNAVAILABLE(GetParam());
+  if (worldSize() < 2) {
+    GTEST_SKIP() << "needs two ranks";
+  }
+  const at::Device device = rankDevice(GetParam());
+  const int64_t experts = 2 * worldSize();
+  const at::Tensor x = test::randomTensor({4, 128}, at::kBFloat16, device, 5);
+  const at::Tensor idx = test::makeRouting(Routing::Uniform, 4, 2, experts,
+                                           worldSize(), myRank(), 6)
+                             .to(device);
+  test::expectErrorContains(
+      [&] {
+        dispatchCollective(
+            x, idx, std::nullopt, experts, communicator(),
+            myRank() == 1 ? MoeDispatchQuant::Fp8E4M3 : MoeDispatchQuant::None);
+      },
+      {"MoeDispatch: rank 0 dispatches with quantize=none but rank 1 with "
+       "quantize=fp8_e4m3; every rank must send its rows the same way"});
+  const MoeDispatchOutput out = dispatchCollective(
+      x, idx, std::nullopt, experts, communicator(), MoeDispatchQuant::Fp8E4M3);
+  EXPECT_EQ(out.recv_x.scalar_type(), at::kFloat8_e4m3fn);
 }
 
 // Refused on every rank alike: H not a multiple of 128, fp64 x.
@@ -380,6 +432,49 @@ TEST(CombineModes, RanksInDifferentModesAllRaiseTheSameError) {
   // K = 2 distinct experts, identity experts, no weights: 2 x.
   test::expectClose(back, x * 2);
 }
+
+// per_rank reads expert_out through its strides: a column slice of a wider
+// fp32 tensor combines like its contiguous copy. Weights of the other mode
+// are refused on every rank alike.
+class PerRankInputs : public testing::TestWithParam<c10::DeviceType> {};
+
+TEST_P(PerRankInputs, AViewOfExpertOutAndWeightsOfTheOtherMode) {
+  SKIP_IF_UNAVAILABLE(GetParam());
+  const at::Device device = rankDevice(GetParam());
+  const int64_t experts = 2 * worldSize();
+  const at::Tensor x = test::randomTensor({7, kHidden}, at::kFloat, device, 8);
+  const at::Tensor idx = test::makeRouting(Routing::Uniform, 7, 2, experts,
+                                           worldSize(), myRank(), 9)
+                             .to(device);
+  const at::Tensor w = test::randomWeights(7, 2, at::kFloat, device, 10);
+  const MoeDispatchOutput out =
+      dispatchCollective(x, idx, w, experts, communicator());
+  const at::Tensor wide = at::cat({out.recv_x, out.recv_x * 3}, 1);
+  MoeCombineArgs args;
+  args.layout = out.layout;
+  args.reduce = MoeCombineReduce::PerRank;
+  args.recv_weights = out.recv_weights;
+  args.num_tokens = 7;
+  args.num_experts = experts;
+  args.expert_out = wide.narrow(1, kHidden, kHidden);
+  ASSERT_FALSE(args.expert_out.is_contiguous());
+  const at::Tensor from_view = combineCollective(args, communicator());
+  args.expert_out = args.expert_out.contiguous();
+  expectEqual(from_view, combineCollective(args, communicator()),
+              "a view of expert_out");
+  args.topk_weights = w;
+  test::expectErrorContains(
+      [&] { combineCollective(args, communicator()); },
+      {"MoeCombine: bad input on rank",
+       "with reduce=per_rank the weights are recv_weights"});
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, PerRankInputs,
+                         testing::Values(c10::DeviceType::CPU,
+                                         c10::DeviceType::CUDA),
+                         [](const testing::TestParamInfo<c10::DeviceType>& i) {
+                           return deviceTypeName(i.param);
+                         });
 
 // Both modes against a sum in fp64, on bf16 rows: per_pick rounds once,
 // per_rank once per rank and once more, so its error may be larger, but

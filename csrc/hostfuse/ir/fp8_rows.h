@@ -9,7 +9,8 @@
 namespace hostfuse {
 
 // The rows of fp8 x [rows, H] dequantized with `scales` [rows, H / B]
-// (one per block of B channels), in `dtype`: fp32 products, one rounding.
+// (one per block of B channels), in `dtype`: each product rounded to fp32,
+// then to `dtype`.
 at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
                              at::ScalarType dtype);
 

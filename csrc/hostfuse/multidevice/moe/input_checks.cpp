@@ -185,12 +185,11 @@ HostStatus checkCombineInputs(const MoeCombineArgs& args, int64_t world_size,
   const std::optional<at::Tensor>& topk_weights = args.topk_weights;
   const int64_t num_tokens = args.num_tokens;
   const int64_t num_experts = args.num_experts;
-  HF_ERROR(args.reduce == MoeCombineReduce::PerRank
-               ? !topk_weights.has_value()
-               : !args.recv_weights.has_value(),
-           "MoeCombineArgs: per_pick takes topk_weights, per_rank "
-           "recv_weights");
   HostStatus status;
+  const bool per_rank = args.reduce == MoeCombineReduce::PerRank;
+  if (per_rank ? topk_weights.has_value() : args.recv_weights.has_value()) {
+    status.fail(kStatusWeightsForMode, per_rank ? 1 : 0);
+  }
   if (rankOf(expert_out) != 2) {
     status.fail(kStatusOutRank, rankOf(expert_out));
   } else if (!isRowDtype(expert_out.scalar_type())) {

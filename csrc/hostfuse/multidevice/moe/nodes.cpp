@@ -133,6 +133,11 @@ void MoeDispatch::validate() const {
     HF_CHECK(x()->dtype() != DataType::Double,
              "MoeDispatch: quantize=fp8_e4m3 takes x of f32, bf16 or f16; x ",
              x()->toDeclString(), " is f64");
+    const std::optional<int64_t> hidden = x()->extent(1)->constantInt();
+    HF_CHECK(!hidden.has_value() || *hidden % 128 == 0,
+             "MoeDispatch: quantize=fp8_e4m3 needs H a multiple of 128 (one "
+             "scale per 128 channels); x ",
+             x()->toDeclString(), " has H = ", hidden.value_or(0));
     checkTensor(
         this, "recv_x", recvX(), 2,
         [](DataType d) { return d == DataType::Float8E4M3; }, "f8e4m3");

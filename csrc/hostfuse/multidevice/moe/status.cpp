@@ -163,6 +163,14 @@ std::string describeCombineInput(const StatusContext& c, const int64_t* w) {
           "with one weight per row of expert_out ({} rows), as dispatch "
           "returned it; got rank {} of {} with {} entries",
           d3, d0, describeDtype(d1), d2);
+    case kStatusWeightsForMode:
+      return d0 == 1 ? std::string(
+                           "with reduce=per_rank the weights are recv_weights "
+                           "(dispatch's, on the experts' ranks), not "
+                           "topk_weights")
+                     : std::string(
+                           "with reduce=per_pick the weights are topk_weights, "
+                           "not recv_weights");
     case kStatusCombineModes:
       return fmt::format(
           "this rank combines with reduce={} but rank {} with reduce={}; "

@@ -47,6 +47,9 @@ enum StatusCode : int32_t {
   // reduce=per_rank: d0 the rank of recv_weights, d1 its dtype, d2 its
   // length, d3 the rows of expert_out
   kStatusRecvWeights,
+  // d0: the combine mode (MoeCombineReduce) given weights of the other
+  // mode (topk_weights with per_rank, recv_weights with per_pick)
+  kStatusWeightsForMode,
   // d0: this rank's combine mode (MoeCombineReduce), d1: the mode of peer
   // d2, which differs
   kStatusCombineModes,

@@ -49,26 +49,32 @@ constexpr int64_t kNoDtype = -1;
 // that failed before a call sends a row whose op is kCallFailed instead
 // (publishCollectiveFailure).
 enum CallWord : int64_t { kOpWord = kHeaderWords, kCallWord, kCallHeaderWords };
-// A combine's op word names its mode, so that ranks combining in different
-// modes find out before any row moves.
+// The op word names the call's mode too (a combine's reduce, a dispatch's
+// quantize), so that ranks in different modes find out before any row
+// moves.
 enum CallOp : int64_t {
-  kCallDispatch = 1,
-  kCallCombine = 2,  // reduce=per_pick
+  kCallDispatch = 1,  // quantize=none
+  kCallCombine = 2,   // reduce=per_pick
   kCallFailed = 3,
   kCallCombinePerRank = 4,
+  kCallDispatchFp8 = 5,
 };
 
 bool isCombine(int64_t op) {
   return op == kCallCombine || op == kCallCombinePerRank;
+}
+
+bool isDispatch(int64_t op) {
+  return op == kCallDispatch || op == kCallDispatchFp8;
 }
 static_assert(collective::kTableHeaderWords == kCallHeaderWords);
 
 using collective::tableWidth;
 
 const char* opName(int64_t op) {
-  return op == kCallDispatch ? "MoeDispatch"
-         : isCombine(op)     ? "MoeCombine"
-                             : "an unknown op";
+  return isDispatch(op)  ? "MoeDispatch"
+         : isCombine(op) ? "MoeCombine"
+                         : "an unknown op";
 }
 
 // Throws, with the same text on every rank, if a rank failed before this
@@ -107,6 +113,16 @@ void checkCallsMatch(const at::Tensor& table) {
       HF_THROW("MoeCombine: rank 0 combines with reduce=", mode(words[kOpWord]),
                " but rank ", r, " with reduce=", mode(theirs[kOpWord]),
                "; every rank must use the same mode in a combine");
+    }
+    if (isDispatch(theirs[kOpWord]) && isDispatch(words[kOpWord]) &&
+        theirs[kCallWord] == words[kCallWord]) {
+      auto mode = [](int64_t op) {
+        return op == kCallDispatchFp8 ? "fp8_e4m3" : "none";
+      };
+      HF_THROW(
+          "MoeDispatch: rank 0 dispatches with quantize=", mode(words[kOpWord]),
+          " but rank ", r, " with quantize=", mode(theirs[kOpWord]),
+          "; every rank must send its rows the same way");
     }
     HF_THROW("the ranks' MoE calls do not pair up: rank 0 called ",
              opName(words[kOpWord]), " (collective MoE call #",
@@ -504,8 +520,10 @@ at::Tensor sumInOrder(const at::Tensor& rows, const at::Tensor& token,
   const at::Tensor meta = at::stack({token, pick}, 1);
   const TokenOrder sorted = orderByTokenThenPick(token, pick, num_tokens);
   at::Tensor combined = at::empty({num_tokens, rows.size(1)}, rows.options());
+  // The kernel reads rows [N, H] densely (expert_out may be a view).
+  const at::Tensor dense = rows.contiguous();
   collective::CombineSumArgs args;
-  args.rows = rows.const_data_ptr();
+  args.rows = dense.const_data_ptr();
   args.meta = meta.const_data_ptr<int64_t>();
   args.count = rows.size(0);
   args.hidden = rows.size(1);
@@ -665,7 +683,7 @@ MoeDispatchOutput dispatchCollective(
   const TableHeader header =
       tableHeader(host_status, num_experts, hidden, dtypeCode(x),
                   topk_weights ? dtypeCode(*topk_weights) : kNoDtype, tokens,
-                  picks, kCallDispatch, call);
+                  picks, fp8 ? kCallDispatchFp8 : kCallDispatch, call);
   // [T * K]: i32 or i64 as given on the GPU, i64 on the CPU.
   const at::Tensor idx =
       valid
