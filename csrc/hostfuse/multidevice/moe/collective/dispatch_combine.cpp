@@ -506,25 +506,27 @@ at::Tensor combineInOrder(const at::Tensor& rows, const at::Tensor& token,
   return acc.to(rows.scalar_type());
 }
 
-// combineInOrder on either device: the CombineSum kernel on GPUs. `weights`
-// [tokens, picks] in the accumulation dtype, or undefined (weight 1).
-at::Tensor sumInOrder(const at::Tensor& rows, const at::Tensor& token,
-                      const at::Tensor& pick, const at::Tensor& weights,
-                      int64_t num_tokens) {
+// combineInOrder on either device: the CombineSum kernel on GPUs. `meta`
+// [N, 2] i64: each row's (token, pick). `weights` [tokens, picks] in the
+// accumulation dtype, or undefined (weight 1).
+at::Tensor sumInOrder(const at::Tensor& rows, const at::Tensor& meta,
+                      const at::Tensor& weights, int64_t num_tokens) {
+  const at::Tensor token = meta.select(1, 0);
+  const at::Tensor pick = meta.select(1, 1);
   if (!rows.is_cuda()) {
     return combineInOrder(
         rows, token, pick,
         weights.defined() ? std::optional<at::Tensor>(weights) : std::nullopt,
         num_tokens);
   }
-  const at::Tensor meta = at::stack({token, pick}, 1);
+  const at::Tensor dense_meta = meta.contiguous();
   const TokenOrder sorted = orderByTokenThenPick(token, pick, num_tokens);
   at::Tensor combined = at::empty({num_tokens, rows.size(1)}, rows.options());
   // The kernel reads rows [N, H] densely (expert_out may be a view).
   const at::Tensor dense = rows.contiguous();
   collective::CombineSumArgs args;
   args.rows = dense.const_data_ptr();
-  args.meta = meta.const_data_ptr<int64_t>();
+  args.meta = dense_meta.const_data_ptr<int64_t>();
   args.count = rows.size(0);
   args.hidden = rows.size(1);
   args.type = rowType(rows.scalar_type());
@@ -585,7 +587,8 @@ RankPartials partialsPerRank(const at::Tensor& expert_out,
     terms = terms * recv_weights->to(accumulate).unsqueeze(1);
   }
   RankPartials partials;
-  partials.rows = sumInOrder(terms, group, layout.src_k, at::Tensor(), groups)
+  partials.rows = sumInOrder(terms, at::stack({group, layout.src_k}, 1),
+                             at::Tensor(), groups)
                       .to(expert_out.scalar_type());
   partials.token = token.index_select(0, heads);
   partials.to_rank =
@@ -633,7 +636,8 @@ at::Tensor combinePerRank(const MoeCombineArgs& args,
   const at::Tensor rank =
       at::repeat_interleave(at::arange(world_size, token.options()),
                             from_rank.to(device), 0, num_recv);
-  return sumInOrder(returned, token, rank, at::Tensor(), args.num_tokens);
+  return sumInOrder(returned, at::stack({token, rank}, 1), at::Tensor(),
+                    args.num_tokens);
 }
 
 }  // namespace
@@ -1035,8 +1039,7 @@ at::Tensor combineCollective(const MoeCombineArgs& args,
   const at::Tensor weights = topk_weights.has_value()
                                  ? topk_weights->to(accumulate).contiguous()
                                  : at::Tensor();
-  return sumInOrder(returned, meta.select(1, 0), meta.select(1, 1), weights,
-                    num_tokens);
+  return sumInOrder(returned, meta, weights, num_tokens);
 }
 
 }  // namespace hostfuse
