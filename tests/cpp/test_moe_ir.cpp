@@ -1,6 +1,7 @@
 // Single-process tests of the MoE IR nodes (validation, printing, cloning),
 // of GroupedMatmul, of the communicator's configuration, and of a world of
 // one rank, which needs no launcher.
+#include <cmath>
 #include <cstdlib>
 #include <map>
 #include <optional>
@@ -8,6 +9,7 @@
 
 #include <hostfuse/host_ir/evaluator.h>
 #include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/grouped_matmul.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/multidevice/comm/communicator.h>
@@ -330,6 +332,78 @@ TEST_F(MoeIr, GroupedMatmulSaysWhichOperandsRunOnTheDevice) {
   EXPECT_FALSE(
       groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 64, 64, 1024, &why));
   EXPECT_NE(why.find("1024 groups"), std::string::npos) << why;
+}
+
+// The GPU path of dequantizeFp8Rows (one kernel, reading strided views in
+// place) against the formula in plain ATen on the CPU: each product of an
+// e4m3 value and its block's scale rounded to fp32, then to the dtype.
+TEST(Fp8Rows, DequantizeOnTheGpuMatchesTheFormulaBitForBit) {
+  const at::Device gpu(at::kCUDA, 0);
+  HF_SKIP_IF_UNAVAILABLE(gpu);
+  struct Case {
+    int64_t rows, hidden, blocks, row_bytes, byte_offset;
+  };
+  // Packed as MoeDispatch's rows (H e4m3 values, then H / 128 scales);
+  // then block widths and offsets that take the one-channel path.
+  const Case cases[] = {{37, 512, 4, 512 + 16, 0},
+                        {5, 7168, 56, 7168 + 224, 0},
+                        {9, 12, 3, 12, 0},
+                        {6, 64, 2, 72, 1},
+                        {0, 128, 1, 128, 0}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE("rows " + std::to_string(c.rows) + ", H " +
+                 std::to_string(c.hidden) + ", blocks " +
+                 std::to_string(c.blocks) + ", offset " +
+                 std::to_string(c.byte_offset));
+    at::Generator generator = at::detail::createCPUGenerator(c.rows + c.hidden);
+    // Every e4m3 code but the two NaNs (0x7f, 0xff), checked below.
+    at::Tensor codes = at::randint(0, 254, {c.rows, c.hidden}, generator,
+                                   at::TensorOptions().dtype(at::kByte));
+    codes += (codes >= 0x7f).to(at::kByte);
+    const at::Tensor scales =
+        at::rand({c.rows, c.blocks}, generator) * 3 + 1e-3;
+    // The rows inside a wider byte buffer, as strided views.
+    at::Tensor buffer = at::zeros({c.rows * c.row_bytes + c.byte_offset + 8},
+                                  at::TensorOptions().dtype(at::kByte));
+    at::Tensor rows_view = buffer.narrow(0, c.byte_offset, c.rows * c.row_bytes)
+                               .view({c.rows, c.row_bytes});
+    rows_view.narrow(1, 0, c.hidden).copy_(codes);
+    const at::Tensor on_gpu = buffer.to(gpu);
+    const at::Tensor q =
+        on_gpu.narrow(0, c.byte_offset, c.rows * c.row_bytes)
+            .view({c.rows, c.row_bytes})
+            .narrow(1, 0, c.hidden)
+            .view(at::kFloat8_e4m3fn);
+    const at::Tensor expected_f32 =
+        codes.view(at::kFloat8_e4m3fn).to(at::kFloat) *
+        scales.repeat_interleave(c.hidden / c.blocks, 1);
+    for (const at::ScalarType dtype :
+         {at::kBFloat16, at::kHalf, at::kFloat}) {
+      const at::Tensor got = dequantizeFp8Rows(q, scales.to(gpu), dtype).cpu();
+      ASSERT_EQ(got.scalar_type(), dtype);
+      ASSERT_EQ(got.sizes(), at::IntArrayRef({c.rows, c.hidden}));
+      EXPECT_TRUE(at::equal(got, expected_f32.to(dtype)))
+          << c10::toString(dtype) << ": max difference "
+          << (c.rows > 0 ? (got.to(at::kFloat) - expected_f32.to(dtype).to(
+                                                     at::kFloat))
+                               .abs()
+                               .max()
+                               .item<float>()
+                         : 0.0f);
+    }
+  }
+  // A NaN code stays NaN; the other values of its row are untouched.
+  at::Tensor codes = at::full({2, 16}, 0x38, at::TensorOptions().dtype(at::kByte));
+  codes[1][3] = 0x7f;
+  const at::Tensor got =
+      dequantizeFp8Rows(codes.to(gpu).view(at::kFloat8_e4m3fn),
+                        at::full({2, 1}, 2.0f, at::TensorOptions().device(gpu)),
+                        at::kBFloat16)
+          .to(at::kFloat)
+          .cpu();
+  EXPECT_TRUE(std::isnan(got[1][3].item<float>()));
+  EXPECT_EQ(got[1][4].item<float>(), 2.0f);  // 0x38 is 1.0
+  EXPECT_EQ(got[0][3].item<float>(), 2.0f);
 }
 
 TEST_F(MoeIr, ClonedProgramPrintsTheSame) {
