@@ -11,9 +11,8 @@ namespace {
 constexpr int kThreads = 256;
 
 __device__ __forceinline__ float e4m3ToFloat(uint8_t bits) {
-  return __half2float(__half(
-      __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(bits),
-                              __NV_E4M3)));
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(
+      static_cast<__nv_fp8_storage_t>(bits), __NV_E4M3)));
 }
 
 template <typename T>
@@ -89,13 +88,15 @@ cudaError_t launchFor(const uint8_t* q, int64_t q_stride, const float* scales,
     return cudaErrorInvalidValue;
   }
   if (wide) {
-    dequantizeKernel<T, 8><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        q, q_stride, scales, scale_stride, rows, hidden, block_width,
-        static_cast<T*>(out));
+    dequantizeKernel<T, 8>
+        <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+            q, q_stride, scales, scale_stride, rows, hidden, block_width,
+            static_cast<T*>(out));
   } else {
-    dequantizeKernel<T, 1><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        q, q_stride, scales, scale_stride, rows, hidden, block_width,
-        static_cast<T*>(out));
+    dequantizeKernel<T, 1>
+        <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+            q, q_stride, scales, scale_stride, rows, hidden, block_width,
+            static_cast<T*>(out));
   }
   return cudaGetLastError();
 }

@@ -540,6 +540,31 @@ at::Tensor sumInOrder(const at::Tensor& rows, const at::Tensor& meta,
   return combined;
 }
 
+// The CombineSum kernel over rows already in order: group g sums rows
+// order[starts[g] .. starts[g + 1]) in that order, each weighted by
+// row_weights (accumulation dtype) when given; [G, H] in rows' dtype.
+at::Tensor sumSortedRows(const at::Tensor& rows, const at::Tensor& order,
+                         const at::Tensor& starts,
+                         const at::Tensor& row_weights) {
+  const at::Tensor dense = rows.contiguous();
+  const at::Tensor weights =
+      row_weights.defined() ? row_weights.contiguous() : at::Tensor();
+  const int64_t groups = starts.size(0) - 1;
+  at::Tensor out = at::empty({groups, rows.size(1)}, dense.options());
+  collective::CombineSumArgs args;
+  args.rows = dense.const_data_ptr();
+  args.count = dense.size(0);
+  args.hidden = dense.size(1);
+  args.type = rowType(dense.scalar_type());
+  args.row_weights = weights.defined() ? weights.const_data_ptr() : nullptr;
+  args.tokens = groups;
+  args.order = order.const_data_ptr<int64_t>();
+  args.token_start = starts.const_data_ptr<int64_t>();
+  args.out = out.mutable_data_ptr();
+  HF_CUDA_CHECK(collective::launchCombineSum(args, streamOf(rows.device())));
+  return out;
+}
+
 // reduce=per_rank on the experts' rank: one partial row per (source rank,
 // source token) among the rows held here: the weighted rows of the token's
 // picks here, in pick order, in the accumulation dtype with one rounding
@@ -551,48 +576,70 @@ struct RankPartials {
   at::Tensor to_rank;  // [R] i64 on the CPU: partials for each source rank
 };
 
+// Bounds of the rows held here: every src_token < tokens and src_k < picks
+// (from the combine table, checked there), so that (rank, token, pick) is
+// one number.
+struct HeldBounds {
+  int64_t tokens = 1;
+  int64_t picks = 1;
+};
+
 RankPartials partialsPerRank(const at::Tensor& expert_out,
                              const MoeLayout& layout,
                              const std::optional<at::Tensor>& recv_weights,
-                             int64_t world_size) {
+                             int64_t world_size, const HeldBounds& bounds) {
   const at::ScalarType accumulate =
       at::promote_types(at::kFloat, expert_out.scalar_type());
   const int64_t count = expert_out.size(0);
-  // Rows by (rank, token, pick): three stable sorts, last key first.
-  at::Tensor order =
-      std::get<1>(at::sort(layout.src_k, /*stable=*/true, 0, false));
-  for (const at::Tensor* key : {&layout.src_token, &layout.src_rank}) {
-    order =
-        order.index_select(0, std::get<1>(at::sort(key->index_select(0, order),
-                                                   /*stable=*/true, 0, false)));
-  }
-  const at::Tensor rank = layout.src_rank.index_select(0, order);
-  const at::Tensor token = layout.src_token.index_select(0, order);
+  HF_CHECK(bounds.tokens > 0 && bounds.picks > 0 &&
+               bounds.tokens <= std::numeric_limits<int64_t>::max() /
+                                    bounds.picks / world_size,
+           "MoeCombine: internal error: ", world_size, " ranks x ",
+           bounds.tokens, " tokens x ", bounds.picks,
+           " picks overflow a 64-bit key");
+  // Rows by (rank, token, pick): one sort of a key that is unique per row
+  // (a source's pick has one row).
+  const at::Tensor group_key =
+      layout.src_rank * bounds.tokens + layout.src_token;
+  const at::Tensor order = std::get<1>(
+      at::sort(group_key * bounds.picks + layout.src_k, /*stable=*/true, 0,
+               /*descending=*/false));
+  const at::Tensor sorted_key = group_key.index_select(0, order);
   // Where a new (rank, token) starts among the sorted rows.
-  at::Tensor starts = at::ones({count}, rank.options().dtype(at::kBool));
+  at::Tensor starts = at::ones({count}, sorted_key.options().dtype(at::kBool));
   if (count > 1) {
-    starts.narrow(0, 1, count - 1)
-        .copy_(at::logical_or(
-            rank.narrow(0, 1, count - 1) != rank.narrow(0, 0, count - 1),
-            token.narrow(0, 1, count - 1) != token.narrow(0, 0, count - 1)));
+    at::Tensor later = starts.narrow(0, 1, count - 1);
+    at::ne_out(later, sorted_key.narrow(0, 1, count - 1),
+               sorted_key.narrow(0, 0, count - 1));
   }
-  const at::Tensor sorted_group = starts.cumsum(0) - 1;
-  const at::Tensor group =
-      at::empty_like(sorted_group).index_copy_(0, order, sorted_group);
   const at::Tensor heads = starts.nonzero().reshape({-1});
   const int64_t groups = heads.size(0);
+  const at::Tensor head_key = sorted_key.index_select(0, heads);
 
+  RankPartials partials;
+  partials.token = head_key.remainder(bounds.tokens);
+  partials.to_rank =
+      at::bincount(head_key.div(bounds.tokens, "floor").cpu(), {}, world_size);
+  if (expert_out.is_cuda()) {
+    // No fp32 copy of expert_out and no second sort: the sum kernel reads
+    // the rows in this order, each with its own weight.
+    partials.rows = sumSortedRows(
+        expert_out, order,
+        at::cat({heads, at::full({1}, count, heads.options())}),
+        recv_weights.has_value() ? recv_weights->to(accumulate) : at::Tensor());
+    return partials;
+  }
+  // The same sums in ATen (combineInOrder's order): each product rounded,
+  // then the sums in pick order.
   at::Tensor terms = expert_out.to(accumulate);
   if (recv_weights.has_value()) {
     terms = terms * recv_weights->to(accumulate).unsqueeze(1);
   }
-  RankPartials partials;
-  partials.rows = sumInOrder(terms, at::stack({group, layout.src_k}, 1),
-                             at::Tensor(), groups)
-                      .to(expert_out.scalar_type());
-  partials.token = token.index_select(0, heads);
-  partials.to_rank =
-      at::bincount(rank.index_select(0, heads).cpu(), {}, world_size);
+  const at::Tensor group =
+      at::empty_like(order).index_copy_(0, order, starts.cumsum(0) - 1);
+  partials.rows =
+      combineInOrder(terms, group, layout.src_k, std::nullopt, groups)
+          .to(expert_out.scalar_type());
   return partials;
 }
 
@@ -611,10 +658,11 @@ void setRecvRows(MoeDispatchOutput& out, const at::Tensor& rows, bool fp8,
 // to their source ranks (their counts first, which no table holds), and
 // each token's partials are summed in rank order, rounded once more.
 at::Tensor combinePerRank(const MoeCombineArgs& args,
-                          Communicator& communicator) {
+                          Communicator& communicator,
+                          const HeldBounds& bounds) {
   const int64_t world_size = communicator.size();
-  const RankPartials partials = partialsPerRank(args.expert_out, args.layout,
-                                                args.recv_weights, world_size);
+  const RankPartials partials = partialsPerRank(
+      args.expert_out, args.layout, args.recv_weights, world_size, bounds);
   const at::Device device = args.expert_out.device();
   const at::Tensor counts = exchangeTable(
       communicator, partials.to_rank.to(device).unsqueeze(1), "MoeCombine");
@@ -633,6 +681,17 @@ at::Tensor combinePerRank(const MoeCombineArgs& args,
       exchangeRows(communicator, partials.token.unsqueeze(1), num_recv,
                    recv_splits, send_splits, "MoeCombine")
           .reshape({-1});
+  if (device.is_cuda()) {
+    // The partials came in (rank, token) order: one stable sort by token
+    // leaves each token's in rank order.
+    const at::Tensor order =
+        std::get<1>(at::sort(token, /*stable=*/true, 0, /*descending=*/false));
+    return sumSortedRows(
+        returned, order,
+        at::searchsorted(token.index_select(0, order),
+                         at::arange(args.num_tokens + 1, token.options())),
+        at::Tensor());
+  }
   const at::Tensor rank =
       at::repeat_interleave(at::arange(world_size, token.options()),
                             from_rank.to(device), 0, num_recv);
@@ -1003,10 +1062,19 @@ at::Tensor combineCollective(const MoeCombineArgs& args,
   checkCallsMatch(table);
   checkCombineTable(table);
 
-  if (per_rank) {
-    return combinePerRank(args, communicator);
-  }
   const int64_t* words = table.data_ptr<int64_t>() + me * table.size(1);
+  if (per_rank) {
+    HeldBounds bounds;
+    for (int64_t r = 0; r < world_size; ++r) {
+      bounds.tokens =
+          std::max(bounds.tokens,
+                   words[kCallHeaderWords + kMaxToken * world_size + r] + 1);
+      bounds.picks =
+          std::max(bounds.picks,
+                   words[kCallHeaderWords + kMaxPick * world_size + r] + 1);
+    }
+    return combinePerRank(args, communicator, bounds);
+  }
   std::vector<int64_t> send_splits(world_size);
   std::vector<int64_t> recv_splits(world_size);
   int64_t num_recv = 0;

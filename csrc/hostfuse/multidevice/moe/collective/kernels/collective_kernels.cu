@@ -415,11 +415,27 @@ __device__ float mulRn(float a, float b) { return __fmul_rn(a, b); }
 __device__ double addRn(double a, double b) { return __dadd_rn(a, b); }
 __device__ double mulRn(double a, double b) { return __dmul_rn(a, b); }
 
+// Row `row` of token t's weight: from topk_weights by its pick, or its
+// own; nothing (1) without either.
+template <typename Acc>
+__device__ __forceinline__ bool weightOf(const CombineSumArgs& a, int64_t t,
+                                         int64_t row, Acc* weight) {
+  if (a.row_weights != nullptr) {
+    *weight = static_cast<const Acc*>(a.row_weights)[row];
+    return true;
+  }
+  if (a.topk_weights != nullptr) {
+    *weight = static_cast<const Acc*>(
+        a.topk_weights)[t * a.picks + a.meta[2 * row + 1]];
+    return true;
+  }
+  return false;
+}
+
 template <typename T, typename Acc>
 __global__ void sumKernel(const CombineSumArgs a) {
   const T* rows = static_cast<const T*>(a.rows);
   T* out = static_cast<T*>(a.out);
-  const Acc* weights = static_cast<const Acc*>(a.topk_weights);
   for (int64_t t = blockIdx.x; t < a.tokens; t += gridDim.x) {
     const int64_t begin = a.token_start[t];
     const int64_t end = a.token_start[t + 1];
@@ -429,11 +445,10 @@ __global__ void sumKernel(const CombineSumArgs a) {
       // bits as they are.
       for (int64_t i = begin; i < end; ++i) {
         const int64_t row = a.order[i];
-        const int64_t k = a.meta[2 * row + 1];
         const Acc value = Value<T>::toFloat(rows[row * a.hidden + h]);
-        acc = weights == nullptr
-                  ? addRn(acc, value)
-                  : addRn(acc, mulRn(weights[t * a.picks + k], value));
+        Acc weight;
+        acc = weightOf(a, t, row, &weight) ? addRn(acc, mulRn(weight, value))
+                                           : addRn(acc, value);
       }
       out[t * a.hidden + h] = Value<T>::fromFloat(acc);
     }
@@ -448,7 +463,6 @@ __global__ void sumPackedKernel(const CombineSumArgs a) {
   constexpr int kPer = 16 / sizeof(T);
   const uint4* rows = static_cast<const uint4*>(a.rows);
   uint4* out = static_cast<uint4*>(a.out);
-  const Acc* weights = static_cast<const Acc*>(a.topk_weights);
   const int64_t packs = a.hidden / kPer;
   for (int64_t t = blockIdx.x; t < a.tokens; t += gridDim.x) {
     const int64_t begin = a.token_start[t];
@@ -461,17 +475,16 @@ __global__ void sumPackedKernel(const CombineSumArgs a) {
       }
       for (int64_t i = begin; i < end; ++i) {
         const int64_t row = a.order[i];
-        const int64_t k = a.meta[2 * row + 1];
         const uint4 packed = rows[row * packs + p];
         T values[kPer];
         memcpy(values, &packed, sizeof(packed));
-        const Acc weight =
-            weights == nullptr ? Acc(1) : weights[t * a.picks + k];
+        Acc weight;
+        const bool weighted = weightOf(a, t, row, &weight);
 #pragma unroll
         for (int e = 0; e < kPer; ++e) {
           const Acc value = Value<T>::toFloat(values[e]);
-          acc[e] = weights == nullptr ? addRn(acc[e], value)
-                                      : addRn(acc[e], mulRn(weight, value));
+          acc[e] = weighted ? addRn(acc[e], mulRn(weight, value))
+                            : addRn(acc[e], value);
         }
       }
       T values[kPer];

@@ -144,7 +144,9 @@ cudaError_t launchCombineCheck(const CombineCheckArgs& args,
 // and token t's rows are order[token_start[t] .. token_start[t + 1]): a
 // dense list, so that no scratch is sized by a pick a peer names. Tokens
 // are in [0, tokens) and, with weights, picks in [0, picks) (checked from
-// the combine table).
+// the combine table). With `row_weights` instead (reduce=per_rank's
+// partials on the experts' rank), row i's weight is row_weights[i] and
+// `meta` is not read.
 struct CombineSumArgs {
   const void* rows = nullptr;     // [N, H] returned rows
   const int64_t* meta = nullptr;  // [N, 2] their (token, pick)
@@ -153,6 +155,7 @@ struct CombineSumArgs {
   RowType type = RowType::kFloat32;
   const void* topk_weights = nullptr;  // [T, K] fp32 (fp64 rows: fp64)
   int64_t picks = 0;                   // K of topk_weights
+  const void* row_weights = nullptr;   // [N], same type, or null
   int64_t tokens = 0;
   const int64_t* order = nullptr;        // [N]
   const int64_t* token_start = nullptr;  // [T + 1]
