@@ -178,6 +178,31 @@ def test_fp8_dispatch_in_a_program_feeds_grouped_matmul():
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
 
 
+def test_dequantize_fp8_in_a_program_matches_the_formula():
+    program = hf.Program()
+    with program:
+        rows = program.define_scalar("rows")
+        qv = program.define_tensor([rows, 256], torch.float8_e4m3fn, "q")
+        sv = program.define_tensor([rows, 2], torch.float32, "scales")
+        program.add_output(hf.dequantize_fp8(qv, sv, torch.bfloat16))
+    assert "dequantize_fp8(" in str(program)
+    g = torch.Generator().manual_seed(28)
+    codes = torch.randint(0, 254, (5, 256), generator=g, dtype=torch.uint8)
+    codes += (codes >= 0x7F).to(torch.uint8)  # no NaN codes
+    scales = torch.rand(5, 2, generator=g) + 0.5
+    q = codes.view(torch.float8_e4m3fn)
+    (out,) = hf.HostIrEvaluator(program).run([q, scales])
+    expected = (q.float() * scales.repeat_interleave(128, 1)).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    other = hf.Program()
+    with other:
+        not_fp8 = other.define_tensor([4, 256], torch.float32, "x")
+        scales = other.define_tensor([4, 2], torch.float32, "scales")
+        with pytest.raises(hf.Error, match="DequantizeFp8: x .* must be f8e4m3"):
+            hf.dequantize_fp8(not_fp8, scales, torch.bfloat16)
+
+
 def test_backends_are_listed():
     assert moe.backends() == ["collective", "cuda"]
 

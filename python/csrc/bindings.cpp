@@ -24,6 +24,7 @@
 #include <hostfuse/host_ir/evaluator.h>
 #include <hostfuse/host_ir/graph_runner.h>
 #include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/grouped_matmul.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/ir/topk_softmax.h>
@@ -535,6 +536,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weights").none(false), py::arg("counts").none(false),
         py::arg("x_scales") = nullptr, py::keep_alive<0, 1>(),
         py::keep_alive<0, 2>(), ref);
+  m.def(
+      "dequantize_fp8",
+      [](TensorView* x, TensorView* scales, const py::object& dtype) {
+        return dequantizeFp8(x, scales, dataTypeOf(dtype));
+      },
+      py::arg("x").none(false), py::arg("scales").none(false), py::arg("dtype"),
+      py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref,
+      "fp8 e4m3 rows [rows, H] with their f32 scales [rows, H / B] (one per "
+      "block of B channels) back to `dtype`: each product rounded to fp32, "
+      "then to dtype; one kernel on GPUs. Rows that several matmuls read are "
+      "dequantized once this way.");
   m.def(
       "run_fusion",
       [](const std::shared_ptr<Fusion>& fusion, const py::list& inputs) {

@@ -35,6 +35,7 @@ from ._C import (
     add,
     broadcast,
     cast,
+    dequantize_fp8,
     div,
     eq,
     exp,

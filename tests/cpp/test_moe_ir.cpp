@@ -9,6 +9,7 @@
 
 #include <hostfuse/host_ir/evaluator.h>
 #include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/host_ir/moe_layer.h>
 #include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/grouped_matmul.h>
 #include <hostfuse/ir/ops.h>
@@ -334,6 +335,82 @@ TEST_F(MoeIr, GroupedMatmulSaysWhichOperandsRunOnTheDevice) {
   EXPECT_NE(why.find("1024 groups"), std::string::npos) << why;
 }
 
+TEST_F(MoeIr, DequantizeFp8PrintsChecksAndMatchesTheFormula) {
+  TensorView* x = makeTensor({kSymbolic, 256}, DataType::Float8E4M3, "x");
+  TensorView* scales = makeTensor({kSymbolic, 2}, DataType::Float, "scales");
+  program_->addInput(x);
+  program_->addInput(scales);
+  TensorView* out = dequantizeFp8(x, scales, DataType::BFloat16);
+  program_->addOutput(out);
+  EXPECT_NE(program_->toString().find(out->toString() + " = dequantize_fp8(" +
+                                      x->toString() +
+                                      ", scales=" + scales->toString() + ")"),
+            std::string::npos)
+      << program_->toString();
+  test::expectErrorContains(
+      [&] { dequantizeFp8(scales, scales, DataType::BFloat16); },
+      {"DequantizeFp8: x", "must be f8e4m3"});
+  test::expectErrorContains(
+      [&] {
+        dequantizeFp8(x, makeTensor({kSymbolic, 2}, DataType::BFloat16),
+                      DataType::BFloat16);
+      },
+      {"scales", "f32"});
+  test::expectErrorContains(
+      [&] {
+        dequantizeFp8(x, makeTensor({kSymbolic, 3}, DataType::Float),
+                      DataType::BFloat16);
+      },
+      {"the width 256", "not a multiple of the 3 scales per row"});
+  test::expectErrorContains([&] { dequantizeFp8(x, scales, DataType::Int64); },
+                            {"out", "floating"});
+
+  HostIrEvaluator evaluator(std::move(program_));
+  for (const at::Device& device : test::testDevices()) {
+    if (test::deviceUnavailable(device)) {
+      continue;
+    }
+    SCOPED_TRACE(device.str());
+    at::Generator generator = at::detail::createCPUGenerator(7);
+    at::Tensor codes = at::randint(0, 254, {5, 256}, generator,
+                                   at::TensorOptions().dtype(at::kByte));
+    codes += (codes >= 0x7f).to(at::kByte);  // no NaN codes
+    const at::Tensor scale_values = at::rand({5, 2}, generator) + 0.5;
+    const at::Tensor got = evaluator
+                               .run({codes.view(at::kFloat8_e4m3fn).to(device),
+                                     scale_values.to(device)})[0]
+                               .cpu();
+    const at::Tensor expected = (codes.view(at::kFloat8_e4m3fn).to(at::kFloat) *
+                                 scale_values.repeat_interleave(128, 1))
+                                    .to(at::kBFloat16);
+    EXPECT_TRUE(at::equal(got, expected));
+  }
+}
+
+// With fp8 dispatch, the layer dequantizes the received rows once, for
+// both matmuls that read them.
+TEST(MoeLayerProgram, Fp8RowsAreDequantizedOnce) {
+  MoeLayerConfig config;
+  config.hidden = 256;
+  config.intermediate = 64;
+  config.num_experts = 4;
+  config.local_experts = 4;
+  config.topk = 2;
+  config.quantize = MoeDispatchQuant::Fp8E4M3;
+  const std::string text = makeMoeLayerProgram(config)->toString();
+  auto occurrences = [&](const std::string& what) {
+    int count = 0;
+    for (size_t at = text.find(what); at != std::string::npos;
+         at = text.find(what, at + 1)) {
+      ++count;
+    }
+    return count;
+  };
+  EXPECT_EQ(occurrences("dequantize_fp8("), 1) << text;
+  EXPECT_EQ(occurrences("x_scales="), 0) << text;
+  EXPECT_EQ(occurrences("GroupedMatmul("), 3) << text;
+}
+
 // The GPU path of dequantizeFp8Rows (one kernel, reading strided views in
 // place) against the formula in plain ATen on the CPU: each product of an
 // e4m3 value and its block's scale rounded to fp32, then to the dtype.
@@ -369,31 +446,30 @@ TEST(Fp8Rows, DequantizeOnTheGpuMatchesTheFormulaBitForBit) {
                                .view({c.rows, c.row_bytes});
     rows_view.narrow(1, 0, c.hidden).copy_(codes);
     const at::Tensor on_gpu = buffer.to(gpu);
-    const at::Tensor q =
-        on_gpu.narrow(0, c.byte_offset, c.rows * c.row_bytes)
-            .view({c.rows, c.row_bytes})
-            .narrow(1, 0, c.hidden)
-            .view(at::kFloat8_e4m3fn);
+    const at::Tensor q = on_gpu.narrow(0, c.byte_offset, c.rows * c.row_bytes)
+                             .view({c.rows, c.row_bytes})
+                             .narrow(1, 0, c.hidden)
+                             .view(at::kFloat8_e4m3fn);
     const at::Tensor expected_f32 =
         codes.view(at::kFloat8_e4m3fn).to(at::kFloat) *
         scales.repeat_interleave(c.hidden / c.blocks, 1);
-    for (const at::ScalarType dtype :
-         {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
       const at::Tensor got = dequantizeFp8Rows(q, scales.to(gpu), dtype).cpu();
       ASSERT_EQ(got.scalar_type(), dtype);
       ASSERT_EQ(got.sizes(), at::IntArrayRef({c.rows, c.hidden}));
       EXPECT_TRUE(at::equal(got, expected_f32.to(dtype)))
           << c10::toString(dtype) << ": max difference "
-          << (c.rows > 0 ? (got.to(at::kFloat) - expected_f32.to(dtype).to(
-                                                     at::kFloat))
-                               .abs()
-                               .max()
-                               .item<float>()
-                         : 0.0f);
+          << (c.rows > 0
+                  ? (got.to(at::kFloat) - expected_f32.to(dtype).to(at::kFloat))
+                        .abs()
+                        .max()
+                        .item<float>()
+                  : 0.0f);
     }
   }
   // A NaN code stays NaN; the other values of its row are untouched.
-  at::Tensor codes = at::full({2, 16}, 0x38, at::TensorOptions().dtype(at::kByte));
+  at::Tensor codes =
+      at::full({2, 16}, 0x38, at::TensorOptions().dtype(at::kByte));
   codes[1][3] = 0x7f;
   const at::Tensor got =
       dequantizeFp8Rows(codes.to(gpu).view(at::kFloat8_e4m3fn),

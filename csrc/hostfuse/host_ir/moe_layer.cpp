@@ -1,6 +1,7 @@
 #include <hostfuse/host_ir/moe_layer.h>
 
 #include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/grouped_matmul.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/ir/topk_softmax.h>
@@ -74,10 +75,12 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
   const MoeDispatchResult d =
       moeDispatch(x, top.indices, weights, config.num_experts, config.backend,
                   config.capacity, config.quantize);
-  TensorView* gate =
-      groupedMatmul(d.recv_x, w_gate, d.recv_expert_counts, d.recv_scales);
-  TensorView* up =
-      groupedMatmul(d.recv_x, w_up, d.recv_expert_counts, d.recv_scales);
+  // fp8 rows: dequantized once for both matmuls.
+  TensorView* rows = d.recv_scales != nullptr
+                         ? dequantizeFp8(d.recv_x, d.recv_scales, dtype)
+                         : d.recv_x;
+  TensorView* gate = groupedMatmul(rows, w_gate, d.recv_expert_counts);
+  TensorView* up = groupedMatmul(rows, w_up, d.recv_expert_counts);
   TensorView* act = runFusion(makeSiluMulFusion(I, dtype), {gate, up}).at(0);
   TensorView* down = groupedMatmul(act, w_down, d.recv_expert_counts);
 

@@ -12,9 +12,10 @@
 //   (top, topk_idx) = topk(scores, K)                      [T, K]
 //   topk_weights = top / sum(top, -1)    (renormalize)     [T, K] f32
 //   d        = MoeDispatch(x, topk_idx, topk_weights, E, backend, quantize)
-//   gate     = GroupedMatmul(d.recv_x, w_gate, d.recv_expert_counts
-//                            [, d.recv_scales with fp8 dispatch])
-//   up       = GroupedMatmul(d.recv_x, w_up, ...)
+//   rows     = d.recv_x, or with fp8 dispatch
+//              DequantizeFp8(d.recv_x, d.recv_scales) in dtype  (once)
+//   gate     = GroupedMatmul(rows, w_gate, d.recv_expert_counts)
+//   up       = GroupedMatmul(rows, w_up, d.recv_expert_counts)
 //   act      = RunFusion(silu(gate) * up)                   [rows, I]
 //   down     = GroupedMatmul(act, w_down, d.recv_expert_counts)
 //   out      = MoeCombine(down, d, topk_weights, T, reduce)  [T, H]

@@ -27,7 +27,8 @@ class Expr;
   X(LinearOp)                \
   X(TopKOp)                  \
   X(TopKSoftmax)             \
-  X(GroupedMatmul)
+  X(GroupedMatmul)           \
+  X(DequantizeFp8)
 
 // Expressions of csrc/hostfuse/host_ir: nodes that only make sense in a host
 // program.

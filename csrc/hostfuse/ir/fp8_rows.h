@@ -1,17 +1,48 @@
 // fp8 rows with one scale per block of channels, as MoeDispatch with
-// quantize=fp8_e4m3 returns them, back to a floating dtype (GroupedMatmul
-// does this before its matmuls).
+// quantize=fp8_e4m3 returns them, back to a floating dtype: the function
+// (GroupedMatmul calls it on rows it is given with x_scales) and the IR op
+// DequantizeFp8, with which a program dequantizes rows once for several
+// matmuls.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
+#include <string>
+
+#include <hostfuse/ir/base_nodes.h>
+#include <hostfuse/ir/values.h>
+
 namespace hostfuse {
 
 // The rows of fp8 x [rows, H] dequantized with `scales` [rows, H / B]
 // (one per block of B channels), in `dtype`: each product rounded to fp32,
-// then to `dtype`.
+// then to `dtype`. On a GPU one kernel that reads x and scales where they
+// are (strided views too); elsewhere ATen.
 at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
                              at::ScalarType dtype);
+
+// out [rows, H] = dequantizeFp8Rows(x, scales, out's dtype): x [rows, H]
+// f8e4m3, scales [rows, H / B] f32, out floating. Capturable on both paths.
+class DequantizeFp8 : public Expr {
+ public:
+  DequantizeFp8(TensorView* out, TensorView* x, TensorView* scales);
+  HF_DECLARE_EXPR(DequantizeFp8)
+  HF_ALWAYS_CAPTURABLE
+
+  TensorView* out() const { return output(0)->as<TensorView>(); }
+  TensorView* x() const { return input(0)->as<TensorView>(); }
+  TensorView* scales() const { return input(1)->as<TensorView>(); }
+
+  // "T5 = dequantize_fp8(T3, scales=T4)"
+  std::string toInlineString() const override;
+  void validate() const override;
+  std::vector<c10::IValue> evaluate(
+      const std::vector<c10::IValue>& inputs) const override;
+};
+
+// Builds a DequantizeFp8 in the active container (see FusionGuard); the
+// result has x's extents and `dtype`.
+TensorView* dequantizeFp8(TensorView* x, TensorView* scales, DataType dtype);
 
 }  // namespace hostfuse

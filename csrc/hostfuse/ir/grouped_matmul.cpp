@@ -4,7 +4,6 @@
 
 #include <hostfuse/ir/container.h>
 #include <hostfuse/ir/fp8_rows.h>
-#include <hostfuse/ir/kernels/fp8_dequant.h>
 #include <hostfuse/ir/kernels/group_ends.h>
 #include <hostfuse/ir/operand_checks.h>
 #include <hostfuse/ir/ops.h>
@@ -57,43 +56,6 @@ void GroupedMatmul::validate() const {
   HF_CHECK(out()->dtype() == weights()->dtype(), "GroupedMatmul: out ",
            out()->toDeclString(), " must have the weights' dtype ",
            weights()->dtype());
-}
-
-at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
-                             at::ScalarType dtype) {
-  const int64_t rows = x.size(0);
-  const int64_t hidden = x.size(1);
-  HF_CHECK(scales.dim() == 2 && scales.size(0) == rows && scales.size(1) > 0 &&
-               hidden % scales.size(1) == 0,
-           "GroupedMatmul: x_scales ", scales.sizes(),
-           " must hold one scale per row and block of channels of x ",
-           x.sizes());
-  const int64_t blocks = scales.size(1);
-  if (x.is_cuda() && x.scalar_type() == at::kFloat8_e4m3fn &&
-      scales.scalar_type() == at::kFloat && scales.device() == x.device() &&
-      (dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat)) {
-    // One kernel over the rows where they are (recv_x and recv_scales are
-    // strided views of the dispatch's buffer).
-    const at::Tensor q = x.stride(1) == 1 ? x : x.contiguous();
-    const at::Tensor s = scales.stride(1) == 1 ? scales : scales.contiguous();
-    at::Tensor out = at::empty({rows, hidden}, x.options().dtype(dtype));
-    const int device = x.device().index();
-    const cuda::DeviceScope scope(device);
-    const kernels::DequantOut out_type =
-        dtype == at::kBFloat16 ? kernels::DequantOut::kBFloat16
-        : dtype == at::kHalf   ? kernels::DequantOut::kFloat16
-                               : kernels::DequantOut::kFloat32;
-    HF_CUDA_CHECK(kernels::launchDequantizeFp8Rows(
-        q.const_data_ptr(), rows > 1 ? q.stride(0) : hidden,
-        s.const_data_ptr<float>(), rows > 1 ? s.stride(0) : blocks, rows,
-        hidden, blocks, out_type, out.mutable_data_ptr(),
-        cuda::currentStream(device)));
-    return out;
-  }
-  return (x.to(at::kFloat).reshape({rows, blocks, hidden / blocks}) *
-          scales.to(at::kFloat).unsqueeze(2))
-      .reshape({rows, hidden})
-      .to(dtype);
 }
 
 bool groupedMatmulRunsOnDevice(at::ScalarType dtype, const at::Device& device,
