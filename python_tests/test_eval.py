@@ -118,6 +118,16 @@ def test_topk_matches_torch_topk():
     assert torch.equal(indices, expected.indices)
 
 
+def test_topk_softmax_matches_torch():
+    logits = rand(6, 10, seed=18)
+    weights, indices = run(lambda t: hf.topk_softmax(t, 3), logits)
+    top = torch.topk(torch.softmax(logits, -1), 3)
+    assert torch.equal(indices, top.indices)
+    torch.testing.assert_close(weights, top.values / top.values.sum(-1, keepdim=True))
+    raw, _ = run(lambda t: hf.topk_softmax(t, 3, renormalize=False), logits)
+    torch.testing.assert_close(raw, top.values)
+
+
 def test_grouped_matmul_matches_a_loop_over_groups():
     x, w = rand(7, 8, seed=14), rand(3, 8, 5, seed=15)
     counts = torch.tensor([2, 0, 5])

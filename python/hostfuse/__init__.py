@@ -68,6 +68,7 @@ from ._C import (
     sum,
     tanh,
     topk,
+    topk_softmax,
     where,
 )
 from . import kernel, moe

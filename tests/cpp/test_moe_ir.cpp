@@ -365,6 +365,32 @@ TEST_F(MoeIr, DequantizeFp8PrintsChecksAndMatchesTheFormula) {
   test::expectErrorContains([&] { dequantizeFp8(x, scales, DataType::Int64); },
                             {"out", "floating"});
 
+  // The function itself names what is wrong with its tensors.
+  const at::Tensor fp8_rows =
+      at::zeros({2, 256}, at::TensorOptions().dtype(at::kFloat8_e4m3fn));
+  test::expectErrorContains(
+      [] {
+        dequantizeFp8Rows(at::zeros({2, 256}, at::kByte), at::ones({2, 2}),
+                          at::kBFloat16);
+      },
+      {"the rows x must be a 2-D Float8_e4m3fn tensor, got Byte"});
+  test::expectErrorContains(
+      [&] {
+        dequantizeFp8Rows(fp8_rows, at::ones({2, 2}, at::kDouble),
+                          at::kBFloat16);
+      },
+      {"the scales (Double of sizes [2, 2]) must be f32"});
+  test::expectErrorContains(
+      [&] {
+        dequantizeFp8Rows(fp8_rows, at::ones({2, 3}), at::kBFloat16);
+      },
+      {"one per row and block of channels of the rows x [2, 256]"});
+  test::expectErrorContains(
+      [&] {
+        dequantizeFp8Rows(fp8_rows, at::ones({2, 2}), at::kInt);
+      },
+      {"the output dtype must be f64, f32, bf16 or f16, got Int"});
+
   HostIrEvaluator evaluator(std::move(program_));
   for (const at::Device& device : test::testDevices()) {
     if (test::deviceUnavailable(device)) {
@@ -417,44 +443,72 @@ TEST(MoeLayerProgram, Fp8RowsAreDequantizedOnce) {
 TEST(Fp8Rows, DequantizeOnTheGpuMatchesTheFormulaBitForBit) {
   const at::Device gpu(at::kCUDA, 0);
   HF_SKIP_IF_UNAVAILABLE(gpu);
+  // Where the scales are: in each row after its H e4m3 values, as the cuda
+  // backend's recv_scales (a strided view); a tensor of their own; one row
+  // broadcast to all (row stride 0).
+  enum class Scales { kPacked, kSeparate, kBroadcast };
   struct Case {
     int64_t rows, hidden, blocks, row_bytes, byte_offset;
+    Scales scales;
   };
-  // Packed as MoeDispatch's rows (H e4m3 values, then H / 128 scales);
-  // then block widths and offsets that take the one-channel path.
-  const Case cases[] = {{37, 512, 4, 512 + 16, 0},
-                        {5, 7168, 56, 7168 + 224, 0},
-                        {9, 12, 3, 12, 0},
-                        {6, 64, 2, 72, 1},
-                        {0, 128, 1, 128, 0}};
+  // Packed as MoeDispatch's rows (one scale per 128 channels), one row,
+  // a row stride that is no multiple of 8 (the one-channel path), block
+  // widths and offsets that take the one-channel path, broadcast scales,
+  // no rows.
+  const Case cases[] = {{37, 512, 4, 512 + 16, 0, Scales::kPacked},
+                        {5, 7168, 56, 7168 + 224, 0, Scales::kPacked},
+                        {1, 256, 2, 256 + 8, 0, Scales::kPacked},
+                        {6, 64, 1, 64 + 4, 0, Scales::kPacked},
+                        {9, 12, 3, 12, 0, Scales::kSeparate},
+                        {6, 64, 2, 72, 1, Scales::kSeparate},
+                        {7, 256, 2, 256, 0, Scales::kBroadcast},
+                        {0, 128, 1, 128, 0, Scales::kSeparate}};
   for (const Case& c : cases) {
     SCOPED_TRACE("rows " + std::to_string(c.rows) + ", H " +
                  std::to_string(c.hidden) + ", blocks " +
-                 std::to_string(c.blocks) + ", offset " +
-                 std::to_string(c.byte_offset));
+                 std::to_string(c.blocks) + ", row bytes " +
+                 std::to_string(c.row_bytes) + ", offset " +
+                 std::to_string(c.byte_offset) + ", scales mode " +
+                 std::to_string(static_cast<int>(c.scales)));
     at::Generator generator = at::detail::createCPUGenerator(c.rows + c.hidden);
     // Every e4m3 code but the two NaNs (0x7f, 0xff), checked below.
     at::Tensor codes = at::randint(0, 254, {c.rows, c.hidden}, generator,
                                    at::TensorOptions().dtype(at::kByte));
     codes += (codes >= 0x7f).to(at::kByte);
-    const at::Tensor scales =
-        at::rand({c.rows, c.blocks}, generator) * 3 + 1e-3;
+    at::Tensor scales = at::rand({c.rows, c.blocks}, generator) * 3 + 1e-3;
+    if (c.scales == Scales::kBroadcast) {
+      scales = scales.narrow(0, 0, 1).expand({c.rows, c.blocks});
+    }
     // The rows inside a wider byte buffer, as strided views.
     at::Tensor buffer = at::zeros({c.rows * c.row_bytes + c.byte_offset + 8},
                                   at::TensorOptions().dtype(at::kByte));
     at::Tensor rows_view = buffer.narrow(0, c.byte_offset, c.rows * c.row_bytes)
                                .view({c.rows, c.row_bytes});
     rows_view.narrow(1, 0, c.hidden).copy_(codes);
+    if (c.scales == Scales::kPacked) {
+      rows_view.narrow(1, c.hidden, 4 * c.blocks)
+          .copy_(scales.contiguous().view(at::kByte));
+    }
     const at::Tensor on_gpu = buffer.to(gpu);
-    const at::Tensor q = on_gpu.narrow(0, c.byte_offset, c.rows * c.row_bytes)
-                             .view({c.rows, c.row_bytes})
-                             .narrow(1, 0, c.hidden)
-                             .view(at::kFloat8_e4m3fn);
+    const at::Tensor gpu_rows =
+        on_gpu.narrow(0, c.byte_offset, c.rows * c.row_bytes)
+            .view({c.rows, c.row_bytes});
+    const at::Tensor q =
+        gpu_rows.narrow(1, 0, c.hidden).view(at::kFloat8_e4m3fn);
+    const at::Tensor gpu_scales =
+        c.scales == Scales::kPacked
+            ? gpu_rows.narrow(1, c.hidden, 4 * c.blocks).view(at::kFloat)
+        : c.scales == Scales::kBroadcast
+            ? scales.narrow(0, 0, 1).to(gpu).expand({c.rows, c.blocks})
+            : scales.to(gpu);
+    if (c.rows > 1 && c.scales != Scales::kSeparate) {
+      ASSERT_NE(gpu_scales.stride(0), c.blocks);  // not a dense copy
+    }
     const at::Tensor expected_f32 =
         codes.view(at::kFloat8_e4m3fn).to(at::kFloat) *
         scales.repeat_interleave(c.hidden / c.blocks, 1);
     for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
-      const at::Tensor got = dequantizeFp8Rows(q, scales.to(gpu), dtype).cpu();
+      const at::Tensor got = dequantizeFp8Rows(q, gpu_scales, dtype).cpu();
       ASSERT_EQ(got.scalar_type(), dtype);
       ASSERT_EQ(got.sizes(), at::IntArrayRef({c.rows, c.hidden}));
       EXPECT_TRUE(at::equal(got, expected_f32.to(dtype)))

@@ -13,19 +13,33 @@ namespace hostfuse {
 
 at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
                              at::ScalarType dtype) {
+  // The scales are GroupedMatmul's x_scales or DequantizeFp8's scales.
+  HF_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat8_e4m3fn,
+           "dequantizeFp8Rows: the rows x must be a 2-D Float8_e4m3fn "
+           "tensor, got ",
+           x.scalar_type(), " of sizes ", x.sizes());
   const int64_t rows = x.size(0);
   const int64_t hidden = x.size(1);
-  HF_CHECK(scales.dim() == 2 && scales.size(0) == rows && scales.size(1) > 0 &&
+  HF_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kFloat &&
+               scales.size(0) == rows && scales.size(1) > 0 &&
                hidden % scales.size(1) == 0,
-           "dequantizeFp8Rows: scales ", scales.sizes(),
-           " must hold one scale per row and block of channels of x ",
+           "dequantizeFp8Rows: the scales (", scales.scalar_type(),
+           " of sizes ", scales.sizes(),
+           ") must be f32, one per row and block of channels of the rows x ",
            x.sizes());
+  HF_CHECK(scales.device() == x.device(),
+           "dequantizeFp8Rows: the scales are on ", scales.device(),
+           " but the rows x on ", x.device());
+  HF_CHECK(at::isFloatingType(dtype) && c10::elementSize(dtype) >= 2,
+           "dequantizeFp8Rows: the output dtype must be f64, f32, bf16 or "
+           "f16, got ",
+           dtype);
   const int64_t blocks = scales.size(1);
-  if (x.is_cuda() && x.scalar_type() == at::kFloat8_e4m3fn &&
-      scales.scalar_type() == at::kFloat && scales.device() == x.device() &&
+  if (x.is_cuda() &&
       (dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat)) {
-    // One kernel over the rows where they are (recv_x and recv_scales are
-    // strided views of the dispatch's buffer).
+    // One kernel over the rows where they are (with the cuda backend,
+    // recv_x and recv_scales are strided views of its buffer; a broadcast
+    // row stride of 0 is read as it is).
     const at::Tensor q = x.stride(1) == 1 ? x : x.contiguous();
     const at::Tensor s = scales.stride(1) == 1 ? scales : scales.contiguous();
     at::Tensor out = at::empty({rows, hidden}, x.options().dtype(dtype));
@@ -43,7 +57,7 @@ at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
     return out;
   }
   return (x.to(at::kFloat).reshape({rows, blocks, hidden / blocks}) *
-          scales.to(at::kFloat).unsqueeze(2))
+          scales.unsqueeze(2))
       .reshape({rows, hidden})
       .to(dtype);
 }

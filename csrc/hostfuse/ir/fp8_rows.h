@@ -17,8 +17,9 @@ namespace hostfuse {
 
 // The rows of fp8 x [rows, H] dequantized with `scales` [rows, H / B]
 // (one per block of B channels), in `dtype`: each product rounded to fp32,
-// then to `dtype`. On a GPU one kernel that reads x and scales where they
-// are (strided views too); elsewhere ATen.
+// then to `dtype`. x is Float8_e4m3fn, scales f32 on x's device. On a GPU,
+// for bf16, f16 and f32 outputs, one kernel that reads x and scales where
+// they are (strided views too); otherwise ATen.
 at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
                              at::ScalarType dtype);
 

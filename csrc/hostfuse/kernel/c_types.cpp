@@ -90,7 +90,8 @@ CType computeType(DataType dtype) {
     case DataType::Float8E4M3:
       HF_THROW(
           "fp8 (f8e4m3) tensors cannot enter a fused kernel; dequantize them "
-          "first (GroupedMatmul takes them with their scales)");
+          "first with their scales (DequantizeFp8, Python "
+          "hf.dequantize_fp8; GroupedMatmul also takes them with x_scales)");
   }
   return CType::kFloat;
 }

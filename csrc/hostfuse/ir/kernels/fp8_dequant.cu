@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t column = (group % groups_per_row) * V;
   const float scale = scales[row * scale_stride + column / block_width];
   const uint8_t* in = q + row * q_stride + column;
-  uint8_t bytes[V];
+  alignas(8) uint8_t bytes[V];
   if constexpr (V == 8) {
     *reinterpret_cast<uint2*>(bytes) = *reinterpret_cast<const uint2*>(in);
   } else {
@@ -108,8 +108,10 @@ cudaError_t launchDequantizeFp8Rows(const void* q, int64_t q_stride,
                                     int64_t rows, int64_t hidden,
                                     int64_t blocks, DequantOut dtype, void* out,
                                     cudaStream_t stream) {
+  // Row strides may be anything non-negative: the rows are only read (a
+  // broadcast row has stride 0).
   if (rows < 0 || hidden < 0 || blocks < 1 || hidden % blocks != 0 ||
-      q_stride < hidden || scale_stride < blocks) {
+      q_stride < 0 || scale_stride < 0) {
     return cudaErrorInvalidValue;
   }
   if (rows == 0 || hidden == 0) {

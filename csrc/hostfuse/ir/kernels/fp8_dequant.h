@@ -21,7 +21,8 @@ enum class DequantOut : int32_t { kFloat32, kBFloat16, kFloat16 };
 // the product rounded to fp32, then to `dtype` (the conversions ATen's CUDA
 // kernels use). q [rows, hidden] e4m3 with a row stride of `q_stride`
 // bytes, scales [rows, blocks] fp32 with a row stride of `scale_stride`
-// floats, out [rows, hidden] row-major. hidden % blocks == 0.
+// floats (strides >= 0; 0 repeats one row), out [rows, hidden] row-major.
+// hidden % blocks == 0.
 cudaError_t launchDequantizeFp8Rows(const void* q, int64_t q_stride,
                                     const float* scales, int64_t scale_stride,
                                     int64_t rows, int64_t hidden,
