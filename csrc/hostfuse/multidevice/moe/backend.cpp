@@ -1,5 +1,7 @@
 #include <hostfuse/multidevice/moe/backend.h>
 
+#include <initializer_list>
+
 #include <hostfuse/multidevice/moe/collective/runtime.h>
 #include <hostfuse/multidevice/moe/cuda/runtime.h>
 #include <hostfuse/utils/exceptions.h>
@@ -23,6 +25,17 @@ const MoeBackendInfo* findInfo(MoeBackend backend) {
       return &cudaMoeBackendInfo();
   }
   return nullptr;
+}
+
+// The value among `values` whose toString is `name`.
+template <typename Enum, typename Values = std::initializer_list<Enum>>
+std::optional<Enum> parseByName(std::string_view name, const Values& values) {
+  for (const Enum value : values) {
+    if (name == toString(value)) {
+      return value;
+    }
+  }
+  return std::nullopt;
 }
 
 }  // namespace
@@ -49,12 +62,7 @@ const char* toString(MoeBackend backend) {
 }
 
 std::optional<MoeBackend> parseMoeBackend(std::string_view name) {
-  for (const MoeBackend backend : allMoeBackends()) {
-    if (name == moeBackendInfo(backend).name) {
-      return backend;
-    }
-  }
-  return std::nullopt;
+  return parseByName<MoeBackend>(name, allMoeBackends());
 }
 
 const char* toString(MoeDispatchQuant quantize) {
@@ -70,13 +78,8 @@ const char* toString(MoeDispatchQuant quantize) {
 }
 
 std::optional<MoeDispatchQuant> parseMoeDispatchQuant(std::string_view name) {
-  for (const MoeDispatchQuant quantize :
-       {MoeDispatchQuant::None, MoeDispatchQuant::Fp8E4M3}) {
-    if (name == toString(quantize)) {
-      return quantize;
-    }
-  }
-  return std::nullopt;
+  return parseByName<MoeDispatchQuant>(
+      name, {MoeDispatchQuant::None, MoeDispatchQuant::Fp8E4M3});
 }
 
 const char* toString(MoeCombineReduce reduce) {
@@ -92,13 +95,8 @@ const char* toString(MoeCombineReduce reduce) {
 }
 
 std::optional<MoeCombineReduce> parseMoeCombineReduce(std::string_view name) {
-  for (const MoeCombineReduce reduce :
-       {MoeCombineReduce::PerPick, MoeCombineReduce::PerRank}) {
-    if (name == toString(reduce)) {
-      return reduce;
-    }
-  }
-  return std::nullopt;
+  return parseByName<MoeCombineReduce>(
+      name, {MoeCombineReduce::PerPick, MoeCombineReduce::PerRank});
 }
 
 }  // namespace hostfuse

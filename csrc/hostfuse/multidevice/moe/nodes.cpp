@@ -7,6 +7,7 @@
 #include <hostfuse/ir/container.h>
 #include <hostfuse/ir/operand_checks.h>
 #include <hostfuse/ir/ops.h>
+#include <hostfuse/multidevice/moe/fp8.h>
 
 namespace hostfuse {
 
@@ -134,10 +135,11 @@ void MoeDispatch::validate() const {
              "MoeDispatch: quantize=fp8_e4m3 takes x of f32, bf16 or f16; x ",
              x()->toDeclString(), " is f64");
     const std::optional<int64_t> hidden = x()->extent(1)->constantInt();
-    HF_CHECK(!hidden.has_value() || *hidden % 128 == 0,
-             "MoeDispatch: quantize=fp8_e4m3 needs H a multiple of 128 (one "
-             "scale per 128 channels); x ",
-             x()->toDeclString(), " has H = ", hidden.value_or(0));
+    HF_CHECK(!hidden.has_value() || *hidden % moe::kFp8Block == 0,
+             "MoeDispatch: quantize=fp8_e4m3 needs H a multiple of ",
+             moe::kFp8Block, " (one scale per ", moe::kFp8Block,
+             " channels); x ", x()->toDeclString(),
+             " has H = ", hidden.value_or(0));
     checkTensor(
         this, "recv_x", recvX(), 2,
         [](DataType d) { return d == DataType::Float8E4M3; }, "f8e4m3");
@@ -349,7 +351,7 @@ MoeDispatchResult moeDispatch(TensorView* x, TensorView* topk_idx,
   result.recv_x =
       makeTensor({rows, x->extent(1)}, fp8 ? DataType::Float8E4M3 : x->dtype());
   if (fp8) {
-    // H / 128 scales per row.
+    // H / kFp8Block scales per row.
     Scalar* blocks = makeSymbolicScalar(DataType::Int64, "scale_blocks");
     result.recv_scales = makeTensor({rows, blocks}, DataType::Float);
   }

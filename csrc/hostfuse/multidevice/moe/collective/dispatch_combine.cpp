@@ -108,7 +108,8 @@ void checkCallsMatch(const at::Tensor& table) {
     if (isCombine(theirs[kOpWord]) && isCombine(words[kOpWord]) &&
         theirs[kCallWord] == words[kCallWord]) {
       auto mode = [](int64_t op) {
-        return op == kCallCombinePerRank ? "per_rank" : "per_pick";
+        return toString(op == kCallCombinePerRank ? MoeCombineReduce::PerRank
+                                                  : MoeCombineReduce::PerPick);
       };
       HF_THROW("MoeCombine: rank 0 combines with reduce=", mode(words[kOpWord]),
                " but rank ", r, " with reduce=", mode(theirs[kOpWord]),
@@ -117,7 +118,8 @@ void checkCallsMatch(const at::Tensor& table) {
     if (isDispatch(theirs[kOpWord]) && isDispatch(words[kOpWord]) &&
         theirs[kCallWord] == words[kCallWord]) {
       auto mode = [](int64_t op) {
-        return op == kCallDispatchFp8 ? "fp8_e4m3" : "none";
+        return toString(op == kCallDispatchFp8 ? MoeDispatchQuant::Fp8E4M3
+                                               : MoeDispatchQuant::None);
       };
       HF_THROW(
           "MoeDispatch: rank 0 dispatches with quantize=", mode(words[kOpWord]),
@@ -506,6 +508,46 @@ at::Tensor combineInOrder(const at::Tensor& rows, const at::Tensor& token,
   return acc.to(rows.scalar_type());
 }
 
+// The CombineSum kernel over rows in a given order: group g sums rows
+// order[starts[g] .. starts[g + 1]) in that order, row i weighted by
+// row_weights[i], or by topk_weights[g, meta[i, 1]] (meta [N, 2] i64: each
+// row's (token, pick)), or by nothing; weights in the accumulation dtype,
+// undefined when absent. [G, H] in rows' dtype.
+at::Tensor sumSortedRows(const at::Tensor& rows, const at::Tensor& order,
+                         const at::Tensor& starts,
+                         const at::Tensor& row_weights,
+                         const at::Tensor& meta = at::Tensor(),
+                         const at::Tensor& topk_weights = at::Tensor()) {
+  // The kernel reads rows [N, H] densely (expert_out may be a view).
+  const at::Tensor dense = rows.contiguous();
+  auto denseOrNone = [](const at::Tensor& t) {
+    return t.defined() ? t.contiguous() : at::Tensor();
+  };
+  const at::Tensor own_weights = denseOrNone(row_weights);
+  const at::Tensor dense_meta = denseOrNone(meta);
+  const at::Tensor pick_weights = denseOrNone(topk_weights);
+  const int64_t groups = starts.size(0) - 1;
+  at::Tensor out = at::empty({groups, rows.size(1)}, dense.options());
+  collective::CombineSumArgs args;
+  args.rows = dense.const_data_ptr();
+  args.meta =
+      dense_meta.defined() ? dense_meta.const_data_ptr<int64_t>() : nullptr;
+  args.count = dense.size(0);
+  args.hidden = dense.size(1);
+  args.type = rowType(dense.scalar_type());
+  args.topk_weights =
+      pick_weights.defined() ? pick_weights.const_data_ptr() : nullptr;
+  args.picks = pick_weights.defined() ? pick_weights.size(1) : 0;
+  args.row_weights =
+      own_weights.defined() ? own_weights.const_data_ptr() : nullptr;
+  args.tokens = groups;
+  args.order = order.const_data_ptr<int64_t>();
+  args.token_start = starts.const_data_ptr<int64_t>();
+  args.out = out.mutable_data_ptr();
+  HF_CUDA_CHECK(collective::launchCombineSum(args, streamOf(rows.device())));
+  return out;
+}
+
 // combineInOrder on either device: the CombineSum kernel on GPUs. `meta`
 // [N, 2] i64: each row's (token, pick). `weights` [tokens, picks] in the
 // accumulation dtype, or undefined (weight 1).
@@ -519,50 +561,9 @@ at::Tensor sumInOrder(const at::Tensor& rows, const at::Tensor& meta,
         weights.defined() ? std::optional<at::Tensor>(weights) : std::nullopt,
         num_tokens);
   }
-  const at::Tensor dense_meta = meta.contiguous();
   const TokenOrder sorted = orderByTokenThenPick(token, pick, num_tokens);
-  at::Tensor combined = at::empty({num_tokens, rows.size(1)}, rows.options());
-  // The kernel reads rows [N, H] densely (expert_out may be a view).
-  const at::Tensor dense = rows.contiguous();
-  collective::CombineSumArgs args;
-  args.rows = dense.const_data_ptr();
-  args.meta = dense_meta.const_data_ptr<int64_t>();
-  args.count = rows.size(0);
-  args.hidden = rows.size(1);
-  args.type = rowType(rows.scalar_type());
-  args.topk_weights = weights.defined() ? weights.const_data_ptr() : nullptr;
-  args.picks = weights.defined() ? weights.size(1) : 0;
-  args.tokens = num_tokens;
-  args.order = sorted.order.const_data_ptr<int64_t>();
-  args.token_start = sorted.token_start.const_data_ptr<int64_t>();
-  args.out = combined.mutable_data_ptr();
-  HF_CUDA_CHECK(collective::launchCombineSum(args, streamOf(rows.device())));
-  return combined;
-}
-
-// The CombineSum kernel over rows already in order: group g sums rows
-// order[starts[g] .. starts[g + 1]) in that order, each weighted by
-// row_weights (accumulation dtype) when given; [G, H] in rows' dtype.
-at::Tensor sumSortedRows(const at::Tensor& rows, const at::Tensor& order,
-                         const at::Tensor& starts,
-                         const at::Tensor& row_weights) {
-  const at::Tensor dense = rows.contiguous();
-  const at::Tensor weights =
-      row_weights.defined() ? row_weights.contiguous() : at::Tensor();
-  const int64_t groups = starts.size(0) - 1;
-  at::Tensor out = at::empty({groups, rows.size(1)}, dense.options());
-  collective::CombineSumArgs args;
-  args.rows = dense.const_data_ptr();
-  args.count = dense.size(0);
-  args.hidden = dense.size(1);
-  args.type = rowType(dense.scalar_type());
-  args.row_weights = weights.defined() ? weights.const_data_ptr() : nullptr;
-  args.tokens = groups;
-  args.order = order.const_data_ptr<int64_t>();
-  args.token_start = starts.const_data_ptr<int64_t>();
-  args.out = out.mutable_data_ptr();
-  HF_CUDA_CHECK(collective::launchCombineSum(args, streamOf(rows.device())));
-  return out;
+  return sumSortedRows(rows, sorted.order, sorted.token_start, at::Tensor(),
+                       meta, weights);
 }
 
 // reduce=per_rank on the experts' rank: one partial row per (source rank,

@@ -165,7 +165,8 @@ MoeDispatchOutput CudaMoeRuntime::dispatch(const MoeDispatchArgs& args) {
     HF_THROW("MoeDispatch: quantize=", toString(args.quantize),
              ", but the site's cuda workspace was made at its first call "
              "with quantize=",
-             config.fp8_dispatch ? "fp8_e4m3" : "none",
+             toString(config.fp8_dispatch ? MoeDispatchQuant::Fp8E4M3
+                                          : MoeDispatchQuant::None),
              "; a site keeps its quantization (from Python, a call with "
              "another quantize is another site)");
   }
