@@ -690,6 +690,33 @@ TEST(DocsExample, TwoRanksFourExpertsTopTwo) {
 // ---------------------------------------------------------------------------
 // A host program: MoeDispatch, a grouped matmul per expert, MoeCombine.
 
+// Inputs x [T, hidden] and expert_w [local, hidden, hidden] of `dtype`,
+// topk_idx [T, picks] i64, topk_weights [T, picks] f32; MoeDispatch
+// (collective, `quantize`), one matmul per local expert (GroupedMatmul, with
+// the fp8 rows' scales when quantized), MoeCombine. Outputs: the combined
+// rows, then recv_expert_counts.
+std::unique_ptr<HostIrContainer> dispatchMatmulCombine(
+    DataType dtype, int64_t hidden, int64_t local, int64_t picks,
+    int64_t experts, MoeDispatchQuant quantize = MoeDispatchQuant::None) {
+  auto program = std::make_unique<HostIrContainer>();
+  FusionGuard guard(program.get());
+  Scalar* t = makeSymbolicScalar(DataType::Int64, "tokens");
+  TensorView* x = makeTensor({t, hidden}, dtype, "x");
+  TensorView* idx = makeTensor({t, picks}, DataType::Int64, "topk_idx");
+  TensorView* w = makeTensor({t, picks}, DataType::Float, "topk_weights");
+  TensorView* expert_w = makeTensor({local, hidden, hidden}, dtype, "expert_w");
+  for (TensorView* input : {x, idx, w, expert_w}) {
+    program->addInput(input);
+  }
+  const MoeDispatchResult d =
+      moeDispatch(x, idx, w, experts, MoeBackend::Collective, 0, quantize);
+  TensorView* y =
+      groupedMatmul(d.recv_x, expert_w, d.recv_expert_counts, d.recv_scales);
+  program->addOutput(moeCombine(y, d, w, x->extent(0)));
+  program->addOutput(d.recv_expert_counts);
+  return program;
+}
+
 class MoeProgram : public testing::TestWithParam<c10::DeviceType> {};
 
 TEST_P(MoeProgram, DispatchGroupedMatmulCombineMatchesReference) {
@@ -702,25 +729,8 @@ TEST_P(MoeProgram, DispatchGroupedMatmulCombineMatchesReference) {
   const int64_t picks = 2;
   const int64_t tokens = 5 + 2 * me;
 
-  auto program = std::make_unique<HostIrContainer>();
-  {
-    FusionGuard guard(program.get());
-    Scalar* t = makeSymbolicScalar(DataType::Int64, "tokens");
-    TensorView* x = makeTensor({t, kHidden}, DataType::Float, "x");
-    TensorView* idx = makeTensor({t, picks}, DataType::Int64, "topk_idx");
-    TensorView* w = makeTensor({t, picks}, DataType::Float, "topk_weights");
-    TensorView* expert_w =
-        makeTensor({local, kHidden, kHidden}, DataType::Float, "expert_w");
-    program->addInput(x);
-    program->addInput(idx);
-    program->addInput(w);
-    program->addInput(expert_w);
-    const MoeDispatchResult d = moeDispatch(x, idx, w, experts);
-    TensorView* y = groupedMatmul(d.recv_x, expert_w, d.recv_expert_counts);
-    program->addOutput(moeCombine(y, d, w, x->extent(0)));
-    program->addOutput(d.recv_expert_counts);
-  }
-  HostIrEvaluator evaluator(std::move(program));
+  HostIrEvaluator evaluator(
+      dispatchMatmulCombine(DataType::Float, kHidden, local, picks, experts));
 
   const at::Tensor x =
       test::randomTensor({tokens, kHidden}, at::kFloat, device, 40 + me);
@@ -769,23 +779,8 @@ TEST_P(Fp8Layer, OutputIsCloseToTheBf16Layer) {
   const int64_t hidden = 256;
   const int64_t tokens = 9 + 2 * me;
   auto layer = [&](MoeDispatchQuant quantize) {
-    auto program = std::make_unique<HostIrContainer>();
-    FusionGuard guard(program.get());
-    Scalar* t = makeSymbolicScalar(DataType::Int64, "tokens");
-    TensorView* x = makeTensor({t, hidden}, DataType::BFloat16, "x");
-    TensorView* idx = makeTensor({t, picks}, DataType::Int64, "topk_idx");
-    TensorView* w = makeTensor({t, picks}, DataType::Float, "topk_weights");
-    TensorView* expert_w =
-        makeTensor({local, hidden, hidden}, DataType::BFloat16, "expert_w");
-    for (TensorView* input : {x, idx, w, expert_w}) {
-      program->addInput(input);
-    }
-    const MoeDispatchResult d =
-        moeDispatch(x, idx, w, experts, MoeBackend::Collective, 0, quantize);
-    TensorView* y =
-        groupedMatmul(d.recv_x, expert_w, d.recv_expert_counts, d.recv_scales);
-    program->addOutput(moeCombine(y, d, w, x->extent(0)));
-    return std::make_unique<HostIrEvaluator>(std::move(program));
+    return std::make_unique<HostIrEvaluator>(dispatchMatmulCombine(
+        DataType::BFloat16, hidden, local, picks, experts, quantize));
   };
   auto fp8 = layer(MoeDispatchQuant::Fp8E4M3);
   auto bf16 = layer(MoeDispatchQuant::None);
