@@ -196,6 +196,14 @@ class PyRunner {
 using PyEvaluator = PyRunner<HostIrEvaluator>;
 using PyGraphRunner = PyRunner<GraphRunner>;
 
+bool interpreterFinalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
 // The functional MoE API's state: one backend's runtime over one group.
 // Sites (the cuda backend's workspaces) are named by the Python side.
 class PyMoeRuntime {
@@ -207,6 +215,20 @@ class PyMoeRuntime {
         communicator_(communicatorOf(group)),
         runtime_(createMoeRuntime(backend_, *communicator_,
                                   maskFailedRanks(mask_failed_ranks))) {}
+
+  // Tearing down waits for the device (a kernel may wait for its peers up to
+  // its timeout) and shuts down the backends this runtime owns: without the
+  // GIL, so that other Python threads run meanwhile. While the interpreter
+  // finalizes, the GIL is kept.
+  ~PyMoeRuntime() {
+    if (PyGILState_Check() == 1 && !interpreterFinalizing()) {
+      py::gil_scoped_release release;
+      runtime_.reset();
+      communicator_.reset();
+    }
+  }
+  PyMoeRuntime(const PyMoeRuntime&) = delete;
+  PyMoeRuntime& operator=(const PyMoeRuntime&) = delete;
 
   py::dict dispatch(const std::string& site, const at::Tensor& x,
                     const at::Tensor& topk_idx,

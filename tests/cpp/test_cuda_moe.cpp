@@ -25,6 +25,7 @@
 #include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/multidevice/comm/symmetric_memory.h>
 #include <hostfuse/multidevice/moe/cuda/workspace.h>
+#include <hostfuse/multidevice/moe/fp8_packing.h>
 #include <hostfuse/multidevice/moe/input_checks.h>
 #include <hostfuse/utils/options.h>
 #include <hostfuse/utils/torch_cuda.h>

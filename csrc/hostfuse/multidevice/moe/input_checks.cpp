@@ -130,30 +130,6 @@ HostStatus checkDispatchInputs(const at::Tensor& x, const at::Tensor& topk_idx,
   }
   return status;
 }
-at::Tensor quantizeFp8Packed(const at::Tensor& x) {
-  const int64_t tokens = x.size(0);
-  const int64_t hidden = x.size(1);
-  const int64_t blocks = hidden / kFp8Block;
-  const at::Tensor values =
-      x.to(at::kFloat).reshape({tokens, blocks, kFp8Block});
-  // Separate ATen ops, each rounded once: the kernel's order. Divisors are
-  // tensors: ATen divides by a scalar as a product with its reciprocal.
-  const at::Tensor amax = values.abs().amax(-1).clamp_min(kFp8MinAmax);
-  const at::Tensor scales = amax / at::full_like(amax, kFp8Max);
-  const at::Tensor q = (values / scales.unsqueeze(-1))
-                           .clamp(-kFp8Max, kFp8Max)
-                           .to(at::kFloat8_e4m3fn)
-                           .reshape({tokens, hidden});
-  return at::cat({q.view(at::kByte), scales.contiguous().view(at::kByte)}, 1);
-}
-
-std::pair<at::Tensor, at::Tensor> unpackFp8(const at::Tensor& packed,
-                                            int64_t hidden) {
-  const int64_t blocks = hidden / kFp8Block;
-  return {packed.narrow(1, 0, hidden).contiguous().view(at::kFloat8_e4m3fn),
-          packed.narrow(1, hidden, blocks * 4).contiguous().view(at::kFloat)};
-}
-
 void checkExpertIds(DeviceStatus& status, const at::Tensor& idx,
                     int64_t num_experts) {
   const int64_t picks = idx.size(1);

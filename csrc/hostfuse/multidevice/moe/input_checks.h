@@ -74,13 +74,6 @@ HostStatus checkDispatchInputs(
     int64_t world_size, const at::Device& device,
     MoeDispatchQuant quantize = MoeDispatchQuant::None);
 
-// fp8_e4m3's quantization on ATen (moe/fp8.h): x [T, H] floating -> [T,
-// fp8PackedRowBytes(H)] uint8 rows on x's device, and back: packed rows ->
-// (q [N, H] Float8_e4m3fn, scales [N, H / 128] fp32), both contiguous.
-at::Tensor quantizeFp8Packed(const at::Tensor& x);
-std::pair<at::Tensor, at::Tensor> unpackFp8(const at::Tensor& packed,
-                                            int64_t hidden);
-
 // Expert ids in range and no expert twice in one token, into `status`: the
 // first bad (token, pick) in row-major order, the order in which the cuda
 // kernels report it. `idx` [T, K] i64.

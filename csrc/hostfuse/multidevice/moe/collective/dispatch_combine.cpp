@@ -15,6 +15,7 @@
 #include <vector>
 
 #include <hostfuse/multidevice/moe/collective/kernels/collective_kernels.h>
+#include <hostfuse/multidevice/moe/fp8_packing.h>
 #include <hostfuse/multidevice/moe/input_checks.h>
 #include <hostfuse/multidevice/moe/layout_id.h>
 #include <hostfuse/multidevice/moe/status.h>
