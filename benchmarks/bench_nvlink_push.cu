@@ -5,7 +5,9 @@
 // GPU (%globaltimer). CUDA runtime only, one process, all visible GPUs.
 //
 //   build/bench_nvlink_push [bytes per peer ...]   (default: the MoE sizes)
-//   (--help lists the arguments)
+//   build/bench_nvlink_push --peers-csv peers.csv [--tokens 128,4096]
+//   (--help lists the arguments; --peers-csv adds the floor under
+//   bench_peers.py's workload to its CSV, as rows "NVLink floor")
 //
 // Variants: "rows": one warp per row of 14336 bytes (H = 7168 bf16), rows
 // spread over the blocks of a peer's group, 8 loads in flight per lane,
@@ -17,10 +19,15 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
+#include <limits>
 #include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "../examples/cli_flags.h"
@@ -219,8 +226,89 @@ double measure(std::vector<Gpu>& gpus, int* go, const int* go_device,
 
 }  // namespace
 
+// bench_peers.py's workload on `ranks` GPUs (K distinct experts per token,
+// uniform over L x ranks experts): the rows a rank sends each peer, as
+// expected. A dispatch sends each token's row once to each peer holding one
+// of its picks; a per-pick combine sends one row per pick held there.
+struct PeerRows {
+  int64_t tokens;
+  int64_t dispatch;
+  int64_t combine;
+};
+
+PeerRows peerRows(int64_t tokens, int64_t topk, int64_t local_experts,
+                  int ranks) {
+  const double experts = static_cast<double>(local_experts) * ranks;
+  double none_there = 1;  // P(no pick of a token on a given peer)
+  for (int64_t i = 0; i < topk; ++i) {
+    none_there *= (experts - local_experts - i) / (experts - i);
+  }
+  return {tokens, std::llround(tokens * (1 - std::max(none_there, 0.0))),
+          std::llround(static_cast<double>(tokens) * topk / ranks)};
+}
+
+// Appends the "NVLink floor" rows to bench_peers.py's CSV: per token count
+// and phase, the best push time for its bytes per peer.
+void appendFloorRows(const std::string& path, const char* device, int ranks,
+                     int64_t topk, int64_t local_experts,
+                     const std::vector<PeerRows>& rows,
+                     const std::vector<std::pair<int64_t, double>>& best) {
+  std::FILE* probe = std::fopen(path.c_str(), "r");
+  const bool fresh = probe == nullptr;
+  if (probe != nullptr) {
+    std::fclose(probe);
+  }
+  std::FILE* csv = std::fopen(path.c_str(), "a");
+  if (csv == nullptr) {
+    std::fprintf(stderr, "bench_nvlink_push: cannot append to %s\n",
+                 path.c_str());
+    std::exit(1);
+  }
+  if (fresh) {
+    std::fputs(
+        "date,device,ranks,tokens,hidden,topk,experts,row,phase,"
+        "median_us,bytes,gbps,check\n",
+        csv);
+  }
+  char date[16];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof(date), "%Y-%m-%d", std::localtime(&now));
+  auto timeOf = [&](int64_t bytes) {
+    for (const auto& [b, us] : best) {
+      if (b == bytes) {
+        return us;
+      }
+    }
+    return -1.0;
+  };
+  for (const PeerRows& r : rows) {
+    // bench_peers.py's bytes: every pick's row, H = 7168 bf16.
+    const double bytes = static_cast<double>(r.tokens) * topk * kRowBytes;
+    const std::pair<const char*, int64_t> phases[] = {{"dispatch", r.dispatch},
+                                                      {"combine", r.combine}};
+    for (const auto& [phase, peer_rows] : phases) {
+      const double us = timeOf(peer_rows * kRowBytes);
+      if (us <= 0) {
+        continue;
+      }
+      std::fprintf(csv,
+                   "%s,%s,%d,%lld,7168,%lld,%lld,NVLink floor,%s,%.2f,"
+                   "%.0f,%.3f,-\n",
+                   date, device, ranks, static_cast<long long>(r.tokens),
+                   static_cast<long long>(topk),
+                   static_cast<long long>(local_experts * ranks), phase, us,
+                   bytes, bytes / us / 1e3);
+    }
+  }
+  std::fclose(csv);
+}
+
 int main(int argc, char** argv) {
   std::vector<int64_t> sizes;
+  std::string peers_csv;
+  std::vector<int64_t> peer_tokens = {128, 4096};
+  int64_t topk = 8;
+  int64_t local_experts = 8;
   hostfuse::cli::Flags flags(
       "bench_nvlink_push",
       "The floor under the MoE kernels' transfers: every GPU of this process "
@@ -237,13 +325,31 @@ int main(int argc, char** argv) {
       "1705984 3670016 54620160, the MoE sizes at H = 7168, K = 8, 8 experts "
       "a rank, 4 ranks: dispatch and combine at T = 128, dispatch at "
       "T = 4096");
+  flags.text("--peers-csv", "FILE", &peers_csv,
+             "measure the floor under bench_peers.py's workload instead of "
+             "BYTES, and append it to FILE as rows 'NVLink floor': per "
+             "--tokens T, the bytes a rank's dispatch sends each peer (a "
+             "token's row once per peer holding one of its picks) and a "
+             "per-pick combine's (a row per pick held there), as expected "
+             "under uniform routing; time: the best push (rows or stride, any "
+             "blocks per peer)",
+             "none");
+  flags.integerList("--tokens", "T1,T2,...", &peer_tokens, 1, 1 << 20,
+                    "tokens per rank, with --peers-csv");
+  flags.integer("--topk", "K", &topk, 1, 64,
+                "distinct experts per token, with --peers-csv");
+  flags.integer("--experts-per-rank", "L", &local_experts, 1, 1 << 16,
+                "experts on each rank, with --peers-csv");
   if (const std::optional<int> status = flags.parse(argc, argv)) {
     return *status;
+  }
+  if (!peers_csv.empty() && !sizes.empty()) {
+    return flags.fail("give BYTES or --peers-csv, not both");
   }
   for (int64_t& bytes : sizes) {
     bytes = bytes / kRowBytes * kRowBytes;
   }
-  if (sizes.empty()) {
+  if (sizes.empty() && peers_csv.empty()) {
     // Per peer at H = 7168 bf16, K = 8, 8 experts a rank, 4 ranks: the
     // dispatch (tokens with picks on the peer) and the combine (picks) at
     // T = 128, then the dispatch at T = 4096.
@@ -261,6 +367,30 @@ int main(int argc, char** argv) {
     std::printf("bench_nvlink_push: needs at least 2 GPUs, found %d\n", n);
     return 0;
   }
+  if (!peers_csv.empty() && topk > local_experts * n) {
+    return flags.fail(
+        hostfuse::cli::topkExceedsExperts(topk, local_experts, n));
+  }
+  std::vector<PeerRows> peer_rows;
+  for (const int64_t tokens : peer_tokens) {
+    if (peers_csv.empty()) {
+      break;
+    }
+    peer_rows.push_back(peerRows(tokens, topk, local_experts, n));
+    for (const int64_t rows :
+         {peer_rows.back().dispatch, peer_rows.back().combine}) {
+      if (rows > 0 && std::find(sizes.begin(), sizes.end(), rows * kRowBytes) ==
+                          sizes.end()) {
+        sizes.push_back(rows * kRowBytes);
+      }
+    }
+  }
+  if (sizes.empty()) {
+    std::printf("bench_nvlink_push: no bytes to send at these --tokens\n");
+    return 0;
+  }
+  cudaDeviceProp properties;
+  CHECK_CUDA(cudaGetDeviceProperties(&properties, 0));
   int sms = 0;
   CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   std::vector<Gpu> gpus(n);
@@ -296,19 +426,29 @@ int main(int argc, char** argv) {
   std::printf("%12s  %-6s  %14s  %9s  %10s\n", "bytes/peer", "mode",
               "blocks/peer", "time us", "GB/s/GPU");
   const int peers = n - 1;
+  std::vector<std::pair<int64_t, double>> best;  // bytes, best push time
   for (const int64_t bytes : sizes) {
+    best.emplace_back(bytes, std::numeric_limits<double>::infinity());
     for (const int mode : {kRows, kStride, kPull}) {
       for (const int per_peer : {2, 4, 8, 16, 32, sms / peers}) {
         if (per_peer * peers > sms || per_peer < 1) {
           continue;
         }
         const double us = measure(gpus, go, go_device, bytes, mode, per_peer);
+        if (mode != kPull) {
+          best.back().second = std::min(best.back().second, us);
+        }
         std::printf("%12lld  %-6s  %14d  %9.1f  %10.1f\n",
                     static_cast<long long>(bytes), kModeNames[mode], per_peer,
                     us, peers * bytes / us / 1e3);
         std::fflush(stdout);
       }
     }
+  }
+  if (!peers_csv.empty()) {
+    appendFloorRows(peers_csv, properties.name, n, topk, local_experts,
+                    peer_rows, best);
+    std::printf("appended the NVLink floor rows to %s\n", peers_csv.c_str());
   }
   return 0;
 }

@@ -117,6 +117,15 @@ class Flags {
     specs_.push_back(std::move(spec));
   }
 
+  // "--name METAVAR": a non-empty string (a path, say) into `*value`.
+  void text(const char* name, const char* metavar, std::string* value,
+            const char* help, const char* default_text = nullptr) {
+    Spec spec =
+        makeSpec(Kind::kText, name, metavar, 0, 0, help, default_text, *value);
+    spec.choice = value;
+    specs_.push_back(std::move(spec));
+  }
+
   // "--name": sets `*value` to true; takes no value.
   void option(const char* name, bool* value, const char* help) {
     Spec spec = makeSpec(Kind::kOption, name, "", 0, 0, help, nullptr, "");
@@ -257,7 +266,14 @@ class Flags {
   }
 
  private:
-  enum class Kind { kInteger, kIntegers, kIntegerList, kOption, kChoice };
+  enum class Kind {
+    kInteger,
+    kIntegers,
+    kIntegerList,
+    kOption,
+    kChoice,
+    kText
+  };
 
   struct Spec {
     Kind kind = Kind::kOption;
@@ -271,7 +287,7 @@ class Flags {
     std::function<void(int64_t)> store;
     std::vector<int64_t>* list = nullptr;
     bool* on = nullptr;
-    std::string* choice = nullptr;
+    std::string* choice = nullptr;  // kChoice and kText
     std::vector<std::string> choices;
   };
 
@@ -288,6 +304,8 @@ class Flags {
     spec.range = kind == Kind::kIntegerList
                      ? "one or more comma-separated integers, each " +
                            describeBounds(min, max)
+                 : kind == Kind::kText
+                     ? "a non-empty string"
                      : "an integer " + describeBounds(min, max);
     spec.default_to = default_text != nullptr ? default_text : shown;
     return spec;
@@ -360,6 +378,13 @@ class Flags {
         }
         fail(refusal);
         return false;
+      case Kind::kText:
+        if (value.empty()) {
+          fail(refusal);
+          return false;
+        }
+        *spec.choice = std::string(value);
+        return true;
       case Kind::kOption:
         break;
     }

@@ -24,6 +24,40 @@ def test_peers_benchmark_checks_every_row_and_writes_csv(tmp_path):
     assert all(float(r["median_us"]) > 0 for r in rows)
 
 
+def test_peers_benchmark_dumps_what_nccl_ep_bench_reads(tmp_path):
+    # nccl_ep_bench (NCCL >= 2.30, not built here) reads these files: their
+    # sizes and meta.tsv's fields are its format.
+    dump = tmp_path / "dump"
+    run_ranks(2, REPO / "benchmarks" / "peers" / "bench_peers.py", "--cpu",
+              "--hidden", "256", "--tokens", "16", "24", "--iters", "2", "--dump", dump)
+    lines = [line.split("\t") for line in (dump / "meta.tsv").read_text().splitlines()]
+    config = {f[1]: f[2] for f in lines if f[0] == "config"}
+    assert config == {"hidden": "256", "topk": "8", "experts": "16", "ranks": "2",
+                      "device": "cpu (gloo)"}
+    assert [f[1] for f in lines if f[0] == "tokens"] == ["16", "24"]
+    times = [f for f in lines if f[0] == "time"]
+    assert {(f[1], f[2], f[3]) for f in times} >= {
+        ("16", "torch a2a", "dispatch"), ("24", "hostfuse collective", "combine")}
+    assert all(len(f) == 5 and float(f[4]) > 0 for f in times)
+    for tokens in (16, 24):
+        for rank in (0, 1):
+            base = dump / f"T{tokens}" / f"rank{rank}"
+            sizes = {p.name: p.stat().st_size for p in base.iterdir()}
+            assert sizes == {"x.bin": tokens * 256 * 2, "idx.bin": tokens * 8 * 8,
+                             "w.bin": tokens * 8 * 4, "counts.bin": 8 * 8,
+                             "out.bin": tokens * 256 * 2}
+    # The expert ids are those of the run: in range and distinct per token.
+    import numpy
+    idx = numpy.fromfile(dump / "T16" / "rank1" / "idx.bin", dtype=numpy.int64).reshape(16, 8)
+    assert idx.min() >= 0 and idx.max() < 16
+    assert all(len(set(row)) == 8 for row in idx.tolist())
+    counts = numpy.fromfile(dump / "T16" / "rank0" / "counts.bin", dtype=numpy.int64)
+    both = [numpy.fromfile(dump / "T16" / f"rank{r}" / "idx.bin", dtype=numpy.int64)
+            for r in (0, 1)]
+    # Rank 0 holds experts 0..7: its counts are the picks of them.
+    assert counts.tolist() == [int(sum((b == e).sum() for b in both)) for e in range(8)]
+
+
 def test_plot_script_makes_pngs_from_the_sample(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "tools" / "plot_perf.py"), str(SAMPLE),

@@ -17,14 +17,18 @@ backend before its time is printed. Rows:
                    (read once, written once), for scale with one rank; not a
                    floor: a dispatch reads each token's row once and writes
                    it K times (bench_nvlink_push has the NVLink floor)
-  NCCL EP          not measured yet: the benchmark looks for the
-                   nccl-extensions package and prints why there is no row
+  NCCL EP          measured by a program of its own (it needs an NCCL newer
+                   than torch's): --dump DIR writes this run's inputs,
+                   hostfuse's outputs and the times above, and
+                   nccl_ep_bench (tools/nccl_ep.sh builds it) runs NCCL EP
+                   on them, checks it against hostfuse's outputs and prints
+                   its rows next to these
 
 Time: median over --iters of single calls (synchronized before and after),
 slowest rank. Run with torchrun, one rank per GPU (or CPU ranks with --cpu):
 
   torchrun --nproc-per-node N benchmarks/peers/bench_peers.py [--tokens 128 4096]
-      [--csv out.csv] [--cpu] [--hidden H]
+      [--csv out.csv] [--cpu] [--hidden H] [--dump DIR]
 """
 
 import argparse
@@ -54,6 +58,9 @@ def parse():
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--csv", default=None, help="append the rows to this CSV")
     parser.add_argument("--cpu", action="store_true", help="CPU ranks over Gloo")
+    parser.add_argument("--dump", default=None, metavar="DIR",
+                        help="write the inputs, hostfuse's outputs and the times into DIR "
+                             "for nccl_ep_bench (DIR/meta.tsv, DIR/T<T>/rank<r>/*.bin)")
     args = parser.parse_args()
     for name in ("hidden", "topk", "experts_per_rank", "iters"):
         if getattr(args, name) < 1:
@@ -243,7 +250,30 @@ def symm_mem_rows(ctx, args, tokens, inputs, ref, ref_out, add):
     return None
 
 
-def run_tokens(ctx, args, tokens, writer, device_name):
+def dump_rank(directory, tokens, rank, arrays):
+    """Raw little-endian arrays for nccl_ep_bench: DIR/T<T>/rank<r>/<name>.bin."""
+    import numpy  # only here: the dump is optional
+
+    base = os.path.join(directory, f"T{tokens}", f"rank{rank}")
+    os.makedirs(base, exist_ok=True)
+    for name, tensor in arrays.items():
+        raw = tensor.detach().cpu().contiguous().view(torch.uint8)
+        numpy.asarray(raw).tofile(os.path.join(base, name + ".bin"))
+
+
+def dump_meta(directory, args, ctx, device_name, timings):
+    """DIR/meta.tsv: the shape, the token counts and this run's times."""
+    lines = [("config", "hidden", args.hidden), ("config", "topk", args.topk),
+             ("config", "experts", ctx.experts), ("config", "ranks", ctx.world),
+             ("config", "device", device_name)]
+    lines += [("tokens", t) for t in args.tokens]
+    lines += [("time", t, row, phase, f"{us:.2f}") for t, row, phase, us in timings]
+    with open(os.path.join(directory, "meta.tsv"), "w") as f:
+        for fields in lines:
+            f.write("\t".join(map(str, fields)) + "\n")
+
+
+def run_tokens(ctx, args, tokens, writer, device_name, timings):
     # The cuda backend sizes its symmetric memory for the tokens of its
     # first call: a fresh runtime per token count, sized for this one.
     moe.release()
@@ -306,9 +336,17 @@ def run_tokens(ctx, args, tokens, writer, device_name):
         dst = torch.empty_like(src)
         add("device copy (1 GPU)", "dispatch", median_us(ctx, lambda: dst.copy_(src), args.iters), True)
 
-    nccl_ep_reason = nccl_ep_status()
+    if args.dump:
+        dump_rank(args.dump, tokens, ctx.rank,
+                  {"x": x, "idx": idx.long(), "w": w.float(),
+                   "counts": ref.recv_expert_counts.long(), "out": ref_out})
+        timings += [(tokens, row, phase, us) for row, phase, us, _, _ in results]
     if ctx.rank == 0:
-        print(f"  NCCL EP: not measured: {nccl_ep_reason}")
+        if args.dump:
+            print(f"  NCCL EP: inputs and outputs written to {args.dump}; run "
+                  f"tools/launch.sh {ctx.world} <nccl_ep>/bin/nccl_ep_bench --dump {args.dump}")
+        else:
+            print(f"  NCCL EP: not measured here: {nccl_ep_status()}")
         base = {phase: us for row, phase, us, _, _ in results if row == "torch a2a"}
         print(f"  {'row':24} {'phase':9} {'median us':>10} {'GB/s':>8} {'vs torch a2a':>12}  check")
         for row, phase, us, nbytes, ok in results:
@@ -324,17 +362,10 @@ def run_tokens(ctx, args, tokens, writer, device_name):
 
 
 def nccl_ep_status():
-    for name in ("nccl_ep", "nccl_extensions", "ncclep"):
-        try:
-            __import__(name)
-            return f"{name} imports, but this benchmark has no row for it yet"
-        except ImportError:
-            continue
     version = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "none"
-    return (f"the nccl-extensions package is not installed: its Python wheel is for "
-            f"CPython 3.11 only, and its library needs NCCL >= 2.30 (torch here has "
-            f"NCCL {version}; in one process the two would clash on libnccl.so.2). "
-            f"docs/performance.md says how a separate C++ benchmark will measure it")
+    return (f"its library needs NCCL >= 2.30 and torch here has NCCL {version} (in one "
+            f"process the two would clash on libnccl.so.2): give --dump DIR and run "
+            f"nccl_ep_bench on it (docs/performance.md, \"NCCL EP\")")
 
 
 def init_distributed(cpu):
@@ -367,11 +398,14 @@ def main():
         if new:
             writer.writerow(COLUMNS)
     ok = True
+    timings = []
     for tokens in args.tokens:
         if rank == 0:
             print(f"{world} x {device_name}, T = {tokens}, H = {args.hidden} bf16, "
                   f"K = {args.topk}, E = {ctx.experts}:", flush=True)
-        ok = run_tokens(ctx, args, tokens, writer, device_name) and ok
+        ok = run_tokens(ctx, args, tokens, writer, device_name, timings) and ok
+    if args.dump and rank == 0:
+        dump_meta(args.dump, args, ctx, device_name, timings)
     if csv_file:
         csv_file.close()
     moe.release()
