@@ -253,18 +253,14 @@ void appendFloorRows(const std::string& path, const char* device, int ranks,
                      int64_t topk, int64_t local_experts,
                      const std::vector<PeerRows>& rows,
                      const std::vector<std::pair<int64_t, double>>& best) {
-  std::FILE* probe = std::fopen(path.c_str(), "r");
-  const bool fresh = probe == nullptr;
-  if (probe != nullptr) {
-    std::fclose(probe);
-  }
   std::FILE* csv = std::fopen(path.c_str(), "a");
   if (csv == nullptr) {
     std::fprintf(stderr, "bench_nvlink_push: cannot append to %s\n",
                  path.c_str());
     std::exit(1);
   }
-  if (fresh) {
+  std::fseek(csv, 0, SEEK_END);
+  if (std::ftell(csv) == 0) {  // a new file: the header first
     std::fputs(
         "date,device,ranks,tokens,hidden,topk,experts,row,phase,"
         "median_us,bytes,gbps,check\n",

@@ -56,9 +56,9 @@
 
 namespace {
 
-// Failures of setup (files, CUDA, NCCL) end the program on every rank with
-// one line naming the call; a failure inside a mode is reported as that
-// mode's row, and the other mode still runs.
+// A failure (files, CUDA, NCCL, NCCL EP) ends the rank with one line naming
+// the call, and torchrun stops the other ranks. A mode whose limits the
+// workload exceeds is reported as not measured, before anything runs.
 struct Failure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -289,6 +289,9 @@ ncclComm_t initNccl(const Rank& r, const std::string& dir) {
   }
   ncclComm_t comm;
   CHECK_NCCL(ncclCommInitRank(&comm, r.world, id, r.rank));
+  if (r.rank == 0) {
+    std::remove(path.c_str());  // every rank has joined: it has been read
+  }
   return comm;
 }
 
@@ -334,16 +337,25 @@ struct Tensor {
 };
 
 // y[i] = bf16(float(x[i]) * w[i]) for rows i < *rows (a device count):
-// HT's combine takes rows already weighted.
+// HT's combine takes rows already weighted. 8 channels per 16-byte access
+// (hidden % 8 == 0, which HT requires): no slower than a user's own.
 __global__ void weightRows(const __nv_bfloat16* x, const float* w,
                            const int32_t* rows, int64_t hidden,
                            __nv_bfloat16* y) {
   const int64_t n = *rows;
+  const int64_t units = hidden / 8;
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
     const float weight = w[row];
-    for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
-      y[row * hidden + c] =
-          __float2bfloat16(__bfloat162float(x[row * hidden + c]) * weight);
+    const uint4* in = reinterpret_cast<const uint4*>(x + row * hidden);
+    uint4* out = reinterpret_cast<uint4*>(y + row * hidden);
+    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
+      uint4 v = in[u];
+      __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&v);
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(pairs[i]);
+        pairs[i] = __floats2bfloat162_rn(f.x * weight, f.y * weight);
+      }
+      out[u] = v;
     }
   }
 }
@@ -575,7 +587,15 @@ Outcome runHighThroughput(Workload& wl) {
   Tensor w(in.w.data, ncclFloat32, {T, K});
   Tensor rows(recv.data, ncclBfloat16, {slots, H});
   Tensor row_w(recv_w.data, ncclFloat32, {slots});
-  Tensor weighted_rows(weighted.data, ncclBfloat16, {slots, H});
+  // The combine copies its input's rows into NCCL EP's buffer: give it the
+  // rows received (hostfuse's counts, which the check compares), not the
+  // worst case the buffers are sized for.
+  int64_t received = 0;
+  for (const int64_t c : wl.mine.counts) {
+    received += c;
+  }
+  Tensor weighted_rows(weighted.data, ncclBfloat16,
+                       {static_cast<size_t>(std::max<int64_t>(received, 1)), H});
   Tensor count(counters.data, ncclInt32, {L});
   Tensor offset(offsets.data, ncclInt32, {L});
   Tensor sum(total.data, ncclInt32, {1});
@@ -635,21 +655,50 @@ Outcome runHighThroughput(Workload& wl) {
       });
   CHECK_CUDA(cudaStreamSynchronize(wl.stream));
   CHECK_NCCL(ncclEpHandleDestroy(handle));
+  // HT's group destroy is no collective: timeSteps ended with reductions
+  // on every rank, so no peer still reads this rank's buffers.
   CHECK_NCCL(ncclEpGroupDestroy(group));
   return o;
 }
 
-// A mode's row: measured, or why not. NCCL EP throws its own exceptions
-// out of its C functions on bad use; they are reported like our failures.
-template <typename Run>
-Outcome attempt(const char* mode, Run run, Workload& wl) {
-  try {
-    return run(wl);
-  } catch (const std::exception& e) {
-    Outcome o(mode);
-    o.why = e.what();
-    return o;
+// Why NCCL EP cannot run `mode` on this workload, from the limits its
+// source asserts (an assert ends the process instead of returning an
+// error); "" if it can. The same on every rank: it depends on the dump's
+// shape only.
+std::string unsupported(const std::string& mode, const Meta& m,
+                        int64_t tokens) {
+  const int64_t L = m.experts / m.ranks;
+  if (mode == "ll") {
+    const int64_t hiddens[] = {2048, 2560, 4096, 5120, 6144, 7168, 8192};
+    if (std::find(std::begin(hiddens), std::end(hiddens), m.hidden) ==
+        std::end(hiddens)) {
+      return "LL takes H in {2048, 2560, 4096, 5120, 6144, 7168, 8192}";
+    }
+    if (m.topk > 9) {
+      return "LL takes at most 9 picks per token";
+    }
+    if (tokens * L % 4 != 0) {
+      return "LL needs T x L to be a multiple of 4";
+    }
+    if (tokens >= 8192) {
+      return "LL's completion count is meant for T well below 16384; "
+             "measured up to 4096";
+    }
+    return "";
   }
+  if (tokens > 8192) {
+    return "HT takes at most 8192 tokens per rank";
+  }
+  if (m.hidden % 8 != 0) {
+    return "HT needs H to be a multiple of 8";
+  }
+  if (L * m.ranks % 4 != 0 || L > 64) {
+    return "HT needs L x ranks to be a multiple of 4 and L <= 64";
+  }
+  if (tokens * m.topk % 4 != 0) {
+    return "HT needs T x K to be a multiple of 4";
+  }
+  return "";
 }
 
 std::string today() {
@@ -692,12 +741,12 @@ void report(const Args& args, const Meta& m, int64_t tokens,
   }
   std::FILE* csv = nullptr;
   if (!args.csv.empty()) {
-    const bool fresh = access(args.csv.c_str(), F_OK) != 0;
     csv = std::fopen(args.csv.c_str(), "a");
     if (csv == nullptr) {
       throw Failure("cannot append to " + args.csv);
     }
-    if (fresh) {
+    std::fseek(csv, 0, SEEK_END);
+    if (std::ftell(csv) == 0) {  // a new file: the header first
       std::fputs(
           "date,device,ranks,tokens,hidden,topk,experts,row,phase,"
           "median_us,bytes,gbps,check\n",
@@ -769,6 +818,18 @@ int run(const Args& args, const Rank& r) {
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   ncclComm_t comm = initNccl(r, args.dump);
+  // Rank 0 writes the CSV: find out now, on every rank, if it cannot.
+  bool csv_ok = true;
+  if (r.rank == 0 && !args.csv.empty()) {
+    std::FILE* csv = std::fopen(args.csv.c_str(), "a");
+    csv_ok = csv != nullptr;
+    if (csv != nullptr) {
+      std::fclose(csv);
+    }
+  }
+  if (!allAgree(csv_ok, comm, stream)) {
+    throw Failure("rank 0 cannot append to " + args.csv);
+  }
   bool all_ok = true;
   for (const int64_t tokens : m.tokens) {
     if (r.rank == 0) {
@@ -784,14 +845,23 @@ int run(const Args& args, const Rank& r) {
         expectedRows(all, m, tokens, r.rank);
     Workload wl{m, r, tokens, all[r.rank], expected, comm, stream, args.iters};
     std::vector<Outcome> outcomes;
-    if (args.modes != "ht") {
-      outcomes.push_back(attempt("NCCL EP LL", runLowLatency, wl));
-    }
-    if (args.modes != "ll") {
-      outcomes.push_back(attempt("NCCL EP HT", runHighThroughput, wl));
+    for (const std::string mode : {"ll", "ht"}) {
+      if (args.modes != "both" && args.modes != mode) {
+        continue;
+      }
+      const std::string why = unsupported(mode, m, tokens);
+      if (!why.empty()) {
+        outcomes.emplace_back(mode == "ll" ? "NCCL EP LL" : "NCCL EP HT");
+        outcomes.back().why = why;
+        continue;
+      }
+      // A failure inside NCCL EP ends this rank (torchrun then stops the
+      // others): its state after an error is not one to go on from.
+      outcomes.push_back(mode == "ll" ? runLowLatency(wl)
+                                      : runHighThroughput(wl));
     }
     for (const Outcome& o : outcomes) {
-      all_ok = all_ok && o.ok;
+      all_ok = all_ok && (o.ok || o.dispatch_us < 0);
     }
     if (r.rank == 0) {
       report(args, m, tokens, all[r.rank], outcomes);
