@@ -69,6 +69,7 @@ struct Args {
   bool exprs = false;
   bool fp8 = false;
   bool per_rank = false;
+  bool fused_gate_up = false;
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -112,6 +113,9 @@ cli::Flags makeFlags(Args& args) {
                "backends; the output check allows fp8's error)");
   flags.option("--per-rank", &args.per_rank,
                "combine with reduce=per_rank (both backends)");
+  flags.option("--fused-gate-up", &args.fused_gate_up,
+               "gate and up projections as one grouped GEMM of [L, H, 2I] "
+               "weights (both backends)");
   return flags;
 }
 
@@ -181,7 +185,10 @@ constexpr const char* kStageNames[kStages] = {"router",
 // they follow; those before the dispatch are the router.
 class StageTimer {
  public:
-  explicit StageTimer(int device) : device_(device) {}
+  // `gemm1_count`: the grouped matmuls of the first GEMM stage (2: gate
+  // and up; 1 with fused_gate_up).
+  StageTimer(int device, int gemm1_count)
+      : device_(device), gemm1_count_(gemm1_count) {}
   ~StageTimer() {
     for (cudaEvent_t event : events_) {
       cudaEventDestroy(event);
@@ -210,7 +217,7 @@ class StageTimer {
     if (dynamic_cast<const MoeDispatch*>(next) != nullptr) {
       stage = kDispatch;
     } else if (dynamic_cast<const GroupedMatmul*>(next) != nullptr) {
-      stage = ++gemms_ <= 2 ? kGemm1 : kGemm2;
+      stage = ++gemms_ <= gemm1_count_ ? kGemm1 : kGemm2;
     } else if (dynamic_cast<const RunFusion*>(next) != nullptr) {
       stage = kFusion;
     } else if (dynamic_cast<const MoeCombine*>(next) != nullptr) {
@@ -264,6 +271,7 @@ class StageTimer {
   std::vector<std::string> names_;   // per expression
   size_t position_ = 0;
   int gemms_ = 0;
+  int gemm1_count_ = 2;
 };
 
 // What this GPU sustains, measured once: device-to-device copy (bytes read
@@ -403,6 +411,7 @@ int main(int argc, char** argv) {
       args.fp8 ? MoeDispatchQuant::Fp8E4M3 : MoeDispatchQuant::None;
   config.reduce =
       args.per_rank ? MoeCombineReduce::PerRank : MoeCombineReduce::PerPick;
+  config.fused_gate_up = args.fused_gate_up;
   MoeLayerConfig collective_config = config;
   collective_config.backend = MoeBackend::Collective;
   config.backend = MoeBackend::Cuda;
@@ -442,6 +451,8 @@ int main(int argc, char** argv) {
     const at::Tensor w_gate = expert({L, H, I});
     const at::Tensor w_up = expert({L, H, I});
     const at::Tensor w_down = expert({L, I, H});
+    const at::Tensor w_gate_up =
+        args.fused_gate_up ? at::cat({w_gate, w_up}, 2) : at::Tensor();
     HostIrEvaluator collective(makeMoeLayerProgram(collective_config));
 
     for (const int64_t tokens : args.tokens) {
@@ -449,8 +460,10 @@ int main(int argc, char** argv) {
       row.tokens = tokens;
       const int steps = args.steps > 0 ? args.steps : (tokens <= 1024 ? 20 : 5);
       const at::Tensor x = at::randn({tokens, H}, options).to(at::kBFloat16);
-      const std::vector<c10::IValue> inputs = {x, router_w, w_gate, w_up,
-                                               w_down};
+      const std::vector<c10::IValue> inputs =
+          args.fused_gate_up
+              ? std::vector<c10::IValue>{x, router_w, w_gate_up, w_down}
+              : std::vector<c10::IValue>{x, router_w, w_gate, w_up, w_down};
       const std::vector<at::Tensor> collective_out = collective.run(inputs);
       const at::Tensor reference = collective_out[0];
       {
@@ -471,7 +484,9 @@ int main(int argc, char** argv) {
 
       // A runner per T: its MoE workspaces are sized for this T.
       GraphRunnerOptions runner_options;
-      runner_options.persistent_inputs = {1, 2, 3, 4};
+      runner_options.persistent_inputs = args.fused_gate_up
+                                             ? std::vector<size_t>{1, 2, 3}
+                                             : std::vector<size_t>{1, 2, 3, 4};
       GraphRunner runner(makeMoeLayerProgram(config), {}, runner_options);
       bool have_cuda = true;
       try {
@@ -497,7 +512,7 @@ int main(int argc, char** argv) {
 
         // The stages of a replay, from a runner of their own whose graph
         // has the event nodes (the times above come from one without).
-        StageTimer timer(index);
+        StageTimer timer(index, args.fused_gate_up ? 1 : 2);
         GraphRunner staged(makeMoeLayerProgram(config), {}, runner_options);
         staged.evaluator().setExprObserver(
             [&timer](const Expr* next) { timer.observe(next); });
@@ -547,6 +562,7 @@ int main(int argc, char** argv) {
     std::printf(
         "MoE layer: %lld ranks (%s), H = %lld, I = %lld, E = %lld (%lld per "
         "rank), K = %lld, bf16 (router in fp32)\n"
+        "modes: quantize=%s, reduce=%s, gate and up as %s\n"
         "time per step: median over %d blocks of back-to-back steps, slowest "
         "rank\n\n",
         static_cast<long long>(comm.size()), properties.name,
@@ -554,7 +570,10 @@ int main(int argc, char** argv) {
         static_cast<long long>(config.intermediate),
         static_cast<long long>(config.num_experts),
         static_cast<long long>(config.local_experts),
-        static_cast<long long>(config.topk), args.blocks);
+        static_cast<long long>(config.topk), toString(config.quantize),
+        toString(config.reduce),
+        config.fused_gate_up ? "one grouped GEMM" : "two grouped GEMMs",
+        args.blocks);
     std::printf("%6s  %16s  %12s  %12s  %18s  %16s  %10s\n", "T",
                 "eager-collective", "eager-cuda", "graph replay",
                 "collective/replay", "eager-cuda/replay", "max diff");

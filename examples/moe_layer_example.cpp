@@ -15,7 +15,7 @@
 //
 //   tools/run_example.sh moe_layer [--tokens T] [--hidden H]
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
-//       [--cpu] [--fp8] [--per-rank]
+//       [--cpu] [--fp8] [--per-rank] [--fused-gate-up]
 // which runs tools/launch.sh N build/moe_layer_example (N = 2 on CPUs, the
 // number of GPUs otherwise). --help lists the flags and their defaults.
 #include <ATen/ATen.h>
@@ -93,6 +93,7 @@ struct Args {
   bool force_cpu = false;
   bool fp8 = false;
   bool per_rank = false;
+  bool fused_gate_up = false;
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -131,6 +132,9 @@ cli::Flags makeFlags(Args& args) {
   flags.option("--per-rank", &args.per_rank,
                "combine with reduce=per_rank (each expert rank sums a "
                "token's picks before sending)");
+  flags.option("--fused-gate-up", &args.fused_gate_up,
+               "gate and up projections as one grouped matmul of [L, H, 2I] "
+               "weights, given as one input (as fused MoE kernels take them)");
   return flags;
 }
 
@@ -167,6 +171,7 @@ int main(int argc, char** argv) {
       args.fp8 ? MoeDispatchQuant::Fp8E4M3 : MoeDispatchQuant::None;
   config.reduce =
       args.per_rank ? MoeCombineReduce::PerRank : MoeCombineReduce::PerPick;
+  config.fused_gate_up = args.fused_gate_up;
   const int64_t tokens = pick(args.tokens, 256, 32, gpu);
   // Of the largest |output|: bf16 rounding on GPUs, and fp8's 3 mantissa
   // bits with --fp8 (docs/moe.md, "fp8 dispatch").
@@ -204,12 +209,19 @@ int main(int argc, char** argv) {
     const at::Tensor w_gate = random({L, H, I}, 200 + me, 1 / std::sqrt(H));
     const at::Tensor w_up = random({L, H, I}, 300 + me, 1 / std::sqrt(H));
     const at::Tensor w_down = random({L, I, H}, 400 + me, 1 / std::sqrt(I));
-    const std::vector<c10::IValue> inputs = {x, router_w, w_gate, w_up, w_down};
+    const std::vector<c10::IValue> inputs =
+        args.fused_gate_up
+            ? std::vector<c10::IValue>{x, router_w, at::cat({w_gate, w_up}, 2),
+                                       w_down}
+            : std::vector<c10::IValue>{x, router_w, w_gate, w_up, w_down};
 
     std::vector<at::Tensor> outputs;
     if (gpu) {
       GraphRunnerOptions options;
-      options.persistent_inputs = {1, 2, 3, 4};  // router and experts
+      // The router and the experts.
+      options.persistent_inputs = args.fused_gate_up
+                                      ? std::vector<size_t>{1, 2, 3}
+                                      : std::vector<size_t>{1, 2, 3, 4};
       GraphRunner runner(std::move(program), {}, options);
       const int index = device.index();
       runner.run(inputs);  // eager: workspaces, kernels, cuBLAS

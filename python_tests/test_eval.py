@@ -136,6 +136,28 @@ def test_grouped_matmul_matches_a_loop_over_groups():
     torch.testing.assert_close(out, expected)
 
 
+def test_narrow_halves_are_views_a_fusion_reads_in_place():
+    fusion = hf.Fusion()
+    with fusion:
+        gate = fusion.define_tensor([None, 4])
+        up = fusion.define_tensor([None, 4])
+        fusion.add_output(hf.silu(gate) * up)
+    x = rand(5, 8, seed=19)
+
+    def build(v):
+        gate, up = hf.narrow(v, 1, 0, 4), hf.narrow(v, -1, 4, 4)
+        return gate, hf.run_fusion(fusion, [gate, up])[0]
+
+    view, act = run(build, x)
+    assert view._is_view() and view.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(act, torch.nn.functional.silu(x[:, :4]) * x[:, 4:])
+    program = hf.Program()
+    with program:
+        v = program.define_tensor([5, 8])
+        with pytest.raises(hf.Error, match=r"the slice \[6, 10\) of dim 1 does not fit"):
+            hf.narrow(v, 1, 6, 4)
+
+
 def test_run_fusion_on_cpu_matches_aten():
     fusion = hf.Fusion()
     with fusion:

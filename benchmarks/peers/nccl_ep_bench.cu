@@ -594,8 +594,9 @@ Outcome runHighThroughput(Workload& wl) {
   for (const int64_t c : wl.mine.counts) {
     received += c;
   }
-  Tensor weighted_rows(weighted.data, ncclBfloat16,
-                       {static_cast<size_t>(std::max<int64_t>(received, 1)), H});
+  Tensor weighted_rows(
+      weighted.data, ncclBfloat16,
+      {static_cast<size_t>(std::max<int64_t>(received, 1)), H});
   Tensor count(counters.data, ncclInt32, {L});
   Tensor offset(offsets.data, ncclInt32, {L});
   Tensor sum(total.data, ncclInt32, {1});

@@ -26,6 +26,7 @@
 #include <hostfuse/host_ir/host_ir.h>
 #include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/grouped_matmul.h>
+#include <hostfuse/ir/narrow.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/ir/topk_softmax.h>
 #include <hostfuse/kernel/codegen.h>
@@ -569,6 +570,11 @@ PYBIND11_MODULE(_C, m) {
       "block of B channels) back to `dtype`: each product rounded to fp32, "
       "then to dtype; one kernel on GPUs for bf16, f16 and f32. Rows that "
       "several matmuls read are dequantized once this way.");
+  m.def("narrow", &narrow, py::arg("x").none(false), py::arg("dim"),
+        py::arg("start"), py::arg("length"), py::keep_alive<0, 1>(), ref,
+        "x's slice [start, start + length) along dim, as a view (torch's "
+        "narrow): no copy. A program-level op: a fusion cannot contain it, "
+        "a fusion run on its result reads the view in place.");
   m.def(
       "run_fusion",
       [](const std::shared_ptr<Fusion>& fusion, const py::list& inputs) {

@@ -54,6 +54,7 @@ from ._C import (
     moe_combine,
     moe_dispatch,
     mul,
+    narrow,
     ne,
     neg,
     reciprocal,

@@ -20,7 +20,10 @@
 #include <hostfuse/host_ir/container.h>
 #include <hostfuse/host_ir/evaluator.h>
 #include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/host_ir/moe_layer.h>
+#include <hostfuse/ir/narrow.h>
 #include <hostfuse/ir/ops.h>
+#include <hostfuse/kernel/executor.h>
 #include <hostfuse/utils/torch_cuda.h>
 
 namespace hostfuse {
@@ -416,6 +419,68 @@ TEST_P(EvaluatorTest, RunFusionRunsAFusionInsideTheProgram) {
   test::expectClose(out[0], expected, kF32Rtol, kF32Atol);
   test::expectClose(out[1], at::clamp_min(at::mm(expected, projv.t()), 0),
                     kF32Rtol, 1e-4);
+}
+
+// Narrow: the halves of one tensor as views, which a fusion reads in place
+// (strided); the bounds are checked where the program is built and, for a
+// symbolic extent, where it runs.
+TEST_P(EvaluatorTest, NarrowGivesViewsThatAFusionReadsInPlace) {
+  auto program = std::make_unique<HostIrContainer>();
+  FusionGuard guard(program.get());
+  Scalar* rows = makeSymbolicScalar(DataType::Int64, "rows");
+  TensorView* x = makeTensor({rows, 64}, DataType::Float, "x");
+  program->addInput(x);
+  TensorView* gate = narrow(x, 1, 0, 32);
+  TensorView* up = narrow(x, -1, 32, 32);
+  EXPECT_EQ(gate->definition()->toInlineString(),
+            gate->toString() + " = narrow(" + x->toString() +
+                ", dim=1, start=0, length=32)");
+  EXPECT_EQ(up->toDeclString(), up->toString() + ": f32[rows, 32]");
+  program->addOutput(gate);
+  program->addOutput(
+      runFusion(makeSiluMulFusion(32, DataType::Float), {gate, up}).at(0));
+
+  test::expectErrorContains([&] { narrow(x, 2, 0, 1); },
+                            {"narrow: dim 2 is out of range", "of rank 2"});
+  test::expectErrorContains(
+      [&] { narrow(x, 1, 40, 32); },
+      {"the slice [40, 72) of dim 1 does not fit", "whose size there is 64"});
+  test::expectErrorContains([&] { narrow(x, 1, -1, 2); },
+                            {"start -1 and length 2 must be >= 0"});
+  TensorView* wide = makeTensor({rows, kSymbolic}, DataType::Float, "wide");
+  program->addInput(wide);
+  program->addOutput(narrow(wide, 1, 4, 8));  // needs 12 columns or more
+
+  HostIrEvaluator evaluator(std::move(program));
+  const at::Tensor xv = random({7, 64}, at::kFloat, 61);
+  const std::vector<at::Tensor> out =
+      evaluator.run({xv, random({7, 12}, at::kFloat, 62)});
+  ASSERT_EQ(out.size(), 3u);
+  EXPECT_TRUE(out[0].is_alias_of(xv)) << "narrow must not copy";
+  EXPECT_TRUE(at::equal(out[0], xv.narrow(1, 0, 32)));
+  const at::Tensor gate_v = xv.narrow(1, 0, 32);
+  test::expectClose(out[1], siluReference(gate_v) * xv.narrow(1, 32, 32),
+                    kF32Rtol, kF32Atol);
+  test::expectErrorContains(
+      [&] {
+        evaluator.run({xv, random({7, 11}, at::kFloat, 63)});
+      },
+      {"narrow(", "dim=1, start=4, length=8)",
+       "the slice [4, 12) of dim 1 does not fit x of sizes [7, 11]"});
+}
+
+TEST(NarrowInAFusion, KernelCodegenRefusesItNamingTheExpression) {
+  auto fusion = std::make_shared<Fusion>();
+  FusionGuard guard(fusion.get());
+  TensorView* x = makeTensor({4, 8}, DataType::Float, "x");
+  fusion->addInput(x);
+  fusion->addOutput(relu(narrow(x, 1, 0, 4)));
+  const std::optional<std::string> reason = kernelUnsupportedReason(*fusion);
+  ASSERT_TRUE(reason.has_value());
+  EXPECT_NE(reason->find("does not support Narrow (T1 = narrow(T0, dim=1, "
+                         "start=0, length=4))"),
+            std::string::npos)
+      << *reason;
 }
 
 TEST_P(EvaluatorTest, AllocateUsesBoundExtentsDtypeAndDevice) {

@@ -14,6 +14,7 @@
 
 #include <hostfuse/host_ir/evaluator.h>
 #include <hostfuse/host_ir/host_ir.h>
+#include <hostfuse/host_ir/moe_layer.h>
 #include <hostfuse/ir/grouped_matmul.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/multidevice/moe/collective/dispatch_combine.h>
@@ -754,6 +755,86 @@ TEST_P(MoeProgram, DispatchGroupedMatmulCombineMatchesReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, MoeProgram,
+                         testing::Values(c10::DeviceType::CPU,
+                                         c10::DeviceType::CUDA),
+                         [](const testing::TestParamInfo<c10::DeviceType>& i) {
+                           return deviceTypeName(i.param);
+                         });
+
+// The MoE layer with its gate and up projections as one grouped matmul of
+// [L, H, 2I] weights (fused_gate_up) against the layer with two, on the
+// same inputs: the same routing, and outputs within rounding of each other
+// and of the ATen reference (a GEMM of twice the width may sum in another
+// order); the program has one grouped matmul fewer.
+class FusedGateUpLayer : public testing::TestWithParam<c10::DeviceType> {};
+
+TEST_P(FusedGateUpLayer, MatchesTheLayerWithTwoProjections) {
+  SKIP_IF_UNAVAILABLE(GetParam());
+  const at::Device device = rankDevice(GetParam());
+  const int64_t ranks = worldSize();
+  const int64_t me = myRank();
+  MoeLayerConfig config;
+  config.hidden = 128;
+  config.intermediate = 48;
+  config.local_experts = 2;
+  config.num_experts = 2 * ranks;
+  config.topk = std::min<int64_t>(3, config.num_experts);
+  config.dtype = DataType::BFloat16;
+  MoeLayerConfig fused_config = config;
+  fused_config.fused_gate_up = true;
+  HostIrEvaluator separate(makeMoeLayerProgram(config));
+  HostIrEvaluator fused(makeMoeLayerProgram(fused_config));
+  auto count = [](const HostIrEvaluator& e, const std::string& what) {
+    const std::string text = e.program().toString();
+    int n = 0;
+    for (size_t at = text.find(what); at != std::string::npos;
+         at = text.find(what, at + 1)) {
+      ++n;
+    }
+    return n;
+  };
+  EXPECT_EQ(count(separate, "GroupedMatmul("), 3);
+  EXPECT_EQ(count(fused, "GroupedMatmul("), 2);
+  EXPECT_EQ(count(fused, "= narrow("), 2) << fused.program().toString();
+
+  const int64_t H = config.hidden, I = config.intermediate;
+  const int64_t L = config.local_experts, tokens = 10 + 3 * me;
+  auto weights = [&](std::vector<int64_t> sizes, uint64_t seed) {
+    return (test::randomTensor(sizes, at::kFloat, at::kCPU, seed + 10 * me) /
+            std::sqrt(static_cast<double>(sizes[1])))
+        .to(at::kBFloat16)
+        .to(device);
+  };
+  const at::Tensor x =
+      test::randomTensor({tokens, H}, at::kBFloat16, device, 90 + me);
+  const at::Tensor router_w =
+      test::randomTensor({config.num_experts, H}, at::kBFloat16, device, 91);
+  const at::Tensor w_gate = weights({L, H, I}, 92);
+  const at::Tensor w_up = weights({L, H, I}, 93);
+  const at::Tensor w_down = weights({L, I, H}, 94);
+  const std::vector<at::Tensor> a =
+      separate.run({x, router_w, w_gate, w_up, w_down});
+  const std::vector<at::Tensor> b =
+      fused.run({x, router_w, at::cat({w_gate, w_up}, 2), w_down});
+  EXPECT_TRUE(at::equal(a[1], b[1])) << "the routing differs";
+  EXPECT_TRUE(at::equal(a[2], b[2]));
+  const at::Tensor expected = moeLayerReference(
+      x, b[1], b[2], at::cat(test::allGatherRows(w_gate.cpu())),
+      at::cat(test::allGatherRows(w_up.cpu())),
+      at::cat(test::allGatherRows(w_down.cpu())));
+  const double scale = expected.to(at::kFloat).abs().max().item<double>();
+  auto error = [&](const at::Tensor& u, const at::Tensor& v) {
+    return (u.to(at::kFloat).cpu() - v.to(at::kFloat).cpu())
+        .abs()
+        .max()
+        .item<double>();
+  };
+  EXPECT_LE(error(b[0], a[0]), 2e-2 * scale);
+  EXPECT_LE(error(b[0], expected), 3e-2 * scale);
+  EXPECT_GT(scale, 0.0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, FusedGateUpLayer,
                          testing::Values(c10::DeviceType::CPU,
                                          c10::DeviceType::CUDA),
                          [](const testing::TestParamInfo<c10::DeviceType>& i) {

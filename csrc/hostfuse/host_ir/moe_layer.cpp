@@ -3,6 +3,7 @@
 #include <hostfuse/host_ir/host_ir.h>
 #include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/grouped_matmul.h>
+#include <hostfuse/ir/narrow.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/ir/topk_softmax.h>
 
@@ -52,12 +53,22 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
   Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
   TensorView* x = makeTensor({tokens, H}, dtype, "x");
   TensorView* router_w = makeTensor({config.num_experts, H}, dtype, "router_w");
-  TensorView* w_gate = makeTensor({L, H, I}, dtype, "w_gate");
-  TensorView* w_up = makeTensor({L, H, I}, dtype, "w_up");
-  TensorView* w_down = makeTensor({L, I, H}, dtype, "w_down");
-  for (TensorView* input : {x, router_w, w_gate, w_up, w_down}) {
-    program->addInput(input);
+  program->addInput(x);
+  program->addInput(router_w);
+  TensorView* w_gate = nullptr;
+  TensorView* w_up = nullptr;
+  TensorView* w_gate_up = nullptr;
+  if (config.fused_gate_up) {
+    w_gate_up = makeTensor({L, H, 2 * I}, dtype, "w_gate_up");
+    program->addInput(w_gate_up);
+  } else {
+    w_gate = makeTensor({L, H, I}, dtype, "w_gate");
+    w_up = makeTensor({L, H, I}, dtype, "w_up");
+    program->addInput(w_gate);
+    program->addInput(w_up);
   }
+  TensorView* w_down = makeTensor({L, I, H}, dtype, "w_down");
+  program->addInput(w_down);
 
   // Router in fp32 (as large models do): the top K experts of a token do
   // not hinge on bf16 rounding of its logits. The logits sum x's products
@@ -79,8 +90,18 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
   TensorView* rows = d.recv_scales != nullptr
                          ? dequantizeFp8(d.recv_x, d.recv_scales, dtype)
                          : d.recv_x;
-  TensorView* gate = groupedMatmul(rows, w_gate, d.recv_expert_counts);
-  TensorView* up = groupedMatmul(rows, w_up, d.recv_expert_counts);
+  TensorView* gate = nullptr;
+  TensorView* up = nullptr;
+  if (config.fused_gate_up) {
+    // One grouped matmul of twice the width; the activation reads its
+    // halves in place (strided views).
+    TensorView* gate_up = groupedMatmul(rows, w_gate_up, d.recv_expert_counts);
+    gate = narrow(gate_up, 1, 0, I);
+    up = narrow(gate_up, 1, I, I);
+  } else {
+    gate = groupedMatmul(rows, w_gate, d.recv_expert_counts);
+    up = groupedMatmul(rows, w_up, d.recv_expert_counts);
+  }
   TensorView* act = runFusion(makeSiluMulFusion(I, dtype), {gate, up}).at(0);
   TensorView* down = groupedMatmul(act, w_down, d.recv_expert_counts);
 

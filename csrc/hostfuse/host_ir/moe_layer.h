@@ -16,13 +16,17 @@
 //              DequantizeFp8(d.recv_x, d.recv_scales) in dtype  (once)
 //   gate     = GroupedMatmul(rows, w_gate, d.recv_expert_counts)
 //   up       = GroupedMatmul(rows, w_up, d.recv_expert_counts)
+//              (fused_gate_up: gate_up = GroupedMatmul(rows, w_gate_up,
+//              counts) [rows, 2I], gate and up its two halves, as views)
 //   act      = RunFusion(silu(gate) * up)                   [rows, I]
 //   down     = GroupedMatmul(act, w_down, d.recv_expert_counts)
 //   out      = MoeCombine(down, d, topk_weights, T, reduce)  [T, H]
 //
 // Inputs, in order: x [T, H], router_w [E, H], w_gate [L, H, I],
 // w_up [L, H, I], w_down [L, I, H] (all of `dtype`; router_w is the same on
-// every rank, the expert weights are this rank's L experts). Outputs, in
+// every rank, the expert weights are this rank's L experts). With
+// fused_gate_up, w_gate_up [L, H, 2I] (= cat(w_gate, w_up, 2), the layout
+// of fused MoE kernels' w13) takes the place of w_gate and w_up. Outputs, in
 // order: out [T, H] (dtype), topk_idx [T, K] i64, topk_weights [T, K] f32.
 //
 // With the cuda backend, dispatch returns C capacity rows; the rows past
@@ -56,6 +60,9 @@ struct MoeLayerConfig {
   // combine's mode.
   MoeDispatchQuant quantize = MoeDispatchQuant::None;
   MoeCombineReduce reduce = MoeCombineReduce::PerPick;
+  // Gate and up projections as one grouped matmul of [L, H, 2I] weights
+  // (one input, w_gate_up, instead of w_gate and w_up).
+  bool fused_gate_up = false;
 };
 
 std::unique_ptr<HostIrContainer> makeMoeLayerProgram(

@@ -28,7 +28,8 @@ class Expr;
   X(TopKOp)                  \
   X(TopKSoftmax)             \
   X(GroupedMatmul)           \
-  X(DequantizeFp8)
+  X(DequantizeFp8)           \
+  X(Narrow)
 
 // Expressions of csrc/hostfuse/host_ir: nodes that only make sense in a host
 // program.
