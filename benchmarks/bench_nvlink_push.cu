@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <limits>
 #include <optional>
@@ -341,6 +342,22 @@ int main(int argc, char** argv) {
   }
   if (!peers_csv.empty() && !sizes.empty()) {
     return flags.fail("give BYTES or --peers-csv, not both");
+  }
+  if (peers_csv.empty()) {
+    for (const char* flag : {"--tokens", "--topk", "--experts-per-rank"}) {
+      for (int i = 1; i < argc; ++i) {
+        if (std::strncmp(argv[i], flag, std::strlen(flag)) == 0) {
+          return flags.fail(std::string(flag) + " goes with --peers-csv");
+        }
+      }
+    }
+  } else {
+    // Appended to at the end: find out now if it cannot be.
+    std::FILE* csv = std::fopen(peers_csv.c_str(), "a");
+    if (csv == nullptr) {
+      return flags.fail("cannot append to --peers-csv " + peers_csv);
+    }
+    std::fclose(csv);
   }
   for (int64_t& bytes : sizes) {
     bytes = bytes / kRowBytes * kRowBytes;

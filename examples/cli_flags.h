@@ -203,7 +203,10 @@ class Flags {
       std::string_view value;
       if (equals != std::string_view::npos) {
         value = arg.substr(equals + 1);
-      } else if (i + 1 < argc) {
+      } else if (i + 1 < argc &&
+                 !(spec->kind == Kind::kText && isFlag(argv[i + 1]))) {
+        // A text flag followed by a flag has no value ("--csv --tokens 4"):
+        // "--csv=-x" gives one starting with "-".
         value = argv[++i];
       } else {
         return fail(spec->name + " needs a value: " + spec->range);

@@ -174,8 +174,10 @@ int main(int argc, char** argv) {
   config.fused_gate_up = args.fused_gate_up;
   const int64_t tokens = pick(args.tokens, 256, 32, gpu);
   // Of the largest |output|: bf16 rounding on GPUs, and fp8's 3 mantissa
-  // bits with --fp8 (docs/moe.md, "fp8 dispatch").
-  const double tolerance = args.fp8 ? 6e-2 : gpu ? 3e-2 : 1e-4;
+  // bits with --fp8 (docs/moe.md, "fp8 dispatch"): up to 1/16 of a value,
+  // which the sums of a few tokens do not average down (6.1% measured at
+  // 1 to 3 tokens of H = 256, 4.3% from 4 tokens).
+  const double tolerance = args.fp8 ? 8e-2 : gpu ? 3e-2 : 1e-4;
 
   bool ok = false;
   try {

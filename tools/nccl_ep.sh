@@ -11,8 +11,10 @@
 #
 #   tools/nccl_ep.sh --nccl-src DIR [--out OUT] [--arch SM] [--jobs N]
 #
-# OUT defaults to build_nccl_ep/ in this repository (git-ignored, so the
-# device tool can carry it to a GPU machine without network). NCCL builds in
+# OUT defaults to build_nccl_ep/ in this repository (git-ignored, so it
+# can travel with the source tree to a GPU machine without network). OUT is
+# replaced when an earlier nccl_ep.sh made it; any other non-empty OUT is
+# refused, never deleted. NCCL builds in
 # DIR/build (its own default) and a second run reuses it. NCCL's source:
 # github.com/NVIDIA/nccl (a release tag >= v2.30, or master). Building NCCL
 # for one architecture takes about 1.5 hours on 2 cores, minutes on 16.
@@ -56,18 +58,30 @@ die() {
   echo "nccl_ep.sh: $*" >&2
   exit 1
 }
-[ -n "$src" ] || {
-  echo "nccl_ep.sh: --nccl-src DIR is required (see --help)" >&2
+usage_error() {
+  echo "nccl_ep.sh: $* (see --help)" >&2
   exit 2
 }
-[[ $arch =~ ^[0-9]+$ ]] || die "--arch expects an SM number such as 90, got '$arch'"
-[[ $jobs =~ ^[1-9][0-9]*$ ]] || die "--jobs expects a positive integer, got '$jobs'"
+[ -n "$src" ] || usage_error "--nccl-src DIR is required"
+[[ $arch =~ ^[1-9][0-9]+$ ]] ||
+  usage_error "--arch expects an SM number such as 90, got '$arch'"
+[[ $jobs =~ ^[1-9][0-9]*$ ]] ||
+  usage_error "--jobs expects a positive integer, got '$jobs'"
+marker="$out/.made_by_nccl_ep_sh"
+if [ -e "$out" ] && [ ! -d "$out" ]; then
+  usage_error "--out $out is a file, not a folder"
+fi
+if [ -d "$out" ] && [ ! -e "$marker" ] && [ -n "$(ls -A "$out")" ]; then
+  usage_error "--out $out holds files that nccl_ep.sh did not write; give an empty or new folder"
+fi
 [ -f "$src/makefiles/version.mk" ] || die "$src is not an NCCL source tree (no makefiles/version.mk)"
 [ -d "$src/contrib/nccl_ep" ] || die "$src has no contrib/nccl_ep: NCCL EP needs NCCL >= 2.30"
 [ -x "$cuda/bin/nvcc" ] || die "no nvcc in $cuda/bin: set CUDA_HOME"
 src="$(cd "$src" && pwd)"
-minor="$(awk '/^NCCL_MINOR/ { print $3 }' "$src/makefiles/version.mk")"
-major="$(awk '/^NCCL_MAJOR/ { print $3 }' "$src/makefiles/version.mk")"
+minor="$(awk '/^NCCL_MINOR/ { print $3 }' "$src/makefiles/version.mk" 2>/dev/null)"
+major="$(awk '/^NCCL_MAJOR/ { print $3 }' "$src/makefiles/version.mk" 2>/dev/null)"
+[[ $major =~ ^[0-9]+$ && $minor =~ ^[0-9]+$ ]] ||
+  die "cannot read NCCL's version from $src/makefiles/version.mk"
 if [ "$major" -lt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -lt 30 ]; }; then
   die "$src is NCCL $major.$minor; NCCL EP needs >= 2.30"
 fi
@@ -92,8 +106,11 @@ make -C "$src/contrib/nccl_ep" -j "$jobs" lib BUILDDIR="$build" CUDA_HOME="$cuda
 }
 
 log "staging into $out"
-rm -rf "$out"
-mkdir -p "$out/bin" "$out/lib" "$out/include"
+if [ -e "$marker" ]; then
+  rm -rf "$out"
+fi
+mkdir -p "$out/bin" "$out/lib" "$out/include" && touch "$marker" ||
+  die "cannot create the folder $out"
 cp -L "$build/lib/libnccl.so.2" "$build/lib/libnccl_ep.so.0" "$out/lib/"
 strip --strip-unneeded "$out/lib/libnccl.so.2" "$out/lib/libnccl_ep.so.0"
 ln -s libnccl.so.2 "$out/lib/libnccl.so"

@@ -11,8 +11,9 @@
 #      it (else the run says so and goes on)
 #   4. tools/plot_perf.py: DIR/peers.md (tables) and DIR/peers_*.png
 #
-# Default tokens: "128 4096"; default DIR: build/peers-<N>ranks (a fresh
-# CSV each run). Builds and installs the Python package first (tools/setup.sh)
+# Default tokens: "128 4096"; default DIR: build/peers-<N>ranks. DIR is
+# emptied first when an earlier run_peers.sh made it (a fresh CSV each
+# run); any other non-empty DIR is refused, never deleted. Builds and installs the Python package first (tools/setup.sh)
 # unless HOSTFUSE_NO_BUILD=1. Exit status 1 if a step fails or a row's
 # output check fails; the other steps still run.
 set -uo pipefail
@@ -46,21 +47,35 @@ while [ $# -gt 0 ]; do
       ;;
   esac
 done
-for t in $tokens; do
-  [[ $t =~ ^[1-9][0-9]*$ ]] || {
-    echo "run_peers.sh: --tokens expects positive integers, got '$t'" >&2
-    exit 2
-  }
-done
+if [[ ! $tokens =~ ^\ *[1-9][0-9]*(\ +[1-9][0-9]*)*\ *$ ]]; then
+  echo "run_peers.sh: --tokens expects positive integers separated by" \
+    "spaces, got '$tokens'" >&2
+  exit 2
+fi
 out="${out:-$HOSTFUSE_BUILD_DIR/peers-${n}ranks}"
+marker="$out/.made_by_run_peers"
+if [ -e "$out" ] && [ ! -d "$out" ]; then
+  echo "run_peers.sh: --out $out is a file, not a folder" >&2
+  exit 2
+fi
+if [ -d "$out" ] && [ ! -e "$marker" ] && [ -n "$(ls -A "$out")" ]; then
+  echo "run_peers.sh: --out $out holds files that run_peers.sh did not" \
+    "write; give an empty or new folder" >&2
+  exit 2
+fi
 if [ "${HOSTFUSE_NO_BUILD:-0}" = 1 ]; then
   hostfuse_find_torch
 else
   hostfuse_build --target bench_nvlink_push
   hostfuse_python_install
 fi
-rm -rf "$out"
-mkdir -p "$out"
+if [ -e "$marker" ]; then
+  rm -rf "$out"
+fi
+mkdir -p "$out" && touch "$marker" || {
+  echo "run_peers.sh: cannot create the folder $out" >&2
+  exit 1
+}
 csv="$out/peers.csv"
 status=0
 launch="$(dirname "${BASH_SOURCE[0]}")/launch.sh"

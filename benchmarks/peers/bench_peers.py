@@ -384,6 +384,19 @@ def init_distributed(cpu):
 
 def main():
     args = parse()
+    if args.dump:
+        # Before anything is measured: a dump that cannot be written would
+        # otherwise fail after the first token count.
+        if os.path.exists(args.dump) and not os.path.isdir(args.dump):
+            sys.exit(f"bench_peers.py: --dump {args.dump} is a file, not a folder")
+        try:
+            os.makedirs(args.dump, exist_ok=True)
+            probe = os.path.join(args.dump, f".probe{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            sys.exit(f"bench_peers.py: --dump {args.dump}: cannot write there ({e.strerror})")
     device, device_name = init_distributed(args.cpu)
     rank, world = dist.get_rank(), dist.get_world_size()
     ctx = Ctx(device, rank, world, args.experts_per_rank * world)

@@ -573,8 +573,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("narrow", &narrow, py::arg("x").none(false), py::arg("dim"),
         py::arg("start"), py::arg("length"), py::keep_alive<0, 1>(), ref,
         "x's slice [start, start + length) along dim, as a view (torch's "
-        "narrow): no copy. A program-level op: a fusion cannot contain it, "
-        "a fusion run on its result reads the view in place.");
+        "narrow): no copy. A program-level op: a fusion run on its result "
+        "reads the view in place; inside a fusion, kernel codegen refuses "
+        "it (such a fusion runs on CPU tensors only).");
   m.def(
       "run_fusion",
       [](const std::shared_ptr<Fusion>& fusion, const py::list& inputs) {

@@ -447,6 +447,12 @@ TEST_P(EvaluatorTest, NarrowGivesViewsThatAFusionReadsInPlace) {
       {"the slice [40, 72) of dim 1 does not fit", "whose size there is 64"});
   test::expectErrorContains([&] { narrow(x, 1, -1, 2); },
                             {"start -1 and length 2 must be >= 0"});
+  test::expectErrorContains([&] { narrow(x, -3, 0, 1); },
+                            {"narrow: dim -3 is out of range", "of rank 2"});
+  // start + length past int64: refused, not wrapped around.
+  test::expectErrorContains(
+      [&] { narrow(x, 1, int64_t{1} << 62, int64_t{1} << 62); },
+      {"does not fit", "whose size there is 64"});
   TensorView* wide = makeTensor({rows, kSymbolic}, DataType::Float, "wide");
   program->addInput(wide);
   program->addOutput(narrow(wide, 1, 4, 8));  // needs 12 columns or more

@@ -20,9 +20,11 @@ void checkSlice(const std::string& who, const TensorView* x, int64_t dim,
   HF_CHECK(start >= 0 && length >= 0, who, ": start ", start, " and length ",
            length, " must be >= 0");
   const std::optional<int64_t> size = x->extent(dim)->constantInt();
-  HF_CHECK(!size.has_value() || start + length <= *size, who, ": the slice [",
-           start, ", ", start + length, ") of dim ", dim, " does not fit ",
-           x->toDeclString(), ", whose size there is ", size.value_or(0));
+  // length <= size - start: start + length could overflow.
+  HF_CHECK(!size.has_value() || (start <= *size && length <= *size - start),
+           who, ": the slice [", start, ", ", start + length, ") of dim ", dim,
+           " does not fit ", x->toDeclString(), ", whose size there is ",
+           size.value_or(0));
 }
 
 }  // namespace
@@ -58,14 +60,16 @@ void Narrow::validate() const {
 std::vector<c10::IValue> Narrow::evaluate(
     const std::vector<c10::IValue>& inputs) const {
   const at::Tensor x = inputs.at(0).toTensor();
-  HF_CHECK(start() + length() <= x.size(dim()), toInlineString(),
-           ": the slice [", start(), ", ", start() + length(), ") of dim ",
-           dim(), " does not fit x of sizes ", x.sizes());
+  HF_CHECK(start() <= x.size(dim()) && length() <= x.size(dim()) - start(),
+           toInlineString(), ": the slice [", start(), ", ", start() + length(),
+           ") of dim ", dim(), " does not fit x of sizes ", x.sizes());
   return {x.narrow(dim(), start(), length())};
 }
 
 TensorView* narrow(TensorView* x, int64_t dim, int64_t start, int64_t length) {
   HF_CHECK(x != nullptr, "narrow: x is null");
+  HF_CHECK(dim >= -x->rank() && dim < x->rank(), "narrow: dim ", dim,
+           " is out of range for ", x->toDeclString(), " of rank ", x->rank());
   const int64_t d = dim < 0 ? dim + x->rank() : dim;
   checkSlice("narrow", x, d, start, length);
   std::vector<SizeSpec> sizes;
