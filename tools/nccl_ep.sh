@@ -91,16 +91,33 @@ gencode="-gencode=arch=compute_$arch,code=sm_$arch"
 build="$src/build"
 start=$SECONDS
 
-log "NCCL $major.$minor for sm_$arch in $build ($jobs jobs; log: $build/nccl-build.log)"
 mkdir -p "$build"
-make -C "$src" -j "$jobs" src.build CUDA_HOME="$cuda" NVCC_GENCODE="$gencode" \
-  >"$build/nccl-build.log" 2>&1 || {
+# Some CUDA installs carry an older NCCL's headers (nccl.h, nccl_device/) in
+# the toolkit's include/, which NCCL's makefiles put before the tree's own:
+# compile against a view of that folder without them.
+cuda_inc="$cuda/include"
+if compgen -G "$cuda/include/nccl*" >/dev/null; then
+  cuda_inc="$build/cuda-include-without-nccl"
+  rm -rf "$cuda_inc"
+  mkdir -p "$cuda_inc"
+  for entry in "$cuda/include/"*; do
+    case "$(basename "$entry")" in
+      nccl*) ;;
+      *) ln -s "$(readlink -f "$entry")" "$cuda_inc/" ;;
+    esac
+  done
+  log "$cuda/include holds NCCL headers of its own: compiling against $cuda_inc"
+fi
+
+log "NCCL $major.$minor for sm_$arch in $build ($jobs jobs; log: $build/nccl-build.log)"
+make -C "$src" -j "$jobs" src.build CUDA_HOME="$cuda" CUDA_INC="$cuda_inc" \
+  NVCC_GENCODE="$gencode" >"$build/nccl-build.log" 2>&1 || {
   tail -n 30 "$build/nccl-build.log" >&2
   die "building NCCL failed"
 }
 log "nccl_ep (log: $build/nccl-ep-build.log)"
 make -C "$src/contrib/nccl_ep" -j "$jobs" lib BUILDDIR="$build" CUDA_HOME="$cuda" \
-  NVCC_GENCODE="$gencode" >"$build/nccl-ep-build.log" 2>&1 || {
+  CUDA_INC="$cuda_inc" NVCC_GENCODE="$gencode" >"$build/nccl-ep-build.log" 2>&1 || {
   tail -n 30 "$build/nccl-ep-build.log" >&2
   die "building nccl_ep failed"
 }

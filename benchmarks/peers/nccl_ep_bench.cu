@@ -800,6 +800,12 @@ void useHeadersNextToThisProgram() {
   setenv("NCCL_EP_JIT_SOURCE_DIR", (prefix + "/include/nccl_ep").c_str(), 0);
   setenv("NCCL_EP_JIT_BUILD_INCLUDE_DIR", (prefix + "/include").c_str(), 0);
   setenv("CUDA_HOME", "/usr/local/cuda", 0);
+  // nvcc needs a host compiler: the one in CXX where it names one (machines
+  // with a compiler of their own off PATH set it).
+  const char* cxx = std::getenv("CXX");
+  if (cxx != nullptr && *cxx == '/' && access(cxx, X_OK) == 0) {
+    setenv("NVCC_EXTRA_FLAGS", (std::string("-ccbin ") + cxx).c_str(), 0);
+  }
 }
 
 int run(const Args& args, const Rank& r) {
