@@ -24,7 +24,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <limits>
 #include <optional>
 #include <string>
@@ -32,6 +31,7 @@
 #include <vector>
 
 #include "../examples/cli_flags.h"
+#include "peers/peers_csv.h"
 
 namespace {
 
@@ -250,54 +250,27 @@ PeerRows peerRows(int64_t tokens, int64_t topk, int64_t local_experts,
 
 // Appends the "NVLink floor" rows to bench_peers.py's CSV: per token count
 // and phase, the best push time for its bytes per peer.
-void appendFloorRows(const std::string& path, const char* device, int ranks,
+bool appendFloorRows(const std::string& path, const char* device, int ranks,
                      int64_t topk, int64_t local_experts,
                      const std::vector<PeerRows>& rows,
                      const std::vector<std::pair<int64_t, double>>& best) {
-  std::FILE* csv = std::fopen(path.c_str(), "a");
-  if (csv == nullptr) {
-    std::fprintf(stderr, "bench_nvlink_push: cannot append to %s\n",
-                 path.c_str());
-    std::exit(1);
-  }
-  std::fseek(csv, 0, SEEK_END);
-  if (std::ftell(csv) == 0) {  // a new file: the header first
-    std::fputs(
-        "date,device,ranks,tokens,hidden,topk,experts,row,phase,"
-        "median_us,bytes,gbps,check\n",
-        csv);
-  }
-  char date[16];
-  const std::time_t now = std::time(nullptr);
-  std::strftime(date, sizeof(date), "%Y-%m-%d", std::localtime(&now));
-  auto timeOf = [&](int64_t bytes) {
-    for (const auto& [b, us] : best) {
-      if (b == bytes) {
-        return us;
-      }
-    }
-    return -1.0;
-  };
+  std::vector<hostfuse::peers::CsvRow> csv;
   for (const PeerRows& r : rows) {
-    // bench_peers.py's bytes: every pick's row, H = 7168 bf16.
-    const double bytes = static_cast<double>(r.tokens) * topk * kRowBytes;
     const std::pair<const char*, int64_t> phases[] = {{"dispatch", r.dispatch},
                                                       {"combine", r.combine}};
     for (const auto& [phase, peer_rows] : phases) {
-      const double us = timeOf(peer_rows * kRowBytes);
-      if (us <= 0) {
-        continue;
+      for (const auto& [bytes, us] : best) {
+        if (bytes == peer_rows * kRowBytes && us > 0) {
+          // bench_peers.py's bytes: every pick's row, H = 7168 bf16.
+          csv.push_back({device, ranks, r.tokens, 7168, topk,
+                         local_experts * ranks, "NVLink floor", phase, us,
+                         static_cast<double>(r.tokens) * topk * kRowBytes,
+                         "-"});
+        }
       }
-      std::fprintf(csv,
-                   "%s,%s,%d,%lld,7168,%lld,%lld,NVLink floor,%s,%.2f,"
-                   "%.0f,%.3f,-\n",
-                   date, device, ranks, static_cast<long long>(r.tokens),
-                   static_cast<long long>(topk),
-                   static_cast<long long>(local_experts * ranks), phase, us,
-                   bytes, bytes / us / 1e3);
     }
   }
-  std::fclose(csv);
+  return hostfuse::peers::appendCsv(path, csv);
 }
 
 int main(int argc, char** argv) {
@@ -353,11 +326,9 @@ int main(int argc, char** argv) {
     }
   } else {
     // Appended to at the end: find out now if it cannot be.
-    std::FILE* csv = std::fopen(peers_csv.c_str(), "a");
-    if (csv == nullptr) {
+    if (!hostfuse::peers::appendCsv(peers_csv, {})) {
       return flags.fail("cannot append to --peers-csv " + peers_csv);
     }
-    std::fclose(csv);
   }
   for (int64_t& bytes : sizes) {
     bytes = bytes / kRowBytes * kRowBytes;
@@ -459,8 +430,12 @@ int main(int argc, char** argv) {
     }
   }
   if (!peers_csv.empty()) {
-    appendFloorRows(peers_csv, properties.name, n, topk, local_experts,
-                    peer_rows, best);
+    if (!appendFloorRows(peers_csv, properties.name, n, topk, local_experts,
+                         peer_rows, best)) {
+      std::fprintf(stderr, "bench_nvlink_push: cannot append to %s\n",
+                   peers_csv.c_str());
+      return 1;
+    }
     std::printf("appended the NVLink floor rows to %s\n", peers_csv.c_str());
   }
   return 0;

@@ -91,6 +91,22 @@ def test_markdown_tables_give_ratios_to_plain_pytorch():
     assert "| 1177.0 | 1.33x | 1293.5 | 0.91x | ok |" in ours
 
 
+def test_markdown_shows_rows_without_a_check_as_such(tmp_path):
+    # The NVLink floor (bench_nvlink_push --peers-csv) checks nothing: "-".
+    data = tmp_path / "floor.csv"
+    data.write_text(
+        "date,device,ranks,tokens,hidden,topk,experts,row,phase,median_us,bytes,gbps,check\n"
+        "d,gpu,2,128,7168,8,16,torch a2a,dispatch,100.0,1,1,ok\n"
+        "d,gpu,2,128,7168,8,16,torch a2a,combine,100.0,1,1,mismatch\n"
+        "d,gpu,2,128,7168,8,16,NVLink floor,dispatch,10.0,1,1,-\n"
+        "d,gpu,2,128,7168,8,16,NVLink floor,combine,20.0,1,1,-\n")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "plot_perf.py"), str(data), "--markdown"],
+        capture_output=True, text=True, check=True)
+    assert "| 128 | NVLink floor | 10.0 | 10.00x | 20.0 | 5.00x | - |" in done.stdout
+    assert "| 128 | torch a2a | 100.0 | 1.00x | 100.0 | 1.00x | MISMATCH |" in done.stdout
+
+
 def test_profile_script_counts_calls_on_cpu_ranks():
     output = run_ranks(2, REPO / "benchmarks" / "peers" / "profile_collective.py", "--cpu",
                        "--hidden", "64", "--tokens", "16")

@@ -47,9 +47,16 @@ while [ $# -gt 0 ]; do
       ;;
   esac
 done
-if [[ ! $tokens =~ ^\ *[1-9][0-9]*(\ +[1-9][0-9]*)*\ *$ ]]; then
-  echo "run_peers.sh: --tokens expects positive integers separated by" \
-    "spaces, got '$tokens'" >&2
+read -r -a token_list <<<"$tokens"
+for t in "${token_list[@]}"; do
+  [[ $t =~ ^[1-9][0-9]*$ ]] || {
+    echo "run_peers.sh: --tokens expects positive integers separated by" \
+      "spaces, got '$tokens'" >&2
+    exit 2
+  }
+done
+if [ ${#token_list[@]} -eq 0 ]; then
+  echo "run_peers.sh: --tokens is empty" >&2
   exit 2
 fi
 out="${out:-$HOSTFUSE_BUILD_DIR/peers-${n}ranks}"
@@ -81,15 +88,20 @@ status=0
 launch="$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 export HOSTFUSE_LAUNCH_TIMEOUT="${HOSTFUSE_LAUNCH_TIMEOUT:-1800}"
 
-hostfuse_log "1/4 bench_peers.py on $n ranks, T = $tokens"
-# shellcheck disable=SC2086 # the token counts are separate arguments
+hostfuse_log "1/4 bench_peers.py on $n ranks, T = ${token_list[*]}"
 "$launch" "$n" "$HOSTFUSE_PYTHON" "$HOSTFUSE_ROOT/benchmarks/peers/bench_peers.py" \
-  --tokens $tokens --csv "$csv" --dump "$out/dump" "${cpu[@]}" || status=1
+  --tokens "${token_list[@]}" --csv "$csv" --dump "$out/dump" "${cpu[@]}" ||
+  status=1
 
 if [ "$n" -ge 2 ] && [ ${#cpu[@]} -eq 0 ]; then
-  hostfuse_log "2/4 the NVLink floor (bench_nvlink_push)"
-  "$HOSTFUSE_BUILD_DIR/bench_nvlink_push" --peers-csv "$csv" \
-    --tokens "${tokens// /,}" || status=1
+  # On the run's N GPUs: the floor is that of N ranks.
+  hostfuse_log "2/4 the NVLink floor (bench_nvlink_push on $n GPUs)"
+  CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((n - 1)))}" \
+    "$HOSTFUSE_BUILD_DIR/bench_nvlink_push" --peers-csv "$csv" \
+    --tokens "$(
+      IFS=,
+      echo "${token_list[*]}"
+    )" || status=1
 else
   hostfuse_log "2/4 the NVLink floor: needs 2 or more GPU ranks, skipped"
 fi

@@ -40,7 +40,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <exception>
 #include <fstream>
 #include <map>
@@ -53,6 +52,7 @@
 #include <vector>
 
 #include "../../examples/cli_flags.h"
+#include "peers_csv.h"
 
 namespace {
 
@@ -143,13 +143,15 @@ Meta readMeta(const std::string& dir) {
     if (f.size() == 3 && f[0] == "config") {
       if (f[1] == "device") {
         meta.device = f[2];
-      } else {
-        const int64_t v = std::stoll(f[2]);
-        (f[1] == "hidden"    ? meta.hidden
-         : f[1] == "topk"    ? meta.topk
-         : f[1] == "experts" ? meta.experts
-                             : meta.ranks) = v;
-      }
+      } else if (f[1] == "hidden") {
+        meta.hidden = std::stoll(f[2]);
+      } else if (f[1] == "topk") {
+        meta.topk = std::stoll(f[2]);
+      } else if (f[1] == "experts") {
+        meta.experts = std::stoll(f[2]);
+      } else if (f[1] == "ranks") {
+        meta.ranks = std::stoll(f[2]);
+      }  // a key of a later bench_peers.py: not needed here
     } else if (f.size() == 2 && f[0] == "tokens") {
       meta.tokens.push_back(std::stoll(f[1]));
     } else if (f.size() == 5 && f[0] == "time") {
@@ -681,9 +683,9 @@ std::string unsupported(const std::string& mode, const Meta& m,
     if (tokens * L % 4 != 0) {
       return "LL needs T x L to be a multiple of 4";
     }
-    if (tokens >= 8192) {
-      return "LL's completion count is meant for T well below 16384; "
-             "measured up to 4096";
+    if (tokens > 4096) {
+      return "LL is for small batches (its completion count needs T well "
+             "below 16384): run here up to 4096 tokens";
     }
     return "";
   }
@@ -700,13 +702,6 @@ std::string unsupported(const std::string& mode, const Meta& m,
     return "HT needs T x K to be a multiple of 4";
   }
   return "";
-}
-
-std::string today() {
-  const std::time_t now = std::time(nullptr);
-  char text[16];
-  std::strftime(text, sizeof(text), "%Y-%m-%d", std::localtime(&now));
-  return text;
 }
 
 // Prints T's table (the dump's rows, then NCCL EP's) and appends NCCL EP's
@@ -740,20 +735,7 @@ void report(const Args& args, const Meta& m, int64_t tokens,
       line(std::get<1>(key) + " *", std::get<2>(key), us, "");
     }
   }
-  std::FILE* csv = nullptr;
-  if (!args.csv.empty()) {
-    csv = std::fopen(args.csv.c_str(), "a");
-    if (csv == nullptr) {
-      throw Failure("cannot append to " + args.csv);
-    }
-    std::fseek(csv, 0, SEEK_END);
-    if (std::ftell(csv) == 0) {  // a new file: the header first
-      std::fputs(
-          "date,device,ranks,tokens,hidden,topk,experts,row,phase,"
-          "median_us,bytes,gbps,check\n",
-          csv);
-    }
-  }
+  std::vector<hostfuse::peers::CsvRow> csv;
   for (const Outcome& o : outcomes) {
     if (o.dispatch_us < 0) {
       std::printf("  %-26s not measured: %s\n", o.mode.c_str(), o.why.c_str());
@@ -765,19 +747,12 @@ void report(const Args& args, const Meta& m, int64_t tokens,
     const std::pair<const char*, double> phases[] = {
         {"dispatch", o.dispatch_us}, {"combine", o.combine_us}};
     for (const auto& [phase, us] : phases) {
-      if (csv != nullptr) {
-        std::fprintf(
-            csv, "%s,%s,%lld,%lld,%lld,%lld,%lld,%s,%s,%.2f,%.0f,%.3f,%s\n",
-            today().c_str(), m.device.c_str(), static_cast<long long>(m.ranks),
-            static_cast<long long>(tokens), static_cast<long long>(m.hidden),
-            static_cast<long long>(m.topk), static_cast<long long>(m.experts),
-            o.mode.c_str(), phase, us, bytes, bytes / us / 1e3,
-            o.ok ? "ok" : "mismatch");
-      }
+      csv.push_back({m.device, m.ranks, tokens, m.hidden, m.topk, m.experts,
+                     o.mode, phase, us, bytes, o.ok ? "ok" : "mismatch"});
     }
   }
-  if (csv != nullptr) {
-    std::fclose(csv);
+  if (!args.csv.empty() && !hostfuse::peers::appendCsv(args.csv, csv)) {
+    throw Failure("cannot append to " + args.csv);
   }
   std::fflush(stdout);
 }
@@ -826,14 +801,8 @@ int run(const Args& args, const Rank& r) {
   CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   ncclComm_t comm = initNccl(r, args.dump);
   // Rank 0 writes the CSV: find out now, on every rank, if it cannot.
-  bool csv_ok = true;
-  if (r.rank == 0 && !args.csv.empty()) {
-    std::FILE* csv = std::fopen(args.csv.c_str(), "a");
-    csv_ok = csv != nullptr;
-    if (csv != nullptr) {
-      std::fclose(csv);
-    }
-  }
+  const bool csv_ok = r.rank != 0 || args.csv.empty() ||
+                      hostfuse::peers::appendCsv(args.csv, {});
   if (!allAgree(csv_ok, comm, stream)) {
     throw Failure("rank 0 cannot append to " + args.csv);
   }
@@ -892,7 +861,8 @@ int main(int argc, char** argv) {
       "\n"
       "  tools/launch.sh N nccl_ep_bench --dump DIR [--csv F]\n"
       "\n"
-      "Exit status 1 when a row's check fails or a mode could not run.");
+      "Exit status 1 when a row's check fails or NCCL EP fails; a mode "
+      "whose limits the workload exceeds prints 'not measured' and why.");
   flags.text("--dump", "DIR", &args.dump,
              "what bench_peers.py --dump wrote (required)");
   flags.text("--csv", "FILE", &args.csv,

@@ -133,6 +133,27 @@ std::shared_ptr<Communicator> communicatorOf(
                                        [](Communicator*) {});
 }
 
+bool interpreterFinalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// Destroys what `owners` hold (in order) without the GIL: tearing down
+// waits for the device (a MoE kernel may wait for its peers up to its
+// timeout) and shuts down backends, and other Python threads run
+// meanwhile. While the interpreter finalizes, the GIL is kept (the members'
+// own destructors do the work then).
+template <typename... Owners>
+void destroyWithoutGil(Owners&... owners) {
+  if (PyGILState_Check() == 1 && !interpreterFinalizing()) {
+    py::gil_scoped_release release;
+    (owners.reset(), ...);
+  }
+}
+
 // What HostIrEvaluator and GraphRunner share from Python: the communicator
 // a run uses (the group's, or the launcher's), which must outlive `Runner`,
 // and run() / check_status() without the GIL, so that ranks' threads and
@@ -149,28 +170,32 @@ class PyRunner {
                           : nullptr),
         // Without a group, the evaluator takes the launcher's communicator
         // when (and only if) a MoE node runs.
-        runner_(program.clone(),
-                paramsFor(device, communicator_.get(), mask_failed_ranks),
-                std::forward<Options>(options)...) {}
+        runner_(std::make_unique<Runner>(
+            program.clone(),
+            paramsFor(device, communicator_.get(), mask_failed_ranks),
+            std::forward<Options>(options)...)) {}
+  ~PyRunner() { destroyWithoutGil(runner_, communicator_); }
+  PyRunner(const PyRunner&) = delete;
+  PyRunner& operator=(const PyRunner&) = delete;
 
   std::vector<at::Tensor> run(const py::sequence& inputs) {
     std::vector<c10::IValue> values = inputsOf(inputs);
     py::gil_scoped_release release;
-    return runner_.run(values);
+    return runner_->run(values);
   }
   void checkStatus() {
     py::gil_scoped_release release;
-    runner_.checkStatus();
+    runner_->checkStatus();
   }
   // After hostfuse.moe.recover(): later MoE nodes run over the survivors.
   void resetCommunicator() {
     HF_CHECK(communicator_ == nullptr,
              "reset_communicator: this evaluator runs over a process group; "
              "make a new one over the survivors' group instead");
-    runner_.resetCommunicator(nullptr);
+    runner_->resetCommunicator(nullptr);
   }
   std::vector<int64_t> maskedRanks() { return evaluator().maskedRanks(); }
-  const Runner& runner() const { return runner_; }
+  const Runner& runner() const { return *runner_; }
 
  private:
   static HostIrEvaluatorParams paramsFor(
@@ -184,26 +209,18 @@ class PyRunner {
   }
   HostIrEvaluator& evaluator() {
     if constexpr (std::is_same_v<Runner, HostIrEvaluator>) {
-      return runner_;
+      return *runner_;
     } else {
-      return runner_.evaluator();
+      return runner_->evaluator();
     }
   }
 
   std::shared_ptr<Communicator> communicator_;
-  Runner runner_;
+  std::unique_ptr<Runner> runner_;
 };
 
 using PyEvaluator = PyRunner<HostIrEvaluator>;
 using PyGraphRunner = PyRunner<GraphRunner>;
-
-bool interpreterFinalizing() {
-#if PY_VERSION_HEX >= 0x030D0000
-  return Py_IsFinalizing() != 0;
-#else
-  return _Py_IsFinalizing() != 0;
-#endif
-}
 
 // The functional MoE API's state: one backend's runtime over one group.
 // Sites (the cuda backend's workspaces) are named by the Python side.
@@ -217,17 +234,7 @@ class PyMoeRuntime {
         runtime_(createMoeRuntime(backend_, *communicator_,
                                   maskFailedRanks(mask_failed_ranks))) {}
 
-  // Tearing down waits for the device (a kernel may wait for its peers up to
-  // its timeout) and shuts down the backends this runtime owns: without the
-  // GIL, so that other Python threads run meanwhile. While the interpreter
-  // finalizes, the GIL is kept.
-  ~PyMoeRuntime() {
-    if (PyGILState_Check() == 1 && !interpreterFinalizing()) {
-      py::gil_scoped_release release;
-      runtime_.reset();
-      communicator_.reset();
-    }
-  }
+  ~PyMoeRuntime() { destroyWithoutGil(runtime_, communicator_); }
   PyMoeRuntime(const PyMoeRuntime&) = delete;
   PyMoeRuntime& operator=(const PyMoeRuntime&) = delete;
 
@@ -575,7 +582,7 @@ PYBIND11_MODULE(_C, m) {
         "x's slice [start, start + length) along dim, as a view (torch's "
         "narrow): no copy. A program-level op: a fusion run on its result "
         "reads the view in place; inside a fusion, kernel codegen refuses "
-        "it (such a fusion runs on CPU tensors only).");
+        "it (such a fusion runs op by op on ATen, not as one kernel).");
   m.def(
       "run_fusion",
       [](const std::shared_ptr<Fusion>& fusion, const py::list& inputs) {

@@ -22,8 +22,8 @@ void checkSlice(const std::string& who, const TensorView* x, int64_t dim,
   const std::optional<int64_t> size = x->extent(dim)->constantInt();
   // length <= size - start: start + length could overflow.
   HF_CHECK(!size.has_value() || (start <= *size && length <= *size - start),
-           who, ": the slice [", start, ", ", start + length, ") of dim ", dim,
-           " does not fit ", x->toDeclString(), ", whose size there is ",
+           who, ": a slice of length ", length, " from ", start, " in dim ",
+           dim, " does not fit ", x->toDeclString(), ", whose size there is ",
            size.value_or(0));
 }
 
@@ -61,8 +61,8 @@ std::vector<c10::IValue> Narrow::evaluate(
     const std::vector<c10::IValue>& inputs) const {
   const at::Tensor x = inputs.at(0).toTensor();
   HF_CHECK(start() <= x.size(dim()) && length() <= x.size(dim()) - start(),
-           toInlineString(), ": the slice [", start(), ", ", start() + length(),
-           ") of dim ", dim(), " does not fit x of sizes ", x.sizes());
+           toInlineString(), ": a slice of length ", length(), " from ",
+           start(), " in dim ", dim(), " does not fit x of sizes ", x.sizes());
   return {x.narrow(dim(), start(), length())};
 }
 

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <hostfuse/multidevice/moe/fp8.h>
+#include <hostfuse/utils/exceptions.h>
 
 namespace hostfuse::moe {
 
@@ -25,6 +26,12 @@ at::Tensor quantizeFp8Packed(const at::Tensor& x) {
 
 std::pair<at::Tensor, at::Tensor> unpackFp8(const at::Tensor& packed,
                                             int64_t hidden) {
+  HF_CHECK(hidden > 0 && hidden % kFp8Block == 0 && packed.dim() == 2 &&
+               packed.scalar_type() == at::kByte &&
+               packed.size(1) == fp8PackedRowBytes(hidden),
+           "unpackFp8: packed rows of ", hidden, " channels must be [N, ",
+           fp8PackedRowBytes(hidden), "] uint8 (H a multiple of ", kFp8Block,
+           "), got ", packed.scalar_type(), " of sizes ", packed.sizes());
   const int64_t blocks = hidden / kFp8Block;
   return {packed.narrow(1, 0, hidden).view(at::kFloat8_e4m3fn),
           packed.narrow(1, hidden, blocks * 4).view(at::kFloat)};
