@@ -13,7 +13,8 @@
 //
 //   tools/launch.sh 4 build/bench_moe_layer [--tokens 128,4096] [--hidden H]
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
-//       [--blocks B] [--link-gbps G] [--exprs]
+//       [--blocks B] [--link-gbps G] [--exprs] [--fp8] [--per-rank]
+//       [--fused-gate-up]
 //
 // Reported: the median over B blocks of the mean time per step of N
 // back-to-back steps (each block starts after a barrier; the time of a
@@ -451,8 +452,8 @@ int main(int argc, char** argv) {
     const at::Tensor w_gate = expert({L, H, I});
     const at::Tensor w_up = expert({L, H, I});
     const at::Tensor w_down = expert({L, I, H});
-    const at::Tensor w_gate_up =
-        args.fused_gate_up ? at::cat({w_gate, w_up}, 2) : at::Tensor();
+    const std::vector<at::Tensor> experts =
+        moeLayerExpertWeights(config, w_gate, w_up, w_down);
     HostIrEvaluator collective(makeMoeLayerProgram(collective_config));
 
     for (const int64_t tokens : args.tokens) {
@@ -460,10 +461,8 @@ int main(int argc, char** argv) {
       row.tokens = tokens;
       const int steps = args.steps > 0 ? args.steps : (tokens <= 1024 ? 20 : 5);
       const at::Tensor x = at::randn({tokens, H}, options).to(at::kBFloat16);
-      const std::vector<c10::IValue> inputs =
-          args.fused_gate_up
-              ? std::vector<c10::IValue>{x, router_w, w_gate_up, w_down}
-              : std::vector<c10::IValue>{x, router_w, w_gate, w_up, w_down};
+      std::vector<c10::IValue> inputs = {x, router_w};
+      inputs.insert(inputs.end(), experts.begin(), experts.end());
       const std::vector<at::Tensor> collective_out = collective.run(inputs);
       const at::Tensor reference = collective_out[0];
       {
@@ -484,9 +483,7 @@ int main(int argc, char** argv) {
 
       // A runner per T: its MoE workspaces are sized for this T.
       GraphRunnerOptions runner_options;
-      runner_options.persistent_inputs = args.fused_gate_up
-                                             ? std::vector<size_t>{1, 2, 3}
-                                             : std::vector<size_t>{1, 2, 3, 4};
+      runner_options.persistent_inputs = moeLayerPersistentInputs(config);
       GraphRunner runner(makeMoeLayerProgram(config), {}, runner_options);
       bool have_cuda = true;
       try {

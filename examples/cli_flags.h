@@ -122,7 +122,19 @@ class Flags {
             const char* help, const char* default_text = nullptr) {
     Spec spec =
         makeSpec(Kind::kText, name, metavar, 0, 0, help, default_text, *value);
+    spec.text = value;
+    specs_.push_back(std::move(spec));
+  }
+
+  // "--name METAVAR": one of `choices` into `*value` (whose value before
+  // parse() is the default).
+  void choice(const char* name, const char* metavar, std::string* value,
+              std::vector<std::string> choices, const char* help) {
+    Spec spec =
+        makeSpec(Kind::kChoice, name, metavar, 0, 0, help, nullptr, *value);
+    spec.range = choiceRange(choices);
     spec.choice = value;
+    spec.choices = std::move(choices);
     specs_.push_back(std::move(spec));
   }
 
@@ -148,16 +160,9 @@ class Flags {
   // `*value` (whose value before parse() is the default).
   void positionalChoice(const char* metavar, std::string* value,
                         std::vector<std::string> choices, const char* help) {
-    std::string range;  // "a", "a or b", "a, b or c"
-    for (size_t i = 0; i < choices.size(); ++i) {
-      range += (i == 0                    ? ""
-                : i + 1 == choices.size() ? " or "
-                                          : ", ") +
-               choices[i];
-    }
     positional_ =
         makeSpec(Kind::kChoice, metavar, metavar, 0, 0, help, nullptr, *value);
-    positional_->range = range;
+    positional_->range = choiceRange(choices);
     positional_->choice = value;
     positional_->choices = std::move(choices);
   }
@@ -290,7 +295,8 @@ class Flags {
     std::function<void(int64_t)> store;
     std::vector<int64_t>* list = nullptr;
     bool* on = nullptr;
-    std::string* choice = nullptr;  // kChoice and kText
+    std::string* choice = nullptr;
+    std::string* text = nullptr;
     std::vector<std::string> choices;
   };
 
@@ -312,6 +318,18 @@ class Flags {
                      : "an integer " + describeBounds(min, max);
     spec.default_to = default_text != nullptr ? default_text : shown;
     return spec;
+  }
+
+  // "a", "a or b", "a, b or c".
+  static std::string choiceRange(const std::vector<std::string>& choices) {
+    std::string range;
+    for (size_t i = 0; i < choices.size(); ++i) {
+      range += (i == 0                    ? ""
+                : i + 1 == choices.size() ? " or "
+                                          : ", ") +
+               choices[i];
+    }
+    return range;
   }
 
   // "-5" is a (negative) value, "--x" and "-x" are flags.
@@ -386,7 +404,7 @@ class Flags {
           fail(refusal);
           return false;
         }
-        *spec.choice = std::string(value);
+        *spec.text = std::string(value);
         return true;
       case Kind::kOption:
         break;

@@ -211,19 +211,16 @@ int main(int argc, char** argv) {
     const at::Tensor w_gate = random({L, H, I}, 200 + me, 1 / std::sqrt(H));
     const at::Tensor w_up = random({L, H, I}, 300 + me, 1 / std::sqrt(H));
     const at::Tensor w_down = random({L, I, H}, 400 + me, 1 / std::sqrt(I));
-    const std::vector<c10::IValue> inputs =
-        args.fused_gate_up
-            ? std::vector<c10::IValue>{x, router_w, at::cat({w_gate, w_up}, 2),
-                                       w_down}
-            : std::vector<c10::IValue>{x, router_w, w_gate, w_up, w_down};
+    std::vector<c10::IValue> inputs = {x, router_w};
+    for (const at::Tensor& w :
+         moeLayerExpertWeights(config, w_gate, w_up, w_down)) {
+      inputs.emplace_back(w);
+    }
 
     std::vector<at::Tensor> outputs;
     if (gpu) {
       GraphRunnerOptions options;
-      // The router and the experts.
-      options.persistent_inputs = args.fused_gate_up
-                                      ? std::vector<size_t>{1, 2, 3}
-                                      : std::vector<size_t>{1, 2, 3, 4};
+      options.persistent_inputs = moeLayerPersistentInputs(config);
       GraphRunner runner(std::move(program), {}, options);
       const int index = device.index();
       runner.run(inputs);  // eager: workspaces, kernels, cuBLAS

@@ -13,8 +13,9 @@
 #
 # Default tokens: "128 4096"; default DIR: build/peers-<N>ranks. DIR is
 # emptied first when an earlier run_peers.sh made it (a fresh CSV each
-# run); any other non-empty DIR is refused, never deleted. Builds and installs the Python package first (tools/setup.sh)
-# unless HOSTFUSE_NO_BUILD=1. Exit status 1 if a step fails or a row's
+# run); any other non-empty DIR is refused, never deleted. Builds and
+# installs the Python package first (tools/setup.sh) unless
+# HOSTFUSE_NO_BUILD=1. Exit status 1 if a step fails or a row's
 # output check fails; the other steps still run.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"

@@ -342,9 +342,13 @@ def run_tokens(ctx, args, tokens, writer, device_name, timings):
                    "counts": ref.recv_expert_counts.long(), "out": ref_out})
         timings += [(tokens, row, phase, us) for row, phase, us, _, _ in results]
     if ctx.rank == 0:
-        if args.dump:
+        if args.dump and ctx.cuda:
             print(f"  NCCL EP: inputs and outputs written to {args.dump}; run "
-                  f"tools/launch.sh {ctx.world} <nccl_ep>/bin/nccl_ep_bench --dump {args.dump}")
+                  f"tools/launch.sh {ctx.world} build_nccl_ep/bin/nccl_ep_bench "
+                  f"--dump {args.dump}")
+        elif args.dump:
+            print(f"  NCCL EP: inputs and outputs written to {args.dump} (NCCL EP "
+                  f"itself needs GPUs)")
         else:
             print(f"  NCCL EP: not measured here: {nccl_ep_status()}")
         base = {phase: us for row, phase, us, _, _ in results if row == "torch a2a"}

@@ -814,8 +814,13 @@ TEST_P(FusedGateUpLayer, MatchesTheLayerWithTwoProjections) {
   const at::Tensor w_down = weights({L, I, H}, 94);
   const std::vector<at::Tensor> a =
       separate.run({x, router_w, w_gate, w_up, w_down});
-  const std::vector<at::Tensor> b =
-      fused.run({x, router_w, at::cat({w_gate, w_up}, 2), w_down});
+  std::vector<c10::IValue> fused_inputs = {x, router_w};
+  for (const at::Tensor& w :
+       moeLayerExpertWeights(fused_config, w_gate, w_up, w_down)) {
+    fused_inputs.emplace_back(w);
+  }
+  ASSERT_EQ(fused_inputs.size(), 4u);
+  const std::vector<at::Tensor> b = fused.run(fused_inputs);
   EXPECT_TRUE(at::equal(a[1], b[1])) << "the routing differs";
   EXPECT_TRUE(at::equal(a[2], b[2]));
   const at::Tensor expected = moeLayerReference(

@@ -111,6 +111,23 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
   return program;
 }
 
+std::vector<at::Tensor> moeLayerExpertWeights(const MoeLayerConfig& config,
+                                              const at::Tensor& w_gate,
+                                              const at::Tensor& w_up,
+                                              const at::Tensor& w_down) {
+  if (config.fused_gate_up) {
+    return {at::cat({w_gate, w_up}, 2), w_down};
+  }
+  return {w_gate, w_up, w_down};
+}
+
+std::vector<size_t> moeLayerPersistentInputs(const MoeLayerConfig& config) {
+  if (config.fused_gate_up) {
+    return {1, 2, 3};
+  }
+  return {1, 2, 3, 4};
+}
+
 at::Tensor moeLayerReference(const at::Tensor& x, const at::Tensor& topk_idx,
                              const at::Tensor& topk_weights,
                              const at::Tensor& w_gate, const at::Tensor& w_up,

@@ -37,6 +37,7 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <vector>
 
 #include <hostfuse/host_ir/container.h>
 #include <hostfuse/ir/data_type.h>
@@ -67,6 +68,19 @@ struct MoeLayerConfig {
 
 std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
     const MoeLayerConfig& config);
+
+// The expert weights as the program of `config` takes them, after x and
+// router_w: {w_gate, w_up, w_down}, or with fused_gate_up {w_gate_up =
+// cat(w_gate, w_up, 2), w_down} (concatenated here, once: keep the result
+// for every step).
+std::vector<at::Tensor> moeLayerExpertWeights(const MoeLayerConfig& config,
+                                              const at::Tensor& w_gate,
+                                              const at::Tensor& w_up,
+                                              const at::Tensor& w_down);
+
+// The program's inputs that stay the same from step to step (router_w and
+// the expert weights), for GraphRunnerOptions::persistent_inputs.
+std::vector<size_t> moeLayerPersistentInputs(const MoeLayerConfig& config);
 
 // The fusion of the activation: act = silu(gate) * up, computed in fp32 and
 // rounded to `dtype`; inputs gate, up [rows, I].
