@@ -291,6 +291,40 @@ void timeSteps(Workload& w, Outcome& o, D dispatch, C combine, K checkFirst) {
   o.combine_us = slowest(median(c), w.comm, w.stream);
 }
 
+// A bf16 device array's elements [offset, offset + n) as their bits.
+std::vector<uint16_t> bf16Bits(const DeviceArray<__nv_bfloat16>& a,
+                               size_t offset, size_t n) {
+  const std::vector<__nv_bfloat16> values = a.download(offset, n);
+  std::vector<uint16_t> bits(n);
+  std::memcpy(bits.data(), values.data(), n * sizeof(uint16_t));
+  return bits;
+}
+
+// check() on NCCL EP's outputs: local expert e's rows are rows
+// [starts[e], starts[e] + counts[e]) of `recv` (H wide), which must lie
+// before ends[e]; `out` holds the combined tokens.
+std::string checkOutputs(const Workload& wl,
+                         const DeviceArray<__nv_bfloat16>& recv,
+                         const std::vector<int32_t>& counts32,
+                         const std::vector<int64_t>& starts,
+                         const std::vector<int64_t>& ends,
+                         const DeviceArray<__nv_bfloat16>& out) {
+  const size_t H = wl.m.hidden;
+  const std::vector<int64_t> counts(counts32.begin(), counts32.end());
+  std::vector<std::vector<uint16_t>> experts(counts.size());
+  for (size_t e = 0; e < counts.size(); ++e) {
+    if (counts[e] < 0 || starts[e] < 0 || counts[e] > ends[e] - starts[e]) {
+      return "local expert " + std::to_string(e) + ": " +
+             std::to_string(counts[e]) + " rows from row " +
+             std::to_string(starts[e]) + " do not fit before row " +
+             std::to_string(ends[e]);
+    }
+    experts[e] = bf16Bits(recv, starts[e] * H, counts[e] * H);
+  }
+  return check(experts, counts, bf16Bits(out, 0, wl.tokens * H), wl.mine,
+               wl.expected, wl.m);
+}
+
 struct Inputs {
   DeviceArray<__nv_bfloat16> x;
   DeviceArray<int64_t> idx;
@@ -367,23 +401,13 @@ Outcome runLowLatency(Workload& wl) {
         CHECK_NCCL(ncclEpCombine(handle, &c_in, &c_out, nullptr, wl.stream));
       },
       [&] {
-        const std::vector<int32_t> c32 = counters.download(0, L);
-        std::vector<int64_t> counts(c32.begin(), c32.end());
-        std::vector<std::vector<uint16_t>> experts(L);
-        for (size_t e = 0; e < L; ++e) {
-          if (counts[e] < 0 || counts[e] > static_cast<int64_t>(slots)) {
-            return "local expert " + std::to_string(e) + " count " +
-                   std::to_string(counts[e]) + " outside [0, R x T]";
-          }
-          const std::vector<__nv_bfloat16> r =
-              recv.download(e * slots * H, counts[e] * H);
-          experts[e].resize(r.size());
-          std::memcpy(experts[e].data(), r.data(), r.size() * 2);
+        std::vector<int64_t> starts, ends;
+        for (size_t e = 0; e < L; ++e) {  // expert e's zone of R x T rows
+          starts.push_back(e * slots);
+          ends.push_back((e + 1) * slots);
         }
-        const std::vector<__nv_bfloat16> y = in.out.download(0, T * H);
-        std::vector<uint16_t> combined(y.size());
-        std::memcpy(combined.data(), y.data(), y.size() * 2);
-        return check(experts, counts, combined, wl.mine, wl.expected, m);
+        return checkOutputs(wl, recv, counters.download(0, L), starts, ends,
+                            in.out);
       });
   CHECK_CUDA(cudaStreamSynchronize(wl.stream));
   CHECK_NCCL(ncclEpHandleDestroy(handle));
@@ -459,26 +483,10 @@ Outcome runHighThroughput(Workload& wl) {
         CHECK_NCCL(ncclEpCombine(handle, &c_in, &c_out, nullptr, wl.stream));
       },
       [&] {
-        const std::vector<int32_t> c32 = counters.download(0, L);
-        const std::vector<int32_t> starts = offsets.download(0, L);
-        std::vector<int64_t> counts(c32.begin(), c32.end());
-        std::vector<std::vector<uint16_t>> experts(L);
-        for (size_t e = 0; e < L; ++e) {
-          if (counts[e] < 0 || starts[e] < 0 ||
-              starts[e] + counts[e] > static_cast<int64_t>(slots)) {
-            return "local expert " + std::to_string(e) + " zone [" +
-                   std::to_string(starts[e]) + ", +" +
-                   std::to_string(counts[e]) + ") outside the receive rows";
-          }
-          const std::vector<__nv_bfloat16> r =
-              recv.download(starts[e] * H, counts[e] * H);
-          experts[e].resize(r.size());
-          std::memcpy(experts[e].data(), r.data(), r.size() * 2);
-        }
-        const std::vector<__nv_bfloat16> y = in.out.download(0, T * H);
-        std::vector<uint16_t> combined(y.size());
-        std::memcpy(combined.data(), y.data(), y.size() * 2);
-        return check(experts, counts, combined, wl.mine, wl.expected, m);
+        const std::vector<int32_t> offset = offsets.download(0, L);
+        const std::vector<int64_t> starts(offset.begin(), offset.end());
+        return checkOutputs(wl, recv, counters.download(0, L), starts,
+                            std::vector<int64_t>(L, slots), in.out);
       });
   CHECK_CUDA(cudaStreamSynchronize(wl.stream));
   CHECK_NCCL(ncclEpHandleDestroy(handle));
