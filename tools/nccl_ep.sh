@@ -17,7 +17,7 @@
 # refused, never deleted. NCCL builds in
 # DIR/build (its own default) and a second run reuses it. NCCL's source:
 # github.com/NVIDIA/nccl (a release tag >= v2.30, or master). Building NCCL
-# for one architecture takes about 1.5 hours on 2 cores, minutes on 16.
+# for one architecture took about 40 minutes on 2 cores.
 # docs/performance.md ("NCCL EP") says how the benchmark is run.
 set -euo pipefail
 

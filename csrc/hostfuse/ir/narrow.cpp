@@ -49,9 +49,7 @@ void Narrow::validate() const {
   checkSlice("Narrow", x(), dim(), start(), length());
   HF_CHECK(out()->rank() == x()->rank() && out()->dtype() == x()->dtype(),
            "Narrow: out ", out()->toDeclString(),
-           " must have the rank and "
-           "dtype of x ",
-           x()->toDeclString());
+           " must have the rank and dtype of x ", x()->toDeclString());
   const std::optional<int64_t> out_length = out()->extent(dim())->constantInt();
   HF_CHECK(out_length == length(), "Narrow: out ", out()->toDeclString(),
            " must have size ", length(), " in dim ", dim());

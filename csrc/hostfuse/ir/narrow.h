@@ -1,9 +1,9 @@
-// Narrow: a slice of a tensor along one dim, as a view (ATen's narrow). A
-// host-level op: a program runs it between fusions, which read its result
-// in place. Kernel codegen refuses it inside a fusion (as it does
-// matmuls): such a fusion runs op by op on ATen, also on CUDA tensors. The MoE
-// layer uses it to split one grouped matmul's [rows, 2I] result into its gate
-// and up halves.
+// Narrow: a slice of a tensor along one dim, as a view (ATen's narrow).
+// A host-level op: a program runs it between fusions, which read its
+// result in place. Kernel codegen refuses it inside a fusion (as it does
+// matmuls): such a fusion runs op by op on ATen, also on CUDA tensors.
+// The MoE layer uses it to split one grouped matmul's [rows, 2I] result
+// into its gate and up halves.
 #pragma once
 
 #include <cstdint>
