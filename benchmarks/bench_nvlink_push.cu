@@ -23,7 +23,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -318,10 +317,8 @@ int main(int argc, char** argv) {
   }
   if (peers_csv.empty()) {
     for (const char* flag : {"--tokens", "--topk", "--experts-per-rank"}) {
-      for (int i = 1; i < argc; ++i) {
-        if (std::strncmp(argv[i], flag, std::strlen(flag)) == 0) {
-          return flags.fail(std::string(flag) + " goes with --peers-csv");
-        }
+      if (flags.given(flag)) {
+        return flags.fail(std::string(flag) + " goes with --peers-csv");
       }
     }
   } else {
@@ -336,8 +333,10 @@ int main(int argc, char** argv) {
   if (sizes.empty() && peers_csv.empty()) {
     // Per peer at H = 7168 bf16, K = 8, 8 experts a rank, 4 ranks: the
     // dispatch (tokens with picks on the peer) and the combine (picks) at
-    // T = 128, then the dispatch at T = 4096.
-    sizes = {119 * kRowBytes, 256 * kRowBytes, 3810 * kRowBytes};
+    // T = 128, then the dispatch at T = 4096 (119, 256 and 3810 rows).
+    const PeerRows small = peerRows(128, 8, 8, 4);
+    sizes = {small.dispatch * kRowBytes, small.combine * kRowBytes,
+             peerRows(4096, 8, 8, 4).dispatch * kRowBytes};
   }
   int n = 0;
   const cudaError_t count_status = cudaGetDeviceCount(&n);

@@ -171,6 +171,7 @@ class Flags {
   // on. 0: --help was given and the usage text printed. 2: the command
   // line is bad; one line on stderr said why.
   std::optional<int> parse(int argc, char** argv) {
+    given_.clear();
     bool positional_seen = false;
     for (int i = 1; i < argc; ++i) {
       const std::string_view arg = argv[i];
@@ -197,6 +198,7 @@ class Flags {
       if (spec == nullptr) {
         return fail("unknown flag '" + std::string(name) + "'");
       }
+      given_.push_back(spec->name);
       if (spec->kind == Kind::kOption) {
         if (equals != std::string_view::npos) {
           return fail(spec->name + " takes no value, got '" + std::string(arg) +
@@ -224,6 +226,17 @@ class Flags {
       }
     }
     return std::nullopt;
+  }
+
+  // Whether the last parse() met flag `name` on the command line (for
+  // checks of flags that only go with others).
+  bool given(std::string_view name) const {
+    for (const std::string& flag : given_) {
+      if (flag == name) {
+        return true;
+      }
+    }
+    return false;
   }
 
   // Prints "<program>: <message>" as the one line of a bad command line
@@ -487,6 +500,7 @@ class Flags {
   std::string program_;
   std::string about_;
   std::vector<Spec> specs_;
+  std::vector<std::string> given_;  // the flags parse() met, in order
   std::optional<Spec> positional_;
 };
 

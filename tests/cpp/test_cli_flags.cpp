@@ -69,6 +69,22 @@ TEST_F(CliFlags, TakesEveryKindOfValue) {
   EXPECT_EQ(v.mode, "ht");
 }
 
+TEST_F(CliFlags, SaysWhichFlagsWereGiven) {
+  Values v;
+  Flags flags = makeFlags(v);
+  char prog[] = "prog";
+  char tokens[] = "--tokens=3";
+  char cpu[] = "--cpu";
+  char* argv[] = {prog, tokens, cpu};
+  ASSERT_EQ(flags.parse(3, argv), std::nullopt);
+  EXPECT_TRUE(flags.given("--tokens"));
+  EXPECT_TRUE(flags.given("--cpu"));
+  EXPECT_FALSE(flags.given("--csv"));
+  EXPECT_FALSE(flags.given("--tok"));
+  ASSERT_EQ(flags.parse(1, argv), std::nullopt);
+  EXPECT_FALSE(flags.given("--tokens")) << "only the last parse counts";
+}
+
 TEST_F(CliFlags, KeepsDefaultsOfFlagsNotGiven) {
   Values v;
   EXPECT_EQ(parse(v, {}).status, std::nullopt);
