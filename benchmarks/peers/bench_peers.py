@@ -237,6 +237,7 @@ def symm_mem_rows(ctx, args, tokens, inputs, ref, ref_out, add):
     try:
         sm = TorchSymmMem(ctx, tokens, args.hidden, args.topk)
         replay_d, (out_rows, sm_state) = graph_of(ctx, lambda: sm.dispatch(x, idx, w))
+        replay_d()
         replay_c, sm_out = graph_of(ctx, lambda: sm.combine(out_rows, w, sm_state))
         replay_d()
         replay_c()
@@ -316,6 +317,9 @@ def run_tokens(ctx, args, tokens, writer, device_name, timings):
         moe.dispatch(x, idx, w, num_experts=ctx.experts, backend="cuda")
         replay_d, hc = graph_of(
             ctx, lambda: moe.dispatch(x, idx, w, num_experts=ctx.experts, backend="cuda"))
+        # A captured dispatch writes hc only when it replays; the combine's
+        # warm-up call needs that layout.
+        replay_d()
         replay_c, out_c = graph_of(ctx, lambda: moe.combine(hc.recv_x, hc, w))
         replay_d()
         replay_c()

@@ -220,7 +220,8 @@ std::string describeCombineInput(const StatusContext& c, const int64_t* w) {
       return fmt::format(
           "the layout (recv_layout_id) is the one of dispatch #{} of this "
           "MoeDispatch site, but its latest dispatch is #{}; combine takes "
-          "the layout of the latest dispatch",
+          "the layout of the latest dispatch (a dispatch captured in a CUDA "
+          "graph writes its outputs only when the graph replays)",
           d0, d1);
     default:
       return "";
