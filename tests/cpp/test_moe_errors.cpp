@@ -11,11 +11,14 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
 #include <hostfuse/multidevice/comm/communicator.h>
 #include <hostfuse/multidevice/moe/backend.h>
+#include <hostfuse/multidevice/moe/collective/kernels/collective_kernels.h>
+#include <hostfuse/multidevice/moe/input_checks.h>
 #include <hostfuse/multidevice/moe/runtime.h>
 #include <hostfuse/utils/torch_cuda.h>
 #include "test_utils.h"
@@ -301,6 +304,158 @@ TEST_F(MoeErrors, CombineBadInputsGiveTheSameTextOnBothBackends) {
   }
   if (backends.size() == 2) {
     EXPECT_EQ(messages[MoeBackend::Collective], messages[MoeBackend::Cuda]);
+  }
+}
+
+// A layout that names some (rank, token, pick) two or three times: every
+// device names the first row that repeats an earlier one, as
+// moe::firstRepeatedRow (three stable sorts, on the CPU) finds it. On GPUs
+// the check kernel finds it with a hash table instead of sorts, with 1200
+// rows over its 1024 threads; random repeats from a fixed seed.
+TEST_F(MoeErrors, CombineNamesTheFirstRowThatRepeatsAnEarlierOne) {
+  std::vector<at::Device> devices = {at::kCPU};
+  if (cuda::isAvailable()) {
+    devices.emplace_back(at::kCUDA, 0);
+  }
+  constexpr int64_t tokens = 300;
+  constexpr int64_t rows = tokens * kPicks;
+  at::Tensor idx = at::empty({tokens, kPicks}, at::kLong);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t k = 0; k < kPicks; ++k) {
+      idx[t][k] = (5 * t + 3 * k) % kExperts;  // distinct in a token
+    }
+  }
+  for (const at::Device& device : devices) {
+    SCOPED_TRACE(device.str());
+    MoeDispatchArgs dispatch;
+    dispatch.x = test::randomTensor({tokens, kHidden}, at::kFloat, device, 3);
+    dispatch.topk_idx = idx.to(device);
+    dispatch.topk_weights =
+        test::randomTensor({tokens, kPicks}, at::kFloat, device, 4);
+    dispatch.num_experts = kExperts;
+    int site = 0;
+    dispatch.site = &site;
+    MoeRuntime& moe = runtime(MoeBackend::Collective);
+    const MoeDispatchOutput out = moe.dispatch(dispatch);
+    ASSERT_EQ(out.layout.src_rank.numel(), rows);
+    std::mt19937 random(17);
+    auto below = [&](int64_t n) {
+      return static_cast<int64_t>(random() % static_cast<uint64_t>(n));
+    };
+    int checked = 0;
+    for (int trial = 0; trial < 8; ++trial) {
+      SCOPED_TRACE("trial " + std::to_string(trial));
+      MoeLayout layout = out.layout;
+      at::Tensor token = layout.src_token.cpu().clone();
+      at::Tensor pick = layout.src_k.cpu().clone();
+      // One to three rows repeated, each once or twice elsewhere.
+      for (int64_t kept = below(3) + 1; kept > 0; --kept) {
+        const int64_t from = below(rows);
+        for (int64_t copies = below(2) + 1; copies > 0; --copies) {
+          const int64_t to = below(rows);
+          token[to] = token[from].item<int64_t>();
+          pick[to] = pick[from].item<int64_t>();
+        }
+      }
+      MoeLayout on_cpu;
+      on_cpu.src_rank = layout.src_rank.cpu();
+      on_cpu.src_token = token;
+      on_cpu.src_k = pick;
+      const int64_t first = moe::firstRepeatedRow(on_cpu).item<int64_t>();
+      if (first == rows) {
+        continue;  // every copy landed on its own row
+      }
+      layout.src_token = token.to(device);
+      layout.src_k = pick.to(device);
+      MoeCombineArgs args;
+      args.dispatch_site = &site;
+      args.expert_out = out.recv_x;
+      args.layout = layout;
+      args.topk_weights = dispatch.topk_weights;
+      args.num_tokens = tokens;
+      args.num_experts = kExperts;
+      const std::string message = messageOf([&] { moe.combine(args); });
+      const std::string expected =
+          "MoeCombine: bad input on rank 0 of 1: row " + std::to_string(first) +
+          " of the layout names rank 0, token " +
+          std::to_string(token[first].item<int64_t>()) + ", pick " +
+          std::to_string(pick[first].item<int64_t>()) +
+          " (recv_src_rank, recv_src_token, recv_src_k) like an earlier row";
+      EXPECT_NE(message.find(expected), std::string::npos)
+          << "message: " << message << "\nexpected: " << expected;
+      ++checked;
+    }
+    EXPECT_GE(checked, 6) << "too few trials made a repeat";
+    // And the layout as dispatch made it still combines.
+    MoeCombineArgs args;
+    args.dispatch_site = &site;
+    args.expert_out = out.recv_x;
+    args.layout = out.layout;
+    args.topk_weights = dispatch.topk_weights;
+    args.num_tokens = tokens;
+    args.num_experts = kExperts;
+    EXPECT_EQ(moe.combine(args).size(0), tokens);
+  }
+}
+
+// On GPUs the combine groups the rows by source rank with
+// collective::launchSourceOrder (binary searches in each expert's rows,
+// which are in (rank, token) order) instead of a sort: its permutation is
+// the one of a stable sort by src_rank, for random layouts of 2 to 5 ranks
+// with empty experts and ranks that hold nothing. One GPU, no peers: the
+// kernel is given the layouts directly.
+TEST_F(MoeErrors, SourceOrderOfTheCollectiveCombineIsAStableSortByRank) {
+  if (!cuda::isAvailable()) {
+    GTEST_SKIP() << "the source-order kernel needs a GPU";
+  }
+  const at::Device gpu(at::kCUDA, 0);
+  std::mt19937 random(23);
+  auto below = [&](int64_t n) {
+    return static_cast<int64_t>(random() % static_cast<uint64_t>(n));
+  };
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t ranks = 2 + below(4);
+    const int64_t experts = 1 + below(5);
+    std::vector<int64_t> src_rank;
+    std::vector<int64_t> counts;
+    for (int64_t e = 0; e < experts; ++e) {
+      const size_t before = src_rank.size();
+      for (int64_t r = 0; r < ranks; ++r) {
+        // Some runs empty, some long.
+        const int64_t run = below(4) == 0 ? 0 : below(trial < 20 ? 7 : 700);
+        src_rank.insert(src_rank.end(), run, r);
+      }
+      counts.push_back(static_cast<int64_t>(src_rank.size() - before));
+    }
+    SCOPED_TRACE("trial " + std::to_string(trial) + ": " +
+                 std::to_string(ranks) + " ranks, " + std::to_string(experts) +
+                 " experts, " + std::to_string(src_rank.size()) + " rows");
+    MoeLayout layout;
+    layout.src_rank = at::tensor(src_rank, at::kLong);
+    layout.expert_counts = at::tensor(counts, at::kLong);
+    const at::Tensor from_rank =
+        at::bincount(layout.src_rank, {}, ranks).to(gpu);
+    layout.src_rank = layout.src_rank.to(gpu);
+    layout.expert_counts = layout.expert_counts.to(gpu);
+    const at::Tensor row_expert = moe::rowLocalExperts(layout);
+    const auto rows = static_cast<int64_t>(src_rank.size());
+    at::Tensor runs = at::empty({2, experts, ranks}, layout.src_rank.options());
+    at::Tensor order = at::full({rows}, -1, layout.src_rank.options());
+    moe::collective::SourceOrderArgs args;
+    args.src_rank = layout.src_rank.const_data_ptr<int64_t>();
+    args.expert_counts = layout.expert_counts.const_data_ptr<int64_t>();
+    args.from_rank = from_rank.const_data_ptr<int64_t>();
+    args.row_expert = row_expert.const_data_ptr<int64_t>();
+    args.rows = rows;
+    args.local_experts = experts;
+    args.world_size = ranks;
+    args.runs = runs.mutable_data_ptr<int64_t>();
+    args.order = order.mutable_data_ptr<int64_t>();
+    ASSERT_EQ(moe::collective::launchSourceOrder(args, cuda::currentStream(0)),
+              cudaSuccess);
+    const at::Tensor expected =
+        std::get<1>(at::sort(layout.src_rank.cpu(), /*stable=*/true, 0, false));
+    EXPECT_TRUE(at::equal(order.cpu(), expected));
   }
 }
 

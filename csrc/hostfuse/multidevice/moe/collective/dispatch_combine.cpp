@@ -173,9 +173,12 @@ at::Tensor exchangeRows(Communicator& communicator, const at::Tensor& input,
 }
 
 // Sends row r of `send` [R, W] to rank r. Returns [R, W] on the device: row
-// i is what rank i sent.
+// i is what rank i sent (with one rank, `send` itself).
 at::Tensor exchangeTable(Communicator& communicator, at::Tensor send,
                          const char* op) {
+  if (send.size(0) == 1) {
+    return send;  // one rank: its own row
+  }
   at::Tensor recv = at::empty_like(send);
   const std::vector<int64_t> ones(send.size(0), 1);
   allToAll(communicator, recv, send, ones, ones, op);
@@ -509,30 +512,28 @@ at::Tensor combineInOrder(const at::Tensor& rows, const at::Tensor& token,
   return acc.to(rows.scalar_type());
 }
 
-// The CombineSum kernel over rows in a given order: group g sums rows
-// order[starts[g] .. starts[g + 1]) in that order, row i weighted by
-// row_weights[i], or by topk_weights[g, meta[i, 1]] (meta [N, 2] i64: each
-// row's (token, pick)), or by nothing; weights in the accumulation dtype,
-// undefined when absent. [G, H] in rows' dtype.
+// The CombineSum kernel: group g sums rows order[starts[g] ..
+// starts[g + 1]) in that order, each weighted by row_weights[i] or by
+// nothing; or, with `slots` [G, K] (launchCombineSlots; order and starts
+// undefined), the rows slots[g, 0 .. K), row (g, k) weighted by
+// topk_weights[g, k]. Weights in the accumulation dtype, undefined when
+// absent. [G, H] in rows' dtype.
 at::Tensor sumSortedRows(const at::Tensor& rows, const at::Tensor& order,
                          const at::Tensor& starts,
                          const at::Tensor& row_weights,
-                         const at::Tensor& meta = at::Tensor(),
-                         const at::Tensor& topk_weights = at::Tensor()) {
+                         const at::Tensor& topk_weights = at::Tensor(),
+                         const at::Tensor& slots = at::Tensor()) {
   // The kernel reads rows [N, H] densely (expert_out may be a view).
   const at::Tensor dense = rows.contiguous();
   auto denseOrNone = [](const at::Tensor& t) {
     return t.defined() ? t.contiguous() : at::Tensor();
   };
   const at::Tensor own_weights = denseOrNone(row_weights);
-  const at::Tensor dense_meta = denseOrNone(meta);
   const at::Tensor pick_weights = denseOrNone(topk_weights);
-  const int64_t groups = starts.size(0) - 1;
+  const int64_t groups = slots.defined() ? slots.size(0) : starts.size(0) - 1;
   at::Tensor out = at::empty({groups, rows.size(1)}, dense.options());
   collective::CombineSumArgs args;
   args.rows = dense.const_data_ptr();
-  args.meta =
-      dense_meta.defined() ? dense_meta.const_data_ptr<int64_t>() : nullptr;
   args.count = dense.size(0);
   args.hidden = dense.size(1);
   args.type = rowType(dense.scalar_type());
@@ -542,29 +543,79 @@ at::Tensor sumSortedRows(const at::Tensor& rows, const at::Tensor& order,
   args.row_weights =
       own_weights.defined() ? own_weights.const_data_ptr() : nullptr;
   args.tokens = groups;
-  args.order = order.const_data_ptr<int64_t>();
-  args.token_start = starts.const_data_ptr<int64_t>();
+  if (slots.defined()) {
+    args.slots = slots.const_data_ptr<int64_t>();
+  } else {
+    args.order = order.const_data_ptr<int64_t>();
+    args.token_start = starts.const_data_ptr<int64_t>();
+  }
   args.out = out.mutable_data_ptr();
   HF_CUDA_CHECK(collective::launchCombineSum(args, streamOf(rows.device())));
   return out;
 }
 
-// combineInOrder on either device: the CombineSum kernel on GPUs. `meta`
-// [N, 2] i64: each row's (token, pick). `weights` [tokens, picks] in the
-// accumulation dtype, or undefined (weight 1).
-at::Tensor sumInOrder(const at::Tensor& rows, const at::Tensor& meta,
-                      const at::Tensor& weights, int64_t num_tokens) {
-  const at::Tensor token = meta.select(1, 0);
-  const at::Tensor pick = meta.select(1, 1);
+// On GPUs, the permutation of a stable sort of the layout's rows by
+// src_rank, from the kernels of launchSourceOrder: the layout has passed
+// the combine's checks, so each expert's rows are in (rank, token) order.
+at::Tensor sourceOrder(const MoeLayout& layout, const at::Tensor& row_expert,
+                       int64_t world_size) {
+  const int64_t rows = layout.src_rank.numel();
+  const int64_t local_experts = layout.expert_counts.numel();
+  const at::TensorOptions longs = layout.src_rank.options();
+  const at::Tensor src_rank = layout.src_rank.contiguous();
+  const at::Tensor counts = layout.expert_counts.contiguous();
+  const at::Tensor from_rank = layout.n_tokens_from_rank.contiguous();
+  const at::Tensor expert = row_expert.contiguous();
+  at::Tensor runs = at::empty({2, local_experts, world_size}, longs);
+  at::Tensor order = at::empty({rows}, longs);
+  collective::SourceOrderArgs args;
+  args.src_rank = src_rank.const_data_ptr<int64_t>();
+  args.expert_counts = counts.const_data_ptr<int64_t>();
+  args.from_rank = from_rank.const_data_ptr<int64_t>();
+  args.row_expert = expert.const_data_ptr<int64_t>();
+  args.rows = rows;
+  args.local_experts = local_experts;
+  args.world_size = world_size;
+  args.runs = runs.mutable_data_ptr<int64_t>();
+  args.order = order.mutable_data_ptr<int64_t>();
+  HF_CUDA_CHECK(
+      collective::launchSourceOrder(args, streamOf(layout.src_rank.device())));
+  return order;
+}
+
+// combineInOrder on either device: the CombineSum kernel on GPUs. `token`
+// and `pick` [N] i64 (any stride): each row's (token, pick). `weights`
+// [tokens, picks] in the accumulation dtype, or undefined (weight 1).
+at::Tensor sumInOrder(const at::Tensor& rows, const at::Tensor& token,
+                      const at::Tensor& pick, const at::Tensor& weights,
+                      int64_t num_tokens) {
   if (!rows.is_cuda()) {
     return combineInOrder(
         rows, token, pick,
         weights.defined() ? std::optional<at::Tensor>(weights) : std::nullopt,
         num_tokens);
   }
-  const TokenOrder sorted = orderByTokenThenPick(token, pick, num_tokens);
-  return sumSortedRows(rows, sorted.order, sorted.token_start, at::Tensor(),
-                       meta, weights);
+  if (!weights.defined()) {
+    const TokenOrder sorted = orderByTokenThenPick(token, pick, num_tokens);
+    return sumSortedRows(rows, sorted.order, sorted.token_start, at::Tensor());
+  }
+  // Every pick is < K (checked from the combine table): token t's rows sit
+  // in slots [T, K], the size of topk_weights, found without a sort.
+  const at::Tensor one_stride = token.stride(0) == pick.stride(0)
+                                    ? at::Tensor()
+                                    : at::stack({token, pick}, 1);
+  const at::Tensor tokens =
+      one_stride.defined() ? one_stride.select(1, 0) : token;
+  const at::Tensor picks =
+      one_stride.defined() ? one_stride.select(1, 1) : pick;
+  at::Tensor slots = at::full({num_tokens, weights.size(1)}, -1,
+                              token.options().dtype(at::kLong));
+  HF_CUDA_CHECK(collective::launchCombineSlots(
+      tokens.const_data_ptr<int64_t>(), picks.const_data_ptr<int64_t>(),
+      tokens.stride(0), tokens.numel(), weights.size(1),
+      slots.mutable_data_ptr<int64_t>(), streamOf(rows.device())));
+  return sumSortedRows(rows, at::Tensor(), at::Tensor(), at::Tensor(), weights,
+                       slots);
 }
 
 // reduce=per_rank on the experts' rank: one partial row per (source rank,
@@ -697,8 +748,7 @@ at::Tensor combinePerRank(const MoeCombineArgs& args,
   const at::Tensor rank =
       at::repeat_interleave(at::arange(world_size, token.options()),
                             from_rank.to(device), 0, num_recv);
-  return sumInOrder(returned, at::stack({token, rank}, 1), at::Tensor(),
-                    args.num_tokens);
+  return sumInOrder(returned, token, rank, at::Tensor(), args.num_tokens);
 }
 
 }  // namespace
@@ -993,11 +1043,11 @@ at::Tensor combineCollective(const MoeCombineArgs& args,
       weights_given ? dtypeCode(*weights_given) : kNoDtype, num_tokens, picks,
       per_rank ? kCallCombinePerRank : kCallCombine, call);
   at::Tensor send_table;  // [R, tableWidth(R)]
+  at::Tensor row_expert;  // GPUs: each row's local expert, for step 3 too
   if (gpu) {
     send_table = at::empty({world_size, tableWidth(world_size)}, longs);
     std::array<at::Tensor, 7> vectors;
-    at::Tensor first_repeated;
-    at::Tensor row_expert;
+    at::Tensor seen;
     at::Tensor fingerprints;
     collective::CombineCheckArgs args;
     args.valid = valid;
@@ -1015,8 +1065,12 @@ at::Tensor combineCollective(const MoeCombineArgs& args,
       args.expert_counts = vectors[3].const_data_ptr<int64_t>();
       args.to_rank = vectors[4].const_data_ptr<int64_t>();
       args.from_rank = vectors[5].const_data_ptr<int64_t>();
-      first_repeated = moe::firstRepeatedRow(layout);
-      args.first_repeated_row = first_repeated.const_data_ptr<int64_t>();
+      const int64_t slots = collective::repeatSlots(rows);
+      seen = at::full({slots + 1}, -1, longs);
+      HF_CUDA_CHECK(collective::launchFirstRepeatedRow(
+          args.src_rank, args.src_token, args.src_k, rows,
+          seen.mutable_data_ptr<int64_t>(), streamOf(device)));
+      args.first_repeated_row = seen.const_data_ptr<int64_t>() + slots;
       row_expert = moe::rowLocalExperts(layout);
       args.row_expert = row_expert.const_data_ptr<int64_t>();
       args.layout_id = vectors[6].const_data_ptr<int64_t>();
@@ -1090,18 +1144,22 @@ at::Tensor combineCollective(const MoeCombineArgs& args,
   // (token, pick) beside it. Sorted by source rank, unless there is one.
   const bool one_source = world_size == 1;
   const at::Tensor perm =
-      one_source
-          ? at::Tensor()
-          : std::get<1>(at::sort(layout.src_rank, /*stable=*/true, 0, false));
+      one_source ? at::Tensor()
+      : gpu      ? sourceOrder(layout, row_expert, world_size)
+                 : std::get<1>(at::sort(layout.src_rank, /*stable=*/true, 0,
+                                        /*descending=*/false));
   auto bySource = [&](const at::Tensor& t) {
     return one_source ? t.contiguous() : t.index_select(0, perm);
   };
   const at::Tensor returned =
       exchangeRows(communicator, bySource(expert_out), num_recv, recv_splits,
                    send_splits, "MoeCombine");
-  const at::Tensor meta = exchangeRows(
-      communicator, bySource(at::stack({layout.src_token, layout.src_k}, 1)),
-      num_recv, recv_splits, send_splits, "MoeCombine");
+  const at::Tensor meta =
+      one_source ? at::Tensor()
+                 : exchangeRows(
+                       communicator,
+                       bySource(at::stack({layout.src_token, layout.src_k}, 1)),
+                       num_recv, recv_splits, send_splits, "MoeCombine");
 
   // 4. Per token, the sum of its picks in pick order (see combineInOrder).
   const at::ScalarType accumulate =
@@ -1109,7 +1167,9 @@ at::Tensor combineCollective(const MoeCombineArgs& args,
   const at::Tensor weights = topk_weights.has_value()
                                  ? topk_weights->to(accumulate).contiguous()
                                  : at::Tensor();
-  return sumInOrder(returned, meta, weights, num_tokens);
+  return sumInOrder(returned, one_source ? layout.src_token : meta.select(1, 0),
+                    one_source ? layout.src_k : meta.select(1, 1), weights,
+                    num_tokens);
 }
 
 }  // namespace hostfuse

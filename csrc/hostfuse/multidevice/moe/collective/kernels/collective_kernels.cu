@@ -5,6 +5,7 @@
 // are grid-wide.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <math_constants.h>
 
 #include <climits>
 #include <cstdint>
@@ -220,6 +221,72 @@ __global__ void dispatchLayoutKernel(const DispatchLayoutArgs a) {
 
 // --- Combine ----------------------------------------------------------------
 
+// A 64-bit mix of one word into a running hash (the finalizer of
+// MurmurHash3): spreads (rank, token, pick) over the table's slots.
+__device__ unsigned long long mixIn(unsigned long long hash,
+                                    unsigned long long word) {
+  hash ^= word;
+  hash ^= hash >> 33;
+  hash *= 0xff51afd7ed558ccdULL;
+  hash ^= hash >> 33;
+  hash *= 0xc4ceb9fe1a85ec53ULL;
+  hash ^= hash >> 33;
+  return hash;
+}
+
+// Inserts row i, which names (rank, token, pick), into the open-addressing
+// table `seen` of mask + 1 slots (linear probing; at most half full, so a
+// probe ends). Returns the row that this insertion finds repeating an
+// earlier row of the same (rank, token, pick), kNone if it finds none.
+//
+// A slot holds the smallest row of its (rank, token, pick) seen so far: a
+// row that finds its own key there lowers it with atomicMin and reports
+// the larger of the two rows. Every row but the smallest of its key is
+// then reported by someone (it is either never the slot's value, and
+// reports itself, or replaced by a smaller row, which reports it), and no
+// smallest row is ever reported; so the least reported row over the whole
+// layout is moe::firstRepeatedRow's answer, in whatever order the threads
+// run.
+__device__ unsigned long long insertSeen(unsigned long long* seen,
+                                         unsigned long long mask,
+                                         const int64_t* src_rank,
+                                         const int64_t* src_token,
+                                         const int64_t* src_k, int64_t i) {
+  const int64_t rank = src_rank[i];
+  const int64_t token = src_token[i];
+  const int64_t pick = src_k[i];
+  const auto me = static_cast<unsigned long long>(i);
+  unsigned long long slot =
+      mixIn(mixIn(mixIn(0x9e3779b97f4a7c15ULL, rank), token), pick) & mask;
+  for (;; slot = (slot + 1) & mask) {
+    const unsigned long long held = atomicCAS(seen + slot, kNone, me);
+    if (held == kNone) {
+      return kNone;
+    }
+    if (src_rank[held] == rank && src_token[held] == token &&
+        src_k[held] == pick) {
+      const unsigned long long before = atomicMin(seen + slot, me);
+      return before < me ? me : before;
+    }
+  }
+}
+
+__global__ void firstRepeatedKernel(const int64_t* src_rank,
+                                    const int64_t* src_token,
+                                    const int64_t* src_k, int64_t rows,
+                                    int64_t slots, int64_t* seen) {
+  auto* table = reinterpret_cast<unsigned long long*>(seen);
+  const auto mask = static_cast<unsigned long long>(slots - 1);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < rows; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const unsigned long long repeated =
+        insertSeen(table, mask, src_rank, src_token, src_k, i);
+    if (repeated != kNone) {
+      atomicMin(table + slots, repeated);
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kCheckThreads)
     combineCheckKernel(const CombineCheckArgs a) {
   extern __shared__ long long per_rank[];  // [3 R]: rows, largest token, pick
@@ -329,8 +396,7 @@ __global__ void __launch_bounds__(kCheckThreads)
       } else if (first_negative != kNone) {
         const auto row = static_cast<int64_t>(first_negative);
         bad(kStatusProvenanceNegative, row, a.src_token[row], a.src_k[row]);
-      } else if (a.first_repeated_row != nullptr &&
-                 *a.first_repeated_row < a.rows) {
+      } else if (*a.first_repeated_row >= 0) {
         const int64_t row = *a.first_repeated_row;
         bad(kStatusProvenanceRepeated, row, a.src_rank[row], a.src_token[row],
             a.src_k[row]);
@@ -381,6 +447,60 @@ __global__ void __launch_bounds__(kCheckThreads)
   }
 }
 
+// Where each (expert, rank) run of the layout starts (runs[0]) and where it
+// goes in source-rank order (runs[1]); one block.
+__global__ void __launch_bounds__(kCheckThreads)
+    sourceRunsKernel(const SourceOrderArgs a) {
+  const int64_t L = a.local_experts;
+  const int64_t R = a.world_size;
+  int64_t* const start = a.runs;
+  int64_t* const target = a.runs + L * R;
+  for (int64_t p = threadIdx.x; p < L * R; p += blockDim.x) {
+    const int64_t e = p / R;
+    const int64_t r = p % R;
+    int64_t lo = 0;
+    for (int64_t f = 0; f < e; ++f) {
+      lo += a.expert_counts[f];
+    }
+    // The first row of expert e whose rank is >= r.
+    int64_t hi = lo + a.expert_counts[e];
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (a.src_rank[mid] < r) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    start[p] = lo;
+  }
+  __syncthreads();
+  for (int64_t r = threadIdx.x; r < R; r += blockDim.x) {
+    int64_t next = 0;  // where rank r's next run goes
+    for (int64_t q = 0; q < r; ++q) {
+      next += a.from_rank[q];
+    }
+    int64_t expert_end = 0;
+    for (int64_t e = 0; e < L; ++e) {
+      expert_end += a.expert_counts[e];
+      const int64_t end = r + 1 < R ? start[e * R + r + 1] : expert_end;
+      target[e * R + r] = next;
+      next += end - start[e * R + r];
+    }
+  }
+}
+
+__global__ void sourceOrderKernel(const SourceOrderArgs a) {
+  const int64_t R = a.world_size;
+  const int64_t* const start = a.runs;
+  const int64_t* const target = a.runs + a.local_experts * R;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < a.rows; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t run = a.row_expert[i] * R + a.src_rank[i];
+    a.order[target[run] + i - start[run]] = i;
+  }
+}
+
 // Element conversions and the rounded operations of the accumulation type.
 template <typename T>
 struct Value;
@@ -415,21 +535,49 @@ __device__ float mulRn(float a, float b) { return __fmul_rn(a, b); }
 __device__ double addRn(double a, double b) { return __dadd_rn(a, b); }
 __device__ double mulRn(double a, double b) { return __dmul_rn(a, b); }
 
-// Row `row` of token t's weight: from topk_weights by its pick, or its
-// own; nothing (1) without either.
+// The weight of row `row`, token t's pick k (k known with slots only):
+// from topk_weights by its pick, or its own; nothing (1) without either.
 template <typename Acc>
 __device__ __forceinline__ bool weightOf(const CombineSumArgs& a, int64_t t,
-                                         int64_t row, Acc* weight) {
+                                         int64_t row, int64_t k, Acc* weight) {
   if (a.row_weights != nullptr) {
     *weight = static_cast<const Acc*>(a.row_weights)[row];
     return true;
   }
   if (a.topk_weights != nullptr) {
-    *weight = static_cast<const Acc*>(
-        a.topk_weights)[t * a.picks + a.meta[2 * row + 1]];
+    *weight = static_cast<const Acc*>(a.topk_weights)[t * a.picks + k];
     return true;
   }
   return false;
+}
+
+__device__ float quietNan(float) { return CUDART_NAN_F; }
+__device__ double quietNan(double) { return CUDART_NAN; }
+
+// Calls add(row, k) for token t's rows in ascending pick order, k the
+// row's pick with slots, -1 without (masked picks have no row: they would
+// add +0, which leaves a sum's bits as they are). False when two rows
+// named one of its picks (slots only).
+template <typename Add>
+__device__ __forceinline__ bool forEachRow(const CombineSumArgs& a, int64_t t,
+                                           Add add) {
+  if (a.slots != nullptr) {
+    bool clean = true;
+    for (int64_t k = 0; k < a.picks; ++k) {
+      const int64_t row = a.slots[t * a.picks + k];
+      if (row >= 0) {
+        add(row, k);
+      } else if (row != -1) {
+        clean = false;
+      }
+    }
+    return clean;
+  }
+  const int64_t end = a.token_start[t + 1];
+  for (int64_t i = a.token_start[t]; i < end; ++i) {
+    add(a.order[i], int64_t{-1});
+  }
+  return true;
 }
 
 template <typename T, typename Acc>
@@ -437,20 +585,15 @@ __global__ void sumKernel(const CombineSumArgs a) {
   const T* rows = static_cast<const T*>(a.rows);
   T* out = static_cast<T*>(a.out);
   for (int64_t t = blockIdx.x; t < a.tokens; t += gridDim.x) {
-    const int64_t begin = a.token_start[t];
-    const int64_t end = a.token_start[t + 1];
     for (int64_t h = threadIdx.x; h < a.hidden; h += blockDim.x) {
       Acc acc = 0;
-      // Masked picks have no row: they would add +0, which leaves acc's
-      // bits as they are.
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t row = a.order[i];
+      const bool clean = forEachRow(a, t, [&](int64_t row, int64_t k) {
         const Acc value = Value<T>::toFloat(rows[row * a.hidden + h]);
         Acc weight;
-        acc = weightOf(a, t, row, &weight) ? addRn(acc, mulRn(weight, value))
-                                           : addRn(acc, value);
-      }
-      out[t * a.hidden + h] = Value<T>::fromFloat(acc);
+        acc = weightOf(a, t, row, k, &weight) ? addRn(acc, mulRn(weight, value))
+                                              : addRn(acc, value);
+      });
+      out[t * a.hidden + h] = Value<T>::fromFloat(clean ? acc : quietNan(acc));
     }
   }
 }
@@ -465,36 +608,46 @@ __global__ void sumPackedKernel(const CombineSumArgs a) {
   uint4* out = static_cast<uint4*>(a.out);
   const int64_t packs = a.hidden / kPer;
   for (int64_t t = blockIdx.x; t < a.tokens; t += gridDim.x) {
-    const int64_t begin = a.token_start[t];
-    const int64_t end = a.token_start[t + 1];
     for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
       Acc acc[kPer];
 #pragma unroll
       for (int e = 0; e < kPer; ++e) {
         acc[e] = 0;
       }
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t row = a.order[i];
+      const bool clean = forEachRow(a, t, [&](int64_t row, int64_t k) {
         const uint4 packed = rows[row * packs + p];
         T values[kPer];
         memcpy(values, &packed, sizeof(packed));
         Acc weight;
-        const bool weighted = weightOf(a, t, row, &weight);
+        const bool weighted = weightOf(a, t, row, k, &weight);
 #pragma unroll
         for (int e = 0; e < kPer; ++e) {
           const Acc value = Value<T>::toFloat(values[e]);
           acc[e] = weighted ? addRn(acc[e], mulRn(weight, value))
                             : addRn(acc[e], value);
         }
-      }
+      });
       T values[kPer];
 #pragma unroll
       for (int e = 0; e < kPer; ++e) {
-        values[e] = Value<T>::fromFloat(acc[e]);
+        values[e] = Value<T>::fromFloat(clean ? acc[e] : quietNan(acc[e]));
       }
       uint4 packed;
       memcpy(&packed, values, sizeof(packed));
       out[t * packs + p] = packed;
+    }
+  }
+}
+
+__global__ void slotsKernel(const int64_t* token, const int64_t* pick,
+                            int64_t stride, int64_t count, int64_t picks,
+                            int64_t* slots) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    auto* slot = reinterpret_cast<unsigned long long*>(
+        slots + token[i * stride] * picks + pick[i * stride]);
+    if (atomicCAS(slot, kNone, static_cast<unsigned long long>(i)) != kNone) {
+      atomicExch(slot, static_cast<unsigned long long>(-2LL));
     }
   }
 }
@@ -542,6 +695,47 @@ cudaError_t launchCombineCheck(const CombineCheckArgs& args,
                                cudaStream_t stream) {
   const size_t shared = static_cast<size_t>(args.world_size) * 3 * 8;
   combineCheckKernel<<<1, kCheckThreads, shared, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t launchSourceOrder(const SourceOrderArgs& args,
+                              cudaStream_t stream) {
+  if (args.rows == 0) {
+    return cudaSuccess;
+  }
+  sourceRunsKernel<<<1, kCheckThreads, 0, stream>>>(args);
+  sourceOrderKernel<<<gridFor(args.rows), kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+int64_t repeatSlots(int64_t rows) {
+  int64_t slots = 2;
+  while (slots < 2 * rows) {
+    slots *= 2;
+  }
+  return slots;
+}
+
+cudaError_t launchFirstRepeatedRow(const int64_t* src_rank,
+                                   const int64_t* src_token,
+                                   const int64_t* src_k, int64_t rows,
+                                   int64_t* seen, cudaStream_t stream) {
+  if (rows == 0) {
+    return cudaSuccess;
+  }
+  firstRepeatedKernel<<<gridFor(rows), kThreads, 0, stream>>>(
+      src_rank, src_token, src_k, rows, repeatSlots(rows), seen);
+  return cudaGetLastError();
+}
+
+cudaError_t launchCombineSlots(const int64_t* token, const int64_t* pick,
+                               int64_t stride, int64_t count, int64_t picks,
+                               int64_t* slots, cudaStream_t stream) {
+  if (count == 0) {
+    return cudaSuccess;
+  }
+  slotsKernel<<<gridFor(count), kThreads, 0, stream>>>(token, pick, stride,
+                                                       count, picks, slots);
   return cudaGetLastError();
 }
 

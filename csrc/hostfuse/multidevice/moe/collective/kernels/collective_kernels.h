@@ -105,8 +105,8 @@ cudaError_t launchDispatchLayout(const DispatchLayoutArgs& args,
 // Combine step 1: checks the layout's values against each other and the
 // `rows` of expert_out (sums of the counts, source ranks in range and as
 // many per rank as n_tokens_from_rank says, no negative token or pick, no
-// (rank, token, pick) twice: `first_repeated_row` is moe::firstRepeatedRow
-// of the layout, on the device; each expert's rows in (rank, token) order,
+// (rank, token, pick) twice: `first_repeated_row` from
+// launchFirstRepeatedRow; each expert's rows in (rank, token) order,
 // moe::firstUnorderedRow), sums the fingerprint of the rows held from each
 // rank, and writes the combine table row [header, rows to each rank, rows
 // from each rank, largest token, largest pick, fingerprint from each rank,
@@ -121,7 +121,7 @@ struct CombineCheckArgs {
   const int64_t* expert_counts = nullptr;
   const int64_t* to_rank = nullptr;
   const int64_t* from_rank = nullptr;
-  const int64_t* first_repeated_row = nullptr;  // 0-dim
+  const int64_t* first_repeated_row = nullptr;  // 0-dim, -1 for none
   const int64_t* row_expert = nullptr;          // [rows] moe::rowLocalExperts
   const int64_t* layout_id = nullptr;           // [R + 1]
   int64_t* fingerprints = nullptr;              // [R] zeros, summed into
@@ -135,21 +135,62 @@ struct CombineCheckArgs {
 cudaError_t launchCombineCheck(const CombineCheckArgs& args,
                                cudaStream_t stream);
 
+// Combine step 3 on R > 1 ranks: `order` [rows] lists the layout's rows
+// grouped by source rank (rank 0's first), each rank's in layout order: the
+// permutation of a stable sort by src_rank, without a sort. The layout has
+// passed launchCombineCheck (through the table), so each expert's rows are
+// in (rank, token) order and a rank's rows are one run per expert: `runs`
+// [2, L, R] scratch gets each run's first row (binary search) and where it
+// goes. `from_rank` [R] the rows held from each rank (n_tokens_from_rank),
+// `row_expert` [rows] moe::rowLocalExperts.
+struct SourceOrderArgs {
+  const int64_t* src_rank = nullptr;
+  const int64_t* expert_counts = nullptr;  // [L]
+  const int64_t* from_rank = nullptr;
+  const int64_t* row_expert = nullptr;
+  int64_t rows = 0;
+  int64_t local_experts = 1;
+  int64_t world_size = 1;
+  int64_t* runs = nullptr;
+  int64_t* order = nullptr;
+};
+cudaError_t launchSourceOrder(const SourceOrderArgs& args, cudaStream_t stream);
+
+// Combine step 1, before launchCombineCheck: the first row of the layout
+// that names the (src_rank, src_token, src_k) of an earlier row, as
+// moe::firstRepeatedRow finds it with three sorts, here with one pass of
+// the whole grid over an open-addressing table. `seen` [slots + 1] i64,
+// every word -1 at launch, slots = repeatSlots(rows); its last word becomes
+// that row, or stays -1 when no row repeats.
+cudaError_t launchFirstRepeatedRow(const int64_t* src_rank,
+                                   const int64_t* src_token,
+                                   const int64_t* src_k, int64_t rows,
+                                   int64_t* seen, cudaStream_t stream);
+
+// The table slots of launchFirstRepeatedRow for `rows` rows: the power of
+// two >= 2 x rows (at least 2), so that a probe ends within a few slots.
+int64_t repeatSlots(int64_t rows);
+
 // Combine step 4: out[t] = the sum, over the returned rows of token t in
 // ascending pick order, of w[t, k] * row, in fp32 (fp64 for fp64 rows),
 // every product and every sum rounded on its own (no fused multiply-add),
 // then rounded once to the rows' type; w = 1 without weights. The cuda
 // backend's order, so both backends give the same bits. The weights are in
-// the accumulation type already. `order` lists the rows by (token, pick)
-// and token t's rows are order[token_start[t] .. token_start[t + 1]): a
-// dense list, so that no scratch is sized by a pick a peer names. Tokens
-// are in [0, tokens) and, with weights, picks in [0, picks) (checked from
-// the combine table). With `row_weights` instead (reduce=per_rank's
-// partials on the experts' rank), row i's weight is row_weights[i] and
-// `meta` is not read.
+// the accumulation type already. Tokens are in [0, tokens) and, with
+// weights, picks in [0, picks) (checked from the combine table). Token t's
+// rows are found one of two ways:
+//   - `slots` [tokens, picks] (always with topk_weights): the row of
+//     (t, k), -1 where none came back, -2 where two rows name (t, k)
+//     (token t's output is then NaN); launchCombineSlots fills it. No
+//     sort, and the scratch is the size of topk_weights; row (t, k) is
+//     weighted by topk_weights[t, k];
+//   - else `order` lists the rows by (token, pick) and token t's rows are
+//     order[token_start[t] .. token_start[t + 1]): a dense list, so that no
+//     scratch is sized by a pick a peer names (without weights, picks are
+//     any non-negative number). Row i is weighted by row_weights[i]
+//     (reduce=per_rank's partials on the experts' rank), or not at all.
 struct CombineSumArgs {
-  const void* rows = nullptr;     // [N, H] returned rows
-  const int64_t* meta = nullptr;  // [N, 2] their (token, pick)
+  const void* rows = nullptr;  // [N, H] returned rows
   int64_t count = 0;
   int64_t hidden = 0;
   RowType type = RowType::kFloat32;
@@ -157,10 +198,19 @@ struct CombineSumArgs {
   int64_t picks = 0;                   // K of topk_weights
   const void* row_weights = nullptr;   // [N], same type, or null
   int64_t tokens = 0;
+  const int64_t* slots = nullptr;        // [T, picks], or null: order is used
   const int64_t* order = nullptr;        // [N]
   const int64_t* token_start = nullptr;  // [T + 1]
   void* out = nullptr;                   // [T, H]
 };
 cudaError_t launchCombineSum(const CombineSumArgs& args, cudaStream_t stream);
+
+// CombineSumArgs::slots from the returned rows' tokens and picks (row i's
+// at token[i * stride] and pick[i * stride]): slots[t * picks + k] = the
+// row naming (t, k). `slots` [tokens, picks] is all -1 at launch; a (t, k)
+// that two rows name is set to -2.
+cudaError_t launchCombineSlots(const int64_t* token, const int64_t* pick,
+                               int64_t stride, int64_t count, int64_t picks,
+                               int64_t* slots, cudaStream_t stream);
 
 }  // namespace hostfuse::moe::collective
