@@ -398,6 +398,110 @@ TEST_F(MoeErrors, CombineNamesTheFirstRowThatRepeatsAnEarlierOne) {
   }
 }
 
+// The GPU search for a repeated row on its own, with keys of several
+// ranks and many rows of three or more copies (a few hundred keys over up
+// to 5000 rows), and with none: the row moe::firstRepeatedRow finds, or -1.
+TEST_F(MoeErrors, FirstRepeatedRowKernelMatchesTheSortsOnRandomLayouts) {
+  if (!cuda::isAvailable()) {
+    GTEST_SKIP() << "the repeat-search kernel needs a GPU";
+  }
+  const at::Device gpu(at::kCUDA, 0);
+  std::mt19937 random(29);
+  auto below = [&](int64_t n) {
+    return static_cast<int64_t>(random() % static_cast<uint64_t>(n));
+  };
+  int repeats = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t rows = std::vector<int64_t>{1, 2, 300, 5000}[trial % 4];
+    const bool distinct = trial % 5 == 0;
+    MoeLayout layout;
+    layout.src_rank = at::empty({rows}, at::kLong);
+    layout.src_token = at::empty({rows}, at::kLong);
+    layout.src_k = at::empty({rows}, at::kLong);
+    for (int64_t i = 0; i < rows; ++i) {
+      // Distinct: every row its own token. Else 3 ranks x 50 tokens x 4
+      // picks, so that most keys come back several times.
+      layout.src_rank[i] = distinct ? i % 3 : below(3);
+      layout.src_token[i] = distinct ? i : below(50);
+      layout.src_k[i] = distinct ? i % 4 : below(4);
+    }
+    const int64_t expected = moe::firstRepeatedRow(layout).item<int64_t>();
+    SCOPED_TRACE("trial " + std::to_string(trial) + ", " +
+                 std::to_string(rows) + " rows, expected row " +
+                 std::to_string(expected));
+    repeats += expected < rows ? 1 : 0;
+    const at::Tensor rank = layout.src_rank.to(gpu);
+    const at::Tensor token = layout.src_token.to(gpu);
+    const at::Tensor pick = layout.src_k.to(gpu);
+    const int64_t slots = moe::collective::repeatSlots(rows);
+    at::Tensor seen = at::full({slots + 1}, -1, rank.options());
+    ASSERT_EQ(
+        moe::collective::launchFirstRepeatedRow(
+            rank.const_data_ptr<int64_t>(), token.const_data_ptr<int64_t>(),
+            pick.const_data_ptr<int64_t>(), rows,
+            seen.mutable_data_ptr<int64_t>(), cuda::currentStream(0)),
+        cudaSuccess);
+    EXPECT_EQ(seen[slots].item<int64_t>(), expected < rows ? expected : -1);
+  }
+  EXPECT_GE(repeats, 20) << "too few layouts had a repeated row";
+}
+
+// A count outside [0, rows] is refused before anything searches by it,
+// with the same text on CPU and CUDA tensors: counts [-1, n + 1] keep the
+// sum and every row's expert, and would otherwise pass every other check.
+TEST_F(MoeErrors, CollectiveCombineRefusesACountOutsideTheRows) {
+  std::vector<at::Device> devices = {at::kCPU};
+  if (cuda::isAvailable()) {
+    devices.emplace_back(at::kCUDA, 0);
+  }
+  std::vector<std::string> messages;
+  for (const at::Device& device : devices) {
+    SCOPED_TRACE(device.str());
+    int site = 0;
+    MoeDispatchArgs dispatch = validArgs(device, 19);
+    dispatch.site = &site;
+    MoeRuntime& moe = runtime(MoeBackend::Collective);
+    const MoeDispatchOutput out = moe.dispatch(dispatch);
+    const int64_t rows = out.recv_x.size(0);
+    for (const bool negative : {true, false}) {
+      at::Tensor counts = out.layout.expert_counts.cpu().clone();
+      const int64_t first = counts[0].item<int64_t>();
+      // Expert 0's count to -1 and expert 1's up by as much, or expert 2's
+      // to rows + 1 and expert 3's down by as much: the same sum.
+      if (negative) {
+        counts[0] = -1;
+        counts[1] = counts[1].item<int64_t>() + first + 1;
+      } else {
+        const int64_t two = counts[2].item<int64_t>();
+        counts[2] = rows + 1;
+        counts[3] = counts[3].item<int64_t>() + two - (rows + 1);
+      }
+      ASSERT_EQ(counts.sum().item<int64_t>(), rows);
+      MoeCombineArgs args;
+      args.dispatch_site = &site;
+      args.expert_out = out.recv_x;
+      args.layout = out.layout;
+      args.layout.expert_counts = counts.to(device);
+      args.topk_weights = dispatch.topk_weights;
+      args.num_tokens = kTokens;
+      args.num_experts = kExperts;
+      const std::string message = messageOf([&] { moe.combine(args); });
+      const std::string expected =
+          "MoeCombine: bad input on rank 0 of 1: recv_expert_counts holds " +
+          std::to_string(negative ? -1 : rows + 1) + " for local expert " +
+          std::to_string(negative ? 0 : 2) + "; a count is in [0, " +
+          std::to_string(rows) + "], the rows of expert_out";
+      EXPECT_NE(message.find(expected), std::string::npos)
+          << "message: " << message << "\nexpected: " << expected;
+      messages.push_back(message);
+    }
+  }
+  if (messages.size() == 4) {
+    EXPECT_EQ(messages[0], messages[2]);
+    EXPECT_EQ(messages[1], messages[3]);
+  }
+}
+
 // On GPUs the combine groups the rows by source rank with
 // collective::launchSourceOrder (binary searches in each expert's rows,
 // which are in (rank, token) order) instead of a sort: its permutation is
@@ -413,16 +517,19 @@ TEST_F(MoeErrors, SourceOrderOfTheCollectiveCombineIsAStableSortByRank) {
   auto below = [&](int64_t n) {
     return static_cast<int64_t>(random() % static_cast<uint64_t>(n));
   };
-  for (int trial = 0; trial < 40; ++trial) {
-    const int64_t ranks = 2 + below(4);
-    const int64_t experts = 1 + below(5);
+  for (int trial = 0; trial < 44; ++trial) {
+    // The last four: more (expert, rank) runs, then more ranks, than the
+    // 1024 threads of the run-finding block.
+    const int64_t ranks = trial < 40 ? 2 + below(4) : trial < 42 ? 40 : 1100;
+    const int64_t experts = trial < 40 ? 1 + below(5) : trial < 42 ? 30 : 1;
     std::vector<int64_t> src_rank;
     std::vector<int64_t> counts;
     for (int64_t e = 0; e < experts; ++e) {
       const size_t before = src_rank.size();
       for (int64_t r = 0; r < ranks; ++r) {
         // Some runs empty, some long.
-        const int64_t run = below(4) == 0 ? 0 : below(trial < 20 ? 7 : 700);
+        const int64_t run =
+            below(4) == 0 ? 0 : below(trial < 20 || trial >= 40 ? 7 : 700);
         src_rank.insert(src_rank.end(), run, r);
       }
       counts.push_back(static_cast<int64_t>(src_rank.size() - before));

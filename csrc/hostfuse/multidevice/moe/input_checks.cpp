@@ -232,7 +232,14 @@ at::Tensor checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
                              int64_t rows, int64_t world_size) {
   const at::Tensor zero = at::zeros({}, layout.src_rank.options());
   const at::Tensor rows_t = at::full({}, rows, layout.src_rank.options());
-  const at::Tensor counts_sum = layout.expert_counts.sum();
+  const at::Tensor& counts = layout.expert_counts;
+  if (counts.numel() > 0) {
+    const at::Tensor bad = at::logical_or(counts<0, counts> rows);
+    const at::Tensor expert = firstIndex(bad);
+    status.failIf(bad.any(), codeOf(kStatusCountRange, zero), expert,
+                  element(counts, expert), rows_t);
+  }
+  const at::Tensor counts_sum = counts.sum();
   status.failIf(counts_sum != rows, codeOf(kStatusCountsSum, zero), counts_sum,
                 rows_t, zero);
   const at::Tensor from_sum = layout.n_tokens_from_rank.sum();

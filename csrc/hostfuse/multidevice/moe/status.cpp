@@ -177,6 +177,11 @@ std::string describeCombineInput(const StatusContext& c, const int64_t* w) {
           "every rank must use the same mode in a combine",
           d0 == 1 ? "per_rank" : "per_pick", d2,
           d1 == 1 ? "per_rank" : "per_pick");
+    case kStatusCountRange:
+      return fmt::format(
+          "recv_expert_counts holds {} for local expert {}; a count is in "
+          "[0, {}], the rows of expert_out",
+          d1, d0, d2);
     case kStatusCountsSum:
       return fmt::format(
           "recv_expert_counts sums to {} but expert_out has {} rows; the rows "

@@ -54,6 +54,7 @@ enum StatusCode : int32_t {
   // d2, which differs
   kStatusCombineModes,
   // MoeCombine inputs, checked from values.
+  kStatusCountRange,          // d0: local expert, d1: its count, d2: rows
   kStatusCountsSum,           // d0: sum(recv_expert_counts), d1: rows
   kStatusFromSum,             // d0: sum(n_tokens_from_rank), d1: rows
   kStatusSrcRankRange,        // d0: row, d1: its recv_src_rank

@@ -523,6 +523,8 @@ at::Tensor sumSortedRows(const at::Tensor& rows, const at::Tensor& order,
                          const at::Tensor& row_weights,
                          const at::Tensor& topk_weights = at::Tensor(),
                          const at::Tensor& slots = at::Tensor()) {
+  HF_CHECK(!topk_weights.defined() || slots.defined(),
+           "MoeCombine: internal error: topk_weights without slots");
   // The kernel reads rows [N, H] densely (expert_out may be a view).
   const at::Tensor dense = rows.contiguous();
   auto denseOrNone = [](const at::Tensor& t) {
@@ -595,7 +597,9 @@ at::Tensor sumInOrder(const at::Tensor& rows, const at::Tensor& token,
         weights.defined() ? std::optional<at::Tensor>(weights) : std::nullopt,
         num_tokens);
   }
-  if (!weights.defined()) {
+  if (!weights.defined() || weights.numel() == 0) {
+    // (Weights [T, 0] or [0, K]: no row can name a pick, or a token, of
+    // them; the table checks refuse any that does.)
     const TokenOrder sorted = orderByTokenThenPick(token, pick, num_tokens);
     return sumSortedRows(rows, sorted.order, sorted.token_start, at::Tensor());
   }

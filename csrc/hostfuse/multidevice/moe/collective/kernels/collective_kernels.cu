@@ -1,8 +1,9 @@
 // The collective backend's device steps (collective_kernels.h). The checks
 // and the table rows are single-block kernels: their inputs are small
 // (T x K ids, one layout), and one block can find "the first bad index"
-// and finish the row without a second launch. The metadata and sum kernels
-// are grid-wide.
+// and finish the row without a second launch. The search for a repeated
+// row, the metadata, the source order, the slots and the sum are
+// grid-wide.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math_constants.h>
@@ -363,9 +364,16 @@ __global__ void __launch_bounds__(kCheckThreads)
       w[i] = a.header[i];
     }
     if (check) {
+      // A count outside [0, rows] first: the sum of such counts can wrap,
+      // and the source-order kernels search each expert's rows by them.
+      int64_t bad_count = -1;
       int64_t counts_sum = 0;
       for (int64_t e = 0; e < a.local_experts; ++e) {
-        counts_sum += a.expert_counts[e];
+        const int64_t count = a.expert_counts[e];
+        if (bad_count < 0 && (count < 0 || count > a.rows)) {
+          bad_count = e;
+        }
+        counts_sum += bad_count < 0 ? count : 0;
       }
       int64_t from_sum = 0;
       int64_t mismatch = -1;
@@ -383,7 +391,9 @@ __global__ void __launch_bounds__(kCheckThreads)
         w[3] = d2;
         w[4] = d3;
       };
-      if (counts_sum != a.rows) {
+      if (bad_count >= 0) {
+        bad(kStatusCountRange, bad_count, a.expert_counts[bad_count], a.rows);
+      } else if (counts_sum != a.rows) {
         bad(kStatusCountsSum, counts_sum, a.rows, 0);
       } else if (from_sum != a.rows) {
         bad(kStatusFromSum, from_sum, a.rows, 0);
