@@ -9,12 +9,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <fstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -31,9 +33,19 @@ class TempDir {
  public:
   TempDir() {
     std::string pattern = "/tmp/peers_dumpXXXXXX";
-    path_ = mkdtemp(pattern.data());
+    const char* made = mkdtemp(pattern.data());
+    if (made == nullptr) {
+      throw std::runtime_error(std::string("mkdtemp in /tmp failed: ") +
+                               std::strerror(errno));
+    }
+    path_ = made;
   }
-  ~TempDir() { std::system(("rm -rf '" + path_ + "'").c_str()); }
+  ~TempDir() {
+    if (std::system(("rm -rf '" + path_ + "'").c_str()) != 0) {
+      std::fprintf(stderr, "test_peers_dump: could not remove %s\n",
+                   path_.c_str());
+    }
+  }
   const std::string& path() const { return path_; }
 
  private:
