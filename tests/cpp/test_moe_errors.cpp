@@ -402,10 +402,13 @@ TEST_F(MoeErrors, CombineNamesTheFirstRowThatRepeatsAnEarlierOne) {
 // ranks and many rows of three or more copies (a few hundred keys over up
 // to 5000 rows), and with none: the row moe::firstRepeatedRow finds, or -1.
 TEST_F(MoeErrors, FirstRepeatedRowKernelMatchesTheSortsOnRandomLayouts) {
-  if (!cuda::isAvailable()) {
-    GTEST_SKIP() << "the repeat-search kernel needs a GPU";
-  }
-  const at::Device gpu(at::kCUDA, 0);
+  // The layouts and their answers first (on the CPU, so that CI checks
+  // that the trials do make repeats), then the kernel on each.
+  struct Trial {
+    MoeLayout layout;
+    int64_t expected;  // firstRepeatedRow's row, -1 for none
+  };
+  std::vector<Trial> trials;
   std::mt19937 random(29);
   auto below = [&](int64_t n) {
     return static_cast<int64_t>(random() % static_cast<uint64_t>(n));
@@ -414,25 +417,39 @@ TEST_F(MoeErrors, FirstRepeatedRowKernelMatchesTheSortsOnRandomLayouts) {
   for (int trial = 0; trial < 40; ++trial) {
     const int64_t rows = std::vector<int64_t>{1, 2, 300, 5000}[trial % 4];
     const bool distinct = trial % 5 == 0;
-    MoeLayout layout;
-    layout.src_rank = at::empty({rows}, at::kLong);
-    layout.src_token = at::empty({rows}, at::kLong);
-    layout.src_k = at::empty({rows}, at::kLong);
+    std::vector<int64_t> ranks(rows);
+    std::vector<int64_t> tokens(rows);
+    std::vector<int64_t> picks(rows);
     for (int64_t i = 0; i < rows; ++i) {
       // Distinct: every row its own token. Else 3 ranks x 50 tokens x 4
       // picks, so that most keys come back several times.
-      layout.src_rank[i] = distinct ? i % 3 : below(3);
-      layout.src_token[i] = distinct ? i : below(50);
-      layout.src_k[i] = distinct ? i % 4 : below(4);
+      ranks[i] = distinct ? i % 3 : below(3);
+      tokens[i] = distinct ? i : below(50);
+      picks[i] = distinct ? i % 4 : below(4);
     }
-    const int64_t expected = moe::firstRepeatedRow(layout).item<int64_t>();
-    SCOPED_TRACE("trial " + std::to_string(trial) + ", " +
-                 std::to_string(rows) + " rows, expected row " +
-                 std::to_string(expected));
-    repeats += expected < rows ? 1 : 0;
-    const at::Tensor rank = layout.src_rank.to(gpu);
-    const at::Tensor token = layout.src_token.to(gpu);
-    const at::Tensor pick = layout.src_k.to(gpu);
+    Trial t;
+    t.layout.src_rank = at::tensor(ranks, at::kLong);
+    t.layout.src_token = at::tensor(tokens, at::kLong);
+    t.layout.src_k = at::tensor(picks, at::kLong);
+    const int64_t first = moe::firstRepeatedRow(t.layout).item<int64_t>();
+    t.expected = first < rows ? first : -1;
+    repeats += first < rows ? 1 : 0;
+    trials.push_back(std::move(t));
+  }
+  // Every layout of 300 or 5000 rows that is not distinct: 16 of the 40.
+  EXPECT_GE(repeats, 16) << "too few layouts had a repeated row";
+  if (!cuda::isAvailable()) {
+    GTEST_SKIP() << "the repeat-search kernel needs a GPU";
+  }
+  const at::Device gpu(at::kCUDA, 0);
+  for (size_t i = 0; i < trials.size(); ++i) {
+    const Trial& t = trials[i];
+    const int64_t rows = t.layout.src_rank.numel();
+    SCOPED_TRACE("trial " + std::to_string(i) + ", " + std::to_string(rows) +
+                 " rows, expected row " + std::to_string(t.expected));
+    const at::Tensor rank = t.layout.src_rank.to(gpu);
+    const at::Tensor token = t.layout.src_token.to(gpu);
+    const at::Tensor pick = t.layout.src_k.to(gpu);
     const int64_t slots = moe::collective::repeatSlots(rows);
     at::Tensor seen = at::full({slots + 1}, -1, rank.options());
     ASSERT_EQ(
@@ -441,9 +458,8 @@ TEST_F(MoeErrors, FirstRepeatedRowKernelMatchesTheSortsOnRandomLayouts) {
             pick.const_data_ptr<int64_t>(), rows,
             seen.mutable_data_ptr<int64_t>(), cuda::currentStream(0)),
         cudaSuccess);
-    EXPECT_EQ(seen[slots].item<int64_t>(), expected < rows ? expected : -1);
+    EXPECT_EQ(seen[slots].item<int64_t>(), t.expected);
   }
-  EXPECT_GE(repeats, 20) << "too few layouts had a repeated row";
 }
 
 // A count outside [0, rows] is refused before anything searches by it,
