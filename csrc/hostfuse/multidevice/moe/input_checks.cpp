@@ -234,7 +234,7 @@ at::Tensor checkLayoutValues(DeviceStatus& status, const MoeLayout& layout,
   const at::Tensor rows_t = at::full({}, rows, layout.src_rank.options());
   const at::Tensor& counts = layout.expert_counts;
   if (counts.numel() > 0) {
-    const at::Tensor bad = at::logical_or(counts<0, counts> rows);
+    const at::Tensor bad = at::logical_or(counts.lt(0), counts.gt(rows));
     const at::Tensor expert = firstIndex(bad);
     status.failIf(bad.any(), codeOf(kStatusCountRange, zero), expert,
                   element(counts, expert), rows_t);
