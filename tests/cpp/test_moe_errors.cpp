@@ -144,6 +144,18 @@ std::vector<DispatchCase> dispatchCases() {
   };
 }
 
+// Integers in [0, n) from a fixed seed: the random layouts of the trials.
+class Below {
+ public:
+  explicit Below(uint32_t seed) : random_(seed) {}
+  int64_t operator()(int64_t n) {
+    return static_cast<int64_t>(random_() % static_cast<uint64_t>(n));
+  }
+
+ private:
+  std::mt19937 random_;
+};
+
 // The message of `fn`'s hostfuse::Error without the lines that say where
 // in hostfuse it was raised ("  check failed: ...", "  at file:line"), or ""
 // when it does not throw.
@@ -338,10 +350,7 @@ TEST_F(MoeErrors, CombineNamesTheFirstRowThatRepeatsAnEarlierOne) {
     MoeRuntime& moe = runtime(MoeBackend::Collective);
     const MoeDispatchOutput out = moe.dispatch(dispatch);
     ASSERT_EQ(out.layout.src_rank.numel(), rows);
-    std::mt19937 random(17);
-    auto below = [&](int64_t n) {
-      return static_cast<int64_t>(random() % static_cast<uint64_t>(n));
-    };
+    Below below(17);
     int checked = 0;
     for (int trial = 0; trial < 8; ++trial) {
       SCOPED_TRACE("trial " + std::to_string(trial));
@@ -409,10 +418,7 @@ TEST_F(MoeErrors, FirstRepeatedRowKernelMatchesTheSortsOnRandomLayouts) {
     int64_t expected;  // firstRepeatedRow's row, -1 for none
   };
   std::vector<Trial> trials;
-  std::mt19937 random(29);
-  auto below = [&](int64_t n) {
-    return static_cast<int64_t>(random() % static_cast<uint64_t>(n));
-  };
+  Below below(29);
   int repeats = 0;
   for (int trial = 0; trial < 40; ++trial) {
     const int64_t rows = std::vector<int64_t>{1, 2, 300, 5000}[trial % 4];
@@ -529,10 +535,7 @@ TEST_F(MoeErrors, SourceOrderOfTheCollectiveCombineIsAStableSortByRank) {
     GTEST_SKIP() << "the source-order kernel needs a GPU";
   }
   const at::Device gpu(at::kCUDA, 0);
-  std::mt19937 random(23);
-  auto below = [&](int64_t n) {
-    return static_cast<int64_t>(random() % static_cast<uint64_t>(n));
-  };
+  Below below(23);
   for (int trial = 0; trial < 44; ++trial) {
     // The last four: more (expert, rank) runs, then more ranks, than the
     // 1024 threads of the run-finding block.

@@ -1,10 +1,14 @@
 // Tests of the TopKOp and TopKSoftmax expressions: building, validation,
 // printing, cloning, and their ATen semantics when a host program runs
 // them (TopKSoftmax's kernel on GPUs against the ATen composition), and of
-// linear's fp32 output for bf16 operands (a router's logits).
+// linear's fp32 output for bf16 operands (a router's logits; its kernel for
+// few outputs against an fp64 reference).
 #include <hostfuse/host_ir/evaluator.h>
+#include <hostfuse/ir/kernels/skinny_linear.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/ir/topk_softmax.h>
+#include <hostfuse/utils/cuda_utils.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "test_utils.h"
 
 namespace hostfuse {
@@ -161,32 +165,41 @@ TEST_F(TopK, LinearReturnsF32OnlyForBf16OrF16Operands) {
 
 class TopKSoftmaxOnDevice : public testing::TestWithParam<at::Device> {};
 
+// A program of one TopKSoftmax node.
+std::vector<at::Tensor> runTopKSoftmax(const at::Tensor& logits, int64_t k,
+                                       bool renormalize) {
+  auto program = std::make_unique<HostIrContainer>();
+  {
+    FusionGuard guard(program.get());
+    TensorView* in = makeSymbolicTensor(2, DataType::Float, "logits");
+    program->addInput(in);
+    const TopKSoftmaxResult top = topkSoftmax(in, k, renormalize);
+    program->addOutput(top.weights);
+    program->addOutput(top.indices);
+  }
+  HostIrEvaluator evaluator(std::move(program));
+  return evaluator.run({logits});
+}
+
 // The op against the ATen composition it stands for, on random logits
-// (no ties) of several widths, including the kernel's limit of 256 columns
-// and one past it (the ATen path on GPUs).
+// (no ties) of several widths: each register layout of the kernel (up to
+// 32, 64, 128 and 256 columns, full and one past), k past one lane's picks
+// (k > 32), and 257 columns (the ATen path on GPUs).
 TEST_P(TopKSoftmaxOnDevice, MatchesTheATenComposition) {
   const at::Device device = GetParam();
   HF_SKIP_IF_UNAVAILABLE(device);
-  for (const int64_t experts : {1, 8, 33, 256, 257}) {
+  for (const int64_t experts : {1, 8, 32, 33, 64, 65, 128, 129, 256, 257}) {
     for (const bool renormalize : {true, false}) {
-      const int64_t k = std::min<int64_t>(experts, 8);
+      const int64_t k =
+          experts >= 64 && renormalize ? 40 : std::min<int64_t>(experts, 8);
       SCOPED_TRACE("E = " + std::to_string(experts) +
                    ", K = " + std::to_string(k) + ", renormalize " +
                    std::to_string(renormalize));
-      auto program = std::make_unique<HostIrContainer>();
-      {
-        FusionGuard guard(program.get());
-        TensorView* logits = makeSymbolicTensor(2, DataType::Float, "logits");
-        program->addInput(logits);
-        const TopKSoftmaxResult top = topkSoftmax(logits, k, renormalize);
-        program->addOutput(top.weights);
-        program->addOutput(top.indices);
-      }
-      HostIrEvaluator evaluator(std::move(program));
       const at::Tensor logits =
           test::randomTensor({37, experts}, at::kFloat, device, 11 + experts) *
           3;
-      const std::vector<at::Tensor> out = evaluator.run({logits});
+      const std::vector<at::Tensor> out =
+          runTopKSoftmax(logits, k, renormalize);
       const at::Tensor probabilities = at::softmax(logits, -1);
       auto [weights, indices] = at::topk(probabilities, k, -1);
       if (renormalize) {
@@ -197,6 +210,35 @@ TEST_P(TopKSoftmaxOnDevice, MatchesTheATenComposition) {
       EXPECT_TRUE(at::equal(out[1], indices)) << out[1] << indices;
       test::expectClose(out[0], weights, 1e-6, 1e-7);
     }
+  }
+}
+
+// Ties on the device path: equal logits give equal probabilities, and the
+// lower column comes first (its documented order; the host path keeps
+// at::topk's, which does not promise one). Integer logits in [0, 4) tie
+// often and never round to the same probability unless equal; the
+// reference is a stable sort of the logits.
+TEST_P(TopKSoftmaxOnDevice, TiesPickTheLowerColumnFirst) {
+  const at::Device device = GetParam();
+  HF_SKIP_IF_UNAVAILABLE(device);
+  if (!device.is_cuda()) {
+    GTEST_SKIP() << "the host path orders ties as at::topk does";
+  }
+  for (const int64_t experts : {8, 40, 256}) {
+    SCOPED_TRACE("E = " + std::to_string(experts));
+    const int64_t k = std::min<int64_t>(experts, 36);
+    const at::Tensor logits =
+        (test::randomTensor({21, experts}, at::kFloat, at::kCPU, 5 + experts)
+             .abs() *
+         4)
+            .floor()
+            .clamp_max(3);
+    const std::vector<at::Tensor> out =
+        runTopKSoftmax(logits.to(device), k, /*renormalize=*/false);
+    const at::Tensor expected = std::get<1>(
+        at::sort(logits, /*stable=*/true, /*dim=*/-1, /*descending=*/true));
+    EXPECT_TRUE(at::equal(out[1].cpu(), expected.narrow(1, 0, k)))
+        << out[1] << expected;
   }
 }
 
@@ -227,6 +269,132 @@ TEST_P(TopKSoftmaxOnDevice, LinearWithF32OutputMatchesTheCastOperands) {
   } else {
     test::expectClose(out.cpu(), expected, 1e-5, 1e-4);
   }
+}
+
+// A linear with few f32 outputs (a router's logits) on every path: the
+// kernel of our own (bf16 and f16, each register layout: up to 8, 16 and
+// 32 outputs), and what it leaves to ATen (33 outputs, H not a multiple of
+// 8, misaligned rows). Against an fp64 reference within the error bound of
+// an fp32 sum; the same bits on a second run (the kernel's fixed order);
+// x of rank 3 and a transposed (non-contiguous) x.
+TEST_P(TopKSoftmaxOnDevice, LinearWithFewF32OutputsMatchesAnFp64Reference) {
+  const at::Device device = GetParam();
+  HF_SKIP_IF_UNAVAILABLE(device);
+  struct Case {
+    at::ScalarType dtype;
+    int64_t rows, hidden, outputs;
+    bool misaligned = false, transposed = false, rank3 = false;
+  };
+  const std::vector<Case> cases = {
+      {at::kBFloat16, 128, 7168, 8},
+      {at::kBFloat16, 1, 8, 1},
+      {at::kBFloat16, 5, 2048, 9},
+      {at::kHalf, 130, 1024, 16},
+      {at::kBFloat16, 3, 4096, 17},
+      {at::kHalf, 67, 512, 32},
+      {at::kBFloat16, 9, 256, 33},
+      {at::kBFloat16, 6, 300, 8},
+      {at::kBFloat16, 7, 512, 8, true},
+      {at::kBFloat16, 64, 512, 8, false, true},
+      {at::kHalf, 10, 768, 12, false, false, true}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(std::string(c10::toString(c.dtype)) + " rows = " +
+                 std::to_string(c.rows) + ", H = " + std::to_string(c.hidden) +
+                 ", outputs = " + std::to_string(c.outputs) +
+                 (c.misaligned ? ", misaligned" : "") +
+                 (c.transposed ? ", transposed" : "") +
+                 (c.rank3 ? ", rank 3" : ""));
+    auto program = std::make_unique<HostIrContainer>();
+    {
+      FusionGuard guard(program.get());
+      const DataType dtype =
+          c.dtype == at::kHalf ? DataType::Half : DataType::BFloat16;
+      TensorView* x = makeSymbolicTensor(c.rank3 ? 3 : 2, dtype, "x");
+      TensorView* w = makeSymbolicTensor(2, dtype, "w");
+      program->addInput(x);
+      program->addInput(w);
+      program->addOutput(linear(x, w, nullptr, DataType::Float));
+    }
+    HostIrEvaluator evaluator(std::move(program));
+    const uint64_t seed = static_cast<uint64_t>(c.rows * 131 + c.outputs);
+    at::Tensor x;
+    if (c.misaligned) {  // contiguous rows that start 2 bytes past 16
+      x = test::randomTensor({c.rows * c.hidden + 1}, c.dtype, device, seed)
+              .narrow(0, 1, c.rows * c.hidden)
+              .view({c.rows, c.hidden});
+    } else if (c.transposed) {
+      x = test::randomTensor({c.hidden, c.rows}, c.dtype, device, seed).t();
+    } else if (c.rank3) {
+      x = test::randomTensor({2, c.rows, c.hidden}, c.dtype, device, seed);
+    } else {
+      x = test::randomTensor({c.rows, c.hidden}, c.dtype, device, seed);
+    }
+    const at::Tensor w =
+        test::randomTensor({c.outputs, c.hidden}, c.dtype, device, seed + 1);
+    const at::Tensor out = evaluator.run({x, w})[0];
+    ASSERT_EQ(out.scalar_type(), at::kFloat);
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = c.outputs;
+    ASSERT_EQ(out.sizes(), at::IntArrayRef(sizes));
+    const at::Tensor xd = x.cpu().to(at::kDouble);
+    const at::Tensor wd = w.cpu().to(at::kDouble);
+    const at::Tensor expected = at::linear(xd, wd);
+    // |fp32 sum - exact| <= H * 2^-24 * sum |products| (a loose bound for
+    // any order; products of bf16/f16 values are exact in fp32).
+    const at::Tensor bound =
+        at::linear(xd.abs(), wd.abs()) * (c.hidden * std::ldexp(1.0, -24));
+    const at::Tensor error = (out.cpu().to(at::kDouble) - expected).abs();
+    EXPECT_TRUE(at::all(error <= bound).item<bool>())
+        << "largest error " << error.max().item<double>() << ", bound there "
+        << bound.flatten()[error.flatten().argmax()].item<double>();
+    EXPECT_TRUE(at::equal(evaluator.run({x, w})[0], out))
+        << "a second run gave other bits";
+  }
+}
+
+// The kernel itself (so that a fallback to ATen cannot hide it), and which
+// operands it takes. The checks of skinnyLinearFits run on CPUs too.
+TEST(SkinnyLinear, KernelSumsLikeTheFp64ReferenceAndRefusesWhatDoesNotFit) {
+  alignas(16) static const uint16_t buffer[16] = {};
+  EXPECT_TRUE(kernels::skinnyLinearFits(8, 7168, buffer, buffer));
+  EXPECT_TRUE(kernels::skinnyLinearFits(32, 8, buffer, buffer));
+  EXPECT_FALSE(kernels::skinnyLinearFits(0, 8, buffer, buffer));
+  EXPECT_FALSE(kernels::skinnyLinearFits(33, 8, buffer, buffer));
+  EXPECT_FALSE(kernels::skinnyLinearFits(8, 12, buffer, buffer));
+  EXPECT_FALSE(kernels::skinnyLinearFits(8, 0, buffer, buffer));
+  EXPECT_FALSE(kernels::skinnyLinearFits(8, 8, buffer + 1, buffer));
+  EXPECT_FALSE(kernels::skinnyLinearFits(8, 8, buffer, buffer + 4));
+  if (!cuda::isAvailable()) {
+    GTEST_SKIP() << "no CUDA device on this machine (the checks above ran)";
+  }
+  const at::Device gpu(at::kCUDA, 0);
+  for (const int64_t outputs : {1, 8, 12, 16, 20, 32}) {
+    SCOPED_TRACE("outputs = " + std::to_string(outputs));
+    const int64_t rows = 37;
+    const int64_t hidden = 2056;  // chunks not a multiple of the threads
+    const at::Tensor x =
+        test::randomTensor({rows, hidden}, at::kBFloat16, gpu, 70 + outputs);
+    const at::Tensor w =
+        test::randomTensor({outputs, hidden}, at::kBFloat16, gpu, 90 + outputs);
+    at::Tensor out =
+        at::full({rows, outputs}, -7.0, x.options().dtype(at::kFloat));
+    HF_CUDA_CHECK(kernels::launchSkinnyLinear(
+        kernels::SkinnyLinearDtype::BFloat16, x.const_data_ptr(),
+        w.const_data_ptr(), rows, hidden, outputs,
+        out.mutable_data_ptr<float>(), cuda::currentStream(0)));
+    const at::Tensor xd = x.cpu().to(at::kDouble);
+    const at::Tensor wd = w.cpu().to(at::kDouble);
+    const at::Tensor bound =
+        at::linear(xd.abs(), wd.abs()) * (hidden * std::ldexp(1.0, -24));
+    const at::Tensor error =
+        (out.cpu().to(at::kDouble) - at::linear(xd, wd)).abs();
+    EXPECT_TRUE(at::all(error <= bound).item<bool>())
+        << "largest error " << error.max().item<double>();
+  }
+  EXPECT_EQ(kernels::launchSkinnyLinear(kernels::SkinnyLinearDtype::Half,
+                                        buffer, buffer, 1, 12, 8, nullptr,
+                                        cuda::currentStream(0)),
+            cudaErrorInvalidValue);
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, TopKSoftmaxOnDevice,

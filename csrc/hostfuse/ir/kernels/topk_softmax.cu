@@ -8,11 +8,15 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 4;
-constexpr int kPerLane = kTopKSoftmaxMaxColumns / kWarp;
 
-// Lane l holds columns l, l + 32, l + 64, ... of its warp's row. Softmax in
-// fp32 with the row's maximum subtracted; then k rounds of a warp-wide
-// argmax over the columns not taken yet (ties: the lower column wins).
+// One warp per row; lane l holds columns l, l + 32, ..., l + 32 (kPerLane -
+// 1) of it. Softmax in fp32 with the row's maximum subtracted; then k rounds
+// of a warp-wide argmax over the columns not taken yet (ties: the lower
+// column wins). Pick p is kept by lane p % 32 in slot p / 32 and written
+// once at the end, so that nothing is read back from memory. Every array
+// is indexed by unrolled constants only: a dynamic index would move it to
+// local memory.
+template <int kPerLane>
 __global__ void topkSoftmaxKernel(const float* __restrict__ logits,
                                   int64_t rows, int columns, int k,
                                   bool renormalize, float* __restrict__ weights,
@@ -51,6 +55,8 @@ __global__ void topkSoftmaxKernel(const float* __restrict__ logits,
     value[i] = lane + i * kWarp < columns ? value[i] / total : -1.0f;
   }
 
+  float kept_weight[kPerLane];
+  int kept_column[kPerLane];
   float picked_sum = 0.0f;
   for (int pick = 0; pick < k; ++pick) {
     float best = -1.0f;
@@ -71,20 +77,35 @@ __global__ void topkSoftmaxKernel(const float* __restrict__ logits,
         best_column = other_column;
       }
     }
-    if (best_column % kWarp == lane) {
-      value[best_column / kWarp] = -1.0f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      if (lane + i * kWarp == best_column) {
+        value[i] = -1.0f;
+      }
+      if (pick == lane + i * kWarp) {
+        kept_weight[i] = best;
+        kept_column[i] = best_column;
+      }
     }
-    if (lane == 0) {
-      indices[row * k + pick] = best_column;
-      weights[row * k + pick] = best;
-    }
-    picked_sum += best;  // in pick order
+    picked_sum += best;  // in pick order, the same in every lane
   }
-  if (renormalize && lane == 0) {
-    for (int pick = 0; pick < k; ++pick) {
-      weights[row * k + pick] /= picked_sum;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int pick = lane + i * kWarp;
+    if (pick < k) {
+      weights[row * k + pick] =
+          renormalize ? kept_weight[i] / picked_sum : kept_weight[i];
+      indices[row * k + pick] = kept_column[i];
     }
   }
+}
+
+template <int kPerLane>
+void launchFor(unsigned blocks, const float* logits, int64_t rows, int columns,
+               int k, bool renormalize, float* weights, int64_t* indices,
+               cudaStream_t stream) {
+  topkSoftmaxKernel<kPerLane><<<blocks, kRowsPerBlock * kWarp, 0, stream>>>(
+      logits, rows, columns, k, renormalize, weights, indices);
 }
 
 }  // namespace
@@ -104,10 +125,23 @@ cudaError_t launchTopKSoftmax(const float* logits, int64_t rows,
   if (blocks > 0x7fffffff) {
     return cudaErrorInvalidValue;
   }
-  topkSoftmaxKernel<<<static_cast<unsigned>(blocks), kRowsPerBlock * kWarp, 0,
-                      stream>>>(logits, rows, static_cast<int>(columns),
-                                static_cast<int>(k), renormalize, weights,
-                                indices);
+  static_assert(kTopKSoftmaxMaxColumns == 8 * kWarp);
+  const auto grid = static_cast<unsigned>(blocks);
+  const int n = static_cast<int>(columns);
+  const int picks = static_cast<int>(k);
+  if (columns <= kWarp) {
+    launchFor<1>(grid, logits, rows, n, picks, renormalize, weights, indices,
+                 stream);
+  } else if (columns <= 2 * kWarp) {
+    launchFor<2>(grid, logits, rows, n, picks, renormalize, weights, indices,
+                 stream);
+  } else if (columns <= 4 * kWarp) {
+    launchFor<4>(grid, logits, rows, n, picks, renormalize, weights, indices,
+                 stream);
+  } else {
+    launchFor<8>(grid, logits, rows, n, picks, renormalize, weights, indices,
+                 stream);
+  }
   return cudaGetLastError();
 }
 

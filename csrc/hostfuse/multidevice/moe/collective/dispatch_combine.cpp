@@ -605,19 +605,13 @@ at::Tensor sumInOrder(const at::Tensor& rows, const at::Tensor& token,
   }
   // Every pick is < K (checked from the combine table): token t's rows sit
   // in slots [T, K], the size of topk_weights, found without a sort.
-  const at::Tensor one_stride = token.stride(0) == pick.stride(0)
-                                    ? at::Tensor()
-                                    : at::stack({token, pick}, 1);
-  const at::Tensor tokens =
-      one_stride.defined() ? one_stride.select(1, 0) : token;
-  const at::Tensor picks =
-      one_stride.defined() ? one_stride.select(1, 1) : pick;
   at::Tensor slots = at::full({num_tokens, weights.size(1)}, -1,
                               token.options().dtype(at::kLong));
   HF_CUDA_CHECK(collective::launchCombineSlots(
-      tokens.const_data_ptr<int64_t>(), picks.const_data_ptr<int64_t>(),
-      tokens.stride(0), tokens.numel(), weights.size(1),
-      slots.mutable_data_ptr<int64_t>(), streamOf(rows.device())));
+      token.const_data_ptr<int64_t>(), token.stride(0),
+      pick.const_data_ptr<int64_t>(), pick.stride(0), token.numel(),
+      weights.size(1), slots.mutable_data_ptr<int64_t>(),
+      streamOf(rows.device())));
   return sumSortedRows(rows, at::Tensor(), at::Tensor(), at::Tensor(), weights,
                        slots);
 }

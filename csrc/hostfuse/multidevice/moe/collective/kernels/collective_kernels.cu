@@ -649,13 +649,13 @@ __global__ void sumPackedKernel(const CombineSumArgs a) {
   }
 }
 
-__global__ void slotsKernel(const int64_t* token, const int64_t* pick,
-                            int64_t stride, int64_t count, int64_t picks,
-                            int64_t* slots) {
+__global__ void slotsKernel(const int64_t* token, int64_t token_stride,
+                            const int64_t* pick, int64_t pick_stride,
+                            int64_t count, int64_t picks, int64_t* slots) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     auto* slot = reinterpret_cast<unsigned long long*>(
-        slots + token[i * stride] * picks + pick[i * stride]);
+        slots + token[i * token_stride] * picks + pick[i * pick_stride]);
     if (atomicCAS(slot, kNone, static_cast<unsigned long long>(i)) != kNone) {
       atomicExch(slot, static_cast<unsigned long long>(-2LL));
     }
@@ -738,14 +738,15 @@ cudaError_t launchFirstRepeatedRow(const int64_t* src_rank,
   return cudaGetLastError();
 }
 
-cudaError_t launchCombineSlots(const int64_t* token, const int64_t* pick,
-                               int64_t stride, int64_t count, int64_t picks,
-                               int64_t* slots, cudaStream_t stream) {
+cudaError_t launchCombineSlots(const int64_t* token, int64_t token_stride,
+                               const int64_t* pick, int64_t pick_stride,
+                               int64_t count, int64_t picks, int64_t* slots,
+                               cudaStream_t stream) {
   if (count == 0) {
     return cudaSuccess;
   }
-  slotsKernel<<<gridFor(count), kThreads, 0, stream>>>(token, pick, stride,
-                                                       count, picks, slots);
+  slotsKernel<<<gridFor(count), kThreads, 0, stream>>>(
+      token, token_stride, pick, pick_stride, count, picks, slots);
   return cudaGetLastError();
 }
 

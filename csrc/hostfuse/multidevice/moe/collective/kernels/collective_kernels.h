@@ -206,11 +206,12 @@ struct CombineSumArgs {
 cudaError_t launchCombineSum(const CombineSumArgs& args, cudaStream_t stream);
 
 // CombineSumArgs::slots from the returned rows' tokens and picks (row i's
-// at token[i * stride] and pick[i * stride]): slots[t * picks + k] = the
-// row naming (t, k). `slots` [tokens, picks] is all -1 at launch; a (t, k)
-// that two rows name is set to -2.
-cudaError_t launchCombineSlots(const int64_t* token, const int64_t* pick,
-                               int64_t stride, int64_t count, int64_t picks,
-                               int64_t* slots, cudaStream_t stream);
+// at token[i * token_stride] and pick[i * pick_stride]): slots[t * picks +
+// k] = the row naming (t, k). `slots` [tokens, picks] is all -1 at launch;
+// a (t, k) that two rows name is set to -2.
+cudaError_t launchCombineSlots(const int64_t* token, int64_t token_stride,
+                               const int64_t* pick, int64_t pick_stride,
+                               int64_t count, int64_t picks, int64_t* slots,
+                               cudaStream_t stream);
 
 }  // namespace hostfuse::moe::collective
