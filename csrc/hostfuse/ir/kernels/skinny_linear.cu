@@ -37,15 +37,25 @@ __device__ __forceinline__ void toFloats(const uint4& raw, float* out,
 // of those rows and keeps kRows x kOutputs partial sums, each over its
 // chunks in order. The warps then reduce their lanes with a fixed butterfly
 // and the block sums the warps in order. w (outputs x hidden, small) is read
-// from L2 by every block.
+// from L2 by every block. Rows and outputs past the end are clamped to the
+// last one, so that every load is unconditional and a chunk's loads are all
+// in flight before its sums (a load under a branch waits for the branch:
+// 8 round trips per chunk instead of one); their sums are never written.
 template <typename T, int kOutputs, int kRows>
 __global__ void __launch_bounds__(kThreads)
     skinnyLinearKernel(const T* __restrict__ x, const T* __restrict__ w,
                        int64_t rows, int64_t hidden, int outputs,
                        float* __restrict__ out) {
+  static_assert(kOutputs % 8 == 0);
   __shared__ float partial[kWarps][kRows * kOutputs];
   const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t chunks = hidden / kChunk;
+  const uint4* x_rows[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t row = first_row + r < rows ? first_row + r : rows - 1;
+    x_rows[r] = reinterpret_cast<const uint4*>(x + row * hidden);
+  }
   float sum[kRows][kOutputs];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -55,27 +65,30 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   for (int64_t c = threadIdx.x; c < chunks; c += kThreads) {
-    float xs[kRows][kChunk];
+    uint4 raw_x[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const int64_t row = first_row + r;
-      const uint4 raw =
-          row < rows
-              ? __ldg(reinterpret_cast<const uint4*>(x + row * hidden) + c)
-              : make_uint4(0, 0, 0, 0);
-      toFloats(raw, xs[r], T{});
+      raw_x[r] = __ldg(x_rows[r] + c);
     }
 #pragma unroll
-    for (int n = 0; n < kOutputs; ++n) {
-      if (n < outputs) {
-        float ws[kChunk];
-        toFloats(__ldg(reinterpret_cast<const uint4*>(w + n * hidden) + c), ws,
-                 T{});
+    for (int group = 0; group < kOutputs; group += 8) {
+      uint4 raw_w[8];
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) {
+      for (int j = 0; j < 8; ++j) {
+        const int n = group + j < outputs ? group + j : outputs - 1;
+        raw_w[j] = __ldg(reinterpret_cast<const uint4*>(w + n * hidden) + c);
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float xs[kChunk];
+        toFloats(raw_x[r], xs, T{});
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          float ws[kChunk];
+          toFloats(raw_w[j], ws, T{});
 #pragma unroll
           for (int i = 0; i < kChunk; ++i) {
-            sum[r][n] = fmaf(xs[r][i], ws[i], sum[r][n]);
+            sum[r][group + j] = fmaf(xs[i], ws[i], sum[r][group + j]);
           }
         }
       }
@@ -128,17 +141,23 @@ cudaError_t launchFor(const void* x, const void* w, int64_t rows,
   return cudaGetLastError();
 }
 
-// The sums held per thread stay at 64 or fewer (registers): four rows up to
-// 16 outputs, two rows up to 32.
+// At most 64 sums per thread (registers). Few rows: two per block, so that
+// many blocks share the reading of x; many rows: as many per block as the
+// sums allow, so that fewer blocks read w again from L2.
 template <typename T>
 cudaError_t launchTyped(const void* x, const void* w, int64_t rows,
                         int64_t hidden, int outputs, float* out,
                         cudaStream_t stream) {
+  const bool few_rows = rows <= 1024;
   if (outputs <= 8) {
-    return launchFor<T, 8, 4>(x, w, rows, hidden, outputs, out, stream);
+    return few_rows
+               ? launchFor<T, 8, 2>(x, w, rows, hidden, outputs, out, stream)
+               : launchFor<T, 8, 8>(x, w, rows, hidden, outputs, out, stream);
   }
   if (outputs <= 16) {
-    return launchFor<T, 16, 4>(x, w, rows, hidden, outputs, out, stream);
+    return few_rows
+               ? launchFor<T, 16, 2>(x, w, rows, hidden, outputs, out, stream)
+               : launchFor<T, 16, 4>(x, w, rows, hidden, outputs, out, stream);
   }
   return launchFor<T, 32, 2>(x, w, rows, hidden, outputs, out, stream);
 }
