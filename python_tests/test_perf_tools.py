@@ -115,3 +115,17 @@ def test_profile_script_counts_calls_on_cpu_ranks():
         line = next((l for l in output.splitlines() if name + ":" in l), None)
         assert line is not None, output[-2000:]
         assert "ATen calls" in line and "host synchronizations" in line, line
+
+
+def test_grouped_gemm_options_explains_itself_and_refuses_bad_sizes():
+    script = REPO / "benchmarks" / "grouped_gemm_options.py"
+    shown = subprocess.run([sys.executable, script, "--help"], capture_output=True,
+                           text=True, check=True)
+    assert "--rows-per-group" in shown.stdout
+    for flags, message in ((["--groups", "0"], "--groups must be >= 1, got 0"),
+                           (["--rows-per-group", "128", "-3"], "--rows-per-group must be >= 1"),
+                           (["--hidden", "7170"], "multiples of 8")):
+        refused = subprocess.run([sys.executable, script, *flags], capture_output=True,
+                                 text=True)
+        assert refused.returncode == 2, refused
+        assert message in refused.stderr, refused.stderr
