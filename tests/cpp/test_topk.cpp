@@ -273,7 +273,8 @@ TEST_P(TopKSoftmaxOnDevice, LinearWithF32OutputMatchesTheCastOperands) {
 
 // A linear with few f32 outputs (a router's logits) on every path: the
 // kernel of our own (bf16 and f16, each register layout: up to 8, 16 and
-// 32 outputs), and what it leaves to ATen (33 outputs, H not a multiple of
+// 32 outputs, and more rows per block past 1024 rows), and what it leaves
+// to ATen (33 outputs, H not a multiple of
 // 8, misaligned rows). Against an fp64 reference within the error bound of
 // an fp32 sum; the same bits on a second run (the kernel's fixed order);
 // x of rank 3 and a transposed (non-contiguous) x.
@@ -292,6 +293,8 @@ TEST_P(TopKSoftmaxOnDevice, LinearWithFewF32OutputsMatchesAnFp64Reference) {
       {at::kHalf, 130, 1024, 16},
       {at::kBFloat16, 3, 4096, 17},
       {at::kHalf, 67, 512, 32},
+      {at::kBFloat16, 1500, 1024, 8},
+      {at::kHalf, 1027, 512, 12},
       {at::kBFloat16, 9, 256, 33},
       {at::kBFloat16, 6, 300, 8},
       {at::kBFloat16, 7, 512, 8, true},

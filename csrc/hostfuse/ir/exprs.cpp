@@ -642,10 +642,14 @@ std::optional<at::Tensor> skinnyLinearOnDevice(const at::Tensor& x,
       (dtype != at::kBFloat16 && dtype != at::kHalf)) {
     return std::nullopt;
   }
-  const at::Tensor rows = x.reshape({-1, x.size(-1)}).contiguous();
+  const int64_t hidden = weight.size(1);
+  const int64_t outputs = weight.size(0);
+  alignas(16) static constexpr char kAligned[16] = {};
+  if (!kernels::skinnyLinearFits(outputs, hidden, kAligned, kAligned)) {
+    return std::nullopt;  // the sizes alone rule it out: copy nothing
+  }
+  const at::Tensor rows = x.reshape({-1, hidden}).contiguous();
   const at::Tensor w = weight.contiguous();
-  const int64_t hidden = w.size(1);
-  const int64_t outputs = w.size(0);
   if (!kernels::skinnyLinearFits(outputs, hidden, rows.const_data_ptr(),
                                  w.const_data_ptr())) {
     return std::nullopt;
