@@ -5,9 +5,6 @@
 #include <sstream>
 
 #include <hostfuse/ir/container.h>
-#include <hostfuse/ir/kernels/skinny_linear.h>
-#include <hostfuse/utils/cuda_utils.h>
-#include <hostfuse/utils/torch_cuda.h>
 
 namespace hostfuse {
 
@@ -628,47 +625,6 @@ bool LinearOp::accumulatesToFloat(DataType x, DataType out) {
          (x == DataType::BFloat16 || x == DataType::Half);
 }
 
-namespace {
-
-// out = x w^T in f32 with one kernel of our own when the shape fits it (few
-// outputs, 16-byte aligned rows of bf16 or f16, one GPU); nullopt to leave
-// the call to ATen, which also reports any mismatch of the operands.
-std::optional<at::Tensor> skinnyLinearOnDevice(const at::Tensor& x,
-                                               const at::Tensor& weight) {
-  const at::ScalarType dtype = x.scalar_type();
-  if (!x.is_cuda() || weight.device() != x.device() ||
-      weight.scalar_type() != dtype || weight.dim() != 2 || x.dim() < 1 ||
-      x.size(-1) != weight.size(1) ||
-      (dtype != at::kBFloat16 && dtype != at::kHalf)) {
-    return std::nullopt;
-  }
-  const int64_t hidden = weight.size(1);
-  const int64_t outputs = weight.size(0);
-  alignas(16) static constexpr char kAligned[16] = {};
-  if (!kernels::skinnyLinearFits(outputs, hidden, kAligned, kAligned)) {
-    return std::nullopt;  // the sizes alone rule it out: copy nothing
-  }
-  const at::Tensor rows = x.reshape({-1, hidden}).contiguous();
-  const at::Tensor w = weight.contiguous();
-  if (!kernels::skinnyLinearFits(outputs, hidden, rows.const_data_ptr(),
-                                 w.const_data_ptr())) {
-    return std::nullopt;
-  }
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = outputs;
-  at::Tensor out = at::empty(sizes, x.options().dtype(at::kFloat));
-  const int device = x.device().index();
-  const cuda::DeviceScope scope(device);
-  HF_CUDA_CHECK(kernels::launchSkinnyLinear(
-      dtype == at::kBFloat16 ? kernels::SkinnyLinearDtype::BFloat16
-                             : kernels::SkinnyLinearDtype::Half,
-      rows.const_data_ptr(), w.const_data_ptr(), rows.size(0), hidden, outputs,
-      out.mutable_data_ptr<float>(), cuda::currentStream(device)));
-  return out;
-}
-
-}  // namespace
-
 std::vector<c10::IValue> LinearOp::evaluate(
     const std::vector<c10::IValue>& inputs) const {
   std::optional<at::Tensor> bias;
@@ -683,9 +639,6 @@ std::vector<c10::IValue> LinearOp::evaluate(
   // Products of bf16 or f16 values are exact in fp32: both paths sum them
   // in fp32 (in their own order) and round nothing before the output.
   if (x.is_cuda() && !bias.has_value()) {
-    if (std::optional<at::Tensor> out = skinnyLinearOnDevice(x, weight)) {
-      return {*out};
-    }
     std::vector<int64_t> sizes = x.sizes().vec();
     sizes.back() = weight.size(0);
     return {at::mm(x.reshape({-1, x.size(-1)}), weight.t(), at::kFloat)
