@@ -2,7 +2,7 @@
 // checks that NVRTC compiles it (to PTX for compute_90, so no GPU is
 // needed).
 //
-//   build/print_kernel [rmsnorm | silu]
+//   build/print_kernel [rmsnorm | silu | swiglu]
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -46,13 +46,32 @@ void buildSiluChain(Fusion& fusion) {
   fusion.addOutput(add(gated, c));
 }
 
-// `which`: "rmsnorm" or "silu".
+// The MoE layer's activation, silu(gate) * up in fp32 rounded once to
+// bf16, where gate and up are the two halves of one [rows, 2 I] GEMM
+// output: views whose rows are 2 I elements apart.
+void buildSwiGlu(Fusion& fusion) {
+  FusionGuard guard(&fusion);
+  TensorView* gate = makeSymbolicTensor(2, DataType::BFloat16, "gate");
+  TensorView* up =
+      makeTensor({gate->extent(0), gate->extent(1)}, DataType::BFloat16, "up");
+  fusion.addInput(gate);
+  fusion.addInput(up);
+  TensorView* act =
+      mul(silu(cast(gate, DataType::Float)), cast(up, DataType::Float));
+  fusion.addOutput(cast(act, DataType::BFloat16));
+}
+
+// `which`: "rmsnorm", "silu" or "swiglu".
 int run(const std::string& which) {
   Fusion fusion;
   InputSignature signature;
   signature.index32 = true;
   if (which == "rmsnorm") {
     buildRmsNorm(fusion);
+  } else if (which == "swiglu") {
+    buildSwiGlu(fusion);
+    signature.pitched_rows = true;
+    signature.vector_width = 8;
   } else {
     buildSiluChain(fusion);
     signature.contiguous = true;
@@ -74,9 +93,11 @@ int main(int argc, char** argv) {
       "Prints the CUDA source hostfuse generates for an example fusion and "
       "checks that NVRTC compiles it (to PTX for compute_90: no GPU "
       "needed).");
-  flags.positionalChoice("FUSION", &which, {"rmsnorm", "silu"},
-                         "rmsnorm: RMSNorm in bf16 with the per-row rsqrt as "
-                         "a second output; silu: silu(a) * b + c in bf16");
+  flags.positionalChoice(
+      "FUSION", &which, {"rmsnorm", "silu", "swiglu"},
+      "rmsnorm: RMSNorm in bf16 with the per-row rsqrt as a second output; "
+      "silu: silu(a) * b + c in bf16 (contiguous); swiglu: silu(gate) * up "
+      "in bf16 on the two halves of one wider tensor (pitched rows)");
   if (const std::optional<int> status = flags.parse(argc, argv)) {
     return *status;
   }

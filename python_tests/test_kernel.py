@@ -40,6 +40,20 @@ def test_contiguous_vectorized_signature_changes_the_source():
     assert plain != vector
 
 
+def test_pitched_rows_signature_addresses_rows_by_their_pitch():
+    source = hf.kernel.cuda_source(pointwise(), pitched_rows=True, vector_width=8)
+    assert "_pitch" in source and "row * " in source
+    assert source != hf.kernel.cuda_source(pointwise(), contiguous=True, vector_width=8)
+    binary = hf.kernel.compile(source, arch=90, cubin=False)
+    assert b".entry" in binary["image"]
+    with pytest.raises(hf.Error, match="both contiguous and of pitched rows; choose one"):
+        hf.kernel.cuda_source(pointwise(), contiguous=True, pitched_rows=True)
+    with pytest.raises(hf.Error, match="vector_width 8 needs contiguous or pitched_rows"):
+        hf.kernel.cuda_source(pointwise(), vector_width=8)
+    with pytest.raises(hf.Error, match="pitched_rows, for a fusion that cannot have it"):
+        hf.kernel.cuda_source(rmsnorm_like(), pitched_rows=True)
+
+
 @pytest.mark.parametrize("make", [rmsnorm_like, pointwise], ids=["rmsnorm", "pointwise"])
 def test_nvrtc_compiles_to_ptx_without_a_gpu(make):
     binary = hf.kernel.compile(hf.kernel.cuda_source(make()), arch=90, cubin=False)

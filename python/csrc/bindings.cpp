@@ -746,15 +746,17 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_source",
       [](const Fusion& fusion, bool contiguous, int64_t vector_width,
-         bool index32) {
+         bool index32, bool pitched_rows) {
         InputSignature signature;
         signature.contiguous = contiguous;
         signature.vector_width = vector_width;
         signature.index32 = index32;
+        signature.pitched_rows = pitched_rows;
         return generateCudaSource(fusion, signature);
       },
       py::arg("fusion"), py::kw_only(), py::arg("contiguous") = false,
-      py::arg("vector_width") = 1, py::arg("index32") = false);
+      py::arg("vector_width") = 1, py::arg("index32") = false,
+      py::arg("pitched_rows") = false);
   m.def(
       "compile_cuda",
       [](const std::string& source, int arch, bool cubin) {

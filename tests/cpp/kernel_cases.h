@@ -57,6 +57,8 @@ enum class Layout {
   kContiguous,
   kTransposed,  // the last two dims swapped in memory (rank 1: stride 2)
   kSliced,      // a window of a wider tensor, starting one element in
+  kPitched,     // a window of rows 16 elements wider, starting 16 elements
+                // in: aligned, with rows of unit stride
 };
 
 inline const char* toString(Layout layout) {
@@ -67,6 +69,8 @@ inline const char* toString(Layout layout) {
       return "transposed";
     case Layout::kSliced:
       return "sliced";
+    case Layout::kPitched:
+      return "pitched";
   }
   return "?";
 }
@@ -169,8 +173,9 @@ inline at::Tensor makeInput(std::vector<int64_t> sizes, at::ScalarType dtype,
     return randomTensor(sizes, dtype, device, seed).slice(0, 0, 2 * size, 2);
   }
   const int64_t size = sizes[rank - 1];
-  sizes[rank - 1] = size + 3;
-  return randomTensor(sizes, dtype, device, seed).narrow(-1, 1, size);
+  const int64_t start = layout == Layout::kPitched ? 16 : 1;
+  sizes[rank - 1] = size + (layout == Layout::kPitched ? 16 : 3);
+  return randomTensor(sizes, dtype, device, seed).narrow(-1, start, size);
 }
 
 inline std::vector<c10::IValue> makeInputs(const FusionCase& c, int64_t rows,

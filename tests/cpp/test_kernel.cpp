@@ -12,6 +12,7 @@
 #include <hostfuse/kernel/compile.h>
 #include <hostfuse/kernel/executor.h>
 #include <hostfuse/kernel/kernel_cache.h>
+#include <hostfuse/kernel/launch.h>
 #include <hostfuse/utils/driver_api.h>
 #include <hostfuse/utils/torch_cuda.h>
 #include "kernel_cases.h"
@@ -23,14 +24,19 @@ const CompileTarget kPtx90{90, /*cubin=*/false};
 
 // The signatures a fusion's kernel can be specialized for: strided with
 // either index width, and where possible contiguous with the widest vectors
-// and without vectors.
+// and without vectors, and pitched rows with the widest vectors and 64-bit
+// indices.
 std::vector<InputSignature> signaturesFor(const FusionAnalysis& analysis) {
   std::vector<InputSignature> signatures = {
       {/*contiguous=*/false, /*vector_width=*/1, /*index32=*/true},
       {/*contiguous=*/false, /*vector_width=*/1, /*index32=*/false}};
   if (analysis.plan().contiguous_possible) {
-    signatures.push_back({true, analysis.plan().max_vector_width, true});
+    const int64_t widest = analysis.plan().max_vector_width;
+    signatures.push_back({true, widest, true});
     signatures.push_back({true, 1, false});
+    if (analysis.numLoopDims() >= 2) {
+      signatures.push_back({false, widest, false, /*pitched_rows=*/true});
+    }
   }
   return signatures;
 }
@@ -192,6 +198,118 @@ TEST(KernelCodegen, RejectsAValueBroadcastInTwoLayouts) {
       mul(broadcast(x, {false, true}), broadcast(x, {true, false})));
   test::expectErrorContains([&] { FusionAnalysis analysis(fusion); },
                             {"two dims of", "line up with one loop dim"});
+}
+
+// silu(a) * b in bf16, computed in fp32: the MoE layer's activation.
+std::shared_ptr<Fusion> siluMulFusion(int64_t rank) {
+  auto fusion = std::make_shared<Fusion>();
+  FusionGuard guard(fusion.get());
+  TensorView* a = makeSymbolicTensor(rank, DataType::BFloat16, "a");
+  TensorView* b = makeSymbolicTensor(rank, DataType::BFloat16, "b");
+  fusion->addInput(a);
+  fusion->addInput(b);
+  fusion->addOutput(
+      cast(mul(silu(cast(a, DataType::Float)), cast(b, DataType::Float)),
+           DataType::BFloat16));
+  return fusion;
+}
+
+// The signature setUpLaunch picks for `inputs`, and the pitch parameters
+// of the kernel generated for it, in order.
+std::pair<InputSignature, std::vector<int64_t>> signatureAndPitches(
+    const Fusion& fusion, const std::vector<at::Tensor>& inputs) {
+  const FusionAnalysis analysis(fusion);
+  const LaunchSetup setup = setUpLaunch(
+      fusion, analysis.plan(), {inputs.begin(), inputs.end()}, at::kCPU, {});
+  const GeneratedKernel kernel = generateKernel(analysis, setup.signature);
+  KernelArgs args(fusion, analysis.plan(), kernel, setup);
+  std::vector<int64_t> pitches;
+  for (size_t k = 0; k < kernel.params.size(); ++k) {
+    const KernelParam::Kind kind = kernel.params[k].kind;
+    if (kind == KernelParam::Kind::kInputPitch ||
+        kind == KernelParam::Kind::kOutputPitch) {
+      pitches.push_back(setup.signature.index32
+                            ? *static_cast<const int32_t*>(args.pointers()[k])
+                            : *static_cast<const int64_t*>(args.pointers()[k]));
+    }
+  }
+  return {setup.signature, pitches};
+}
+
+TEST(KernelLaunch, SlicesOfTheLastDimGetPitchedRowsWithVectors) {
+  const std::shared_ptr<Fusion> fusion = siluMulFusion(2);
+  const at::TensorOptions bf16 = at::TensorOptions().dtype(at::kBFloat16);
+  struct Case {
+    const char* what;
+    at::Tensor a, b;
+    std::string signature;
+    std::vector<int64_t> pitches;  // a, b, the output
+  };
+  const at::Tensor dense = at::randn({64, 256}, bf16);
+  const at::Tensor wide = at::randn({64, 512}, bf16);  // gate | up
+  const at::Tensor odd = at::randn({64, 513}, bf16);   // starts 1 in
+  const at::Tensor pitch260 = at::randn({64, 260}, bf16);
+  const Case cases[] = {
+      {"dense", dense, dense.clone(), "contiguous, vector 8", {}},
+      {"the two halves of [64, 512]",
+       wide.narrow(1, 0, 256),
+       wide.narrow(1, 256, 256),
+       "pitched rows, vector 8",
+       {512, 512, 256}},
+      {"a half and a dense tensor",
+       wide.narrow(1, 256, 256),
+       dense,
+       "pitched rows, vector 8",
+       {512, 256, 256}},
+      {"rows 260 elements apart (not a multiple of 8)",
+       pitch260.narrow(1, 0, 256),
+       dense,
+       "pitched rows, vector 4",
+       {260, 256, 256}},
+      {"a start one element in (2-byte aligned)",
+       odd.narrow(1, 1, 256),
+       dense,
+       "strided",
+       {}},
+      {"a transposed input",
+       at::randn({256, 64}, bf16).t(),
+       dense,
+       "strided",
+       {}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    const auto [signature, pitches] = signatureAndPitches(*fusion, {c.a, c.b});
+    EXPECT_EQ(signature.toString(), c.signature + ", 32-bit indices");
+    EXPECT_EQ(pitches, c.pitches);
+  }
+  // Rows of 100 elements: a multiple of 4 but not of 8.
+  const auto [narrow_rows, pitches] = signatureAndPitches(
+      *fusion, {wide.narrow(1, 0, 100), wide.narrow(1, 256, 100)});
+  EXPECT_EQ(narrow_rows.toString(), "pitched rows, vector 4, 32-bit indices");
+  EXPECT_EQ(pitches, (std::vector<int64_t>{512, 512, 100}));
+}
+
+TEST(KernelLaunch, PitchedRowsNeedDimsThatCollapseIntoRows) {
+  const std::shared_ptr<Fusion> fusion = siluMulFusion(3);
+  const at::TensorOptions bf16 = at::TensorOptions().dtype(at::kBFloat16);
+  const at::Tensor wide = at::randn({2, 8, 512}, bf16);
+  // [2, 8] collapses into 16 rows 512 elements apart.
+  const auto [collapsing, pitches] = signatureAndPitches(
+      *fusion, {wide.narrow(2, 0, 256), wide.narrow(2, 256, 256)});
+  EXPECT_EQ(collapsing.toString(), "pitched rows, vector 8, 32-bit indices");
+  EXPECT_EQ(pitches, (std::vector<int64_t>{512, 512, 256}));
+  // 8 of 9 rows per outer index: the outer stride is 9 rows, not 8.
+  const at::Tensor taller = at::randn({2, 9, 512}, bf16);
+  const at::Tensor gappy = taller.narrow(1, 0, 8).narrow(2, 0, 256);
+  EXPECT_EQ(signatureAndPitches(*fusion, {gappy, gappy}).first.toString(),
+            "strided, 32-bit indices");
+  // A dim of size 1 in between takes no part.
+  const at::Tensor single = at::randn({2, 1, 512}, bf16).narrow(2, 0, 256);
+  const auto [with_one, one_pitches] =
+      signatureAndPitches(*fusion, {single, single});
+  EXPECT_EQ(with_one.toString(), "pitched rows, vector 8, 32-bit indices");
+  EXPECT_EQ(one_pitches, (std::vector<int64_t>{512, 512, 256}));
 }
 
 TEST(KernelCompile, ErrorShowsNumberedSourceAndLog) {

@@ -210,13 +210,18 @@ Emulate compileForHost(const std::string& source) {
   return emulate;
 }
 
+// The outputs of the kernel that setUpLaunch chooses for `inputs`, run on
+// the host; `signature` (if given) receives its signature.
 std::vector<at::Tensor> emulate(const Fusion& fusion,
                                 const std::vector<c10::IValue>& inputs,
-                                const KernelOptions& options,
-                                int64_t sm_count) {
+                                const KernelOptions& options, int64_t sm_count,
+                                InputSignature* signature = nullptr) {
   const FusionAnalysis analysis(fusion);
   LaunchSetup setup =
       setUpLaunch(fusion, analysis.plan(), inputs, at::kCPU, options);
+  if (signature != nullptr) {
+    *signature = setup.signature;
+  }
   if (setup.nothing_to_launch) {
     return setup.outputs;
   }
@@ -266,16 +271,39 @@ TEST_P(KernelEmulation, MatchesAtenReference) {
       {300, 20, test::Layout::kContiguous, {}, "default"},
       {3, 700, test::Layout::kContiguous, {}, "default"},
       {1, 9, test::Layout::kSliced, {}, "default"},
+      // Rows of unit stride inside wider rows: the pitched-rows kernel
+      // where the width divides the row (64, 48: every dtype's widest
+      // vector; 20: narrower ones), strided where it cannot (101).
+      {37, 64, test::Layout::kPitched, {}, "default"},
+      {300, 20, test::Layout::kPitched, {}, "default"},
+      {5, 48, test::Layout::kPitched, index64, "64-bit index"},
+      {3, 101, test::Layout::kPitched, {}, "default"},
   };
+  // Whether the dense inputs of 37 x 101 get the contiguous kernel.
+  bool dense_is_contiguous = false;
   for (const Run& run : runs) {
     SCOPED_TRACE("rows=" + std::to_string(run.rows) +
                  " cols=" + std::to_string(run.cols) + " layout=" +
                  test::toString(run.layout) + " options=" + run.what);
     const std::vector<c10::IValue> inputs =
         test::makeInputs(c, run.rows, run.cols, run.layout, at::kCPU);
-    test::expectOutputsClose(emulate(*fusion, inputs, run.options, 1),
-                             evaluateFusion(*fusion, inputs),
-                             c.float_tolerance);
+    InputSignature signature;
+    test::expectOutputsClose(
+        emulate(*fusion, inputs, run.options, 1, &signature),
+        evaluateFusion(*fusion, inputs), c.float_tolerance);
+    if (run.layout == test::Layout::kContiguous && run.cols == 101 &&
+        run.what == std::string("default")) {
+      dense_is_contiguous = signature.contiguous;
+    }
+    // Where dense inputs get vectors, 64-element rows 80 apart get them
+    // too (as one row of contiguous elements with one loop dim).
+    if (run.layout == test::Layout::kPitched && run.cols == 64) {
+      EXPECT_EQ(signature.pitched_rows || signature.contiguous,
+                dense_is_contiguous)
+          << signature.toString();
+      EXPECT_EQ(signature.vector_width > 1, dense_is_contiguous)
+          << signature.toString();
+    }
   }
 }
 

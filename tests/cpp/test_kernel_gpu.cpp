@@ -55,6 +55,17 @@ TEST_P(KernelGpuCatalog, MatchesAtenReference) {
                                c.float_tolerance);
     }
   }
+  // Pitched rows, where every dtype's widest vector (1001 above would not)
+  // or only a narrower one (40 for 1-byte types) divides the row.
+  for (const ProblemSize& size :
+       {ProblemSize{37, 1024}, ProblemSize{4099, 40}}) {
+    SCOPED_TRACE(describe(size, test::Layout::kPitched, "default"));
+    const std::vector<c10::IValue> inputs = test::makeInputs(
+        c, size.rows, size.cols, test::Layout::kPitched, kCuda);
+    test::expectOutputsClose(runFusionOnCuda(*fusion, inputs),
+                             evaluateFusion(*fusion, inputs),
+                             c.float_tolerance);
+  }
   const ProblemSize size = kSizes[0];
   const std::vector<c10::IValue> inputs = test::makeInputs(
       c, size.rows, size.cols, test::Layout::kContiguous, kCuda);

@@ -180,7 +180,7 @@ GeneratedKernel KernelWriter::write() {
   ++indent_;
   if (kernel_.is_reduction) {
     writeReduction();
-  } else if (kernel_.signature.contiguous) {
+  } else if (kernel_.signature.contiguous || kernel_.signature.pitched_rows) {
     writeContiguous();
   } else {
     writePointwise();
@@ -210,7 +210,8 @@ void KernelWriter::writeHeader() {
 }
 
 void KernelWriter::writeSignature() {
-  const bool strided = !kernel_.signature.contiguous;
+  const bool pitched = kernel_.signature.pitched_rows;
+  const bool strided = !kernel_.signature.contiguous && !pitched;
   std::vector<std::string> params;
   auto add = [&](std::string text, KernelParam param) {
     params.push_back(std::move(text));
@@ -230,6 +231,10 @@ void KernelWriter::writeSignature() {
       add("index_t " + name + "_stride" + std::to_string(d),
           {KernelParam::Kind::kInputStride, index, d});
     }
+    if (pitched) {
+      add("index_t " + name + "_pitch",
+          {KernelParam::Kind::kInputPitch, index});
+    }
   }
   for (size_t o = 0; o < fusion_.outputs().size(); ++o) {
     const TensorView* tv = output(static_cast<int64_t>(o));
@@ -244,6 +249,10 @@ void KernelWriter::writeSignature() {
             {KernelParam::Kind::kOutputStride, index, d});
       }
     }
+    if (pitched) {
+      add("index_t " + name + "_pitch",
+          {KernelParam::Kind::kOutputPitch, index});
+    }
   }
   const int64_t num_dims = analysis_.numLoopDims();
   if (kernel_.is_reduction) {
@@ -256,6 +265,10 @@ void KernelWriter::writeSignature() {
   } else {
     for (int64_t c = 1; strided && c < num_dims; ++c) {
       add("index_t " + loopSize(c), {KernelParam::Kind::kLoopSize, c});
+    }
+    if (pitched) {
+      add("index_t " + loopSize(num_dims - 1),
+          {KernelParam::Kind::kLoopSize, num_dims - 1});
     }
     add("index_t numel", {KernelParam::Kind::kNumel});
   }
@@ -323,24 +336,45 @@ void KernelWriter::writePointwise() {
   close();
 }
 
+// Contiguous: chunks of vector_width elements at one linear index, then
+// the elements of the last partial chunk one by one. Pitched rows: chunk
+// c is at column (c % chunks per row) * vector_width of row c / (chunks
+// per row), the row starting `pitch` elements after the one before; the
+// width divides the row length, so there is no partial chunk.
 void KernelWriter::writeContiguous() {
   const std::vector<const TensorView*> values = needed(outputs());
+  const bool pitched = kernel_.signature.pitched_rows;
   writeGridStride();
+  // Where a chunk of `tensor` starts.
+  auto chunkAt = [&](const std::string& tensor) {
+    return pitched ? tensor + " + row * " + tensor + "_pitch + column"
+                   : tensor + " + base";
+  };
   std::string tail_start = "first";
-  if (vectorWidth() > 1) {
+  if (vectorWidth() > 1 || pitched) {
     const std::string width = std::to_string(vectorWidth());
     auto vecType = [&](DataType dtype) {
       return "hf_vec<" + storageType(dtype) + ", " + width + ">";
     };
+    if (pitched) {
+      line("const index_t row_chunks = " +
+           loopSize(analysis_.numLoopDims() - 1) + " / " + width + ";");
+    }
     line("const index_t num_chunks = numel / " + width + ";");
     open("for (index_t chunk = first; chunk < num_chunks; chunk += step)");
-    line("const index_t base = chunk * " + width + ";");
+    if (pitched) {
+      line("const index_t row = chunk / row_chunks;");
+      line("const index_t column = (chunk - row * row_chunks) * " + width +
+           ";");
+    } else {
+      line("const index_t base = chunk * " + width + ";");
+    }
     for (const TensorView* tv : values) {
       if (fusion_.isInput(tv)) {
         const std::string type = vecType(tv->dtype());
         line("const " + type + " " + tv->toString() + "_vec =\n" +
              std::string(2 * indent_ + 4, ' ') + "*reinterpret_cast<const " +
-             type + "*>(" + tv->toString() + " + base);");
+             type + "*>(" + chunkAt(tv->toString()) + ");");
       }
     }
     for (size_t o = 0; o < fusion_.outputs().size(); ++o) {
@@ -359,10 +393,13 @@ void KernelWriter::writeContiguous() {
     for (size_t o = 0; o < fusion_.outputs().size(); ++o) {
       const std::string name = "out" + std::to_string(o);
       line("*reinterpret_cast<" +
-           vecType(output(static_cast<int64_t>(o))->dtype()) + "*>(" + name +
-           " + base) = " + name + "_vec;");
+           vecType(output(static_cast<int64_t>(o))->dtype()) + "*>(" +
+           chunkAt(name) + ") = " + name + "_vec;");
     }
     close();
+    if (pitched) {
+      return;
+    }
     line("// The elements after the last whole chunk.");
     tail_start = "num_chunks * " + width + " + first";
   }
@@ -728,6 +765,8 @@ std::string InputSignature::toString() const {
   std::ostringstream ss;
   if (contiguous) {
     ss << "contiguous, vector " << vector_width;
+  } else if (pitched_rows) {
+    ss << "pitched rows, vector " << vector_width;
   } else {
     ss << "strided";
   }
@@ -737,15 +776,30 @@ std::string InputSignature::toString() const {
 
 GeneratedKernel generateKernel(const FusionAnalysis& analysis,
                                const InputSignature& signature) {
+  // A caller's signature (hf.kernel.cuda_source takes one from Python):
+  // user errors, naming the field.
   const int64_t width = signature.vector_width;
-  HF_ERROR(width == 1 || width == 2 || width == 4 || width == 8 || width == 16,
-           "vector width ", width, " is not a power of two up to 16");
-  HF_ERROR(signature.contiguous || width == 1, "vector width ", width,
-           " without a contiguous signature");
-  HF_ERROR(!signature.contiguous || analysis.plan().contiguous_possible,
-           "a contiguous signature for a fusion that cannot have one");
-  HF_ERROR(width <= analysis.plan().max_vector_width, "vector width ", width,
-           " would make accesses wider than 16 bytes");
+  HF_CHECK(width == 1 || width == 2 || width == 4 || width == 8 || width == 16,
+           "kernel signature: vector_width ", width,
+           " is not a power of two up to 16");
+  HF_CHECK(signature.contiguous || signature.pitched_rows || width == 1,
+           "kernel signature: vector_width ", width,
+           " needs contiguous or pitched_rows");
+  HF_CHECK(!(signature.contiguous && signature.pitched_rows),
+           "kernel signature: both contiguous and of pitched rows; choose one");
+  HF_CHECK(!signature.contiguous || analysis.plan().contiguous_possible,
+           "kernel signature: contiguous, for a fusion that cannot have it "
+           "(a reduction, or an input not of the full loop shape)");
+  HF_CHECK(!signature.pitched_rows || (analysis.plan().contiguous_possible &&
+                                       analysis.numLoopDims() >= 2),
+           "kernel signature: pitched_rows, for a fusion that cannot have it "
+           "(it needs inputs and outputs of the full loop shape, of two or "
+           "more dims, and no reduction)");
+  HF_CHECK(width <= analysis.plan().max_vector_width,
+           "kernel signature: vector_width ", width,
+           " would make accesses of this fusion's widest dtype wider than 16 "
+           "bytes (at most ",
+           analysis.plan().max_vector_width, ")");
   return KernelWriter(analysis, signature).write();
 }
 

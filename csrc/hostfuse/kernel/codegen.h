@@ -7,8 +7,10 @@
 // Two shapes of kernel (docs/kernels.md shows both):
 // - pointwise: a grid-stride loop over the elements of the iteration
 //   space. Inputs are read through their strides (stride 0 where they
-//   broadcast), or, when every tensor is dense and of the full shape, by
-//   one linear index with vector loads.
+//   broadcast); when every tensor is dense and of the full shape, by one
+//   linear index with vector loads; when every tensor is of the full shape
+//   with rows of unit stride (a slice of the last dim, for example), by
+//   row and column, with vector loads.
 // - reduction: one thread block per row (grid-stride over rows). Each pass
 //   loops over the row, evaluating what its reductions need, and reduces
 //   across the block in the accumulation type; the last loop writes the
@@ -43,13 +45,20 @@ struct InputSignature {
   // full loop shape, so one linear index addresses them all. Pointwise
   // fusions only.
   bool contiguous = false;
-  // Elements per vector access in a contiguous kernel: 1, 2, 4, 8 or 16,
-  // such that every access is at most 16 bytes and aligned.
+  // Elements per vector access in a contiguous or pitched-rows kernel: 1,
+  // 2, 4, 8 or 16, such that every access is at most 16 bytes and aligned.
   int64_t vector_width = 1;
   // Every index and offset fits in 31 bits, so index_t is int.
   bool index32 = false;
+  // Not contiguous, but every used tensor input and every output has the
+  // full loop shape (two or more dims), stride 1 in the last dim, and its
+  // other dims collapse into one dim of rows `pitch` elements apart: a
+  // view of [rows, row_length] elements inside wider rows. vector_width
+  // divides the row length and every pitch. Pointwise fusions only.
+  bool pitched_rows = false;
 
-  // "contiguous, vector 8, 32-bit indices"; part of the cache key.
+  // "contiguous, vector 8, 32-bit indices" or "pitched rows, vector 8,
+  // ..."; part of the cache key.
   std::string toString() const;
 };
 
@@ -60,6 +69,8 @@ struct KernelParam {
     kInputStride,   // stride of dim `dim` of fusion input `index`
     kOutputData,    // pointer to fusion output `index`
     kOutputStride,  // stride of dim `dim` of fusion output `index`
+    kInputPitch,    // elements between rows of fusion input `index`
+    kOutputPitch,   // elements between rows of fusion output `index`
     kLoopSize,      // size of loop dim `index`
     kNumel,         // elements in the iteration space (pointwise)
     kNumRows,       // rows: product of the loop sizes before R (reduction)

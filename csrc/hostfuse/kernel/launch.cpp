@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 namespace hostfuse {
 
@@ -37,6 +38,42 @@ int64_t resolveSize(const SizeSource& source,
 // A stride as kernels see it: 0 where the size is 1, so the dim broadcasts.
 int64_t kernelStride(const at::Tensor& tensor, int64_t dim) {
   return tensor.size(dim) == 1 ? 0 : tensor.stride(dim);
+}
+
+// The elements between consecutive rows of `tensor` seen as [rows, its
+// last size]: its last dim has stride 1 (or size 1) and its other dims
+// collapse into one (each stride the one inside it times that dim's size,
+// dims of size 1 aside). nullopt when they do not. A tensor of one row
+// gets its row length. Rank 2 or more.
+std::optional<int64_t> rowPitch(const at::Tensor& tensor) {
+  const int64_t last = tensor.dim() - 1;
+  if (tensor.size(last) != 1 && tensor.stride(last) != 1) {
+    return std::nullopt;
+  }
+  std::optional<int64_t> pitch;
+  int64_t next = 0;  // the stride the next outer dim must have
+  for (int64_t d = last - 1; d >= 0; --d) {
+    if (tensor.size(d) == 1) {
+      continue;
+    }
+    if (pitch.has_value() && tensor.stride(d) != next) {
+      return std::nullopt;
+    }
+    if (!pitch.has_value()) {
+      pitch = tensor.stride(d);
+    }
+    next = tensor.stride(d) * tensor.size(d);
+  }
+  return pitch.value_or(tensor.size(last));
+}
+
+// rowPitch of a tensor that a pitched-rows kernel was chosen for.
+int64_t pitchParam(const at::Tensor& tensor) {
+  const std::optional<int64_t> pitch = rowPitch(tensor);
+  HF_ERROR(pitch.has_value(), "a pitched-rows kernel was given a tensor of ",
+           "sizes ", tensor.sizes(), " and strides ", tensor.strides(),
+           ", whose rows do not collapse into one dim");
+  return *pitch;
 }
 
 // One more than the largest offset a kernel forms into `tensor`.
@@ -89,6 +126,28 @@ bool isDenseFullShape(const at::Tensor& tensor,
   return tensor.sizes().equals(loop_sizes) && tensor.is_contiguous();
 }
 
+// The widest vector width, from `widest` down, for which every tensor's
+// start is aligned to its access size and `divides(width)` holds; 1 if
+// none.
+template <typename Divides>
+int64_t widestAligned(const std::vector<const at::Tensor*>& tensors,
+                      int64_t widest, Divides divides) {
+  auto fits = [&](int64_t width) {
+    for (const at::Tensor* tensor : tensors) {
+      const auto address = reinterpret_cast<uintptr_t>(tensor->data_ptr());
+      if (address % (width * tensor->element_size()) != 0) {
+        return false;
+      }
+    }
+    return divides(width);
+  };
+  int64_t width = widest;
+  while (width > 1 && !fits(width)) {
+    width /= 2;
+  }
+  return width;
+}
+
 InputSignature chooseSignature(const KernelPlan& plan, const LaunchSetup& setup,
                                const KernelOptions& options) {
   std::vector<const at::Tensor*> tensors;
@@ -108,28 +167,42 @@ InputSignature chooseSignature(const KernelPlan& plan, const LaunchSetup& setup,
   if (!plan.contiguous_possible || !options.contiguous_fast_path) {
     return signature;
   }
+  const bool dense = std::all_of(
+      tensors.begin(), tensors.end(), [&](const at::Tensor* tensor) {
+        return isDenseFullShape(*tensor, setup.loop_sizes);
+      });
+  if (dense) {
+    // The widest vector that keeps every access within 16 bytes and every
+    // pointer aligned to its access size.
+    signature.contiguous = true;
+    signature.vector_width = widestAligned(tensors, plan.max_vector_width,
+                                           [](int64_t) { return true; });
+    return signature;
+  }
+  // Pitched rows: worth it only with vectors, for which the row length and
+  // every pitch must be multiples of the width.
+  if (setup.loop_sizes.size() < 2) {
+    return signature;
+  }
+  std::vector<int64_t> pitches;
   for (const at::Tensor* tensor : tensors) {
-    if (!isDenseFullShape(*tensor, setup.loop_sizes)) {
+    const std::optional<int64_t> pitch = rowPitch(*tensor);
+    if (!tensor->sizes().equals(setup.loop_sizes) || !pitch.has_value()) {
       return signature;
     }
+    pitches.push_back(*pitch);
   }
-  signature.contiguous = true;
-  // The widest vector that keeps every access within 16 bytes and every
-  // pointer aligned to its access size.
-  auto aligned = [&](int64_t width) {
-    for (const at::Tensor* tensor : tensors) {
-      const auto address = reinterpret_cast<uintptr_t>(tensor->data_ptr());
-      if (address % (width * tensor->element_size()) != 0) {
-        return false;
-      }
-    }
-    return true;
-  };
-  int64_t width = plan.max_vector_width;
-  while (width > 1 && !aligned(width)) {
-    width /= 2;
+  const int64_t row_length = setup.loop_sizes.back();
+  const int64_t width =
+      widestAligned(tensors, plan.max_vector_width, [&](int64_t width) {
+        return row_length % width == 0 &&
+               std::all_of(pitches.begin(), pitches.end(),
+                           [&](int64_t pitch) { return pitch % width == 0; });
+      });
+  if (width > 1) {
+    signature.pitched_rows = true;
+    signature.vector_width = width;
   }
-  signature.vector_width = width;
   return signature;
 }
 
@@ -208,6 +281,12 @@ KernelArgs::KernelArgs(const Fusion& fusion, const KernelPlan& plan,
       case KernelParam::Kind::kOutputStride:
         addIndex(kernelStride(setup.outputs[param.index], param.dim));
         break;
+      case KernelParam::Kind::kInputPitch:
+        addIndex(pitchParam(setup.inputs[param.index]));
+        break;
+      case KernelParam::Kind::kOutputPitch:
+        addIndex(pitchParam(setup.outputs[param.index]));
+        break;
       case KernelParam::Kind::kLoopSize:
         addIndex(setup.loop_sizes[param.index]);
         break;
@@ -274,7 +353,7 @@ LaunchConfig launchConfig(const GeneratedKernel& kernel,
         setup.rows, sm_count * resident_blocks(config.block) * kReductionWaves);
   } else {
     const int64_t work =
-        kernel.signature.contiguous
+        kernel.signature.contiguous || kernel.signature.pitched_rows
             ? ceilDiv(setup.numel, kernel.signature.vector_width)
             : setup.numel;
     config.block = kPointwiseBlockSize;

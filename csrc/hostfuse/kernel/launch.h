@@ -17,8 +17,9 @@
 namespace hostfuse {
 
 struct KernelOptions {
-  // Use the contiguous kernel (one linear index, vector loads) when every
-  // tensor allows it.
+  // Use the contiguous kernel (one linear index, vector loads) or the
+  // pitched-rows one (row and column, vector loads) when every tensor
+  // allows it.
   bool contiguous_fast_path = true;
   // Use 64-bit indices even where 32 bits suffice (to test that path).
   bool force_64bit_index = false;
