@@ -203,6 +203,35 @@ def test_dequantize_fp8_in_a_program_matches_the_formula():
             hf.dequantize_fp8(not_fp8, scales, torch.bfloat16)
 
 
+def test_check_status_checks_the_runtimes_of_the_calls_made(monkeypatch):
+    # Stand-ins for the runtimes that dispatch made over two groups: no
+    # GPU needed to see which ones check_status asks.
+    class Runtime:
+        def __init__(self):
+            self.checks = 0
+
+        def check_status(self):
+            self.checks += 1
+
+    ep_group, tp_group, unused = object(), object(), object()
+    cuda_ep, cuda_tp, collective_ep = Runtime(), Runtime(), Runtime()
+    runtimes = {("cuda", id(ep_group)): (ep_group, cuda_ep),
+                ("cuda", id(tp_group)): (tp_group, cuda_tp),
+                ("collective", id(ep_group)): (ep_group, collective_ep)}
+    monkeypatch.setattr(moe, "_runtimes", dict(runtimes))
+    moe.check_status()
+    assert (cuda_ep.checks, cuda_tp.checks, collective_ep.checks) == (1, 1, 0)
+    moe.check_status(group=ep_group)
+    assert (cuda_ep.checks, cuda_tp.checks, collective_ep.checks) == (2, 1, 0)
+    moe.check_status("collective", group=ep_group)
+    assert collective_ep.checks == 1
+    # A group without calls has nothing to report, and gets no runtime.
+    moe.check_status(group=unused)
+    assert moe._runtimes == runtimes
+    with pytest.raises(TypeError, match="backend must be a str"):
+        moe.check_status(7)
+
+
 def test_backends_are_listed():
     assert moe.backends() == ["collective", "cuda"]
 

@@ -291,5 +291,12 @@ def masked_ranks():
 
 def check_status(backend="cuda", group=None):
     """Raises the first error the cuda backend recorded on the device during
-    graph replays (eager calls raise at once). Waits for the device."""
-    _runtime(backend, _default_group(group)).check_status()
+    graph replays (eager calls raise at once). Waits for the device. Checks
+    the runtime of ``backend`` over ``group``, or with group=None those
+    over every group that dispatch or combine ran on; a group that no call
+    ran on has nothing to report."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    for (name, _), (g, runtime) in list(_runtimes.items()):
+        if name == backend and (group is None or g is group):
+            runtime.check_status()
