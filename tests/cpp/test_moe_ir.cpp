@@ -1,8 +1,10 @@
 // Single-process tests of the MoE IR nodes (validation, printing, cloning),
 // of GroupedMatmul, of the communicator's configuration, and of a world of
 // one rank, which needs no launcher.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <optional>
 #include <utility>
@@ -12,9 +14,12 @@
 #include <hostfuse/host_ir/moe_layer.h>
 #include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/grouped_matmul.h>
+#include <hostfuse/ir/kernels/group_ends.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/multidevice/comm/communicator.h>
 #include <hostfuse/multidevice/moe/nodes.h>
+#include <hostfuse/utils/cuda_utils.h>
+#include <hostfuse/utils/torch_cuda.h>
 #include "test_utils.h"
 
 namespace hostfuse {
@@ -315,6 +320,55 @@ TEST_F(MoeIr, GroupedMatmulLeavesRowsPastTheCountsAsPadding) {
   test::expectClose(out.narrow(0, 3, 2), at::matmul(xv.narrow(0, 3, 2), wv[1]),
                     1e-6, 1e-6);
   test::expectClose(out.narrow(0, 5, 4), at::zeros({4, 4}));
+}
+
+// The device path's group ends (GPU only): the kernel against the running
+// sum of the clamped counts, worked out on the host in 128-bit integers,
+// for group counts around the warp's 32 and counts that are negative,
+// past the rows or at the largest i64.
+TEST(GroupEndsKernel, MatchesTheClampedRunningSum) {
+  const at::Device gpu(at::kCUDA, 0);
+  HF_SKIP_IF_UNAVAILABLE(gpu);
+  const cuda::DeviceScope scope(0);
+  uint64_t state = 17;  // a fixed-seed linear congruential generator
+  for (const int64_t groups : {1, 8, 31, 32, 33, 64, 100, 1023}) {
+    for (const int64_t rows : {0, 1, 1000, 4096, 0x7fffffff}) {
+      SCOPED_TRACE("groups=" + std::to_string(groups) +
+                   " rows=" + std::to_string(rows));
+      // Counts in [-3, 300), every 7th the largest i64, every 11th the
+      // rows.
+      at::Tensor counts = at::empty({groups}, at::kLong);
+      for (int64_t g = 0; g < groups; ++g) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        counts[g] = g % 7 == 6 ? std::numeric_limits<int64_t>::max()
+                    : g % 11 == 10
+                        ? rows
+                        : static_cast<int64_t>(state >> 33) % 303 - 3;
+      }
+      const at::Tensor device_counts = counts.to(gpu);
+      at::Tensor ends =
+          at::full({groups}, -1, device_counts.options().dtype(at::kInt));
+      ASSERT_EQ(kernels::launchGroupEnds(
+                    device_counts.const_data_ptr<int64_t>(), groups, rows,
+                    ends.mutable_data_ptr<int32_t>(), cuda::currentStream(0)),
+                cudaSuccess);
+      const at::Tensor got = ends.cpu();
+      __int128 sum = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        sum += std::max<int64_t>(counts[g].item<int64_t>(), 0);
+        const auto expected = static_cast<int64_t>(
+            std::min<__int128>(sum, static_cast<__int128>(rows)));
+        ASSERT_EQ(got[g].item<int32_t>(), expected) << "group " << g;
+      }
+    }
+  }
+  // Arguments the kernel cannot take.
+  EXPECT_EQ(kernels::launchGroupEnds(nullptr, 4, int64_t{1} << 31, nullptr,
+                                     cuda::currentStream(0)),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(
+      kernels::launchGroupEnds(nullptr, -1, 8, nullptr, cuda::currentStream(0)),
+      cudaErrorInvalidValue);
 }
 
 TEST_F(MoeIr, GroupedMatmulSaysWhichOperandsRunOnTheDevice) {

@@ -4,19 +4,34 @@ namespace hostfuse::kernels {
 
 namespace {
 
-// One thread: at most a thousand groups, a sequential running sum is
-// shorter than any parallel scan's set-up.
+// One warp, 32 groups a step: lane i loads count base + i (the step's
+// loads are in flight at once; one thread loading them in turn waits for
+// each), clamps it to [0, rows], and an inclusive warp scan gives the
+// running sums. ends = min(rows, carry + running sum), where carry is the
+// previous step's last end: the same as min(rows, sum of every earlier
+// clamped count), without a sum that could overflow (carry <= rows, a
+// step's sum <= 32 rows).
 __global__ void groupEndsKernel(const int64_t* __restrict__ counts,
                                 int64_t groups, int64_t rows,
                                 int32_t* __restrict__ ends) {
-  int64_t end = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t count = counts[g];
-    // Once at `rows`, stay there (a huge count cannot wrap the sum).
-    end = count > 0 && count < rows - end ? end + count
-          : count > 0                     ? rows
-                                          : end;
-    ends[g] = static_cast<int32_t>(end);
+  constexpr unsigned kAll = 0xffffffffu;
+  const int lane = static_cast<int>(threadIdx.x);
+  int64_t carry = 0;
+  for (int64_t base = 0; base < groups; base += 32) {
+    const int64_t g = base + lane;
+    const int64_t count = g < groups ? counts[g] : 0;
+    int64_t sum = count <= 0 ? 0 : count < rows ? count : rows;
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int64_t below = __shfl_up_sync(kAll, sum, offset);
+      if (lane >= offset) {
+        sum += below;
+      }
+    }
+    const int64_t end = carry + sum < rows ? carry + sum : rows;
+    if (g < groups) {
+      ends[g] = static_cast<int32_t>(end);
+    }
+    carry = __shfl_sync(kAll, end, 31);
   }
 }
 
@@ -30,7 +45,7 @@ cudaError_t launchGroupEnds(const int64_t* counts, int64_t groups, int64_t rows,
   if (groups == 0) {
     return cudaSuccess;
   }
-  groupEndsKernel<<<1, 1, 0, stream>>>(counts, groups, rows, ends);
+  groupEndsKernel<<<1, 32, 0, stream>>>(counts, groups, rows, ends);
   return cudaGetLastError();
 }
 
