@@ -13,8 +13,12 @@
 //
 //   tools/launch.sh 4 build/bench_moe_layer [--tokens 128,4096] [--hidden H]
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
-//       [--blocks B] [--link-gbps G] [--exprs] [--fp8] [--per-rank]
-//       [--fused-gate-up]
+//       [--blocks B] [--link-gbps G] [--exprs] [--fp8]
+//       [--reduce auto|per_pick|per_rank] [--gate-up fused|separate]
+//
+// Modes: by default the fastest known (useFastestModes, host_ir/moe_layer.h):
+// gate and up as one grouped GEMM, and the per_rank combine with more than
+// one rank; --reduce and --gate-up override them, --fp8 adds fp8 dispatch.
 //
 // Reported: the median over B blocks of the mean time per step of N
 // back-to-back steps (each block starts after a barrier; the time of a
@@ -69,8 +73,8 @@ struct Args {
   int64_t link_gbps = 330;
   bool exprs = false;
   bool fp8 = false;
-  bool per_rank = false;
-  bool fused_gate_up = false;
+  std::string reduce = "auto";
+  std::string gate_up = "fused";
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -112,11 +116,14 @@ cli::Flags makeFlags(Args& args) {
   flags.option("--fp8", &args.fp8,
                "dispatch in fp8 e4m3 with a scale per 128 channels (both "
                "backends; the output check allows fp8's error)");
-  flags.option("--per-rank", &args.per_rank,
-               "combine with reduce=per_rank (both backends)");
-  flags.option("--fused-gate-up", &args.fused_gate_up,
+  flags.choice("--reduce", "MODE", &args.reduce,
+               {"auto", "per_pick", "per_rank"},
+               "the combine's mode (both backends); auto: per_rank with more "
+               "than one rank (one row per token and rank on the links), "
+               "per_pick on one");
+  flags.choice("--gate-up", "MODE", &args.gate_up, {"fused", "separate"},
                "gate and up projections as one grouped GEMM of [L, H, 2I] "
-               "weights (both backends)");
+               "weights, or as two of [L, H, I] (both backends)");
   return flags;
 }
 
@@ -410,9 +417,11 @@ int main(int argc, char** argv) {
   config.dtype = DataType::BFloat16;
   config.quantize =
       args.fp8 ? MoeDispatchQuant::Fp8E4M3 : MoeDispatchQuant::None;
-  config.reduce =
-      args.per_rank ? MoeCombineReduce::PerRank : MoeCombineReduce::PerPick;
-  config.fused_gate_up = args.fused_gate_up;
+  useFastestModes(config, /*on_gpu=*/true, comm.size());
+  if (args.reduce != "auto") {
+    config.reduce = *parseMoeCombineReduce(args.reduce);
+  }
+  config.fused_gate_up = args.gate_up == "fused";
   MoeLayerConfig collective_config = config;
   collective_config.backend = MoeBackend::Collective;
   config.backend = MoeBackend::Cuda;
@@ -509,7 +518,7 @@ int main(int argc, char** argv) {
 
         // The stages of a replay, from a runner of their own whose graph
         // has the event nodes (the times above come from one without).
-        StageTimer timer(index, args.fused_gate_up ? 1 : 2);
+        StageTimer timer(index, config.fused_gate_up ? 1 : 2);
         GraphRunner staged(makeMoeLayerProgram(config), {}, runner_options);
         staged.evaluator().setExprObserver(
             [&timer](const Expr* next) { timer.observe(next); });

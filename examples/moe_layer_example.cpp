@@ -15,7 +15,8 @@
 //
 //   tools/run_example.sh moe_layer [--tokens T] [--hidden H]
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
-//       [--cpu] [--fp8] [--per-rank] [--fused-gate-up]
+//       [--cpu] [--fp8] [--reduce auto|per_pick|per_rank]
+//       [--gate-up fused|separate]
 // which runs tools/launch.sh N build/moe_layer_example (N = 2 on CPUs, the
 // number of GPUs otherwise). --help lists the flags and their defaults.
 #include <ATen/ATen.h>
@@ -92,8 +93,8 @@ struct Args {
   int steps = 50;
   bool force_cpu = false;
   bool fp8 = false;
-  bool per_rank = false;
-  bool fused_gate_up = false;
+  std::string reduce = "auto";
+  std::string gate_up = "fused";
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -129,12 +130,15 @@ cli::Flags makeFlags(Args& args) {
                "dispatch the rows in fp8 e4m3 with a scale per 128 channels "
                "(needs bf16/fp32 H a multiple of 128; the check allows 6% of "
                "the largest output)");
-  flags.option("--per-rank", &args.per_rank,
-               "combine with reduce=per_rank (each expert rank sums a "
-               "token's picks before sending)");
-  flags.option("--fused-gate-up", &args.fused_gate_up,
+  flags.choice("--reduce", "MODE", &args.reduce,
+               {"auto", "per_pick", "per_rank"},
+               "the combine's mode; auto: per_rank on GPUs with more than one "
+               "rank (each expert rank sums a token's picks before sending), "
+               "per_pick otherwise");
+  flags.choice("--gate-up", "MODE", &args.gate_up, {"fused", "separate"},
                "gate and up projections as one grouped matmul of [L, H, 2I] "
-               "weights, given as one input (as fused MoE kernels take them)");
+               "weights, given as one input (as fused MoE kernels take "
+               "them), or as two");
   return flags;
 }
 
@@ -169,9 +173,12 @@ int main(int argc, char** argv) {
   config.backend = gpu ? MoeBackend::Cuda : MoeBackend::Collective;
   config.quantize =
       args.fp8 ? MoeDispatchQuant::Fp8E4M3 : MoeDispatchQuant::None;
-  config.reduce =
-      args.per_rank ? MoeCombineReduce::PerRank : MoeCombineReduce::PerPick;
-  config.fused_gate_up = args.fused_gate_up;
+  // The fastest modes unless the flags say otherwise.
+  useFastestModes(config, gpu, comm.size());
+  if (args.reduce != "auto") {
+    config.reduce = *parseMoeCombineReduce(args.reduce);
+  }
+  config.fused_gate_up = args.gate_up == "fused";
   const int64_t tokens = pick(args.tokens, 256, 32, gpu);
   // Of the largest |output|: bf16 rounding on GPUs, and fp8's 3 mantissa
   // bits with --fp8 (docs/moe.md, "fp8 dispatch"): up to 1/16 of a value,
@@ -190,7 +197,10 @@ int main(int argc, char** argv) {
                 << ", I = " << config.intermediate
                 << ", E = " << config.num_experts << " ("
                 << config.local_experts << " per rank), K = " << config.topk
-                << ", " << config.dtype << "\n"
+                << ", " << config.dtype
+                << "; modes: quantize=" << toString(config.quantize)
+                << ", reduce=" << toString(config.reduce) << ", gate and up as "
+                << (config.fused_gate_up ? "one grouped matmul" : "two") << "\n"
                 << program->toString() << "\n";
     }
 

@@ -26,9 +26,12 @@ def test_cuda_backend_graph_replays_are_bit_identical_to_collective():
     assert len(oks(output)) == GPUS, output[-3000:]
 
 
-def test_moe_layer_example_on_two_cpu_ranks():
+@pytest.mark.parametrize("reduce, mode", [("auto", "per_pick"), ("per_rank", "per_rank")])
+def test_moe_layer_example_on_two_cpu_ranks(reduce, mode):
+    # auto on CPUs is per_pick (the collective backend's faster mode).
     output = run_ranks(2, REPO / "examples" / "python" / "moe_layer.py", "--cpu",
-                       "--steps", "3")
+                       "--steps", "3", "--reduce", reduce)
+    assert f"reduce={mode}," in output, output[-3000:]
     assert "check: OK" in output, output[-3000:]
 
 

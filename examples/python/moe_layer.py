@@ -9,6 +9,12 @@ in torch.cuda.graph and replayed with new tokens; prints both step times. On
 CPUs (--cpu, or no GPU): fp32, the collective backend over Gloo, eager.
 
   torchrun --nproc-per-node N examples/python/moe_layer.py [--cpu] [--tokens T]
+      [--reduce auto|per_pick|per_rank]
+
+The combine's mode defaults to the faster one: per_rank on GPUs with more
+than one rank (each expert rank sums a token's picks before sending, so one
+row per token and rank crosses the links instead of one per pick),
+per_pick otherwise.
 """
 
 import argparse
@@ -35,6 +41,10 @@ def parse():
     parser.add_argument("--cpu", action="store_true", help="CPU tensors and Gloo")
     parser.add_argument("--backend", choices=moe.backends(), default=None,
                         help="default: cuda on GPUs, collective on CPUs")
+    parser.add_argument("--reduce", choices=["auto", "per_pick", "per_rank"],
+                        default="auto",
+                        help="the combine's mode; auto: per_rank on GPUs with more "
+                             "than one rank, per_pick otherwise")
     args = parser.parse_args()
     for name in ("tokens", "hidden", "inter", "experts_per_rank", "topk", "steps"):
         if getattr(args, name) < 1:
@@ -50,10 +60,11 @@ def expert_weights(expert, hidden, inter, dtype, device):
 
 
 class MoeLayer(torch.nn.Module):
-    def __init__(self, hidden, inter, experts, topk, backend, dtype, device):
+    def __init__(self, hidden, inter, experts, topk, backend, reduce, dtype, device):
         super().__init__()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.experts, self.topk, self.backend = experts, topk, backend
+        self.reduce = reduce
         self.local = experts // self.world
         generator = torch.Generator().manual_seed(7)
         self.router = torch.nn.Parameter(
@@ -91,7 +102,7 @@ class MoeLayer(torch.nn.Module):
         handle = moe.dispatch(x, idx, weights, num_experts=self.experts,
                               backend=self.backend)
         out = self.experts_mlp(handle.recv_x, handle.recv_expert_counts)
-        return moe.combine(out, handle, weights)
+        return moe.combine(out, handle, weights, reduce=self.reduce)
 
 
 def reference(layer, x, hidden, inter):
@@ -140,7 +151,11 @@ def main():
     if args.topk > experts:
         sys.exit(f"moe_layer.py: --topk {args.topk} exceeds the {experts} experts")
 
-    layer = MoeLayer(args.hidden, args.inter, experts, args.topk, backend, dtype, device)
+    reduce = args.reduce
+    if reduce == "auto":
+        reduce = "per_rank" if cuda and world > 1 else "per_pick"
+    layer = MoeLayer(args.hidden, args.inter, experts, args.topk, backend, reduce, dtype,
+                     device)
     generator = torch.Generator().manual_seed(rank)
     x = torch.randn(args.tokens, args.hidden, generator=generator).to(device, dtype)
     with torch.no_grad():
@@ -170,7 +185,8 @@ def main():
     dist.all_gather(gathered, times.to(device) if cuda else times)
     if rank == 0:
         worst = torch.stack([g.cpu() for g in gathered]).max(0).values.tolist()
-        line = (f"{world} ranks, {device.type}, backend={backend}, T={args.tokens}, "
+        line = (f"{world} ranks, {device.type}, backend={backend}, reduce={reduce}, "
+                f"T={args.tokens}, "
                 f"H={args.hidden}, I={args.inter}, E={experts}, K={args.topk}: "
                 f"step time (slowest rank, mean of {args.steps}) eager {worst[0]:.1f} us")
         if cuda:

@@ -491,6 +491,32 @@ TEST(MoeLayerProgram, Fp8RowsAreDequantizedOnce) {
   EXPECT_EQ(occurrences("GroupedMatmul("), 3) << text;
 }
 
+TEST(MoeLayerProgram, FastestModesDependOnGpusAndRanks) {
+  struct Case {
+    bool on_gpu;
+    int64_t ranks;
+    MoeCombineReduce reduce;
+  };
+  for (const Case& c : {Case{true, 4, MoeCombineReduce::PerRank},
+                        Case{true, 2, MoeCombineReduce::PerRank},
+                        Case{true, 1, MoeCombineReduce::PerPick},
+                        Case{false, 4, MoeCombineReduce::PerPick}}) {
+    SCOPED_TRACE(std::string(c.on_gpu ? "GPUs, " : "CPUs, ") +
+                 std::to_string(c.ranks) + " ranks");
+    MoeLayerConfig config;
+    config.quantize = MoeDispatchQuant::Fp8E4M3;
+    config.reduce = MoeCombineReduce::PerRank;
+    useFastestModes(config, c.on_gpu, c.ranks);
+    EXPECT_TRUE(config.fused_gate_up);
+    EXPECT_EQ(config.reduce, c.reduce);
+    // Quantization is the caller's choice: it changes the numbers.
+    EXPECT_EQ(config.quantize, MoeDispatchQuant::Fp8E4M3);
+  }
+  MoeLayerConfig config;
+  test::expectErrorContains([&] { useFastestModes(config, true, 0); },
+                            {"ranks must be >= 1, got 0"});
+}
+
 // The GPU path of dequantizeFp8Rows (one kernel, reading strided views in
 // place) against the formula in plain ATen on the CPU: each product of an
 // e4m3 value and its block's scale rounded to fp32, then to the dtype.

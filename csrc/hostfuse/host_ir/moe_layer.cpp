@@ -111,6 +111,13 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
   return program;
 }
 
+void useFastestModes(MoeLayerConfig& config, bool on_gpu, int64_t ranks) {
+  HF_CHECK(ranks >= 1, "useFastestModes: ranks must be >= 1, got ", ranks);
+  config.fused_gate_up = true;
+  config.reduce = on_gpu && ranks > 1 ? MoeCombineReduce::PerRank
+                                      : MoeCombineReduce::PerPick;
+}
+
 std::vector<at::Tensor> moeLayerExpertWeights(const MoeLayerConfig& config,
                                               const at::Tensor& w_gate,
                                               const at::Tensor& w_up,

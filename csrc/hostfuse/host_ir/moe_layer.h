@@ -69,6 +69,21 @@ struct MoeLayerConfig {
 std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
     const MoeLayerConfig& config);
 
+// Sets the modes of `config` to those a layer runs fastest in, for a layer
+// on GPUs or not (`on_gpu`) over `ranks` ranks (docs/performance.md, "The
+// whole layer"):
+// - fused_gate_up: one grouped matmul of twice the width over the same
+//   weight bytes instead of two (one H200, T = 128: 292.3 us per step
+//   against 299.0);
+// - reduce: per_rank on GPUs with more than one rank, where it sends one
+//   row per (token, rank) over the links instead of one per pick (chosen
+//   for the bytes; not yet measured on more than one GPU); per_pick
+//   otherwise (on one GPU per_rank adds a rounding per token, about 1 us
+//   at T = 128; the collective backend's per_rank is 1.4x its per_pick).
+// quantize is left as it is: fp8 dispatch changes the layer's numbers, and
+// on one GPU it is slower (docs/perf_log.md, 2026-12-04).
+void useFastestModes(MoeLayerConfig& config, bool on_gpu, int64_t ranks);
+
 // The expert weights as the program of `config` takes them, after x and
 // router_w: {w_gate, w_up, w_down}, or with fused_gate_up {w_gate_up =
 // cat(w_gate, w_up, 2), w_down} (concatenated here, once: keep the result
