@@ -23,8 +23,9 @@
 // Reported: the median over B blocks of the mean time per step of N
 // back-to-back steps (each block starts after a barrier; the time of a
 // block is its slowest rank's), and the ratios to eager-collective. The
-// cuda backend's capacity is the worst case R * T * min(K, L) rows, so the
-// activation fusion runs over that many rows (see docs/cuda_graphs.md).
+// cuda backend's capacity is the worst case R * T * min(K, L) rows; the
+// activation fusion computes only the rows the experts' counts cover (a
+// row-limited kernel, docs/cuda_graphs.md).
 //
 // Then, per T, the graph-replayed layer stage by stage (router, dispatch,
 // grouped GEMM 1 for gate and up, the fusion, grouped GEMM 2, combine):

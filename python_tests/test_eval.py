@@ -169,6 +169,24 @@ def test_run_fusion_on_cpu_matches_aten():
     torch.testing.assert_close(out, torch.relu(x) * y + 1.0)
 
 
+def test_run_fusion_with_row_counts_computes_the_counted_rows():
+    # On CPUs every row is computed; a GPU kernel computes only the counted
+    # ones (the rest is unspecified), so only those are compared.
+    fusion = hf.Fusion()
+    with fusion:
+        a = fusion.define_tensor([None, 4])
+        fusion.add_output(hf.relu(a) * 2.0)
+    x, counts = rand(6, 4, seed=20), torch.tensor([2, 1])
+    program = hf.Program()
+    with program:
+        xv = program.define_tensor([6, 4])
+        cv = program.define_tensor([2], torch.int64)
+        program.add_output(hf.run_fusion(fusion, [xv], row_counts=cv)[0])
+    assert ", row_counts=" in str(program)
+    (out,) = hf.HostIrEvaluator(program).run([x, counts])
+    torch.testing.assert_close(out[:3], torch.relu(x[:3]) * 2.0)
+
+
 def test_symbolic_extent_takes_every_size():
     program = hf.Program()
     with program:

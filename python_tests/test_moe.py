@@ -189,10 +189,10 @@ def test_dequantize_fp8_in_a_program_matches_the_formula():
     g = torch.Generator().manual_seed(28)
     codes = torch.randint(0, 254, (5, 256), generator=g, dtype=torch.uint8)
     codes += (codes >= 0x7F).to(torch.uint8)  # no NaN codes
-    scales = torch.rand(5, 2, generator=g) + 0.5
+    row_scales = torch.rand(5, 2, generator=g) + 0.5
     q = codes.view(torch.float8_e4m3fn)
-    (out,) = hf.HostIrEvaluator(program).run([q, scales])
-    expected = (q.float() * scales.repeat_interleave(128, 1)).to(torch.bfloat16)
+    (out,) = hf.HostIrEvaluator(program).run([q, row_scales])
+    expected = (q.float() * row_scales.repeat_interleave(128, 1)).to(torch.bfloat16)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, expected)
     other = hf.Program()
@@ -201,6 +201,16 @@ def test_dequantize_fp8_in_a_program_matches_the_formula():
         scales = other.define_tensor([4, 2], torch.float32, "scales")
         with pytest.raises(hf.Error, match="DequantizeFp8: x .* must be f8e4m3"):
             hf.dequantize_fp8(not_fp8, scales, torch.bfloat16)
+    # With row counts: printed; on the CPU every row is still computed.
+    limited = hf.Program()
+    with limited:
+        qv = limited.define_tensor([5, 256], torch.float8_e4m3fn, "q")
+        sv = limited.define_tensor([5, 2], torch.float32, "scales")
+        cv = limited.define_tensor([2], torch.int64, "counts")
+        limited.add_output(hf.dequantize_fp8(qv, sv, torch.bfloat16, row_counts=cv))
+    assert ", row_counts=" in str(limited)
+    (counted,) = hf.HostIrEvaluator(limited).run([q, row_scales, torch.tensor([1, 2])])
+    assert torch.equal(counted[:3], expected[:3])
 
 
 def test_check_status_checks_the_runtimes_of_the_calls_made(monkeypatch):

@@ -568,15 +568,20 @@ PYBIND11_MODULE(_C, m) {
         py::keep_alive<0, 2>(), ref);
   m.def(
       "dequantize_fp8",
-      [](TensorView* x, TensorView* scales, const py::object& dtype) {
-        return dequantizeFp8(x, scales, dataTypeOf(dtype));
+      [](TensorView* x, TensorView* scales, const py::object& dtype,
+         TensorView* row_counts) {
+        return dequantizeFp8(x, scales, dataTypeOf(dtype), row_counts);
       },
       py::arg("x").none(false), py::arg("scales").none(false), py::arg("dtype"),
-      py::keep_alive<0, 1>(), py::keep_alive<0, 2>(), ref,
+      py::kw_only(), py::arg("row_counts") = nullptr, py::keep_alive<0, 1>(),
+      py::keep_alive<0, 2>(), ref,
       "fp8 e4m3 rows [rows, H] with their f32 scales [rows, H / B] (one per "
       "block of B channels) back to `dtype`: each product rounded to fp32, "
       "then to dtype; one kernel on GPUs for bf16, f16 and f32. Rows that "
-      "several matmuls read are dequantized once this way.");
+      "several matmuls read are dequantized once this way. With row_counts "
+      "(i64 [G], such as a dispatch's recv_expert_counts), the GPU kernel "
+      "writes only the first sum(row_counts) rows; the rest is "
+      "unspecified.");
   m.def("narrow", &narrow, py::arg("x").none(false), py::arg("dim"),
         py::arg("start"), py::arg("length"), py::keep_alive<0, 1>(), ref,
         "x's slice [start, start + length) along dim, as a view (torch's "
@@ -585,7 +590,8 @@ PYBIND11_MODULE(_C, m) {
         "it (such a fusion runs op by op on ATen, not as one kernel).");
   m.def(
       "run_fusion",
-      [](const std::shared_ptr<Fusion>& fusion, const py::list& inputs) {
+      [](const std::shared_ptr<Fusion>& fusion, const py::list& inputs,
+         TensorView* row_counts) {
         HF_CHECK(dynamic_cast<HostIrContainer*>(fusion.get()) == nullptr,
                  "run_fusion: the fusion must be a hostfuse.Fusion, not a "
                  "Program");
@@ -599,13 +605,17 @@ PYBIND11_MODULE(_C, m) {
         // change it.
         std::shared_ptr<Fusion> copy = fusion->clone();
         const std::vector<TensorView*> outputs =
-            runFusion(std::move(copy), values);
+            runFusion(std::move(copy), values, row_counts);
         return valuesOf(std::vector<Val*>(outputs.begin(), outputs.end()),
                         inputs.empty() ? py::handle(py::none()) : inputs[0]);
       },
-      py::arg("fusion").none(false), py::arg("inputs"),
+      py::arg("fusion").none(false), py::arg("inputs"), py::kw_only(),
+      py::arg("row_counts") = nullptr,
       "Runs `fusion` on `inputs` (values of the active program); returns its "
-      "outputs as values of the program.");
+      "outputs as values of the program. With row_counts (an i64 [G] tensor "
+      "value, such as a dispatch's recv_expert_counts), the GPU kernel "
+      "computes only the first sum(row_counts) rows of its outputs (the "
+      "rest is unspecified): pointwise fusions only.");
 
   py::class_<MoeDispatchResult>(m, "MoeDispatchResult")
       .def_readonly("recv_x", &MoeDispatchResult::recv_x)

@@ -12,6 +12,7 @@
 // Integers, booleans and data movement are compared exactly.
 #include "test_utils.h"
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <string>
@@ -474,6 +475,81 @@ TEST_P(EvaluatorTest, NarrowGivesViewsThatAFusionReadsInPlace) {
       },
       {"narrow(", "dim=1, start=4, length=8)",
        "a slice of length 8 from 4 in dim 1 does not fit x of sizes [7, 11]"});
+}
+
+// A row-limited RunFusion: the rows the counts cover are the fusion's on
+// every device (the GPU kernel computes only those; the CPU path all).
+TEST_P(EvaluatorTest, RunFusionWithRowCountsComputesTheCountedRows) {
+  auto program = std::make_unique<HostIrContainer>();
+  FusionGuard guard(program.get());
+  TensorView* x = makeTensor({kSymbolic, 64}, DataType::Float, "x");
+  TensorView* counts = makeTensor({kSymbolic}, DataType::Int64, "counts");
+  program->addInput(x);
+  program->addInput(counts);
+  TensorView* gate = narrow(x, 1, 0, 32);
+  TensorView* up = narrow(x, 1, 32, 32);
+  TensorView* act =
+      runFusion(makeSiluMulFusion(32, DataType::Float), {gate, up}, counts)
+          .at(0);
+  program->addOutput(act);
+  const auto* run = act->definition()->as<RunFusion>();
+  EXPECT_EQ(run->rowCounts(), counts);
+  EXPECT_EQ(run->fusionInputs(), (std::vector<Val*>{gate, up}));
+  EXPECT_NE(
+      run->toInlineString().find(", row_counts=" + counts->toString() + ")"),
+      std::string::npos)
+      << run->toInlineString();
+  // A clone (as GraphRunner makes) keeps the counts.
+  const std::string text = program->toString();
+  EXPECT_EQ(program->clone()->toString(), text);
+
+  HostIrEvaluator evaluator(std::move(program));
+  const at::Tensor xv = random({11, 64}, at::kFloat, 64);
+  const at::Tensor want =
+      siluReference(xv.narrow(1, 0, 32)) * xv.narrow(1, 32, 32);
+  for (const std::vector<int64_t>& given :
+       {std::vector<int64_t>{3, 5}, {4, -1, 100}, {}}) {
+    SCOPED_TRACE("counts " + c10::str(given));
+    int64_t rows = 0;
+    for (const int64_t count : given) {
+      rows = std::min<int64_t>(11, rows + std::clamp<int64_t>(count, 0, 11));
+    }
+    const at::Tensor out =
+        evaluator.run({xv, at::tensor(given, at::kLong).to(device())})[0];
+    test::expectClose(out.narrow(0, 0, rows), want.narrow(0, 0, rows), kF32Rtol,
+                      kF32Atol);
+  }
+}
+
+TEST(RunFusionRowCounts, AreRefusedWhereTheyCannotApply) {
+  auto program = std::make_unique<HostIrContainer>();
+  FusionGuard guard(program.get());
+  TensorView* x = makeTensor({kSymbolic, 32}, DataType::Float, "x");
+  TensorView* i32_counts = makeTensor({4}, DataType::Int32, "counts");
+  program->addInput(x);
+  program->addInput(i32_counts);
+  auto relu_fusion = std::make_shared<Fusion>();
+  {
+    FusionGuard inner(relu_fusion.get());
+    TensorView* in = makeSymbolicTensor(2, DataType::Float, "in");
+    relu_fusion->addInput(in);
+    relu_fusion->addOutput(relu(in));
+  }
+  test::expectErrorContains([&] { runFusion(relu_fusion, {x}, i32_counts); },
+                            {"row_counts", "must be an i64 tensor of rank 1"});
+  auto row_sum = std::make_shared<Fusion>();
+  {
+    FusionGuard inner(row_sum.get());
+    TensorView* in = makeSymbolicTensor(2, DataType::Float, "in");
+    row_sum->addInput(in);
+    row_sum->addOutput(sum(in, 1));
+  }
+  TensorView* counts = makeTensor({4}, DataType::Int64, "counts64");
+  program->addInput(counts);
+  test::expectErrorContains(
+      [&] { runFusion(row_sum, {x}, counts); },
+      {"row_counts limit the rows of pointwise fusions only",
+       "this fusion has"});
 }
 
 TEST(NarrowInAFusion, KernelCodegenRefusesItNamingTheExpression) {

@@ -24,8 +24,8 @@ const CompileTarget kPtx90{90, /*cubin=*/false};
 
 // The signatures a fusion's kernel can be specialized for: strided with
 // either index width, and where possible contiguous with the widest vectors
-// and without vectors, and pitched rows with the widest vectors and 64-bit
-// indices.
+// and without vectors, pitched rows with the widest vectors and 64-bit
+// indices, and each of those row-limited.
 std::vector<InputSignature> signaturesFor(const FusionAnalysis& analysis) {
   std::vector<InputSignature> signatures = {
       {/*contiguous=*/false, /*vector_width=*/1, /*index32=*/true},
@@ -36,6 +36,13 @@ std::vector<InputSignature> signaturesFor(const FusionAnalysis& analysis) {
     signatures.push_back({true, 1, false});
     if (analysis.numLoopDims() >= 2) {
       signatures.push_back({false, widest, false, /*pitched_rows=*/true});
+    }
+  }
+  if (test::canLimitRows(analysis)) {
+    const size_t unlimited = signatures.size();
+    for (size_t s = 0; s < unlimited; ++s) {
+      signatures.push_back(signatures[s]);
+      signatures.back().row_limited = true;
     }
   }
   return signatures;
@@ -310,6 +317,71 @@ TEST(KernelLaunch, PitchedRowsNeedDimsThatCollapseIntoRows) {
       signatureAndPitches(*fusion, {single, single});
   EXPECT_EQ(with_one.toString(), "pitched rows, vector 8, 32-bit indices");
   EXPECT_EQ(one_pitches, (std::vector<int64_t>{512, 512, 256}));
+}
+
+TEST(KernelLaunch, RowCountsMakeARowLimitedKernel) {
+  const std::shared_ptr<Fusion> fusion = siluMulFusion(2);
+  const FusionAnalysis analysis(*fusion);
+  const at::Tensor a = at::randn({64, 256}, at::kBFloat16);
+  const std::vector<c10::IValue> inputs = {a, a.clone()};
+  const LaunchSetup setup =
+      setUpLaunch(*fusion, analysis.plan(), inputs, at::kCPU, {},
+                  at::tensor({3, 4}, at::kLong));
+  EXPECT_EQ(setup.signature.toString(),
+            "contiguous, vector 8, 32-bit indices, row-limited");
+  const GeneratedKernel kernel = generateKernel(analysis, setup.signature);
+  EXPECT_NE(kernel.source.find("row_counts[g]"), std::string::npos)
+      << kernel.source;
+  EXPECT_NE(kernel.source.find("const index_t numel = hf_rows * (numel_all / "
+                               "size0);"),
+            std::string::npos)
+      << kernel.source;
+  // What the counts must be.
+  test::expectErrorContains(
+      [&] {
+        setUpLaunch(*fusion, analysis.plan(), inputs, at::kCPU, {},
+                    at::tensor({3, 4}, at::kInt));
+      },
+      {"row_counts must be an i64 tensor of rank 1, got Int"});
+  test::expectErrorContains(
+      [&] {
+        setUpLaunch(*fusion, analysis.plan(), inputs, at::kCPU, {},
+                    at::zeros({2, 2}, at::kLong));
+      },
+      {"row_counts must be an i64 tensor of rank 1", "[2, 2]"});
+}
+
+TEST(KernelCodegen, RowLimitsNeedAPointwiseFusionOverTheRows) {
+  // A row reduction: refused.
+  auto reduction = std::make_shared<Fusion>();
+  {
+    FusionGuard guard(reduction.get());
+    TensorView* x = makeSymbolicTensor(2, DataType::Float, "x");
+    reduction->addInput(x);
+    reduction->addOutput(sum(x, 1));
+  }
+  InputSignature limited;
+  limited.row_limited = true;
+  test::expectErrorContains(
+      [&] { generateCudaSource(*reduction, limited); },
+      {"row_limited, for a fusion that cannot have it (a reduction"});
+  // An output with no first loop dim (x's columns, broadcast over the
+  // rows of y): refused.
+  auto columns = std::make_shared<Fusion>();
+  {
+    FusionGuard guard(columns.get());
+    TensorView* x = makeSymbolicTensor(1, DataType::Float, "x");
+    TensorView* y = makeSymbolicTensor(2, DataType::Float, "y");
+    columns->addInput(x);
+    columns->addInput(y);
+    columns->addOutput(add(broadcast(x, {true, false}), y));
+    columns->addOutput(relu(x));
+  }
+  test::expectErrorContains(
+      [&] { generateCudaSource(*columns, limited); },
+      {"row_limited, but output", "does not span loop dim 0"});
+  // Without row_limited both generate.
+  EXPECT_NO_THROW(generateCudaSource(*columns, InputSignature{}));
 }
 
 TEST(KernelCompile, ErrorShowsNumberedSourceAndLog) {

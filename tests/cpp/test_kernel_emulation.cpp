@@ -16,9 +16,11 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
 
@@ -210,17 +212,28 @@ Emulate compileForHost(const std::string& source) {
   return emulate;
 }
 
+// The value a row-limited test fills the outputs with before the kernel
+// runs, so that rows the kernel must not write can be seen.
+constexpr int kUnwritten = 7;
+
 // The outputs of the kernel that setUpLaunch chooses for `inputs`, run on
-// the host; `signature` (if given) receives its signature.
+// the host; `signature` (if given) receives its signature. With
+// `row_counts`, a row-limited kernel, whose outputs start as kUnwritten.
 std::vector<at::Tensor> emulate(const Fusion& fusion,
                                 const std::vector<c10::IValue>& inputs,
                                 const KernelOptions& options, int64_t sm_count,
-                                InputSignature* signature = nullptr) {
+                                InputSignature* signature = nullptr,
+                                const at::Tensor& row_counts = at::Tensor()) {
   const FusionAnalysis analysis(fusion);
-  LaunchSetup setup =
-      setUpLaunch(fusion, analysis.plan(), inputs, at::kCPU, options);
+  LaunchSetup setup = setUpLaunch(fusion, analysis.plan(), inputs, at::kCPU,
+                                  options, row_counts);
   if (signature != nullptr) {
     *signature = setup.signature;
+  }
+  if (row_counts.defined()) {
+    for (at::Tensor& output : setup.outputs) {
+      output.fill_(kUnwritten);
+    }
   }
   if (setup.nothing_to_launch) {
     return setup.outputs;
@@ -304,6 +317,75 @@ TEST_P(KernelEmulation, MatchesAtenReference) {
       EXPECT_EQ(signature.vector_width > 1, dense_is_contiguous)
           << signature.toString();
     }
+  }
+}
+
+// Row-limited kernels: the rows the counts cover match the reference, the
+// others keep what the outputs held. Every layout's kernel (strided,
+// contiguous with its tail, pitched rows), counts that are negative, past
+// the rows, or none at all.
+TEST_P(KernelEmulation, RowLimitedKernelsWriteOnlyTheCountedRows) {
+  if (!haveHostCompiler()) {
+    GTEST_SKIP() << "no host compiler (" << hostCompiler() << ")";
+  }
+  const test::FusionCase& c = test::fusionCases()[GetParam()];
+  const std::shared_ptr<Fusion> fusion = test::buildFusion(c);
+  if (!test::canLimitRows(FusionAnalysis(*fusion))) {
+    GTEST_SKIP() << "a reduction, or an output without the first loop dim: "
+                    "row limits do not apply (the signature check refuses "
+                    "them; test_kernel.cpp)";
+  }
+  struct Run {
+    test::Layout layout;
+    std::vector<int64_t> counts;
+  };
+  const Run runs[] = {
+      {test::Layout::kContiguous, {5, -2, 9}},
+      {test::Layout::kContiguous, {0, 40}},
+      {test::Layout::kSliced, {3, 3}},
+      {test::Layout::kPitched, {11, std::numeric_limits<int64_t>::max()}},
+      {test::Layout::kPitched, {1, 2, 3, 4, 5, 6, 7, 8, 9, -1, 2}},
+      {test::Layout::kPitched, {20}},
+      {test::Layout::kContiguous, {}},
+  };
+  for (const Run& run : runs) {
+    const at::Tensor counts = at::tensor(run.counts, at::kLong);
+    const std::vector<c10::IValue> inputs =
+        test::makeInputs(c, 37, 64, run.layout, at::kCPU);
+    const std::vector<at::Tensor> want = evaluateFusion(*fusion, inputs);
+    // The rows the counts cover: each count in [0, the first dim's size],
+    // their sum at most that size.
+    int64_t size = 1;
+    for (const at::Tensor& output : want) {
+      size = std::max(size, output.size(0));
+    }
+    int64_t covered = 0;
+    for (const int64_t count : run.counts) {
+      covered = std::min(size, covered + std::clamp<int64_t>(count, 0, size));
+    }
+    SCOPED_TRACE("layout=" + std::string(test::toString(run.layout)) +
+                 " counts=" + c10::str(run.counts) + ": rows " +
+                 std::to_string(covered) + " of " + std::to_string(size));
+    InputSignature signature;
+    const std::vector<at::Tensor> got =
+        emulate(*fusion, inputs, {}, 1, &signature, counts);
+    EXPECT_TRUE(signature.row_limited) << signature.toString();
+    ASSERT_EQ(got.size(), want.size());
+    std::vector<at::Tensor> got_rows;
+    std::vector<at::Tensor> want_rows;
+    for (size_t o = 0; o < got.size(); ++o) {
+      // An output of one row along the first dim (it broadcasts there) is
+      // written once any row is covered.
+      const int64_t rows = got[o].size(0);
+      ASSERT_TRUE(rows == size || rows == 1) << "output " << o;
+      const int64_t written = std::min(covered, rows);
+      got_rows.push_back(got[o].narrow(0, 0, written));
+      want_rows.push_back(want[o].narrow(0, 0, written));
+      const at::Tensor rest = got[o].narrow(0, written, rows - written);
+      EXPECT_TRUE(at::equal(rest, at::full_like(rest, kUnwritten)))
+          << "output " << o << " was written past row " << written;
+    }
+    test::expectOutputsClose(got_rows, want_rows, c.float_tolerance);
   }
 }
 

@@ -93,6 +93,38 @@ TEST_P(KernelGpuCatalog, MatchesAtenReference) {
   }
 }
 
+// Row-limited kernels on the GPU: the rows the counts cover match the
+// reference (which rows are left unwritten is checked on the CPU, in
+// test_kernel_emulation.cpp, where the outputs can be filled first).
+TEST_P(KernelGpuCatalog, RowLimitedKernelsComputeTheCountedRows) {
+  HF_SKIP_IF_UNAVAILABLE(kCuda);
+  const test::FusionCase& c = test::fusionCases()[GetParam()];
+  const std::shared_ptr<Fusion> fusion = test::buildFusion(c);
+  if (!test::canLimitRows(FusionAnalysis(*fusion))) {
+    GTEST_SKIP() << "a reduction, or an output without the first loop dim";
+  }
+  for (const test::Layout layout :
+       {test::Layout::kContiguous, test::Layout::kPitched,
+        test::Layout::kSliced}) {
+    SCOPED_TRACE(describe(ProblemSize{4099, 40}, layout, "row-limited"));
+    const std::vector<c10::IValue> inputs =
+        test::makeInputs(c, 4099, 40, layout, kCuda);
+    const std::vector<at::Tensor> want = evaluateFusion(*fusion, inputs);
+    const at::Tensor counts = at::tensor({1000, -5, 1049}, at::kLong).to(kCuda);
+    const std::vector<at::Tensor> got =
+        runFusionOnCuda(*fusion, inputs, {}, counts);
+    ASSERT_EQ(got.size(), want.size());
+    std::vector<at::Tensor> got_rows;
+    std::vector<at::Tensor> want_rows;
+    for (size_t o = 0; o < got.size(); ++o) {
+      const int64_t rows = std::min<int64_t>(2049, got[o].size(0));
+      got_rows.push_back(got[o].narrow(0, 0, rows));
+      want_rows.push_back(want[o].narrow(0, 0, rows));
+    }
+    test::expectOutputsClose(got_rows, want_rows, c.float_tolerance);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fusions, KernelGpuCatalog,
                          testing::Range<size_t>(0, test::fusionCases().size()),
                          test::caseName);

@@ -14,6 +14,7 @@
 #include <hostfuse/host_ir/moe_layer.h>
 #include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/grouped_matmul.h>
+#include <hostfuse/ir/kernels/fp8_dequant.h>
 #include <hostfuse/ir/kernels/group_ends.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/multidevice/comm/communicator.h>
@@ -614,6 +615,89 @@ TEST(Fp8Rows, DequantizeOnTheGpuMatchesTheFormulaBitForBit) {
   EXPECT_TRUE(std::isnan(got[1][3].item<float>()));
   EXPECT_EQ(got[1][4].item<float>(), 2.0f);  // 0x38 is 1.0
   EXPECT_EQ(got[0][3].item<float>(), 2.0f);
+}
+
+// With row counts (a dispatch's recv_expert_counts), the kernel writes the
+// rows they cover, bit for bit as without them, and no other: the output
+// is filled first, through the kernel's own entry point.
+TEST(Fp8Rows, RowCountsLimitTheRowsTheKernelWrites) {
+  const at::Device gpu(at::kCUDA, 0);
+  HF_SKIP_IF_UNAVAILABLE(gpu);
+  const int64_t rows = 300;
+  const int64_t hidden = 256;
+  at::Generator generator = at::detail::createCPUGenerator(5);
+  at::Tensor codes = at::randint(0, 0x7f, {rows, hidden}, generator,
+                                 at::TensorOptions().dtype(at::kByte));
+  const at::Tensor q = codes.to(gpu).view(at::kFloat8_e4m3fn);
+  const at::Tensor scales = (at::rand({rows, 2}, generator) + 0.5).to(gpu);
+  const at::Tensor all = dequantizeFp8Rows(q, scales, at::kBFloat16).cpu();
+  for (const std::vector<int64_t>& given :
+       {std::vector<int64_t>{40, -3, 77}, {0}, {299, 5}, {}}) {
+    SCOPED_TRACE("counts " + c10::str(given));
+    int64_t covered = 0;
+    for (const int64_t count : given) {
+      covered = std::min(rows, covered + std::clamp<int64_t>(count, 0, rows));
+    }
+    const at::Tensor counts = at::tensor(given, at::kLong).to(gpu);
+    at::Tensor out =
+        at::full({rows, hidden}, 7.0,
+                 at::TensorOptions().dtype(at::kBFloat16).device(gpu));
+    ASSERT_EQ(kernels::launchDequantizeFp8Rows(
+                  q.const_data_ptr(), hidden, scales.const_data_ptr<float>(), 2,
+                  rows, hidden, 2, kernels::DequantOut::kBFloat16,
+                  out.mutable_data_ptr(), cuda::currentStream(0),
+                  counts.const_data_ptr<int64_t>(), counts.numel()),
+              cudaSuccess);
+    const at::Tensor got = out.cpu();
+    EXPECT_TRUE(
+        at::equal(got.narrow(0, 0, covered), all.narrow(0, 0, covered)));
+    EXPECT_TRUE(at::equal(got.narrow(0, covered, rows - covered),
+                          at::full({rows - covered, hidden}, 7.0,
+                                   at::TensorOptions().dtype(at::kBFloat16))))
+        << "rows past " << covered << " were written";
+    // The op's entry point with the same counts: the counted rows.
+    const at::Tensor op =
+        dequantizeFp8Rows(q, scales, at::kBFloat16, counts).cpu();
+    EXPECT_TRUE(at::equal(op.narrow(0, 0, covered), all.narrow(0, 0, covered)));
+  }
+  // Counts the kernel cannot take.
+  EXPECT_EQ(kernels::launchDequantizeFp8Rows(
+                q.const_data_ptr(), hidden, scales.const_data_ptr<float>(), 2,
+                rows, hidden, 2, kernels::DequantOut::kBFloat16, nullptr,
+                cuda::currentStream(0), nullptr, 3),
+            cudaErrorInvalidValue);
+}
+
+// DequantizeFp8 with row_counts: printed, checked, and on the CPU every
+// row computed.
+TEST_F(MoeIr, DequantizeFp8TakesRowCounts) {
+  TensorView* x = makeTensor({kSymbolic, 256}, DataType::Float8E4M3, "x");
+  TensorView* scales = makeTensor({kSymbolic, 2}, DataType::Float, "scales");
+  TensorView* counts = makeTensor({kSymbolic}, DataType::Int64, "counts");
+  program_->addInput(x);
+  program_->addInput(scales);
+  program_->addInput(counts);
+  TensorView* out = dequantizeFp8(x, scales, DataType::BFloat16, counts);
+  program_->addOutput(out);
+  EXPECT_EQ(out->definition()->toInlineString(),
+            out->toString() + " = dequantize_fp8(" + x->toString() +
+                ", scales=" + scales->toString() +
+                ", row_counts=" + counts->toString() + ")");
+  test::expectErrorContains(
+      [&] {
+        dequantizeFp8(x, scales, DataType::BFloat16,
+                      makeTensor({4}, DataType::Int32, "i32"));
+      },
+      {"row_counts", "i64"});
+  HostIrEvaluator evaluator(std::move(program_));
+  const at::Tensor codes =
+      at::full({3, 256}, 0x38, at::TensorOptions().dtype(at::kByte));
+  const at::Tensor got =
+      evaluator
+          .run({codes.view(at::kFloat8_e4m3fn), at::full({3, 2}, 2.0f),
+                at::tensor({1}, at::kLong)})
+          .at(0);
+  EXPECT_TRUE(at::equal(got, at::full({3, 256}, 2.0, at::kBFloat16)));
 }
 
 TEST_F(MoeIr, ClonedProgramPrintsTheSame) {

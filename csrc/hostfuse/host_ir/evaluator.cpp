@@ -152,8 +152,10 @@ void HostIrEvaluator::handle(RunFusion* run_fusion) {
   std::vector<at::Tensor> outputs;
   try {
     // The generated kernel for CUDA inputs, the ATen reference otherwise.
-    outputs =
-        executeFusion(run_fusion->fusion(), values_.get(run_fusion->inputs()));
+    const TensorView* counts = run_fusion->rowCounts();
+    outputs = executeFusion(
+        run_fusion->fusion(), values_.get(run_fusion->fusionInputs()),
+        counts != nullptr ? values_.get(counts).toTensor() : at::Tensor());
   } catch (const Error& e) {
     HF_THROW("while running ", run_fusion->toInlineString(), ": ", e.what());
   }

@@ -8,29 +8,59 @@
 namespace hostfuse {
 
 RunFusion::RunFusion(std::vector<Val*> outputs, std::shared_ptr<Fusion> fusion,
-                     std::vector<Val*> inputs)
+                     std::vector<Val*> inputs, TensorView* row_counts)
     : fusion_(std::move(fusion)) {
   HF_CHECK(fusion_ != nullptr, "RunFusion: the fusion is null");
+  HF_CHECK(inputs.size() == fusion_->inputs().size(),
+           "RunFusion: the fusion takes ", fusion_->inputs().size(),
+           " inputs, but ", inputs.size(), " were given");
   for (Val* output : outputs) {
     addOutput(output);
   }
   for (Val* input : inputs) {
     addInput(input);
   }
+  if (row_counts != nullptr) {
+    addInput(row_counts);
+  }
 }
 
 std::string RunFusion::toInlineString() const {
   std::ostringstream ss;
-  ss << "(" << joinValues(outputs()) << ") = RunFusion(" << joinValues(inputs())
-     << ")";
+  ss << "(" << joinValues(outputs()) << ") = RunFusion("
+     << joinValues(fusionInputs());
+  if (const TensorView* counts = rowCounts()) {
+    ss << ", row_counts=" << counts->toString();
+  }
+  ss << ")";
   return ss.str();
 }
 
 void RunFusion::validate() const {
   const Fusion& f = *fusion_;
-  HF_CHECK(inputs().size() == f.inputs().size(), "RunFusion: the fusion takes ",
-           f.inputs().size(), " inputs, but ", inputs().size(), " were given");
-  for (size_t i = 0; i < inputs().size(); ++i) {
+  HF_CHECK(inputs().size() == f.inputs().size() ||
+               inputs().size() == f.inputs().size() + 1,
+           "RunFusion: the fusion takes ", f.inputs().size(),
+           " inputs (and optionally row_counts), but ", inputs().size(),
+           " were given");
+  if (const TensorView* counts = rowCounts()) {
+    HF_CHECK(counts->rank() == 1 && counts->dtype() == DataType::Int64,
+             "RunFusion: row_counts ", counts->toDeclString(),
+             " must be an i64 tensor of rank 1");
+    for (const Expr* expr : f.exprs()) {
+      HF_CHECK(dynamic_cast<const ReductionOp*>(expr) == nullptr,
+               "RunFusion: row_counts limit the rows of pointwise fusions "
+               "only; this fusion has ",
+               expr->toInlineString());
+    }
+    for (const Val* output : f.outputs()) {
+      HF_CHECK(output->as<TensorView>()->rank() >= 1,
+               "RunFusion: row_counts "
+               "limit the rows of dim 0, which output ",
+               output->toDeclString(), " lacks");
+    }
+  }
+  for (size_t i = 0; i < f.inputs().size(); ++i) {
     const Val* given = input(i);
     const Val* expected = f.inputs()[i];
     HF_CHECK(given->valType() == expected->valType() &&
@@ -90,7 +120,8 @@ void Allocate::validate() const {
 }
 
 std::vector<TensorView*> runFusion(std::shared_ptr<Fusion> fusion,
-                                   const std::vector<Val*>& inputs) {
+                                   const std::vector<Val*>& inputs,
+                                   TensorView* row_counts) {
   HF_CHECK(fusion != nullptr, "runFusion: the fusion is null");
   // Extents and scalars of the fusion, in terms of the host program's values.
   std::unordered_map<const Val*, Scalar*> host_value;
@@ -131,7 +162,8 @@ std::vector<TensorView*> runFusion(std::shared_ptr<Fusion> fusion,
     outputs.push_back(outer);
     result.push_back(outer);
   }
-  IrBuilder::create<RunFusion>(std::move(outputs), std::move(fusion), inputs);
+  IrBuilder::create<RunFusion>(std::move(outputs), std::move(fusion), inputs,
+                               row_counts);
   return result;
 }
 

@@ -86,10 +86,12 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
   const MoeDispatchResult d =
       moeDispatch(x, top.indices, weights, config.num_experts, config.backend,
                   config.capacity, config.quantize);
-  // fp8 rows: dequantized once for both matmuls.
-  TensorView* rows = d.recv_scales != nullptr
-                         ? dequantizeFp8(d.recv_x, d.recv_scales, dtype)
-                         : d.recv_x;
+  // fp8 rows: dequantized once for both matmuls, only those that hold
+  // tokens (the cuda backend's recv_x has its capacity's rows).
+  TensorView* rows =
+      d.recv_scales != nullptr
+          ? dequantizeFp8(d.recv_x, d.recv_scales, dtype, d.recv_expert_counts)
+          : d.recv_x;
   TensorView* gate = nullptr;
   TensorView* up = nullptr;
   if (config.fused_gate_up) {
@@ -102,7 +104,12 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
     gate = groupedMatmul(rows, w_gate, d.recv_expert_counts);
     up = groupedMatmul(rows, w_up, d.recv_expert_counts);
   }
-  TensorView* act = runFusion(makeSiluMulFusion(I, dtype), {gate, up}).at(0);
+  // Only the rows that hold tokens: with the cuda backend the GEMM outputs
+  // have the dispatch's capacity rows, most of them padding with more than
+  // one rank.
+  TensorView* act =
+      runFusion(makeSiluMulFusion(I, dtype), {gate, up}, d.recv_expert_counts)
+          .at(0);
   TensorView* down = groupedMatmul(act, w_down, d.recv_expert_counts);
 
   program->addOutput(moeCombine(down, d, weights, tokens, config.reduce));

@@ -18,7 +18,8 @@
 //   up       = GroupedMatmul(rows, w_up, d.recv_expert_counts)
 //              (fused_gate_up: gate_up = GroupedMatmul(rows, w_gate_up,
 //              counts) [rows, 2I], gate and up its two halves, as views)
-//   act      = RunFusion(silu(gate) * up)                   [rows, I]
+//   act      = RunFusion(silu(gate) * up, row_counts =
+//                        d.recv_expert_counts)              [rows, I]
 //   down     = GroupedMatmul(act, w_down, d.recv_expert_counts)
 //   out      = MoeCombine(down, d, topk_weights, T, reduce)  [T, H]
 //
@@ -31,7 +32,8 @@
 //
 // With the cuda backend, dispatch returns C capacity rows; the rows past
 // each rank's valid count are padding that the grouped matmuls and the
-// activation process (cheaply or not at all) and combine never reads.
+// activation (row-limited by the counts) do not compute and combine never
+// reads.
 #pragma once
 
 #include <ATen/ATen.h>

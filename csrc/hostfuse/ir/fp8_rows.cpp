@@ -12,7 +12,8 @@
 namespace hostfuse {
 
 at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
-                             at::ScalarType dtype) {
+                             at::ScalarType dtype,
+                             const at::Tensor& row_counts) {
   // The scales are GroupedMatmul's x_scales or DequantizeFp8's scales.
   HF_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat8_e4m3fn,
            "dequantizeFp8Rows: the rows x must be a 2-D Float8_e4m3fn "
@@ -35,6 +36,13 @@ at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
            "f16, got ",
            dtype);
   const int64_t blocks = scales.size(1);
+  if (row_counts.defined()) {
+    HF_CHECK(row_counts.dim() == 1 && row_counts.scalar_type() == at::kLong &&
+                 row_counts.device() == x.device(),
+             "dequantizeFp8Rows: row_counts (", row_counts.scalar_type(),
+             " of sizes ", row_counts.sizes(), " on ", row_counts.device(),
+             ") must be i64 of rank 1 on the device of the rows, ", x.device());
+  }
   if (x.is_cuda() &&
       (dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat)) {
     // One kernel over the rows where they are (with the cuda backend,
@@ -49,11 +57,15 @@ at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
         dtype == at::kBFloat16 ? kernels::DequantOut::kBFloat16
         : dtype == at::kHalf   ? kernels::DequantOut::kFloat16
                                : kernels::DequantOut::kFloat32;
+    const at::Tensor counts =
+        row_counts.defined() ? row_counts.contiguous() : at::Tensor();
     HF_CUDA_CHECK(kernels::launchDequantizeFp8Rows(
         q.const_data_ptr(), rows > 1 ? q.stride(0) : hidden,
         s.const_data_ptr<float>(), rows > 1 ? s.stride(0) : blocks, rows,
         hidden, blocks, out_type, out.mutable_data_ptr(),
-        cuda::currentStream(device)));
+        cuda::currentStream(device),
+        counts.defined() ? counts.const_data_ptr<int64_t>() : nullptr,
+        counts.defined() ? counts.numel() : 0));
     return out;
   }
   return (x.to(at::kFloat).reshape({rows, blocks, hidden / blocks}) *
@@ -62,16 +74,22 @@ at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
       .to(dtype);
 }
 
-DequantizeFp8::DequantizeFp8(TensorView* out, TensorView* x,
-                             TensorView* scales) {
+DequantizeFp8::DequantizeFp8(TensorView* out, TensorView* x, TensorView* scales,
+                             TensorView* row_counts) {
   addOutput(out);
   addInput(x);
   addInput(scales);
+  if (row_counts != nullptr) {
+    addInput(row_counts);
+  }
 }
 
 std::string DequantizeFp8::toInlineString() const {
   return out()->toString() + " = dequantize_fp8(" + x()->toString() +
-         ", scales=" + scales()->toString() + ")";
+         ", scales=" + scales()->toString() +
+         (rowCounts() != nullptr ? ", row_counts=" + rowCounts()->toString()
+                                 : "") +
+         ")";
 }
 
 void DequantizeFp8::validate() const {
@@ -84,6 +102,9 @@ void DequantizeFp8::validate() const {
   checkSameExtent(this, x()->extent(0), "the rows of x", scales()->extent(0),
                   "the rows of scales");
   checkFloating(this, "out", out(), 2);
+  if (rowCounts() != nullptr) {
+    checkInt64(this, "row_counts", rowCounts(), 1);
+  }
   checkSameExtent(this, x()->extent(0), "the rows of x", out()->extent(0),
                   "the rows of out");
   checkSameExtent(this, x()->extent(1), "the width of x", out()->extent(1),
@@ -99,17 +120,20 @@ void DequantizeFp8::validate() const {
 
 std::vector<c10::IValue> DequantizeFp8::evaluate(
     const std::vector<c10::IValue>& inputs) const {
-  return {dequantizeFp8Rows(inputs.at(0).toTensor(), inputs.at(1).toTensor(),
-                            toScalarType(out()->dtype()))};
+  return {dequantizeFp8Rows(
+      inputs.at(0).toTensor(), inputs.at(1).toTensor(),
+      toScalarType(out()->dtype()),
+      inputs.size() > 2 ? inputs.at(2).toTensor() : at::Tensor())};
 }
 
-TensorView* dequantizeFp8(TensorView* x, TensorView* scales, DataType dtype) {
+TensorView* dequantizeFp8(TensorView* x, TensorView* scales, DataType dtype,
+                          TensorView* row_counts) {
   HF_CHECK(x != nullptr && scales != nullptr,
            "dequantizeFp8: an operand is null");
   HF_CHECK(x->rank() == 2, "dequantizeFp8: x ", x->toDeclString(),
            " must have rank 2, got rank ", x->rank());
   TensorView* out = makeTensor({x->extent(0), x->extent(1)}, dtype);
-  IrBuilder::create<DequantizeFp8>(out, x, scales);
+  IrBuilder::create<DequantizeFp8>(out, x, scales, row_counts);
   return out;
 }
 

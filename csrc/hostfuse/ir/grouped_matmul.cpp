@@ -144,12 +144,18 @@ std::vector<c10::IValue> GroupedMatmul::evaluate(
   const at::Tensor weights = inputs.at(1).toTensor();
   // fp8 rows: dequantized to the weights' dtype first (no fused scaled
   // GEMM yet).
+  const at::Tensor counts = inputs.at(2).toTensor();
+  // Only the rows the counts cover are dequantized (the GEMM reads no
+  // other); the counts must be i64 on the rows' device for that.
+  const bool counts_fit = counts.scalar_type() == at::kLong &&
+                          counts.dim() == 1 &&
+                          counts.device() == inputs.at(0).toTensor().device();
   const at::Tensor x =
       inputs.size() > 3
           ? dequantizeFp8Rows(inputs.at(0).toTensor(), inputs.at(3).toTensor(),
-                              weights.scalar_type())
+                              weights.scalar_type(),
+                              counts_fit ? counts : at::Tensor())
           : inputs.at(0).toTensor();
-  const at::Tensor counts = inputs.at(2).toTensor();
   HF_CHECK(counts.dim() == 1 && counts.size(0) == weights.size(0),
            "GroupedMatmul: group_counts has ", counts.numel(),
            " entries but weights has ", weights.size(0), " groups");

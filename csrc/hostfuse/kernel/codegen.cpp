@@ -91,6 +91,7 @@ class KernelWriter {
   void writeSignature();
   void writeLoopIndices(const std::string& linear, int64_t num_dims);
   void writeGridStride();
+  void writeRowLimit();
   void openRowLoop();
   void writePointwise();
   void writeContiguous();
@@ -178,6 +179,9 @@ GeneratedKernel KernelWriter::write() {
   line("");
   writeSignature();
   ++indent_;
+  if (kernel_.signature.row_limited) {
+    writeRowLimit();
+  }
   if (kernel_.is_reduction) {
     writeReduction();
   } else if (kernel_.signature.contiguous || kernel_.signature.pitched_rows) {
@@ -270,7 +274,16 @@ void KernelWriter::writeSignature() {
       add("index_t " + loopSize(num_dims - 1),
           {KernelParam::Kind::kLoopSize, num_dims - 1});
     }
-    add("index_t numel", {KernelParam::Kind::kNumel});
+    if (kernel_.signature.row_limited) {
+      // numel is then what the row limit leaves of numel_all.
+      add("index_t numel_all", {KernelParam::Kind::kNumel});
+      add("index_t " + loopSize(0), {KernelParam::Kind::kLoopSize, 0});
+      add("const long long* __restrict__ row_counts",
+          {KernelParam::Kind::kRowCounts});
+      add("long long row_groups", {KernelParam::Kind::kRowGroups});
+    } else {
+      add("index_t numel", {KernelParam::Kind::kNumel});
+    }
   }
   const std::vector<const Scalar*>& scalars = analysis_.scalarParams();
   for (size_t k = 0; k < scalars.size(); ++k) {
@@ -304,6 +317,32 @@ void KernelWriter::writeLoopIndices(const std::string& linear,
     line("rest /= " + loopSize(c) + ";");
   }
   line("const index_t i0 = rest;");
+}
+
+// A row-limited kernel's numel: the rows of loop dim 0 that the row counts
+// add up to (each count clamped to [0, size0], the sum kept at most size0
+// as it goes, so it cannot overflow), found by the first warp of each
+// block, times the elements per row.
+void KernelWriter::writeRowLimit() {
+  line("__shared__ index_t hf_rows;");
+  open("if (threadIdx.x < 32)");
+  line("long long sum = 0;");
+  open("for (long long g = threadIdx.x; g < row_groups; g += 32)");
+  line("const long long count = row_counts[g];");
+  line("sum += count <= 0 ? 0 : count < " + loopSize(0) +
+       " ? count : " + loopSize(0) + ";");
+  line("sum = sum < " + loopSize(0) + " ? sum : " + loopSize(0) + ";");
+  close();
+  open("for (int offset = 16; offset > 0; offset /= 2)");
+  line("sum += __shfl_xor_sync(0xffffffffu, sum, offset);");
+  close();
+  open("if (threadIdx.x == 0)");
+  line("hf_rows = static_cast<index_t>(sum < " + loopSize(0) +
+       " ? sum : " + loopSize(0) + ");");
+  close();
+  close();
+  line("__syncthreads();");
+  line("const index_t numel = hf_rows * (numel_all / " + loopSize(0) + ");");
 }
 
 // The first element of this thread and the step of a grid-stride loop.
@@ -771,6 +810,9 @@ std::string InputSignature::toString() const {
     ss << "strided";
   }
   ss << ", " << (index32 ? "32" : "64") << "-bit indices";
+  if (row_limited) {
+    ss << ", row-limited";
+  }
   return ss.str();
 }
 
@@ -795,6 +837,18 @@ GeneratedKernel generateKernel(const FusionAnalysis& analysis,
            "kernel signature: pitched_rows, for a fusion that cannot have it "
            "(it needs inputs and outputs of the full loop shape, of two or "
            "more dims, and no reduction)");
+  if (signature.row_limited) {
+    HF_CHECK(!analysis.hasReduction() && analysis.numLoopDims() >= 1,
+             "kernel signature: row_limited, for a fusion that cannot have "
+             "it (a reduction, or no loop dims)");
+    for (const Val* output : analysis.fusion().outputs()) {
+      const std::vector<int64_t>& dims =
+          analysis.loopDims(output->as<TensorView>());
+      HF_CHECK(std::find(dims.begin(), dims.end(), 0) != dims.end(),
+               "kernel signature: row_limited, but output ", output->toString(),
+               " does not span loop dim 0, so its rows cannot be limited");
+    }
+  }
   HF_CHECK(width <= analysis.plan().max_vector_width,
            "kernel signature: vector_width ", width,
            " would make accesses of this fusion's widest dtype wider than 16 "

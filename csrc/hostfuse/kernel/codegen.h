@@ -56,9 +56,16 @@ struct InputSignature {
   // view of [rows, row_length] elements inside wider rows. vector_width
   // divides the row length and every pitch. Pointwise fusions only.
   bool pitched_rows = false;
+  // Only the first rows of loop dim 0 are computed: as many as a device
+  // list of row counts adds up to (each count taken as 0 when negative and
+  // as the dim's size when larger), at most that size. The rest of every
+  // output is not written. Pointwise fusions whose outputs all span loop
+  // dim 0 only. (A MoE layer's activation over the capacity rows of a
+  // dispatch: only the rows the experts' counts cover hold tokens.)
+  bool row_limited = false;
 
   // "contiguous, vector 8, 32-bit indices" or "pitched rows, vector 8,
-  // ..."; part of the cache key.
+  // ...", with ", row-limited" after; part of the cache key.
   std::string toString() const;
 };
 
@@ -71,6 +78,8 @@ struct KernelParam {
     kOutputStride,  // stride of dim `dim` of fusion output `index`
     kInputPitch,    // elements between rows of fusion input `index`
     kOutputPitch,   // elements between rows of fusion output `index`
+    kRowCounts,     // pointer to the row counts (i64) of a row-limited kernel
+    kRowGroups,     // how many row counts there are (always 64-bit)
     kLoopSize,      // size of loop dim `index`
     kNumel,         // elements in the iteration space (pointwise)
     kNumRows,       // rows: product of the loop sizes before R (reduction)

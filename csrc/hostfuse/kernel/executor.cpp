@@ -67,15 +67,17 @@ int inputDevice(const Fusion& fusion, const std::vector<c10::IValue>& inputs) {
 std::vector<at::Tensor> runWithEntry(const Fusion& fusion,
                                      const FusionEntry& entry,
                                      const std::vector<c10::IValue>& inputs,
-                                     const KernelOptions& options) {
+                                     const KernelOptions& options,
+                                     const at::Tensor& row_counts) {
   HF_CHECK(entry.unsupported.empty(), entry.unsupported);
   HF_CHECK(inputs.size() == fusion.inputs().size(), "the fusion takes ",
            fusion.inputs().size(), " inputs, but ", inputs.size(),
            " were given");
   const int device = inputDevice(fusion, inputs);
-  LaunchSetup setup = setUpLaunch(
-      fusion, entry.plan, inputs,
-      at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device)), options);
+  LaunchSetup setup =
+      setUpLaunch(fusion, entry.plan, inputs,
+                  at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device)),
+                  options, row_counts);
   if (setup.nothing_to_launch) {
     return setup.outputs;
   }
@@ -105,9 +107,10 @@ bool onCuda(const std::vector<c10::IValue>& inputs) {
 
 std::vector<at::Tensor> runFusionOnCuda(const Fusion& fusion,
                                         const std::vector<c10::IValue>& inputs,
-                                        const KernelOptions& options) {
+                                        const KernelOptions& options,
+                                        const at::Tensor& row_counts) {
   return runWithEntry(fusion, *KernelCache::global().entry(fusion), inputs,
-                      options);
+                      options, row_counts);
 }
 
 std::optional<std::string> kernelUnsupportedReason(const Fusion& fusion) {
@@ -120,7 +123,8 @@ std::optional<std::string> kernelUnsupportedReason(const Fusion& fusion) {
 }
 
 std::vector<at::Tensor> executeFusion(const Fusion& fusion,
-                                      const std::vector<c10::IValue>& inputs) {
+                                      const std::vector<c10::IValue>& inputs,
+                                      const at::Tensor& row_counts) {
   if (!onCuda(inputs)) {
     return evaluateFusion(fusion, inputs);
   }
@@ -135,7 +139,7 @@ std::vector<at::Tensor> executeFusion(const Fusion& fusion,
     }
     return evaluateFusion(fusion, inputs);
   }
-  return runWithEntry(fusion, *entry, inputs, KernelOptions{});
+  return runWithEntry(fusion, *entry, inputs, KernelOptions{}, row_counts);
 }
 
 }  // namespace hostfuse

@@ -210,8 +210,8 @@ InputSignature chooseSignature(const KernelPlan& plan, const LaunchSetup& setup,
 
 LaunchSetup setUpLaunch(const Fusion& fusion, const KernelPlan& plan,
                         const std::vector<c10::IValue>& inputs,
-                        const at::Device& device,
-                        const KernelOptions& options) {
+                        const at::Device& device, const KernelOptions& options,
+                        const at::Tensor& row_counts) {
   LaunchSetup setup;
   bindInputs(fusion, inputs, setup.values);
   setup.inputs.resize(inputs.size());
@@ -256,6 +256,19 @@ LaunchSetup setUpLaunch(const Fusion& fusion, const KernelPlan& plan,
   if (!setup.nothing_to_launch) {
     setup.signature = chooseSignature(plan, setup, options);
   }
+  if (row_counts.defined()) {
+    HF_CHECK(row_counts.dim() == 1 && row_counts.scalar_type() == at::kLong,
+             "row_counts must be an i64 tensor of rank 1, got ",
+             row_counts.scalar_type(), " of sizes ", row_counts.sizes());
+    HF_CHECK(row_counts.device() == device, "row_counts is on ",
+             row_counts.device().str(), ", but the fusion runs on ",
+             device.str());
+    HF_CHECK(!plan.has_reduction,
+             "row_counts limit the rows of pointwise fusions only; this "
+             "fusion has a reduction");
+    setup.row_counts = row_counts.contiguous();
+    setup.signature.row_limited = true;
+  }
   return setup;
 }
 
@@ -287,6 +300,16 @@ KernelArgs::KernelArgs(const Fusion& fusion, const KernelPlan& plan,
       case KernelParam::Kind::kOutputPitch:
         addIndex(pitchParam(setup.outputs[param.index]));
         break;
+      case KernelParam::Kind::kRowCounts: {
+        const void* data = setup.row_counts.data_ptr();
+        add(&data, sizeof(data));
+        break;
+      }
+      case KernelParam::Kind::kRowGroups: {
+        const int64_t groups = setup.row_counts.numel();
+        add(&groups, sizeof(groups));
+        break;
+      }
       case KernelParam::Kind::kLoopSize:
         addIndex(setup.loop_sizes[param.index]);
         break;

@@ -34,13 +34,20 @@ struct LaunchSetup {
   int64_t rows = 0;   // with a reduction: rows of the iteration space
   bool nothing_to_launch = false;
   InputSignature signature;
+  // A row-limited launch's row counts: i64 [groups], contiguous, on the
+  // device; undefined otherwise.
+  at::Tensor row_counts;
 };
 
 // Binds `inputs` to `fusion` (checking them), derives the loop sizes,
-// allocates the outputs on `device` and chooses the signature.
+// allocates the outputs on `device` and chooses the signature. With
+// `row_counts` (i64, rank 1, on `device`), the kernel is row-limited
+// (InputSignature::row_limited): only the first rows of loop dim 0 that
+// the counts add up to are computed.
 LaunchSetup setUpLaunch(const Fusion& fusion, const KernelPlan& plan,
                         const std::vector<c10::IValue>& inputs,
-                        const at::Device& device, const KernelOptions& options);
+                        const at::Device& device, const KernelOptions& options,
+                        const at::Tensor& row_counts = at::Tensor());
 
 // Parameter values of one launch, each in an 8-byte slot, and the array of
 // pointers to them that cuLaunchKernel takes.
