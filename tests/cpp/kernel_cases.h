@@ -15,7 +15,6 @@
 #include <hostfuse/host_ir/container.h>
 #include <hostfuse/host_ir/host_ir.h>
 #include <hostfuse/ir/ops.h>
-#include <hostfuse/kernel/analysis.h>
 #include "test_utils.h"
 
 namespace hostfuse::test {
@@ -74,22 +73,6 @@ inline const char* toString(Layout layout) {
       return "pitched";
   }
   return "?";
-}
-
-// Whether a row-limited kernel (InputSignature::row_limited) can be
-// generated for the fusion: pointwise, every output spanning loop dim 0.
-inline bool canLimitRows(const FusionAnalysis& analysis) {
-  if (analysis.hasReduction() || analysis.numLoopDims() < 1) {
-    return false;
-  }
-  for (const Val* output : analysis.fusion().outputs()) {
-    const std::vector<int64_t>& dims =
-        analysis.loopDims(output->as<TensorView>());
-    if (std::find(dims.begin(), dims.end(), 0) == dims.end()) {
-      return false;
-    }
-  }
-  return true;
 }
 
 // Builds the case's fusion in `fusion`; returns its inputs.

@@ -38,7 +38,7 @@ std::vector<InputSignature> signaturesFor(const FusionAnalysis& analysis) {
       signatures.push_back({false, widest, false, /*pitched_rows=*/true});
     }
   }
-  if (test::canLimitRows(analysis)) {
+  if (analysis.plan().rowsCanBeLimited()) {
     const size_t unlimited = signatures.size();
     for (size_t s = 0; s < unlimited; ++s) {
       signatures.push_back(signatures[s]);
@@ -379,9 +379,19 @@ TEST(KernelCodegen, RowLimitsNeedAPointwiseFusionOverTheRows) {
   }
   test::expectErrorContains(
       [&] { generateCudaSource(*columns, limited); },
-      {"row_limited, but output", "does not span loop dim 0"});
+      {"row_limited, for a fusion that cannot have it",
+       "an output whose dim 0 is not the first loop dim"});
   // Without row_limited both generate.
   EXPECT_NO_THROW(generateCudaSource(*columns, InputSignature{}));
+  // A launch given row counts for such a fusion computes every row (the
+  // rows past a limit are unspecified, so that is allowed).
+  const FusionAnalysis analysis(*columns);
+  EXPECT_FALSE(analysis.plan().rowsCanBeLimited());
+  const std::vector<c10::IValue> inputs = {at::randn({8}), at::randn({5, 8})};
+  const LaunchSetup setup =
+      setUpLaunch(*columns, analysis.plan(), inputs, at::kCPU, {},
+                  at::tensor({2}, at::kLong));
+  EXPECT_FALSE(setup.signature.row_limited) << setup.signature.toString();
 }
 
 TEST(KernelCompile, ErrorShowsNumberedSourceAndLog) {

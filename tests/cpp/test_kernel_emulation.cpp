@@ -212,18 +212,16 @@ Emulate compileForHost(const std::string& source) {
   return emulate;
 }
 
-// The value a row-limited test fills the outputs with before the kernel
-// runs, so that rows the kernel must not write can be seen.
-constexpr int kUnwritten = 7;
-
 // The outputs of the kernel that setUpLaunch chooses for `inputs`, run on
 // the host; `signature` (if given) receives its signature. With
-// `row_counts`, a row-limited kernel, whose outputs start as kUnwritten.
+// `row_counts`, a row-limited kernel, whose outputs start as `unwritten`,
+// so that rows it must not write can be seen.
 std::vector<at::Tensor> emulate(const Fusion& fusion,
                                 const std::vector<c10::IValue>& inputs,
                                 const KernelOptions& options, int64_t sm_count,
                                 InputSignature* signature = nullptr,
-                                const at::Tensor& row_counts = at::Tensor()) {
+                                const at::Tensor& row_counts = at::Tensor(),
+                                int unwritten = 0) {
   const FusionAnalysis analysis(fusion);
   LaunchSetup setup = setUpLaunch(fusion, analysis.plan(), inputs, at::kCPU,
                                   options, row_counts);
@@ -232,7 +230,7 @@ std::vector<at::Tensor> emulate(const Fusion& fusion,
   }
   if (row_counts.defined()) {
     for (at::Tensor& output : setup.outputs) {
-      output.fill_(kUnwritten);
+      output.fill_(unwritten);
     }
   }
   if (setup.nothing_to_launch) {
@@ -330,7 +328,7 @@ TEST_P(KernelEmulation, RowLimitedKernelsWriteOnlyTheCountedRows) {
   }
   const test::FusionCase& c = test::fusionCases()[GetParam()];
   const std::shared_ptr<Fusion> fusion = test::buildFusion(c);
-  if (!test::canLimitRows(FusionAnalysis(*fusion))) {
+  if (!FusionAnalysis(*fusion).plan().rowsCanBeLimited()) {
     GTEST_SKIP() << "a reduction, or an output without the first loop dim: "
                     "row limits do not apply (the signature check refuses "
                     "them; test_kernel.cpp)";
@@ -348,44 +346,55 @@ TEST_P(KernelEmulation, RowLimitedKernelsWriteOnlyTheCountedRows) {
       {test::Layout::kPitched, {20}},
       {test::Layout::kContiguous, {}},
   };
-  for (const Run& run : runs) {
-    const at::Tensor counts = at::tensor(run.counts, at::kLong);
-    const std::vector<c10::IValue> inputs =
-        test::makeInputs(c, 37, 64, run.layout, at::kCPU);
-    const std::vector<at::Tensor> want = evaluateFusion(*fusion, inputs);
-    // The rows the counts cover: each count in [0, the first dim's size],
-    // their sum at most that size.
-    int64_t size = 1;
-    for (const at::Tensor& output : want) {
-      size = std::max(size, output.size(0));
+  // The values the outputs start as: 7, and for bool outputs (where 7 is
+  // true) false as well, so that no stray write can match them all.
+  std::vector<int> starts = {7};
+  for (const Val* output : fusion->outputs()) {
+    if (output->dtype() == DataType::Bool && starts.size() == 1) {
+      starts.push_back(0);
     }
-    int64_t covered = 0;
-    for (const int64_t count : run.counts) {
-      covered = std::min(size, covered + std::clamp<int64_t>(count, 0, size));
+  }
+  for (const int unwritten : starts) {
+    for (const Run& run : runs) {
+      const at::Tensor counts = at::tensor(run.counts, at::kLong);
+      const std::vector<c10::IValue> inputs =
+          test::makeInputs(c, 37, 64, run.layout, at::kCPU);
+      const std::vector<at::Tensor> want = evaluateFusion(*fusion, inputs);
+      // The rows the counts cover: each count in [0, the first dim's size],
+      // their sum at most that size.
+      int64_t size = 1;
+      for (const at::Tensor& output : want) {
+        size = std::max(size, output.size(0));
+      }
+      int64_t covered = 0;
+      for (const int64_t count : run.counts) {
+        covered = std::min(size, covered + std::clamp<int64_t>(count, 0, size));
+      }
+      SCOPED_TRACE("layout=" + std::string(test::toString(run.layout)) +
+                   " counts=" + c10::str(run.counts) + ": rows " +
+                   std::to_string(covered) + " of " + std::to_string(size) +
+                   ", outputs starting as " + std::to_string(unwritten));
+      InputSignature signature;
+      const std::vector<at::Tensor> got =
+          emulate(*fusion, inputs, {}, 1, &signature, counts, unwritten);
+      EXPECT_TRUE(signature.row_limited) << signature.toString();
+      ASSERT_EQ(got.size(), want.size());
+      std::vector<at::Tensor> got_rows;
+      std::vector<at::Tensor> want_rows;
+      for (size_t o = 0; o < got.size(); ++o) {
+        // An output of one row along the first dim (it broadcasts there) is
+        // written once any row is covered.
+        const int64_t rows = got[o].size(0);
+        ASSERT_TRUE(rows == size || rows == 1) << "output " << o;
+        const int64_t written = std::min(covered, rows);
+        got_rows.push_back(got[o].narrow(0, 0, written));
+        want_rows.push_back(want[o].narrow(0, 0, written));
+        const at::Tensor rest = got[o].narrow(0, written, rows - written);
+        EXPECT_TRUE(at::equal(rest, at::full_like(rest, unwritten)))
+            << "output " << o << " was written past row " << written;
+      }
+      test::expectOutputsClose(got_rows, want_rows, c.float_tolerance);
     }
-    SCOPED_TRACE("layout=" + std::string(test::toString(run.layout)) +
-                 " counts=" + c10::str(run.counts) + ": rows " +
-                 std::to_string(covered) + " of " + std::to_string(size));
-    InputSignature signature;
-    const std::vector<at::Tensor> got =
-        emulate(*fusion, inputs, {}, 1, &signature, counts);
-    EXPECT_TRUE(signature.row_limited) << signature.toString();
-    ASSERT_EQ(got.size(), want.size());
-    std::vector<at::Tensor> got_rows;
-    std::vector<at::Tensor> want_rows;
-    for (size_t o = 0; o < got.size(); ++o) {
-      // An output of one row along the first dim (it broadcasts there) is
-      // written once any row is covered.
-      const int64_t rows = got[o].size(0);
-      ASSERT_TRUE(rows == size || rows == 1) << "output " << o;
-      const int64_t written = std::min(covered, rows);
-      got_rows.push_back(got[o].narrow(0, 0, written));
-      want_rows.push_back(want[o].narrow(0, 0, written));
-      const at::Tensor rest = got[o].narrow(0, written, rows - written);
-      EXPECT_TRUE(at::equal(rest, at::full_like(rest, kUnwritten)))
-          << "output " << o << " was written past row " << written;
-    }
-    test::expectOutputsClose(got_rows, want_rows, c.float_tolerance);
   }
 }
 

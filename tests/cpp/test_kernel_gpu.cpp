@@ -7,8 +7,10 @@
 //   HOSTFUSE_DUMP_KERNELS=1 ./test_kernel_gpu --gtest_filter='*softmax_bf16'
 #include <hostfuse/host_ir/evaluator.h>
 #include <hostfuse/ir/evaluation.h>
+#include <hostfuse/kernel/analysis.h>
 #include <hostfuse/kernel/executor.h>
 #include <hostfuse/kernel/kernel_cache.h>
+#include <hostfuse/kernel/launch.h>
 #include <hostfuse/utils/driver_api.h>
 #include <hostfuse/utils/torch_cuda.h>
 #include "kernel_cases.h"
@@ -65,6 +67,19 @@ TEST_P(KernelGpuCatalog, MatchesAtenReference) {
     test::expectOutputsClose(runFusionOnCuda(*fusion, inputs),
                              evaluateFusion(*fusion, inputs),
                              c.float_tolerance);
+    // The vector kernel ran where dense inputs would get one: pitched rows
+    // (or contiguous, for a fusion of one loop dim).
+    const FusionAnalysis analysis(*fusion);
+    const InputSignature dense =
+        setUpLaunch(*fusion, analysis.plan(),
+                    test::makeInputs(c, size.rows, size.cols,
+                                     test::Layout::kContiguous, kCuda),
+                    kCuda, {})
+            .signature;
+    const InputSignature pitched =
+        setUpLaunch(*fusion, analysis.plan(), inputs, kCuda, {}).signature;
+    EXPECT_EQ(pitched.contiguous || pitched.pitched_rows, dense.contiguous)
+        << pitched.toString();
   }
   const ProblemSize size = kSizes[0];
   const std::vector<c10::IValue> inputs = test::makeInputs(
@@ -100,7 +115,7 @@ TEST_P(KernelGpuCatalog, RowLimitedKernelsComputeTheCountedRows) {
   HF_SKIP_IF_UNAVAILABLE(kCuda);
   const test::FusionCase& c = test::fusionCases()[GetParam()];
   const std::shared_ptr<Fusion> fusion = test::buildFusion(c);
-  if (!test::canLimitRows(FusionAnalysis(*fusion))) {
+  if (!FusionAnalysis(*fusion).plan().rowsCanBeLimited()) {
     GTEST_SKIP() << "a reduction, or an output without the first loop dim";
   }
   for (const test::Layout layout :

@@ -65,7 +65,7 @@ at::Tensor dequantizeFp8Rows(const at::Tensor& x, const at::Tensor& scales,
         hidden, blocks, out_type, out.mutable_data_ptr(),
         cuda::currentStream(device),
         counts.defined() ? counts.const_data_ptr<int64_t>() : nullptr,
-        counts.defined() ? counts.numel() : 0));
+        counts.defined() ? counts.numel() : -1));
     return out;
   }
   return (x.to(at::kFloat).reshape({rows, blocks, hidden / blocks}) *

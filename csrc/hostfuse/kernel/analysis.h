@@ -77,6 +77,21 @@ struct KernelPlan {
   // The contiguous kernel's widest vector: 16 bytes of the widest element
   // among the used inputs and the outputs.
   int64_t max_vector_width = 1;
+
+  // Whether a kernel can be row-limited (InputSignature::row_limited): no
+  // reduction, and dim 0 of every output is loop dim 0, so that the first
+  // rows of the loop are the first rows of every output.
+  bool rowsCanBeLimited() const {
+    if (has_reduction || num_loop_dims < 1) {
+      return false;
+    }
+    for (const std::vector<int64_t>& dims : output_loop_dims) {
+      if (dims.empty() || dims[0] != 0) {
+        return false;
+      }
+    }
+    return true;
+  }
   // The symbolic scalar operands, in the order of their kernel parameters.
   std::vector<ScalarSource> scalars;
 };

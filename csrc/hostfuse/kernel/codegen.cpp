@@ -837,18 +837,10 @@ GeneratedKernel generateKernel(const FusionAnalysis& analysis,
            "kernel signature: pitched_rows, for a fusion that cannot have it "
            "(it needs inputs and outputs of the full loop shape, of two or "
            "more dims, and no reduction)");
-  if (signature.row_limited) {
-    HF_CHECK(!analysis.hasReduction() && analysis.numLoopDims() >= 1,
-             "kernel signature: row_limited, for a fusion that cannot have "
-             "it (a reduction, or no loop dims)");
-    for (const Val* output : analysis.fusion().outputs()) {
-      const std::vector<int64_t>& dims =
-          analysis.loopDims(output->as<TensorView>());
-      HF_CHECK(std::find(dims.begin(), dims.end(), 0) != dims.end(),
-               "kernel signature: row_limited, but output ", output->toString(),
-               " does not span loop dim 0, so its rows cannot be limited");
-    }
-  }
+  HF_CHECK(!signature.row_limited || analysis.plan().rowsCanBeLimited(),
+           "kernel signature: row_limited, for a fusion that cannot have it "
+           "(a reduction, or an output whose dim 0 is not the first loop "
+           "dim)");
   HF_CHECK(width <= analysis.plan().max_vector_width,
            "kernel signature: vector_width ", width,
            " would make accesses of this fusion's widest dtype wider than 16 "

@@ -263,11 +263,12 @@ LaunchSetup setUpLaunch(const Fusion& fusion, const KernelPlan& plan,
     HF_CHECK(row_counts.device() == device, "row_counts is on ",
              row_counts.device().str(), ", but the fusion runs on ",
              device.str());
-    HF_CHECK(!plan.has_reduction,
-             "row_counts limit the rows of pointwise fusions only; this "
-             "fusion has a reduction");
-    setup.row_counts = row_counts.contiguous();
-    setup.signature.row_limited = true;
+    // Rows past the limit are unspecified, so a fusion whose rows cannot be
+    // limited computes them all.
+    if (plan.rowsCanBeLimited()) {
+      setup.row_counts = row_counts.contiguous();
+      setup.signature.row_limited = true;
+    }
   }
   return setup;
 }

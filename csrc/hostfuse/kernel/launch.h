@@ -42,8 +42,9 @@ struct LaunchSetup {
 // Binds `inputs` to `fusion` (checking them), derives the loop sizes,
 // allocates the outputs on `device` and chooses the signature. With
 // `row_counts` (i64, rank 1, on `device`), the kernel is row-limited
-// (InputSignature::row_limited): only the first rows of loop dim 0 that
-// the counts add up to are computed.
+// (InputSignature::row_limited) where the plan allows it
+// (KernelPlan::rowsCanBeLimited): only the first rows of loop dim 0 that
+// the counts add up to are computed; elsewhere every row is.
 LaunchSetup setUpLaunch(const Fusion& fusion, const KernelPlan& plan,
                         const std::vector<c10::IValue>& inputs,
                         const at::Device& device, const KernelOptions& options,

@@ -31,12 +31,12 @@ __device__ __forceinline__ __half fromFloat<__half>(float v) {
 }
 
 // The rows the counts cover: each count clamped to [0, rows], the running
-// sum kept at most `rows`; `rows` without counts. Block-uniform: the first
-// warp sums, the others wait at the barrier.
+// sum kept at most `rows`; `rows` without a limit (row_groups < 0).
+// Block-uniform: the first warp sums, the others wait at the barrier.
 __device__ __forceinline__ int64_t countedRows(const int64_t* row_counts,
                                                int64_t row_groups,
                                                int64_t rows) {
-  if (row_counts == nullptr) {
+  if (row_groups < 0) {
     return rows;
   }
   __shared__ int64_t covered;
@@ -142,7 +142,7 @@ cudaError_t launchDequantizeFp8Rows(
   // Row strides may be anything non-negative: the rows are only read (a
   // broadcast row has stride 0).
   if (rows < 0 || hidden < 0 || blocks < 1 || hidden % blocks != 0 ||
-      q_stride < 0 || scale_stride < 0 || row_groups < 0 ||
+      q_stride < 0 || scale_stride < 0 ||
       (row_groups > 0 && row_counts == nullptr)) {
     return cudaErrorInvalidValue;
   }
