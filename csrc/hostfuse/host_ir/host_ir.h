@@ -20,8 +20,9 @@ namespace hostfuse {
 // 0, at most the dim's size); the rest of the outputs is unspecified. For
 // a MoE layer's fusions over the capacity rows of a cuda-backend dispatch,
 // of which only sum(recv_expert_counts) hold tokens. The ATen path (CPU
-// tensors, fusions codegen cannot handle) computes every row. Pointwise
-// fusions only, every output spanning the first dim.
+// tensors, fusions codegen cannot handle) computes every row, and so does
+// the kernel of a fusion whose outputs' dim 0 is not its first loop dim.
+// Pointwise fusions only.
 class RunFusion : public Expr {
  public:
   RunFusion(std::vector<Val*> outputs, std::shared_ptr<Fusion> fusion,
