@@ -33,9 +33,9 @@ if(NOT TARGET torch)
       message(FATAL_ERROR
               "hostfuse needs torch 2.11 importable from ${HOSTFUSE_PYTHON}:\n"
               "${_hostfuse_torch_error}\n"
-              "Run hostfuse's tools/setup.sh, pass "
-              "-DHOSTFUSE_PYTHON=/path/to/python, or -DTorch_DIR=<libtorch>/"
-              "share/cmake/Torch.")
+              "Pass -DHOSTFUSE_PYTHON=/path/to/python (one that imports "
+              "torch 2.11) or -DTorch_DIR=<libtorch>/share/cmake/Torch; in "
+              "hostfuse's own tree, tools/setup.sh picks the Python.")
     endif()
     string(REPLACE "\n" ";" _hostfuse_torch_info "${_hostfuse_torch_info}")
     list(GET _hostfuse_torch_info 0 _hostfuse_torch_prefix)

@@ -27,6 +27,18 @@ def test_capture_problems_of_a_capturable_program_are_empty():
     assert hf.find_capture_problems(program(), torch.device("cuda", 0)) == []
 
 
+def test_devices_may_be_given_as_strings_as_torch_takes_them():
+    assert hf.find_capture_problems(program(), "cuda:0") == []
+    evaluator = hf.HostIrEvaluator(program(), device="cpu")
+    (out,) = evaluator.run([torch.ones(3, 16), torch.zeros(8, 16)])
+    assert out.shape == (3,)
+    hf.GraphRunner(program(), device="cuda:0")  # made without a GPU; runs need one
+    with pytest.raises(RuntimeError, match="cuda:x"):
+        hf.HostIrEvaluator(program(), device="cuda:x")
+    with pytest.raises(hf.Error, match="device must be a torch.device or a string"):
+        hf.find_capture_problems(program(), None)
+
+
 def test_capture_problems_name_the_collective_moe_node():
     p = hf.Program()
     with p:

@@ -52,6 +52,12 @@ def test_pitched_rows_signature_addresses_rows_by_their_pitch():
         hf.kernel.cuda_source(pointwise(), vector_width=8)
     with pytest.raises(hf.Error, match="pitched_rows, for a fusion that cannot have it"):
         hf.kernel.cuda_source(rmsnorm_like(), pitched_rows=True)
+    limited = hf.kernel.cuda_source(pointwise(), pitched_rows=True, vector_width=8,
+                                    row_limited=True)
+    assert "row_counts[g]" in limited and "numel_all" in limited
+    assert b".entry" in hf.kernel.compile(limited, arch=90, cubin=False)["image"]
+    with pytest.raises(hf.Error, match="row_limited, for a fusion that cannot have it"):
+        hf.kernel.cuda_source(rmsnorm_like(), row_limited=True)
 
 
 @pytest.mark.parametrize("make", [rmsnorm_like, pointwise], ids=["rmsnorm", "pointwise"])

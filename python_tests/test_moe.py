@@ -257,19 +257,38 @@ def test_backends_are_listed():
         (lambda x, i: moe.dispatch(x, i, num_experts=4, backend="nccl"), hf.Error, "backend must be one of"),
         (lambda x, i: moe.dispatch(x, i, num_experts=0), hf.Error, "num_experts"),
         (lambda x, i: moe.dispatch(x, i * 0 + 7, num_experts=4), hf.Error, "expert"),
-        (lambda x, i: moe.dispatch(x.double(), i, num_experts=4, backend="cuda"), hf.Error, "backend=cuda needs it"),
+        (lambda x, i: moe.dispatch(x.double(), i, num_experts=4, backend="cuda"), hf.Error, "x is on the CPU, but backend=cuda needs it on that rank's own GPU"),
         (lambda x, i: moe.combine(x, "handle"), TypeError, "handle must be what hostfuse.moe.dispatch returned"),
         (lambda x, i: moe.dispatch(x, i, num_experts=4, capacity=-1), ValueError, "capacity must be >= 0"),
+        (lambda x, i: moe.dispatch(x, i, num_experts=4, capacity=8), ValueError,
+         r"capacity \(8\) applies to backend='cuda' only"),
+        (lambda x, i: moe.dispatch(x.requires_grad_(), i, num_experts=4), RuntimeError,
+         "dispatch is forward-only .* x requires grad"),
+        (lambda x, i: moe.dispatch(x, i, torch.rand(4, 2, requires_grad=True), num_experts=4),
+         RuntimeError, "topk_weights requires grad"),
+        (lambda x, i: moe.check_status("nccl"), hf.Error, "backend must be one of 'collective', 'cuda', got 'nccl'"),
     ],
     ids=["x_str", "idx_none", "weights_list", "experts_float", "backend_int",
          "backend_unknown", "experts_zero", "expert_out_of_range", "cuda_on_cpu",
-         "handle_str", "capacity_negative"],
+         "handle_str", "capacity_negative", "capacity_collective", "x_requires_grad",
+         "weights_require_grad", "check_status_backend"],
 )
 def test_errors_name_the_argument(call, error, text):
     x = torch.randn(4, 8)
     idx = routing(4, 2, 4, 7)
     with pytest.raises(error, match=text):
         call(x, idx)
+
+
+def test_combine_refuses_expert_outputs_that_require_grad_but_not_under_no_grad():
+    x = torch.randn(4, 8)
+    idx = routing(4, 2, 4, 8)
+    handle = moe.dispatch(x, idx, num_experts=4)
+    out = handle.recv_x * torch.ones(8, requires_grad=True)  # an expert's output
+    with pytest.raises(RuntimeError, match="combine is forward-only .* expert_out requires grad"):
+        moe.combine(out, handle)
+    with torch.no_grad():
+        assert torch.equal(moe.combine(out, handle), moe.combine(handle.recv_x, handle))
 
 
 def test_a_call_after_an_error_works():

@@ -10,6 +10,7 @@ CPUs (--cpu, or no GPU): fp32, the collective backend over Gloo, eager.
 
   torchrun --nproc-per-node N examples/python/moe_layer.py [--cpu] [--tokens T]
       [--reduce auto|per_pick|per_rank]
+  python examples/python/moe_layer.py [--cpu] ...    # a world of one rank
 
 The combine's mode defaults to the faster one: per_rank on GPUs with more
 than one rank (each expert rank sums a token's picks before sending, so one
@@ -136,16 +137,22 @@ def main():
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     cuda = not args.cpu and gpus > local_rank
+    # Without a launcher (no RANK in the environment): a world of one.
+    alone = {} if "RANK" in os.environ else {
+        "init_method": "tcp://127.0.0.1:0", "rank": 0, "world_size": 1}
     if cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, **alone)
         dtype, tolerance = torch.bfloat16, 3e-2
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **alone)
         dtype, tolerance = torch.float32, 1e-4
     backend = args.backend or ("cuda" if cuda else "collective")
+    if backend == "cuda" and not cuda:
+        sys.exit("moe_layer.py: --backend cuda needs one GPU per rank (it runs on "
+                 "CPUs here); use --backend collective")
     rank, world = dist.get_rank(), dist.get_world_size()
     experts = args.experts_per_rank * world
     if args.topk > experts:

@@ -122,6 +122,18 @@ std::vector<c10::IValue> inputsOf(const py::sequence& inputs) {
   return values;
 }
 
+// A device argument as torch takes it: None, a torch.device, or a string
+// such as "cuda:1".
+std::optional<at::Device> deviceArg(const py::object& device) {
+  if (device.is_none()) {
+    return std::nullopt;
+  }
+  if (py::isinstance<py::str>(device)) {
+    return at::Device(device.cast<std::string>());
+  }
+  return device.cast<at::Device>();
+}
+
 // The communicator of a run: the group's when one is given, else the
 // process-wide one of the launcher's environment.
 std::shared_ptr<Communicator> communicatorOf(
@@ -655,9 +667,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("reduce") = "per_pick", py::keep_alive<0, 1>(), ref);
 
   py::class_<PyEvaluator>(m, "HostIrEvaluator")
-      .def(py::init<const HostIrContainer&, std::optional<at::Device>,
-                    const std::optional<ProcessGroupPtr>&,
-                    std::optional<bool>>(),
+      .def(py::init([](const HostIrContainer& program, const py::object& device,
+                       const std::optional<ProcessGroupPtr>& group,
+                       std::optional<bool> mask_failed_ranks) {
+             return std::make_unique<PyEvaluator>(program, deviceArg(device),
+                                                  group, mask_failed_ranks);
+           }),
            py::arg("program"), py::kw_only(), py::arg("device") = py::none(),
            py::arg("group") = py::none(),
            py::arg("mask_failed_ranks") = py::none())
@@ -673,11 +688,11 @@ PYBIND11_MODULE(_C, m) {
       .def(
           py::init([](const HostIrContainer& program, bool copy_outputs,
                       std::vector<size_t> persistent_inputs,
-                      std::optional<at::Device> device,
+                      const py::object& device,
                       const std::optional<ProcessGroupPtr>& group,
                       std::optional<bool> mask_failed_ranks) {
             return std::make_unique<PyGraphRunner>(
-                program, device, group, mask_failed_ranks,
+                program, deviceArg(device), group, mask_failed_ranks,
                 GraphRunnerOptions{copy_outputs, std::move(persistent_inputs)});
           }),
           py::arg("program"), py::kw_only(), py::arg("copy_outputs") = false,
@@ -698,8 +713,15 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("last_mode", [](const PyGraphRunner& r) {
         return std::string(toString(r.runner().lastMode()));
       });
-  m.def("find_capture_problems", &findCaptureProblems, py::arg("program"),
-        py::arg("device"));
+  m.def(
+      "find_capture_problems",
+      [](const HostIrContainer& program, const py::object& device) {
+        HF_CHECK(!device.is_none(),
+                 "find_capture_problems: device must be a torch.device or a "
+                 "string such as 'cuda:0', got None");
+        return findCaptureProblems(program, *deviceArg(device));
+      },
+      py::arg("program"), py::arg("device"));
 
   m.def(
       "recover_world",
@@ -756,17 +778,18 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_source",
       [](const Fusion& fusion, bool contiguous, int64_t vector_width,
-         bool index32, bool pitched_rows) {
+         bool index32, bool pitched_rows, bool row_limited) {
         InputSignature signature;
         signature.contiguous = contiguous;
         signature.vector_width = vector_width;
         signature.index32 = index32;
         signature.pitched_rows = pitched_rows;
+        signature.row_limited = row_limited;
         return generateCudaSource(fusion, signature);
       },
       py::arg("fusion"), py::kw_only(), py::arg("contiguous") = false,
       py::arg("vector_width") = 1, py::arg("index32") = false,
-      py::arg("pitched_rows") = false);
+      py::arg("pitched_rows") = false, py::arg("row_limited") = false);
   m.def(
       "compile_cuda",
       [](const std::string& source, int arch, bool cubin) {

@@ -8,19 +8,27 @@ from . import _C
 
 
 def cuda_source(
-    fusion, *, contiguous=False, vector_width=1, index32=False, pitched_rows=False
+    fusion,
+    *,
+    contiguous=False,
+    vector_width=1,
+    index32=False,
+    pitched_rows=False,
+    row_limited=False,
 ):
     """The CUDA C source generated for ``fusion`` (a ``hostfuse.Fusion``) and
     one signature: strided by default; ``contiguous`` (dense tensors) or
     ``pitched_rows`` (rows of unit stride some pitch apart), each with
-    ``vector_width`` elements per access; ``index32`` for 32-bit indices
-    (docs/kernels.md, "Kernel shapes")."""
+    ``vector_width`` elements per access; ``index32`` for 32-bit indices;
+    ``row_limited`` for the kernel that computes only the rows a device list
+    of row counts covers (docs/kernels.md, "Kernel shapes")."""
     return _C.cuda_source(
         fusion,
         contiguous=contiguous,
         vector_width=vector_width,
         index32=index32,
         pitched_rows=pitched_rows,
+        row_limited=row_limited,
     )
 
 

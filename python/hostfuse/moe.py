@@ -63,8 +63,7 @@ def _default_group(group):
 
 
 def _runtime(backend, group):
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    _check_backend(backend)
     key = (backend, id(group))
     entry = _runtimes.get(key)
     if entry is None:
@@ -80,6 +79,27 @@ def _check_tensor(name, value, optional=False):
     if not isinstance(value, torch.Tensor):
         kind = "a torch.Tensor or None" if optional else "a torch.Tensor"
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+
+
+def _check_no_grad(call, **tensors):
+    # The calls have no backward: refuse to drop gradients without a word.
+    if not torch.is_grad_enabled():
+        return
+    for name, value in tensors.items():
+        if value is not None and value.requires_grad:
+            raise RuntimeError(
+                f"hostfuse.moe.{call} is forward-only (it has no backward), but "
+                f"{name} requires grad: call it under torch.no_grad() or "
+                f"torch.inference_mode(), or pass {name}.detach()"
+            )
+
+
+def _check_backend(backend):
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend not in backends():
+        names = ", ".join(repr(name) for name in backends())
+        raise _C.Error(f"backend must be one of {names}, got {backend!r}")
 
 
 def _check_int(name, value):
@@ -149,8 +169,10 @@ def dispatch(
     topk_idx [T, K] int64 or int32 (-1 masks a pick); topk_weights [T, K]
     fp32, fp64, bf16, fp16, fp8 or None; num_experts E, a multiple of the
     group's size (expert e lives on rank e // (E / R)). ``capacity`` (cuda
-    backend only): rows per receiving rank, 0 for the worst case. Every rank
-    of the group calls it, in the same order as its other MoE calls.
+    backend only; the collective backend refuses any other than 0): rows
+    per receiving rank, 0 for the worst case. Every rank of the group calls
+    it, in the same order as its other MoE calls. Forward-only: there is no
+    backward, and inputs that require grad under grad mode are refused.
 
     quantize="fp8_e4m3" sends the rows as fp8 e4m3 with one fp32 scale per
     128 channels (x fp32, bf16 or fp16, H a multiple of 128); both backends
@@ -166,6 +188,13 @@ def dispatch(
         raise ValueError(f"quantize must be 'none' or 'fp8_e4m3', got {quantize!r}")
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0 (0: the worst case), got {capacity}")
+    _check_backend(backend)
+    if capacity != 0 and backend != "cuda":
+        raise ValueError(
+            f"capacity ({capacity}) applies to backend='cuda' only; backend="
+            f"{backend!r} returns exactly the rows received (pass 0)"
+        )
+    _check_no_grad("dispatch", x=x, topk_weights=topk_weights)
     group = _default_group(group)
     runtime = _runtime(backend, group)
     hidden = x.shape[-1] if x.dim() > 0 else 0
@@ -196,7 +225,7 @@ def combine(expert_out, handle, topk_weights=None, reduce="per_pick"):
     token's rank sums those in rank order in fp32 and rounds again. Fewer
     rows travel, at the cost of that extra rounding (docs/moe.md, "Combine
     modes"). ``topk_weights`` must then be the tensor given to dispatch, or
-    None for an unweighted sum."""
+    None for an unweighted sum. Forward-only, as dispatch."""
     _check_tensor("expert_out", expert_out)
     if not isinstance(handle, DispatchHandle):
         raise TypeError(
@@ -206,6 +235,7 @@ def combine(expert_out, handle, topk_weights=None, reduce="per_pick"):
     _check_tensor("topk_weights", topk_weights, optional=True)
     if reduce not in ("per_pick", "per_rank"):
         raise ValueError(f"reduce must be 'per_pick' or 'per_rank', got {reduce!r}")
+    _check_no_grad("combine", expert_out=expert_out, topk_weights=topk_weights)
     recv_weights = None
     if reduce == "per_rank" and topk_weights is not None:
         if topk_weights is not handle._topk_weights:
@@ -295,8 +325,7 @@ def check_status(backend="cuda", group=None):
     the runtime of ``backend`` over ``group``, or with group=None those
     over every group that dispatch or combine ran on; a group that no call
     ran on has nothing to report."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    _check_backend(backend)
     for (name, _), (g, runtime) in list(_runtimes.items()):
         if name == backend and (group is None or g is group):
             runtime.check_status()

@@ -601,7 +601,8 @@ TEST_F(MoeErrors, CudaBackendRefusesFp64RowsAndCpuTensorsByName) {
             std::string::npos);
   MoeDispatchArgs cpu = validArgs(at::kCPU, 17);
   EXPECT_NE(dispatchMessage(MoeBackend::Cuda, cpu, &site)
-                .find("x is not on this rank's GPU"),
+                .find("x is on the CPU, but backend=cuda needs it on that "
+                      "rank's own GPU"),
             std::string::npos);
 }
 

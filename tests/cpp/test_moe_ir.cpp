@@ -794,8 +794,8 @@ TEST(MoeWorldOfOne, CudaBackendRejectsCpuTensorsNamingTheNode) {
         evaluator.run({x, at::zeros({2, 1}, at::kLong)});
       },
       {"MoeDispatch(x=T0, topk_idx=T1, num_experts=4, backend=cuda)",
-       "x is not on this rank's GPU, the communicator's device, where "
-       "backend=cuda needs it"});
+       "x is on the CPU, but backend=cuda needs it on that rank's own GPU "
+       "(its communicator's device)"});
 }
 
 TEST(MoeWorldOfOne, CommunicatorRefusesWorkAfterShutdown) {

@@ -37,9 +37,11 @@ std::string describeUnsupported(const char* backend, int64_t d0, int64_t d1,
                          backend, d2);
     case kLimitNotOnDevice:
       return fmt::format(
-          "{} is not on this rank's GPU, the communicator's device, where "
-          "backend={} needs it",
-          argName(d1), backend);
+          "{} is on {}, but backend={} needs it on that rank's own GPU (its "
+          "communicator's device)",
+          argName(d1),
+          d2 < 0 ? std::string("the CPU") : fmt::format("cuda:{}", d2),
+          backend);
     case kLimitFp8:
       return fmt::format(
           "quantize=fp8_e4m3 needs x of Float, BFloat16 or Half with H a "

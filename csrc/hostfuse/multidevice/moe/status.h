@@ -110,7 +110,8 @@ enum BackendLimit : int32_t {
   kLimitNumExperts,   // d1: E, d2: the largest E
   kLimitTopK,         // d1: K, d2: the largest K
   kLimitWorldSize,    // d1: R, d2: the largest R
-  kLimitNotOnDevice,  // d1: kArgX; the backend needs this rank's GPU
+  kLimitNotOnDevice,  // d1: kArgX, d2: its GPU's index (-1: on the host);
+                      // the backend needs the rank's own GPU
   // fp8 dispatch: d1 H (a multiple of 128 needed), d2 x's dtype (Float,
   // BFloat16 or Half needed)
   kLimitFp8,

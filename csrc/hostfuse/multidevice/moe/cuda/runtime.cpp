@@ -41,7 +41,9 @@ moe::HostStatus checkInputs(const MoeDispatchArgs& args, int64_t world_size,
   }
   const at::ScalarType dtype = args.x.scalar_type();
   if (!args.x.is_cuda() || args.x.device() != device) {
-    status.fail(moe::kStatusUnsupported, moe::kLimitNotOnDevice, moe::kArgX);
+    // Where x is: -1 for the host, else its GPU's index.
+    status.fail(moe::kStatusUnsupported, moe::kLimitNotOnDevice, moe::kArgX,
+                args.x.is_cuda() ? args.x.device().index() : -1);
   } else if (dtype != at::kFloat && dtype != at::kBFloat16 &&
              dtype != at::kHalf) {
     status.fail(moe::kStatusUnsupported, moe::kLimitRowDtype,
