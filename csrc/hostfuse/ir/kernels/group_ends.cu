@@ -5,13 +5,13 @@ namespace hostfuse::kernels {
 namespace {
 
 // One warp, 32 groups a step: lane i loads count base + i, clamps it to
-// [0, rows], and an inclusive warp scan gives the running sums. (It
+// [0, rows], and an inclusive warp scan gives the running sums. ends =
+// min(rows, carry + running sum), where carry is the previous step's last
+// end: the same as min(rows, sum of every earlier clamped count), without
+// a sum that could overflow (carry <= rows, a step's sum <= 32 rows). It
 // replaced a one-thread loop expected to wait on each load in turn; ncu on
 // an H100 measured both at about 2.9 us for 8 groups, the cost of any
-// launch: docs/perf_log.md, 2026-12-05.) ends = min(rows, carry + running sum), where carry is the
-// previous step's last end: the same as min(rows, sum of every earlier
-// clamped count), without a sum that could overflow (carry <= rows, a
-// step's sum <= 32 rows).
+// launch (docs/perf_log.md, 2026-12-05).
 __global__ void groupEndsKernel(const int64_t* __restrict__ counts,
                                 int64_t groups, int64_t rows,
                                 int32_t* __restrict__ ends) {
