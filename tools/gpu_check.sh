@@ -106,6 +106,23 @@ if [ "$gpus" -gt 0 ]; then
     summary+=("CudaBackendErrors.*, $ranks ranks sharing $gpus GPU(s): $failed_ranks of $ranks ranks with failed tests; rank 0 $passed (exit $status, $((SECONDS - start)) s)")
     [ "$status" -eq 0 ] || failed=1
   done
+  # Every test of test_cuda_moe once more with the staged push in every
+  # workspace (HOSTFUSE_MOE_STAGED_PUSH=1), one rank per GPU, or 2 ranks
+  # sharing one GPU.
+  ranks=$(( gpus > 1 ? gpus : 2 ))
+  log="$log_dir/test_cuda_moe_staged$ranks.log"
+  hostfuse_log "running test_cuda_moe with the staged push on $ranks ranks (log: $log)"
+  start=$SECONDS
+  HOSTFUSE_MOE_STAGED_PUSH=1 HOSTFUSE_SHARE_GPUS=$(( gpus < ranks ? 1 : 0 )) \
+    HOSTFUSE_NO_BUILD=1 HOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
+    timeout --kill-after=15 "$cuda_moe_timeout" \
+    "$HOSTFUSE_ROOT/tools/run_cuda_moe_tests.sh" "$ranks" >"$log" 2>&1
+  status=$?
+  tail -n 5 "$log"
+  failed_ranks="$(grep -cE 'FAILED TESTS?$' "$log")"
+  passed="$(grep -oE '\[  PASSED  \] [0-9]+ tests?' "$log" | head -1)"
+  summary+=("test_cuda_moe, staged push, $ranks ranks on $gpus GPU(s): $failed_ranks of $ranks ranks with failed tests; rank 0 $passed (exit $status, $((SECONDS - start)) s)")
+  [ "$status" -eq 0 ] || failed=1
 else
   summary+=("test_cuda_moe: not run (no GPU)")
 fi

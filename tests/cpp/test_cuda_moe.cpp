@@ -128,6 +128,8 @@ struct Case {
   // CudaMoeConfig::blocks and push_blocks (0: the defaults).
   int blocks = 0;
   int push_blocks = 0;
+  // CudaMoeConfig::staged_push (false: the variable decides).
+  bool staged = false;
 
   int64_t tokensOf(int rank) const {
     return tokens.empty() ? 24 + 8 * rank : tokens.at(rank);
@@ -406,6 +408,7 @@ class CudaMoe : public testing::Test {
     config.blocks = c.blocks;
     config.push_blocks = c.push_blocks;
     config.fp8_dispatch = c.fp8;
+    config.staged_push = c.staged;
     return std::make_unique<CudaMoeWorkspace>(processGroup().store, config);
   }
 
@@ -663,6 +666,79 @@ TEST_F(CudaMoe, MatchesReferenceWithManyTokensAndWithTheFewestBlocks) {
   runAndCheck(*small, few_local, "30 tokens, K=8, R blocks", 1);
 }
 
+// The staged push (rows into staging slots before the counts are in, then
+// copied into place by the receiver) gives exactly the reference's rows,
+// provenance, counts and combined tokens, as the counted push does: every
+// K and expert count, both routes, fp8, fp32 rows of odd width, skewed
+// routing, a rank without tokens and one that receives nothing, masked
+// picks, no weights with int32 ids, and the fewest blocks. Two calls per
+// workspace, so that both staging parities are used; no guard is touched.
+TEST_F(CudaMoe, StagedPushMatchesTheReference) {
+  std::vector<std::pair<std::string, Case>> cases;
+  for (const int64_t topk : {1, 3, 8}) {
+    for (const int64_t per_rank : {1, 2, 8}) {
+      Case c;
+      c.experts = per_rank * world_;
+      c.topk = std::min(topk, c.experts);
+      c.seed = 500 + topk * 10 + per_rank;
+      cases.emplace_back(toString("K=", c.topk, " E=", c.experts), c);
+      c.grid_route = true;
+      cases.emplace_back(toString("grid route, K=", c.topk, " E=", c.experts),
+                         c);
+    }
+  }
+  Case fp8;
+  fp8.experts = 4 * world_;
+  fp8.topk = 4;
+  fp8.hidden = 384;
+  fp8.fp8 = true;
+  cases.emplace_back("fp8", fp8);
+  Case odd;
+  odd.experts = 2 * world_;
+  odd.topk = 2;
+  odd.dtype = at::kFloat;
+  odd.hidden = 97;
+  cases.emplace_back("fp32, H = 97", odd);
+  Case skewed;
+  skewed.experts = 2 * world_;
+  skewed.topk = std::min<int64_t>(4, skewed.experts);
+  skewed.mask = 0.0;
+  skewed.routing = Routing::kOneExpert;
+  cases.emplace_back("every token to experts 0..K-1", skewed);
+  Case idle;
+  idle.experts = 4 * world_;
+  idle.topk = 3;
+  idle.routing = Routing::kSkipLastRank;
+  idle.tokens.assign(world_, 20);
+  idle.tokens[0] = 0;
+  cases.emplace_back("rank 0 without tokens, last rank receives nothing", idle);
+  Case masked;
+  masked.experts = 2 * world_;
+  masked.topk = 4;
+  masked.mask = 0.6;
+  masked.weights = false;
+  masked.int32_idx = true;
+  cases.emplace_back("mostly masked, no weights, int32 ids", masked);
+  Case few;
+  few.experts = 4 * world_;
+  few.topk = 8;
+  few.hidden = 64;
+  few.tokens.assign(world_, 600);
+  few.tokens[0] = 557;
+  few.blocks = world_;
+  few.push_blocks = 1;
+  cases.emplace_back("600 tokens, K=8, R blocks", few);
+  int index = 0;
+  for (auto& [what, c] : cases) {
+    c.staged = true;
+    auto workspace = makeWorkspace(c, toString("staged_", index++));
+    runAndCheck(*workspace, c, "staged push, " + what);
+    runAndCheck(*workspace, c, "staged push, " + what + ", again", 1);
+    runAndCheck(*workspace, c, "staged push, " + what + ", third call", 2);
+    EXPECT_EQ(workspace->damagedGuardBytes(), 0) << what;
+  }
+}
+
 TEST_F(CudaMoe, TwoWorkspacesDoNotShareBuffers) {
   Case a;
   a.experts = 2 * world_;
@@ -866,52 +942,53 @@ TEST_F(CudaMoe, BadExpertIdIsReportedOnEveryRankAndTheNextCallWorks) {
   c.experts = 2 * world_;
   c.topk = 2;
   const int bad = world_ - 1;
-  for (const bool duplicate : {false, true}) {
-    for (const bool eager : {true, false}) {
-      auto workspace = makeWorkspace(
-          c, toString(duplicate ? "dup" : "range", eager ? "_eager" : "_late"),
-          0, eager);
-      std::vector<Inputs> all = allInputs(c, world_);
-      Inputs& mine = all[rank_];
-      if (rank_ == bad) {
-        mine.idx[3][0] = 0;
-        mine.idx[3][1] = duplicate ? 0 : c.experts;
-      }
-      const DeviceInputs in = toDevice(mine, c);
-      const std::vector<std::string> fragments =
-          duplicate
-              ? std::vector<std::string>{toString("rank ", bad),
-                                         "names expert 0 twice in token 3"}
-              : std::vector<std::string>{
-                    toString("rank ", bad),
-                    toString("topk_idx holds expert id ", c.experts,
-                             " at token 3, pick 1")};
-      if (eager) {
-        test::expectErrorContains(
-            [&] { workspace->dispatch(in.x, in.idx, in.weights); }, fragments);
-      } else {
-        workspace->dispatch(in.x, in.idx, in.weights);
-        test::expectErrorContains([&] { workspace->checkStatus(); }, fragments);
-      }
-      runAndCheck(*workspace, c, "valid call after a bad one", 1);
-      if (!eager) {
-        EXPECT_NO_THROW(workspace->checkStatus());
-      }
+  for (const int variant : {0, 1, 2, 3, 4, 5}) {
+    // Both kinds of bad id, eager and at the next check; the staged push
+    // (which sends before it knows the peers' input is bad) for both kinds.
+    const bool duplicate = (variant & 1) != 0;
+    const bool eager = variant < 4 && (variant & 2) == 0;
+    c.staged = variant >= 4;
+    auto workspace = makeWorkspace(c, toString("bad_", variant), 0, eager);
+    std::vector<Inputs> all = allInputs(c, world_);
+    Inputs& mine = all[rank_];
+    if (rank_ == bad) {
+      mine.idx[3][0] = 0;
+      mine.idx[3][1] = duplicate ? 0 : c.experts;
+    }
+    const DeviceInputs in = toDevice(mine, c);
+    const std::vector<std::string> fragments =
+        duplicate ? std::vector<std::string>{toString("rank ", bad),
+                                             "names expert 0 twice in token 3"}
+                  : std::vector<std::string>{
+                        toString("rank ", bad),
+                        toString("topk_idx holds expert id ", c.experts,
+                                 " at token 3, pick 1")};
+    if (eager) {
+      test::expectErrorContains(
+          [&] { workspace->dispatch(in.x, in.idx, in.weights); }, fragments);
+    } else {
+      workspace->dispatch(in.x, in.idx, in.weights);
+      test::expectErrorContains([&] { workspace->checkStatus(); }, fragments);
+    }
+    runAndCheck(*workspace, c, "valid call after a bad one", 1);
+    if (!eager) {
+      EXPECT_NO_THROW(workspace->checkStatus());
     }
   }
 }
 
 TEST_F(CudaMoe, CapacityOverflowIsReportedAndNothingIsWrittenOutOfBounds) {
-  for (const bool grid_route : {false, true}) {
+  for (const int variant : {0, 1, 2, 3}) {
+    const bool grid_route = (variant & 1) != 0;
     Case c;
+    c.staged = (variant & 2) != 0;
     c.experts = 2 * world_;
     c.topk = 1;
     c.mask = 0.0;
     c.routing = Routing::kOneExpert;  // rank 0 receives every token
     c.grid_route = grid_route;
     const int64_t capacity = 8;
-    auto workspace =
-        makeWorkspace(c, grid_route ? "small_grid" : "small", capacity);
+    auto workspace = makeWorkspace(c, toString("small_", variant), capacity);
     EXPECT_EQ(workspace->capacity(), capacity);
     const std::vector<Inputs> all = allInputs(c, world_);
     const DeviceInputs in = toDevice(all[rank_], c);
@@ -1021,6 +1098,7 @@ void CudaMoe::replayGraph(const Case& c, const std::string& name, int replays) {
   }
   EXPECT_EQ(check.failures(), 0) << "replays with a wrong result";
   EXPECT_NO_THROW(workspace->checkStatus());
+  EXPECT_EQ(workspace->damagedGuardBytes(), 0);
   std::cout << "[rank " << rank_ << "] " << name << ": " << replays
             << " replays with new routing, each checked (combine per_pick "
                "and per_rank)"
@@ -1053,6 +1131,20 @@ TEST_F(CudaMoe, GraphReplaysMatchTheReferenceWithTheGridRoute) {
   c.seed = 4048;
   c.grid_route = true;
   replayGraph(c, "graph_grid", graphReplays(300));
+}
+
+TEST_F(CudaMoe, GraphReplaysWithTheStagedPushMatchTheReference) {
+  for (const bool grid_route : {false, true}) {
+    Case c;
+    c.experts = 4 * world_;
+    c.topk = 4;
+    c.hidden = 128;
+    c.seed = grid_route ? 5150 : 5050;
+    c.grid_route = grid_route;
+    c.staged = true;
+    replayGraph(c, grid_route ? "graph_staged_grid" : "graph_staged",
+                graphReplays(grid_route ? 300 : 1000));
+  }
 }
 
 TEST_F(CudaMoe, GraphReplaysWithFp8DispatchMatchTheReference) {

@@ -55,6 +55,9 @@ constexpr double kMaxTimeoutSeconds = 86400;
     0, 1e15,                                                                   \
     "From this many tokens on, the cuda dispatch counts picks over the "       \
     "whole grid instead of in every block; 0: only T x K > 4096 decides.")     \
+  X(MoeStagedPush, "HOSTFUSE_MOE_STAGED_PUSH", Bool, "0", 0, 1,                \
+    "Make every cuda MoE workspace push rows before the peers' counts are "    \
+    "in (CudaMoeConfig::staged_push); every rank must set the same.")          \
   X(MoeTimeoutS, "HOSTFUSE_MOE_TIMEOUT_S", Number, "30",                       \
     options::kMinTimeoutSeconds, options::kMaxTimeoutSeconds,                  \
     "Seconds a cuda-backend MoE kernel waits for a peer before it records a "  \

@@ -328,8 +328,10 @@ std::string describeStatus(const StatusContext& c, const int64_t* w) {
           "build or configuration on that rank?) or its memory was "
           "overwritten. Nothing was read past the bound",
           c.op, c.rank, c.world_size,
-          w[1] < 0 ? std::string("its token count")
-                   : fmt::format("the rows of expert {}", w[1]),
+          w[1] == -1 ? std::string("its token count")
+          : w[1] < -1
+              ? fmt::format("its count of tokens for rank {}", -2 - w[1])
+              : fmt::format("the rows of expert {}", w[1]),
           w[2], w[3]);
     case kStatusTimeout:
       return fmt::format(

@@ -75,6 +75,23 @@ void CudaMoeBuffers::allocateSymmetric(
   control = symmetric(layout.total_bytes, "control");
   recv = symmetric(recv_bytes, "recv");
   slots = symmetric(slots_bytes, "slots");
+  if (l.staged_push && c.world_size > 1) {
+    stage_picks = static_cast<int>(std::min(c.topk, l.local_experts));
+    const size_t stage_slots = 2 * static_cast<size_t>(c.world_size) *
+                               static_cast<size_t>(c.max_tokens);
+    stage_meta_offset =
+        roundUp(stage_slots * l.dispatch_row_bytes, kAlignment) + guard_bytes;
+    const size_t stage_bytes =
+        stage_meta_offset +
+        roundUp(stage_slots * moe::stageMetaBytes(stage_picks), kAlignment) +
+        guard_bytes;
+    stage = symmetric(stage_bytes, "stage");
+    auto* stage_local = static_cast<char*>(stage->localPtr());
+    HF_CUDA_CHECK(cudaMemset(stage_local + stage_meta_offset - guard_bytes,
+                             kGuardPattern, guard_bytes));
+    HF_CUDA_CHECK(cudaMemset(stage_local + stage_bytes - guard_bytes,
+                             kGuardPattern, guard_bytes));
+  }
   auto* recv_local = static_cast<char*>(recv->localPtr());
   HF_CUDA_CHECK(
       cudaMemset(recv_local + rows_bytes, kGuardPattern, guard_bytes));
@@ -95,9 +112,12 @@ void CudaMoeBuffers::allocateLocal(const CudaMoeConfig& c,
   Carver carve;
   const size_t state_at = carve.take(sizeof(moe::DeviceState));
   const size_t pick_pos_at = carve.take(sizeof(int32_t) * picks);
+  const size_t slot_pos_at = carve.take(sizeof(int32_t) * picks);
   const size_t pick_row_at = carve.take(sizeof(int32_t) * picks);
   const size_t pick_rank_at = carve.take(sizeof(int32_t) * picks);
-  const size_t block_counts_at = carve.take(sizeof(int32_t) * blocks * experts);
+  // Per block: picks per expert, then tokens per rank (the route's columns).
+  const size_t block_counts_at =
+      carve.take(sizeof(int32_t) * blocks * (experts + ranks));
   const size_t block_errors_at =
       carve.take(sizeof(unsigned long long) * blocks);
   const size_t claims_at = carve.take(sizeof(int32_t) * 2 * experts);
@@ -109,6 +129,7 @@ void CudaMoeBuffers::allocateLocal(const CudaMoeConfig& c,
   HF_CUDA_CHECK(cudaMemset(local, 0, carve.total()));
   state = pieceAt<moe::DeviceState>(local, state_at);
   pick_pos = pieceAt<int32_t>(local, pick_pos_at);
+  slot_pos = pieceAt<int32_t>(local, slot_pos_at);
   pick_row = pieceAt<int32_t>(local, pick_row_at);
   pick_rank = pieceAt<int32_t>(local, pick_rank_at);
   block_counts = pieceAt<int32_t>(local, block_counts_at);
@@ -173,6 +194,11 @@ int64_t CudaMoeBuffers::damagedGuardBytes() const {
   count(recv_local + meta_offset - guard_bytes);
   count(recv_local + recv->size() - guard_bytes);
   count(static_cast<const char*>(slots->localPtr()) + slots_guard_offset);
+  if (stage != nullptr) {
+    const auto* stage_local = static_cast<const char*>(stage->localPtr());
+    count(stage_local + stage_meta_offset - guard_bytes);
+    count(stage_local + stage->size() - guard_bytes);
+  }
   return damaged;
 }
 

@@ -37,14 +37,21 @@ struct CudaMoeBuffers {
   std::shared_ptr<SymmetricMemory> control;
   std::shared_ptr<SymmetricMemory> recv;
   std::shared_ptr<SymmetricMemory> slots;
+  // Staged push only (else null): [2][R][T_max] rows of the dispatch's row
+  // size, guard, their descriptions (moe::stageMetaBytes(stage_picks)
+  // each), guard.
+  std::shared_ptr<SymmetricMemory> stage;
   moe::ControlLayout layout = {};
   // recv: [C rows][guard][C metadata][guard]; slots: [T_max K rows][guard].
   size_t meta_offset = 0;
   size_t guard_bytes = 0;
   size_t slots_guard_offset = 0;
+  size_t stage_meta_offset = 0;
+  int stage_picks = 0;    // min(K, L)
   void* local = nullptr;  // DeviceState, then the scratch arrays
   moe::DeviceState* state = nullptr;
   int32_t* pick_pos = nullptr;
+  int32_t* slot_pos = nullptr;
   int32_t* block_counts = nullptr;
   unsigned long long* block_errors = nullptr;
   int32_t* segment_claims = nullptr;

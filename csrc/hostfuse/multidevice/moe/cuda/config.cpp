@@ -101,14 +101,16 @@ CudaMoeLaunch resolveLaunch(const CudaMoeConfig& c, int max_blocks) {
   l.debug = options::boolOr(Option::MoeDebug);
   l.cooperative = options::boolOr(Option::MoeCooperative);
   l.profile = c.profile || options::boolOr(Option::MoeProfile);
+  l.staged_push = c.staged_push || options::boolOr(Option::MoeStagedPush);
   return l;
 }
 
 std::string describeShape(const CudaMoeConfig& c, const CudaMoeLaunch& l) {
-  return fmt::format("R={} E={} T_max={} H={} K={} dtype={} C={}{}",
+  return fmt::format("R={} E={} T_max={} H={} K={} dtype={} C={}{}{}",
                      c.world_size, c.num_experts, c.max_tokens, c.hidden,
                      c.topk, c10::toString(c.dtype), l.capacity,
-                     c.fp8_dispatch ? " fp8" : "");
+                     c.fp8_dispatch ? " fp8" : "",
+                     l.staged_push ? " staged-push" : "");
 }
 
 }  // namespace hostfuse

@@ -54,6 +54,13 @@ struct CudaMoeConfig {
   // Seconds a kernel waits for a peer, in [0.001, 86400] like the variable
   // (options::kMaxTimeoutSeconds); 0: $HOSTFUSE_MOE_TIMEOUT_S, else 30.
   double timeout_s = 0;
+  // The dispatch's push: false, rows go to their expert-major rows on the
+  // peer once every rank's count row is in (the offsets need them); true
+  // (staged), rows go at once into a staging slot per (source, token) on
+  // the peer, which copies them into place when the counts are in
+  // (docs/moe_cuda.md, "Staged push"). Same results, bit for bit. Also on
+  // with $HOSTFUSE_MOE_STAGED_PUSH=1; every rank must choose the same.
+  bool staged_push = false;
   // Per-phase timing of every call (%globaltimer at each phase boundary, per
   // block), read back with profileReport(). Also on with
   // $HOSTFUSE_MOE_PROFILE=1. Off: the kernels get a null pointer and only
@@ -74,6 +81,7 @@ struct CudaMoeLaunch {
   // Calls with this many tokens or more count picks over the whole grid.
   int64_t grid_route_min_tokens = 0;
   bool cooperative = true;
+  bool staged_push = false;
   bool debug = false;
   bool profile = false;
   double timeout_s = 0;

@@ -107,6 +107,13 @@ moe::DispatchParams dispatchParams(const CudaMoeConfig& c,
                       ? 1
                       : 0;
   p.pick_pos = b.pick_pos;
+  if (l.staged_push && c.world_size > 1) {
+    p.staged = 1;
+    p.stage = b.stage->devicePeerPtrs();
+    p.stage_meta_offset = b.stage_meta_offset;
+    p.stage_picks = b.stage_picks;
+    p.slot_pos = b.slot_pos;
+  }
   p.block_counts = b.block_counts;
   p.block_errors = b.block_errors;
   p.segment_claims = b.segment_claims;

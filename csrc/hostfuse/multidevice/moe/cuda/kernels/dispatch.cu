@@ -54,37 +54,50 @@ using device::waitForFlag;
 
 constexpr int kOpDispatch = 1;
 
-__host__ __device__ inline size_t countRowBytes(int num_experts) {
-  return roundUp(sizeof(CountRowHeader) + sizeof(int32_t) * num_experts, 16);
+__host__ __device__ inline size_t countRowBytesFor(int num_experts,
+                                                   int world_size) {
+  return roundUp(
+      sizeof(CountRowHeader) + sizeof(int32_t) * (num_experts + world_size),
+      16);
 }
 
+// The route counts in E + R columns: picks per expert, then tokens per rank
+// (a token counts once on each rank that holds one of its picks).
 __host__ __device__ inline size_t tablesBytes(int num_experts) {
-  // offset, recv_start (int64), colsum, recv_count (int32), route (int32 per
-  // warp); R * L = E.
-  return roundUp((8 + 8 + 4 + 4 + 4 * kWarpsPerBlock) * size_t(num_experts),
-                 16);
+  // offset, recv_start (int64), recv_count (int32): E each; colsum and route
+  // (int32 per warp): E + R columns each, room for R = kMaxRanks.
+  const size_t columns = static_cast<size_t>(num_experts) + kMaxRanks;
+  return roundUp(
+      (8 + 8 + 4) * size_t(num_experts) + (4 + 4 * kWarpsPerBlock) * columns,
+      16);
 }
 
-constexpr size_t kPositionsBytes = sizeof(int32_t) * kLocalRoutePicks;
+// Local route: pick positions, then staging slots.
+constexpr size_t kPositionsBytes = 2 * sizeof(int32_t) * kLocalRoutePicks;
 
 struct DispatchShared {
   int64_t* offset;      // [E]: this rank's first row of expert x on its rank
   int64_t* recv_start;  // [R * L]: first row here of source s, expert l
-  int32_t* colsum;      // [E]: the block's counts, then all sources' rows
+  int32_t* colsum;      // [E + R]: the block's counts, then all sources' rows
   int32_t* recv_count;  // [R * L]: rows here of source s, expert l
-  int32_t* route;       // [kWarpsPerBlock, E]: per-warp counts, then bases
+  int32_t* route;       // [kWarpsPerBlock, E + R]: per-warp counts, bases
   int32_t* positions;   // [kLocalRoutePicks]: pick positions (local route)
-  char* row;            // the count row this block publishes
+  // [kLocalRoutePicks]: staging slot of a token's first pick on a rank, -1
+  // for its other picks (local route, staged push)
+  int32_t* slots;
+  char* row;  // the count row this block publishes
 };
 
 __device__ DispatchShared carveShared(unsigned char* raw, int num_experts) {
   DispatchShared shared;
   shared.offset = reinterpret_cast<int64_t*>(raw);
   shared.recv_start = shared.offset + num_experts;
-  shared.colsum = reinterpret_cast<int32_t*>(shared.recv_start + num_experts);
-  shared.recv_count = shared.colsum + num_experts;
-  shared.route = shared.recv_count + num_experts;
+  shared.recv_count =
+      reinterpret_cast<int32_t*>(shared.recv_start + num_experts);
+  shared.colsum = shared.recv_count + num_experts;
+  shared.route = shared.colsum + num_experts + kMaxRanks;
   shared.positions = reinterpret_cast<int32_t*>(raw + tablesBytes(num_experts));
+  shared.slots = shared.positions + kLocalRoutePicks;
   shared.row =
       reinterpret_cast<char*>(raw + tablesBytes(num_experts) + kPositionsBytes);
   return shared;
@@ -202,19 +215,32 @@ __device__ __forceinline__ void forWarpPicks(const DispatchParams& p,
   }
 }
 
+// The route's columns: E experts, then R ranks.
+__device__ __forceinline__ int routeColumns(const DispatchParams& p) {
+  return p.num_experts + p.common.world_size;
+}
+
 // Block-wide, over `range`: validation (ids in [-1, E), no expert twice in
 // a token; the smallest error key into *error_key), each pick's position
 // among its warp's picks of its expert into positions[q], in
-// shared.route[w][e] the exclusive base of warp w within the block and in
-// shared.colsum[e] the block's count of expert e. One pass over the ids:
-// lanes naming the same expert find each other with match_any.
+// shared.route[w][column] the exclusive base of warp w within the block and
+// in shared.colsum[column] the block's count. Columns: E experts, then R
+// ranks, where a token counts once on each rank that holds one of its picks,
+// at its first pick there (staged push only: that pick's position among the
+// warp's such picks into slots[q], -1 into its other picks'). One pass over
+// the ids: lanes naming the same expert (rank) find each other with
+// match_any.
 template <typename IdxT>
 __device__ void countRange(const DispatchParams& p,
                            const DispatchShared& shared,
                            const TokenRange& range, int32_t* positions,
-                           unsigned long long* error_key, uint64_t* prof) {
+                           int32_t* slots, unsigned long long* error_key,
+                           uint64_t* prof) {
   const int E = p.num_experts;
   const int K = p.common.topk;
+  const int L = p.common.local_experts;
+  const int R = p.common.world_size;
+  const int columns = routeColumns(p);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const unsigned lower_lanes = (1u << lane) - 1;
@@ -222,12 +248,12 @@ __device__ void countRange(const DispatchParams& p,
   if (threadIdx.x == 0) {
     *error_key = ULLONG_MAX;
   }
-  for (int i = threadIdx.x; i < kWarpsPerBlock * E; i += blockDim.x) {
+  for (int i = threadIdx.x; i < kWarpsPerBlock * columns; i += blockDim.x) {
     shared.route[i] = 0;
   }
   __syncthreads();
 
-  int32_t* counts = shared.route + warp * E;
+  int32_t* counts = shared.route + warp * columns;
   unsigned long long warp_error = ULLONG_MAX;
   forWarpPicks<IdxT>(p, range, [&](int64_t q, int64_t t, int k, int64_t id) {
     const bool valid = t >= 0 && id >= 0 && id < E;
@@ -251,6 +277,25 @@ __device__ void countRange(const DispatchParams& p,
       counts[expert] += __popc(group);
     }
     __syncwarp();
+    if (p.staged != 0) {
+      // The token's first pick on each rank: no lower lane of the same
+      // token slot on the same rank.
+      const int rank = valid ? expert / L : -1;
+      const unsigned same_rank = __match_any_sync(
+          kFullMask, valid ? (lane / K) * R + rank : -1 - lane);
+      const bool first = valid && (same_rank & lower_lanes) == 0;
+      const int column = first ? E + rank : -1;
+      const unsigned firsts = __match_any_sync(kFullMask, column);
+      const unsigned earlier = firsts & lower_lanes;
+      if (t >= 0) {
+        slots[q] = first ? counts[column] + __popc(earlier) : -1;
+      }
+      __syncwarp();
+      if (first && earlier == 0) {
+        counts[column] += __popc(firsts);
+      }
+      __syncwarp();
+    }
   });
   for (int offset = 16; offset > 0; offset >>= 1) {
     warp_error =
@@ -262,12 +307,12 @@ __device__ void countRange(const DispatchParams& p,
   __syncthreads();
   profileMark(prof, kDispatchValidated);
 
-  // Per expert: the warps' exclusive bases in place, the block's total.
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+  // Per column: the warps' exclusive bases in place, the block's total.
+  for (int e = threadIdx.x; e < columns; e += blockDim.x) {
     int32_t running = 0;
     for (int w = 0; w < kWarpsPerBlock; ++w) {
-      const int32_t count = shared.route[w * E + e];
-      shared.route[w * E + e] = running;
+      const int32_t count = shared.route[w * columns + e];
+      shared.route[w * columns + e] = running;
       running += count;
     }
     shared.colsum[e] = running;
@@ -341,6 +386,20 @@ __device__ __forceinline__ int32_t sumBlockCounts(const DispatchParams& p,
   return sum;
 }
 
+// A pick's position (and its staging slot, for a token's first pick on a
+// rank) made final: the warp's bases added.
+__device__ __forceinline__ void addBases(const DispatchParams& p,
+                                         const int32_t* bases, int64_t q,
+                                         int64_t t, int64_t id,
+                                         int32_t* positions, int32_t* slots) {
+  if (t >= 0 && id >= 0 && id < p.num_experts) {
+    positions[q] += bases[id];
+    if (p.staged != 0 && slots[q] >= 0) {
+      slots[q] += bases[p.num_experts + id / p.common.local_experts];
+    }
+  }
+}
+
 // Local route: every block counts all tokens; its positions are final in
 // shared memory at once, and block b publishes to peers b, b + grid, ...
 template <typename IdxT>
@@ -349,16 +408,15 @@ __device__ void routeLocal(const DispatchParams& p,
                            uint64_t* prof) {
   __shared__ unsigned long long error_key;
   const TokenRange all = warpSplit(0, p.tokens);
-  countRange<IdxT>(p, shared, all, shared.positions, &error_key, prof);
-  const int32_t* bases = shared.route + (threadIdx.x >> 5) * p.num_experts;
+  countRange<IdxT>(p, shared, all, shared.positions, shared.slots, &error_key,
+                   prof);
+  const int32_t* bases = shared.route + (threadIdx.x >> 5) * routeColumns(p);
   forWarpPicks<IdxT>(p, all, [&](int64_t q, int64_t t, int, int64_t id) {
-    if (t >= 0 && id >= 0 && id < p.num_experts) {
-      shared.positions[q] += bases[id];
-    }
+    addBases(p, bases, q, t, id, shared.positions, shared.slots);
   });
   auto* totals =
       reinterpret_cast<int32_t*>(shared.row + sizeof(CountRowHeader));
-  for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
+  for (int e = threadIdx.x; e < routeColumns(p); e += blockDim.x) {
     totals[e] = shared.colsum[e];
   }
   if (threadIdx.x == 0) {
@@ -382,12 +440,12 @@ __device__ uint64_t routeGrid(const DispatchParams& p,
                               const DispatchShared& shared, uint64_t epoch,
                               const WaitContext& context, uint64_t* prof) {
   __shared__ unsigned long long error_key;
-  const int E = p.num_experts;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const int columns = routeColumns(p);
   const TokenRange range = blockTokens(p.tokens);
-  countRange<IdxT>(p, shared, range, p.pick_pos, &error_key, prof);
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+  countRange<IdxT>(p, shared, range, p.pick_pos, p.slot_pos, &error_key, prof);
+  for (int e = threadIdx.x; e < columns; e += blockDim.x) {
     p.block_counts[static_cast<size_t>(e) * gridDim.x + blockIdx.x] =
         shared.colsum[e];
   }
@@ -405,7 +463,7 @@ __device__ uint64_t routeGrid(const DispatchParams& p,
   if (blockIdx.x == 0) {
     auto* totals =
         reinterpret_cast<int32_t*>(shared.row + sizeof(CountRowHeader));
-    for (int e = warp; e < E; e += kWarpsPerBlock) {
+    for (int e = warp; e < columns; e += kWarpsPerBlock) {
       const int32_t total = sumBlockCounts(p, e, static_cast<int>(gridDim.x));
       if (lane == 0) {
         totals[e] = total;
@@ -427,18 +485,16 @@ __device__ uint64_t routeGrid(const DispatchParams& p,
     publishCountRow(p, shared, epoch, 0, 1, prof);
   }
 
-  for (int e = warp; e < E; e += kWarpsPerBlock) {
+  for (int e = warp; e < columns; e += kWarpsPerBlock) {
     const int32_t before = sumBlockCounts(p, e, static_cast<int>(blockIdx.x));
     if (lane < kWarpsPerBlock) {
-      shared.route[lane * E + e] += before;
+      shared.route[lane * columns + e] += before;
     }
   }
   __syncthreads();
-  const int32_t* bases = shared.route + warp * E;
+  const int32_t* bases = shared.route + warp * columns;
   forWarpPicks<IdxT>(p, range, [&](int64_t q, int64_t t, int, int64_t id) {
-    if (t >= 0 && id >= 0 && id < E) {
-      p.pick_pos[q] += bases[id];
-    }
+    addBases(p, bases, q, t, id, p.pick_pos, p.slot_pos);
   });
   return gridArrive(&p.common.state->dispatch_ranked,
                     static_cast<int>(gridDim.x));
@@ -452,29 +508,32 @@ struct CountSummary {
   int bad_rank;
   unsigned bad_ranks;            // bit s: source s's count row is bad
   int64_t rank_rows[kMaxRanks];  // rows of rank d's experts, from all sources
+  // Staged push: source s's tokens with a pick here (its slots here).
+  int32_t tokens_from[kMaxRanks];
   // The first number of a count row outside [0, T_max], as source * (E +
-  // 1) + expert + 1 (expert -1: the source's token count); kNoBadCount if
-  // none. A peer's kernel never writes one: its workspace does not match
-  // ours, or the row was overwritten. The sums below take such a number as
-  // 0, so that nothing is read or written past T_max (the per-expert
-  // totals are int32: R * T_max fits, validateConfig checks it).
+  // R + 1) + column + 1 (column -1: the source's token count, then the E
+  // experts, then the R ranks' token counts); kNoBadCount if none. A peer's
+  // kernel never writes one: its workspace does not match ours, or the row was
+  // overwritten. The sums below take such a number as 0, so that nothing is
+  // read or written past T_max (the per-expert totals are int32: R * T_max
+  // fits, validateConfig checks it).
   unsigned long long bad_count;
 };
 
 constexpr unsigned long long kNoBadCount = ULLONG_MAX;
 
 // A peer's count: itself when in [0, max_tokens], else 0, with the first
-// such number of the rows recorded in `summary`.
+// such number of the rows recorded in `summary` (column as there).
 __device__ __forceinline__ int32_t boundedCount(int64_t count,
                                                 int64_t max_tokens, int source,
-                                                int expert, int num_experts,
+                                                int column, int columns,
                                                 CountSummary& summary) {
   if (count >= 0 && count <= max_tokens) {
     return static_cast<int32_t>(count);
   }
   atomicMin(&summary.bad_count,
-            static_cast<unsigned long long>(source) * (num_experts + 1) +
-                static_cast<unsigned long long>(expert + 1));
+            static_cast<unsigned long long>(source) * (columns + 1) +
+                static_cast<unsigned long long>(column + 1));
   return 0;
 }
 
@@ -498,6 +557,7 @@ __device__ __forceinline__ Offsets computeOffsets(
   const int L = c.local_experts;
   const int R = c.world_size;
   const int parity = static_cast<int>(epoch & 1);
+  const int columns = routeColumns(p);
   const CountRows rows{own_control, c.layout, parity, R};
   auto row_of = [&](int source) { return rows.row(source); };
   auto counts_of = [&](int source) { return rows.counts(source); };
@@ -522,13 +582,20 @@ __device__ __forceinline__ Offsets computeOffsets(
       atomicOr(&summary.bad_ranks, 1u << threadIdx.x);
     }
     boundedCount(__ldcg(&header->tokens), c.max_tokens,
-                 static_cast<int>(threadIdx.x), -1, E, summary);
+                 static_cast<int>(threadIdx.x), -1, columns, summary);
+    summary.tokens_from[threadIdx.x] =
+        p.staged != 0
+            ? boundedCount(__ldcg(counts_of(threadIdx.x) + E + c.rank),
+                           c.max_tokens, static_cast<int>(threadIdx.x),
+                           E + c.rank, columns, summary)
+            : 0;
   }
   for (int i = threadIdx.x; i < R * E; i += blockDim.x) {
     const int source = i / E;
     const int x = i % E;
-    const int32_t count = boundedCount(__ldcg(counts_of(source) + x),
-                                       c.max_tokens, source, x, E, summary);
+    const int32_t count =
+        boundedCount(__ldcg(counts_of(source) + x), c.max_tokens, source, x,
+                     columns, summary);
     atomicAdd(&shared.colsum[x], count);
     if (source < c.rank) {
       atomicAdd(reinterpret_cast<unsigned long long*>(&shared.offset[x]),
@@ -631,14 +698,19 @@ __device__ __forceinline__ void recordOffsets(const DispatchParams& p,
                    __ldcg(&header->token), __ldcg(&header->pick),
                    __ldcg(&header->value), summary.bad_ranks);
     } else if (summary.bad_count != kNoBadCount) {
-      const auto source = static_cast<int>(summary.bad_count / (E + 1));
-      const int expert = static_cast<int>(summary.bad_count % (E + 1)) - 1;
+      const int columns = routeColumns(p);
+      const auto source = static_cast<int>(summary.bad_count / (columns + 1));
+      const int column =
+          static_cast<int>(summary.bad_count % (columns + 1)) - 1;
       const int64_t value =
-          expert < 0
+          column < 0
               ? __ldcg(&reinterpret_cast<const CountRowHeader*>(row_of(source))
                             ->tokens)
-              : __ldcg(counts_of(source) + expert);
-      recordStatus(context, kStatusBadCountRow, source, 0, expert, value,
+              : __ldcg(counts_of(source) + column);
+      // What the status names: -1 the token count, an expert, or -2 - d
+      // the tokens for rank d.
+      const int what = column < E ? column : -2 - (column - E);
+      recordStatus(context, kStatusBadCountRow, source, 0, what, value,
                    c.max_tokens);
     } else if (summary.rank_rows[most] > p.capacity) {
       recordStatus(context, kStatusCapacityOverflow, most, 0, -1, -1,
@@ -743,6 +815,110 @@ __device__ void pushToPeer(const DispatchParams& p,
     __syncwarp();
     if (fits) {
       writeMeta(p, recv, pick.row, t, lane, primary, epoch);
+    }
+  }
+}
+
+// Staged push: one token's pick as lane k < K of a warp sees it before any
+// count row is in (other lanes: none).
+struct StagedPick {
+  int expert = -1;       // -1: masked (or past K)
+  int rank = -1;         // the expert's rank
+  int32_t position = 0;  // among this rank's rows of the expert
+  int32_t slot = -1;  // the staging slot there, if the token's first pick there
+};
+
+template <typename IdxT>
+__device__ __forceinline__ StagedPick stagedPickOf(const DispatchParams& p,
+                                                   const DispatchShared& shared,
+                                                   int64_t t, int lane) {
+  const CommonParams& c = p.common;
+  StagedPick pick;
+  if (lane < c.topk) {
+    const int64_t q = t * c.topk + lane;
+    const int64_t id =
+        static_cast<int64_t>(static_cast<const IdxT*>(p.topk_idx)[q]);
+    if (id >= 0 && id < p.num_experts) {
+      pick.expert = static_cast<int>(id);
+      pick.rank = pick.expert / c.local_experts;
+      // Grid route: written by other blocks during this kernel.
+      const bool local = p.local_route != 0;
+      pick.position = local ? shared.positions[q] : __ldcg(p.pick_pos + q);
+      pick.slot = local ? shared.slots[q] : __ldcg(p.slot_pos + q);
+    }
+  }
+  return pick;
+}
+
+__device__ __forceinline__ int64_t stageIndex(const CommonParams& c,
+                                              uint64_t epoch, int source,
+                                              int64_t slot) {
+  return (static_cast<int64_t>(epoch & 1) * c.world_size + source) *
+             c.max_tokens +
+         slot;
+}
+
+__device__ __forceinline__ StageHeader* stageHeaderAt(const DispatchParams& p,
+                                                      void* stage,
+                                                      int64_t index) {
+  return reinterpret_cast<StageHeader*>(
+      static_cast<char*>(stage) + p.stage_meta_offset +
+      static_cast<size_t>(index) * stageMetaBytes(p.stage_picks));
+}
+
+// Push blocks, staged push (before any count row is in): every token with
+// picks on the group's peer goes there once, into its staging slot, with
+// one entry per pick there (pick, local expert, position, weight), then the
+// slot's epoch. A pick's position is final from the route alone; where its
+// row goes on the peer depends on the other ranks' counts, which the peer
+// adds when it copies the row out of the slot (expandStaged).
+template <typename IdxT, typename U>
+__device__ void pushStaged(const DispatchParams& p,
+                           const DispatchShared& shared, uint64_t epoch) {
+  const CommonParams& c = p.common;
+  const int lane = threadIdx.x & 31;
+  const unsigned lower_lanes = (1u << lane) - 1;
+  const PushGroup group(c);
+  const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
+  void* const stage = p.stage[group.peer];
+  for (int64_t t = group.first_warp; t < p.tokens; t += group.warps) {
+    const StagedPick pick = stagedPickOf<IdxT>(p, shared, t, lane);
+    const bool here = pick.expert >= 0 && pick.rank == group.peer;
+    const unsigned on_peer = __ballot_sync(kFullMask, here);
+    if (on_peer == 0) {
+      continue;
+    }
+    // The lowest lane holds the token's first pick there, and its slot.
+    const int leader = __ffs(on_peer) - 1;
+    const int64_t index =
+        stageIndex(c, epoch, c.rank, __shfl_sync(kFullMask, pick.slot, leader));
+    char* destination = static_cast<char*>(stage) + index * c.row_bytes;
+    copyUnits<U, false>(&destination, 1,
+                        reinterpret_cast<const U*>(
+                            static_cast<const char*>(p.x) + t * c.row_bytes),
+                        0, units, lane);
+    StageHeader* header = stageHeaderAt(p, stage, index);
+    // At most min(K, L) entries fit; more picks on one rank mean an expert
+    // twice in the token, which the count rows report (nobody reads the
+    // slot then).
+    const int entry_index = __popc(on_peer & lower_lanes);
+    if (here && entry_index < p.stage_picks) {
+      int4 entry;
+      entry.x = lane | ((pick.expert % c.local_experts) << 8);
+      entry.y = pick.position;
+      entry.z = __float_as_int(
+          p.topk_weights != nullptr ? p.topk_weights[t * c.topk + lane] : 0.0f);
+      entry.w = 0;
+      reinterpret_cast<int4*>(header + 1)[entry_index] = entry;
+    }
+    if (lane == leader) {
+      header->token = static_cast<int32_t>(t);
+      header->picks = __popc(on_peer);
+    }
+    fenceAcqRelSys();
+    __syncwarp();
+    if (lane == leader) {
+      storeReleaseSys(&header->epoch, epoch);
     }
   }
 }
@@ -900,6 +1076,130 @@ __device__ void expandRows(const DispatchParams& p,
   }
 }
 
+// Every warp, staged push: claims the staging slots that other ranks filled
+// here, source by source in slot order (a source's slots fill in its token
+// order), starting at a source of its own. For each slot: wait for its
+// epoch, then for each of its entries the row here (the segment's start from
+// the count rows plus the position), its provenance and route entry, and
+// one copy of the token into all those rows.
+template <typename U>
+__device__ void expandStaged(const DispatchParams& p,
+                             const DispatchShared& shared,
+                             const CountSummary& summary, int64_t recv_rows,
+                             uint64_t epoch, const WaitContext& context) {
+  __shared__ char* destinations[kWarpsPerBlock][kMaxTopK];
+  const CommonParams& c = p.common;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const unsigned lower_lanes = (1u << lane) - 1;
+  const int R = c.world_size;
+  const int L = c.local_experts;
+  const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
+  int32_t* claims = p.segment_claims + (epoch & 1) * p.num_experts;
+  void* const stage = p.stage[c.rank];
+  char* const recv_base = static_cast<char*>(c.recv[c.rank]);
+  auto left = [&](int source) {
+    return source != c.rank &&
+           loadVolatile(claims + source) < summary.tokens_from[source];
+  };
+  int source = static_cast<int>(
+      (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) % R);
+  while (true) {
+    int found = -1;
+    for (int base = 0; base < R && found < 0; base += 32) {
+      const int candidate = (source + base + lane) % R;
+      const unsigned open =
+          __ballot_sync(kFullMask, base + lane < R && left(candidate));
+      if (open != 0) {
+        found = (source + base + __ffs(open) - 1) % R;
+      }
+    }
+    if (found < 0) {
+      return;
+    }
+    source = found;
+    while (true) {
+      int64_t slot = 0;
+      if (lane == 0) {
+        slot = atomicAdd(claims + source, 1);
+      }
+      slot = __shfl_sync(kFullMask, slot, 0);
+      if (slot >= summary.tokens_from[source]) {
+        break;
+      }
+      const int64_t index = stageIndex(c, epoch, source, slot);
+      StageHeader* header = stageHeaderAt(p, stage, index);
+      int ok = 1;
+      if (lane == 0) {
+        ok = waitForFlag(&header->epoch, epoch, source, context,
+                         kWaitDispatchData);
+      }
+      if (__shfl_sync(kFullMask, ok, 0) == 0) {
+        return;
+      }
+      __syncwarp();
+      const int2 head = __ldcg(reinterpret_cast<const int2*>(header));
+      const int token = head.x;
+      const int picks = head.y;
+      if (token < 0 || token >= c.max_tokens || picks < 1 ||
+          picks > p.stage_picks) {
+        if (lane == 0) {
+          recordStatus(context, kStatusInternal, c.rank, kWaitDispatchData,
+                       token, picks, index);
+        }
+        continue;
+      }
+      bool keep = false;
+      int64_t r = -1;
+      int k = 0;
+      if (lane < picks) {
+        const int4 entry =
+            __ldcg(reinterpret_cast<const int4*>(header + 1) + lane);
+        k = entry.x & 0xff;
+        const int l = entry.x >> 8;
+        const int32_t position = entry.y;
+        const int segment = source * L + l;
+        if (k >= c.topk || l < 0 || l >= L || position < 0) {
+          recordStatus(context, kStatusInternal, c.rank, kWaitDispatchData,
+                       token, entry.x, index);
+        } else if (position < shared.recv_count[segment]) {
+          r = shared.recv_start[segment] + position;
+          keep = r < recv_rows;  // rows past the capacity are dropped
+        }
+        if (keep) {
+          p.recv_src_token[r] = token;
+          p.recv_src_rank[r] = source;
+          p.recv_src_k[r] = k;
+          if (p.recv_weights != nullptr) {
+            p.recv_weights[r] = __int_as_float(entry.z);
+          }
+          RouteEntry route;
+          route.epoch = epoch;
+          route.row = r;
+          c.routes[(static_cast<int64_t>(source) * c.max_tokens + token) *
+                       c.topk +
+                   k] = route;
+        }
+      }
+      const unsigned kept = __ballot_sync(kFullMask, keep);
+      if (kept == 0) {
+        continue;
+      }
+      if (keep) {
+        destinations[warp][__popc(kept & lower_lanes)] =
+            recv_base + r * c.row_bytes;
+      }
+      __syncwarp();
+      copyUnits<U, true>(
+          destinations[warp], __popc(kept),
+          reinterpret_cast<const U*>(static_cast<const char*>(stage) +
+                                     index * c.row_bytes),
+          0, units, lane);
+      __syncwarp();  // destinations[warp] is rewritten for the next slot
+    }
+  }
+}
+
 template <typename IdxT, typename U>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     dispatchKernel(const DispatchParams p) {
@@ -958,6 +1258,21 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
   }
 
+  // --- Staged push: the rows go before any count row is in.
+  const bool push_block = static_cast<int>(blockIdx.x) < c.push_blocks;
+  if (p.staged != 0 && push_block) {
+    // Grid route: every block's positions final (uniform in the block).
+    if (p.local_route == 0 &&
+        !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
+      return;
+    }
+    pushStaged<IdxT, U>(p, shared, epoch);
+    if (prof != nullptr) {  // uniform in the block
+      __syncthreads();
+      profileMark(prof, kDispatchPushed);
+    }
+  }
+
   // --- Offsets from all R count rows of this epoch.
   void* const own_control = c.control[c.rank];
   if (!blockWaitForPeers(flagAt(own_control, c.layout.count_flags, 0),
@@ -978,16 +1293,18 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       c.pick_row[q] = -1;
       c.pick_rank[q] = -1;
     }
-  } else if (static_cast<int>(blockIdx.x) < c.push_blocks) {
-    // Grid route: every block's pick_pos final (uniform in the block).
-    if (p.local_route == 0 &&
-        !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
-      return;
-    }
-    pushToPeer<IdxT, U>(p, shared, epoch);
-    if (prof != nullptr) {  // uniform in the block
-      __syncthreads();
-      profileMark(prof, kDispatchPushed);
+  } else if (push_block) {
+    if (p.staged == 0) {
+      // Grid route: every block's pick_pos final (uniform in the block).
+      if (p.local_route == 0 &&
+          !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
+        return;
+      }
+      pushToPeer<IdxT, U>(p, shared, epoch);
+      if (prof != nullptr) {  // uniform in the block
+        __syncthreads();
+        profileMark(prof, kDispatchPushed);
+      }
     }
   } else {
     if (p.local_route == 0 &&
@@ -1002,7 +1319,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   }
 
   // --- Expand the received rows.
-  expandRows<U>(p, shared, offsets.recv_rows, epoch, context);
+  if (p.staged != 0) {
+    if (!offsets.bad) {
+      expandStaged<U>(p, shared, summary, offsets.recv_rows, epoch, context);
+    }
+  } else {
+    expandRows<U>(p, shared, offsets.recv_rows, epoch, context);
+  }
   if (prof != nullptr) {  // uniform in the block
     __syncthreads();
     profileMark(prof, kDispatchExpanded);
@@ -1042,7 +1365,7 @@ ControlLayout controlLayout(int world_size, int num_experts,
   layout.arrivals = roundUp(layout.combine_modes + flags, 128);
   layout.count_rows = roundUp(
       layout.arrivals + sizeof(uint64_t) * world_size * max_tokens, 128);
-  layout.count_row_bytes = countRowBytes(num_experts);
+  layout.count_row_bytes = countRowBytesFor(num_experts, world_size);
   layout.total_bytes =
       layout.count_rows + 2 * world_size * layout.count_row_bytes;
   return layout;
@@ -1050,7 +1373,11 @@ ControlLayout controlLayout(int world_size, int num_experts,
 
 size_t dispatchSharedBytes(int num_experts) {
   return tablesBytes(num_experts) + kPositionsBytes +
-         countRowBytes(num_experts);
+         countRowBytesFor(num_experts, kMaxRanks);
+}
+
+size_t countRowBytes(int num_experts, int world_size) {
+  return countRowBytesFor(num_experts, world_size);
 }
 
 cudaError_t dispatchOccupancy(size_t shared_bytes, int* per_sm) {

@@ -117,7 +117,9 @@ static_assert(kDispatchPhases <= kProfileSlots &&
               kCombinePhases <= kProfileSlots);
 
 // Header of a published count row: the sender's input validation result
-// and its number of tokens.
+// and its number of tokens. The row continues with E int32 counts (the
+// sender's picks per expert) and R int32 token counts (the sender's tokens
+// with a pick on rank d: the staging slots it fills there, staged push).
 struct CountRowHeader {
   int32_t code;  // kStatusOk, kStatusBadExpertId or kStatusDuplicateExpert
   int32_t pick;
@@ -144,6 +146,32 @@ struct RowMeta {
 };
 constexpr size_t kMetaBytes = sizeof(RowMeta);
 static_assert(kMetaBytes == 32);
+
+// Staged push (CudaMoeConfig::staged_push): a sender puts token t's row,
+// once per rank d that holds one of its picks, into d's staging slot
+// [epoch parity][sender][n] (n: how many of the sender's earlier tokens have
+// a pick on d), without waiting for any count row, and describes it: a
+// StageHeader, then one StageEntry per pick on d (at most min(K, L)), the
+// header's epoch stored last with a release. The receiver copies the row
+// from the slot into the expert-major rows of those picks once the count
+// rows give it the offsets.
+struct StageHeader {
+  int32_t token;  // the sender's token t
+  int32_t picks;  // entries that follow
+  uint64_t epoch;
+};
+struct StageEntry {
+  int32_t pick;         // k | local expert << 8
+  int32_t position;     // among the sender's rows of that expert
+  int32_t weight_bits;  // topk_weights[t][k] (0 without weights)
+  int32_t reserved;
+};
+static_assert(sizeof(StageHeader) == 16 && sizeof(StageEntry) == 16);
+
+// Bytes of one staging slot's description for `picks` = min(K, L) entries.
+__host__ __device__ inline size_t stageMetaBytes(int picks) {
+  return sizeof(StageHeader) + sizeof(StageEntry) * static_cast<size_t>(picks);
+}
 
 // Where the rows of (source s, token t, pick k) are on this rank, for the
 // combine: written by the dispatch's expansion, valid when `epoch` is that
@@ -212,10 +240,23 @@ struct DispatchParams {
   // (grid route: first relative to its warp's tokens, final after the
   // second grid barrier).
   int32_t* pick_pos;
-  int32_t* block_counts;             // [E][gridDim.x]: rows per block
+  // [E + R][gridDim.x]: rows per expert, then tokens per rank, per block
+  int32_t* block_counts;
   unsigned long long* block_errors;  // [gridDim.x]: smallest error key
   // [2][E]: expansion claims per segment, double-buffered by epoch parity.
   int32_t* segment_claims;
+  // Staged push (CommonParams::push_blocks pushing before the count rows
+  // are in), else 0 and the fields below it unused. Per rank (peer
+  // pointers), symmetric: rows [2][R][T_max] of B bytes from offset 0,
+  // their descriptions (stageMetaBytes(stage_picks) each) from
+  // stage_meta_offset.
+  int staged;
+  void* const* stage;
+  size_t stage_meta_offset;
+  int stage_picks;  // min(K, L)
+  // Staged push, grid route: [T_max * K] the staging slot on the pick's rank
+  // of a token's first pick there (-1 for its other picks), like pick_pos.
+  int32_t* slot_pos;
   // Outputs (device).
   int64_t* recv_src_rank;       // [C]
   int64_t* recv_src_token;      // [C]
@@ -245,9 +286,12 @@ struct CombineParams {
 
 enum class ElementType : int32_t { kFloat32, kBFloat16, kFloat16 };
 
-// Dynamic shared memory of the dispatch kernel for E experts (the combine
-// uses static shared memory only).
+// Dynamic shared memory of the dispatch kernel for E experts and up to
+// kMaxRanks ranks (the combine uses static shared memory only).
 size_t dispatchSharedBytes(int num_experts);
+
+// Bytes of a count row for E experts and R ranks (16-byte multiple).
+size_t countRowBytes(int num_experts, int world_size);
 
 // Sets kernel attributes and returns in *max_blocks the largest grid that
 // can be co-resident on `device` for both kernels (they are launched
