@@ -37,6 +37,9 @@
 // scales are checked against the collective's bit for bit. After each T's
 // table, one line per low-latency target of that T (4 x H200; graph
 // replay) with this run's value, "met" or "NOT met" on 4 GPUs.
+// "dispatch staged" rows (more than one rank) dispatch with the staged push
+// (CudaMoeConfig::staged_push, docs/moe_cuda.md; a workspace of their own,
+// graph-replayed), checked against the collective's rows bit for bit.
 //
 // --sweep adds, after the table, one line per setting of CudaMoeConfig's
 // blocks and push_blocks for every T, graph
@@ -356,7 +359,8 @@ struct Target {
 constexpr Target kTargets[] = {
     {128, "dispatch", 25, 0},         {128, "combine", 40, 0},
     {128, "combine per_rank", 25, 0}, {128, "dispatch fp8", 18, 0},
-    {4096, "dispatch", 0, 330},       {4096, "combine", 0, 330},
+    {128, "dispatch staged", 25, 0},  {4096, "dispatch", 0, 330},
+    {4096, "combine", 0, 330},
 };
 
 // One line per target of T next to this run's graph-replay row; the
@@ -428,6 +432,7 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
                          at::equal(cuda_combined, collective_combined) &&
                          at::equal(cuda_per_rank, collective_per_rank);
   bool fp8_identical = false;
+  bool staged_identical = true;
   const bool identical =
       bench.sumOverRanks(id + "/same", same_here ? 1 : 0) == world;
   // What the collective sends off-rank: its dispatch rows to other ranks,
@@ -564,6 +569,33 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
                     collective_dispatch * ratio});
     bench.barrier(id + "/fp8done");
   }
+  // Staged push: its own workspace; rows and provenance checked against the
+  // collective's. One rank has no peer to stage for.
+  if (world > 1) {
+    CudaMoeConfig config = makeConfig(rank, world, device, tokens,
+                                      toString("bench/staged/T", tokens));
+    config.staged_push = true;
+    CudaMoeWorkspace staged(bench.store(), config);
+    CudaDispatchResult sent = staged.dispatch(in.x, in.idx, in.weights);
+    const int64_t valid = sent.recv_expert_counts.sum().item<int64_t>();
+    const at::Tensor combined = staged.combine(sent.recv_x, sent, in.weights);
+    staged_identical =
+        bench.sumOverRanks(
+            id + "/stagedsame",
+            at::equal(sent.recv_x.narrow(0, 0, valid), collective.recv_x) &&
+                    at::equal(combined, collective_combined)
+                ? 1
+                : 0) == world;
+    cuda::CudaGraph graph;
+    graph.captureBegin(kCaptureMode);
+    staged.dispatch(in.x, in.idx, in.weights);
+    graph.captureEnd();
+    rows.push_back({"dispatch staged", "cuda", "graph",
+                    bench.time(id + "/dsg", per_block, [&] { graph.replay(); }),
+                    traffic.physical_dispatch});
+    staged.checkStatus();
+    bench.barrier(id + "/stageddone");
+  }
   bench.barrier(id + "/done");  // no rank frees the workspace early
 
   if (rank == 0) {
@@ -607,10 +639,16 @@ bool runTokens(Bench& bench, Communicator& comm, int rank, int world,
         "%6lld  fp8 dispatch rows and scales identical to the "
         "collective's: %s\n",
         static_cast<long long>(tokens), fp8_identical ? "yes" : "no");
+    if (world > 1) {
+      std::printf(
+          "%6lld  staged-push dispatch rows and combined tokens identical to "
+          "the collective's: %s\n",
+          static_cast<long long>(tokens), staged_identical ? "yes" : "no");
+    }
     printTargets(rows, tokens, world);
     std::fflush(stdout);
   }
-  return identical && fp8_identical;
+  return identical && fp8_identical && staged_identical;
 }
 
 struct SweepSetting {
