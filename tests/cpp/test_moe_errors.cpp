@@ -606,5 +606,37 @@ TEST_F(MoeErrors, CudaBackendRefusesFp64RowsAndCpuTensorsByName) {
             std::string::npos);
 }
 
+// A damaged count row (the cuda backend's kStatusBadCountRow) is described
+// by what it held: the token count, an expert's rows, or (staged push) the
+// tokens for a rank, out of [0, T_max] or at odds with the expert counts.
+TEST(MoeStatusText, BadCountRowNamesTheNumberAndWhyItIsBad) {
+  moe::StatusContext context;
+  context.op = "MoeDispatch";
+  context.rank = 2;
+  context.world_size = 4;
+  auto text = [&](int64_t what, int64_t value, int64_t bound) {
+    const int64_t words[] = {moe::kStatusBadCountRow, what, value, bound, 0};
+    return moe::describeStatus(context, words);
+  };
+  const std::string tokens = text(-1, 900, 128);
+  EXPECT_NE(tokens.find("rank 2 of 4 wrote its token count = 900 into its "
+                        "count row, outside [0, 128] (T_max)"),
+            std::string::npos)
+      << tokens;
+  const std::string expert = text(5, -3, 128);
+  EXPECT_NE(expert.find("the rows of expert 5 = -3"), std::string::npos)
+      << expert;
+  const std::string range = text(-2 - 3, 4000, 128);
+  EXPECT_NE(range.find("its count of tokens for rank 3 = 4000 into its count "
+                       "row, outside [0, 128]"),
+            std::string::npos)
+      << range;
+  const std::string odd = text(-2 - 1, 7, -1);
+  EXPECT_NE(odd.find("its count of tokens for rank 1 = 7 into its count row, "
+                     "which disagrees with its counts of that rank's experts"),
+            std::string::npos)
+      << odd;
+}
+
 }  // namespace
 }  // namespace hostfuse

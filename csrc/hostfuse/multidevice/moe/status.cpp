@@ -321,18 +321,26 @@ std::string describeStatus(const StatusContext& c, const int64_t* w) {
           "the "
           "capacity were dropped; nothing was written out of bounds",
           c.op, c.rank, c.world_size, w[1], w[2], w[1]);
-    case kStatusBadCountRow:
-      return fmt::format(
-          "{}: rank {} of {} wrote {} = {} into its count row, outside [0, "
-          "{}] (T_max); the ranks' workspaces do not match (a different "
-          "build or configuration on that rank?) or its memory was "
-          "overwritten. Nothing was read past the bound",
-          c.op, c.rank, c.world_size,
+    case kStatusBadCountRow: {
+      // w[3] is T_max, or -1 for a token count that disagrees with the
+      // same row's expert counts (staged push).
+      const std::string what =
           w[1] == -1 ? std::string("its token count")
           : w[1] < -1
               ? fmt::format("its count of tokens for rank {}", -2 - w[1])
-              : fmt::format("the rows of expert {}", w[1]),
-          w[2], w[3]);
+              : fmt::format("the rows of expert {}", w[1]);
+      const std::string why =
+          w[3] < 0 ? std::string(
+                         "which disagrees with its counts of that "
+                         "rank's experts")
+                   : fmt::format("outside [0, {}] (T_max)", w[3]);
+      return fmt::format(
+          "{}: rank {} of {} wrote {} = {} into its count row, {}; the ranks' "
+          "workspaces do not match (a different build or configuration on "
+          "that rank?) or its memory was overwritten. Nothing was read past "
+          "the bound",
+          c.op, c.rank, c.world_size, what, w[2], why);
+    }
     case kStatusTimeout:
       return fmt::format(
           "{}: rank {} of {} did not answer within {} s (waiting for its {}, "

@@ -49,8 +49,10 @@ std::unique_ptr<CudaMoeBuffers> CudaMoeBuffers::allocate(
 }
 
 // The collective part. Guards are fill patterns behind every region a peer
-// writes into; peers write only after this rank's first count row, so
-// filling them here does not race.
+// writes into. A peer may write into the stage (staged push) as soon as
+// its own workspace is made, before this rank's first count row, but
+// never into a guard: filling them here does not race. Every buffer is
+// zeroed before its handle is shared (SymmetricMemory::allocate).
 void CudaMoeBuffers::allocateSymmetric(
     const c10::intrusive_ptr<c10d::Store>& store, const CudaMoeConfig& c,
     const CudaMoeLaunch& l) {

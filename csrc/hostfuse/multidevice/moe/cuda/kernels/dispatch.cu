@@ -54,8 +54,8 @@ using device::waitForFlag;
 
 constexpr int kOpDispatch = 1;
 
-__host__ __device__ inline size_t countRowBytesFor(int num_experts,
-                                                   int world_size) {
+__host__ __device__ inline size_t countRowBytes(int num_experts,
+                                                int world_size) {
   return roundUp(
       sizeof(CountRowHeader) + sizeof(int32_t) * (num_experts + world_size),
       16);
@@ -510,9 +510,12 @@ struct CountSummary {
   int64_t rank_rows[kMaxRanks];  // rows of rank d's experts, from all sources
   // Staged push: source s's tokens with a pick here (its slots here).
   int32_t tokens_from[kMaxRanks];
-  // The first number of a count row outside [0, T_max], as source * (E +
-  // R + 1) + column + 1 (column -1: the source's token count, then the E
-  // experts, then the R ranks' token counts); kNoBadCount if none. A peer's
+  // The first bad number of a count row, as source * (E + 2 R + 1) + column
+  // + 1: column -1 the source's token count, then the E experts, then the R
+  // ranks' token counts, all outside [0, T_max]; then (staged push) the R
+  // ranks' token counts that disagree with the source's expert counts for
+  // that rank (fewer than its largest, more than their sum). kNoBadCount
+  // if none. A peer's
   // kernel never writes one: its workspace does not match ours, or the row was
   // overwritten. The sums below take such a number as 0, so that nothing is
   // read or written past T_max (the per-expert totals are int32: R * T_max
@@ -526,15 +529,20 @@ constexpr unsigned long long kNoBadCount = ULLONG_MAX;
 // such number of the rows recorded in `summary` (column as there).
 __device__ __forceinline__ int32_t boundedCount(int64_t count,
                                                 int64_t max_tokens, int source,
-                                                int column, int columns,
+                                                int column, int stride,
                                                 CountSummary& summary) {
   if (count >= 0 && count <= max_tokens) {
     return static_cast<int32_t>(count);
   }
   atomicMin(&summary.bad_count,
-            static_cast<unsigned long long>(source) * (columns + 1) +
+            static_cast<unsigned long long>(source) * stride +
                 static_cast<unsigned long long>(column + 1));
   return 0;
+}
+
+// The stride of CountSummary::bad_count's columns.
+__device__ __forceinline__ int badCountStride(const DispatchParams& p) {
+  return p.num_experts + 2 * p.common.world_size + 1;
 }
 
 // What the rest of the call needs from the offsets; the same in every
@@ -557,7 +565,7 @@ __device__ __forceinline__ Offsets computeOffsets(
   const int L = c.local_experts;
   const int R = c.world_size;
   const int parity = static_cast<int>(epoch & 1);
-  const int columns = routeColumns(p);
+  const int stride = badCountStride(p);
   const CountRows rows{own_control, c.layout, parity, R};
   auto row_of = [&](int source) { return rows.row(source); };
   auto counts_of = [&](int source) { return rows.counts(source); };
@@ -582,20 +590,45 @@ __device__ __forceinline__ Offsets computeOffsets(
       atomicOr(&summary.bad_ranks, 1u << threadIdx.x);
     }
     boundedCount(__ldcg(&header->tokens), c.max_tokens,
-                 static_cast<int>(threadIdx.x), -1, columns, summary);
-    summary.tokens_from[threadIdx.x] =
-        p.staged != 0
-            ? boundedCount(__ldcg(counts_of(threadIdx.x) + E + c.rank),
-                           c.max_tokens, static_cast<int>(threadIdx.x),
-                           E + c.rank, columns, summary)
-            : 0;
+                 static_cast<int>(threadIdx.x), -1, stride, summary);
+    summary.tokens_from[threadIdx.x] = 0;
+  }
+  __syncthreads();
+  if (p.staged != 0) {
+    // Every source's token count for every rank, checked by every rank
+    // against the expert counts of the same row, so that all agree on a
+    // bad row (a count between the largest and the sum of the source's
+    // counts of that rank's experts; a wrong one would leave slots unread,
+    // or wait for slots nobody writes).
+    for (int i = threadIdx.x; i < R * R; i += blockDim.x) {
+      const int source = i / R;
+      const int d = i % R;
+      const int32_t tokens =
+          boundedCount(__ldcg(counts_of(source) + E + d), c.max_tokens, source,
+                       E + d, stride, summary);
+      int64_t sum = 0;
+      int32_t most = 0;
+      for (int l = 0; l < L; ++l) {
+        const int32_t count = __ldcg(counts_of(source) + d * L + l);
+        sum += count;
+        most = max(most, count);
+      }
+      if (tokens < most || tokens > sum) {
+        atomicMin(&summary.bad_count,
+                  static_cast<unsigned long long>(source) * stride +
+                      static_cast<unsigned long long>(E + R + d + 1));
+      }
+      if (d == c.rank) {
+        summary.tokens_from[source] = tokens;
+      }
+    }
   }
   for (int i = threadIdx.x; i < R * E; i += blockDim.x) {
     const int source = i / E;
     const int x = i % E;
     const int32_t count =
         boundedCount(__ldcg(counts_of(source) + x), c.max_tokens, source, x,
-                     columns, summary);
+                     stride, summary);
     atomicAdd(&shared.colsum[x], count);
     if (source < c.rank) {
       atomicAdd(reinterpret_cast<unsigned long long*>(&shared.offset[x]),
@@ -698,20 +731,23 @@ __device__ __forceinline__ void recordOffsets(const DispatchParams& p,
                    __ldcg(&header->token), __ldcg(&header->pick),
                    __ldcg(&header->value), summary.bad_ranks);
     } else if (summary.bad_count != kNoBadCount) {
-      const int columns = routeColumns(p);
-      const auto source = static_cast<int>(summary.bad_count / (columns + 1));
-      const int column =
-          static_cast<int>(summary.bad_count % (columns + 1)) - 1;
+      const int stride = badCountStride(p);
+      const auto source = static_cast<int>(summary.bad_count / stride);
+      const int column = static_cast<int>(summary.bad_count % stride) - 1;
+      // Past E + R: a token count for rank d that disagrees with the
+      // expert counts (the status says so with a bound of -1).
+      const bool disagrees = column >= E + R;
+      const int read = disagrees ? column - R : column;
       const int64_t value =
-          column < 0
+          read < 0
               ? __ldcg(&reinterpret_cast<const CountRowHeader*>(row_of(source))
                             ->tokens)
-              : __ldcg(counts_of(source) + column);
+              : __ldcg(counts_of(source) + read);
       // What the status names: -1 the token count, an expert, or -2 - d
       // the tokens for rank d.
-      const int what = column < E ? column : -2 - (column - E);
+      const int what = read < E ? read : -2 - (read - E);
       recordStatus(context, kStatusBadCountRow, source, 0, what, value,
-                   c.max_tokens);
+                   disagrees ? -1 : c.max_tokens);
     } else if (summary.rank_rows[most] > p.capacity) {
       recordStatus(context, kStatusCapacityOverflow, most, 0, -1, -1,
                    summary.rank_rows[most]);
@@ -1365,7 +1401,7 @@ ControlLayout controlLayout(int world_size, int num_experts,
   layout.arrivals = roundUp(layout.combine_modes + flags, 128);
   layout.count_rows = roundUp(
       layout.arrivals + sizeof(uint64_t) * world_size * max_tokens, 128);
-  layout.count_row_bytes = countRowBytesFor(num_experts, world_size);
+  layout.count_row_bytes = countRowBytes(num_experts, world_size);
   layout.total_bytes =
       layout.count_rows + 2 * world_size * layout.count_row_bytes;
   return layout;
@@ -1373,11 +1409,7 @@ ControlLayout controlLayout(int world_size, int num_experts,
 
 size_t dispatchSharedBytes(int num_experts) {
   return tablesBytes(num_experts) + kPositionsBytes +
-         countRowBytesFor(num_experts, kMaxRanks);
-}
-
-size_t countRowBytes(int num_experts, int world_size) {
-  return countRowBytesFor(num_experts, world_size);
+         countRowBytes(num_experts, kMaxRanks);
 }
 
 cudaError_t dispatchOccupancy(size_t shared_bytes, int* per_sm) {

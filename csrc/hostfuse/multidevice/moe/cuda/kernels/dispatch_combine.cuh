@@ -290,9 +290,6 @@ enum class ElementType : int32_t { kFloat32, kBFloat16, kFloat16 };
 // kMaxRanks ranks (the combine uses static shared memory only).
 size_t dispatchSharedBytes(int num_experts);
 
-// Bytes of a count row for E experts and R ranks (16-byte multiple).
-size_t countRowBytes(int num_experts, int world_size);
-
 // Sets kernel attributes and returns in *max_blocks the largest grid that
 // can be co-resident on `device` for both kernels (they are launched
 // cooperatively: blocks wait for each other).
