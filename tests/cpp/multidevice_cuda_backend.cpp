@@ -421,6 +421,37 @@ TEST(CudaBackendProgram, TwoLayersOverSeveralRunsAreBitIdenticalToCollective) {
   }
 }
 
+// The same with the staged push (docs/moe_cuda.md), over both routes and
+// both combine modes.
+TEST(CudaBackendProgram, TheStagedPushIsBitIdentical) {
+  SKIP_WITHOUT_GPUS();
+  // Read when the workspace is created, at the first run.
+  test::ScopedEnvironment staged("HOSTFUSE_MOE_STAGED_PUSH", "1");
+  for (const bool grid_route : {false, true}) {
+    test::ScopedEnvironment route("HOSTFUSE_MOE_GRID_ROUTE_MIN_TOKENS",
+                                  grid_route ? "1" : "0");
+    for (const MoeCombineReduce reduce :
+         {MoeCombineReduce::PerPick, MoeCombineReduce::PerRank}) {
+      LayerSpec spec;
+      spec.experts = 4 * worldSize();
+      spec.picks = 4;
+      spec.weighted = true;
+      spec.reduce = reduce;
+      BackendPair pair(spec);
+      for (int run = 0; run < 3; ++run) {
+        const std::vector<c10::IValue> inputs =
+            layerInputs(spec, Routing::Masked, 40 - 3 * myRank(), 91 + run);
+        const std::vector<at::Tensor> expected = pair.collective.run(inputs);
+        const std::vector<at::Tensor> actual = pair.cuda.run(inputs);
+        expectBitIdentical(actual, expected,
+                           std::string(grid_route ? "grid" : "local") +
+                               " route, " + toString(reduce) + ", run " +
+                               std::to_string(run));
+      }
+    }
+  }
+}
+
 TEST(CudaBackendProgram, TheGridRouteIsBitIdentical) {
   SKIP_WITHOUT_GPUS();
   // Read when the workspace is created, at the first run.
