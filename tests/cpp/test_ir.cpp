@@ -1108,5 +1108,31 @@ TEST(Evaluation, ExprEvaluateComputesOutputsFromInputValues) {
   test::expectClose(results[0].toTensor(), at::tensor({0.0f, -1.0f, -2.0f}));
 }
 
+// A user error (hostfuse::Error) says what was wrong and where it was
+// raised, not the C++ condition that caught it; an internal error keeps
+// the condition, for the bug report it asks for.
+TEST(Errors, UserErrorsNameThePlaceButNotTheCondition) {
+  const int64_t tokens = -3;
+  try {
+    HF_CHECK(tokens >= 0, "tokens must be >= 0; got ", tokens);
+    FAIL() << "HF_CHECK did not throw";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.rfind("tokens must be >= 0; got -3\n  at test_ir.cpp:", 0),
+              0u)
+        << what;
+    EXPECT_EQ(what.find("tokens >= 0"), std::string::npos) << what;
+  }
+  try {
+    HF_ERROR(tokens >= 0, "the planner lost a token");
+    FAIL() << "HF_ERROR did not throw";
+  } catch (const InternalError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("please report"), std::string::npos) << what;
+    EXPECT_NE(what.find("check failed: tokens >= 0"), std::string::npos)
+        << what;
+  }
+}
+
 }  // namespace
 }  // namespace hostfuse

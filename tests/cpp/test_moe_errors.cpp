@@ -157,7 +157,7 @@ class Below {
 };
 
 // The message of `fn`'s hostfuse::Error without the lines that say where
-// in hostfuse it was raised ("  check failed: ...", "  at file:line"), or ""
+// in hostfuse it was raised ("  at file:line"), or ""
 // when it does not throw.
 std::string messageOf(const std::function<void()>& fn) {
   try {

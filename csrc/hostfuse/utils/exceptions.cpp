@@ -21,9 +21,12 @@ std::string compose(const char* file, int line, const char* condition,
 
 }  // namespace
 
-void throwError(const char* file, int line, const char* condition,
+// A user error says what was wrong with the call; the C++ condition that
+// caught it would only be noise to the caller, so only the place is kept
+// (for bug reports).
+void throwError(const char* file, int line, const char* /*condition*/,
                 const std::string& message) {
-  throw Error(compose(file, line, condition, message));
+  throw Error(compose(file, line, nullptr, message));
 }
 
 void throwInternalError(const char* file, int line, const char* condition,
