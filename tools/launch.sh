@@ -69,7 +69,14 @@ timeout --kill-after=15 "$limit" "${torchrun[@]}" --standalone --nnodes=1 \
   --max-restarts=0 "$@" 2>&1 |
   tee "$log_dir/launch.out" |
   grep -v -e '^W[0-9]\{4\} .*torch/distributed/run.py' \
-    -e '^\*\{10,\}$'
+    -e '^\*\{10,\}$' |
+  # The frames of torchrun's own Python traceback when a rank fails say
+  # nothing about the rank (the report after them does): left out, down to
+  # the exception's line. The ranks' lines carry a "[defaultN]:" prefix, so
+  # none of theirs is taken for it.
+  awk '/^Traceback \(most recent call last\):$/ { skip = 1 }
+       skip && /ChildFailedError:/ { skip = 0 }
+       !skip { print; fflush() }'
 status=${PIPESTATUS[0]}
 # torchrun exits 1 whatever its ranks exited with; its failure report names
 # the first failed rank's exit code ("exitcode  : 2"): pass that on, so that
