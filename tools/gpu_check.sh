@@ -56,6 +56,25 @@ done < <("$HOSTFUSE_PYTHON" "$HOSTFUSE_ROOT/tools/test_totals.py" --per-test \
   --ctest "$log_dir/ctest.xml" --ctest-status "$ctest_status")
 [ "$ctest_status" -eq 0 ] || failed=1
 
+# Runs a multi-rank test command (after a label, its log and its rank
+# count) under the cuda MoE time limit, and adds its line to the summary:
+# how many ranks had failed tests (gtest ends a rank's output with "N
+# FAILED TEST(S)" when any failed) and rank 0's count of passed tests.
+run_ranks() {
+  local label=$1 log=$2 ranks=$3
+  shift 3
+  hostfuse_log "running $label (log: $log)"
+  local begin=$SECONDS
+  timeout --kill-after=15 "$cuda_moe_timeout" "$@" >"$log" 2>&1
+  local status=$?
+  tail -n 5 "$log"
+  local failed_ranks passed
+  failed_ranks="$(grep -cE 'FAILED TESTS?$' "$log")"
+  passed="$(grep -oE '\[  PASSED  \] [0-9]+ tests?' "$log" | head -1)"
+  summary+=("$label: $failed_ranks of $ranks ranks with failed tests; rank 0 $passed (exit $status, $((SECONDS - begin)) s)")
+  [ "$status" -eq 0 ] || failed=1
+}
+
 # The cuda MoE backend's own multi-process tests, one rank per GPU (ctest
 # runs test_cuda_moe as a single rank only).
 if [ "$gpus" -gt 0 ]; then
@@ -75,54 +94,31 @@ if [ "$gpus" -gt 0 ]; then
   # protocol, errors, timeouts), never speed.
   for ranks in 2 3; do
     [ "$ranks" -gt "$gpus" ] || continue
-    log="$log_dir/test_cuda_moe_shared$ranks.log"
-    hostfuse_log "running test_cuda_moe on $ranks ranks sharing $gpus GPU(s) (log: $log)"
-    start=$SECONDS
-    HOSTFUSE_SHARE_GPUS=1 HOSTFUSE_NO_BUILD=1 \
+    run_ranks "test_cuda_moe, $ranks ranks sharing $gpus GPU(s)" \
+      "$log_dir/test_cuda_moe_shared$ranks.log" "$ranks" \
+      env HOSTFUSE_SHARE_GPUS=1 HOSTFUSE_NO_BUILD=1 \
       HOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
-      timeout --kill-after=15 "$cuda_moe_timeout" \
-      "$HOSTFUSE_ROOT/tools/run_cuda_moe_tests.sh" "$ranks" >"$log" 2>&1
-    status=$?
-    tail -n 5 "$log"
-    # gtest ends a rank's output with "N FAILED TEST(S)" when any failed.
-    failed_ranks="$(grep -cE 'FAILED TESTS?$' "$log")"
-    summary+=("test_cuda_moe, $ranks ranks sharing $gpus GPU(s): $failed_ranks of $ranks ranks with failed tests (exit $status, $((SECONDS - start)) s)")
-    [ "$status" -eq 0 ] || failed=1
+      "$HOSTFUSE_ROOT/tools/run_cuda_moe_tests.sh" "$ranks"
     # The cuda backend through the evaluator (its errors, their
     # publication, new evaluators after them) on the shared GPUs; NCCL
     # cannot run there, so the tests that compare with the collective
     # backend on GPUs need one GPU per rank.
-    log="$log_dir/cuda_backend_errors_shared$ranks.log"
-    hostfuse_log "running CudaBackendErrors.* on $ranks ranks sharing $gpus GPU(s) (log: $log)"
-    start=$SECONDS
-    HOSTFUSE_SHARE_GPUS=1 timeout --kill-after=15 "$cuda_moe_timeout" \
-      "$HOSTFUSE_ROOT/tools/launch.sh" "$ranks" \
+    run_ranks "CudaBackendErrors.*, $ranks ranks sharing $gpus GPU(s)" \
+      "$log_dir/cuda_backend_errors_shared$ranks.log" "$ranks" \
+      env HOSTFUSE_SHARE_GPUS=1 "$HOSTFUSE_ROOT/tools/launch.sh" "$ranks" \
       "$HOSTFUSE_BUILD_DIR/tests/cpp/test_multidevice" \
-      --gtest_filter='CudaBackendErrors.*' >"$log" 2>&1
-    status=$?
-    tail -n 5 "$log"
-    failed_ranks="$(grep -cE 'FAILED TESTS?$' "$log")"
-    passed="$(grep -oE '\[  PASSED  \] [0-9]+ tests?' "$log" | head -1)"
-    summary+=("CudaBackendErrors.*, $ranks ranks sharing $gpus GPU(s): $failed_ranks of $ranks ranks with failed tests; rank 0 $passed (exit $status, $((SECONDS - start)) s)")
-    [ "$status" -eq 0 ] || failed=1
+      --gtest_filter='CudaBackendErrors.*'
   done
   # Every test of test_cuda_moe once more with the staged push in every
   # workspace (HOSTFUSE_MOE_STAGED_PUSH=1), one rank per GPU, or 2 ranks
   # sharing one GPU.
   ranks=$(( gpus > 1 ? gpus : 2 ))
-  log="$log_dir/test_cuda_moe_staged$ranks.log"
-  hostfuse_log "running test_cuda_moe with the staged push on $ranks ranks (log: $log)"
-  start=$SECONDS
-  HOSTFUSE_MOE_STAGED_PUSH=1 HOSTFUSE_SHARE_GPUS=$(( gpus < ranks ? 1 : 0 )) \
-    HOSTFUSE_NO_BUILD=1 HOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
-    timeout --kill-after=15 "$cuda_moe_timeout" \
-    "$HOSTFUSE_ROOT/tools/run_cuda_moe_tests.sh" "$ranks" >"$log" 2>&1
-  status=$?
-  tail -n 5 "$log"
-  failed_ranks="$(grep -cE 'FAILED TESTS?$' "$log")"
-  passed="$(grep -oE '\[  PASSED  \] [0-9]+ tests?' "$log" | head -1)"
-  summary+=("test_cuda_moe, staged push, $ranks ranks on $gpus GPU(s): $failed_ranks of $ranks ranks with failed tests; rank 0 $passed (exit $status, $((SECONDS - start)) s)")
-  [ "$status" -eq 0 ] || failed=1
+  run_ranks "test_cuda_moe, staged push, $ranks ranks on $gpus GPU(s)" \
+    "$log_dir/test_cuda_moe_staged$ranks.log" "$ranks" \
+    env HOSTFUSE_MOE_STAGED_PUSH=1 \
+    HOSTFUSE_SHARE_GPUS=$(( gpus < ranks ? 1 : 0 )) HOSTFUSE_NO_BUILD=1 \
+    HOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" \
+    "$HOSTFUSE_ROOT/tools/run_cuda_moe_tests.sh" "$ranks"
 else
   summary+=("test_cuda_moe: not run (no GPU)")
 fi

@@ -50,7 +50,7 @@ using device::PushGroup;
 using device::recordStatus;
 using device::storeReleaseSys;
 using device::WaitContext;
-using device::waitForFlag;
+using device::warpWaitForPeer;
 
 constexpr int kOpDispatch = 1;
 
@@ -776,15 +776,21 @@ __device__ __forceinline__ void recordOffsets(const DispatchParams& p,
 
 // One token's picks as seen by lane k < K of a warp (other lanes: none).
 struct Pick {
-  int expert = -1;   // -1: masked (or past K)
-  int rank = -1;     // the expert's rank
-  int64_t row = -1;  // its row there
+  int expert = -1;       // -1: masked (or past K)
+  int rank = -1;         // the expert's rank
+  int32_t position = 0;  // among this rank's rows of the expert
+  // Staged push: the staging slot on that rank, if this is the token's
+  // first pick there, else -1.
+  int32_t slot = -1;
+  int64_t row = -1;  // its row there; -1 before the offsets are known
 };
 
+// `offsets`: whether computeOffsets has run (the staged push reads picks
+// before it, for their positions and slots only).
 template <typename IdxT>
 __device__ __forceinline__ Pick pickOf(const DispatchParams& p,
                                        const DispatchShared& shared, int64_t t,
-                                       int lane) {
+                                       int lane, bool offsets = true) {
   const CommonParams& c = p.common;
   Pick pick;
   if (lane < c.topk) {
@@ -795,9 +801,14 @@ __device__ __forceinline__ Pick pickOf(const DispatchParams& p,
       pick.expert = static_cast<int>(id);
       pick.rank = pick.expert / c.local_experts;
       // Grid route: written by other blocks during this kernel.
-      const int32_t position =
-          p.local_route != 0 ? shared.positions[q] : __ldcg(p.pick_pos + q);
-      pick.row = shared.offset[pick.expert] + position;
+      const bool local = p.local_route != 0;
+      pick.position = local ? shared.positions[q] : __ldcg(p.pick_pos + q);
+      if (p.staged != 0) {
+        pick.slot = local ? shared.slots[q] : __ldcg(p.slot_pos + q);
+      }
+      if (offsets) {
+        pick.row = shared.offset[pick.expert] + pick.position;
+      }
     }
   }
   return pick;
@@ -855,37 +866,6 @@ __device__ void pushToPeer(const DispatchParams& p,
   }
 }
 
-// Staged push: one token's pick as lane k < K of a warp sees it before any
-// count row is in (other lanes: none).
-struct StagedPick {
-  int expert = -1;       // -1: masked (or past K)
-  int rank = -1;         // the expert's rank
-  int32_t position = 0;  // among this rank's rows of the expert
-  int32_t slot = -1;  // the staging slot there, if the token's first pick there
-};
-
-template <typename IdxT>
-__device__ __forceinline__ StagedPick stagedPickOf(const DispatchParams& p,
-                                                   const DispatchShared& shared,
-                                                   int64_t t, int lane) {
-  const CommonParams& c = p.common;
-  StagedPick pick;
-  if (lane < c.topk) {
-    const int64_t q = t * c.topk + lane;
-    const int64_t id =
-        static_cast<int64_t>(static_cast<const IdxT*>(p.topk_idx)[q]);
-    if (id >= 0 && id < p.num_experts) {
-      pick.expert = static_cast<int>(id);
-      pick.rank = pick.expert / c.local_experts;
-      // Grid route: written by other blocks during this kernel.
-      const bool local = p.local_route != 0;
-      pick.position = local ? shared.positions[q] : __ldcg(p.pick_pos + q);
-      pick.slot = local ? shared.slots[q] : __ldcg(p.slot_pos + q);
-    }
-  }
-  return pick;
-}
-
 __device__ __forceinline__ int64_t stageIndex(const CommonParams& c,
                                               uint64_t epoch, int source,
                                               int64_t slot) {
@@ -918,7 +898,7 @@ __device__ void pushStaged(const DispatchParams& p,
   const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
   void* const stage = p.stage[group.peer];
   for (int64_t t = group.first_warp; t < p.tokens; t += group.warps) {
-    const StagedPick pick = stagedPickOf<IdxT>(p, shared, t, lane);
+    const Pick pick = pickOf<IdxT>(p, shared, t, lane, /*offsets=*/false);
     const bool here = pick.expert >= 0 && pick.rank == group.peer;
     const unsigned on_peer = __ballot_sync(kFullMask, here);
     if (on_peer == 0) {
@@ -1027,6 +1007,32 @@ __device__ void writeLocalRows(const DispatchParams& p,
   }
 }
 
+// Warp-wide: the first of `count` claim groups, from `from` on and
+// wrapping around, for which open(i) holds (32 at a time, one ballot
+// each), or -1 if none does.
+template <typename Open>
+__device__ __forceinline__ int firstOpenGroup(int from, int count, int lane,
+                                              Open&& open) {
+  for (int base = 0; base < count; base += 32) {
+    const int candidate = (from + base + lane) % count;
+    const unsigned found =
+        __ballot_sync(kFullMask, base + lane < count && open(candidate));
+    if (found != 0) {
+      return (from + base + __ffs(found) - 1) % count;
+    }
+  }
+  return -1;
+}
+
+// Warp-wide: the next claim of `counter` (one atomic, in lane 0).
+__device__ __forceinline__ int64_t claimNext(int32_t* counter, int lane) {
+  int64_t claim = 0;
+  if (lane == 0) {
+    claim = atomicAdd(counter, 1);
+  }
+  return __shfl_sync(kFullMask, claim, 0);
+}
+
 // Every warp: claims received rows segment by segment (segment i = source
 // i / L, local expert i % L; this rank's own rows are complete already),
 // starting at a segment of its own so that warps spread; within a segment
@@ -1057,44 +1063,26 @@ __device__ void expandRows(const DispatchParams& p,
       (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) %
       segments);
   while (true) {
-    // The first segment with rows left, from `segment` on (32 at a time).
-    int found = -1;
-    for (int base = 0; base < segments && found < 0; base += 32) {
-      const int candidate = (segment + base + lane) % segments;
-      const unsigned open =
-          __ballot_sync(kFullMask, base + lane < segments && left(candidate));
-      if (open != 0) {
-        found = (segment + base + __ffs(open) - 1) % segments;
-      }
-    }
-    if (found < 0) {
+    // The first segment with rows left, from `segment` on.
+    segment = firstOpenGroup(segment, segments, lane, left);
+    if (segment < 0) {
       return;
     }
-    segment = found;
     const int source = segment / c.local_experts;
     const int64_t start = shared.recv_start[segment];
     const int64_t rows = min(static_cast<int64_t>(shared.recv_count[segment]),
                              recv_rows - start);
     while (true) {
-      int64_t position = 0;
-      if (lane == 0) {
-        position = atomicAdd(claims + segment, 1);
-      }
-      position = __shfl_sync(kFullMask, position, 0);
+      const int64_t position = claimNext(claims + segment, lane);
       if (position >= rows) {
         break;
       }
       const int64_t r = start + position;
       RowMeta* meta = metaAt(recv_base, c.meta_offset, r);
-      int ok = 1;
-      if (lane == 0) {
-        ok = waitForFlag(&meta->epoch, epoch, source, context,
-                         kWaitDispatchData);
-      }
-      if (__shfl_sync(kFullMask, ok, 0) == 0) {
+      if (!warpWaitForPeer(&meta->epoch, epoch, source, context,
+                           kWaitDispatchData)) {
         return;
       }
-      __syncwarp();
       const int4 body = __ldcg(reinterpret_cast<const int4*>(meta));
       const int from = body.y >> 8;
       const int pick = body.y & 0xff;
@@ -1158,39 +1146,21 @@ __device__ void expandStaged(const DispatchParams& p,
   int source = static_cast<int>(
       (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) % R);
   while (true) {
-    int found = -1;
-    for (int base = 0; base < R && found < 0; base += 32) {
-      const int candidate = (source + base + lane) % R;
-      const unsigned open =
-          __ballot_sync(kFullMask, base + lane < R && left(candidate));
-      if (open != 0) {
-        found = (source + base + __ffs(open) - 1) % R;
-      }
-    }
-    if (found < 0) {
+    source = firstOpenGroup(source, R, lane, left);
+    if (source < 0) {
       return;
     }
-    source = found;
     while (true) {
-      int64_t slot = 0;
-      if (lane == 0) {
-        slot = atomicAdd(claims + source, 1);
-      }
-      slot = __shfl_sync(kFullMask, slot, 0);
+      const int64_t slot = claimNext(claims + source, lane);
       if (slot >= summary.tokens_from[source]) {
         break;
       }
       const int64_t index = stageIndex(c, epoch, source, slot);
       StageHeader* header = stageHeaderAt(p, stage, index);
-      int ok = 1;
-      if (lane == 0) {
-        ok = waitForFlag(&header->epoch, epoch, source, context,
-                         kWaitDispatchData);
-      }
-      if (__shfl_sync(kFullMask, ok, 0) == 0) {
+      if (!warpWaitForPeer(&header->epoch, epoch, source, context,
+                           kWaitDispatchData)) {
         return;
       }
-      __syncwarp();
       const int2 head = __ldcg(reinterpret_cast<const int2*>(header));
       const int token = head.x;
       const int picks = head.y;
