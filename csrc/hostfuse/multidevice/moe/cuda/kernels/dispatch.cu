@@ -779,14 +779,14 @@ struct Pick {
   int expert = -1;       // -1: masked (or past K)
   int rank = -1;         // the expert's rank
   int32_t position = 0;  // among this rank's rows of the expert
-  // Staged push: the staging slot on that rank, if this is the token's
-  // first pick there, else -1.
+  // Staged push, before the offsets: the staging slot on that rank, if
+  // this is the token's first pick there, else -1.
   int32_t slot = -1;
   int64_t row = -1;  // its row there; -1 before the offsets are known
 };
 
-// `offsets`: whether computeOffsets has run (the staged push reads picks
-// before it, for their positions and slots only).
+// `offsets`: whether computeOffsets has run; false (the staged push, before
+// it) gives the position and the slot instead of the row.
 template <typename IdxT>
 __device__ __forceinline__ Pick pickOf(const DispatchParams& p,
                                        const DispatchShared& shared, int64_t t,
@@ -803,11 +803,10 @@ __device__ __forceinline__ Pick pickOf(const DispatchParams& p,
       // Grid route: written by other blocks during this kernel.
       const bool local = p.local_route != 0;
       pick.position = local ? shared.positions[q] : __ldcg(p.pick_pos + q);
-      if (p.staged != 0) {
-        pick.slot = local ? shared.slots[q] : __ldcg(p.slot_pos + q);
-      }
       if (offsets) {
         pick.row = shared.offset[pick.expert] + pick.position;
+      } else if (p.staged != 0) {
+        pick.slot = local ? shared.slots[q] : __ldcg(p.slot_pos + q);
       }
     }
   }
