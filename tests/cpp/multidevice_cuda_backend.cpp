@@ -421,6 +421,21 @@ TEST(CudaBackendProgram, TwoLayersOverSeveralRunsAreBitIdenticalToCollective) {
   }
 }
 
+// `runs` runs of one program pair (masked routing, 40 - 3 * rank tokens,
+// seeds from `seed` on), each bit-identical between the backends. The
+// cuda workspace reads the HOSTFUSE_MOE_* variables at the first run.
+void expectMaskedRunsBitIdentical(const LayerSpec& spec, int runs,
+                                  uint64_t seed, const std::string& what) {
+  BackendPair pair(spec);
+  for (int run = 0; run < runs; ++run) {
+    const std::vector<c10::IValue> inputs =
+        layerInputs(spec, Routing::Masked, 40 - 3 * myRank(), seed + run);
+    const std::vector<at::Tensor> expected = pair.collective.run(inputs);
+    const std::vector<at::Tensor> actual = pair.cuda.run(inputs);
+    expectBitIdentical(actual, expected, what + ", run " + std::to_string(run));
+  }
+}
+
 // The same with the staged push (docs/moe_cuda.md), over both routes and
 // both combine modes.
 TEST(CudaBackendProgram, TheStagedPushIsBitIdentical) {
@@ -437,17 +452,9 @@ TEST(CudaBackendProgram, TheStagedPushIsBitIdentical) {
       spec.picks = 4;
       spec.weighted = true;
       spec.reduce = reduce;
-      BackendPair pair(spec);
-      for (int run = 0; run < 3; ++run) {
-        const std::vector<c10::IValue> inputs =
-            layerInputs(spec, Routing::Masked, 40 - 3 * myRank(), 91 + run);
-        const std::vector<at::Tensor> expected = pair.collective.run(inputs);
-        const std::vector<at::Tensor> actual = pair.cuda.run(inputs);
-        expectBitIdentical(actual, expected,
-                           std::string(grid_route ? "grid" : "local") +
-                               " route, " + toString(reduce) + ", run " +
-                               std::to_string(run));
-      }
+      expectMaskedRunsBitIdentical(spec, 3, 91,
+                                   std::string(grid_route ? "grid" : "local") +
+                                       " route, " + toString(reduce));
     }
   }
 }
@@ -462,16 +469,7 @@ TEST(CudaBackendProgram, TheGridRouteIsBitIdentical) {
     spec.picks = 4;
     spec.dtype = dtype;
     spec.weighted = true;
-    BackendPair pair(spec);
-    for (int run = 0; run < 2; ++run) {
-      const std::vector<c10::IValue> inputs =
-          layerInputs(spec, Routing::Masked, 40 - 3 * myRank(), 77 + run);
-      const std::vector<at::Tensor> expected = pair.collective.run(inputs);
-      const std::vector<at::Tensor> actual = pair.cuda.run(inputs);
-      expectBitIdentical(
-          actual, expected,
-          std::string(c10::toString(dtype)) + ", run " + std::to_string(run));
-    }
+    expectMaskedRunsBitIdentical(spec, 2, 77, c10::toString(dtype));
   }
 }
 
