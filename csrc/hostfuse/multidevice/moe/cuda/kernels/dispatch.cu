@@ -515,18 +515,25 @@ struct CountSummary {
   // ranks' token counts, all outside [0, T_max]; then (staged push) the R
   // ranks' token counts that disagree with the source's expert counts for
   // that rank (fewer than its largest, more than their sum). kNoBadCount
-  // if none. A peer's
-  // kernel never writes one: its workspace does not match ours, or the row was
-  // overwritten. The sums below take such a number as 0, so that nothing is
-  // read or written past T_max (the per-expert totals are int32: R * T_max
-  // fits, validateConfig checks it).
+  // if none. A peer's kernel never writes one: its workspace does not match
+  // ours, or the row was overwritten. The sums below take such a number as
+  // 0, so that nothing is read or written past T_max (the per-expert totals
+  // are int32: R * T_max fits, validateConfig checks it).
   unsigned long long bad_count;
 };
 
 constexpr unsigned long long kNoBadCount = ULLONG_MAX;
 
-// A peer's count: itself when in [0, max_tokens], else 0, with the first
-// such number of the rows recorded in `summary` (column as there).
+// Records a bad number of source's count row in `summary` (column as
+// there), keeping the first.
+__device__ __forceinline__ void noteBadCount(CountSummary& summary, int source,
+                                             int column, int stride) {
+  atomicMin(&summary.bad_count,
+            static_cast<unsigned long long>(source) * stride +
+                static_cast<unsigned long long>(column + 1));
+}
+
+// A peer's count: itself when in [0, max_tokens], else 0, noted as bad.
 __device__ __forceinline__ int32_t boundedCount(int64_t count,
                                                 int64_t max_tokens, int source,
                                                 int column, int stride,
@@ -534,9 +541,7 @@ __device__ __forceinline__ int32_t boundedCount(int64_t count,
   if (count >= 0 && count <= max_tokens) {
     return static_cast<int32_t>(count);
   }
-  atomicMin(&summary.bad_count,
-            static_cast<unsigned long long>(source) * stride +
-                static_cast<unsigned long long>(column + 1));
+  noteBadCount(summary, source, column, stride);
   return 0;
 }
 
@@ -591,9 +596,7 @@ __device__ __forceinline__ Offsets computeOffsets(
     }
     boundedCount(__ldcg(&header->tokens), c.max_tokens,
                  static_cast<int>(threadIdx.x), -1, stride, summary);
-    summary.tokens_from[threadIdx.x] = 0;
   }
-  __syncthreads();
   if (p.staged != 0) {
     // Every source's token count for every rank, checked by every rank
     // against the expert counts of the same row, so that all agree on a
@@ -614,12 +617,10 @@ __device__ __forceinline__ Offsets computeOffsets(
         most = max(most, count);
       }
       if (tokens < most || tokens > sum) {
-        atomicMin(&summary.bad_count,
-                  static_cast<unsigned long long>(source) * stride +
-                      static_cast<unsigned long long>(E + R + d + 1));
+        noteBadCount(summary, source, E + R + d, stride);
       }
       if (d == c.rank) {
-        summary.tokens_from[source] = tokens;
+        summary.tokens_from[source] = tokens;  // read after a barrier below
       }
     }
   }
@@ -1263,19 +1264,28 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
   }
 
-  // --- Staged push: the rows go before any count row is in.
-  const bool push_block = static_cast<int>(blockIdx.x) < c.push_blocks;
-  if (p.staged != 0 && push_block) {
-    // Grid route: every block's positions final (uniform in the block).
+  // Block-wide: `write` once every block's positions are final (grid
+  // route: the second barrier; uniform in the block), then the profile mark
+  // of `phase`. False when the wait failed.
+  auto whenRanked = [&](int phase, auto&& write) {
     if (p.local_route == 0 &&
         !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
-      return;
+      return false;
     }
-    pushStaged<IdxT, U>(p, shared, epoch);
+    write();
     if (prof != nullptr) {  // uniform in the block
       __syncthreads();
-      profileMark(prof, kDispatchPushed);
+      profileMark(prof, phase);
     }
+    return true;
+  };
+
+  // --- Staged push: the rows go before any count row is in.
+  const bool push_block = static_cast<int>(blockIdx.x) < c.push_blocks;
+  if (p.staged != 0 && push_block && !whenRanked(kDispatchPushed, [&] {
+        pushStaged<IdxT, U>(p, shared, epoch);
+      })) {
+    return;
   }
 
   // --- Offsets from all R count rows of this epoch.
@@ -1299,28 +1309,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       c.pick_rank[q] = -1;
     }
   } else if (push_block) {
-    if (p.staged == 0) {
-      // Grid route: every block's pick_pos final (uniform in the block).
-      if (p.local_route == 0 &&
-          !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
-        return;
-      }
-      pushToPeer<IdxT, U>(p, shared, epoch);
-      if (prof != nullptr) {  // uniform in the block
-        __syncthreads();
-        profileMark(prof, kDispatchPushed);
-      }
-    }
-  } else {
-    if (p.local_route == 0 &&
-        !gridWait(&state->dispatch_ranked, ranked, c.rank, context)) {
+    if (p.staged == 0 && !whenRanked(kDispatchPushed, [&] {
+          pushToPeer<IdxT, U>(p, shared, epoch);
+        })) {
       return;
     }
-    writeLocalRows<IdxT, U>(p, shared);
-    if (prof != nullptr) {  // uniform in the block
-      __syncthreads();
-      profileMark(prof, kDispatchLocalRows);
-    }
+  } else if (!whenRanked(kDispatchLocalRows,
+                         [&] { writeLocalRows<IdxT, U>(p, shared); })) {
+    return;
   }
 
   // --- Expand the received rows.
