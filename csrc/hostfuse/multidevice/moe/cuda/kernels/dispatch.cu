@@ -939,8 +939,18 @@ __device__ void pushStaged(const DispatchParams& p,
   }
 }
 
+// The most warps that share one token's local rows, and the fewest units a
+// warp copies of it.
+constexpr int64_t kMaxLocalPieces = 16;
+constexpr int64_t kMinPieceUnits = 64;
+
 // Local blocks: this rank's rows, one per pick (local copies are cheap),
-// with their provenance, and pick_row / pick_rank of every pick.
+// with their provenance, and pick_row / pick_rank of every pick. With
+// fewer tokens than local warps, a token's row is cut into pieces, each
+// copied by its own warp to all the token's rows here (one token per warp
+// left most warps idle: 9.7 of the 22-us dispatch at T = 128 on one rank,
+// 1 x H200, docs/perf_log.md); the first piece's warp writes the
+// provenance and pick_row.
 template <typename IdxT, typename U>
 __device__ void writeLocalRows(const DispatchParams& p,
                                const DispatchShared& shared) {
@@ -951,21 +961,27 @@ __device__ void writeLocalRows(const DispatchParams& p,
   const unsigned lower_lanes = (1u << lane) - 1;
   const int64_t units = c.row_bytes / static_cast<int64_t>(sizeof(U));
   void* const recv = c.recv[c.rank];
-  // Consecutive tokens on different blocks, as in the push groups.
+  // Consecutive work items on different blocks, as in the push groups.
   const int64_t blocks = gridDim.x - c.push_blocks;
   const int64_t warps = blocks * kWarpsPerBlock;
-  for (int64_t t = warp * blocks + (blockIdx.x - c.push_blocks); t < p.tokens;
-       t += warps) {
+  const int64_t pieces =
+      max(int64_t{1}, min(min(kMaxLocalPieces, units / kMinPieceUnits),
+                          warps / max(p.tokens, int64_t{1})));
+  const int64_t piece_units = (units + pieces - 1) / pieces;
+  for (int64_t item = warp * blocks + (blockIdx.x - c.push_blocks);
+       item < p.tokens * pieces; item += warps) {
+    const int64_t t = item / pieces;
+    const int64_t piece = item % pieces;
     const Pick pick = pickOf<IdxT>(p, shared, t, lane);
     const bool here = pick.expert >= 0 && pick.rank == c.rank;
     const bool fits = here && pick.row < p.capacity;
-    if (lane < c.topk) {
+    if (piece == 0 && lane < c.topk) {
       c.pick_row[t * c.topk + lane] = pick.expert >= 0 && pick.row < p.capacity
                                           ? static_cast<int32_t>(pick.row)
                                           : -1;
       c.pick_rank[t * c.topk + lane] = pick.rank;
     }
-    if (fits) {
+    if (piece == 0 && fits) {
       p.recv_src_token[pick.row] = t;
       p.recv_src_rank[pick.row] = c.rank;
       p.recv_src_k[pick.row] = lane;
@@ -985,8 +1001,9 @@ __device__ void writeLocalRows(const DispatchParams& p,
     copyUnits<U, false>(destinations[warp], __popc(carriers),
                         reinterpret_cast<const U*>(
                             static_cast<const char*>(p.x) + t * c.row_bytes),
-                        0, units, lane);
-    __syncwarp();  // destinations[warp] is rewritten for the next token
+                        piece * piece_units,
+                        min(units, (piece + 1) * piece_units), lane);
+    __syncwarp();  // destinations[warp] is rewritten for the next item
   }
 }
 
