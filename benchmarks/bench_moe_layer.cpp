@@ -444,6 +444,7 @@ int main(int argc, char** argv) {
   const DeviceRates rates = measureRates(device);
   int replays_per_stage_sample = 0;
   std::vector<Row> rows;
+  bool own_grouped_gemm = false;
   try {
     // Weights made on the GPU: the router the same on every rank, the
     // experts this rank's.
@@ -464,6 +465,7 @@ int main(int argc, char** argv) {
     const at::Tensor w_down = expert({L, I, H});
     const std::vector<at::Tensor> experts =
         moeLayerExpertWeights(config, w_gate, w_up, w_down);
+    own_grouped_gemm = groupedMatmulUsesOwnKernel(experts.back());
     HostIrEvaluator collective(makeMoeLayerProgram(collective_config));
 
     for (const int64_t tokens : args.tokens) {
@@ -570,6 +572,7 @@ int main(int argc, char** argv) {
         "MoE layer: %lld ranks (%s), H = %lld, I = %lld, E = %lld (%lld per "
         "rank), K = %lld, bf16 (router in fp32)\n"
         "modes: quantize=%s, reduce=%s, gate and up as %s\n"
+        "grouped GEMMs on the GPU: %s\n"
         "time per step: median over %d blocks of back-to-back steps, slowest "
         "rank\n\n",
         static_cast<long long>(comm.size()), properties.name,
@@ -580,6 +583,10 @@ int main(int argc, char** argv) {
         static_cast<long long>(config.topk), toString(config.quantize),
         toString(config.reduce),
         config.fused_gate_up ? "one grouped GEMM" : "two grouped GEMMs",
+        own_grouped_gemm
+            ? "hostfuse's sm_90a kernel"
+            : "at::_grouped_mm (HOSTFUSE_TORCH_GROUPED_GEMM=1 or not an sm_90 "
+              "GPU)",
         args.blocks);
     std::printf("%6s  %16s  %12s  %12s  %18s  %16s  %10s\n", "T",
                 "eager-collective", "eager-cuda", "graph replay",

@@ -16,10 +16,12 @@
 #include <hostfuse/ir/grouped_matmul.h>
 #include <hostfuse/ir/kernels/fp8_dequant.h>
 #include <hostfuse/ir/kernels/group_ends.h>
+#include <hostfuse/ir/kernels/grouped_gemm_sm90.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/multidevice/comm/communicator.h>
 #include <hostfuse/multidevice/moe/nodes.h>
 #include <hostfuse/utils/cuda_utils.h>
+#include <hostfuse/utils/driver_api.h>
 #include <hostfuse/utils/torch_cuda.h>
 #include "test_utils.h"
 
@@ -370,6 +372,194 @@ TEST(GroupEndsKernel, MatchesTheClampedRunningSum) {
   EXPECT_EQ(
       kernels::launchGroupEnds(nullptr, -1, 8, nullptr, cuda::currentStream(0)),
       cudaErrorInvalidValue);
+}
+
+namespace {
+
+// The rows of each group as GroupedMatmul defines them (clamped counts,
+// cut at x's rows), worked out on the host: [begin, end) per group.
+std::vector<std::pair<int64_t, int64_t>> groupRows(
+    const std::vector<int64_t>& counts, int64_t rows) {
+  std::vector<std::pair<int64_t, int64_t>> result;
+  __int128 sum = 0;
+  for (const int64_t count : counts) {
+    const auto begin = static_cast<int64_t>(std::min<__int128>(sum, rows));
+    sum += std::max<int64_t>(count, 0);
+    result.emplace_back(begin,
+                        static_cast<int64_t>(std::min<__int128>(sum, rows)));
+  }
+  return result;
+}
+
+// x [rows, k] and weights [groups, n, k] (K-major) in bf16, from fixed
+// seeds, scaled so that the products are of order 1.
+std::pair<at::Tensor, at::Tensor> gemmOperands(int64_t rows, int64_t n,
+                                               int64_t k, int64_t groups,
+                                               uint64_t seed) {
+  const at::Device gpu(at::kCUDA, 0);
+  return {test::randomTensor({rows, k}, at::kBFloat16, gpu, seed),
+          (test::randomTensor({groups, n, k}, at::kFloat, gpu, seed + 1) /
+           std::sqrt(static_cast<double>(k)))
+              .to(at::kBFloat16)};
+}
+
+// Each group's rows of `out` against fp32 matmuls of the same bf16 values
+// (bf16 rounding of the output apart).
+void expectGroupProducts(const at::Tensor& out, const at::Tensor& x,
+                         const at::Tensor& w_nk,
+                         const std::vector<int64_t>& counts) {
+  const auto groups = groupRows(counts, x.size(0));
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const auto [begin, end] = groups[g];
+    if (end > begin) {
+      SCOPED_TRACE("group " + std::to_string(g));
+      test::expectClose(
+          out.narrow(0, begin, end - begin).to(at::kFloat),
+          at::matmul(x.narrow(0, begin, end - begin).to(at::kFloat),
+                     w_nk[static_cast<int64_t>(g)].to(at::kFloat).t()),
+          1e-2, 1e-2);
+    }
+  }
+}
+
+bool ownGroupedGemmRunsHere() {
+  return !test::deviceUnavailable(at::Device(at::kCUDA, 0)) &&
+         cuda::computeCapability(0) == std::make_pair(9, 0);
+}
+
+}  // namespace
+
+// hostfuse's sm_90a grouped GEMM (compute capability 9.0 only): every
+// group's rows against fp32 matmuls, for counts that are irregular,
+// negative, empty, past the rows or the largest i64, K not a multiple of
+// the 64-wide K step, N not a multiple of any tile width, up to 256
+// groups; and every row and column it must not write (rows past the last
+// group, the columns past n of a wider output) keeps its NaN pattern.
+TEST(GroupedGemmKernel, MatchesPerGroupMatmulsAndWritesNothingElse) {
+  if (!ownGroupedGemmRunsHere()) {
+    GTEST_SKIP() << "needs a GPU of compute capability 9.0";
+  }
+  const cuda::DeviceScope scope(0);
+  const auto encode = driver::api().cuTensorMapEncodeTiled;
+  ASSERT_NE(encode, nullptr);
+  struct Case {
+    int64_t rows, n, k;
+    std::vector<int64_t> counts;
+    int64_t extra_columns;
+  };
+  std::vector<Case> cases = {
+      {256, 256, 64, {128, 128}, 0},
+      {700, 136, 200, {0, 1, 200, -3, 300, 77}, 8},
+      {300, 520, 128, {100, 500, 50}, 0},
+      {64, 1000, 8, {std::numeric_limits<int64_t>::max(), 5}, 16},
+      {1024, 4096, 1024, {128, 128, 128, 128, 128, 128, 128, 128}, 0},
+      {1500, 7168, 256, {700, 20, 0, 300, 129, 127, 1, 200}, 0},
+  };
+  // 33 and 256 groups with counts in [-3, 40) from a fixed-seed generator.
+  uint64_t state = 5;
+  for (const int64_t groups : {33, 256}) {
+    std::vector<int64_t> counts;
+    int64_t sum = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      counts.push_back(static_cast<int64_t>(state >> 33) % 43 - 3);
+      sum += std::max<int64_t>(counts.back(), 0);
+    }
+    cases.push_back({sum + 5, 96, 96, counts, 0});
+  }
+  uint64_t seed = 100;
+  for (const Case& c : cases) {
+    SCOPED_TRACE("rows=" + std::to_string(c.rows) +
+                 " n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
+                 " groups=" + std::to_string(c.counts.size()));
+    const auto groups = static_cast<int64_t>(c.counts.size());
+    const auto [x, w] = gemmOperands(c.rows, c.n, c.k, groups, seed += 2);
+    const at::Tensor counts = at::tensor(c.counts, at::kLong).to(x.device());
+    const int64_t stride = c.n + c.extra_columns;
+    // A NaN pattern in every element before the call.
+    at::Tensor out =
+        at::full({c.rows, stride}, 0x7FC1, x.options().dtype(at::kShort))
+            .view(at::kBFloat16);
+    kernels::GroupedGemmProblem problem;
+    problem.x = x.const_data_ptr();
+    problem.w = w.const_data_ptr();
+    problem.counts = counts.const_data_ptr<int64_t>();
+    problem.out = out.mutable_data_ptr();
+    problem.rows = c.rows;
+    problem.n = c.n;
+    problem.k = c.k;
+    problem.groups = groups;
+    problem.out_stride = stride;
+    ASSERT_STREQ(kernels::groupedGemmUnsupported(problem), "");
+    ASSERT_EQ(kernels::launchGroupedGemm(problem, cuda::multiprocessorCount(0),
+                                         encode, cuda::currentStream(0)),
+              cudaSuccess);
+    expectGroupProducts(out.narrow(1, 0, c.n), x, w, c.counts);
+    const at::Tensor bits = out.view(at::kShort).cpu();
+    const auto rows = groupRows(c.counts, c.rows);
+    const int64_t written = rows.back().second;
+    EXPECT_TRUE(
+        bits.narrow(0, written, c.rows - written).eq(0x7FC1).all().item<bool>())
+        << "rows past the last group were written";
+    if (c.extra_columns > 0) {
+      EXPECT_TRUE(
+          bits.narrow(1, c.n, c.extra_columns).eq(0x7FC1).all().item<bool>())
+          << "columns past n were written";
+    }
+  }
+  // Problems the kernel refuses, naming why; the launch refuses them too.
+  kernels::GroupedGemmProblem bad;
+  bad.x = bad.w = bad.out = reinterpret_cast<void*>(uintptr_t{256});
+  bad.counts = reinterpret_cast<const int64_t*>(uintptr_t{256});
+  bad.rows = 8;
+  bad.n = 64;
+  bad.k = 60;
+  bad.groups = 2;
+  bad.out_stride = 64;
+  EXPECT_NE(std::string(kernels::groupedGemmUnsupported(bad)).find("k must"),
+            std::string::npos);
+  EXPECT_EQ(kernels::launchGroupedGemm(bad, 132, encode, nullptr),
+            cudaErrorInvalidValue);
+  bad.k = 64;
+  bad.groups = 257;
+  EXPECT_NE(
+      std::string(kernels::groupedGemmUnsupported(bad)).find("groups must"),
+      std::string::npos);
+  bad.groups = 2;
+  bad.out = reinterpret_cast<void*>(uintptr_t{258});
+  EXPECT_NE(
+      std::string(kernels::groupedGemmUnsupported(bad)).find("16-byte aligned"),
+      std::string::npos);
+}
+
+// GroupedMatmul on K-major bf16 weights on the GPU: hostfuse's kernel (on
+// compute capability 9.0) and at::_grouped_mm (HOSTFUSE_TORCH_GROUPED_GEMM=1)
+// both give each group's products.
+TEST_F(MoeIr, GroupedMatmulOnKMajorWeightsMatchesOnEitherKernel) {
+  const at::Device gpu(at::kCUDA, 0);
+  HF_SKIP_IF_UNAVAILABLE(gpu);
+  if (!groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 512, 384, 4)) {
+    GTEST_SKIP() << "GroupedMatmul has no device path on this GPU";
+  }
+  TensorView* x = makeTensor({kSymbolic, 512}, DataType::BFloat16, "x");
+  TensorView* w = makeTensor({4, 512, 384}, DataType::BFloat16, "w");
+  TensorView* counts = makeTensor({4}, DataType::Int64, "counts");
+  program_->addInput(x);
+  program_->addInput(w);
+  program_->addInput(counts);
+  program_->addOutput(groupedMatmul(x, w, counts));
+  HostIrEvaluator evaluator(std::move(program_));
+  const std::vector<int64_t> count_values = {100, 0, 300, 57};
+  const auto [xv, w_nk] = gemmOperands(500, 384, 512, 4, 40);
+  const at::Tensor k_major = w_nk.transpose(1, 2);  // [4, 512, 384] view
+  const at::Tensor cv = at::tensor(count_values, at::kLong).to(gpu);
+  for (const char* torch_gemm : {"0", "1"}) {
+    SCOPED_TRACE(std::string("HOSTFUSE_TORCH_GROUPED_GEMM=") + torch_gemm);
+    const test::ScopedEnvironment env("HOSTFUSE_TORCH_GROUPED_GEMM",
+                                      torch_gemm);
+    const at::Tensor out = evaluator.run({xv, k_major, cv})[0];
+    expectGroupProducts(out, xv, w_nk, count_values);
+  }
 }
 
 TEST_F(MoeIr, GroupedMatmulSaysWhichOperandsRunOnTheDevice) {

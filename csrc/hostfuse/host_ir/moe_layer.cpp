@@ -129,10 +129,14 @@ std::vector<at::Tensor> moeLayerExpertWeights(const MoeLayerConfig& config,
                                               const at::Tensor& w_gate,
                                               const at::Tensor& w_up,
                                               const at::Tensor& w_down) {
+  // Same values, stored K-major: the memory of [L, N, H] seen as [L, H, N].
+  auto k_major = [](const at::Tensor& w) {
+    return w.transpose(1, 2).contiguous().transpose(1, 2);
+  };
   if (config.fused_gate_up) {
-    return {at::cat({w_gate, w_up}, 2), w_down};
+    return {k_major(at::cat({w_gate, w_up}, 2)), k_major(w_down)};
   }
-  return {w_gate, w_up, w_down};
+  return {k_major(w_gate), k_major(w_up), k_major(w_down)};
 }
 
 std::vector<size_t> moeLayerPersistentInputs(const MoeLayerConfig& config) {

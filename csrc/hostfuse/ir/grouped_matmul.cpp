@@ -5,9 +5,12 @@
 #include <hostfuse/ir/container.h>
 #include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/kernels/group_ends.h>
+#include <hostfuse/ir/kernels/grouped_gemm_sm90.h>
 #include <hostfuse/ir/operand_checks.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/utils/cuda_utils.h>
+#include <hostfuse/utils/driver_api.h>
+#include <hostfuse/utils/options.h>
 #include <hostfuse/utils/torch_cuda.h>
 
 namespace hostfuse {
@@ -93,12 +96,65 @@ bool groupedMatmulRunsOnDevice(at::ScalarType dtype, const at::Device& device,
 namespace {
 
 // Makes `t` contiguous with a 16-byte aligned start (TMA loads need both).
+// Weights stored K-major (the last two dims transposed) are kept as they
+// are: at::_grouped_mm takes them so.
 at::Tensor aligned(const at::Tensor& t) {
-  at::Tensor result = t.contiguous();
+  at::Tensor result =
+      t.dim() == 3 && t.transpose(1, 2).is_contiguous() ? t : t.contiguous();
   if (reinterpret_cast<uintptr_t>(result.data_ptr()) % 16 != 0) {
     result = result.clone();
   }
   return result;
+}
+
+}  // namespace
+
+bool groupedMatmulUsesOwnKernel(const at::Tensor& weights) {
+  if (!weights.is_cuda() || weights.dim() != 3 ||
+      weights.scalar_type() != at::kBFloat16 ||
+      options::boolOr(Option::TorchGroupedGemm)) {
+    return false;
+  }
+  const int64_t hidden = weights.size(1);
+  const int64_t n = weights.size(2);
+  return cuda::computeCapability(weights.device().index()) ==
+             std::make_pair(9, 0) &&
+         weights.stride(1) == 1 && weights.stride(2) == hidden &&
+         weights.stride(0) == hidden * n &&
+         driver::api().cuTensorMapEncodeTiled != nullptr;
+}
+
+namespace {
+
+// hostfuse's sm_90a grouped GEMM for these operands, or an undefined
+// tensor where it does not apply (groupedMatmulUsesOwnKernel, x
+// contiguous, and what the kernel itself accepts).
+at::Tensor ownGroupedGemm(const at::Tensor& x, const at::Tensor& weights,
+                          const at::Tensor& counts) {
+  if (!groupedMatmulUsesOwnKernel(weights) || !x.is_contiguous()) {
+    return {};
+  }
+  const int device = x.device().index();
+  const int64_t hidden = weights.size(1);
+  const int64_t n = weights.size(2);
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  kernels::GroupedGemmProblem problem;
+  problem.x = x.const_data_ptr();
+  problem.w = weights.const_data_ptr();
+  problem.counts = counts.const_data_ptr<int64_t>();
+  problem.out = out.mutable_data_ptr();
+  problem.rows = x.size(0);
+  problem.n = n;
+  problem.k = hidden;
+  problem.groups = weights.size(0);
+  problem.out_stride = n;
+  if (*kernels::groupedGemmUnsupported(problem) != '\0') {
+    return {};
+  }
+  HF_CUDA_CHECK(kernels::launchGroupedGemm(
+      problem, cuda::multiprocessorCount(device),
+      driver::api().cuTensorMapEncodeTiled, cuda::currentStream(device)));
+  return out;
 }
 
 at::Tensor groupedMatmulOnDevice(const at::Tensor& x, const at::Tensor& weights,
@@ -107,13 +163,16 @@ at::Tensor groupedMatmulOnDevice(const at::Tensor& x, const at::Tensor& weights,
   if (rows == 0) {
     return at::empty({0, weights.size(2)}, x.options());
   }
-  // Group ends on the device, made monotone and cut at x's rows so that no
-  // count can make the kernel read or write past x or out.
   const at::Tensor long_counts = counts.to(at::kLong).contiguous();
-  at::Tensor ends =
-      at::empty({long_counts.size(0)}, long_counts.options().dtype(at::kInt));
   const int device = x.device().index();
   const cuda::DeviceScope scope(device);
+  if (at::Tensor out = ownGroupedGemm(x, weights, long_counts); out.defined()) {
+    return out;
+  }
+  // Group ends on the device, made monotone and cut at x's rows so that no
+  // count can make the kernel read or write past x or out.
+  at::Tensor ends =
+      at::empty({long_counts.size(0)}, long_counts.options().dtype(at::kInt));
   HF_CUDA_CHECK(kernels::launchGroupEnds(
       long_counts.const_data_ptr<int64_t>(), long_counts.size(0), rows,
       ends.mutable_data_ptr<int32_t>(), cuda::currentStream(device)));

@@ -3,6 +3,7 @@
 // single-device op: it knows nothing of ranks or backends.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
@@ -23,11 +24,16 @@ namespace hostfuse {
 // device path).
 //
 // Two paths, chosen by groupedMatmulRunsOnDevice():
-//   device  at::_grouped_mm with the group ends (inclusive cumsum of the
-//           counts, int32) computed on the device: no host synchronization,
-//           so it can be captured in a CUDA graph. Counts are trusted there
-//           (checking them would need the host): a negative count reads as
-//           0, and groups past x's rows are cut at its end.
+//   device  no host synchronization, so it can be captured in a CUDA
+//           graph. Counts are trusted there (checking them would need the
+//           host): a negative count reads as 0, and groups past x's rows
+//           are cut at its end. On a GPU of compute capability 9.0 with
+//           weights stored K-major (the memory of [L, N, H] seen as
+//           [L, H, N]), hostfuse's own grouped GEMM
+//           (kernels/grouped_gemm_sm90.h) runs, reading the counts on the
+//           device; else, or with HOSTFUSE_TORCH_GROUPED_GEMM=1,
+//           at::_grouped_mm with the group ends (inclusive cumsum of the
+//           counts, int32) computed by a small kernel.
 //   host    one matmul per group; reads the counts on the host (a device
 //           synchronization for CUDA counts), checks that they are >= 0 and
 //           fit x's rows.
@@ -67,6 +73,13 @@ class GroupedMatmul : public Expr {
 bool groupedMatmulRunsOnDevice(at::ScalarType dtype, const at::Device& device,
                                int64_t hidden, int64_t n, int64_t groups,
                                std::string* why_not = nullptr);
+
+// Whether GroupedMatmul's device path multiplies by `weights` with
+// hostfuse's own sm_90a grouped GEMM (rather than at::_grouped_mm): bf16
+// weights stored K-major on a GPU of compute capability 9.0, and
+// HOSTFUSE_TORCH_GROUPED_GEMM unset. (The kernel also needs x contiguous
+// and at most kernels::kGroupedGemmMaxGroups groups.)
+bool groupedMatmulUsesOwnKernel(const at::Tensor& weights);
 
 // Builds a GroupedMatmul in the active container (see FusionGuard). `x`
 // f8e4m3 needs `x_scales` (as MoeDispatch with quantize=fp8_e4m3 returns

@@ -45,7 +45,8 @@
   X(cuMemUnmap, 10020)                                 \
   X(cuMemSetAccess, 10020)                             \
   X(cuMemExportToShareableHandle, 10020)               \
-  X(cuMemImportFromShareableHandle, 10020)
+  X(cuMemImportFromShareableHandle, 10020)             \
+  X(cuTensorMapEncodeTiled, 12000)
 
 namespace hostfuse::driver {
 

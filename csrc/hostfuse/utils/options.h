@@ -44,6 +44,9 @@ constexpr double kMaxTimeoutSeconds = 86400;
     "cuda MoE backend works (for tests on small machines, never for speed).")  \
   X(DumpKernels, "HOSTFUSE_DUMP_KERNELS", Bool, "0", 0, 1,                     \
     "Print the CUDA source of every fusion kernel when it is compiled.")       \
+  X(TorchGroupedGemm, "HOSTFUSE_TORCH_GROUPED_GEMM", Bool, "0", 0, 1,          \
+    "Run GroupedMatmul on at::_grouped_mm even where hostfuse's own sm_90a "   \
+    "grouped GEMM takes the operands (to compare the two).")                   \
   X(MoeBlocks, "HOSTFUSE_MOE_BLOCKS", Integer, "", 1, 1e6,                     \
     "Blocks per cuda-backend MoE kernel; unset: one per SM that fits. "        \
     "Clamped to [R, what fits on the GPU at once].")                           \

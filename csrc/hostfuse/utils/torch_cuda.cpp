@@ -44,6 +44,20 @@ std::pair<int, int> computeCapability(int device) {
   return it->second;
 }
 
+int multiprocessorCount(int device) {
+  static std::mutex mutex;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    int sms = 0;
+    HF_CUDA_CHECK(
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    it = cache.emplace(device, sms).first;
+  }
+  return it->second;
+}
+
 bool isCapturing(int device) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   HF_CUDA_CHECK(cudaStreamIsCapturing(currentStream(device), &status));

@@ -28,6 +28,9 @@ cudaStream_t currentStream(int device);
 // (major, minor) compute capability of `device`; cached per device.
 std::pair<int, int> computeCapability(int device);
 
+// Number of SMs of `device`; cached per device.
+int multiprocessorCount(int device);
+
 // True while the current stream of `device` is being captured into a CUDA
 // graph: work queued now is recorded, not run, so nothing may wait for it.
 bool isCapturing(int device);
