@@ -584,7 +584,10 @@ int main(int argc, char** argv) {
         toString(config.reduce),
         config.fused_gate_up ? "one grouped GEMM" : "two grouped GEMMs",
         own_grouped_gemm
-            ? "hostfuse's sm_90a kernel"
+            ? ("hostfuse's sm_90a kernel up to " +
+               std::to_string(kOwnGroupedGemmMaxRowsPerGroup) +
+               " rows per expert, else at::_grouped_mm")
+                  .c_str()
             : "at::_grouped_mm (HOSTFUSE_TORCH_GROUPED_GEMM=1 or not an sm_90 "
               "GPU)",
         args.blocks);

@@ -454,6 +454,8 @@ TEST(GroupedGemmKernel, MatchesPerGroupMatmulsAndWritesNothingElse) {
       {64, 1000, 8, {std::numeric_limits<int64_t>::max(), 5}, 16},
       {1024, 4096, 1024, {128, 128, 128, 128, 128, 128, 128, 128}, 0},
       {1500, 7168, 256, {700, 20, 0, 300, 129, 127, 1, 200}, 0},
+      // Groups of 9 and 11 row tiles: a full band of 8 and a partial one.
+      {2500, 264, 72, {1100, 1300, 0, 90}, 8},
   };
   // 33 and 256 groups with counts in [-3, 40) from a fixed-seed generator.
   uint64_t state = 5;

@@ -127,11 +127,13 @@ bool groupedMatmulUsesOwnKernel(const at::Tensor& weights) {
 namespace {
 
 // hostfuse's sm_90a grouped GEMM for these operands, or an undefined
-// tensor where it does not apply (groupedMatmulUsesOwnKernel, x
-// contiguous, and what the kernel itself accepts).
+// tensor where it does not apply (groupedMatmulUsesOwnKernel, at most
+// kOwnGroupedGemmMaxRowsPerGroup rows of x per group, x contiguous, and
+// what the kernel itself accepts).
 at::Tensor ownGroupedGemm(const at::Tensor& x, const at::Tensor& weights,
                           const at::Tensor& counts) {
-  if (!groupedMatmulUsesOwnKernel(weights) || !x.is_contiguous()) {
+  if (!groupedMatmulUsesOwnKernel(weights) || !x.is_contiguous() ||
+      x.size(0) > kOwnGroupedGemmMaxRowsPerGroup * weights.size(0)) {
     return {};
   }
   const int device = x.device().index();

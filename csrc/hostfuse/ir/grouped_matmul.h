@@ -74,12 +74,20 @@ bool groupedMatmulRunsOnDevice(at::ScalarType dtype, const at::Device& device,
                                int64_t hidden, int64_t n, int64_t groups,
                                std::string* why_not = nullptr);
 
-// Whether GroupedMatmul's device path multiplies by `weights` with
+// Whether GroupedMatmul's device path may multiply by `weights` with
 // hostfuse's own sm_90a grouped GEMM (rather than at::_grouped_mm): bf16
 // weights stored K-major on a GPU of compute capability 9.0, and
-// HOSTFUSE_TORCH_GROUPED_GEMM unset. (The kernel also needs x contiguous
-// and at most kernels::kGroupedGemmMaxGroups groups.)
+// HOSTFUSE_TORCH_GROUPED_GEMM unset. It then does for x of at most
+// kOwnGroupedGemmMaxRowsPerGroup rows per group (contiguous, at most
+// kernels::kGroupedGemmMaxGroups groups).
 bool groupedMatmulUsesOwnKernel(const at::Tensor& weights);
+
+// Up to this many rows of x per group (x's rows / L, padding included)
+// the own kernel was measured as fast as at::_grouped_mm or faster; with
+// more rows, where the GEMM is bound by the tensor cores, slower (1 x H100,
+// 8 groups of 4096 rows, H = 7168: 3355 against 2858 us; docs/perf_log.md,
+// 2026-12-05, session 14), so at::_grouped_mm runs there.
+inline constexpr int64_t kOwnGroupedGemmMaxRowsPerGroup = 512;
 
 // Builds a GroupedMatmul in the active container (see FusionGuard). `x`
 // f8e4m3 needs `x_scales` (as MoeDispatch with quantize=fp8_e4m3 returns

@@ -6,7 +6,8 @@
 // rows x BN output columns of one group in turn. Tiles are numbered group
 // by group, and within a group the tiles of one column range (one slice of
 // the group's weights) are consecutive, so the blocks that read the same
-// weight slice run at the same time and HBM serves it once.
+// weight slice run at the same time and HBM serves it once; groups of
+// many rows go in bands of 8 row tiles (placeOfTile).
 //
 // A block has three warpgroups. The first is the producer: one thread
 // loads the x tile (128 rows x 64) and the weight tile (BN x 64) of every
@@ -259,6 +260,29 @@ __device__ __forceinline__ int groupOfTile(const int* first_tile, int groups,
   return low;
 }
 
+// Within a group, tiles go in bands of up to kBandTiles row tiles: all the
+// column tiles of a band, row tile fastest, then the next band. Blocks
+// that run at the same time then share a few row tiles of x and a few
+// slices of weights, both held in L2. (Row tile fastest over the whole
+// group made every block of a wave read other rows of x, read again from
+// HBM for every column tile once a group has more rows than L2 holds: at
+// 4096 rows per group the gate-and-up GEMM took 3935 us against
+// at::_grouped_mm's 2544 on an H100, docs/perf_log.md.)
+constexpr int kBandTiles = 8;
+
+struct TilePlace {
+  int m;  // row tile in the group
+  int n;  // column tile
+};
+
+__device__ __forceinline__ TilePlace placeOfTile(int local, int m_tiles,
+                                                 int n_tiles) {
+  const int band = local / (kBandTiles * n_tiles);
+  const int in_band = local - band * kBandTiles * n_tiles;
+  const int band_rows = min(kBandTiles, m_tiles - band * kBandTiles);
+  return {band * kBandTiles + in_band % band_rows, in_band / band_rows};
+}
+
 template <int BN>
 __global__ void __launch_bounds__(kThreads, 1)
     groupedGemmKernel(const __grid_constant__ CUtensorMap x_map,
@@ -340,9 +364,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int tile = static_cast<int>(blockIdx.x); tile < total_tiles;
            tile += static_cast<int>(gridDim.x)) {
         const int g = groupOfTile(first_tile, p.groups, tile);
-        const int local = tile - first_tile[g];
-        const int row0 = row_begin[g] + (local % m_tiles[g]) * kTileM;
-        const int w_row0 = g * p.n + (local / m_tiles[g]) * BN;
+        const TilePlace place =
+            placeOfTile(tile - first_tile[g], m_tiles[g], p.n_tiles);
+        const int row0 = row_begin[g] + place.m * kTileM;
+        const int w_row0 = g * p.n + place.n * BN;
         for (int kb = 0; kb < p.k_blocks; ++kb) {
           barrierWait(&empty[stage], phase ^ 1);
           uint8_t* const a = stages + stage * T::kStageBytes;
@@ -368,9 +393,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int tile = static_cast<int>(blockIdx.x); tile < total_tiles;
        tile += static_cast<int>(gridDim.x)) {
     const int g = groupOfTile(first_tile, p.groups, tile);
-    const int local = tile - first_tile[g];
-    const int row0 = row_begin[g] + (local % m_tiles[g]) * kTileM;
-    const int col0 = (local / m_tiles[g]) * BN;
+    const TilePlace place =
+        placeOfTile(tile - first_tile[g], m_tiles[g], p.n_tiles);
+    const int row0 = row_begin[g] + place.m * kTileM;
+    const int col0 = place.n * BN;
     // The multiplies of one stage stay in flight while the next stage's
     // are issued; a stage is released once its multiplies are done.
     int in_flight = -1;
