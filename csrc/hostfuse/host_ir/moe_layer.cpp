@@ -6,6 +6,7 @@
 #include <hostfuse/ir/narrow.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/ir/topk_softmax.h>
+#include <hostfuse/utils/torch_cuda.h>
 
 namespace hostfuse {
 
@@ -129,8 +130,15 @@ std::vector<at::Tensor> moeLayerExpertWeights(const MoeLayerConfig& config,
                                               const at::Tensor& w_gate,
                                               const at::Tensor& w_up,
                                               const at::Tensor& w_down) {
-  // Same values, stored K-major: the memory of [L, N, H] seen as [L, H, N].
+  // Same values, stored K-major (the memory of [L, N, H] seen as
+  // [L, H, N]) on a GPU of compute capability 9.0, where hostfuse's grouped
+  // GEMM reads them; elsewhere as given (at::_grouped_mm reads the plain
+  // layout as fast or faster: docs/performance.md).
   auto k_major = [](const at::Tensor& w) {
+    if (!w.is_cuda() ||
+        cuda::computeCapability(w.device().index()) != std::make_pair(9, 0)) {
+      return w;
+    }
     return w.transpose(1, 2).contiguous().transpose(1, 2);
   };
   if (config.fused_gate_up) {

@@ -89,9 +89,10 @@ void useFastestModes(MoeLayerConfig& config, bool on_gpu, int64_t ranks);
 // The expert weights as the program of `config` takes them, after x and
 // router_w: {w_gate, w_up, w_down}, or with fused_gate_up {w_gate_up =
 // cat(w_gate, w_up, 2), w_down} (concatenated here, once: keep the result
-// for every step). Each is stored K-major (the memory of [L, N, H], as
-// nn.Linear keeps its weights, seen as [L, H, N]): the layout hostfuse's
-// sm_90a grouped GEMM reads (GroupedMatmul, ir/grouped_matmul.h).
+// for every step). On a GPU of compute capability 9.0 each is stored
+// K-major (the memory of [L, N, H], as nn.Linear keeps its weights, seen as
+// [L, H, N]): the layout hostfuse's sm_90a grouped GEMM reads
+// (GroupedMatmul, ir/grouped_matmul.h); elsewhere they keep their layout.
 std::vector<at::Tensor> moeLayerExpertWeights(const MoeLayerConfig& config,
                                               const at::Tensor& w_gate,
                                               const at::Tensor& w_up,

@@ -31,7 +31,10 @@ namespace hostfuse {
 //           weights stored K-major (the memory of [L, N, H] seen as
 //           [L, H, N]), hostfuse's own grouped GEMM
 //           (kernels/grouped_gemm_sm90.h) runs, reading the counts on the
-//           device; else, or with HOSTFUSE_TORCH_GROUPED_GEMM=1,
+//           device, if x is contiguous and has at most
+//           kOwnGroupedGemmMaxRowsPerGroup rows per group (capacity
+//           padding included) and there are at most 256 groups; else, or
+//           with HOSTFUSE_TORCH_GROUPED_GEMM=1,
 //           at::_grouped_mm with the group ends (inclusive cumsum of the
 //           counts, int32) computed by a small kernel.
 //   host    one matmul per group; reads the counts on the host (a device

@@ -524,9 +524,9 @@ const char* groupedGemmUnsupported(const GroupedGemmProblem& problem) {
   if (problem.groups < 1 || problem.groups > kGroupedGemmMaxGroups) {
     return "the number of groups must be in [1, 256]";
   }
-  if (problem.rows < 0 || problem.rows >= (int64_t{1} << 31) ||
+  if (problem.rows < 0 || problem.rows > (int64_t{1} << 31) - 256 ||
       problem.groups * problem.n >= (int64_t{1} << 31)) {
-    return "rows and groups * n must be below 2^31";
+    return "rows must be at most 2^31 - 256 and groups * n below 2^31";
   }
   if (misaligned(problem.x) || misaligned(problem.w) ||
       misaligned(problem.out)) {
