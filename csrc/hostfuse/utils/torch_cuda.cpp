@@ -27,35 +27,32 @@ cudaStream_t currentStream(int device) {
       .stream();
 }
 
-std::pair<int, int> computeCapability(int device) {
+namespace {
+
+// cudaDeviceGetAttribute, cached per device and attribute (they do not
+// change while the process runs).
+int deviceAttribute(int device, cudaDeviceAttr attribute) {
   static std::mutex mutex;
-  static std::map<int, std::pair<int, int>> cache;
+  static std::map<std::pair<int, cudaDeviceAttr>, int> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
+  auto it = cache.find({device, attribute});
   if (it == cache.end()) {
-    int major = 0;
-    int minor = 0;
-    HF_CUDA_CHECK(cudaDeviceGetAttribute(
-        &major, cudaDevAttrComputeCapabilityMajor, device));
-    HF_CUDA_CHECK(cudaDeviceGetAttribute(
-        &minor, cudaDevAttrComputeCapabilityMinor, device));
-    it = cache.emplace(device, std::make_pair(major, minor)).first;
+    int value = 0;
+    HF_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+    it = cache.emplace(std::make_pair(device, attribute), value).first;
   }
   return it->second;
 }
 
+}  // namespace
+
+std::pair<int, int> computeCapability(int device) {
+  return {deviceAttribute(device, cudaDevAttrComputeCapabilityMajor),
+          deviceAttribute(device, cudaDevAttrComputeCapabilityMinor)};
+}
+
 int multiprocessorCount(int device) {
-  static std::mutex mutex;
-  static std::map<int, int> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
-  if (it == cache.end()) {
-    int sms = 0;
-    HF_CUDA_CHECK(
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    it = cache.emplace(device, sms).first;
-  }
-  return it->second;
+  return deviceAttribute(device, cudaDevAttrMultiProcessorCount);
 }
 
 bool isCapturing(int device) {
