@@ -15,10 +15,14 @@
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
 //       [--blocks B] [--link-gbps G] [--exprs] [--fp8]
 //       [--reduce auto|per_pick|per_rank] [--gate-up fused|separate]
+//       [--activation fusion|epilogue]
 //
 // Modes: by default the fastest known (useFastestModes, host_ir/moe_layer.h):
 // gate and up as one grouped GEMM, and the per_rank combine with more than
-// one rank; --reduce and --gate-up override them, --fp8 adds fp8 dispatch.
+// one rank; --reduce and --gate-up override them, --fp8 adds fp8 dispatch,
+// --activation epilogue computes silu(gate) * up in the first grouped
+// GEMM's epilogue (MoeLayerConfig::fused_activation; not yet the default:
+// no GPU has timed it).
 //
 // Reported: the median over B blocks of the mean time per step of N
 // back-to-back steps (each block starts after a barrier; the time of a
@@ -76,6 +80,7 @@ struct Args {
   bool fp8 = false;
   std::string reduce = "auto";
   std::string gate_up = "fused";
+  std::string activation = "fusion";
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -125,6 +130,12 @@ cli::Flags makeFlags(Args& args) {
   flags.choice("--gate-up", "MODE", &args.gate_up, {"fused", "separate"},
                "gate and up projections as one grouped GEMM of [L, H, 2I] "
                "weights, or as two of [L, H, I] (both backends)");
+  flags.choice("--activation", "MODE", &args.activation, {"fusion", "epilogue"},
+               "silu(gate) * up as a fusion kernel after the first grouped "
+               "GEMM, or in that GEMM's epilogue (needs --gate-up fused; "
+               "hostfuse's sm_90a GEMM computes it there; where that kernel "
+               "does not run, ATen ops apply it to every row, slower than "
+               "the fusion)");
   return flags;
 }
 
@@ -346,6 +357,8 @@ struct Work {
 // output written once (a token's row read once for all its picks).
 std::vector<Work> stageWork(const MoeLayerConfig& c, int64_t tokens,
                             double received, double off_rank) {
+  // With fused_activation the first GEMM writes the activation (I columns)
+  // and no fusion stage runs.
   const double H = c.hidden, I = c.intermediate, L = c.local_experts;
   const double E = c.num_experts, T = tokens, bf16 = 2;
   std::vector<Work> work(kStages);
@@ -353,9 +366,10 @@ std::vector<Work> stageWork(const MoeLayerConfig& c, int64_t tokens,
   work[kRouter] = {T * H * bf16 + E * H * bf16, 2 * T * H * E, 0};
   // The tokens' rows read, the received rows written.
   work[kDispatch] = {(T + received) * H * bf16, 0, off_rank * H * bf16};
-  work[kGemm1] = {(L * H * 2 * I + received * (H + 2 * I)) * bf16,
+  const double gemm1_out = c.fused_activation ? I : 2 * I;
+  work[kGemm1] = {(L * H * 2 * I + received * (H + gemm1_out)) * bf16,
                   2 * received * H * 2 * I, 0};
-  work[kFusion] = {received * 3 * I * bf16, 0, 0};
+  work[kFusion] = {c.fused_activation ? 0 : received * 3 * I * bf16, 0, 0};
   work[kGemm2] = {(L * I * H + received * (I + H)) * bf16, 2 * received * I * H,
                   0};
   // The expert rows read, the token rows written.
@@ -388,6 +402,9 @@ int main(int argc, char** argv) {
   cli::Flags flags = makeFlags(args);
   if (const std::optional<int> status = flags.parse(argc, argv)) {
     return *status;
+  }
+  if (args.activation == "epilogue" && args.gate_up != "fused") {
+    return flags.fail("--activation epilogue needs --gate-up fused");
   }
   Communicator& comm = Communicator::getInstance();
   const int64_t rank = comm.rank();
@@ -423,6 +440,7 @@ int main(int argc, char** argv) {
     config.reduce = *parseMoeCombineReduce(args.reduce);
   }
   config.fused_gate_up = args.gate_up == "fused";
+  config.fused_activation = args.activation == "epilogue";
   MoeLayerConfig collective_config = config;
   collective_config.backend = MoeBackend::Collective;
   config.backend = MoeBackend::Cuda;
@@ -571,7 +589,7 @@ int main(int argc, char** argv) {
     std::printf(
         "MoE layer: %lld ranks (%s), H = %lld, I = %lld, E = %lld (%lld per "
         "rank), K = %lld, bf16 (router in fp32)\n"
-        "modes: quantize=%s, reduce=%s, gate and up as %s\n"
+        "modes: quantize=%s, reduce=%s, gate and up as %s, silu(gate) * up %s\n"
         "grouped GEMMs on the GPU: %s\n"
         "time per step: median over %d blocks of back-to-back steps, slowest "
         "rank\n\n",
@@ -583,6 +601,8 @@ int main(int argc, char** argv) {
         static_cast<long long>(config.topk), toString(config.quantize),
         toString(config.reduce),
         config.fused_gate_up ? "one grouped GEMM" : "two grouped GEMMs",
+        config.fused_activation ? "in its epilogue (its stage has it)"
+                                : "as a fusion",
         own_grouped_gemm
             ? ("hostfuse's sm_90a kernel up to " +
                std::to_string(kOwnGroupedGemmMaxRowsPerGroup) +
@@ -634,6 +654,9 @@ int main(int argc, char** argv) {
                   "floor", "time/floor", "HBM MB", "GFLOP");
       double total = 0, total_floor = 0;
       for (int stage = 0; stage < kStages; ++stage) {
+        if (stage == kFusion && config.fused_activation) {
+          continue;  // in grouped GEMM 1
+        }
         const Work& work = row.work[stage];
         const double floor = work.floor(rates, double(args.link_gbps));
         total += row.stages[stage];

@@ -16,7 +16,7 @@
 //   tools/run_example.sh moe_layer [--tokens T] [--hidden H]
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
 //       [--cpu] [--fp8] [--reduce auto|per_pick|per_rank]
-//       [--gate-up fused|separate]
+//       [--gate-up fused|separate] [--activation fusion|epilogue]
 // which runs tools/launch.sh N build/moe_layer_example (N = 2 on CPUs, the
 // number of GPUs otherwise). --help lists the flags and their defaults.
 #include <ATen/ATen.h>
@@ -95,6 +95,7 @@ struct Args {
   bool fp8 = false;
   std::string reduce = "auto";
   std::string gate_up = "fused";
+  std::string activation = "fusion";
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -139,6 +140,9 @@ cli::Flags makeFlags(Args& args) {
                "gate and up projections as one grouped matmul of [L, H, 2I] "
                "weights, given as one input (as fused MoE kernels take "
                "them), or as two");
+  flags.choice("--activation", "MODE", &args.activation, {"fusion", "epilogue"},
+               "silu(gate) * up as a fusion after the gate-and-up grouped "
+               "matmul, or as its epilogue (needs --gate-up fused)");
   return flags;
 }
 
@@ -149,6 +153,9 @@ int main(int argc, char** argv) {
   cli::Flags flags = makeFlags(args);
   if (const std::optional<int> status = flags.parse(argc, argv)) {
     return *status;
+  }
+  if (args.activation == "epilogue" && args.gate_up != "fused") {
+    return flags.fail("--activation epilogue needs --gate-up fused");
   }
   Communicator& comm = Communicator::getInstance();
   const int64_t rank = comm.rank();
@@ -179,6 +186,7 @@ int main(int argc, char** argv) {
     config.reduce = *parseMoeCombineReduce(args.reduce);
   }
   config.fused_gate_up = args.gate_up == "fused";
+  config.fused_activation = args.activation == "epilogue";
   const int64_t tokens = pick(args.tokens, 256, 32, gpu);
   // Of the largest |output|: bf16 rounding on GPUs, and fp8's 3 mantissa
   // bits with --fp8 (docs/moe.md, "fp8 dispatch"): up to 1/16 of a value,
@@ -200,7 +208,10 @@ int main(int argc, char** argv) {
                 << ", " << config.dtype
                 << "; modes: quantize=" << toString(config.quantize)
                 << ", reduce=" << toString(config.reduce) << ", gate and up as "
-                << (config.fused_gate_up ? "one grouped matmul" : "two") << "\n"
+                << (config.fused_gate_up ? "one grouped matmul" : "two")
+                << ", silu(gate) * up "
+                << (config.fused_activation ? "in its epilogue" : "as a fusion")
+                << "\n"
                 << program->toString() << "\n";
     }
 

@@ -136,6 +136,34 @@ def test_grouped_matmul_matches_a_loop_over_groups():
     torch.testing.assert_close(out, expected)
 
 
+def test_grouped_matmul_silu_mul_epilogue_is_the_product_then_the_activation():
+    x = rand(9, 16, seed=20, dtype=torch.bfloat16)
+    w = rand(3, 16, 12, seed=21, dtype=torch.bfloat16)
+    counts = torch.tensor([2, 0, 5])  # rows 7 and 8 are padding
+    (act,) = run(
+        lambda a, b, c: hf.grouped_matmul(a, b, c, epilogue="silu_mul"), x, w, counts
+    )
+    (product,) = run(hf.grouped_matmul, x, w, counts)
+    assert act.shape == (9, 6) and act.dtype == torch.bfloat16
+    # The same values as the product followed by the activation on its
+    # bf16 halves, computed in fp32.
+    gate, up = product[:, :6].float(), product[:, 6:].float()
+    assert torch.equal(act, (torch.nn.functional.silu(gate) * up).to(torch.bfloat16))
+    # And close to the whole computation in fp32.
+    full = torch.cat([x[:2].float() @ w[0].float(), x[2:7].float() @ w[2].float()])
+    expected = torch.nn.functional.silu(full[:, :6]) * full[:, 6:]
+    torch.testing.assert_close(act[:7].float(), expected, rtol=3e-2, atol=3e-2)
+    with pytest.raises(hf.Error, match="epilogue must be 'none' or 'silu_mul'"):
+        run(lambda a, b, c: hf.grouped_matmul(a, b, c, epilogue="gelu"), x, w, counts)
+    with pytest.raises(hf.Error, match="known even number"):
+        run(
+            lambda a, b, c: hf.grouped_matmul(a, b, c, epilogue="silu_mul"),
+            x,
+            w[:, :, :5].contiguous(),
+            counts,
+        )
+
+
 def test_narrow_halves_are_views_a_fusion_reads_in_place():
     fusion = hf.Fusion()
     with fusion:

@@ -280,6 +280,68 @@ def test_errors_name_the_argument(call, error, text):
         call(x, idx)
 
 
+def test_grouped_matmul_on_tensors_is_a_matmul_per_expert_with_its_epilogue():
+    # A whole layer on tensors: dispatch, the experts' GEMMs with the
+    # activation as the first one's epilogue, combine; against the layer
+    # token by token.
+    tokens, hidden, inter, picks, experts = 7, 16, 8, 2, 3
+    gen = torch.Generator().manual_seed(40)
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+    idx = routing(tokens, picks, experts, 41)
+    w = torch.rand(tokens, picks, generator=gen)
+    gate_up = (torch.randn(experts, hidden, 2 * inter, generator=gen) / 4).to(torch.bfloat16)
+    down = (torch.randn(experts, inter, hidden, generator=gen) / 3).to(torch.bfloat16)
+    handle = moe.dispatch(x, idx, w, num_experts=experts)
+    counts = handle.recv_expert_counts
+    product = moe.grouped_matmul(handle.recv_x, gate_up, counts)
+    act = moe.grouped_matmul(handle.recv_x, gate_up, counts, epilogue="silu_mul")
+    assert product.shape == (handle.recv_x.shape[0], 2 * inter)
+    assert act.shape == (handle.recv_x.shape[0], inter) and act.dtype == torch.bfloat16
+    # The epilogue: F.silu(gate) * up on the bf16 product, in fp32.
+    gate, up = product.float().chunk(2, dim=-1)
+    assert torch.equal(act, (torch.nn.functional.silu(gate) * up).to(torch.bfloat16))
+    out = moe.combine(moe.grouped_matmul(act, down, counts), handle, w)
+    expected = torch.zeros(tokens, hidden)
+    for t in range(tokens):
+        for k in range(picks):
+            e = int(idx[t, k])
+            h = x[t].float() @ gate_up[e].float()
+            y = (torch.nn.functional.silu(h[:inter]) * h[inter:]) @ down[e].float()
+            expected[t] += w[t, k] * y
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "call, error, text",
+    [
+        (lambda x, w, c: moe.grouped_matmul(x, w, c, epilogue="gelu"), ValueError,
+         "epilogue must be 'none' or 'silu_mul'"),
+        (lambda x, w, c: moe.grouped_matmul(x, [1.0], c), TypeError, "weights must be a torch.Tensor"),
+        (lambda x, w, c: moe.grouped_matmul(x, w.double(), c), hf.Error,
+         "x is Float but weights are Double"),
+        (lambda x, w, c: moe.grouped_matmul(x, w[:, :, :5], c, epilogue="silu_mul"), hf.Error,
+         "epilogue=silu_mul needs an even N"),
+        (lambda x, w, c: moe.grouped_matmul(x, w, c.float()), hf.Error,
+         "group_counts must be an integer"),
+        (lambda x, w, c: moe.grouped_matmul(x, w, c[:1]), hf.Error,
+         "group_counts has 1 entries but weights has 2 groups"),
+        (lambda x, w, c: moe.grouped_matmul(x, w, c + 3), hf.Error, "does not fit the 5 rows of x"),
+        (lambda x, w, c: moe.grouped_matmul(x, w, c, torch.ones(5, 1)), hf.Error,
+         "it takes no x_scales"),
+        (lambda x, w, c: moe.grouped_matmul(x, w.requires_grad_(), c), RuntimeError,
+         "grouped_matmul is forward-only .* weights requires grad"),
+    ],
+    ids=["epilogue", "weights_list", "dtypes", "odd_n", "float_counts", "short_counts",
+         "counts_past_rows", "scales_without_fp8", "weights_require_grad"],
+)
+def test_grouped_matmul_errors_name_the_argument(call, error, text):
+    x = torch.randn(5, 8)
+    w = torch.randn(2, 8, 6)
+    counts = torch.tensor([2, 3])
+    with pytest.raises(error, match=text):
+        call(x, w, counts)
+
+
 def test_combine_refuses_expert_outputs_that_require_grad_but_not_under_no_grad():
     x = torch.randn(4, 8)
     idx = routing(4, 2, 4, 8)

@@ -35,6 +35,13 @@ def test_moe_layer_example_on_two_cpu_ranks(reduce, mode):
     assert "check: OK" in output, output[-3000:]
 
 
+def test_moe_layer_example_with_hostfuse_grouped_gemms_on_two_cpu_ranks():
+    output = run_ranks(2, REPO / "examples" / "python" / "moe_layer.py", "--cpu",
+                       "--steps", "3", "--grouped-gemm", "hostfuse")
+    assert "grouped_gemm=hostfuse," in output, output[-3000:]
+    assert "check: OK" in output, output[-3000:]
+
+
 def run_plain_ranks(script):
     """Runs ``script`` as 3 ranks in plain processes (torchrun would stop the
     survivors when a rank dies); returns their exit codes and output."""

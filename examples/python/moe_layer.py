@@ -9,13 +9,18 @@ in torch.cuda.graph and replayed with new tokens; prints both step times. On
 CPUs (--cpu, or no GPU): fp32, the collective backend over Gloo, eager.
 
   torchrun --nproc-per-node N examples/python/moe_layer.py [--cpu] [--tokens T]
-      [--reduce auto|per_pick|per_rank]
+      [--reduce auto|per_pick|per_rank] [--grouped-gemm torch|hostfuse]
   python examples/python/moe_layer.py [--cpu] ...    # a world of one rank
 
 The combine's mode defaults to the faster one: per_rank on GPUs with more
 than one rank (each expert rank sums a token's picks before sending, so one
 row per token and rank crosses the links instead of one per pick),
 per_pick otherwise.
+
+The experts' GEMMs are torch._grouped_mm by default; --grouped-gemm hostfuse
+runs them with hostfuse.moe.grouped_matmul instead, silu(gate) * up in the
+first one's epilogue (on an H100 or H200, hostfuse's own grouped GEMM, which
+reads these K-major weights).
 """
 
 import argparse
@@ -46,6 +51,10 @@ def parse():
                         default="auto",
                         help="the combine's mode; auto: per_rank on GPUs with more "
                              "than one rank, per_pick otherwise")
+    parser.add_argument("--grouped-gemm", choices=["torch", "hostfuse"], default="torch",
+                        help="the experts' GEMMs: torch._grouped_mm (per-expert matmuls "
+                             "on CPUs), or hostfuse.moe.grouped_matmul with the "
+                             "activation in its epilogue (default: torch)")
     args = parser.parse_args()
     for name in ("tokens", "hidden", "inter", "experts_per_rank", "topk", "steps"):
         if getattr(args, name) < 1:
@@ -61,11 +70,12 @@ def expert_weights(expert, hidden, inter, dtype, device):
 
 
 class MoeLayer(torch.nn.Module):
-    def __init__(self, hidden, inter, experts, topk, backend, reduce, dtype, device):
+    def __init__(self, hidden, inter, experts, topk, backend, reduce, grouped_gemm, dtype,
+                 device):
         super().__init__()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.experts, self.topk, self.backend = experts, topk, backend
-        self.reduce = reduce
+        self.reduce, self.grouped_gemm = reduce, grouped_gemm
         self.local = experts // self.world
         generator = torch.Generator().manual_seed(7)
         self.router = torch.nn.Parameter(
@@ -83,6 +93,12 @@ class MoeLayer(torch.nn.Module):
         return idx, weights / weights.sum(-1, keepdim=True)
 
     def experts_mlp(self, rows, counts):
+        if self.grouped_gemm == "hostfuse":
+            # [L, H, N] views of the [L, N, H] weights (K-major); no host
+            # synchronization on GPUs.
+            act = moe.grouped_matmul(rows, self.gate_up_t.transpose(-2, -1), counts,
+                                     epilogue="silu_mul")
+            return moe.grouped_matmul(act, self.down_t.transpose(-2, -1), counts)
         if rows.is_cuda:
             # Grouped GEMMs without a host synchronization (capturable).
             offsets = torch.cumsum(counts, 0).to(torch.int32)
@@ -161,8 +177,8 @@ def main():
     reduce = args.reduce
     if reduce == "auto":
         reduce = "per_rank" if cuda and world > 1 else "per_pick"
-    layer = MoeLayer(args.hidden, args.inter, experts, args.topk, backend, reduce, dtype,
-                     device)
+    layer = MoeLayer(args.hidden, args.inter, experts, args.topk, backend, reduce,
+                     args.grouped_gemm, dtype, device)
     generator = torch.Generator().manual_seed(rank)
     x = torch.randn(args.tokens, args.hidden, generator=generator).to(device, dtype)
     with torch.no_grad():
@@ -193,7 +209,7 @@ def main():
     if rank == 0:
         worst = torch.stack([g.cpu() for g in gathered]).max(0).values.tolist()
         line = (f"{world} ranks, {device.type}, backend={backend}, reduce={reduce}, "
-                f"T={args.tokens}, "
+                f"grouped_gemm={args.grouped_gemm}, T={args.tokens}, "
                 f"H={args.hidden}, I={args.inter}, E={experts}, K={args.topk}: "
                 f"step time (slowest rank, mean of {args.steps}) eager {worst[0]:.1f} us")
         if cuda:

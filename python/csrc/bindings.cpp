@@ -70,6 +70,14 @@ MoeCombineReduce reduceOf(const std::string& name) {
   return *reduce;
 }
 
+GroupedMatmulEpilogue epilogueOf(const std::string& name) {
+  const std::optional<GroupedMatmulEpilogue> epilogue =
+      parseGroupedMatmulEpilogue(name);
+  HF_CHECK(epilogue.has_value(), "epilogue must be 'none' or 'silu_mul', got '",
+           name, "'");
+  return *epilogue;
+}
+
 MoeBackend backendOf(const std::string& name) {
   const std::optional<MoeBackend> backend = parseMoeBackend(name);
   HF_CHECK(
@@ -574,10 +582,21 @@ PYBIND11_MODULE(_C, m) {
       "(weights, indices): the k largest of softmax(logits) along the last "
       "dim (f32 logits [T, E]), renormalized to sum to 1 unless "
       "renormalize=False; one kernel on GPUs.");
-  m.def("grouped_matmul", &groupedMatmul, py::arg("x").none(false),
-        py::arg("weights").none(false), py::arg("counts").none(false),
-        py::arg("x_scales") = nullptr, py::keep_alive<0, 1>(),
-        py::keep_alive<0, 2>(), ref);
+  m.def(
+      "grouped_matmul",
+      [](TensorView* x, TensorView* weights, TensorView* counts,
+         TensorView* x_scales, const std::string& epilogue) {
+        return groupedMatmul(x, weights, counts, x_scales,
+                             epilogueOf(epilogue));
+      },
+      py::arg("x").none(false), py::arg("weights").none(false),
+      py::arg("counts").none(false), py::arg("x_scales") = nullptr,
+      py::kw_only(), py::arg("epilogue") = "none", py::keep_alive<0, 1>(),
+      py::keep_alive<0, 2>(), ref,
+      "One matmul per group of consecutive rows: rows [o_l, o_l + counts[l]) "
+      "of x times weights[l] ([L, H, N]). epilogue='silu_mul' returns "
+      "silu(gate) * up of the product's halves ([rows, N / 2]; in hostfuse's "
+      "sm_90a grouped GEMM where it runs).");
   m.def(
       "dequantize_fp8",
       [](TensorView* x, TensorView* scales, const py::object& dtype,
@@ -767,6 +786,18 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("rank", &PyMoeRuntime::rank)
       .def_property_readonly("size", &PyMoeRuntime::size)
       .def_property_readonly("backend", &PyMoeRuntime::backend);
+  m.def(
+      "grouped_matmul_on_tensors",
+      [](const at::Tensor& x, const at::Tensor& weights,
+         const at::Tensor& counts, const std::optional<at::Tensor>& x_scales,
+         const std::string& epilogue) {
+        const GroupedMatmulEpilogue parsed = epilogueOf(epilogue);
+        py::gil_scoped_release release;
+        return groupedMatmulOnTensors(x, weights, counts,
+                                      x_scales.value_or(at::Tensor()), parsed);
+      },
+      py::arg("x"), py::arg("weights"), py::arg("counts"), py::arg("x_scales"),
+      py::arg("epilogue"));
   m.def("moe_backends", [] {
     std::vector<std::string> names;
     for (MoeBackend b : allMoeBackends()) {

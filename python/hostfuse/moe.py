@@ -5,6 +5,9 @@ does not build programs::
     expert_out = my_experts(handle.recv_x, handle.recv_expert_counts)
     y = hostfuse.moe.combine(expert_out, handle, topk_weights)
 
+``grouped_matmul`` computes the experts' GEMMs on those rows (with
+silu(gate) * up as an epilogue if asked), as the GroupedMatmul node does.
+
 Semantics are those of the MoeDispatch / MoeCombine nodes (docs/moe.md): rows
 arrive expert-major (local expert 0's rows first), and combine returns, per
 token, the weighted sum of its picks' expert outputs in pick order,
@@ -255,6 +258,35 @@ def combine(expert_out, handle, topk_weights=None, reduce="per_pick"):
         reduce,
         recv_weights,
     )
+
+
+def grouped_matmul(x, weights, counts, x_scales=None, *, epilogue="none"):
+    """The experts' matmuls on dispatch's expert-major rows: rows
+    [o_l, o_l + counts[l]) of x times weights[l], o_l the sum of the earlier
+    counts, as the GroupedMatmul node computes them (docs/moe.md, "IR").
+
+    x [rows, H] with the weights' dtype, or fp8 (torch.float8_e4m3fn, as
+    dispatch(quantize="fp8_e4m3") returns it) with its x_scales; weights
+    [L, H, N]; counts [L] integer (handle.recv_expert_counts). Rows past the
+    counts' sum (the cuda backend's capacity padding) come back unspecified.
+    epilogue="silu_mul" returns silu(gate) * up of the product's halves
+    (columns [0, N/2) and [N/2, N)), [rows, N / 2], the values of
+    ``F.silu(gate) * up`` on the bf16 product computed in fp32.
+
+    On GPUs in bf16 it reads the counts on the device, so it can be
+    captured in ``torch.cuda.graph``; on an H100 or H200 with weights
+    stored K-major (``w.transpose(1, 2)`` of a contiguous [L, N, H], as
+    nn.Linear keeps its weights) it runs hostfuse's own grouped GEMM, with
+    the activation in its epilogue. Elsewhere it reads the counts on the
+    host. Forward-only, as dispatch."""
+    _check_tensor("x", x)
+    _check_tensor("weights", weights)
+    _check_tensor("counts", counts)
+    _check_tensor("x_scales", x_scales, optional=True)
+    if epilogue not in ("none", "silu_mul"):
+        raise ValueError(f"epilogue must be 'none' or 'silu_mul', got {epilogue!r}")
+    _check_no_grad("grouped_matmul", x=x, weights=weights)
+    return _C.grouped_matmul_on_tensors(x, weights, counts, x_scales, epilogue)
 
 
 def report_failure(device, backend="collective", group=None):

@@ -192,43 +192,49 @@ TEST_F(GraphMoe, HundredReplaysWithNewRoutingMatchEagerRuns) {
 
 // The layer with fused_gate_up (one grouped GEMM whose halves the
 // activation fusion reads as strided views) replayed: as the eager run,
-// and the last call as the ATen reference.
+// and the last call as the ATen reference; then the same with
+// fused_activation (silu(gate) * up as that GEMM's epilogue, whose rows
+// past the counts, the capacity padding, are left unwritten).
 TEST_F(GraphMoe, FusedGateUpReplaysMatchEagerRuns) {
-  MoeLayerConfig config = config_;
-  config.fused_gate_up = true;
-  GraphRunnerOptions options;
-  options.persistent_inputs = {2, 3};  // w_gate_up, w_down
-  GraphRunner runner(makeMoeLayerProgram(config), HostIrEvaluatorParams{},
-                     options);
-  const std::vector<at::Tensor> experts =
-      moeLayerExpertWeights(config, w_gate_, w_up_, w_down_);
-  Comparison comparison;
-  std::vector<at::Tensor> last;
-  std::vector<c10::IValue> in;
-  for (uint64_t call = 0; call < 6; ++call) {
-    in = inputs(call);
-    in.resize(2);  // x, router_w
-    in.insert(in.end(), experts.begin(), experts.end());
-    const std::vector<at::Tensor> replayed = runner.run(in);
-    const std::vector<at::Tensor> eager = runner.evaluator().run(in);
-    comparison.check(replayed, eager, toString("call ", call));
-    last = {replayed[0].clone(), replayed[1].clone(), replayed[2].clone()};
+  for (const bool fused_activation : {false, true}) {
+    SCOPED_TRACE(fused_activation ? "fused_activation" : "activation fusion");
+    MoeLayerConfig config = config_;
+    config.fused_gate_up = true;
+    config.fused_activation = fused_activation;
+    GraphRunnerOptions options;
+    options.persistent_inputs = {2, 3};  // w_gate_up, w_down
+    GraphRunner runner(makeMoeLayerProgram(config), HostIrEvaluatorParams{},
+                       options);
+    const std::vector<at::Tensor> experts =
+        moeLayerExpertWeights(config, w_gate_, w_up_, w_down_);
+    Comparison comparison;
+    std::vector<at::Tensor> last;
+    std::vector<c10::IValue> in;
+    for (uint64_t call = 0; call < 6; ++call) {
+      in = inputs(call);
+      in.resize(2);  // x, router_w
+      in.insert(in.end(), experts.begin(), experts.end());
+      const std::vector<at::Tensor> replayed = runner.run(in);
+      const std::vector<at::Tensor> eager = runner.evaluator().run(in);
+      comparison.check(replayed, eager, toString("call ", call));
+      last = {replayed[0].clone(), replayed[1].clone(), replayed[2].clone()};
+    }
+    EXPECT_EQ(comparison.mismatches, 0);
+    EXPECT_EQ(runner.numGraphs(), 1);
+    const at::Tensor x = in[0].toTensor();
+    const at::Tensor expected = moeLayerReference(
+        x, last[1], last[2], at::cat(test::allGatherRows(w_gate_.cpu())),
+        at::cat(test::allGatherRows(w_up_.cpu())),
+        at::cat(test::allGatherRows(w_down_.cpu())));
+    const double scale = expected.to(at::kFloat).abs().max().item<double>();
+    EXPECT_LE((last[0].to(at::kFloat) - expected.to(at::kFloat))
+                  .abs()
+                  .max()
+                  .item<double>(),
+              3e-2 * scale)
+        << "rank " << rank_ << ": the fused layer differs from the reference";
+    syncAllRanks();
   }
-  EXPECT_EQ(comparison.mismatches, 0);
-  EXPECT_EQ(runner.numGraphs(), 1);
-  const at::Tensor x = in[0].toTensor();
-  const at::Tensor expected = moeLayerReference(
-      x, last[1], last[2], at::cat(test::allGatherRows(w_gate_.cpu())),
-      at::cat(test::allGatherRows(w_up_.cpu())),
-      at::cat(test::allGatherRows(w_down_.cpu())));
-  const double scale = expected.to(at::kFloat).abs().max().item<double>();
-  EXPECT_LE((last[0].to(at::kFloat) - expected.to(at::kFloat))
-                .abs()
-                .max()
-                .item<double>(),
-            3e-2 * scale)
-      << "rank " << rank_ << ": the fused layer differs from the reference";
-  syncAllRanks();
 }
 
 TEST_F(GraphMoe, ReplayLaunchesOnlyTheGraph) {

@@ -17,6 +17,7 @@
 #include <hostfuse/ir/kernels/fp8_dequant.h>
 #include <hostfuse/ir/kernels/group_ends.h>
 #include <hostfuse/ir/kernels/grouped_gemm_sm90.h>
+#include <hostfuse/ir/narrow.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/multidevice/comm/communicator.h>
 #include <hostfuse/multidevice/moe/nodes.h>
@@ -325,6 +326,74 @@ TEST_F(MoeIr, GroupedMatmulLeavesRowsPastTheCountsAsPadding) {
   test::expectClose(out.narrow(0, 5, 4), at::zeros({4, 4}));
 }
 
+// The silu-mul epilogue: printed, its output N / 2 wide, refused for an
+// odd or unknown N; on the host the same bits as the product followed by
+// the layer's activation fusion (makeSiluMulFusion) on its halves, padding
+// rows included.
+TEST_F(MoeIr, GroupedMatmulSiluMulEpilogueIsTheProductThenTheFusion) {
+  TensorView* x = makeTensor({kSymbolic, 16}, DataType::BFloat16, "x");
+  TensorView* w = makeTensor({3, 16, 12}, DataType::BFloat16, "w");
+  TensorView* counts = makeTensor({3}, DataType::Int64, "counts");
+  program_->addInput(x);
+  program_->addInput(w);
+  program_->addInput(counts);
+  TensorView* act =
+      groupedMatmul(x, w, counts, nullptr, GroupedMatmulEpilogue::SiluMul);
+  EXPECT_EQ(act->extent(1)->constantInt(), 6);
+  EXPECT_NE(act->definition()->toString().find(", epilogue=silu_mul)"),
+            std::string::npos)
+      << act->definition()->toString();
+  TensorView* product = groupedMatmul(x, w, counts);
+  EXPECT_EQ(product->definition()->toString().find("epilogue"),
+            std::string::npos);
+  TensorView* fused =
+      runFusion(makeSiluMulFusion(6, DataType::BFloat16),
+                {narrow(product, 1, 0, 6), narrow(product, 1, 6, 6)})
+          .at(0);
+  program_->addOutput(act);
+  program_->addOutput(fused);
+  HostIrEvaluator evaluator(std::move(program_));
+  const at::Tensor xv = test::randomTensor({9, 16}, at::kBFloat16, at::kCPU, 5);
+  const at::Tensor wv =
+      test::randomTensor({3, 16, 12}, at::kBFloat16, at::kCPU, 6);
+  const std::vector<at::Tensor> out =
+      evaluator.run({xv, wv, at::tensor({2, 0, 5}, at::kLong)});
+  ASSERT_EQ(out[0].sizes(), (std::vector<int64_t>{9, 6}));
+  EXPECT_EQ(out[0].scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(out[0], out[1]));
+  // And close to the whole computation in fp32 (group 0: rows 0-1, group
+  // 2: rows 2-6).
+  const at::Tensor full = at::cat(
+      {at::matmul(xv.narrow(0, 0, 2).to(at::kFloat), wv[0].to(at::kFloat)),
+       at::matmul(xv.narrow(0, 2, 5).to(at::kFloat), wv[2].to(at::kFloat))});
+  test::expectClose(out[0].narrow(0, 0, 7).to(at::kFloat),
+                    at::silu(full.narrow(1, 0, 6)) * full.narrow(1, 6, 6), 3e-2,
+                    3e-2);
+}
+
+TEST_F(MoeIr, GroupedMatmulSiluMulEpilogueNeedsAnEvenKnownWidth) {
+  TensorView* x = makeTensor({kSymbolic, 16}, DataType::BFloat16, "x");
+  TensorView* counts = makeTensor({3}, DataType::Int64, "counts");
+  test::expectErrorContains(
+      [&] {
+        groupedMatmul(x, makeTensor({3, 16, 11}, DataType::BFloat16), counts,
+                      nullptr, GroupedMatmulEpilogue::SiluMul);
+      },
+      {"epilogue=silu_mul needs weights whose N", "known even number",
+       "[3, 16, 11]"});
+  test::expectErrorContains(
+      [&] {
+        groupedMatmul(x, makeTensor({3, 16, kSymbolic}, DataType::BFloat16),
+                      counts, nullptr, GroupedMatmulEpilogue::SiluMul);
+      },
+      {"known even number"});
+  EXPECT_EQ(parseGroupedMatmulEpilogue("silu_mul"),
+            GroupedMatmulEpilogue::SiluMul);
+  EXPECT_EQ(parseGroupedMatmulEpilogue("none"), GroupedMatmulEpilogue::None);
+  EXPECT_FALSE(parseGroupedMatmulEpilogue("gelu").has_value());
+  EXPECT_STREQ(toString(GroupedMatmulEpilogue::SiluMul), "silu_mul");
+}
+
 // The device path's group ends (GPU only): the kernel against the running
 // sum of the clamped counts, worked out on the host in 128-bit integers,
 // for group counts around the warp's 32 and counts that are negative,
@@ -532,6 +601,173 @@ TEST(GroupedGemmKernel, MatchesPerGroupMatmulsAndWritesNothingElse) {
   EXPECT_NE(
       std::string(kernels::groupedGemmUnsupported(bad)).find("16-byte aligned"),
       std::string::npos);
+}
+
+// The kernel's silu-mul epilogue (compute capability 9.0 only): each
+// group's rows against silu(gate) * up of fp32 matmuls, gate and up rounded
+// to bf16 first, for output widths that fill tiles or end inside one, with
+// each tile width (the `sms` given decide it under launchGroupedGemm's
+// cost rule: the width noted per case; sms = 1 runs every tile in one
+// block), and the rows and columns it must not write keep their NaN
+// pattern.
+TEST(GroupedGemmKernel, SiluMulEpilogueMatchesTheActivatedProducts) {
+  if (!ownGroupedGemmRunsHere()) {
+    GTEST_SKIP() << "needs a GPU of compute capability 9.0";
+  }
+  const cuda::DeviceScope scope(0);
+  const auto encode = driver::api().cuTensorMapEncodeTiled;
+  ASSERT_NE(encode, nullptr);
+  const int all_sms = cuda::multiprocessorCount(0);
+  struct Case {
+    int64_t rows, intermediate, k;
+    std::vector<int64_t> counts;
+    int64_t extra_columns;
+    int sms;
+  };
+  const std::vector<Case> cases = {
+      // 128 wide (on any GPU of 4 SMs or more).
+      {256, 128, 64, {128, 128}, 0, all_sms},
+      // 224, every output tile full.
+      {700, 112, 200, {0, 1, 200, -3, 300, 77}, 8, 1},
+      // 128, the last output tile 8 of 64 columns wide.
+      {300, 136, 72, {100, 500, 50}, 16, 3},
+      // 256: the layer's first GEMM at T = 128 on one rank (K shortened).
+      {1024, 2048, 512, {128, 128, 128, 128, 128, 128, 128, 128}, 0, 132},
+      // 224: I = 3584, 8 row tiles on 132 SMs.
+      {1000, 3584, 128, {300, 200, 0, 500}, 0, 132},
+      // 128, groups of 9 and 11 row tiles (partial bands).
+      {2500, 104, 64, {1100, 1300, 0, 90}, 8, all_sms},
+      // 256 with a partial last tile (240 = 128 + 112 columns): its gate
+      // box reads up rows and its up box the next group's rows or past
+      // the weights (zeros).
+      {128, 240, 64, {50, 78}, 8, 1},
+      // 224 with a partial last tile (200 = 112 + 88 columns).
+      {128, 200, 64, {60, 68}, 0, 1},
+  };
+  uint64_t seed = 300;
+  for (const Case& c : cases) {
+    SCOPED_TRACE("rows=" + std::to_string(c.rows) +
+                 " I=" + std::to_string(c.intermediate) +
+                 " k=" + std::to_string(c.k) + " sms=" + std::to_string(c.sms));
+    const int64_t n = 2 * c.intermediate;
+    const auto groups = static_cast<int64_t>(c.counts.size());
+    const auto [x, w] = gemmOperands(c.rows, n, c.k, groups, seed += 2);
+    const at::Tensor counts = at::tensor(c.counts, at::kLong).to(x.device());
+    const int64_t stride = c.intermediate + c.extra_columns;
+    at::Tensor out =
+        at::full({c.rows, stride}, 0x7FC1, x.options().dtype(at::kShort))
+            .view(at::kBFloat16);
+    kernels::GroupedGemmProblem problem;
+    problem.x = x.const_data_ptr();
+    problem.w = w.const_data_ptr();
+    problem.counts = counts.const_data_ptr<int64_t>();
+    problem.out = out.mutable_data_ptr();
+    problem.rows = c.rows;
+    problem.n = n;
+    problem.k = c.k;
+    problem.groups = groups;
+    problem.out_stride = stride;
+    problem.epilogue = kernels::GroupedGemmEpilogue::kSiluMul;
+    ASSERT_STREQ(kernels::groupedGemmUnsupported(problem), "");
+    ASSERT_EQ(kernels::launchGroupedGemm(problem, c.sms, encode,
+                                         cuda::currentStream(0)),
+              cudaSuccess);
+    const auto rows = groupRows(c.counts, c.rows);
+    for (size_t g = 0; g < rows.size(); ++g) {
+      const auto [begin, end] = rows[g];
+      if (end == begin) {
+        continue;
+      }
+      SCOPED_TRACE("group " + std::to_string(g));
+      const at::Tensor product =
+          at::matmul(x.narrow(0, begin, end - begin).to(at::kFloat),
+                     w[static_cast<int64_t>(g)].to(at::kFloat).t());
+      auto rounded = [&](int64_t start) {
+        return product.narrow(1, start, c.intermediate)
+            .to(at::kBFloat16)
+            .to(at::kFloat);
+      };
+      test::expectClose(out.narrow(0, begin, end - begin)
+                            .narrow(1, 0, c.intermediate)
+                            .to(at::kFloat),
+                        at::silu(rounded(0)) * rounded(c.intermediate), 2e-2,
+                        2e-2);
+    }
+    const at::Tensor bits = out.view(at::kShort).cpu();
+    const int64_t written = rows.back().second;
+    EXPECT_TRUE(
+        bits.narrow(0, written, c.rows - written).eq(0x7FC1).all().item<bool>())
+        << "rows past the last group were written";
+    if (c.extra_columns > 0) {
+      EXPECT_TRUE(bits.narrow(1, c.intermediate, c.extra_columns)
+                      .eq(0x7FC1)
+                      .all()
+                      .item<bool>())
+          << "columns past n / 2 were written";
+    }
+  }
+  // The epilogue needs n a multiple of 16 and a stride of n / 2.
+  kernels::GroupedGemmProblem bad;
+  bad.x = bad.w = bad.out = reinterpret_cast<void*>(uintptr_t{256});
+  bad.counts = reinterpret_cast<const int64_t*>(uintptr_t{256});
+  bad.rows = 8;
+  bad.n = 72;
+  bad.k = 64;
+  bad.groups = 2;
+  bad.out_stride = 40;
+  bad.epilogue = kernels::GroupedGemmEpilogue::kSiluMul;
+  EXPECT_NE(std::string(kernels::groupedGemmUnsupported(bad))
+                .find("multiple of 16 (silu-mul epilogue)"),
+            std::string::npos);
+  bad.n = 64;
+  bad.out_stride = 24;
+  EXPECT_NE(std::string(kernels::groupedGemmUnsupported(bad)).find(">= n / 2"),
+            std::string::npos);
+  bad.out_stride = 32;
+  EXPECT_STREQ(kernels::groupedGemmUnsupported(bad), "");
+}
+
+// GroupedMatmul with the silu-mul epilogue on K-major bf16 weights on the
+// GPU: hostfuse's kernel (compute capability 9.0) and at::_grouped_mm
+// followed by ATen ops (HOSTFUSE_TORCH_GROUPED_GEMM=1) against the product
+// followed by the layer's activation fusion, on the rows the counts cover.
+TEST_F(MoeIr, GroupedMatmulSiluMulEpilogueMatchesOnEitherKernel) {
+  const at::Device gpu(at::kCUDA, 0);
+  HF_SKIP_IF_UNAVAILABLE(gpu);
+  if (!groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 512, 384, 4)) {
+    GTEST_SKIP() << "GroupedMatmul has no device path on this GPU";
+  }
+  TensorView* x = makeTensor({kSymbolic, 512}, DataType::BFloat16, "x");
+  TensorView* w = makeTensor({4, 512, 384}, DataType::BFloat16, "w");
+  TensorView* counts = makeTensor({4}, DataType::Int64, "counts");
+  program_->addInput(x);
+  program_->addInput(w);
+  program_->addInput(counts);
+  program_->addOutput(
+      groupedMatmul(x, w, counts, nullptr, GroupedMatmulEpilogue::SiluMul));
+  TensorView* product = groupedMatmul(x, w, counts);
+  program_->addOutput(
+      runFusion(makeSiluMulFusion(192, DataType::BFloat16),
+                {narrow(product, 1, 0, 192), narrow(product, 1, 192, 192)},
+                counts)
+          .at(0));
+  HostIrEvaluator evaluator(std::move(program_));
+  const std::vector<int64_t> count_values = {100, 0, 300, 57};
+  const auto [xv, w_nk] = gemmOperands(500, 384, 512, 4, 60);
+  const at::Tensor k_major = w_nk.transpose(1, 2);
+  const at::Tensor cv = at::tensor(count_values, at::kLong).to(gpu);
+  for (const char* torch_gemm : {"0", "1"}) {
+    SCOPED_TRACE(std::string("HOSTFUSE_TORCH_GROUPED_GEMM=") + torch_gemm);
+    const test::ScopedEnvironment env("HOSTFUSE_TORCH_GROUPED_GEMM",
+                                      torch_gemm);
+    EXPECT_EQ(groupedMatmulUsesOwnKernel(k_major),
+              ownGroupedGemmRunsHere() && std::string(torch_gemm) == "0");
+    const std::vector<at::Tensor> out = evaluator.run({xv, k_major, cv});
+    ASSERT_EQ(out[0].sizes(), (std::vector<int64_t>{500, 192}));
+    // 457 rows hold tokens; the rest are padding.
+    test::expectClose(out[0].narrow(0, 0, 457).to(at::kFloat),
+                      out[1].narrow(0, 0, 457).to(at::kFloat), 1e-2, 1e-2);
+  }
 }
 
 // GroupedMatmul on K-major bf16 weights on the GPU: hostfuse's kernel (on

@@ -44,6 +44,10 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
   HF_CHECK(config.topk <= config.num_experts,
            "makeMoeLayerProgram: K = ", config.topk,
            " exceeds the number of experts E = ", config.num_experts);
+  HF_CHECK(!config.fused_activation || config.fused_gate_up,
+           "makeMoeLayerProgram: fused_activation (silu(gate) * up in the "
+           "grouped matmul's epilogue) needs fused_gate_up (gate and up as "
+           "one grouped matmul)");
   const int64_t H = config.hidden;
   const int64_t I = config.intermediate;
   const int64_t L = config.local_experts;
@@ -95,7 +99,11 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
           : d.recv_x;
   TensorView* gate = nullptr;
   TensorView* up = nullptr;
-  if (config.fused_gate_up) {
+  TensorView* act = nullptr;
+  if (config.fused_activation) {
+    act = groupedMatmul(rows, w_gate_up, d.recv_expert_counts, nullptr,
+                        GroupedMatmulEpilogue::SiluMul);
+  } else if (config.fused_gate_up) {
     // One grouped matmul of twice the width; the activation reads its
     // halves in place (strided views).
     TensorView* gate_up = groupedMatmul(rows, w_gate_up, d.recv_expert_counts);
@@ -108,9 +116,11 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
   // Only the rows that hold tokens: with the cuda backend the GEMM outputs
   // have the dispatch's capacity rows, most of them padding with more than
   // one rank.
-  TensorView* act =
-      runFusion(makeSiluMulFusion(I, dtype), {gate, up}, d.recv_expert_counts)
-          .at(0);
+  if (act == nullptr) {
+    act =
+        runFusion(makeSiluMulFusion(I, dtype), {gate, up}, d.recv_expert_counts)
+            .at(0);
+  }
   TensorView* down = groupedMatmul(act, w_down, d.recv_expert_counts);
 
   program->addOutput(moeCombine(down, d, weights, tokens, config.reduce));

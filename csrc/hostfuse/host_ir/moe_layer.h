@@ -20,6 +20,8 @@
 //              counts) [rows, 2I], gate and up its two halves, as views)
 //   act      = RunFusion(silu(gate) * up, row_counts =
 //                        d.recv_expert_counts)              [rows, I]
+//              (fused_activation: act = GroupedMatmul(rows, w_gate_up,
+//              counts, epilogue=silu_mul), the same values from one op)
 //   down     = GroupedMatmul(act, w_down, d.recv_expert_counts)
 //   out      = MoeCombine(down, d, topk_weights, T, reduce)  [T, H]
 //
@@ -66,6 +68,10 @@ struct MoeLayerConfig {
   // Gate and up projections as one grouped matmul of [L, H, 2I] weights
   // (one input, w_gate_up, instead of w_gate and w_up).
   bool fused_gate_up = false;
+  // silu(gate) * up as that grouped matmul's epilogue
+  // (GroupedMatmulEpilogue::SiluMul: in hostfuse's sm_90a grouped GEMM
+  // where it runs) instead of a fusion after it. Needs fused_gate_up.
+  bool fused_activation = false;
 };
 
 std::unique_ptr<HostIrContainer> makeMoeLayerProgram(

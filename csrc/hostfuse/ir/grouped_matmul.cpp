@@ -15,9 +15,35 @@
 
 namespace hostfuse {
 
+const char* toString(GroupedMatmulEpilogue epilogue) {
+  switch (epilogue) {
+    case GroupedMatmulEpilogue::None:
+      return "none";
+    case GroupedMatmulEpilogue::SiluMul:
+      return "silu_mul";
+  }
+  return "unknown";
+}
+
+std::optional<GroupedMatmulEpilogue> parseGroupedMatmulEpilogue(
+    std::string_view name) {
+  for (const GroupedMatmulEpilogue epilogue :
+       {GroupedMatmulEpilogue::None, GroupedMatmulEpilogue::SiluMul}) {
+    if (name == toString(epilogue)) {
+      return epilogue;
+    }
+  }
+  return std::nullopt;
+}
+
 GroupedMatmul::GroupedMatmul(TensorView* out, TensorView* x,
                              TensorView* weights, TensorView* group_counts,
-                             TensorView* x_scales) {
+                             TensorView* x_scales,
+                             GroupedMatmulEpilogue epilogue) {
+  // The epilogue goes in first, before any input: pushed after the
+  // optional x_scales, GCC 12 warns (-Wmaybe-uninitialized, a false
+  // positive in std::variant's move) and -Werror stops the build.
+  addDataAttribute(static_cast<int64_t>(epilogue));
   addOutput(out);
   addInput(x);
   addInput(weights);
@@ -31,7 +57,11 @@ std::string GroupedMatmul::toInlineString() const {
   return out()->toString() + " = GroupedMatmul(x=" + x()->toString() +
          (xScales() != nullptr ? ", x_scales=" + xScales()->toString() : "") +
          ", weights=" + weights()->toString() +
-         ", group_counts=" + groupCounts()->toString() + ")";
+         ", group_counts=" + groupCounts()->toString() +
+         (epilogue() != GroupedMatmulEpilogue::None
+              ? std::string(", epilogue=") + hostfuse::toString(epilogue())
+              : std::string()) +
+         ")";
 }
 
 void GroupedMatmul::validate() const {
@@ -59,6 +89,21 @@ void GroupedMatmul::validate() const {
   HF_CHECK(out()->dtype() == weights()->dtype(), "GroupedMatmul: out ",
            out()->toDeclString(), " must have the weights' dtype ",
            weights()->dtype());
+  if (epilogue() == GroupedMatmulEpilogue::SiluMul) {
+    const std::optional<int64_t> n = weights()->extent(2)->constantInt();
+    HF_CHECK(n.has_value() && *n % 2 == 0,
+             "GroupedMatmul: epilogue=silu_mul "
+             "needs weights whose N (dim 2) is a known even number (gate and "
+             "up halves), got ",
+             weights()->toDeclString());
+    HF_CHECK(out()->extent(1)->constantInt() == *n / 2, "GroupedMatmul: out ",
+             out()->toDeclString(), " must have N / 2 = ", *n / 2,
+             " columns with epilogue=silu_mul");
+  } else {
+    HF_CHECK(epilogue() == GroupedMatmulEpilogue::None,
+             "GroupedMatmul: unknown epilogue ",
+             static_cast<int64_t>(epilogue()));
+  }
 }
 
 bool groupedMatmulRunsOnDevice(at::ScalarType dtype, const at::Device& device,
@@ -126,12 +171,27 @@ bool groupedMatmulUsesOwnKernel(const at::Tensor& weights) {
 
 namespace {
 
+// The SiluMul epilogue as ATen ops on `product` [rows, N]: each half as it
+// is (in the product's dtype), the activation in fp32, then rounded. The
+// same ops, in the same order, as makeSiluMulFusion on the host.
+at::Tensor siluMulOfHalves(const at::Tensor& product) {
+  const int64_t half = product.size(1) / 2;
+  return at::silu(product.narrow(1, 0, half).to(at::kFloat))
+      .mul(product.narrow(1, half, half).to(at::kFloat))
+      .to(product.scalar_type());
+}
+
+int64_t outputColumns(int64_t n, GroupedMatmulEpilogue epilogue) {
+  return epilogue == GroupedMatmulEpilogue::SiluMul ? n / 2 : n;
+}
+
 // hostfuse's sm_90a grouped GEMM for these operands, or an undefined
 // tensor where it does not apply (groupedMatmulUsesOwnKernel, at most
 // kOwnGroupedGemmMaxRowsPerGroup rows of x per group, x contiguous, and
 // what the kernel itself accepts).
 at::Tensor ownGroupedGemm(const at::Tensor& x, const at::Tensor& weights,
-                          const at::Tensor& counts) {
+                          const at::Tensor& counts,
+                          GroupedMatmulEpilogue epilogue) {
   if (!groupedMatmulUsesOwnKernel(weights) || !x.is_contiguous() ||
       x.size(0) > kOwnGroupedGemmMaxRowsPerGroup * weights.size(0)) {
     return {};
@@ -139,7 +199,8 @@ at::Tensor ownGroupedGemm(const at::Tensor& x, const at::Tensor& weights,
   const int device = x.device().index();
   const int64_t hidden = weights.size(1);
   const int64_t n = weights.size(2);
-  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  const int64_t columns = outputColumns(n, epilogue);
+  at::Tensor out = at::empty({x.size(0), columns}, x.options());
   kernels::GroupedGemmProblem problem;
   problem.x = x.const_data_ptr();
   problem.w = weights.const_data_ptr();
@@ -149,7 +210,10 @@ at::Tensor ownGroupedGemm(const at::Tensor& x, const at::Tensor& weights,
   problem.n = n;
   problem.k = hidden;
   problem.groups = weights.size(0);
-  problem.out_stride = n;
+  problem.out_stride = columns;
+  problem.epilogue = epilogue == GroupedMatmulEpilogue::SiluMul
+                         ? kernels::GroupedGemmEpilogue::kSiluMul
+                         : kernels::GroupedGemmEpilogue::kNone;
   if (*kernels::groupedGemmUnsupported(problem) != '\0') {
     return {};
   }
@@ -160,15 +224,18 @@ at::Tensor ownGroupedGemm(const at::Tensor& x, const at::Tensor& weights,
 }
 
 at::Tensor groupedMatmulOnDevice(const at::Tensor& x, const at::Tensor& weights,
-                                 const at::Tensor& counts) {
+                                 const at::Tensor& counts,
+                                 GroupedMatmulEpilogue epilogue) {
   const int64_t rows = x.size(0);
   if (rows == 0) {
-    return at::empty({0, weights.size(2)}, x.options());
+    return at::empty({0, outputColumns(weights.size(2), epilogue)},
+                     x.options());
   }
   const at::Tensor long_counts = counts.to(at::kLong).contiguous();
   const int device = x.device().index();
   const cuda::DeviceScope scope(device);
-  if (at::Tensor out = ownGroupedGemm(x, weights, long_counts); out.defined()) {
+  if (at::Tensor out = ownGroupedGemm(x, weights, long_counts, epilogue);
+      out.defined()) {
     return out;
   }
   // Group ends on the device, made monotone and cut at x's rows so that no
@@ -178,7 +245,10 @@ at::Tensor groupedMatmulOnDevice(const at::Tensor& x, const at::Tensor& weights,
   HF_CUDA_CHECK(kernels::launchGroupEnds(
       long_counts.const_data_ptr<int64_t>(), long_counts.size(0), rows,
       ends.mutable_data_ptr<int32_t>(), cuda::currentStream(device)));
-  return at::_grouped_mm(aligned(x), aligned(weights), ends);
+  const at::Tensor product =
+      at::_grouped_mm(aligned(x), aligned(weights), ends);
+  return epilogue == GroupedMatmulEpilogue::SiluMul ? siluMulOfHalves(product)
+                                                    : product;
 }
 
 }  // namespace
@@ -200,24 +270,46 @@ std::vector<std::string> GroupedMatmul::captureProblems(
       why_not};
 }
 
-std::vector<c10::IValue> GroupedMatmul::evaluate(
-    const std::vector<c10::IValue>& inputs) const {
-  const at::Tensor weights = inputs.at(1).toTensor();
-  // fp8 rows: dequantized to the weights' dtype first (no fused scaled
-  // GEMM yet).
-  const at::Tensor counts = inputs.at(2).toTensor();
+at::Tensor groupedMatmulOnTensors(const at::Tensor& x_given,
+                                  const at::Tensor& weights,
+                                  const at::Tensor& counts,
+                                  const at::Tensor& x_scales,
+                                  GroupedMatmulEpilogue epilogue) {
+  HF_CHECK(x_given.defined() && weights.defined() && counts.defined(),
+           "GroupedMatmul: x, weights and group_counts must be tensors");
+  HF_CHECK(x_given.dim() == 2, "GroupedMatmul: x must be [rows, H], got ",
+           x_given.sizes());
+  HF_CHECK(weights.dim() == 3 && at::isFloatingType(weights.scalar_type()),
+           "GroupedMatmul: weights must be floating [L, H, N], got ",
+           weights.scalar_type(), " ", weights.sizes());
+  HF_CHECK(counts.dim() == 1 && !at::isFloatingType(counts.scalar_type()) &&
+               counts.scalar_type() != at::kBool,
+           "GroupedMatmul: group_counts must be an integer [L], got ",
+           counts.scalar_type(), " ", counts.sizes());
+  const bool fp8 = x_given.scalar_type() == at::kFloat8_e4m3fn;
+  HF_CHECK(fp8 == x_scales.defined(), "GroupedMatmul: x is ",
+           x_given.scalar_type(),
+           fp8 ? ": pass its scales (x_scales)"
+               : ", so it takes no x_scales (they go with f8e4m3 rows)");
+  HF_CHECK(fp8 || x_given.scalar_type() == weights.scalar_type(),
+           "GroupedMatmul: x is ", x_given.scalar_type(), " but weights are ",
+           weights.scalar_type(), ": they must have the same dtype");
+  HF_CHECK(
+      epilogue != GroupedMatmulEpilogue::SiluMul || weights.size(2) % 2 == 0,
+      "GroupedMatmul: epilogue=silu_mul needs an even N (gate and up "
+      "halves), got weights ",
+      weights.sizes());
   // Only the rows the counts cover are dequantized (the GEMM reads no
   // other); the counts must be i64 on the rows' device for that.
-  const bool counts_fit = counts.scalar_type() == at::kLong &&
-                          counts.dim() == 1 &&
-                          counts.device() == inputs.at(0).toTensor().device();
+  const bool counts_fit =
+      counts.scalar_type() == at::kLong && counts.device() == x_given.device();
+  // fp8 rows: dequantized to the weights' dtype first (no fused scaled
+  // GEMM yet).
   const at::Tensor x =
-      inputs.size() > 3
-          ? dequantizeFp8Rows(inputs.at(0).toTensor(), inputs.at(3).toTensor(),
-                              weights.scalar_type(),
+      fp8 ? dequantizeFp8Rows(x_given, x_scales, weights.scalar_type(),
                               counts_fit ? counts : at::Tensor())
-          : inputs.at(0).toTensor();
-  HF_CHECK(counts.dim() == 1 && counts.size(0) == weights.size(0),
+          : x_given;
+  HF_CHECK(counts.size(0) == weights.size(0),
            "GroupedMatmul: group_counts has ", counts.numel(),
            " entries but weights has ", weights.size(0), " groups");
   HF_CHECK(weights.size(1) == x.size(1), "GroupedMatmul: weights ",
@@ -226,16 +318,16 @@ std::vector<c10::IValue> GroupedMatmul::evaluate(
   if (counts.device() == x.device() && weights.device() == x.device() &&
       groupedMatmulRunsOnDevice(x.scalar_type(), x.device(), x.size(1),
                                 weights.size(2), weights.size(0), &why_not)) {
-    return {groupedMatmulOnDevice(x, weights, counts)};
+    return groupedMatmulOnDevice(x, weights, counts, epilogue);
   }
   if (counts.is_cuda()) {
     HF_CHECK(
-        !cuda::isCapturing(counts.device().index()), toInlineString(),
-        " cannot run inside a CUDA graph capture: it would read "
-        "group_counts on the host, because ",
+        !cuda::isCapturing(counts.device().index()),
+        "GroupedMatmul cannot run inside a CUDA graph capture here: it would "
+        "read group_counts on the host, because ",
         why_not.empty() ? "its operands are on different devices" : why_not);
   }
-  const at::Tensor host_counts = counts.to(at::kCPU);
+  const at::Tensor host_counts = counts.to(at::kCPU, at::kLong);
   const int64_t rows = x.size(0);
   at::Tensor out = at::empty({rows, weights.size(2)}, x.options());
   int64_t offset = 0;
@@ -254,11 +346,20 @@ std::vector<c10::IValue> GroupedMatmul::evaluate(
   if (offset < rows) {
     out.narrow(0, offset, rows - offset).zero_();
   }
-  return {out};
+  return epilogue == GroupedMatmulEpilogue::SiluMul ? siluMulOfHalves(out)
+                                                    : out;
+}
+
+std::vector<c10::IValue> GroupedMatmul::evaluate(
+    const std::vector<c10::IValue>& inputs) const {
+  return {groupedMatmulOnTensors(
+      inputs.at(0).toTensor(), inputs.at(1).toTensor(), inputs.at(2).toTensor(),
+      inputs.size() > 3 ? inputs.at(3).toTensor() : at::Tensor(), epilogue())};
 }
 
 TensorView* groupedMatmul(TensorView* x, TensorView* weights,
-                          TensorView* group_counts, TensorView* x_scales) {
+                          TensorView* group_counts, TensorView* x_scales,
+                          GroupedMatmulEpilogue epilogue) {
   HF_CHECK(x != nullptr && weights != nullptr && group_counts != nullptr,
            "groupedMatmul: an operand is null");
   HF_CHECK(x->rank() == 2, "groupedMatmul: x ", x->toDeclString(),
@@ -270,9 +371,18 @@ TensorView* groupedMatmul(TensorView* x, TensorView* weights,
            "groupedMatmul: x ", x->toDeclString(),
            x_scales != nullptr ? " has x_scales, so it must be f8e4m3"
                                : " is f8e4m3: pass its scales (x_scales)");
-  TensorView* out =
-      makeTensor({x->extent(0), weights->extent(2)}, weights->dtype());
-  IrBuilder::create<GroupedMatmul>(out, x, weights, group_counts, x_scales);
+  Scalar* columns = weights->extent(2);
+  if (epilogue == GroupedMatmulEpilogue::SiluMul) {
+    const std::optional<int64_t> n = columns->constantInt();
+    HF_CHECK(n.has_value() && *n % 2 == 0,
+             "groupedMatmul: epilogue=silu_mul needs weights whose N (dim 2) "
+             "is a known even number (gate and up halves), got ",
+             weights->toDeclString());
+    columns = makeConstant(*n / 2);
+  }
+  TensorView* out = makeTensor({x->extent(0), columns}, weights->dtype());
+  IrBuilder::create<GroupedMatmul>(out, x, weights, group_counts, x_scales,
+                                   epilogue);
   return out;
 }
 

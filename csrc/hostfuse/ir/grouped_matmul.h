@@ -7,12 +7,36 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include <hostfuse/ir/base_nodes.h>
 #include <hostfuse/ir/values.h>
 
 namespace hostfuse {
+
+// What GroupedMatmul writes of each group's product.
+enum class GroupedMatmulEpilogue {
+  // out = the product, [rows, N].
+  None,
+  // out = silu(gate) * up, [rows, N / 2]: gate and up are the product's
+  // halves (columns [0, N/2) and [N/2, N), as the layer's w_gate_up =
+  // cat(w_gate, w_up, 2) gives them), each rounded to the weights' dtype,
+  // the activation computed in fp32 (silu(g) = g / (1 + e^-g)) and
+  // rounded: the values of the product followed by makeSiluMulFusion
+  // (host_ir/moe_layer.h). N must be even. hostfuse's grouped GEMM
+  // computes it in its epilogue (N a multiple of 16); every other path
+  // applies it after the product as ATen ops (fp32 casts, silu, multiply,
+  // cast) on every row, padding included: slower there than the
+  // row-limited activation fusion.
+  SiluMul,
+};
+
+// "none", "silu_mul".
+const char* toString(GroupedMatmulEpilogue epilogue);
+std::optional<GroupedMatmulEpilogue> parseGroupedMatmulEpilogue(
+    std::string_view name);
 
 // Runs one grouped matmul: rows [offset_l, offset_l + counts[l]) of x times
 // weights[l], where offset is the exclusive cumsum of group_counts. The
@@ -21,7 +45,8 @@ namespace hostfuse {
 // i64 summing to at most rows; out [rows, N]. Rows past the sum (the
 // capacity padding of the cuda MoE backend) are not read as valid: their
 // output is unspecified (zeros on the host path, untouched memory on the
-// device path).
+// device path). The epilogue (attribute 0) may apply silu(gate) * up to the
+// product (GroupedMatmulEpilogue).
 //
 // Two paths, chosen by groupedMatmulRunsOnDevice():
 //   device  no host synchronization, so it can be captured in a CUDA
@@ -33,17 +58,20 @@ namespace hostfuse {
 //           (kernels/grouped_gemm_sm90.h) runs, reading the counts on the
 //           device, if x is contiguous and has at most
 //           kOwnGroupedGemmMaxRowsPerGroup rows per group (capacity
-//           padding included) and there are at most 256 groups; else, or
+//           padding included) and there are at most 256 groups, with the
+//           silu-mul epilogue in the same kernel; else, or
 //           with HOSTFUSE_TORCH_GROUPED_GEMM=1,
 //           at::_grouped_mm with the group ends (inclusive cumsum of the
-//           counts, int32) computed by a small kernel.
+//           counts, int32) computed by a small kernel, then the epilogue
+//           as ATen ops on every row.
 //   host    one matmul per group; reads the counts on the host (a device
 //           synchronization for CUDA counts), checks that they are >= 0 and
 //           fit x's rows.
 class GroupedMatmul : public Expr {
  public:
   GroupedMatmul(TensorView* out, TensorView* x, TensorView* weights,
-                TensorView* group_counts, TensorView* x_scales = nullptr);
+                TensorView* group_counts, TensorView* x_scales = nullptr,
+                GroupedMatmulEpilogue epilogue = GroupedMatmulEpilogue::None);
   HF_DECLARE_EXPR(GroupedMatmul)
   // Capturable on its device path only (groupedMatmulRunsOnDevice, with
   // the sizes known when the program is built).
@@ -54,6 +82,9 @@ class GroupedMatmul : public Expr {
   TensorView* x() const { return input(0)->as<TensorView>(); }
   TensorView* weights() const { return input(1)->as<TensorView>(); }
   TensorView* groupCounts() const { return input(2)->as<TensorView>(); }
+  GroupedMatmulEpilogue epilogue() const {
+    return static_cast<GroupedMatmulEpilogue>(attribute<int64_t>(0));
+  }
   // With f8e4m3 rows: [rows, H / B] f32, one scale per row and block of B
   // channels (row block b is x * x_scales[:, b]); else nullptr.
   TensorView* xScales() const {
@@ -92,12 +123,26 @@ bool groupedMatmulUsesOwnKernel(const at::Tensor& weights);
 // 2026-12-05, session 14), so at::_grouped_mm runs there.
 inline constexpr int64_t kOwnGroupedGemmMaxRowsPerGroup = 512;
 
+// GroupedMatmul on tensors, outside a program (hostfuse.moe.grouped_matmul
+// in Python): the node's paths and checks, each failed check naming the
+// argument. x [rows, H] of the weights' dtype, or f8e4m3 with x_scales
+// [rows, H / B] f32 (else pass an undefined tensor); weights [L, H, N]
+// floating; group_counts [L] integer. Returns [rows, N], or [rows, N / 2]
+// with the silu-mul epilogue.
+at::Tensor groupedMatmulOnTensors(
+    const at::Tensor& x, const at::Tensor& weights,
+    const at::Tensor& group_counts, const at::Tensor& x_scales = {},
+    GroupedMatmulEpilogue epilogue = GroupedMatmulEpilogue::None);
+
 // Builds a GroupedMatmul in the active container (see FusionGuard). `x`
 // f8e4m3 needs `x_scales` (as MoeDispatch with quantize=fp8_e4m3 returns
 // them): the rows are dequantized to the weights' dtype, then multiplied.
-// The output has the weights' dtype.
-TensorView* groupedMatmul(TensorView* x, TensorView* weights,
-                          TensorView* group_counts,
-                          TensorView* x_scales = nullptr);
+// The output has the weights' dtype; with the silu-mul epilogue the
+// weights' N must be a known even number, and the output has N / 2
+// columns.
+TensorView* groupedMatmul(
+    TensorView* x, TensorView* weights, TensorView* group_counts,
+    TensorView* x_scales = nullptr,
+    GroupedMatmulEpilogue epilogue = GroupedMatmulEpilogue::None);
 
 }  // namespace hostfuse

@@ -17,9 +17,15 @@
 // the tensor cores (wgmma, operands read from shared memory in the 128-byte
 // swizzled layout TMA writes), and mark it empty. After the last K step
 // the consumers write their accumulators, rounded to bf16, straight to
-// `out`, keeping only the rows of the tile's group and columns below n.
+// `out`, keeping only the rows of the tile's group and the output's
+// columns (n_out).
 // Rows of x past the group (the next group's, or past x: TMA fills zeros)
 // are multiplied and dropped.
+//
+// The silu-mul epilogue: a tile's BN weight rows are two boxes of BN/2,
+// gate rows [j0, j0 + BN/2) and the up rows n/2 further, so each thread's
+// accumulators hold gate and up of the same output columns (fragment
+// column c and c + BN/16); it writes silu(gate) * up for BN/2 columns.
 
 namespace hostfuse::kernels {
 
@@ -51,7 +57,8 @@ struct Params {
   __nv_bfloat16* out;
   int64_t out_stride;
   int rows;
-  int n;
+  int n;      // weight rows per group (the product's columns)
+  int n_out;  // output columns: n, or n / 2 with the silu-mul epilogue
   int groups;
   int n_tiles;
   int k_blocks;
@@ -283,13 +290,23 @@ __device__ __forceinline__ TilePlace placeOfTile(int local, int m_tiles,
   return {band * kBandTiles + in_band % band_rows, in_band / band_rows};
 }
 
-template <int BN>
+// silu(g) * u of the bf16 roundings of g and u, in fp32, as the separate
+// activation computes it (hf_silu of the fusion kernels, then a multiply).
+__device__ __forceinline__ float siluMul(float g, float u) {
+  const float gate = __bfloat162float(__float2bfloat16_rn(g));
+  const float up = __bfloat162float(__float2bfloat16_rn(u));
+  return gate / (1.0f + expf(-gate)) * up;
+}
+
+template <int BN, bool kSiluMul>
 __global__ void __launch_bounds__(kThreads, 1)
     groupedGemmKernel(const __grid_constant__ CUtensorMap x_map,
                       const __grid_constant__ CUtensorMap w_map,
                       const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<BN>;
+  // Output columns of a tile.
+  constexpr int kTileN = kSiluMul ? BN / 2 : BN;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* const stages = reinterpret_cast<uint8_t*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -367,13 +384,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         const TilePlace place =
             placeOfTile(tile - first_tile[g], m_tiles[g], p.n_tiles);
         const int row0 = row_begin[g] + place.m * kTileM;
-        const int w_row0 = g * p.n + place.n * BN;
+        const int w_row0 = g * p.n + place.n * kTileN;
         for (int kb = 0; kb < p.k_blocks; ++kb) {
           barrierWait(&empty[stage], phase ^ 1);
           uint8_t* const a = stages + stage * T::kStageBytes;
           barrierArriveExpecting(&full[stage], T::kStageBytes);
           loadBox(a, &x_map, kb * kTileK, row0, &full[stage]);
           loadBox(a + T::kABytes, &w_map, kb * kTileK, w_row0, &full[stage]);
+          if constexpr (kSiluMul) {
+            // The up rows of the same columns, after the gate rows (BN/2
+            // rows of 128 bytes: a multiple of the swizzle's 1024).
+            loadBox(a + T::kABytes + kTileN * kTileK * 2, &w_map, kb * kTileK,
+                    w_row0 + p.n / 2, &full[stage]);
+          }
           if (++stage == T::kStages) {
             stage = 0;
             phase ^= 1;
@@ -396,7 +419,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const TilePlace place =
         placeOfTile(tile - first_tile[g], m_tiles[g], p.n_tiles);
     const int row0 = row_begin[g] + place.m * kTileM;
-    const int col0 = place.n * BN;
+    const int col0 = place.n * kTileN;
     // The multiplies of one stage stay in flight while the next stage's
     // are issued; a stage is released once its multiplies are done.
     int in_flight = -1;
@@ -429,21 +452,32 @@ __global__ void __launch_bounds__(kThreads, 1)
     barrierArrive(&empty[in_flight]);
     // Fragment layout of d: value 4 c + i of a thread is row
     // 16 (warp % 4) + lane / 4 + 8 (i / 2), column 8 c + 2 (lane % 4) + i % 2.
+    // With the silu-mul epilogue, fragment column c is gate and c + BN/16
+    // the up value of the same output column.
     const int row = row0 + consumer * 64 + (warp % 4) * 16 + lane / 4;
     const int end = row_end[g];
 #pragma unroll
-    for (int c = 0; c < BN / 8; ++c) {
+    for (int c = 0; c < kTileN / 8; ++c) {
       const int col = col0 + c * 8 + 2 * (lane % 4);
-      if (col < p.n) {
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if constexpr (kSiluMul) {
+          v[i] = siluMul(acc[4 * c + i], acc[4 * (c + BN / 16) + i]);
+        } else {
+          v[i] = acc[4 * c + i];
+        }
+      }
+      if (col < p.n_out) {
         if (row < end) {
           *reinterpret_cast<__nv_bfloat162*>(
               p.out + static_cast<int64_t>(row) * p.out_stride + col) =
-              __floats2bfloat162_rn(acc[4 * c], acc[4 * c + 1]);
+              __floats2bfloat162_rn(v[0], v[1]);
         }
         if (row + 8 < end) {
           *reinterpret_cast<__nv_bfloat162*>(
               p.out + static_cast<int64_t>(row + 8) * p.out_stride + col) =
-              __floats2bfloat162_rn(acc[4 * c + 2], acc[4 * c + 3]);
+              __floats2bfloat162_rn(v[2], v[3]);
         }
       }
     }
@@ -470,15 +504,31 @@ bool encodeMap(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap* map,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN>
+bool hasSiluMul(const GroupedGemmProblem& problem) {
+  return problem.epilogue == GroupedGemmEpilogue::kSiluMul;
+}
+
+// The output's columns.
+int64_t outputColumns(const GroupedGemmProblem& problem) {
+  return hasSiluMul(problem) ? problem.n / 2 : problem.n;
+}
+
+// Column tiles of a problem for tiles of `width` weight rows.
+int64_t columnTiles(const GroupedGemmProblem& problem, int width) {
+  const int64_t tile_columns = hasSiluMul(problem) ? width / 2 : width;
+  return (outputColumns(problem) + tile_columns - 1) / tile_columns;
+}
+
+template <int BN, bool kSiluMul>
 cudaError_t launchTiles(const GroupedGemmProblem& problem, int sms,
                         PFN_cuTensorMapEncodeTiled_v12000 encode,
                         cudaStream_t stream) {
   CUtensorMap x_map;
   CUtensorMap w_map;
+  // With the silu-mul epilogue a tile's weights are two boxes of BN/2 rows.
   if (!encodeMap(encode, &x_map, problem.x, problem.k, problem.rows, kTileM) ||
       !encodeMap(encode, &w_map, problem.w, problem.k,
-                 problem.groups * problem.n, BN)) {
+                 problem.groups * problem.n, kSiluMul ? BN / 2 : BN)) {
     return cudaErrorInvalidValue;
   }
   Params params;
@@ -487,8 +537,9 @@ cudaError_t launchTiles(const GroupedGemmProblem& problem, int sms,
   params.out_stride = problem.out_stride;
   params.rows = static_cast<int>(problem.rows);
   params.n = static_cast<int>(problem.n);
+  params.n_out = static_cast<int>(outputColumns(problem));
   params.groups = static_cast<int>(problem.groups);
-  params.n_tiles = static_cast<int>((problem.n + BN - 1) / BN);
+  params.n_tiles = static_cast<int>(columnTiles(problem, BN));
   params.k_blocks = static_cast<int>((problem.k + kTileK - 1) / kTileK);
   // At most one block per tile there can be: every group's rows in full
   // tiles, plus one partial tile per group.
@@ -496,14 +547,29 @@ cudaError_t launchTiles(const GroupedGemmProblem& problem, int sms,
       params.n_tiles * ((problem.rows + kTileM - 1) / kTileM + problem.groups);
   const int blocks = static_cast<int>(most_tiles < sms ? most_tiles : sms);
   const cudaError_t attribute = cudaFuncSetAttribute(
-      groupedGemmKernel<BN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      Tile<BN>::kSmemBytes);
+      groupedGemmKernel<BN, kSiluMul>,
+      cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<BN>::kSmemBytes);
   if (attribute != cudaSuccess) {
     return attribute;
   }
-  groupedGemmKernel<BN><<<blocks, kThreads, Tile<BN>::kSmemBytes, stream>>>(
-      x_map, w_map, params);
+  groupedGemmKernel<BN, kSiluMul>
+      <<<blocks, kThreads, Tile<BN>::kSmemBytes, stream>>>(x_map, w_map,
+                                                           params);
   return cudaGetLastError();
+}
+
+template <bool kSiluMul>
+cudaError_t launchWidth(int width, const GroupedGemmProblem& problem, int sms,
+                        PFN_cuTensorMapEncodeTiled_v12000 encode,
+                        cudaStream_t stream) {
+  switch (width) {
+    case 256:
+      return launchTiles<256, kSiluMul>(problem, sms, encode, stream);
+    case 224:
+      return launchTiles<224, kSiluMul>(problem, sms, encode, stream);
+    default:
+      return launchTiles<128, kSiluMul>(problem, sms, encode, stream);
+  }
 }
 
 }  // namespace
@@ -515,11 +581,21 @@ const char* groupedGemmUnsupported(const GroupedGemmProblem& problem) {
   if (problem.k <= 0 || problem.k % 8 != 0) {
     return "k must be a positive multiple of 8";
   }
-  if (problem.n <= 0 || problem.n % 8 != 0) {
-    return "n must be a positive multiple of 8";
+  if (problem.epilogue != GroupedGemmEpilogue::kNone &&
+      problem.epilogue != GroupedGemmEpilogue::kSiluMul) {
+    return "the epilogue is not one of GroupedGemmEpilogue's";
   }
-  if (problem.out_stride < problem.n || problem.out_stride % 8 != 0) {
-    return "the output's row stride must be >= n and a multiple of 8";
+  if (problem.n <= 0 || problem.n % (hasSiluMul(problem) ? 16 : 8) != 0) {
+    return hasSiluMul(problem)
+               ? "n must be a positive multiple of 16 (silu-mul epilogue)"
+               : "n must be a positive multiple of 8";
+  }
+  if (problem.out_stride < outputColumns(problem) ||
+      problem.out_stride % 8 != 0) {
+    return hasSiluMul(problem) ? "the output's row stride must be >= n / 2 and "
+                                 "a multiple of 8"
+                               : "the output's row stride must be >= n and a "
+                                 "multiple of 8";
   }
   if (problem.groups < 1 || problem.groups > kGroupedGemmMaxGroups) {
     return "the number of groups must be in [1, 256]";
@@ -555,21 +631,16 @@ cudaError_t launchGroupedGemm(const GroupedGemmProblem& problem, int sms,
   int best = 0;
   int64_t best_cost = 0;
   for (const int width : {256, 224, 128}) {
-    const int64_t tiles = (problem.n + width - 1) / width * m_tiles;
+    const int64_t tiles = columnTiles(problem, width) * m_tiles;
     const int64_t cost = (tiles + sms - 1) / sms * width;
     if (best == 0 || cost < best_cost) {
       best = width;
       best_cost = cost;
     }
   }
-  switch (best) {
-    case 256:
-      return launchTiles<256>(problem, sms, encode, stream);
-    case 224:
-      return launchTiles<224>(problem, sms, encode, stream);
-    default:
-      return launchTiles<128>(problem, sms, encode, stream);
-  }
+  return hasSiluMul(problem)
+             ? launchWidth<true>(best, problem, sms, encode, stream)
+             : launchWidth<false>(best, problem, sms, encode, stream);
 }
 
 }  // namespace hostfuse::kernels

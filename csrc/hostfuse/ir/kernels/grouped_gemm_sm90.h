@@ -35,6 +35,15 @@ namespace hostfuse::kernels {
 //                           column's weights consecutive), 16-byte aligned
 //   counts  [groups]        i64, device memory
 //   out     [rows, n]       bf16, row stride out_stride
+//
+// With epilogue kSiluMul the product's two halves are gate (columns
+// [0, n/2)) and up ([n/2, n)), each rounded to bf16, and the kernel writes
+// out[r, j] = silu(gate[r, j]) * up[r, j] for j < n/2, computed in fp32
+// (silu(g) = g / (1 + e^-g)) and rounded to bf16: the values of the
+// product followed by that activation as a separate step. out is then
+// [rows, n/2], and n must be a multiple of 16.
+enum class GroupedGemmEpilogue { kNone, kSiluMul };
+
 struct GroupedGemmProblem {
   const void* x = nullptr;
   const void* w = nullptr;
@@ -45,10 +54,12 @@ struct GroupedGemmProblem {
   int64_t k = 0;
   int64_t groups = 0;
   int64_t out_stride = 0;
+  GroupedGemmEpilogue epilogue = GroupedGemmEpilogue::kNone;
 };
 
 // Why `problem` cannot run on this kernel ("" when it can): k and n must be
-// multiples of 8, out_stride >= n and a multiple of 8, the pointers
+// multiples of 8 (n of 16 with kSiluMul), out_stride >= the output's
+// columns (n, or n/2 with kSiluMul) and a multiple of 8, the pointers
 // 16-byte aligned, 1 <= groups <= kGroupedGemmMaxGroups, rows <= 2^31 -
 // 256 (row indices of a tile stay in int), groups * n < 2^31. Checks no
 // device.
