@@ -496,6 +496,70 @@ bool ownGroupedGemmRunsHere() {
          cuda::computeCapability(0) == std::make_pair(9, 0);
 }
 
+// A quiet-NaN bit pattern that no product of the tests' values has.
+constexpr int16_t kUnwritten = 0x7FC1;
+
+// Runs hostfuse's grouped GEMM on x [rows, k], w [groups, n, k] and
+// `counts` (with `epilogue`, and `sms` for its tile choice) into an output
+// of `columns` + `extra_columns` columns that holds kUnwritten before the
+// call; checks that the rows past the last group and the extra columns
+// still hold it, and returns the first `columns` columns.
+at::Tensor runGroupedGemmKernel(const at::Tensor& x, const at::Tensor& w,
+                                const std::vector<int64_t>& counts,
+                                int64_t columns, int64_t extra_columns,
+                                kernels::GroupedGemmEpilogue epilogue,
+                                int sms) {
+  const int64_t rows = x.size(0);
+  const at::Tensor device_counts = at::tensor(counts, at::kLong).to(x.device());
+  const int64_t stride = columns + extra_columns;
+  at::Tensor out =
+      at::full({rows, stride}, kUnwritten, x.options().dtype(at::kShort))
+          .view(at::kBFloat16);
+  kernels::GroupedGemmProblem problem;
+  problem.x = x.const_data_ptr();
+  problem.w = w.const_data_ptr();
+  problem.counts = device_counts.const_data_ptr<int64_t>();
+  problem.out = out.mutable_data_ptr();
+  problem.rows = rows;
+  problem.n = w.size(1);
+  problem.k = w.size(2);
+  problem.groups = w.size(0);
+  problem.out_stride = stride;
+  problem.epilogue = epilogue;
+  EXPECT_STREQ(kernels::groupedGemmUnsupported(problem), "");
+  EXPECT_EQ(kernels::launchGroupedGemm(problem, sms,
+                                       driver::api().cuTensorMapEncodeTiled,
+                                       cuda::currentStream(0)),
+            cudaSuccess);
+  const at::Tensor bits = out.view(at::kShort).cpu();  // waits for it
+  const int64_t written = groupRows(counts, rows).back().second;
+  EXPECT_TRUE(
+      bits.narrow(0, written, rows - written).eq(kUnwritten).all().item<bool>())
+      << "rows past the last group were written";
+  if (extra_columns > 0) {
+    EXPECT_TRUE(bits.narrow(1, columns, extra_columns)
+                    .eq(kUnwritten)
+                    .all()
+                    .item<bool>())
+        << "columns past the output's were written";
+  }
+  return out.narrow(1, 0, columns);
+}
+
+// A problem the kernel refuses for the field the test changes: otherwise
+// valid, with aligned addresses that are never read.
+kernels::GroupedGemmProblem refusedProblem() {
+  kernels::GroupedGemmProblem problem;
+  problem.x = problem.w = problem.out = reinterpret_cast<void*>(uintptr_t{256});
+  problem.counts = reinterpret_cast<const int64_t*>(uintptr_t{256});
+  problem.rows = 8;
+  problem.n = 64;
+  problem.k = 64;
+  problem.groups = 2;
+  problem.out_stride = 64;
+  return problem;
+}
+
 }  // namespace
 
 // hostfuse's sm_90a grouped GEMM (compute capability 9.0 only): every
@@ -545,48 +609,14 @@ TEST(GroupedGemmKernel, MatchesPerGroupMatmulsAndWritesNothingElse) {
                  " groups=" + std::to_string(c.counts.size()));
     const auto groups = static_cast<int64_t>(c.counts.size());
     const auto [x, w] = gemmOperands(c.rows, c.n, c.k, groups, seed += 2);
-    const at::Tensor counts = at::tensor(c.counts, at::kLong).to(x.device());
-    const int64_t stride = c.n + c.extra_columns;
-    // A NaN pattern in every element before the call.
-    at::Tensor out =
-        at::full({c.rows, stride}, 0x7FC1, x.options().dtype(at::kShort))
-            .view(at::kBFloat16);
-    kernels::GroupedGemmProblem problem;
-    problem.x = x.const_data_ptr();
-    problem.w = w.const_data_ptr();
-    problem.counts = counts.const_data_ptr<int64_t>();
-    problem.out = out.mutable_data_ptr();
-    problem.rows = c.rows;
-    problem.n = c.n;
-    problem.k = c.k;
-    problem.groups = groups;
-    problem.out_stride = stride;
-    ASSERT_STREQ(kernels::groupedGemmUnsupported(problem), "");
-    ASSERT_EQ(kernels::launchGroupedGemm(problem, cuda::multiprocessorCount(0),
-                                         encode, cuda::currentStream(0)),
-              cudaSuccess);
-    expectGroupProducts(out.narrow(1, 0, c.n), x, w, c.counts);
-    const at::Tensor bits = out.view(at::kShort).cpu();
-    const auto rows = groupRows(c.counts, c.rows);
-    const int64_t written = rows.back().second;
-    EXPECT_TRUE(
-        bits.narrow(0, written, c.rows - written).eq(0x7FC1).all().item<bool>())
-        << "rows past the last group were written";
-    if (c.extra_columns > 0) {
-      EXPECT_TRUE(
-          bits.narrow(1, c.n, c.extra_columns).eq(0x7FC1).all().item<bool>())
-          << "columns past n were written";
-    }
+    const at::Tensor out = runGroupedGemmKernel(
+        x, w, c.counts, c.n, c.extra_columns,
+        kernels::GroupedGemmEpilogue::kNone, cuda::multiprocessorCount(0));
+    expectGroupProducts(out, x, w, c.counts);
   }
   // Problems the kernel refuses, naming why; the launch refuses them too.
-  kernels::GroupedGemmProblem bad;
-  bad.x = bad.w = bad.out = reinterpret_cast<void*>(uintptr_t{256});
-  bad.counts = reinterpret_cast<const int64_t*>(uintptr_t{256});
-  bad.rows = 8;
-  bad.n = 64;
+  kernels::GroupedGemmProblem bad = refusedProblem();
   bad.k = 60;
-  bad.groups = 2;
-  bad.out_stride = 64;
   EXPECT_NE(std::string(kernels::groupedGemmUnsupported(bad)).find("k must"),
             std::string::npos);
   EXPECT_EQ(kernels::launchGroupedGemm(bad, 132, encode, nullptr),
@@ -615,8 +645,7 @@ TEST(GroupedGemmKernel, SiluMulEpilogueMatchesTheActivatedProducts) {
     GTEST_SKIP() << "needs a GPU of compute capability 9.0";
   }
   const cuda::DeviceScope scope(0);
-  const auto encode = driver::api().cuTensorMapEncodeTiled;
-  ASSERT_NE(encode, nullptr);
+  ASSERT_NE(driver::api().cuTensorMapEncodeTiled, nullptr);
   const int all_sms = cuda::multiprocessorCount(0);
   struct Case {
     int64_t rows, intermediate, k;
@@ -652,26 +681,9 @@ TEST(GroupedGemmKernel, SiluMulEpilogueMatchesTheActivatedProducts) {
     const int64_t n = 2 * c.intermediate;
     const auto groups = static_cast<int64_t>(c.counts.size());
     const auto [x, w] = gemmOperands(c.rows, n, c.k, groups, seed += 2);
-    const at::Tensor counts = at::tensor(c.counts, at::kLong).to(x.device());
-    const int64_t stride = c.intermediate + c.extra_columns;
-    at::Tensor out =
-        at::full({c.rows, stride}, 0x7FC1, x.options().dtype(at::kShort))
-            .view(at::kBFloat16);
-    kernels::GroupedGemmProblem problem;
-    problem.x = x.const_data_ptr();
-    problem.w = w.const_data_ptr();
-    problem.counts = counts.const_data_ptr<int64_t>();
-    problem.out = out.mutable_data_ptr();
-    problem.rows = c.rows;
-    problem.n = n;
-    problem.k = c.k;
-    problem.groups = groups;
-    problem.out_stride = stride;
-    problem.epilogue = kernels::GroupedGemmEpilogue::kSiluMul;
-    ASSERT_STREQ(kernels::groupedGemmUnsupported(problem), "");
-    ASSERT_EQ(kernels::launchGroupedGemm(problem, c.sms, encode,
-                                         cuda::currentStream(0)),
-              cudaSuccess);
+    const at::Tensor out =
+        runGroupedGemmKernel(x, w, c.counts, c.intermediate, c.extra_columns,
+                             kernels::GroupedGemmEpilogue::kSiluMul, c.sms);
     const auto rows = groupRows(c.counts, c.rows);
     for (size_t g = 0; g < rows.size(); ++g) {
       const auto [begin, end] = rows[g];
@@ -687,33 +699,14 @@ TEST(GroupedGemmKernel, SiluMulEpilogueMatchesTheActivatedProducts) {
             .to(at::kBFloat16)
             .to(at::kFloat);
       };
-      test::expectClose(out.narrow(0, begin, end - begin)
-                            .narrow(1, 0, c.intermediate)
-                            .to(at::kFloat),
+      test::expectClose(out.narrow(0, begin, end - begin).to(at::kFloat),
                         at::silu(rounded(0)) * rounded(c.intermediate), 2e-2,
                         2e-2);
     }
-    const at::Tensor bits = out.view(at::kShort).cpu();
-    const int64_t written = rows.back().second;
-    EXPECT_TRUE(
-        bits.narrow(0, written, c.rows - written).eq(0x7FC1).all().item<bool>())
-        << "rows past the last group were written";
-    if (c.extra_columns > 0) {
-      EXPECT_TRUE(bits.narrow(1, c.intermediate, c.extra_columns)
-                      .eq(0x7FC1)
-                      .all()
-                      .item<bool>())
-          << "columns past n / 2 were written";
-    }
   }
   // The epilogue needs n a multiple of 16 and a stride of n / 2.
-  kernels::GroupedGemmProblem bad;
-  bad.x = bad.w = bad.out = reinterpret_cast<void*>(uintptr_t{256});
-  bad.counts = reinterpret_cast<const int64_t*>(uintptr_t{256});
-  bad.rows = 8;
+  kernels::GroupedGemmProblem bad = refusedProblem();
   bad.n = 72;
-  bad.k = 64;
-  bad.groups = 2;
   bad.out_stride = 40;
   bad.epilogue = kernels::GroupedGemmEpilogue::kSiluMul;
   EXPECT_NE(std::string(kernels::groupedGemmUnsupported(bad))
