@@ -15,7 +15,7 @@
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
 //       [--blocks B] [--link-gbps G] [--exprs] [--fp8]
 //       [--reduce auto|per_pick|per_rank] [--gate-up fused|separate]
-//       [--activation fusion|epilogue]
+//       [--activation fusion|epilogue] [--csv FILE]
 //
 // Modes: by default the fastest known (useFastestModes, host_ir/moe_layer.h):
 // gate and up as one grouped GEMM, and the per_rank combine with more than
@@ -40,7 +40,9 @@
 // GEMM rate (both measured in the same run, on this GPU) and its off-rank
 // bytes / --link-gbps. Rows are this rank's real ones (from the routing);
 // stageWork says which bytes count.
-// Without one GPU per rank it says so and exits 0. --help lists the flags.
+// --csv FILE appends every stage's time and floor per T (rank 0; the
+// columns of tools/plot_layer.py, which plots them). Without one GPU per
+// rank it says so and exits 0. --help lists the flags.
 #include <ATen/ATen.h>
 #include <cuda_runtime_api.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
@@ -49,6 +51,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <functional>
 #include <iostream>
 #include <optional>
@@ -62,6 +65,7 @@
 #include <hostfuse/multidevice/comm/communicator.h>
 #include <hostfuse/utils/torch_cuda.h>
 #include "../examples/cli_flags.h"
+#include "peers/peers_csv.h"
 
 namespace {
 
@@ -81,6 +85,7 @@ struct Args {
   std::string reduce = "auto";
   std::string gate_up = "fused";
   std::string activation = "fusion";
+  std::string csv;
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -136,6 +141,9 @@ cli::Flags makeFlags(Args& args) {
                "hostfuse's sm_90a GEMM computes it there; where that kernel "
                "does not run, ATen ops apply it to every row, slower than "
                "the fusion)");
+  flags.text("--csv", "FILE", &args.csv,
+             "append the graph replay's stage times and floors to FILE (rank "
+             "0), for tools/plot_layer.py");
   return flags;
 }
 
@@ -377,6 +385,49 @@ std::vector<Work> stageWork(const MoeLayerConfig& c, int64_t tokens,
   return work;
 }
 
+// One line of --csv: a stage of the graph replay at `tokens` per rank, or
+// the whole replay ("graph replay", its floor the sum of the stages').
+struct LayerCsvRow {
+  int64_t tokens = 0;
+  std::string stage;
+  double time_us = 0, floor_us = 0, hbm_mb = 0, gflop = 0;
+};
+
+// Appends `rows` to `path` (the header first when the file is new or
+// empty), with the run's device, ranks, shape and modes on every line, the
+// columns tools/plot_layer.py reads; false if it cannot be written.
+bool appendLayerCsv(const std::string& path, const std::string& device,
+                    int64_t ranks, const MoeLayerConfig& config,
+                    const std::string& modes,
+                    const std::vector<LayerCsvRow>& rows) {
+  std::FILE* csv = std::fopen(path.c_str(), "a");
+  if (csv == nullptr) {
+    return false;
+  }
+  std::fseek(csv, 0, SEEK_END);
+  if (std::ftell(csv) == 0) {
+    std::fputs(
+        "date,device,ranks,tokens,hidden,intermediate,experts,topk,modes,"
+        "stage,time_us,floor_us,hbm_mb,gflop\n",
+        csv);
+  }
+  char date[16];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof(date), "%Y-%m-%d", std::localtime(&now));
+  for (const LayerCsvRow& r : rows) {
+    std::fprintf(
+        csv, "%s,%s,%lld,%lld,%lld,%lld,%lld,%lld,%s,%s,%.2f,%.2f,%.1f,%.2f\n",
+        date, peers::csvField(device).c_str(), static_cast<long long>(ranks),
+        static_cast<long long>(r.tokens), static_cast<long long>(config.hidden),
+        static_cast<long long>(config.intermediate),
+        static_cast<long long>(config.num_experts),
+        static_cast<long long>(config.topk), peers::csvField(modes).c_str(),
+        peers::csvField(r.stage).c_str(), r.time_us, r.floor_us, r.hbm_mb,
+        r.gflop);
+  }
+  return std::fclose(csv) == 0;
+}
+
 std::string formatTime(double us) {
   char text[32];
   if (us < 0) {
@@ -405,6 +456,13 @@ int main(int argc, char** argv) {
   }
   if (args.activation == "epilogue" && args.gate_up != "fused") {
     return flags.fail("--activation epilogue needs --gate-up fused");
+  }
+  if (!args.csv.empty()) {
+    std::FILE* csv = std::fopen(args.csv.c_str(), "a");
+    if (csv == nullptr) {
+      return flags.fail("cannot append to --csv " + args.csv);
+    }
+    std::fclose(csv);
   }
   Communicator& comm = Communicator::getInstance();
   const int64_t rank = comm.rank();
@@ -680,6 +738,42 @@ int main(int argc, char** argv) {
                       kStageNames[expr.stage], expr.name.c_str());
         }
       }
+    }
+    if (!args.csv.empty()) {
+      const std::string modes =
+          std::string("gate_up=") + args.gate_up +
+          " activation=" + args.activation +
+          " reduce=" + toString(config.reduce) +
+          " quantize=" + toString(config.quantize) +
+          " gemm=" + (own_grouped_gemm ? "hostfuse" : "torch");
+      std::vector<LayerCsvRow> csv_rows;
+      for (const Row& row : rows) {
+        if (row.stages.empty()) {
+          continue;
+        }
+        double total_floor = 0;
+        for (int stage = 0; stage < kStages; ++stage) {
+          if (stage == kFusion && config.fused_activation) {
+            continue;
+          }
+          const Work& work = row.work[stage];
+          const double floor = work.floor(rates, double(args.link_gbps));
+          total_floor += floor;
+          csv_rows.push_back({row.tokens, kStageNames[stage], row.stages[stage],
+                              floor, work.hbm_bytes / 1e6, work.flops / 1e9});
+        }
+        csv_rows.push_back(
+            {row.tokens, "graph replay", row.replay, total_floor, 0, 0});
+      }
+      if (!appendLayerCsv(args.csv, properties.name, comm.size(), config, modes,
+                          csv_rows)) {
+        std::cerr << "bench_moe_layer: cannot append to --csv " << args.csv
+                  << "\n";
+        comm.shutdown();
+        return 1;
+      }
+      std::printf("\nappended %zu rows to %s\n", csv_rows.size(),
+                  args.csv.c_str());
     }
   }
   comm.shutdown();

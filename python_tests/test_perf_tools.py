@@ -129,3 +129,39 @@ def test_grouped_gemm_options_explains_itself_and_refuses_bad_sizes():
                                  text=True)
         assert refused.returncode == 2, refused
         assert message in refused.stderr, refused.stderr
+
+
+LAYER_SAMPLE = REPO / "benchmarks" / "sample_layer.csv"
+
+
+def test_layer_plot_script_makes_a_png_per_ranks_and_tokens(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "plot_layer.py"), str(LAYER_SAMPLE),
+         "--out", str(tmp_path), "--prefix", "sample"],
+        capture_output=True, text=True, check=True)
+    written = done.stdout.split()
+    assert written == [str(tmp_path / "sample_1ranks_T128.png")]
+    with open(written[0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_markdown_lists_every_stage_of_every_run_with_its_floor():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "plot_layer.py"), str(LAYER_SAMPLE),
+         "--markdown"], capture_output=True, text=True, check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("1 x format sample (not a measurement), T = 128 per rank")
+    # Runs in sorted order of their modes (epilogue before fusion); the
+    # epilogue run has no activation stage; the replay comes last.
+    assert "| grouped GEMM 1 (gate, up) | 140.0 | 150.0 | 118.0 |" in lines
+    assert "| silu(gate) * up |  | 10.0 | 3.0 |" in lines
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[-1] == "| **graph replay** | 265.0 | 280.0 | 187.0 |"
+
+
+def test_layer_plot_script_names_missing_columns(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("tokens,stage,time_us\n128,router,1.0\n")
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "plot_layer.py"), str(bad),
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode != 0 and "lacks the columns" in done.stderr

@@ -3,7 +3,8 @@
 # ninja, runs every test (GPU-only ones included; the multi-rank ones with
 # one rank per GPU: ctest's multidevice_np<N> and test_cuda_moe through
 # tools/run_cuda_moe_tests.sh), the examples and, with --bench, the
-# benchmarks; prints a short summary last.
+# benchmarks (bench_moe_layer's stage table also as layer.csv and its plot
+# in the log folder); prints a short summary last.
 #
 #   tools/gpu_check.sh [--bench] [extra ctest arguments]
 #
@@ -146,7 +147,17 @@ if [ "$bench" = 1 ]; then
     [ -x "$benchmark" ] || continue
     name="$(basename "$benchmark")"
     hostfuse_log "running $name"
-    if [[ "$name" == *moe* ]]; then
+    if [ "$name" = bench_moe_layer ]; then
+      # Its stage table as CSV, and plotted (tools/plot_layer.py).
+      rm -f "$log_dir/layer.csv"
+      "$HOSTFUSE_ROOT/tools/launch.sh" "$(( gpus > 0 ? gpus : 2 ))" \
+        "$benchmark" --csv "$log_dir/layer.csv" 2>&1 | tee "$log_dir/$name.log"
+      if [ -s "$log_dir/layer.csv" ]; then
+        "$HOSTFUSE_PYTHON" "$HOSTFUSE_ROOT/tools/plot_layer.py" \
+          "$log_dir/layer.csv" --out "$log_dir" ||
+          hostfuse_log "warning: tools/plot_layer.py failed"
+      fi
+    elif [[ "$name" == *moe* ]]; then
       # Multi-rank: one rank per GPU.
       "$HOSTFUSE_ROOT/tools/launch.sh" "$(( gpus > 0 ? gpus : 2 ))" \
         "$benchmark" 2>&1 | tee "$log_dir/$name.log"
