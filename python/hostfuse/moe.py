@@ -265,9 +265,10 @@ def grouped_matmul(x, weights, counts, x_scales=None, *, epilogue="none"):
     [o_l, o_l + counts[l]) of x times weights[l], o_l the sum of the earlier
     counts, as the GroupedMatmul node computes them (docs/moe.md, "IR").
 
-    x [rows, H] with the weights' dtype, or fp8 (torch.float8_e4m3fn, as
-    dispatch(quantize="fp8_e4m3") returns it) with its x_scales; weights
-    [L, H, N]; counts [L] integer (handle.recv_expert_counts). Rows past the
+    x [rows, H] with the weights' dtype, or fp8 (torch.float8_e4m3fn) with
+    its x_scales [rows, H / 128] fp32, as dispatch(quantize="fp8_e4m3")
+    returns both; weights [L, H, N] on x's device; counts [L] integer
+    (handle.recv_expert_counts), on x's device or the CPU. Rows past the
     counts' sum (the cuda backend's capacity padding) come back unspecified.
     epilogue="silu_mul" returns silu(gate) * up of the product's halves
     (columns [0, N/2) and [N/2, N)), [rows, N / 2], the values of
@@ -285,7 +286,7 @@ def grouped_matmul(x, weights, counts, x_scales=None, *, epilogue="none"):
     _check_tensor("x_scales", x_scales, optional=True)
     if epilogue not in ("none", "silu_mul"):
         raise ValueError(f"epilogue must be 'none' or 'silu_mul', got {epilogue!r}")
-    _check_no_grad("grouped_matmul", x=x, weights=weights)
+    _check_no_grad("grouped_matmul", x=x, weights=weights, x_scales=x_scales)
     return _C.grouped_matmul_on_tensors(x, weights, counts, x_scales, epilogue)
 
 

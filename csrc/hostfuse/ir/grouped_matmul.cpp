@@ -276,16 +276,25 @@ at::Tensor groupedMatmulOnTensors(const at::Tensor& x_given,
                                   const at::Tensor& x_scales,
                                   GroupedMatmulEpilogue epilogue) {
   HF_CHECK(x_given.defined() && weights.defined() && counts.defined(),
-           "GroupedMatmul: x, weights and group_counts must be tensors");
+           "GroupedMatmul: x, weights and counts must be tensors");
   HF_CHECK(x_given.dim() == 2, "GroupedMatmul: x must be [rows, H], got ",
            x_given.sizes());
   HF_CHECK(weights.dim() == 3 && at::isFloatingType(weights.scalar_type()),
            "GroupedMatmul: weights must be floating [L, H, N], got ",
            weights.scalar_type(), " ", weights.sizes());
-  HF_CHECK(counts.dim() == 1 && !at::isFloatingType(counts.scalar_type()) &&
-               counts.scalar_type() != at::kBool,
-           "GroupedMatmul: group_counts must be an integer [L], got ",
+  HF_CHECK(counts.dim() == 1 &&
+               at::isIntegralType(counts.scalar_type(), /*includeBool=*/false),
+           "GroupedMatmul: counts must be an integer [L], got ",
            counts.scalar_type(), " ", counts.sizes());
+  HF_CHECK(weights.device() == x_given.device(),
+           "GroupedMatmul: weights are "
+           "on ",
+           weights.device(), " but x is on ", x_given.device(),
+           ": they must be on one device");
+  HF_CHECK(counts.device() == x_given.device() || counts.device().is_cpu(),
+           "GroupedMatmul: counts are on ", counts.device(),
+           ": they must be on x's device (", x_given.device(),
+           ") or on the CPU");
   const bool fp8 = x_given.scalar_type() == at::kFloat8_e4m3fn;
   HF_CHECK(fp8 == x_scales.defined(), "GroupedMatmul: x is ",
            x_given.scalar_type(),
@@ -309,9 +318,9 @@ at::Tensor groupedMatmulOnTensors(const at::Tensor& x_given,
       fp8 ? dequantizeFp8Rows(x_given, x_scales, weights.scalar_type(),
                               counts_fit ? counts : at::Tensor())
           : x_given;
-  HF_CHECK(counts.size(0) == weights.size(0),
-           "GroupedMatmul: group_counts has ", counts.numel(),
-           " entries but weights has ", weights.size(0), " groups");
+  HF_CHECK(counts.size(0) == weights.size(0), "GroupedMatmul: counts ",
+           counts.sizes(), " do not match the ", weights.size(0),
+           " groups of weights ", weights.sizes());
   HF_CHECK(weights.size(1) == x.size(1), "GroupedMatmul: weights ",
            weights.sizes(), " do not fit the width ", x.size(1), " of x");
   std::string why_not;
