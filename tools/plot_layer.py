@@ -16,10 +16,11 @@ a slightly lower one).
 """
 
 import argparse
-import csv
 import os
-import sys
 from collections import defaultdict
+
+# The CSV reader of the peers' plots, beside this script.
+from plot_perf import load as load_csv
 
 COLUMNS = {"device", "ranks", "tokens", "hidden", "intermediate", "experts", "topk",
            "modes", "stage", "time_us", "floor_us"}
@@ -35,20 +36,6 @@ def parse():
     parser.add_argument("--markdown", action="store_true",
                         help="print Markdown tables instead of writing PNGs")
     return parser.parse_args()
-
-
-def load(paths):
-    rows = []
-    for path in paths:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = COLUMNS - set(reader.fieldnames or [])
-            if missing:
-                sys.exit(f"plot_layer.py: {path} lacks the columns {sorted(missing)}")
-            rows.extend(reader)
-    if not rows:
-        sys.exit("plot_layer.py: no rows in " + ", ".join(paths))
-    return rows
 
 
 def groups(rows):
@@ -144,7 +131,7 @@ def markdown(rows):
 
 def main():
     args = parse()
-    rows = load(args.csv)
+    rows = load_csv(args.csv, COLUMNS, "plot_layer.py")
     if args.markdown:
         print(markdown(rows))
         return

@@ -18,6 +18,8 @@ import os
 import sys
 from collections import defaultdict
 
+COLUMNS = {"ranks", "tokens", "row", "phase", "median_us", "gbps", "device"}
+
 
 def parse():
     parser = argparse.ArgumentParser(
@@ -30,18 +32,20 @@ def parse():
     return parser.parse_args()
 
 
-def load(paths):
+def load(paths, columns=COLUMNS, script="plot_perf.py"):
+    """The rows of the CSV files `paths` as dicts; exits naming `script`
+    and the file when one lacks any of `columns`, or when there are no
+    rows."""
     rows = []
     for path in paths:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            missing = {"ranks", "tokens", "row", "phase", "median_us", "gbps",
-                       "device"} - set(reader.fieldnames or [])
+            missing = set(columns) - set(reader.fieldnames or [])
             if missing:
-                sys.exit(f"plot_perf.py: {path} lacks the columns {sorted(missing)}")
+                sys.exit(f"{script}: {path} lacks the columns {sorted(missing)}")
             rows.extend(reader)
     if not rows:
-        sys.exit("plot_perf.py: no rows in " + ", ".join(paths))
+        sys.exit(f"{script}: no rows in " + ", ".join(paths))
     return rows
 
 

@@ -720,52 +720,11 @@ TEST(GroupedGemmKernel, SiluMulEpilogueMatchesTheActivatedProducts) {
   EXPECT_STREQ(kernels::groupedGemmUnsupported(bad), "");
 }
 
-// GroupedMatmul with the silu-mul epilogue on K-major bf16 weights on the
-// GPU: hostfuse's kernel (compute capability 9.0) and at::_grouped_mm
-// followed by ATen ops (HOSTFUSE_TORCH_GROUPED_GEMM=1) against the product
-// followed by the layer's activation fusion, on the rows the counts cover.
-TEST_F(MoeIr, GroupedMatmulSiluMulEpilogueMatchesOnEitherKernel) {
-  const at::Device gpu(at::kCUDA, 0);
-  HF_SKIP_IF_UNAVAILABLE(gpu);
-  if (!groupedMatmulRunsOnDevice(at::kBFloat16, gpu, 512, 384, 4)) {
-    GTEST_SKIP() << "GroupedMatmul has no device path on this GPU";
-  }
-  TensorView* x = makeTensor({kSymbolic, 512}, DataType::BFloat16, "x");
-  TensorView* w = makeTensor({4, 512, 384}, DataType::BFloat16, "w");
-  TensorView* counts = makeTensor({4}, DataType::Int64, "counts");
-  program_->addInput(x);
-  program_->addInput(w);
-  program_->addInput(counts);
-  program_->addOutput(
-      groupedMatmul(x, w, counts, nullptr, GroupedMatmulEpilogue::SiluMul));
-  TensorView* product = groupedMatmul(x, w, counts);
-  program_->addOutput(
-      runFusion(makeSiluMulFusion(192, DataType::BFloat16),
-                {narrow(product, 1, 0, 192), narrow(product, 1, 192, 192)},
-                counts)
-          .at(0));
-  HostIrEvaluator evaluator(std::move(program_));
-  const std::vector<int64_t> count_values = {100, 0, 300, 57};
-  const auto [xv, w_nk] = gemmOperands(500, 384, 512, 4, 60);
-  const at::Tensor k_major = w_nk.transpose(1, 2);
-  const at::Tensor cv = at::tensor(count_values, at::kLong).to(gpu);
-  for (const char* torch_gemm : {"0", "1"}) {
-    SCOPED_TRACE(std::string("HOSTFUSE_TORCH_GROUPED_GEMM=") + torch_gemm);
-    const test::ScopedEnvironment env("HOSTFUSE_TORCH_GROUPED_GEMM",
-                                      torch_gemm);
-    EXPECT_EQ(groupedMatmulUsesOwnKernel(k_major),
-              ownGroupedGemmRunsHere() && std::string(torch_gemm) == "0");
-    const std::vector<at::Tensor> out = evaluator.run({xv, k_major, cv});
-    ASSERT_EQ(out[0].sizes(), (std::vector<int64_t>{500, 192}));
-    // 457 rows hold tokens; the rest are padding.
-    test::expectClose(out[0].narrow(0, 0, 457).to(at::kFloat),
-                      out[1].narrow(0, 0, 457).to(at::kFloat), 1e-2, 1e-2);
-  }
-}
-
 // GroupedMatmul on K-major bf16 weights on the GPU: hostfuse's kernel (on
 // compute capability 9.0) and at::_grouped_mm (HOSTFUSE_TORCH_GROUPED_GEMM=1)
-// both give each group's products.
+// both give each group's products; with the silu-mul epilogue (in the
+// kernel, or ATen ops after _grouped_mm) both give what the layer's
+// activation fusion makes of the product, on the rows the counts cover.
 TEST_F(MoeIr, GroupedMatmulOnKMajorWeightsMatchesOnEitherKernel) {
   const at::Device gpu(at::kCUDA, 0);
   HF_SKIP_IF_UNAVAILABLE(gpu);
@@ -778,7 +737,15 @@ TEST_F(MoeIr, GroupedMatmulOnKMajorWeightsMatchesOnEitherKernel) {
   program_->addInput(x);
   program_->addInput(w);
   program_->addInput(counts);
-  program_->addOutput(groupedMatmul(x, w, counts));
+  TensorView* product = groupedMatmul(x, w, counts);
+  program_->addOutput(product);
+  program_->addOutput(
+      groupedMatmul(x, w, counts, nullptr, GroupedMatmulEpilogue::SiluMul));
+  program_->addOutput(
+      runFusion(makeSiluMulFusion(192, DataType::BFloat16),
+                {narrow(product, 1, 0, 192), narrow(product, 1, 192, 192)},
+                counts)
+          .at(0));
   HostIrEvaluator evaluator(std::move(program_));
   const std::vector<int64_t> count_values = {100, 0, 300, 57};
   const auto [xv, w_nk] = gemmOperands(500, 384, 512, 4, 40);
@@ -791,8 +758,12 @@ TEST_F(MoeIr, GroupedMatmulOnKMajorWeightsMatchesOnEitherKernel) {
     // On compute capability 9.0 the first pass runs hostfuse's kernel.
     EXPECT_EQ(groupedMatmulUsesOwnKernel(k_major),
               ownGroupedGemmRunsHere() && std::string(torch_gemm) == "0");
-    const at::Tensor out = evaluator.run({xv, k_major, cv})[0];
-    expectGroupProducts(out, xv, w_nk, count_values);
+    const std::vector<at::Tensor> out = evaluator.run({xv, k_major, cv});
+    expectGroupProducts(out[0], xv, w_nk, count_values);
+    ASSERT_EQ(out[1].sizes(), (std::vector<int64_t>{500, 192}));
+    // 457 rows hold tokens; the rest are padding.
+    test::expectClose(out[1].narrow(0, 0, 457).to(at::kFloat),
+                      out[2].narrow(0, 0, 457).to(at::kFloat), 1e-2, 1e-2);
   }
 }
 

@@ -765,7 +765,13 @@ INSTANTIATE_TEST_SUITE_P(Devices, MoeProgram,
 // [L, H, 2I] weights (fused_gate_up) against the layer with two, on the
 // same inputs: the same routing, and outputs within rounding of each other
 // and of the ATen reference (a GEMM of twice the width may sum in another
-// order); the program has one grouped matmul fewer.
+// order); the program has one grouped matmul fewer. Then the fused layer
+// with silu(gate) * up as that grouped matmul's epilogue (fused_activation)
+// against it: on CPUs the same bits (the same ATen ops in the same order),
+// on GPUs within rounding, on hostfuse's sm_90a kernel (where it runs) and
+// on at::_grouped_mm (HOSTFUSE_TORCH_GROUPED_GEMM=1); its program has no
+// fusion. I = 48: 2I = 96 is a multiple of 16, as the kernel's epilogue
+// needs.
 class FusedGateUpLayer : public testing::TestWithParam<c10::DeviceType> {};
 
 TEST_P(FusedGateUpLayer, MatchesTheLayerWithTwoProjections) {
@@ -782,8 +788,11 @@ TEST_P(FusedGateUpLayer, MatchesTheLayerWithTwoProjections) {
   config.dtype = DataType::BFloat16;
   MoeLayerConfig fused_config = config;
   fused_config.fused_gate_up = true;
+  MoeLayerConfig epilogue_config = fused_config;
+  epilogue_config.fused_activation = true;
   HostIrEvaluator separate(makeMoeLayerProgram(config));
   HostIrEvaluator fused(makeMoeLayerProgram(fused_config));
+  HostIrEvaluator epilogue(makeMoeLayerProgram(epilogue_config));
   auto count = [](const HostIrEvaluator& e, const std::string& what) {
     const std::string text = e.program().toString();
     int n = 0;
@@ -796,6 +805,13 @@ TEST_P(FusedGateUpLayer, MatchesTheLayerWithTwoProjections) {
   EXPECT_EQ(count(separate, "GroupedMatmul("), 3);
   EXPECT_EQ(count(fused, "GroupedMatmul("), 2);
   EXPECT_EQ(count(fused, "= narrow("), 2) << fused.program().toString();
+  EXPECT_EQ(count(epilogue, "GroupedMatmul("), 2);
+  EXPECT_EQ(count(epilogue, "epilogue=silu_mul"), 1);
+  EXPECT_EQ(count(epilogue, "RunFusion"), 0) << epilogue.program().toString();
+  MoeLayerConfig unfused = epilogue_config;
+  unfused.fused_gate_up = false;
+  test::expectErrorContains([&] { makeMoeLayerProgram(unfused); },
+                            {"fused_activation", "needs fused_gate_up"});
 
   const int64_t H = config.hidden, I = config.intermediate;
   const int64_t L = config.local_experts, tokens = 10 + 3 * me;
@@ -837,82 +853,7 @@ TEST_P(FusedGateUpLayer, MatchesTheLayerWithTwoProjections) {
   EXPECT_LE(error(b[0], a[0]), 2e-2 * scale);
   EXPECT_LE(error(b[0], expected), 3e-2 * scale);
   EXPECT_GT(scale, 0.0);
-}
 
-INSTANTIATE_TEST_SUITE_P(Devices, FusedGateUpLayer,
-                         testing::Values(c10::DeviceType::CPU,
-                                         c10::DeviceType::CUDA),
-                         [](const testing::TestParamInfo<c10::DeviceType>& i) {
-                           return deviceTypeName(i.param);
-                         });
-
-// The layer with silu(gate) * up as the gate-and-up grouped matmul's
-// epilogue (fused_activation) against the layer with the activation as a
-// fusion: on CPUs the same bits (the same ATen ops in the same order); on
-// GPUs within rounding, on hostfuse's sm_90a kernel (where it runs) and on
-// at::_grouped_mm (HOSTFUSE_TORCH_GROUPED_GEMM=1). I = 96: 2I = 192 is a
-// multiple of 16, as the kernel's epilogue needs.
-class FusedActivationLayer : public testing::TestWithParam<c10::DeviceType> {};
-
-TEST_P(FusedActivationLayer, MatchesTheLayerWithTheActivationAsAFusion) {
-  SKIP_IF_UNAVAILABLE(GetParam());
-  const at::Device device = rankDevice(GetParam());
-  const int64_t ranks = worldSize();
-  const int64_t me = myRank();
-  MoeLayerConfig config;
-  config.hidden = 128;
-  config.intermediate = 96;
-  config.local_experts = 2;
-  config.num_experts = 2 * ranks;
-  config.topk = std::min<int64_t>(3, config.num_experts);
-  config.dtype = DataType::BFloat16;
-  config.fused_gate_up = true;
-  MoeLayerConfig epilogue_config = config;
-  epilogue_config.fused_activation = true;
-  HostIrEvaluator fusion(makeMoeLayerProgram(config));
-  HostIrEvaluator epilogue(makeMoeLayerProgram(epilogue_config));
-  const std::string text = epilogue.program().toString();
-  EXPECT_EQ(text.find("RunFusion"), std::string::npos) << text;
-  EXPECT_NE(text.find("epilogue=silu_mul"), std::string::npos) << text;
-  MoeLayerConfig separate = config;
-  separate.fused_gate_up = false;
-  separate.fused_activation = true;
-  test::expectErrorContains([&] { makeMoeLayerProgram(separate); },
-                            {"fused_activation", "needs fused_gate_up"});
-
-  const int64_t H = config.hidden, I = config.intermediate;
-  const int64_t L = config.local_experts, tokens = 40 + 3 * me;
-  auto weights = [&](std::vector<int64_t> sizes, uint64_t seed) {
-    return (test::randomTensor(sizes, at::kFloat, at::kCPU, seed + 10 * me) /
-            std::sqrt(static_cast<double>(sizes[1])))
-        .to(at::kBFloat16)
-        .to(device);
-  };
-  const at::Tensor x =
-      test::randomTensor({tokens, H}, at::kBFloat16, device, 190 + me);
-  const at::Tensor router_w =
-      test::randomTensor({config.num_experts, H}, at::kBFloat16, device, 191);
-  const at::Tensor w_gate = weights({L, H, I}, 192);
-  const at::Tensor w_up = weights({L, H, I}, 193);
-  const at::Tensor w_down = weights({L, I, H}, 194);
-  std::vector<c10::IValue> inputs = {x, router_w};
-  for (const at::Tensor& w :
-       moeLayerExpertWeights(config, w_gate, w_up, w_down)) {
-    inputs.emplace_back(w);
-  }
-  const std::vector<at::Tensor> routing = fusion.run(inputs);
-  const at::Tensor expected = moeLayerReference(
-      x, routing[1], routing[2], at::cat(test::allGatherRows(w_gate.cpu())),
-      at::cat(test::allGatherRows(w_up.cpu())),
-      at::cat(test::allGatherRows(w_down.cpu())));
-  const double scale = expected.to(at::kFloat).abs().max().item<double>();
-  EXPECT_GT(scale, 0.0);
-  auto error = [&](const at::Tensor& u, const at::Tensor& v) {
-    return (u.to(at::kFloat).cpu() - v.to(at::kFloat).cpu())
-        .abs()
-        .max()
-        .item<double>();
-  };
   for (const char* torch_gemm : {"0", "1"}) {
     if (!device.is_cuda() && std::string(torch_gemm) == "1") {
       continue;  // the CPU has one path
@@ -920,21 +861,21 @@ TEST_P(FusedActivationLayer, MatchesTheLayerWithTheActivationAsAFusion) {
     SCOPED_TRACE(std::string("HOSTFUSE_TORCH_GROUPED_GEMM=") + torch_gemm);
     const test::ScopedEnvironment env("HOSTFUSE_TORCH_GROUPED_GEMM",
                                       torch_gemm);
-    const std::vector<at::Tensor> a = fusion.run(inputs);
-    const std::vector<at::Tensor> b = epilogue.run(inputs);
-    EXPECT_TRUE(at::equal(a[1], b[1])) << "the routing differs";
-    EXPECT_TRUE(at::equal(a[2], b[2]));
+    const std::vector<at::Tensor> with_fusion = fused.run(fused_inputs);
+    const std::vector<at::Tensor> c = epilogue.run(fused_inputs);
+    EXPECT_TRUE(at::equal(with_fusion[1], c[1])) << "the routing differs";
+    EXPECT_TRUE(at::equal(with_fusion[2], c[2]));
     if (device.is_cuda()) {
-      EXPECT_LE(error(b[0], a[0]), 2e-2 * scale);
+      EXPECT_LE(error(c[0], with_fusion[0]), 2e-2 * scale);
     } else {
-      EXPECT_TRUE(at::equal(a[0], b[0]))
-          << "max difference " << error(b[0], a[0]);
+      EXPECT_TRUE(at::equal(c[0], with_fusion[0]))
+          << "max difference " << error(c[0], with_fusion[0]);
     }
-    EXPECT_LE(error(b[0], expected), 3e-2 * scale);
+    EXPECT_LE(error(c[0], expected), 3e-2 * scale);
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Devices, FusedActivationLayer,
+INSTANTIATE_TEST_SUITE_P(Devices, FusedGateUpLayer,
                          testing::Values(c10::DeviceType::CPU,
                                          c10::DeviceType::CUDA),
                          [](const testing::TestParamInfo<c10::DeviceType>& i) {
