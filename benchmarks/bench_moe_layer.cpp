@@ -745,7 +745,8 @@ int main(int argc, char** argv) {
           " activation=" + args.activation +
           " reduce=" + toString(config.reduce) +
           " quantize=" + toString(config.quantize) +
-          " gemm=" + (own_grouped_gemm ? "hostfuse" : "torch");
+          // Where GroupedMatmul's rule lets hostfuse's kernel run.
+          " gemm=" + (own_grouped_gemm ? "hostfuse_up_to_512_rows" : "torch");
       std::vector<LayerCsvRow> csv_rows;
       for (const Row& row : rows) {
         if (row.stages.empty()) {

@@ -3,8 +3,12 @@
 tokens per rank, the graph-replayed MoE layer stage by stage (router,
 dispatch, grouped GEMM 1, the activation, grouped GEMM 2, combine, and the
 whole replay), one bar per run (its modes: gate-up, activation, combine,
-quantization, which grouped GEMM), each stage's floor drawn as a black mark
-on its bars. Writes PNGs named <prefix>_<ranks>ranks_T<tokens>.png.
+quantization, which grouped GEMM: "hostfuse_up_to_512_rows" where
+GroupedMatmul's rule runs hostfuse's kernel up to 512 rows per expert and
+torch's above, "torch" where it always runs torch's), each stage's floor
+drawn as a black mark on its bars. A run with the activation in the GEMM's
+epilogue has no activation bar: grouped GEMM 1 holds it. Writes PNGs named
+<prefix>_<ranks>ranks_T<tokens>.png.
 
 With --markdown it prints, instead, one Markdown table per number of ranks
 and tokens: each stage's time per run and its floor (the first run's: modes
