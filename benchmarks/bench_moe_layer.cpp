@@ -400,25 +400,21 @@ bool appendLayerCsv(const std::string& path, const std::string& device,
                     int64_t ranks, const MoeLayerConfig& config,
                     const std::string& modes,
                     const std::vector<LayerCsvRow>& rows) {
-  std::FILE* csv = std::fopen(path.c_str(), "a");
+  std::FILE* csv = peers::openCsvForAppend(
+      path,
+      "date,device,ranks,tokens,hidden,intermediate,experts,topk,modes,"
+      "stage,time_us,floor_us,hbm_mb,gflop\n",
+      /*write_header=*/true);
   if (csv == nullptr) {
     return false;
   }
-  std::fseek(csv, 0, SEEK_END);
-  if (std::ftell(csv) == 0) {
-    std::fputs(
-        "date,device,ranks,tokens,hidden,intermediate,experts,topk,modes,"
-        "stage,time_us,floor_us,hbm_mb,gflop\n",
-        csv);
-  }
-  char date[16];
-  const std::time_t now = std::time(nullptr);
-  std::strftime(date, sizeof(date), "%Y-%m-%d", std::localtime(&now));
+  const std::string date = peers::today();
   for (const LayerCsvRow& r : rows) {
     std::fprintf(
         csv, "%s,%s,%lld,%lld,%lld,%lld,%lld,%lld,%s,%s,%.2f,%.2f,%.1f,%.2f\n",
-        date, peers::csvField(device).c_str(), static_cast<long long>(ranks),
-        static_cast<long long>(r.tokens), static_cast<long long>(config.hidden),
+        date.c_str(), peers::csvField(device).c_str(),
+        static_cast<long long>(ranks), static_cast<long long>(r.tokens),
+        static_cast<long long>(config.hidden),
         static_cast<long long>(config.intermediate),
         static_cast<long long>(config.num_experts),
         static_cast<long long>(config.topk), peers::csvField(modes).c_str(),
@@ -426,6 +422,31 @@ bool appendLayerCsv(const std::string& path, const std::string& device,
         r.gflop);
   }
   return std::fclose(csv) == 0;
+}
+
+// The stages of one T's graph replay as CSV rows (the fusion left out
+// when the first GEMM's epilogue computes it), each with its floor, then
+// "graph replay": the replay's time and the sum of the stages' floors.
+// Both the printed table and --csv come from these rows.
+std::vector<LayerCsvRow> stageRows(int64_t tokens,
+                                   const std::vector<double>& stage_us,
+                                   const std::vector<Work>& work,
+                                   double replay_us,
+                                   const MoeLayerConfig& config,
+                                   const DeviceRates& rates, double link_gbps) {
+  std::vector<LayerCsvRow> rows;
+  double total_floor = 0;
+  for (int stage = 0; stage < kStages; ++stage) {
+    if (stage == kFusion && config.fused_activation) {
+      continue;  // in grouped GEMM 1
+    }
+    const double floor = work[stage].floor(rates, link_gbps);
+    total_floor += floor;
+    rows.push_back({tokens, kStageNames[stage], stage_us[stage], floor,
+                    work[stage].hbm_bytes / 1e6, work[stage].flops / 1e9});
+  }
+  rows.push_back({tokens, "graph replay", replay_us, total_floor, 0, 0});
+  return rows;
 }
 
 std::string formatTime(double us) {
@@ -710,21 +731,20 @@ int main(int argc, char** argv) {
                   static_cast<long long>(row.tokens), row.received);
       std::printf("%-26s  %10s  %10s  %11s  %10s  %9s\n", "stage", "time",
                   "floor", "time/floor", "HBM MB", "GFLOP");
-      double total = 0, total_floor = 0;
-      for (int stage = 0; stage < kStages; ++stage) {
-        if (stage == kFusion && config.fused_activation) {
-          continue;  // in grouped GEMM 1
-        }
-        const Work& work = row.work[stage];
-        const double floor = work.floor(rates, double(args.link_gbps));
-        total += row.stages[stage];
-        total_floor += floor;
+      const std::vector<LayerCsvRow> stages =
+          stageRows(row.tokens, row.stages, row.work, row.replay, config, rates,
+                    double(args.link_gbps));
+      double total = 0;
+      for (size_t i = 0; i + 1 < stages.size(); ++i) {
+        const LayerCsvRow& stage = stages[i];
+        total += stage.time_us;
         std::printf("%-26s  %10s  %10s  %11s  %10.1f  %9.2f\n",
-                    kStageNames[stage], formatTime(row.stages[stage]).c_str(),
-                    formatTime(floor).c_str(),
-                    formatRatio(row.stages[stage], floor).c_str(),
-                    work.hbm_bytes / 1e6, work.flops / 1e9);
+                    stage.stage.c_str(), formatTime(stage.time_us).c_str(),
+                    formatTime(stage.floor_us).c_str(),
+                    formatRatio(stage.time_us, stage.floor_us).c_str(),
+                    stage.hbm_mb, stage.gflop);
       }
+      const double total_floor = stages.back().floor_us;
       std::printf("%-26s  %10s  %10s  %11s\n", "sum of stages",
                   formatTime(total).c_str(), formatTime(total_floor).c_str(),
                   formatRatio(total, total_floor).c_str());
@@ -752,19 +772,10 @@ int main(int argc, char** argv) {
         if (row.stages.empty()) {
           continue;
         }
-        double total_floor = 0;
-        for (int stage = 0; stage < kStages; ++stage) {
-          if (stage == kFusion && config.fused_activation) {
-            continue;
-          }
-          const Work& work = row.work[stage];
-          const double floor = work.floor(rates, double(args.link_gbps));
-          total_floor += floor;
-          csv_rows.push_back({row.tokens, kStageNames[stage], row.stages[stage],
-                              floor, work.hbm_bytes / 1e6, work.flops / 1e9});
-        }
-        csv_rows.push_back(
-            {row.tokens, "graph replay", row.replay, total_floor, 0, 0});
+        const std::vector<LayerCsvRow> stages =
+            stageRows(row.tokens, row.stages, row.work, row.replay, config,
+                      rates, double(args.link_gbps));
+        csv_rows.insert(csv_rows.end(), stages.begin(), stages.end());
       }
       if (!appendLayerCsv(args.csv, properties.name, comm.size(), config, modes,
                           csv_rows)) {

@@ -34,33 +34,53 @@ inline std::string csvField(const std::string& field) {
   return quoted + "\"";
 }
 
+// Today's date as YYYY-MM-DD (local time), the CSVs' first column.
+inline std::string today() {
+  char date[16];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof(date), "%Y-%m-%d", std::localtime(&now));
+  return date;
+}
+
+// `path` opened for appending, `header` (a line with its newline) written
+// first when the file is new or empty and `write_header` holds; nullptr if
+// it cannot be opened.
+inline std::FILE* openCsvForAppend(const std::string& path, const char* header,
+                                   bool write_header) {
+  std::FILE* csv = std::fopen(path.c_str(), "a");
+  if (csv == nullptr) {
+    return nullptr;
+  }
+  std::fseek(csv, 0, SEEK_END);
+  if (write_header && std::ftell(csv) == 0) {
+    std::fputs(header, csv);
+  }
+  return csv;
+}
+
 // Appends `rows` to `path`, the header first when the file is new or
 // empty; false if it cannot be opened for appending (rows = {} checks
 // that alone).
 inline bool appendCsv(const std::string& path,
                       const std::vector<CsvRow>& rows) {
-  std::FILE* csv = std::fopen(path.c_str(), "a");
+  std::FILE* csv = openCsvForAppend(
+      path,
+      "date,device,ranks,tokens,hidden,topk,experts,row,phase,median_us,"
+      "bytes,gbps,check\n",
+      !rows.empty());
   if (csv == nullptr) {
     return false;
   }
-  std::fseek(csv, 0, SEEK_END);
-  if (std::ftell(csv) == 0 && !rows.empty()) {
-    std::fputs(
-        "date,device,ranks,tokens,hidden,topk,experts,row,phase,"
-        "median_us,bytes,gbps,check\n",
-        csv);
-  }
-  char date[16];
-  const std::time_t now = std::time(nullptr);
-  std::strftime(date, sizeof(date), "%Y-%m-%d", std::localtime(&now));
+  const std::string date = today();
   for (const CsvRow& r : rows) {
     std::fprintf(
-        csv, "%s,%s,%lld,%lld,%lld,%lld,%lld,%s,%s,%.2f,%.0f,%.3f,%s\n", date,
-        csvField(r.device).c_str(), static_cast<long long>(r.ranks),
-        static_cast<long long>(r.tokens), static_cast<long long>(r.hidden),
-        static_cast<long long>(r.topk), static_cast<long long>(r.experts),
-        csvField(r.row).c_str(), csvField(r.phase).c_str(), r.median_us,
-        r.bytes, r.bytes / r.median_us / 1e3, csvField(r.check).c_str());
+        csv, "%s,%s,%lld,%lld,%lld,%lld,%lld,%s,%s,%.2f,%.0f,%.3f,%s\n",
+        date.c_str(), csvField(r.device).c_str(),
+        static_cast<long long>(r.ranks), static_cast<long long>(r.tokens),
+        static_cast<long long>(r.hidden), static_cast<long long>(r.topk),
+        static_cast<long long>(r.experts), csvField(r.row).c_str(),
+        csvField(r.phase).c_str(), r.median_us, r.bytes,
+        r.bytes / r.median_us / 1e3, csvField(r.check).c_str());
   }
   return std::fclose(csv) == 0;
 }
