@@ -1,3 +1,4 @@
+#include "group_rows.cuh"
 #include "grouped_gemm_sm90.h"
 
 #include <cuda_bf16.h>
@@ -321,44 +322,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
 
-  // The group table, by warp 0: each group's rows (the counts clamped to
-  // [0, rows] and summed with a warp scan, as launchGroupEnds does), its
-  // number of row tiles and its first tile.
+  // The group table, by warp 0: each group's rows (groupRowsOfLane, as
+  // launchGroupEnds reads the counts), its number of row tiles and its
+  // first tile.
   if (warp == 0) {
-    constexpr unsigned kAll = 0xffffffffu;
     int64_t row_carry = 0;
     int tile_carry = 0;
     for (int base = 0; base < p.groups; base += 32) {
       const int g = base + lane;
-      const int64_t count = g < p.groups ? p.counts[g] : 0;
-      const int64_t own = count <= 0 ? 0 : count < p.rows ? count : p.rows;
-      int64_t sum = own;
-      for (int offset = 1; offset < 32; offset *= 2) {
-        const int64_t below = __shfl_up_sync(kAll, sum, offset);
-        if (lane >= offset) {
-          sum += below;
-        }
-      }
-      const int64_t end = row_carry + sum < p.rows ? row_carry + sum : p.rows;
-      const int64_t begin =
-          row_carry + sum - own < p.rows ? row_carry + sum - own : p.rows;
+      const GroupRows group =
+          groupRowsOfLane(p.counts, p.groups, p.rows, base, lane, row_carry);
       const int tiles =
-          static_cast<int>((end - begin + kTileM - 1) / kTileM) * p.n_tiles;
-      int tile_sum = tiles;
-      for (int offset = 1; offset < 32; offset *= 2) {
-        const int below = __shfl_up_sync(kAll, tile_sum, offset);
-        if (lane >= offset) {
-          tile_sum += below;
-        }
-      }
+          static_cast<int>((group.end - group.begin + kTileM - 1) / kTileM) *
+          p.n_tiles;
+      const int tile_sum = warpInclusiveSum(tiles, lane);
       if (g < p.groups) {
-        row_begin[g] = static_cast<int>(begin);
-        row_end[g] = static_cast<int>(end);
+        row_begin[g] = static_cast<int>(group.begin);
+        row_end[g] = static_cast<int>(group.end);
         m_tiles[g] = tiles / p.n_tiles;
         first_tile[g] = tile_carry + tile_sum - tiles;
       }
-      row_carry = __shfl_sync(kAll, end, 31);
-      tile_carry += __shfl_sync(kAll, tile_sum, 31);
+      row_carry = __shfl_sync(kFullWarpMask, group.end, 31);
+      tile_carry += __shfl_sync(kFullWarpMask, tile_sum, 31);
     }
     if (lane == 0) {
       first_tile[p.groups] = tile_carry;
