@@ -361,9 +361,18 @@ at::Tensor groupedMatmulOnTensors(const at::Tensor& x_given,
 
 std::vector<c10::IValue> GroupedMatmul::evaluate(
     const std::vector<c10::IValue>& inputs) const {
-  return {groupedMatmulOnTensors(
-      inputs.at(0).toTensor(), inputs.at(1).toTensor(), inputs.at(2).toTensor(),
-      inputs.size() > 3 ? inputs.at(3).toTensor() : at::Tensor(), epilogue())};
+  // groupedMatmulOnTensors knows the tensors, not the expression: its
+  // errors get the expression's text in front, so a program's author sees
+  // which GroupedMatmul failed.
+  try {
+    return {groupedMatmulOnTensors(
+        inputs.at(0).toTensor(), inputs.at(1).toTensor(),
+        inputs.at(2).toTensor(),
+        inputs.size() > 3 ? inputs.at(3).toTensor() : at::Tensor(),
+        epilogue())};
+  } catch (const Error& e) {
+    HF_THROW(toInlineString(), ": ", e.what());
+  }
 }
 
 TensorView* groupedMatmul(TensorView* x, TensorView* weights,
