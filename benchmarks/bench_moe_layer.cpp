@@ -139,8 +139,8 @@ cli::Flags makeFlags(Args& args) {
                "silu(gate) * up as a fusion kernel after the first grouped "
                "GEMM, or in that GEMM's epilogue (needs --gate-up fused; "
                "hostfuse's sm_90a GEMM computes it there; where that kernel "
-               "does not run, ATen ops apply it to every row, slower than "
-               "the fusion)");
+               "does not run, a small kernel applies it after "
+               "at::_grouped_mm, as the fusion would)");
   flags.text("--csv", "FILE", &args.csv,
              "append the graph replay's stage times and floors to FILE (rank "
              "0), for tools/plot_layer.py");

@@ -17,6 +17,7 @@
 #include <hostfuse/ir/kernels/fp8_dequant.h>
 #include <hostfuse/ir/kernels/group_ends.h>
 #include <hostfuse/ir/kernels/grouped_gemm_sm90.h>
+#include <hostfuse/ir/kernels/silu_mul_halves.h>
 #include <hostfuse/ir/narrow.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/multidevice/comm/communicator.h>
@@ -443,6 +444,82 @@ TEST(GroupEndsKernel, MatchesTheClampedRunningSum) {
       cudaErrorInvalidValue);
 }
 
+// The silu-mul epilogue after at::_grouped_mm: silu(gate) * up of the
+// product's halves on the rows up to the last group end (clamped to the
+// rows), against an fp32 reference on the CPU (expf may differ by an ulp
+// there, so within one bf16 rounding); the other rows keep what they held.
+TEST(SiluMulHalvesKernel, WritesTheCountedRowsOnly) {
+  const at::Device gpu(at::kCUDA, 0);
+  HF_SKIP_IF_UNAVAILABLE(gpu);
+  const cuda::DeviceScope scope(0);
+  at::manual_seed(23);
+  for (const int64_t half : {4, 192, 2048}) {
+    for (const int64_t rows : {0, 1, 77, 1000}) {
+      for (const int32_t last_end : {0, 1, 40, 1000, 5000}) {
+        SCOPED_TRACE("half=" + std::to_string(half) +
+                     " rows=" + std::to_string(rows) +
+                     " last end=" + std::to_string(last_end));
+        const at::Tensor product =
+            (at::randn({rows, 2 * half}) * 6).to(at::kBFloat16).to(gpu);
+        const at::Tensor ends =
+            at::tensor(std::vector<int32_t>{0, last_end / 2, last_end},
+                       at::TensorOptions(at::kInt))
+                .to(gpu);
+        at::Tensor out = at::full({rows, half}, NAN, product.options());
+        ASSERT_EQ(kernels::launchSiluMulHalves(
+                      product.const_data_ptr(), rows, half,
+                      ends.const_data_ptr<int32_t>(), 3, out.mutable_data_ptr(),
+                      cuda::currentStream(0)),
+                  cudaSuccess);
+        const int64_t counted = std::min<int64_t>(rows, last_end);
+        const at::Tensor got = out.cpu().to(at::kFloat);
+        const at::Tensor p = product.cpu().to(at::kFloat);
+        const at::Tensor gate = p.narrow(1, 0, half);
+        const at::Tensor expected =
+            (gate / (1 + at::exp(-gate)) * p.narrow(1, half, half))
+                .to(at::kBFloat16)
+                .to(at::kFloat);
+        test::expectClose(got.narrow(0, 0, counted),
+                          expected.narrow(0, 0, counted), 1e-2, 1e-2);
+        EXPECT_TRUE(
+            got.narrow(0, counted, rows - counted).isnan().all().item<bool>());
+      }
+    }
+  }
+  // Every row without ends.
+  const at::Tensor product =
+      at::ones({3, 8}, at::TensorOptions(at::kBFloat16).device(gpu));
+  at::Tensor out = at::full({3, 4}, NAN, product.options());
+  ASSERT_EQ(kernels::launchSiluMulHalves(product.const_data_ptr(), 3, 4,
+                                         nullptr, 0, out.mutable_data_ptr(),
+                                         cuda::currentStream(0)),
+            cudaSuccess);
+  EXPECT_TRUE(at::allclose(out.cpu().to(at::kFloat),
+                           at::full({3, 4}, 1 / (1 + std::exp(-1.0)))
+                               .to(at::kBFloat16)
+                               .to(at::kFloat)));
+  // Arguments the kernel cannot take: a width not a multiple of 4, ends
+  // without groups, rows not 8-byte aligned.
+  const cudaStream_t stream = cuda::currentStream(0);
+  EXPECT_EQ(
+      kernels::launchSiluMulHalves(product.const_data_ptr(), 3, 6, nullptr, 0,
+                                   out.mutable_data_ptr(), stream),
+      cudaErrorInvalidValue);
+  EXPECT_EQ(kernels::launchSiluMulHalves(
+                product.const_data_ptr(), 3, 4,
+                reinterpret_cast<const int32_t*>(out.const_data_ptr()), 0,
+                out.mutable_data_ptr(), stream),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(kernels::launchSiluMulHalves(
+                static_cast<const char*>(product.const_data_ptr()) + 2, 2, 4,
+                nullptr, 0, out.mutable_data_ptr(), stream),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(
+      kernels::launchSiluMulHalves(product.const_data_ptr(), -1, 4, nullptr, 0,
+                                   out.mutable_data_ptr(), stream),
+      cudaErrorInvalidValue);
+}
+
 namespace {
 
 // The rows of each group as GroupedMatmul defines them (clamped counts,
@@ -723,8 +800,9 @@ TEST(GroupedGemmKernel, SiluMulEpilogueMatchesTheActivatedProducts) {
 // GroupedMatmul on K-major bf16 weights on the GPU: hostfuse's kernel (on
 // compute capability 9.0) and at::_grouped_mm (HOSTFUSE_TORCH_GROUPED_GEMM=1)
 // both give each group's products; with the silu-mul epilogue (in the
-// kernel, or ATen ops after _grouped_mm) both give what the layer's
-// activation fusion makes of the product, on the rows the counts cover.
+// kernel, or launchSiluMulHalves after _grouped_mm, bit for bit there)
+// both give what the layer's activation fusion makes of the product, on
+// the rows the counts cover.
 TEST_F(MoeIr, GroupedMatmulOnKMajorWeightsMatchesOnEitherKernel) {
   const at::Device gpu(at::kCUDA, 0);
   HF_SKIP_IF_UNAVAILABLE(gpu);
@@ -764,6 +842,12 @@ TEST_F(MoeIr, GroupedMatmulOnKMajorWeightsMatchesOnEitherKernel) {
     // 457 rows hold tokens; the rest are padding.
     test::expectClose(out[1].narrow(0, 0, 457).to(at::kFloat),
                       out[2].narrow(0, 0, 457).to(at::kFloat), 1e-2, 1e-2);
+    if (std::string(torch_gemm) == "1") {
+      // After _grouped_mm the epilogue reads the same product the fusion
+      // reads, and rounds as it does: the same bits.
+      EXPECT_TRUE(
+          at::equal(out[1].narrow(0, 0, 457), out[2].narrow(0, 0, 457)));
+    }
   }
 }
 

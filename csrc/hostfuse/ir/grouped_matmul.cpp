@@ -6,6 +6,7 @@
 #include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/kernels/group_ends.h>
 #include <hostfuse/ir/kernels/grouped_gemm_sm90.h>
+#include <hostfuse/ir/kernels/silu_mul_halves.h>
 #include <hostfuse/ir/operand_checks.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/utils/cuda_utils.h>
@@ -173,7 +174,8 @@ namespace {
 
 // The SiluMul epilogue as ATen ops on `product` [rows, N]: each half as it
 // is (in the product's dtype), the activation in fp32, then rounded. The
-// same ops, in the same order, as makeSiluMulFusion on the host.
+// same ops, in the same order, as makeSiluMulFusion on the host. (On the
+// device path launchSiluMulHalves does this for bf16.)
 at::Tensor siluMulOfHalves(const at::Tensor& product) {
   const int64_t half = product.size(1) / 2;
   return at::silu(product.narrow(1, 0, half).to(at::kFloat))
@@ -247,8 +249,20 @@ at::Tensor groupedMatmulOnDevice(const at::Tensor& x, const at::Tensor& weights,
       ends.mutable_data_ptr<int32_t>(), cuda::currentStream(device)));
   const at::Tensor product =
       at::_grouped_mm(aligned(x), aligned(weights), ends);
-  return epilogue == GroupedMatmulEpilogue::SiluMul ? siluMulOfHalves(product)
-                                                    : product;
+  if (epilogue != GroupedMatmulEpilogue::SiluMul) {
+    return product;
+  }
+  // The epilogue in one pass over the counted rows (bf16 here, N % 8 == 0:
+  // groupedMatmulRunsOnDevice), the same bits as hostfuse's GEMM gives.
+  if (!product.is_contiguous() || product.scalar_type() != at::kBFloat16) {
+    return siluMulOfHalves(product);
+  }
+  const int64_t half = product.size(1) / 2;
+  at::Tensor out = at::empty({rows, half}, product.options());
+  HF_CUDA_CHECK(kernels::launchSiluMulHalves(
+      product.const_data_ptr(), rows, half, ends.const_data_ptr<int32_t>(),
+      ends.size(0), out.mutable_data_ptr(), cuda::currentStream(device)));
+  return out;
 }
 
 }  // namespace

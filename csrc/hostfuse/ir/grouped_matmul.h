@@ -26,10 +26,10 @@ enum class GroupedMatmulEpilogue {
   // the activation computed in fp32 (silu(g) = g / (1 + e^-g)) and
   // rounded: the values of the product followed by makeSiluMulFusion
   // (host_ir/moe_layer.h). N must be even. hostfuse's grouped GEMM
-  // computes it in its epilogue (N a multiple of 16); every other path
-  // applies it after the product as ATen ops (fp32 casts, silu, multiply,
-  // cast) on every row, padding included: slower there than the
-  // row-limited activation fusion.
+  // computes it in its epilogue (N a multiple of 16); after
+  // at::_grouped_mm one small kernel applies it to the counted rows
+  // (kernels/silu_mul_halves.h, the same bits); the host path applies it
+  // as ATen ops (fp32 casts, silu, multiply, cast) on every row.
   SiluMul,
 };
 
@@ -63,7 +63,7 @@ std::optional<GroupedMatmulEpilogue> parseGroupedMatmulEpilogue(
 //           with HOSTFUSE_TORCH_GROUPED_GEMM=1,
 //           at::_grouped_mm with the group ends (inclusive cumsum of the
 //           counts, int32) computed by a small kernel, then the epilogue
-//           as ATen ops on every row.
+//           by another on the counted rows.
 //   host    one matmul per group; reads the counts on the host (a device
 //           synchronization for CUDA counts), checks that they are >= 0 and
 //           fit x's rows.

@@ -1,5 +1,6 @@
 #include "group_rows.cuh"
 #include "grouped_gemm_sm90.h"
+#include "silu_mul.cuh"
 
 #include <cuda_bf16.h>
 
@@ -289,14 +290,6 @@ __device__ __forceinline__ TilePlace placeOfTile(int local, int m_tiles,
   const int in_band = local - band * kBandTiles * n_tiles;
   const int band_rows = min(kBandTiles, m_tiles - band * kBandTiles);
   return {band * kBandTiles + in_band % band_rows, in_band / band_rows};
-}
-
-// silu(g) * u of the bf16 roundings of g and u, in fp32, as the separate
-// activation computes it (hf_silu of the fusion kernels, then a multiply).
-__device__ __forceinline__ float siluMul(float g, float u) {
-  const float gate = __bfloat162float(__float2bfloat16_rn(g));
-  const float up = __bfloat162float(__float2bfloat16_rn(u));
-  return gate / (1.0f + expf(-gate)) * up;
 }
 
 template <int BN, bool kSiluMul>
