@@ -453,9 +453,11 @@ TEST(SiluMulHalvesKernel, WritesTheCountedRowsOnly) {
   HF_SKIP_IF_UNAVAILABLE(gpu);
   const cuda::DeviceScope scope(0);
   at::manual_seed(23);
+  // 4096 rows of 2048: more quads than the grid has threads, so threads
+  // take several steps.
   for (const int64_t half : {4, 192, 2048}) {
-    for (const int64_t rows : {0, 1, 77, 1000}) {
-      for (const int32_t last_end : {0, 1, 40, 1000, 5000}) {
+    for (const int64_t rows : {0, 1, 77, 1000, 4096}) {
+      for (const int32_t last_end : {-5, 0, 1, 40, 1000, 5000}) {
         SCOPED_TRACE("half=" + std::to_string(half) +
                      " rows=" + std::to_string(rows) +
                      " last end=" + std::to_string(last_end));
@@ -471,7 +473,7 @@ TEST(SiluMulHalvesKernel, WritesTheCountedRowsOnly) {
                       ends.const_data_ptr<int32_t>(), 3, out.mutable_data_ptr(),
                       cuda::currentStream(0)),
                   cudaSuccess);
-        const int64_t counted = std::min<int64_t>(rows, last_end);
+        const int64_t counted = std::clamp<int64_t>(last_end, 0, rows);
         const at::Tensor got = out.cpu().to(at::kFloat);
         const at::Tensor p = product.cpu().to(at::kFloat);
         const at::Tensor gate = p.narrow(1, 0, half);

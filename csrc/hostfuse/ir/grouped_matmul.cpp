@@ -259,6 +259,9 @@ at::Tensor groupedMatmulOnDevice(const at::Tensor& x, const at::Tensor& weights,
   }
   const int64_t half = product.size(1) / 2;
   at::Tensor out = at::empty({rows, half}, product.options());
+  if (ends.size(0) == 0) {
+    return out;  // no groups: no row is counted
+  }
   HF_CUDA_CHECK(kernels::launchSiluMulHalves(
       product.const_data_ptr(), rows, half, ends.const_data_ptr<int32_t>(),
       ends.size(0), out.mutable_data_ptr(), cuda::currentStream(device)));

@@ -28,8 +28,9 @@ enum class GroupedMatmulEpilogue {
   // (host_ir/moe_layer.h). N must be even. hostfuse's grouped GEMM
   // computes it in its epilogue (N a multiple of 16); after
   // at::_grouped_mm one small kernel applies it to the counted rows
-  // (kernels/silu_mul_halves.h, the same bits); the host path applies it
-  // as ATen ops (fp32 casts, silu, multiply, cast) on every row.
+  // (kernels/silu_mul_halves.h, the same bits but for NaN's payload); the
+  // host path applies it as ATen ops (fp32 casts, silu, multiply, cast) on
+  // every row.
   SiluMul,
 };
 
