@@ -2,7 +2,8 @@
 # On a GPU machine: configures against the installed torch, builds with
 # ninja, runs every test (GPU-only ones included; the multi-rank ones with
 # one rank per GPU: ctest's multidevice_np<N> and test_cuda_moe through
-# tools/run_cuda_moe_tests.sh), the examples and, with --bench, the
+# tools/run_cuda_moe_tests.sh; pytest over python_tests/ after installing
+# the Python package), the examples and, with --bench, the
 # benchmarks (bench_moe_layer's stage table also as layer.csv and its plot
 # in the log folder); prints a short summary last.
 #
@@ -10,7 +11,8 @@
 #
 # Logs go to $HOSTFUSE_LOG_DIR (default build/logs; $OUT/logs when $OUT is
 # set, as on the device machines). HOSTFUSE_CUDA_MOE_TIMEOUT (seconds,
-# default 900, in [0.001, 86400]) bounds the test_cuda_moe run.
+# default 900, in [0.001, 86400]) bounds the test_cuda_moe run;
+# HOSTFUSE_SKIP_PYTHON=1 leaves out the Python package and pytest.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 hostfuse_help_if_asked "$@"
@@ -50,12 +52,34 @@ tail -n 40 "$log_dir/ctest.log"
 summary+=("ctest: $(grep -E 'tests passed|tests failed' "$log_dir/ctest.log" | tail -1) ($((SECONDS - start)) s)")
 skipped="$(grep -c -- '\*\*\*Skipped' "$log_dir/ctest.log")"
 summary+=("ctest skipped: $skipped ($(grep -- '\*\*\*Skipped' "$log_dir/ctest.log" | sed 's/.*Test *#[0-9]*: //; s/ \..*//' | tr '\n' ' '))")
+[ "$ctest_status" -eq 0 ] || failed=1
+
+# The Python package and python_tests/, whose GPU cases (hostfuse.moe on
+# CUDA tensors, CUDA graph capture, the examples under torchrun) run only
+# here; HOSTFUSE_SKIP_PYTHON=1 leaves them out.
+pytest_args=()
+if [ "${HOSTFUSE_SKIP_PYTHON:-0}" != 1 ]; then
+  hostfuse_log "installing the Python package, then pytest (log: $log_dir/pytest.log)"
+  start=$SECONDS
+  rm -f "$log_dir/pytest.xml"
+  (hostfuse_python_install &&
+    cd "$HOSTFUSE_ROOT" &&
+    "$HOSTFUSE_PYTHON" -m pytest python_tests -p no:cacheprovider -rs -q \
+      --junitxml="$log_dir/pytest.xml") >"$log_dir/pytest.log" 2>&1
+  pytest_status=$?
+  tail -n 5 "$log_dir/pytest.log"
+  if [ -f "$log_dir/pytest.xml" ]; then
+    pytest_args=(--pytest "$log_dir/pytest.xml" --pytest-status "$pytest_status")
+  else
+    summary+=("pytest: not run, the Python package did not install (exit $pytest_status; see pytest.log)")
+  fi
+  [ "$pytest_status" -eq 0 ] || failed=1
+fi
 # Every rank's gtest counts of each multi-rank test, then the totals.
 while IFS= read -r line; do
   summary+=("$line")
 done < <("$HOSTFUSE_PYTHON" "$HOSTFUSE_ROOT/tools/test_totals.py" --per-test \
-  --ctest "$log_dir/ctest.xml" --ctest-status "$ctest_status")
-[ "$ctest_status" -eq 0 ] || failed=1
+  --ctest "$log_dir/ctest.xml" --ctest-status "$ctest_status" "${pytest_args[@]}")
 
 # Runs a multi-rank test command (after a label, its log and its rank
 # count) under the cuda MoE time limit, and adds its line to the summary:
