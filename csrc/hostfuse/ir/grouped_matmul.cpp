@@ -174,8 +174,8 @@ namespace {
 
 // The SiluMul epilogue as ATen ops on `product` [rows, N]: each half as it
 // is (in the product's dtype), the activation in fp32, then rounded. The
-// same ops, in the same order, as makeSiluMulFusion on the host. (On the
-// device path launchSiluMulHalves does this for bf16.)
+// same ops, in the same order, as makeSiluMulFusion on the host. (The
+// device path uses launchSiluMulHalves instead.)
 at::Tensor siluMulOfHalves(const at::Tensor& product) {
   const int64_t half = product.size(1) / 2;
   return at::silu(product.narrow(1, 0, half).to(at::kFloat))
@@ -254,9 +254,10 @@ at::Tensor groupedMatmulOnDevice(const at::Tensor& x, const at::Tensor& weights,
   }
   // The epilogue in one pass over the counted rows (bf16 here, N % 8 == 0:
   // groupedMatmulRunsOnDevice), the same bits as hostfuse's GEMM gives.
-  if (!product.is_contiguous() || product.scalar_type() != at::kBFloat16) {
-    return siluMulOfHalves(product);
-  }
+  HF_ERROR(product.is_contiguous() && product.scalar_type() == at::kBFloat16,
+           "at::_grouped_mm returned a ", product.scalar_type(),
+           " product with strides ", product.strides(),
+           "; the device path expects contiguous bf16");
   const int64_t half = product.size(1) / 2;
   at::Tensor out = at::empty({rows, half}, product.options());
   if (ends.size(0) == 0) {
