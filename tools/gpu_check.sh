@@ -54,22 +54,22 @@ skipped="$(grep -c -- '\*\*\*Skipped' "$log_dir/ctest.log")"
 summary+=("ctest skipped: $skipped ($(grep -- '\*\*\*Skipped' "$log_dir/ctest.log" | sed 's/.*Test *#[0-9]*: //; s/ \..*//' | tr '\n' ' '))")
 [ "$ctest_status" -eq 0 ] || failed=1
 
-# The Python package and python_tests/, whose GPU cases (hostfuse.moe on
-# CUDA tensors, CUDA graph capture, the examples under torchrun) run only
-# here; HOSTFUSE_SKIP_PYTHON=1 leaves them out.
+# The Python package and python_tests/ (with a GPU, their GPU cases too:
+# hostfuse.moe on CUDA tensors, CUDA graph capture, the examples under
+# torchrun), as tools/test.sh runs them; HOSTFUSE_SKIP_PYTHON=1 leaves them
+# out.
 pytest_args=()
 if [ "${HOSTFUSE_SKIP_PYTHON:-0}" != 1 ]; then
   hostfuse_log "installing the Python package, then pytest (log: $log_dir/pytest.log)"
-  start=$SECONDS
-  rm -f "$log_dir/pytest.xml"
-  (hostfuse_python_install &&
-    cd "$HOSTFUSE_ROOT" &&
-    "$HOSTFUSE_PYTHON" -m pytest python_tests -p no:cacheprovider -rs -q \
-      --junitxml="$log_dir/pytest.xml") >"$log_dir/pytest.log" 2>&1
+  # Its own results folder: tools/test.sh clears the JUnit files there.
+  pytest_xml="$log_dir/python/pytest.xml"
+  HOSTFUSE_SKIP_CTEST=1 HOSTFUSE_TEST_RESULTS="$log_dir/python" \
+    HOSTFUSE_PYTHON="$HOSTFUSE_PYTHON" "$HOSTFUSE_ROOT/tools/test.sh" \
+    >"$log_dir/pytest.log" 2>&1
   pytest_status=$?
   tail -n 5 "$log_dir/pytest.log"
-  if [ -f "$log_dir/pytest.xml" ]; then
-    pytest_args=(--pytest "$log_dir/pytest.xml" --pytest-status "$pytest_status")
+  if [ -f "$pytest_xml" ]; then
+    pytest_args=(--pytest "$pytest_xml" --pytest-status "$pytest_status")
   else
     summary+=("pytest: not run, the Python package did not install (exit $pytest_status; see pytest.log)")
   fi
