@@ -27,6 +27,7 @@ class Expr;
   X(LinearOp)                \
   X(TopKOp)                  \
   X(TopKSoftmax)             \
+  X(RouterTopK)              \
   X(GroupedMatmul)           \
   X(DequantizeFp8)           \
   X(Narrow)
