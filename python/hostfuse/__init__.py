@@ -60,6 +60,7 @@ from ._C import (
     reciprocal,
     relu,
     rsqrt,
+    router_topk,
     run_fusion,
     sigmoid,
     silu,
