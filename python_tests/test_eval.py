@@ -128,17 +128,6 @@ def test_topk_softmax_matches_torch():
     torch.testing.assert_close(raw, top.values)
 
 
-def test_router_topk_is_topk_softmax_of_the_fp32_logits():
-    x = rand(6, 64, seed=21, dtype=torch.bfloat16)
-    w = (rand(10, 64, seed=22) / 8).to(torch.bfloat16)
-    weights, indices = run(lambda x, w: hf.router_topk(x, w, 3), x, w)
-    top = torch.topk(torch.softmax(x.double() @ w.double().T, -1), 3)
-    assert torch.equal(indices, top.indices)
-    torch.testing.assert_close(
-        weights, (top.values / top.values.sum(-1, keepdim=True)).float()
-    )
-
-
 def test_grouped_matmul_matches_a_loop_over_groups():
     x, w = rand(7, 8, seed=14), rand(3, 8, 5, seed=15)
     counts = torch.tensor([2, 0, 5])

@@ -583,22 +583,6 @@ PYBIND11_MODULE(_C, m) {
       "dim (f32 logits [T, E]), renormalized to sum to 1 unless "
       "renormalize=False; one kernel on GPUs.");
   m.def(
-      "router_topk",
-      [](const py::object& x, TensorView* router_w, int64_t k,
-         bool renormalize) {
-        HF_CHECK(!x.is_none(), "router_topk: x is None");
-        const TopKSoftmaxResult r =
-            routerTopK(x.cast<TensorView*>(), router_w, k, renormalize);
-        const py::list both = valuesOf({r.weights, r.indices}, x);
-        return py::make_tuple(both[0], both[1]);
-      },
-      py::arg("x"), py::arg("router_w"), py::arg("k"),
-      py::arg("renormalize") = true,
-      "(weights, indices): topk_softmax of the logits x @ router_w.T (x "
-      "[T, H], router_w [E, H], both bf16 or both f16; the logits summed in "
-      "fp32), as one op; one kernel on GPUs for E <= 32 and H a multiple of "
-      "8.");
-  m.def(
       "grouped_matmul",
       [](TensorView* x, TensorView* weights, TensorView* counts,
          TensorView* x_scales, const std::string& epilogue) {

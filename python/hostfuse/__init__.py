@@ -60,7 +60,6 @@ from ._C import (
     reciprocal,
     relu,
     rsqrt,
-    router_topk,
     run_fusion,
     sigmoid,
     silu,

@@ -134,9 +134,6 @@ void launchFor(unsigned blocks, const float* logits, int64_t rows, int columns,
 // warp order: a fixed order, so every run gives the same bits.
 constexpr int kRouterThreads = 256;
 constexpr int kRouterWarps = kRouterThreads / kWarp;
-// Up to this many rows a block computes one token (more blocks); above it
-// several (fewer reads of router_w).
-constexpr int64_t kRouterOneTokenRows = 512;
 
 // Two bf16 or f16 values packed in 32 bits, as fp32 (exactly).
 template <bool kHalf>

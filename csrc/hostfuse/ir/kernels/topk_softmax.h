@@ -33,6 +33,9 @@ cudaError_t launchTopKSoftmax(const float* logits, int64_t rows,
 // kRouterTopKMaxExperts experts).
 enum class RouterDtype { kBFloat16, kHalf };
 constexpr int64_t kRouterTopKMaxExperts = 32;
+// Up to this many rows a block computes one token (more blocks); above it
+// several (fewer reads of router_w).
+constexpr int64_t kRouterOneTokenRows = 512;
 bool routerTopKSupports(const void* x, const void* router_w, int64_t hidden,
                         int64_t experts);
 cudaError_t launchRouterTopK(RouterDtype dtype, const void* x,
