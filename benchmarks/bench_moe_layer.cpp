@@ -15,8 +15,7 @@
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
 //       [--blocks B] [--link-gbps G] [--exprs] [--fp8]
 //       [--reduce auto|per_pick|per_rank] [--gate-up fused|separate]
-//       [--activation fusion|epilogue] [--router separate|fused]
-//       [--csv FILE]
+//       [--activation fusion|epilogue] [--csv FILE]
 //
 // Modes: by default the fastest known (useFastestModes, host_ir/moe_layer.h):
 // gate and up as one grouped GEMM, and the per_rank combine with more than
@@ -86,7 +85,6 @@ struct Args {
   std::string reduce = "auto";
   std::string gate_up = "fused";
   std::string activation = "fusion";
-  std::string router = "separate";
   std::string csv;
 };
 
@@ -143,10 +141,6 @@ cli::Flags makeFlags(Args& args) {
                "hostfuse's sm_90a GEMM computes it there; where that kernel "
                "does not run, a small kernel applies it after "
                "at::_grouped_mm, as the fusion would)");
-  flags.choice("--router", "MODE", &args.router, {"separate", "fused"},
-               "the router as a linear and a softmax-top-k kernel, or as one "
-               "kernel from x and the router weights (RouterTopK, "
-               "MoeLayerConfig::fused_router)");
   flags.text("--csv", "FILE", &args.csv,
              "append the graph replay's stage times and floors to FILE (rank "
              "0), for tools/plot_layer.py");
@@ -526,7 +520,6 @@ int main(int argc, char** argv) {
   }
   config.fused_gate_up = args.gate_up == "fused";
   config.fused_activation = args.activation == "epilogue";
-  config.fused_router = args.router == "fused";
   MoeLayerConfig collective_config = config;
   collective_config.backend = MoeBackend::Collective;
   config.backend = MoeBackend::Cuda;
@@ -675,8 +668,7 @@ int main(int argc, char** argv) {
     std::printf(
         "MoE layer: %lld ranks (%s), H = %lld, I = %lld, E = %lld (%lld per "
         "rank), K = %lld, bf16 (router in fp32)\n"
-        "modes: quantize=%s, reduce=%s, gate and up as %s, silu(gate) * up "
-        "%s, router %s\n"
+        "modes: quantize=%s, reduce=%s, gate and up as %s, silu(gate) * up %s\n"
         "grouped GEMMs on the GPU: %s\n"
         "time per step: median over %d blocks of back-to-back steps, slowest "
         "rank\n\n",
@@ -690,8 +682,6 @@ int main(int argc, char** argv) {
         config.fused_gate_up ? "one grouped GEMM" : "two grouped GEMMs",
         config.fused_activation ? "in its epilogue (its stage has it)"
                                 : "as a fusion",
-        config.fused_router ? "as one kernel (RouterTopK)"
-                            : "as a linear and TopKSoftmax",
         own_grouped_gemm
             ? ("hostfuse's sm_90a kernel up to " +
                std::to_string(kOwnGroupedGemmMaxRowsPerGroup) +
@@ -772,7 +762,7 @@ int main(int argc, char** argv) {
     if (!args.csv.empty()) {
       const std::string modes =
           std::string("gate_up=") + args.gate_up +
-          " activation=" + args.activation + " router=" + args.router +
+          " activation=" + args.activation +
           " reduce=" + toString(config.reduce) +
           " quantize=" + toString(config.quantize) +
           // Where GroupedMatmul's rule lets hostfuse's kernel run.

@@ -194,16 +194,13 @@ TEST_F(GraphMoe, HundredReplaysWithNewRoutingMatchEagerRuns) {
 // activation fusion reads as strided views) replayed: as the eager run,
 // and the last call as the ATen reference; then the same with
 // fused_activation (silu(gate) * up as that GEMM's epilogue, whose rows
-// past the counts, the capacity padding, are left unwritten) and
-// fused_router (the router as one RouterTopK op).
+// past the counts, the capacity padding, are left unwritten).
 TEST_F(GraphMoe, FusedGateUpReplaysMatchEagerRuns) {
   for (const bool fused_activation : {false, true}) {
-    SCOPED_TRACE(fused_activation ? "fused_activation, fused_router"
-                                  : "activation fusion, separate router");
+    SCOPED_TRACE(fused_activation ? "fused_activation" : "activation fusion");
     MoeLayerConfig config = config_;
     config.fused_gate_up = true;
     config.fused_activation = fused_activation;
-    config.fused_router = fused_activation;
     GraphRunnerOptions options;
     options.persistent_inputs = {2, 3};  // w_gate_up, w_down
     GraphRunner runner(makeMoeLayerProgram(config), HostIrEvaluatorParams{},

@@ -1,8 +1,8 @@
-// Tests of the TopKOp, TopKSoftmax and RouterTopK expressions: building,
-// validation, printing, cloning, and their ATen semantics when a host
-// program runs them (TopKSoftmax's kernel on GPUs against the ATen
-// composition, RouterTopK's against an fp64 router), and of linear's fp32
-// output for bf16 operands (a router's logits, against an fp64 reference).
+// Tests of the TopKOp and TopKSoftmax expressions: building, validation,
+// printing, cloning, and their ATen semantics when a host program runs
+// them (TopKSoftmax's kernel on GPUs against the ATen composition), and of
+// linear's fp32 output for bf16 operands (a router's logits, against an
+// fp64 reference).
 #include <hostfuse/host_ir/evaluator.h>
 #include <hostfuse/ir/ops.h>
 #include <hostfuse/ir/topk_softmax.h>
@@ -142,56 +142,6 @@ TEST_F(TopK, TopKSoftmaxRejectsBadLogitsAndK) {
   test::expectErrorContains(
       [&] { topkSoftmax(makeTensor({4}, DataType::Float, "flat"), 2, true); },
       {"topkSoftmax: logits", "'flat'", "must have rank 2"});
-}
-
-TEST_F(TopK, RouterTopKGivesF32WeightsAndI64Indices) {
-  Scalar* tokens = makeSymbolicScalar(DataType::Int64, "tokens");
-  TensorView* x = makeTensor({tokens, 64}, DataType::BFloat16, "x");
-  TensorView* w = makeTensor({8, 64}, DataType::BFloat16, "router_w");
-  const TopKSoftmaxResult top = routerTopK(x, w, 2, false);
-  EXPECT_EQ(top.weights->typeString(), "f32[tokens, 2]");
-  EXPECT_EQ(top.indices->typeString(), "i64[tokens, 2]");
-  const auto* node = top.weights->definition()->as<RouterTopK>();
-  EXPECT_EQ(node, top.indices->definition());
-  EXPECT_EQ(node->x(), x);
-  EXPECT_EQ(node->routerWeights(), w);
-  EXPECT_EQ(node->k(), 2);
-  EXPECT_FALSE(node->renormalize());
-  EXPECT_EQ(node->toString(),
-            "(T2, T3) = router_topk(T0, T1, k=2, renormalize=false)\n");
-}
-
-TEST_F(TopK, RouterTopKRejectsBadOperandsAndK) {
-  TensorView* x = makeTensor({4, 64}, DataType::BFloat16, "x");
-  TensorView* w = makeTensor({8, 64}, DataType::BFloat16, "router_w");
-  test::expectErrorContains([&] { routerTopK(x, w, 0, true); },
-                            {"router_topk: k must be >= 1, got 0"});
-  test::expectErrorContains(
-      [&] { routerTopK(x, w, 9, true); },
-      {"router_topk: k = 9 exceeds the 8 experts (rows) of T1 'router_w'"});
-  test::expectErrorContains(
-      [&] {
-        routerTopK(makeTensor({4, 64}, DataType::Float, "xf"), w, 2, true);
-      },
-      {"x", "'xf'", "bf16 or f16"});
-  test::expectErrorContains(
-      [&] {
-        routerTopK(x, makeTensor({8, 64}, DataType::Half, "wh"), 2, true);
-      },
-      {"router_topk: x", "'x'", "'wh'", "must have the same dtype"});
-  test::expectErrorContains(
-      [&] {
-        routerTopK(x, makeTensor({8, 32}, DataType::BFloat16, "narrow"), 2,
-                   true);
-      },
-      {"the columns of x", "the columns of router_w"});
-  test::expectErrorContains(
-      [&] {
-        routerTopK(makeTensor({64}, DataType::BFloat16, "flat"), w, 2, true);
-      },
-      {"routerTopK: x", "'flat'", "must have rank 2"});
-  test::expectErrorContains([&] { routerTopK(nullptr, w, 2, true); },
-                            {"routerTopK: an operand is null"});
 }
 
 TEST_F(TopK, LinearReturnsF32OnlyForBf16OrF16Operands) {
@@ -396,122 +346,6 @@ TEST_P(TopKSoftmaxOnDevice, LinearWithFewF32OutputsMatchesAnFp64Reference) {
         << "largest error " << error.max().item<double>() << ", bound there "
         << bound.flatten()[error.flatten().argmax()].item<double>();
     EXPECT_TRUE(at::equal(evaluator.run({x, w})[0], out))
-        << "a second run gave other bits";
-  }
-}
-
-// A program of one RouterTopK node.
-std::vector<at::Tensor> runRouterTopK(const at::Tensor& x,
-                                      const at::Tensor& router_w, int64_t k,
-                                      bool renormalize) {
-  auto program = std::make_unique<HostIrContainer>();
-  {
-    FusionGuard guard(program.get());
-    const DataType dtype =
-        x.scalar_type() == at::kHalf ? DataType::Half : DataType::BFloat16;
-    TensorView* in = makeSymbolicTensor(2, dtype, "x");
-    TensorView* w = makeSymbolicTensor(2, dtype, "router_w");
-    program->addInput(in);
-    program->addInput(w);
-    const TopKSoftmaxResult top = routerTopK(in, w, k, renormalize);
-    program->addOutput(top.weights);
-    program->addOutput(top.indices);
-  }
-  HostIrEvaluator evaluator(std::move(program));
-  return evaluator.run({x, router_w});
-}
-
-// The op against a router computed in fp64 from the same bf16 or f16
-// values, over the shapes its kernel takes and those it leaves to the
-// linear and TopKSoftmax (H not a multiple of 8, more than 32 experts,
-// misaligned rows): every row picks k distinct experts, none of them less
-// likely than an unpicked one (beyond fp32 rounding), largest first, with
-// the fp64 weights; rows past 512 (several tokens per block) and a last
-// block with fewer tokens; the same bits on a second run.
-TEST_P(TopKSoftmaxOnDevice, RouterTopKMatchesAnFp64Router) {
-  const at::Device device = GetParam();
-  HF_SKIP_IF_UNAVAILABLE(device);
-  struct Case {
-    at::ScalarType dtype;
-    int64_t rows, hidden, experts, k;
-    bool renormalize = true, misaligned = false;
-  };
-  const std::vector<Case> cases = {{at::kBFloat16, 128, 7168, 8, 8},
-                                   {at::kBFloat16, 1, 8, 1, 1},
-                                   {at::kBFloat16, 0, 64, 8, 2},
-                                   {at::kHalf, 37, 1024, 8, 2, false},
-                                   {at::kBFloat16, 513, 2048, 8, 4},
-                                   {at::kBFloat16, 1029, 512, 9, 3},
-                                   {at::kHalf, 700, 256, 16, 16, false},
-                                   {at::kBFloat16, 130, 4096, 17, 6},
-                                   {at::kBFloat16, 1027, 1024, 32, 8},
-                                   {at::kHalf, 5, 7168, 32, 32},
-                                   {at::kBFloat16, 19, 300, 8, 2},
-                                   {at::kBFloat16, 23, 512, 33, 8},
-                                   {at::kBFloat16, 7, 512, 8, 2, true, true}};
-  for (const Case& c : cases) {
-    SCOPED_TRACE(std::string(c10::toString(c.dtype)) + " rows = " +
-                 std::to_string(c.rows) + ", H = " + std::to_string(c.hidden) +
-                 ", E = " + std::to_string(c.experts) + ", K = " +
-                 std::to_string(c.k) + (c.renormalize ? ", renormalize" : "") +
-                 (c.misaligned ? ", misaligned" : ""));
-    const uint64_t seed = static_cast<uint64_t>(c.rows * 97 + c.experts);
-    at::Tensor x;
-    if (c.misaligned) {  // contiguous rows that start 2 bytes past 16
-      x = test::randomTensor({c.rows * c.hidden + 1}, c.dtype, device, seed)
-              .narrow(0, 1, c.rows * c.hidden)
-              .view({c.rows, c.hidden});
-    } else {
-      x = test::randomTensor({c.rows, c.hidden}, c.dtype, device, seed);
-    }
-    // Weights of a router's scale (logits of about unit size, as trained
-    // routers give), so that fp32's error stays far below the logits' gaps.
-    const at::Tensor w = (test::randomTensor({c.experts, c.hidden}, at::kFloat,
-                                             device, seed + 1) /
-                          std::sqrt(static_cast<double>(c.hidden)))
-                             .to(c.dtype);
-    const std::vector<at::Tensor> out = runRouterTopK(x, w, c.k, c.renormalize);
-    ASSERT_EQ(out[0].scalar_type(), at::kFloat);
-    ASSERT_EQ(out[1].scalar_type(), at::kLong);
-    ASSERT_EQ(out[0].sizes(), at::IntArrayRef({c.rows, c.k}));
-    ASSERT_EQ(out[1].sizes(), at::IntArrayRef({c.rows, c.k}));
-    EXPECT_EQ(out[0].device(), device);
-    if (c.rows == 0) {
-      continue;
-    }
-    const at::Tensor weights = out[0].cpu().to(at::kDouble);
-    const at::Tensor indices = out[1].cpu();
-    ASSERT_TRUE(at::all((indices >= 0) & (indices < c.experts)).item<bool>());
-    const at::Tensor logits =
-        at::linear(x.cpu().to(at::kDouble), w.cpu().to(at::kDouble));
-    // Distinct picks: k of them, so the unpicked mask has E - k ones.
-    const at::Tensor unpicked =
-        at::ones({c.rows, c.experts}, at::kBool).scatter(1, indices, false);
-    ASSERT_TRUE(at::all(unpicked.sum(1) == c.experts - c.k).item<bool>());
-    // Compared in logits (the order of the probabilities): an fp32 sum of
-    // H exact products of this size is within 1e-4 of the exact one.
-    const double slack = 1e-4;
-    const at::Tensor picked = logits.gather(1, indices);
-    if (c.k < c.experts) {
-      const at::Tensor best_unpicked =
-          std::get<0>(at::where(unpicked, logits, -1e300).max(1));
-      const at::Tensor worst_picked = std::get<0>(picked.min(1));
-      EXPECT_TRUE(at::all(worst_picked >= best_unpicked - slack).item<bool>())
-          << "a picked expert is less likely than an unpicked one";
-    }
-    if (c.k > 1) {
-      EXPECT_TRUE(at::all(picked.narrow(1, 0, c.k - 1) >=
-                          picked.narrow(1, 1, c.k - 1) - slack)
-                      .item<bool>())
-          << "picks not largest first";
-    }
-    const at::Tensor scores = at::softmax(logits, -1).gather(1, indices);
-    const at::Tensor expected =
-        c.renormalize ? scores / scores.sum(1, /*keepdim=*/true) : scores;
-    test::expectClose(weights, expected, 1e-4, 1e-6);
-    const std::vector<at::Tensor> again =
-        runRouterTopK(x, w, c.k, c.renormalize);
-    EXPECT_TRUE(at::equal(again[0], out[0]) && at::equal(again[1], out[1]))
         << "a second run gave other bits";
   }
 }

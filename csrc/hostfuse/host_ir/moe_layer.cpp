@@ -79,19 +79,12 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
   // not hinge on bf16 rounding of its logits. The logits sum x's products
   // with router_w's in fp32 (exact products of the bf16 values, as if both
   // were cast first); softmax, top-k and the renormalization are one op.
-  const bool half_width =
-      dtype == DataType::BFloat16 || dtype == DataType::Half;
-  HF_CHECK(!config.fused_router || half_width,
-           "makeMoeLayerProgram: fused_router needs a bf16 or f16 dtype, got ",
-           dtype);
+  TensorView* logits = dtype == DataType::BFloat16 || dtype == DataType::Half
+                           ? linear(x, router_w, nullptr, DataType::Float)
+                           : linear(toDtype(x, DataType::Float),
+                                    toDtype(router_w, DataType::Float));
   const TopKSoftmaxResult top =
-      config.fused_router
-          ? routerTopK(x, router_w, config.topk, config.renormalize)
-          : topkSoftmax(half_width
-                            ? linear(x, router_w, nullptr, DataType::Float)
-                            : linear(toDtype(x, DataType::Float),
-                                     toDtype(router_w, DataType::Float)),
-                        config.topk, config.renormalize);
+      topkSoftmax(logits, config.topk, config.renormalize);
   TensorView* weights = top.weights;
 
   // Experts on this rank's expert-major rows.

@@ -11,8 +11,6 @@
 //   scores   = softmax(logits, -1)                         [T, E]
 //   (top, topk_idx) = topk(scores, K)                      [T, K]
 //   topk_weights = top / sum(top, -1)    (renormalize)     [T, K] f32
-//              (all four one TopKSoftmax op after the linear; with
-//              fused_router one RouterTopK op from x and router_w)
 //   d        = MoeDispatch(x, topk_idx, topk_weights, E, backend, quantize)
 //   rows     = d.recv_x, or with fp8 dispatch
 //              DequantizeFp8(d.recv_x, d.recv_scales) in dtype  (once)
@@ -74,10 +72,6 @@ struct MoeLayerConfig {
   // (GroupedMatmulEpilogue::SiluMul: in hostfuse's sm_90a grouped GEMM
   // where it runs) instead of a fusion after it. Needs fused_gate_up.
   bool fused_activation = false;
-  // The router (its linear, softmax, top-k and renormalization) as one op,
-  // RouterTopK (ir/topk_softmax.h: one kernel on GPUs for E <= 32), instead
-  // of a linear and TopKSoftmax. Needs a bf16 or f16 dtype.
-  bool fused_router = false;
 };
 
 std::unique_ptr<HostIrContainer> makeMoeLayerProgram(

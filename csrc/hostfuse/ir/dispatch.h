@@ -27,7 +27,6 @@ class Expr;
   X(LinearOp)                \
   X(TopKOp)                  \
   X(TopKSoftmax)             \
-  X(RouterTopK)              \
   X(GroupedMatmul)           \
   X(DequantizeFp8)           \
   X(Narrow)

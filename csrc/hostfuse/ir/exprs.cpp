@@ -636,23 +636,18 @@ std::vector<c10::IValue> LinearOp::evaluate(
   if (!accumulatesToFloat()) {
     return {at::linear(x, weight, bias)};
   }
-  return {toFloat(x, weight, bias)};
-}
-
-at::Tensor LinearOp::toFloat(const at::Tensor& x, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias) {
   // Products of bf16 or f16 values are exact in fp32: both paths sum them
   // in fp32 (in their own order) and round nothing before the output.
   if (x.is_cuda() && !bias.has_value()) {
     std::vector<int64_t> sizes = x.sizes().vec();
     sizes.back() = weight.size(0);
-    return at::mm(x.reshape({-1, x.size(-1)}), weight.t(), at::kFloat)
-        .view(sizes);
+    return {at::mm(x.reshape({-1, x.size(-1)}), weight.t(), at::kFloat)
+                .view(sizes)};
   }
-  return at::linear(x.to(at::kFloat), weight.to(at::kFloat),
-                    bias.has_value()
-                        ? std::optional<at::Tensor>(bias->to(at::kFloat))
-                        : std::nullopt);
+  return {at::linear(x.to(at::kFloat), weight.to(at::kFloat),
+                     bias.has_value()
+                         ? std::optional<at::Tensor>(bias->to(at::kFloat))
+                         : std::nullopt)};
 }
 
 TopKOp::TopKOp(TensorView* values, TensorView* indices, TensorView* x,

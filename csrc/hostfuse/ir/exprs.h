@@ -226,10 +226,6 @@ class LinearOp : public Expr {
   }
   // The same for operands of `x` and an output of `out`.
   static bool accumulatesToFloat(DataType x, DataType out);
-  // The linear of bf16 or f16 operands with an f32 output, as evaluate
-  // computes it (RouterTopK's path where its kernel does not run).
-  static at::Tensor toFloat(const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias);
 
   std::string toInlineString() const override;
   void validate() const override;

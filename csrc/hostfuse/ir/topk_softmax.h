@@ -1,9 +1,7 @@
 // TopKSoftmax: the router of an MoE layer after its logits, as one op:
 // probabilities = softmax(logits) over the last dim (the experts), the K
 // largest of them per row with their expert indices, and, with
-// `renormalize`, those K divided by their sum. RouterTopK: the same from
-// the layer's input and router weights (the logits computed inside). Both
-// are single-device ops.
+// `renormalize`, those K divided by their sum. A single-device op.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -43,36 +41,6 @@ class TopKSoftmax : public Expr {
       const std::vector<c10::IValue>& inputs) const override;
 };
 
-// x [T, H] and router_w [E, H], both bf16 or both f16; outputs as
-// TopKSoftmax's of the logits x router_w^T, summed in fp32 with an f32
-// result (LinearOp::accumulatesToFloat). Its host path is that linear (of
-// the operands cast to fp32) and TopKSoftmax's. The device path (CUDA,
-// contiguous operands, H a multiple of 8, E <= 32) is one kernel for both
-// (kernels/topk_softmax.h), so the logits never reach memory; its sums run
-// in another order than cuBLAS's, so near-ties may pick differently from
-// the separate ops, and each run gives the same bits. Elsewhere on a GPU it
-// runs the linear and TopKSoftmax's kernel.
-class RouterTopK : public Expr {
- public:
-  RouterTopK(TensorView* weights, TensorView* indices, TensorView* x,
-             TensorView* router_w, int64_t k, bool renormalize);
-  HF_DECLARE_EXPR(RouterTopK)
-  HF_ALWAYS_CAPTURABLE
-
-  int64_t k() const { return attribute<int64_t>(0); }
-  bool renormalize() const { return attribute<bool>(1); }
-  TensorView* weights() const { return output(0)->as<TensorView>(); }
-  TensorView* indices() const { return output(1)->as<TensorView>(); }
-  TensorView* x() const { return input(0)->as<TensorView>(); }
-  TensorView* routerWeights() const { return input(1)->as<TensorView>(); }
-
-  // "(T3, T4) = router_topk(T0, T1, k=8, renormalize=true)"
-  std::string toInlineString() const override;
-  void validate() const override;
-  std::vector<c10::IValue> evaluate(
-      const std::vector<c10::IValue>& inputs) const override;
-};
-
 struct TopKSoftmaxResult {
   TensorView* weights = nullptr;  // [T, K] f32
   TensorView* indices = nullptr;  // [T, K] i64
@@ -80,8 +48,5 @@ struct TopKSoftmaxResult {
 
 // Builds a TopKSoftmax in the active container (see FusionGuard).
 TopKSoftmaxResult topkSoftmax(TensorView* logits, int64_t k, bool renormalize);
-// Builds a RouterTopK in the active container.
-TopKSoftmaxResult routerTopK(TensorView* x, TensorView* router_w, int64_t k,
-                             bool renormalize);
 
 }  // namespace hostfuse

@@ -25,23 +25,4 @@ cudaError_t launchTopKSoftmax(const float* logits, int64_t rows,
                               float* weights, int64_t* indices,
                               cudaStream_t stream);
 
-// The router in one kernel: logits = x [rows, hidden] times router_w
-// [experts, hidden] transposed (bf16 or f16, row-major, both 16-byte
-// aligned; the products exact in fp32 and summed in fp32, in a fixed order:
-// the same bits on every run), then as launchTopKSoftmax. Whether it takes
-// given operands: routerTopKSupports (hidden a multiple of 8, at most
-// kRouterTopKMaxExperts experts).
-enum class RouterDtype { kBFloat16, kHalf };
-constexpr int64_t kRouterTopKMaxExperts = 32;
-// Up to this many rows a block computes one token (more blocks); above it
-// several (fewer reads of router_w).
-constexpr int64_t kRouterOneTokenRows = 512;
-bool routerTopKSupports(const void* x, const void* router_w, int64_t hidden,
-                        int64_t experts);
-cudaError_t launchRouterTopK(RouterDtype dtype, const void* x,
-                             const void* router_w, int64_t rows, int64_t hidden,
-                             int64_t experts, int64_t k, bool renormalize,
-                             float* weights, int64_t* indices,
-                             cudaStream_t stream);
-
 }  // namespace hostfuse::kernels
