@@ -15,14 +15,13 @@
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
 //       [--blocks B] [--link-gbps G] [--exprs] [--fp8]
 //       [--reduce auto|per_pick|per_rank] [--gate-up fused|separate]
-//       [--activation fusion|epilogue] [--csv FILE]
+//       [--activation auto|fusion|epilogue] [--csv FILE]
 //
 // Modes: by default the fastest known (useFastestModes, host_ir/moe_layer.h):
-// gate and up as one grouped GEMM, and the per_rank combine with more than
-// one rank; --reduce and --gate-up override them, --fp8 adds fp8 dispatch,
-// --activation epilogue computes silu(gate) * up in the first grouped
-// GEMM's epilogue (MoeLayerConfig::fused_activation; not yet the default:
-// no GPU has timed it).
+// gate and up as one grouped GEMM with silu(gate) * up in its epilogue
+// (MoeLayerConfig::fused_activation), and the per_rank combine with more
+// than one rank; --gate-up, --activation and --reduce override them, --fp8
+// adds fp8 dispatch.
 //
 // Reported: the median over B blocks of the mean time per step of N
 // back-to-back steps (each block starts after a barrier; the time of a
@@ -84,7 +83,7 @@ struct Args {
   bool fp8 = false;
   std::string reduce = "auto";
   std::string gate_up = "fused";
-  std::string activation = "fusion";
+  std::string activation = "auto";
   std::string csv;
 };
 
@@ -135,12 +134,14 @@ cli::Flags makeFlags(Args& args) {
   flags.choice("--gate-up", "MODE", &args.gate_up, {"fused", "separate"},
                "gate and up projections as one grouped GEMM of [L, H, 2I] "
                "weights, or as two of [L, H, I] (both backends)");
-  flags.choice("--activation", "MODE", &args.activation, {"fusion", "epilogue"},
+  flags.choice("--activation", "MODE", &args.activation,
+               {"auto", "fusion", "epilogue"},
                "silu(gate) * up as a fusion kernel after the first grouped "
                "GEMM, or in that GEMM's epilogue (needs --gate-up fused; "
                "hostfuse's sm_90a GEMM computes it there; where that kernel "
                "does not run, a small kernel applies it after "
-               "at::_grouped_mm, as the fusion would)");
+               "at::_grouped_mm, as the fusion would); auto: the epilogue "
+               "with --gate-up fused, else the fusion");
   flags.text("--csv", "FILE", &args.csv,
              "append the graph replay's stage times and floors to FILE (rank "
              "0), for tools/plot_layer.py");
@@ -519,7 +520,11 @@ int main(int argc, char** argv) {
     config.reduce = *parseMoeCombineReduce(args.reduce);
   }
   config.fused_gate_up = args.gate_up == "fused";
-  config.fused_activation = args.activation == "epilogue";
+  if (args.activation != "auto") {
+    config.fused_activation = args.activation == "epilogue";
+  } else if (!config.fused_gate_up) {
+    config.fused_activation = false;  // the epilogue needs the fused GEMM
+  }
   MoeLayerConfig collective_config = config;
   collective_config.backend = MoeBackend::Collective;
   config.backend = MoeBackend::Cuda;
@@ -762,7 +767,7 @@ int main(int argc, char** argv) {
     if (!args.csv.empty()) {
       const std::string modes =
           std::string("gate_up=") + args.gate_up +
-          " activation=" + args.activation +
+          " activation=" + (config.fused_activation ? "epilogue" : "fusion") +
           " reduce=" + toString(config.reduce) +
           " quantize=" + toString(config.quantize) +
           // Where GroupedMatmul's rule lets hostfuse's kernel run.

@@ -16,7 +16,7 @@
 //   tools/run_example.sh moe_layer [--tokens T] [--hidden H]
 //       [--intermediate I] [--experts-per-rank L] [--topk K] [--steps N]
 //       [--cpu] [--fp8] [--reduce auto|per_pick|per_rank]
-//       [--gate-up fused|separate] [--activation fusion|epilogue]
+//       [--gate-up fused|separate] [--activation auto|fusion|epilogue]
 // which runs tools/launch.sh N build/moe_layer_example (N = 2 on CPUs, the
 // number of GPUs otherwise). --help lists the flags and their defaults.
 #include <ATen/ATen.h>
@@ -95,7 +95,7 @@ struct Args {
   bool fp8 = false;
   std::string reduce = "auto";
   std::string gate_up = "fused";
-  std::string activation = "fusion";
+  std::string activation = "auto";
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -140,9 +140,11 @@ cli::Flags makeFlags(Args& args) {
                "gate and up projections as one grouped matmul of [L, H, 2I] "
                "weights, given as one input (as fused MoE kernels take "
                "them), or as two");
-  flags.choice("--activation", "MODE", &args.activation, {"fusion", "epilogue"},
+  flags.choice("--activation", "MODE", &args.activation,
+               {"auto", "fusion", "epilogue"},
                "silu(gate) * up as a fusion after the gate-and-up grouped "
-               "matmul, or as its epilogue (needs --gate-up fused)");
+               "matmul, or as its epilogue (needs --gate-up fused); auto: "
+               "the epilogue on GPUs with --gate-up fused, else the fusion");
   return flags;
 }
 
@@ -186,7 +188,11 @@ int main(int argc, char** argv) {
     config.reduce = *parseMoeCombineReduce(args.reduce);
   }
   config.fused_gate_up = args.gate_up == "fused";
-  config.fused_activation = args.activation == "epilogue";
+  if (args.activation != "auto") {
+    config.fused_activation = args.activation == "epilogue";
+  } else if (!config.fused_gate_up) {
+    config.fused_activation = false;  // the epilogue needs the fused GEMM
+  }
   const int64_t tokens = pick(args.tokens, 256, 32, gpu);
   // Of the largest |output|: bf16 rounding on GPUs, and fp8's 3 mantissa
   // bits with --fp8 (docs/moe.md, "fp8 dispatch"): up to 1/16 of a value,

@@ -990,6 +990,7 @@ TEST(MoeLayerProgram, FastestModesDependOnGpusAndRanks) {
     config.reduce = MoeCombineReduce::PerRank;
     useFastestModes(config, c.on_gpu, c.ranks);
     EXPECT_TRUE(config.fused_gate_up);
+    EXPECT_EQ(config.fused_activation, c.on_gpu);
     EXPECT_EQ(config.reduce, c.reduce);
     // Quantization is the caller's choice: it changes the numbers.
     EXPECT_EQ(config.quantize, MoeDispatchQuant::Fp8E4M3);

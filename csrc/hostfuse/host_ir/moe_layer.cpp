@@ -132,6 +132,7 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
 void useFastestModes(MoeLayerConfig& config, bool on_gpu, int64_t ranks) {
   HF_CHECK(ranks >= 1, "useFastestModes: ranks must be >= 1, got ", ranks);
   config.fused_gate_up = true;
+  config.fused_activation = on_gpu;
   config.reduce = on_gpu && ranks > 1 ? MoeCombineReduce::PerRank
                                       : MoeCombineReduce::PerPick;
 }
