@@ -84,8 +84,8 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
 //   weight bytes instead of two (one H200, T = 128: 292.3 us per step
 //   against 299.0);
 // - fused_activation on GPUs: silu(gate) * up in that GEMM's epilogue (one
-//   H100, 2026-12-06: 329.4 against 342.0 us per step at T = 128, 4691.4
-//   against 4744.3 at T = 4096);
+//   H100, 2026-12-06: 329.4 against 342.0 us per step at T = 128; 4691.4
+//   against 4744.3 at T = 4096, within what runs of the same code vary);
 // - reduce: per_rank on GPUs with more than one rank, where it sends one
 //   row per (token, rank) over the links instead of one per pick (chosen
 //   for the bytes; not yet measured on more than one GPU); per_pick
