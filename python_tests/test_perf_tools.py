@@ -78,6 +78,61 @@ def test_plot_script_names_missing_columns(tmp_path):
     assert done.returncode != 0 and "lacks the columns" in done.stderr
 
 
+def test_plot_scripts_refuse_unreadable_and_malformed_csvs_by_name(tmp_path):
+    header = ("date,device,ranks,tokens,hidden,topk,experts,row,phase,median_us,"
+              "bytes,gbps,check\n")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    words = tmp_path / "words.csv"
+    words.write_text(header + "d,cpu,2,abc,64,8,16,torch a2a,dispatch,1.0,1,1,ok\n")
+    slow = tmp_path / "slow.csv"
+    slow.write_text(header + "d,cpu,2,32,64,8,16,torch a2a,dispatch,fast,1,1,ok\n")
+    layer = tmp_path / "layer.csv"
+    layer.write_text("device,ranks,tokens,hidden,intermediate,experts,topk,modes,stage,"
+                     "time_us,floor_us\ngpu,1,128,7168,2048,8,8,m,router,1.5,x\n")
+    for script, path, message in (
+            ("plot_perf.py", tmp_path / "missing.csv",
+             "cannot read " + str(tmp_path / "missing.csv")),
+            ("plot_layer.py", tmp_path / "missing.csv", "cannot read"),
+            ("plot_perf.py", empty, f"{empty} is empty (no header line)"),
+            ("plot_perf.py", words, f"{words}, line 2: tokens = 'abc' is not an integer"),
+            ("plot_perf.py", slow, "median_us = 'fast' is not a number"),
+            ("plot_layer.py", layer, "floor_us = 'x' is not a number")):
+        done = subprocess.run([sys.executable, str(REPO / "tools" / script), str(path),
+                               "--markdown"], capture_output=True, text=True)
+        assert done.returncode == 1, (script, done)
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_plot_scripts_write_beside_the_csv_by_default_and_name_a_bad_out(tmp_path):
+    data = tmp_path / "run" / "layer.csv"
+    data.parent.mkdir()
+    data.write_bytes(LAYER_SAMPLE.read_bytes())
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "plot_layer.py"), str(data)],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [str(tmp_path / "run" / "layer_1ranks_T128.png")]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    refused = subprocess.run([sys.executable, str(REPO / "tools" / "plot_perf.py"),
+                              str(SAMPLE), "--out", str(blocker / "images")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"cannot make the output folder {blocker / 'images'}" in refused.stderr
+
+
+def test_peers_scripts_refuse_bad_arguments_before_starting(tmp_path):
+    peers = REPO / "benchmarks" / "peers"
+    for script, flags, message in (
+            ("bench_peers.py", ["--csv", str(tmp_path / "no" / "such" / "x.csv")],
+             f"--csv {tmp_path / 'no' / 'such' / 'x.csv'}: cannot append to it"),
+            ("profile_collective.py", ["--tokens", "0"], "--tokens must be >= 1, got 0"),
+            ("profile_collective.py", ["--hidden", "-1"], "--hidden must be >= 1, got -1")):
+        done = subprocess.run([sys.executable, str(peers / script), "--cpu", *flags],
+                              capture_output=True, text=True, cwd=peers, timeout=120)
+        assert done.returncode in (1, 2), (script, done)
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_markdown_tables_give_ratios_to_plain_pytorch():
     done = subprocess.run(
         [sys.executable, str(REPO / "tools" / "plot_perf.py"), str(SAMPLE), "--markdown"],

@@ -152,3 +152,34 @@ def test_launch_refuses_a_timeout_that_is_not_a_positive_number_of_seconds():
         done = launch(good)
         assert done.returncode == 0, done.stderr
         assert "passed on all 1 ranks" in done.stdout
+
+
+def test_launch_names_a_missing_program_and_a_bad_rank_count(tmp_path):
+    # torchrun reports a missing program only in the Python traceback that
+    # launch.sh filters out: launch.sh checks the program first.
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")
+    for args, message in ((["2", str(tmp_path / "nothing")],
+                           f"no program file '{tmp_path / 'nothing'}'"),
+                          (["1", str(plain)], f"'{plain}' is not executable"),
+                          (["1", "hostfuse_no_such_command"],
+                           "no command 'hostfuse_no_such_command' on PATH"),
+                          (["0", "true"], "N must be a whole number >= 1, got '0'"),
+                          (["2"], "needs N and a PROGRAM")):
+        done = subprocess.run([str(LAUNCH), *args], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2, (args, done)
+        assert message in done.stderr, done.stderr
+
+
+def test_every_tool_explains_itself_with_help():
+    # A tool's --help says what it does (more than a usage line) and exits 0
+    # before it builds or runs anything.
+    tools = sorted((REPO / "tools").glob("*.sh")) + sorted((REPO / "tools").glob("*.py"))
+    assert len(tools) >= 10
+    for tool in tools:
+        command = ([sys.executable] if tool.suffix == ".py" else ["bash"]) + [str(tool),
+                                                                             "--help"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (tool, done.stderr)
+        assert len(done.stdout.strip().splitlines()) >= 3, (tool, done.stdout)

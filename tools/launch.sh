@@ -8,7 +8,8 @@
 # any rank fails (torchrun then stops the others) or if it does not finish
 # within HOSTFUSE_LAUNCH_TIMEOUT seconds (default 600), so a hung rank fails
 # a test instead of hanging CI; a value that is not a number of seconds in
-# [0.001, 86400] (0 would disable the bound) exits 2 before anything runs.
+# [0.001, 86400] (0 would disable the bound) exits 2 before anything runs,
+# as do a bad N and a PROGRAM that is not there or not executable.
 # torchrun's --standalone rendezvous picks a free port for each run, so runs
 # in parallel do not collide.
 #
@@ -30,12 +31,32 @@ if [[ ${1:-} == -h || ${1:-} == --help ]]; then
   usage
   exit 0
 fi
-if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
+if [[ $# -lt 2 ]]; then
+  echo "launch.sh: needs N and a PROGRAM" >&2
+  usage >&2
+  exit 2
+fi
+if [[ ! $1 =~ ^[1-9][0-9]*$ ]]; then
+  echo "launch.sh: N must be a whole number >= 1, got '$1'" >&2
   usage >&2
   exit 2
 fi
 ranks=$1
 shift
+# torchrun would report a missing program only inside the Python traceback
+# that the filter below leaves out.
+if [[ $1 == */* ]]; then
+  if [[ ! -f $1 ]]; then
+    echo "launch.sh: no program file '$1'" >&2
+    exit 2
+  elif [[ ! -x $1 ]]; then
+    echo "launch.sh: '$1' is not executable" >&2
+    exit 2
+  fi
+elif ! command -v -- "$1" >/dev/null; then
+  echo "launch.sh: no command '$1' on PATH" >&2
+  exit 2
+fi
 
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 limit=$(hostfuse_timeout HOSTFUSE_LAUNCH_TIMEOUT 600) || exit 2

@@ -8,7 +8,8 @@ GroupedMatmul's rule runs hostfuse's kernel up to 512 rows per expert and
 torch's above, "torch" where it always runs torch's), each stage's floor
 drawn as a black mark on its bars. A run with the activation in the GEMM's
 epilogue has no activation bar: grouped GEMM 1 holds it. Writes PNGs named
-<prefix>_<ranks>ranks_T<tokens>.png.
+<prefix>_<ranks>ranks_T<tokens>.png into --out (by default the first CSV's
+folder); PNGs need matplotlib.
 
 With --markdown it prints, instead, one Markdown table per number of ranks
 and tokens: each stage's time per run and its floor (the first run's: modes
@@ -25,9 +26,11 @@ from collections import defaultdict
 
 # The CSV reader of the peers' plots, beside this script.
 from plot_perf import load as load_csv
+from plot_perf import output_folder, pyplot
 
 COLUMNS = {"device", "ranks", "tokens", "hidden", "intermediate", "experts", "topk",
            "modes", "stage", "time_us", "floor_us"}
+NUMBERS = {"ranks": int, "tokens": int, "time_us": float, "floor_us": float}
 REPLAY = "graph replay"
 
 
@@ -35,7 +38,8 @@ def parse():
     parser = argparse.ArgumentParser(
         description="Plot bench_moe_layer --csv results (stage times and floors).")
     parser.add_argument("csv", nargs="+", help="CSV files written by bench_moe_layer --csv")
-    parser.add_argument("--out", default="docs/images", help="folder for the PNGs")
+    parser.add_argument("--out", help="folder for the PNGs (made if missing; default: "
+                        "the folder of the first CSV)")
     parser.add_argument("--prefix", default="layer", help="file name prefix")
     parser.add_argument("--markdown", action="store_true",
                         help="print Markdown tables instead of writing PNGs")
@@ -67,11 +71,7 @@ def describe(row):
 
 
 def plot(rows, out, prefix):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("plot_layer.py")
     written = []
     for (ranks, tokens), (stages, runs) in sorted(groups(rows).items()):
         modes = sorted(runs)
@@ -135,12 +135,12 @@ def markdown(rows):
 
 def main():
     args = parse()
-    rows = load_csv(args.csv, COLUMNS, "plot_layer.py")
+    rows = load_csv(args.csv, COLUMNS, NUMBERS, "plot_layer.py")
     if args.markdown:
         print(markdown(rows))
         return
-    os.makedirs(args.out, exist_ok=True)
-    for path in plot(rows, args.out, args.prefix):
+    out = output_folder(args.out, args.csv, "plot_layer.py")
+    for path in plot(rows, out, args.prefix):
         print(path)
 
 

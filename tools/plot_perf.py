@@ -2,7 +2,8 @@
 """Plots the CSV that benchmarks/peers/bench_peers.py writes: per number of
 ranks, median time vs tokens per rank (dispatch and combine side by side, one
 line per row of the benchmark, log-log) and achieved GB/s vs tokens. Writes
-PNGs named <prefix>_time_<ranks>ranks.png and <prefix>_gbps_<ranks>ranks.png.
+PNGs named <prefix>_time_<ranks>ranks.png and <prefix>_gbps_<ranks>ranks.png
+into --out (by default the first CSV's folder); PNGs need matplotlib.
 
 With --markdown it prints, instead, one Markdown table per number of ranks:
 each row's median time per tokens count, with its ratio to the torch a2a
@@ -19,42 +20,80 @@ import sys
 from collections import defaultdict
 
 COLUMNS = {"ranks", "tokens", "row", "phase", "median_us", "gbps", "device"}
+# The columns read as numbers, and as which type.
+NUMBERS = {"ranks": int, "tokens": int, "median_us": float, "gbps": float}
 
 
 def parse():
     parser = argparse.ArgumentParser(
         description="Plot bench_peers.py CSV results (time and GB/s vs tokens).")
     parser.add_argument("csv", nargs="+", help="CSV files written by bench_peers.py")
-    parser.add_argument("--out", default="docs/images", help="folder for the PNGs")
+    parser.add_argument("--out", help="folder for the PNGs (made if missing; default: "
+                        "the folder of the first CSV)")
     parser.add_argument("--prefix", default="moe", help="file name prefix")
     parser.add_argument("--markdown", action="store_true",
                         help="print Markdown tables instead of writing PNGs")
     return parser.parse_args()
 
 
-def load(paths, columns=COLUMNS, script="plot_perf.py"):
-    """The rows of the CSV files `paths` as dicts; exits naming `script`
-    and the file when one lacks any of `columns`, or when there are no
-    rows."""
+def load(paths, columns=COLUMNS, numbers=NUMBERS, script="plot_perf.py"):
+    """The rows of the CSV files `paths` as dicts of strings; exits naming
+    `script` and the file when one cannot be read, is empty, lacks any of
+    `columns` or holds a value of a column of `numbers` that is not a
+    number of its type (naming the line), or when there are no rows."""
     rows = []
     for path in paths:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = set(columns) - set(reader.fieldnames or [])
-            if missing:
-                sys.exit(f"{script}: {path} lacks the columns {sorted(missing)}")
-            rows.extend(reader)
+        try:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None:
+                    sys.exit(f"{script}: {path} is empty (no header line)")
+                missing = set(columns) - set(reader.fieldnames)
+                if missing:
+                    sys.exit(f"{script}: {path} lacks the columns {sorted(missing)}")
+                for row in reader:
+                    for column, kind in numbers.items():
+                        try:
+                            kind(row[column])
+                        except (TypeError, ValueError):
+                            sys.exit(f"{script}: {path}, line {reader.line_num}: "
+                                     f"{column} = {row[column]!r} is not "
+                                     f"{'an integer' if kind is int else 'a number'}")
+                    rows.append(row)
+        except OSError as error:
+            sys.exit(f"{script}: cannot read {path}: {error.strerror}")
     if not rows:
         sys.exit(f"{script}: no rows in " + ", ".join(paths))
     return rows
 
 
-def plot(rows, metric, ylabel, out, prefix):
-    import matplotlib
-
+def pyplot(script):
+    """matplotlib.pyplot on the Agg backend; exits naming `script` when
+    matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit(f"{script}: writing PNGs needs matplotlib, which {sys.executable} "
+                 "lacks (pip install matplotlib); --markdown needs nothing more")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def output_folder(out, paths, script):
+    """`out`, or the folder of the first of `paths` when None, made if
+    missing; exits naming `script` when it cannot be made."""
+    folder = out if out is not None else (os.path.dirname(paths[0]) or ".")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        sys.exit(f"{script}: cannot make the output folder {folder}: {error.strerror}")
+    return folder
+
+
+def plot(rows, metric, ylabel, out, prefix):
+    plt = pyplot("plot_perf.py")
     written = []
     by_ranks = defaultdict(list)
     for row in rows:
@@ -139,9 +178,9 @@ def main():
     if args.markdown:
         print(markdown(rows))
         return
-    os.makedirs(args.out, exist_ok=True)
-    written = plot(rows, "median_us", "median time (us)", args.out, args.prefix)
-    written += plot(rows, "gbps", "GB/s (bytes sent / time)", args.out, args.prefix)
+    out = output_folder(args.out, args.csv, "plot_perf.py")
+    written = plot(rows, "median_us", "median time (us)", out, args.prefix)
+    written += plot(rows, "gbps", "GB/s (bytes sent / time)", out, args.prefix)
     for path in written:
         print(path)
 

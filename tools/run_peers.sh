@@ -23,6 +23,8 @@ hostfuse_help_if_asked "$@"
 
 n="${1:-}"
 if [[ ! $n =~ ^[1-9][0-9]*$ ]]; then
+  echo "run_peers.sh: N (the number of ranks) must come first, a whole number" \
+    ">= 1; got '${n}'" >&2
   echo "usage: tools/run_peers.sh N [--tokens \"T1 T2 ...\"] [--out DIR] [--cpu]" >&2
   exit 2
 fi

@@ -405,6 +405,13 @@ def main():
             os.remove(probe)
         except OSError as e:
             sys.exit(f"bench_peers.py: --dump {args.dump}: cannot write there ({e.strerror})")
+    if args.csv:
+        # Likewise for the CSV (opened for appending, as rank 0 does below).
+        try:
+            with open(args.csv, "a", newline=""):
+                pass
+        except OSError as e:
+            sys.exit(f"bench_peers.py: --csv {args.csv}: cannot append to it ({e.strerror})")
     device, device_name = init_distributed(args.cpu)
     rank, world = dist.get_rank(), dist.get_world_size()
     ctx = Ctx(device, rank, world, args.experts_per_rank * world)
@@ -413,10 +420,9 @@ def main():
     writer = None
     csv_file = None
     if args.csv and rank == 0:
-        new = not os.path.exists(args.csv)
         csv_file = open(args.csv, "a", newline="")
         writer = csv.writer(csv_file)
-        if new:
+        if csv_file.tell() == 0:  # a new (or empty) file: the header first
             writer.writerow(COLUMNS)
     ok = True
     timings = []

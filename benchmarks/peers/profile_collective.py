@@ -11,6 +11,7 @@ GPUs, the kernels and copies that take the most device time.
 """
 
 import argparse
+import sys
 import time
 from collections import Counter
 
@@ -33,7 +34,11 @@ def parse():
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts-per-rank", type=int, default=8)
     parser.add_argument("--cpu", action="store_true")
-    return parser.parse_args()
+    args = parser.parse_args()
+    for name in ("tokens", "hidden", "topk", "experts_per_rank"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
 
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -79,6 +84,8 @@ def main():
     device, _ = init_distributed(args.cpu)
     ctx = Ctx(device, dist.get_rank(), dist.get_world_size(),
               args.experts_per_rank * dist.get_world_size())
+    if args.topk > ctx.experts:
+        sys.exit(f"profile_collective.py: --topk {args.topk} exceeds the {ctx.experts} experts")
     x, idx, w = make_inputs(ctx, args.tokens, args.hidden, args.topk, ctx.rank)
     if ctx.rank == 0:
         print(f"{ctx.world} ranks on {device.type}, T = {args.tokens}, H = {args.hidden} "
