@@ -341,8 +341,15 @@ int main(int argc, char** argv) {
   int n = 0;
   const cudaError_t count_status = cudaGetDeviceCount(&n);
   if (count_status != cudaSuccess) {
-    std::printf("bench_nvlink_push: needs at least 2 GPUs, found none (%s)\n",
-                cudaGetErrorString(count_status));
+    // Without a driver (a machine with no GPU) the runtime says the driver
+    // is too old, which reads as if one were there.
+    std::printf(
+        "bench_nvlink_push: needs at least 2 GPUs, found none "
+        "(cudaGetDeviceCount: %s%s)\n",
+        cudaGetErrorString(count_status),
+        count_status == cudaErrorInsufficientDriver
+            ? "; also what it says where no NVIDIA driver is installed"
+            : "");
     return 0;
   }
   n = std::min(n, kMaxGpus);
