@@ -81,9 +81,7 @@ struct Args {
   int64_t link_gbps = 330;
   bool exprs = false;
   bool fp8 = false;
-  std::string reduce = "auto";
-  std::string gate_up = "fused";
-  std::string activation = "auto";
+  MoeLayerModeWords modes;
   std::string csv;
 };
 
@@ -126,15 +124,15 @@ cli::Flags makeFlags(Args& args) {
   flags.option("--fp8", &args.fp8,
                "dispatch in fp8 e4m3 with a scale per 128 channels (both "
                "backends; the output check allows fp8's error)");
-  flags.choice("--reduce", "MODE", &args.reduce,
+  flags.choice("--reduce", "MODE", &args.modes.reduce,
                {"auto", "per_pick", "per_rank"},
                "the combine's mode (both backends); auto: per_rank with more "
                "than one rank (one row per token and rank on the links), "
                "per_pick on one");
-  flags.choice("--gate-up", "MODE", &args.gate_up, {"fused", "separate"},
+  flags.choice("--gate-up", "MODE", &args.modes.gate_up, {"fused", "separate"},
                "gate and up projections as one grouped GEMM of [L, H, 2I] "
                "weights, or as two of [L, H, I] (both backends)");
-  flags.choice("--activation", "MODE", &args.activation,
+  flags.choice("--activation", "MODE", &args.modes.activation,
                {"auto", "fusion", "epilogue"},
                "silu(gate) * up as a fusion kernel after the first grouped "
                "GEMM, or in that GEMM's epilogue (needs --gate-up fused; "
@@ -476,8 +474,9 @@ int main(int argc, char** argv) {
   if (const std::optional<int> status = flags.parse(argc, argv)) {
     return *status;
   }
-  if (args.activation == "epilogue" && args.gate_up != "fused") {
-    return flags.fail("--activation epilogue needs --gate-up fused");
+  if (const std::string problem = moeLayerModeWordsProblem(args.modes);
+      !problem.empty()) {
+    return flags.fail(problem);
   }
   if (!args.csv.empty()) {
     std::FILE* csv = std::fopen(args.csv.c_str(), "a");
@@ -515,16 +514,7 @@ int main(int argc, char** argv) {
   config.dtype = DataType::BFloat16;
   config.quantize =
       args.fp8 ? MoeDispatchQuant::Fp8E4M3 : MoeDispatchQuant::None;
-  useFastestModes(config, /*on_gpu=*/true, comm.size());
-  if (args.reduce != "auto") {
-    config.reduce = *parseMoeCombineReduce(args.reduce);
-  }
-  config.fused_gate_up = args.gate_up == "fused";
-  if (args.activation != "auto") {
-    config.fused_activation = args.activation == "epilogue";
-  } else if (!config.fused_gate_up) {
-    config.fused_activation = false;  // the epilogue needs the fused GEMM
-  }
+  useMoeLayerModes(config, /*on_gpu=*/true, comm.size(), args.modes);
   MoeLayerConfig collective_config = config;
   collective_config.backend = MoeBackend::Collective;
   config.backend = MoeBackend::Cuda;
@@ -766,7 +756,7 @@ int main(int argc, char** argv) {
     }
     if (!args.csv.empty()) {
       const std::string modes =
-          std::string("gate_up=") + args.gate_up +
+          std::string("gate_up=") + args.modes.gate_up +
           " activation=" + (config.fused_activation ? "epilogue" : "fusion") +
           " reduce=" + toString(config.reduce) +
           " quantize=" + toString(config.quantize) +

@@ -93,9 +93,7 @@ struct Args {
   int steps = 50;
   bool force_cpu = false;
   bool fp8 = false;
-  std::string reduce = "auto";
-  std::string gate_up = "fused";
-  std::string activation = "auto";
+  MoeLayerModeWords modes;
 };
 
 cli::Flags makeFlags(Args& args) {
@@ -131,16 +129,16 @@ cli::Flags makeFlags(Args& args) {
                "dispatch the rows in fp8 e4m3 with a scale per 128 channels "
                "(needs bf16/fp32 H a multiple of 128; the check allows 6% of "
                "the largest output)");
-  flags.choice("--reduce", "MODE", &args.reduce,
+  flags.choice("--reduce", "MODE", &args.modes.reduce,
                {"auto", "per_pick", "per_rank"},
                "the combine's mode; auto: per_rank on GPUs with more than one "
                "rank (each expert rank sums a token's picks before sending), "
                "per_pick otherwise");
-  flags.choice("--gate-up", "MODE", &args.gate_up, {"fused", "separate"},
+  flags.choice("--gate-up", "MODE", &args.modes.gate_up, {"fused", "separate"},
                "gate and up projections as one grouped matmul of [L, H, 2I] "
                "weights, given as one input (as fused MoE kernels take "
                "them), or as two");
-  flags.choice("--activation", "MODE", &args.activation,
+  flags.choice("--activation", "MODE", &args.modes.activation,
                {"auto", "fusion", "epilogue"},
                "silu(gate) * up as a fusion after the gate-and-up grouped "
                "matmul, or as its epilogue (needs --gate-up fused); auto: "
@@ -156,8 +154,9 @@ int main(int argc, char** argv) {
   if (const std::optional<int> status = flags.parse(argc, argv)) {
     return *status;
   }
-  if (args.activation == "epilogue" && args.gate_up != "fused") {
-    return flags.fail("--activation epilogue needs --gate-up fused");
+  if (const std::string problem = moeLayerModeWordsProblem(args.modes);
+      !problem.empty()) {
+    return flags.fail(problem);
   }
   Communicator& comm = Communicator::getInstance();
   const int64_t rank = comm.rank();
@@ -183,16 +182,7 @@ int main(int argc, char** argv) {
   config.quantize =
       args.fp8 ? MoeDispatchQuant::Fp8E4M3 : MoeDispatchQuant::None;
   // The fastest modes unless the flags say otherwise.
-  useFastestModes(config, gpu, comm.size());
-  if (args.reduce != "auto") {
-    config.reduce = *parseMoeCombineReduce(args.reduce);
-  }
-  config.fused_gate_up = args.gate_up == "fused";
-  if (args.activation != "auto") {
-    config.fused_activation = args.activation == "epilogue";
-  } else if (!config.fused_gate_up) {
-    config.fused_activation = false;  // the epilogue needs the fused GEMM
-  }
+  useMoeLayerModes(config, gpu, comm.size(), args.modes);
   const int64_t tokens = pick(args.tokens, 256, 32, gpu);
   // Of the largest |output|: bf16 rounding on GPUs, and fp8's 3 mantissa
   // bits with --fp8 (docs/moe.md, "fp8 dispatch"): up to 1/16 of a value,

@@ -1000,6 +1000,44 @@ TEST(MoeLayerProgram, FastestModesDependOnGpusAndRanks) {
                             {"ranks must be >= 1, got 0"});
 }
 
+TEST(MoeLayerProgram, ModeWordsOverrideTheFastestModes) {
+  MoeLayerConfig config;
+  // Every word "auto" (gate and up fused): the fastest modes.
+  useMoeLayerModes(config, /*on_gpu=*/true, 2, MoeLayerModeWords{});
+  EXPECT_TRUE(config.fused_gate_up);
+  EXPECT_TRUE(config.fused_activation);
+  EXPECT_EQ(config.reduce, MoeCombineReduce::PerRank);
+  // Named modes win; the activation's "auto" follows gate and up.
+  useMoeLayerModes(config, true, 2, {"per_pick", "separate", "auto"});
+  EXPECT_FALSE(config.fused_gate_up);
+  EXPECT_FALSE(config.fused_activation);
+  EXPECT_EQ(config.reduce, MoeCombineReduce::PerPick);
+  useMoeLayerModes(config, true, 1, {"per_rank", "fused", "fusion"});
+  EXPECT_TRUE(config.fused_gate_up);
+  EXPECT_FALSE(config.fused_activation);
+  EXPECT_EQ(config.reduce, MoeCombineReduce::PerRank);
+  useMoeLayerModes(config, /*on_gpu=*/false, 1, {"auto", "fused", "epilogue"});
+  EXPECT_TRUE(config.fused_activation);
+  EXPECT_EQ(config.reduce, MoeCombineReduce::PerPick);
+
+  EXPECT_EQ(moeLayerModeWordsProblem({"auto", "separate", "epilogue"}),
+            "--activation epilogue needs --gate-up fused");
+  EXPECT_EQ(moeLayerModeWordsProblem({"per_token", "fused", "auto"}),
+            "--reduce must be auto, per_pick or per_rank, got 'per_token'");
+  EXPECT_EQ(moeLayerModeWordsProblem({"auto", "both", "auto"}),
+            "--gate-up must be fused or separate, got 'both'");
+  EXPECT_EQ(moeLayerModeWordsProblem({"auto", "fused", "silu"}),
+            "--activation must be auto, fusion or epilogue, got 'silu'");
+  const MoeLayerConfig before = config;
+  test::expectErrorContains(
+      [&] {
+        useMoeLayerModes(config, true, 1, {"auto", "separate", "epilogue"});
+      },
+      {"useMoeLayerModes: --activation epilogue needs --gate-up fused"});
+  EXPECT_EQ(config.fused_gate_up, before.fused_gate_up);
+  EXPECT_EQ(config.fused_activation, before.fused_activation);
+}
+
 // The GPU path of dequantizeFp8Rows (one kernel, reading strided views in
 // place) against the formula in plain ATen on the CPU: each product of an
 // e4m3 value and its block's scale rounded to fp32, then to the dtype.

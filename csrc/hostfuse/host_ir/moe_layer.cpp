@@ -137,6 +137,42 @@ void useFastestModes(MoeLayerConfig& config, bool on_gpu, int64_t ranks) {
                                       : MoeCombineReduce::PerPick;
 }
 
+std::string moeLayerModeWordsProblem(const MoeLayerModeWords& words) {
+  if (!parseMoeCombineReduce(words.reduce).has_value() &&
+      words.reduce != "auto") {
+    return "--reduce must be auto, per_pick or per_rank, got '" + words.reduce +
+           "'";
+  }
+  if (words.gate_up != "fused" && words.gate_up != "separate") {
+    return "--gate-up must be fused or separate, got '" + words.gate_up + "'";
+  }
+  if (words.activation != "auto" && words.activation != "fusion" &&
+      words.activation != "epilogue") {
+    return "--activation must be auto, fusion or epilogue, got '" +
+           words.activation + "'";
+  }
+  if (words.activation == "epilogue" && words.gate_up != "fused") {
+    return "--activation epilogue needs --gate-up fused";
+  }
+  return "";
+}
+
+void useMoeLayerModes(MoeLayerConfig& config, bool on_gpu, int64_t ranks,
+                      const MoeLayerModeWords& words) {
+  const std::string problem = moeLayerModeWordsProblem(words);
+  HF_CHECK(problem.empty(), "useMoeLayerModes: ", problem);
+  useFastestModes(config, on_gpu, ranks);
+  if (words.reduce != "auto") {
+    config.reduce = *parseMoeCombineReduce(words.reduce);
+  }
+  config.fused_gate_up = words.gate_up == "fused";
+  if (words.activation != "auto") {
+    config.fused_activation = words.activation == "epilogue";
+  } else if (!config.fused_gate_up) {
+    config.fused_activation = false;
+  }
+}
+
 std::vector<at::Tensor> moeLayerExpertWeights(const MoeLayerConfig& config,
                                               const at::Tensor& w_gate,
                                               const at::Tensor& w_up,

@@ -41,6 +41,7 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <hostfuse/host_ir/container.h>
@@ -94,6 +95,28 @@ std::unique_ptr<HostIrContainer> makeMoeLayerProgram(
 // quantize is left as it is: fp8 dispatch changes the layer's numbers, and
 // on one GPU it is slower (docs/perf_log.md, 2026-12-04).
 void useFastestModes(MoeLayerConfig& config, bool on_gpu, int64_t ranks);
+
+// The layer's modes as the words of the example's and the benchmark's
+// --reduce, --gate-up and --activation flags; "auto" leaves a mode to
+// useFastestModes.
+struct MoeLayerModeWords {
+  std::string reduce = "auto";      // auto, per_pick, per_rank
+  std::string gate_up = "fused";    // fused, separate
+  std::string activation = "auto";  // auto, fusion, epilogue
+};
+
+// Why `words` make no layer, in the flags' terms ("--activation epilogue
+// needs --gate-up fused", or a word that is not one of its flag's); empty
+// when they make one.
+std::string moeLayerModeWordsProblem(const MoeLayerModeWords& words);
+
+// useFastestModes(config, on_gpu, ranks), then every mode that `words`
+// name: reduce, fused_gate_up, and fused_activation (with activation
+// "auto", off when gate and up are two GEMMs: the epilogue needs the fused
+// one). Throws with moeLayerModeWordsProblem's text for words that make no
+// layer.
+void useMoeLayerModes(MoeLayerConfig& config, bool on_gpu, int64_t ranks,
+                      const MoeLayerModeWords& words);
 
 // The expert weights as the program of `config` takes them, after x and
 // router_w: {w_gate, w_up, w_down}, or with fused_gate_up {w_gate_up =
