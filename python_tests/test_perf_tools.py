@@ -90,7 +90,13 @@ def test_plot_scripts_refuse_unreadable_and_malformed_csvs_by_name(tmp_path):
     layer = tmp_path / "layer.csv"
     layer.write_text("device,ranks,tokens,hidden,intermediate,experts,topk,modes,stage,"
                      "time_us,floor_us\ngpu,1,128,7168,2048,8,8,m,router,1.5,x\n")
+    image = tmp_path / "plot.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    short = tmp_path / "short.csv"
+    short.write_text(header + "d,cpu,2,32\n")
     for script, path, message in (
+            ("plot_perf.py", image, f"{image} is not a CSV file"),
+            ("plot_perf.py", short, f"{short}, line 2: fewer fields than the header"),
             ("plot_perf.py", tmp_path / "missing.csv",
              "cannot read " + str(tmp_path / "missing.csv")),
             ("plot_layer.py", tmp_path / "missing.csv", "cannot read"),
@@ -118,6 +124,11 @@ def test_plot_scripts_write_beside_the_csv_by_default_and_name_a_bad_out(tmp_pat
                              capture_output=True, text=True)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert f"cannot make the output folder {blocker / 'images'}" in refused.stderr
+    refused = subprocess.run([sys.executable, str(REPO / "tools" / "plot_perf.py"),
+                              str(SAMPLE), "--out", str(blocker)],
+                             capture_output=True, text=True)
+    assert refused.returncode == 1, refused.stderr
+    assert f"--out {blocker} is a file, not a folder" in refused.stderr
 
 
 def test_peers_scripts_refuse_bad_arguments_before_starting(tmp_path):

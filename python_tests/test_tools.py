@@ -164,6 +164,9 @@ def test_launch_names_a_missing_program_and_a_bad_rank_count(tmp_path):
                           (["1", str(plain)], f"'{plain}' is not executable"),
                           (["1", "hostfuse_no_such_command"],
                            "no command 'hostfuse_no_such_command' on PATH"),
+                          # A shell builtin is no program torchrun can start.
+                          (["1", "cd"], "no command 'cd' on PATH"),
+                          (["1", str(tmp_path)], f"'{tmp_path}' is a folder, not a program"),
                           (["0", "true"], "N must be a whole number >= 1, got '0'"),
                           (["2"], "needs N and a PROGRAM")):
         done = subprocess.run([str(LAUNCH), *args], capture_output=True, text=True,

@@ -45,16 +45,23 @@ ranks=$1
 shift
 # torchrun would report a missing program only inside the Python traceback
 # that the filter below leaves out.
-if [[ $1 == */* ]]; then
-  if [[ ! -f $1 ]]; then
-    echo "launch.sh: no program file '$1'" >&2
+# A name without a slash is looked up on PATH, as torchrun does (shell
+# functions and builtins do not count).
+program=$1
+if [[ $program != */* ]]; then
+  program=$(type -P -- "$1") || {
+    echo "launch.sh: no command '$1' on PATH" >&2
     exit 2
-  elif [[ ! -x $1 ]]; then
-    echo "launch.sh: '$1' is not executable" >&2
-    exit 2
-  fi
-elif ! command -v -- "$1" >/dev/null; then
-  echo "launch.sh: no command '$1' on PATH" >&2
+  }
+fi
+if [[ -d $program ]]; then
+  echo "launch.sh: '$1' is a folder, not a program" >&2
+  exit 2
+elif [[ ! -e $program ]]; then
+  echo "launch.sh: no program file '$1'" >&2
+  exit 2
+elif [[ ! -x $program ]]; then
+  echo "launch.sh: '$1' is not executable" >&2
   exit 2
 fi
 

@@ -38,9 +38,10 @@ def parse():
 
 def load(paths, columns=COLUMNS, numbers=NUMBERS, script="plot_perf.py"):
     """The rows of the CSV files `paths` as dicts of strings; exits naming
-    `script` and the file when one cannot be read, is empty, lacks any of
-    `columns` or holds a value of a column of `numbers` that is not a
-    number of its type (naming the line), or when there are no rows."""
+    `script` and the file when one cannot be read or is not text, is empty,
+    lacks any of `columns`, has a line with fewer fields than its header or
+    a value of a column of `numbers` that is not a number of its type
+    (naming the line), or when there are no rows."""
     rows = []
     for path in paths:
         try:
@@ -52,6 +53,9 @@ def load(paths, columns=COLUMNS, numbers=NUMBERS, script="plot_perf.py"):
                 if missing:
                     sys.exit(f"{script}: {path} lacks the columns {sorted(missing)}")
                 for row in reader:
+                    if None in row.values():
+                        sys.exit(f"{script}: {path}, line {reader.line_num}: fewer "
+                                 "fields than the header")
                     for column, kind in numbers.items():
                         try:
                             kind(row[column])
@@ -62,6 +66,8 @@ def load(paths, columns=COLUMNS, numbers=NUMBERS, script="plot_perf.py"):
                     rows.append(row)
         except OSError as error:
             sys.exit(f"{script}: cannot read {path}: {error.strerror}")
+        except (UnicodeDecodeError, csv.Error) as error:
+            sys.exit(f"{script}: {path} is not a CSV file ({error})")
     if not rows:
         sys.exit(f"{script}: no rows in " + ", ".join(paths))
     return rows
@@ -85,6 +91,10 @@ def output_folder(out, paths, script):
     """`out`, or the folder of the first of `paths` when None, made if
     missing; exits naming `script` when it cannot be made."""
     folder = out if out is not None else (os.path.dirname(paths[0]) or ".")
+    if not folder:
+        sys.exit(f"{script}: --out is empty")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        sys.exit(f"{script}: --out {folder} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
@@ -163,7 +173,7 @@ def markdown(rows, baseline="torch a2a"):
                     continue
                 us = float(mine["median_us"])
                 out.append(f"{us:.1f}")
-                out.append(f"{float(base['median_us']) / us:.2f}x" if base else "")
+                out.append(f"{float(base['median_us']) / us:.2f}x" if base and us > 0 else "")
             # "-": a row with no output to check (the NVLink floor).
             checks = {p["check"] for p in phases.values()} - {"-"}
             out.append("MISMATCH" if checks - {"ok"} else "ok" if checks else "-")

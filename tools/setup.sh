@@ -304,10 +304,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 
 # Run rather than sourced: its help (with --help), else how to use it.
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
-  if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
-    exit 0
-  fi
+  hostfuse_help_if_asked "$@"
   echo "tools/setup.sh is meant to be sourced: source tools/setup.sh &&" \
     "hostfuse_build (--help says what it does)" >&2
   exit 2

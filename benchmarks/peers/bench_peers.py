@@ -406,12 +406,19 @@ def main():
         except OSError as e:
             sys.exit(f"bench_peers.py: --dump {args.dump}: cannot write there ({e.strerror})")
     if args.csv:
-        # Likewise for the CSV (opened for appending, as rank 0 does below).
+        # Likewise for the CSV (opened for appending, as rank 0 does below),
+        # leaving no empty file behind when it was not there.
+        existed = os.path.exists(args.csv)
         try:
             with open(args.csv, "a", newline=""):
                 pass
         except OSError as e:
             sys.exit(f"bench_peers.py: --csv {args.csv}: cannot append to it ({e.strerror})")
+        if not existed:
+            try:
+                os.remove(args.csv)
+            except FileNotFoundError:
+                pass  # another rank's probe removed it first
     device, device_name = init_distributed(args.cpu)
     rank, world = dist.get_rank(), dist.get_world_size()
     ctx = Ctx(device, rank, world, args.experts_per_rank * world)
