@@ -125,15 +125,16 @@ cli::Flags makeFlags(Args& args) {
                "dispatch in fp8 e4m3 with a scale per 128 channels (both "
                "backends; the output check allows fp8's error)");
   flags.choice("--reduce", "MODE", &args.modes.reduce,
-               {"auto", "per_pick", "per_rank"},
+               MoeLayerModeWords::kReduceWords,
                "the combine's mode (both backends); auto: per_rank with more "
                "than one rank (one row per token and rank on the links), "
                "per_pick on one");
-  flags.choice("--gate-up", "MODE", &args.modes.gate_up, {"fused", "separate"},
+  flags.choice("--gate-up", "MODE", &args.modes.gate_up,
+               MoeLayerModeWords::kGateUpWords,
                "gate and up projections as one grouped GEMM of [L, H, 2I] "
                "weights, or as two of [L, H, I] (both backends)");
   flags.choice("--activation", "MODE", &args.modes.activation,
-               {"auto", "fusion", "epilogue"},
+               MoeLayerModeWords::kActivationWords,
                "silu(gate) * up as a fusion kernel after the first grouped "
                "GEMM, or in that GEMM's epilogue (needs --gate-up fused; "
                "hostfuse's sm_90a GEMM computes it there; where that kernel "

@@ -130,16 +130,17 @@ cli::Flags makeFlags(Args& args) {
                "(needs bf16/fp32 H a multiple of 128; the check allows 6% of "
                "the largest output)");
   flags.choice("--reduce", "MODE", &args.modes.reduce,
-               {"auto", "per_pick", "per_rank"},
+               MoeLayerModeWords::kReduceWords,
                "the combine's mode; auto: per_rank on GPUs with more than one "
                "rank (each expert rank sums a token's picks before sending), "
                "per_pick otherwise");
-  flags.choice("--gate-up", "MODE", &args.modes.gate_up, {"fused", "separate"},
+  flags.choice("--gate-up", "MODE", &args.modes.gate_up,
+               MoeLayerModeWords::kGateUpWords,
                "gate and up projections as one grouped matmul of [L, H, 2I] "
                "weights, given as one input (as fused MoE kernels take "
                "them), or as two");
   flags.choice("--activation", "MODE", &args.modes.activation,
-               {"auto", "fusion", "epilogue"},
+               MoeLayerModeWords::kActivationWords,
                "silu(gate) * up as a fusion after the gate-and-up grouped "
                "matmul, or as its epilogue (needs --gate-up fused); auto: "
                "the epilogue on GPUs with --gate-up fused, else the fusion");

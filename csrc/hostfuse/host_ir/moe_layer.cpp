@@ -1,5 +1,7 @@
 #include <hostfuse/host_ir/moe_layer.h>
 
+#include <algorithm>
+
 #include <hostfuse/host_ir/host_ir.h>
 #include <hostfuse/ir/fp8_rows.h>
 #include <hostfuse/ir/grouped_matmul.h>
@@ -137,19 +139,34 @@ void useFastestModes(MoeLayerConfig& config, bool on_gpu, int64_t ranks) {
                                       : MoeCombineReduce::PerPick;
 }
 
+namespace {
+
+// Empty when `word` is one of `choices`, else "<flag> must be a, b or c, got
+// '<word>'".
+std::string notAChoice(const char* flag, const std::string& word,
+                       const std::vector<std::string>& choices) {
+  if (std::find(choices.begin(), choices.end(), word) != choices.end()) {
+    return "";
+  }
+  std::string listed;
+  for (size_t i = 0; i < choices.size(); ++i) {
+    listed += (i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ");
+    listed += choices[i];
+  }
+  return std::string(flag) + " must be " + listed + ", got '" + word + "'";
+}
+
+}  // namespace
+
 std::string moeLayerModeWordsProblem(const MoeLayerModeWords& words) {
-  if (!parseMoeCombineReduce(words.reduce).has_value() &&
-      words.reduce != "auto") {
-    return "--reduce must be auto, per_pick or per_rank, got '" + words.reduce +
-           "'";
-  }
-  if (words.gate_up != "fused" && words.gate_up != "separate") {
-    return "--gate-up must be fused or separate, got '" + words.gate_up + "'";
-  }
-  if (words.activation != "auto" && words.activation != "fusion" &&
-      words.activation != "epilogue") {
-    return "--activation must be auto, fusion or epilogue, got '" +
-           words.activation + "'";
+  for (const std::string& problem :
+       {notAChoice("--reduce", words.reduce, MoeLayerModeWords::kReduceWords),
+        notAChoice("--gate-up", words.gate_up, MoeLayerModeWords::kGateUpWords),
+        notAChoice("--activation", words.activation,
+                   MoeLayerModeWords::kActivationWords)}) {
+    if (!problem.empty()) {
+      return problem;
+    }
   }
   if (words.activation == "epilogue" && words.gate_up != "fused") {
     return "--activation epilogue needs --gate-up fused";

@@ -100,9 +100,17 @@ void useFastestModes(MoeLayerConfig& config, bool on_gpu, int64_t ranks);
 // --reduce, --gate-up and --activation flags; "auto" leaves a mode to
 // useFastestModes.
 struct MoeLayerModeWords {
-  std::string reduce = "auto";      // auto, per_pick, per_rank
-  std::string gate_up = "fused";    // fused, separate
-  std::string activation = "auto";  // auto, fusion, epilogue
+  std::string reduce = "auto";      // one of kReduceWords
+  std::string gate_up = "fused";    // one of kGateUpWords
+  std::string activation = "auto";  // one of kActivationWords
+
+  // The words each field takes (the flags' choices).
+  inline static const std::vector<std::string> kReduceWords = {
+      "auto", "per_pick", "per_rank"};
+  inline static const std::vector<std::string> kGateUpWords = {"fused",
+                                                               "separate"};
+  inline static const std::vector<std::string> kActivationWords = {
+      "auto", "fusion", "epilogue"};
 };
 
 // Why `words` make no layer, in the flags' terms ("--activation epilogue
